@@ -1,0 +1,43 @@
+# Every target sets itself up: it creates .venv if needed and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-train-dev
+# Tests and demo run on CPU; keep TensorFlow quiet and deterministic thread use.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONHASHSEED ?= 0
+
+.PHONY: demo test test-all test-slow bench clean setup
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[train,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## make test: the fast suite (tiny models and images built in code)
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+## make test-slow: the heavy tests (every backbone round trip, report rendering, ...)
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not gpu" -q
+
+## make test-all: everything that can run here (gpu tests skip themselves without a GPU)
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+## make demo: the main job end to end on the embedded digits data, offline
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+## make bench: latency / throughput benchmarks (results go in docs/benchmarks.md)
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) demo build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,56 @@
+"""Lazy, isolated imports of heavy or optional dependencies."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+from .errors import DependencyMissingError
+
+_EXTRA_FOR = {
+    "tensorflow": "train",
+    "keras": "train",
+    "tf2onnx": "train",
+    "onnx": "train",
+    "skl2onnx": "train",
+    "matplotlib": "train",
+    "cv2": "train",
+    "tensorrt": "gpu",
+    "cuda": "gpu",
+    "ray": "distributed",
+    "pyarrow": "distributed",
+    "sklearn": None,
+    "onnxruntime": None,
+}
+
+
+def require(module: str, *, purpose: str | None = None) -> ModuleType:
+    """Import ``module`` or raise :class:`DependencyMissingError` with the install hint.
+
+    Example:
+        >>> np = require("numpy")
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        extra = _EXTRA_FOR.get(top)
+        what = f" (needed for {purpose})" if purpose else ""
+        hint = f'pip install "transfer[{extra}]"' if extra else "pip install transfer"
+        raise DependencyMissingError(
+            f"the Python package '{top}' is not installed{what}: {exc}", hint=hint
+        ) from exc
+
+
+def import_tensorflow() -> ModuleType:
+    """Import TensorFlow quietly (no INFO spam) and return it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return require("tensorflow", purpose="training and export")
+
+
+def import_keras() -> ModuleType:
+    """Import Keras 3 on the TensorFlow backend."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import_tensorflow()
+    return require("keras", purpose="training and export")

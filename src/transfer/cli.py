@@ -1,0 +1,83 @@
+"""The ``transfer`` command line: a thin click group.
+
+Each area defines its commands in ``transfer.commands.<area>`` (a ``COMMANDS`` list);
+command bodies parse options, build a config and make one library call. Heavy
+dependencies (TensorFlow, TensorRT, Ray) are imported inside the command bodies, so
+``transfer infer`` starts without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import TransferError
+
+_COMMAND_MODULES = ("data", "train", "analysis", "export", "runtime")
+
+
+class TransferGroup(click.Group):
+    """Click group that turns :class:`TransferError` into ``error: ...`` and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TransferError as exc:
+            debug = bool((ctx.obj or {}).get("debug")) or os.environ.get("TRANSFER_DEBUG") == "1"
+            if debug:
+                traceback.print_exc()
+            click.secho(f"error: {exc.message}", err=True, fg="red")
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished work is kept (re-run the same command to resume)", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=TransferGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="transfer")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Transfer learning for image classification: train freeze sweeps, look inside,
+    export verified ONNX / TensorRT bundles, infer and benchmark without TensorFlow.
+
+    \b
+    transfer data digits data/digits
+    transfer train data/digits --backbone arc2,mobilenet_v2 --trainable 0,0.3,1 --out runs/digits
+    transfer export runs/digits
+    transfer infer runs/digits/bundle images/ --out preds.csv
+    transfer bench runs/digits/bundle
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"{__package__}.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.commands.{name}":
+                continue  # area not present in this build
+            raise
+        for cmd in getattr(mod, "COMMANDS", ()):
+            cli.add_command(cmd)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="transfer")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

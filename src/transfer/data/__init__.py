@@ -1,0 +1,1 @@
+"""Image folders, decoding, splits and datasets. Never imports TensorFlow."""

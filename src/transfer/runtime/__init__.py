@@ -1,0 +1,1 @@
+"""TensorFlow-free runtime: sessions, runners, image pipeline, heads, infer, bench."""

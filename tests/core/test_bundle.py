@@ -1,0 +1,86 @@
+"""bundle.py: manifest writing, hash checks, tamper and incompleteness detection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from transfer.bundle import finalize_manifest, load_bundle, read_manifest, verify_bundle
+from transfer.errors import BundleError, TamperedBundleError
+
+
+def _make(tmp_path, valid=True):
+    b = tmp_path / "b"
+    (b / "heads").mkdir(parents=True)
+    (b / "model.onnx").write_bytes(b"\x08\x01fake-onnx-bytes")
+    (b / "heads" / "rf.pkl").write_bytes(b"pickle-bytes")
+    manifest = {
+        "valid": valid,
+        "class_names": ["a", "b"],
+        "input": {"name": "image", "height": 8, "width": 8, "channels": 3},
+        "preprocessing": {"version": 1},
+        "models": {"onnx-fp32": {"file": "model.onnx", "precision": "fp32"}},
+        "heads": {"rf": {"pickle": "heads/rf.pkl"}},
+    }
+    finalize_manifest(b, manifest)
+    return b
+
+
+def test_roundtrip_lists_every_file_with_hash(tmp_path):
+    b = _make(tmp_path)
+    m = read_manifest(b)
+    assert set(m["files"]) == {"model.onnx", "heads/rf.pkl"}
+    assert all(len(e["sha256"]) == 64 for e in m["files"].values())
+    bundle = load_bundle(b)
+    assert bundle.class_names == ["a", "b"]
+    assert bundle.input_size == (8, 8)
+    assert verify_bundle(b)["ok"] is True
+
+
+def test_tampered_file_is_refused_and_named(tmp_path):
+    b = _make(tmp_path)
+    data = bytearray((b / "heads" / "rf.pkl").read_bytes())
+    data[0] ^= 0xFF  # same size, different content
+    (b / "heads" / "rf.pkl").write_bytes(bytes(data))
+    with pytest.raises(TamperedBundleError, match="heads/rf.pkl"):
+        load_bundle(b)
+    report = verify_bundle(b)
+    assert not report["ok"]
+    assert report["problems"][0]["file"] == "heads/rf.pkl"
+    assert report["problems"][0]["problem"] == "sha256"
+
+
+def test_missing_file_and_missing_manifest(tmp_path):
+    b = _make(tmp_path)
+    (b / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="model.onnx"):
+        load_bundle(b)
+    (b / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(b)
+
+
+def test_invalid_bundle_refused_unless_allowed(tmp_path):
+    b = _make(tmp_path, valid=False)
+    with pytest.raises(BundleError, match="marked invalid"):
+        load_bundle(b)
+    assert load_bundle(b, allow_invalid=True).manifest["valid"] is False
+
+
+def test_manifest_path_escape_is_refused(tmp_path):
+    b = _make(tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["../outside"] = {"sha256": "0" * 64, "bytes": 1}
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TamperedBundleError, match="outside the bundle"):
+        load_bundle(b)
+
+
+def test_unsupported_version(tmp_path):
+    b = _make(tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["format_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="version 99"):
+        load_bundle(b)

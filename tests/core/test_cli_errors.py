@@ -1,0 +1,43 @@
+"""The CLI turns TransferError into 'error: ...' + exit code; --debug shows the traceback."""
+
+from __future__ import annotations
+
+import click
+from click.testing import CliRunner
+
+from transfer.cli import cli
+from transfer.errors import ConfigError, TensorRTUnavailableError
+
+
+@cli.command("_raise", hidden=True)
+@click.argument("kind")
+def _raise(kind):
+    if kind == "config":
+        raise ConfigError("bad option --x=3", hint="use 1 or 2")
+    raise TensorRTUnavailableError("TensorRT needs an NVIDIA GPU with CUDA; none was found: test")
+
+
+def test_user_error_is_clean_with_exit_code():
+    res = CliRunner().invoke(cli, ["_raise", "config"])
+    assert res.exit_code == 2
+    assert "error: bad option --x=3" in res.output
+    assert "hint: use 1 or 2" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_tensorrt_missing_has_distinct_exit_code():
+    res = CliRunner().invoke(cli, ["_raise", "trt"])
+    assert res.exit_code == 3
+    assert "none was found" in res.output
+
+
+def test_debug_shows_traceback():
+    res = CliRunner().invoke(cli, ["--debug", "_raise", "config"])
+    assert res.exit_code == 2
+    assert "Traceback" in res.output
+
+
+def test_help_lists_commands():
+    res = CliRunner().invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    assert "Usage" in res.output

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from transfer.fsutil import atomic_path, read_json, sha256_file, write_json_atomic
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "x.json"
+    write_json_atomic(p, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_text("{half")
+            raise RuntimeError("killed")
+    assert read_json(p) == {"a": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_sha256(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"abc" * 1000)
+    assert sha256_file(p, chunk=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
