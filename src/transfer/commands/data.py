@@ -1,0 +1,103 @@
+"""``transfer data``: make image folders from real datasets and check a folder."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import ConfigError
+
+
+@click.group("data")
+def data() -> None:
+    """Make image-folder datasets and check them.
+
+    \b
+    transfer data digits data/digits
+    transfer data idx train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz data/fmnist --classes fashion-mnist
+    transfer data check data/digits
+    """
+
+
+@data.command("digits")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def digits_cmd(out: str, force: bool) -> None:
+    """Write scikit-learn's 1,797 handwritten digits (8x8 PNG) as OUT/<digit>/*.png."""
+    from ..data.datasets import write_digits
+
+    info = write_digits(out, overwrite=force)
+    click.echo(f"wrote {info['images']} images in {info['classes']} classes to {info['out']}")
+
+
+def _parse_classes(value: str | None):
+    from ..data.datasets import FASHION_MNIST_CLASSES, MNIST_CLASSES
+
+    if value is None:
+        return None
+    presets = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
+    if value.lower() in presets:
+        return list(presets[value.lower()])
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if len(names) < 2:
+        raise ConfigError(
+            f"--classes {value!r}: give a preset ({', '.join(presets)}) or at least two "
+            "comma-separated names, one per label value"
+        )
+    return names
+
+
+@data.command("idx")
+@click.argument("images", type=click.Path(dir_okay=False))
+@click.argument("labels", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--classes", default=None,
+              help="Folder name per label: 'fashion-mnist', 'mnist' or 'a,b,c,...' (default: the label number).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Convert only the first N images.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def idx_cmd(images: str, labels: str, out: str, classes: str | None, limit: int | None, force: bool) -> None:
+    """Convert an MNIST-format idx pair (plain or .gz) into OUT/<class>/*.png."""
+    from ..data.datasets import write_idx
+
+    info = write_idx(images, labels, out, class_names=_parse_classes(classes), limit=limit, overwrite=force)
+    click.echo(f"wrote {info['images']} images in {info['classes']} classes to {info['out']}")
+
+
+@data.command("check")
+@click.argument("folder", type=click.Path())
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decoding threads.")
+@click.option("--bad-csv", type=click.Path(dir_okay=False), default=None,
+              help="Also write the bad files (path,reason) to this CSV.")
+def check_cmd(folder: str, workers: int | None, bad_csv: str | None) -> None:
+    """Index FOLDER, decode every image, print per-class counts and the bad files."""
+    from ..data.folder import index_folder, write_bad_files_csv
+
+    idx = index_folder(folder, workers=workers)
+    if idx.given_splits is not None:
+        splits = [s for s in ("train", "val", "test")]
+        per = {s: [0] * len(idx.class_names) for s in splits}
+        for s in splits:
+            for smp in idx.given_splits[s]:
+                per[s][smp.label] += 1
+        width = max(len("class"), *(len(c) for c in idx.class_names))
+        click.echo(f"{'class':<{width}}  " + "  ".join(f"{s:>7}" for s in splits) + f"  {'total':>7}")
+        for i, c in enumerate(idx.class_names):
+            row = [per[s][i] for s in splits]
+            click.echo(f"{c:<{width}}  " + "  ".join(f"{n:>7}" for n in row) + f"  {sum(row):>7}")
+    else:
+        width = max(len("class"), *(len(c) for c in idx.class_names))
+        click.echo(f"{'class':<{width}}  {'images':>7}")
+        for c in idx.class_names:
+            click.echo(f"{c:<{width}}  {idx.counts[c]:>7}")
+    if idx.bad:
+        click.echo("bad files:")
+        for b in idx.bad:
+            click.echo(f"  {b.path}: {b.reason}")
+        click.secho(f"warning: {len(idx.bad)} bad file(s) excluded", fg="yellow", err=True)
+    if bad_csv:
+        write_bad_files_csv(bad_csv, idx.bad)
+    layout = "given train/val/test split" if idx.given_splits is not None else "one folder per class"
+    click.echo(f"{idx.root}: {len(idx.samples)} images in {len(idx.class_names)} classes "
+               f"({layout}), {len(idx.bad)} bad")
+
+
+COMMANDS = [data]

@@ -1,0 +1,201 @@
+"""Real datasets as image folders: scikit-learn's digits and MNIST-format idx files.
+
+Both writers build the folder under a temporary name next to ``out`` and rename it at
+the end, so an interrupted conversion leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, DataError
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
+)
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+
+IDX_LABELS_MAGIC = 2049
+IDX_IMAGES_MAGIC = 2051
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"output {out} exists and is not a folder", hint="choose another OUT")
+        if any(out.iterdir()) and not overwrite:
+            raise DataError(f"output folder {out} exists and is not empty",
+                            hint="choose another OUT or pass --force to replace it")
+
+
+def _write_folder(out: Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                  overwrite: bool) -> dict:
+    """images uint8 (N, H, W); labels int (N,) -> out/<class>/<nnnnn>.png, atomically."""
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        width = max(4, len(str(len(images) - 1)))
+        counts = {c: 0 for c in class_names}
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            c = class_names[int(lab)]
+            if counts[c] == 0:
+                (tmp / c).mkdir()  # classes without images get no (empty) folder
+            Image.fromarray(img, mode="L").save(tmp / c / f"{i:0{width}d}.png", optimize=False)
+            counts[c] += 1
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = {c: n for c, n in counts.items() if n}
+    return {"out": str(out), "classes": len(counts), "images": int(len(images)), "counts": counts}
+
+
+def write_digits(out: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Write scikit-learn's 1,797 handwritten digits as ``out/<digit>/<nnnn>.png``.
+
+    Each image is an 8x8 grayscale PNG, values 0..16 scaled to 0..255.
+
+    Returns:
+        ``{"out", "classes": 10, "images": 1797, "counts": {...}}``.
+
+    Raises:
+        DataError: ``out`` exists and is not empty (unless ``overwrite``).
+
+    Example:
+        >>> write_digits("data/digits")["images"]  # doctest: +SKIP
+        1797
+    """
+    _prepare_out(Path(out), overwrite)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return _write_folder(Path(out), images, d.target.astype(np.int64), MNIST_CLASSES, overwrite)
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist")
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {what} file {path}: {exc}",
+                        hint="a .gz file may be truncated; download it again") from exc
+
+
+def read_idx(path: str | os.PathLike, *, kind: str) -> np.ndarray:
+    """Parse an MNIST idx file: ``kind="images"`` -> uint8 (N, H, W), ``"labels"`` -> uint8 (N,).
+
+    Raises:
+        DataError: wrong magic number (names what was found), truncated file, bad dims.
+
+    Example:
+        >>> read_idx("train-labels-idx1-ubyte.gz", kind="labels").shape  # doctest: +SKIP
+        (60000,)
+    """
+    p = Path(path)
+    want = IDX_IMAGES_MAGIC if kind == "images" else IDX_LABELS_MAGIC
+    data = _read_bytes(p, kind)
+    if len(data) < 4:
+        raise DataError(f"{kind} file {p} is too short to be an idx file ({len(data)} bytes)")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != want:
+        known = {IDX_IMAGES_MAGIC: "an idx images file", IDX_LABELS_MAGIC: "an idx labels file"}
+        found = known.get(magic, "not an idx file")
+        raise DataError(
+            f"{kind} file {p} has magic number {magic} ({found}); expected {want} for {kind}",
+            hint="give the images file first, then the labels file" if magic in known else
+            "give an MNIST-format idx file (plain or .gz)",
+        )
+    ndim = 3 if kind == "images" else 1
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{kind} file {p} is truncated (header incomplete)")
+    dims = tuple(int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims, dtype=np.int64))
+    have = len(data) - header
+    if have < expected:
+        raise DataError(f"{kind} file {p} is truncated: header says {'x'.join(map(str, dims))} "
+                        f"({expected} bytes) but only {have} bytes follow")
+    if kind == "images" and (dims[1] < 1 or dims[2] < 1):
+        raise DataError(f"images file {p} has invalid image size {dims[1]}x{dims[2]}")
+    return np.frombuffer(data, dtype=np.uint8, count=expected, offset=header).reshape(dims)
+
+
+def write_idx(
+    images: str | os.PathLike,
+    labels: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    limit: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Convert an MNIST-format idx pair (plain or .gz) into ``out/<class>/<nnnnn>.png``.
+
+    Args:
+        images, labels: the idx3 images file and the idx1 labels file.
+        out: output folder (refused if it exists and is not empty, unless ``overwrite``).
+        class_names: folder name per label value (default ``"0".."9"`` style: the label).
+        limit: convert only the first ``limit`` images.
+
+    Returns:
+        ``{"out", "classes", "images", "counts"}``.
+
+    Raises:
+        DataError: unreadable / wrong / truncated files, count mismatch, a label with no name.
+        ConfigError: bad ``limit`` or duplicate class names.
+
+    Example:
+        >>> write_idx("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "data/fmnist",
+        ...           class_names=FASHION_MNIST_CLASSES)  # doctest: +SKIP
+    """
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise ConfigError(f"limit must be >= 1 (got {limit!r})")
+    _prepare_out(Path(out), overwrite)
+    x = read_idx(images, kind="images")
+    y = read_idx(labels, kind="labels")
+    if len(x) != len(y):
+        raise DataError(f"images file {images} holds {len(x)} images but labels file {labels} "
+                        f"holds {len(y)} labels", hint="give the matching images/labels pair")
+    if limit is not None:
+        x, y = x[: int(limit)], y[: int(limit)]
+    if len(x) == 0:
+        raise DataError(f"images file {images} holds no images")
+    if class_names is None:
+        class_names = [str(i) for i in range(int(y.max()) + 1)]
+    class_names = [str(c) for c in class_names]
+    if len(set(class_names)) != len(class_names):
+        raise ConfigError(f"class names must be unique (got {', '.join(class_names)})")
+    bad_names = [c for c in class_names if not c or "/" in c or "\\" in c or c in (".", "..")]
+    if bad_names:
+        raise ConfigError(f"class names must be usable as folder names (got {bad_names!r})")
+    if int(y.max()) >= len(class_names):
+        raise DataError(
+            f"labels file {labels} has label {int(y.max())} but only {len(class_names)} class "
+            f"names were given ({', '.join(class_names)})",
+            hint="give one class name per label value",
+        )
+    return _write_folder(Path(out), x, y.astype(np.int64), class_names, overwrite)

@@ -1,0 +1,355 @@
+"""Index an image folder: classes, samples, and the files that cannot be decoded.
+
+A dataset is either ``ROOT/<class>/...`` (one sub-folder per class) or
+``ROOT/train/<class>/...`` with optional ``ROOT/val/`` and ``ROOT/test/`` (a *given*
+split). Every image file is fully decoded once, in a thread pool, so broken files are
+found before training starts; an optional JSON cache skips files unchanged since the
+last indexing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import DataError, ImageDecodeError
+from ..fsutil import atomic_path
+from .image import DEFAULT_MAX_PIXELS, decode_image, is_image_path
+
+GIVEN_SPLITS = ("train", "val", "test")
+_CACHE_FORMAT = "transfer-index-cache"
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: ``path`` relative to the dataset root (POSIX separators), class index."""
+
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file that could not be used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class DatasetIndex:
+    """The result of :func:`index_folder`.
+
+    ``samples`` holds every usable image (all given splits together, sorted by path);
+    ``given_splits`` is ``{"train": [...], "val": [...], "test": [...]}`` when the folder
+    has a ``train/`` sub-folder, else ``None``.
+    """
+
+    root: Path
+    class_names: list[str]
+    samples: list[Sample]
+    bad: list[BadFile]
+    given_splits: dict[str, list[Sample]] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk_images(folder: Path, root: Path, visited: set[str], reserved: frozenset[str] = frozenset(),
+                 top: bool = True) -> list[str]:
+    """Image-named paths under ``folder`` (recursive, hidden skipped, loops cut), relative to root.
+
+    ``reserved`` holds the real paths of all class folders: a link from one class into
+    another is not followed, so each image keeps the class of its own folder.
+    """
+    out: list[str] = []
+    try:
+        real = os.path.realpath(folder)
+    except OSError:
+        return out
+    if real in visited or (not top and real in reserved):
+        return out
+    visited.add(real)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return out
+    for entry in entries:
+        if _is_hidden(entry.name):
+            continue
+        p = Path(entry.path)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            is_dir = False
+        if is_image_path(entry.name):
+            # a directory named like an image is reported as bad by decode_image
+            out.append(p.relative_to(root).as_posix())
+        elif is_dir:
+            out.extend(_walk_images(p, root, visited, reserved, top=False))
+    return out
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    names = []
+    for entry in os.scandir(folder):
+        if _is_hidden(entry.name):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=True) and not is_image_path(entry.name):
+                names.append(entry.name)
+        except OSError:
+            continue
+    return sorted(names)
+
+
+def _load_cache(cache: Path | None, max_pixels: int) -> dict:
+    if cache is None or not Path(cache).is_file():
+        return {}
+    try:
+        with open(cache, encoding="utf-8") as f:
+            data = json.load(f)
+        if (
+            data.get("format") != _CACHE_FORMAT
+            or data.get("version") != _CACHE_VERSION
+            or data.get("max_pixels") != max_pixels
+        ):
+            return {}
+        return dict(data.get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}  # a broken cache is only a lost speed-up
+
+
+def _save_cache(cache: Path, root: Path, max_pixels: int, files: dict) -> None:
+    with atomic_path(cache) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "format": _CACHE_FORMAT,
+                    "version": _CACHE_VERSION,
+                    "root": str(root),
+                    "max_pixels": max_pixels,
+                    "files": files,
+                },
+                f,
+            )
+
+
+def _stat_key(path: Path) -> list | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _check_file(path: Path, max_pixels: int) -> str | None:
+    """None when the file decodes, else the reason it does not."""
+    try:
+        decode_image(path, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return exc.reason
+    return None
+
+
+def index_folder(
+    root: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[int, int], None] | None = None,
+    cache: str | os.PathLike | None = None,
+) -> DatasetIndex:
+    """Index an image-classification folder and decode every file once to find bad ones.
+
+    Args:
+        root: ``ROOT/<class>/**/*.jpg`` or ``ROOT/{train,val,test}/<class>/**``.
+        workers: decoding threads (default: ``min(8, cpu_count + 2)``).
+        max_pixels: images with more pixels are refused as absurd.
+        progress: called as ``progress(done, total)`` while decoding.
+        cache: optional JSON file remembering (path, size, mtime_ns) -> verdict, so a
+            re-index skips decoding unchanged files.
+
+    Returns:
+        A :class:`DatasetIndex`; bad files are in ``bad`` and excluded from ``samples``.
+
+    Raises:
+        DataError: missing folder, no image at all, fewer than two classes, a class
+            without a usable image, or a given split whose classes are not in ``train/``.
+
+    Example:
+        >>> idx = index_folder("data/digits")  # doctest: +SKIP
+        >>> idx.class_names[:3], len(idx.samples)
+        (['0', '1', '2'], 1797)
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist",
+                        hint="give a folder with one sub-folder of images per class")
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} is not a directory",
+                        hint="give a folder with one sub-folder of images per class")
+    root = root.resolve()
+
+    # 1. layout
+    top = _class_dirs(root)
+    given = "train" in top
+    split_names: list[str | None]
+    if given:
+        split_names = [s for s in GIVEN_SPLITS if (root / s).is_dir()]
+        extra = [d for d in top if d not in GIVEN_SPLITS]
+        if extra:
+            raise DataError(
+                f"dataset folder {root} has a train/ sub-folder (a given split) but also "
+                f"other folders: {', '.join(extra)}",
+                hint="either use train/, val/, test/ each holding class folders, "
+                "or one folder per class (no train/)",
+            )
+    else:
+        split_names = [None]
+
+    classes_per_split: dict[str | None, list[str]] = {}
+    for s in split_names:
+        base = root / s if s else root
+        classes_per_split[s] = _class_dirs(base)
+    if given:
+        train_classes = set(classes_per_split["train"])
+        for s in split_names:
+            missing = sorted(set(classes_per_split[s]) - train_classes)
+            if missing:
+                raise DataError(
+                    f"dataset folder {root}: {s}/ has classes missing from train/: {', '.join(missing)}",
+                    hint="every class in val/ or test/ needs a folder (with images) in train/",
+                )
+        class_names = sorted(train_classes)
+    else:
+        class_names = classes_per_split[None]
+
+    # 2. candidate files per (split, class)
+    visited: set[str] = set()
+    reserved = frozenset(
+        os.path.realpath((root / s / c) if s else (root / c))
+        for s in split_names for c in classes_per_split[s]
+    )
+    candidates: list[tuple[str | None, str, str]] = []  # (split, class, relpath)
+    for s in split_names:
+        for c in classes_per_split[s]:
+            folder = (root / s / c) if s else (root / c)
+            for rel in _walk_images(folder, root, visited, reserved):
+                candidates.append((s, c, rel))
+
+    if not candidates:
+        raise DataError(
+            f"dataset folder {root} holds no image files "
+            f"(looked for {', '.join(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'))} "
+            "inside class sub-folders)",
+            hint="put images in ROOT/<class>/ (e.g. ROOT/cat/1.jpg, ROOT/dog/2.jpg)",
+        )
+
+    # 3. decode everything (threads; Pillow releases the GIL)
+    cached = _load_cache(Path(cache) if cache else None, max_pixels)
+    new_cache: dict[str, dict] = {}
+    verdicts: dict[str, str | None] = {}
+    todo: list[str] = []
+    for _, _, rel in candidates:
+        key = _stat_key(root / rel)
+        entry = cached.get(rel)
+        if key is not None and entry and entry.get("stat") == key:
+            verdicts[rel] = entry.get("bad")
+            new_cache[rel] = entry
+        else:
+            todo.append(rel)
+
+    total = len(candidates)
+    done = total - len(todo)
+    if progress:
+        progress(done, total)
+    n_workers = workers if workers and workers > 0 else min(8, (os.cpu_count() or 1) + 2)
+
+    def work(rel: str) -> tuple[str, str | None, list | None]:
+        key = _stat_key(root / rel)
+        return rel, _check_file(root / rel, max_pixels), key
+
+    if todo:
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for rel, reason, key in pool.map(work, todo, chunksize=16):
+                verdicts[rel] = reason
+                if key is not None:
+                    new_cache[rel] = {"stat": key, "bad": reason}
+                done += 1
+                if progress and (done % 256 == 0 or done == total):
+                    progress(done, total)
+    if cache is not None and (todo or set(new_cache) != set(cached)):
+        try:
+            _save_cache(Path(cache), root, max_pixels, new_cache)
+        except OSError:
+            pass  # the cache is an optimisation only
+
+    # 4. assemble
+    label_of = {c: i for i, c in enumerate(class_names)}
+    bad: list[BadFile] = []
+    per_split: dict[str | None, list[Sample]] = {s: [] for s in split_names}
+    usable: dict[str, int] = {c: 0 for c in class_names}
+    bad_per_class: dict[str, int] = {c: 0 for c in class_names}
+    for s, c, rel in candidates:
+        reason = verdicts[rel]
+        if reason is not None:
+            bad.append(BadFile(rel, reason))
+            bad_per_class[c] += 1
+        else:
+            per_split[s].append(Sample(rel, label_of[c]))
+            usable[c] += 1
+    bad.sort(key=lambda b: b.path)
+
+    for c in class_names:
+        if usable[c] == 0:
+            where = f"{root}/train/{c}" if given else f"{root}/{c}"
+            nbad = bad_per_class[c]
+            detail = (f"all {nbad} image file(s) in it are bad (run `transfer data check {root}`)"
+                      if nbad else "it holds no image files")
+            raise DataError(
+                f"class folder {where} has no usable image: {detail}",
+                hint="add readable images to it or remove the folder",
+            )
+    if len(class_names) < 2:
+        raise DataError(
+            f"dataset folder {root} has {len(class_names)} class folder(s) "
+            f"({', '.join(class_names) or 'none'}); a classifier needs at least two",
+            hint="put each class's images in its own sub-folder: ROOT/<class>/*.jpg",
+        )
+
+    for s in per_split:
+        per_split[s].sort(key=lambda x: x.path)
+    samples = sorted((x for v in per_split.values() for x in v), key=lambda x: x.path)
+    given_splits = None
+    if given:
+        given_splits = {s: per_split.get(s, []) for s in GIVEN_SPLITS}
+    counts = {c: usable[c] for c in class_names}
+    return DatasetIndex(root=root, class_names=class_names, samples=samples, bad=bad,
+                        given_splits=given_splits, counts=counts)
+
+
+def write_bad_files_csv(path: str | os.PathLike, bad: list[BadFile]) -> None:
+    """Write ``path,reason`` rows (atomically), one per bad file.
+
+    Example:
+        >>> write_bad_files_csv("runs/x/bad_files.csv", idx.bad)  # doctest: +SKIP
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "reason"])
+            for b in bad:
+                w.writerow([b.path, b.reason])

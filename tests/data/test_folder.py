@@ -1,0 +1,178 @@
+"""Indexing folders: layouts, bad files of every kind, errors, cache."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from transfer.data.folder import Sample, index_folder, write_bad_files_csv
+from transfer.errors import DataError
+
+
+
+def _png_header(w: int, h: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _jpeg_bytes(size=(32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_basic_index_sorted(three_class):
+    idx = index_folder(three_class, workers=3)
+    assert idx.class_names == ["cat", "dog", "eel"]
+    assert len(idx.samples) == 30 and idx.bad == [] and idx.given_splits is None
+    assert [s.path for s in idx.samples] == sorted(s.path for s in idx.samples)
+    assert Sample("dog/img000.png", 1) in idx.samples
+    assert idx.counts == {"cat": 10, "dog": 12, "eel": 8}
+
+
+def test_extensions_hidden_nested_and_other_files(tmp_path, make_folder, write_png):
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    write_png(root / "a" / "UPPER.PNG")
+    Image.new("RGB", (4, 4)).save(root / "a" / "x.JPEG")
+    Image.new("RGB", (4, 4)).save(root / "b" / "t.TIFF")
+    Image.new("RGB", (4, 4)).save(root / "b" / "w.webp")
+    Image.new("RGB", (4, 4)).save(root / "b" / "m.Bmp")
+    write_png(root / "a" / "deep" / "er" / "n.png")
+    (root / "a" / "notes.txt").write_text("hello")
+    Image.new("RGB", (4, 4)).save(root / "a" / "anim.gif")
+    write_png(root / "a" / ".hidden.png")
+    write_png(root / ".hiddenclass" / "z.png")
+    idx = index_folder(root)
+    paths = {s.path for s in idx.samples}
+    assert {"a/UPPER.PNG", "a/x.JPEG", "b/t.TIFF", "b/w.webp", "b/m.Bmp", "a/deep/er/n.png"} <= paths
+    assert not any("hidden" in p or p.endswith((".txt", ".gif")) for p in paths)
+    assert idx.class_names == ["a", "b"] and len(idx.samples) == 10
+
+
+def test_every_bad_kind_listed_and_excluded(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "a" / "trunc.jpg").write_bytes(_jpeg_bytes((64, 64))[:300])
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "PNG")
+    (root / "b" / "trunc.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "b" / "text.jpg").write_text("this is not an image")
+    (root / "b" / "huge.png").write_bytes(_png_header(100000, 100000))
+    (root / "a" / "dir.jpg").mkdir()
+    os.symlink(root / "a", root / "a" / "loop")  # symlink loop must not hang
+    os.symlink(root / "b", root / "a" / "to_b")  # b's files are counted once, in b
+    os.symlink("self.png", root / "b" / "self.png")  # a link to itself
+    idx = index_folder(root, workers=2)
+    bad = {b.path: b.reason for b in idx.bad}
+    assert set(bad) == {"a/empty.jpg", "a/trunc.jpg", "b/trunc.png", "b/text.jpg", "b/huge.png", "a/dir.jpg",
+                        "b/self.png"}
+    assert "cannot read" in bad["b/self.png"]
+    assert "empty" in bad["a/empty.jpg"]
+    assert "truncated" in bad["a/trunc.jpg"] or "corrupt" in bad["a/trunc.jpg"]
+    assert "truncated" in bad["b/trunc.png"] or "corrupt" in bad["b/trunc.png"]
+    assert "not an image" in bad["b/text.jpg"]
+    assert "absurd" in bad["b/huge.png"]
+    assert "directory" in bad["a/dir.jpg"]
+    assert len(idx.samples) == 6
+    assert not any(s.path in bad for s in idx.samples)
+    out = tmp_path / "bad.csv"
+    write_bad_files_csv(out, idx.bad)
+    rows = list(csv.DictReader(open(out)))
+    assert {r["path"] for r in rows} == set(bad)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file(tmp_path, make_folder, write_png):
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    p = write_png(root / "a" / "secret.png")
+    p.chmod(0)
+    try:
+        idx = index_folder(root)
+    finally:
+        p.chmod(0o644)
+    assert [b.path for b in idx.bad] == ["a/secret.png"]
+    assert "cannot read" in idx.bad[0].reason or "denied" in idx.bad[0].reason.lower()
+
+
+def test_given_splits(tmp_path, make_folder):
+    root = tmp_path / "g"
+    make_folder(root / "train", {"x": 4, "y": 3})
+    make_folder(root / "val", {"x": 1, "y": 2})
+    make_folder(root / "test", {"y": 1})
+    idx = index_folder(root)
+    assert idx.class_names == ["x", "y"]
+    gs = idx.given_splits
+    assert [len(gs[s]) for s in ("train", "val", "test")] == [7, 3, 1]
+    assert gs["test"][0] == Sample("test/y/img000.png", 1)
+    assert len(idx.samples) == 11
+
+
+def test_given_split_class_not_in_train(tmp_path, make_folder):
+    root = tmp_path / "g"
+    make_folder(root / "train", {"x": 2, "y": 2})
+    make_folder(root / "val", {"x": 1, "z": 1})
+    with pytest.raises(DataError, match="missing from train.*z"):
+        index_folder(root)
+
+
+def test_errors(tmp_path, make_folder):
+    with pytest.raises(DataError, match="does not exist"):
+        index_folder(tmp_path / "nope")
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(DataError, match="not a directory"):
+        index_folder(f)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no image files"):
+        index_folder(tmp_path / "empty")
+    one = make_folder(tmp_path / "one", {"only": 3})
+    with pytest.raises(DataError, match="at least two"):
+        index_folder(one)
+    nouse = make_folder(tmp_path / "nouse", {"a": 2, "b": 0})
+    (nouse / "b").mkdir(exist_ok=True)
+    (nouse / "b" / "x.jpg").write_text("text")
+    (nouse / "b" / "y.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"nouse/b has no usable image: all 2 image file\(s\) in it are bad"):
+        index_folder(nouse)
+
+
+def test_cache_skips_unchanged_files(tmp_path, monkeypatch, make_folder, write_png):
+    root = make_folder(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "a" / "bad.png").write_text("nope")
+    cache = tmp_path / "cache.json"
+    first = index_folder(root, cache=cache)
+    assert cache.is_file()
+    import transfer.data.folder as folder
+
+    calls = []
+    real = folder._check_file
+    monkeypatch.setattr(folder, "_check_file", lambda p, m: calls.append(p) or real(p, m))
+    second = index_folder(root, cache=cache)
+    assert calls == [] and second.samples == first.samples and second.bad == first.bad
+    # a changed file is decoded again
+    (root / "a" / "bad.png").unlink()
+    write_png(root / "a" / "bad.png", size=(3, 3))
+    third = index_folder(root, cache=cache)
+    assert [p.name for p in calls] == ["bad.png"] and third.bad == []
+
+
+def test_progress_reports_total(three_class):
+    seen = []
+    index_folder(three_class, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (30, 30)
+
+
+def test_dimensions_over_max_pixels_named(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    (root / "a" / "big.png").write_bytes(_png_header(12000, 9000))
+    idx = index_folder(root)
+    assert len(idx.bad) == 1 and "12000x9000" in idx.bad[0].reason
+    with pytest.raises(DataError, match="no usable image"):
+        index_folder(root, max_pixels=20)  # 6x5 = 30 pixels > 20: every file refused
