@@ -18,7 +18,7 @@ import click
 from . import __version__
 from .errors import TransferError
 
-_COMMAND_MODULES = ("data", "train", "analysis", "export", "runtime")
+_COMMAND_MODULES = ("data", "models", "train", "analysis", "export", "runtime")
 
 
 class TransferGroup(click.Group):
