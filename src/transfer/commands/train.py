@@ -1,0 +1,118 @@
+"""``transfer train``: a freeze sweep over backbones x trainable fractions."""
+
+from __future__ import annotations
+
+import click
+
+from ._options import parse_csv
+
+# click parameter name -> TrainConfig key (and how to read it)
+_FLAG_KEYS = {
+    "backbone": ("backbones", lambda v: parse_csv(v, str, name="--backbone")),
+    "trainable": ("trainable", lambda v: parse_csv(v, float, name="--trainable")),
+    "random_init": ("random_init", None),
+    "freeze_by": ("freeze_by", None),
+    "weights": ("weights", None),
+    "epochs": ("epochs", None),
+    "batch_size": ("batch_size", None),
+    "image_size": ("image_size", None),
+    "optimizer": ("optimizer", None),
+    "lr": ("lr", None),
+    "fine_tune_lr": ("fine_tune_lr", None),
+    "loss": ("loss", None),
+    "dropout": ("dropout", None),
+    "augment": ("augment", lambda v: parse_csv(v, str, name="--augment")),
+    "seed": ("seed", None),
+    "split": ("split", None),
+    "val": ("val", None),
+    "test": ("test", None),
+    "kfold": ("kfold", None),
+    "patience": ("patience", None),
+    "two_stage": ("two_stage", None),
+    "head_epochs": ("head_epochs", None),
+    "tensorboard": ("tensorboard", None),
+    "workers": ("workers", None),
+    "train_bn": ("train_bn", None),
+    "out": ("out", None),
+}
+
+
+@click.command("train")
+@click.argument("data", type=click.Path(file_okay=False), required=False)
+@click.option("--backbone", metavar="A,B", help="Backbone name(s), comma-separated (see `transfer backbones`). [default: mobilenet_v2]")
+@click.option("--trainable", metavar="F,..", help="Trainable fraction(s) of the backbone: 0 = frozen feature extractor, 1 = full fine-tuning. [default: 0]")
+@click.option("--random-init", is_flag=True, help="Also train each backbone from random weights (everything trainable).")
+@click.option("--freeze-by", type=click.Choice(["layers", "params", "blocks"]), help="What the fraction counts. [default: layers]")
+@click.option("--weights", metavar="imagenet|none|PATH", help="Initial weights: ImageNet, none (random), or a Keras weights/model file. [default: imagenet]")
+@click.option("--epochs", type=int, help="Epochs per trial (fine-tuning epochs with --two-stage). [default: 10]")
+@click.option("--batch-size", type=int, help="[default: 32]")
+@click.option("--image-size", type=int, help="Input size in pixels. [default: each backbone's own size]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="[default: adam]")
+@click.option("--lr", type=float, help="Learning rate. [default: 1e-3; 1e-4 when fine-tuning pretrained weights]")
+@click.option("--fine-tune-lr", type=float, help="Learning rate of the unfreeze stage of --two-stage. [default: lr/10]")
+@click.option("--loss", type=click.Choice(["crossentropy", "l1"]), help="[default: crossentropy]")
+@click.option("--dropout", type=float, help="Dropout before the classifier. [default: 0.2]")
+@click.option("--augment", metavar="A,B", help="Augmentations in the input pipeline, e.g. flip,translate.")
+@click.option("--seed", type=int, help="Seed of splits, initial weights and training. [default: 0]")
+@click.option("--split", type=click.Choice(["stratified", "random"]), help="[default: stratified]")
+@click.option("--val", type=float, help="Validation fraction. [default: 0.2]")
+@click.option("--test", type=float, help="Test fraction. [default: 0.1]")
+@click.option("--kfold", type=int, help="Run every trial K times on K folds; the table shows mean ± std.")
+@click.option("--patience", type=int, help="Early stopping on val_loss after this many epochs without improvement (0 = off). [default: 3]")
+@click.option("--two-stage", is_flag=True, help="Train the head first, then unfreeze to the fraction with a lower learning rate.")
+@click.option("--head-epochs", type=int, help="Head-only epochs of --two-stage. [default: 2]")
+@click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs into each trial folder.")
+@click.option("--workers", type=int, help="Image decode threads. [default: 2]")
+@click.option("--train-bn", is_flag=True, help="Let BatchNormalization layers of the trainable part update their statistics.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags given on the command line win.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (re-run the same command to resume).")
+@click.pass_context
+def train(ctx: click.Context, data, config_file, **kwargs) -> None:
+    """Train a freeze sweep on the image folder DATA into the run folder --out.
+
+    Every backbone x trainable fraction is one trial (plus --random-init); finished
+    trials are skipped when the same command is run again, an interrupted one resumes
+    from its last finished epoch.
+
+    \b
+    transfer data digits data/digits
+    transfer train data/digits --backbone mobilenet_v2,arc2 --trainable 0,0.3,1 \\
+        --random-init --weights none --epochs 5 --image-size 32 --out runs/digits
+    """
+    from ..errors import ConfigError
+    from ..trainer.config import load_config
+    from ..trainer.sweep import run_sweep
+
+    overrides = {}
+    if data is not None:
+        overrides["data"] = data
+    for param, value in kwargs.items():
+        src = ctx.get_parameter_source(param)
+        if src is None or src.name in ("DEFAULT",):
+            continue
+        key, cast = _FLAG_KEYS[param]
+        overrides[key] = cast(value) if cast else value
+    cfg = load_config(config_file, overrides)
+    if not cfg.data:
+        raise ConfigError("no dataset folder given", hint="transfer train DATA --out RUN (or `data:` in --config)")
+    if not cfg.out:
+        raise ConfigError("no run folder given", hint="add --out RUN (or `out:` in --config)")
+    res = run_sweep(cfg, progress=click.echo)
+    click.echo("")
+    click.echo(res.table_md.rstrip())
+    if res.best:
+        click.echo(f"\nbest trial: {res.best['trial']} (val accuracy {res.best['value']:.4f}) -> "
+                   f"{res.run_dir / 'trials' / res.best['trial']}")
+    if res.failed:
+        for name, err in res.failed.items():
+            click.echo(f"failed trial {name}: {err}", err=True)
+        from ..errors import TransferError
+
+        raise TransferError(
+            f"{len(res.failed)} trial(s) failed: {', '.join(res.failed)}",
+            hint=f"see trials/<name>/status.json in {res.run_dir}; fix the cause and re-run the same command "
+                 "(finished trials are kept)",
+        )
+
+
+COMMANDS = [train]

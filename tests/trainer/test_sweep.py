@@ -1,0 +1,127 @@
+"""Real sweeps on a tiny image folder (arc2 at 16x16, random weights, 2 epochs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from transfer.errors import ConfigError
+from transfer.runfolder import RunFolder
+from transfer.trainer.config import load_config
+from transfer.trainer.sweep import run_sweep
+
+from trainer_helpers import base_overrides
+
+
+@pytest.fixture(scope="module")
+def sweep_run(pattern_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r1"
+    cfg = load_config(None, base_overrides(pattern_folder, out))
+    lines: list[str] = []
+    res = run_sweep(cfg, progress=lines.append)
+    return cfg, res, lines
+
+
+def test_sweep_writes_the_layout(sweep_run):
+    cfg, res, lines = sweep_run
+    run = res.run_dir
+    assert res.ok, res.failed
+    for f in ("run.json", "config.yaml", "dataset.json", "bad_files.csv", "splits/train.csv",
+              "splits/val.csv", "splits/test.csv", "init/arc2-scratch.weights.h5",
+              "sweep.csv", "sweep.md", "best.json"):
+        assert (run / f).is_file(), f
+    ds = json.loads((run / "dataset.json").read_text())
+    assert ds["class_names"] == ["c0", "c1", "c2"] and ds["num_images"] == 48
+    assert sum(ds["counts"].values()) == 48 and ds["split"]["method"] == "stratified"
+    for name in ("arc2-t000", "arc2-t100"):
+        t = run / "trials" / name
+        for f in ("trial.json", "status.json", "history.csv", "curves.png", "model.keras", "metrics.json"):
+            assert (t / f).is_file(), (name, f)
+        assert json.loads((t / "status.json").read_text())["state"] == "done"
+        m = json.loads((t / "metrics.json").read_text())
+        for split in ("train", "val", "test"):
+            assert 0.0 <= m[split]["accuracy"] <= 1.0 and m[split]["loss"] >= 0
+        assert m["epochs_run"] == 2 and 1 <= m["best_epoch"] <= 2 and m["seconds_per_epoch"] > 0
+        assert m["params"]["total"] == m["params"]["trainable"] + m["params"]["non_trainable"]
+        with open(t / "history.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["epoch"] for r in rows] == ["1", "2"]
+        meta = json.loads((t / "trial.json").read_text())
+        assert meta["image_size"] == [16, 16] and meta["num_classes"] == 3 and meta["backbone"] == "arc2"
+    m0 = json.loads((run / "trials/arc2-t000/metrics.json").read_text())
+    m1 = json.loads((run / "trials/arc2-t100/metrics.json").read_text())
+    assert m0["params"]["trainable"] < m1["params"]["trainable"]  # frozen backbone trains the head only
+    md = (run / "sweep.md").read_text()
+    assert "| metric | arc2 0% | arc2 100% |" in md
+    for row in ("train accuracy", "val accuracy", "test accuracy", "trainable params", "sec/epoch"):
+        assert row in md
+    best = json.loads((run / "best.json").read_text())
+    assert best["trial"] in ("arc2-t000", "arc2-t100") and best["metric"] == "val_accuracy"
+    assert any("trial 1/2 arc2-t000" in ln for ln in lines)
+    assert any("epoch 2/2" in ln and "val_acc" in ln for ln in lines)
+    # the read-only view of later commands accepts the folder
+    rf = RunFolder(run)
+    assert {t.name for t in rf.finished_trials()} == {"arc2-t000", "arc2-t100"}
+    model = rf.trial("best").load_model()
+    assert model.output_shape == (None, 3)
+    # re-running skips finished trials
+    again: list[str] = []
+    run_sweep(cfg, progress=again.append)
+    assert sum("already done" in ln for ln in again) == 2
+
+
+def test_same_seed_same_result(sweep_run, tmp_path):
+    cfg, res, _ = sweep_run
+    cfg2 = load_config(None, base_overrides(cfg.data, tmp_path / "r2"))
+    res2 = run_sweep(cfg2, progress=lambda s: None)
+    from transfer.models.build import load_model
+
+    for name in ("arc2-t000", "arc2-t100"):
+        a = json.loads((res.run_dir / "trials" / name / "metrics.json").read_text())
+        b = json.loads((res2.run_dir / "trials" / name / "metrics.json").read_text())
+        for split in ("train", "val", "test"):
+            assert a[split] == b[split]
+        wa = load_model(res.run_dir / "trials" / name / "model.keras").get_weights()
+        wb = load_model(res2.run_dir / "trials" / name / "model.keras").get_weights()
+        for x, y in zip(wa, wb):
+            np.testing.assert_array_equal(x, y)
+    for s in ("train", "val", "test"):
+        assert (res.run_dir / "splits" / f"{s}.csv").read_text() == (res2.run_dir / "splits" / f"{s}.csv").read_text()
+
+
+def test_changed_config_is_refused(sweep_run):
+    cfg, res, _ = sweep_run
+    changed = load_config(None, base_overrides(cfg.data, res.run_dir, epochs=3, lr=0.01))
+    with pytest.raises(ConfigError) as ei:
+        run_sweep(changed, progress=lambda s: None)
+    assert "epochs: 2 -> 3" in ei.value.message and "lr" in ei.value.message
+
+
+def test_cli_flags_override_yaml(sweep_run, tmp_path):
+    """--config values are overridden by explicit flags; the differing key is named."""
+    from transfer.cli import cli
+
+    cfg, res, _ = sweep_run
+    y = tmp_path / "c.yaml"
+    y.write_text(cfg.to_yaml().replace("\nepochs: 2\n", "\nepochs: 9\n"))
+    r = CliRunner().invoke(cli, ["train", "--config", str(y)])
+    assert r.exit_code == 2 and "epochs: 2 -> 9" in r.output, r.output
+    # an explicit --epochs 2 wins over the YAML's 9: same config, so the run resumes (all done)
+    r = CliRunner().invoke(cli, ["train", "--config", str(y), "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "already done" in r.output and "best trial: " in r.output and "| metric |" in r.output
+    r = CliRunner().invoke(cli, ["train", "--config", str(y), "--epochs", "2", "--optimizer", "rms"])
+    assert r.exit_code == 2
+
+
+def test_unknown_yaml_key_cli(tmp_path):
+    from transfer.cli import cli
+
+    y = tmp_path / "c.yaml"
+    y.write_text("nonsense: 1\n")
+    r = CliRunner().invoke(cli, ["train", "d", "--out", str(tmp_path / "o"), "--config", str(y)])
+    assert r.exit_code == 2 and "nonsense" in r.output and "accepted keys" in r.output
