@@ -44,9 +44,35 @@ def require(module: str, *, purpose: str | None = None) -> ModuleType:
 
 
 def import_tensorflow() -> ModuleType:
-    """Import TensorFlow quietly (no INFO spam) and return it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return require("tensorflow", purpose="training and export")
+    """Import TensorFlow quietly and return it.
+
+    TensorFlow's C++ side logs oneDNN / missing-CUDA notices through absl *before* its
+    log level is read, straight to file descriptor 2. Those lines are noise for a CPU
+    user, so the first import runs with fd 2 pointed at /dev/null (Python exceptions
+    are unaffected: they are printed after the descriptor is restored). Set
+    ``TRANSFER_DEBUG=1`` or ``TF_CPP_MIN_LOG_LEVEL`` yourself to see them.
+    """
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    loud = os.environ.get("TRANSFER_DEBUG") == "1" or "TF_CPP_MIN_LOG_LEVEL" in os.environ
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if loud:
+        return require("tensorflow", purpose="training and export")
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        return require("tensorflow", purpose="training and export")
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        return require("tensorflow", purpose="training and export")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def import_keras() -> ModuleType:

@@ -18,7 +18,7 @@ import click
 from . import __version__
 from .errors import TransferError
 
-_COMMAND_MODULES = ("data", "models", "train", "analysis", "export", "runtime")
+_COMMAND_MODULES = ("data", "models", "train", "analysis", "explain", "export", "runtime")
 
 
 class TransferGroup(click.Group):
@@ -57,6 +57,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if debug:
+        os.environ["TRANSFER_DEBUG"] = "1"
 
 
 def _register() -> None:

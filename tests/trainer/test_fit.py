@@ -57,11 +57,33 @@ def test_frozen_batchnorm_statistics_unchanged(pattern_folder, tmp_path):
             changed_bn += not same
         if init == "scratch":
             assert any(not l.trainable for l in bns)
+            # without pretrained weights the BN statistics of the unfrozen part are learnt
+            assert changed_bn > 0
             # the trainable part did learn: some kernel differs from the shared init
             diffs = [not np.array_equal(a, b) for a, b in zip(ref.get_weights(), trained.get_weights())]
             assert any(diffs)
         else:
             assert changed_bn > 0  # random init trains BN (train_bn=True)
+
+
+def test_pretrained_start_keeps_every_batchnorm_frozen(pattern_folder, tmp_path):
+    """Starting from weights (a local file here, ImageNet online), BN layers stay in
+    inference mode even inside the trainable part (Keras transfer-learning guide)."""
+    from transfer.models.build import build_classifier, load_model
+
+    ref, _ = build_classifier("mobilenet_v2", input_shape=(32, 32, 3), weights="none", num_classes=3, seed=1)
+    wfile = tmp_path / "pre.weights.h5"
+    ref.save_weights(wfile)
+    cfg = load_config(None, base_overrides(
+        pattern_folder, tmp_path / "run", backbones="mobilenet_v2", trainable="0.3",
+        weights=str(wfile), image_size=32, epochs=1, lr=1e-3))
+    res = run_sweep(cfg, progress=lambda s: None)
+    assert res.ok, res.failed
+    trained = load_model(res.run_dir / "trials" / "mobilenet_v2-t030" / "model.keras")
+    start = {l.name: l.get_weights() for l in _bn_layers(ref)}
+    for l in _bn_layers(trained):
+        w = l.get_weights()
+        assert np.array_equal(w[2], start[l.name][2]) and np.array_equal(w[3], start[l.name][3]), l.name
 
 
 def test_bad_file_met_while_training(pattern_folder, tmp_path):

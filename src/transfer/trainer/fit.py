@@ -235,13 +235,32 @@ def _stages(cfg: TrainConfig, spec: TrialSpec) -> list[dict]:
             {"name": "finetune", "epochs": cfg.epochs, "fraction": spec.trainable,
              "lr": cfg.fine_tune_lr_for(lr), "train_bn": cfg.train_bn},
         ]
-    return [{"name": "main", "epochs": cfg.epochs, "fraction": spec.trainable, "lr": lr, "train_bn": cfg.train_bn}]
+    # Without pretrained weights the BatchNormalization statistics are the initial
+    # mean 0 / variance 1, not knowledge worth keeping: the unfrozen part learns them.
+    train_bn = cfg.train_bn or spec.init == "scratch"
+    return [{"name": "main", "epochs": cfg.epochs, "fraction": spec.trainable, "lr": lr, "train_bn": train_bn}]
+
+
+def _fast_bn_statistics(model, momentum: float = 0.9) -> None:
+    """Let BatchNormalization moving statistics catch up within a short run.
+
+    Keras applications use momentum 0.99 (MobileNetV2: 0.999). From random weights,
+    a few hundred steps then leave the moving mean / variance near their initial 0 / 1
+    and validation (inference mode) collapses to chance while training accuracy rises.
+    0.9 is PyTorch's default and converges in tens of steps.
+    """
+    keras = import_keras()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.momentum > momentum:
+            layer.momentum = momentum
 
 
 def _apply_stage(model, info, cfg: TrainConfig, spec: TrialSpec, stage: dict):
     from ..models.freeze import apply_freeze
 
     summary = apply_freeze(model, info, stage["fraction"], by=spec.freeze_by, train_bn=stage["train_bn"])
+    if spec.init in ("random", "scratch"):
+        _fast_bn_statistics(model)
     _compile(model, cfg, stage["lr"])  # recompile after every change of `trainable`
     return summary
 
