@@ -125,3 +125,15 @@ def test_unknown_yaml_key_cli(tmp_path):
     y.write_text("nonsense: 1\n")
     r = CliRunner().invoke(cli, ["train", "d", "--out", str(tmp_path / "o"), "--config", str(y)])
     assert r.exit_code == 2 and "nonsense" in r.output and "accepted keys" in r.output
+
+
+def test_imagenet_default_trains_small_cnns_from_scratch(tmp_path):
+    """--weights imagenet (the default) on a mixed sweep: the Keras application keeps
+    ImageNet, arc2/arc3 (no published weights) start from random weights."""
+    from transfer.trainer.sweep import plan_trials
+
+    cfg = load_config(None, {"data": str(tmp_path), "out": str(tmp_path / "r"),
+                             "backbones": "mobilenet_v2,arc2", "trainable": "0,1", "image_size": 32})
+    by = {(t.backbone, t.trainable): t for t in plan_trials(cfg)}
+    assert by[("mobilenet_v2", 0.0)].init == "pretrained" and by[("mobilenet_v2", 0.0)].weights == "imagenet"
+    assert by[("arc2", 0.0)].init == "scratch" and by[("arc2", 1.0)].weights == "none"

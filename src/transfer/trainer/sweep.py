@@ -76,10 +76,18 @@ def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
     """
     out: list[TrialSpec] = []
     folds = list(range(1, cfg.kfold + 1)) if cfg.kfold else [None]
-    init = "scratch" if cfg.weights == "none" else "pretrained"
+    from ..models.registry import get_backbone
+
     seen: set[str] = set()
     for bb in cfg.backbones:
         size = resolve_image_size(cfg, bb)
+        weights = cfg.weights
+        # "imagenet" means "the backbone's published weights where they exist": the
+        # small CNNs of the course reports (arc2, arc3) have none and start from scratch,
+        # so one command can sweep e.g. mobilenet_v2,arc2 (see pretrained_note()).
+        if weights == "imagenet" and not get_backbone(bb).pretrainable:
+            weights = "none"
+        init = "scratch" if weights == "none" else "pretrained"
         variants = [(float(t), False) for t in cfg.trainable]
         if cfg.random_init:
             variants.append((1.0, True))
@@ -91,7 +99,7 @@ def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
             for k in folds:
                 out.append(TrialSpec(
                     name=trial_name(bb, t, random_init=rnd, fold=k), group=group, fold=k, backbone=bb,
-                    init="random" if rnd else init, weights="none" if rnd else cfg.weights,
+                    init="random" if rnd else init, weights="none" if rnd else weights,
                     trainable=t, freeze_by=cfg.freeze_by, image_size=size,
                 ))
     return out
@@ -292,6 +300,10 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print) -
     data_root = Path(config.data).resolve()
     run_dir = Path(config.out)
     specs = plan_trials(config)  # validates backbones and sizes before any work
+    scratch = sorted({s.backbone for s in specs if config.weights == "imagenet" and s.init == "scratch"})
+    if scratch:
+        progress(f"note: {', '.join(scratch)} ha{'s' if len(scratch) == 1 else 've'} no ImageNet weights; "
+                 "trained from random weights")
     _check_existing(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
 
