@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make demo`: the main job end to end, offline, on the embedded digits data
+# (scikit-learn's 1,797 real 8x8 handwritten digits written as PNG class folders).
+# Every step is resumable: re-running the demo skips finished work.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=".venv/bin/transfer"
+OUT="${DEMO_DIR:-demo}"
+RUN="$OUT/runs/digits"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "1/3 embedded data -> $OUT/digits"
+if [ ! -f "$OUT/digits/.complete" ]; then
+    $T data digits "$OUT/digits" --force
+    touch "$OUT/digits/.complete"
+else
+    echo "already there"
+fi
+
+step "2/3 freeze sweep: mobilenet_v2 and arc2, trainable 0 / 30 % / 100 % + random init"
+$T train "$OUT/digits" --backbone mobilenet_v2,arc2 --trainable 0,0.3,1.0 --random-init \
+    --weights none --epochs 5 --image-size 32 --out "$RUN"
+
+step "3/3 summary"
+.venv/bin/python - "$RUN" <<'PY'
+import json, sys
+from transfer.runfolder import RunFolder
+run = RunFolder(sys.argv[1])
+best = run.trial("best")
+m = best.metrics
+acc = m["test"]["accuracy"]
+print(f"best trial {best.name}: test accuracy {acc:.4f} (bar: >= 0.95)")
+sys.exit(0 if acc >= 0.95 else 1)
+PY
