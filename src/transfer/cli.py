@@ -57,8 +57,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    if debug:
+    if debug and os.environ.get("TRANSFER_DEBUG") != "1":
+        # lets lazily imported libraries log loudly; undone when the command ends so
+        # in-process callers (tests, notebooks) do not inherit it
         os.environ["TRANSFER_DEBUG"] = "1"
+        ctx.call_on_close(lambda: os.environ.pop("TRANSFER_DEBUG", None))
 
 
 def _register() -> None:

@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)  # the only portable way to read the umask; set straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
@@ -26,6 +35,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            # mkstemp makes 0600 files; give the result the mode a plain open() would
+            os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -22,3 +22,16 @@ def test_sha256(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(b"abc" * 1000)
     assert sha256_file(p, chunk=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_atomic_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from transfer.fsutil import write_text_atomic
+
+    target = tmp_path / "report.md"
+    write_text_atomic(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
