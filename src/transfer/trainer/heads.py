@@ -1,0 +1,520 @@
+"""Classical scikit-learn heads on the cached pooled features of a trial (reports A, B, C).
+
+:func:`fit_heads` fits RandomForest / SVM / logistic regression (and k-NN) on the
+train features of :func:`transfer.trainer.features.extract_features` and compares them
+with the network's own softmax head on the same images, in one table
+(``RUN/heads/<trial>/heads.csv`` and ``heads.md``: accuracy per split, fit seconds,
+predict milliseconds per image).
+
+Every head is saved with what is needed to trust it later::
+
+    heads/<trial>/<head>.pkl     the pickled estimator (written atomically)
+    heads/<trial>/<head>.json    {"kind", "estimator", "sha256" (of the .pkl), "sklearn",
+                                  "feature_dim", "classes", "class_names", "trial", "params",
+                                  "model_sha256", "accuracy", "fit_seconds", "predict_ms_per_image",
+                                  "created"}
+
+:func:`load_head` checks the SHA-256 recorded in the JSON before unpickling (a pickle
+can run code), and :func:`ensure_head` returns a verified head or fits just that one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pickle
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, DataError, TransferError
+from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
+from .features import SPLITS, extract_features, load_split, open_run, resolve_trial, resolve_trials
+
+Progress = Callable[[str], None] | None
+
+
+class HeadIntegrityError(TransferError):
+    """A saved head does not match its JSON record (SHA-256), or its record is unreadable."""
+
+
+#: Head kinds, their defaults (make_head keyword arguments) and a short description.
+HEAD_KINDS: dict[str, dict[str, Any]] = {
+    "rf": {"n_estimators": 200, "max_depth": None, "min_samples_leaf": 1, "n_jobs": -1, "random_state": 0},
+    "svm": {"C": 1.0, "kernel": "rbf", "gamma": "scale", "random_state": 0},
+    "logreg": {"C": 1.0, "max_iter": 1000, "random_state": 0},
+    "knn": {"n_neighbors": 5, "weights": "uniform"},
+}
+DEFAULT_HEADS = ("rf", "svm", "logreg")
+_DESCRIPTION = {
+    "rf": "RandomForestClassifier",
+    "svm": "StandardScaler + SVC (calibrated probabilities)",
+    "logreg": "StandardScaler + LogisticRegression",
+    "knn": "StandardScaler + KNeighborsClassifier",
+}
+_SVM_KERNELS = ("rbf", "linear", "poly", "sigmoid")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _say(progress: Progress, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def check_kinds(heads: Iterable[str] | str) -> tuple[str, ...]:
+    """Validate head names (``"rf,svm"`` or a list); unknown names list the accepted ones.
+
+    Raises:
+        ConfigError: unknown or no head.
+    """
+    if isinstance(heads, str):
+        heads = heads.split(",")
+    out: list[str] = []
+    for h in heads:
+        h = str(h).strip().lower()
+        if not h:
+            continue
+        if h not in HEAD_KINDS:
+            raise ConfigError(f"unknown head {h!r}; accepted: {', '.join(HEAD_KINDS)}")
+        if h not in out:
+            out.append(h)
+    if not out:
+        raise ConfigError(f"no head given; accepted: {', '.join(HEAD_KINDS)}")
+    return tuple(out)
+
+
+def _positive(kind: str, name: str, v, *, integer: bool, allow_none: bool = False, minimum: float = 0.0):
+    if v is None and allow_none:
+        return None
+    ok = not isinstance(v, bool) and isinstance(v, (int, np.integer) if integer else (int, float, np.number))
+    if not ok or not np.isfinite(float(v)) or float(v) <= minimum:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{kind} head: {name} must be {what} > {minimum:g} (got {v!r})")
+    return int(v) if integer else float(v)
+
+
+def head_params(kind: str, params: dict | None = None) -> dict:
+    """Defaults of ``kind`` updated with ``params``, validated.
+
+    Raises:
+        ConfigError: unknown kind, unknown parameter (lists the accepted ones), bad value.
+    """
+    kind = check_kinds([kind])[0]
+    out = dict(HEAD_KINDS[kind])
+    params = dict(params or {})
+    unknown = [k for k in params if k not in out]
+    if unknown:
+        raise ConfigError(f"{kind} head: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                          f"accepted: {', '.join(out)}")
+    out.update(params)
+    if kind == "rf":
+        out["n_estimators"] = _positive(kind, "n_estimators (--rf-trees)", out["n_estimators"], integer=True)
+        out["max_depth"] = _positive(kind, "max_depth (--rf-depth)", out["max_depth"], integer=True, allow_none=True)
+        out["min_samples_leaf"] = _positive(kind, "min_samples_leaf", out["min_samples_leaf"], integer=True)
+        if out["n_jobs"] is not None and (isinstance(out["n_jobs"], bool) or not isinstance(out["n_jobs"], int)
+                                          or out["n_jobs"] == 0):
+            raise ConfigError(f"rf head: n_jobs must be a non-zero integer (-1 = all cores), got {out['n_jobs']!r}")
+    elif kind == "svm":
+        out["C"] = _positive(kind, "C (--svm-c)", out["C"], integer=False)
+        if out["kernel"] not in _SVM_KERNELS:
+            raise ConfigError(f"svm head: unknown kernel {out['kernel']!r}; accepted: {', '.join(_SVM_KERNELS)}")
+        g = out["gamma"]
+        if not (g in ("scale", "auto") or (isinstance(g, (int, float, np.number)) and not isinstance(g, bool)
+                                           and np.isfinite(float(g)) and float(g) > 0)):
+            raise ConfigError(f"svm head: gamma must be 'scale', 'auto' or a number > 0 (got {out['gamma']!r})")
+    elif kind == "logreg":
+        out["C"] = _positive(kind, "C (--logreg-c)", out["C"], integer=False)
+        out["max_iter"] = _positive(kind, "max_iter", out["max_iter"], integer=True)
+    elif kind == "knn":
+        out["n_neighbors"] = _positive(kind, "n_neighbors (--knn-k)", out["n_neighbors"], integer=True)
+        if out["weights"] not in ("uniform", "distance"):
+            raise ConfigError(f"knn head: weights must be 'uniform' or 'distance' (got {out['weights']!r})")
+    return out
+
+
+def make_head(kind: str, **params):
+    """An unfitted scikit-learn estimator for ``kind`` with sensible defaults.
+
+    Kinds: ``rf`` RandomForest (200 trees, all cores), ``svm`` StandardScaler + RBF SVC
+    with probabilities (``CalibratedClassifierCV(SVC(), ensemble=False)``, the
+    replacement scikit-learn 1.9 gives for the deprecated ``SVC(probability=True)``),
+    ``logreg`` StandardScaler + LogisticRegression, ``knn`` StandardScaler + k-NN.
+
+    Args:
+        kind: one of :data:`HEAD_KINDS`.
+        **params: overrides of :data:`HEAD_KINDS` ``[kind]`` (e.g. ``n_estimators=500``, ``C=10``).
+
+    Returns:
+        An estimator with ``fit`` / ``predict`` / ``predict_proba``.
+
+    Raises:
+        ConfigError: unknown kind or parameter, bad value.
+
+    Example:
+        >>> make_head("rf", n_estimators=50).n_estimators
+        50
+    """
+    p = head_params(kind, params)
+    kind = check_kinds([kind])[0]
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if kind == "rf":
+        from sklearn.ensemble import RandomForestClassifier
+
+        return RandomForestClassifier(**p)
+    if kind == "svm":
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.svm import SVC
+
+        svc = SVC(C=p["C"], kernel=p["kernel"], gamma=p["gamma"], random_state=p["random_state"])
+        return Pipeline([("scale", StandardScaler()), ("svm", CalibratedClassifierCV(svc, ensemble=False))])
+    if kind == "logreg":
+        from sklearn.linear_model import LogisticRegression
+
+        return Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(**p))])
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return Pipeline([("scale", StandardScaler()), ("knn", KNeighborsClassifier(**p))])
+
+
+# --------------------------------------------------------------------------- saving / loading
+
+
+def heads_dir(run, trial_name: str) -> Path:
+    return open_run(run).path / "heads" / trial_name
+
+
+def _sklearn_version() -> str:
+    import sklearn
+
+    return sklearn.__version__
+
+
+def verify_head(pkl: str | os.PathLike) -> dict:
+    """Check a head's ``.pkl`` against the SHA-256 in its ``.json``; returns the JSON record.
+
+    Raises:
+        HeadIntegrityError: missing file / record, unreadable record, or SHA-256 mismatch.
+    """
+    pkl = Path(pkl)
+    if pkl.suffix == ".json":
+        pkl = pkl.with_suffix(".pkl")
+    js = pkl.with_suffix(".json")
+    if not pkl.is_file():
+        raise HeadIntegrityError(f"head file not found: {pkl}", hint="fit it with `transfer heads RUN --head NAME`")
+    if not js.is_file():
+        raise HeadIntegrityError(
+            f"{pkl} has no record {js.name} (SHA-256, scikit-learn version, classes); refusing to unpickle it",
+            hint="re-fit the head with `transfer heads RUN --head NAME`",
+        )
+    try:
+        meta = read_json(js)
+        want = meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HeadIntegrityError(f"the head record {js} is unreadable or has no sha256: {exc}",
+                                 hint="re-fit the head with `transfer heads RUN --head NAME`") from exc
+    got = sha256_file(pkl)
+    if got != want:
+        raise HeadIntegrityError(
+            f"{pkl} has been modified: its SHA-256 is {got}, the record {js.name} says {want}; "
+            "refusing to unpickle it (a pickle can run code)",
+            hint="delete it and re-fit with `transfer heads RUN --head NAME`",
+        )
+    return meta
+
+
+def load_head(path: str | os.PathLike) -> tuple[Any, dict]:
+    """Load a saved head after checking its SHA-256 against its JSON record.
+
+    Args:
+        path: ``heads/<trial>/<head>.pkl`` (or its ``.json``).
+
+    Returns:
+        ``(estimator, record)``.
+
+    Raises:
+        HeadIntegrityError: see :func:`verify_head`, or the pickle cannot be read.
+
+    Example:
+        >>> est, meta = load_head("runs/digits/heads/arc2-t100/rf.pkl")  # doctest: +SKIP
+        >>> est.predict_proba(X).shape[1] == len(meta["classes"])       # doctest: +SKIP
+        True
+    """
+    pkl = Path(path)
+    if pkl.suffix == ".json":
+        pkl = pkl.with_suffix(".pkl")
+    meta = verify_head(pkl)
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # version warnings: the record names the version
+            with open(pkl, "rb") as f:
+                est = pickle.load(f)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken artifact
+        raise HeadIntegrityError(f"cannot unpickle {pkl}: {exc}",
+                                 hint=f"it was saved with scikit-learn {meta.get('sklearn')}; re-fit the head") from exc
+    return est, meta
+
+
+def _accuracy(est, X, y) -> tuple[float | None, float | None]:
+    """(accuracy, seconds of predict) on (X, y); None for an empty split."""
+    if len(y) == 0:
+        return None, None
+    t0 = time.perf_counter()
+    pred = est.predict(X)
+    sec = time.perf_counter() - t0
+    return float(np.mean(pred == y)), sec
+
+
+def _fit_one(kind: str, params: dict, data: dict, *, trial: str, class_names: list[str], model_sha: str,
+             folder: Path, progress: Progress) -> dict:
+    p = head_params(kind, params)
+    est = make_head(kind, **p)
+    Xtr = np.asarray(data["train"]["X"], dtype=np.float32)
+    ytr = data["train"]["y"]
+    C = len(class_names)
+    present = set(np.unique(ytr).tolist())
+    missing = [class_names[c] for c in range(C) if c not in present]
+    if missing:
+        raise DataError(
+            f"the train split of trial {trial} has no image of class(es) {', '.join(missing)}; "
+            "a head fitted on it could not predict them",
+            hint="re-split the data so every class has training images",
+        )
+    _say(progress, f"heads {trial}: fitting {kind} on {len(ytr)} x {Xtr.shape[1]} features")
+    t0 = time.perf_counter()
+    try:
+        est.fit(Xtr, ytr)
+    except ValueError as exc:
+        raise ConfigError(f"{kind} head cannot be fitted with {p}: {exc}") from exc
+    fit_seconds = time.perf_counter() - t0
+    acc: dict[str, float | None] = {}
+    timing: tuple[float, int] | None = None
+    for s in SPLITS:
+        X = np.asarray(data[s]["X"], dtype=np.float32)
+        a, sec = _accuracy(est, X, data[s]["y"])
+        acc[s] = a
+        if sec is not None and (s == "test" or timing is None):
+            timing = (sec, len(X))
+    ms = 1000.0 * timing[0] / timing[1] if timing else None
+    pkl = folder / f"{kind}.pkl"
+    with atomic_path(pkl, suffix=".pkl") as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump(est, f, protocol=pickle.HIGHEST_PROTOCOL)
+    record = {
+        "kind": kind,
+        "estimator": type(est).__name__,
+        "description": _DESCRIPTION[kind],
+        "sha256": sha256_file(pkl),
+        "sklearn": _sklearn_version(),
+        "feature_dim": int(Xtr.shape[1]),
+        "classes": [int(c) for c in est.classes_],
+        "class_names": list(class_names),
+        "trial": trial,
+        "params": p,
+        "model_sha256": model_sha,
+        "accuracy": acc,
+        "fit_seconds": fit_seconds,
+        "predict_ms_per_image": ms,
+        "train_images": int(len(ytr)),
+        "created": _now(),
+    }
+    write_json_atomic(folder / f"{kind}.json", record)
+    _say(progress, f"heads {trial}: {kind} test accuracy {_fmt(acc['test'])} (fit {fit_seconds:.2f} s)")
+    return record
+
+
+def _load_data(rf, trial: str, progress: Progress) -> dict:
+    extract_features(rf, trial, SPLITS, progress=progress)
+    return {s: load_split(rf, trial, s) for s in SPLITS}
+
+
+def _network_row(rf, t, data: dict) -> dict:
+    acc = {}
+    for s in SPLITS:
+        y = data[s]["y"]
+        acc[s] = float(np.mean(np.argmax(np.asarray(data[s]["probs"]), axis=1) == y)) if len(y) else None
+    meta = data["test"]["meta"] or {}
+    ms = None
+    for s in ("test", "val", "train"):
+        ms = ((meta.get("splits") or {}).get(s) or {}).get("ms_per_image")
+        if ms is not None:
+            break
+    try:
+        m = t.metrics
+        fit_s = float(m["seconds_per_epoch"]) * int(m["epochs_run"]) if m.get("seconds_per_epoch") else None
+    except (KeyError, TypeError, ValueError):
+        fit_s = None
+    return {"trial": t.name, "head": "network", "estimator": "softmax (Keras, trained end to end)",
+            "train_accuracy": acc["train"], "val_accuracy": acc["val"], "test_accuracy": acc["test"],
+            "fit_seconds": fit_s, "predict_ms_per_image": ms, "path": str(t.model_path)}
+
+
+def _row(record: dict, path: Path) -> dict:
+    acc = record.get("accuracy") or {}
+    return {"trial": record["trial"], "head": record["kind"], "estimator": record.get("description", record["estimator"]),
+            "train_accuracy": acc.get("train"), "val_accuracy": acc.get("val"), "test_accuracy": acc.get("test"),
+            "fit_seconds": record.get("fit_seconds"), "predict_ms_per_image": record.get("predict_ms_per_image"),
+            "path": str(path)}
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+TABLE_COLUMNS = ("head", "estimator", "train_accuracy", "val_accuracy", "test_accuracy", "fit_seconds",
+                 "predict_ms_per_image")
+
+
+def render_table(rows: Sequence[dict]) -> str:
+    """Markdown table of head rows (report A, table 3)."""
+    head = "| head | estimator | train acc | val acc | test acc | fit s | predict ms/img |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['head']} | {r['estimator']} | {_fmt(r['train_accuracy'])} | {_fmt(r['val_accuracy'])} | "
+                     f"{_fmt(r['test_accuracy'])} | {_fmt(r['fit_seconds'], 2)} | {_fmt(r['predict_ms_per_image'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_table(rf, t, data: dict, folder: Path, model_sha: str) -> list[dict]:
+    """Rebuild heads.csv / heads.md from the network row and every valid head record of the trial."""
+    rows = [_network_row(rf, t, data)]
+    for kind in HEAD_KINDS:
+        js = folder / f"{kind}.json"
+        if not js.is_file() or not (folder / f"{kind}.pkl").is_file():
+            continue
+        try:
+            rec = read_json(js)
+        except (OSError, ValueError):
+            continue
+        if rec.get("model_sha256") != model_sha or "accuracy" not in rec:
+            continue  # fitted on features of an older model
+        rows.append(_row(rec, folder / f"{kind}.pkl"))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(TABLE_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r[c] is None else round(r[c], 6) if isinstance(r[c], float) else r[c]
+                    for c in TABLE_COLUMNS])
+    write_text_atomic(folder / "heads.csv", buf.getvalue())
+    md = (f"# Heads on the features of {t.name}\n\n" + render_table(rows) +
+          "\nAccuracy on the run's train / val / test splits. `network` is the model's own softmax; "
+          "its fit time is the training time and its predict time is the whole model's forward pass. "
+          "The classical heads' predict time is on the cached features (add the network's forward pass "
+          "for images).\n")
+    write_text_atomic(folder / "heads.md", md)
+    return rows
+
+
+def fit_heads(
+    run,
+    trial: str = "best",
+    heads: Sequence[str] | str = DEFAULT_HEADS,
+    params: dict[str, dict] | None = None,
+    progress: Progress = None,
+) -> list[dict]:
+    """Fit classical heads on a trial's features and compare them with the network's head.
+
+    Args:
+        run: run folder path or :class:`~transfer.runfolder.RunFolder`.
+        trial: ``"best"``, ``"all"`` or trial name(s).
+        heads: kinds from :data:`HEAD_KINDS` (``"rf,svm"`` or a list).
+        params: per-kind overrides, e.g. ``{"rf": {"n_estimators": 500}, "svm": {"C": 10}}``.
+        progress: called with progress lines.
+
+    Returns:
+        Table rows (dicts with ``trial``, ``head``, ``estimator``, ``train_accuracy``,
+        ``val_accuracy``, ``test_accuracy``, ``fit_seconds``, ``predict_ms_per_image``,
+        ``path``), the ``network`` row first for every trial.
+
+    Raises:
+        RunFolderError: missing / incomplete run, unknown or unfinished trial.
+        ConfigError: unknown head or parameter.
+        DataError: a class has no training image.
+
+    Example:
+        >>> rows = fit_heads("runs/digits", "best", ("rf", "logreg"), {"rf": {"n_estimators": 100}})  # doctest: +SKIP
+        >>> [r["head"] for r in rows]
+        ['network', 'rf', 'logreg']
+    """
+    kinds = check_kinds(heads)
+    params = dict(params or {})
+    for k in params:
+        if k not in HEAD_KINDS:
+            raise ConfigError(f"parameters given for unknown head {k!r}; accepted: {', '.join(HEAD_KINDS)}")
+    for k in kinds:  # validate every option before any work
+        head_params(k, params.get(k))
+    rf = open_run(run)
+    out: list[dict] = []
+    for t in resolve_trials(rf, trial):
+        data = _load_data(rf, t.name, progress)
+        model_sha = data["test"]["meta"]["model_sha256"]
+        folder = heads_dir(rf, t.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in kinds:
+            _fit_one(k, params.get(k) or {}, data, trial=t.name, class_names=rf.class_names, model_sha=model_sha,
+                     folder=folder, progress=progress)
+        rows = _write_table(rf, t, data, folder, model_sha)
+        # the table holds every valid head of the trial; return the network + the heads asked for
+        out.extend(r for r in rows if r["head"] == "network" or r["head"] in kinds)
+    return out
+
+
+def ensure_head(run, trial: str, head: str, *, progress: Progress = None) -> tuple[Path, dict]:
+    """A verified saved head of a trial, fitting it (with default parameters) when absent or stale.
+
+    An existing head is checked against its record (SHA-256) and refused when it was
+    modified; it is re-fitted when it was fitted on the features of an older model or
+    with another scikit-learn version.
+
+    Args:
+        run: run folder path or :class:`~transfer.runfolder.RunFolder`.
+        trial: ``"best"`` or a trial name.
+        head: one kind of :data:`HEAD_KINDS`.
+
+    Returns:
+        ``(path of the .pkl, its JSON record)``.
+
+    Raises:
+        HeadIntegrityError: the saved head does not match its recorded SHA-256.
+        RunFolderError / ConfigError / DataError: as :func:`fit_heads`.
+
+    Example:
+        >>> pkl, meta = ensure_head("runs/digits", "best", "rf")  # doctest: +SKIP
+        >>> meta["feature_dim"], meta["classes"]
+        (1280, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
+    kind = check_kinds([head])[0]
+    if isinstance(head, str) and "," in head:
+        raise ConfigError(f"one head is needed here, got {head!r}")
+    rf = open_run(run)
+    t = resolve_trial(rf, trial)
+    folder = heads_dir(rf, t.name)
+    pkl, js = folder / f"{kind}.pkl", folder / f"{kind}.json"
+    model_sha = sha256_file(t.model_path)
+    if pkl.is_file() and js.is_file():
+        meta = verify_head(pkl)  # raises on tampering
+        if meta.get("model_sha256") == model_sha and meta.get("sklearn") == _sklearn_version():
+            return pkl, meta
+        _say(progress, f"heads {t.name}: saved {kind} head is stale (model or scikit-learn changed); re-fitting")
+    data = _load_data(rf, t.name, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = _fit_one(kind, {}, data, trial=t.name, class_names=rf.class_names,
+                    model_sha=data["test"]["meta"]["model_sha256"], folder=folder, progress=progress)
+    _write_table(rf, t, data, folder, meta["model_sha256"])
+    return pkl, meta
+
+
+__all__ = ["HEAD_KINDS", "DEFAULT_HEADS", "HeadIntegrityError", "make_head", "head_params", "check_kinds",
+           "fit_heads", "ensure_head", "load_head", "verify_head", "render_table"]
