@@ -21,7 +21,16 @@ step "2/3 freeze sweep: mobilenet_v2 and arc2, trainable 0 / 30 % / 100 % + rand
 $T train "$OUT/digits" --backbone mobilenet_v2,arc2 --trainable 0,0.3,1.0 --random-init \
     --weights none --epochs 5 --image-size 32 --out "$RUN"
 
-step "3/3 summary"
+step "3/N classical heads on the learned features (network vs RF / SVM / logistic regression)"
+$T heads "$RUN" --head rf,svm,logreg
+
+step "4/N per-class metrics, confusion matrix, sample grids"
+$T evaluate "$RUN"
+
+step "5/N learned features in 2-D"
+$T features "$RUN" --plot pca,tsne
+
+step "N/N summary"
 .venv/bin/python - "$RUN" <<'PY'
 import json, sys
 from transfer.runfolder import RunFolder
