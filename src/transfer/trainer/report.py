@@ -1,0 +1,461 @@
+"""One page per run: ``RUN/report.html`` (self-contained) and ``RUN/report.md``.
+
+The report gathers what the other commands wrote into the run folder -- nothing is
+recomputed -- so it is quick and never needs TensorFlow:
+
+============================  =========================================  ==============================
+section                       files read                                  made by
+============================  =========================================  ==============================
+dataset                       dataset.json, bad_files.csv                 ``transfer train``
+sweep table                   sweep.csv (sweep.md), best.json             ``transfer train``
+training curves               trials/<t>/curves.png                       ``transfer train``
+classical heads               heads/<t>/heads.csv                         ``transfer heads RUN``
+per-class metrics             evaluate/<t>/{metrics.json, per_class.csv,  ``transfer evaluate RUN``
+                              confusion.png, samples.png, wrong.png}
+Grad-CAM                      gradcam/<t>/faithfulness.json,              ``transfer gradcam RUN``
+                              gradcam/<t>/<method>/grid.png
+feature plots                 plots/<t>/features_{pca,tsne}.png           ``transfer features RUN``
+resolution                    resolution/{totv,tvtv}{.csv,.png,           ``transfer resolution RUN``
+                              _per_class.csv}
+============================  =========================================  ==============================
+
+A section whose files are missing says which command makes them. The HTML embeds its
+images as base64 ``data:`` URIs and its CSS inline: one file to open, mail or archive.
+The Markdown links the images by their path relative to the run folder.
+
+Example:
+    >>> from transfer.trainer.report import write_report
+    >>> paths = write_report("runs/digits")    # doctest: +SKIP
+    >>> paths["html"]                            # doctest: +SKIP
+    PosixPath('runs/digits/report.html')
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import RunFolderError
+from ..fsutil import read_json, write_text_atomic
+
+#: Rows shown of a long table before the rest is folded away.
+MAX_ROWS = 60
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Helvetica,Arial,sans-serif;margin:0;
+ background:#f4f5f7;color:#1d2330;line-height:1.45;font-size:15px}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px;background:#fff;min-height:100vh;
+ box-shadow:0 0 12px rgba(0,0,0,.06)}
+h1{font-size:26px;margin:4px 0 4px}h2{font-size:20px;margin:34px 0 10px;padding-bottom:4px;
+ border-bottom:2px solid #e3e6ec}h3{font-size:16px;margin:20px 0 8px;color:#334}
+.sub{color:#667;font-size:13px;margin-bottom:14px}
+nav{background:#f7f8fa;border:1px solid #e3e6ec;border-radius:6px;padding:8px 14px;font-size:14px}
+nav a{margin-right:14px;white-space:nowrap;color:#2456a6;text-decoration:none}
+nav .missing{color:#999}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px;max-width:100%;display:block;overflow-x:auto}
+th,td{border:1px solid #dde1e8;padding:4px 9px;text-align:left;white-space:nowrap}
+th{background:#eef1f6;font-weight:600}.n{text-align:right;font-variant-numeric:tabular-nums}
+tr:nth-child(even) td{background:#fafbfc}
+.kv td{text-align:left}.kv td:first-child{color:#556;font-weight:600}
+figure{margin:8px 0 16px}figure img{max-width:100%;height:auto;border:1px solid #e3e6ec;border-radius:4px}
+figcaption{font-size:12.5px;color:#556;margin-top:2px}
+.grid{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}.grid figure{flex:1 1 440px;max-width:560px;margin:0}
+.missing-box{background:#fff8e6;border:1px solid #f0d9a0;border-radius:6px;padding:8px 12px;
+ color:#6b5310;font-size:14px}
+code{background:#f1f3f6;padding:1px 5px;border-radius:3px;font-size:13px}
+details summary{cursor:pointer;color:#2456a6;font-size:13px;margin:4px 0}
+.note{font-size:13px;color:#556}
+"""
+
+
+@dataclass
+class Section:
+    """One part of the report, in HTML and Markdown."""
+
+    key: str
+    title: str
+    html: list[str] = field(default_factory=list)
+    md: list[str] = field(default_factory=list)
+    present: bool = False
+
+    def missing(self, what: str, command: str) -> None:
+        self.html.append(f'<p class="missing-box">{html.escape(what)} - run <code>{html.escape(command)}</code>'
+                         " to make this section.</p>")
+        self.md.append(f"*{what}* - run `{command}` to make this section.\n")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return [], []
+    return rows[0], rows[1:]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _cell(v: str) -> str:
+    """Numbers with many digits from CSV files are shortened to 4 decimals."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    if "." in v and len(v.split(".")[1]) > 4 and abs(f) < 1e6:
+        return f"{f:.4f}"
+    return v
+
+
+def _is_num(text: str) -> bool:
+    try:
+        float(text.replace(",", "").split(" ")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _html_table(header, rows, *, cls: str = "") -> str:
+    texts = [[_cell(str(c)) for c in r] for r in rows]
+    width = max([len(header)] + [len(r) for r in texts]) if (header or texts) else 0
+    numeric = [i > 0 and any(i < len(r) and r[i] != "" for r in texts)
+               and all(_is_num(r[i]) for r in texts if i < len(r) and r[i] != "") for i in range(width)]
+
+    def tr(cells, tag):
+        num = ' class="n"'
+        return "<tr>" + "".join(
+            f"<{tag}{num if i < width and numeric[i] else ''}>{html.escape(c)}</{tag}>"
+            for i, c in enumerate(cells)) + "</tr>"
+
+    head = tr([str(h) for h in header], "th") if header else ""
+    body = [tr(r, "td") for r in texts]
+    cls_attr = f' class="{cls}"' if cls else ""
+    if len(body) > MAX_ROWS:
+        first = f"<table{cls_attr}>{head}{''.join(body[:MAX_ROWS])}</table>"
+        rest = f"<table{cls_attr}>{head}{''.join(body[MAX_ROWS:])}</table>"
+        return first + f"<details><summary>{len(body) - MAX_ROWS} more rows</summary>{rest}</details>"
+    return f"<table{cls_attr}>{head}{''.join(body)}</table>"
+
+
+def _md_table(header, rows) -> str:
+    def esc(v):
+        return _cell(str(v)).replace("|", "\\|")
+
+    if not header:
+        return ""
+    out = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _img(path: Path, run: Path, caption: str) -> tuple[str, str]:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+    h = (f'<figure><img alt="{html.escape(caption)}" src="data:{mime};base64,{data}">'
+         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    rel = os.path.relpath(path, run).replace(os.sep, "/")
+    return h, f"![{caption}]({rel})\n"
+
+
+def _images(sec: Section, items: list[tuple[Path, str]], run: Path, *, grid: bool = True) -> None:
+    hs = []
+    for p, cap in items:
+        h, m = _img(p, run, cap)
+        hs.append(h)
+        sec.md.append(m)
+    if hs:
+        sec.html.append(('<div class="grid">' + "".join(hs) + "</div>") if grid and len(hs) > 1 else "".join(hs))
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(d for d in path.iterdir() if d.is_dir()) if path.is_dir() else []
+
+
+def _safe_json(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _dataset(run: Path) -> Section:
+    sec = Section("dataset", "Dataset")
+    ds = _safe_json(run / "dataset.json")
+    if not isinstance(ds, dict):
+        sec.missing("dataset.json is missing or unreadable", f"transfer train DATA --out {run}")
+        return sec
+    sec.present = True
+    names = ds.get("class_names", [])
+    shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+    counts = ds.get("counts", {})
+    split = ds.get("split", {})
+    bad_rows: list[list[str]] = []
+    if (run / "bad_files.csv").is_file():
+        _, bad_rows = _read_csv(run / "bad_files.csv")
+    n_bad = ds.get("num_bad", len(bad_rows))
+    kv = [
+        ("data folder", ds.get("root", "?")),
+        ("classes", f"{len(names)}: {shown}"),
+        ("images", f"{ds.get('num_images', '?')} readable"),
+        ("split", f"{split.get('method', '?')} (val {split.get('val')}, test {split.get('test')}, seed "
+                  f"{split.get('seed')}" + (f", {split['kfold']} folds" if split.get("kfold") else "") + ")"),
+        ("train / val / test", " / ".join(str(counts.get(k, "?")) for k in ("train", "val", "test"))),
+        ("bad files", f"{max(int(n_bad or 0), len(bad_rows))} (bad_files.csv)"),
+    ]
+    sec.html.append(_html_table([], kv, cls="kv"))
+    sec.md.append(_md_table(["", ""], kv))
+    if bad_rows:
+        sec.html.append("<details><summary>bad files</summary>"
+                        + _html_table(["path", "reason"], bad_rows[:200]) + "</details>")
+        sec.md.append(_md_table(["path", "reason"], bad_rows[:20]))
+    return sec
+
+
+def _sweep(run: Path) -> Section:
+    sec = Section("sweep", "Freeze sweep")
+    if not (run / "sweep.csv").is_file():
+        sec.missing("no sweep table (sweep.csv)", f"transfer train DATA --out {run}")
+        return sec
+    sec.present = True
+    header, rows = _read_csv(run / "sweep.csv")
+    sec.html.append(_html_table(header, rows))
+    sec.md.append(_md_table(header, rows))
+    best = _safe_json(run / "best.json")
+    if isinstance(best, dict) and best.get("trial"):
+        line = f"Best trial: {best['trial']} ({best.get('metric', 'val_accuracy')} {_fmt(best.get('value'))}"
+        if best.get("test_accuracy") is not None:
+            line += f", test accuracy {_fmt(best['test_accuracy'])}"
+        line += ")."
+        sec.html.append(f'<p class="note">{html.escape(line)}</p>')
+        sec.md.append(line + "\n")
+    return sec
+
+
+def _curves(run: Path) -> Section:
+    sec = Section("curves", "Training curves")
+    items = [(d / "curves.png", d.name) for d in _subdirs(run / "trials") if (d / "curves.png").is_file()]
+    if not items:
+        sec.missing("no training curves (trials/<trial>/curves.png)", f"transfer train DATA --out {run}")
+        return sec
+    sec.present = True
+    _images(sec, items, run)
+    return sec
+
+
+def _heads(run: Path) -> Section:
+    sec = Section("heads", "Classical heads on learned features")
+    found = [d for d in _subdirs(run / "heads") if (d / "heads.csv").is_file()]
+    if not found:
+        sec.missing("no classical-head comparison (heads/<trial>/heads.csv)", f"transfer heads {run}")
+        return sec
+    sec.present = True
+    for d in found:
+        header, rows = _read_csv(d / "heads.csv")
+        sec.html.append(f"<h3>{html.escape(d.name)}</h3>" + _html_table(header, rows))
+        sec.md.append(f"### {d.name}\n\n" + _md_table(header, rows))
+    return sec
+
+
+def _metrics_summary(sec: Section, m: dict, *, averages: bool = True) -> None:
+    """Top-level scalars as one line; averages (dicts such as macro / weighted) as one small table."""
+    skip = {"trial", "outputs", "class_names", "per_class"}
+    line = ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()
+                     if k not in skip and not isinstance(v, (dict, list)))
+    if line:
+        sec.html.append(f'<p class="note">{html.escape(line)}</p>')
+        sec.md.append(line + "\n")
+    avgs = {k: v for k, v in m.items() if k not in skip and isinstance(v, dict)
+            and v and all(not isinstance(x, (dict, list)) for x in v.values())}
+    if avgs and averages:
+        cols: list[str] = []
+        for v in avgs.values():
+            cols += [c for c in v if c not in cols]
+        rows = [[k] + [_fmt(v.get(c, "")) for c in cols] for k, v in avgs.items()]
+        sec.html.append(_html_table(["average"] + cols, rows))
+        sec.md.append(_md_table(["average"] + cols, rows))
+
+
+def _evaluate(run: Path) -> Section:
+    sec = Section("evaluate", "Per-class metrics and confusion matrix")
+    found = [d for d in _subdirs(run / "evaluate")
+             if any((d / f).is_file() for f in ("metrics.json", "per_class.csv", "confusion.png"))]
+    if not found:
+        sec.missing("no evaluation (evaluate/<trial>/)", f"transfer evaluate {run}")
+        return sec
+    sec.present = True
+    for d in found:
+        sec.html.append(f"<h3>{html.escape(d.name)}</h3>")
+        sec.md.append(f"### {d.name}\n")
+        m = _safe_json(d / "metrics.json") if (d / "metrics.json").is_file() else None
+        if isinstance(m, dict):
+            _metrics_summary(sec, m, averages=not (d / "per_class.csv").is_file())
+        if (d / "per_class.csv").is_file():
+            header, rows = _read_csv(d / "per_class.csv")
+            sec.html.append(_html_table(header, rows))
+            sec.md.append(_md_table(header, rows))
+        else:
+            sec.html.append('<p class="note">per_class.csv missing</p>')
+        pics = [(d / f, f"{d.name}: {cap}") for f, cap in (
+            ("confusion.png", "confusion matrix"), ("samples.png", "random test images: predicted / true"),
+            ("wrong.png", "most confidently wrong")) if (d / f).is_file()]
+        _images(sec, pics, run)
+    return sec
+
+
+def _gradcam(run: Path) -> Section:
+    sec = Section("gradcam", "Grad-CAM")
+    found = [d for d in _subdirs(run / "gradcam")
+             if (d / "faithfulness.json").is_file() or any((m / "grid.png").is_file() for m in _subdirs(d))]
+    if not found:
+        sec.missing("no Grad-CAM maps (gradcam/<trial>/)", f"transfer gradcam {run} --method gradcam,gradcam++")
+        return sec
+    sec.present = True
+    from .gradcam import METHODS, faithfulness_table
+
+    for d in found:
+        sec.html.append(f"<h3>{html.escape(d.name)}</h3>")
+        sec.md.append(f"### {d.name}\n")
+        faith = _safe_json(d / "faithfulness.json") if (d / "faithfulness.json").is_file() else None
+        if isinstance(faith, dict) and faith:
+            try:
+                md = faithfulness_table(faith, markdown=True)
+                lines = [ln for ln in md.strip().splitlines() if ln.strip()]
+                header = [c.strip() for c in lines[0].strip("|").split("|")]
+                rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+                first = next(iter(faith.values()))
+                note = (f"Faithfulness: mean drop of the explained class's probability when the most "
+                        f"highlighted share of pixels is set to the image's {first.get('baseline', 'mean')} colour "
+                        f"(cam) vs the same share of random pixels (random); higher cam than random = the map "
+                        f"points at evidence the model uses. Layer {first.get('layer', '?')}.")
+                sec.html.append(f'<p class="note">{html.escape(note)}</p>' + _html_table(header, rows))
+                sec.md.append(note + "\n\n" + md)
+            except (KeyError, TypeError, ValueError, StopIteration):
+                sec.html.append('<p class="note">faithfulness.json unreadable</p>')
+        methods = [m for m in _subdirs(d) if (m / "grid.png").is_file()]
+        methods.sort(key=lambda p: METHODS.index(p.name) if p.name in METHODS else 99)
+        for m in methods:  # full width: the captions of the cells stay legible
+            _images(sec, [(m / "grid.png", f"{d.name}: {m.name}")], run, grid=False)
+    return sec
+
+
+def _features(run: Path) -> Section:
+    sec = Section("features", "Learned features")
+    items = []
+    for d in _subdirs(run / "plots"):
+        for kind in ("pca", "tsne"):
+            p = d / f"features_{kind}.png"
+            if p.is_file():
+                items.append((p, f"{d.name}: {kind.upper() if kind == 'pca' else 't-SNE'} of the features"))
+    if not items:
+        sec.missing("no feature plot (plots/<trial>/features_pca.png)", f"transfer features {run} --plot pca")
+        return sec
+    sec.present = True
+    _images(sec, items, run)
+    return sec
+
+
+def _resolution(run: Path) -> Section:
+    sec = Section("resolution", "Resolution study")
+    d = run / "resolution"
+    modes = [m for m in ("totv", "tvtv") if (d / f"{m}.csv").is_file()]
+    if not modes:
+        sec.missing("no resolution study (resolution/totv.csv)",
+                    f"transfer resolution {run} --sizes 32,16,8 --mode totv")
+        return sec
+    sec.present = True
+    labels = {"totv": "TOTV: trained once, tested on images reduced to each size",
+              "tvtv": "TVTV: trained and tested at each size"}
+    for m in modes:
+        info = _safe_json(d / f"{m}.json") or {}
+        title = labels[m] + (f" (trial {info['trial']})" if info.get("trial") else "")
+        header, rows = _read_csv(d / f"{m}.csv")
+        sec.html.append(f"<h3>{html.escape(title)}</h3>" + _html_table(header, rows))
+        sec.md.append(f"### {title}\n\n" + _md_table(header, rows))
+        if (d / f"{m}_per_class.csv").is_file():
+            ph, pr = _read_csv(d / f"{m}_per_class.csv")
+            sec.html.append("<details><summary>per class</summary>" + _html_table(ph, pr) + "</details>")
+        if (d / f"{m}.png").is_file():
+            _images(sec, [(d / f"{m}.png", title)], run, grid=False)
+    if (d / "compare.csv").is_file():
+        header, rows = _read_csv(d / "compare.csv")
+        sec.html.append("<h3>TOTV vs TVTV</h3>" + _html_table(header, rows))
+        sec.md.append("### TOTV vs TVTV\n\n" + _md_table(header, rows))
+        if (d / "compare.png").is_file():
+            _images(sec, [(d / "compare.png", "TOTV vs TVTV")], run, grid=False)
+    elif len(modes) == 1:
+        other = "tvtv" if modes[0] == "totv" else "totv"
+        sec.html.append(f'<p class="note">Run <code>transfer resolution {html.escape(str(run))} --mode {other}</code> '
+                        "as well to compare TOTV with TVTV.</p>")
+        sec.md.append(f"Run `transfer resolution {run} --mode {other}` as well to compare TOTV with TVTV.\n")
+    return sec
+
+
+# --------------------------------------------------------------------------- page
+
+
+def build_sections(run_dir: str | os.PathLike) -> list[Section]:
+    """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
+    run = Path(run_dir)
+    return [_dataset(run), _sweep(run), _curves(run), _heads(run), _evaluate(run), _gradcam(run),
+            _features(run), _resolution(run)]
+
+
+def write_report(run_dir: str | os.PathLike) -> dict:
+    """Write ``RUN/report.html`` (self-contained) and ``RUN/report.md``.
+
+    Args:
+        run_dir: a run folder written by ``transfer train``.
+
+    Returns:
+        ``{"html": Path, "md": Path, "present": [section keys], "missing": [section keys]}``.
+
+    Raises:
+        RunFolderError: the folder is missing or not a (complete) run folder.
+
+    Example:
+        >>> write_report("runs/digits")["missing"]   # doctest: +SKIP
+        ['heads', 'resolution']
+    """
+    from ..runfolder import RunFolder
+
+    rf = RunFolder(run_dir)  # names what is missing
+    run = rf.path
+    info = rf.info
+    secs = build_sections(run)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"transfer run report: {run.resolve().name}"
+    sub = (f"run {html.escape(str(run.resolve()))} &middot; created {html.escape(str(info.get('created', '?')))} "
+           f"&middot; transfer {html.escape(str(info.get('transfer_version', '?')))} &middot; report {now}")
+    nav = " ".join(
+        f'<a href="#{s.key}"' + ("" if s.present else ' class="missing"') + f">{html.escape(s.title)}"
+        + ("" if s.present else " (missing)") + "</a>" for s in secs)
+    body = [f"<h1>{html.escape(title)}</h1>", f'<div class="sub">{sub}</div>', f"<nav>{nav}</nav>"]
+    md = [f"# {title}\n", f"run `{run.resolve()}` - created {info.get('created', '?')} - transfer "
+          f"{info.get('transfer_version', '?')} - report {now}\n"]
+    for s in secs:
+        body.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>' + "\n".join(s.html) + "</section>")
+        md.append(f"## {s.title}\n\n" + "\n".join(s.md))
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+            f"<body><main>{''.join(body)}</main></body></html>\n")
+    write_text_atomic(run / "report.html", page)
+    write_text_atomic(run / "report.md", "\n".join(md))
+    return {"html": run / "report.html", "md": run / "report.md",
+            "present": [s.key for s in secs if s.present], "missing": [s.key for s in secs if not s.present]}
+
+
+__all__ = ["write_report", "build_sections", "Section"]
