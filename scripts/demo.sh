@@ -30,6 +30,15 @@ $T evaluate "$RUN"
 step "5/N learned features in 2-D"
 $T features "$RUN" --plot pca,tsne
 
+step "6/N Grad-CAM (three methods) with the confidence-drop faithfulness number"
+$T gradcam "$RUN" --samples 16 --method all
+
+step "7/N resolution study (report E's TOTV): test images at 16 / 8 / 4 px"
+$T resolution "$RUN" --sizes 16,8,4 --mode totv
+
+step "8/N one report"
+$T report "$RUN"
+
 step "N/N summary"
 .venv/bin/python - "$RUN" <<'PY'
 import json, sys
