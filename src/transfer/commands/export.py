@@ -1,0 +1,80 @@
+"""``transfer export`` (run -> verified bundle) and ``transfer verify`` (re-check a bundle)."""
+
+from __future__ import annotations
+
+import click
+
+from ._options import quiet_option
+
+
+@click.command("export")
+@click.argument("run", type=click.Path())
+@click.option("--trial", default="best", show_default=True, help="best or a trial name.")
+@click.option("--out", type=click.Path(), help="Bundle folder. [default: RUN/bundle]")
+@click.option("--head", type=click.Choice(["rf", "svm", "logreg", "knn"]),
+              help="Also ship this classical head (pickle + ONNX); fitted from cached features if absent.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Add a static int8 ONNX model for CPUs.")
+@click.option("--trt", type=click.Choice(["fp32", "fp16", "int8"]), help="Add a TensorRT engine (NVIDIA GPU only).")
+@click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
+              help="TensorRT optimization profile of the batch dimension.")
+@click.option("--calib-images", default=512, show_default=True, help="Training images that calibrate int8.")
+@click.option("--verify-images", default=256, show_default=True, help="Validation images Keras and ONNX are compared on.")
+@click.option("--atol", default=1e-4, show_default=True, help="fp32: max |probability difference| allowed.")
+@click.option("--min-agreement", default=0.999, show_default=True, help="fp32: minimum top-1 agreement.")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True,
+              help="int8 / fp16: maximum validation accuracy drop (0.01 = 1 point).")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset.")
+@click.option("--workspace-mb", default=2048, show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@quiet_option
+def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_images, atol, min_agreement,
+           max_accuracy_drop, opset, workspace_mb, force, quiet) -> None:
+    """Export a trained trial of RUN as a deployment bundle: ONNX (image -> features, probs;
+    preprocessing inside the graph), optional classical head, int8 model and TensorRT engine,
+    each verified against its reference on real validation images.
+
+    \b
+    transfer export runs/digits
+    transfer export runs/digits --trial arc2-t100 --head rf --quantize int8 --out bundles/digits
+    transfer export runs/cd --trt fp16 --batch 1:8:32
+
+    Exit codes: 0 verified bundle; 1 error or failed verification (bundle marked invalid);
+    2 bad option; 3 TensorRT requested but no NVIDIA GPU / TensorRT (the ONNX bundle is kept).
+    """
+    from ..export.api import export_bundle
+
+    res = export_bundle(run, trial=trial, out=out, head=head, quantize=quantize, trt=trt, batch=batch,
+                        calib_images=calib_images, verify_images=verify_images, atol=atol,
+                        min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, force=force,
+                        opset=opset, workspace_mb=workspace_mb, progress=None if quiet else click.echo)
+    click.echo(f"{res.bundle_dir}: verified ({', '.join(sorted(res.manifest['models']))}"
+               f"{', heads ' + ', '.join(sorted(res.manifest['heads'])) if res.manifest['heads'] else ''}) "
+               f"in {res.seconds:.1f}s")
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path())
+def verify(bundle) -> None:
+    """Re-check a bundle's files against the SHA-256 in its manifest (exit 1 on any problem)."""
+    from ..bundle import verify_bundle
+    from ..errors import TamperedBundleError
+
+    rep = verify_bundle(bundle)
+    for p in rep["problems"]:
+        extra = f" (expected {p.get('expected')}, found {p.get('found')})" if p["problem"] != "missing" else ""
+        click.echo(f"  {p['file']}: {p['problem']}{extra}", err=True)
+    if rep["unlisted_files"]:
+        click.echo(f"  note: files not in the manifest (ignored): {', '.join(rep['unlisted_files'])}", err=True)
+    if rep["problems"]:
+        names = ", ".join(p["file"] for p in rep["problems"])
+        raise TamperedBundleError(f"bundle {bundle} does not match its manifest: {names}",
+                                  hint="re-export the bundle or restore the original files")
+    if not rep["valid_at_export"]:
+        from ..errors import BundleError
+
+        raise BundleError(f"bundle {bundle} is marked invalid: it failed verification at export",
+                          hint=f"see {bundle}/verification.json")
+    click.echo(f"{bundle}: OK ({rep['files_checked']} files match their SHA-256; verified at export)")
+
+
+COMMANDS = [export, verify]

@@ -1,0 +1,78 @@
+"""Keras classifier -> ONNX with a dynamic batch, named input/outputs, preprocessing in the graph."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .._lazy import import_keras, import_tensorflow, require
+from ..errors import ExportError, ModelError
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("features", "probs")
+
+
+def two_output_model(model):
+    """``image -> [features, probs]`` sharing the layers of a contract model (no copy).
+
+    Raises:
+        ModelError: the model lacks the ``features`` layer or the ``probs`` output.
+    """
+    keras = import_keras()
+    names = {layer.name for layer in model.layers}
+    missing = [n for n in ("features", "probs") if n not in names]
+    if missing:
+        raise ModelError(
+            f"model {model.name!r} has no layer named {', '.join(missing)}; it does not follow the model "
+            "contract (input 'image' -> ... -> 'features' -> ... -> 'probs')",
+            hint="export models trained by `transfer train`",
+        )
+    return keras.Model(model.inputs, [model.get_layer("features").output, model.get_layer("probs").output],
+                       name="transfer_export")
+
+
+def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
+    """Convert a contract model to ONNX with tf2onnx (``from_keras`` with an explicit signature).
+
+    The graph takes ``image`` float32 (N, H, W, 3) RGB 0..255 with a dynamic N, and returns
+    ``features`` (N, D) and ``probs`` (N, C). Augmentation never reaches here (it lives in
+    the input pipeline), so no random op ends up in the graph.
+
+    Returns:
+        ``{"inputs": {...}, "outputs": {...}, "opset": opset}`` as found in the written file.
+
+    Raises:
+        ExportError: tf2onnx failed, or the written graph lacks the expected names.
+
+    Example:
+        >>> export_onnx(load_model("runs/d/trials/arc2-t100/model.keras"), "model.onnx")  # doctest: +SKIP
+    """
+    tf = import_tensorflow()
+    tf2onnx = require("tf2onnx", purpose="ONNX export")
+    onnx = require("onnx", purpose="ONNX export")
+    two = two_output_model(model)
+    h, w, c = (int(d) for d in model.input_shape[1:4])
+    spec = [tf.TensorSpec((None, h, w, c), tf.float32, name=INPUT_NAME)]
+    path = Path(path)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(two, input_signature=spec, opset=opset)
+    except Exception as exc:  # tf2onnx raises many kinds
+        raise ExportError(f"tf2onnx could not convert model {model.name!r}: {type(exc).__name__}: {exc}",
+                          hint=f"try another --opset (now {opset}); run with --debug for the traceback") from exc
+    # tf2onnx names outputs after the Keras layers ("features", "probs"); make sure of it
+    outs = [o.name for o in proto.graph.output]
+    if outs != list(OUTPUT_NAMES):
+        mapping = dict(zip(outs, OUTPUT_NAMES))
+        for node in proto.graph.node:
+            node.output[:] = [mapping.get(o, o) for o in node.output]
+            node.input[:] = [mapping.get(i, i) for i in node.input]
+        for o in proto.graph.output:
+            o.name = mapping.get(o.name, o.name)
+    ins = [i.name for i in proto.graph.input]
+    if ins != [INPUT_NAME]:
+        raise ExportError(f"exported graph has inputs {ins}, expected ['{INPUT_NAME}']")
+    proto.doc_string = "transfer: image (N,H,W,3) float32 RGB 0..255 -> features, probs"
+    onnx.checker.check_model(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return {"inputs": {INPUT_NAME: INPUT_NAME}, "outputs": {n: n for n in OUTPUT_NAMES}, "opset": opset}

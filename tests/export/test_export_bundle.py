@@ -1,0 +1,153 @@
+"""Real export: Keras -> tf2onnx -> ONNX Runtime, int8, skl2onnx head, manifest, tamper checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from transfer.bundle import load_bundle
+from transfer.cli import cli
+from transfer.errors import BundleError, RunFolderError, TamperedBundleError, VerificationError
+
+
+def test_bundle_layout_manifest_and_verification(full_bundle):
+    run, res = full_bundle
+    b = res.bundle_dir
+    assert res.ok and b == run / "bundle"
+    for f in ("manifest.json", "model.onnx", "model.int8.onnx", "heads/rf.pkl", "heads/rf.onnx", "verification.json"):
+        assert (b / f).is_file(), f
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["valid"] is True and m["format"] == "transfer-bundle" and m["format_version"] == 1
+    assert m["class_names"] == ["c0", "c1", "c2"] and m["input"]["height"] == 16 and m["input"]["color"] == "RGB"
+    assert m["preprocessing"]["resize"] == "pillow-bilinear" and m["backbone"] == "arc2"
+    assert set(m["models"]) == {"onnx-fp32", "onnx-int8"} and m["heads"]["rf"]["feature_dim"] == m["feature_dim"]
+    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "heads/rf.pkl", "heads/rf.onnx", "verification.json"}
+    for k in ("tensorflow", "tf2onnx", "onnxruntime", "scikit-learn"):
+        assert m["tools"][k]
+    v = m["verification"]
+    assert v["onnx-fp32"]["passed"] and v["onnx-fp32"]["max_abs_diff"] <= 1e-4
+    assert v["onnx-fp32"]["top1_agreement"] >= 0.999 and v["onnx-fp32"]["images"] >= 12
+    assert v["onnx-int8"]["accuracy_drop"] <= 0.01 and v["head-rf"]["top1_agreement"] >= 0.999
+    assert load_bundle(b).class_names == ["c0", "c1", "c2"]
+
+
+def test_onnx_graph_matches_keras_on_image_files_with_dynamic_batch(full_bundle):
+    import onnxruntime as ort
+
+    from transfer.data.image import load_image
+    from transfer.runfolder import RunFolder
+
+    run, res = full_bundle
+    rf = RunFolder(run)
+    t = rf.trial(res.manifest["source"]["trial"])
+    paths, _ = rf.split_paths("test")
+    x = np.stack([load_image(p, t.image_size) for p in paths]).astype(np.float32)
+    model = t.load_model()
+    ref = model.predict(x, verbose=0)
+    sess = ort.InferenceSession(str(res.bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["features", "probs"]
+    for n in (1, 3, len(x)):  # dynamic batch
+        feats, probs = sess.run(None, {"image": x[:n]})
+        assert probs.shape == (n, 3) and feats.shape[0] == n
+        np.testing.assert_allclose(probs, ref[:n], atol=1e-5)
+
+
+def test_existing_bundle_is_refused_without_force_and_replaced_with_it(full_bundle, tmp_path):
+    from transfer.export.api import export_bundle
+
+    run, res = full_bundle
+    with pytest.raises(BundleError, match="already holds another bundle"):
+        export_bundle(run, progress=None)
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="already holds files"):
+        export_bundle(run, out=out, progress=None)
+    r2 = export_bundle(run, out=out, force=True, progress=None)
+    assert r2.ok and not (out / "notes.txt").exists() and set(r2.manifest["models"]) == {"onnx-fp32"}
+
+
+def test_tampered_file_is_named_by_verify_and_load(full_bundle, tmp_path):
+    _, res = full_bundle
+    b = tmp_path / "b"
+    shutil.copytree(res.bundle_dir, b)
+    r = CliRunner().invoke(cli, ["verify", str(b)])
+    assert r.exit_code == 0 and "OK" in r.output
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content
+    (b / "model.onnx").write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["verify", str(b)])
+    assert r.exit_code == 1 and "model.onnx" in r.output and "sha256" in r.output
+    with pytest.raises(TamperedBundleError, match="model.onnx"):
+        load_bundle(b)
+    (b / "heads" / "rf.onnx").unlink()
+    with pytest.raises(BundleError, match="heads/rf.onnx"):
+        load_bundle(b)
+
+
+def test_failed_verification_marks_the_bundle_invalid(run_copy, tmp_path):
+    from transfer.export.api import export_bundle
+
+    out = tmp_path / "strict"
+    with pytest.raises(VerificationError, match="onnx-fp32"):
+        export_bundle(run_copy, out=out, atol=0.0, min_agreement=1.0, progress=None)
+    m = json.loads((out / "manifest.json").read_text())
+    if m["verification"]["onnx-fp32"]["max_abs_diff"] == 0.0:  # bit-exact conversion: nothing to fail
+        pytest.skip("ONNX Runtime reproduced Keras bit for bit")
+    assert m["valid"] is False
+    with pytest.raises(BundleError, match="marked invalid"):
+        load_bundle(out)
+    r = CliRunner().invoke(cli, ["verify", str(out)])
+    assert r.exit_code == 1 and "invalid" in r.output
+
+
+def test_interrupted_export_leaves_no_bundle(run_copy, monkeypatch):
+    import transfer.export.onnx as onnx_mod
+    from transfer.export.api import export_bundle
+
+    real = onnx_mod.export_onnx
+
+    def killed(model, path, **kw):
+        real(model, path, **kw)  # the model file is written, then the export is "killed"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_mod, "export_onnx", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(run_copy, progress=None)
+    assert not (run_copy / "bundle").exists()
+    assert not [p for p in run_copy.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_bad_runs_and_trials(run_copy, tmp_path):
+    from transfer.export.api import export_bundle
+
+    with pytest.raises(RunFolderError, match="not found"):
+        export_bundle(tmp_path / "nope", progress=None)
+    with pytest.raises(RunFolderError):
+        export_bundle(run_copy, trial="vgg16-t050", progress=None)
+    # an unfinished trial: its model is gone
+    t = next((run_copy / "trials").iterdir())
+    (t / "model.keras").unlink()
+    with pytest.raises(RunFolderError, match="not finished"):
+        export_bundle(run_copy, trial=t.name, progress=None)
+
+
+def test_trt_without_gpu_exits_3_and_keeps_the_verified_onnx_bundle(run_copy, tmp_path):
+    out = tmp_path / "b"
+    r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(out), "--trt", "fp16", "-q"])
+    assert r.exit_code == 3, r.output
+    assert "TensorRT needs an NVIDIA GPU with CUDA; none was found" in r.output
+    b = load_bundle(out)
+    assert b.manifest["valid"] and "onnx-fp32" in b.models
+
+
+def test_cli_export_prints_summary_and_rejects_bad_options(run_copy):
+    r = CliRunner().invoke(cli, ["export", str(run_copy), "--batch", "8:4:2"])
+    assert r.exit_code == 2 and "MIN <= OPT <= MAX" in r.output
+    r = CliRunner().invoke(cli, ["export", str(run_copy)])
+    assert r.exit_code == 0, r.output
+    assert "verify onnx-fp32 vs Keras" in r.output and "PASS" in r.output
