@@ -1,0 +1,104 @@
+"""``transfer infer`` and ``transfer bench``: the TensorFlow-free runtime."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from ._options import parse_csv, quiet_option
+
+
+@click.command("infer")
+@click.argument("bundle", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--recursive", "-r", is_flag=True, help="Walk sub-folders of folder inputs.")
+@click.option("--batch", default=32, show_default=True, help="Images per model call.")
+@click.option("--out", type=click.Path(), help="Output file. [default: stdout]")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--topk", default=1, show_default=True, help="Classes per row.")
+@click.option("--head", default="network", show_default=True, help="network, or a bundled classical head (e.g. rf).")
+@click.option("--head-format", type=click.Choice(["onnx", "pickle"]), default="onnx", show_default=True,
+              help="Run the classical head as ONNX (no scikit-learn needed) or as its verified pickle.")
+@click.option("--backend", help="onnxruntime (default), onnxruntime-int8, tensorrt[-fp16|-int8].")
+@click.option("--providers", help="ONNX Runtime providers in order: cpu, cuda, tensorrt. [default: best available]")
+@click.option("--workers", default=2, show_default=True, help="Decode threads.")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
+@click.option("--strict", is_flag=True, help="Exit 1 if any file failed.")
+@quiet_option
+def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
+              threads, strict, quiet) -> None:
+    """Predict image files and folders with a bundle: one row per file (path, top-k classes
+    and probabilities, or the error for that file). No TensorFlow needed.
+
+    \b
+    transfer infer runs/digits/bundle images/ --recursive --out preds.csv
+    transfer infer runs/digits/bundle a.jpg b.png --head rf --topk 3 --format jsonl
+
+    Bad files (empty, truncated, not an image, unreadable, too large, directories) get an
+    error row and are counted; the run goes on. Exit code: 0, or 1 when no file succeeded
+    or, with --strict, when any file failed.
+    """
+    from ..runtime.infer import exit_code, infer
+
+    last = [0.0]
+
+    def show(s):
+        if quiet or out is None:
+            return
+        now = time.time()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            click.echo(f"\r{s.total} images, {s.errors} errors, {s.images_per_second:.1f} img/s", nl=False, err=True)
+
+    s = infer(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
+              backend=backend, providers=providers, recursive=recursive, workers=workers, threads=threads,
+              progress=show)
+    if not quiet:
+        if out is not None:
+            click.echo("", err=True)
+        click.echo(f"{s.total} file(s): {s.ok} predicted, {s.errors} error(s) in {s.seconds:.2f}s "
+                   f"({s.images_per_second:.1f} img/s; {s.backend} on {s.provider}, head {s.head})"
+                   + (f" -> {out}" if out else ""), err=True)
+        for e in s.error_examples:
+            click.echo(f"  error: {e}", err=True)
+        if s.errors > len(s.error_examples):
+            click.echo(f"  ... and {s.errors - len(s.error_examples)} more (see the error column)", err=True)
+    if s.total == 0:
+        click.echo("error: no image files found in the inputs", err=True)
+    sys.exit(exit_code(s, strict))
+
+
+@click.command("bench")
+@click.argument("bundle", type=click.Path())
+@click.option("--backends", default="onnxruntime,onnxruntime-int8", show_default=True,
+              help="onnxruntime, onnxruntime-int8, tensorrt[-fp16|-int8], keras (needs TensorFlow).")
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes.")
+@click.option("--head", help="Also time a bundled classical head (e.g. rf).")
+@click.option("--images", multiple=True, type=click.Path(), help="Image files/folders to time decoding on.")
+@click.option("--seconds", default=3.0, show_default=True, help="Timed seconds per cell (at least 10 calls).")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
+@click.option("--out", type=click.Path(), help="Folder for bench.json / bench.md / bench.png. [default: BUNDLE/../bench]")
+@quiet_option
+def bench_cmd(bundle, backends, batches, head, images, seconds, threads, out, quiet) -> None:
+    """Latency p50/p90/p99, throughput, time split (decode / preprocess / model / head),
+    top-1 agreement with fp32 and achieved GFLOP/s vs this machine's matmul peak, per
+    backend and batch size. Backends that cannot run here are listed with the reason.
+
+    \b
+    transfer bench runs/digits/bundle --backends onnxruntime,onnxruntime-int8,keras --batch 1,8,32
+    """
+    from pathlib import Path
+
+    from ..runtime.bench import bench, render_table
+
+    out_dir = Path(out) if out else Path(bundle).resolve().parent / "bench"
+    res = bench(bundle, backends=parse_csv(backends, name="--backends"),
+                batches=parse_csv(batches, int, name="--batch"), head=head, images=list(images) or None,
+                seconds=seconds, threads=threads, out_dir=out_dir, progress=None if quiet else click.echo)
+    click.echo(render_table(res))
+    click.echo(f"-> {out_dir}/bench.json, bench.md, bench.png")
+
+
+COMMANDS = [infer_cmd, bench_cmd]

@@ -1,0 +1,133 @@
+"""Backends behind one interface: ``run(x) -> (features, probs)`` for float32 NHWC 0..255 pixels."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BundleError, ConfigError, TensorRTUnavailableError
+
+BACKENDS = ("onnxruntime", "onnxruntime-int8", "tensorrt")
+
+
+@dataclass
+class Runner:
+    name: str
+    provider: str
+    model_key: str
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on the bundle's fp32 or int8 model."""
+
+    def __init__(self, bundle: Bundle, model_key: str = "onnx-fp32", providers=None, threads: int | None = None):
+        from .sessions import make_session
+
+        entry = bundle.model_entry(model_key)
+        self.session, provider = make_session(bundle.file(entry["file"]), providers, threads=threads)
+        super().__init__(name="onnxruntime" if model_key == "onnx-fp32" else f"onnxruntime-{entry['precision']}",
+                         provider=provider, model_key=model_key)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f, p = self.session.run(["features", "probs"], {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        return f, p
+
+
+def check_engine_matches(entry: dict, device: dict) -> None:
+    """Refuse an engine built for another GPU or TensorRT version (engines are not portable).
+
+    Raises:
+        BundleError: naming what differs and how to rebuild.
+    """
+    diffs = []
+    if entry.get("compute_capability") and entry["compute_capability"] != device.get("compute_capability"):
+        diffs.append(f"compute capability {entry['compute_capability']} vs this GPU's {device.get('compute_capability')}")
+    if entry.get("tensorrt") and entry["tensorrt"] != device.get("tensorrt"):
+        diffs.append(f"TensorRT {entry['tensorrt']} vs installed {device.get('tensorrt')}")
+    if diffs:
+        raise BundleError(
+            f"engine {entry.get('file')} was built for {entry.get('gpu', '?')} and cannot run here: {'; '.join(diffs)}",
+            hint="rebuild it on this machine: transfer export RUN --trt PRECISION, or use --backend onnxruntime",
+        )
+
+
+class TrtRunner(Runner):
+    """A native TensorRT engine from the bundle (TensorRT 10 API; NVIDIA GPU only)."""
+
+    def __init__(self, bundle: Bundle, model_key: str):
+        from ..export.tensorrt import device_info, require_tensorrt  # no TensorFlow inside
+
+        trt = require_tensorrt()
+        entry = bundle.model_entry(model_key)
+        check_engine_matches(entry, device_info())
+        from cuda import cudart
+
+        self._cudart = cudart
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(bundle.file(entry["file"]).read_bytes())
+        if self.engine is None:
+            raise BundleError(f"TensorRT could not load {entry['file']}")
+        self.context = self.engine.create_execution_context()
+        self.max_batch = int(entry.get("batch", {}).get("max", 1))
+        err, self.stream = cudart.cudaStreamCreate()
+        super().__init__(name=f"tensorrt-{entry['precision']}", provider="TensorRT", model_key=model_key)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cud = self._cudart
+        if len(x) > self.max_batch:
+            parts = [self.run(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+            return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.context.set_input_shape("image", x.shape)
+        outs, ptrs = {}, []
+        for name in ("image", "features", "probs"):
+            shape = tuple(self.context.get_tensor_shape(name))
+            arr = x if name == "image" else np.empty(shape, np.float32)
+            _, ptr = cud.cudaMalloc(arr.nbytes)
+            ptrs.append(ptr)
+            self.context.set_tensor_address(name, int(ptr))
+            if name == "image":
+                cud.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, cud.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
+            else:
+                outs[name] = (arr, ptr)
+        self.context.execute_async_v3(self.stream)
+        for arr, ptr in outs.values():
+            cud.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes, cud.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream)
+        cud.cudaStreamSynchronize(self.stream)
+        for ptr in ptrs:
+            cud.cudaFree(ptr)
+        return outs["features"][0], outs["probs"][0]
+
+
+def make_runner(bundle: Bundle, backend: str | None = None, providers: Sequence[str] | str | None = None,
+                threads: int | None = None) -> Runner:
+    """The runner for ``backend`` (default: ONNX Runtime fp32 on the best provider available).
+
+    Raises:
+        ConfigError: unknown backend; BundleError: the bundle has no such model;
+        TensorRTUnavailableError: ``tensorrt`` without GPU.
+    """
+    backend = backend or "onnxruntime"
+    if backend == "onnxruntime":
+        return OrtRunner(bundle, "onnx-fp32", providers, threads)
+    if backend.startswith("onnxruntime-"):
+        key = "onnx-" + backend.split("-", 1)[1]
+        return OrtRunner(bundle, key, providers, threads)
+    if backend.startswith("tensorrt"):
+        keys = [k for k in bundle.models if k.startswith("trt-")]
+        want = "trt-" + backend.split("-", 1)[1] if "-" in backend else (keys[0] if keys else None)
+        if want is None:
+            raise BundleError(f"bundle {bundle.path} has no TensorRT engine",
+                              hint="build one on a GPU machine: transfer export RUN --trt fp16")
+        return TrtRunner(bundle, want)
+    raise ConfigError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)} (tensorrt-fp16 etc.)")
+
+
+__all__ = ["BACKENDS", "OrtRunner", "TrtRunner", "make_runner", "check_engine_matches", "TensorRTUnavailableError"]

@@ -1,0 +1,85 @@
+"""ONNX Runtime sessions: execution provider choice, threads, and what actually runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ConfigError, DependencyMissingError
+
+#: preference order when nothing is asked for
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+           "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - base dependency
+        raise DependencyMissingError(f"onnxruntime is not installed: {exc}", hint="pip install transfer") from exc
+    return ort
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers (``onnxruntime-gpu`` adds CUDA/TensorRT)."""
+    return list(_ort().get_available_providers())
+
+
+def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
+    """The providers to use, best first.
+
+    Args:
+        requested: ``None`` (TensorRT > CUDA > CPU among those available) or names /
+            aliases (``cpu``, ``cuda``, ``tensorrt``) in order.
+
+    Raises:
+        ConfigError: a requested provider is unknown or not available in this build.
+
+    Example:
+        >>> choose_providers("cpu")
+        ['CPUExecutionProvider']
+    """
+    avail = available_providers()
+    if requested is None or requested == "" or requested == []:
+        return [p for p in PREFERRED if p in avail] or avail
+    items = [r.strip() for r in requested.split(",")] if isinstance(requested, str) else list(requested)
+    out = []
+    for r in items:
+        name = ALIASES.get(r.lower(), r)
+        if name not in avail:
+            hint = ("install the GPU build: pip uninstall -y onnxruntime && pip install \"transfer[gpu]\""
+                    if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else None)
+            raise ConfigError(f"execution provider {r!r} is not available; this onnxruntime offers: {', '.join(avail)}",
+                              hint=hint)
+        out.append(name)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")  # fallback for ops the GPU providers do not take
+    return out
+
+
+def default_threads() -> int:
+    """Intra-op threads: every core the process may use (ORT's own default)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None = None, *,
+                 threads: int | None = None):
+    """An ``InferenceSession`` with full graph optimization; returns ``(session, provider that runs)``.
+
+    Example:
+        >>> sess, used = make_session("bundle/model.onnx", "cpu")  # doctest: +SKIP
+    """
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(threads or default_threads())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    provs = choose_providers(providers)
+    sess = ort.InferenceSession(str(Path(path)), so, providers=provs)
+    return sess, sess.get_providers()[0]
