@@ -9,7 +9,7 @@ OUT="${DEMO_DIR:-demo}"
 RUN="$OUT/runs/digits"
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/3 embedded data -> $OUT/digits"
+step "1/12 embedded data -> $OUT/digits"
 if [ ! -f "$OUT/digits/.complete" ]; then
     $T data digits "$OUT/digits" --force
     touch "$OUT/digits/.complete"
@@ -17,29 +17,38 @@ else
     echo "already there"
 fi
 
-step "2/3 freeze sweep: mobilenet_v2 and arc2, trainable 0 / 30 % / 100 % + random init"
+step "2/12 freeze sweep: mobilenet_v2 and arc2, trainable 0 / 30 % / 100 % + random init"
 $T train "$OUT/digits" --backbone mobilenet_v2,arc2 --trainable 0,0.3,1.0 --random-init \
     --weights none --epochs 5 --image-size 32 --out "$RUN"
 
-step "3/N classical heads on the learned features (network vs RF / SVM / logistic regression)"
+step "3/12 classical heads on the learned features (network vs RF / SVM / logistic regression)"
 $T heads "$RUN" --head rf,svm,logreg
 
-step "4/N per-class metrics, confusion matrix, sample grids"
+step "4/12 per-class metrics, confusion matrix, sample grids"
 $T evaluate "$RUN"
 
-step "5/N learned features in 2-D"
+step "5/12 learned features in 2-D"
 $T features "$RUN" --plot pca,tsne
 
-step "6/N Grad-CAM (three methods) with the confidence-drop faithfulness number"
+step "6/12 Grad-CAM (three methods) with the confidence-drop faithfulness number"
 $T gradcam "$RUN" --samples 16 --method all
 
-step "7/N resolution study (report E's TOTV): test images at 16 / 8 / 4 px"
+step "7/12 resolution study (report E's TOTV): test images at 16 / 8 / 4 px"
 $T resolution "$RUN" --sizes 16,8,4 --mode totv
 
-step "8/N one report"
+step "8/12 export: verified ONNX bundle + int8 + RandomForest head"
+$T export "$RUN" --head rf --quantize int8 --force
+
+step "9/12 TensorFlow-free inference over every demo image with the RF head"
+$T infer "$RUN/bundle" "$OUT/digits" --recursive --head rf --topk 3 --out "$OUT/predictions.csv"
+
+step "10/12 latency benchmark: ONNX Runtime fp32 / int8 vs Keras"
+$T bench "$RUN/bundle" --backends onnxruntime,onnxruntime-int8,keras --batch 1,8,32 --head rf --seconds 1
+
+step "11/12 one report"
 $T report "$RUN"
 
-step "N/N summary"
+step "12/12 summary"
 .venv/bin/python - "$RUN" <<'PY'
 import json, sys
 from transfer.runfolder import RunFolder

@@ -76,7 +76,7 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
     if images:
         paths = [p for p, err in iter_inputs(images, recursive=True) if err is None]
     else:
-        src = Path(bundle.manifest.get("source", {}).get("run", ""))
+        src = Path(bundle.manifest.get("source", {}).get("run") or "/nonexistent")
         csv_path = src / "splits" / "val.csv"
         ds = src / "dataset.json"
         if csv_path.is_file() and ds.is_file():
@@ -91,7 +91,7 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
 def _keras_runner(bundle: Bundle):
     """The source run's Keras model (needs TensorFlow; None with a reason when unavailable)."""
     src = bundle.manifest.get("source", {})
-    model_path = Path(src.get("run", "")) / "trials" / str(src.get("trial", "")) / "model.keras"
+    model_path = Path(src.get("run") or "/nonexistent") / "trials" / str(src.get("trial")) / "model.keras"
     if not model_path.is_file():
         return None, f"the source model {model_path} is not on this machine"
     try:
