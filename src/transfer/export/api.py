@@ -196,7 +196,7 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
             hint=f"see {out / 'verification.json'}; the limits are --atol, --min-agreement, --max-accuracy-drop",
         )
     if trt_prec:
-        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, say)
+        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, say, max_accuracy_drop)
         res.manifest = read_manifest(out)
     return res
 
@@ -302,7 +302,8 @@ def _preprocessing() -> dict:
     return dict(PREPROCESSING)
 
 
-def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, workspace_mb: int, say) -> None:
+def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, workspace_mb: int, say,
+                max_accuracy_drop: float = 0.01) -> None:
     from .quantize import calibration_batches
     from .tensorrt import build_engine, device_info, engine_entry, require_tensorrt
 
@@ -319,5 +320,28 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
     build_engine(out / "model.onnx", tmp_engine, precision=precision, profile=profile, input_hw=t.image_size,
                  workspace_mb=workspace_mb, calib_batches=calib, timing_cache=out.parent / ".transfer-trt-timing.cache")
     os.replace(tmp_engine, out / name)
-    manifest["models"][f"trt-{precision}"] = engine_entry(name, precision, profile, dev)
+    key = f"trt-{precision}"
+    manifest["models"][key] = engine_entry(name, precision, profile, dev)
+    manifest = finalize_manifest(out, manifest)
+    # verify the engine like the ONNX models: agreement with ONNX fp32 and the accuracy drop
+    from ..bundle import Bundle
+    from ..runtime.compare import compare_outputs
+    from ..runtime.runners import OrtRunner, TrtRunner
+
+    x, y, _ = _verification_images(rf, t.image_size, 256, say)
+    b = Bundle(out, manifest)
+    ref = OrtRunner(b, "onnx-fp32", "cpu").run(x)[1]
+    got = TrtRunner(b, key).run(x)[1]
+    v = compare_outputs(ref, got, y)
+    limit = max_accuracy_drop
+    v["passed"] = (v["top1_agreement"] >= 0.999 and v["max_abs_diff"] <= 1e-3) if precision == "fp32" \
+        else v["accuracy_drop"] <= limit
+    manifest["verification"][key] = v
+    say(f"verify {key}: accuracy {v['candidate_accuracy']:.4f} vs fp32 {v['reference_accuracy']:.4f}, "
+        f"top-1 agreement {v['top1_agreement']:.4f} -> {'PASS' if v['passed'] else 'FAIL'}")
+    if not v["passed"]:
+        manifest["valid"] = False
     finalize_manifest(out, manifest)
+    if not v["passed"]:
+        raise VerificationError(f"TensorRT {precision} engine failed verification; bundle {out} is marked invalid",
+                                hint="try --trt fp16 or more --calib-images")
