@@ -252,7 +252,8 @@ import resource, sys
 sys.path.insert(0, {src!r})
 from transfer.trainer.features import extract_features
 extract_features({run!r}, "arc2-t100", ("test",), batch_size=32, force=True)
-print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM of this process image; ru_maxrss would carry the parent's peak over exec on Linux
+print("RSS_KB", [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 """
 
 
