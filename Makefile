@@ -19,16 +19,22 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 
 setup: $(STAMP)
 
+# the heavy suites also exercise the optional Ray path
+STAMP_ALL := $(VENV)/.installed-all
+$(STAMP_ALL): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[train,dev,distributed]"
+	touch $(STAMP_ALL)
+
 ## make test: the fast suite (tiny models and images built in code)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
 ## make test-slow: the heavy tests (every backbone round trip, report rendering, ...)
-test-slow: $(STAMP)
+test-slow: $(STAMP_ALL)
 	$(PY) -m pytest -m "slow and not gpu" -q
 
 ## make test-all: everything that can run here (gpu tests skip themselves without a GPU)
-test-all: $(STAMP)
+test-all: $(STAMP_ALL)
 	$(PY) -m pytest -q
 
 ## make demo: the main job end to end on the embedded digits data, offline

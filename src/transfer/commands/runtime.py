@@ -26,9 +26,12 @@ from ._options import parse_csv, quiet_option
 @click.option("--workers", default=2, show_default=True, help="Decode threads.")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file failed.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run on Ray Data: an actor pool of --workers sessions (needs --out; also writes OUT.parquet).")
+@click.option("--address", metavar="HOST:PORT", help="Ray cluster to join with --ray. [default: a local Ray]")
 @quiet_option
 def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
-              threads, strict, quiet) -> None:
+              threads, strict, use_ray, address, quiet) -> None:
     """Predict image files and folders with a bundle: one row per file (path, top-k classes
     and probabilities, or the error for that file). No TensorFlow needed.
 
@@ -40,7 +43,22 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
     error row and are counted; the run goes on. Exit code: 0, or 1 when no file succeeded
     or, with --strict, when any file failed.
     """
-    from ..runtime.infer import exit_code, infer
+    from ..runtime.infer import InferSummary, exit_code, infer
+
+    if use_ray:
+        from ..runtime.ray_infer import infer_ray
+
+        r = infer_ray(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
+                      recursive=recursive, address=address, workers=workers)
+        if not quiet:
+            click.echo(f"{r['total']} file(s): {r['ok']} predicted, {r['errors']} error(s) in {r['seconds']:.2f}s "
+                       f"({r['images_per_second']:.1f} img/s on Ray, {workers} worker(s)) -> {out}"
+                       + (f", {r['parquet']}" if r["parquet"] else ""), err=True)
+        sys.exit(exit_code(InferSummary(total=r["total"], ok=r["ok"], errors=r["errors"]), strict))
+    if address:
+        from ..errors import ConfigError
+
+        raise ConfigError("--address needs --ray")
 
     last = [0.0]
 

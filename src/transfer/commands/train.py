@@ -66,8 +66,13 @@ _FLAG_KEYS = {
 @click.option("--train-bn", is_flag=True, help="Let BatchNormalization layers of the trainable part update their statistics.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags given on the command line win.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (re-run the same command to resume).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run the trials as Ray tasks (pip install \"transfer[distributed]\"); see docs/distributed.md.")
+@click.option("--address", metavar="HOST:PORT", help="Ray cluster to join with --ray. [default: start a local Ray]")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True, help="Ray CPUs reserved per trial.")
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True, help="Ray GPUs reserved per trial.")
 @click.pass_context
-def train(ctx: click.Context, data, config_file, **kwargs) -> None:
+def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_trial, gpus_per_trial, **kwargs) -> None:
     """Train a freeze sweep on the image folder DATA into the run folder --out.
 
     Every backbone x trainable fraction is one trial (plus --random-init); finished
@@ -97,7 +102,14 @@ def train(ctx: click.Context, data, config_file, **kwargs) -> None:
         raise ConfigError("no dataset folder given", hint="transfer train DATA --out RUN (or `data:` in --config)")
     if not cfg.out:
         raise ConfigError("no run folder given", hint="add --out RUN (or `out:` in --config)")
-    res = run_sweep(cfg, progress=click.echo)
+    ray_opts = None
+    if use_ray:
+        from ..trainer.distributed import RayOptions
+
+        ray_opts = RayOptions(address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+    elif address:
+        raise ConfigError("--address needs --ray")
+    res = run_sweep(cfg, progress=click.echo, ray=ray_opts)
     click.echo("")
     click.echo(res.table_md.rstrip())
     if res.best:

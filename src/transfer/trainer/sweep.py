@@ -271,7 +271,7 @@ def pick_best(trials: list[dict]) -> dict | None:
 
 # -- the sweep -------------------------------------------------------------------------
 
-def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print) -> SweepResult:
+def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, ray=None) -> SweepResult:
     """Run (or resume) the whole sweep of ``config`` into ``config.out``.
 
     Args:
@@ -335,6 +335,8 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print) -
 
     result = SweepResult(run_dir=run_dir)
     n = len(specs)
+    if ray is not None:  # transfer.trainer.distributed.RayOptions: every pending trial as a Ray task
+        return _finish(result, _sweep_on_ray(run_dir, config, specs, parts, folds, data_root, index, ray, progress))
     t_start = time.perf_counter()
     trained_secs: list[float] = []
     progress(f"sweep: {n} trial(s) into {run_dir} ({len(parts['train'])} train / {len(parts['val'])} val / "
@@ -380,6 +382,50 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print) -
         trained_secs.append(time.perf_counter() - t0)
         result.trials.append(entry)
 
+    return _finish(result, result.trials)
+
+
+def _split_parts(spec, parts, folds):
+    if spec.fold:
+        tr, va = folds[spec.fold - 1]
+        return tr, va, parts["test"]
+    return parts["train"], parts["val"], parts["test"]
+
+
+def _sweep_on_ray(run_dir, config, specs, parts, folds, data_root, index, opts, progress) -> list[dict]:
+    from .distributed import run_trials_ray
+
+    entries, jobs = {}, []
+    for spec in specs:
+        entries[spec.name] = {"name": spec.name, "group": spec.group, "fold": spec.fold, "backbone": spec.backbone,
+                              "init": spec.init, "trainable": spec.trainable, "state": None, "metrics": None}
+        tdir = run_dir / "trials" / spec.name
+        if is_finished(tdir):
+            entries[spec.name].update(metrics=read_json(tdir / "metrics.json"), state="done")
+            progress(f"trial {spec.name}: already done, skipped")
+        else:
+            jobs.append((spec, *_split_parts(spec, parts, folds)))
+    progress(f"sweep on Ray: {len(specs)} trial(s) into {run_dir}, {len(jobs)} to run")
+    if jobs:
+        outcome = run_trials_ray(run_dir, config, jobs, data_root=data_root, class_names=index.class_names,
+                                 opts=opts, progress=progress)
+        for name, (state, value) in outcome.items():
+            if state == "done":
+                entries[name].update(state="done", metrics=value)
+            else:
+                mark_failed(run_dir, name, value)
+                entries[name]["state"] = "failed"
+    return [entries[s.name] for s in specs]
+
+
+def _finish(result: SweepResult, trials: list[dict]) -> SweepResult:
+    """The sweep table, best trial and failures of a finished sweep (local or Ray)."""
+    run_dir = result.run_dir
+    result.trials = trials
+    for t in trials:
+        if t["state"] == "failed" and t["name"] not in result.failed:
+            st = run_dir / "trials" / t["name"] / "status.json"
+            result.failed[t["name"]] = (read_json(st).get("error") if st.is_file() else None) or "failed"
     header, rows = sweep_table(result.trials)
     result.table_md = render_markdown(header, rows)
     write_text_atomic(run_dir / "sweep.csv", _render_csv(header, rows))

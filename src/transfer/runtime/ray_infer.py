@@ -1,0 +1,166 @@
+"""Batch inference on Ray Data: the same rows as ``transfer infer``, computed by an actor
+pool that holds one ONNX Runtime session per worker (see docs/distributed.md).
+
+Files are listed on the driver (the same walk as locally), decoded inside the workers with
+the runtime's own pixel path, and the ordered rows are streamed back to the driver and
+written as CSV / JSON lines (identical to local mode) plus Parquet.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .._lazy import require
+from ..bundle import load_bundle
+from ..errors import ConfigError
+
+
+class _Predictor:
+    """One Ray actor: a verified bundle, a runner and a head, loaded once."""
+
+    def __init__(self, bundle_path: str, head: str | None, head_format: str, topk: int, threads: int):
+        from .heads import make_head
+        from .runners import make_runner
+
+        self.bundle = load_bundle(bundle_path)
+        self.runner = make_runner(self.bundle, "onnxruntime", "cpu", threads)
+        self.head = make_head(self.bundle, head, head_format)
+        self.names = self.bundle.class_names
+        self.topk = min(topk, len(self.names))
+
+    def __call__(self, batch: dict) -> dict:
+        from .pipeline import _decode
+
+        size = self.bundle.input_size
+        items = []
+        for p, pre in zip(batch["path"], batch["pre_error"]):
+            items.append((str(p), str(pre)) if pre else (str(p), _decode(str(p), size, 64_000_000)))
+        ok = [i for i, (_, it) in enumerate(items) if not isinstance(it, str) and it.pixels is not None]
+        probs = None
+        if ok:
+            x = np.stack([items[i][1].pixels for i in ok]).astype(np.float32)
+            feats, net = self.runner.run(x)
+            probs = self.head(feats, net)
+        out = {"path": [], "status": [], "error": [], "classes": [], "probs": []}
+        j = 0
+        for p, it in items:
+            err = it if isinstance(it, str) else it.error
+            out["path"].append(p)
+            if err:
+                out["status"].append("error"), out["error"].append(err)
+                out["classes"].append(""), out["probs"].append("")
+                continue
+            pr = probs[j]
+            j += 1
+            order = np.argsort(-pr)[: self.topk]
+            out["status"].append("ok"), out["error"].append("")
+            out["classes"].append("\t".join(self.names[k] for k in order))
+            out["probs"].append("\t".join(repr(float(pr[k])) for k in order))
+        return {k: np.asarray(v, dtype=object) for k, v in out.items()}
+
+
+def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str = "csv", batch: int = 32,
+              topk: int = 1, head: str | None = None, head_format: str = "onnx", recursive: bool = False,
+              address: str | None = None, workers: int = 2, threads_per_worker: int = 1) -> dict:
+    """Predict with Ray Data; returns a summary dict. Same rows and order as :func:`infer`.
+
+    Raises:
+        ConfigError: bad options (before Ray starts); DependencyMissingError without Ray.
+
+    Example:
+        >>> infer_ray("bundle", ["images/"], out="preds.csv", recursive=True, workers=2)  # doctest: +SKIP
+    """
+    from .infer import _Writer
+    from .pipeline import iter_inputs
+
+    if out is None:
+        raise ConfigError("--ray needs --out FILE (rows are streamed back and written there)")
+    if batch < 1 or workers < 1 or topk < 1:
+        raise ConfigError("--batch, --workers and --topk must be positive")
+    b = load_bundle(bundle_path)  # fail fast on the driver: tampered / invalid bundles
+    topk = min(topk, len(b.class_names))
+    ray = require("ray", purpose="--ray")
+    if not ray.is_initialized():
+        kw = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=address, **kw) if address else ray.init(object_store_memory=256 * 1024 * 1024, **kw)
+    entries = list(iter_inputs(inputs, recursive=recursive))
+    if not entries:
+        raise ConfigError("no image files found in the inputs")
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.from_items([{"path": p, "pre_error": e or ""} for p, e in entries])
+    ds = ds.map_batches(_Predictor, fn_constructor_args=(str(bundle_path), head, head_format, topk, threads_per_worker),
+                        batch_size=batch, concurrency=workers, batch_format="numpy", num_cpus=threads_per_worker)
+    w = _Writer(out, fmt, topk)
+    pq = _ParquetSink(Path(out).with_suffix(".parquet"), topk)
+    t0, n, errors, done = time.perf_counter(), 0, 0, False
+    try:
+        for rb in ds.iter_batches(batch_size=batch, batch_format="numpy"):
+            for i in range(len(rb["path"])):
+                p, err = str(rb["path"][i]), str(rb["error"][i]) or None
+                classes = str(rb["classes"][i]).split("\t") if not err else None
+                probs = [float(v) for v in str(rb["probs"][i]).split("\t")] if not err else None
+                w.row(p, classes, probs, err)
+                pq.add(p, classes, probs, err)
+                n += 1
+                errors += bool(err)
+        done = True
+    finally:
+        w.close(ok=done)
+        pq.close(ok=done)
+    secs = time.perf_counter() - t0
+    return {"total": n, "ok": n - errors, "errors": errors, "seconds": secs, "images_per_second": n / secs if secs else 0,
+            "out": str(out), "parquet": str(pq.path) if pq.enabled else None, "workers": workers}
+
+
+class _ParquetSink:
+    """Rows -> Parquet in chunks (pyarrow comes with ray[data])."""
+
+    def __init__(self, path: Path, topk: int, chunk: int = 4096):
+        try:
+            import pyarrow  # noqa: F401
+            self.enabled = True
+        except ImportError:
+            self.enabled = False
+        self.path, self.topk, self.chunk, self.rows, self.writer = path, topk, chunk, [], None
+        self.tmp = path.with_name(f".{path.name}.partial")
+
+    def add(self, path, classes, probs, err):
+        if not self.enabled:
+            return
+        r = {"path": path, "status": "error" if err else "ok", "error": err or ""}
+        for k in range(self.topk):
+            r[f"class{k + 1}"] = classes[k] if classes else None
+            r[f"prob{k + 1}"] = probs[k] if probs else None
+        self.rows.append(r)
+        if len(self.rows) >= self.chunk:
+            self._flush()
+
+    def _flush(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.rows:
+            return
+        fields = [("path", pa.string()), ("status", pa.string()), ("error", pa.string())]
+        for k in range(self.topk):
+            fields += [(f"class{k + 1}", pa.string()), (f"prob{k + 1}", pa.float64())]
+        table = pa.Table.from_pylist(self.rows, schema=pa.schema(fields))
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(str(self.tmp), table.schema)
+        self.writer.write_table(table)
+        self.rows = []
+
+    def close(self, ok: bool):
+        if not self.enabled:
+            return
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            if ok:
+                os.replace(self.tmp, self.path)

@@ -1,0 +1,99 @@
+"""Freeze sweeps on Ray: every unfinished trial is one Ray task that writes the same run
+folder as a local sweep (see docs/distributed.md).
+
+The run folder and the dataset must be on storage every Ray worker sees under the same
+path (a local folder for a one-machine Ray; a shared file system on a cluster). Resume
+works exactly as locally: finished trials are skipped, an interrupted trial continues
+from its last finished epoch (``run_trial`` does it), and a trial that raises is retried
+once by Ray before it is reported as failed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .._lazy import require
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how big: ``address`` None starts a local Ray; resources are per trial."""
+
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    retries: int = 1
+
+    def __post_init__(self):
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.retries < 0:
+            raise ConfigError(f"invalid Ray resources: --cpus-per-trial {self.cpus_per_trial} must be > 0, "
+                              f"--gpus-per-trial {self.gpus_per_trial} >= 0")
+
+
+def init_ray(opts: RayOptions):
+    """``ray.init`` quietly: join ``opts.address`` or start a small local instance."""
+    ray = require("ray", purpose="--ray")
+    if ray.is_initialized():
+        return ray
+    kw = dict(include_dashboard=False, log_to_driver=True, logging_level="WARNING", configure_logging=True)
+    if opts.address:
+        ray.init(address=opts.address, **kw)
+    else:
+        ray.init(object_store_memory=256 * 1024 * 1024, **kw)
+    return ray
+
+
+def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names: list,
+                train: list, val: list, test: list, threads: int) -> dict:
+    """Body of one Ray task: the same ``run_trial`` as a local sweep (imports TF in the worker)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .._lazy import import_tensorflow
+    from .fit import TrialSpec, run_trial
+
+    tf = import_tensorflow()
+    try:  # one trial per reserved CPU budget, not every core of the node
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+    spec_dict = dict(spec_dict)
+    spec_dict["image_size"] = tuple(spec_dict["image_size"])
+    spec = TrialSpec(**spec_dict)
+    return run_trial(run_dir, cfg, spec, data_root=data_root, class_names=class_names, train=train, val=val,
+                     test=test, progress=lambda s: print(s, flush=True))
+
+
+def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path, class_names, opts: RayOptions,
+                   progress: Callable[[str], None]) -> dict[str, tuple[str, object]]:
+    """Run ``jobs`` = [(spec, train, val, test)] as Ray tasks; returns {name: ("done", metrics) | ("failed", msg)}."""
+    from dataclasses import asdict
+
+    ray = init_ray(opts)
+    task = ray.remote(_trial_task).options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial,
+                                           max_retries=opts.retries, retry_exceptions=True)
+    threads = max(1, int(opts.cpus_per_trial))
+    refs = {}
+    for spec, tr, va, te in jobs:
+        ref = task.remote(str(run_dir), config, asdict(spec), str(data_root), list(class_names),
+                          list(tr), list(va), list(te), threads)
+        refs[ref] = spec.name
+    total = ray.cluster_resources().get("CPU", 0)
+    progress(f"ray: {len(refs)} trial task(s) submitted ({opts.cpus_per_trial:g} CPU"
+             f"{f', {opts.gpus_per_trial:g} GPU' if opts.gpus_per_trial else ''} each; cluster has {total:g} CPU)")
+    out: dict[str, tuple[str, object]] = {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        name = refs[done[0]]
+        try:
+            out[name] = ("done", ray.get(done[0]))
+        except Exception as exc:  # RayTaskError wraps the trial's own exception
+            cause = getattr(exc, "cause", None) or exc
+            msg = getattr(cause, "message", None) or f"{type(cause).__name__}: {cause}"
+            out[name] = ("failed", f"{msg} (after {opts.retries} retr{'y' if opts.retries == 1 else 'ies'} on Ray)")
+        progress(f"ray: {len(out)}/{len(refs)} trial(s) finished ({name}: {out[name][0]})")
+    return out
