@@ -77,14 +77,31 @@ def _safe_rel(bundle: Path, rel: str) -> Path:
     return p
 
 
+def referenced_files(manifest: dict) -> list[str]:
+    """Every file the manifest's ``models`` and ``heads`` entries point at (sorted, unique)."""
+    refs = set()
+    for e in manifest.get("models", {}).values():
+        if isinstance(e, dict) and e.get("file"):
+            refs.add(str(e["file"]))
+    for e in manifest.get("heads", {}).values():
+        if isinstance(e, dict):
+            refs.update(str(e[k]) for k in ("pickle", "onnx") if e.get(k))
+    return sorted(refs)
+
+
 def check_files(path: str | os.PathLike, manifest: dict, *, hashes: bool = True) -> list[dict]:
     """Check every file of ``manifest['files']``; return a list of problems (empty = OK).
 
-    Each problem: ``{"file": rel, "problem": "missing|size|sha256", "expected": ..., "found": ...}``.
+    Each problem: ``{"file": rel, "problem": "missing|size|sha256|unlisted", "expected": ..., "found": ...}``;
+    ``unlisted``: a model or head file the manifest refers to has no SHA-256 in ``files``.
     """
     bundle = Path(path)
     problems = []
-    for rel, entry in sorted(manifest.get("files", {}).items()):
+    listed = manifest.get("files", {})
+    for rel in referenced_files(manifest):
+        if rel not in listed:  # a model or head the manifest points at must be hashed too
+            problems.append({"file": rel, "problem": "unlisted"})
+    for rel, entry in sorted(listed.items()):
         p = _safe_rel(bundle, rel)
         if not p.is_file():
             problems.append({"file": rel, "problem": "missing"})
@@ -146,6 +163,8 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True, allow_in
         first = problems[0]
         names = ", ".join(f"{p['file']} ({p['problem']})" for p in problems)
         cls = BundleError if all(p["problem"] == "missing" for p in problems) else TamperedBundleError
+        if any(p["problem"] == "unlisted" for p in problems):
+            cls = TamperedBundleError
         raise cls(
             f"bundle {bundle} does not match its manifest: {names}",
             hint="the file was changed or damaged after export; re-export the bundle"

@@ -84,3 +84,14 @@ def test_unsupported_version(tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="version 99"):
         load_bundle(b)
+
+
+def test_model_file_missing_from_the_hash_list_is_refused(tmp_path):
+    b = _make(tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    del m["files"]["heads/rf.pkl"]  # the head is still referenced but no longer hashed
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TamperedBundleError, match="heads/rf.pkl"):
+        load_bundle(b)
+    rep = verify_bundle(b)
+    assert not rep["ok"] and {"file": "heads/rf.pkl", "problem": "unlisted"} in rep["problems"]

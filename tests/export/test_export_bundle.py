@@ -65,10 +65,19 @@ def test_existing_bundle_is_refused_without_force_and_replaced_with_it(full_bund
     out = tmp_path / "b"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(BundleError, match="already holds files"):
-        export_bundle(run, out=out, progress=None)
-    r2 = export_bundle(run, out=out, force=True, progress=None)
-    assert r2.ok and not (out / "notes.txt").exists() and set(r2.manifest["models"]) == {"onnx-fp32"}
+    for force in (False, True):  # --force replaces bundles only, never a folder of other files
+        with pytest.raises(BundleError, match="not a transfer bundle"):
+            export_bundle(run, out=out, force=force, progress=None)
+    assert (out / "notes.txt").read_text() == "mine"
+    for bad in (run, run.parent):  # the run itself, or a folder holding it
+        with pytest.raises(BundleError, match="would replace the run"):
+            export_bundle(run, out=bad, force=True, progress=None)
+    assert (run / "run.json").is_file()
+    first = export_bundle(run, out=tmp_path / "c", progress=None)
+    (first.bundle_dir / "extra.txt").write_text("left by a user")
+    r2 = export_bundle(run, out=first.bundle_dir, force=True, progress=None)
+    assert r2.ok and not (r2.bundle_dir / "extra.txt").exists() and set(r2.manifest["models"]) == {"onnx-fp32"}
+    assert load_bundle(r2.bundle_dir).manifest["created"] >= first.manifest["created"]
 
 
 def test_tampered_file_is_named_by_verify_and_load(full_bundle, tmp_path):
@@ -150,4 +159,100 @@ def test_cli_export_prints_summary_and_rejects_bad_options(run_copy):
     assert r.exit_code == 2 and "MIN <= OPT <= MAX" in r.output
     r = CliRunner().invoke(cli, ["export", str(run_copy)])
     assert r.exit_code == 0, r.output
-    assert "verify onnx-fp32 vs Keras" in r.output and "PASS" in r.output
+    assert "verify onnx-fp32 vs Keras on" in r.output and "PASS" in r.output
+
+
+def test_run_without_a_finished_trial_is_refused(run_copy):
+    from transfer.export.api import export_bundle
+
+    for t in (run_copy / "trials").iterdir():
+        (t / "model.keras").unlink()
+    (run_copy / "best.json").unlink()
+    with pytest.raises(RunFolderError, match="no finished trial"):
+        export_bundle(run_copy, progress=None)
+    assert not (run_copy / "bundle").exists()
+
+
+def test_head_with_other_feature_dim_is_refused(full_bundle, tmp_path):
+    import pickle
+
+    from sklearn.ensemble import RandomForestClassifier
+
+    from transfer.errors import ExportError
+    from transfer.export.api import export_bundle
+    from transfer.fsutil import sha256_file
+
+    src, res = full_bundle
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    shutil.rmtree(run / "bundle")
+    trial = res.manifest["source"]["trial"]
+    pkl, js = run / "heads" / trial / "rf.pkl", run / "heads" / trial / "rf.json"
+    assert pkl.is_file() and js.is_file()  # the head the bundle export fitted and saved
+    d = res.manifest["feature_dim"]
+    rng = np.random.default_rng(0)
+    est = RandomForestClassifier(n_estimators=3, random_state=0).fit(rng.normal(size=(30, d + 3)),
+                                                                       np.arange(30) % 3)
+    pkl.write_bytes(pickle.dumps(est))
+    meta = json.loads(js.read_text())
+    meta["sha256"] = sha256_file(pkl)  # a consistent record of the wrong head
+    js.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=f"fitted on {d + 3}-d features"):
+        export_bundle(run, head="rf", progress=None)
+    meta["feature_dim"] = d + 3
+    js.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=f"takes {d + 3}-d features"):
+        export_bundle(run, head="rf", progress=None)
+    # right width, but fitted on two of the three classes: its columns would not line up
+    est = RandomForestClassifier(n_estimators=3, random_state=0).fit(rng.normal(size=(30, d)), np.arange(30) % 2)
+    pkl.write_bytes(pickle.dumps(est))
+    meta.update(feature_dim=d, sha256=sha256_file(pkl))
+    js.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"predicts classes \[0, 1\]"):
+        export_bundle(run, head="rf", progress=None)
+    assert not (run / "bundle").exists()
+
+
+def test_tampered_head_pickle_is_refused_before_unpickling(full_bundle, tmp_path):
+    from transfer.errors import TransferError
+    from transfer.export.api import export_bundle
+
+    src, res = full_bundle
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    pkl = run / "heads" / res.manifest["source"]["trial"] / "rf.pkl"
+    pkl.write_bytes(pkl.read_bytes() + b"x")
+    with pytest.raises(TransferError, match="modified"):
+        export_bundle(run, head="rf", out=tmp_path / "b", progress=None)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"atol": "x"}, "--atol"), ({"min_agreement": 1.5}, "--min-agreement"),
+    ({"max_accuracy_drop": -0.1}, "--max-accuracy-drop"), ({"verify_images": 0}, "--verify-images"),
+    ({"calib_images": 2.5}, "--calib-images"), ({"quantize": "int4"}, "int8"), ({"trt": "int4"}, "fp16"),
+    ({"batch": "1:0:4"}, "MIN:OPT:MAX"), ({"head": "xgb"}, "rf"),
+])
+def test_bad_options_fail_before_any_work(run_copy, kw, match):
+    from transfer.errors import ConfigError
+    from transfer.export.api import export_bundle
+
+    with pytest.raises(ConfigError, match=match):
+        export_bundle(run_copy, progress=None, **kw)
+    assert not [p for p in run_copy.iterdir() if "bundle" in p.name]
+
+
+def test_verify_deep_runs_every_onnx_model_and_names_a_broken_one(full_bundle, tmp_path):
+    from transfer.bundle import finalize_manifest
+
+    _, res = full_bundle
+    r = CliRunner().invoke(cli, ["verify", str(res.bundle_dir), "--deep"])
+    assert r.exit_code == 0, r.output
+    assert "3 ONNX model(s) ran" in r.output  # fp32, int8, rf head
+    b = tmp_path / "b"
+    shutil.copytree(res.bundle_dir, b)
+    shutil.copy(b / "heads" / "rf.onnx", b / "model.int8.onnx")  # a real ONNX file, the wrong model
+    finalize_manifest(b, json.loads((b / "manifest.json").read_text()))  # hashes now match
+    assert CliRunner().invoke(cli, ["verify", str(b)]).exit_code == 0  # hashes alone cannot tell
+    r = CliRunner().invoke(cli, ["verify", str(b), "--deep"])
+    assert r.exit_code == 1 and "model.int8.onnx" in r.output and "does not run" in r.output

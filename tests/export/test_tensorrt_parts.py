@@ -52,14 +52,60 @@ def test_no_gpu_is_a_distinct_clear_error():
     assert ei.value.exit_code == 3 and "NVIDIA GPU with CUDA" in str(ei.value.message)
 
 
+def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle, tmp_path):
+    """The explicit-quantization model TensorRT int8 engines are built from, checked on CPU."""
+    import onnxruntime as ort
+
+    from transfer.data.image import load_image
+    from transfer.export.tensorrt import prepare_int8_onnx, qdq_summary
+    from transfer.runfolder import RunFolder
+    from transfer.runtime.compare import compare_outputs
+
+    run, res = full_bundle
+    rf = RunFolder(run)
+    size = tuple(rf.trial(res.manifest["source"]["trial"]).image_size)
+    train, _ = rf.split_paths("train")
+    info = prepare_int8_onnx(res.bundle_dir / "model.onnx", tmp_path / "q.onnx",
+                             calibration_batches(train, size, count=64, batch=8))
+    assert info["symmetric"] and info["activations"] == "int8" and info["calibration_images"] == min(64, len(train))
+    assert info["qdq"]["quantize"] > 0 and info["qdq"]["nonzero_zero_points"] == []
+    # the CPU int8 model of the bundle is asymmetric (uint8 activations): not what TensorRT takes
+    assert qdq_summary(res.bundle_dir / "model.int8.onnx")["nonzero_zero_points"]
+    assert qdq_summary(res.bundle_dir / "model.onnx")["quantize"] == 0
+    paths, labels = rf.split_paths("val")
+    x = np.stack([load_image(p, size) for p in paths]).astype(np.float32)
+    ref = ort.InferenceSession(str(res.bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    v = compare_outputs(ref.run(["probs"], {"image": x})[0], q.run(["probs"], {"image": x})[0], labels)
+    assert v["accuracy_drop"] <= 0.05 and v["top1_agreement"] >= 0.9, v
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_build_engine_on_gpu(full_bundle, precision, tmp_path):
-    from transfer.export.tensorrt import build_engine
+    from transfer.export.tensorrt import build_engine, prepare_int8_onnx
 
     run, res = full_bundle
     h = res.manifest["input"]["height"]
-    calib = [np.random.default_rng(0).uniform(0, 255, (8, h, h, 3)).astype(np.float32)] * 4
-    info = build_engine(res.bundle_dir / "model.onnx", tmp_path / "m.engine", precision=precision,
-                        profile=BatchProfile(1, 8, 16), input_hw=(h, h), calib_batches=calib)
+    src = res.bundle_dir / "model.onnx"
+    if precision == "int8":
+        calib = [np.random.default_rng(0).uniform(0, 255, (8, h, h, 3)).astype(np.float32)] * 4
+        prepare_int8_onnx(src, tmp_path / "q.onnx", calib)
+        src = tmp_path / "q.onnx"
+    info = build_engine(src, tmp_path / "m.engine", precision=precision,
+                        profile=BatchProfile(1, 8, 16), input_hw=(h, h), timing_cache=tmp_path / "tc.cache")
     assert (tmp_path / "m.engine").stat().st_size > 0 and info["precision"] == precision
+    assert (tmp_path / "tc.cache").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_full_export_with_trt_fp16_is_verified(run_copy, tmp_path):
+    from transfer.bundle import load_bundle
+    from transfer.export.api import export_bundle
+
+    res = export_bundle(run_copy, out=tmp_path / "b", trt="fp16", batch="1:4:8", progress=None)
+    b = load_bundle(res.bundle_dir)
+    e = b.model_entry("trt-fp16")
+    assert e["gpu"] and e["compute_capability"] and e["tensorrt"] and e["batch"] == {"min": 1, "opt": 4, "max": 8}
+    assert b.manifest["verification"]["trt-fp16"]["passed"]
+

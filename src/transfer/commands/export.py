@@ -54,14 +54,21 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path())
-def verify(bundle) -> None:
-    """Re-check a bundle's files against the SHA-256 in its manifest (exit 1 on any problem)."""
-    from ..bundle import verify_bundle
-    from ..errors import TamperedBundleError
+@click.option("--deep", is_flag=True,
+              help="Also run every ONNX model and head once (ONNX Runtime, CPU) and check output shapes.")
+def verify(bundle, deep) -> None:
+    """Re-check a bundle's files against the SHA-256 in its manifest (exit 1 on any problem).
+
+    \b
+    transfer verify runs/digits/bundle
+    transfer verify runs/digits/bundle --deep
+    """
+    from ..bundle import load_bundle, verify_bundle
+    from ..errors import BundleError, TamperedBundleError
 
     rep = verify_bundle(bundle)
     for p in rep["problems"]:
-        extra = f" (expected {p.get('expected')}, found {p.get('found')})" if p["problem"] != "missing" else ""
+        extra = f" (expected {p.get('expected')}, found {p.get('found')})" if p["problem"] in ("size", "sha256") else ""
         click.echo(f"  {p['file']}: {p['problem']}{extra}", err=True)
     if rep["unlisted_files"]:
         click.echo(f"  note: files not in the manifest (ignored): {', '.join(rep['unlisted_files'])}", err=True)
@@ -70,11 +77,23 @@ def verify(bundle) -> None:
         raise TamperedBundleError(f"bundle {bundle} does not match its manifest: {names}",
                                   hint="re-export the bundle or restore the original files")
     if not rep["valid_at_export"]:
-        from ..errors import BundleError
-
         raise BundleError(f"bundle {bundle} is marked invalid: it failed verification at export",
                           hint=f"see {bundle}/verification.json")
-    click.echo(f"{bundle}: OK ({rep['files_checked']} files match their SHA-256; verified at export)")
+    ran = ""
+    if deep:
+        from ..export.verify import deep_check
+
+        b = load_bundle(bundle)
+        problems = deep_check(b)
+        for p in problems:
+            click.echo(f"  {p['file']}: {p['problem']}", err=True)
+        if problems:
+            raise BundleError(f"bundle {bundle}: {', '.join(sorted({p['file'] for p in problems}))} failed the deep check",
+                              hint="re-export the bundle with this version of transfer")
+        n = sum(1 for e in b.models.values() if e.get("runtime") == "onnxruntime") + \
+            sum(1 for e in b.heads.values() if e.get("onnx"))
+        ran = f"; {n} ONNX model(s) ran"
+    click.echo(f"{bundle}: OK ({rep['files_checked']} files match their SHA-256; verified at export{ran})")
 
 
 COMMANDS = [export, verify]

@@ -54,17 +54,31 @@ def calibration_batches(paths: Sequence[str | os.PathLike], size: tuple[int, int
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches, *,
-                  input_name: str = "image", per_channel: bool = True) -> dict:
-    """Static QDQ int8 quantization with ONNX Runtime (u8 activations, s8 weights).
+                  input_name: str = "image", per_channel: bool = True, symmetric: bool = False) -> dict:
+    """Static QDQ int8 quantization with ONNX Runtime.
 
     Runs ORT's recommended pre-processing (shape inference + graph optimization), then
     ``quantize_static`` with MinMax calibration over ``batches``.
 
+    Args:
+        fp32_path / out_path: the fp32 model and the int8 model to write.
+        batches: iterable of float32 (n, H, W, 3) calibration batches (see
+            :func:`calibration_batches`).
+        per_channel: per-channel weight scales.
+        symmetric: ``False`` (CPU default): u8 asymmetric activations, s8 weights.
+            ``True``: s8 symmetric activations and weights (all zero points 0), the
+            explicit-quantization form TensorRT 10 builds int8 engines from (its implicit
+            calibrators are deprecated since 10.1).
+
     Returns:
-        ``{"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel", "calibration_images"}``.
+        ``{"format": "QDQ", "activations", "weights", "symmetric", "per_channel", "calibration",
+        "calibration_images"}``.
 
     Raises:
-        ExportError: quantization failed.
+        ExportError: quantization failed, or no calibration batch was given.
+
+    Example:
+        >>> quantize_int8("model.onnx", "model.int8.onnx", calibration_batches(paths, (32, 32)))  # doctest: +SKIP
     """
     q = require("onnxruntime.quantization", purpose="int8 quantization")
     batches = iter(batches)
@@ -91,10 +105,17 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
             q.quantize_static(
                 str(src), str(out_path), _Reader(),
                 quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                activation_type=q.QuantType.QInt8 if symmetric else q.QuantType.QUInt8,
+                weight_type=q.QuantType.QInt8,
                 calibrate_method=q.CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else None,
             )
+        except ExportError:
+            raise
         except Exception as exc:
             raise ExportError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from exc
-    return {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": per_channel,
+    if seen["images"] == 0:
+        raise ExportError("int8 quantization got no calibration image", hint="check the run's splits/train.csv")
+    return {"format": "QDQ", "activations": "int8" if symmetric else "uint8", "weights": "int8",
+            "symmetric": symmetric, "per_channel": per_channel,
             "calibration": "minmax", "calibration_images": seen["images"]}

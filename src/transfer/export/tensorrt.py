@@ -1,8 +1,15 @@
 """TensorRT engines from the bundle's ONNX model (TensorRT 10 Python API).
 
-Everything that does not need a GPU (profile parsing, calibration batches, manifest
-entries, availability checks) is plain Python and unit-tested; building an engine needs
-an NVIDIA GPU with CUDA and the ``tensorrt`` package (``pip install "transfer[gpu]"``).
+fp32 / fp16 engines are built from ``model.onnx``; int8 engines use explicit quantization
+(TensorRT 10.1 deprecated the implicit ``IInt8*Calibrator`` classes): a symmetric QDQ
+copy of the model calibrated on training images with ONNX Runtime
+(:func:`prepare_int8_onnx`), whose scales TensorRT reads from the Q/DQ nodes.
+
+Everything that does not need a GPU (profile parsing, calibration batches, the QDQ
+model, manifest entries, availability checks) is plain Python and unit-tested; building
+an engine needs an NVIDIA GPU with CUDA and the ``tensorrt`` package
+(``pip install "transfer[gpu]"``). Without them :func:`require_tensorrt` raises
+:class:`~transfer.errors.TensorRTUnavailableError` (exit code 3).
 """
 
 from __future__ import annotations
@@ -118,48 +125,86 @@ def engine_entry(file: str, precision: str, profile: BatchProfile, device: dict)
             "outputs": {"features": "features", "probs": "probs"}, "batch": profile.as_dict(), **device}
 
 
-def _make_calibrator(trt, batches: Iterable[np.ndarray], batch_size: int, cache_file: Path):
-    """An IInt8EntropyCalibrator2 fed with host batches (padded to the calibration batch size)."""
-    from cuda import cudart  # cuda-python, part of the gpu extra
+def qdq_summary(onnx_path: str | os.PathLike) -> dict:
+    """Count QuantizeLinear / DequantizeLinear nodes and non-zero zero points of an ONNX model.
 
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self._it = iter(batches)
-            self._dev = None
+    TensorRT builds int8 engines from explicitly quantized (QDQ) models whose zero points
+    are all 0 (symmetric int8); this checks a model before it is handed to the builder.
 
-        def get_batch_size(self):
-            return batch_size
+    Returns:
+        ``{"quantize": n, "dequantize": n, "nonzero_zero_points": [initializer names]}``.
 
-        def get_batch(self, names):
-            b = next(self._it, None)
-            if b is None:
-                return None
-            if len(b) < batch_size:
-                b = np.concatenate([b, np.repeat(b[-1:], batch_size - len(b), axis=0)])
-            b = np.ascontiguousarray(b, dtype=np.float32)
-            if self._dev is None:
-                err, self._dev = cudart.cudaMalloc(b.nbytes)
-            cudart.cudaMemcpy(self._dev, b.ctypes.data, b.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
-            return [int(self._dev)]
+    Example:
+        >>> qdq_summary("model.trt-int8.onnx")["nonzero_zero_points"]  # doctest: +SKIP
+        []
+    """
+    import onnx
+    from onnx import numpy_helper
 
-        def read_calibration_cache(self):
-            return cache_file.read_bytes() if cache_file.is_file() else None
+    m = onnx.load(str(onnx_path))
+    inits = {i.name: i for i in m.graph.initializer}
+    q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    nonzero = []
+    for n in q + dq:
+        if len(n.input) > 2 and n.input[2] in inits:
+            if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+                nonzero.append(n.input[2])
+    return {"quantize": len(q), "dequantize": len(dq), "nonzero_zero_points": sorted(set(nonzero))}
 
-        def write_calibration_cache(self, cache):
-            cache_file.write_bytes(bytes(cache))
 
-    return Calibrator()
+def prepare_int8_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
+                      calib_batches: Iterable[np.ndarray]) -> dict:
+    """The explicitly quantized model a TensorRT int8 engine is built from (no GPU needed).
+
+    TensorRT 10.1 deprecated its implicit-quantization calibrators
+    (``IInt8EntropyCalibrator2`` ...) in favour of explicit quantization: a QDQ ONNX model
+    with symmetric int8 scales. This calibrates one with ONNX Runtime on ``calib_batches``
+    (training images) and checks that every zero point is 0.
+
+    Returns:
+        the quantization record of :func:`transfer.export.quantize.quantize_int8` plus
+        ``"qdq"``: :func:`qdq_summary`.
+
+    Raises:
+        ExportError: quantization failed or produced an asymmetric / unquantized graph.
+    """
+    from ..errors import ExportError
+    from .quantize import quantize_int8
+
+    info = quantize_int8(fp32_path, out_path, calib_batches, symmetric=True)
+    summary = qdq_summary(out_path)
+    if summary["quantize"] == 0 or summary["nonzero_zero_points"]:
+        raise ExportError(f"the int8 model for TensorRT is not symmetric QDQ: {summary}")
+    return {**info, "qdq": summary}
 
 
 def build_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, precision: str,
                  profile: BatchProfile, input_hw: tuple[int, int], workspace_mb: int = 2048,
-                 calib_batches: Iterable[np.ndarray] | None = None, timing_cache: str | os.PathLike | None = None) -> dict:
+                 timing_cache: str | os.PathLike | None = None) -> dict:
     """Build and serialize an engine with the TensorRT Python API (needs a GPU).
 
     Explicit batch network from the ONNX parser, one optimization profile over the batch
-    dimension, workspace limit, fp16 / int8 flags (int8 calibrated with ``calib_batches``),
-    optional timing cache reuse.
+    dimension, workspace limit, fp16 flag, optional timing cache reuse. For ``int8`` the
+    ONNX model must be explicitly quantized (:func:`prepare_int8_onnx`): TensorRT reads
+    the scales from its Q/DQ nodes (INT8 + FP16 flags so the unquantized layers may run
+    in fp16).
+
+    Args:
+        onnx_path: ``model.onnx`` (fp32 / fp16) or the symmetric QDQ model (int8).
+        out_path: engine file to write.
+        precision: ``fp32|fp16|int8``.
+        profile: batch sizes of the optimization profile.
+        input_hw: (H, W) of the ``image`` input.
+        workspace_mb: builder workspace memory pool limit.
+        timing_cache: file of a timing cache to read and update (speeds up rebuilds).
+
+    Returns:
+        ``{"precision", "batch", "workspace_mb"}``.
+
+    Example:
+        >>> build_engine("bundle/model.onnx", "model.fp16.engine", precision="fp16",
+        ...              profile=parse_batch_profile("1:8:32"), input_hw=(224, 224))  # doctest: +SKIP
 
     Raises:
         TensorRTUnavailableError: no GPU / TensorRT.
@@ -169,6 +214,9 @@ def build_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, p
 
     precision = check_precision(precision)
     trt = require_tensorrt()
+    if precision == "int8" and qdq_summary(onnx_path)["quantize"] == 0:
+        raise ExportError(f"{onnx_path} has no QuantizeLinear node; int8 engines are built from an explicitly "
+                          "quantized model", hint="make one with transfer.export.tensorrt.prepare_int8_onnx")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
@@ -190,16 +238,15 @@ def build_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, p
         cache_obj = config.create_timing_cache(tc.read_bytes() if tc.is_file() else b"")
         config.set_timing_cache(cache_obj, ignore_mismatch=False)
     if precision == "int8":
-        if calib_batches is None:
-            raise ExportError("int8 engines need calibration images")
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_calibration_profile(prof)
-        config.int8_calibrator = _make_calibrator(trt, calib_batches, profile.opt,
-                                                  Path(str(out_path) + ".calib.cache"))
+        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the Q/DQ nodes (explicit quantization)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build a {precision} engine from {onnx_path} (see the log above)")
-    Path(out_path).write_bytes(bytes(serialized))
+    from ..fsutil import atomic_path
+
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
     if cache_obj is not None:
-        Path(timing_cache).write_bytes(bytes(cache_obj.serialize()))
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(bytes(cache_obj.serialize()))
     return {"precision": precision, "batch": profile.as_dict(), "workspace_mb": workspace_mb}

@@ -1,0 +1,96 @@
+"""Writing a bundle folder safely: where it may go, staging and the atomic swap, tool versions.
+
+A bundle is assembled in a hidden sibling folder (``.NAME.partial-PID``) and renamed into
+place only when complete, so a kill never leaves a half bundle that looks valid;
+:func:`transfer.bundle.finalize_manifest` hashes every file into ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from .. import __version__
+from ..bundle import MANIFEST
+from ..errors import BundleError
+
+TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "scikit-learn", "skl2onnx")
+
+
+def tool_versions() -> dict:
+    """Versions of transfer and the tools that made the bundle (installed distributions only)."""
+    out = {"transfer": __version__}
+    for dist in TOOLS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def check_out(out: Path, force: bool, run_path: Path | None = None) -> None:
+    """Refuse an ``out`` that would overwrite something that is not a bundle.
+
+    An existing bundle (a folder with ``manifest.json``) is replaced only with ``force``;
+    a non-empty folder that is not a bundle, the run folder, or any folder holding the
+    run is never replaced (replacing deletes the old folder).
+
+    Raises:
+        BundleError: what is in the way and what to do.
+
+    Example:
+        >>> check_out(Path("runs/digits/bundle"), force=False)  # doctest: +SKIP
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} exists and is not a folder", hint="choose another --out")
+    if run_path is not None:
+        o, r = out.resolve(), Path(run_path).resolve()
+        if o == r or o in r.parents:
+            raise BundleError(f"--out {out} is the run folder or holds it; the export would replace the run",
+                              hint=f"use the default {Path(run_path) / 'bundle'} or another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise BundleError(f"output folder {out} already holds files that are not a transfer bundle",
+                              hint="choose an empty or new --out (--force only replaces an existing bundle)")
+        if not force:
+            raise BundleError(f"output folder {out} already holds another bundle",
+                              hint="pass --force to replace it, or choose another --out")
+
+
+@contextmanager
+def staged_bundle(out: Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder; on success swap it in as ``out``.
+
+    On any exception (including KeyboardInterrupt) the staging folder is removed and
+    ``out`` is left as it was. An existing ``out`` is moved aside first and deleted after
+    the new bundle is in place.
+
+    Example:
+        >>> with staged_bundle(Path("runs/digits/bundle")) as tmp:  # doctest: +SKIP
+        ...     (tmp / "model.onnx").write_bytes(data)
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,195 @@
+"""Verification of exported models on real images: the numbers and the pass/fail rules.
+
+Every check compares a candidate (ONNX fp32, int8, a TensorRT engine, an ONNX head) with
+its reference (Keras, ONNX fp32, the pickled head) on the same real validation images,
+with :func:`transfer.runtime.compare.compare_outputs`, and adds ``passed`` and the limits
+it was judged by. The exporter marks a bundle invalid when any check fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import DataError, ImageDecodeError
+from ..runtime.compare import compare_outputs
+
+Progress = Callable[[str], None]
+
+
+def verification_images(run, size: tuple[int, int], n: int, progress: Progress | None = None):
+    """Up to ``n`` readable images of the val split (then test), with their labels.
+
+    Pixels come from :func:`transfer.data.image.load_image`, the one pixel path of
+    training and the runtime; undecodable files are skipped.
+
+    Returns:
+        ``(x float32 (k, H, W, 3), labels int (k,), [paths])``.
+
+    Raises:
+        DataError: no readable val or test image.
+
+    Example:
+        >>> x, y, used = verification_images(RunFolder("runs/digits"), (32, 32), 64)  # doctest: +SKIP
+    """
+    from ..data.image import load_image
+
+    xs, ys, used = [], [], []
+    for split in ("val", "test"):
+        paths, labels = run.split_paths(split)
+        for p, y in zip(paths, labels):
+            if len(xs) >= n:
+                break
+            try:
+                xs.append(load_image(p, size))
+            except ImageDecodeError:
+                continue
+            ys.append(int(y))
+            used.append(str(p))
+        if len(xs) >= n:
+            break
+    if not xs:
+        raise DataError(f"no readable validation or test image in {run.path} to verify the export with",
+                        hint="check the data folder named in dataset.json is still there")
+    if progress:
+        progress(f"verification set: {len(xs)} image(s) from the val/test splits")
+    return np.stack(xs).astype(np.float32), np.asarray(ys), used
+
+
+def ort_session(path: str | Path):
+    """A CPU ONNX Runtime session (the reference runtime of verification)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_ort(sess, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(features, probs)`` of a bundle model session over ``x`` in batches."""
+    feats, probs = [], []
+    for i in range(0, len(x), batch):
+        f, p = sess.run(["features", "probs"], {"image": x[i:i + batch]})
+        feats.append(f)
+        probs.append(p)
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def parity_check(reference: np.ndarray, candidate: np.ndarray, labels: Sequence[int] | None, *,
+                 atol: float, min_agreement: float, reference_name: str) -> dict:
+    """Same-precision check (ONNX fp32 vs Keras, ONNX head vs pickle, TensorRT fp32).
+
+    Passes when top-1 agreement >= ``min_agreement`` and max |dp| <= ``atol`` (a NaN fails).
+
+    Example:
+        >>> parity_check(np.eye(2), np.eye(2), [0, 1], atol=1e-4, min_agreement=0.999,
+        ...              reference_name="keras")["passed"]
+        True
+    """
+    v = compare_outputs(reference, candidate, labels)
+    v["passed"] = bool(v["top1_agreement"] >= min_agreement and v["max_abs_diff"] <= atol)
+    v["reference"] = reference_name
+    v["limits"] = {"atol": atol, "min_agreement": min_agreement}
+    return v
+
+
+def accuracy_check(reference: np.ndarray, candidate: np.ndarray, labels: Sequence[int], *,
+                   max_accuracy_drop: float, reference_name: str) -> dict:
+    """Reduced-precision check (int8, fp16): passes when the accuracy drop <= the limit.
+
+    The validation accuracy of both sides is recorded next to each other.
+
+    Example:
+        >>> accuracy_check(np.eye(2), np.eye(2)[::-1], [0, 1], max_accuracy_drop=0.01,
+        ...                reference_name="onnx-fp32")["passed"]
+        False
+    """
+    if labels is None:
+        raise ValueError("an accuracy check needs labels")
+    v = compare_outputs(reference, candidate, labels)
+    drop = v["accuracy_drop"]
+    v["passed"] = bool(np.isfinite(drop) and drop <= max_accuracy_drop and np.all(np.isfinite(candidate)))
+    v["reference"] = reference_name
+    v["limits"] = {"max_accuracy_drop": max_accuracy_drop}
+    return v
+
+
+def summary_line(key: str, v: dict) -> str:
+    """One human line of a check, as ``transfer export`` prints it."""
+    verdict = "PASS" if v["passed"] else "FAIL"
+    if "max_accuracy_drop" in v.get("limits", {}):
+        return (f"verify {key} vs {v['reference']} on {v['images']} images: accuracy "
+                f"{v['candidate_accuracy']:.4f} vs {v['reference_accuracy']:.4f} (drop "
+                f"{100 * v['accuracy_drop']:.2f} points, limit {100 * v['limits']['max_accuracy_drop']:.2f}), "
+                f"top-1 agreement {v['top1_agreement']:.4f} -> {verdict}")
+    return (f"verify {key} vs {v['reference']} on {v['images']} images: max |dp| {v['max_abs_diff']:.2e}, "
+            f"mean {v['mean_abs_diff']:.2e}, top-1 agreement {v['top1_agreement']:.4f} -> {verdict}")
+
+
+def deep_check(bundle, batch: int = 2) -> list[dict]:
+    """Run every ONNX model and head of a loaded bundle once (``transfer verify --deep``).
+
+    Feeds ``batch`` synthetic images (a fixed gradient, RGB 0..255) to each ONNX model
+    of the manifest and checks the output names and shapes ((N, feature_dim), (N,
+    num_classes)) and that probabilities are finite and sum to 1; feeds the fp32 features
+    to each ONNX head the same way. TensorRT engines are skipped (they need their GPU).
+
+    Args:
+        bundle: a :class:`transfer.bundle.Bundle` (already hash-checked).
+
+    Returns:
+        problems, each ``{"file", "problem"}``; empty when everything ran.
+
+    Example:
+        >>> deep_check(load_bundle("runs/digits/bundle"))  # doctest: +SKIP
+        []
+    """
+    m = bundle.manifest
+    h, w = bundle.input_size
+    d, c = int(m.get("feature_dim", -1)), len(m["class_names"])
+    grad = np.linspace(0, 255, h * w * 3, dtype=np.float32).reshape(1, h, w, 3)
+    x = np.concatenate([grad, 255 - grad] * batch)[:batch]
+    problems: list[dict] = []
+    feats = None
+
+    def bad_probs(p, n, precision: str = "fp32") -> str | None:
+        if p.shape != (n, c):
+            return f"probabilities of shape {p.shape}, expected {(n, c)}"
+        if not np.all(np.isfinite(p)):
+            return "probabilities are not finite"
+        # an int8 graph quantizes the softmax output too: up to half a step (1/255) per class
+        tol = 1e-3 if precision != "int8" else max(0.02, c / 255.0)
+        if not np.allclose(p.sum(1), 1.0, atol=tol):
+            return f"probabilities sum to {np.round(p.sum(1), 4).tolist()}, not 1 (+-{tol:g})"
+        return None
+
+    for key, e in sorted(bundle.models.items()):
+        if e.get("runtime") != "onnxruntime":
+            continue
+        try:
+            f, p = run_ort(ort_session(bundle.file(e["file"])), x)
+        except Exception as exc:  # noqa: BLE001 - any failure to run is the finding
+            problems.append({"file": e["file"], "problem": f"{key} does not run: {type(exc).__name__}: {exc}"})
+            continue
+        if f.shape != (batch, d):
+            problems.append({"file": e["file"], "problem": f"features of shape {f.shape}, expected {(batch, d)}"})
+        msg = bad_probs(p, batch, e.get("precision", "fp32"))
+        if msg:
+            problems.append({"file": e["file"], "problem": msg})
+        if key == "onnx-fp32":
+            feats = f
+    for name, e in sorted(bundle.heads.items()):
+        if feats is None or not e.get("onnx"):
+            continue
+        try:
+            sess = ort_session(bundle.file(e["onnx"]))
+            p = sess.run([e.get("output", "probabilities")], {e.get("input", "features"): feats.astype(np.float32)})[0]
+        except Exception as exc:  # noqa: BLE001
+            problems.append({"file": e["onnx"], "problem": f"head {name} does not run: {type(exc).__name__}: {exc}"})
+            continue
+        msg = bad_probs(np.asarray(p), batch)
+        if msg:
+            problems.append({"file": e["onnx"], "problem": msg})
+    return problems

@@ -1,0 +1,85 @@
+"""Pass/fail rules of verification and the safe bundle folder handling (no models needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transfer.errors import BundleError
+from transfer.export.bundle_writer import check_out, staged_bundle, tool_versions
+from transfer.export.verify import accuracy_check, parity_check, summary_line
+
+P = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+Y = np.array([0, 1, 0, 1])
+
+
+def test_parity_check_limits():
+    ok = parity_check(P, P + 5e-5, Y, atol=1e-4, min_agreement=0.999, reference_name="Keras")
+    assert ok["passed"] and ok["limits"] == {"atol": 1e-4, "min_agreement": 0.999} and ok["reference"] == "Keras"
+    assert "PASS" in summary_line("onnx-fp32", ok) and "vs Keras on 4 images" in summary_line("onnx-fp32", ok)
+    assert not parity_check(P, P + 2e-4, Y, atol=1e-4, min_agreement=0.999, reference_name="k")["passed"]
+    flipped = P.copy()
+    flipped[2] = [0.4, 0.6]  # one top-1 flip of four
+    v = parity_check(P, flipped, Y, atol=1.0, min_agreement=0.999, reference_name="k")
+    assert not v["passed"] and v["top1_agreement"] == 0.75 and "FAIL" in summary_line("x", v)
+    nan = P.copy()
+    nan[0, 0] = np.nan
+    assert not parity_check(P, nan, Y, atol=1.0, min_agreement=0.0, reference_name="k")["passed"]
+
+
+def test_accuracy_check_limits():
+    worse = P.copy()
+    worse[2] = [0.4, 0.6]  # accuracy 1.0 -> 0.75
+    v = accuracy_check(P, worse, Y, max_accuracy_drop=0.01, reference_name="onnx-fp32")
+    assert not v["passed"] and v["accuracy_drop"] == pytest.approx(0.25)
+    assert "drop 25.00 points, limit 1.00" in summary_line("onnx-int8", v)
+    assert accuracy_check(P, worse, Y, max_accuracy_drop=0.3, reference_name="r")["passed"]
+    assert accuracy_check(P, P * 0.9 + 0.05, Y, max_accuracy_drop=0.0, reference_name="r")["passed"]
+    nan = P.copy()
+    nan[:, :] = np.nan
+    assert not accuracy_check(P, nan, Y, max_accuracy_drop=1.0, reference_name="r")["passed"]
+    with pytest.raises(ValueError):
+        accuracy_check(P, P, None, max_accuracy_drop=0.01, reference_name="r")
+
+
+def test_check_out_rules(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    check_out(tmp_path / "new", False, run)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty", False, run)  # empty: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="not a folder"):
+        check_out(tmp_path / "file", True, run)
+    with pytest.raises(BundleError, match="would replace the run"):
+        check_out(tmp_path, True, run)
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "manifest.json").write_text("{}")
+    with pytest.raises(BundleError, match="another bundle"):
+        check_out(b, False, run)
+    check_out(b, True, run)
+
+
+def test_staged_bundle_swaps_in_or_leaves_the_old_one(tmp_path):
+    out = tmp_path / "bundle"
+    with staged_bundle(out) as tmp:
+        assert tmp.name.startswith(".") and tmp.parent == tmp_path
+        (tmp / "a.txt").write_text("1")
+    assert (out / "a.txt").read_text() == "1"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_bundle(out) as tmp:
+            (tmp / "a.txt").write_text("2")
+            raise KeyboardInterrupt
+    assert (out / "a.txt").read_text() == "1"  # the old bundle is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no leftovers
+    with staged_bundle(out) as tmp:
+        (tmp / "b.txt").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_tool_versions_name_the_converters():
+    v = tool_versions()
+    for k in ("transfer", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "scikit-learn", "skl2onnx"):
+        assert v.get(k), k
