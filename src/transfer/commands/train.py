@@ -33,6 +33,7 @@ _FLAG_KEYS = {
     "tensorboard": ("tensorboard", None),
     "workers": ("workers", None),
     "train_bn": ("train_bn", None),
+    "strategy": ("strategy", None),
     "out": ("out", None),
 }
 
@@ -64,6 +65,9 @@ _FLAG_KEYS = {
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs into each trial folder.")
 @click.option("--workers", type=int, help="Image decode threads. [default: 2]")
 @click.option("--train-bn", is_flag=True, help="Let BatchNormalization layers of the trainable part update their statistics.")
+@click.option("--strategy", type=click.Choice(["default", "mirrored"]),
+              help="mirrored: each trial over all GPUs of the machine (tf.distribute.MirroredStrategy; "
+                   "--batch-size stays global). [default: default]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags given on the command line win.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (re-run the same command to resume).")
 @click.option("--ray", "use_ray", is_flag=True,
@@ -107,8 +111,12 @@ def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_tria
         from ..trainer.distributed import RayOptions
 
         ray_opts = RayOptions(address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-    elif address:
-        raise ConfigError("--address needs --ray")
+    else:
+        for opt, param in (("--address", "address"), ("--cpus-per-trial", "cpus_per_trial"),
+                           ("--gpus-per-trial", "gpus_per_trial")):
+            src = ctx.get_parameter_source(param)
+            if src is not None and src.name != "DEFAULT":
+                raise ConfigError(f"{opt} needs --ray", hint="add --ray to run the trials as Ray tasks")
     res = run_sweep(cfg, progress=click.echo, ray=ray_opts)
     click.echo("")
     click.echo(res.table_md.rstrip())

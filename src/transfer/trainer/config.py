@@ -26,6 +26,7 @@ OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("crossentropy", "l1")
 FREEZE_BY = ("layers", "params", "blocks")
 SPLIT_METHODS = ("stratified", "random")
+STRATEGIES = ("default", "mirrored")  # mirrored: tf.distribute.MirroredStrategy over this machine's devices
 
 # keys whose change alters the results of an existing run (resume must refuse)
 RESULT_KEYS = (
@@ -73,6 +74,7 @@ class TrainConfig:
     tensorboard: bool = False
     workers: int = 2
     train_bn: bool = False
+    strategy: str = "default"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -138,6 +140,9 @@ def validate(c: TrainConfig) -> None:
         _fail("optimizer", c.optimizer, ", ".join(OPTIMIZERS))
     if c.loss not in LOSSES:
         _fail("loss", c.loss, ", ".join(LOSSES))
+    if c.strategy not in STRATEGIES:
+        _fail("strategy", c.strategy, ", ".join(STRATEGIES)
+              + " (mirrored: one trial over all GPUs of the machine, or its logical CPU devices)")
     if c.split not in SPLIT_METHODS:
         _fail("split", c.split, ", ".join(SPLIT_METHODS))
     if not isinstance(c.epochs, int) or c.epochs < 1:

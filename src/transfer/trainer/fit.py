@@ -185,18 +185,37 @@ def _save_keras(model, path: Path) -> None:
         model.save(tmp)
 
 
+def _replicas(cfg: TrainConfig) -> int:
+    if cfg.strategy == "default":
+        return 1
+    return int(import_tensorflow().distribute.get_strategy().num_replicas_in_sync)
+
+
 def _source(data_root, samples, cfg: TrainConfig, spec: TrialSpec, *, train: bool):
     from ..data.batches import BatchSource
 
+    # Under a mirrored strategy every batch must split evenly over the replicas (an
+    # empty or uneven per-replica batch fails in TensorFlow): training drops the uneven
+    # remainder (other images each epoch: the order is shuffled), evaluation picks the
+    # largest batch size <= batch_size that splits evenly (same metrics).
+    replicas, n, bs, drop = _replicas(cfg), len(samples), cfg.batch_size, False
+    if replicas > 1 and (n % bs) % replicas:
+        if train and n >= bs and bs % replicas == 0:
+            drop = True
+        else:  # KNOWN LIMIT: a split whose size is not a multiple of the replica count can still fail
+            for cand in range(bs, 0, -1):
+                if cand % replicas == 0 and (n % cand) % replicas == 0:
+                    bs = cand
+                    break
     return BatchSource(
         data_root,
         list(samples),
-        cfg.batch_size,
+        bs,
         tuple(spec.image_size),
         shuffle=train,
         seed=cfg.seed,
         augment=tuple(cfg.augment) if train else (),
-        drop_remainder=False,
+        drop_remainder=drop,
     )
 
 
@@ -279,6 +298,11 @@ def run_trial(
 ) -> dict:
     """Train (or resume, or skip) one trial and return its metrics.
 
+    With ``cfg.strategy == "mirrored"`` the model is built, loaded, compiled, trained
+    and evaluated inside a ``tf.distribute.MirroredStrategy`` scope (one replica per
+    device; see :func:`transfer.trainer.distributed.make_strategy`); the run folder it
+    writes is the same.
+
     Args:
         run_dir: the run folder.
         cfg: the resolved configuration.
@@ -298,6 +322,22 @@ def run_trial(
         >>> run_trial("runs/d", cfg, spec, data_root="data/d", class_names=names,
         ...           train=tr, val=va, test=te)   # doctest: +SKIP
     """
+    tdir = Path(run_dir) / "trials" / spec.name
+    if cfg.strategy == "default" or is_finished(tdir):
+        return _train_trial(run_dir, cfg, spec, data_root=data_root, class_names=class_names, train=train,
+                            val=val, test=test, progress=progress)
+    from .distributed import make_strategy
+
+    strategy = make_strategy(cfg.strategy)
+    progress(f"  [{spec.name}] {cfg.strategy} strategy: {strategy.num_replicas_in_sync} replica(s) on "
+             f"{', '.join(strategy.extended.worker_devices)}")
+    with strategy.scope():
+        return _train_trial(run_dir, cfg, spec, data_root=data_root, class_names=class_names, train=train,
+                            val=val, test=test, progress=progress)
+
+
+def _train_trial(run_dir, cfg: TrainConfig, spec: TrialSpec, *, data_root, class_names, train, val, test,
+                 progress) -> dict:
     keras = import_keras()
     run_dir = Path(run_dir)
     tdir = run_dir / "trials" / spec.name
