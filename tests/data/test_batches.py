@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from transfer.data.batches import AUGMENTATIONS, BatchSource
 from transfer.data.folder import index_folder
@@ -100,3 +101,25 @@ def test_bad_options(indexed):
         BatchSource(indexed.root, indexed.samples, 0, (4, 4))
     with pytest.raises(ConfigError, match="image size"):
         BatchSource(indexed.root, indexed.samples, 2, (0, 4))
+
+
+def test_pad_to_multiple_repeats_the_batch_own_images(tmp_path):
+    """--strategy mirrored: every batch, the last included, splits evenly over the replicas."""
+    from transfer.data.folder import Sample
+
+    root = tmp_path / "d"
+    (root / "a").mkdir(parents=True)
+    samples = []
+    for i in range(7):
+        Image.fromarray(np.full((8, 8, 3), i * 30, np.uint8)).save(root / "a" / f"{i}.png")
+        samples.append(Sample(f"a/{i}.png", i % 2))
+    src = BatchSource(root, samples, 3, (8, 8), pad_to_multiple=2)
+    sizes = [len(src.get(i).x) for i in range(len(src))]
+    assert sizes == [4, 4, 2]  # 3 -> 4, 3 -> 4, 1 -> 2
+    b = src.get(0)
+    assert b.paths == ["a/0.png", "a/1.png", "a/2.png", "a/0.png"]
+    np.testing.assert_array_equal(b.x[3], b.x[0])
+    assert b.y.tolist() == [0, 1, 0, 0]
+    assert [len(BatchSource(root, samples, 3, (8, 8)).get(i).x) for i in range(3)] == [3, 3, 1]
+    with pytest.raises(ConfigError, match="pad_to_multiple"):
+        BatchSource(root, samples, 3, (8, 8), pad_to_multiple=0)

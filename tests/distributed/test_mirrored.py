@@ -29,11 +29,26 @@ _SCRIPT = textwrap.dedent("""
     from transfer.trainer.config import load_config
     from transfer.trainer.sweep import run_sweep
 
-    data = make_pattern_folder(__import__("pathlib").Path(sys.argv[1]), per_class=20)  # 42/12/6: even splits
+    from pathlib import Path
+    import numpy as np
+    # 23 per class: an odd val split, and batches of 7: every batch, the first included,
+    # splits unevenly over 2 replicas (TensorFlow fails on that unless it is padded)
+    data = make_pattern_folder(Path(sys.argv[1]), per_class=23)  # 48/15/6
     lines = []
-    cfg = load_config(None, base_overrides(data, sys.argv[2], trainable="1", epochs=2, strategy="mirrored"))
+    cfg = load_config(None, base_overrides(data, sys.argv[2], trainable="1", epochs=2, batch_size=7,
+                                           strategy="mirrored"))
     res = run_sweep(cfg, progress=lines.append)
-    print("RESULT " + json.dumps({"ok": res.ok, "failed": res.failed, "lines": lines}))
+    # the recorded val accuracy must be the exact one (no padded repeats counted)
+    from transfer.data.image import load_image
+    from transfer.models.build import load_model
+    import csv
+    rows = [r for r in csv.DictReader(open(Path(sys.argv[2]) / "splits" / "val.csv"))]
+    x = np.stack([load_image(data / r["path"], (16, 16)) for r in rows]).astype("float32")
+    y = np.array([int(r["label"]) for r in rows])
+    m = load_model(Path(sys.argv[2]) / "trials" / "arc2-t100" / "model.keras")
+    acc = float((m.predict(x, verbose=0).argmax(1) == y).mean())
+    print("RESULT " + json.dumps({"ok": res.ok, "failed": res.failed, "lines": lines, "n_val": len(rows),
+                                  "acc": acc}))
 """)
 
 
@@ -51,6 +66,8 @@ def test_mirrored_trial_on_two_logical_cpus(tmp_path):
     metrics = json.loads((tdir / "metrics.json").read_text())
     assert json.loads((tdir / "status.json").read_text())["state"] == "done"
     assert metrics["epochs_run"] == 2 and 0.0 <= metrics["val"]["accuracy"] <= 1.0
+    assert res["n_val"] % 2 == 1  # the uneven case really was exercised
+    assert metrics["val"]["accuracy"] == pytest.approx(res["acc"], abs=1e-6)
     with open(tdir / "history.csv", newline="") as fh:
         hist = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in hist] == [1, 2] and all(float(r["loss"]) > 0 for r in hist)

@@ -131,6 +131,9 @@ class BatchSource:
         augment: names from :data:`AUGMENTATIONS` (the trainer passes them for train only).
         drop_remainder: drop the last incomplete batch.
         max_pixels: decode limit, as for indexing.
+        pad_to_multiple: pad every batch to a multiple of this many images by repeating
+            its own first images (``--strategy mirrored``: each of N replicas must get
+            the same number of images; TensorFlow fails on an empty or uneven share).
 
     A file that fails to decode is recorded in :attr:`failed` and replaced by the next
     decodable sample of the split (in sample order), so batches keep their size.
@@ -156,7 +159,11 @@ class BatchSource:
         augment: Sequence[str] = (),
         drop_remainder: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        pad_to_multiple: int = 1,
     ):
+        if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, (int, np.integer)) \
+                or pad_to_multiple < 1:
+            raise ConfigError(f"pad_to_multiple must be an integer >= 1 (got {pad_to_multiple!r})")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ConfigError(f"batch size must be an integer >= 1 (got {batch_size!r})")
         try:
@@ -174,6 +181,7 @@ class BatchSource:
         self.augment = check_augmentations(augment)
         self.drop_remainder = bool(drop_remainder)
         self.max_pixels = max_pixels
+        self.pad_to_multiple = int(pad_to_multiple)
         self.failed: list[BadFile] = []
         self._lock = threading.Lock()
         self._bad_index: dict[int, str] = {}
@@ -243,6 +251,9 @@ class BatchSource:
             raise IndexError(f"batch {i} out of range (0..{len(self) - 1})")
         epoch, order = self._state
         idxs = order[i * self.batch_size:(i + 1) * self.batch_size]
+        k = self.pad_to_multiple
+        if len(idxs) % k:  # repeat the batch's own images up to a multiple of k
+            idxs = np.resize(idxs, -(-len(idxs) // k) * k)
         h, w = self.image_size
         x = np.empty((len(idxs), h, w, 3), dtype=np.float32)
         y = np.empty((len(idxs),), dtype=np.int64)

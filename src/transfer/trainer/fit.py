@@ -24,6 +24,7 @@ import io
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -185,37 +186,23 @@ def _save_keras(model, path: Path) -> None:
         model.save(tmp)
 
 
-def _replicas(cfg: TrainConfig) -> int:
-    if cfg.strategy == "default":
-        return 1
-    return int(import_tensorflow().distribute.get_strategy().num_replicas_in_sync)
-
-
-def _source(data_root, samples, cfg: TrainConfig, spec: TrialSpec, *, train: bool):
+def _source(data_root, samples, cfg: TrainConfig, spec: TrialSpec, *, train: bool, replicas: int = 1):
     from ..data.batches import BatchSource
 
     # Under a mirrored strategy every batch must split evenly over the replicas (an
-    # empty or uneven per-replica batch fails in TensorFlow): training drops the uneven
-    # remainder (other images each epoch: the order is shuffled), evaluation picks the
-    # largest batch size <= batch_size that splits evenly (same metrics).
-    replicas, n, bs, drop = _replicas(cfg), len(samples), cfg.batch_size, False
-    if replicas > 1 and (n % bs) % replicas:
-        if train and n >= bs and bs % replicas == 0:
-            drop = True
-        else:  # KNOWN LIMIT: a split whose size is not a multiple of the replica count can still fail
-            for cand in range(bs, 0, -1):
-                if cand % replicas == 0 and (n % cand) % replicas == 0:
-                    bs = cand
-                    break
+    # empty or uneven per-replica batch fails inside TensorFlow): batches are padded
+    # with repeats of their own images. Only training and the per-epoch validation see
+    # the padding; the final metrics are computed on one device without it.
     return BatchSource(
         data_root,
         list(samples),
-        bs,
+        cfg.batch_size,
         tuple(spec.image_size),
         shuffle=train,
         seed=cfg.seed,
         augment=tuple(cfg.augment) if train else (),
-        drop_remainder=drop,
+        drop_remainder=False,
+        pad_to_multiple=replicas,
     )
 
 
@@ -323,21 +310,25 @@ def run_trial(
         ...           train=tr, val=va, test=te)   # doctest: +SKIP
     """
     tdir = Path(run_dir) / "trials" / spec.name
+    kw = dict(data_root=data_root, class_names=class_names, train=train, val=val, test=test, progress=progress)
     if cfg.strategy == "default" or is_finished(tdir):
-        return _train_trial(run_dir, cfg, spec, data_root=data_root, class_names=class_names, train=train,
-                            val=val, test=test, progress=progress)
-    from .distributed import make_strategy
+        done = _train_trial(run_dir, cfg, spec, replicas=1, **kw)
+    else:
+        from .distributed import make_strategy
 
-    strategy = make_strategy(cfg.strategy)
-    progress(f"  [{spec.name}] {cfg.strategy} strategy: {strategy.num_replicas_in_sync} replica(s) on "
-             f"{', '.join(strategy.extended.worker_devices)}")
-    with strategy.scope():
-        return _train_trial(run_dir, cfg, spec, data_root=data_root, class_names=class_names, train=train,
-                            val=val, test=test, progress=progress)
+        strategy = make_strategy(cfg.strategy)
+        progress(f"  [{spec.name}] {cfg.strategy} strategy: {strategy.num_replicas_in_sync} replica(s) on "
+                 f"{', '.join(strategy.extended.worker_devices)}")
+        with strategy.scope():
+            done = _train_trial(run_dir, cfg, spec, replicas=int(strategy.num_replicas_in_sync), **kw)
+    # the final evaluation runs outside any strategy scope: exact metrics on one device
+    return done() if callable(done) else done
 
 
 def _train_trial(run_dir, cfg: TrainConfig, spec: TrialSpec, *, data_root, class_names, train, val, test,
-                 progress) -> dict:
+                 progress, replicas: int):
+    """Train a trial; returns its metrics when it was already finished, else a function
+    that evaluates the best model and writes ``metrics.json`` (called by :func:`run_trial`)."""
     keras = import_keras()
     run_dir = Path(run_dir)
     tdir = run_dir / "trials" / spec.name
@@ -380,11 +371,11 @@ def _train_trial(run_dir, cfg: TrainConfig, spec: TrialSpec, *, data_root, class
     one_hot = cfg.loss == "l1"
     from .keras_data import make_dataset
 
-    train_src = _source(data_root, train, cfg, spec, train=True)
+    train_src = _source(data_root, train, cfg, spec, train=True, replicas=replicas)
     train_ds = make_dataset(train_src, num_classes=num_classes, one_hot=one_hot, workers=cfg.workers)
     val_ds = None
     if len(val):
-        val_src = _source(data_root, val, cfg, spec, train=False)
+        val_src = _source(data_root, val, cfg, spec, train=False, replicas=replicas)
         val_ds = make_dataset(val_src, num_classes=num_classes, one_hot=one_hot, workers=cfg.workers)
     monitor = "val_loss" if val_ds is not None else "loss"
     _write_status(tdir, "running", state["epoch"])
@@ -479,15 +470,28 @@ def _train_trial(run_dir, cfg: TrainConfig, spec: TrialSpec, *, data_root, class
 
     if not (tdir / "model.keras").is_file():  # no epoch improved (NaN losses): keep the last model
         _save_keras(model, tdir / "model.keras")
+    from ..models.freeze import count_params
 
+    params = count_params(model)
+    return partial(_evaluate_trial, run_dir, cfg, spec, data_root=data_root, num_classes=num_classes,
+                   one_hot=one_hot, splits=(("train", train), ("val", val), ("test", test)), history=history,
+                   state=state, freeze_summary=freeze_summary, params=params)
+
+
+def _evaluate_trial(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, *, data_root, num_classes, one_hot, splits,
+                    history, state, freeze_summary, params) -> dict:
+    """Evaluate the trial's best model on every split and write ``metrics.json`` / ``status.json``."""
+    from .keras_data import make_dataset
+
+    tdir = run_dir / "trials" / spec.name
+    last = tdir / "last.keras"
     # evaluate the best model
     from ..models.build import load_model
-    from ..models.freeze import count_params
 
     best = load_model(tdir / "model.keras")
     _compile(best, cfg, 1e-3)
     metrics: dict = {}
-    for split, samples in (("train", train), ("val", val), ("test", test)):
+    for split, samples in splits:
         if not len(samples):
             metrics[split] = {"accuracy": None, "loss": None}
             continue
@@ -496,7 +500,7 @@ def _train_trial(run_dir, cfg: TrainConfig, spec: TrialSpec, *, data_root, class
         res = best.evaluate(ds, verbose=0, return_dict=True)
         metrics[split] = {"accuracy": float(res["accuracy"]), "loss": float(res["loss"])}
         append_bad_files(run_dir, Path(data_root), getattr(src, "failed", []))
-    p_tr, p_nt = _params(count_params(model))
+    p_tr, p_nt = _params(params)
     secs = [r["seconds"] for r in history if r.get("seconds") is not None]
     metrics.update({
         "params": {"trainable": p_tr, "non_trainable": p_nt, "total": p_tr + p_nt},
