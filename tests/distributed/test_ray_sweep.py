@@ -116,6 +116,13 @@ def test_ray_inference_equals_local_row_for_row(ray_local, tmp_path):
 
     t = pq.read_table(tmp_path / "ray.parquet")
     assert t.num_rows == 62 and t.column("path").to_pylist() == [x["path"] for x in a]
+    # a URI (s3:// in production; file:// here) is listed on the driver and read by the workers
+    u = infer_ray(bundle, ["file://" + str(data)], out=tmp_path / "uri.csv", recursive=True, head="rf", topk=2,
+                  workers=2, batch=8)
+    c = _rows(tmp_path / "uri.csv")
+    assert u["total"] == 61 and u["errors"] == 1
+    assert [r["path"] for r in c] == ["file://" + x["path"] for x in a[:61]]
+    assert [(r["status"], r["class1"]) for r in c] == [(x["status"], x["class1"]) for x in a[:61]]
 
 
 def _rows(path):

@@ -24,7 +24,8 @@ from ._options import parse_csv, quiet_option
 @click.option("--backend", help="onnxruntime (default), onnxruntime-int8, tensorrt[-fp16|-int8].")
 @click.option("--providers", help="ONNX Runtime providers in order: cpu, cuda, tensorrt. [default: best available]")
 @click.option("--workers", default=2, show_default=True, help="Decode threads.")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
+@click.option("--threads", type=int,
+              help="ONNX Runtime intra-op threads (per worker with --ray). [default: all cores; 1 with --ray]")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file failed.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray Data: an actor pool of --workers sessions (needs --out; also writes OUT.parquet).")
@@ -38,6 +39,9 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
     \b
     transfer infer runs/digits/bundle images/ --recursive --out preds.csv
     transfer infer runs/digits/bundle a.jpg b.png --head rf --topk 3 --format jsonl
+    transfer infer runs/digits/bundle s3://bucket/shots/ -r --ray --workers 4 --out p.csv
+
+    INPUTS are files, folders or URIs (s3://, gs://, file://; needs transfer[distributed]).
 
     Bad files (empty, truncated, not an image, unreadable, too large, directories) get an
     error row and are counted; the run goes on. Exit code: 0, or 1 when no file succeeded
@@ -49,7 +53,7 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
         from ..runtime.ray_infer import infer_ray
 
         r = infer_ray(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
-                      recursive=recursive, address=address, workers=workers)
+                      recursive=recursive, address=address, workers=workers, threads_per_worker=threads or 1)
         if not quiet:
             click.echo(f"{r['total']} file(s): {r['ok']} predicted, {r['errors']} error(s) in {r['seconds']:.2f}s "
                        f"({r['images_per_second']:.1f} img/s on Ray, {workers} worker(s)) -> {out}"

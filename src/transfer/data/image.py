@@ -12,6 +12,7 @@ grayscale / 16-bit modes and guards against decompression bombs. Every image bec
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -104,12 +105,33 @@ def decode_image(
         raise ImageDecodeError(p, f"cannot read file: {exc.strerror or exc}") from exc
     if size == 0:
         raise ImageDecodeError(p, "empty file (0 bytes)")
+    return _decode_source(p, p, max_pixels)
+
+
+def decode_image_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image held in memory (e.g. an object read from S3) exactly like
+    :func:`decode_image` decodes a file; ``name`` is what errors report.
+
+    Raises:
+        ImageDecodeError: empty, truncated, not an image, or absurd dimensions.
+
+    Example:
+        >>> decode_image_bytes(Path("a.png").read_bytes(), "a.png").shape  # doctest: +SKIP
+        (8, 8, 3)
+    """
+    if not data:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    return _decode_source(io.BytesIO(data), name, max_pixels)
+
+
+def _decode_source(src, p, max_pixels: int) -> np.ndarray:
+    """Pillow decode of ``src`` (a path or a binary file object) to 8-bit RGB; ``p`` names it in errors."""
     try:
         with warnings.catch_warnings():
             # our own max_pixels check below names the dimensions; Pillow's hard
             # DecompressionBombError (2x its warning limit) still applies first
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
+            with Image.open(src) as img:
                 w, h = img.size
                 if w <= 0 or h <= 0:
                     raise ImageDecodeError(p, f"invalid dimensions {w}x{h}")

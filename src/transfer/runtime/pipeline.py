@@ -16,8 +16,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..data.image import DEFAULT_MAX_PIXELS, is_image_path, load_image
+from ..data.image import DEFAULT_MAX_PIXELS, decode_image_bytes, is_image_path, load_image, resize_image
 from ..errors import ConfigError, ImageDecodeError
+from .remote import is_uri
 
 
 @dataclass
@@ -41,7 +42,8 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     """Expand files and folders into ``(path, error-or-None)`` in a stable order.
 
     Folders list their image files (sorted; sub-folders with ``recursive``); symlink loops
-    are visited once; a path that does not exist, or a directory named like an image,
+    are visited once; URIs (``s3://bucket/prefix/``, ``gs://``, ``file://``) are listed
+    through ``pyarrow.fs`` (:mod:`transfer.runtime.remote`); a path that does not exist, or a directory named like an image,
     yields an error entry instead of stopping the run.
 
     Example:
@@ -80,6 +82,11 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
                 yield str(p), None
 
     for raw in inputs:
+        if is_uri(str(raw)):  # s3://, gs://, file:// ...: listed through pyarrow.fs
+            from .remote import iter_uri_inputs
+
+            yield from iter_uri_inputs(str(raw), recursive=recursive)
+            continue
         p = Path(raw)
         if p.is_dir():
             if is_image_path(p) and not recursive:
@@ -92,8 +99,13 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
             yield str(p), "no such file"
 
 
-def _decode(path: str, size: tuple[int, int], max_pixels: int) -> Item:
+def _decode(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
     try:
+        if is_uri(path):
+            from .remote import read_uri
+
+            arr = decode_image_bytes(read_uri(path), path, max_pixels=max_pixels)
+            return Item(path, resize_image(arr, size))
         return Item(path, load_image(path, size, max_pixels=max_pixels))
     except ImageDecodeError as exc:
         return Item(path, error=exc.reason if hasattr(exc, "reason") else str(exc))

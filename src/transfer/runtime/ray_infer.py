@@ -1,7 +1,8 @@
 """Batch inference on Ray Data: the same rows as ``transfer infer``, computed by an actor
 pool that holds one ONNX Runtime session per worker (see docs/distributed.md).
 
-Files are listed on the driver (the same walk as locally), decoded inside the workers with
+Files are listed on the driver (the same walk as locally; ``s3://`` / ``gs://`` prefixes
+through ``pyarrow.fs``, as Ray Data reads them), read and decoded inside the workers with
 the runtime's own pixel path, and the ordered rows are streamed back to the driver and
 written as CSV / JSON lines (identical to local mode) plus Parquet.
 """
@@ -39,7 +40,7 @@ class _Predictor:
         size = self.bundle.input_size
         items = []
         for p, pre in zip(batch["path"], batch["pre_error"]):
-            items.append((str(p), str(pre)) if pre else (str(p), _decode(str(p), size, 64_000_000)))
+            items.append((str(p), str(pre)) if pre else (str(p), _decode(str(p), size)))
         ok = [i for i, (_, it) in enumerate(items) if not isinstance(it, str) and it.pixels is not None]
         probs = None
         if ok:
