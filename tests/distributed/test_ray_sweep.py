@@ -86,6 +86,9 @@ def test_address_without_ray_is_refused(tmp_path):
 
     r = CliRunner().invoke(cli, ["train", str(tmp_path), "--out", str(tmp_path / "r"), "--address", "h:1"])
     assert r.exit_code == 2 and "--address needs --ray" in r.output
+    for opt in (["--address", "h:1"], ["--gpus-per-worker", "1"]):
+        r = CliRunner().invoke(cli, ["infer", str(tmp_path), str(tmp_path), *opt])
+        assert r.exit_code == 2 and f"{opt[0]} needs --ray" in r.output, r.output
 
 
 @pytest.mark.slow
@@ -103,7 +106,7 @@ def test_ray_inference_equals_local_row_for_row(ray_local, tmp_path):
     local = infer(bundle, [data, tmp_path / "missing.png"], out=tmp_path / "local.csv", recursive=True,
                   head="rf", topk=2)
     r = infer_ray(bundle, [data, tmp_path / "missing.png"], out=tmp_path / "ray.csv", recursive=True,
-                  head="rf", topk=2, workers=2, batch=8)
+                  head="rf", topk=2, workers=2, batch=8, backend="onnxruntime", providers="cpu")
     assert r["total"] == local.total == 62 and r["errors"] == local.errors == 2
     a, b = _rows(tmp_path / "local.csv"), _rows(tmp_path / "ray.csv")
     assert len(a) == len(b)

@@ -23,16 +23,18 @@ from ._options import parse_csv, quiet_option
               help="Run the classical head as ONNX (no scikit-learn needed) or as its verified pickle.")
 @click.option("--backend", help="onnxruntime (default), onnxruntime-int8, tensorrt[-fp16|-int8].")
 @click.option("--providers", help="ONNX Runtime providers in order: cpu, cuda, tensorrt. [default: best available]")
-@click.option("--workers", default=2, show_default=True, help="Decode threads.")
+@click.option("--workers", default=2, show_default=True, help="Decode threads (with --ray: inference actors).")
 @click.option("--threads", type=int,
               help="ONNX Runtime intra-op threads (per worker with --ray). [default: all cores; 1 with --ray]")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file failed.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray Data: an actor pool of --workers sessions (needs --out; also writes OUT.parquet).")
 @click.option("--address", metavar="HOST:PORT", help="Ray cluster to join with --ray. [default: a local Ray]")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+              help="GPUs each Ray inference worker reserves (with --ray; e.g. 1, or 0.5 to share one).")
 @quiet_option
 def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
-              threads, strict, use_ray, address, quiet) -> None:
+              threads, strict, use_ray, address, gpus_per_worker, quiet) -> None:
     """Predict image files and folders with a bundle: one row per file (path, top-k classes
     and probabilities, or the error for that file). No TensorFlow needed.
 
@@ -53,16 +55,17 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
         from ..runtime.ray_infer import infer_ray
 
         r = infer_ray(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
-                      recursive=recursive, address=address, workers=workers, threads_per_worker=threads or 1)
+                      recursive=recursive, address=address, workers=workers, threads_per_worker=threads or 1,
+                      gpus_per_worker=gpus_per_worker, backend=backend, providers=providers)
         if not quiet:
             click.echo(f"{r['total']} file(s): {r['ok']} predicted, {r['errors']} error(s) in {r['seconds']:.2f}s "
                        f"({r['images_per_second']:.1f} img/s on Ray, {workers} worker(s)) -> {out}"
                        + (f", {r['parquet']}" if r["parquet"] else ""), err=True)
         sys.exit(exit_code(InferSummary(total=r["total"], ok=r["ok"], errors=r["errors"]), strict))
-    if address:
+    if address or gpus_per_worker:
         from ..errors import ConfigError
 
-        raise ConfigError("--address needs --ray")
+        raise ConfigError(f"{'--address' if address else '--gpus-per-worker'} needs --ray")
 
     last = [0.0]
 

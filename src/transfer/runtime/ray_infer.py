@@ -24,12 +24,15 @@ from ..errors import ConfigError
 class _Predictor:
     """One Ray actor: a verified bundle, a runner and a head, loaded once."""
 
-    def __init__(self, bundle_path: str, head: str | None, head_format: str, topk: int, threads: int):
+    def __init__(self, bundle_path: str, head: str | None, head_format: str, topk: int, threads: int,
+                 backend: str | None = None, providers: str | None = None):
         from .heads import make_head
         from .runners import make_runner
 
         self.bundle = load_bundle(bundle_path)
-        self.runner = make_runner(self.bundle, "onnxruntime", "cpu", threads)
+        # default on a worker: ONNX Runtime on the best provider *that worker* has (CUDA on
+        # a GPU node that Ray gave a GPU, else CPU)
+        self.runner = make_runner(self.bundle, backend or "onnxruntime", providers, threads)
         self.head = make_head(self.bundle, head, head_format)
         self.names = self.bundle.class_names
         self.topk = min(topk, len(self.names))
@@ -67,8 +70,13 @@ class _Predictor:
 
 def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str = "csv", batch: int = 32,
               topk: int = 1, head: str | None = None, head_format: str = "onnx", recursive: bool = False,
-              address: str | None = None, workers: int = 2, threads_per_worker: int = 1) -> dict:
+              address: str | None = None, workers: int = 2, threads_per_worker: int = 1,
+              gpus_per_worker: float = 0.0, backend: str | None = None, providers: str | None = None) -> dict:
     """Predict with Ray Data; returns a summary dict. Same rows and order as :func:`infer`.
+
+    Each of ``workers`` actors reserves ``threads_per_worker`` CPUs (its ONNX Runtime
+    intra-op threads) and ``gpus_per_worker`` GPUs, and runs ``backend`` / ``providers``
+    as :func:`transfer.runtime.runners.make_runner` does locally.
 
     Raises:
         ConfigError: bad options (before Ray starts); DependencyMissingError without Ray.
@@ -81,8 +89,10 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
 
     if out is None:
         raise ConfigError("--ray needs --out FILE (rows are streamed back and written there)")
-    if batch < 1 or workers < 1 or topk < 1:
-        raise ConfigError("--batch, --workers and --topk must be positive")
+    if batch < 1 or workers < 1 or topk < 1 or threads_per_worker < 1:
+        raise ConfigError("--batch, --workers, --threads and --topk must be positive")
+    if gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker must be >= 0 (got {gpus_per_worker})")
     b = load_bundle(bundle_path)  # fail fast on the driver: tampered / invalid bundles
     topk = min(topk, len(b.class_names))
     ray = require("ray", purpose="--ray")
@@ -95,8 +105,10 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.from_items([{"path": p, "pre_error": e or ""} for p, e in entries])
-    ds = ds.map_batches(_Predictor, fn_constructor_args=(str(bundle_path), head, head_format, topk, threads_per_worker),
-                        batch_size=batch, concurrency=workers, batch_format="numpy", num_cpus=threads_per_worker)
+    ds = ds.map_batches(_Predictor, fn_constructor_args=(str(bundle_path), head, head_format, topk, threads_per_worker,
+                                                         backend, providers),
+                        batch_size=batch, concurrency=workers, batch_format="numpy", num_cpus=threads_per_worker,
+                        num_gpus=gpus_per_worker or None)
     w = _Writer(out, fmt, topk)
     pq = _ParquetSink(Path(out).with_suffix(".parquet"), topk)
     t0, n, errors, done = time.perf_counter(), 0, 0, False
