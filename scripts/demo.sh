@@ -17,7 +17,7 @@ else
     echo "already there"
 fi
 
-step "2/12 freeze sweep: mobilenet_v2 and arc2, trainable 0 / 30 % / 100 % + random init"
+step "2/12 freeze sweep: mobilenet_v2 and arc2, trainable 0 / 30 % / 100 % (offline: random weights, so t100 is the random-init trial)"
 $T train "$OUT/digits" --backbone mobilenet_v2,arc2 --trainable 0,0.3,1.0 --random-init \
     --weights none --epochs 5 --image-size 32 --out "$RUN"
 

@@ -137,3 +137,23 @@ def test_imagenet_default_trains_small_cnns_from_scratch(tmp_path):
     by = {(t.backbone, t.trainable): t for t in plan_trials(cfg)}
     assert by[("mobilenet_v2", 0.0)].init == "pretrained" and by[("mobilenet_v2", 0.0)].weights == "imagenet"
     assert by[("arc2", 0.0)].init == "scratch" and by[("arc2", 1.0)].weights == "none"
+
+
+def test_random_init_is_not_trained_twice(tmp_path):
+    """A backbone that starts from random weights already: its t100 trial is the random-init
+    trial, so --random-init adds nothing; with ImageNet weights (or without 1.0) it is added."""
+    from transfer.trainer.sweep import duplicate_random_trials, plan_trials
+
+    def names(**kw):
+        cfg = load_config(None, {"data": str(tmp_path), "out": str(tmp_path / "r"), "backbones": "mobilenet_v2,arc2",
+                                 "image_size": 32, "random_init": True, **kw})
+        return [t.name for t in plan_trials(cfg)], duplicate_random_trials(cfg)
+
+    got, dup = names(trainable="0,1", weights="none")
+    assert got == ["mobilenet_v2-t000", "mobilenet_v2-t100", "arc2-t000", "arc2-t100"]
+    assert dup == ["mobilenet_v2", "arc2"]
+    got, dup = names(trainable="0,1", weights="imagenet")
+    assert got == ["mobilenet_v2-t000", "mobilenet_v2-t100", "mobilenet_v2-random", "arc2-t000", "arc2-t100"]
+    assert dup == ["arc2"]
+    got, dup = names(trainable="0.3", weights="none")  # no t100 trial: the random one is kept
+    assert got == ["mobilenet_v2-t030", "mobilenet_v2-random", "arc2-t030", "arc2-random"] and dup == []

@@ -107,7 +107,8 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
     ds = ray.data.from_items([{"path": p, "pre_error": e or ""} for p, e in entries])
     ds = ds.map_batches(_Predictor, fn_constructor_args=(str(bundle_path), head, head_format, topk, threads_per_worker,
                                                          backend, providers),
-                        batch_size=batch, concurrency=workers, batch_format="numpy", num_cpus=threads_per_worker,
+                        batch_size=batch, compute=ray.data.ActorPoolStrategy(size=workers), batch_format="numpy",
+                        num_cpus=threads_per_worker,
                         num_gpus=gpus_per_worker or None)
     w = _Writer(out, fmt, topk)
     pq = _ParquetSink(Path(out).with_suffix(".parquet"), topk)

@@ -67,6 +67,21 @@ def resolve_image_size(cfg: TrainConfig, backbone: str) -> tuple[int, int]:
     return (s, s)
 
 
+def variants_fractions(variants) -> set[float]:
+    return {float(t) for t, rnd in variants if not rnd}
+
+
+def duplicate_random_trials(cfg: TrainConfig) -> list[str]:
+    """Backbones whose ``--random-init`` trial is skipped: they start from random weights
+    already (``--weights none``, or no published weights) and ``--trainable`` has 1.0."""
+    if not cfg.random_init or 1.0 not in {float(t) for t in cfg.trainable}:
+        return []
+    from ..models.registry import get_backbone
+
+    return [bb for bb in cfg.backbones
+            if cfg.weights == "none" or (cfg.weights == "imagenet" and not get_backbone(bb).pretrainable)]
+
+
 def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
     """The trial list of a config, in run order (names of docs/design.md).
 
@@ -89,7 +104,9 @@ def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
             weights = "none"
         init = "scratch" if weights == "none" else "pretrained"
         variants = [(float(t), False) for t in cfg.trainable]
-        if cfg.random_init:
+        # a backbone that already starts from random weights: its full fine-tuning trial
+        # *is* the random-init trial (same init, same training); do not train it twice
+        if cfg.random_init and not (init == "scratch" and 1.0 in variants_fractions(variants)):
             variants.append((1.0, True))
         for t, rnd in variants:
             group = trial_name(bb, t, random_init=rnd)
@@ -304,6 +321,10 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, r
     if scratch:
         progress(f"note: {', '.join(scratch)} ha{'s' if len(scratch) == 1 else 've'} no ImageNet weights; "
                  "trained from random weights")
+    dup = duplicate_random_trials(config)
+    if dup:
+        progress(f"note: --random-init adds no trial for {', '.join(dup)}: it starts from random weights already, "
+                 f"so its t100 trial is the random-init trial")
     _check_existing(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
 
