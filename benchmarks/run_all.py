@@ -8,6 +8,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("bench_backbones.py", "bench_int8.py", "bench_infer.py"):
+import importlib.util
+
+scripts = ["bench_backbones.py", "bench_int8.py", "bench_infer.py"]
+if importlib.util.find_spec("ray") is not None:  # the distributed extra
+    scripts.append("bench_ray.py")
+else:
+    print('bench_ray.py skipped: pip install -e ".[distributed]" to compare Ray with local inference')
+for script in scripts:
     print(f"\n## {script}\n", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True, cwd=HERE.parent)
