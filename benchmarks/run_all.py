@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-import importlib.util
 
 scripts = ["bench_backbones.py", "bench_int8.py", "bench_infer.py"]
 if importlib.util.find_spec("ray") is not None:  # the distributed extra
