@@ -95,10 +95,9 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
         raise ConfigError(f"--gpus-per-worker must be >= 0 (got {gpus_per_worker})")
     b = load_bundle(bundle_path)  # fail fast on the driver: tampered / invalid bundles
     topk = min(topk, len(b.class_names))
-    ray = require("ray", purpose="--ray")
-    if not ray.is_initialized():
-        kw = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        ray.init(address=address, **kw) if address else ray.init(object_store_memory=256 * 1024 * 1024, **kw)
+    from .._ray import init_ray
+
+    ray = init_ray(address, purpose="--ray")
     entries = list(iter_inputs(inputs, recursive=recursive))
     if not entries:
         raise ConfigError("no image files found in the inputs")

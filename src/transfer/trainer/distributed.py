@@ -70,16 +70,11 @@ class RayOptions:
 
 
 def init_ray(opts: RayOptions):
-    """``ray.init`` quietly: join ``opts.address`` or start a small local instance."""
-    ray = require("ray", purpose="--ray")
-    if ray.is_initialized():
-        return ray
-    kw = dict(include_dashboard=False, log_to_driver=True, logging_level="WARNING", configure_logging=True)
-    if opts.address:
-        ray.init(address=opts.address, **kw)
-    else:
-        ray.init(object_store_memory=256 * 1024 * 1024, **kw)
-    return ray
+    """``ray.init`` quietly: join ``opts.address`` or start a small local instance (the
+    trials' progress lines are forwarded to the driver)."""
+    from .._ray import init_ray as _init
+
+    return _init(opts.address, purpose="--ray", log_to_driver=True)
 
 
 def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names: list,
