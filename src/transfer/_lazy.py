@@ -50,13 +50,15 @@ def import_tensorflow() -> ModuleType:
     log level is read, straight to file descriptor 2. Those lines are noise for a CPU
     user, so the first import runs with fd 2 pointed at /dev/null (Python exceptions
     are unaffected: they are printed after the descriptor is restored). Set
-    ``TRANSFER_DEBUG=1`` or ``TF_CPP_MIN_LOG_LEVEL`` yourself to see them.
+    ``TRANSFER_DEBUG=1``, or ``TF_CPP_MIN_LOG_LEVEL`` below 3, to see them. (A value of
+    3 -- what this function sets, and what child processes such as Ray workers inherit --
+    keeps them quiet.)
     """
     import sys
 
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    loud = os.environ.get("TRANSFER_DEBUG") == "1" or "TF_CPP_MIN_LOG_LEVEL" in os.environ
+    loud = os.environ.get("TRANSFER_DEBUG") == "1" or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3").strip() != "3"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if loud:
         return require("tensorflow", purpose="training and export")

@@ -11,7 +11,6 @@ once by Ray before it is reported as failed.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -80,8 +79,7 @@ def init_ray(opts: RayOptions):
 def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names: list,
                 train: list, val: list, test: list, threads: int) -> dict:
     """Body of one Ray task: the same ``run_trial`` as a local sweep (imports TF in the worker)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from .._lazy import import_tensorflow
+    from .._lazy import import_tensorflow  # quiet first import, before anything else imports TensorFlow
     from .fit import TrialSpec, run_trial
 
     tf = import_tensorflow()
