@@ -122,3 +122,17 @@ def test_cli_writes_csv_and_summary(rt_bundle, rt_data, tmp_path):
     rows = _rows(out)
     assert len(rows) == 60 and {"class1", "prob1", "class2", "prob2"} <= set(rows[0])
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_out_folder_gets_predictions_file_and_providers_are_reported(rt_bundle, rt_data, tmp_path):
+    _, bundle = rt_bundle
+    r = CliRunner().invoke(cli, ["infer", str(bundle), str(rt_data / "c0"), "--out", str(tmp_path / "preds") + "/"])
+    assert r.exit_code == 0, r.output
+    assert len(_rows(tmp_path / "preds" / "predictions.csv")) == 20
+    assert "providers found: " in r.output and "CPU)" in r.output and "preds/predictions.csv" in r.output
+    (tmp_path / "existing").mkdir()  # an existing folder, no trailing slash, JSON lines
+    r = CliRunner().invoke(cli, ["infer", str(bundle), str(rt_data / "c0"), "--out", str(tmp_path / "existing"),
+                                 "--format", "jsonl", "-q"])
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "existing" / "predictions.jsonl").read_text().splitlines()) == 20
+    assert not list(tmp_path.glob("**/*.partial"))

@@ -83,7 +83,8 @@ def test_runtime_runs_with_tensorflow_unimportable(rt_bundle, rt_data, tmp_path)
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx"):
+                # the base install: no TensorFlow, no scikit-learn (the ONNX head runs without it)
+                if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "sklearn"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
         import transfer.runtime.infer, transfer.runtime.bench, transfer.commands.runtime
@@ -92,7 +93,13 @@ def test_runtime_runs_with_tensorflow_unimportable(rt_bundle, rt_data, tmp_path)
             main(["infer", {str(bundle)!r}, {str(rt_data)!r}, "-r", "--out", {str(out)!r}, "--head", "rf", "-q"])
         except SystemExit as e:
             assert e.code == 0, e.code
-        bad = [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras") or m.startswith("transfer.trainer")
+        try:
+            main(["bench", {str(bundle)!r}, "--backends", "onnxruntime,onnxruntime-int8", "--batch", "1",
+                  "--head", "rf", "--seconds", "0.05", "--out", {str(tmp_path / "bench")!r}, "-q"])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        bad = [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "sklearn")
+               or m.startswith("transfer.trainer")
                or m.startswith("transfer.export")]
         assert not bad, bad
         print("OK")
@@ -100,3 +107,4 @@ def test_runtime_runs_with_tensorflow_unimportable(rt_bundle, rt_data, tmp_path)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
     assert out.is_file() and len(out.read_text().splitlines()) == 61
+    assert (tmp_path / "bench" / "bench.json").is_file()

@@ -157,3 +157,20 @@ def test_random_init_is_not_trained_twice(tmp_path):
     assert dup == ["arc2"]
     got, dup = names(trainable="0.3", weights="none")  # no t100 trial: the random one is kept
     assert got == ["mobilenet_v2-t030", "mobilenet_v2-random", "arc2-t030", "arc2-random"] and dup == []
+
+
+def test_kfold_on_a_presplit_dataset_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    from transfer.cli import cli
+
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "d" / split / c / f"{i}.png")
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "d"), "--backbone", "arc2", "--weights", "none",
+                                 "--image-size", "16", "--kfold", "2", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2, r.output
+    assert "--kfold 2 needs one pool of images" in r.output and "train/ val/ test/" in r.output
+    assert "Traceback" not in r.output

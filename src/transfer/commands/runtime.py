@@ -15,7 +15,9 @@ from ._options import parse_csv, quiet_option
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--recursive", "-r", is_flag=True, help="Walk sub-folders of folder inputs.")
 @click.option("--batch", default=32, show_default=True, help="Images per model call.")
-@click.option("--out", type=click.Path(), help="Output file. [default: stdout]")
+@click.option("--out", type=click.Path(),
+              help="Output file, or a folder (FOLDER/ or an existing one) for predictions.csv|jsonl there. "
+                   "[default: stdout]")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--topk", default=1, show_default=True, help="Classes per row.")
 @click.option("--head", default="network", show_default=True, help="network, or a bundled classical head (e.g. rf).")
@@ -59,7 +61,7 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
                       gpus_per_worker=gpus_per_worker, backend=backend, providers=providers)
         if not quiet:
             click.echo(f"{r['total']} file(s): {r['ok']} predicted, {r['errors']} error(s) in {r['seconds']:.2f}s "
-                       f"({r['images_per_second']:.1f} img/s on Ray, {workers} worker(s)) -> {out}"
+                       f"({r['images_per_second']:.1f} img/s on Ray, {workers} worker(s)) -> {r['out']}"
                        + (f", {r['parquet']}" if r["parquet"] else ""), err=True)
         sys.exit(exit_code(InferSummary(total=r["total"], ok=r["ok"], errors=r["errors"]), strict))
     if address or gpus_per_worker:
@@ -84,8 +86,9 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
         if out is not None:
             click.echo("", err=True)
         click.echo(f"{s.total} file(s): {s.ok} predicted, {s.errors} error(s) in {s.seconds:.2f}s "
-                   f"({s.images_per_second:.1f} img/s; {s.backend} on {s.provider}, head {s.head})"
-                   + (f" -> {out}" if out else ""), err=True)
+                   f"({s.images_per_second:.1f} img/s; {s.backend} on {s.provider}, head {s.head}; "
+                   f"providers found: {', '.join(p.replace('ExecutionProvider', '') for p in s.providers_found)})"
+                   + (f" -> {s.out}" if s.out else ""), err=True)
         for e in s.error_examples:
             click.echo(f"  error: {e}", err=True)
         if s.errors > len(s.error_examples):
@@ -104,9 +107,11 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 @click.option("--images", multiple=True, type=click.Path(), help="Image files/folders to time decoding on.")
 @click.option("--seconds", default=3.0, show_default=True, help="Timed seconds per cell (at least 10 calls).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
+@click.option("--providers", default="cpu", show_default=True,
+              help="ONNX Runtime providers of the onnxruntime backends, in order: cpu, cuda, tensorrt, or 'auto'.")
 @click.option("--out", type=click.Path(), help="Folder for bench.json / bench.md / bench.png. [default: BUNDLE/../bench]")
 @quiet_option
-def bench_cmd(bundle, backends, batches, head, images, seconds, threads, out, quiet) -> None:
+def bench_cmd(bundle, backends, batches, head, images, seconds, threads, providers, out, quiet) -> None:
     """Latency p50/p90/p99, throughput, time split (decode / preprocess / model / head),
     top-1 agreement with fp32 and achieved GFLOP/s vs this machine's matmul peak, per
     backend and batch size. Backends that cannot run here are listed with the reason.
@@ -121,7 +126,8 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, out, qu
     out_dir = Path(out) if out else Path(bundle).resolve().parent / "bench"
     res = bench(bundle, backends=parse_csv(backends, name="--backends"),
                 batches=parse_csv(batches, int, name="--batch"), head=head, images=list(images) or None,
-                seconds=seconds, threads=threads, out_dir=out_dir, progress=None if quiet else click.echo)
+                seconds=seconds, threads=threads, out_dir=out_dir, progress=None if quiet else click.echo,
+                providers=None if providers == "auto" else providers)
     click.echo(render_table(res))
     click.echo(f"-> {out_dir}/bench.json, bench.md, bench.png")
 

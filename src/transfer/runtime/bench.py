@@ -112,12 +112,16 @@ def _pct(a, q):
 def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime-int8"),
           batches: Sequence[int] = (1, 8, 32), head: str | None = None, images: Sequence[str] | None = None,
           seconds: float = 3.0, min_iters: int = 10, warmup: int = 3, threads: int | None = None,
-          out_dir=None, progress: Callable[[str], None] | None = print) -> dict:
+          out_dir=None, progress: Callable[[str], None] | None = print,
+          providers: Sequence[str] | str | None = "cpu") -> dict:
     """Benchmark backends x batch sizes on one bundle; returns (and writes) the result dict.
 
     Each cell runs at least ``min_iters`` timed calls and about ``seconds`` seconds after
     ``warmup`` calls. Latency is per model call (one batch); throughput is images/s.
     Decoding is timed on real image files (``images`` or the source run's val split).
+    ``providers`` are the ONNX Runtime execution providers of the ``onnxruntime*``
+    backends (default CPU; ``None``: the best available, e.g. CUDA / TensorRT); the fp32
+    reference for top-1 agreement always runs on the CPU.
 
     Returns:
         ``{"machine": {...}, "rows": [...], "skipped": {backend: reason}}``; with
@@ -173,7 +177,7 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
                     continue
                 name, provider = "keras", "TensorFlow"
             else:
-                r = make_runner(b, be, "cpu" if be.startswith("onnxruntime") else None, threads)
+                r = make_runner(b, be, providers if be.startswith("onnxruntime") else None, threads)
                 fn, name, provider = r.run, r.name, r.provider
         except TransferError as exc:
             skipped[be] = exc.message
@@ -208,8 +212,11 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
                    "peak_share": gflops * thr / peak if gflops else None}
             rows.append(row)
             say(f"{name:18s} batch {bs:3d}: p50 {row['p50_ms']:8.2f} ms  {thr:9.1f} img/s")
+    from .sessions import available_providers
+
     res = {"bundle": str(b.path), "machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": peak,
-                                              "threads": threads}, "gflops_per_img": gflops,
+                                              "threads": threads, "providers_found": available_providers()},
+           "gflops_per_img": gflops,
            "decode_files": len(files), "rows": rows, "skipped": skipped}
     if out_dir is not None:
         write_outputs(res, Path(out_dir))
@@ -232,6 +239,8 @@ def render_table(res: dict) -> str:
                      f"{f(None if r['peak_share'] is None else 100 * r['peak_share'], 1)} |")
     lines.append(f"\nmatmul peak of this machine: {res['machine']['matmul_peak_gflops']:.1f} GFLOP/s "
                  f"(numpy float32 GEMM, {res['machine']['cpus']} cpus)")
+    if res["machine"].get("providers_found"):
+        lines.append("ONNX Runtime providers found: " + ", ".join(res["machine"]["providers_found"]))
     for be, why in res.get("skipped", {}).items():
         lines.append(f"skipped {be}: {why}")
     return "\n".join(lines)

@@ -29,10 +29,28 @@ class InferSummary:
     head: str = "network"
     out: str | None = None
     error_examples: list[str] = field(default_factory=list)
+    providers_found: list[str] = field(default_factory=list)  # ONNX Runtime's available providers
 
     @property
     def images_per_second(self) -> float:
         return self.total / self.seconds if self.seconds > 0 else 0.0
+
+
+def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
+    """Where rows go: ``out`` itself, or ``out/predictions.<csv|jsonl>`` when ``out`` is a
+    folder (an existing directory, or a path ending in ``/``).
+
+    Example:
+        >>> str(output_path("preds/", "csv"))
+        'preds/predictions.csv'
+    """
+    if out is None:
+        return None
+    raw = os.fspath(out)
+    p = Path(raw)
+    if raw.endswith(("/", os.sep)) or p.is_dir():
+        return p / f"predictions.{'csv' if fmt == 'csv' else 'jsonl'}"
+    return p
 
 
 class _Writer:
@@ -112,12 +130,16 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         raise ConfigError("--batch, --topk and --workers must be positive")
     if not inputs:
         raise ConfigError("no input files or folders given")
+    out = output_path(out, fmt)
     b = load_bundle(bundle_path)
     names = b.class_names
     topk = min(topk, len(names))
     runner = make_runner(b, backend, providers, threads)
     hd = make_head(b, head, head_format)
-    s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None)
+    from .sessions import available_providers
+
+    s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None,
+                     providers_found=available_providers())
     w = _Writer(out, fmt, topk)
     t0 = time.perf_counter()
     done = False

@@ -84,11 +84,12 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
     Example:
         >>> infer_ray("bundle", ["images/"], out="preds.csv", recursive=True, workers=2)  # doctest: +SKIP
     """
-    from .infer import _Writer
+    from .infer import _Writer, output_path
     from .pipeline import iter_inputs
 
     if out is None:
-        raise ConfigError("--ray needs --out FILE (rows are streamed back and written there)")
+        raise ConfigError("--ray needs --out FILE or FOLDER/ (rows are streamed back and written there)")
+    out = output_path(out, fmt)
     if batch < 1 or workers < 1 or topk < 1 or threads_per_worker < 1:
         raise ConfigError("--batch, --workers, --threads and --topk must be positive")
     if gpus_per_worker < 0:

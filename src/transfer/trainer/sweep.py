@@ -150,6 +150,11 @@ def _prepare_splits(run_dir: Path, cfg: TrainConfig, index, progress) -> tuple[s
     sdir = run_dir / "splits"
     given = getattr(index, "given_splits", None)
     if given:
+        if cfg.kfold:
+            raise ConfigError(
+                f"--kfold {cfg.kfold} needs one pool of images to fold, but {cfg.data} already has its own "
+                f"train/ val/ test/ folders",
+                hint="drop --kfold to use the given split, or point at a folder of class folders")
         parts = {k: list(given.get(k, [])) for k in ("train", "val", "test")}
         if not (sdir / "train.csv").is_file():
             for k, v in parts.items():
