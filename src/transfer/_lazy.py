@@ -15,7 +15,6 @@ _EXTRA_FOR = {
     "onnx": "train",
     "skl2onnx": "train",
     "matplotlib": "train",
-    "cv2": "train",
     "tensorrt": "gpu",
     "cuda": "gpu",
     "ray": "distributed",

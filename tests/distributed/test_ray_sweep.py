@@ -45,7 +45,6 @@ def test_failing_trial_is_retried_then_reported(ray_local, tmp_path):
     assert any("1/1 trial(s) finished (nope-t000: failed)" in l for l in lines)
 
 
-@pytest.mark.slow
 def test_ray_sweep_matches_local_and_resumes(ray_local, tmp_path):
     data = make_pattern_folder(tmp_path / "data")
     local = run_sweep(_cfg(data, tmp_path / "local"), progress=lambda s: None)
@@ -91,7 +90,6 @@ def test_address_without_ray_is_refused(tmp_path):
         assert r.exit_code == 2 and f"{opt[0]} needs --ray" in r.output, r.output
 
 
-@pytest.mark.slow
 def test_ray_inference_equals_local_row_for_row(ray_local, tmp_path):
     from analysis_helpers import build_run
 

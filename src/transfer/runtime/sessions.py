@@ -49,7 +49,8 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     for r in items:
         name = ALIASES.get(r.lower(), r)
         if name not in avail:
-            hint = ("install the GPU build: pip uninstall -y onnxruntime && pip install \"transfer[gpu]\""
+            hint = ("install the GPU build alone: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                    "pip install onnxruntime-gpu (see the README, Install)"
                     if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else None)
             raise ConfigError(f"execution provider {r!r} is not available; this onnxruntime offers: {', '.join(avail)}",
                               hint=hint)
