@@ -18,7 +18,8 @@ from ._options import quiet_option
 @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
               help="TensorRT optimization profile of the batch dimension.")
 @click.option("--calib-images", default=512, show_default=True, help="Training images that calibrate int8.")
-@click.option("--verify-images", default=256, show_default=True, help="Validation images Keras and ONNX are compared on.")
+@click.option("--verify-images", default=256, show_default=True,
+              help="Validation images Keras and ONNX are compared on (>= 64; all of them when the run has fewer).")
 @click.option("--atol", default=1e-4, show_default=True, help="fp32: max |probability difference| allowed.")
 @click.option("--min-agreement", default=0.999, show_default=True, help="fp32: minimum top-1 agreement.")
 @click.option("--max-accuracy-drop", default=0.01, show_default=True,

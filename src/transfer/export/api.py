@@ -110,9 +110,10 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
     atol = _number("--atol", atol, 0, 1)
     min_agreement = _number("--min-agreement", min_agreement, 0, 1)
     max_accuracy_drop = _number("--max-accuracy-drop", max_accuracy_drop, 0, 1)
-    for name, v in (("--verify-images", verify_images), ("--calib-images", calib_images)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"invalid {name} {v!r}; accepted: a positive integer")
+    for name, v, least in (("--verify-images", verify_images, 64), ("--calib-images", calib_images, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ConfigError(f"invalid {name} {v!r}; accepted: an integer >= {least}"
+                              + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""))
     if head is not None:
         from ..trainer.heads import check_kinds
 
