@@ -15,6 +15,7 @@ _EXTRA_FOR = {
     "onnx": "train",
     "skl2onnx": "train",
     "matplotlib": "train",
+    "tensorboard": "train",
     "tensorrt": "gpu",
     "cuda": "gpu",
     "ray": "distributed",

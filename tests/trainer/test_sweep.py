@@ -174,3 +174,31 @@ def test_kfold_on_a_presplit_dataset_is_a_clear_error(tmp_path):
     assert r.exit_code == 2, r.output
     assert "--kfold 2 needs one pool of images" in r.output and "train/ val/ test/" in r.output
     assert "Traceback" not in r.output
+
+
+def test_kfold_two_stage_l1_and_tensorboard_end_to_end(tmp_path):
+    """The options only a full sweep exercises: --kfold 2 (one trial per fold, mean ± std
+    in the table), --two-stage (head epochs, then fine-tuning at a lower lr), --loss l1,
+    --tensorboard (event files)."""
+    from trainer_helpers import make_pattern_folder
+
+    data = make_pattern_folder(tmp_path / "data", per_class=12)
+    cfg = load_config(None, base_overrides(data, tmp_path / "run", trainable="0.5", kfold=2, two_stage=True,
+                                           head_epochs=1, epochs=1, loss="l1", tensorboard=True))
+    res = run_sweep(cfg, progress=lambda s: None)
+    assert res.ok and not res.failed
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "trials").iterdir()) == ["arc2-t050-f1", "arc2-t050-f2"]
+    for k in (1, 2):
+        tdir = run / "trials" / f"arc2-t050-f{k}"
+        with open(tdir / "history.csv", newline="") as fh:
+            hist = list(csv.DictReader(fh))
+        assert [int(r["epoch"]) for r in hist] == [1, 2]  # 1 head epoch + 1 fine-tuning epoch
+        assert float(hist[1]["lr"]) < float(hist[0]["lr"])  # fine-tuning runs at the lower lr
+        assert any((tdir / "tensorboard").rglob("events.out.tfevents.*"))
+        # the two folds validate on disjoint images
+        assert (run / "splits" / f"fold{k}" / "val.csv").is_file()
+    v1, v2 = ({l for l in (run / "splits" / f"fold{k}" / "val.csv").read_text().splitlines()[1:]} for k in (1, 2))
+    assert v1 and v2 and not (v1 & v2)
+    table = (run / "sweep.md").read_text()
+    assert "±" in table and "arc2 50%" in table

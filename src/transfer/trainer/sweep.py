@@ -322,6 +322,10 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, r
     data_root = Path(config.data).resolve()
     run_dir = Path(config.out)
     specs = plan_trials(config)  # validates backbones and sizes before any work
+    if config.tensorboard:  # a missing package fails here, not inside every trial
+        from .._lazy import require
+
+        require("tensorboard", purpose="--tensorboard")
     scratch = sorted({s.backbone for s in specs if config.weights == "imagenet" and s.init == "scratch"})
     if scratch:
         progress(f"note: {', '.join(scratch)} ha{'s' if len(scratch) == 1 else 've'} no ImageNet weights; "
