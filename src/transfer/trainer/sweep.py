@@ -67,10 +67,6 @@ def resolve_image_size(cfg: TrainConfig, backbone: str) -> tuple[int, int]:
     return (s, s)
 
 
-def variants_fractions(variants) -> set[float]:
-    return {float(t) for t, rnd in variants if not rnd}
-
-
 def duplicate_random_trials(cfg: TrainConfig) -> list[str]:
     """Backbones whose ``--random-init`` trial is skipped: they start from random weights
     already (``--weights none``, or no published weights) and ``--trainable`` has 1.0."""
@@ -106,7 +102,7 @@ def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
         variants = [(float(t), False) for t in cfg.trainable]
         # a backbone that already starts from random weights: its full fine-tuning trial
         # *is* the random-init trial (same init, same training); do not train it twice
-        if cfg.random_init and not (init == "scratch" and 1.0 in variants_fractions(variants)):
+        if cfg.random_init and not (init == "scratch" and 1.0 in {t for t, _ in variants}):
             variants.append((1.0, True))
         for t, rnd in variants:
             group = trial_name(bb, t, random_init=rnd)
