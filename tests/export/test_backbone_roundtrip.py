@@ -1,4 +1,5 @@
-"""Every registered backbone (small input, random weights): Keras -> ONNX -> ONNX Runtime parity."""
+"""Every registered backbone (small input, random weights): Keras -> ONNX -> ONNX Runtime parity,
+then the ONNX model as a hashed bundle, reloaded and run by the runtime."""
 
 from __future__ import annotations
 
@@ -35,3 +36,29 @@ def test_roundtrip(name, tmp_path):
     feats, probs = sess.run(["features", "probs"], {"image": x})
     np.testing.assert_allclose(probs, ref, atol=1e-4)
     assert np.array_equal(probs.argmax(1), ref.argmax(1))
+
+    # reload: the model in a bundle (hashes, manifest) loaded and run by the TensorFlow-free runtime
+    from transfer.bundle import finalize_manifest, load_bundle
+    from transfer.data.image import PREPROCESSING
+    from transfer.errors import TamperedBundleError
+    from transfer.runtime.runners import make_runner
+
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (tmp_path / "m.onnx").rename(b / "model.onnx")
+    finalize_manifest(b, {
+        "valid": True, "class_names": ["a", "b", "c", "d"],
+        "input": {"name": "image", "height": size, "width": size, "channels": 3, "color": "RGB",
+                  "dtype": "float32", "range": [0, 255], "layout": "NHWC"},
+        "preprocessing": dict(PREPROCESSING), "backbone": name, "feature_dim": int(feats.shape[1]),
+        "num_classes": 4, "opset": 17, "heads": {}, "default_head": "network",
+        "models": {"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime"}},
+        "source": {"run": None, "trial": None}})
+    f2, p2 = make_runner(load_bundle(b), "onnxruntime", "cpu").run(x)
+    np.testing.assert_allclose(p2, probs, atol=1e-6)
+    assert f2.shape == (3, int(load_bundle(b).manifest["feature_dim"]))
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(TamperedBundleError, match="model.onnx"):
+        load_bundle(b)
