@@ -29,9 +29,6 @@ def init_ray(address: str | None, *, purpose: str, log_to_driver: bool = False,
     """
     debug = os.environ.get("TRANSFER_DEBUG") == "1"
     ray = require("ray", purpose=purpose)
-    if not debug:
-        for name in ("ray", "ray.data", "ray._private"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         kw = dict(include_dashboard=False, log_to_driver=log_to_driver,
                   logging_level="INFO" if debug else "ERROR")
@@ -40,10 +37,11 @@ def init_ray(address: str | None, *, purpose: str, log_to_driver: bool = False,
         else:
             ray.init(object_store_memory=object_store_mb * 1024 * 1024, **kw)
     if not debug:
-        try:
+        try:  # ray.data sets up its own logger when imported: quiet it afterwards
+            import ray.data
+
             ray.data.DataContext.get_current().enable_progress_bars = False
-        except AttributeError:  # ray without the data extra
+        except ImportError:  # ray without the data extra
             pass
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     return ray

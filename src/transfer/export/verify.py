@@ -59,12 +59,10 @@ def verification_images(run, size: tuple[int, int], n: int, progress: Progress |
 
 
 def ort_session(path: str | Path):
-    """A CPU ONNX Runtime session (the reference runtime of verification)."""
-    import onnxruntime as ort
+    """A CPU session built exactly as the runtime builds it (the reference of verification)."""
+    from ..runtime.sessions import make_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return make_session(path, "cpu")[0]
 
 
 def run_ort(sess, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -67,15 +67,14 @@ def resolve_image_size(cfg: TrainConfig, backbone: str) -> tuple[int, int]:
     return (s, s)
 
 
-def duplicate_random_trials(cfg: TrainConfig) -> list[str]:
-    """Backbones whose ``--random-init`` trial is skipped: they start from random weights
-    already (``--weights none``, or no published weights) and ``--trainable`` has 1.0."""
-    if not cfg.random_init or 1.0 not in {float(t) for t in cfg.trainable}:
+def duplicate_random_trials(cfg: TrainConfig, specs: list[TrialSpec] | None = None) -> list[str]:
+    """Backbones whose ``--random-init`` trial :func:`plan_trials` skipped: they start from
+    random weights already (``--weights none``, or no published weights) and
+    ``--trainable`` has 1.0, so that trial *is* the random-init one."""
+    if not cfg.random_init:
         return []
-    from ..models.registry import get_backbone
-
-    return [bb for bb in cfg.backbones
-            if cfg.weights == "none" or (cfg.weights == "imagenet" and not get_backbone(bb).pretrainable)]
+    have = {s.backbone for s in (plan_trials(cfg) if specs is None else specs) if s.init == "random"}
+    return [bb for bb in cfg.backbones if bb not in have]
 
 
 def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
@@ -326,7 +325,7 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, r
     if scratch:
         progress(f"note: {', '.join(scratch)} ha{'s' if len(scratch) == 1 else 've'} no ImageNet weights; "
                  "trained from random weights")
-    dup = duplicate_random_trials(config)
+    dup = duplicate_random_trials(config, specs)
     if dup:
         progress(f"note: --random-init adds no trial for {', '.join(dup)}: it starts from random weights already, "
                  f"so its t100 trial is the random-init trial")
