@@ -79,7 +79,7 @@ def _safe_rel(bundle: Path, rel: str) -> Path:
 
 def referenced_files(manifest: dict) -> list[str]:
     """Every file the manifest's ``models`` and ``heads`` entries point at (sorted, unique)."""
-    refs = set()
+    refs = {str(manifest["labels"])} if manifest.get("labels") else set()
     for e in manifest.get("models", {}).values():
         if isinstance(e, dict) and e.get("file"):
             refs.add(str(e["file"]))
@@ -138,14 +138,111 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise BundleError(f"{mpath}: not a transfer bundle manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        made_by = (manifest.get("tools") or {}).get("transfer") if isinstance(manifest.get("tools"), dict) else None
         raise BundleError(
             f"{mpath}: bundle format version {version!r} is not supported (this transfer reads {FORMAT_VERSION})",
-            hint="re-export the bundle with this version of transfer",
+            hint=(f"the bundle was written by a newer transfer{f' ({made_by})' if made_by else ''}: upgrade transfer"
+                  if newer else "re-export the bundle with this version of transfer"),
         )
-    for key in ("class_names", "input", "models", "files", "preprocessing"):
-        if key not in manifest:
-            raise BundleError(f"{mpath}: manifest has no {key!r}")
+    _check_schema(manifest, mpath)
     return manifest
+
+
+def _check_schema(m: dict, mpath: Path) -> None:
+    """Refuse a manifest whose fields have the wrong shape (a hand edit, a truncated copy),
+    naming the field, instead of failing later with a KeyError or predicting wrong labels."""
+
+    def bad(what: str, hint: str = "re-export the bundle (the manifest is not meant to be edited by hand)"):
+        raise TamperedBundleError(f"{mpath}: {what}", hint=hint)
+
+    for key in ("class_names", "input", "models", "files", "preprocessing"):
+        if key not in m:
+            raise BundleError(f"{mpath}: manifest has no {key!r}", hint="re-export the bundle")
+    names = m["class_names"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        bad(f"'class_names' must be a non-empty list of names (got {names!r:.80})")
+    if len(set(names)) != len(names):
+        bad("'class_names' has duplicate names")
+    n = m.get("num_classes")
+    if n is not None and n != len(names):
+        bad(f"'num_classes' is {n!r} but 'class_names' lists {len(names)} names")
+    inp = m["input"]
+    if not isinstance(inp, dict):
+        bad(f"'input' must be an object (got {inp!r:.80})")
+    for k in ("height", "width"):
+        v = inp.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad(f"'input.{k}' must be a positive integer (got {v!r})")
+    if inp.get("channels", 3) != 3:
+        bad(f"'input.channels' is {inp.get('channels')!r}; bundles take 3-channel RGB")
+    for key in ("models", "heads", "files", "preprocessing"):
+        if key in m and not isinstance(m[key], dict):
+            bad(f"{key!r} must be an object (got {type(m[key]).__name__})")
+    if not m["models"]:
+        bad("'models' is empty: the bundle has no model to run")
+    for group in ("models", "heads"):
+        for k, e in (m.get(group) or {}).items():
+            if not isinstance(e, dict):
+                bad(f"'{group}.{k}' must be an object")
+            files = [e.get("file")] if group == "models" else [e.get("onnx"), e.get("pickle")]
+            if not any(files) or not all(f is None or isinstance(f, str) for f in files):
+                bad(f"'{group}.{k}' names no file")
+    for rel, e in m["files"].items():
+        if not isinstance(e, dict) or not isinstance(e.get("sha256"), str):
+            bad(f"'files.{rel}' has no SHA-256")
+    labels = m.get("labels")
+    if labels is not None and not isinstance(labels, str):
+        bad(f"'labels' must be a file name (got {labels!r:.80})")
+
+
+def _check_labels(bundle: Path, m: dict) -> None:
+    """The hashed label file must list exactly ``class_names`` (an edited manifest would
+    otherwise relabel every prediction silently)."""
+    rel = m.get("labels")
+    if not rel:
+        return  # bundles written before labels.json (still hash-checked file by file)
+    try:
+        labels = read_json(_safe_rel(bundle, rel))
+    except (OSError, ValueError) as exc:
+        raise TamperedBundleError(f"{bundle / rel}: cannot read the label file: {exc}", hint="re-export the bundle")
+    if labels != m["class_names"]:
+        raise TamperedBundleError(
+            f"{bundle / MANIFEST}: 'class_names' differ from the exported labels in {rel} "
+            f"(manifest {m['class_names'][:5]!r}..., exported {labels[:5] if isinstance(labels, list) else labels!r}...)",
+            hint="the manifest was edited after export; re-export the bundle (class names come from the data folders)",
+        )
+
+
+def _check_recipe(bundle: Path, m: dict) -> None:
+    """The bundle's pixel recipe must be the one this runtime implements (train/serve parity)."""
+    from .data.image import PREPROCESSING
+
+    got = m["preprocessing"]
+    diff = sorted(k for k in set(PREPROCESSING) | set(got) if got.get(k) != PREPROCESSING.get(k))
+    if diff:
+        made_by = (m.get("tools") or {}).get("transfer", "another version")
+        raise BundleError(
+            f"bundle {bundle} was exported with a pixel recipe this runtime does not implement "
+            f"(differs in: {', '.join(diff)}); its predictions would not match training",
+            hint=f"run it with the transfer that exported it ({made_by}), or re-export it with this one",
+        )
+
+
+def _check_verdict(bundle: Path, m: dict) -> None:
+    """A manifest claiming ``valid`` must agree with the hashed verification record."""
+    if not m.get("valid") or "verification.json" not in m["files"]:
+        return
+    try:
+        rec = read_json(bundle / "verification.json")
+    except (OSError, ValueError):
+        return  # its hash was checked already; a missing file is reported by check_files
+    failed = [k for k, v in rec.items() if isinstance(v, dict) and v.get("passed") is False]
+    if failed:
+        raise TamperedBundleError(
+            f"bundle {bundle} says it is valid, but its verification record shows {', '.join(failed)} failed",
+            hint="the manifest was edited after export; re-export the bundle",
+        )
 
 
 def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True, allow_invalid: bool = False) -> Bundle:
@@ -171,6 +268,9 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True, allow_in
             if first["problem"] != "missing"
             else "copy the whole bundle folder, or re-export it",
         )
+    _check_labels(bundle, manifest)
+    _check_recipe(bundle, manifest)
+    _check_verdict(bundle, manifest)
     if not manifest.get("valid", False) and not allow_invalid:
         raise BundleError(
             f"bundle {bundle} is marked invalid: it failed verification at export",
@@ -211,10 +311,11 @@ def verify_bundle(path: str | os.PathLike) -> dict:
     manifest = read_manifest(bundle)
     problems = check_files(bundle, manifest, hashes=True)
     listed = set(manifest.get("files", {}))
+    reported = {p["file"] for p in problems}
     extra = sorted(
-        p.relative_to(bundle).as_posix()
-        for p in bundle.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".") and p.relative_to(bundle).as_posix() not in listed
+        rel for rel in (p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
+                        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+        if rel not in listed and rel not in reported
     )
     return {
         "bundle": str(bundle),

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from transfer.bundle import finalize_manifest, load_bundle, read_manifest, verify_bundle
+from transfer.data.image import PREPROCESSING
 from transfer.errors import BundleError, TamperedBundleError
 
 
@@ -19,7 +20,7 @@ def _make(tmp_path, valid=True):
         "valid": valid,
         "class_names": ["a", "b"],
         "input": {"name": "image", "height": 8, "width": 8, "channels": 3},
-        "preprocessing": {"version": 1},
+        "preprocessing": dict(PREPROCESSING),
         "models": {"onnx-fp32": {"file": "model.onnx", "precision": "fp32"}},
         "heads": {"rf": {"pickle": "heads/rf.pkl"}},
     }
@@ -95,3 +96,69 @@ def test_model_file_missing_from_the_hash_list_is_refused(tmp_path):
         load_bundle(b)
     rep = verify_bundle(b)
     assert not rep["ok"] and {"file": "heads/rf.pkl", "problem": "unlisted"} in rep["problems"]
+
+
+def _edit(b, fn):
+    m = json.loads((b / "manifest.json").read_text())
+    fn(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(class_names="ab"), "class_names"),
+    (lambda m: m.update(class_names=["a", "a"]), "duplicate"),
+    (lambda m: m.update(num_classes=3), "num_classes"),
+    (lambda m: m.update(input={}), "input.height"),
+    (lambda m: m["input"].update(height=0), "input.height"),
+    (lambda m: m.update(models=None), "'models' must be an object"),
+    (lambda m: m.update(models={}), "no model to run"),
+    (lambda m: m.update(files=[]), "'files' must be an object"),
+    (lambda m: m["heads"].update(rf={"kind": "rf"}), "heads.rf' names no file"),
+])
+def test_hand_edited_manifest_fields_are_named(tmp_path, edit, match):
+    """A manifest of the wrong shape is refused with the field named, by verify and load
+    alike (before: KeyError / AttributeError tracebacks, or silent wrong labels)."""
+    b = _make(tmp_path)
+    _edit(b, edit)
+    with pytest.raises(TamperedBundleError, match=match):
+        load_bundle(b)
+    with pytest.raises(TamperedBundleError, match=match):
+        verify_bundle(b)
+
+
+def _with_labels(tmp_path):
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "model.onnx").write_bytes(b"x")
+    (b / "labels.json").write_text(json.dumps(["cat", "dog"]))
+    (b / "verification.json").write_text(json.dumps({"onnx-fp32": {"passed": True}, "head-rf": {"passed": False}}))
+    finalize_manifest(b, {"valid": False, "class_names": ["cat", "dog"], "labels": "labels.json",
+                          "input": {"height": 8, "width": 8}, "preprocessing": dict(PREPROCESSING),
+                          "models": {"onnx-fp32": {"file": "model.onnx"}}})
+    return b
+
+
+def test_relabelled_manifest_and_flipped_verdict_are_refused(tmp_path):
+    b = _with_labels(tmp_path)
+    assert load_bundle(b, allow_invalid=True).class_names == ["cat", "dog"]
+    _edit(b, lambda m: m.update(class_names=["dog", "cat"]))  # same names, swapped: every answer would flip
+    with pytest.raises(TamperedBundleError, match="differ from the exported labels"):
+        load_bundle(b, allow_invalid=True)
+    _edit(b, lambda m: m.update(class_names=["cat", "dog"], valid=True))  # hide a failed verification
+    with pytest.raises(TamperedBundleError, match="head-rf failed"):
+        load_bundle(b)
+    _edit(b, lambda m: m.pop("labels") or m["files"].pop("labels.json"))
+    with pytest.raises(TamperedBundleError):  # still caught by the verdict; labels.json is now unlisted
+        load_bundle(b)
+
+
+def test_foreign_recipe_and_newer_format_are_refused_with_the_right_hint(tmp_path):
+    b = _make(tmp_path)
+    _edit(b, lambda m: m["preprocessing"].update(resize="opencv-area"))
+    with pytest.raises(BundleError, match="differs in: resize") as e:
+        load_bundle(b)
+    assert "re-export" in e.value.hint
+    _edit(b, lambda m: m.update(format_version=2, tools={"transfer": "9.0"}))
+    with pytest.raises(BundleError, match="version 2") as e:
+        load_bundle(b)
+    assert "upgrade transfer" in e.value.hint and "9.0" in e.value.hint

@@ -25,7 +25,9 @@ def test_bundle_layout_manifest_and_verification(full_bundle):
     assert m["class_names"] == ["c0", "c1", "c2"] and m["input"]["height"] == 16 and m["input"]["color"] == "RGB"
     assert m["preprocessing"]["resize"] == "pillow-bilinear" and m["backbone"] == "arc2"
     assert set(m["models"]) == {"onnx-fp32", "onnx-int8"} and m["heads"]["rf"]["feature_dim"] == m["feature_dim"]
-    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "heads/rf.pkl", "heads/rf.onnx", "verification.json"}
+    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "heads/rf.pkl", "heads/rf.onnx", "verification.json",
+                               "labels.json"}
+    assert json.loads((b / "labels.json").read_text()) == m["class_names"] and m["labels"] == "labels.json"
     for k in ("tensorflow", "tf2onnx", "onnxruntime", "scikit-learn"):
         assert m["tools"][k]
     v = m["verification"]
@@ -60,13 +62,13 @@ def test_existing_bundle_is_refused_without_force_and_replaced_with_it(full_bund
     from transfer.export.api import export_bundle
 
     run, res = full_bundle
-    with pytest.raises(BundleError, match="already holds another bundle"):
+    with pytest.raises(BundleError, match="already holds a bundle"):
         export_bundle(run, progress=None)
     out = tmp_path / "b"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     for force in (False, True):  # --force replaces bundles only, never a folder of other files
-        with pytest.raises(BundleError, match="not a transfer bundle"):
+        with pytest.raises(BundleError, match="not part of a transfer bundle"):
             export_bundle(run, out=out, force=force, progress=None)
     assert (out / "notes.txt").read_text() == "mine"
     for bad in (run, run.parent):  # the run itself, or a folder holding it
@@ -74,9 +76,12 @@ def test_existing_bundle_is_refused_without_force_and_replaced_with_it(full_bund
             export_bundle(run, out=bad, force=True, progress=None)
     assert (run / "run.json").is_file()
     first = export_bundle(run, out=tmp_path / "c", progress=None)
-    (first.bundle_dir / "extra.txt").write_text("left by a user")
+    (first.bundle_dir / "extra.txt").write_text("left by a user")  # replacing would delete it: refused
+    with pytest.raises(BundleError, match="not listed in its manifest: extra.txt"):
+        export_bundle(run, out=first.bundle_dir, force=True, progress=None)
+    (first.bundle_dir / "extra.txt").unlink()
     r2 = export_bundle(run, out=first.bundle_dir, force=True, progress=None)
-    assert r2.ok and not (r2.bundle_dir / "extra.txt").exists() and set(r2.manifest["models"]) == {"onnx-fp32"}
+    assert r2.ok and set(r2.manifest["models"]) == {"onnx-fp32"}
     assert load_bundle(r2.bundle_dir).manifest["created"] >= first.manifest["created"]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -55,10 +57,29 @@ def test_check_out_rules(tmp_path):
         check_out(tmp_path, True, run)
     b = tmp_path / "b"
     b.mkdir()
-    (b / "manifest.json").write_text("{}")
-    with pytest.raises(BundleError, match="another bundle"):
+    (b / "model.onnx").write_text("m")
+    (b / "manifest.json").write_text(json.dumps({"format": "transfer-bundle", "files": {"model.onnx": {}}}))
+    with pytest.raises(BundleError, match="already holds a bundle"):
         check_out(b, False, run)
     check_out(b, True, run)
+    (b / ".hidden-partial").write_text("tmp")  # hidden files do not count
+    check_out(b, True, run)
+
+
+@pytest.mark.parametrize("manifest, extra", [
+    ({"name": "my web app"}, None),  # a manifest.json, but not a bundle's
+    ({"format": "transfer-bundle", "files": {"model.onnx": {}}}, "src/important.txt"),  # a bundle plus user files
+])
+def test_force_never_replaces_a_folder_holding_anything_but_a_bundle(tmp_path, manifest, extra):
+    """--force deletes the old folder: a web app's manifest.json or a user's notes inside a
+    bundle must stop it (a reviewer lost a folder this way)."""
+    b = tmp_path / "out"
+    (b / "src").mkdir(parents=True)
+    (b / "model.onnx").write_text("m")
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    (b / "src" / "important.txt").write_text("precious")
+    with pytest.raises(BundleError, match=extra or "no transfer manifest.json"):
+        check_out(b, True, None)
 
 
 def test_staged_bundle_swaps_in_or_leaves_the_old_one(tmp_path):

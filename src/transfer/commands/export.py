@@ -77,6 +77,8 @@ def verify(bundle, deep) -> None:
         names = ", ".join(p["file"] for p in rep["problems"])
         raise TamperedBundleError(f"bundle {bundle} does not match its manifest: {names}",
                                   hint="re-export the bundle or restore the original files")
+    # the manifest's own claims: labels, pixel recipe, the verdict (files were hashed above)
+    b = load_bundle(bundle, verify_hashes=False, allow_invalid=True)
     if not rep["valid_at_export"]:
         raise BundleError(f"bundle {bundle} is marked invalid: it failed verification at export",
                           hint=f"see {bundle}/verification.json")
@@ -84,7 +86,6 @@ def verify(bundle, deep) -> None:
     if deep:
         from ..export.verify import deep_check
 
-        b = load_bundle(bundle)
         problems = deep_check(b)
         for p in problems:
             click.echo(f"  {p['file']}: {p['problem']}", err=True)
@@ -93,7 +94,8 @@ def verify(bundle, deep) -> None:
                               hint="re-export the bundle with this version of transfer")
         n = sum(1 for e in b.models.values() if e.get("runtime") == "onnxruntime") + \
             sum(1 for e in b.heads.values() if e.get("onnx"))
-        ran = f"; {n} ONNX model(s) ran"
+        engines = sorted(k for k, e in b.models.items() if e.get("runtime") != "onnxruntime")
+        ran = f"; {n} ONNX model(s) ran" + (f"; not run here: {', '.join(engines)} (needs its GPU)" if engines else "")
     click.echo(f"{bundle}: OK ({rep['files_checked']} files match their SHA-256; verified at export{ran})")
 
 

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ..bundle import finalize_manifest, read_manifest
-from ..errors import ConfigError, ExportError, VerificationError
+from ..errors import ConfigError, ExportError, TensorRTUnavailableError, VerificationError
 from ..fsutil import write_json_atomic
 
 Progress = Callable[[str], None]
@@ -229,6 +229,9 @@ def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, 
         "default_head": "network",
         "verification": {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)} for k, v in verification.items()},
     }
+    # the class names again as a hashed file: an edited manifest cannot relabel predictions
+    write_json_atomic(tmp / "labels.json", list(rf.class_names))
+    manifest["labels"] = "labels.json"
     write_json_atomic(tmp / "verification.json", {"images": used, **verification})
     manifest = finalize_manifest(tmp, manifest)
     return manifest, verification
@@ -245,7 +248,13 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
     from .quantize import calibration_batches
     from .tensorrt import build_engine, device_info, engine_entry, require_tensorrt
 
-    require_tensorrt()  # TensorRTUnavailableError (exit 3) here; the ONNX bundle stays valid
+    try:
+        require_tensorrt()  # exit 3; the ONNX bundle stays valid
+    except TensorRTUnavailableError as exc:
+        raise TensorRTUnavailableError(
+            exc.message, hint=f"the verified ONNX bundle is in {out}; to add the engine, run on the GPU machine "
+                              f"`transfer export {rf.path} --trt {precision} --force` (re-exports and replaces it)"
+        ) from None
     manifest = read_manifest(out)
     dev = device_info()
     name = f"model.{precision}.engine"

@@ -7,6 +7,7 @@ place only when complete, so a kill never leaves a half bundle that looks valid;
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -35,9 +36,9 @@ def tool_versions() -> dict:
 def check_out(out: Path, force: bool, run_path: Path | None = None) -> None:
     """Refuse an ``out`` that would overwrite something that is not a bundle.
 
-    An existing bundle (a folder with ``manifest.json``) is replaced only with ``force``;
-    a non-empty folder that is not a bundle, the run folder, or any folder holding the
-    run is never replaced (replacing deletes the old folder).
+    An existing bundle (a folder holding a transfer ``manifest.json`` and only the files it
+    lists) is replaced only with ``force``; any other non-empty folder, the run folder, or
+    any folder holding the run is never replaced (replacing deletes the old folder).
 
     Raises:
         BundleError: what is in the way and what to do.
@@ -54,12 +55,38 @@ def check_out(out: Path, force: bool, run_path: Path | None = None) -> None:
             raise BundleError(f"--out {out} is the run folder or holds it; the export would replace the run",
                               hint=f"use the default {Path(run_path) / 'bundle'} or another folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise BundleError(f"output folder {out} already holds files that are not a transfer bundle",
-                              hint="choose an empty or new --out (--force only replaces an existing bundle)")
+        foreign = _not_bundle_files(out)
+        if foreign is not None:
+            raise BundleError(f"output folder {out} holds files that are not part of a transfer bundle "
+                              f"({foreign})",
+                              hint="choose an empty or new --out (--force only replaces a folder that holds "
+                                   "nothing but a bundle)")
         if not force:
-            raise BundleError(f"output folder {out} already holds another bundle",
+            raise BundleError(f"output folder {out} already holds a bundle",
                               hint="pass --force to replace it, or choose another --out")
+
+
+def _not_bundle_files(folder: Path) -> str | None:
+    """``None`` if ``folder`` holds a transfer bundle and nothing else; else what is foreign.
+
+    Replacing deletes the folder, so anything the bundle's manifest does not list (besides
+    hidden files) keeps it from being replaced: a web app's ``manifest.json``, a user's notes.
+    """
+    from ..bundle import BUNDLE_FORMAT
+
+    try:
+        m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        m = None
+    if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT or not isinstance(m.get("files"), dict):
+        return f"no transfer {MANIFEST}"
+    listed = set(m["files"])
+    extra = sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+                   if rel != MANIFEST and rel not in listed and not any(part.startswith(".") for part in rel.split("/")))
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"not listed in its manifest: {', '.join(extra[:3])}{more}"
+    return None
 
 
 @contextmanager

@@ -97,8 +97,8 @@ def require_tensorrt():
     if not ok:
         raise TensorRTUnavailableError(
             f"TensorRT needs an NVIDIA GPU with CUDA; none was found: {reason}",
-            hint="the ONNX part of the bundle was written and verified; build engines on the GPU machine "
-                 "with `transfer export RUN --trt fp16` there",
+            hint="TensorRT engines are built and run on NVIDIA machines (pip install \"transfer[gpu]\"); "
+                 "ONNX Runtime runs the bundle anywhere",
         )
     import tensorrt as trt
 
