@@ -70,6 +70,10 @@ class TamperedBundleError(BundleError):
     """A file of a bundle does not have the SHA-256 its manifest records."""
 
 
+class OutputError(TransferError):
+    """An output file or folder cannot be created or written (permissions, a file in the way)."""
+
+
 class DependencyMissingError(TransferError):
     """An optional dependency is not installed; the hint gives the install command."""
 

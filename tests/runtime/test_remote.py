@@ -27,6 +27,7 @@ def _folder_with_bad_files(rt_data, d):
     (d / "c1" / "truncated.png").write_bytes(good[: len(good) // 2])
     (d / "c1" / "empty.jpg").write_bytes(b"")
     (d / "c1" / "notes.txt").write_text("not an image, not listed")
+    shutil.copy(d / "c0" / "000.png", d / "c0" / "my shot é'1.png")  # a key with a space, a quote, non-ASCII
     return d
 
 
@@ -59,6 +60,7 @@ def test_file_uri_folder_predicts_like_the_local_path(rt_bundle, rt_data, tmp_pa
     errs = {os.path.basename(r["path"]): r["error"] for r in remote if r["status"] == "error"}
     assert "empty" in errs["empty.jpg"] and "truncated" in errs["truncated.png"]
     assert s_uri.ok == s_local.ok and s_uri.errors == s_local.errors + 1
+    assert any(r["path"].endswith("/c0/my shot é'1.png") and r["status"] == "ok" for r in remote)
 
 
 def test_unknown_scheme_is_a_clear_error(rt_bundle, tmp_path):
@@ -99,6 +101,7 @@ def test_s3_prefix_predicts_like_the_local_folder(s3_server, rt_bundle, rt_data,
     local, remote = _rows(tmp_path / "local.csv"), _rows(tmp_path / "s3.csv")
     _same_rows(local, remote, str(d), "s3://shots/batch1")
     assert s.errors == 2 and s.ok == len(local) - 2
+    assert "s3://shots/batch1/c0/my shot é'1.png" in [r["path"] for r in remote if r["status"] == "ok"]
     # a missing bucket or prefix is an error row, like a missing local folder
     s = infer(bundle, ["s3://no-such-bucket/x/"], out=tmp_path / "x.csv", recursive=True)
     assert s.ok == 0 and s.errors == 1

@@ -149,6 +149,8 @@ def _decode_source(src, p, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(p, "not an image (unknown or unsupported format)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(p, f"absurd dimensions: {exc}") from exc
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:  # the file, not its contents
+        raise ImageDecodeError(p, f"cannot read file: {exc.strerror or exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc) or type(exc).__name__
         if "truncated" in msg.lower() or isinstance(exc, EOFError):

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..bundle import load_bundle
-from ..errors import ConfigError, TransferError
+from ..errors import ConfigError, OutputError, TransferError
 
 
 @dataclass
@@ -36,33 +36,91 @@ class InferSummary:
         return self.total / self.seconds if self.seconds > 0 else 0.0
 
 
+#: --out suffixes that mean a format; anything else is written as --format (default csv)
+_FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def resolve_format(fmt: str | None, out: str | os.PathLike | None) -> str:
+    """``--format``, or the one ``--out``'s suffix names (``.jsonl`` -> jsonl), else csv.
+
+    Raises:
+        ConfigError: unknown format, or ``--format`` contradicts the suffix of ``--out``.
+
+    Example:
+        >>> resolve_format(None, "preds.jsonl"), resolve_format(None, None)
+        ('jsonl', 'csv')
+    """
+    if fmt is not None and fmt not in ("csv", "jsonl"):
+        raise ConfigError(f"invalid --format {fmt!r}; accepted: csv, jsonl")
+    raw = os.fspath(out) if out is not None else ""
+    implied = None if raw.endswith(("/", os.sep)) else _FORMAT_OF_SUFFIX.get(Path(raw).suffix.lower())
+    if fmt and implied and fmt != implied:
+        raise ConfigError(f"--format {fmt} but --out {raw} names a .{Path(raw).suffix[1:]} file",
+                          hint=f"drop --format (the suffix decides), or write to a .{fmt} file")
+    return fmt or implied or "csv"
+
+
 def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
     """Where rows go: ``out`` itself, or ``out/predictions.<csv|jsonl>`` when ``out`` is a
-    folder (an existing directory, or a path ending in ``/``).
+    folder (an existing directory, or a path ending in ``/``); ``None`` or ``-``: stdout.
+
+    Raises:
+        ConfigError: ``out`` looks like an image or a Parquet file (it would be overwritten
+            with CSV / JSON lines).
 
     Example:
         >>> str(output_path("preds/", "csv"))
         'preds/predictions.csv'
     """
-    if out is None:
+    if out is None or os.fspath(out) == "-":
         return None
     raw = os.fspath(out)
     p = Path(raw)
     if raw.endswith(("/", os.sep)) or p.is_dir():
         return p / f"predictions.{'csv' if fmt == 'csv' else 'jsonl'}"
+    from ..data.image import is_image_path
+
+    if is_image_path(p) or p.suffix.lower() == ".parquet":
+        raise ConfigError(f"--out {raw} looks like {'an image' if is_image_path(p) else 'a Parquet file'}; "
+                          "predictions are written as CSV or JSON lines",
+                          hint="give a .csv / .jsonl file or a FOLDER/ (with --ray the .parquet copy is written "
+                               "next to it)")
     return p
 
 
+def _printable(path: str) -> str:
+    """A path for a text stream: undecodable bytes of a file name as ``\\xff`` escapes."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class _Writer:
+    """Rows -> CSV / JSON lines, into ``PATH`` via ``.PATH.partial`` (or stdout).
+
+    File names that are not valid UTF-8 are written as their original bytes to files
+    (``surrogateescape``: the name round-trips) and as ``\\x`` escapes to stdout.
+    """
+
     def __init__(self, out: str | os.PathLike | None, fmt: str, topk: int):
         self.fmt, self.topk = fmt, topk
         if out is None:
             self.fh, self.tmp, self.path = sys.stdout, None, None
         else:
             self.path = Path(out)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.path.with_name(f".{self.path.name}.partial")
-            self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
+            if self.path.is_dir():
+                raise OutputError(f"--out {self.path} is a folder that already exists under the output's name",
+                                  hint="remove it or choose another --out")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fh = open(self.tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
+            except OSError as exc:
+                raise OutputError(f"cannot write --out {self.path}: {exc.strerror or exc}"
+                                  + (f" ({exc.filename})" if exc.filename else ""),
+                                  hint="choose a folder you can write to") from None
         if fmt == "csv":
             self.csv = csv.writer(self.fh)
             head = ["path", "status"]
@@ -71,6 +129,8 @@ class _Writer:
             self.csv.writerow(head + ["error"])
 
     def row(self, path: str, classes: list[str] | None, probs: list[float] | None, error: str | None):
+        if self.tmp is None:
+            path = _printable(path)
         if self.fmt == "csv":
             r = [path, "error" if error else "ok"]
             for k in range(self.topk):
@@ -89,13 +149,15 @@ class _Writer:
             self.fh.flush()
             return
         self.fh.close()
-        if ok:
-            os.replace(self.tmp, self.path)
-        else:  # keep what was predicted so far, under a name that says so
-            os.replace(self.tmp, self.path.with_name(self.path.name + ".incomplete"))
+        final = self.path if ok else self.path.with_name(self.path.name + ".incomplete")
+        try:  # incomplete: keep what was predicted so far, under a name that says so
+            os.replace(self.tmp, final)
+        except OSError as exc:
+            raise OutputError(f"cannot move the finished rows to {final}: {exc.strerror or exc}",
+                              hint=f"the rows are in {self.tmp}") from None
 
 
-def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, out=None, fmt: str = "csv",
+def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, out=None, fmt: str | None = None,
           batch: int = 32, topk: int = 1, head: str | None = None, head_format: str = "onnx",
           backend: str | None = None, providers=None, recursive: bool = False, workers: int = 2,
           threads: int | None = None, progress: Callable[[InferSummary], None] | None = None) -> InferSummary:
@@ -104,8 +166,9 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
     Args:
         bundle_path: a bundle folder (hashes checked on load).
         inputs: files and folders (folders: their image files; ``recursive`` for sub-folders).
-        out: output file (CSV or JSON lines); ``None`` writes to stdout. Written to a
-            partial name and renamed when done.
+        out: output file (CSV or JSON lines), a ``FOLDER/``, or ``None`` / ``-`` for stdout.
+            Written to a partial name and renamed when done.
+        fmt: ``csv`` or ``jsonl`` (default: from the suffix of ``out``, else csv).
         batch / workers: model batch size and decode threads.
         topk: classes per row. head: ``network`` or a bundled head (``rf``...).
         backend / providers: see :func:`transfer.runtime.runners.make_runner`.
@@ -124,10 +187,9 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
     from .pipeline import batches, iter_inputs
     from .runners import make_runner
 
-    if fmt not in ("csv", "jsonl"):
-        raise ConfigError(f"invalid --format {fmt!r}; accepted: csv, jsonl")
-    if batch < 1 or topk < 1 or workers < 1:
-        raise ConfigError("--batch, --topk and --workers must be positive")
+    fmt = resolve_format(fmt, out)
+    if batch < 1 or topk < 1 or workers < 1 or (threads is not None and threads < 1):
+        raise ConfigError("--batch, --topk, --workers and --threads must be positive")
     if not inputs:
         raise ConfigError("no input files or folders given")
     out = output_path(out, fmt)

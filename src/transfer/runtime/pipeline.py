@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..data.image import DEFAULT_MAX_PIXELS, decode_image_bytes, is_image_path, load_image, resize_image
-from ..errors import ConfigError, ImageDecodeError
+from ..errors import ConfigError, ImageDecodeError, TransferError
 from .remote import is_uri
 
 
@@ -52,11 +52,11 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     """
     seen_dirs: set[tuple[int, int]] = set()
 
-    def walk(d: Path) -> Iterator[tuple[str, str | None]]:
+    def walk(d: str) -> Iterator[tuple[str, str | None]]:
         try:
-            st = d.stat()
+            st = os.stat(d)
         except OSError as exc:
-            yield str(d), f"cannot read folder: {exc.strerror or exc}"
+            yield d, f"cannot read folder: {exc.strerror or exc}"
             return
         key = (st.st_dev, st.st_ino)
         if key in seen_dirs:
@@ -65,38 +65,38 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as exc:
-            yield str(d), f"cannot list folder: {exc.strerror or exc}"
+            yield d, f"cannot list folder: {exc.strerror or exc}"
             return
         for e in entries:
-            p = Path(e.path)
             try:
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
             if is_dir:
                 if recursive:
-                    yield from walk(p)
-                elif is_image_path(p):
-                    yield str(p), "is a directory, not an image file"
-            elif is_image_path(p):
-                yield str(p), None
+                    yield from walk(e.path)
+                elif is_image_path(e.name):
+                    yield e.path, "is a directory, not an image file"
+            elif is_image_path(e.name):
+                yield e.path, None
 
     for raw in inputs:
-        if is_uri(str(raw)):  # s3://, gs://, file:// ...: listed through pyarrow.fs
+        raw = os.fspath(raw)  # paths are reported as the user spelled them
+        if is_uri(raw):  # s3://, gs://, file:// ...: listed through pyarrow.fs
             from .remote import iter_uri_inputs
 
-            yield from iter_uri_inputs(str(raw), recursive=recursive)
+            yield from iter_uri_inputs(raw, recursive=recursive)
             continue
         p = Path(raw)
         if p.is_dir():
             if is_image_path(p) and not recursive:
-                yield str(p), "is a directory, not an image file"
+                yield raw, "is a directory, not an image file"
                 continue
-            yield from walk(p)
+            yield from walk(raw)
         elif p.exists() or p.is_symlink():
-            yield str(p), None
+            yield raw, None
         else:
-            yield str(p), "no such file"
+            yield raw, "no such file"
 
 
 def _decode(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
@@ -109,6 +109,8 @@ def _decode(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXE
         return Item(path, load_image(path, size, max_pixels=max_pixels))
     except ImageDecodeError as exc:
         return Item(path, error=exc.reason if hasattr(exc, "reason") else str(exc))
+    except TransferError as exc:  # e.g. a URI whose filesystem cannot be opened
+        return Item(path, error=exc.message)
     except OSError as exc:
         return Item(path, error=f"cannot read: {exc.strerror or exc}")
     except Exception as exc:  # never let one file stop the run

@@ -38,25 +38,48 @@ def is_uri(path: str) -> bool:
     return bool(_URI.match(str(path)))
 
 
-def _filesystem(uri: str):
-    """``(filesystem, path)`` for ``uri``; S3 / GCS filesystems are reused per thread and bucket."""
-    fs_mod = require("pyarrow.fs", purpose="reading s3:// / gs:// inputs")
+_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "file")
+
+
+def _split(uri: str) -> tuple[str, str, str]:
+    """``(scheme, authority, path)`` of ``uri``, taken literally: like ``aws s3`` and
+    ``gsutil``, object keys are not percent-decoded, so ``s3://b/my photo.jpg`` is the key
+    ``my photo.jpg`` (a space is fine; ``%20`` means the three characters)."""
     scheme, rest = str(uri).split("://", 1)
     scheme = scheme.lower()
-    key = (scheme, rest.split("/", 1)[0])
+    if scheme == "file":
+        return scheme, "", rest if rest.startswith("/") else "/" + rest.split("/", 1)[-1]
+    auth, _, path = rest.partition("/")
+    return scheme, auth, path
+
+
+def _filesystem(uri: str):
+    """``(filesystem, path)`` for ``uri`` (pyarrow's path: ``bucket/key`` for S3 / GCS).
+
+    The filesystem comes from the scheme and bucket alone, so keys with spaces, quotes or
+    non-ASCII letters are read as written; filesystems are reused per thread and bucket.
+    """
+    fs_mod = require("pyarrow.fs", purpose="reading s3:// / gs:// inputs")
+    scheme, auth, path = _split(uri)
+    if scheme not in _SCHEMES:
+        raise ConfigError(f"cannot open {uri}: unsupported scheme {scheme}://",
+                          hint="supported: s3://, gs://, hdfs://, file://")
+    key = (scheme, auth)
     cache = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = {}
-    if scheme in ("s3", "gs", "gcs") and key in cache:
-        return cache[key], rest  # pyarrow's path for these is "bucket/key"
-    try:
-        fs, path = fs_mod.FileSystem.from_uri(uri)
-    except Exception as exc:  # unknown scheme, missing S3/GCS support, bad URI
-        raise ConfigError(f"cannot open {uri}: {type(exc).__name__}: {exc}",
-                          hint="supported: s3://, gs://, hdfs://, file://; for S3 set AWS credentials "
-                               "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and AWS_DEFAULT_REGION") from None
-    cache[key] = fs
-    return fs, path
+    fs = cache.get(key)
+    if fs is None:
+        try:
+            fs = fs_mod.LocalFileSystem() if scheme == "file" else fs_mod.FileSystem.from_uri(f"{scheme}://{auth}")[0]
+        except Exception as exc:  # missing S3/GCS support, bad bucket name, no region
+            raise ConfigError(f"cannot open {uri}: {type(exc).__name__}: {exc}",
+                              hint="supported: s3://, gs://, hdfs://, file://; for S3 set AWS credentials "
+                                   "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and AWS_DEFAULT_REGION") from None
+        cache[key] = fs
+    if scheme in ("s3", "gs", "gcs"):
+        return fs, f"{auth}/{path}" if path else auth
+    return fs, path if scheme == "file" else "/" + path
 
 
 def _uri_of(uri: str, root_path: str, child_path: str) -> str:
@@ -65,8 +88,10 @@ def _uri_of(uri: str, root_path: str, child_path: str) -> str:
     root = root_path.rstrip("/")
     if child_path.startswith(root + "/"):
         return base + child_path[len(root):]
-    scheme = str(uri).split("://", 1)[0]
-    return f"{scheme}://{child_path}"
+    scheme, auth, _ = _split(uri)
+    if scheme in ("s3", "gs", "gcs"):
+        return f"{scheme}://{child_path}"
+    return f"{scheme}://{auth}{child_path}"
 
 
 def iter_uri_inputs(uri: str, *, recursive: bool = False) -> Iterator[tuple[str, str | None]]:
