@@ -36,8 +36,31 @@ class TransferGroup(click.Group):
                 click.echo(f"hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; finished work is kept (re-run the same command to resume)", err=True)
+            click.echo(f"interrupted; {_INTERRUPTED.get(ctx.invoked_subcommand, 'nothing half-written is left')}",
+                       err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `transfer infer ... | head`: the reader left; not an error of ours
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(1)
+        except OSError as exc:  # a disk, permission or path problem outside the checked places
+            if bool((ctx.obj or {}).get("debug")) or os.environ.get("TRANSFER_DEBUG") == "1":
+                traceback.print_exc()
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            click.secho(f"error: {exc.strerror or exc}{where}", err=True, fg="red")
+            click.echo("hint: check the path, free disk space and permissions; --debug shows where it happened",
+                       err=True)
+            ctx.exit(1)
+
+
+#: what an interrupted command keeps (Ctrl-C)
+_INTERRUPTED = {
+    "train": "finished trials and epochs are kept (re-run the same command to resume)",
+    "features": "finished work is kept (re-run the same command to resume)",
+    "heads": "finished work is kept (re-run the same command to resume)",
+    "export": "no bundle was written; an existing one is unchanged",
+    "infer": "the rows predicted so far are kept in OUT.incomplete (with --out)",
+}
 
 
 @click.group(cls=TransferGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,9 +16,10 @@ from ._options import parse_csv, quiet_option
 @click.option("--recursive", "-r", is_flag=True, help="Walk sub-folders of folder inputs.")
 @click.option("--batch", default=32, show_default=True, help="Images per model call.")
 @click.option("--out", type=click.Path(),
-              help="Output file, or a folder (FOLDER/ or an existing one) for predictions.csv|jsonl there. "
-                   "[default: stdout]")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+              help="Output file, or a folder (FOLDER/ or an existing one) for predictions.csv|jsonl there; "
+                   "'-' for stdout. [default: stdout]")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]),
+              help="Row format. [default: from the --out suffix (.jsonl -> jsonl), else csv]")
 @click.option("--topk", default=1, show_default=True, help="Classes per row.")
 @click.option("--head", default="network", show_default=True, help="network, or a bundled classical head (e.g. rf).")
 @click.option("--head-format", type=click.Choice(["onnx", "pickle"]), default="onnx", show_default=True,
@@ -72,7 +73,7 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
     last = [0.0]
 
     def show(s):
-        if quiet or out is None:
+        if quiet or out in (None, "-"):
             return
         now = time.time()
         if now - last[0] >= 1.0:
@@ -83,7 +84,7 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
               backend=backend, providers=providers, recursive=recursive, workers=workers, threads=threads,
               progress=show)
     if not quiet:
-        if out is not None:
+        if out not in (None, "-"):
             click.echo("", err=True)
         click.echo(f"{s.total} file(s): {s.ok} predicted, {s.errors} error(s) in {s.seconds:.2f}s "
                    f"({s.images_per_second:.1f} img/s; {s.backend} on {s.provider}, head {s.head}; "
@@ -129,7 +130,14 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, provide
                 seconds=seconds, threads=threads, out_dir=out_dir, progress=None if quiet else click.echo,
                 providers=None if providers == "auto" else providers)
     click.echo(render_table(res))
-    click.echo(f"-> {out_dir}/bench.json, bench.md, bench.png")
+    click.echo(f"-> {out_dir}/bench.json, bench.md" + (", bench.png" if res["rows"] else ""))
+    if not res["rows"]:
+        from ..errors import TensorRTUnavailableError, TransferError
+
+        trt_only = all(be.startswith("tensorrt") for be in res["skipped"])
+        cls = TensorRTUnavailableError if trt_only else TransferError
+        raise cls("nothing was benchmarked: every backend was skipped (reasons above)",
+                  hint="choose backends that can run here, e.g. --backends onnxruntime")
 
 
 COMMANDS = [infer_cmd, bench_cmd]

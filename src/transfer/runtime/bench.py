@@ -75,17 +75,33 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
     paths: list[str] = []
     if images:
         paths = [p for p, err in iter_inputs(images, recursive=True) if err is None]
+        if not paths:
+            raise ConfigError(f"no image files found in --images {' '.join(map(str, images))}")
     else:
         src = Path(bundle.manifest.get("source", {}).get("run") or "/nonexistent")
         csv_path = src / "splits" / "val.csv"
         ds = src / "dataset.json"
-        if csv_path.is_file() and ds.is_file():
+        try:
             root = Path(json.loads(ds.read_text())["root"])
             import csv as _csv
 
             with open(csv_path, newline="") as fh:
                 paths = [str(root / r["path"]) for r in _csv.DictReader(fh)]
+        except (OSError, ValueError, KeyError, TypeError):
+            paths = []  # the run or its data is not on this machine: synthetic pixels
+        paths = [p for p in paths if os.path.isfile(p)]
     return [p for p in paths if is_image_path(p)][:n]
+
+
+def _decode_pool(files: list[str], size: tuple[int, int]):
+    """Decode ``files`` for timing; bad ones are skipped. Returns (pixels list, ms per image, bad paths)."""
+    from .pipeline import _decode
+
+    t = time.perf_counter()
+    items = [_decode(p, size) for p in files]
+    good = [it.pixels for it in items if it.pixels is not None]
+    ms = (time.perf_counter() - t) / len(files) * 1000 if files else None
+    return good, ms, [f"{it.path}: {it.error}" for it in items if it.error]
 
 
 def _keras_runner(bundle: Bundle):
@@ -133,32 +149,44 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     Example:
         >>> bench("runs/digits/bundle", backends=["onnxruntime"], batches=[1, 32])  # doctest: +SKIP
     """
-    from ..data.image import load_image
-    from .heads import make_head
+    from .heads import check_head, make_head
     from .runners import OrtRunner, make_runner
 
     say = progress or (lambda s: None)
+    batches, backends = list(batches), list(backends)
     if not batches or min(batches) < 1:
-        raise ConfigError(f"invalid --batch {list(batches)!r}; accepted: positive integers")
+        raise ConfigError(f"invalid --batch {batches!r}; accepted: positive integers")
     valid = ("onnxruntime", "onnxruntime-int8", "onnxruntime-fp16", "tensorrt", "tensorrt-fp32", "tensorrt-fp16",
              "tensorrt-int8", "keras")
+    if not backends:
+        raise ConfigError("no --backends given", hint=f"accepted: {', '.join(valid)}")
     for be in backends:
         if be not in valid:
             raise ConfigError(f"unknown backend {be!r}; accepted: {', '.join(valid)}")
+    for name, vals in (("--batch", batches), ("--backends", backends)):
+        dup = sorted({str(v) for v in vals if vals.count(v) > 1})
+        if dup:
+            raise ConfigError(f"{name} lists {', '.join(dup)} more than once")
+    if not seconds > 0 or min_iters < 1:
+        raise ConfigError(f"invalid --seconds {seconds!r}; accepted: a positive number")
     b = load_bundle(bundle_path)
+    check_head(b, head)
     h, w = b.input_size
+    files = _sample_images(b, images, max(batches) * 2)
+    real, decode_ms, bad = _decode_pool(files, (h, w))
+    for e in bad[:3]:
+        say(f"skipped an unreadable image: {e}")
+    if len(bad) > 3:
+        say(f"... and {len(bad) - 3} more unreadable image(s)")
+    if real:
+        pool = np.stack(real).astype(np.float32)
+    else:
+        decode_ms = None
+        say("no source images to time decoding with (pass --images); timing the model on synthetic pixels")
+        pool = np.random.default_rng(0).uniform(0, 255, (max(batches) * 2, h, w, 3)).astype(np.float32)
     say("measuring the matrix-multiply peak of this machine ...")
     peak = matmul_peak_gflops()
     gflops = model_gflops(b.file(b.model_entry("onnx-fp32")["file"]))
-    files = _sample_images(b, images, max(batches) * 2)
-    decode_ms = None
-    if files:
-        t = time.perf_counter()
-        real = [load_image(p, (h, w)) for p in files]
-        decode_ms = (time.perf_counter() - t) / len(files) * 1000
-        pool = np.stack(real).astype(np.float32)
-    else:
-        pool = np.random.default_rng(0).uniform(0, 255, (max(batches) * 2, h, w, 3)).astype(np.float32)
     t = time.perf_counter()
     for _ in range(20):
         np.stack(list(pool[: max(batches)].astype(np.uint8))).astype(np.float32)
@@ -217,7 +245,8 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     res = {"bundle": str(b.path), "machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": peak,
                                               "threads": threads, "providers_found": available_providers()},
            "gflops_per_img": gflops,
-           "decode_files": len(files), "rows": rows, "skipped": skipped}
+           "decode_files": len(real) if decode_ms is not None else 0, "decode_skipped": len(bad),
+           "rows": rows, "skipped": skipped}
     if out_dir is not None:
         write_outputs(res, Path(out_dir))
     return res
@@ -258,6 +287,8 @@ def write_outputs(res: dict, out_dir: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return
+    if not res["rows"]:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for be in sorted({r["backend"] for r in res["rows"]}):

@@ -60,6 +60,23 @@ class PickleHead(Head):
         return np.asarray(self.est.predict_proba(features.astype(np.float32)), dtype=np.float32)
 
 
+def check_head(bundle: Bundle, name: str | None, fmt: str = "onnx") -> None:
+    """Refuse a head or format the bundle cannot serve, without loading anything.
+
+    Raises:
+        BundleError: no such head, or it was exported without the asked form.
+        ConfigError: unknown format.
+    """
+    if fmt not in ("onnx", "pickle"):
+        raise ConfigError(f"invalid --head-format {fmt!r}; accepted: onnx, pickle")
+    if not name or name == "network":
+        return
+    entry = bundle.head_entry(name)
+    if not entry.get(fmt):
+        raise BundleError(f"head {name!r} of bundle {bundle.path} has no {fmt} form",
+                          hint=f"use --head-format {'pickle' if fmt == 'onnx' else 'onnx'}")
+
+
 def make_head(bundle: Bundle, name: str | None = None, fmt: str = "onnx") -> Head:
     """``network`` (default) or a bundled classical head in ``onnx`` or ``pickle`` form.
 
@@ -67,13 +84,12 @@ def make_head(bundle: Bundle, name: str | None = None, fmt: str = "onnx") -> Hea
         BundleError: the bundle has no such head.
         ConfigError: unknown format.
     """
+    check_head(bundle, name, fmt)
     if not name or name == "network":
         return Head()
     if fmt == "onnx":
         return OnnxHead(bundle, name)
-    if fmt == "pickle":
-        return PickleHead(bundle, name)
-    raise ConfigError(f"invalid --head-format {fmt!r}; accepted: onnx, pickle")
+    return PickleHead(bundle, name)
 
 
-__all__ = ["Head", "OnnxHead", "PickleHead", "make_head", "BundleError"]
+__all__ = ["Head", "OnnxHead", "PickleHead", "check_head", "make_head", "BundleError"]

@@ -9,6 +9,7 @@ written as CSV / JSON lines (identical to local mode) plus Parquet.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -63,12 +64,12 @@ class _Predictor:
             j += 1
             order = np.argsort(-pr)[: self.topk]
             out["status"].append("ok"), out["error"].append("")
-            out["classes"].append("\t".join(self.names[k] for k in order))
-            out["probs"].append("\t".join(repr(float(pr[k])) for k in order))
+            out["classes"].append(json.dumps([self.names[k] for k in order]))  # any character in a name survives
+            out["probs"].append(json.dumps([float(pr[k]) for k in order]))
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
 
 
-def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str = "csv", batch: int = 32,
+def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str | None = None, batch: int = 32,
               topk: int = 1, head: str | None = None, head_format: str = "onnx", recursive: bool = False,
               address: str | None = None, workers: int = 2, threads_per_worker: int = 1,
               gpus_per_worker: float = 0.0, backend: str | None = None, providers: str | None = None) -> dict:
@@ -84,17 +85,27 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
     Example:
         >>> infer_ray("bundle", ["images/"], out="preds.csv", recursive=True, workers=2)  # doctest: +SKIP
     """
-    from .infer import _Writer, output_path
+    from .heads import check_head
+    from .infer import _Writer, output_path, resolve_format
     from .pipeline import iter_inputs
+    from .runners import model_key_for
 
-    if out is None:
+    if out is None or os.fspath(out) == "-":
         raise ConfigError("--ray needs --out FILE or FOLDER/ (rows are streamed back and written there)")
+    fmt = resolve_format(fmt, out)
     out = output_path(out, fmt)
     if batch < 1 or workers < 1 or topk < 1 or threads_per_worker < 1:
         raise ConfigError("--batch, --workers, --threads and --topk must be positive")
     if gpus_per_worker < 0:
         raise ConfigError(f"--gpus-per-worker must be >= 0 (got {gpus_per_worker})")
-    b = load_bundle(bundle_path)  # fail fast on the driver: tampered / invalid bundles
+    # fail fast on the driver, before Ray starts: tampered / invalid bundles, a backend,
+    # head or provider the bundle or this onnxruntime cannot serve
+    b = load_bundle(bundle_path)
+    model_key_for(b, backend)
+    check_head(b, head, head_format)
+    from .sessions import check_provider_names
+
+    check_provider_names(providers)  # names only: a GPU worker may offer providers this driver lacks
     topk = min(topk, len(b.class_names))
     from .._ray import init_ray
 
@@ -117,8 +128,8 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
         for rb in ds.iter_batches(batch_size=batch, batch_format="numpy"):
             for i in range(len(rb["path"])):
                 p, err = str(rb["path"][i]), str(rb["error"][i]) or None
-                classes = str(rb["classes"][i]).split("\t") if not err else None
-                probs = [float(v) for v in str(rb["probs"][i]).split("\t")] if not err else None
+                classes = json.loads(str(rb["classes"][i])) if not err else None
+                probs = json.loads(str(rb["probs"][i])) if not err else None
                 w.row(p, classes, probs, err)
                 pq.add(p, classes, probs, err)
                 n += 1

@@ -106,6 +106,41 @@ class TrtRunner(Runner):
         return outs["features"][0], outs["probs"][0]
 
 
+def model_key_for(bundle: Bundle, backend: str | None) -> str:
+    """The bundle's model entry that ``backend`` runs (no session is created; the driver of
+    a Ray job checks the options with this before any worker starts).
+
+    Raises:
+        ConfigError: unknown backend; BundleError: the bundle has no such model / engine.
+
+    Example:
+        >>> model_key_for(bundle, "onnxruntime-int8")  # doctest: +SKIP
+        'onnx-int8'
+    """
+    backend = backend or "onnxruntime"
+    if backend == "onnxruntime":
+        key = "onnx-fp32"
+    elif backend.startswith("onnxruntime-"):
+        key = "onnx-" + backend.split("-", 1)[1]
+    elif backend == "tensorrt" or backend.startswith("tensorrt-"):
+        engines = sorted(k for k, e in bundle.models.items() if e.get("runtime") == "tensorrt")
+        if backend == "tensorrt":
+            if not engines:
+                raise BundleError(f"bundle {bundle.path} has no TensorRT engine",
+                                  hint="build one on a GPU machine (`transfer export RUN --trt fp16 --force`), "
+                                       "or run it with --backend onnxruntime")
+            return engines[0]
+        key = "trt-" + backend.split("-", 1)[1]
+        if key not in bundle.models:
+            raise BundleError(f"bundle {bundle.path} has no {backend} engine",
+                              hint=f"engines in it: {', '.join(engines) or '(none)'}; or use --backend onnxruntime")
+        return key
+    else:
+        raise ConfigError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)} (tensorrt-fp16 etc.)")
+    bundle.model_entry(key)  # BundleError naming the models it has
+    return key
+
+
 def make_runner(bundle: Bundle, backend: str | None = None, providers: Sequence[str] | str | None = None,
                 threads: int | None = None) -> Runner:
     """The runner for ``backend`` (default: ONNX Runtime fp32 on the best provider available).
@@ -114,20 +149,16 @@ def make_runner(bundle: Bundle, backend: str | None = None, providers: Sequence[
         ConfigError: unknown backend; BundleError: the bundle has no such model;
         TensorRTUnavailableError: ``tensorrt`` without GPU.
     """
-    backend = backend or "onnxruntime"
-    if backend == "onnxruntime":
-        return OrtRunner(bundle, "onnx-fp32", providers, threads)
-    if backend.startswith("onnxruntime-"):
-        key = "onnx-" + backend.split("-", 1)[1]
-        return OrtRunner(bundle, key, providers, threads)
-    if backend.startswith("tensorrt"):
-        keys = [k for k in bundle.models if k.startswith("trt-")]
-        want = "trt-" + backend.split("-", 1)[1] if "-" in backend else (keys[0] if keys else None)
-        if want is None:
-            raise BundleError(f"bundle {bundle.path} has no TensorRT engine",
-                              hint="build one on a GPU machine: transfer export RUN --trt fp16")
-        return TrtRunner(bundle, want)
-    raise ConfigError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)} (tensorrt-fp16 etc.)")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be positive (got {threads})")
+    key = model_key_for(bundle, backend)
+    if bundle.models[key].get("runtime") == "tensorrt":
+        try:
+            return TrtRunner(bundle, key)
+        except TensorRTUnavailableError as exc:
+            raise TensorRTUnavailableError(exc.message, hint="run the bundle's ONNX model here: --backend onnxruntime "
+                                                            "(TensorRT engines need an NVIDIA GPU and TensorRT)") from None
+    return OrtRunner(bundle, key, providers, threads)
 
 
-__all__ = ["BACKENDS", "OrtRunner", "TrtRunner", "make_runner", "check_engine_matches", "TensorRTUnavailableError"]
+__all__ = ["BACKENDS", "OrtRunner", "TrtRunner", "make_runner", "model_key_for", "check_engine_matches", "TensorRTUnavailableError"]

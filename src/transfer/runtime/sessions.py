@@ -44,10 +44,11 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     avail = available_providers()
     if requested is None or requested == "" or requested == []:
         return [p for p in PREFERRED if p in avail] or avail
-    items = [r.strip() for r in requested.split(",")] if isinstance(requested, str) else list(requested)
     out = []
-    for r in items:
-        name = ALIASES.get(r.lower(), r)
+    for r in _items(requested):
+        name = provider_name(r, avail)
+        if name in out:
+            continue  # "cpu,cpu": once
         if name not in avail:
             hint = ("install the GPU build alone: pip uninstall -y onnxruntime onnxruntime-gpu && "
                     "pip install onnxruntime-gpu (see the README, Install)"
@@ -58,6 +59,41 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     if "CPUExecutionProvider" not in out:
         out.append("CPUExecutionProvider")  # fallback for ops the GPU providers do not take
     return out
+
+
+def _items(requested: Sequence[str] | str) -> list[str]:
+    items = [r.strip() for r in requested.split(",")] if isinstance(requested, str) else [str(r).strip() for r in requested]
+    if not all(items):
+        raise ConfigError(f"invalid --providers {requested!r}: an empty name", hint="e.g. --providers cuda,cpu")
+    return items
+
+
+def provider_name(short: str, avail: Sequence[str] = ()) -> str:
+    """ONNX Runtime's name for ``short``: an alias (``cpu``, ``cuda``, ``tensorrt``), a
+    provider's name without ``ExecutionProvider`` (``Azure``, ``OpenVINO``; any case), or a
+    full name.
+
+    Example:
+        >>> provider_name("cuda"), provider_name("azure", ["AzureExecutionProvider"])
+        ('CUDAExecutionProvider', 'AzureExecutionProvider')
+    """
+    low = short.lower()
+    if low in ALIASES:
+        return ALIASES[low]
+    for a in avail:
+        if a.lower() in (low, low + "executionprovider"):
+            return a
+    return short if short.endswith("ExecutionProvider") else f"{short}ExecutionProvider"
+
+
+def check_provider_names(requested: Sequence[str] | str | None) -> None:
+    """Syntax-only check of ``--providers`` (for a driver whose workers may have other builds).
+
+    Raises:
+        ConfigError: an empty name.
+    """
+    if requested:
+        _items(requested)
 
 
 def default_threads() -> int:
