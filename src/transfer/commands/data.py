@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 
 @click.group("data")
@@ -68,23 +68,26 @@ def idx_cmd(images: str, labels: str, out: str, classes: str | None, limit: int 
 @click.option("--bad-csv", type=click.Path(dir_okay=False), default=None,
               help="Also write the bad files (path,reason) to this CSV.")
 def check_cmd(folder: str, workers: int | None, bad_csv: str | None) -> None:
-    """Index FOLDER, decode every image, print per-class counts and the bad files."""
+    """Index FOLDER, decode every image, print per-class counts and the bad files.
+
+    Exits non-zero when the folder cannot be trained as is (e.g. a class without a usable
+    image), after listing what is wrong.
+    """
     from ..data.folder import index_folder, write_bad_files_csv
 
-    idx = index_folder(folder, workers=workers)
+    idx = index_folder(folder, workers=workers, strict=False)
+    width = max([len("class"), *(len(c) for c in idx.class_names)])
     if idx.given_splits is not None:
         splits = [s for s in ("train", "val", "test")]
         per = {s: [0] * len(idx.class_names) for s in splits}
         for s in splits:
             for smp in idx.given_splits[s]:
                 per[s][smp.label] += 1
-        width = max(len("class"), *(len(c) for c in idx.class_names))
         click.echo(f"{'class':<{width}}  " + "  ".join(f"{s:>7}" for s in splits) + f"  {'total':>7}")
         for i, c in enumerate(idx.class_names):
             row = [per[s][i] for s in splits]
             click.echo(f"{c:<{width}}  " + "  ".join(f"{n:>7}" for n in row) + f"  {sum(row):>7}")
     else:
-        width = max(len("class"), *(len(c) for c in idx.class_names))
         click.echo(f"{'class':<{width}}  {'images':>7}")
         for c in idx.class_names:
             click.echo(f"{c:<{width}}  {idx.counts[c]:>7}")
@@ -93,11 +96,26 @@ def check_cmd(folder: str, workers: int | None, bad_csv: str | None) -> None:
         for b in idx.bad:
             click.echo(f"  {b.path}: {b.reason}")
         click.secho(f"warning: {len(idx.bad)} bad file(s) excluded", fg="yellow", err=True)
+    if idx.ignored:
+        groups: dict[tuple[str, bool], list[str]] = {}
+        for b in idx.ignored:
+            groups.setdefault((b.reason, "/" not in b.path), []).append(b.path)
+        for (reason, in_root), paths in groups.items():
+            where = "in the data root " if in_root else ""
+            more = f", ... ({len(paths) - 3} more)" if len(paths) > 3 else ""
+            click.echo(f"note: {len(paths)} file(s) {where}ignored ({reason}): {', '.join(paths[:3])}{more}")
+    for w in idx.warnings:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
     if bad_csv:
         write_bad_files_csv(bad_csv, idx.bad)
     layout = "given train/val/test split" if idx.given_splits is not None else "one folder per class"
+    ignored = f", {len(idx.ignored)} ignored" if idx.ignored else ""
     click.echo(f"{idx.root}: {len(idx.samples)} images in {len(idx.class_names)} classes "
-               f"({layout}), {len(idx.bad)} bad")
+               f"({layout}), {len(idx.bad)} bad{ignored}")
+    if idx.problems:
+        raise DataError(f"{idx.root} cannot be trained as is:\n  " + "\n  ".join(idx.problems),
+                        hint="fix the folders named above (the bad files are listed"
+                             + (f" and in {bad_csv}" if bad_csv else "; --bad-csv writes them to a file") + ")")
 
 
 COMMANDS = [data]

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from .folder import GIVEN_SPLITS
 
 FASHION_MNIST_CLASSES = (
     "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
@@ -28,23 +29,70 @@ IDX_LABELS_MAGIC = 2049
 IDX_IMAGES_MAGIC = 2051
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise DataError(f"output {out} exists and is not a folder", hint="choose another OUT")
-        if any(out.iterdir()) and not overwrite:
-            raise DataError(f"output folder {out} exists and is not empty",
-                            hint="choose another OUT or pass --force to replace it")
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` is not part of an image-folder dataset as these writers make it.
+
+    Allowed: class sub-folders holding only image files, and hidden files at either level.
+    """
+    from .image import is_image_path
+
+    foreign: list[str] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        hidden = entry.name.startswith(".")
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+            if not (hidden and entry.is_file(follow_symlinks=False)):
+                foreign.append(entry.name)
+            continue
+        if hidden:
+            foreign.append(entry.name + "/")
+            continue
+        for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            if not sub.is_file(follow_symlinks=False) or not (sub.name.startswith(".") or is_image_path(sub.name)):
+                foreign.append(f"{entry.name}/{sub.name}" + ("/" if sub.is_dir(follow_symlinks=False) else ""))
+    return foreign
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """Refuse an ``out`` that cannot be (re)placed; returns the absolute path to write.
+
+    ``overwrite`` replaces only a folder that holds nothing but an image-folder dataset
+    (replacing deletes the old folder); the current folder or one holding it is never replaced.
+    """
+    target = Path(os.path.realpath(out))
+    if not out.exists():
+        return target
+    if not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder", hint="choose another OUT")
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if target == cwd or target in cwd.parents:
+        raise DataError(f"output folder {out} is the current folder or holds it; writing it would replace it",
+                        hint="give a new sub-folder, e.g. OUT=data/digits")
+    if not any(out.iterdir()):
+        return target
+    foreign = _foreign_entries(target)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise DataError(f"output folder {out} holds more than an image-folder dataset "
+                        f"({', '.join(foreign[:3])}{more})",
+                        hint="choose an empty or new OUT (--force only replaces a folder that holds nothing "
+                             "but class sub-folders of images)")
+    if not overwrite:
+        raise DataError(f"output folder {out} exists and is not empty",
+                        hint="choose another OUT or pass --force to replace it")
+    return target
 
 
 def _write_folder(out: Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                   overwrite: bool) -> dict:
     """images uint8 (N, H, W); labels int (N,) -> out/<class>/<nnnnn>.png, atomically."""
-    out = Path(out)
-    _prepare_out(out, overwrite)
+    shown = str(out)
+    out = _prepare_out(Path(out), overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is a normal folder
         width = max(4, len(str(len(images) - 1)))
         counts = {c: 0 for c in class_names}
         for i, (img, lab) in enumerate(zip(images, labels)):
@@ -66,7 +114,7 @@ def _write_folder(out: Path, images: np.ndarray, labels: np.ndarray, class_names
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     counts = {c: n for c, n in counts.items() if n}
-    return {"out": str(out), "classes": len(counts), "images": int(len(images)), "counts": counts}
+    return {"out": shown, "classes": len(counts), "images": int(len(images)), "counts": counts}
 
 
 def write_digits(out: str | os.PathLike, *, overwrite: bool = False) -> dict:
@@ -166,7 +214,7 @@ def write_idx(
 
     Raises:
         DataError: unreadable / wrong / truncated files, count mismatch, a label with no name.
-        ConfigError: bad ``limit`` or duplicate class names.
+        ConfigError: bad ``limit``; duplicate, hidden (``.x``) or split-named (``train``...) class names.
 
     Example:
         >>> write_idx("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "data/fmnist",
@@ -192,6 +240,15 @@ def write_idx(
     bad_names = [c for c in class_names if not c or "/" in c or "\\" in c or c in (".", "..")]
     if bad_names:
         raise ConfigError(f"class names must be usable as folder names (got {bad_names!r})")
+    hidden = [c for c in class_names if c.startswith(".")]
+    if hidden:
+        raise ConfigError(f"class names must not start with '.' (got {hidden!r}): such folders are hidden "
+                          "and not indexed", hint="rename them, e.g. without the leading dot")
+    splits = [c for c in class_names if c.lower() in GIVEN_SPLITS]
+    if splits:
+        raise ConfigError(f"class names {splits!r} would be read as a given split folder "
+                          f"({'/, '.join(GIVEN_SPLITS)}/, any case), not as classes",
+                          hint="rename them, e.g. add a prefix")
     if int(y.max()) >= len(class_names):
         raise DataError(
             f"labels file {labels} has label {int(y.max())} but only {len(class_names)} class "

@@ -2,7 +2,7 @@
 
 A dataset is either ``ROOT/<class>/...`` (one sub-folder per class) or
 ``ROOT/train/<class>/...`` with optional ``ROOT/val/`` and ``ROOT/test/`` (a *given*
-split). Every image file is fully decoded once, in a thread pool, so broken files are
+split; the split names match in any case, e.g. ``Train/``). Every image file is fully decoded once, in a thread pool, so broken files are
 found before training starts; an optional JSON cache skips files unchanged since the
 last indexing.
 """
@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..errors import DataError, ImageDecodeError
 from ..fsutil import atomic_path
-from .image import DEFAULT_MAX_PIXELS, decode_image, is_image_path
+from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image, is_image_path
 
 GIVEN_SPLITS = ("train", "val", "test")
 _CACHE_FORMAT = "transfer-index-cache"
@@ -57,6 +57,12 @@ class DatasetIndex:
     bad: list[BadFile]
     given_splits: dict[str, list[Sample]] | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    #: files that are not indexed at all (not in a class folder, not an image type), and why
+    ignored: list[BadFile] = field(default_factory=list)
+    #: layout oddities worth a look (e.g. class folders that look like splits)
+    warnings: list[str] = field(default_factory=list)
+    #: why the folder cannot be trained as is; only filled with ``strict=False``
+    problems: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -67,20 +73,43 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_elsewhere(path: str, root: str, own: str, reserved: frozenset[str]) -> str | None:
+    """The real target of a file link that lies in the data root or a class folder other than
+    ``own``, else None (links inside their own class folder or out of the dataset are fine)."""
+    target = os.path.realpath(path)
+    if not os.path.exists(target) or _inside(target, own):
+        return None  # a broken link is reported when decoded
+    if _inside(target, root) or any(_inside(target, r) for r in reserved):
+        return target
+    return None
+
+
 def _walk_images(folder: Path, root: Path, visited: set[str], reserved: frozenset[str] = frozenset(),
-                 top: bool = True) -> list[str]:
+                 top: bool = True, *, own: str | None = None, bad: list[BadFile] | None = None,
+                 ignored: list[BadFile] | None = None) -> list[str]:
     """Image-named paths under ``folder`` (recursive, hidden skipped, loops cut), relative to root.
 
     ``reserved`` holds the real paths of all class folders: a link from one class into
-    another is not followed, so each image keeps the class of its own folder.
+    another (or elsewhere in the data root) is not followed, so each image keeps the class
+    of its own folder. A file link of that kind is added to ``bad``; files that are not
+    image-named go to ``ignored``.
     """
     out: list[str] = []
     try:
         real = os.path.realpath(folder)
     except OSError:
         return out
+    if top:
+        own = real
+    root_real = os.path.realpath(root)
     if real in visited or (not top and real in reserved):
         return out
+    if not top and own is not None and _inside(real, root_real) and not _inside(real, own):
+        return out  # a folder link into another class or split
     visited.add(real)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -96,13 +125,27 @@ def _walk_images(folder: Path, root: Path, visited: set[str], reserved: frozense
             is_dir = False
         if is_image_path(entry.name):
             # a directory named like an image is reported as bad by decode_image
-            out.append(p.relative_to(root).as_posix())
+            rel = p.relative_to(root).as_posix()
+            target = _link_elsewhere(entry.path, root_real, own, reserved) if entry.is_symlink() else None
+            if target is not None:
+                if bad is not None:
+                    shown = os.path.relpath(target, root_real) if _inside(target, root_real) else target
+                    bad.append(BadFile(rel, f"link to {Path(shown).as_posix()}, outside its class folder; "
+                                            "not used, so the image keeps a single label"))
+                continue
+            out.append(rel)
         elif is_dir:
-            out.extend(_walk_images(p, root, visited, reserved, top=False))
+            out.extend(_walk_images(p, root, visited, reserved, top=False, own=own, bad=bad, ignored=ignored))
+        elif ignored is not None:
+            ext = os.path.splitext(entry.name)[1]
+            ignored.append(BadFile(p.relative_to(root).as_posix(),
+                                   f"{ext.lower() + ' is' if ext else 'no extension:'} not an image type "
+                                   "transfer reads"))
     return out
 
 
-def _class_dirs(folder: Path) -> list[str]:
+def _class_dirs(folder: Path, root: Path | None = None, ignored: list[BadFile] | None = None) -> list[str]:
+    """Sub-folder names of ``folder``; its other (non-hidden) entries go to ``ignored``."""
     names = []
     for entry in os.scandir(folder):
         if _is_hidden(entry.name):
@@ -110,9 +153,38 @@ def _class_dirs(folder: Path) -> list[str]:
         try:
             if entry.is_dir(follow_symlinks=True) and not is_image_path(entry.name):
                 names.append(entry.name)
+                continue
         except OSError:
-            continue
+            pass
+        if ignored is not None and root is not None:
+            ignored.append(BadFile(Path(entry.path).relative_to(root).as_posix(), "not in a class folder"))
     return sorted(names)
+
+
+def _nested_layout_warning(class_names: list[str], candidates: list[tuple]) -> str | None:
+    """A warning when classes hold images only in sub-folders that recur across classes
+    (``Training/cat``, ``Testing/cat``): those are probably splits under other names."""
+    direct = {c: False for c in class_names}
+    subs: dict[str, set[str]] = {c: set() for c in class_names}
+    for _, c, rel in candidates:
+        parts = rel.split("/")
+        if len(parts) == 2:
+            direct[c] = True
+        else:
+            subs[c].add(parts[1])
+    nested = [c for c in class_names if not direct[c] and subs[c]]
+    seen: dict[str, int] = {}
+    for c in nested:
+        for name in subs[c]:
+            seen[name] = seen.get(name, 0) + 1
+    shared = sorted(n for n, k in seen.items() if k >= 2)
+    if not shared:
+        return None
+    holders = [c for c in nested if subs[c] & set(shared)]
+    more = ", ..." if len(shared) > 5 else ""
+    return (f"class folders {', '.join(holders)} hold images only in sub-folders with the same names "
+            f"({', '.join(shared[:5])}{more}); they are read as {len(holders)} classes, not as splits. "
+            f"If they are splits, name them {', '.join(s + '/' for s in GIVEN_SPLITS)} (any case)")
 
 
 def _load_cache(cache: Path | None, max_pixels: int) -> dict:
@@ -171,6 +243,7 @@ def index_folder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int, int], None] | None = None,
     cache: str | os.PathLike | None = None,
+    strict: bool = True,
 ) -> DatasetIndex:
     """Index an image-classification folder and decode every file once to find bad ones.
 
@@ -181,9 +254,13 @@ def index_folder(
         progress: called as ``progress(done, total)`` while decoding.
         cache: optional JSON file remembering (path, size, mtime_ns) -> verdict, so a
             re-index skips decoding unchanged files.
+        strict: when False (``transfer data check``), no image at all, fewer than two
+            classes or a class without a usable image are listed in ``problems`` instead
+            of raised, so the bad files can still be shown.
 
     Returns:
-        A :class:`DatasetIndex`; bad files are in ``bad`` and excluded from ``samples``.
+        A :class:`DatasetIndex`; bad files are in ``bad`` and excluded from ``samples``,
+        files not indexed at all are in ``ignored``.
 
     Raises:
         DataError: missing folder, no image at all, fewer than two classes, a class
@@ -204,33 +281,47 @@ def index_folder(
     root = root.resolve()
 
     # 1. layout
-    top = _class_dirs(root)
-    given = "train" in top
+    ignored: list[BadFile] = []
+    top = _class_dirs(root, root, ignored)
+    split_dir: dict[str, str] = {}  # "train" -> the folder's own spelling, e.g. "Train"
+    for d in top:
+        key = d.lower()
+        if key in GIVEN_SPLITS:
+            if key in split_dir:
+                raise DataError(f"dataset folder {root} has both {split_dir[key]}/ and {d}/",
+                                hint=f"merge them into one {key}/ folder")
+            split_dir[key] = d
+    given = "train" in split_dir
     split_names: list[str | None]
     if given:
-        split_names = [s for s in GIVEN_SPLITS if (root / s).is_dir()]
-        extra = [d for d in top if d not in GIVEN_SPLITS]
+        split_names = [s for s in GIVEN_SPLITS if s in split_dir]
+        extra = [d for d in top if d.lower() not in GIVEN_SPLITS]
         if extra:
+            aliases = [d for d in extra if d.lower() in ("valid", "validation", "testing", "training")]
             raise DataError(
-                f"dataset folder {root} has a train/ sub-folder (a given split) but also "
+                f"dataset folder {root} has a {split_dir['train']}/ sub-folder (a given split) but also "
                 f"other folders: {', '.join(extra)}",
                 hint="either use train/, val/, test/ each holding class folders, "
-                "or one folder per class (no train/)",
+                "or one folder per class (no train/)"
+                + (f"; rename {aliases[0]}/ to val/ or test/" if aliases else ""),
             )
     else:
         split_names = [None]
 
+    def base_of(s: str | None) -> Path:
+        return root / split_dir[s] if s else root
+
     classes_per_split: dict[str | None, list[str]] = {}
     for s in split_names:
-        base = root / s if s else root
-        classes_per_split[s] = _class_dirs(base)
+        classes_per_split[s] = _class_dirs(base_of(s), root, ignored if s else None)
     if given:
         train_classes = set(classes_per_split["train"])
         for s in split_names:
             missing = sorted(set(classes_per_split[s]) - train_classes)
             if missing:
                 raise DataError(
-                    f"dataset folder {root}: {s}/ has classes missing from train/: {', '.join(missing)}",
+                    f"dataset folder {root}: {split_dir[s]}/ has classes missing from "
+                    f"{split_dir['train']}/: {', '.join(missing)}",
                     hint="every class in val/ or test/ needs a folder (with images) in train/",
                 )
         class_names = sorted(train_classes)
@@ -240,23 +331,36 @@ def index_folder(
     # 2. candidate files per (split, class)
     visited: set[str] = set()
     reserved = frozenset(
-        os.path.realpath((root / s / c) if s else (root / c))
-        for s in split_names for c in classes_per_split[s]
+        os.path.realpath(base_of(s) / c) for s in split_names for c in classes_per_split[s]
     )
     candidates: list[tuple[str | None, str, str]] = []  # (split, class, relpath)
+    link_bad: list[tuple[str, BadFile]] = []  # (class, file): links into another class
     for s in split_names:
         for c in classes_per_split[s]:
-            folder = (root / s / c) if s else (root / c)
-            for rel in _walk_images(folder, root, visited, reserved):
+            found: list[BadFile] = []
+            for rel in _walk_images(base_of(s) / c, root, visited, reserved, bad=found, ignored=ignored):
                 candidates.append((s, c, rel))
+            link_bad.extend((c, b) for b in found)
+    ignored.sort(key=lambda b: b.path)
+    problems: list[str] = []
+    warnings: list[str] = []
+    if not given:
+        w = _nested_layout_warning(classes_per_split[None], candidates)
+        if w:
+            warnings.append(w)
 
     if not candidates:
-        raise DataError(
+        in_root = sum(1 for b in ignored if "/" not in b.path and is_image_path(b.path))
+        err = DataError(
             f"dataset folder {root} holds no image files "
-            f"(looked for {', '.join(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff'))} "
-            "inside class sub-folders)",
+            f"(looked for {', '.join(IMAGE_EXTENSIONS)} inside class sub-folders"
+            + (f"; {in_root} image file(s) lie directly in it, outside any class folder" if in_root else "")
+            + ")",
             hint="put images in ROOT/<class>/ (e.g. ROOT/cat/1.jpg, ROOT/dog/2.jpg)",
         )
+        if strict:
+            raise err
+        problems.append(err.message)
 
     # 3. decode everything (threads; Pillow releases the GIL)
     cached = _load_cache(Path(cache) if cache else None, max_pixels)
@@ -302,33 +406,46 @@ def index_folder(
     bad: list[BadFile] = []
     per_split: dict[str | None, list[Sample]] = {s: [] for s in split_names}
     usable: dict[str, int] = {c: 0 for c in class_names}
-    bad_per_class: dict[str, int] = {c: 0 for c in class_names}
+    bad_per_class: dict[str, list[BadFile]] = {c: [] for c in class_names}
+    for c, b in link_bad:
+        bad.append(b)
+        bad_per_class[c].append(b)
     for s, c, rel in candidates:
         reason = verdicts[rel]
         if reason is not None:
             bad.append(BadFile(rel, reason))
-            bad_per_class[c] += 1
+            bad_per_class[c].append(bad[-1])
         else:
             per_split[s].append(Sample(rel, label_of[c]))
             usable[c] += 1
     bad.sort(key=lambda b: b.path)
 
     for c in class_names:
-        if usable[c] == 0:
-            where = f"{root}/train/{c}" if given else f"{root}/{c}"
-            nbad = bad_per_class[c]
-            detail = (f"all {nbad} image file(s) in it are bad (run `transfer data check {root}`)"
-                      if nbad else "it holds no image files")
-            raise DataError(
+        if usable[c] == 0 and candidates:
+            where = f"{root}/{split_dir['train']}/{c}" if given else f"{root}/{c}"
+            mine = sorted(bad_per_class[c], key=lambda b: b.path)
+            if mine:
+                examples = "; ".join(f"{b.path}: {b.reason}" for b in mine[:2])
+                detail = f"all {len(mine)} image file(s) in it are bad (e.g. {examples})"
+            else:
+                detail = "it holds no image files"
+            err = DataError(
                 f"class folder {where} has no usable image: {detail}",
-                hint="add readable images to it or remove the folder",
+                hint=f"add readable images to it or remove the folder; `transfer data check {root} "
+                     "--bad-csv bad.csv` lists every bad file",
             )
+            if strict:
+                raise err
+            problems.append(err.message)
     if len(class_names) < 2:
-        raise DataError(
+        err = DataError(
             f"dataset folder {root} has {len(class_names)} class folder(s) "
             f"({', '.join(class_names) or 'none'}); a classifier needs at least two",
             hint="put each class's images in its own sub-folder: ROOT/<class>/*.jpg",
         )
+        if strict:
+            raise err
+        problems.append(err.message)
 
     for s in per_split:
         per_split[s].sort(key=lambda x: x.path)
@@ -338,7 +455,8 @@ def index_folder(
         given_splits = {s: per_split.get(s, []) for s in GIVEN_SPLITS}
     counts = {c: usable[c] for c in class_names}
     return DatasetIndex(root=root, class_names=class_names, samples=samples, bad=bad,
-                        given_splits=given_splits, counts=counts)
+                        given_splits=given_splits, counts=counts, ignored=ignored, warnings=warnings,
+                        problems=problems)
 
 
 def write_bad_files_csv(path: str | os.PathLike, bad: list[BadFile]) -> None:
