@@ -51,6 +51,12 @@ class TrialInfo:
         return read_json(p)
 
     @property
+    def fold(self) -> int | None:
+        """The k-fold this trial trained on (its train / val splits are ``splits/fold{k}/``)."""
+        f = self.meta.get("fold")
+        return int(f) if f else None
+
+    @property
     def image_size(self) -> tuple[int, int]:
         h, w = self.meta["image_size"]
         return int(h), int(w)
@@ -124,12 +130,19 @@ class RunFolder:
         with open(self.path / "config.yaml", encoding="utf-8") as f:
             return yaml.safe_load(f) or {}
 
-    def split(self, name: str, *, fold: int | None = None) -> list[tuple[str, int]]:
-        """Samples of a split as (path relative to the data root, label)."""
+    def split_csv(self, name: str, *, fold: int | None = None) -> Path:
+        """The CSV of a split; a k-fold trial's train / val are its fold's (``splits/fold{k}/``)."""
         if name not in ("train", "val", "test"):
             raise RunFolderError(f"unknown split {name!r}; accepted: train, val, test")
         base = self.path / "splits"
         p = base / f"fold{fold}" / f"{name}.csv" if fold and name != "test" else base / f"{name}.csv"
+        if not p.is_file():
+            raise RunFolderError(f"split file missing: {p}", hint="the run folder is incomplete; re-run `transfer train`")
+        return p
+
+    def split(self, name: str, *, fold: int | None = None) -> list[tuple[str, int]]:
+        """Samples of a split as (path relative to the data root, label)."""
+        p = self.split_csv(name, fold=fold)
         if not p.is_file():
             raise RunFolderError(f"split file missing: {p}", hint="the run folder is incomplete; re-run `transfer train`")
         with open(p, newline="", encoding="utf-8") as f:

@@ -202,3 +202,47 @@ def test_kfold_two_stage_l1_and_tensorboard_end_to_end(tmp_path):
     assert v1 and v2 and not (v1 & v2)
     table = (run / "sweep.md").read_text()
     assert "±" in table and "arc2 50%" in table
+    # analysis of a fold trial uses that fold's own val images (fold 1's val is in fold 2's train)
+    from transfer.trainer.features import load_split
+
+    got = load_split(run, "arc2-t050-f2", "val")
+    fold2_val = {l.split(",")[0] for l in (run / "splits" / "fold2" / "val.csv").read_text().splitlines()[1:]}
+    assert {str(p.relative_to(data)) for p in got["paths"]} == fold2_val
+
+
+def test_options_that_would_lose_or_hide_work_are_refused_before_training(tmp_path):
+    """Found by a hostile review: --out inside the data folder (its folders became
+    classes next time), a missing --weights file (the run folder was created and the
+    hint could not be followed), fractions whose trial names collide (silently dropped)."""
+    from trainer_helpers import make_pattern_folder
+
+    from transfer.trainer.sweep import plan_trials
+
+    data = make_pattern_folder(tmp_path / "data", per_class=4)
+    for out, match in [(data, "inside the data folder"), (data / "run", "inside the data folder")]:
+        with pytest.raises(ConfigError, match=match):
+            run_sweep(load_config(None, base_overrides(data, out)), progress=lambda s: None)
+    with pytest.raises(ConfigError, match="no such file"):
+        run_sweep(load_config(None, base_overrides(data, tmp_path / "r", weights=str(tmp_path / "nope.h5"))),
+                  progress=lambda s: None)
+    assert not (tmp_path / "r").exists() and sorted(p.name for p in data.iterdir()) == ["c0", "c1", "c2"]
+    with pytest.raises(ConfigError, match="0.304 and 0.3 of arc2 are both trial arc2-t030"):
+        plan_trials(load_config(None, base_overrides(data, tmp_path / "r", trainable="0.3,0.304")))
+
+
+def test_no_val_split_is_labelled_and_a_changed_dataset_is_refused_on_resume(tmp_path):
+    from trainer_helpers import make_pattern_folder
+
+    from transfer.errors import DataError
+
+    data = make_pattern_folder(tmp_path / "data", per_class=8)
+    cfg = load_config(None, base_overrides(data, tmp_path / "run", trainable="1", epochs=1, val=0.0, test=0.25))
+    lines: list[str] = []
+    res = run_sweep(cfg, progress=lines.append)
+    assert res.ok and res.best["metric"] == "train_accuracy"  # not passed off as validation accuracy
+    assert any("no validation images" in s for s in lines)
+    (data / "c0").rename(data / "z0")  # the run's label 0 would now be called 'c1'
+    with pytest.raises(DataError, match="gone: c0; new: z0"):
+        run_sweep(cfg, progress=lambda s: None)
+    (data / "z0").rename(data / "c0")
+    assert run_sweep(cfg, progress=lambda s: None).ok  # restored: resumes (nothing to train)

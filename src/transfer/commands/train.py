@@ -121,7 +121,8 @@ def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_tria
     click.echo("")
     click.echo(res.table_md.rstrip())
     if res.best:
-        click.echo(f"\nbest trial: {res.best['trial']} (val accuracy {res.best['value']:.4f}) -> "
+        metric = res.best.get("metric", "val_accuracy").replace("_", " ")
+        click.echo(f"\nbest trial: {res.best['trial']} ({metric} {res.best['value']:.4f}) -> "
                    f"{res.run_dir / 'trials' / res.best['trial']}")
     if res.failed:
         for name, err in res.failed.items():

@@ -154,7 +154,7 @@ def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, 
         raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(rf.class_names)} classes")
     say(f"export {t.name}: converting to ONNX (opset {opset})")
     io = export_onnx(model, tmp / "model.onnx", opset=opset)
-    x, y, used = verification_images(rf, size, verify_images, say)
+    x, y, used = verification_images(rf, size, verify_images, say, fold=t.fold)
     keras_probs = np.asarray(model.predict(x, batch_size=32, verbose=0))
     feats, probs = run_ort(ort_session(tmp / "model.onnx"), x)
     v32 = parity_check(keras_probs, probs, y, atol=atol, min_agreement=min_agreement, reference_name="Keras")
@@ -165,7 +165,7 @@ def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, 
     if quantize == "int8":
         from .quantize import calibration_batches, quantize_int8
 
-        train_paths, _ = rf.split_paths("train")
+        train_paths, _ = rf.split_paths("train", fold=t.fold)
         say(f"quantize int8: calibrating on {min(calib_images, len(train_paths))} training image(s)")
         info = quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx",
                              calibration_batches(train_paths, size, count=calib_images))
@@ -268,7 +268,7 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
             # symmetric QDQ model calibrated on training images; TensorRT reads its scales
             from .tensorrt import prepare_int8_onnx
 
-            train_paths, _ = rf.split_paths("train")
+            train_paths, _ = rf.split_paths("train", fold=t.fold)
             say(f"TensorRT int8: calibrating a symmetric QDQ model on {min(calib_images, len(train_paths))} "
                 "training image(s)")
             src = work / "model.trt-int8.onnx"
@@ -295,7 +295,7 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
     from ..runtime.runners import OrtRunner, TrtRunner
     from .verify import accuracy_check, parity_check, summary_line, verification_images
 
-    x, y, _ = verification_images(rf, t.image_size, verify_images, say)
+    x, y, _ = verification_images(rf, t.image_size, verify_images, say, fold=t.fold)
     b = Bundle(out, manifest)
     ref = OrtRunner(b, "onnx-fp32", "cpu").run(x)[1]
     got = TrtRunner(b, key).run(x)[1]

@@ -19,7 +19,8 @@ from ..runtime.compare import compare_outputs
 Progress = Callable[[str], None]
 
 
-def verification_images(run, size: tuple[int, int], n: int, progress: Progress | None = None):
+def verification_images(run, size: tuple[int, int], n: int, progress: Progress | None = None, *,
+                        fold: int | None = None):
     """Up to ``n`` readable images of the val split (then test), with their labels.
 
     Pixels come from :func:`transfer.data.image.load_image`, the one pixel path of
@@ -38,7 +39,7 @@ def verification_images(run, size: tuple[int, int], n: int, progress: Progress |
 
     xs, ys, used = [], [], []
     for split in ("val", "test"):
-        paths, labels = run.split_paths(split)
+        paths, labels = run.split_paths(split, fold=fold)  # a k-fold trial: its own fold's val
         for p, y in zip(paths, labels):
             if len(xs) >= n:
                 break

@@ -102,11 +102,9 @@ def split_files(folder: Path, split: str) -> dict[str, Path]:
     }
 
 
-def _split_csv(run: RunFolder, split: str) -> Path:
-    p = run.path / "splits" / f"{split}.csv"
-    if not p.is_file():
-        raise RunFolderError(f"split file missing: {p}", hint="the run folder is incomplete; re-run `transfer train`")
-    return p
+def _split_csv(run: RunFolder, split: str, fold: int | None = None) -> Path:
+    # a k-fold trial is analysed on its own fold's train / val (fold 1's would leak its val)
+    return run.split_csv(split, fold=fold)
 
 
 def _now() -> str:
@@ -203,11 +201,12 @@ def _decode(path: Path, size: tuple[int, int]):
 
 
 def _extract_split(fm, run: RunFolder, split: str, folder: Path, *, image_size, feature_dim: int,
-                   num_classes: int, batch_size: int, pool: ThreadPoolExecutor, progress: Progress) -> dict:
+                   num_classes: int, batch_size: int, pool: ThreadPoolExecutor, progress: Progress,
+                   fold: int | None = None) -> dict:
     """Stream one split through the feature model into preallocated temp files; publish them."""
     from numpy.lib.format import open_memmap
 
-    csv_path = _split_csv(run, split)
+    csv_path = _split_csv(run, split, fold)
     root = run.data_root
     n = sum(1 for _ in _iter_split(csv_path))
     files = split_files(folder, split)
@@ -337,7 +336,7 @@ def extract_features(
     t = resolve_trial(rf, trial)
     folder = features_dir(rf, t.name)
     model_sha = sha256_file(t.model_path)
-    split_sha = {s: sha256_file(_split_csv(rf, s)) for s in splits}
+    split_sha = {s: sha256_file(_split_csv(rf, s, t.fold)) for s in splits}
     meta = _read_meta(folder)
     todo = [s for s in splits if force or not _cache_ok(folder, meta, s, model_sha, split_sha[s])]
     for s in splits:
@@ -381,7 +380,7 @@ def extract_features(
                 _say(progress, f"features {t.name}/{s}: extracting")
                 res = _extract_split(fm, rf, s, folder, image_size=image_size, feature_dim=feature_dim,
                                      num_classes=num_classes, batch_size=int(batch_size), pool=pool,
-                                     progress=progress)
+                                     progress=progress, fold=t.fold)
                 new["counts"][s] = res["rows"]
                 new["bad_files"][s] = res["bad_files"]
                 new["splits"][s] = {
@@ -432,7 +431,7 @@ def load_split(run, trial: str, split: str, *, progress: Progress = None) -> dic
     folder = features_dir(rf, t.name)
     files = split_files(folder, split)
     arr = {k: np.load(p, mmap_mode="r") for k, p in files.items()}
-    rows = rf.split(split)
+    rows = rf.split(split, fold=t.fold)
     root = rf.data_root
     paths = [root / rows[int(i)][0] for i in arr["index"]]
     return {"X": arr["features"], "y": np.asarray(arr["labels"]), "probs": arr["probs"],

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .._lazy import import_keras, import_tensorflow, require
-from ..errors import ConfigError, ModelError, RunFolderError
+from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 
 #: CAM methods, as accepted by ``--method``.
@@ -513,7 +513,8 @@ def faithfulness_table(faith: dict, *, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _collect_images(run, images: Sequence[str | os.PathLike] | None, samples: int, seed: int):
+def _collect_images(run, images: Sequence[str | os.PathLike] | None, samples: int, seed: int,
+                    fold: int | None = None):
     """[(path, true label or None)]."""
     from ..data.image import is_image_path
 
@@ -538,7 +539,7 @@ def _collect_images(run, images: Sequence[str | os.PathLike] | None, samples: in
         raise ConfigError(f"--samples must be a positive integer, got {samples!r}")
     paths, labels = run.split_paths("test")
     if not paths:
-        paths, labels = run.split_paths("val")
+        paths, labels = run.split_paths("val", fold=fold)  # a k-fold trial's own held-out images
     if not paths:
         raise RunFolderError(f"{run.path} has no test or val images to explain", hint="pass --images FILES")
     rng = np.random.default_rng(seed)
@@ -644,11 +645,24 @@ def explain_run(
     t = run.trial(trial)
     names = run.class_names
     explained = _parse_class(class_, names)
-    items = _collect_images(run, images, samples, seed)
+    from ..errors import ImageDecodeError
+
+    items = _collect_images(run, images, samples, seed, fold=t.fold)
     model = t.load_model()
     h, w = t.image_size
     tgt = resolve_layer(model, layer, default=t.meta.get("gradcam_layer"))
-    x = np.stack([load_image(p, (h, w)) for p, _ in items]).astype(np.float32)
+    pixels, kept = [], []
+    for p, lab in items:  # a bad file is skipped with a note, as training and infer do
+        try:
+            pixels.append(load_image(p, (h, w)))
+            kept.append((p, lab))
+        except ImageDecodeError as exc:
+            progress(f"skipped {exc.path}: {exc.reason}")
+    if not kept:
+        raise DataError("none of the images to explain could be read (see the lines above)",
+                        hint="pass other --images")
+    items = kept
+    x = np.stack(pixels).astype(np.float32)
     base_dir = run.path / "gradcam" / t.name
     merged_path = base_dir / "faithfulness.json"
     merged = read_json(merged_path) if merged_path.is_file() else {}

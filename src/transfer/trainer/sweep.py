@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError, TransferError
+from ..errors import ConfigError, DataError, TransferError
 from ..fsutil import read_json, write_json_atomic, write_text_atomic
 from .config import TrainConfig, config_from_yaml_text
 from .fit import TrialSpec, is_finished, mark_failed, run_trial, trial_name
@@ -88,7 +88,7 @@ def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
     folds = list(range(1, cfg.kfold + 1)) if cfg.kfold else [None]
     from ..models.registry import get_backbone
 
-    seen: set[str] = set()
+    seen: dict[str, float] = {}
     for bb in cfg.backbones:
         size = resolve_image_size(cfg, bb)
         weights = cfg.weights
@@ -105,9 +105,11 @@ def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
             variants.append((1.0, True))
         for t, rnd in variants:
             group = trial_name(bb, t, random_init=rnd)
-            if group in seen:
-                continue
-            seen.add(group)
+            if group in seen:  # names round to whole percent: 0.3 and 0.304 would share a folder
+                raise ConfigError(f"--trainable {t:g} and {seen[group]:g} of {bb} are both trial {group} "
+                                  "(trial names round to whole percent)",
+                                  hint="list each fraction once, at least 0.01 apart")
+            seen[group] = t
             for k in folds:
                 out.append(TrialSpec(
                     name=trial_name(bb, t, random_init=rnd, fold=k), group=group, fold=k, backbone=bb,
@@ -136,6 +138,25 @@ def _check_existing(run_dir: Path, cfg: TrainConfig) -> None:
             f"{run_dir} already holds a run with a different configuration ({detail})",
             hint="re-run with the same options to resume it, or give a new --out folder",
         )
+
+
+def _check_same_classes(run_dir: Path, data_root: Path, names: list[str]) -> None:
+    """A resumed run must see the classes it was made with: the split files, trained models
+    and label indices all refer to them (a renamed or added class folder would silently
+    relabel every prediction)."""
+    p = run_dir / "dataset.json"
+    if not p.is_file():
+        return
+    try:
+        old = list(read_json(p).get("class_names") or [])
+    except (OSError, ValueError):
+        return
+    if old and old != list(names):
+        gone, new = [c for c in old if c not in names], [c for c in names if c not in old]
+        what = "; ".join(x for x in (f"gone: {', '.join(gone)}" if gone else "",
+                                     f"new: {', '.join(new)}" if new else "") if x) or "same names, other order"
+        raise DataError(f"the classes of {data_root} changed since {run_dir} was made ({what})",
+                        hint="restore the class folders as they were to resume, or train into a new --out")
 
 
 def _prepare_splits(run_dir: Path, cfg: TrainConfig, index, progress) -> tuple[str, dict, list]:
@@ -281,7 +302,8 @@ def pick_best(trials: list[dict]) -> dict | None:
     best_group = max(groups.values(), key=gkey)
     best = max(best_group, key=lambda t: key(t["metrics"]))
     va = best["metrics"]["val"]["accuracy"]
-    return {"trial": best["name"], "group": best["group"], "metric": "val_accuracy",
+    # without validation images the choice rests on training accuracy: say so
+    return {"trial": best["name"], "group": best["group"], "metric": "val_accuracy" if va is not None else "train_accuracy",
             "value": va if va is not None else best["metrics"]["train"]["accuracy"],
             "test_accuracy": best["metrics"]["test"]["accuracy"]}
 
@@ -316,6 +338,13 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, r
         raise ConfigError("no output folder given", hint="add --out RUN")
     data_root = Path(config.data).resolve()
     run_dir = Path(config.out)
+    o = run_dir.resolve()
+    if o == data_root or data_root in o.parents:  # the run's folders would be indexed as classes next time
+        raise ConfigError(f"--out {run_dir} is inside the data folder {config.data}",
+                          hint="put the run folder outside the dataset, e.g. --out runs/NAME")
+    if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
+        raise ConfigError(f"--weights {config.weights}: no such file",
+                          hint="give a Keras weights/model file, or imagenet / none")
     specs = plan_trials(config)  # validates backbones and sizes before any work
     if config.tensorboard:  # a missing package fails here, not inside every trial
         from .._lazy import require
@@ -333,6 +362,13 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, r
     run_dir.mkdir(parents=True, exist_ok=True)
 
     index = index_folder(data_root, workers=config.workers)
+    _check_same_classes(run_dir, data_root, index.class_names)
+    for w in index.warnings:
+        progress(f"warning: {w}")
+    if index.ignored:
+        ex = ", ".join(b.path for b in index.ignored[:3]) + (" ..." if len(index.ignored) > 3 else "")
+        progress(f"note: {len(index.ignored)} file(s) in {data_root} are not used ({ex}); "
+                 f"`transfer data check {config.data}` says why")
     if index.bad:
         progress(f"warning: {len(index.bad)} file(s) in {data_root} cannot be read and are skipped; "
                  f"see {run_dir / 'bad_files.csv'}")
@@ -353,11 +389,16 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, r
         "root": str(data_root), "class_names": list(index.class_names),
         "num_images": len(index.samples), "num_bad": len(index.bad),
         "preprocessing": PREPROCESSING,
-        "split": {"method": method, "val": config.val, "test": config.test, "seed": config.seed,
-                  "kfold": config.kfold},
+        # the fractions the split used (a given split and k folds ignore --val / --split)
+        "split": {"method": method, "val": config.val if method in ("stratified", "random") else None,
+                  "test": config.test if method != "given" else None, "seed": config.seed, "kfold": config.kfold},
         "counts": {k: len(v) for k, v in parts.items()},
     })
 
+    if not parts["val"] and not folds:
+        progress("warning: no validation images: early stopping watches the training loss and the best trial "
+                 "is chosen by training accuracy" + (" (the given split has no val/ folder)" if method == "given"
+                                                     else " (--val 0)"))
     result = SweepResult(run_dir=run_dir)
     n = len(specs)
     if ray is not None:  # transfer.trainer.distributed.RayOptions: every pending trial as a Ray task
