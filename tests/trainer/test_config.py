@@ -77,3 +77,13 @@ def test_result_diff():
     a = TrainConfig(data="d", out="r", epochs=2)
     b = TrainConfig(data="d", out="r2", epochs=3, workers=4, tensorboard=True)
     assert a.result_diff(b) == ["epochs"]
+
+
+def test_kfold_resume_ignores_the_val_options_it_does_not_use():
+    from transfer.trainer.config import make_config
+
+    base = {"data": "d", "out": "o", "kfold": 3}
+    a, b = make_config({**base, "val": 0.2}), make_config({**base, "val": 0.5, "split": "random"})
+    assert a.result_diff(b) == []
+    assert make_config({"data": "d", "out": "o", "val": 0.2}).result_diff(make_config({"data": "d", "out": "o",
+                                                                                      "val": 0.5})) == ["val"]

@@ -107,6 +107,8 @@ class TrainConfig:
         mine = self.to_dict()
         out = []
         for k in RESULT_KEYS:
+            if k in ("val", "split") and mine.get("kfold") and o.get("kfold"):
+                continue  # k folds make their own val splits: these options were not used
             a, b = mine.get(k), o.get(k)
             if k == "data":
                 a = os.path.abspath(str(a)) if a else a
