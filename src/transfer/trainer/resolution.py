@@ -153,7 +153,7 @@ def _totv(run, t, sizes, progress):
                              hint="train with --test 0.1 (or more)")
     out = []
     for k in sizes:
-        progress(f"totv: testing {t.name} ({h}x{w}) on {len(paths)} test images {"reduced" if k < min(h, w) else "resized"} to {k}x{k}")
+        progress(f"totv: testing {t.name} ({h}x{w}) on {len(paths)} test images {'reduced' if k < min(h, w) else 'resized'} to {k}x{k}")
         pred, bad = _predict(model, paths, lambda p, k=k: degrade(load_image(p), k, (h, w)))
         skip = set(bad)
         y = [lab for i, lab in enumerate(labels) if i not in skip]
