@@ -246,3 +246,18 @@ def test_no_val_split_is_labelled_and_a_changed_dataset_is_refused_on_resume(tmp
         run_sweep(cfg, progress=lambda s: None)
     (data / "z0").rename(data / "c0")
     assert run_sweep(cfg, progress=lambda s: None).ok  # restored: resumes (nothing to train)
+
+
+def test_a_refused_dataset_still_leaves_its_bad_file_list(tmp_path):
+    from trainer_helpers import make_pattern_folder
+
+    from transfer.errors import DataError
+
+    data = make_pattern_folder(tmp_path / "data", per_class=4)
+    for f in (data / "c2").iterdir():  # every image of one class broken
+        f.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="class folder .*c2 has no usable image") as e:
+        run_sweep(load_config(None, base_overrides(data, tmp_path / "run")), progress=lambda s: None)
+    assert "bad_files.csv" in e.value.hint
+    rows = (tmp_path / "run" / "bad_files.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and all(r.startswith("c2/") for r in rows[1:])

@@ -361,7 +361,14 @@ def run_sweep(config: TrainConfig, *, progress: Callable[[str], None] = print, r
     _check_existing(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    index = index_folder(data_root, workers=config.workers)
+    index = index_folder(data_root, workers=config.workers, strict=False)
+    if index.problems:  # unusable as is: keep the list of bad files where the user will look
+        if index.bad:
+            write_bad_files_csv(run_dir / "bad_files.csv", index.bad)
+        more = f" (and {len(index.problems) - 1} more problem(s))" if len(index.problems) > 1 else ""
+        raise DataError(index.problems[0] + more,
+                        hint=(f"every bad file is listed in {run_dir / 'bad_files.csv'}; " if index.bad else "")
+                        + f"`transfer data check {config.data}` shows the whole dataset")
     _check_same_classes(run_dir, data_root, index.class_names)
     for w in index.warnings:
         progress(f"warning: {w}")
