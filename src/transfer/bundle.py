@@ -279,6 +279,20 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True, allow_in
     return Bundle(bundle, manifest)
 
 
+def unlisted_files(path: str | os.PathLike, manifest: dict) -> list[str]:
+    """Files under a bundle folder that ``manifest['files']`` does not list (sorted; the
+    manifest itself and hidden files and folders excluded, as :func:`finalize_manifest` skips them)."""
+    bundle = Path(path)
+    listed = manifest.get("files") or {}
+    out = []
+    for p in bundle.rglob("*"):
+        rel = p.relative_to(bundle).as_posix()
+        if (p.is_file() and rel != MANIFEST and rel not in listed
+                and not any(part.startswith(".") for part in rel.split("/"))):
+            out.append(rel)
+    return sorted(out)
+
+
 def file_entry(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     return {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -312,11 +326,7 @@ def verify_bundle(path: str | os.PathLike) -> dict:
     problems = check_files(bundle, manifest, hashes=True)
     listed = set(manifest.get("files", {}))
     reported = {p["file"] for p in problems}
-    extra = sorted(
-        rel for rel in (p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
-                        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-        if rel not in listed and rel not in reported
-    )
+    extra = [rel for rel in unlisted_files(bundle, manifest) if rel not in reported]
     return {
         "bundle": str(bundle),
         "valid_at_export": bool(manifest.get("valid", False)),

@@ -28,8 +28,7 @@ class TransferGroup(click.Group):
         try:
             return super().invoke(ctx)
         except TransferError as exc:
-            debug = bool((ctx.obj or {}).get("debug")) or os.environ.get("TRANSFER_DEBUG") == "1"
-            if debug:
+            if _debug(ctx):
                 traceback.print_exc()
             click.secho(f"error: {exc.message}", err=True, fg="red")
             if exc.hint:
@@ -44,13 +43,17 @@ class TransferGroup(click.Group):
             os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(1)
         except OSError as exc:  # a disk, permission or path problem outside the checked places
-            if bool((ctx.obj or {}).get("debug")) or os.environ.get("TRANSFER_DEBUG") == "1":
+            if _debug(ctx):
                 traceback.print_exc()
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             click.secho(f"error: {exc.strerror or exc}{where}", err=True, fg="red")
             click.echo("hint: check the path, free disk space and permissions; --debug shows where it happened",
                        err=True)
             ctx.exit(1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool((ctx.obj or {}).get("debug")) or os.environ.get("TRANSFER_DEBUG") == "1"
 
 
 #: what an interrupted command keeps (Ctrl-C)

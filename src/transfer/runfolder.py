@@ -143,8 +143,6 @@ class RunFolder:
     def split(self, name: str, *, fold: int | None = None) -> list[tuple[str, int]]:
         """Samples of a split as (path relative to the data root, label)."""
         p = self.split_csv(name, fold=fold)
-        if not p.is_file():
-            raise RunFolderError(f"split file missing: {p}", hint="the run folder is incomplete; re-run `transfer train`")
         with open(p, newline="", encoding="utf-8") as f:
             return [(row["path"], int(row["label"])) for row in csv.DictReader(f)]
 

@@ -101,17 +101,25 @@ def test_unreadable_file(tmp_path, make_folder, write_png):
     assert "cannot read" in idx.bad[0].reason or "denied" in idx.bad[0].reason.lower()
 
 
-def test_given_splits(tmp_path, make_folder):
+@pytest.mark.parametrize("spelled", [("train", "val", "test"), ("Train", "Val", "TEST")])
+def test_given_splits(tmp_path, make_folder, spelled):
+    """train/ val/ test/ in any case (downloaded datasets often have Train/ Test/); paths
+    keep the folder's own spelling."""
     root = tmp_path / "g"
-    make_folder(root / "train", {"x": 4, "y": 3})
-    make_folder(root / "val", {"x": 1, "y": 2})
-    make_folder(root / "test", {"y": 1})
+    tr, va, te = spelled
+    make_folder(root / tr, {"x": 4, "y": 3})
+    make_folder(root / va, {"x": 1, "y": 2})
+    make_folder(root / te, {"y": 1})
     idx = index_folder(root)
     assert idx.class_names == ["x", "y"]
     gs = idx.given_splits
     assert [len(gs[s]) for s in ("train", "val", "test")] == [7, 3, 1]
-    assert gs["test"][0] == Sample("test/y/img000.png", 1)
+    assert gs["test"][0] == Sample(f"{te}/y/img000.png", 1)
     assert len(idx.samples) == 11
+    if tr != "train":  # two spellings of one split are refused
+        make_folder(root / "train", {"x": 1})
+        with pytest.raises(DataError, match="both Train/ and train/"):
+            index_folder(root)
 
 
 def test_given_split_class_not_in_train(tmp_path, make_folder):

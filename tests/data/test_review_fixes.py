@@ -108,21 +108,8 @@ def test_check_on_folder_with_images_only_in_the_root(tmp_path, write_png):
     assert "holds no image files" in res.output and "1 image file(s) lie directly in it" in res.output
 
 
-# 3. split folder names in any case; a warning for split-like class folders
-
-
-def test_split_names_any_case(tmp_path, make_folder):
-    root = tmp_path / "g"
-    make_folder(root / "Train", {"x": 3, "y": 2})
-    make_folder(root / "TEST", {"x": 1, "y": 1})
-    make_folder(root / "Val", {"y": 1})
-    idx = index_folder(root)
-    assert idx.class_names == ["x", "y"]
-    assert [len(idx.given_splits[s]) for s in ("train", "val", "test")] == [5, 1, 2]
-    assert idx.given_splits["test"][0].path == "TEST/x/img000.png"
-    make_folder(root / "train", {"x": 1})
-    with pytest.raises(DataError, match="both Train/ and train/"):
-        index_folder(root)
+# 3. split folder names in any case (tests/data/test_folder.py::test_given_splits); a warning for
+#    split-like class folders
 
 
 def test_split_like_class_folders_warned(tmp_path, make_folder):

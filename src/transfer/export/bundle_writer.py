@@ -7,7 +7,6 @@ place only when complete, so a kill never leaves a half bundle that looks valid;
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Iterator
 from .. import __version__
 from ..bundle import MANIFEST
 from ..errors import BundleError
+from ..fsutil import read_json
 
 TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "scikit-learn", "skl2onnx")
 
@@ -72,17 +72,15 @@ def _not_bundle_files(folder: Path) -> str | None:
     Replacing deletes the folder, so anything the bundle's manifest does not list (besides
     hidden files) keeps it from being replaced: a web app's ``manifest.json``, a user's notes.
     """
-    from ..bundle import BUNDLE_FORMAT
+    from ..bundle import BUNDLE_FORMAT, unlisted_files
 
-    try:
-        m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    try:  # not read_manifest: a bundle of an older format or a damaged one may still be replaced
+        m = read_json(folder / MANIFEST)
     except (OSError, ValueError):
         m = None
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT or not isinstance(m.get("files"), dict):
         return f"no transfer {MANIFEST}"
-    listed = set(m["files"])
-    extra = sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
-                   if rel != MANIFEST and rel not in listed and not any(part.startswith(".") for part in rel.split("/")))
+    extra = unlisted_files(folder, m)
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         return f"not listed in its manifest: {', '.join(extra[:3])}{more}"

@@ -3,7 +3,6 @@ agreement with fp32, and a roofline column (achieved GFLOP/s vs this machine's m
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ def model_gflops(onnx_path: str | os.PathLike) -> float | None:
     """
     try:
         import onnx
-        from onnx import numpy_helper, shape_inference
+        from onnx import shape_inference
     except ImportError:
         return None
     m = onnx.load(str(onnx_path))
@@ -78,18 +77,15 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
         if not paths:
             raise ConfigError(f"no image files found in --images {' '.join(map(str, images))}")
     else:
-        src = Path(bundle.manifest.get("source", {}).get("run") or "/nonexistent")
-        csv_path = src / "splits" / "val.csv"
-        ds = src / "dataset.json"
-        try:
-            root = Path(json.loads(ds.read_text())["root"])
-            import csv as _csv
+        from ..runfolder import RunFolder  # no TensorFlow
 
-            with open(csv_path, newline="") as fh:
-                paths = [str(root / r["path"]) for r in _csv.DictReader(fh)]
-        except (OSError, ValueError, KeyError, TypeError):
+        src = bundle.manifest.get("source") or {}
+        try:
+            rf = RunFolder(src.get("run") or "/nonexistent")
+            fold = rf.trial(str(src.get("trial"))).fold  # a k-fold trial: its own held-out images
+            paths = [str(p) for p in rf.split_paths("val", fold=fold)[0] if p.is_file()]
+        except (TransferError, OSError, ValueError, KeyError, TypeError):
             paths = []  # the run or its data is not on this machine: synthetic pixels
-        paths = [p for p in paths if os.path.isfile(p)]
     return [p for p in paths if is_image_path(p)][:n]
 
 
@@ -245,7 +241,7 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     res = {"bundle": str(b.path), "machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": peak,
                                               "threads": threads, "providers_found": available_providers()},
            "gflops_per_img": gflops,
-           "decode_files": len(real) if decode_ms is not None else 0, "decode_skipped": len(bad),
+           "decode_files": len(real), "decode_skipped": len(bad),
            "rows": rows, "skipped": skipped}
     if out_dir is not None:
         write_outputs(res, Path(out_dir))

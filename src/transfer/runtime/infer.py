@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import sys
@@ -157,6 +156,17 @@ class _Writer:
                               hint=f"the rows are in {self.tmp}") from None
 
 
+def top_k(p: np.ndarray, names: Sequence[str], k: int) -> tuple[list[str], list[float]]:
+    """The ``k`` most probable class names of one row and their probabilities, best first.
+
+    Example:
+        >>> top_k(np.array([0.1, 0.7, 0.2]), ["a", "b", "c"], 2)
+        (['b', 'c'], [0.7, 0.2])
+    """
+    order = np.argsort(-p)[:k]
+    return [names[i] for i in order], [float(p[i]) for i in order]
+
+
 def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, out=None, fmt: str | None = None,
           batch: int = 32, topk: int = 1, head: str | None = None, head_format: str = "onnx",
           backend: str | None = None, providers=None, recursive: bool = False, workers: int = 2,
@@ -220,10 +230,8 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
                         s.error_examples.append(f"{it.path}: {it.error}")
                     w.row(it.path, None, None, it.error)
                     continue
-                p = probs[j]
+                w.row(it.path, *top_k(probs[j], names, topk), None)
                 j += 1
-                order = np.argsort(-p)[:topk]
-                w.row(it.path, [names[k] for k in order], [float(p[k]) for k in order], None)
                 s.ok += 1
             s.seconds = time.perf_counter() - t0
             if progress:

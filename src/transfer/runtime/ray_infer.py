@@ -17,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .._lazy import require
 from ..bundle import load_bundle
 from ..errors import ConfigError
 
@@ -39,6 +38,7 @@ class _Predictor:
         self.topk = min(topk, len(self.names))
 
     def __call__(self, batch: dict) -> dict:
+        from .infer import top_k
         from .pipeline import _decode
 
         size = self.bundle.input_size
@@ -60,12 +60,11 @@ class _Predictor:
                 out["status"].append("error"), out["error"].append(err)
                 out["classes"].append(""), out["probs"].append("")
                 continue
-            pr = probs[j]
+            classes, top = top_k(probs[j], self.names, self.topk)
             j += 1
-            order = np.argsort(-pr)[: self.topk]
             out["status"].append("ok"), out["error"].append("")
-            out["classes"].append(json.dumps([self.names[k] for k in order]))  # any character in a name survives
-            out["probs"].append(json.dumps([float(pr[k]) for k in order]))
+            out["classes"].append(json.dumps(classes))  # JSON: any character in a name survives
+            out["probs"].append(json.dumps(top))
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -118,27 +117,19 @@ def model_key_for(bundle: Bundle, backend: str | None) -> str:
         'onnx-int8'
     """
     backend = backend or "onnxruntime"
-    if backend == "onnxruntime":
-        key = "onnx-fp32"
-    elif backend.startswith("onnxruntime-"):
-        key = "onnx-" + backend.split("-", 1)[1]
-    elif backend == "tensorrt" or backend.startswith("tensorrt-"):
+    if backend == "tensorrt" or backend.startswith("tensorrt-"):
         engines = sorted(k for k, e in bundle.models.items() if e.get("runtime") == "tensorrt")
-        if backend == "tensorrt":
-            if not engines:
-                raise BundleError(f"bundle {bundle.path} has no TensorRT engine",
-                                  hint="build one on a GPU machine (`transfer export RUN --trt fp16 --force`), "
-                                       "or run it with --backend onnxruntime")
-            return engines[0]
-        key = "trt-" + backend.split("-", 1)[1]
-        if key not in bundle.models:
-            raise BundleError(f"bundle {bundle.path} has no {backend} engine",
-                              hint=f"engines in it: {', '.join(engines) or '(none)'}; or use --backend onnxruntime")
+        key = engines[0] if backend == "tensorrt" and engines else "trt-" + backend.partition("-")[2]
+        if key not in engines:
+            raise BundleError(f"bundle {bundle.path} has no {'TensorRT' if backend == 'tensorrt' else backend} engine",
+                              hint=f"engines in it: {', '.join(engines) or '(none)'}; build one on a GPU machine "
+                                   "(`transfer export RUN --trt fp16 --force`), or use --backend onnxruntime")
         return key
-    else:
-        raise ConfigError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)} (tensorrt-fp16 etc.)")
-    bundle.model_entry(key)  # BundleError naming the models it has
-    return key
+    if backend == "onnxruntime" or backend.startswith("onnxruntime-"):
+        key = "onnx-" + (backend.partition("-")[2] or "fp32")
+        bundle.model_entry(key)  # BundleError naming the models it has
+        return key
+    raise ConfigError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)} (tensorrt-fp16 etc.)")
 
 
 def make_runner(bundle: Bundle, backend: str | None = None, providers: Sequence[str] | str | None = None,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .._lazy import require
 from ..errors import ConfigError
 
 

@@ -102,11 +102,6 @@ def split_files(folder: Path, split: str) -> dict[str, Path]:
     }
 
 
-def _split_csv(run: RunFolder, split: str, fold: int | None = None) -> Path:
-    # a k-fold trial is analysed on its own fold's train / val (fold 1's would leak its val)
-    return run.split_csv(split, fold=fold)
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -206,7 +201,7 @@ def _extract_split(fm, run: RunFolder, split: str, folder: Path, *, image_size, 
     """Stream one split through the feature model into preallocated temp files; publish them."""
     from numpy.lib.format import open_memmap
 
-    csv_path = _split_csv(run, split, fold)
+    csv_path = run.split_csv(split, fold=fold)  # a k-fold trial: its own fold's
     root = run.data_root
     n = sum(1 for _ in _iter_split(csv_path))
     files = split_files(folder, split)
@@ -336,7 +331,7 @@ def extract_features(
     t = resolve_trial(rf, trial)
     folder = features_dir(rf, t.name)
     model_sha = sha256_file(t.model_path)
-    split_sha = {s: sha256_file(_split_csv(rf, s, t.fold)) for s in splits}
+    split_sha = {s: sha256_file(rf.split_csv(s, fold=t.fold)) for s in splits}
     meta = _read_meta(folder)
     todo = [s for s in splits if force or not _cache_ok(folder, meta, s, model_sha, split_sha[s])]
     for s in splits:

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .._lazy import import_keras, import_tensorflow, require
-from ..errors import ConfigError, DataError, ModelError, RunFolderError
+from ..errors import ConfigError, DataError, ImageDecodeError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 
 #: CAM methods, as accepted by ``--method``.
@@ -645,8 +645,6 @@ def explain_run(
     t = run.trial(trial)
     names = run.class_names
     explained = _parse_class(class_, names)
-    from ..errors import ImageDecodeError
-
     items = _collect_images(run, images, samples, seed, fold=t.fold)
     model = t.load_model()
     h, w = t.image_size

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import RunFolderError
 from ..fsutil import read_json, write_text_atomic
 
 #: Rows shown of a long table before the rest is folded away.
