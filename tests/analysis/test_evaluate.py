@@ -14,7 +14,7 @@ from transfer.data.image import load_image
 from transfer.errors import ConfigError
 from transfer.models.build import load_model
 from transfer.runfolder import RunFolder
-from transfer.trainer.evaluate import classification_metrics, evaluate
+from transfer.analysis.evaluate import classification_metrics, evaluate
 
 from analysis_helpers import copy_run
 

@@ -17,7 +17,7 @@ import pytest
 from transfer.data.image import load_image
 from transfer.errors import ConfigError, RunFolderError
 from transfer.runfolder import RunFolder
-from transfer.trainer.features import extract_features, load_features, load_split, plot_features
+from transfer.analysis.features import extract_features, load_features, load_split, plot_features
 
 from analysis_helpers import copy_run
 
@@ -132,7 +132,7 @@ def test_killed_extraction_is_not_mistaken_for_a_cache(tiny_run, tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(SRC)!r})
-        from transfer.trainer.features import extract_features
+        from transfer.analysis.features import extract_features
         def kill(line):
             if "features train: 16/" in line:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -250,7 +250,7 @@ def test_bad_arguments(tiny_run, tmp_path):
 _RSS_SCRIPT = """
 import resource, sys
 sys.path.insert(0, {src!r})
-from transfer.trainer.features import extract_features
+from transfer.analysis.features import extract_features
 extract_features({run!r}, "arc2-t100", ("test",), batch_size=32, force=True)
 # VmHWM of this process image; ru_maxrss would carry the parent's peak over exec on Linux
 print("RSS_KB", [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])

@@ -13,8 +13,8 @@ import sklearn
 from transfer.errors import ConfigError
 from transfer.fsutil import sha256_file
 from transfer.runfolder import RunFolder
-from transfer.trainer.features import load_split
-from transfer.trainer.heads import HeadIntegrityError, ensure_head, fit_heads, load_head, make_head
+from transfer.analysis.features import load_split
+from transfer.analysis.heads import HeadIntegrityError, ensure_head, fit_heads, load_head, make_head
 
 from analysis_helpers import copy_run
 

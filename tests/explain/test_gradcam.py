@@ -13,7 +13,7 @@ from transfer.cli import cli
 from transfer.errors import ConfigError, ModelError, RunFolderError
 from transfer.models.build import build_classifier
 from transfer.models.registry import get_backbone, list_backbones
-from transfer.trainer.gradcam import (
+from transfer.analysis.gradcam import (
     METHODS, compute_maps, confidence_drop, explain_run, parse_methods, resolve_layer, spatial_layers,
 )
 
@@ -246,7 +246,7 @@ def test_faithfulness_on_a_digits_model(tmp_path):
 
 
 def test_overlay_sizes():
-    from transfer.trainer.gradcam import overlay
+    from transfer.analysis.gradcam import overlay
 
     small = overlay(np.zeros((8, 6, 3), np.uint8), np.ones((4, 4)))
     assert small.shape == (176, 132, 3)  # integer nearest-neighbour enlargement (x22)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from transfer.cli import cli
 from transfer.errors import RunFolderError
-from transfer.trainer.report import write_report
+from transfer.analysis.report import write_report
 
 
 def _fill_other_sections(run: Path, trial: str) -> None:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from transfer.cli import cli
 from transfer.errors import ConfigError
 from transfer.runfolder import RunFolder
-from transfer.trainer.resolution import class_metrics, degrade, parse_sizes, resolution_study
+from transfer.analysis.resolution import class_metrics, degrade, parse_sizes, resolution_study
 
 
 def _rows(path):

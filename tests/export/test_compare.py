@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfer.runtime.compare import compare_outputs
+from transfer.export.compare import compare_outputs
 
 
 def test_identical_outputs_agree_fully():

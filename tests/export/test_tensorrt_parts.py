@@ -59,7 +59,7 @@ def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle
     from transfer.data.image import load_image
     from transfer.export.tensorrt import prepare_int8_onnx, qdq_summary
     from transfer.runfolder import RunFolder
-    from transfer.runtime.compare import compare_outputs
+    from transfer.export.compare import compare_outputs
 
     run, res = full_bundle
     rf = RunFolder(run)

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("pyarrow.fs", reason='URI inputs need pyarrow: pip install "transfer[distributed]"')
 
 from transfer.runtime.infer import infer  # noqa: E402
-from transfer.runtime.remote import is_uri, iter_uri_inputs  # noqa: E402
+from transfer.data.remote import is_uri, iter_uri_inputs  # noqa: E402
 
 
 def _rows(path):

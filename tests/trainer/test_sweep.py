@@ -203,7 +203,7 @@ def test_kfold_two_stage_l1_and_tensorboard_end_to_end(tmp_path):
     table = (run / "sweep.md").read_text()
     assert "±" in table and "arc2 50%" in table
     # analysis of a fold trial uses that fold's own val images (fold 1's val is in fold 2's train)
-    from transfer.trainer.features import load_split
+    from transfer.analysis.features import load_split
 
     got = load_split(run, "arc2-t050-f2", "val")
     fold2_val = {l.split(",")[0] for l in (run / "splits" / "fold2" / "val.csv").read_text().splitlines()[1:]}

@@ -45,7 +45,7 @@ def heads(run, trial, heads, rf_trees, rf_depth, rf_jobs, svm_c, svm_kernel, log
     \b
     transfer heads runs/digits --head rf,svm,logreg --rf-trees 500 --svm-c 10
     """
-    from ..trainer.heads import check_kinds, fit_heads, render_table
+    from ..analysis.heads import check_kinds, fit_heads, render_table
 
     kinds = check_kinds(parse_csv(heads, str, name="--head"))
     params: dict[str, dict] = {}
@@ -89,7 +89,7 @@ def evaluate(run, trial, split, samples, seed, quiet) -> None:
     \b
     transfer evaluate runs/digits --trial all --split test --samples 16
     """
-    from ..trainer.evaluate import evaluate as run_evaluate
+    from ..analysis.evaluate import evaluate as run_evaluate
 
     rf = _open(run)
     res = run_evaluate(rf, trial, split, samples=samples, seed=seed, progress=_echo(quiet))
@@ -122,7 +122,7 @@ def features(run, trial, methods, split, max_points, force, batch_size, workers,
     transfer features runs/digits --trial all --plot pca,tsne --split val
     """
     from ..errors import ConfigError
-    from ..trainer.features import PLOT_METHODS, SPLITS, extract_features, features_meta, plot_features, resolve_trials
+    from ..analysis.features import PLOT_METHODS, SPLITS, extract_features, features_meta, plot_features, resolve_trials
 
     plots = parse_csv(methods, str, name="--plot") if methods else []
     for m in plots:

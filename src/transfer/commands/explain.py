@@ -46,7 +46,7 @@ def gradcam(run, image_args, trial, images, samples, method, layer, class_, save
     transfer gradcam runs/digits img1.png img2.png --class 3 --save-maps
     """
     from ..runfolder import RunFolder
-    from ..trainer.gradcam import explain_run
+    from ..analysis.gradcam import explain_run
 
     names = [t.name for t in RunFolder(run).select(trial)] if trial != "best" else ["best"]
     for name in names:
@@ -77,7 +77,7 @@ def resolution(run, sizes, mode, trial, quiet) -> None:
     transfer resolution runs/fashion --sizes 32,16,8 --mode totv
     transfer resolution runs/fashion --sizes 32,16,8 --mode tvtv
     """
-    from ..trainer.resolution import resolution_study
+    from ..analysis.resolution import resolution_study
 
     res = resolution_study(run, sizes=sizes, mode=mode, trial=trial, progress=_echo(quiet))
     click.echo("")
@@ -97,7 +97,7 @@ def report(run) -> None:
     \b
     transfer report runs/digits && xdg-open runs/digits/report.html
     """
-    from ..trainer.report import write_report
+    from ..analysis.report import write_report
 
     out = write_report(run)
     click.echo(f"wrote {out['html']} and {out['md']}")

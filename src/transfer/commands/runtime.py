@@ -128,7 +128,7 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, provide
     res = bench(bundle, backends=parse_csv(backends, name="--backends"),
                 batches=parse_csv(batches, int, name="--batch"), head=head, images=list(images) or None,
                 seconds=seconds, threads=threads, out_dir=out_dir, progress=None if quiet else click.echo,
-                providers=None if providers == "auto" else providers)
+                providers=None if providers == "auto" else providers, extra_runners={"keras": _keras_runner})
     click.echo(render_table(res))
     click.echo(f"-> {out_dir}/bench.json, bench.md" + (", bench.png" if res["rows"] else ""))
     if not res["rows"]:
@@ -138,6 +138,13 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, provide
         cls = TensorRTUnavailableError if trt_only else TransferError
         raise cls("nothing was benchmarked: every backend was skipped (reasons above)",
                   hint="choose backends that can run here, e.g. --backends onnxruntime")
+
+
+def _keras_runner(bundle):
+    """bench's ``keras`` backend: the source run's model (TensorFlow is imported only when asked for)."""
+    from ..export.keras_runner import keras_runner_for
+
+    return keras_runner_for(bundle)
 
 
 COMMANDS = [infer_cmd, bench_cmd]

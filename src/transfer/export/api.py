@@ -115,7 +115,7 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
             raise ConfigError(f"invalid {name} {v!r}; accepted: an integer >= {least}"
                               + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""))
     if head is not None:
-        from ..trainer.heads import check_kinds
+        from ..analysis.heads import check_kinds
 
         head = check_kinds([head])[0]
     out = Path(out) if out is not None else rf.path / "bundle"
@@ -179,8 +179,8 @@ def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, 
 
     heads = {}
     if head is not None:
-        from ..trainer.heads import ensure_head, load_head
-        from .heads import head_to_onnx
+        from ..analysis.heads import ensure_head, load_head
+        from .head_onnx import head_to_onnx
 
         pkl, meta = ensure_head(rf, t.name, head, progress=say)
         if int(meta.get("feature_dim", -1)) != feature_dim:

@@ -2,7 +2,7 @@
 
 Every check compares a candidate (ONNX fp32, int8, a TensorRT engine, an ONNX head) with
 its reference (Keras, ONNX fp32, the pickled head) on the same real validation images,
-with :func:`transfer.runtime.compare.compare_outputs`, and adds ``passed`` and the limits
+with :func:`transfer.export.compare.compare_outputs`, and adds ``passed`` and the limits
 it was judged by. The exporter marks a bundle invalid when any check fails.
 """
 
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import DataError, ImageDecodeError
-from ..runtime.compare import compare_outputs
+from .compare import compare_outputs
 
 Progress = Callable[[str], None]
 

@@ -148,14 +148,8 @@ def _resolve_weights(spec: BackboneSpec, weights: Any) -> tuple[str, Path | None
 
 def keras_cache_dir() -> Path:
     """The folder where Keras keeps downloaded weights (``$KERAS_HOME/models``, default ``~/.keras/models``)."""
-    import_keras()
-    try:
-        from keras.src.backend.config import keras_home
-
-        home = keras_home()
-    except ImportError:  # pragma: no cover - other Keras layouts
-        home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    base = os.path.expanduser(home)
+    # Keras reads the same variable and default (keras.utils.get_file; no public getter)
+    base = os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras")))
     if not os.access(base, os.W_OK):  # Keras's own fallback (file_utils.get_file)
         base = os.path.join("/tmp", ".keras")
     return Path(base) / "models"
@@ -189,7 +183,7 @@ def _fresh_layer_names():
     counter makes names independent of what was built before, so weights can be copied
     by name between runs. The counter is restored afterwards.
     """
-    try:
+    try:  # Keras has no public API for its name counters; keras.utils.clear_session would reset everything
         from keras.src.backend.common import global_state
     except ImportError:  # pragma: no cover
         yield

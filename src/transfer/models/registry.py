@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from ..errors import ConfigError
+from . import small
 
 #: Preprocessing modes a spec may name (what the in-graph preprocessing layers compute
 #: from RGB pixels in 0..255):
@@ -240,4 +241,20 @@ _APPS = (
 for _spec in _APPS:
     register_backbone(_spec)
 
-from . import small as _small  # noqa: E402,F401  (registers arc2, arc3)
+# --------------------------------------------------------------------------- the small CNNs
+
+# params at 28x28x3: conv1 3*4*64+64=832, conv2 64*4*64+64=16448, (conv3 16448),
+# features 14*14*64*64+64=802880
+ARC2 = register_backbone(BackboneSpec(
+    name="arc2", builder=small.build_arc2, default_size=28, min_size=8, preprocess="unit",
+    gradcam_layer="conv2", block_pattern=r"^(conv\d+)", imagenet_file=None, pretrainable=False,
+    description="report E 'Arc2': conv64-2x2, maxpool, dropout, conv64-2x2, dropout, FC64",
+    pooling="none", num_blocks=2, params=832 + 16_448 + 802_880,
+))
+
+ARC3 = register_backbone(BackboneSpec(
+    name="arc3", builder=small.build_arc3, default_size=28, min_size=8, preprocess="unit",
+    gradcam_layer="conv3", block_pattern=r"^(conv\d+)", imagenet_file=None, pretrainable=False,
+    description="report E 'Arc3': Arc2 with one more conv64-2x2 + dropout",
+    pooling="none", num_blocks=3, params=832 + 2 * 16_448 + 802_880,
+))

@@ -6,7 +6,7 @@ adds one more Conv2D(64, 2x2) + Dropout(.25). The classifier head (``head_dropou
 ``probs``) is added by :func:`transfer.models.build.build_classifier`, as for every
 backbone. Pixels are scaled to 0..1 in the graph (preprocess mode ``unit``).
 
-There are no pretrained weights: ``weights="imagenet"`` is refused; ``"none"`` is a
+Registered in :mod:`transfer.models.registry` (this module only builds). There are no pretrained weights: ``weights="imagenet"`` is refused; ``"none"`` is a
 random start; a PATH is a weights file or an earlier run's ``.keras``.
 
 For freezing, the backbone is ``conv1`` .. ``flatten``; the Dense ``features`` plays the
@@ -18,15 +18,10 @@ Layer names: ``conv1``, ``conv1_pool``, ``conv1_drop``, ``conv2``, ``conv2_drop`
 
 from __future__ import annotations
 
-from .registry import BackboneSpec, register_backbone
-
-
 def _small_cnn(input_tensor, weights, *, convs: int, name: str):
     from .._lazy import import_keras
 
     keras = import_keras()
-    from keras.src.ops.operation_utils import get_source_inputs
-
     layers = keras.layers
     x = input_tensor
     for k in range(1, convs + 1):
@@ -36,7 +31,7 @@ def _small_cnn(input_tensor, weights, *, convs: int, name: str):
         x = layers.Dropout(0.25, name=f"conv{k}_drop")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(64, activation="relu", name="features")(x)
-    model = keras.Model(get_source_inputs(input_tensor), x, name=name)
+    model = keras.Model(keras.utils.get_source_inputs(input_tensor), x, name=name)
     if weights is not None:
         model.load_weights(weights)
     return model
@@ -50,20 +45,3 @@ def build_arc2(input_tensor, weights=None):
 def build_arc3(input_tensor, weights=None):
     """Report E's "Arc3": Arc2 with a third Conv2D(64, 2x2) + Dropout(.25)."""
     return _small_cnn(input_tensor, weights, convs=3, name="arc3")
-
-
-# params at 28x28x3: conv1 3*4*64+64=832, conv2 64*4*64+64=16448, (conv3 16448),
-# features 14*14*64*64+64=802880
-ARC2 = register_backbone(BackboneSpec(
-    name="arc2", builder=build_arc2, default_size=28, min_size=8, preprocess="unit",
-    gradcam_layer="conv2", block_pattern=r"^(conv\d+)", imagenet_file=None, pretrainable=False,
-    description="report E 'Arc2': conv64-2x2, maxpool, dropout, conv64-2x2, dropout, FC64",
-    pooling="none", num_blocks=2, params=832 + 16_448 + 802_880,
-))
-
-ARC3 = register_backbone(BackboneSpec(
-    name="arc3", builder=build_arc3, default_size=28, min_size=8, preprocess="unit",
-    gradcam_layer="conv3", block_pattern=r"^(conv\d+)", imagenet_file=None, pretrainable=False,
-    description="report E 'Arc3': Arc2 with one more conv64-2x2 + dropout",
-    pooling="none", num_blocks=3, params=832 + 2 * 16_448 + 802_880,
-))

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..bundle import Bundle, load_bundle
 from ..errors import ConfigError, TransferError
+
+if TYPE_CHECKING:
+    from .runners import Runner
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -100,23 +103,6 @@ def _decode_pool(files: list[str], size: tuple[int, int]):
     return good, ms, [f"{it.path}: {it.error}" for it in items if it.error]
 
 
-def _keras_runner(bundle: Bundle):
-    """The source run's Keras model (needs TensorFlow; None with a reason when unavailable)."""
-    src = bundle.manifest.get("source", {})
-    model_path = Path(src.get("run") or "/nonexistent") / "trials" / str(src.get("trial")) / "model.keras"
-    if not model_path.is_file():
-        return None, f"the source model {model_path} is not on this machine"
-    try:
-        from ..models.build import load_model
-    except ImportError as exc:
-        return None, f"TensorFlow is not installed ({exc})"
-    try:
-        model = load_model(model_path)
-    except TransferError as exc:
-        return None, exc.message
-    return (lambda x: (None, model.predict(x, batch_size=len(x), verbose=0))), None
-
-
 def _pct(a, q):
     return float(np.percentile(a, q)) * 1000.0
 
@@ -125,7 +111,8 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
           batches: Sequence[int] = (1, 8, 32), head: str | None = None, images: Sequence[str] | None = None,
           seconds: float = 3.0, min_iters: int = 10, warmup: int = 3, threads: int | None = None,
           out_dir=None, progress: Callable[[str], None] | None = print,
-          providers: Sequence[str] | str | None = "cpu") -> dict:
+          providers: Sequence[str] | str | None = "cpu",
+          extra_runners: Mapping[str, Callable[[Bundle], "Runner"]] | None = None) -> dict:
     """Benchmark backends x batch sizes on one bundle; returns (and writes) the result dict.
 
     Each cell runs at least ``min_iters`` timed calls and about ``seconds`` seconds after
@@ -133,7 +120,10 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     Decoding is timed on real image files (``images`` or the source run's val split).
     ``providers`` are the ONNX Runtime execution providers of the ``onnxruntime*``
     backends (default CPU; ``None``: the best available, e.g. CUDA / TensorRT); the fp32
-    reference for top-1 agreement always runs on the CPU.
+    reference for top-1 agreement always runs on the CPU. ``extra_runners`` adds backends
+    the runtime does not own, by name (the bench command passes ``keras``:
+    :func:`transfer.export.keras_runner.keras_runner_for`, which needs TensorFlow); a
+    factory that raises :class:`TransferError` marks its backend skipped with the reason.
 
     Returns:
         ``{"machine": {...}, "rows": [...], "skipped": {backend: reason}}``; with
@@ -152,8 +142,9 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     batches, backends = list(batches), list(backends)
     if not batches or min(batches) < 1:
         raise ConfigError(f"invalid --batch {batches!r}; accepted: positive integers")
+    extra_runners = dict(extra_runners or {})
     valid = ("onnxruntime", "onnxruntime-int8", "onnxruntime-fp16", "tensorrt", "tensorrt-fp32", "tensorrt-fp16",
-             "tensorrt-int8", "keras")
+             "tensorrt-int8", *extra_runners)
     if not backends:
         raise ConfigError("no --backends given", hint=f"accepted: {', '.join(valid)}")
     for be in backends:
@@ -193,16 +184,11 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     rows, skipped = [], {}
     for be in backends:
         try:
-            if be == "keras":
-                fn, why = _keras_runner(b)
-                if fn is None:
-                    skipped[be] = why
-                    say(f"skip keras: {why}")
-                    continue
-                name, provider = "keras", "TensorFlow"
+            if be in extra_runners:
+                r = extra_runners[be](b)
             else:
                 r = make_runner(b, be, providers if be.startswith("onnxruntime") else None, threads)
-                fn, name, provider = r.run, r.name, r.provider
+            fn, name, provider = r.run, r.name, r.provider
         except TransferError as exc:
             skipped[be] = exc.message
             say(f"skip {be}: {exc.message}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..data.image import DEFAULT_MAX_PIXELS, decode_image_bytes, is_image_path, load_image, resize_image
 from ..errors import ConfigError, ImageDecodeError, TransferError
-from .remote import is_uri
+from ..data.remote import is_uri
 
 
 @dataclass
@@ -43,7 +43,7 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
 
     Folders list their image files (sorted; sub-folders with ``recursive``); symlink loops
     are visited once; URIs (``s3://bucket/prefix/``, ``gs://``, ``file://``) are listed
-    through ``pyarrow.fs`` (:mod:`transfer.runtime.remote`); a path that does not exist, or a directory named like an image,
+    through ``pyarrow.fs`` (:mod:`transfer.data.remote`); a path that does not exist, or a directory named like an image,
     yields an error entry instead of stopping the run.
 
     Example:
@@ -83,7 +83,7 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     for raw in inputs:
         raw = os.fspath(raw)  # paths are reported as the user spelled them
         if is_uri(raw):  # s3://, gs://, file:// ...: listed through pyarrow.fs
-            from .remote import iter_uri_inputs
+            from ..data.remote import iter_uri_inputs
 
             yield from iter_uri_inputs(raw, recursive=recursive)
             continue
@@ -102,7 +102,7 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
 def _decode(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
     try:
         if is_uri(path):
-            from .remote import read_uri
+            from ..data.remote import read_uri
 
             arr = decode_image_bytes(read_uri(path), path, max_pixels=max_pixels)
             return Item(path, resize_image(arr, size))

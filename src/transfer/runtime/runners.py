@@ -61,7 +61,7 @@ class TrtRunner(Runner):
     """A native TensorRT engine from the bundle (TensorRT 10 API; NVIDIA GPU only)."""
 
     def __init__(self, bundle: Bundle, model_key: str):
-        from ..export.tensorrt import device_info, require_tensorrt  # no TensorFlow inside
+        from .devices import device_info, require_tensorrt
 
         trt = require_tensorrt()
         entry = bundle.model_entry(model_key)

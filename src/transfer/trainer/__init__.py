@@ -1,4 +1,2 @@
-"""trainer: training freeze sweeps (config, fit, sweep, plots) and analysis of runs.
-
-Heavy dependencies (TensorFlow / Keras, matplotlib) are imported inside functions.
-"""
+"""Training freeze sweeps: the config, one trial's fit, the sweep over backbones x fractions,
+Ray and tf.distribute strategies (TensorFlow, imported inside functions)."""

@@ -287,7 +287,7 @@ def run_trial(
 
     With ``cfg.strategy == "mirrored"`` the model is built, loaded, compiled, trained
     and evaluated inside a ``tf.distribute.MirroredStrategy`` scope (one replica per
-    device; see :func:`transfer.trainer.distributed.make_strategy`); the run folder it
+    device; see :func:`transfer.trainer.strategy.make_strategy`); the run folder it
     writes is the same.
 
     Args:
@@ -314,7 +314,7 @@ def run_trial(
     if cfg.strategy == "default" or is_finished(tdir):
         done = _train_trial(run_dir, cfg, spec, replicas=1, **kw)
     else:
-        from .distributed import make_strategy
+        from .strategy import make_strategy
 
         strategy = make_strategy(cfg.strategy)
         progress(f"  [{spec.name}] {cfg.strategy} strategy: {strategy.num_replicas_in_sync} replica(s) on "
@@ -511,7 +511,7 @@ def _evaluate_trial(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, *, data_ro
     if freeze_summary is not None:
         metrics["freeze"] = {k: v for k, v in asdict(freeze_summary).items()} if hasattr(freeze_summary, "__dataclass_fields__") else None
     if history:
-        from .plots import plot_curves
+        from ..plots import plot_curves
 
         plot_curves(history, tdir / "curves.png", title=spec.name)
     write_json_atomic(tdir / "metrics.json", metrics)

@@ -164,8 +164,8 @@ def _totv(run, t, sizes, progress):
 def _tvtv(run, t, sizes, progress):
     from ..data.image import load_image
     from ..models.registry import get_backbone
-    from .config import make_config
-    from .sweep import run_sweep
+    from ..trainer.config import make_config
+    from ..trainer.sweep import run_sweep
 
     meta = t.meta
     spec = get_backbone(meta["backbone"])

@@ -17,7 +17,7 @@ the explained class's probability before and after setting the most highlighted 
 same number of random pixels. A faithful map makes the first drop larger.
 
 Example:
-    >>> from transfer.trainer.gradcam import explain_run
+    >>> from transfer.analysis.gradcam import explain_run
     >>> res = explain_run("runs/digits", samples=8, methods=("gradcam", "gradcam++"))  # doctest: +SKIP
     >>> print(res.table)                                                                # doctest: +SKIP
 """

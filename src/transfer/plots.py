@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .._lazy import require
-from ..fsutil import atomic_path
+from ._lazy import require
+from .fsutil import atomic_path
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, *, title: str = "") -> None:

@@ -1,7 +1,7 @@
 """Per-class evaluation of a trial on one split (report E: table 9, figure 14).
 
 Predictions are the network's softmax on the split's images, taken from the feature
-cache (:func:`transfer.trainer.features.extract_features` stores them next to the
+cache (:func:`transfer.analysis.features.extract_features` stores them next to the
 features), so evaluating costs no extra forward pass once features exist.
 
 Outputs (``RUN/evaluate/<trial>/``, each written atomically)::

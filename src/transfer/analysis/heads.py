@@ -1,7 +1,7 @@
 """Classical scikit-learn heads on the cached pooled features of a trial (reports A, B, C).
 
 :func:`fit_heads` fits RandomForest / SVM / logistic regression (and k-NN) on the
-train features of :func:`transfer.trainer.features.extract_features` and compares them
+train features of :func:`transfer.analysis.features.extract_features` and compares them
 with the network's own softmax head on the same images, in one table
 (``RUN/heads/<trial>/heads.csv`` and ``heads.md``: accuracy per split, fit seconds,
 predict milliseconds per image).

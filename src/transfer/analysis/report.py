@@ -24,7 +24,7 @@ images as base64 ``data:`` URIs and its CSS inline: one file to open, mail or ar
 The Markdown links the images by their path relative to the run folder.
 
 Example:
-    >>> from transfer.trainer.report import write_report
+    >>> from transfer.analysis.report import write_report
     >>> paths = write_report("runs/digits")    # doctest: +SKIP
     >>> paths["html"]                            # doctest: +SKIP
     PosixPath('runs/digits/report.html')

@@ -18,7 +18,7 @@ import threading
 from typing import Iterator
 
 from .._lazy import require
-from ..data.image import is_image_path
+from .image import is_image_path
 from ..errors import ConfigError
 
 #: A file larger than this is refused without reading it all (an image this big is a mistake).

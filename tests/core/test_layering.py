@@ -1,0 +1,140 @@
+"""The package's dependency rules, read from the source (every import, also inside functions).
+
+The runtime test that blocks TensorFlow only sees imports that run; an import inside a rarely
+used function (a TensorRT device check, bench's Keras backend) would slip past it. These tests
+read every ``import`` statement of the package with :mod:`ast` instead.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "transfer"
+
+#: packages that must stay installable and importable without TensorFlow, and what they may not import
+LOWER = ("data", "runtime", "serve")
+FORBIDDEN = ("transfer.trainer", "transfer.analysis", "transfer.export", "transfer.models",
+             "tensorflow", "keras", "tf2onnx", "tf_keras")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_package(path: Path) -> bool:
+    return path.name == "__init__.py"
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in a file; ``from X import y`` gives X.y when
+    X.y is a module of the package, else X."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    me = _module_name(path)
+    base_parts = me.split(".") if _is_package(path) else me.split(".")[:-1]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = base_parts[: len(base_parts) - (node.level - 1)]
+                mod = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for a in node.names:
+                sub = f"{mod}.{a.name}"
+                out.append((node.lineno, sub if _exists(sub) else mod))
+    return out
+
+
+def _exists(module: str) -> bool:
+    if not module.startswith("transfer."):
+        return False
+    p = SRC.parent.joinpath(*module.split("."))
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
+
+
+def _files():
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_the_reader_sees_imports_inside_functions(tmp_path):
+    """The checker itself: a function-level import of TensorFlow in a runtime-like file is found."""
+    f = SRC / "runtime" / "runners.py"
+    found = {m for _, m in imports_of(f)}
+    assert "transfer.runtime.devices" in found  # imported inside TrtRunner.__init__
+    assert "transfer.bundle" in found
+
+
+@pytest.mark.parametrize("package", LOWER)
+def test_lower_packages_import_nothing_above_them(package):
+    folder = SRC / package
+    if not folder.is_dir():
+        pytest.skip(f"transfer.{package} is not in this build")
+    bad = []
+    for f in sorted(folder.rglob("*.py")):
+        for line, mod in imports_of(f):
+            if any(mod == x or mod.startswith(x + ".") for x in FORBIDDEN):
+                bad.append(f"{f.relative_to(SRC.parent)}:{line} imports {mod}")
+    assert not bad, "transfer." + package + " must not import " + ", ".join(FORBIDDEN) + ":\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+    graph: dict[str, set[str]] = {}
+    for f in _files():
+        me = _module_name(f)
+        graph.setdefault(me, set())
+        for _, mod in imports_of(f):
+            if mod.startswith("transfer") and mod != me and _exists(mod) or mod == "transfer":
+                graph[me].add(mod)
+    cycles = _strongly_connected(graph)
+    assert not cycles, "modules that import each other (directly or in a circle): " + "; ".join(
+        " -> ".join(sorted(c)) for c in cycles)
+
+
+def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Tarjan's algorithm; returns the components with more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[set[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _strongly_connected({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]
