@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from transfer.errors import BundleError, ConfigError
-from transfer.runtime.pipeline import batches, iter_inputs
+from transfer.data.stream import batches, iter_inputs
 from transfer.runtime.runners import check_engine_matches
 from transfer.runtime.sessions import available_providers, choose_providers
 

@@ -95,7 +95,7 @@ def _uri_of(uri: str, root_path: str, child_path: str) -> str:
 
 
 def iter_uri_inputs(uri: str, *, recursive: bool = False) -> Iterator[tuple[str, str | None]]:
-    """Expand one URI like :func:`transfer.runtime.pipeline.iter_inputs` expands a path:
+    """Expand one URI like :func:`transfer.data.stream.iter_inputs` expands a path:
     a file is one entry; a "folder" (prefix) lists its image files sorted by path (all
     levels with ``recursive``); a missing object is an error entry.
 

@@ -1,1 +1,1 @@
-"""TensorFlow-free runtime: sessions, runners, image pipeline, heads, infer, bench."""
+"""TensorFlow-free runtime: sessions, runners, devices, heads, infer, bench."""

@@ -72,7 +72,7 @@ def model_gflops(onnx_path: str | os.PathLike) -> float | None:
 def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
     """Real image files to time decoding with: --images, else the source run's val split."""
     from ..data.image import is_image_path
-    from .pipeline import iter_inputs
+    from ..data.stream import iter_inputs
 
     paths: list[str] = []
     if images:
@@ -94,10 +94,10 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
 
 def _decode_pool(files: list[str], size: tuple[int, int]):
     """Decode ``files`` for timing; bad ones are skipped. Returns (pixels list, ms per image, bad paths)."""
-    from .pipeline import _decode
+    from ..data.stream import decode_item
 
     t = time.perf_counter()
-    items = [_decode(p, size) for p in files]
+    items = [decode_item(p, size) for p in files]
     good = [it.pixels for it in items if it.pixels is not None]
     ms = (time.perf_counter() - t) / len(files) * 1000 if files else None
     return good, ms, [f"{it.path}: {it.error}" for it in items if it.error]

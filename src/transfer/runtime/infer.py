@@ -194,7 +194,7 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         >>> infer("runs/digits/bundle", ["images/"], out="preds.csv", recursive=True)  # doctest: +SKIP
     """
     from .heads import make_head
-    from .pipeline import batches, iter_inputs
+    from ..data.stream import batches, iter_inputs
     from .runners import make_runner
 
     fmt = resolve_format(fmt, out)

@@ -39,12 +39,12 @@ class _Predictor:
 
     def __call__(self, batch: dict) -> dict:
         from .infer import top_k
-        from .pipeline import _decode
+        from ..data.stream import decode_item
 
         size = self.bundle.input_size
         items = []
         for p, pre in zip(batch["path"], batch["pre_error"]):
-            items.append((str(p), str(pre)) if pre else (str(p), _decode(str(p), size)))
+            items.append((str(p), str(pre)) if pre else (str(p), decode_item(str(p), size)))
         ok = [i for i, (_, it) in enumerate(items) if not isinstance(it, str) and it.pixels is not None]
         probs = None
         if ok:
@@ -86,7 +86,7 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
     """
     from .heads import check_head
     from .infer import _Writer, output_path, resolve_format
-    from .pipeline import iter_inputs
+    from ..data.stream import iter_inputs
     from .runners import model_key_for
 
     if out is None or os.fspath(out) == "-":

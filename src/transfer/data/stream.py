@@ -1,7 +1,11 @@
 """Files -> pixel batches, decoded in worker threads ahead of the model (bounded memory).
 
-The same :func:`transfer.data.image.load_image` as training, so served pixels equal
-training's. A bad file becomes an error item, never an exception that stops the run.
+The one "decode these paths into batches, skipping bad files" iterator of the package:
+inference, benchmarks, feature extraction, evaluation, verification and calibration all
+read images through :func:`batches` (or :func:`decode_batches` for plain path lists). It
+decodes with :func:`transfer.data.image.load_image`, the same pixel function as training,
+so served pixels equal training's. A bad file becomes an error item, never an exception
+that stops the run.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..data.image import DEFAULT_MAX_PIXELS, decode_image_bytes, is_image_path, load_image, resize_image
+from .image import DEFAULT_MAX_PIXELS, decode_image_bytes, is_image_path, load_image, resize_image
 from ..errors import ConfigError, ImageDecodeError, TransferError
-from ..data.remote import is_uri
+from .remote import is_uri
 
 
 @dataclass
@@ -83,7 +87,7 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     for raw in inputs:
         raw = os.fspath(raw)  # paths are reported as the user spelled them
         if is_uri(raw):  # s3://, gs://, file:// ...: listed through pyarrow.fs
-            from ..data.remote import iter_uri_inputs
+            from .remote import iter_uri_inputs
 
             yield from iter_uri_inputs(raw, recursive=recursive)
             continue
@@ -99,10 +103,11 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
             yield raw, "no such file"
 
 
-def _decode(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
+def decode_item(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
+    """Decode and resize one path or URI; any failure becomes ``Item.error`` (never raises)."""
     try:
         if is_uri(path):
-            from ..data.remote import read_uri
+            from .remote import read_uri
 
             arr = decode_image_bytes(read_uri(path), path, max_pixels=max_pixels)
             return Item(path, resize_image(arr, size))
@@ -141,7 +146,7 @@ def batches(entries: Iterable[tuple[str, str | None]], size: tuple[int, int], *,
 
                 def flush(ch):
                     t0 = time.perf_counter()
-                    futs = [None if err else pool.submit(_decode, p, size, max_pixels) for p, err in ch]
+                    futs = [None if err else pool.submit(decode_item, p, size, max_pixels) for p, err in ch]
                     items = [Item(p, error=err) if f is None else f.result() for (p, err), f in zip(ch, futs)]
                     ok = [i for i, it in enumerate(items) if it.pixels is not None]
                     x = (np.stack([items[i].pixels for i in ok]).astype(np.float32) if ok
@@ -191,3 +196,17 @@ def _put(q: queue.Queue, obj, stop: threading.Event) -> None:
             return
         except queue.Full:
             continue
+
+
+def decode_batches(paths: Iterable[str | os.PathLike], size: tuple[int, int], *, batch: int = 64, workers: int = 2,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PixelBatch]:
+    """:func:`batches` over plain paths: ``PixelBatch.ok_index`` says which items of each batch
+    decoded (their pixels are the rows of ``x``, in order); the others carry their error.
+
+    Example::
+
+        for pb in decode_batches(paths, (224, 224), batch=32):
+            probs = model(pb.x)                      # one row per readable image
+            labels_ok = [labels[start + i] for i in pb.ok_index]
+    """
+    return batches(((os.fspath(p), None) for p in paths), size, batch=batch, workers=workers, max_pixels=max_pixels)
