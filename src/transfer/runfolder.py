@@ -1,8 +1,15 @@
-"""Read-only view of a run folder written by ``transfer train`` (layout: docs/design.md).
+"""The run folder written by ``transfer train`` (layout: docs/design.md), known in one place.
 
-Every command that takes ``RUN`` opens it with :class:`RunFolder`, which checks that
-the folder is a run and names exactly what is missing. No TensorFlow here; loading a
-trial's model goes through :meth:`TrialInfo.load_model` (imports Keras lazily).
+* :class:`RunLayout` / :class:`TrialPaths`: where every file of a run lives (paths only).
+* :class:`RunFolder`: the reader. Every command that takes ``RUN`` opens it with
+  :class:`RunFolder`, which checks that the folder is a run and names exactly what is
+  missing.
+* :class:`RunWriter`: the writer of the files ``transfer train`` owns (``run.json``,
+  ``config.yaml``, ``dataset.json``, splits, trial records, the sweep table, ``best.json``),
+  each written atomically.
+
+No TensorFlow here; loading a trial's model goes through :meth:`TrialInfo.load_model`
+(imports Keras lazily).
 """
 
 from __future__ import annotations
@@ -14,9 +21,104 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunFolderError
-from .fsutil import read_json
+from .fsutil import read_json, write_json_atomic, write_text_atomic
 
 RUN_FORMAT = "transfer-run"
+RUN_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TrialPaths:
+    """The files of one trial folder ``RUN/trials/<name>/``."""
+
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    trial_json = property(lambda self: self.dir / "trial.json")
+    status_json = property(lambda self: self.dir / "status.json")
+    history_csv = property(lambda self: self.dir / "history.csv")
+    curves_png = property(lambda self: self.dir / "curves.png")
+    model_keras = property(lambda self: self.dir / "model.keras")
+    metrics_json = property(lambda self: self.dir / "metrics.json")
+    #: the resume checkpoint (model with optimizer state) and its commit point
+    last_keras = property(lambda self: self.dir / "last.keras")
+    state_json = property(lambda self: self.dir / "state.json")
+    tensorboard = property(lambda self: self.dir / "tensorboard")
+
+    def status(self) -> dict:
+        """``status.json`` (``{}`` when missing or unreadable)."""
+        try:
+            st = read_json(self.status_json)
+        except (OSError, ValueError):
+            return {}
+        return st if isinstance(st, dict) else {}
+
+    def finished(self, status: dict | None = None) -> bool:
+        """Finished = ``status.json`` says done and ``model.keras`` and ``metrics.json`` exist."""
+        st = self.status() if status is None else status
+        return st.get("state") == "done" and self.model_keras.is_file() and self.metrics_json.is_file()
+
+
+class RunLayout:
+    """Where everything of a run folder lives (paths only, no I/O). See docs/design.md."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    run_json = property(lambda self: self.path / "run.json")
+    config_yaml = property(lambda self: self.path / "config.yaml")
+    dataset_json = property(lambda self: self.path / "dataset.json")
+    bad_files_csv = property(lambda self: self.path / "bad_files.csv")
+    splits_dir = property(lambda self: self.path / "splits")
+    trials_dir = property(lambda self: self.path / "trials")
+    init_dir = property(lambda self: self.path / "init")
+    sweep_csv = property(lambda self: self.path / "sweep.csv")
+    sweep_md = property(lambda self: self.path / "sweep.md")
+    best_json = property(lambda self: self.path / "best.json")
+    report_html = property(lambda self: self.path / "report.html")
+    report_md = property(lambda self: self.path / "report.md")
+    bundle_dir = property(lambda self: self.path / "bundle")
+    resolution_dir = property(lambda self: self.path / "resolution")
+
+    def split_csv_path(self, name: str, *, fold: int | None = None) -> Path:
+        """``splits/<name>.csv``; a k-fold trial's train / val are ``splits/fold{k}/<name>.csv``."""
+        if name not in SPLITS:
+            raise RunFolderError(f"unknown split {name!r}; accepted: {', '.join(SPLITS)}")
+        return self.splits_dir / f"fold{fold}" / f"{name}.csv" if fold and name != "test" else self.splits_dir / f"{name}.csv"
+
+    def init_weights(self, backbone: str, init: str) -> Path:
+        """The initial weights every trial of ``backbone`` with ``init`` starts from."""
+        return self.init_dir / f"{backbone}-{init}.weights.h5"
+
+    def trial_paths(self, name: str) -> TrialPaths:
+        return TrialPaths(self.trials_dir / name)
+
+    # outputs of the analysis commands, one folder per trial
+    def features_dir(self, trial: str) -> Path:
+        return self.path / "features" / trial
+
+    def heads_dir(self, trial: str) -> Path:
+        return self.path / "heads" / trial
+
+    def evaluate_dir(self, trial: str) -> Path:
+        return self.path / "evaluate" / trial
+
+    def plots_dir(self, trial: str) -> Path:
+        return self.path / "plots" / trial
+
+    def gradcam_dir(self, trial: str) -> Path:
+        return self.path / "gradcam" / trial
+
+    def analysis_trials(self, area: str) -> list[str]:
+        """Trial names that have a folder under ``features|heads|evaluate|plots|gradcam`` (sorted)."""
+        if area not in ("features", "heads", "evaluate", "plots", "gradcam"):
+            raise ValueError(f"unknown analysis area {area!r}")
+        d = self.path / area
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
 
 @dataclass(frozen=True)
@@ -29,20 +131,20 @@ class TrialInfo:
     status: dict
 
     @property
+    def files(self) -> TrialPaths:
+        return TrialPaths(self.path)
+
+    @property
     def finished(self) -> bool:
-        return (
-            self.status.get("state") == "done"
-            and (self.path / "model.keras").is_file()
-            and (self.path / "metrics.json").is_file()
-        )
+        return self.files.finished(self.status)
 
     @property
     def model_path(self) -> Path:
-        return self.path / "model.keras"
+        return self.files.model_keras
 
     @property
     def metrics(self) -> dict:
-        p = self.path / "metrics.json"
+        p = self.files.metrics_json
         if not p.is_file():
             raise RunFolderError(
                 f"trial '{self.name}' has no metrics.json in {self.path}",
@@ -63,7 +165,7 @@ class TrialInfo:
 
     def require_finished(self) -> "TrialInfo":
         if not self.finished:
-            missing = [f for f in ("model.keras", "metrics.json") if not (self.path / f).is_file()]
+            missing = [p.name for p in (self.files.model_keras, self.files.metrics_json) if not p.is_file()]
             state = self.status.get("state", "unknown")
             what = f"missing {', '.join(missing)}" if missing else f"state '{state}'"
             raise RunFolderError(
@@ -80,7 +182,7 @@ class TrialInfo:
         return load_model(self.model_path)
 
 
-class RunFolder:
+class RunFolder(RunLayout):
     """A run folder. Raises :class:`RunFolderError` naming what is missing.
 
     Example:
@@ -92,7 +194,7 @@ class RunFolder:
     REQUIRED = ("run.json", "config.yaml", "dataset.json", "splits")
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        super().__init__(path)
         if not self.path.exists():
             raise RunFolderError(
                 f"run folder not found: {self.path}",
@@ -106,15 +208,15 @@ class RunFolder:
                 f"{self.path} is not a complete run folder: missing {', '.join(missing)}",
                 hint="run `transfer train DATA --out RUN` first (or re-run it to finish an interrupted run)",
             )
-        info = read_json(self.path / "run.json")
+        info = read_json(self.run_json)
         if info.get("format") != RUN_FORMAT:
-            raise RunFolderError(f"{self.path / 'run.json'} is not a transfer run (format={info.get('format')!r})")
+            raise RunFolderError(f"{self.run_json} is not a transfer run (format={info.get('format')!r})")
         self.info = info
 
     # -- dataset -----------------------------------------------------------------
     @property
     def dataset(self) -> dict:
-        return read_json(self.path / "dataset.json")
+        return read_json(self.dataset_json)
 
     @property
     def class_names(self) -> list[str]:
@@ -127,15 +229,12 @@ class RunFolder:
     def config(self) -> dict[str, Any]:
         import yaml
 
-        with open(self.path / "config.yaml", encoding="utf-8") as f:
+        with open(self.config_yaml, encoding="utf-8") as f:
             return yaml.safe_load(f) or {}
 
     def split_csv(self, name: str, *, fold: int | None = None) -> Path:
         """The CSV of a split; a k-fold trial's train / val are its fold's (``splits/fold{k}/``)."""
-        if name not in ("train", "val", "test"):
-            raise RunFolderError(f"unknown split {name!r}; accepted: train, val, test")
-        base = self.path / "splits"
-        p = base / f"fold{fold}" / f"{name}.csv" if fold and name != "test" else base / f"{name}.csv"
+        p = self.split_csv_path(name, fold=fold)
         if not p.is_file():
             raise RunFolderError(f"split file missing: {p}", hint="the run folder is incomplete; re-run `transfer train`")
         return p
@@ -154,14 +253,13 @@ class RunFolder:
 
     # -- trials ------------------------------------------------------------------
     def trials(self) -> list[TrialInfo]:
-        tdir = self.path / "trials"
         out = []
-        if tdir.is_dir():
-            for d in sorted(tdir.iterdir()):
-                if not (d / "trial.json").is_file():
+        if self.trials_dir.is_dir():
+            for d in sorted(self.trials_dir.iterdir()):
+                tp = TrialPaths(d)
+                if not tp.trial_json.is_file():
                     continue
-                status = read_json(d / "status.json") if (d / "status.json").is_file() else {}
-                out.append(TrialInfo(d.name, d, read_json(d / "trial.json"), status))
+                out.append(TrialInfo(d.name, d, read_json(tp.trial_json), tp.status()))
         return out
 
     def finished_trials(self) -> list[TrialInfo]:
@@ -169,9 +267,8 @@ class RunFolder:
 
     @property
     def best_trial_name(self) -> str:
-        p = self.path / "best.json"
-        if p.is_file():
-            return read_json(p)["trial"]
+        if self.best_json.is_file():
+            return read_json(self.best_json)["trial"]
         done = self.finished_trials()
         if not done:
             raise RunFolderError(
@@ -201,3 +298,46 @@ class RunFolder:
                 raise RunFolderError(f"{self.path} has no finished trial")
             return done
         return [self.trial(n.strip()) for n in which.split(",") if n.strip()]
+
+
+class RunWriter(RunLayout):
+    """Writes the files of a run folder that ``transfer train`` owns, each atomically.
+
+    The reader is :class:`RunFolder`; both take their paths from :class:`RunLayout`, so the
+    layout is spelled once. Analysis commands write their own folders (``features/``,
+    ``heads/``, ...) at the paths :class:`RunLayout` gives them.
+    """
+
+    def write_run_json(self, transfer_version: str) -> None:
+        """``run.json`` once, when the run is made (its ``created`` time is kept on resume)."""
+        if self.run_json.is_file():
+            return
+        from datetime import datetime, timezone
+
+        write_json_atomic(self.run_json, {
+            "format": RUN_FORMAT, "version": RUN_VERSION,
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "transfer_version": transfer_version,
+        })
+
+    def write_config(self, yaml_text: str) -> None:
+        write_text_atomic(self.config_yaml, yaml_text)
+
+    def write_dataset(self, info: dict) -> None:
+        write_json_atomic(self.dataset_json, info)
+
+    def write_trial_meta(self, name: str, meta: dict) -> None:
+        write_json_atomic(self.trial_paths(name).trial_json, meta)
+
+    def write_status(self, name: str, state: str, epoch: int, error: str | None = None) -> None:
+        write_json_atomic(self.trial_paths(name).status_json, {"state": state, "epoch": int(epoch), "error": error})
+
+    def write_metrics(self, name: str, metrics: dict) -> None:
+        write_json_atomic(self.trial_paths(name).metrics_json, metrics)
+
+    def write_sweep_table(self, csv_text: str, markdown: str) -> None:
+        write_text_atomic(self.sweep_csv, csv_text)
+        write_text_atomic(self.sweep_md, markdown)
+
+    def write_best(self, best: dict) -> None:
+        write_json_atomic(self.best_json, best)
