@@ -30,7 +30,8 @@ class TransferGroup(click.Group):
         except TransferError as exc:
             if _debug(ctx):
                 traceback.print_exc()
-            click.secho(f"error: {exc.message}", err=True, fg="red")
+            flag = _flag_of(self, ctx, exc.option) if exc.option else None
+            click.secho(f"error: {flag + ': ' if flag else ''}{exc.message}", err=True, fg="red")
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)
@@ -50,6 +51,22 @@ class TransferGroup(click.Group):
             click.echo("hint: check the path, free disk space and permissions; --debug shows where it happened",
                        err=True)
             ctx.exit(1)
+
+
+def _flag_of(group: click.Group, ctx: click.Context, option: str) -> str | None:
+    """The command-line flag (``--batch``) of the invoked command whose parameter is ``option``."""
+    cmd = group.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+    todo = [cmd] if cmd is not None else []
+    while todo:
+        c = todo.pop()
+        for p in c.params:
+            if p.name == option and isinstance(p, click.Option):
+                return max(p.opts, key=len)
+            if p.name == option and isinstance(p, click.Argument):
+                return p.human_readable_name
+        if isinstance(c, click.Group):
+            todo += [c.get_command(ctx, n) for n in c.list_commands(ctx)]
+    return None
 
 
 def _debug(ctx: click.Context) -> bool:

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 
 class TransferError(Exception):
-    """Base class: a problem the user can fix. ``hint`` says what to do."""
+    """Base class: a problem the user can fix. ``hint`` says what to do.
+
+    ``option`` names the library parameter the error is about (``"batch"``, ``"trainable"``):
+    library messages describe values ("batch size must be positive (got 0)"); the CLI
+    knows which flag feeds that parameter and prefixes it (``--batch: ...``).
+    """
 
     exit_code = 1
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, option: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.option = option
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"

@@ -11,7 +11,10 @@ from transfer.errors import ConfigError, TensorRTUnavailableError
 
 @cli.command("_raise", hidden=True)
 @click.argument("kind")
-def _raise(kind):
+@click.option("--batch-size", "batch", type=int)
+def _raise(kind, batch):
+    if kind == "option":
+        raise ConfigError("batch size must be positive (got 0)", option="batch")
     if kind == "config":
         raise ConfigError("bad option --x=3", hint="use 1 or 2")
     raise TensorRTUnavailableError("TensorRT needs an NVIDIA GPU with CUDA; none was found: test")
@@ -23,6 +26,13 @@ def test_user_error_is_clean_with_exit_code():
     assert "error: bad option --x=3" in res.output
     assert "hint: use 1 or 2" in res.output
     assert "Traceback" not in res.output
+
+
+def test_an_error_about_a_parameter_is_shown_with_its_flag():
+    """Library errors describe values; the CLI names the flag that fed the parameter."""
+    res = CliRunner().invoke(cli, ["_raise", "option"])
+    assert res.exit_code == 2
+    assert "error: --batch-size: batch size must be positive (got 0)" in res.output
 
 
 def test_tensorrt_missing_has_distinct_exit_code():
