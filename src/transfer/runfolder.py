@@ -58,6 +58,7 @@ class TrialPaths:
     metrics_json = property(lambda self: self.dir / "metrics.json")
     #: the resume checkpoint (model with optimizer state) and its commit point
     last_keras = property(lambda self: self.dir / "last.keras")
+    last_optimizer = property(lambda self: self.dir / "last.optimizer.npz")
     state_json = property(lambda self: self.dir / "state.json")
     tensorboard = property(lambda self: self.dir / "tensorboard")
 
@@ -99,6 +100,8 @@ class RunLayout:
     splits_dir = property(lambda self: self.path / "splits")
     trials_dir = property(lambda self: self.path / "trials")
     init_dir = property(lambda self: self.path / "init")
+    #: the frozen-prefix caches of the trainer (internal; safe to delete when no train runs)
+    cache_dir = property(lambda self: self.path / "cache")
     sweep_csv = property(lambda self: self.path / "sweep.csv")
     sweep_md = property(lambda self: self.path / "sweep.md")
     best_json = property(lambda self: self.path / "best.json")
@@ -120,6 +123,10 @@ class RunLayout:
     def init_weights(self, backbone: str, init: str) -> Path:
         """The initial weights every trial of ``backbone`` with ``init`` starts from."""
         return self.init_dir / f"{backbone}-{init}.weights.h5"
+
+    def cache_group(self, backbone: str, init: str) -> Path:
+        """The caches (and linear probes) of the trials of ``backbone`` that start from ``init``."""
+        return self.cache_dir / f"{backbone}-{init}"
 
     def trial_paths(self, name: str) -> TrialPaths:
         return TrialPaths(self.trials_dir / name)
@@ -336,6 +343,37 @@ class RunWriter(RunLayout):
     ``heads/``, ...) at the paths :class:`RunLayout` gives them.
     """
 
+    def check_target(self) -> None:
+        """Refuse to write a run into a folder that holds something else.
+
+        A new or empty folder, or a run folder (``run.json`` of this format), is fine; so is a
+        folder holding only ``splits/`` (split files placed ahead of training, as the
+        train-and-test-at-each-size resolution study does) and hidden files. Anything else
+        could be overwritten (``best.json``, ``sweep.csv`` ...), so it is refused.
+
+        Raises:
+            RunFolderError: the folder is a file, another format's run, or holds other files.
+        """
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise RunFolderError(f"the run folder {self.path} is a file", option="out")
+        if self.run_json.is_file():
+            info = _json_dict(self.run_json)
+            if info.get("format") != RUN_FORMAT:
+                raise RunFolderError(f"{self.path} holds a run.json that is not a transfer run "
+                                     f"(format={info.get('format')!r})", hint="give a new or empty folder",
+                                     option="out")
+            return
+        other = sorted(e.name + ("/" if e.is_dir() else "") for e in self.path.iterdir()
+                       if not e.name.startswith(".") and e.name != self.splits_dir.name)
+        if other:
+            shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+            raise RunFolderError(
+                f"{self.path} is not empty and is not a run folder (it holds {shown}); a run written there "
+                "could overwrite those files",
+                hint="give a new or empty folder, or the folder of an earlier run to resume it", option="out")
+
     def write_run_json(self, transfer_version: str) -> None:
         """``run.json`` once, when the run is made (its ``created`` time is kept on resume)."""
         if self.run_json.is_file():
@@ -402,6 +440,7 @@ class RunWriter(RunLayout):
     def remove_resume_checkpoint(self, name: str) -> None:
         """The resume checkpoint is internal; a finished trial drops it."""
         self.trial_paths(name).last_keras.unlink(missing_ok=True)
+        self.trial_paths(name).last_optimizer.unlink(missing_ok=True)
 
     # -- the sweep ----------------------------------------------------------------
     def write_sweep_table(self, header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -6,9 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from trainer_helpers import make_pattern_folder
+from trainer_helpers import make_pattern_folder, register_tiny_bn
 
 
 @pytest.fixture(scope="session")
 def pattern_folder(tmp_path_factory) -> Path:
     return make_pattern_folder(tmp_path_factory.mktemp("data") / "patterns")
+
+
+@pytest.fixture(scope="module")
+def tiny_bn():
+    """A registered backbone with BatchNormalization that builds and trains in seconds (for one module)."""
+    from transfer.models import registry
+
+    name = register_tiny_bn()
+    yield name
+    registry._REGISTRY.pop(name, None)

@@ -167,3 +167,74 @@ def test_resume_after_kill(pattern_folder, tmp_path):
     assert [h["epoch"] for h in hist] == list(range(1, epochs + 1))
     assert json.loads((t2 / "status.json").read_text())["state"] == "done"
     assert not list(out.rglob("*.tmp*"))  # no half-written leftovers that a reader could pick up
+    # exact resume: the same history as a run that was never killed (data order, Dropout
+    # generators and optimizer state are part of the checkpoint)
+    ref = tmp_path / "uninterrupted"
+    r = subprocess.run(_cmd(pattern_folder, ref, epochs), cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _same_history(hist, read_history(ref / "trials" / "arc2-t100" / "history.csv"))
+
+
+def _same_history(got: list[dict], want: list[dict]) -> None:
+    assert [h["epoch"] for h in got] == [h["epoch"] for h in want]
+    for a, b in zip(got, want):
+        for k in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["epoch"], k, a[k], b[k])
+
+
+def _kill_after(cmd, tdir: Path, epoch: int, tmp_path: Path, env) -> int:
+    log = open(tmp_path / "kill.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while _state(tdir / "state.json").get("epoch", 0) < epoch:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "kill.log").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    return _state(tdir / "state.json")["epoch"]
+
+
+def test_a_cached_trial_killed_and_resumed_has_the_history_of_an_uninterrupted_one(pattern_folder, tmp_path):
+    """The trainable part of arc2 trains on the cached frozen part (shuffled rows, Dropout);
+    killed mid-run and resumed it must reproduce the uninterrupted history."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO / "src"))
+    epochs = 8
+
+    def cmd(out):
+        return [sys.executable, "-m", "transfer.cli", "train", str(pattern_folder), "--backbone", "arc2",
+                "--trainable", "0.5", "--weights", "none", "--epochs", str(epochs), "--image-size", "16",
+                "--batch-size", "16", "--patience", "0", "--lr", "0.003", "--out", str(out)]
+
+    tdir = tmp_path / "run" / "trials" / "arc2-t050"
+    killed_at = _kill_after(cmd(tmp_path / "run"), tdir, 3, tmp_path, env)
+    assert killed_at < epochs
+    r = subprocess.run(cmd(tmp_path / "run"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"resuming after epoch {killed_at}" in r.stderr, r.stderr
+    r = subprocess.run(cmd(tmp_path / "ref"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = read_history(tdir / "history.csv")
+    _same_history(got, read_history(tmp_path / "ref" / "trials" / "arc2-t050" / "history.csv"))
+    m = json.loads((tdir / "metrics.json").read_text())
+    assert m["cache"]["mode"] == "cached"
+
+
+def test_two_stage_from_random_weights_trains_batchnorm_in_the_fine_tuning_stage():
+    """Without pretrained weights the BatchNorm statistics are 0 / 1 and must be learned in
+    every stage (the one-stage path did; the fine-tuning stage of two-stage did not)."""
+    from transfer.trainer.fit import plan_stages
+
+    cfg = load_config(None, {"data": "d", "out": "r", "backbones": "mobilenet_v2", "trainable": "0.5",
+                             "two_stage": True, "weights": "none"})
+    spec = TrialSpec(name="mobilenet_v2-t050", group="mobilenet_v2-t050", fold=None, backbone="mobilenet_v2",
+                     init="scratch", weights="none", trainable=0.5, freeze_by="layers", image_size=(32, 32))
+    head, finetune = plan_stages(cfg, spec)
+    assert head.probe and head.fraction == 0.0  # a pooled backbone's head stage is the linear probe
+    assert finetune.fraction == 0.5 and finetune.train_bn
+    pretrained = TrialSpec(**{**spec.__dict__, "init": "pretrained", "weights": "imagenet"})
+    assert not plan_stages(cfg, pretrained)[1].train_bn  # pretrained statistics stay frozen

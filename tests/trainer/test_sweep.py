@@ -60,7 +60,11 @@ def test_sweep_writes_the_layout(sweep_run):
     for row in ("train accuracy", "val accuracy", "test accuracy", "trainable params", "sec/epoch"):
         assert row in md
     best = json.loads((run / "best.json").read_text())
-    assert best["trial"] in ("arc2-t000", "arc2-t100") and best["metric"] == "val_accuracy"
+    # best.json names the trial with the highest val accuracy (ties: the lower val loss)
+    ms = {n: json.loads((run / "trials" / n / "metrics.json").read_text()) for n in ("arc2-t000", "arc2-t100")}
+    want = max(ms, key=lambda n: (ms[n]["val"]["accuracy"], -ms[n]["val"]["loss"]))
+    assert best["trial"] == want and best["metric"] == "val_accuracy"
+    assert best["value"] == ms[want]["val"]["accuracy"] and best["test_accuracy"] == ms[want]["test"]["accuracy"]
     assert any("trial 1/2 arc2-t000" in ln for ln in lines)
     assert any("epoch 2/2" in ln and "val_acc" in ln for ln in lines)
     # the read-only view of later commands accepts the folder
@@ -261,3 +265,98 @@ def test_a_refused_dataset_still_leaves_its_bad_file_list(tmp_path):
     assert "bad_files.csv" in e.value.hint
     rows = (tmp_path / "run" / "bad_files.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and all(r.startswith("c2/") for r in rows[1:])
+
+
+def _given_folder(root, per_class=(10, 4)):
+    from PIL import Image
+
+    for split, n in (("train", per_class[0]), ("test", per_class[1])):
+        for c, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200))):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), tuple(v // 2 + 5 * i for v in colour)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_val_is_carved_from_the_given_train_folder(tmp_path):
+    """A published layout with train/ and test/ only: the validation fraction comes out of
+    train/ (stratified, seeded), early stopping watches it, dataset.json says so."""
+    data = _given_folder(tmp_path / "d")
+    lines: list[str] = []
+    cfg = load_config(None, base_overrides(data, tmp_path / "run", trainable="1", epochs=1, val=0.3))
+    res = run_sweep(cfg, progress=lines.append)
+    assert res.ok and res.best["metric"] == "val_accuracy"
+    run = RunFolder(res.run_dir)
+    train, val, test = (set(run.split(k)) for k in ("train", "val", "test"))
+    assert len(val) == 9 and len(train) == 21 and len(test) == 12  # 3 of the 10 train/ images per class
+    assert {p.split("/")[0] for p, _ in val} == {"train"} and not (val & train)
+    assert sorted(lab for _, lab in val) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # stratified
+    ds = json.loads((res.run_dir / "dataset.json").read_text())
+    assert ds["split"]["method"] == "given" and ds["split"]["val"] == 0.3 and ds["split"]["val_from"] == "train"
+    assert ds["counts"] == {"train": 21, "val": 9, "test": 12}
+    assert any("held out of train/" in s for s in lines) and not any("no validation images" in s for s in lines)
+    again = load_config(None, base_overrides(data, tmp_path / "run2", trainable="1", epochs=1, val=0.3))
+    run_sweep(again, progress=lambda s: None)
+    assert set(RunFolder(tmp_path / "run2").split("val")) == val  # seeded: the same images
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path, pattern_folder):
+    from transfer.errors import RunFolderError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "best.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="not empty and is not a run folder .*best.json, notes.txt") as e:
+        run_sweep(load_config(None, base_overrides(pattern_folder, out)), progress=lambda s: None)
+    assert e.value.option == "out"
+    assert sorted(p.name for p in out.iterdir()) == ["best.json", "notes.txt"]  # nothing written
+    assert (out / "best.json").read_text() == "{}"
+    r = CliRunner().invoke(__import__("transfer.cli", fromlist=["cli"]).cli,
+                           ["train", str(pattern_folder), "--out", str(out), "--backbone", "arc2"])
+    assert r.exit_code == 1 and "error: --out: " in r.output and "not a run folder" in r.output
+    # an empty folder and one holding only split files made ahead of training are fine
+    (tmp_path / "empty").mkdir()
+    from transfer.runfolder import RunWriter
+
+    RunWriter(tmp_path / "empty").check_target()
+    (tmp_path / "presplit" / "splits").mkdir(parents=True)
+    RunWriter(tmp_path / "presplit").check_target()
+
+
+def test_two_trains_into_one_folder_one_proceeds_the_other_names_it(tmp_path, pattern_folder):
+    """Two real `transfer train --out same` processes: the second exits 1 at once, naming the
+    first (PID, command, since when). The lock of a holder killed with SIGKILL is released by
+    the system: the next run takes it over and finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(repo / "src"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "transfer.cli", "train", str(pattern_folder), "--backbone", "arc2", "--trainable",
+           "1", "--weights", "none", "--epochs", "3", "--image-size", "16", "--batch-size", "16", "--out", str(out)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / ".transfer.lock.json").is_file():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert f"is in use by PID {first.pid}" in second.stderr and "transfer train" in second.stderr
+        assert first.poll() is None  # the first goes on
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert (out / ".transfer.lock.json").is_file()  # the killed holder's record is left behind
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr
+    assert json.loads((out / "trials" / "arc2-t100" / "status.json").read_text())["state"] == "done"
+    assert not (out / ".transfer.lock.json").exists()

@@ -53,6 +53,13 @@ def _overrides(ctx: click.Context, values: dict) -> dict:
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs into each trial folder.")
 @click.option("--workers", type=int, help="Image decode threads. [default: 2]")
 @click.option("--train-bn", is_flag=True, help="Let BatchNormalization layers of the trainable part update their statistics.")
+@click.option("--no-cache", "cache", is_flag=True, flag_value=False, default=True,
+              help="Run the frozen layers on every image in every epoch instead of caching their output once.")
+@click.option("--no-lp-ft", "lp_ft", is_flag=True, flag_value=False, default=True,
+              help="Start fine-tuning trials from a random head instead of the linear probe of the frozen backbone.")
+@click.option("--augment-views", type=int,
+              help="With --augment: cache this many augmented views of each training image (0: train uncached). "
+                   "[default: 0]")
 @click.option("--strategy", type=click.Choice(["default", "mirrored"]),
               help="mirrored: each trial over all GPUs of the machine (tf.distribute.MirroredStrategy; "
                    "--batch-size stays global). [default: default]")

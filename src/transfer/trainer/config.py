@@ -33,7 +33,7 @@ RESULT_KEYS = (
     "data", "backbones", "trainable", "random_init", "freeze_by", "weights", "epochs",
     "batch_size", "image_size", "optimizer", "lr", "fine_tune_lr", "loss", "dropout",
     "augment", "seed", "split", "val", "test", "kfold", "patience", "two_stage",
-    "head_epochs", "train_bn",
+    "head_epochs", "train_bn", "lp_ft", "augment_views",
 )
 
 
@@ -75,6 +75,9 @@ class TrainConfig:
     workers: int = 2
     train_bn: bool = False
     strategy: str = "default"
+    cache: bool = True
+    lp_ft: bool = True
+    augment_views: int = 0
 
     def __post_init__(self) -> None:
         validate(self)
@@ -174,6 +177,8 @@ def validate(c: TrainConfig) -> None:
         _fail("patience", c.patience, "an integer >= 0 (0 = no early stopping)")
     if not isinstance(c.head_epochs, int) or c.head_epochs < 0:
         _fail("head_epochs", c.head_epochs, "an integer >= 0")
+    if not isinstance(c.augment_views, int) or isinstance(c.augment_views, bool) or c.augment_views < 0:
+        _fail("augment_views", c.augment_views, "an integer >= 0 (0 = train uncached when augmenting)")
     if not isinstance(c.workers, int) or c.workers < 1:
         _fail("workers", c.workers, "a positive integer")
     if not isinstance(c.seed, int):

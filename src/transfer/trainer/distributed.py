@@ -44,7 +44,7 @@ def init_ray(opts: RayOptions):
 
 
 def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names: list,
-                train: list, val: list, test: list, threads: int) -> dict:
+                train: list, val: list, test: list, siblings: tuple, threads: int) -> dict:
     """Body of one Ray task: the same ``run_trial`` as a local sweep (imports TF in the worker)."""
     from .._lazy import import_tensorflow  # quiet first import, before anything else imports TensorFlow
     from .fit import TrialSpec, run_trial
@@ -59,12 +59,16 @@ def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names:
     spec_dict["image_size"] = tuple(spec_dict["image_size"])
     spec = TrialSpec(**spec_dict)
     return run_trial(run_dir, cfg, spec, data_root=data_root, class_names=class_names, train=train, val=val,
-                     test=test, progress=lambda s: print(s, flush=True))
+                     test=test, progress=lambda s: print(s, flush=True), siblings=siblings)
 
 
 def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path, class_names, opts: RayOptions,
                    progress: Callable[[str], None]) -> dict[str, tuple[str, object]]:
-    """Run ``jobs`` = [(spec, train, val, test)] as Ray tasks; returns {name: ("done", metrics) | ("failed", msg)}."""
+    """Run ``jobs`` = [(spec, train, val, test, siblings)] as Ray tasks; returns {name: ("done", metrics) | ("failed", msg)}.
+
+    The trials build and share the frozen-prefix caches under the run folder (a lock per
+    backbone makes concurrent trials wait for one build instead of building twice).
+    """
     from dataclasses import asdict
 
     ray = init_ray(opts)
@@ -72,9 +76,9 @@ def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path,
                                            max_retries=opts.retries, retry_exceptions=True)
     threads = max(1, int(opts.cpus_per_trial))
     refs = {}
-    for spec, tr, va, te in jobs:
+    for spec, tr, va, te, *rest in jobs:
         ref = task.remote(str(run_dir), config, asdict(spec), str(data_root), list(class_names),
-                          list(tr), list(va), list(te), threads)
+                          list(tr), list(va), list(te), tuple(rest[0]) if rest else (), threads)
         refs[ref] = spec.name
     total = ray.cluster_resources().get("CPU", 0)
     progress(f"ray: {len(refs)} trial task(s) submitted ({opts.cpus_per_trial:g} CPU"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 from .._lazy import import_keras
 from ..fsutil import atomic_path, read_json, write_json_atomic
@@ -31,6 +33,9 @@ class TrialState:
         best_epoch: the epoch ``model.keras`` was saved at.
         wait: epochs since the monitored loss last improved (early stopping).
         stopped: early stopping ended the current stage before its last epoch.
+        rng: the random-generator states of the model's layers (Dropout masks): the
+            data order is a function of (seed, epoch), so with these a resumed trial
+            continues exactly as an uninterrupted one.
     """
 
     epoch: int = 0
@@ -39,6 +44,7 @@ class TrialState:
     best_epoch: int = 0
     wait: int = 0
     stopped: bool = False
+    rng: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "TrialState | None":
@@ -69,6 +75,15 @@ class TrialFiles:
         with atomic_path(path, suffix=".keras") as tmp:
             model.save(tmp)
 
+    def save_checkpoint(self, model, optimizer, state: TrialState) -> None:
+        """The resume checkpoint: model, optimizer and random-generator states, then ``state.json``
+        (the commit point), then ``status.json``."""
+        self.save_model(model, self.paths.last_keras)
+        save_optimizer(optimizer, self.paths.last_optimizer)
+        state.rng = rng_states(model)
+        state.save(self.paths.state_json)
+        self.status("running", state.epoch)
+
     def history(self, rows: Sequence[dict]) -> None:
         self.writer.write_history(self.name, rows)
 
@@ -92,11 +107,30 @@ class TrialFiles:
         return self.writer.merge_bad_files(found) if found else 0
 
 
+@dataclass
+class EpochHooks:
+    """What a stage does around each epoch besides training.
+
+    Attributes:
+        sources: the datasets of the stage; the first (training) gets ``set_epoch`` at each
+            epoch begin, and files any of them failed to decode are listed in bad_files.csv.
+        refresh_bn: recomputes population BatchNormalization statistics (None: no
+            BatchNormalization layer trains); runs before validation, so the per-epoch
+            validation numbers use the statistics the saved model gets.
+        validate: ``() -> (val_loss, val_accuracy)`` on the validation images (None: there are none).
+    """
+
+    sources: Sequence = ()
+    refresh_bn: Callable | None = None
+    validate: Callable[[], tuple[float, float]] | None = None
+
+
 class EpochRecorder(keras.callbacks.Callback):
     """Records every epoch of one stage of a trial.
 
-    After each epoch, in this order and each file atomically: ``history.csv``,
-    ``model.keras`` (when the monitored loss improved), ``last.keras`` (with the optimizer
+    After each epoch, in this order: population BatchNormalization statistics (when they
+    train), validation, then each file atomically: ``history.csv``, ``model.keras`` (when
+    the monitored loss improved), the resume checkpoint (``last.keras``, the optimizer
     state), ``state.json`` (the commit point: a kill loses at most the epoch in progress),
     ``status.json``; then one progress line and any file that failed to decode.
 
@@ -108,27 +142,30 @@ class EpochRecorder(keras.callbacks.Callback):
         stage_end: the epoch the stage ends at.
         total: epochs of the whole trial (for the progress line).
         patience: early stopping after this many epochs without improvement (0 = off).
-        monitor: the log key watched by early stopping and the best checkpoint.
-        sources: batch sources whose ``set_epoch`` selects the epoch's order and whose
-            ``failed`` lists unreadable files.
+        hooks: data, BatchNormalization statistics and validation of the stage.
         say: receives the progress line.
     """
 
     def __init__(self, files: TrialFiles, model, state: TrialState, history: list[dict], *, stage_end: int,
-                 total: int, patience: int, monitor: str, sources: Sequence, say: Callable[[str], None]):
+                 total: int, patience: int, hooks: EpochHooks, say: Callable[[str], None]):
         super().__init__()
         self.files, self.flat, self.state, self.rows = files, model, state, history
-        self.stage_end, self.total, self.patience, self.monitor = stage_end, total, patience, monitor
-        self.sources, self.say = list(sources), say
+        self.stage_end, self.total, self.patience = stage_end, total, patience
+        self.hooks, self.say = hooks, say
+        self.monitor = "val_loss" if hooks.validate is not None else "loss"
+        self.bn_stats = None
         self._t0 = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
-        for src in self.sources[:1]:  # the training data: its order depends on the epoch
+        for src in list(self.hooks.sources)[:1]:  # the training data: its order depends on the epoch
             src.set_epoch(epoch)
         self._t0 = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        row = self._row(epoch + 1, logs or {})
+        if self.hooks.refresh_bn is not None:
+            self.bn_stats = self.hooks.refresh_bn()
+        val = self.hooks.validate() if self.hooks.validate is not None else (None, None)
+        row = self._row(epoch + 1, logs or {}, val)
         self.rows.append(row)
         self.files.history(self.rows)
         stop = self._checkpoint(row)
@@ -136,25 +173,23 @@ class EpochRecorder(keras.callbacks.Callback):
             self.model.stop_training = True
         self._report(row, stop)
 
-    def _row(self, epoch: int, logs: dict) -> dict:
+    def _row(self, epoch: int, logs: dict, val: tuple) -> dict:
         return {"epoch": epoch, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
-                "val_loss": logs.get("val_loss"), "val_accuracy": logs.get("val_accuracy"),
+                "val_loss": val[0], "val_accuracy": val[1],
                 "lr": _learning_rate(self.model), "seconds": round(time.perf_counter() - self._t0, 3)}
 
     def _checkpoint(self, row: dict) -> bool:
         """Best model, resume checkpoint and state; returns True when early stopping ends the stage."""
-        st, paths = self.state, self.files.paths
+        st = self.state
         if st.improved(row.get(self.monitor)):
             st.best_loss, st.best_epoch, st.wait = float(row[self.monitor]), row["epoch"], 0
-            self.files.save_model(self.flat, paths.model_keras)
+            self.files.save_model(self.flat, self.files.paths.model_keras)
         else:
             st.wait += 1
         stop = self.patience > 0 and st.wait >= self.patience
-        self.files.save_model(self.model, paths.last_keras)
         st.epoch = row["epoch"]
         st.stopped = bool(stop and row["epoch"] < self.stage_end)
-        st.save(paths.state_json)
-        self.files.status("running", st.epoch)
+        self.files.save_checkpoint(self.flat, self.model.optimizer, st)
         return stop
 
     def _report(self, row: dict, stop: bool) -> None:
@@ -163,10 +198,49 @@ class EpochRecorder(keras.callbacks.Callback):
                if row["val_loss"] is not None else "")
         self.say(f"  [{name}] epoch {row['epoch']}/{self.total}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}"
                  f"{val}  {row['seconds']:.1f}s" + ("  (early stop)" if stop else ""))
-        failed = [f for src in self.sources for f in getattr(src, "failed", [])]
+        failed = [f for src in self.hooks.sources for f in getattr(src, "failed", [])]
         new = self.files.bad_files(failed)
         if new:
             self.say(f"  [{name}] warning: {new} file(s) could not be read; listed in bad_files.csv")
+
+
+def rng_states(model) -> dict:
+    """The state of every random generator of ``model``'s layers (Dropout), by layer."""
+    out = {}
+    for layer in model.layers:
+        for i, v in enumerate(v for v in layer.non_trainable_variables if "seed_generator_state" in v.path):
+            out[f"{layer.name}/{i}"] = [int(a) for a in np.asarray(v.numpy()).ravel()]
+    return out
+
+
+def restore_rng(model, states: dict) -> None:
+    for layer in model.layers:
+        for i, v in enumerate(v for v in layer.non_trainable_variables if "seed_generator_state" in v.path):
+            saved = states.get(f"{layer.name}/{i}")
+            if saved is not None:
+                v.assign(np.asarray(saved, dtype=v.dtype).reshape(v.shape))
+
+
+def save_optimizer(optimizer, path: Path) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, *[np.asarray(v.numpy()) for v in optimizer.variables])
+
+
+def restore_optimizer(optimizer, variables, path: Path) -> bool:
+    """Load the saved optimizer state into ``optimizer`` (built for ``variables``); False when it does not fit."""
+    try:
+        with np.load(path) as z:
+            arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
+    except (OSError, ValueError, KeyError):
+        return False
+    optimizer.build(variables)
+    if len(arrays) != len(optimizer.variables) or any(tuple(a.shape) != tuple(v.shape)
+                                                       for a, v in zip(arrays, optimizer.variables)):
+        return False
+    for v, a in zip(optimizer.variables, arrays):
+        v.assign(a)
+    return True
 
 
 def _learning_rate(model) -> float:

@@ -7,24 +7,36 @@ Order of work in a trial:
    ``RUN/init/<backbone>-<init>.weights.h5`` (written by the first trial of that
    backbone + init), so every trial of a backbone starts from the same weights.
 3. For each stage (:func:`plan_stages`): ``apply_freeze`` (random-init trials: everything
-   trainable, BatchNorm trainable), then compile. With ``two_stage``: head-only epochs
-   first, then unfreeze to the fraction and recompile with ``fine_tune_lr``.
-4. Train epoch by epoch; :class:`~transfer.trainer.epochs.EpochRecorder` writes the
-   history, the best model, the resume checkpoint and the resume state after every epoch.
-5. Evaluate ``model.keras`` (the best epoch) on train / val / test -> ``metrics.json``;
-   ``curves.png``; ``status.json`` = done. The resume checkpoint is then removed.
+   trainable, BatchNorm trainable), then find the :class:`~transfer.models.split.Cut`
+   between the frozen prefix and the part that trains.
+
+   * A stage that trains only the softmax head on pooled features fits it to
+     convergence (:mod:`transfer.trainer.probe`): one full-batch fit, one history row.
+   * Otherwise the trainable part trains epoch by epoch, on the frozen prefix's cached
+     output (:mod:`transfer.trainer.cache`) or, with the cache off or augmentation
+     without cached views, on images through the prefix in inference mode. Pretrained
+     starts get the linear probe as their initial head (LP-FT) unless it is turned off.
+     :class:`~transfer.trainer.epochs.EpochRecorder` recomputes population
+     BatchNormalization statistics (when they train), validates, and writes the history,
+     the best model, the resume checkpoint and the resume state after every epoch.
+4. Evaluate ``model.keras`` (the best epoch) on the train / val / test images, the way a
+   user runs it -> ``metrics.json``; ``curves.png``; ``status.json`` = done. The resume
+   checkpoint is then removed.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .._lazy import import_keras, import_tensorflow
 from ..fsutil import atomic_path, read_json
-from ..progress import ProgressLike, as_progress
+from ..progress import Progress, ProgressLike, as_progress
 from ..runfolder import RunLayout, RunWriter
 from .config import TrainConfig
 
@@ -46,13 +58,18 @@ class TrialSpec:
 
 @dataclass(frozen=True)
 class Stage:
-    """A part of a trial with one freeze and one learning rate (``two_stage`` has two)."""
+    """A part of a trial with one freeze and one learning rate (``two_stage`` has two).
+
+    ``probe``: the stage trains only the softmax head on pooled features, fitted to
+    convergence in one step (it counts as one epoch).
+    """
 
     name: str
     epochs: int
     fraction: float
     lr: float
     train_bn: bool
+    probe: bool = False
 
 
 @dataclass
@@ -64,6 +81,7 @@ class TrainedTrial:
     last_epoch: int
     params: tuple[int, int]
     freeze: dict | None
+    record: dict = field(default_factory=dict)  # cache, BatchNormalization statistics, head init, costs
 
 
 def trial_name(backbone: str, trainable: float | None, *, random_init: bool = False, fold: int | None = None) -> str:
@@ -92,20 +110,35 @@ def read_history(path: Path) -> list[dict]:
     return TrialPaths(Path(path).parent).history() if Path(path).name == "history.csv" else []
 
 
+def _pooled(backbone: str) -> bool:
+    """True when the backbone's ``features`` are a weightless pooling (the head is one softmax layer on them)."""
+    from ..models.registry import get_backbone
+
+    return get_backbone(backbone).pooling == "avg"
+
+
 def plan_stages(cfg: TrainConfig, spec: TrialSpec) -> list[Stage]:
     """The stages of a trial: one, or head-only then fine-tuning with ``two_stage``.
 
     Without pretrained weights (``init`` random or scratch) the BatchNormalization
     statistics are the initial mean 0 / variance 1, not knowledge worth keeping: the
-    unfrozen part of a one-stage trial learns them.
+    unfrozen part learns them in every stage. A head-only stage of a pooled backbone is
+    a linear-probe fit (one step).
     """
     lr = cfg.lr_for(spec.trainable, spec.init == "pretrained")
     if spec.init == "random":
         return [Stage("main", cfg.epochs, 1.0, lr, True)]
-    if cfg.two_stage and spec.trainable > 0 and cfg.head_epochs > 0:
-        return [Stage("head", cfg.head_epochs, 0.0, lr, False),
-                Stage("finetune", cfg.epochs, spec.trainable, cfg.fine_tune_lr_for(lr), cfg.train_bn)]
     train_bn = cfg.train_bn or spec.init == "scratch"
+    probe = _pooled(spec.backbone)
+
+    def head(name: str, epochs: int) -> Stage:
+        return Stage(name, 1, 0.0, lr, train_bn, probe=True) if probe else Stage(name, epochs, 0.0, lr, train_bn)
+
+    if spec.trainable == 0:
+        return [head("main", cfg.epochs)]
+    if cfg.two_stage and cfg.head_epochs > 0:
+        return [head("head", cfg.head_epochs),
+                Stage("finetune", cfg.epochs, spec.trainable, cfg.fine_tune_lr_for(lr), train_bn)]
     return [Stage("main", cfg.epochs, spec.trainable, lr, train_bn)]
 
 
@@ -131,8 +164,15 @@ def _compile(model, cfg: TrainConfig, lr: float) -> None:
     model.compile(optimizer=opt, loss=loss, metrics=[acc])
 
 
-def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_classes: int):
-    """Build the classifier of a trial and load (or create) the shared initial weights."""
+def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_classes: int, *, calibration=None):
+    """Build the classifier of a trial and load (or create) the shared initial weights.
+
+    Random initial weights (``init`` random or scratch) come with BatchNormalization
+    statistics 0 / 1, which make a frozen random backbone's features vanish (MobileNetV2's
+    pooled features are ~1e-12 at init): when ``calibration`` (a dataset of training
+    images) is given, the initial weights get the population statistics of the training
+    images instead, before they are saved for every trial of the backbone.
+    """
     from ..models.build import build_classifier
 
     _set_determinism(cfg.seed)
@@ -145,47 +185,29 @@ def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_clas
     init_path = RunLayout(run_dir).init_weights(spec.backbone, spec.init)
     if init_path.is_file():
         model.load_weights(init_path)
-    else:
-        with atomic_path(init_path, suffix=".weights.h5") as tmp:
-            model.save_weights(tmp)
+        return model, info
+    if spec.init in ("random", "scratch") and calibration is not None:
+        from .bnstats import PopulationStatistics
+
+        PopulationStatistics(model).update(calibration())  # every layer is trainable right after the build
+    with atomic_path(init_path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
     return model, info
-
-
-def _fast_bn_statistics(model, momentum: float = 0.9) -> None:
-    """Let BatchNormalization moving statistics catch up within a short run.
-
-    Keras applications use momentum 0.99 (MobileNetV2: 0.999). From random weights,
-    a few hundred steps then leave the moving mean / variance near their initial 0 / 1
-    and validation (inference mode) collapses to chance while training accuracy rises.
-    0.9 is PyTorch's default and converges in tens of steps.
-    """
-    keras = import_keras()
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.momentum > momentum:
-            layer.momentum = momentum
-
-
-def _apply_stage(model, info, cfg: TrainConfig, spec: TrialSpec, stage: Stage):
-    from ..models.freeze import apply_freeze
-
-    summary = apply_freeze(model, info, stage.fraction, by=spec.freeze_by, train_bn=stage.train_bn)
-    if spec.init in ("random", "scratch"):
-        _fast_bn_statistics(model)
-    _compile(model, cfg, stage.lr)  # recompile after every change of `trainable`
-    return summary
 
 
 # -- data --------------------------------------------------------------------------------
 
-def _source(data_root, samples, cfg: TrainConfig, spec: TrialSpec, *, train: bool, replicas: int = 1):
+def _source(data_root, samples, cfg: TrainConfig, spec: TrialSpec, *, train: bool, replicas: int = 1,
+            augment: bool | None = None):
     from ..data.batches import BatchSource
 
     # Under a mirrored strategy every batch must split evenly over the replicas (an
     # empty or uneven per-replica batch fails inside TensorFlow): batches are padded
     # with repeats of their own images. Only training and the per-epoch validation see
     # the padding; the final metrics are computed on one device without it.
+    augment = train if augment is None else augment
     return BatchSource(data_root, list(samples), cfg.batch_size, tuple(spec.image_size), shuffle=train,
-                       seed=cfg.seed, augment=tuple(cfg.augment) if train else (), drop_remainder=False,
+                       seed=cfg.seed, augment=tuple(cfg.augment) if augment else (), drop_remainder=False,
                        pad_to_multiple=replicas)
 
 
@@ -193,6 +215,324 @@ def _dataset(source, cfg: TrainConfig, num_classes: int):
     from .keras_data import make_dataset
 
     return make_dataset(source, num_classes=num_classes, one_hot=cfg.loss == "l1", workers=cfg.workers)
+
+
+@dataclass
+class Trial:
+    """One trial while it trains: its inputs, files and model."""
+
+    writer: RunWriter
+    cfg: TrainConfig
+    spec: TrialSpec
+    data_root: Path
+    class_names: list[str]
+    train: list
+    val: list
+    progress: Progress
+    replicas: int
+    siblings: tuple[float, ...]
+    files: object = None  # epochs.TrialFiles
+    model: object = None
+    info: object = None
+    builder: object = None  # cache.CacheBuilder, None with the cache off
+    record: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def say(self, text: str) -> None:
+        self.progress.say(f"  [{self.spec.name}] {text}")
+
+
+@dataclass
+class StageData:
+    """What a stage trains on and how it is checked."""
+
+    model: object  # the model the stage trains (suffix on cached features, or the model on images)
+    train: object  # Keras dataset
+    sources: list  # datasets: the training one first
+    validate: object = None  # () -> (loss, accuracy)
+    refresh_bn: object = None  # () -> BNStats
+    record: dict = field(default_factory=dict)
+
+
+# -- caches --------------------------------------------------------------------------------
+
+def _cache_builder(trial: Trial):
+    """The cache builder of a trial (None with the cache off), from the model at its initial weights."""
+    if not trial.cfg.cache:
+        return None
+    from .cache import CacheBuilder, CacheContext, weights_sha256
+
+    ctx = CacheContext(root=trial.writer.cache_group(trial.spec.backbone, trial.spec.init),
+                       data_root=trial.data_root, backbone=trial.spec.backbone, init=trial.spec.init,
+                       image_size=tuple(trial.spec.image_size), weights_sha256=weights_sha256(trial.model),
+                       batch_size=trial.cfg.batch_size, seed=trial.cfg.seed, augment=tuple(trial.cfg.augment),
+                       workers=trial.cfg.workers, say=trial.progress.say)
+    return CacheBuilder(ctx, trial.model)
+
+
+def _cuts_of(trial: Trial, fractions, train_bn: bool) -> list:
+    """The cuts of the sweep's trials of this backbone (their caches are built in one pass)."""
+    from ..models.freeze import apply_freeze
+    from ..models.split import find_cut
+
+    cuts = {}
+    for f in fractions:
+        apply_freeze(trial.model, trial.info, f, by=trial.spec.freeze_by, train_bn=train_bn)
+        cut = find_cut(trial.model, trial.info)
+        if cut.has_backbone:
+            cuts[(cut.prefix, cut.frontier)] = cut
+    return list(cuts.values())
+
+
+def _requests(trial: Trial, cuts, *, views: int, with_plain_train: bool):
+    """Cache requests: the training images (float16; ``views`` augmented views) and the
+    validation images (float32) at each cut; pooled features are float32 everywhere."""
+    from .cache import CacheRequest
+
+    out = []
+    for cut in cuts:
+        pooled = cut.frontier == ("features",)
+        train_dtype = "float32" if pooled else "float16"
+        if views and not pooled:
+            out += [CacheRequest("train", tuple(trial.train), cut, k, train_dtype) for k in range(views)]
+        if not views or pooled or with_plain_train:
+            out.append(CacheRequest("train", tuple(trial.train), cut, None, train_dtype))
+        if trial.val:
+            out.append(CacheRequest("val", tuple(trial.val), cut, None, "float32"))
+    return out
+
+
+def _prepare_caches(trial: Trial, stage: Stage, cut) -> dict:
+    """Every cache this trial's backbone needs in the sweep (built once, in one pass), as {request: cache}."""
+    from ..models.freeze import apply_freeze
+    from ..models.split import find_cut
+
+    cfg = trial.cfg
+    fractions = sorted(set(trial.siblings) | {stage.fraction})
+    cuts = _cuts_of(trial, fractions, stage.train_bn)
+    probe_needed = (cfg.lp_ft and trial.spec.init == "pretrained" and any(f > 0 for f in fractions)) \
+        or (_pooled(trial.spec.backbone) and 0.0 in fractions)
+    if probe_needed:  # the pooled features of the initial model, where the linear probe is fitted
+        apply_freeze(trial.model, trial.info, 0.0, by=trial.spec.freeze_by, train_bn=stage.train_bn)
+        probe_cut = find_cut(trial.model, trial.info, through_features=True)
+        if all((c.prefix, c.frontier) != (probe_cut.prefix, probe_cut.frontier) for c in cuts):
+            cuts.append(probe_cut)
+    apply_freeze(trial.model, trial.info, stage.fraction, by=trial.spec.freeze_by, train_bn=stage.train_bn)
+    views = cfg.augment_views if cfg.augment else 0
+    return trial.builder.ensure(_requests(trial, cuts, views=views, with_plain_train=True))
+
+
+def _find(caches: dict, split: str, cut, view=None):
+    for r, c in caches.items():
+        if r.split == split and r.view == view and r.cut.frontier == cut.frontier and r.cut.prefix == cut.prefix:
+            return c
+    return None
+
+
+# -- the linear probe ------------------------------------------------------------------------
+
+def _probe_features(trial: Trial, cut, caches: dict | None):
+    """(x_train, y_train, x_val, y_val) pooled features at the initial weights, from the caches or the images."""
+    if caches is not None:
+        tr, va = _find(caches, "train", cut), _find(caches, "val", cut)
+        xt, yt = tr.read(np.arange(tr.rows))[0], tr.labels
+        xv, yv = (va.read(np.arange(va.rows))[0], va.labels) if va is not None else (None, None)
+        return xt, yt, xv, yv
+    from ..models.split import prefix_model
+
+    prefix = prefix_model(trial.model, cut)
+
+    def features(samples):
+        src = _source(trial.data_root, samples, trial.cfg, trial.spec, train=False)
+        xs, ys = [], []
+        for i in range(len(src)):
+            b = src.get(i)
+            xs.append(np.asarray(prefix.predict_on_batch(b.x)))
+            ys.append(b.y)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    xt, yt = features(trial.train)
+    xv, yv = features(trial.val) if trial.val else (None, None)
+    return xt, yt, xv, yv
+
+
+def _linear_probe(trial: Trial, stage: Stage):
+    """The converged linear probe of this backbone's initial pooled features (fitted once, then reused)."""
+    import hashlib
+
+    from ..models.freeze import apply_freeze
+    from ..models.split import find_cut
+    from .probe import L2_GRID, MAX_ITER, Probe, fit_probe
+
+    apply_freeze(trial.model, trial.info, 0.0, by=trial.spec.freeze_by, train_bn=stage.train_bn)
+    cut = find_cut(trial.model, trial.info, through_features=True)
+    caches = _prepare_caches(trial, stage, cut) if trial.builder is not None else None
+    used = [c for r, c in (caches or {}).items() if r.cut.frontier == cut.frontier and r.view is None]
+    trial.record["probe_cache"] = {"mode": "cached" if caches is not None else "uncached", "cut": cut.label,
+                                   "frozen_layers": cut.depth, "bytes": sum(c.nbytes for c in used),
+                                   "folders": sorted(c.folder.name for c in used),
+                                   "prefix_seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in used), 3)}
+    if caches is None:
+        trial.record["probe_cache"]["reason"] = "the cache is off: pooled features computed in memory"
+    path = None
+    if caches is not None:
+        keys = [trial.builder.ctx.key(r) for r in caches if r.cut.frontier == cut.frontier and r.view is None]
+        ident = "|".join(sorted(keys) + [trial.cfg.loss, repr(L2_GRID), str(MAX_ITER)])
+        path = trial.builder.ctx.root / f"probe-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npz"
+        if path.is_file():
+            try:
+                return Probe.load(path), True
+            except (OSError, ValueError, KeyError):
+                pass
+    xt, yt, xv, yv = _probe_features(trial, cut, caches)
+    probe = fit_probe(xt, yt, xv, yv, num_classes=trial.num_classes, loss=trial.cfg.loss)
+    if path is not None:
+        with atomic_path(path, suffix=".npz") as tmp:
+            probe.save(tmp)
+    return probe, False
+
+
+def _set_head(model, probe) -> None:
+    model.get_layer("probs").set_weights([probe.kernel, probe.bias])
+
+
+def _probe_stage(trial: Trial, stage: Stage, state, history: list, epoch: int) -> None:
+    """A head-only stage of a pooled backbone: the linear probe is the head (one history row)."""
+    t0 = time.perf_counter()
+    probe, reused = _linear_probe(trial, stage)
+    _set_head(trial.model, probe)
+    trial.say(f"linear probe on the pooled features{' (reused)' if reused else ''}: train acc "
+              f"{probe.train_accuracy:.4f}" + (f", val acc {probe.val_accuracy:.4f}" if probe.val_accuracy is not None
+                                                else "") + f" (L2 {probe.l2:.3g}, {probe.iterations} L-BFGS steps)")
+    monitor = probe.val_loss if probe.val_loss is not None else probe.train_loss
+    row = {"epoch": epoch, "loss": probe.train_loss, "accuracy": probe.train_accuracy, "val_loss": probe.val_loss,
+           "val_accuracy": probe.val_accuracy, "lr": None, "seconds": round(time.perf_counter() - t0, 3)}
+    history.append(row)
+    trial.files.history(history)
+    state.best_loss, state.best_epoch, state.wait, state.epoch = monitor, epoch, 0, epoch
+    trial.files.save_model(trial.model, trial.files.paths.model_keras)
+    trial.files.save_model(trial.model, trial.files.paths.last_keras)
+    state.save(trial.files.paths.state_json)
+    trial.files.status("running", epoch)
+    trial.record["head"] = {"init": "linear probe", **probe.record()}
+    trial.record["cache"] = trial.record.pop("probe_cache")
+
+
+# -- a stage's data ------------------------------------------------------------------------
+
+def _bn_refresher(trial: Trial, model, dataset):
+    from .bnstats import PopulationStatistics
+
+    stats = PopulationStatistics(model)
+    if not stats:
+        return None
+
+    def refresh():
+        out = stats.update(dataset)
+        trial.record["batchnorm"] = {"statistics": "population", "layers": out.layers, "images": out.images}
+        return out
+
+    return refresh
+
+
+def _validator(model, dataset):
+    def validate():
+        res = model.evaluate(dataset, verbose=0, return_dict=True)
+        return float(res["loss"]), float(res["accuracy"])
+
+    return validate
+
+
+def _cached_data(trial: Trial, stage: Stage, cut, caches: dict) -> StageData:
+    from ..models.split import suffix_model
+    from .bnstats import stats_rows
+    from .keras_data import cached_dataset
+
+    cfg = trial.cfg
+    views = cfg.augment_views if cfg.augment else 0
+    train_views = [_find(caches, "train", cut, k) for k in range(views)] or [_find(caches, "train", cut)]
+    plain = _find(caches, "train", cut)
+    order = _source(trial.data_root, trial.train, cfg, trial.spec, train=True)
+    one_hot = cfg.loss == "l1"
+    kw = dict(batch_size=cfg.batch_size, num_classes=trial.num_classes, one_hot=one_hot, workers=cfg.workers)
+    train_ds = cached_dataset(train_views, order, shuffle=True, pad_to_multiple=trial.replicas, **kw)
+    model = suffix_model(trial.model, cut)
+    stats_ds = cached_dataset([plain], order, shuffle=False, rows=stats_rows(plain.rows, cfg.seed), **kw)
+    data = StageData(model=model, train=train_ds, sources=[train_ds], refresh_bn=_bn_refresher(trial, model, stats_ds))
+    if trial.val:
+        val = _find(caches, "val", cut)
+        data.validate = _validator(model, cached_dataset([val], order, shuffle=False,
+                                                         pad_to_multiple=trial.replicas, **kw))
+    used = [c for r, c in caches.items() if r.cut.frontier == cut.frontier and r.cut.prefix == cut.prefix]
+    data.record = {"mode": "cached", "cut": cut.label, "frozen_layers": cut.depth,
+                   "frontier": list(cut.frontier), "views": views,
+                   "bytes": sum(c.nbytes for c in used), "folders": sorted(c.folder.name for c in used),
+                   "prefix_seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in used), 3)}
+    for c in used:
+        trial.files.bad_files([_Bad(p, r) for p, r in c.meta.get("bad_files", [])])
+    return data
+
+
+@dataclass(frozen=True)
+class _Bad:
+    path: str
+    reason: str
+
+
+def _plain_train_dataset(trial: Trial):
+    """Training images without augmentation, at most :data:`~transfer.trainer.bnstats.MAX_IMAGES` (seeded)."""
+    from .bnstats import stats_rows
+
+    rows = stats_rows(len(trial.train), trial.cfg.seed)
+    src = _source(trial.data_root, [trial.train[i] for i in rows], trial.cfg, trial.spec, train=False)
+    return _dataset(src, trial.cfg, trial.num_classes)
+
+
+def _image_data(trial: Trial, stage: Stage, cut, why: str) -> StageData:
+    from ..models.split import training_model
+
+    cfg = trial.cfg
+    model = training_model(trial.model, cut)
+    train_src = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, replicas=trial.replicas)
+    train_ds = _dataset(train_src, cfg, trial.num_classes)
+    sources = [train_ds]
+    data = StageData(model=model, train=train_ds, sources=sources,
+                     refresh_bn=_bn_refresher(trial, model, _plain_train_dataset(trial)))
+    if trial.val:
+        val_src = _source(trial.data_root, trial.val, cfg, trial.spec, train=False, replicas=trial.replicas)
+        val_ds = _dataset(val_src, cfg, trial.num_classes)
+        sources.append(val_ds)
+        data.validate = _validator(model, val_ds)
+    data.record = {"mode": "uncached" if cut.has_backbone else "none", "reason": why, "cut": cut.label,
+                   "frozen_layers": cut.depth, "prefix_seconds": 0.0}
+    return data
+
+
+def _stage_data(trial: Trial, stage: Stage) -> StageData:
+    """The stage's training model and data: cached frozen prefix when it can, images otherwise (the log says which)."""
+    from ..models.split import find_cut
+
+    cfg = trial.cfg
+    cut = find_cut(trial.model, trial.info)
+    if not cut.has_backbone:
+        return _image_data(trial, stage, cut, "every backbone layer trains")
+    if trial.builder is None:
+        why = "the cache is off"
+    elif cfg.augment and not cfg.augment_views:
+        why = ("augmentation changes the frozen layers' input every epoch (cache augmented views with "
+               "augment_views K to train cached)")
+    else:
+        caches = _prepare_caches(trial, stage, cut)
+        data = _cached_data(trial, stage, cut, caches)
+        trial.say(f"training the last layers from {cut.label} on the cached frozen part "
+                  f"({data.record['frozen_layers']} layers" +
+                  (f", {data.record['views']} augmented views" if data.record["views"] else "") + ")")
+        return data
+    trial.say(f"training uncached: {why}")
+    return _image_data(trial, stage, cut, why)
 
 
 # -- the trial ---------------------------------------------------------------------------
@@ -208,6 +548,7 @@ def run_trial(
     val: Sequence,
     test: Sequence,
     progress: ProgressLike = None,
+    siblings: Sequence[float] = (),
 ) -> dict:
     """Train (or resume, or skip) one trial and return its metrics.
 
@@ -225,12 +566,15 @@ def run_trial(
         train, val, test: lists of ``transfer.data.folder.Sample``.
         progress: receives one line per epoch (a :class:`~transfer.progress.Progress`,
             a line callable, or None for silence).
+        siblings: trainable fractions of the sweep's other trials of this backbone, initial
+            weights and fold: their frozen-prefix caches are built in the same pass.
 
     Returns:
         The content of ``metrics.json``.
 
     Raises:
-        TransferError: bad backbone / weights / size (from the model builder).
+        TransferError: bad backbone / weights / size (from the model builder), not enough
+            disk for the cache.
 
     Example::
 
@@ -242,39 +586,52 @@ def run_trial(
     paths = writer.trial_paths(spec.name)
     if paths.finished():
         return read_json(paths.metrics_json)
-    kw = dict(data_root=Path(data_root), class_names=list(class_names), train=train, val=val, progress=p)
+    trial = Trial(writer, cfg, spec, Path(data_root), list(class_names), list(train), list(val), p, 1,
+                  tuple(float(f) for f in siblings))
     if cfg.strategy == "default":
-        trained = _train_trial(writer, cfg, spec, replicas=1, **kw)
+        trained = _train_trial(trial)
     else:
         from .strategy import make_strategy
 
         strategy = make_strategy(cfg.strategy)
         p.say(f"  [{spec.name}] {cfg.strategy} strategy: {strategy.num_replicas_in_sync} replica(s) on "
               f"{', '.join(strategy.extended.worker_devices)}")
+        trial.replicas = int(strategy.num_replicas_in_sync)
         with strategy.scope():
-            trained = _train_trial(writer, cfg, spec, replicas=int(strategy.num_replicas_in_sync), **kw)
+            trained = _train_trial(trial)
     return _evaluate_trial(writer, cfg, spec, trained, data_root=Path(data_root), num_classes=len(class_names),
                            splits=(("train", train), ("val", val), ("test", test)))
 
 
-def _trial_meta(spec: TrialSpec, info, num_classes: int) -> dict:
+def _trial_meta(trial: Trial) -> dict:
+    spec, info = trial.spec, trial.info
     return {"name": spec.name, "group": spec.group, "fold": spec.fold, "backbone": spec.backbone,
             "init": spec.init, "weights": spec.weights, "trainable": spec.trainable,
             "freeze_by": spec.freeze_by, "image_size": list(spec.image_size),
             "gradcam_layer": info.gradcam_layer, "feature_dim": int(info.feature_dim),
-            "num_classes": num_classes, "preprocess": info.preprocess}
+            "num_classes": trial.num_classes, "preprocess": info.preprocess,
+            "lp_ft": _uses_lp_ft(trial), "cache": trial.cfg.cache,
+            "augment_views": trial.cfg.augment_views if trial.cfg.augment else 0}
 
 
-def _resume(files, state, model, say):
-    """The resume checkpoint's model and the history up to its epoch (or the fresh model)."""
-    keras = import_keras()
-    from ..models import build as _build  # noqa: F401  (registers the custom layers)
+def _uses_lp_ft(trial: Trial) -> bool:
+    """Linear probe, then fine-tune: pretrained starts with something to fine-tune."""
+    return bool(trial.cfg.lp_ft and trial.spec.init == "pretrained" and trial.spec.trainable > 0)
 
-    if state.epoch == 0 or not files.paths.last_keras.is_file():
-        return model, []
-    say(f"  [{files.name}] resuming after epoch {state.epoch}")
-    model = keras.saving.load_model(files.paths.last_keras, compile=True)
-    return model, [r for r in files.paths.history() if r["epoch"] <= state.epoch]
+
+def _resume(trial: Trial, state) -> list[dict]:
+    """Load the resume checkpoint into the trial (model, random-generator states); the history up to it."""
+    from ..models.build import load_model
+    from .epochs import restore_rng
+
+    paths = trial.files.paths
+    if state.epoch == 0 or not paths.last_keras.is_file():
+        return []
+    trial.say(f"resuming after epoch {state.epoch}")
+    loaded = load_model(paths.last_keras)
+    trial.model.set_weights(loaded.get_weights())
+    restore_rng(trial.model, state.rng)
+    return [r for r in paths.history() if r["epoch"] <= state.epoch]
 
 
 def _stage_bounds(stages: list[Stage]) -> list[int]:
@@ -297,66 +654,96 @@ def _next_stage(state, bounds: list[int]) -> int:
     return i
 
 
-def _train_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, *, data_root: Path, class_names: list,
-                 train, val, progress, replicas: int) -> TrainedTrial:
-    """Train every stage of a trial (resuming after the last committed epoch)."""
+def _lp_ft_head(trial: Trial, stage: Stage) -> None:
+    """Start the head from the converged linear probe (before the first epoch of a fresh trial)."""
+    from ..models.freeze import apply_freeze
+
+    probe, reused = _linear_probe(trial, stage)
+    _set_head(trial.model, probe)
+    trial.record["head"] = {"init": "linear probe", **probe.record()}
+    trial.say(f"head starts from the linear probe{' (reused)' if reused else ''} (val acc "
+              f"{probe.val_accuracy if probe.val_accuracy is not None else probe.train_accuracy:.4f})")
+    apply_freeze(trial.model, trial.info, stage.fraction, by=trial.spec.freeze_by, train_bn=stage.train_bn)
+
+
+def _run_stage(trial: Trial, stage: Stage, si: int, bounds: list[int], state, history: list) -> dict:
+    """Train one stage (from where a resumed trial left it); returns its freeze summary."""
     keras = import_keras()
+    from ..models.freeze import apply_freeze
+    from .epochs import EpochHooks, EpochRecorder, restore_optimizer
+
+    summary = apply_freeze(trial.model, trial.info, stage.fraction, by=trial.spec.freeze_by, train_bn=stage.train_bn)
+    resumed_stage = state.stage == stage.name
+    state.stage = stage.name
+    start = max(state.epoch, bounds[si] - stage.epochs)
+    if stage.probe:
+        if start < bounds[si]:
+            _probe_stage(trial, stage, state, history, bounds[si])
+        return asdict(summary)
+    if _uses_lp_ft(trial) and state.epoch == 0:
+        _lp_ft_head(trial, stage)
+    data = _stage_data(trial, stage)
+    trial.record["cache"] = data.record
+    _compile(data.model, trial.cfg, stage.lr)  # recompile after every change of `trainable`
+    if resumed_stage and start > bounds[si] - stage.epochs and trial.files.paths.last_optimizer.is_file():
+        if not restore_optimizer(data.model.optimizer, data.model.trainable_variables, trial.files.paths.last_optimizer):
+            trial.say("note: the saved optimizer state does not fit; the optimizer starts afresh")
+    if si > 0 and not resumed_stage:
+        state.wait, state.stopped = 0, False
+    hooks = EpochHooks(sources=data.sources, refresh_bn=data.refresh_bn, validate=data.validate)
+    callbacks = [EpochRecorder(trial.files, trial.model, state, history, stage_end=bounds[si], total=bounds[-1],
+                               patience=trial.cfg.patience, hooks=hooks, say=trial.progress.say)]
+    if trial.cfg.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(trial.files.paths.tensorboard)))
+    if start < bounds[si]:
+        data.model.fit(data.train, initial_epoch=start, epochs=bounds[si], callbacks=callbacks, verbose=0,
+                       shuffle=False)
+    if data.refresh_bn is None:
+        trial.record.setdefault("batchnorm", {"statistics": "stored (no BatchNormalization layer trains)"})
+    return asdict(summary)
+
+
+def _train_trial(trial: Trial) -> TrainedTrial:
+    """Train every stage of a trial (resuming after the last committed epoch)."""
     from ..models.freeze import count_params
-    from .epochs import EpochRecorder, TrialFiles, TrialState
+    from .epochs import TrialFiles, TrialState
 
-    files = TrialFiles(writer, spec.name, data_root)
-    files.paths.dir.mkdir(parents=True, exist_ok=True)
-    writer.remove_leftovers(spec.name)
-    model, info = build_trial_model(writer.path, cfg, spec, len(class_names))
-    writer.write_trial_meta(spec.name, _trial_meta(spec, info, len(class_names)))
-    stages = plan_stages(cfg, spec)
+    spec = trial.spec
+    trial.files = TrialFiles(trial.writer, spec.name, trial.data_root)
+    trial.files.paths.dir.mkdir(parents=True, exist_ok=True)
+    trial.writer.remove_leftovers(spec.name)
+    trial.model, trial.info = build_trial_model(trial.writer.path, trial.cfg, spec, trial.num_classes,
+                                                calibration=lambda: _plain_train_dataset(trial))
+    trial.builder = _cache_builder(trial)  # hashes the initial weights, before a checkpoint is loaded
+    trial.writer.write_trial_meta(spec.name, _trial_meta(trial))
+    stages = plan_stages(trial.cfg, spec)
     bounds = _stage_bounds(stages)
-    state = TrialState.load(files.paths.state_json) or TrialState()
-    model, history = _resume(files, state, model, progress.say)
-
-    train_src = _source(data_root, train, cfg, spec, train=True, replicas=replicas)
-    sources = [train_src]
-    train_ds, val_ds = _dataset(train_src, cfg, len(class_names)), None
-    if len(val):
-        val_src = _source(data_root, val, cfg, spec, train=False, replicas=replicas)
-        sources.append(val_src)
-        val_ds = _dataset(val_src, cfg, len(class_names))
-    files.status("running", state.epoch)
-
+    state = TrialState.load(trial.files.paths.state_json) or TrialState()
+    history = _resume(trial, state)
+    if not history:
+        state = TrialState()
+    trial.files.status("running", state.epoch)
+    trial.record["head"] = {"init": "resumed" if history else "random"}
     freeze = None
     for si in range(_next_stage(state, bounds), len(stages)):
-        stage = stages[si]
-        if state.stage != stage.name:
-            freeze = asdict(_apply_stage(model, info, cfg, spec, stage))
-            state.stage = stage.name
-            if si > 0:
-                state.wait, state.stopped = 0, False
-        start = max(state.epoch, bounds[si] - stage.epochs)
-        recorder = EpochRecorder(files, model, state, history, stage_end=bounds[si], total=bounds[-1],
-                                 patience=cfg.patience, monitor="val_loss" if val_ds is not None else "loss",
-                                 sources=sources, say=progress.say)
-        callbacks = [recorder]
-        if cfg.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(files.paths.tensorboard)))
-        if start < bounds[si]:
-            model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=bounds[si],
-                      callbacks=callbacks, verbose=0, shuffle=False)
+        freeze = _run_stage(trial, stages[si], si, bounds, state, history)
         if state.stopped and si == len(stages) - 1:
             break
         state.stopped = False
-
-    if not files.paths.model_keras.is_file():  # no epoch improved (NaN losses): keep the last model
-        files.save_model(model, files.paths.model_keras)
+    if not trial.files.paths.model_keras.is_file():  # no epoch improved (NaN losses): keep the last model
+        trial.files.save_model(trial.model, trial.files.paths.model_keras)
     return TrainedTrial(history=history, best_epoch=int(state.best_epoch), last_epoch=int(state.epoch),
-                        params=count_params(model), freeze=freeze)
+                        params=count_params(trial.model), freeze=freeze, record=trial.record)
 
 
 def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, trained: TrainedTrial, *,
                     data_root: Path, num_classes: int, splits) -> dict:
-    """Evaluate the trial's best model on every split and write ``metrics.json`` / ``status.json``."""
+    """Evaluate the saved best model on the images of every split (as a user runs it) and write
+    ``metrics.json`` / ``status.json``."""
     from ..models.build import load_model
     from .epochs import TrialFiles
 
+    t0 = time.perf_counter()
     files = TrialFiles(writer, spec.name, data_root)
     best = load_model(files.paths.model_keras)
     _compile(best, cfg, 1e-3)
@@ -371,12 +758,19 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
         files.bad_files(src.failed)
     p_tr, p_nt = trained.params
     secs = [r["seconds"] for r in trained.history if r.get("seconds") is not None]
+    record = dict(trained.record)
+    cache = record.get("cache") or {"mode": "none", "prefix_seconds": 0.0}
     metrics.update({
         "params": {"trainable": p_tr, "non_trainable": p_nt, "total": p_tr + p_nt},
         "seconds_per_epoch": (sum(secs) / len(secs)) if secs else None,
         "epochs_run": len(trained.history),
         "best_epoch": trained.best_epoch,
         "freeze": trained.freeze,
+        "cache": cache,
+        "batchnorm": record.get("batchnorm", {"statistics": "stored (no BatchNormalization layer trains)"}),
+        "head": record.get("head"),
+        "cost": {"prefix_seconds": float(cache.get("prefix_seconds") or 0.0), "train_seconds": round(sum(secs), 3),
+                 "evaluate_seconds": round(time.perf_counter() - t0, 3)},
     })
     if trained.history:
         from ..plots import plot_curves

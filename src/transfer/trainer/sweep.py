@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import ConfigError, DataError, TransferError
 from ..progress import Progress, ProgressLike, as_progress, clock
 from ..runfolder import RunWriter
+from .cache import CacheSpaceError
 from .config import TrainConfig, config_from_yaml_text
 from .fit import TrialSpec, run_trial, trial_name
 
@@ -122,6 +123,12 @@ class PreparedRun:
     parts: dict[str, list]
     folds: list[tuple[list, list]]
 
+    def siblings(self, spec: TrialSpec, specs: list[TrialSpec]) -> tuple[float, ...]:
+        """Trainable fractions of the trials sharing ``spec``'s backbone, initial weights and fold
+        (their frozen-prefix caches are built in one pass)."""
+        return tuple(s.trainable for s in specs
+                     if (s.backbone, s.init, s.weights, s.fold) == (spec.backbone, spec.init, spec.weights, spec.fold))
+
     def samples_of(self, spec: TrialSpec) -> tuple[list, list, list]:
         """(train, val, test) of a trial: its fold's train / val with ``--kfold``."""
         if spec.fold:
@@ -211,7 +218,8 @@ def _index(config: TrainConfig, writer: RunWriter, data_root: Path, p: Progress)
     return index
 
 
-def _given_splits(writer: RunWriter, cfg: TrainConfig, index) -> dict[str, list]:
+def _given_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict[str, list], bool]:
+    """The folder's own train/ val/ test/ (val carved from train/ when there is no val/); (parts, carved)."""
     from ..data import splits as S
 
     if cfg.kfold:
@@ -221,10 +229,15 @@ def _given_splits(writer: RunWriter, cfg: TrainConfig, index) -> dict[str, list]
             hint="train without k folds to use the given split, or point at a folder of class folders",
             option="kfold")
     parts = {k: list(index.given_splits.get(k, [])) for k in ("train", "val", "test")}
-    if not writer.split_csv_path("train").is_file():
-        for k, v in parts.items():
-            S.write_split_csv(writer.split_csv_path(k), v)
-    return parts
+    carve = not parts["val"] and cfg.val > 0 and len(parts["train"]) > 1
+    if all(writer.split_csv_path(k).is_file() for k in ("train", "val", "test")):
+        return {k: S.read_split_csv(writer.split_csv_path(k)) for k in ("train", "val", "test")}, carve
+    if carve:  # the usual published layout (train/ + test/): validation images come out of train/
+        carved = S.split_samples(parts["train"], method=cfg.split, val=cfg.val, test=0.0, seed=cfg.seed)
+        parts["train"], parts["val"] = carved["train"], carved["val"]
+    for k, v in parts.items():
+        S.write_split_csv(writer.split_csv_path(k), v)
+    return parts, carve
 
 
 def _kfold_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict, list]:
@@ -250,11 +263,13 @@ def _kfold_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict, lis
 
 
 def _prepare_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[str, dict, list]:
-    """Returns (method, {"train","val","test"}, folds [(train, val)] or [])."""
+    """Returns (method, {"train","val","test"}, folds [(train, val)] or []); method "given+val" when the
+    validation images were carved from the given train/."""
     from ..data import splits as S
 
     if getattr(index, "given_splits", None):
-        return "given", _given_splits(writer, cfg, index), []
+        parts, carved = _given_splits(writer, cfg, index)
+        return ("given+val" if carved else "given"), parts, []
     if cfg.kfold:
         return ("kfold", *_kfold_splits(writer, cfg, index))
     if all(writer.split_csv_path(k).is_file() for k in ("train", "val", "test")):
@@ -278,15 +293,18 @@ def _version() -> str:
 def _write_run_files(writer: RunWriter, config: TrainConfig, index, data_root: Path, method: str, parts) -> None:
     from ..data.image import PREPROCESSING
 
-    writer.write_run_json(_version())
+    split = {"method": "given" if method == "given+val" else method,
+             # the fractions the split used (a given split and k folds ignore the val fraction / method)
+             "val": config.val if method in ("stratified", "random", "given+val") else None,
+             "test": config.test if not method.startswith("given") else None, "seed": config.seed,
+             "kfold": config.kfold}
+    if method == "given+val":  # no val/ folder: that fraction of the given train/ images, per class, seeded
+        split.update({"val_from": "train", "val_method": config.split})
     writer.write_config(config.to_yaml())
     writer.write_dataset({
         "root": str(data_root), "class_names": list(index.class_names),
         "num_images": len(index.samples), "num_bad": len(index.bad),
-        "preprocessing": PREPROCESSING,
-        # the fractions the split used (a given split and k folds ignore the val fraction / method)
-        "split": {"method": method, "val": config.val if method in ("stratified", "random") else None,
-                  "test": config.test if method != "given" else None, "seed": config.seed, "kfold": config.kfold},
+        "preprocessing": PREPROCESSING, "split": split,
         "counts": {k: len(v) for k, v in parts.items()},
     })
 
@@ -315,10 +333,13 @@ def prepare_run(config: TrainConfig, progress: ProgressLike = None) -> tuple[Pre
               f"so its t100 trial is the random-init trial")
     writer = RunWriter(run_dir)
     _check_existing(writer, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    writer.write_run_json(_version())  # first: the folder is a run from now on
     index = _index(config, writer, data_root, p)
     method, parts, folds = _prepare_splits(writer, config, index)
     _write_run_files(writer, config, index, data_root, method, parts)
+    if method == "given+val":
+        p.say(f"note: {data_root} has train/ and test/ but no val/: {len(parts['val'])} validation images "
+              f"({config.val:g} of train/, {config.split}, seed {config.seed}) are held out of train/")
     if not parts["val"] and not folds:
         p.say("warning: no validation images: early stopping watches the training loss and the best trial "
               "is chosen by training accuracy" + (" (the given split has no val/ folder)" if method == "given"
@@ -342,18 +363,20 @@ def _error_text(exc: BaseException) -> str:
     return exc.message if isinstance(exc, TransferError) else f"{type(exc).__name__}: {exc}"
 
 
-def _run_one(run: PreparedRun, config: TrainConfig, spec: TrialSpec, entry: dict, label: str, p: Progress) -> None:
+def _run_one(run: PreparedRun, config: TrainConfig, spec: TrialSpec, entry: dict, label: str, p: Progress,
+             siblings: tuple[float, ...]) -> None:
     """Train one trial into ``entry``; a failure is recorded and the sweep goes on."""
     t0 = time.perf_counter()
     tr, va, te = run.samples_of(spec)
     try:
         entry["metrics"] = run_trial(run.writer.path, config, spec, data_root=run.data_root,
-                                     class_names=run.class_names, train=tr, val=va, test=te, progress=p)
+                                     class_names=run.class_names, train=tr, val=va, test=te, progress=p,
+                                     siblings=siblings)
         entry["state"] = "done"
         m = entry["metrics"]
         p.say(f"{label} {spec.name}: done  val_acc {_f(m['val']['accuracy'])}  test_acc {_f(m['test']['accuracy'])}"
               f"  ({clock(time.perf_counter() - t0)})")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, CacheSpaceError):  # no disk for the cache: stop before any other trial
         raise
     except Exception as exc:  # a failed trial is recorded; the sweep goes on
         msg = _error_text(exc)
@@ -377,7 +400,7 @@ def _run_local(run: PreparedRun, config: TrainConfig, specs: list[TrialSpec], p:
                 p.say(f"{label} {spec.name}: already done, skipped")
             else:
                 p.say(f"{label} {spec.name}")
-                _run_one(run, config, spec, entry, label, p)
+                _run_one(run, config, spec, entry, label, p, run.siblings(spec, specs))
             bar.update(1)
     return entries
 
@@ -392,7 +415,7 @@ def _run_on_ray(run: PreparedRun, config: TrainConfig, specs: list[TrialSpec], o
             entries[spec.name].update(metrics=done, state="done")
             p.say(f"trial {spec.name}: already done, skipped")
         else:
-            jobs.append((spec, *run.samples_of(spec)))
+            jobs.append((spec, *run.samples_of(spec), run.siblings(spec, specs)))
     p.say(f"sweep on Ray: {len(specs)} trial(s) into {run.writer.path}, {len(jobs)} to run")
     if jobs:
         outcome = run_trials_ray(run.writer.path, config, jobs, data_root=run.data_root,
@@ -420,6 +443,18 @@ def _mean_std(vals: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def _megabytes(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def _frozen_part(m: dict) -> str | None:
+    """What the trial did with its frozen layers: cached (and how big), uncached, or none frozen."""
+    c = m.get("cache") or {}
+    if c.get("mode") == "cached":
+        return f"cached {_megabytes(c.get('bytes') or 0)}"
+    return {"uncached": "uncached", "none": "-"}.get(c.get("mode"))
+
+
 ROWS = (
     ("train accuracy", lambda m: m["train"]["accuracy"], "{:.3f}"),
     ("val accuracy", lambda m: m["val"]["accuracy"], "{:.3f}"),
@@ -427,6 +462,9 @@ ROWS = (
     ("trainable params", lambda m: m["params"]["trainable"], "{:,.0f}"),
     ("non-trainable params", lambda m: m["params"]["non_trainable"], "{:,.0f}"),
     ("sec/epoch", lambda m: m["seconds_per_epoch"], "{:.1f}"),
+    ("frozen part", _frozen_part, None),
+    ("prefix sec", lambda m: m["cost"]["prefix_seconds"], "{:.1f}"),
+    ("train sec", lambda m: m["cost"]["train_seconds"], "{:.1f}"),
 )
 
 
@@ -437,7 +475,7 @@ def _groups(trials: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _cell(ts: list[dict], get, fmt: str) -> str:
+def _cell(ts: list[dict], get, fmt: str | None) -> str:
     vals = []
     for t in ts:
         try:
@@ -445,9 +483,11 @@ def _cell(ts: list[dict], get, fmt: str) -> str:
         except (KeyError, TypeError):
             v = None
         if v is not None:
-            vals.append(float(v))
+            vals.append(v if fmt is None else float(v))
     if not vals:
         return "failed" if "failed" in {t.get("state") for t in ts} else "-"
+    if fmt is None:  # text: the first fold's
+        return str(vals[0])
     if len(ts) > 1:
         m, sd = _mean_std(vals)
         return f"{fmt.format(m)} ± {fmt.format(sd)}"
@@ -455,7 +495,12 @@ def _cell(ts: list[dict], get, fmt: str) -> str:
 
 
 def sweep_table(trials: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the sweep table (one column per trial group; folds -> mean ± std)."""
+    """Header and rows of the sweep table (one column per trial group; folds -> mean ± std).
+
+    Besides accuracies and parameter counts, each trial says what it did with its frozen
+    layers (cached and how big, uncached, or nothing frozen) and what that cost: seconds
+    computing the frozen part's cache, and seconds training.
+    """
     groups = _groups(trials)
     header = ["metric"] + [_col_label(ts[0]) for ts in groups.values()]
     return header, [[label] + [_cell(ts, get, fmt) for ts in groups.values()] for label, get, fmt in ROWS]
@@ -516,6 +561,8 @@ def run_sweep(config: TrainConfig, *, progress: ProgressLike = None, ray=None) -
     Raises:
         ConfigError: missing data/out, a backbone size below its minimum, or an existing
             run folder whose saved config differs in a key that changes results.
+        RunFolderError: the run folder holds files that are not a run's.
+        FolderLockedError: another process is writing the run folder (it is named).
         DataError: an unusable dataset (from the indexer).
 
     Example::
@@ -524,10 +571,15 @@ def run_sweep(config: TrainConfig, *, progress: ProgressLike = None, ray=None) -
                                            "backbones": "arc2", "epochs": 2}))
         print(res.table_md)
     """
+    from .locking import run_lock
+
     p = as_progress(progress)
-    run, specs = prepare_run(config, p)
-    trials = _run_local(run, config, specs, p) if ray is None else _run_on_ray(run, config, specs, ray, p)
-    return _finish(run, trials)
+    _, run_dir = _check_options(config)
+    RunWriter(run_dir).check_target()
+    with run_lock(run_dir, command="transfer train"):
+        run, specs = prepare_run(config, p)
+        trials = _run_local(run, config, specs, p) if ray is None else _run_on_ray(run, config, specs, ray, p)
+        return _finish(run, trials)
 
 
 def _f(v) -> str:

@@ -1,0 +1,84 @@
+"""Population BatchNormalization statistics and the guard against tiny last batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from transfer.trainer.config import load_config
+from transfer.trainer.keras_data import batch_count, merged_tail
+from transfer.trainer.sweep import run_sweep
+
+from trainer_helpers import base_overrides
+
+
+def test_trained_batchnorm_gets_the_population_statistics_of_the_training_images(tiny_bn, pattern_folder, tmp_path):
+    """The first BatchNormalization layer's input does not depend on any other: its saved
+    moving mean / variance must be the mean / variance of the conv output over every
+    training image (an exponential average of a few training batches is not)."""
+    import keras
+
+    from transfer.data.batches import BatchSource
+    from transfer.models.build import load_model
+    from transfer.runfolder import RunFolder
+
+    cfg = load_config(None, base_overrides(pattern_folder, tmp_path / "run", backbones=tiny_bn, trainable="1",
+                                           random_init=False, epochs=2))
+    res = run_sweep(cfg, progress=lambda s: None)
+    assert res.ok, res.failed
+    run = RunFolder(res.run_dir)
+    tdir = res.run_dir / "trials" / "tiny_bn-t100"
+    m = json.loads((tdir / "metrics.json").read_text())
+    train = run.split("train")
+    assert m["batchnorm"] == {"statistics": "population", "layers": 2, "images": len(train)}
+    model = load_model(tdir / "model.keras")
+    from transfer.data.folder import Sample
+
+    src = BatchSource(run.data_root, [Sample(p, lab) for p, lab in train], 64, (16, 16))
+    conv = keras.Model(model.inputs, model.get_layer("b1_conv").output)
+    out = np.concatenate([conv.predict(src.get(i).x, verbose=0) for i in range(len(src))]).astype(np.float64)
+    mean, var = out.mean(axis=(0, 1, 2)), out.var(axis=(0, 1, 2))
+    bn = model.get_layer("b1_bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-4, atol=1e-5)
+    # the per-epoch validation numbers used the statistics the saved model has
+    best = next(r for r in run.trial("tiny_bn-t100").files.history() if r["epoch"] == m["best_epoch"])
+    assert best["val_loss"] == pytest.approx(m["val"]["loss"], rel=1e-4)
+
+
+def test_a_tiny_last_batch_joins_the_one_before():
+    assert merged_tail(33, 16) and batch_count(33, 16) == 2  # 16 + 17, not 16 + 16 + 1
+    assert not merged_tail(40, 16) and batch_count(40, 16) == 3  # 16 + 16 + 8: half a batch is kept
+    assert not merged_tail(10, 16) and batch_count(10, 16) == 1  # the whole set is one batch
+    assert not merged_tail(32, 16) and batch_count(32, 16) == 2
+
+
+def test_image_and_cached_batches_have_the_same_sizes_and_labels(pattern_folder, tmp_path):
+    from transfer.data.batches import BatchSource
+    from transfer.data.folder import index_folder
+    from transfer.trainer.keras_data import cached_dataset, make_dataset
+
+    samples = index_folder(pattern_folder).samples[:33]
+    src = BatchSource(pattern_folder, samples, 16, (16, 16), shuffle=True, seed=3)
+    images = make_dataset(src, num_classes=3, one_hot=False, workers=1)
+    labels = np.array([s.label for s in samples])
+
+    class Rows:  # a cache whose row i holds i
+        rows = len(samples)
+        labels = np.array([s.label for s in samples])
+
+        def read(self, idx, dtype=np.float32):
+            return [np.asarray(idx, dtype)[:, None]]
+
+    cached = cached_dataset([Rows()], src, batch_size=16, num_classes=3, one_hot=False, shuffle=True)
+    for epoch in (0, 1):
+        images.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        assert len(images) == len(cached) == 2
+        for i in range(2):
+            (xi, yi), (xc, yc) = images[i], cached[i]
+            assert len(yi) == len(yc) == (16 if i == 0 else 17)
+            np.testing.assert_array_equal(yi, yc)
+            np.testing.assert_array_equal(labels[xc[:, 0].astype(int)], yc)

@@ -1,0 +1,122 @@
+"""The linear probe: a frozen backbone's head fitted to convergence, and the head LP-FT starts from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transfer.trainer.config import load_config
+from transfer.trainer.probe import Probe, fit_probe
+from transfer.trainer.sweep import run_sweep
+
+from trainer_helpers import base_overrides
+
+
+def _logreg(xt, yt):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression(C=1.0, max_iter=2000))]).fit(xt, yt)
+
+
+def _accuracy(probe: Probe, x, y) -> float:
+    return float(np.mean((x @ probe.kernel + probe.bias).argmax(1) == y))
+
+
+def test_probe_is_as_good_as_logistic_regression_on_real_features():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    tr, va, te = order[:300], order[300:500], order[500:]
+    probe = fit_probe(x[tr], y[tr], x[va], y[va], num_classes=10)
+    lr = _logreg(x[tr], y[tr])
+    assert _accuracy(probe, x[te], y[te]) >= lr.score(x[te], y[te]) - 0.01
+    assert probe.iterations > 0 and probe.val_accuracy is not None
+    # the standardization is folded into the kernel: raw features in, the probe's own numbers out
+    assert _accuracy(probe, x[tr], y[tr]) == pytest.approx(probe.train_accuracy)
+
+
+def test_probe_with_l1_loss_and_without_val():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    probe = fit_probe(x[:400], y[:400], None, None, num_classes=10, loss="l1")
+    assert probe.val_loss is None and probe.l2 == pytest.approx(1 / 400)
+    assert _accuracy(probe, x[400:], y[400:]) > 0.8
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory):
+    """Five digit classes, 30 real images each (the small-data case where a few epochs undertrain a head)."""
+    from transfer.data.datasets import write_digits
+
+    root = tmp_path_factory.mktemp("digits") / "d"
+    write_digits(root)
+    for c in sorted(p for p in root.iterdir() if p.is_dir()):
+        if c.name not in {"0", "1", "2", "3", "4"}:
+            shutil.rmtree(c)
+        else:
+            for f in sorted(c.iterdir())[30:]:
+                f.unlink()
+    return root
+
+
+def _pooled(model_path: Path, run_dir: Path, split: str):
+    from transfer.data.image import load_image
+    from transfer.models.build import feature_model, load_model
+    from transfer.runfolder import RunFolder
+
+    paths, labels = RunFolder(run_dir).split_paths(split)
+    x = np.stack([load_image(p, (16, 16)) for p in paths]).astype("float32")
+    feats, probs = feature_model(load_model(model_path)).predict(x, verbose=0)
+    return feats, np.asarray(labels), probs
+
+
+def test_a_frozen_backbone_trial_head_is_as_good_as_logreg_on_its_own_features(tiny_bn, small_digits, tmp_path):
+    """The bar of a feature-extractor trial: its network head is not beaten by a logistic
+    regression on the very features it sees (2 epochs of mini-batch steps were)."""
+    cfg = load_config(None, base_overrides(small_digits, tmp_path / "run", backbones=tiny_bn, trainable="0",
+                                           epochs=2))
+    res = run_sweep(cfg, progress=lambda s: None)
+    assert res.ok, res.failed
+    tdir = res.run_dir / "trials" / "tiny_bn-t000"
+    m = json.loads((tdir / "metrics.json").read_text())
+    assert m["head"]["method"] == "L-BFGS, full batch" and m["epochs_run"] == 1
+    ft, yt, _ = _pooled(tdir / "model.keras", res.run_dir, "train")
+    fe, ye, pe = _pooled(tdir / "model.keras", res.run_dir, "test")
+    network = float(np.mean(pe.argmax(1) == ye))
+    assert network == pytest.approx(m["test"]["accuracy"])
+    assert network >= _logreg(ft, yt).score(fe, ye) - 0.03
+    assert m["cache"]["mode"] == "cached" and m["cache"]["cut"] == "features"
+
+
+def test_lp_ft_starts_fine_tuning_from_the_probe_and_says_so(tiny_bn, pattern_folder, tmp_path):
+    from transfer.models.build import build_classifier, load_model
+
+    model, _ = build_classifier(tiny_bn, input_shape=(16, 16, 3), weights="none", num_classes=3, seed=5)
+    wfile = tmp_path / "pre.weights.h5"
+    model.save_weights(wfile)
+    for lp_ft in (True, False):
+        out = tmp_path / f"run-{lp_ft}"
+        cfg = load_config(None, base_overrides(pattern_folder, out, backbones=tiny_bn, trainable="0,0.5",
+                                               weights=str(wfile), epochs=1, lp_ft=lp_ft))
+        res = run_sweep(cfg, progress=lambda s: None)
+        assert res.ok, res.failed
+        meta = json.loads((out / "trials" / "tiny_bn-t050" / "trial.json").read_text())
+        m = json.loads((out / "trials" / "tiny_bn-t050" / "metrics.json").read_text())
+        assert meta["lp_ft"] is lp_ft and meta["init"] == "pretrained"
+        assert m["head"]["init"] == ("linear probe" if lp_ft else "random")
+        probes = list((out / "cache" / "tiny_bn-pretrained").glob("probe-*.npz"))
+        assert len(probes) == 1  # one probe, fitted for t000 and reused by t050
+        probe = Probe.load(probes[0])
+        kernel = load_model(out / "trials" / "tiny_bn-t000" / "model.keras").get_layer("probs").get_weights()[0]
+        np.testing.assert_array_equal(kernel, probe.kernel)  # the frozen trial's head is the probe
+        if lp_ft:
+            assert m["head"]["l2"] == probe.l2
