@@ -2,8 +2,8 @@
 
     python benchmarks/bench_backbones.py [--backbones mobilenet_v2,xception] [--seconds 3]
 
-Bars (issue 5): ORT >= 3x Keras throughput at batch 1 and >= 2x at batch 32; fp32
-Xception at batch 8 >= 85 % of the machine's measured matmul peak.
+Bars (the runtime's speed targets): ORT >= 3x Keras throughput at batch 1 and >= 2x at
+batch 32; fp32 Xception at batch 8 >= 85 % of the machine's measured matmul peak.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_probe_with_l1_loss_and_without_val():
 
 @pytest.fixture(scope="module")
 def small_digits(tmp_path_factory):
-    """Five digit classes, 30 real images each (the small-data case where a few epochs undertrain a head)."""
+    """Five digit classes, 60 real images each (the small-data case where a few epochs undertrain a head)."""
     from transfer.data.datasets import write_digits
 
     root = tmp_path_factory.mktemp("digits") / "d"
@@ -63,7 +63,7 @@ def small_digits(tmp_path_factory):
         if c.name not in {"0", "1", "2", "3", "4"}:
             shutil.rmtree(c)
         else:
-            for f in sorted(c.iterdir())[30:]:
+            for f in sorted(c.iterdir())[60:]:
                 f.unlink()
     return root
 
@@ -83,7 +83,7 @@ def test_a_frozen_backbone_trial_head_is_as_good_as_logreg_on_its_own_features(t
     """The bar of a feature-extractor trial: its network head is not beaten by a logistic
     regression on the very features it sees (2 epochs of mini-batch steps were)."""
     cfg = load_config(None, base_overrides(small_digits, tmp_path / "run", backbones=tiny_bn, trainable="0",
-                                           epochs=2))
+                                           epochs=2, test=0.3))
     res = run_sweep(cfg, progress=lambda s: None)
     assert res.ok, res.failed
     tdir = res.run_dir / "trials" / "tiny_bn-t000"
@@ -120,3 +120,25 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_and_says_so(tiny_bn, pattern_fo
         np.testing.assert_array_equal(kernel, probe.kernel)  # the frozen trial's head is the probe
         if lp_ft:
             assert m["head"]["l2"] == probe.l2
+
+
+def test_a_fine_tuned_trial_keeps_the_better_head_on_its_own_features(tiny_bn, small_digits, tmp_path):
+    """After fine-tuning, the head is refitted on the model's own pooled features and kept when
+    it validates better; the saved model is what metrics.json measured, and it is not beaten
+    by a logistic regression on its features."""
+    cfg = load_config(None, base_overrides(small_digits, tmp_path / "run", backbones=tiny_bn, trainable="1",
+                                           epochs=2, test=0.3))
+    res = run_sweep(cfg, progress=lambda s: None)
+    assert res.ok, res.failed
+    tdir = res.run_dir / "trials" / "tiny_bn-t100"
+    m = json.loads((tdir / "metrics.json").read_text())
+    head = m["head"]
+    assert set(head["refit"]) >= {"chosen", "val", "l2"}
+    kept = head["refit"]["val"] if head["refit"]["chosen"] else head["trained"]
+    assert kept["loss"] == min(head["refit"]["val"]["loss"], head["trained"]["loss"])
+    assert m["val"]["loss"] == pytest.approx(kept["loss"], rel=1e-5)
+    ft, yt, _ = _pooled(tdir / "model.keras", res.run_dir, "train")
+    fe, ye, pe = _pooled(tdir / "model.keras", res.run_dir, "test")
+    network = float(np.mean(pe.argmax(1) == ye))
+    assert network == pytest.approx(m["test"]["accuracy"])  # the saved model, run on the images
+    assert network >= _logreg(ft, yt).score(fe, ye) - 0.03

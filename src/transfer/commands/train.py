@@ -114,8 +114,10 @@ def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_tria
     click.echo(res.table_md.rstrip())
     if res.best:
         metric = res.best.get("metric", "val_accuracy").replace("_", " ")
+        from ..runfolder import RunLayout
+
         click.echo(f"\nbest trial: {res.best['trial']} ({metric} {res.best['value']:.4f}) -> "
-                   f"{res.run_dir / 'trials' / res.best['trial']}")
+                   f"{RunLayout(res.run_dir).trial_paths(res.best['trial']).dir}")
     if res.failed:
         for name, err in res.failed.items():
             click.echo(f"failed trial {name}: {err}", err=True)

@@ -426,81 +426,104 @@ class CacheBuilder:
         return (best[1], best[2]) if best else (None, None)
 
     def _build_chain(self, reqs: list[CacheRequest]) -> dict[CacheRequest, FeatureCache]:
-        """Build caches of one image list, shallow to deep, in one pass."""
-        from ..models.split import bridge_model
-
+        """Build caches of one image list, shallow to deep, in one pass over the images (or a cache)."""
         source, source_cut = self._start(reqs[0])
-        t0 = time.perf_counter()
-        steps = []  # (request, model or None, names it computes)
-        prev = source_cut
-        for r in reqs:
-            if prev is None:
-                steps.append((r, self._prefix(r.cut), list(r.cut.frontier)))
-            else:
-                model, names = bridge_model(self.model, prev, r.cut)
-                steps.append((r, model, names))
-            prev = r.cut
+        steps = self._plan_chain(reqs, source_cut)
         staging = {r: self.ctx.folder(r).with_name(f"{self.ctx.folder(r).name}.partial-{os.getpid()}") for r in reqs}
         writers = {r: _Writer(staging[r], r) for r in reqs}
-        seconds = [0.0] * len(reqs)
-        n = len(reqs[0].samples)
-        what = f"{source.folder.name}" if source is not None else "the images"
+        n, t0 = len(reqs[0].samples), time.perf_counter()
         self.ctx.say(f"  caching the frozen part ({', '.join(r.cut.label for r in reqs)}) of {n} {reqs[0].split} "
-                     f"image(s) from {what}")
-        failed = []
-        for values, labels, decode_s, more_failed in self._batches(reqs[0], source):
-            failed += more_failed
-            named = dict(zip(source_cut.frontier, values)) if source_cut is not None else {"image": values[0]}
-            for i, (r, model, names) in enumerate(steps):
-                t = time.perf_counter()
-                if model is not None:
-                    inputs = [named[k] for k in (steps[i - 1][0].cut.frontier if i else
-                                                 (source_cut.frontier if source_cut is not None else ("image",)))]
-                    outs = _as_list(model.predict_on_batch(inputs if len(inputs) > 1 else inputs[0]))
-                    named.update(zip(names, outs))
-                writers[r].write([named[k] for k in r.cut.frontier], labels)
-                seconds[i] += time.perf_counter() - t + (decode_s if i == 0 else 0.0)
+                     f"image(s) from {source.folder.name if source is not None else 'the images'}")
+        seconds, failed = self._run_chain(steps, self._batches(reqs[0], source), writers)
         result = {}
         for i, r in enumerate(reqs):
-            w = writers[r]
-            w.close()
-            meta = {"format": CACHE_FORMAT, "key": self.ctx.key(r), "backbone": self.ctx.backbone,
-                    "init": self.ctx.init, "weights_sha256": self.ctx.weights_sha256, "split": r.split,
-                    "view": r.view, "cut": r.cut.label, "depth": r.cut.depth, "backbone_depth": r.cut.backbone_depth,
-                    "prefix": list(r.cut.prefix),
-                    "frontier": list(r.cut.frontier), "shapes": [list(s) for s in r.cut.shapes], "dtype": r.dtype,
-                    "rows": w.rows, "data_offsets": w.offsets, "image_size": list(self.ctx.image_size),
-                    "built_from": source.folder.name if (source is not None and i == 0) else
-                    ("images" if i == 0 else self.ctx.folder(reqs[i - 1]).name),
-                    "seconds": round(seconds[i], 3),
-                    "bad_files": [[f.path, f.reason] for f in failed] if i == 0 else []}
-            write_json_atomic(staging[r] / "meta.json", meta)
-            final = self.ctx.folder(r)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging[r], final)
-            result[r] = FeatureCache(final, meta)
-            _CHECKED[str(final)] = (meta["key"], _stamp(final))
+            built_from = (source.folder.name if source is not None else "images") if i == 0 else \
+                self.ctx.folder(reqs[i - 1]).name
+            result[r] = self._commit(r, writers[r], staging[r], built_from=built_from, seconds=seconds[i],
+                                     failed=failed if i == 0 else [])
         self.ctx.say(f"  cached {n} {reqs[0].split} image(s) in {time.perf_counter() - t0:.1f}s "
                      f"({', '.join(f'{r.cut.label}: {_size(result[r].nbytes)}' for r in reqs)})")
         return result
 
+    def _plan_chain(self, reqs: list[CacheRequest], source_cut) -> list[_Step]:
+        """One step per request: the model from the previous frontier (or the images) to its own."""
+        from ..models.split import bridge_model
+
+        steps, prev = [], source_cut
+        for r in reqs:
+            if prev is None:
+                steps.append(_Step(r, self._prefix(r.cut), ("image",), tuple(r.cut.frontier)))
+            else:
+                model, names = bridge_model(self.model, prev, r.cut)
+                steps.append(_Step(r, model, tuple(prev.frontier), tuple(names)))
+            prev = r.cut
+        return steps
+
+    @staticmethod
+    def _run_chain(steps: list[_Step], batches, writers: dict) -> tuple[list[float], list]:
+        """Feed every batch through the steps, writing each request's frontier; (seconds per step, failed files)."""
+        seconds, failed = [0.0] * len(steps), []
+        for named, labels, decode_s, more_failed in batches:
+            failed += more_failed
+            seconds[0] += decode_s
+            for i, step in enumerate(steps):
+                t = time.perf_counter()
+                if step.model is not None:
+                    inputs = [named[k] for k in step.inputs]
+                    named.update(zip(step.computes, _as_list(step.model.predict_on_batch(
+                        inputs if len(inputs) > 1 else inputs[0]))))
+                writers[step.req].write([named[k] for k in step.req.cut.frontier], labels)
+                seconds[i] += time.perf_counter() - t
+        return seconds, failed
+
+    def _commit(self, r: CacheRequest, writer: _Writer, staging: Path, *, built_from: str, seconds: float,
+                failed: list) -> FeatureCache:
+        """meta.json last, then the staging folder is renamed into place."""
+        writer.close()
+        meta = {"format": CACHE_FORMAT, "key": self.ctx.key(r), "backbone": self.ctx.backbone,
+                "init": self.ctx.init, "weights_sha256": self.ctx.weights_sha256, "split": r.split,
+                "view": r.view, "cut": r.cut.label, "depth": r.cut.depth, "backbone_depth": r.cut.backbone_depth,
+                "prefix": list(r.cut.prefix), "frontier": list(r.cut.frontier),
+                "shapes": [list(s) for s in r.cut.shapes], "dtype": r.dtype, "rows": writer.rows,
+                "data_offsets": writer.offsets, "image_size": list(self.ctx.image_size), "built_from": built_from,
+                "seconds": round(seconds, 3), "bad_files": [[f.path, f.reason] for f in failed]}
+        write_json_atomic(staging / "meta.json", meta)
+        final = self.ctx.folder(r)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _CHECKED[str(final)] = (meta["key"], _stamp(final))
+        return FeatureCache(final, meta)
+
     def _batches(self, first: CacheRequest, source: FeatureCache | None):
-        """(frontier arrays, labels, decode seconds, failed files) of consecutive rows, from images or a cache."""
-        if source is None:
-            src = self._source(first)
-            seen = 0
+        """({frontier name: array}, labels, decode seconds, failed files) of consecutive rows, from a
+        cache or from the images (decoded ahead by the decode threads)."""
+        if source is not None:
+            bs = self.ctx.batch_size
+            for start in range(0, source.rows, bs):
+                rows = np.arange(start, min(source.rows, start + bs))
+                yield dict(zip(source.meta["frontier"], source.read(rows))), source.labels[rows], 0.0, []
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        src = self._source(first)
+        ahead = max(1, int(self.ctx.workers))
+        with ThreadPoolExecutor(ahead) as pool:
+            pending = [pool.submit(src.get, i) for i in range(min(len(src), ahead + 1))]
             for i in range(len(src)):
                 t = time.perf_counter()
-                b = src.get(i)
-                new = src.failed[seen:]
-                seen = len(src.failed)
-                yield [b.x], b.y, time.perf_counter() - t, list(new)
-            return
-        bs = self.ctx.batch_size
-        for start in range(0, source.rows, bs):
-            rows = np.arange(start, min(source.rows, start + bs))
-            yield source.read(rows), source.labels[rows], 0.0, []
+                b = pending[i].result()
+                if i + ahead + 1 < len(src):
+                    pending.append(pool.submit(src.get, i + ahead + 1))
+                yield {"image": b.x}, b.y, time.perf_counter() - t, list(b.failed)
+
+
+@dataclass(frozen=True)
+class _Step:
+    req: CacheRequest
+    model: object  # keras.Model or None (the frontier is already known)
+    inputs: tuple[str, ...]
+    computes: tuple[str, ...]
 
 
 def _as_list(x) -> list[np.ndarray]:

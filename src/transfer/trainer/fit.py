@@ -82,6 +82,7 @@ class TrainedTrial:
     params: tuple[int, int]
     freeze: dict | None
     record: dict = field(default_factory=dict)  # cache, BatchNormalization statistics, head init, costs
+    probe_only: bool = False  # the trial trained nothing but a converged linear probe
 
 
 def trial_name(backbone: str, trainable: float | None, *, random_init: bool = False, fold: int | None = None) -> str:
@@ -733,32 +734,90 @@ def _train_trial(trial: Trial) -> TrainedTrial:
     if not trial.files.paths.model_keras.is_file():  # no epoch improved (NaN losses): keep the last model
         trial.files.save_model(trial.model, trial.files.paths.model_keras)
     return TrainedTrial(history=history, best_epoch=int(state.best_epoch), last_epoch=int(state.epoch),
-                        params=count_params(trial.model), freeze=freeze, record=trial.record)
+                        params=count_params(trial.model), freeze=freeze, record=trial.record,
+                        probe_only=all(s.probe for s in stages))
+
+
+def _pooled_outputs(model, data_root: Path, samples, cfg: TrainConfig, spec: TrialSpec, files):
+    """(pooled features, labels) of ``samples`` through the saved model, images decoded as for training."""
+    from ..models.build import feature_model
+
+    fm = feature_model(model)
+    src = _source(data_root, samples, cfg, spec, train=False)
+    feats, labels = [], []
+    for i in range(len(src)):
+        b = src.get(i)
+        feats.append(np.asarray(fm.predict_on_batch(b.x)[0], dtype=np.float32))
+        labels.append(b.y)
+    files.bad_files(src.failed)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def _head_numbers(feats: np.ndarray, labels: np.ndarray, kernel, bias, loss: str) -> dict:
+    """Accuracy and loss of the softmax head ``(kernel, bias)`` on pooled features, as Keras computes them."""
+    z = feats @ np.asarray(kernel, np.float32) + np.asarray(bias, np.float32)
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    py = p[np.arange(len(labels)), labels]
+    if loss == "l1":  # MeanAbsoluteError against the one-hot label
+        onehot = np.eye(p.shape[1], dtype=np.float32)[labels]
+        value = float(np.mean(np.abs(onehot - p)))
+    else:  # SparseCategoricalCrossentropy (Keras clips probabilities to [1e-7, 1 - 1e-7])
+        value = float(-np.mean(np.log(np.clip(py, 1e-7, 1 - 1e-7))))
+    return {"accuracy": float(np.mean(p.argmax(axis=1) == labels)), "loss": value}
+
+
+def _refit_head(best, outputs: dict, cfg: TrainConfig, files) -> dict:
+    """Fit the softmax head to convergence on the trained model's own pooled features and keep it
+    when its validation loss is lower than the trained head's (the saved model is then rewritten).
+
+    A fine-tuned backbone's head ends where the last epoch left it; a logistic regression on
+    the same features can do better. Without validation images the trained head is kept.
+    """
+    from .probe import fit_probe
+
+    kernel, bias = best.get_layer("probs").get_weights()
+    record: dict = {"trained": _head_numbers(*outputs["val"], kernel, bias, cfg.loss) if "val" in outputs else None}
+    if "val" not in outputs or "train" not in outputs:
+        record["refit"] = {"chosen": False, "why": "no validation images to choose by"}
+        return record
+    probe = fit_probe(*outputs["train"], *outputs["val"], num_classes=len(bias), loss=cfg.loss)
+    refit = _head_numbers(*outputs["val"], probe.kernel, probe.bias, cfg.loss)
+    chosen = refit["loss"] < record["trained"]["loss"]
+    record["refit"] = {"chosen": bool(chosen), "val": refit, **probe.record()}
+    if chosen:
+        best.get_layer("probs").set_weights([probe.kernel, probe.bias])
+        files.save_model(best, files.paths.model_keras)
+    return record
 
 
 def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, trained: TrainedTrial, *,
                     data_root: Path, num_classes: int, splits) -> dict:
     """Evaluate the saved best model on the images of every split (as a user runs it) and write
-    ``metrics.json`` / ``status.json``."""
+    ``metrics.json`` / ``status.json``.
+
+    The model runs once per image (pooled features and its softmax head); a trial whose
+    training moved the features first gets its head refitted on them when that validates
+    better (:func:`_refit_head`), so no trial's head is undertrained for its own features.
+    """
     from ..models.build import load_model
     from .epochs import TrialFiles
 
     t0 = time.perf_counter()
     files = TrialFiles(writer, spec.name, data_root)
     best = load_model(files.paths.model_keras)
-    _compile(best, cfg, 1e-3)
-    metrics: dict = {}
-    for split, samples in splits:
-        if not len(samples):
-            metrics[split] = {"accuracy": None, "loss": None}
-            continue
-        src = _source(data_root, samples, cfg, spec, train=False)
-        res = best.evaluate(_dataset(src, cfg, num_classes), verbose=0, return_dict=True)
-        metrics[split] = {"accuracy": float(res["accuracy"]), "loss": float(res["loss"])}
-        files.bad_files(src.failed)
+    outputs = {split: _pooled_outputs(best, data_root, samples, cfg, spec, files)
+               for split, samples in splits if len(samples)}
+    record = dict(trained.record)
+    head = dict(record.get("head") or {})
+    if not trained.probe_only:
+        head.update(_refit_head(best, outputs, cfg, files))
+    kernel, bias = best.get_layer("probs").get_weights()
+    metrics: dict = {split: (_head_numbers(*outputs[split], kernel, bias, cfg.loss) if split in outputs
+                             else {"accuracy": None, "loss": None}) for split, _ in splits}
     p_tr, p_nt = trained.params
     secs = [r["seconds"] for r in trained.history if r.get("seconds") is not None]
-    record = dict(trained.record)
     cache = record.get("cache") or {"mode": "none", "prefix_seconds": 0.0}
     metrics.update({
         "params": {"trainable": p_tr, "non_trainable": p_nt, "total": p_tr + p_nt},
@@ -768,7 +827,7 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
         "freeze": trained.freeze,
         "cache": cache,
         "batchnorm": record.get("batchnorm", {"statistics": "stored (no BatchNormalization layer trains)"}),
-        "head": record.get("head"),
+        "head": head,
         "cost": {"prefix_seconds": float(cache.get("prefix_seconds") or 0.0), "train_seconds": round(sum(secs), 3),
                  "evaluate_seconds": round(time.perf_counter() - t0, 3)},
     })
