@@ -1,6 +1,19 @@
-"""TensorRT pieces that need no GPU, and the engine build behind the `gpu` marker."""
+"""TensorRT pieces that need no GPU, and the engine build behind the `gpu` marker.
+
+The builder tests run the real :func:`transfer.export.tensorrt.build_engine` against a
+recording stand-in of the ``tensorrt`` module (tests/runtime/nvidia_fakes.py), in a 10.x
+and an 11.x flavour that follow NVIDIA/TensorRT's ``pyCore.cpp`` of each release. That is
+only because TensorRT cannot be installed where these tests run (no GPU, NVIDIA's package
+index unreachable): they check the build path's choices against the documented API --
+strong typing, no precision flags (absent in 11.x), TF32 cleared for fp32, the profile's
+shapes, the workspace limit, the timing cache. The ONNX models, the fp16 conversion and
+the QDQ model are real and run in ONNX Runtime; real engines are built by the `gpu` tests.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +22,9 @@ from PIL import Image
 from transfer.errors import ConfigError, ExportError, TensorRTUnavailableError
 from transfer.export.quantize import calibration_batches
 from transfer.export.tensorrt import BatchProfile, engine_entry, gpu_status, parse_batch_profile, require_tensorrt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from nvidia_fakes import FakeCudart, fake_tensorrt, install  # noqa: E402
 
 
 def test_batch_profile_parsing():
@@ -80,22 +96,203 @@ def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle
     assert v["accuracy_drop"] <= 0.05 and v["top1_agreement"] >= 0.9, v
 
 
+# ---------------------------------------------------------------- tiny real ONNX models
+
+
+def tiny_onnx(path: Path, hw=(8, 8), classes: int = 3) -> Path:
+    """image (N,H,W,3) -> features = mean over H, W (N,3) -> probs = softmax(features @ W + b).
+
+    Like every bundle model, ``features`` is a graph output that the head also reads.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    wgt = numpy_helper.from_array((rng.normal(size=(3, classes)) / 40).astype(np.float32), "W")
+    bias = numpy_helper.from_array(np.zeros(classes, np.float32), "B")
+    nodes = [helper.make_node("ReduceMean", ["image"], ["features"], axes=[1, 2], keepdims=0),
+             helper.make_node("MatMul", ["features", "W"], ["logits0"]),
+             helper.make_node("Add", ["logits0", "B"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, *hw, 3])],
+                          [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, 3]),
+                           helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, classes])],
+                          [wgt, bias])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path):
+    """fp32, fp16 and symmetric-QDQ versions of the tiny model (all real, all run in ONNX Runtime)."""
+    from transfer.export.fp16 import convert_fp16
+    from transfer.export.tensorrt import prepare_int8_onnx
+
+    fp32 = tiny_onnx(tmp_path / "model.onnx")
+    convert_fp16(fp32, tmp_path / "model.fp16.onnx")
+    calib = [np.random.default_rng(i).uniform(0, 255, (8, 8, 8, 3)).astype(np.float32) for i in range(4)]
+    prepare_int8_onnx(fp32, tmp_path / "model.trt-int8.onnx", calib)
+    return {"fp32": fp32, "fp16": tmp_path / "model.fp16.onnx", "int8": tmp_path / "model.trt-int8.onnx"}
+
+
+# ---------------------------------------------------------------- fp16 model (real, ONNX Runtime)
+
+
+def test_fp16_model_keeps_float32_io_and_tracks_fp32(models):
+    import onnxruntime as ort
+
+    from transfer.export.fp16 import float16_summary
+
+    s = float16_summary(models["fp16"])
+    assert s["io"] == {"image": "float32", "features": "float32", "probs": "float32"}
+    assert s["float16_initializers"] >= 2 and float16_summary(models["fp32"])["float16_initializers"] == 0
+    x = np.random.default_rng(1).uniform(0, 255, (5, 8, 8, 3)).astype(np.float32)
+    ref = ort.InferenceSession(str(models["fp32"]), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    got = ort.InferenceSession(str(models["fp16"]), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert got[0].dtype == got[1].dtype == np.float32
+    np.testing.assert_allclose(got[0], ref[0], rtol=2e-3)
+    np.testing.assert_allclose(got[1], ref[1], atol=2e-3)
+
+
+def test_without_the_output_split_the_converter_breaks_bundle_models(tmp_path):
+    """Why convert_fp16 splits ``features``: onnxconverter-common alone makes a model ORT cannot load."""
+    import onnx
+    import onnxruntime as ort
+    from onnxconverter_common import float16
+
+    m = float16.convert_float_to_float16(onnx.load(str(tiny_onnx(tmp_path / "m.onnx"))), keep_io_types=True)
+    onnx.save(m, str(tmp_path / "naive.onnx"))
+    with pytest.raises(Exception, match="bound to different types"):
+        ort.InferenceSession(str(tmp_path / "naive.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_fp16_model_of_a_trained_bundle_is_verified_on_real_images(full_bundle, tmp_path):
+    from transfer.export.fp16 import convert_fp16, verify_fp16
+    from transfer.export.verify import verification_images
+    from transfer.runfolder import RunFolder
+
+    run, res = full_bundle
+    info = convert_fp16(res.bundle_dir / "model.onnx", tmp_path / "model.fp16.onnx")
+    assert info["keep_io_types"] and info["split_outputs"] == ["features"] and info["float16_initializers"] > 0
+    assert info["converter"].startswith("onnxconverter-common ")
+    rf = RunFolder(run)
+    t = rf.trial(res.manifest["source"]["trial"])
+    x, y, _ = verification_images(rf, t.image_size, 256)
+    v = verify_fp16(res.bundle_dir / "model.onnx", tmp_path / "model.fp16.onnx", x, y)
+    assert v["passed"] and v["accuracy_drop"] <= 0.01 and v["top1_agreement"] >= 0.98, v
+    assert 0 < v["features_max_rel_diff"] < 0.01 and v["images"] == len(x)
+
+
+# ---------------------------------------------------------------- the builder against the documented API
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A visible CUDA device (cuda-python stand-in); each test installs its own tensorrt flavour."""
+    install(monkeypatch, cudart=FakeCudart())
+
+
+def build(monkeypatch, tmp_path, models, precision, version="11.1.0", **kw):
+    from transfer.export.tensorrt import build_engine
+
+    trt = fake_tensorrt(version, **{k: v for k, v in kw.items() if k in ("parse_ok", "build_ok", "profile_index",
+                                                                          "timing_cache_ok")})
+    install(monkeypatch, trt=trt)
+    info = build_engine(models[precision], tmp_path / f"m.{precision}.engine", precision=precision,
+                        profile=kw.get("profile", BatchProfile(1, 8, 32)), input_hw=(8, 8),
+                        workspace_mb=kw.get("workspace_mb", 2048), timing_cache=kw.get("timing_cache"))
+    return info, trt
+
+
+@pytest.mark.parametrize("version", ["10.16.1", "11.1.0"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_builds_are_strongly_typed_without_precision_flags(gpu, monkeypatch, tmp_path, models, version, precision):
+    info, trt = build(monkeypatch, tmp_path, models, precision, version)
+    calls = [c[0] for c in trt.record]
+    # 10.x: STRONGLY_TYPED is enum value 1 (0 is the deprecated EXPLICIT_BATCH); 11.x: 0, always on
+    assert ("create_network", 1 << (1 if version.startswith("10") else 0)) in trt.record
+    assert "set_flag" not in calls  # no FP16 / INT8 / any precision flag, on either version
+    flags_at_build = next(c[1] for c in trt.record if c[0] == "build_serialized_network")
+    tf32 = trt.BuilderFlag.TF32
+    if precision == "fp32":
+        assert ("clear_flag", tf32) in trt.record and tf32 not in flags_at_build and info["tf32"] is False
+    else:
+        assert "clear_flag" not in calls and tf32 in flags_at_build and info["tf32"] is True
+    assert info["strongly_typed"] and info["tensorrt"] == version and info["precision"] == precision
+    assert (tmp_path / f"m.{precision}.engine").read_bytes() == b"ENGINE"
+    if version.startswith("11"):
+        assert not hasattr(trt.BuilderFlag, "FP16") and not hasattr(trt.BuilderFlag, "INT8")
+
+
+def test_profile_shapes_workspace_and_timing_cache(gpu, monkeypatch, tmp_path, models):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    info, trt = build(monkeypatch, tmp_path, models, "fp16", profile=BatchProfile(2, 8, 16), workspace_mb=512,
+                      timing_cache=cache)
+    assert ("set_memory_pool_limit", trt.MemoryPoolType.WORKSPACE, 512 << 20) in trt.record
+    assert ("add_optimization_profile", {"image": ((2, 8, 8, 3), (8, 8, 8, 3), (16, 8, 8, 3))}) in trt.record
+    assert ("create_timing_cache", b"old") in trt.record and ("set_timing_cache", False) in trt.record
+    assert cache.read_bytes() == b"timing-cache:old"  # the builder's updated cache is written back
+    assert info["batch"] == {"min": 2, "opt": 8, "max": 16} and info["workspace_mb"] == 512
+
+
+def test_a_mismatched_timing_cache_is_replaced_by_a_fresh_one(gpu, monkeypatch, tmp_path, models):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    _, trt = build(monkeypatch, tmp_path, models, "fp32", timing_cache=cache, timing_cache_ok=False)
+    assert ("create_timing_cache", b"") in trt.record
+    assert cache.read_bytes() == b"timing-cache:"
+
+
+@pytest.mark.parametrize("kw, match", [({"parse_ok": False}, "could not parse .*Conv"),
+                                       ({"profile_index": -1}, "refused the optimization profile"),
+                                       ({"build_ok": False}, "failed to build a fp32 engine")])
+def test_builder_failures_are_export_errors_and_write_nothing(gpu, monkeypatch, tmp_path, models, kw, match):
+    with pytest.raises(ExportError, match=match):
+        build(monkeypatch, tmp_path, models, "fp32", **kw)
+    assert not (tmp_path / "m.fp32.engine").exists()
+
+
+@pytest.mark.parametrize("precision, source", [("fp16", "fp32"), ("int8", "fp32"), ("fp32", "fp16"),
+                                               ("fp32", "int8"), ("fp16", "int8"), ("int8", "fp16")])
+def test_an_engine_is_built_only_from_the_model_of_its_precision(gpu, monkeypatch, tmp_path, models, precision,
+                                                                 source):
+    """Under strong typing the model's types are the engine's: an fp32 model cannot become an 'fp16' engine."""
+    from transfer.export.tensorrt import build_engine
+
+    trt = fake_tensorrt()
+    install(monkeypatch, trt=trt)
+    with pytest.raises(ExportError, match="model"):
+        build_engine(models[source], tmp_path / "m.engine", precision=precision, profile=BatchProfile(1, 1, 1),
+                     input_hw=(8, 8))
+    assert not trt.record  # refused before TensorRT was asked anything
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_build_engine_on_gpu(full_bundle, precision, tmp_path):
+    from transfer.export.fp16 import convert_fp16
     from transfer.export.tensorrt import build_engine, prepare_int8_onnx
+    from transfer.runfolder import RunFolder
 
     run, res = full_bundle
     h = res.manifest["input"]["height"]
     src = res.bundle_dir / "model.onnx"
+    if precision == "fp16":
+        convert_fp16(src, tmp_path / "m16.onnx")
+        src = tmp_path / "m16.onnx"
     if precision == "int8":
-        calib = [np.random.default_rng(0).uniform(0, 255, (8, h, h, 3)).astype(np.float32)] * 4
-        prepare_int8_onnx(src, tmp_path / "q.onnx", calib)
+        train, _ = RunFolder(run).split_paths("train")
+        prepare_int8_onnx(src, tmp_path / "q.onnx", calibration_batches(train, (h, h), count=128))
         src = tmp_path / "q.onnx"
     info = build_engine(src, tmp_path / "m.engine", precision=precision,
                         profile=BatchProfile(1, 8, 16), input_hw=(h, h), timing_cache=tmp_path / "tc.cache")
     assert (tmp_path / "m.engine").stat().st_size > 0 and info["precision"] == precision
     assert (tmp_path / "tc.cache").stat().st_size > 0
+    assert info["strongly_typed"] and (precision != "fp32" or info["tf32"] is False)
 
 
 @pytest.mark.gpu
