@@ -25,6 +25,7 @@ from transfer.export.tensorrt import BatchProfile, engine_entry, gpu_status, par
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from nvidia_fakes import FakeCudart, fake_tensorrt, install  # noqa: E402
+from tiny_models import tiny_onnx  # noqa: E402
 
 
 def test_batch_profile_parsing():
@@ -97,32 +98,6 @@ def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle
 
 
 # ---------------------------------------------------------------- tiny real ONNX models
-
-
-def tiny_onnx(path: Path, hw=(8, 8), classes: int = 3) -> Path:
-    """image (N,H,W,3) -> features = mean over H, W (N,3) -> probs = softmax(features @ W + b).
-
-    Like every bundle model, ``features`` is a graph output that the head also reads.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    wgt = numpy_helper.from_array((rng.normal(size=(3, classes)) / 40).astype(np.float32), "W")
-    bias = numpy_helper.from_array(np.zeros(classes, np.float32), "B")
-    nodes = [helper.make_node("ReduceMean", ["image"], ["features"], axes=[1, 2], keepdims=0),
-             helper.make_node("MatMul", ["features", "W"], ["logits0"]),
-             helper.make_node("Add", ["logits0", "B"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
-    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, *hw, 3])],
-                          [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, 3]),
-                           helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, classes])],
-                          [wgt, bias])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return path
 
 
 @pytest.fixture
