@@ -281,3 +281,65 @@ def test_full_export_with_trt_fp16_is_verified(run_copy, tmp_path):
     assert e["gpu"] and e["compute_capability"] and e["tensorrt"] and e["batch"] == {"min": 1, "opt": 4, "max": 8}
     assert b.manifest["verification"]["trt-fp16"]["passed"]
 
+
+
+# ---------------------------------------------------------------- scripts/gpu_check.sh without a GPU
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
+
+
+def fake_smi(tmp_path: Path, output: str, code: int) -> Path:
+    p = tmp_path / "nvidia-smi"
+    p.write_text(f"#!/bin/sh\nprintf '%s\\n' '{output}'\nexit {code}\n")
+    p.chmod(0o755)
+    return p
+
+
+def run_script(tmp_path, smi, **env):
+    import os
+    import subprocess
+
+    full = {**os.environ, "NVIDIA_SMI": str(smi), "GPU_CHECK_VENV": str(tmp_path / "venv"), **env}
+    return subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=full, timeout=120)
+
+
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+
+    r = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert SCRIPT.stat().st_mode & 0o111  # executable
+
+
+@pytest.mark.parametrize("smi, why", [(None, "not found"),
+                                      (("No devices were found", 6), "-L' failed: No devices were found"),
+                                      (("", 0), "lists none")])
+def test_gpu_check_stops_before_installing_anything_without_a_gpu(tmp_path, smi, why):
+    path = tmp_path / "missing-nvidia-smi" if smi is None else fake_smi(tmp_path, *smi)
+    r = run_script(tmp_path, path)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.startswith("error: no NVIDIA GPU") and why in r.stderr and "hint: " in r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "venv").exists()
+
+
+def test_gpu_check_asks_the_cuda_runtime_when_nvidia_smi_lists_a_gpu(tmp_path):
+    """nvidia-smi may list a GPU that this process cannot use (CUDA_VISIBLE_DEVICES, a driver
+    too old for the runtime): the script's own CUDA check stops it, with CUDA's reason."""
+    import os
+    import sys
+
+    if gpu_status()[0]:  # pragma: no cover - a usable GPU would start the whole check
+        pytest.skip("a GPU is usable here")
+    smi = fake_smi(tmp_path, "GPU 0: NVIDIA A10 (UUID: GPU-0)", 0)
+    venv = Path(sys.executable).parent.parent
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    r = run_script(tmp_path, smi, GPU_CHECK_VENV=str(venv), GPU_CHECK_SKIP_INSTALL="1",
+                   PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "error: TensorRT / CUDA are not usable here: " in r.stderr
+    # CUDA's own reason where cuda-python is installed, else the missing package
+    assert "cudaGetDeviceCount failed" in r.stderr or "cuda-python is not installed" in r.stderr
+    assert (tmp_path / "out" / "logs" / "gpu-status.log").is_file()
+    step = (tmp_path / "out" / "steps.jsonl").read_text()
+    assert '"step": "gpu-status", "exit": 3' in step

@@ -163,7 +163,7 @@ def fake_tensorrt(version: str = "11.1.0", *, features: int = 4, classes: int = 
     builder_flags = dict(DEBUG=2, GPU_FALLBACK=3, REFIT=4, DISABLE_TIMING_CACHE=5, TF32=6, SPARSE_WEIGHTS=7)
     if major < 11:  # present in 10.x, removed in 11.0 (pyCore.cpp release/10.16 vs release/11.0)
         builder_flags.update(FP16=0, INT8=1, OBEY_PRECISION_CONSTRAINTS=9, PREFER_PRECISION_CONSTRAINTS=10,
-                             DIRECT_IO=11, FP8=15, BF16=17, INT4=22, FP4=26)
+                             FP8=15, BF16=17, INT4=22, FP4=26)
     m.BuilderFlag = _Flags(**builder_flags)
     m.NetworkDefinitionCreationFlag = _Flags(**({"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major < 11
                                                  else {"STRONGLY_TYPED": 0}))

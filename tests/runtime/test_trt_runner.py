@@ -192,6 +192,29 @@ def test_no_visible_device_is_unavailable_with_cuda_text(monkeypatch):
     assert ei.value.exit_code == 3 and "NVIDIA GPU with CUDA" in ei.value.message
 
 
+def test_a_gpu_without_the_tensorrt_package_says_so(monkeypatch):
+    install(monkeypatch, cudart=FakeCudart())
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    ok, reason = devices.gpu_status()
+    assert not ok and "tensorrt package is not installed" in reason
+    with pytest.raises(TensorRTUnavailableError, match="needs the tensorrt package") as ei:
+        devices.require_tensorrt()
+    assert ei.value.exit_code == 3
+
+
+def test_legacy_cuda_python_without_a_driver_is_unavailable_not_a_crash(monkeypatch):
+    """cuda-python 12.5's ``cuda.cudart`` raises instead of returning an error code when libcuda
+    is missing (seen with the real 12.5.0 wheel: "Failed to dlopen libcuda.so.1")."""
+
+    class NoDriver(FakeCudart):
+        def cudaGetDeviceCount(self):
+            raise RuntimeError("Failed to dlopen libcuda.so.1")
+
+    install(monkeypatch, trt=fake_tensorrt(), cudart=NoDriver())
+    ok, reason = devices.gpu_status()
+    assert not ok and reason == "the CUDA runtime cannot start: Failed to dlopen libcuda.so.1"
+
+
 # ------------------------------------------------------------- the real cuda-python, no GPU
 
 

@@ -165,7 +165,8 @@ def configure_precision(trt, config, precision: str) -> dict:
     ``model.onnx``, fp16 from the fp16 model (:func:`transfer.export.fp16.convert_fp16`),
     int8 from the QDQ model (:func:`prepare_int8_onnx`). NVIDIA's explicit-quantization
     guide: "Use explicit quantization with Strong Typing. Precision-control build flags are
-    not required and should not be specified." ``BuilderFlag.FP16`` / ``INT8`` / ``BF16`` /
+    not required and should not be specified." TensorRT 10.12 deprecated ``kFP16`` / ``kINT8``
+    ("Superseded by strong typing", ``include/NvInfer.h`` release/10.12); ``BuilderFlag.FP16`` / ``INT8`` / ``BF16`` /
     ``FP8`` / ``INT4`` / ``FP4`` and ``OBEY`` / ``PREFER_PRECISION_CONSTRAINTS`` were removed
     in TensorRT 11.0 (absent from ``python/src/infer/pyCore.cpp`` on release/11.0, present on
     release/10.16; the 10.x -> 11.x Python API migration table), so none is ever set here.

@@ -120,7 +120,11 @@ def cuda_device(cudart=None, device: int | None = None) -> dict:
     """
     cudart = cudart or import_cudart()
     unavailable = _unavailable
-    count = cuda_call(cudart, "cudaGetDeviceCount", cudart.cudaGetDeviceCount(), unavailable)
+    try:
+        result = cudart.cudaGetDeviceCount()
+    except RuntimeError as exc:  # cuda-python <= 12.5 raises "Failed to dlopen libcuda.so.1" without a driver
+        raise TensorRTUnavailableError(f"the CUDA runtime cannot start: {exc}", hint=INSTALL_HINT) from None
+    count = cuda_call(cudart, "cudaGetDeviceCount", result, unavailable)
     if not count:
         raise TensorRTUnavailableError("the CUDA runtime sees no device (check CUDA_VISIBLE_DEVICES)",
                                        hint=INSTALL_HINT)
@@ -153,12 +157,16 @@ def gpu_status() -> tuple[bool, str]:
 
 def require_tensorrt():
     """Import tensorrt or raise TensorRTUnavailableError (exit code 3) saying why."""
-    ok, reason = gpu_status()
-    if not ok:
-        raise TensorRTUnavailableError(f"TensorRT needs an NVIDIA GPU with CUDA and the tensorrt package: {reason}",
-                                       hint=INSTALL_HINT)
-    import tensorrt as trt
-
+    try:
+        cuda_device()
+    except TensorRTUnavailableError as exc:
+        raise TensorRTUnavailableError(f"TensorRT needs an NVIDIA GPU with CUDA; none was found: {exc.message}",
+                                       hint=INSTALL_HINT) from None
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailableError(f"TensorRT needs the tensorrt package, which is not installed ({exc})",
+                                       hint=INSTALL_HINT) from None
     return trt
 
 
