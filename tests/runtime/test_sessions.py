@@ -75,6 +75,9 @@ def test_gpu_provider_options_are_the_documented_ones(tiny_model, tmp_path):
     assert (tmp_path / "c").is_dir()
     assert provider_options(TRT, tiny_model, cache_dir=tmp_path / "c")["trt_fp16_enable"] == "False"
     assert provider_options(CPU, tiny_model) == {}
+    (tmp_path / "file").write_text("x")  # a file where the cache folder should go
+    off = provider_options(TRT, tiny_model, cache_dir=tmp_path / "file" / "c")
+    assert off["trt_engine_cache_enable"] == off["trt_timing_cache_enable"] == "False"
 
 
 def test_engine_cache_is_outside_the_bundle_and_keyed_by_model_content(tmp_path, monkeypatch):

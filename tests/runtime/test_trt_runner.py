@@ -315,7 +315,11 @@ def test_engine_matches_onnx_fp32_on_real_images(rt_bundle, tmp_path, precision)
         assert v["top1_agreement"] >= 0.999 and v["max_abs_diff"] <= 1e-3, v
         np.testing.assert_allclose(f, ref_f, rtol=1e-3, atol=1e-3 * float(np.abs(ref_f).max()))
     else:
-        assert v["accuracy_drop"] <= 0.02 and v["top1_agreement"] >= 0.95, v
+        # limits from the same models on ONNX Runtime CPU (this run's kind of model, 256 validation
+        # images): fp16 max |dp| 0.0, int8 QDQ max |dp| 0.0125, both top-1 agreement 1.0, drop 0
+        max_dp, min_agree = {"fp16": (0.05, 0.99), "int8": (0.1, 0.95)}[precision]
+        assert v["max_abs_diff"] <= max_dp and v["top1_agreement"] >= min_agree, v
+        assert v["accuracy_drop"] <= 0.02, v
         assert np.all(np.isfinite(f)) and np.all(np.isfinite(p))
 
 

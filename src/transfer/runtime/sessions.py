@@ -127,15 +127,17 @@ def default_threads() -> int:
     """Intra-op threads when none are asked for: the physical cores this process may use.
 
     That is ONNX Runtime's own default (``intra_op_num_threads = 0`` sizes its pool to the
-    physical cores), computed here because the session is created with an explicit number
-    and because ONNX Runtime does not look at the process's CPU affinity (``taskset``, a
-    container's cpuset). Counting logical CPUs instead put one inference thread on every
-    hyper-thread, on top of the decode threads of ``transfer infer``.
+    physical cores: ``onnxruntime/core/util/thread_utils.cc``; "by default, ort will create one
+    thread on each of your physical cores", microsoft/onnxruntime#12819), computed here
+    because ONNX Runtime counts the machine's cores, not those the process may use
+    (``taskset``, a container's cpuset; microsoft/onnxruntime#29510, #8313). Counting logical
+    CPUs instead put one inference thread on every hyper-thread, on top of the decode
+    threads of ``transfer infer``. A cgroup CPU quota without a cpuset is not seen.
     """
     return physical_cores()
 
 
-#: ONNX Runtime's name for each GPU provider's options (onnxruntime/core/providers/<ep>/*_execution_provider_info.cc)
+#: the GPU execution providers whose options make_session sets
 CUDA, TENSORRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
 
@@ -181,10 +183,16 @@ def provider_options(provider: str, model_path: str | os.PathLike | None = None,
     if provider == CUDA:
         return {"device_id": str(int(device_id)), "use_tf32": "1" if tf32 else "0"}
     if provider == TENSORRT:
+        opts = {"device_id": str(int(device_id)), "trt_fp16_enable": "True" if fp16 else "False"}
         folder = Path(cache_dir) if cache_dir is not None else ort_trt_cache_dir(model_path)
-        folder.mkdir(parents=True, exist_ok=True)
-        return {"device_id": str(int(device_id)), "trt_fp16_enable": "True" if fp16 else "False",
-                "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(folder),
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # an unwritable home: run, only without reusing engines
+            import logging
+
+            logging.getLogger(__name__).warning("TensorRT engine cache disabled: cannot create %s (%s)", folder, exc)
+            return {**opts, "trt_engine_cache_enable": "False", "trt_timing_cache_enable": "False"}
+        return {**opts, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(folder),
                 "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(folder)}
     return {}
 
