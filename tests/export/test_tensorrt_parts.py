@@ -248,26 +248,57 @@ def test_an_engine_is_built_only_from_the_model_of_its_precision(gpu, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_build_engine_on_gpu(full_bundle, precision, tmp_path):
+def test_engine_matches_onnx_fp32_on_real_images(full_bundle, tmp_path, precision):
+    """Build each precision's engine on this GPU from its own source model and compare it with
+    ONNX fp32 on the run's real validation images: fp32 within fp32 limits (TF32 cleared),
+    fp16 / int8 within max |dp|, top-1 agreement and accuracy-drop limits."""
+    import shutil
+
+    from transfer.bundle import Bundle, finalize_manifest, read_manifest
+    from transfer.export.compare import compare_outputs
     from transfer.export.fp16 import convert_fp16
-    from transfer.export.tensorrt import build_engine, prepare_int8_onnx
+    from transfer.export.tensorrt import build_engine, device_info, prepare_int8_onnx
+    from transfer.export.verify import verification_images
     from transfer.runfolder import RunFolder
+    from transfer.runtime.runners import OrtRunner, TrtRunner
 
     run, res = full_bundle
-    h = res.manifest["input"]["height"]
-    src = res.bundle_dir / "model.onnx"
+    out = tmp_path / "b"
+    shutil.copytree(res.bundle_dir, out)
+    manifest = read_manifest(out)
+    rf = RunFolder(run)
+    t = rf.trial(manifest["source"]["trial"])
+    src = out / "model.onnx"
     if precision == "fp16":
-        convert_fp16(src, tmp_path / "m16.onnx")
         src = tmp_path / "m16.onnx"
-    if precision == "int8":
-        train, _ = RunFolder(run).split_paths("train")
-        prepare_int8_onnx(src, tmp_path / "q.onnx", calibration_batches(train, (h, h), count=128))
+        convert_fp16(out / "model.onnx", src)
+    elif precision == "int8":
         src = tmp_path / "q.onnx"
-    info = build_engine(src, tmp_path / "m.engine", precision=precision,
-                        profile=BatchProfile(1, 8, 16), input_hw=(h, h), timing_cache=tmp_path / "tc.cache")
-    assert (tmp_path / "m.engine").stat().st_size > 0 and info["precision"] == precision
-    assert (tmp_path / "tc.cache").stat().st_size > 0
+        train, _ = rf.split_paths("train")
+        prepare_int8_onnx(out / "model.onnx", src, calibration_batches(train, t.image_size, count=128))
+    profile = BatchProfile(1, 8, 16)
+    info = build_engine(src, out / f"model.{precision}.engine", precision=precision, profile=profile,
+                        input_hw=t.image_size, timing_cache=tmp_path / "tc.cache")
     assert info["strongly_typed"] and (precision != "fp32" or info["tf32"] is False)
+    assert (tmp_path / "tc.cache").stat().st_size > 0
+    manifest["models"][f"trt-{precision}"] = engine_entry(f"model.{precision}.engine", precision, profile,
+                                                          device_info())
+    b = Bundle(out, finalize_manifest(out, manifest))
+    x, y, _ = verification_images(rf, t.image_size, 256)
+    ref_f, ref_p = OrtRunner(b, "onnx-fp32", "cpu").run(x)
+    with TrtRunner(b, f"trt-{precision}") as r:
+        f, p = r.run(x)
+    v = compare_outputs(ref_p, p, y)
+    if precision == "fp32":
+        assert v["top1_agreement"] >= 0.999 and v["max_abs_diff"] <= 1e-4, v
+        np.testing.assert_allclose(f, ref_f, rtol=1e-3, atol=1e-3 * float(np.abs(ref_f).max()))
+    else:
+        # limits from the same models on ONNX Runtime CPU (this run's kind of model, 256 validation
+        # images): fp16 max |dp| 0.0, int8 QDQ max |dp| 0.0125, both top-1 agreement 1.0, drop 0
+        max_dp, min_agree = {"fp16": (0.05, 0.99), "int8": (0.1, 0.95)}[precision]
+        assert v["max_abs_diff"] <= max_dp and v["top1_agreement"] >= min_agree, v
+        assert v["accuracy_drop"] <= 0.02, v
+        assert np.all(np.isfinite(f)) and np.all(np.isfinite(p))
 
 
 @pytest.mark.gpu

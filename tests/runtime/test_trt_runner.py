@@ -266,18 +266,13 @@ def test_cuda_python_12_layout_is_the_fallback(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_engine_matches_onnx_fp32_on_real_images(rt_bundle, tmp_path, precision):
-    """Build each engine from the bundle on this GPU and compare it with ONNX fp32 on the run's
-    real validation images: fp32 within fp32 limits, fp16 / int8 within the accuracy-drop limit."""
+def test_real_engine_pads_splits_and_releases(rt_bundle, tmp_path):
+    """On a GPU: an fp32 engine with a 4:8:8 profile runs 3 images (padded), 19 (split) and
+    agrees with ONNX fp32 on the run's real validation images; close() releases, run() re-activates."""
     import shutil
 
     from transfer.bundle import Bundle, finalize_manifest, read_manifest
-    from transfer.export.compare import compare_outputs
-    from transfer.export.fp16 import convert_fp16
-    from transfer.export.quantize import calibration_batches
-    from transfer.export.tensorrt import (BatchProfile, build_engine, device_info, engine_entry,
-                                          prepare_int8_onnx)
+    from transfer.export.tensorrt import BatchProfile, build_engine, device_info, engine_entry
     from transfer.export.verify import verification_images
     from transfer.runfolder import RunFolder
     from transfer.runtime.runners import OrtRunner
@@ -288,39 +283,25 @@ def test_engine_matches_onnx_fp32_on_real_images(rt_bundle, tmp_path, precision)
     manifest = read_manifest(out)
     rf = RunFolder(run)
     t = rf.trial(manifest["source"]["trial"])
-    src = out / "model.onnx"
-    if precision == "fp16":
-        convert_fp16(src, tmp_path / "m16.onnx")
-        src = tmp_path / "m16.onnx"
-    elif precision == "int8":
-        train, _ = rf.split_paths("train")
-        prepare_int8_onnx(out / "model.onnx", tmp_path / "q.onnx", calibration_batches(train, t.image_size, count=128))
-        src = tmp_path / "q.onnx"
-    profile = BatchProfile(1, 8, 16)
-    info = build_engine(src, out / f"model.{precision}.engine", precision=precision, profile=profile,
-                        input_hw=t.image_size)
-    assert info["strongly_typed"] and (precision != "fp32" or info["tf32"] is False)
-    manifest["models"][f"trt-{precision}"] = engine_entry(f"model.{precision}.engine", precision, profile,
-                                                          device_info())
-    manifest = finalize_manifest(out, manifest)
-    b = Bundle(out, manifest)
-    x, y, _ = verification_images(rf, t.image_size, 256)
-    ref_f, ref_p = OrtRunner(b, "onnx-fp32", "cpu").run(x)
-    with TrtRunner(b, f"trt-{precision}") as r:
-        f, p = r.run(x)
-        f3, p3 = r.run(x[:3])  # below opt, inside the profile
+    profile = BatchProfile(4, 8, 8)
+    build_engine(out / "model.onnx", out / "model.fp32.engine", precision="fp32", profile=profile,
+                 input_hw=t.image_size)
+    manifest["models"]["trt-fp32"] = engine_entry("model.fp32.engine", "fp32", profile, device_info())
+    b = Bundle(out, finalize_manifest(out, manifest))
+    x, _, _ = verification_images(rf, t.image_size, 19)
+    x = x[:19]
+    ref = OrtRunner(b, "onnx-fp32", "cpu").run(x)
+    r = TrtRunner(b, "trt-fp32")
+    assert r.batch_range == (4, 8)
+    f, p = r.run(x)                      # 8 + 8 + 3 (the 3 padded to 4)
+    f3, p3 = r.run(x[:3])                # below the profile minimum
+    np.testing.assert_allclose(p, ref[1], atol=1e-4)
+    np.testing.assert_allclose(f, ref[0], rtol=1e-3, atol=1e-3 * float(np.abs(ref[0]).max()))
     np.testing.assert_allclose(p3, p[:3], atol=1e-5)
-    v = compare_outputs(ref_p, p, y)
-    if precision == "fp32":
-        assert v["top1_agreement"] >= 0.999 and v["max_abs_diff"] <= 1e-3, v
-        np.testing.assert_allclose(f, ref_f, rtol=1e-3, atol=1e-3 * float(np.abs(ref_f).max()))
-    else:
-        # limits from the same models on ONNX Runtime CPU (this run's kind of model, 256 validation
-        # images): fp16 max |dp| 0.0, int8 QDQ max |dp| 0.0125, both top-1 agreement 1.0, drop 0
-        max_dp, min_agree = {"fp16": (0.05, 0.99), "int8": (0.1, 0.95)}[precision]
-        assert v["max_abs_diff"] <= max_dp and v["top1_agreement"] >= min_agree, v
-        assert v["accuracy_drop"] <= 0.02, v
-        assert np.all(np.isfinite(f)) and np.all(np.isfinite(p))
+    r.close()
+    assert not r.active
+    np.testing.assert_allclose(r.run(x[:5])[1], p[:5], atol=1e-5)
+    r.close()
 
 
 @pytest.mark.gpu
