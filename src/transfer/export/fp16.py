@@ -17,7 +17,11 @@ on every bundle model here).
 
 The converted model is verified like the other precisions (:func:`verify_fp16`): run by ONNX
 Runtime on the verification images and compared with ``model.onnx`` (accuracy drop limit,
-finite outputs, float32 I/O).
+finite outputs, float32 I/O). ONNX Runtime's CPU provider computes some fp16 operators in
+float32 internally (its Softmax output sums to 1 within 6e-7 even at 1,000 classes), so
+that check bounds what the conversion itself changes (weights rounded to fp16, clamped
+values); a GPU's fp16 arithmetic is checked where it runs, on the engine built from this
+model (``transfer export --trt fp16`` verifies it against ONNX fp32).
 """
 
 from __future__ import annotations
