@@ -48,9 +48,10 @@ def parse_batch_profile(text: str) -> BatchProfile:
     Raises:
         ConfigError: not 1 or 3 positive integers with min <= opt <= max.
 
-    Example:
-        >>> parse_batch_profile("1:8:32")
-        BatchProfile(min=1, opt=8, max=32)
+    Example::
+
+        parse_batch_profile("1:8:32")
+        # BatchProfile(min=1, opt=8, max=32)
     """
     parts = [p.strip() for p in str(text).split(":")]
     try:
@@ -60,15 +61,16 @@ def parse_batch_profile(text: str) -> BatchProfile:
     if len(nums) == 1:
         nums = nums * 3
     if len(nums) != 3 or min(nums) < 1 or not nums[0] <= nums[1] <= nums[2]:
-        raise ConfigError(f"invalid --batch {text!r}; accepted: MIN:OPT:MAX positive integers with "
-                          "MIN <= OPT <= MAX (e.g. 1:8:32), or one batch size")
+        raise ConfigError(f"invalid batch profile {text!r}; accepted: MIN:OPT:MAX positive integers with "
+                          "MIN <= OPT <= MAX (e.g. 1:8:32), or one batch size", option="batch")
     return BatchProfile(*nums)
 
 
 def check_precision(precision: str) -> str:
     p = str(precision).lower()
     if p not in PRECISIONS:
-        raise ConfigError(f"invalid --trt {precision!r}; accepted: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"invalid TensorRT precision {precision!r}; accepted: {', '.join(PRECISIONS)}",
+                          option="trt")
     return p
 
 
@@ -87,9 +89,10 @@ def qdq_summary(onnx_path: str | os.PathLike) -> dict:
     Returns:
         ``{"quantize": n, "dequantize": n, "nonzero_zero_points": [initializer names]}``.
 
-    Example:
-        >>> qdq_summary("model.trt-int8.onnx")["nonzero_zero_points"]  # doctest: +SKIP
-        []
+    Example::
+
+        qdq_summary("model.trt-int8.onnx")["nonzero_zero_points"]
+        # []
     """
     import onnx
     from onnx import numpy_helper
@@ -155,9 +158,10 @@ def build_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, p
     Returns:
         ``{"precision", "batch", "workspace_mb"}``.
 
-    Example:
-        >>> build_engine("bundle/model.onnx", "model.fp16.engine", precision="fp16",
-        ...              profile=parse_batch_profile("1:8:32"), input_hw=(224, 224))  # doctest: +SKIP
+    Example::
+
+        build_engine("bundle/model.onnx", "model.fp16.engine", precision="fp16",
+                     profile=parse_batch_profile("1:8:32"), input_hw=(224, 224))
 
     Raises:
         TensorRTUnavailableError: no GPU / TensorRT.
