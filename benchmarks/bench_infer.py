@@ -3,7 +3,7 @@ memory of infer over 20,000 vs 1,000 images.
 
     python benchmarks/bench_infer.py [--backbone mobilenet_v2] [--images 512] [--memory 1000,20000]
 
-Bars (issue 5): end-to-end >= 80 % of backbone-only throughput (decoding hidden behind
+Targets: end-to-end >= 80 % of backbone-only throughput (decoding hidden behind
 inference); peak RSS over 20,000 images <= 1.2x the peak over 1,000.
 """
 

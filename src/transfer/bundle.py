@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +52,23 @@ class Bundle:
         return self.path / rel
 
     def model_entry(self, key: str) -> dict:
-        models = self.models
-        if key not in models:
-            raise BundleError(
-                f"bundle {self.path} has no model {key!r}",
-                hint=f"available: {', '.join(sorted(models)) or '(none)'}",
-            )
-        return models[key]
+        """The ``models`` entry ``key`` (``onnx-fp32``, ``trt-fp16`` ...).
+
+        Raises:
+            BundleError: no such model (the hint lists the ones there are).
+        """
+        return self._entry("models", "model", key, [])
 
     def head_entry(self, name: str) -> dict:
-        heads = self.heads
-        if name not in heads:
-            raise BundleError(
-                f"bundle {self.path} has no head {name!r}",
-                hint=f"available: network{', ' if heads else ''}{', '.join(sorted(heads))}",
-            )
-        return heads[name]
+        """The ``heads`` entry ``name`` (``rf`` ...); ``network`` is not a bundled head."""
+        return self._entry("heads", "head", name, ["network"])
+
+    def _entry(self, group: str, what: str, key: str, always: list[str]) -> dict:
+        entries = dict(self.manifest.get(group) or {})
+        if key not in entries:
+            raise BundleError(f"bundle {self.path} has no {what} {key!r}",
+                              hint=f"available: {', '.join(always + sorted(entries)) or '(none)'}")
+        return entries[key]
 
 
 def _safe_rel(bundle: Path, rel: str) -> Path:
@@ -298,8 +300,85 @@ def file_entry(path: str | os.PathLike) -> dict[str, Any]:
     return {"sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
+LABELS = "labels.json"
+VERIFICATION = "verification.json"
+
+
+def new_manifest(*, class_names, input_size: tuple[int, int], feature_dim: int, models: dict,
+                 heads: dict | None = None, preprocessing: dict | None = None, **content) -> dict:
+    """A manifest for :func:`write_bundle`: the caller gives the content (class names, input
+    size, feature width, model and head entries, and informational fields such as
+    ``tools``, ``source``, ``backbone``, ``opset``); this module owns the format fields
+    (``format``, ``format_version``, ``created``, ``labels``, ``files``, ``valid``,
+    ``verification``) and the input block's fixed recipe (RGB float32 NHWC 0..255).
+
+    Example::
+
+        m = new_manifest(class_names=["cat", "dog"], input_size=(224, 224), feature_dim=1280,
+                         models={"onnx-fp32": {"file": "model.onnx", "precision": "fp32",
+                                               "runtime": "onnxruntime"}},
+                         tools=tool_versions(), source={"run": "/runs/cd", "trial": "xception-t030"})
+        write_bundle("bundle/", m, {"onnx-fp32": check})
+    """
+    from .data.image import PREPROCESSING
+
+    h, w = (int(v) for v in input_size)
+    names = [str(c) for c in class_names]
+    manifest = {
+        "format": BUNDLE_FORMAT, "format_version": FORMAT_VERSION, "valid": False,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **{k: v for k, v in content.items() if k not in _OWNED},
+        "class_names": names, "labels": LABELS,
+        "input": {"name": "image", "height": h, "width": w, "channels": 3, "color": "RGB", "dtype": "float32",
+                  "range": [0, 255], "layout": "NHWC"},
+        "preprocessing": dict(preprocessing if preprocessing is not None else PREPROCESSING),
+        "feature_dim": int(feature_dim), "num_classes": len(names),
+        "models": dict(models), "heads": dict(heads or {}),
+        "default_head": content.get("default_head", "network"),
+        "files": {}, "verification": {},
+    }
+    return manifest
+
+
+#: manifest fields :func:`new_manifest` and :func:`write_bundle` own (content cannot set them)
+_OWNED = ("format", "format_version", "valid", "created", "labels", "files", "verification", "class_names",
+          "input", "num_classes")
+
+
+def write_bundle(path: str | os.PathLike, manifest: dict, checks: dict[str, dict], *,
+                 images: list[str] | None = None, exclude: tuple[str, ...] = ()) -> dict:
+    """Finish a bundle folder holding its model and head files: write ``labels.json`` (the
+    class names), ``verification.json`` (``images`` and every check) and ``manifest.json``
+    with the checks' summary, ``valid`` (every check passed) and the SHA-256 of every file.
+
+    ``checks`` maps a model key or ``head-<name>`` to its verification (a dict with
+    ``passed``; nested dicts stay in verification.json only). Call it again after adding a
+    model (a TensorRT engine) with the updated checks. ``exclude``: files of the folder that
+    are not part of the bundle (left unlisted).
+
+    Returns:
+        the manifest as written.
+    """
+    bundle = Path(path)
+    m = dict(manifest)
+    write_json_atomic(bundle / LABELS, list(m["class_names"]))
+    write_json_atomic(bundle / VERIFICATION, {"images": list(images or []), **checks})
+    m["verification"] = {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)} for k, v in checks.items()}
+    m["valid"] = bool(checks) and all(v.get("passed") is True for v in checks.values())
+    m["labels"] = LABELS
+    return finalize_manifest(bundle, m, exclude=exclude)
+
+
+def read_checks(path: str | os.PathLike) -> tuple[dict[str, dict], list[str]]:
+    """``(checks, images)`` of a bundle's ``verification.json`` (to add a check and rewrite it)."""
+    rec = read_json(Path(path) / VERIFICATION)
+    images = rec.pop("images", [])
+    return rec, images
+
+
 def finalize_manifest(path: str | os.PathLike, manifest: dict, *, exclude: tuple[str, ...] = ()) -> dict:
-    """Hash every file under ``path`` into ``manifest['files']`` and write manifest.json atomically."""
+    """Hash every file under ``path`` into ``manifest['files']`` and write manifest.json atomically
+    (hidden files and ``exclude`` left out). :func:`write_bundle` ends with it."""
     bundle = Path(path)
     files = {}
     for p in sorted(bundle.rglob("*")):

@@ -69,39 +69,33 @@ def test_invalid_bundle_refused_unless_allowed(tmp_path):
     assert load_bundle(b, allow_invalid=True).manifest["valid"] is False
 
 
+def _edit(b, fn):
+    m = json.loads((b / "manifest.json").read_text())
+    fn(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
 def test_manifest_path_escape_is_refused(tmp_path):
     b = _make(tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
-    m["files"]["../outside"] = {"sha256": "0" * 64, "bytes": 1}
-    (b / "manifest.json").write_text(json.dumps(m))
+    _edit(b, lambda m: m["files"].update({"../outside": {"sha256": "0" * 64, "bytes": 1}}))
     with pytest.raises(TamperedBundleError, match="outside the bundle"):
         load_bundle(b)
 
 
 def test_unsupported_version(tmp_path):
     b = _make(tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
-    m["format_version"] = 99
-    (b / "manifest.json").write_text(json.dumps(m))
+    _edit(b, lambda m: m.update(format_version=99))
     with pytest.raises(BundleError, match="version 99"):
         load_bundle(b)
 
 
 def test_model_file_missing_from_the_hash_list_is_refused(tmp_path):
     b = _make(tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
-    del m["files"]["heads/rf.pkl"]  # the head is still referenced but no longer hashed
-    (b / "manifest.json").write_text(json.dumps(m))
+    _edit(b, lambda m: m["files"].pop("heads/rf.pkl"))  # the head is still referenced but no longer hashed
     with pytest.raises(TamperedBundleError, match="heads/rf.pkl"):
         load_bundle(b)
     rep = verify_bundle(b)
     assert not rep["ok"] and {"file": "heads/rf.pkl", "problem": "unlisted"} in rep["problems"]
-
-
-def _edit(b, fn):
-    m = json.loads((b / "manifest.json").read_text())
-    fn(m)
-    (b / "manifest.json").write_text(json.dumps(m))
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_files import solid_pngs  # noqa: E402
 
 from transfer.errors import ConfigError, ExportError, TensorRTUnavailableError
 from transfer.export.quantize import calibration_batches
@@ -38,11 +40,7 @@ def test_batch_profile_parsing():
 
 
 def test_calibration_batches_skip_bad_files_and_respect_count(tmp_path):
-    paths = []
-    for i in range(10):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray(np.full((20, 30, 3), i * 20, np.uint8)).save(p)
-        paths.append(p)
+    paths = solid_pngs(tmp_path, [i * 20 for i in range(10)], (20, 30), name="{i}.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     paths.append(tmp_path / "bad.png")
     batches = list(calibration_batches(paths, (8, 8), count=11, batch=4))

@@ -7,9 +7,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_files import solid_pngs  # noqa: E402
 
 from transfer.errors import BundleError, ConfigError
 from transfer.data.stream import batches, iter_inputs
@@ -26,11 +27,7 @@ def test_provider_choice():
 
 
 def test_pipeline_keeps_order_and_marks_errors(tmp_path):
-    paths = []
-    for i in range(11):
-        p = tmp_path / f"{i:02d}.png"
-        Image.fromarray(np.full((5, 7, 3), i * 10, np.uint8)).save(p)
-        paths.append(p)
+    solid_pngs(tmp_path, [i * 10 for i in range(11)])
     (tmp_path / "05.png").write_bytes(b"broken")
     got = list(batches(iter_inputs([tmp_path]), (4, 4), batch=4, workers=3, prefetch=1))
     items = [it for b in got for it in b.items]
@@ -43,8 +40,7 @@ def test_pipeline_keeps_order_and_marks_errors(tmp_path):
 
 
 def test_pipeline_stops_cleanly_when_the_consumer_stops(tmp_path):
-    for i in range(50):
-        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    solid_pngs(tmp_path, [0] * 50, (4, 4), name="{i}.png")
     it = batches(iter_inputs([tmp_path]), (4, 4), batch=2, prefetch=1)
     next(it)
     it.close()  # must not hang on the full queue

@@ -43,11 +43,12 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
     2 bad option; 3 TensorRT requested but no NVIDIA GPU / TensorRT (the ONNX bundle is kept).
     """
     from ..export.api import export_bundle
+    from ..progress import Progress
 
     res = export_bundle(run, trial=trial, out=out, head=head, quantize=quantize, trt=trt, batch=batch,
                         calib_images=calib_images, verify_images=verify_images, atol=atol,
                         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, force=force,
-                        opset=opset, workspace_mb=workspace_mb, progress=None if quiet else click.echo)
+                        opset=opset, workspace_mb=workspace_mb, progress=Progress(quiet=quiet))
     click.echo(f"{res.bundle_dir}: verified ({', '.join(sorted(res.manifest['models']))}"
                f"{', heads ' + ', '.join(sorted(res.manifest['heads'])) if res.manifest['heads'] else ''}) "
                f"in {res.seconds:.1f}s")

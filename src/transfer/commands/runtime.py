@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
@@ -52,50 +51,27 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
     error row and are counted; the run goes on. Exit code: 0, or 1 when no file succeeded
     or, with --strict, when any file failed.
     """
-    from ..runtime.infer import InferSummary, exit_code, infer
+    from ..errors import ConfigError
+    from ..progress import Progress
+    from ..runtime.infer import exit_code, infer
 
+    progress = Progress(quiet=quiet)
+    common = dict(out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format, backend=backend,
+                  providers=providers, recursive=recursive, workers=workers, progress=progress)
     if use_ray:
         from ..runtime.ray_infer import infer_ray
 
-        r = infer_ray(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
-                      recursive=recursive, address=address, workers=workers, threads_per_worker=threads or 1,
-                      gpus_per_worker=gpus_per_worker, backend=backend, providers=providers)
-        if not quiet:
-            click.echo(f"{r['total']} file(s): {r['ok']} predicted, {r['errors']} error(s) in {r['seconds']:.2f}s "
-                       f"({r['images_per_second']:.1f} img/s on Ray, {workers} worker(s)) -> {r['out']}"
-                       + (f", {r['parquet']}" if r["parquet"] else ""), err=True)
-        sys.exit(exit_code(InferSummary(total=r["total"], ok=r["ok"], errors=r["errors"]), strict))
-    if address or gpus_per_worker:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{'--address' if address else '--gpus-per-worker'} needs --ray")
-
-    last = [0.0]
-
-    def show(s):
-        if quiet or out in (None, "-"):
-            return
-        now = time.time()
-        if now - last[0] >= 1.0:
-            last[0] = now
-            click.echo(f"\r{s.total} images, {s.errors} errors, {s.images_per_second:.1f} img/s", nl=False, err=True)
-
-    s = infer(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
-              backend=backend, providers=providers, recursive=recursive, workers=workers, threads=threads,
-              progress=show)
-    if not quiet:
-        if out not in (None, "-"):
-            click.echo("", err=True)
-        click.echo(f"{s.total} file(s): {s.ok} predicted, {s.errors} error(s) in {s.seconds:.2f}s "
-                   f"({s.images_per_second:.1f} img/s; {s.backend} on {s.provider}, head {s.head}; "
-                   f"providers found: {', '.join(p.replace('ExecutionProvider', '') for p in s.providers_found)})"
-                   + (f" -> {s.out}" if s.out else ""), err=True)
-        for e in s.error_examples:
-            click.echo(f"  error: {e}", err=True)
-        if s.errors > len(s.error_examples):
-            click.echo(f"  ... and {s.errors - len(s.error_examples)} more (see the error column)", err=True)
-    if s.total == 0:
-        click.echo("error: no image files found in the inputs", err=True)
+        s = infer_ray(bundle, inputs, address=address, threads_per_worker=threads or 1,
+                      gpus_per_worker=gpus_per_worker, **common)
+    else:
+        if address or gpus_per_worker:
+            raise ConfigError(f"{'--address' if address else '--gpus-per-worker'} needs --ray")
+        s = infer(bundle, inputs, threads=threads, **common)
+    for line in s.lines():
+        if not line.startswith("error:"):
+            progress.say(line)
+        else:  # nothing found: said even with --quiet
+            click.echo(line, err=True)
     sys.exit(exit_code(s, strict))
 
 
@@ -122,12 +98,13 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, provide
     """
     from pathlib import Path
 
+    from ..progress import Progress
     from ..runtime.bench import bench, render_table
 
     out_dir = Path(out) if out else Path(bundle).resolve().parent / "bench"
     res = bench(bundle, backends=parse_csv(backends, name="--backends"),
                 batches=parse_csv(batches, int, name="--batch"), head=head, images=list(images) or None,
-                seconds=seconds, threads=threads, out_dir=out_dir, progress=None if quiet else click.echo,
+                seconds=seconds, threads=threads, out_dir=out_dir, progress=Progress(quiet=quiet),
                 providers=None if providers == "auto" else providers, extra_runners={"keras": _keras_runner})
     click.echo(render_table(res))
     click.echo(f"-> {out_dir}/bench.json, bench.md" + (", bench.png" if res["rows"] else ""))

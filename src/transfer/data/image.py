@@ -115,9 +115,10 @@ def decode_image_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_
     Raises:
         ImageDecodeError: empty, truncated, not an image, or absurd dimensions.
 
-    Example:
-        >>> decode_image_bytes(Path("a.png").read_bytes(), "a.png").shape  # doctest: +SKIP
-        (8, 8, 3)
+    Example::
+
+        decode_image_bytes(Path("a.png").read_bytes(), "a.png").shape
+        # (8, 8, 3)
     """
     if not data:
         raise ImageDecodeError(name, "empty file (0 bytes)")
@@ -189,10 +190,11 @@ def load_image(
     serving alike. The model's graph takes these pixels as float32 in [0, 255] and does
     its own normalization.
 
-    Example:
-        >>> x = load_image("data/digits/3/0001.png", (32, 32))  # doctest: +SKIP
-        >>> x.shape, x.dtype
-        ((32, 32, 3), dtype('uint8'))
+    Example::
+
+        x = load_image("data/digits/3/0001.png", (32, 32))
+        x.shape, x.dtype
+        # ((32, 32, 3), dtype('uint8'))
     """
     arr = decode_image(path, max_pixels=max_pixels)
     return resize_image(arr, size) if size is not None else arr

@@ -50,9 +50,10 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     through ``pyarrow.fs`` (:mod:`transfer.data.remote`); a path that does not exist, or a directory named like an image,
     yields an error entry instead of stopping the run.
 
-    Example:
-        >>> list(iter_inputs(["a.png"]))  # doctest: +SKIP
-        [('a.png', None)]
+    Example::
+
+        list(iter_inputs(["a.png"]))
+        # [('a.png', None)]
     """
     seen_dirs: set[tuple[int, int]] = set()
 

@@ -43,27 +43,32 @@ def check_out(out: Path, force: bool, run_path: Path | None = None) -> None:
     Raises:
         BundleError: what is in the way and what to do.
 
-    Example:
-        >>> check_out(Path("runs/digits/bundle"), force=False)  # doctest: +SKIP
+    Example::
+
+        check_out(Path("runs/digits/bundle"), force=False)
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise BundleError(f"--out {out} exists and is not a folder", hint="choose another --out")
+        raise BundleError(f"output {out} exists and is not a folder", hint="choose another output folder",
+                          option="out")
     if run_path is not None:
         o, r = out.resolve(), Path(run_path).resolve()
         if o == r or o in r.parents:
-            raise BundleError(f"--out {out} is the run folder or holds it; the export would replace the run",
+            raise BundleError(f"output {out} is the run folder or holds it; the export would replace the run",
+                              option="out",
                               hint=f"use the default {Path(run_path) / 'bundle'} or another folder")
     if out.is_dir() and any(out.iterdir()):
         foreign = _not_bundle_files(out)
         if foreign is not None:
             raise BundleError(f"output folder {out} holds files that are not part of a transfer bundle "
                               f"({foreign})",
-                              hint="choose an empty or new --out (--force only replaces a folder that holds "
+                              option="out",
+                              hint="choose an empty or new output folder (force only replaces a folder that holds "
                                    "nothing but a bundle)")
         if not force:
             raise BundleError(f"output folder {out} already holds a bundle",
-                              hint="pass --force to replace it, or choose another --out")
+                              hint="replace it (`transfer export RUN --out OUT --force`), or choose another "
+                                   "output folder", option="out")
 
 
 def _not_bundle_files(folder: Path) -> str | None:
@@ -95,9 +100,10 @@ def staged_bundle(out: Path) -> Iterator[Path]:
     ``out`` is left as it was. An existing ``out`` is moved aside first and deleted after
     the new bundle is in place.
 
-    Example:
-        >>> with staged_bundle(Path("runs/digits/bundle")) as tmp:  # doctest: +SKIP
-        ...     (tmp / "model.onnx").write_bytes(data)
+    Example::
+
+        with staged_bundle(Path("runs/digits/bundle")) as tmp:
+            (tmp / "model.onnx").write_bytes(data)
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,9 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
     Raises:
         ExportError: tf2onnx failed, or the written graph lacks the expected names.
 
-    Example:
-        >>> export_onnx(load_model("runs/d/trials/arc2-t100/model.keras"), "model.onnx")  # doctest: +SKIP
+    Example::
+
+        export_onnx(load_model("runs/d/trials/arc2-t100/model.keras"), "model.onnx")
     """
     tf = import_tensorflow()
     tf2onnx = require("tf2onnx", purpose="ONNX export")
@@ -58,7 +59,8 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
         proto, _ = tf2onnx.convert.from_keras(two, input_signature=spec, opset=opset)
     except Exception as exc:  # tf2onnx raises many kinds
         raise ExportError(f"tf2onnx could not convert model {model.name!r}: {type(exc).__name__}: {exc}",
-                          hint=f"try another --opset (now {opset}); run with --debug for the traceback") from exc
+                          hint=f"try another opset (now {opset}); `transfer --debug export ...` shows the traceback",
+                          option="opset") from exc
     # tf2onnx names outputs after the Keras layers ("features", "probs"); make sure of it
     outs = [o.name for o in proto.graph.output]
     if outs != list(OUTPUT_NAMES):

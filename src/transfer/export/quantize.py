@@ -11,44 +11,43 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ExportError
+from ..progress import ProgressLike, as_progress
 
 
 def calibration_batches(paths: Sequence[str | os.PathLike], size: tuple[int, int], *, count: int = 512,
-                        batch: int = 32, seed: int = 0) -> Iterator[np.ndarray]:
+                        batch: int = 32, seed: int = 0, progress: ProgressLike = None) -> Iterator[np.ndarray]:
     """Yield float32 (n, H, W, 3) batches of up to ``count`` images (a seeded sample of ``paths``).
 
     Files that cannot be decoded are skipped (they were reported when the dataset was
-    indexed). Pixels come from :func:`transfer.data.image.load_image`, like training's.
+    indexed); the others are decoded by :func:`transfer.data.stream.decode_batches`, like
+    every image of the package, and packed into full batches. ``progress`` shows a bar.
 
     Raises:
         ExportError: no image at all could be read.
 
-    Example:
-        >>> next(calibration_batches(paths, (32, 32), count=8, batch=4)).shape  # doctest: +SKIP
-        (4, 32, 32, 3)
+    Example::
+
+        next(calibration_batches(paths, (32, 32), count=8, batch=4)).shape    # (4, 32, 32, 3)
     """
-    from ..data.image import load_image
-    from ..errors import ImageDecodeError
+    from ..data.stream import decode_batches
 
     if count <= 0 or batch <= 0:
         raise ExportError(f"calibration needs a positive image count and batch (got {count}, {batch})")
     paths = list(paths)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(paths))[: min(count, len(paths))]
-    buf: list[np.ndarray] = []
+    order = np.random.default_rng(seed).permutation(len(paths))[: min(count, len(paths))]
+    buf = np.zeros((0, size[0], size[1], 3), np.float32)
     used = 0
-    for i in order:
-        try:
-            buf.append(load_image(paths[i], size))
-        except ImageDecodeError:
-            continue
-        if len(buf) == batch:
+    with as_progress(progress).bar(len(order), "calibration images", unit="img") as bar:
+        for pb in decode_batches([paths[i] for i in order], size, batch=batch):
+            bar.update(len(pb.items))
+            buf = np.concatenate([buf, pb.x])
+            while len(buf) >= batch:
+                used += batch
+                yield buf[:batch]
+                buf = buf[batch:]
+        if len(buf):
             used += len(buf)
-            yield np.stack(buf).astype(np.float32)
-            buf = []
-    if buf:
-        used += len(buf)
-        yield np.stack(buf).astype(np.float32)
+            yield buf
     if used == 0:
         raise ExportError(f"none of the {len(order)} calibration images could be read")
 
@@ -77,8 +76,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
     Raises:
         ExportError: quantization failed, or no calibration batch was given.
 
-    Example:
-        >>> quantize_int8("model.onnx", "model.int8.onnx", calibration_batches(paths, (32, 32)))  # doctest: +SKIP
+    Example::
+
+        quantize_int8("model.onnx", "model.int8.onnx", calibration_batches(paths, (32, 32)))
     """
     q = require("onnxruntime.quantization", purpose="int8 quantization")
     batches = iter(batches)

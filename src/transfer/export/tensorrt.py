@@ -54,9 +54,10 @@ def parse_batch_profile(text: str) -> BatchProfile:
     Raises:
         ConfigError: not 1 or 3 positive integers with min <= opt <= max.
 
-    Example:
-        >>> parse_batch_profile("1:8:32")
-        BatchProfile(min=1, opt=8, max=32)
+    Example::
+
+        parse_batch_profile("1:8:32")
+        # BatchProfile(min=1, opt=8, max=32)
     """
     parts = [p.strip() for p in str(text).split(":")]
     try:
@@ -66,15 +67,16 @@ def parse_batch_profile(text: str) -> BatchProfile:
     if len(nums) == 1:
         nums = nums * 3
     if len(nums) != 3 or min(nums) < 1 or not nums[0] <= nums[1] <= nums[2]:
-        raise ConfigError(f"invalid --batch {text!r}; accepted: MIN:OPT:MAX positive integers with "
-                          "MIN <= OPT <= MAX (e.g. 1:8:32), or one batch size")
+        raise ConfigError(f"invalid batch profile {text!r}; accepted: MIN:OPT:MAX positive integers with "
+                          "MIN <= OPT <= MAX (e.g. 1:8:32), or one batch size", option="batch")
     return BatchProfile(*nums)
 
 
 def check_precision(precision: str) -> str:
     p = str(precision).lower()
     if p not in PRECISIONS:
-        raise ConfigError(f"invalid --trt {precision!r}; accepted: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"invalid TensorRT precision {precision!r}; accepted: {', '.join(PRECISIONS)}",
+                          option="trt")
     return p
 
 
@@ -93,9 +95,10 @@ def qdq_summary(onnx_path: str | os.PathLike) -> dict:
     Returns:
         ``{"quantize": n, "dequantize": n, "nonzero_zero_points": [initializer names]}``.
 
-    Example:
-        >>> qdq_summary("model.trt-int8.onnx")["nonzero_zero_points"]  # doctest: +SKIP
-        []
+    Example::
+
+        qdq_summary("model.trt-int8.onnx")["nonzero_zero_points"]
+        # []
     """
     import onnx
     from onnx import numpy_helper

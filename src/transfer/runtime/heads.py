@@ -51,7 +51,8 @@ class PickleHead(Head):
             import sklearn  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"the pickled head needs scikit-learn ({exc})",
-                              hint="pip install scikit-learn, or use --head-format onnx") from exc
+                              hint="pip install scikit-learn, or run the head's ONNX form (no scikit-learn needed)",
+                              option="head_format") from exc
         with open(path, "rb") as fh:
             self.est = pickle.load(fh)
         self.name = name
@@ -68,13 +69,13 @@ def check_head(bundle: Bundle, name: str | None, fmt: str = "onnx") -> None:
         ConfigError: unknown format.
     """
     if fmt not in ("onnx", "pickle"):
-        raise ConfigError(f"invalid --head-format {fmt!r}; accepted: onnx, pickle")
+        raise ConfigError(f"invalid head format {fmt!r}; accepted: onnx, pickle", option="head_format")
     if not name or name == "network":
         return
     entry = bundle.head_entry(name)
     if not entry.get(fmt):
         raise BundleError(f"head {name!r} of bundle {bundle.path} has no {fmt} form",
-                          hint=f"use --head-format {'pickle' if fmt == 'onnx' else 'onnx'}")
+                          hint=f"run its {'pickle' if fmt == 'onnx' else 'onnx'} form", option="head_format")
 
 
 def make_head(bundle: Bundle, name: str | None = None, fmt: str = "onnx") -> Head:

@@ -53,7 +53,8 @@ def check_engine_matches(entry: dict, device: dict) -> None:
     if diffs:
         raise BundleError(
             f"engine {entry.get('file')} was built for {entry.get('gpu', '?')} and cannot run here: {'; '.join(diffs)}",
-            hint="rebuild it on this machine: transfer export RUN --trt PRECISION, or use --backend onnxruntime",
+            hint="rebuild it on this machine (`transfer export RUN --trt PRECISION --force`), or run the bundle's "
+                 "ONNX model (`transfer infer BUNDLE ... --backend onnxruntime`)",
         )
 
 
@@ -339,9 +340,10 @@ def model_key_for(bundle: Bundle, backend: str | None) -> str:
     Raises:
         ConfigError: unknown backend; BundleError: the bundle has no such model / engine.
 
-    Example:
-        >>> model_key_for(bundle, "onnxruntime-int8")  # doctest: +SKIP
-        'onnx-int8'
+    Example::
+
+        model_key_for(bundle, "onnxruntime-int8")
+        # 'onnx-int8'
     """
     backend = backend or "onnxruntime"
     if backend == "tensorrt" or backend.startswith("tensorrt-"):
@@ -350,7 +352,8 @@ def model_key_for(bundle: Bundle, backend: str | None) -> str:
         if key not in engines:
             raise BundleError(f"bundle {bundle.path} has no {'TensorRT' if backend == 'tensorrt' else backend} engine",
                               hint=f"engines in it: {', '.join(engines) or '(none)'}; build one on a GPU machine "
-                                   "(`transfer export RUN --trt fp16 --force`), or use --backend onnxruntime")
+                                   "(`transfer export RUN --trt fp16 --force`), or run its ONNX model "
+                                   "(`transfer infer BUNDLE ... --backend onnxruntime`)", option="backend")
         return key
     if backend == "onnxruntime" or backend.startswith("onnxruntime-"):
         key = "onnx-" + (backend.partition("-")[2] or "fp32")
@@ -368,14 +371,15 @@ def make_runner(bundle: Bundle, backend: str | None = None, providers: Sequence[
         TensorRTUnavailableError: ``tensorrt`` without GPU.
     """
     if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be positive (got {threads})")
+        raise ConfigError(f"ONNX Runtime threads must be positive (got {threads})", option="threads")
     key = model_key_for(bundle, backend)
     if bundle.models[key].get("runtime") == "tensorrt":
         try:
             return TrtRunner(bundle, key)
         except TensorRTUnavailableError as exc:
-            raise TensorRTUnavailableError(exc.message, hint="run the bundle's ONNX model here: --backend onnxruntime "
-                                                            "(TensorRT engines need an NVIDIA GPU and TensorRT)") from None
+            raise TensorRTUnavailableError(exc.message, hint="run the bundle's ONNX model here (`transfer infer "
+                                                            "BUNDLE ... --backend onnxruntime`); TensorRT engines "
+                                                            "need an NVIDIA GPU and TensorRT") from None
     return OrtRunner(bundle, key, providers, threads)
 
 

@@ -37,9 +37,10 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     Raises:
         ConfigError: a requested provider is unknown or not available in this build.
 
-    Example:
-        >>> choose_providers("cpu")
-        ['CPUExecutionProvider']
+    Example::
+
+        choose_providers("cpu")
+        # ['CPUExecutionProvider']
     """
     avail = available_providers()
     if requested is None or requested == "" or requested == []:
@@ -64,7 +65,8 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
 def _items(requested: Sequence[str] | str) -> list[str]:
     items = [r.strip() for r in requested.split(",")] if isinstance(requested, str) else [str(r).strip() for r in requested]
     if not all(items):
-        raise ConfigError(f"invalid --providers {requested!r}: an empty name", hint="e.g. --providers cuda,cpu")
+        raise ConfigError(f"invalid providers list {requested!r}: an empty name", hint="e.g. cuda,cpu",
+                          option="providers")
     return items
 
 
@@ -73,9 +75,10 @@ def provider_name(short: str, avail: Sequence[str] = ()) -> str:
     provider's name without ``ExecutionProvider`` (``Azure``, ``OpenVINO``; any case), or a
     full name.
 
-    Example:
-        >>> provider_name("cuda"), provider_name("azure", ["AzureExecutionProvider"])
-        ('CUDAExecutionProvider', 'AzureExecutionProvider')
+    Example::
+
+        provider_name("cuda"), provider_name("azure", ["AzureExecutionProvider"])
+        # ('CUDAExecutionProvider', 'AzureExecutionProvider')
     """
     low = short.lower()
     if low in ALIASES:
