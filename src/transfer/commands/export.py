@@ -13,7 +13,8 @@ from ._options import quiet_option
 @click.option("--out", type=click.Path(), help="Bundle folder. [default: RUN/bundle]")
 @click.option("--head", type=click.Choice(["rf", "svm", "logreg", "knn"]),
               help="Also ship this classical head (pickle + ONNX); fitted from cached features if absent.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Add a static int8 ONNX model for CPUs.")
+@click.option("--quantize", metavar="int8|fp16|int8,fp16",
+              help="Add a static int8 ONNX model (CPUs) and/or an fp16 ONNX model (GPUs); --trt fp16 adds fp16.")
 @click.option("--trt", type=click.Choice(["fp32", "fp16", "int8"]), help="Add a TensorRT engine (NVIDIA GPU only).")
 @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
               help="TensorRT optimization profile of the batch dimension.")
@@ -26,10 +27,15 @@ from ._options import quiet_option
               help="int8 / fp16: maximum validation accuracy drop (0.01 = 1 point).")
 @click.option("--opset", default=17, show_default=True, help="ONNX opset.")
 @click.option("--workspace-mb", default=2048, show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Temperature-scale the probabilities (fitted on the val split, written into the graph) and fit "
+                   "the unknown-input scores that infer/serve --reject use.")
+@click.option("--unknown-accept", default=0.95, show_default=True,
+              help="Share of known (val) images the unknown-input thresholds accept.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @quiet_option
 def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_images, atol, min_agreement,
-           max_accuracy_drop, opset, workspace_mb, force, quiet) -> None:
+           max_accuracy_drop, opset, workspace_mb, calibrate, unknown_accept, force, quiet) -> None:
     """Export a trained trial of RUN as a deployment bundle: ONNX (image -> features, probs;
     preprocessing inside the graph), optional classical head, int8 model and TensorRT engine,
     each verified against its reference on real validation images.
@@ -48,7 +54,8 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
     res = export_bundle(run, trial=trial, out=out, head=head, quantize=quantize, trt=trt, batch=batch,
                         calib_images=calib_images, verify_images=verify_images, atol=atol,
                         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, force=force,
-                        opset=opset, workspace_mb=workspace_mb, progress=Progress(quiet=quiet))
+                        opset=opset, workspace_mb=workspace_mb, calibrate=calibrate, unknown_accept=unknown_accept,
+                        progress=Progress(quiet=quiet))
     click.echo(f"{res.bundle_dir}: verified ({', '.join(sorted(res.manifest['models']))}"
                f"{', heads ' + ', '.join(sorted(res.manifest['heads'])) if res.manifest['heads'] else ''}) "
                f"in {res.seconds:.1f}s")

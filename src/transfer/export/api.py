@@ -109,12 +109,12 @@ class Step:
     accuracy_names: tuple[str, str] | None = None
 
 
-def run_step(ctx: ExportContext, step: Step) -> dict:
-    """Convert, run, compare and record one step; returns its check."""
-    from .verify import accuracy_check, parity_check, summary_line
+def judge(ctx: ExportContext, step: Step) -> dict:
+    """The check of a step whose outputs are in ``ctx.outputs[step.key]``: parity or accuracy
+    against its reference, plus, for a reduced-precision model of a calibrated bundle, the
+    same calibration and unknown decisions as fp32."""
+    from .verify import accuracy_check, parity_check
 
-    entry = step.convert(ctx)
-    ctx.outputs[step.key] = step.run(ctx, entry)
     got = ctx.outputs[step.key][1]
     ref, ref_name = step.reference(ctx)
     if step.check == "parity":
@@ -124,6 +124,18 @@ def run_step(ctx: ExportContext, step: Step) -> dict:
         v = accuracy_check(ref, got, ctx.y, max_accuracy_drop=ctx.limits.max_accuracy_drop, reference_name=ref_name)
     if step.accuracy_names:
         v.update(zip(step.accuracy_names, (v["reference_accuracy"], v["candidate_accuracy"])))
+    if step.group == "models" and step.key not in ("onnx-fp32", "calibration") and "detector" in ctx.extra:
+        _calibration_agreement(ctx, step.key, v)
+    return v
+
+
+def run_step(ctx: ExportContext, step: Step) -> dict:
+    """Convert, run, compare and record one step; returns its check."""
+    from .verify import summary_line
+
+    entry = step.convert(ctx)
+    ctx.outputs[step.key] = step.run(ctx, entry)
+    v = judge(ctx, step)
     getattr(ctx, step.group)[step.name or step.key] = entry
     ctx.checks[step.key] = v
     line = summary_line(step.key, v)
@@ -131,6 +143,28 @@ def run_step(ctx: ExportContext, step: Step) -> dict:
         line += f" (head accuracy {v['reference_accuracy']:.4f})"
     ctx.progress.say(line)
     return v
+
+
+#: limits of every reduced-precision model against calibrated fp32 (ECE difference, same unknown decisions)
+MAX_ECE_DIFF = 0.01
+MIN_UNKNOWN_AGREEMENT = 0.99
+
+
+def _calibration_agreement(ctx: ExportContext, key: str, v: dict) -> None:
+    """A reduced-precision model must keep fp32's calibration and unknown decisions: its ECE
+    within ``MAX_ECE_DIFF`` of fp32's and its accept/reject decisions the same on at least
+    ``MIN_UNKNOWN_AGREEMENT`` of the verification images."""
+    from .. import calibration as cal
+
+    f32, p32 = ctx.outputs["onnx-fp32"]
+    f, p = ctx.outputs[key]
+    det = ctx.extra["detector"]
+    ece32, ece = cal.ece(p32, ctx.y), cal.ece(p, ctx.y)
+    same = float(np.mean(det(f32, p32)[1] == det(f if f is not None else f32, p)[1]))
+    v["calibration"] = {"ece_fp32": ece32, "ece": ece, "ece_diff": abs(ece - ece32), "max_ece_diff": MAX_ECE_DIFF,
+                        "unknown_score": det.score, "unknown_agreement": same,
+                        "min_unknown_agreement": MIN_UNKNOWN_AGREEMENT}
+    v["passed"] = bool(v["passed"] and abs(ece - ece32) <= MAX_ECE_DIFF and same >= MIN_UNKNOWN_AGREEMENT)
 
 
 def _number(name: str, what: str, v, lo: float, hi: float) -> float:
@@ -144,12 +178,16 @@ def _number(name: str, what: str, v, lo: float, hi: float) -> float:
 
 
 def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_drop, verify_images, calib_images,
-                   head):
-    """Every option, before any work: returns ``(limits, TensorRT precision, batch profile, head kind)``."""
+                   head, unknown_accept=0.95):
+    """Every option, before any work: returns ``(limits, TensorRT precision, batch profile, head kind,
+    reduced-precision ONNX models)``."""
     from .tensorrt import check_precision, parse_batch_profile
 
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"invalid quantization {quantize!r}; accepted: int8", option="quantize")
+    kinds = [q.strip() for q in str(quantize).split(",") if q.strip()] if quantize else []
+    bad = [q for q in kinds if q not in ("int8", "fp16")]
+    if bad or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"invalid quantization {quantize!r}; accepted: int8, fp16 or both (int8,fp16)",
+                          option="quantize")
     trt_prec = check_precision(trt) if trt else None
     profile = parse_batch_profile(batch)
     limits = Limits(atol=_number("atol", "probability tolerance", atol, 0, 1),
@@ -165,14 +203,19 @@ def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_dr
         from ..analysis.heads import check_kinds
 
         head = check_kinds([head])[0]
-    return limits, trt_prec, profile, head
+    if isinstance(unknown_accept, bool) or not isinstance(unknown_accept, (int, float)) or not 0 < unknown_accept < 1:
+        raise ConfigError(f"invalid target acceptance {unknown_accept!r}; accepted: a fraction in (0, 1)",
+                          option="unknown_accept")
+    # TensorRT fp16 engines are built from the fp16 ONNX model (strong typing: the graph decides)
+    kinds = kinds + ["fp16"] if trt_prec == "fp16" and "fp16" not in kinds else kinds
+    return limits, trt_prec, profile, head, tuple(kinds)
 
 
 def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None, quantize: str | None = None,
                   trt: str | None = None, batch: str = "1:8:32", calib_images: int = 512, verify_images: int = 256,
                   atol: float = 1e-4, min_agreement: float = 0.999, max_accuracy_drop: float = 0.01,
-                  force: bool = False, opset: int = 17, workspace_mb: int = 2048,
-                  progress: ProgressLike = None) -> ExportResult:
+                  force: bool = False, opset: int = 17, workspace_mb: int = 2048, calibrate: bool = True,
+                  unknown_accept: float = 0.95, progress: ProgressLike = None) -> ExportResult:
     """Export one trial of a run folder as a verified bundle.
 
     Args:
@@ -181,7 +224,8 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         out: bundle folder (default ``RUN/bundle``).
         head: also ship a classical head (``rf``, ``svm``, ``logreg``, ``knn``): the saved
             one of ``transfer heads`` or one fitted now from cached features.
-        quantize: ``int8`` adds ``model.int8.onnx`` (static, calibrated on training images).
+        quantize: ``int8`` adds ``model.int8.onnx`` (static, calibrated on training images),
+            ``fp16`` adds ``model.fp16.onnx``; ``"int8,fp16"`` both.
         trt: ``fp32|fp16|int8`` TensorRT engine (needs an NVIDIA GPU).
         batch: TensorRT optimization profile ``MIN:OPT:MAX``.
         calib_images: training images used to calibrate int8.
@@ -189,6 +233,10 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         atol / min_agreement: fp32 limits (max |dp|, top-1 agreement).
         max_accuracy_drop: int8/fp16 accuracy drop limit (fraction, 0.01 = 1 point).
         force: replace an existing bundle at ``out``.
+        calibrate: fit a temperature on the val split and write it into the graph (so every
+            model of the bundle gives calibrated probabilities), and fit the unknown-input
+            scores (:mod:`transfer.export.calibrate`); ``False`` keeps raw probabilities.
+        unknown_accept: share of known (val) images the unknown-input thresholds accept.
         progress: status lines of every step (a :class:`transfer.progress.Progress`).
 
     Returns:
@@ -212,15 +260,17 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
     t0 = time.time()
     rf = run if isinstance(run, RunFolder) else RunFolder(run)
     t = rf.trial(trial).require_finished()
-    limits, trt_prec, profile, head = _check_options(
+    limits, trt_prec, profile, head, reduced = _check_options(
         quantize=quantize, trt=trt, batch=batch, atol=atol, min_agreement=min_agreement,
-        max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head)
+        max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head,
+        unknown_accept=unknown_accept)
     out = Path(out) if out is not None else rf.bundle_dir
     check_out(out, force, rf.path)
 
     with staged_bundle(out) as tmp:
-        manifest, checks = _assemble(rf, t, tmp, head=head, quantize=quantize, calib_images=calib_images,
-                                     verify_images=verify_images, limits=limits, opset=opset, progress=p)
+        manifest, checks = _assemble(rf, t, tmp, head=head, reduced=reduced, calib_images=calib_images,
+                                     verify_images=verify_images, limits=limits, opset=opset, progress=p,
+                                     calibrate=calibrate, unknown_accept=unknown_accept)
     p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})")
     res = ExportResult(out, manifest, checks, bool(manifest["valid"]), time.time() - t0)
     if not res.ok:
@@ -235,8 +285,10 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
     return res
 
 
-def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, limits: Limits, opset, progress):
-    """The ONNX bundle in ``tmp``: fp32 model, then int8 and a head when asked, then the manifest."""
+def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, limits: Limits, opset, progress,
+              calibrate: bool = True, unknown_accept: float = 0.95):
+    """The ONNX bundle in ``tmp``: fp32 model, its calibration, then int8 / fp16 and a head when
+    asked, then the manifest."""
     from ..bundle import new_manifest, write_bundle
     from .bundle_writer import tool_versions
     from .verify import verification_images
@@ -250,17 +302,26 @@ def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, 
     x, y, used = verification_images(rf, t.image_size, verify_images, progress, fold=t.fold)
     ctx = ExportContext(rf, t, tmp, x, y, limits, progress, opset=opset, calib_images=calib_images,
                         extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes})
-    steps = [_fp32_step()]
-    if quantize == "int8":
-        steps.append(_int8_step())
+    run_step(ctx, _fp32_step())
+    if calibrate:
+        why_not = _cannot_calibrate(rf, t)
+        if why_not:
+            progress.say(f"calibration skipped: {why_not}")
+            ctx.extra["calibration"] = {"method": "none", "reason": why_not}
+        else:
+            run_step(ctx, _calibration_step(unknown_accept))
+            ctx.outputs["onnx-fp32"] = ctx.outputs["calibration"]  # what the other models are compared with
+    steps = ([_int8_step()] if "int8" in reduced else []) + ([_fp16_step()] if "fp16" in reduced else [])
     if head is not None:
         steps.append(_head_step(head))
     for step in steps:
         run_step(ctx, step)
+    calibration = {k: ctx.extra[k] for k in ("calibration", "unknown") if k in ctx.extra}
     manifest = new_manifest(
         class_names=rf.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
         heads=ctx.heads, preprocessing=rf.dataset.get("preprocessing"), tools=tool_versions(),
-        source={"run": str(rf.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset)
+        source={"run": str(rf.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset,
+        **calibration)
     return write_bundle(tmp, manifest, ctx.checks, images=used), ctx.checks
 
 
@@ -291,20 +352,180 @@ def _fp32_step() -> Step:
     return Step("onnx-fp32", convert, _ort_outputs, keras)
 
 
+#: accuracy-aware int8: how many of the first compute layers (Conv / MatMul / Gemm) stay in float
+#: on each attempt, until the int8 model passes its checks
+FLOAT_LAYER_LADDER = (0, 1, 2, 4, 8)
+
+
 def _int8_step() -> Step:
-    """ONNX fp32 -> static int8 (calibrated on training images), compared with fp32 by accuracy."""
+    """ONNX fp32 -> static int8 (calibrated on training images), compared with fp32 by accuracy.
+
+    Accuracy-aware: when the fully quantized model fails its checks (accuracy drop, calibration,
+    unknown decisions), the first compute layers -- the most sensitive to quantization -- are
+    kept in float, one more step of :data:`FLOAT_LAYER_LADDER` at a time; the manifest records
+    which layers stayed in float and why."""
     def convert(ctx):
         from .quantize import calibration_batches, quantize_int8
 
         train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
-        info = quantize_int8(ctx.folder / "model.onnx", ctx.folder / "model.int8.onnx",
-                             calibration_batches(train_paths, ctx.t.image_size, count=ctx.calib_images,
-                                                 progress=ctx.progress))
-        return {"file": "model.int8.onnx", "precision": "int8", "runtime": "onnxruntime", "quantization": info,
+        calib = [b.astype(np.uint8) for b in calibration_batches(train_paths, ctx.t.image_size,
+                                                                 count=ctx.calib_images, progress=ctx.progress)]
+        entry, tried = None, []
+        for k in FLOAT_LAYER_LADDER:
+            info = quantize_int8(ctx.folder / "model.onnx", ctx.folder / "model.int8.onnx",
+                                 (b.astype(np.float32) for b in calib), float_layers=k)
+            entry = {"file": "model.int8.onnx", "precision": "int8", "runtime": "onnxruntime", "quantization": info,
+                     **{kk: ctx.models["onnx-fp32"][kk] for kk in ("inputs", "outputs", "opset")}}
+            ctx.outputs[step.key] = _ort_outputs(ctx, entry)
+            v = judge(ctx, step)
+            if v["passed"] or k == FLOAT_LAYER_LADDER[-1] or len(info.get("float_nodes", [])) < k:
+                break
+            tried.append({"float_layers": k, "why": _failure(v)})
+            ctx.progress.say(f"int8 with {k} first layer(s) in float fails ({tried[-1]['why']}); "
+                             "keeping one more in float")
+        entry["quantization"]["attempts"] = tried
+        return entry
+
+    step = Step("onnx-int8", convert, _ort_outputs, _fp32_outputs, check="accuracy",
+                accuracy_names=("fp32_accuracy", "int8_accuracy"))
+    return step
+
+
+def _failure(v: dict) -> str:
+    """What made a reduced-precision check fail, in words."""
+    why = []
+    if v.get("accuracy_drop", 0) > v.get("limits", {}).get("max_accuracy_drop", 1):
+        why.append(f"accuracy drop {100 * v['accuracy_drop']:.2f} points")
+    c = v.get("calibration") or {}
+    if c and c["ece_diff"] > c["max_ece_diff"]:
+        why.append(f"ECE {c['ece']:.4f} vs fp32 {c['ece_fp32']:.4f}")
+    if c and c["unknown_agreement"] < c["min_unknown_agreement"]:
+        why.append(f"unknown decisions agree on {100 * c['unknown_agreement']:.1f} %")
+    return ", ".join(why) or "not finite"
+
+
+def _fp16_step() -> Step:
+    """ONNX fp32 -> fp16 (onnxconverter-common, float32 input/outputs kept), compared with fp32 by
+    accuracy; TensorRT fp16 engines are built from it."""
+    def convert(ctx):
+        from .fp16 import convert_fp16
+
+        ctx.progress.say("fp16: converting the ONNX model (float32 input and outputs kept)")
+        info = convert_fp16(ctx.folder / "model.onnx", ctx.folder / "model.fp16.onnx")
+        return {"file": "model.fp16.onnx", "precision": "fp16", "runtime": "onnxruntime", "conversion": info,
                 **{k: ctx.models["onnx-fp32"][k] for k in ("inputs", "outputs", "opset")}}
 
-    return Step("onnx-int8", convert, _ort_outputs, _fp32_outputs, check="accuracy",
-                accuracy_names=("fp32_accuracy", "int8_accuracy"))
+    return Step("onnx-fp16", convert, _ort_outputs, _fp32_outputs, check="accuracy",
+                accuracy_names=("fp32_accuracy", "fp16_accuracy"))
+
+
+#: at most this many images of a split are run to fit the temperature and the unknown-input scores
+CALIBRATION_IMAGES = 5000
+#: fewer validation images than this cannot support a temperature, a 95 % threshold or a 15-bin ECE
+MIN_CALIBRATION_IMAGES = 100
+
+
+def _cannot_calibrate(rf, t) -> str | None:
+    """Why calibration would be guesswork for this trial (too few validation images), or None."""
+    n = len(rf.split_paths("val", fold=t.fold)[0]) or len(rf.split_paths("test", fold=t.fold)[0])
+    if n < MIN_CALIBRATION_IMAGES:
+        return (f"{n} validation image(s); a temperature, unknown-input thresholds and a 15-bin ECE need at least "
+                f"{MIN_CALIBRATION_IMAGES} (the probabilities are the network's own)")
+    return None
+
+
+def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAGES):
+    """``(features, probs, labels)`` of ``model.onnx`` on up to ``limit`` readable images of a split
+    (a seeded random subset when the split is larger; unreadable files skipped)."""
+    from ..data.stream import decode_batches
+    from .verify import ort_session
+
+    paths, labels = ctx.rf.split_paths(split, fold=ctx.t.fold)
+    if len(paths) > limit:
+        keep = np.sort(np.random.default_rng(0).choice(len(paths), limit, replace=False))
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    sess = ort_session(ctx.folder / "model.onnx")
+    fs, ps, ys, start = [], [], [], 0
+    with ctx.progress.bar(len(paths), f"calibration: {split} images") as bar:
+        for pb in decode_batches(paths, ctx.t.image_size, batch=64):
+            if len(pb.x):
+                f, p = sess.run(["features", "probs"], {"image": pb.x})
+                fs.append(f)
+                ps.append(p)
+                ys += [int(labels[start + i]) for i in pb.ok_index]
+            start += len(pb.items)
+            bar.update(len(pb.items))
+    if not ys:
+        return None
+    return np.concatenate(fs), np.concatenate(ps), np.asarray(ys)
+
+
+def _calibration_step(accept: float) -> Step:
+    """Temperature scaling fitted on the val split, written into ``model.onnx`` (reference: the
+    same formula in numpy on the uncalibrated outputs), and the unknown-input scores."""
+    def convert(ctx):
+        from .. import calibration as cal
+        from ..fsutil import atomic_path
+        from .calibrate import fit_unknown, temperature_onnx
+
+        val = _split_outputs(ctx, "val") or _split_outputs(ctx, "test")
+        if val is None:
+            raise ExportError("calibration needs validation or test images and none is readable",
+                              hint="export without calibration, or check the data folder named in dataset.json",
+                              option="calibrate")
+        fit_split = "val" if ctx.rf.split_paths("val", fold=ctx.t.fold)[0] else "test"
+        vf, vp, vy = val
+        errors = int(np.sum(vp.argmax(1) != vy))
+        # with no misclassified image every T < 1 lowers the NLL: the temperature is not identifiable
+        temp = cal.fit_temperature(vp, vy) if errors else 1.0
+        test = _split_outputs(ctx, "test") if fit_split == "val" else None
+        record = {"method": "temperature", "temperature": temp, "fitted_on": fit_split, "images": int(len(vy)),
+                  **({} if errors else {"note": f"no misclassified {fit_split} image: temperature not identifiable, "
+                                                "kept at 1"}),
+                  "val": {"before": cal.calibration_metrics(vp, vy),
+                          "after": cal.calibration_metrics(cal.apply_temperature(vp, temp), vy)}}
+        if test is not None:
+            record["test"] = {"before": cal.calibration_metrics(test[1], test[2]),
+                              "after": cal.calibration_metrics(cal.apply_temperature(test[1], temp), test[2])}
+        where = "test" if test is not None else fit_split
+        ctx.progress.say(f"calibration: temperature {temp:.3f} fitted on {len(vy)} {fit_split} image(s); {where} ECE "
+                         f"{record[where]['before']['ece']:.4f} -> {record[where]['after']['ece']:.4f}, NLL "
+                         f"{record[where]['before']['nll']:.4f} -> {record[where]['after']['nll']:.4f}")
+        train = _split_outputs(ctx, "train")
+        if train is None:
+            raise ExportError("the unknown-input scores need readable training images", option="calibrate")
+        unknown, arrays = fit_unknown(train[0], train[2], vf, cal.apply_temperature(vp, temp),
+                                      ctx.extra["num_classes"], accept=accept)
+        with atomic_path(ctx.folder / unknown["scores"]["mahalanobis"]["file"], suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+        ctx.extra["raw_probs"] = ctx.outputs["onnx-fp32"][1]
+        info = temperature_onnx(ctx.folder / "model.onnx", ctx.folder / ".model.calibrated.onnx", temp)
+        os.replace(ctx.folder / ".model.calibrated.onnx", ctx.folder / "model.onnx")
+        record["method"] = f"temperature ({info['method']})"
+        ctx.extra["calibration"], ctx.extra["unknown"] = record, unknown
+        ctx.extra["detector"] = _detector(unknown, arrays)
+        ctx.models["onnx-fp32"]["calibrated"] = True
+        ctx.progress.say("unknown inputs: " + ", ".join(
+            f"{k} threshold {v['threshold']:.4g} (accepts {100 * v['val_acceptance']:.1f} % of {fit_split})"
+            for k, v in unknown["scores"].items()) + f"; default {unknown['default']}")
+        return ctx.models["onnx-fp32"]
+
+    def numpy_formula(ctx):
+        from .. import calibration as cal
+
+        return cal.apply_temperature(ctx.extra["raw_probs"], ctx.extra["calibration"]["temperature"]), \
+            "softmax(log p / T) of the uncalibrated model"
+
+    return Step("calibration", convert, _ort_outputs, numpy_formula, atol=1e-5, name="onnx-fp32")
+
+
+def _detector(unknown: dict, arrays: dict):
+    from .. import calibration as cal
+    from ..runtime.unknown import UnknownDetector
+
+    name = unknown["default"]
+    gauss = cal.ClassGaussian.from_arrays(arrays) if name == "mahalanobis" else None
+    return UnknownDetector(name, unknown["scores"][name]["threshold"], gauss)
 
 
 def _head_step(kind: str) -> Step:
@@ -365,7 +586,8 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
         from .quantize import calibration_batches
 
         dev = device_info()
-        src, qinfo = ctx.folder / "model.onnx", None
+        # strongly typed networks take their precision from the graph: fp16 from the fp16 ONNX model
+        src, qinfo = ctx.folder / ("model.fp16.onnx" if precision == "fp16" else "model.onnx"), None
         if precision == "int8":
             # explicit quantization (TensorRT >= 10.1 deprecates the implicit calibrators): a
             # symmetric QDQ model calibrated on training images; TensorRT reads its scales
@@ -376,9 +598,10 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
                                                           progress=ctx.progress))
         ctx.progress.say(f"TensorRT {precision}: building on {dev['gpu']} (compute {dev['compute_capability']}, "
                          f"TensorRT {dev['tensorrt']})")
-        build_engine(src, ctx.folder / name, precision=precision, profile=profile, input_hw=ctx.t.image_size,
-                     workspace_mb=workspace_mb, timing_cache=ctx.folder.parent / ".transfer-trt-timing.cache")
+        info = build_engine(src, ctx.folder / name, precision=precision, profile=profile, input_hw=ctx.t.image_size,
+                            workspace_mb=workspace_mb, timing_cache=ctx.folder.parent / ".transfer-trt-timing.cache")
         entry = engine_entry(name, precision, profile, dev)
+        entry.update({k: info[k] for k in ("strongly_typed", "tf32") if k in info})
         if qinfo is not None:
             entry["quantization"] = {**qinfo, "mode": "explicit (QDQ)"}
         return entry
@@ -390,7 +613,8 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
         # the engine runs before the manifest lists it: a kill here leaves the verified ONNX bundle as it was
         manifest = dict(ctx.extra["manifest"], models={**ctx.extra["manifest"]["models"], f"trt-{precision}": entry},
                         files={**ctx.extra["manifest"]["files"], name: {}})
-        return TrtRunner(Bundle(ctx.folder, manifest), f"trt-{precision}").run(ctx.x)
+        with TrtRunner(Bundle(ctx.folder, manifest), f"trt-{precision}") as runner:
+            return runner.run(ctx.x)
 
     def onnx_fp32(ctx):
         return _ort_outputs(ctx, {"file": "model.onnx"})[1], "onnx-fp32"
@@ -419,6 +643,12 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
                                                  max_accuracy_drop=limits.max_accuracy_drop),
                         progress, calib_images=calib_images, models=dict(manifest["models"]), checks=checks,
                         extra={"manifest": manifest})
+    if manifest.get("unknown"):  # the engine must keep fp32's unknown decisions too
+        from ..bundle import Bundle
+        from ..runtime.unknown import make_detector
+
+        ctx.extra["detector"] = make_detector(Bundle(out, manifest))
+        ctx.outputs["onnx-fp32"] = _ort_outputs(ctx, {"file": "model.onnx"})
     work = out.parent / f".{out.name}.trt-{os.getpid()}"
     work.mkdir(exist_ok=True)
     try:

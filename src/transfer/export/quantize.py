@@ -53,7 +53,8 @@ def calibration_batches(paths: Sequence[str | os.PathLike], size: tuple[int, int
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches, *,
-                  input_name: str = "image", per_channel: bool = True, symmetric: bool = False) -> dict:
+                  input_name: str = "image", per_channel: bool = True, symmetric: bool = False,
+                  float_layers: int = 0) -> dict:
     """Static QDQ int8 quantization with ONNX Runtime.
 
     Runs ORT's recommended pre-processing (shape inference + graph optimization), then
@@ -68,6 +69,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
             ``True``: s8 symmetric activations and weights (all zero points 0), the
             explicit-quantization form TensorRT 10 builds int8 engines from (its implicit
             calibrators are deprecated since 10.1).
+        float_layers: keep the first ``float_layers`` compute layers (Conv, MatMul, Gemm, in
+            graph order) in float: the first layers are the most sensitive to quantization.
 
     Returns:
         ``{"format": "QDQ", "activations", "weights", "symmetric", "per_channel", "calibration",
@@ -101,6 +104,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
             src = pre
         except Exception:  # pre-processing is an optimization; fall back to the plain model
             src = Path(fp32_path)
+        excluded = _first_compute_nodes(src, float_layers)
         try:
             q.quantize_static(
                 str(src), str(out_path), _Reader(),
@@ -109,6 +113,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
                 weight_type=q.QuantType.QInt8,
                 calibrate_method=q.CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else None,
+                nodes_to_exclude=excluded,
             )
         except ExportError:
             raise
@@ -118,4 +123,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         raise ExportError("int8 quantization got no calibration image", hint="check the run's splits/train.csv")
     return {"format": "QDQ", "activations": "int8" if symmetric else "uint8", "weights": "int8",
             "symmetric": symmetric, "per_channel": per_channel,
-            "calibration": "minmax", "calibration_images": seen["images"]}
+            "calibration": "minmax", "calibration_images": seen["images"], "float_nodes": excluded}
+
+
+def _first_compute_nodes(model_path: Path, n: int) -> list[str]:
+    """Names of the first ``n`` Conv / MatMul / Gemm nodes of a model, in graph order."""
+    if n <= 0:
+        return []
+    onnx = require("onnx", purpose="int8 quantization")
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    return [node.name for node in g.node if node.name and node.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose")][:n]

@@ -1,0 +1,107 @@
+"""Calibrated bundles: temperature in the graph, unknown-input scores, every model verified for them.
+
+A real run on scikit-learn's handwritten digits (arc2 at 16 px, 2 epochs: accurate but not
+perfect, so the temperature is identifiable), exported with int8.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from transfer import calibration as C
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(tmp_path_factory):
+    from transfer.data.datasets import write_digits
+    from transfer.export.api import export_bundle
+    from transfer.trainer.config import load_config
+    from transfer.trainer.sweep import run_sweep
+
+    base = tmp_path_factory.mktemp("cal")
+    write_digits(base / "digits")
+    cfg = load_config(None, {"data": str(base / "digits"), "out": str(base / "run"), "backbones": "arc2",
+                             "trainable": "1", "weights": "none", "epochs": 2, "image_size": 16, "patience": 0,
+                             "workers": 2})
+    assert run_sweep(cfg, progress=lambda s: None).ok
+    res = export_bundle(base / "run", quantize="int8", progress=None)
+    return base / "run", res
+
+
+def test_temperature_is_in_the_graph_and_fitted_on_val(digits_bundle):
+    import onnxruntime as ort
+
+    from transfer.data.image import load_image
+    from transfer.runfolder import RunFolder
+
+    run, res = digits_bundle
+    cal = res.manifest["calibration"]
+    assert cal["fitted_on"] == "val" and cal["images"] >= 300 and 0.05 < cal["temperature"] < 20
+    # minimum NLL on val: never worse than T = 1, accuracy unchanged
+    assert cal["val"]["after"]["nll"] <= cal["val"]["before"]["nll"] + 1e-9
+    assert cal["test"]["after"]["accuracy"] == cal["test"]["before"]["accuracy"]
+    for k in ("ece", "nll", "brier"):
+        assert cal["test"]["before"][k] >= 0 and cal["test"]["after"][k] >= 0
+    rf = RunFolder(run)
+    t = rf.trial("best")
+    paths, _ = rf.split_paths("test")
+    x = np.stack([load_image(p, t.image_size) for p in paths[:40]]).astype(np.float32)
+    keras_probs = t.load_model().predict(x, verbose=0)
+    sess = ort.InferenceSession(str(res.bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_probs = sess.run(["probs"], {"image": x})[0]
+    np.testing.assert_allclose(onnx_probs, C.apply_temperature(keras_probs, cal["temperature"]), atol=2e-5)
+    assert res.verification["calibration"]["passed"] and res.verification["onnx-fp32"]["passed"]
+
+
+def test_unknown_scores_are_hashed_and_loadable(digits_bundle):
+    from transfer.bundle import load_bundle
+    from transfer.runtime.unknown import make_detector
+
+    _, res = digits_bundle
+    m = json.loads((res.bundle_dir / "manifest.json").read_text())
+    unk = m["unknown"]
+    assert unk["default"] == "mahalanobis" and unk["accept"] == 0.95 and "unknown.npz" in m["files"]
+    for name in ("mahalanobis", "msp"):
+        assert unk["scores"][name]["val_acceptance"] == pytest.approx(0.95, abs=0.02)
+    b = load_bundle(res.bundle_dir)
+    det = make_detector(b)
+    assert det.score == "mahalanobis" and det.gaussian.means.shape == (10, b.manifest["feature_dim"])
+    noise = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    from transfer.runtime.runners import make_runner
+
+    f, p = make_runner(b, "onnxruntime", "cpu").run(noise)
+    scores, known = det(f, p)
+    assert scores.shape == (8,) and known.sum() <= 2  # uniform noise is not a digit
+
+
+def test_int8_keeps_calibration_and_unknown_decisions(digits_bundle):
+    _, res = digits_bundle
+    v = res.verification["onnx-int8"]
+    assert v["passed"] and v["calibration"]["ece_diff"] <= 0.01
+    assert v["calibration"]["unknown_agreement"] >= 0.99
+    q = res.manifest["models"]["onnx-int8"]["quantization"]
+    assert isinstance(q["float_nodes"], list) and isinstance(q["attempts"], list)
+    for a in q["attempts"]:  # every fallback says why the previous attempt failed
+        assert a["why"]
+
+
+def test_no_calibrate_keeps_the_networks_probabilities(digits_bundle, tmp_path):
+    import onnxruntime as ort
+
+    from transfer.export.api import export_bundle
+    from transfer.runfolder import RunFolder
+
+    run, _ = digits_bundle
+    res = export_bundle(run, out=tmp_path / "raw", calibrate=False, progress=None)
+    assert "calibration" not in res.manifest and "unknown" not in res.manifest
+    assert "unknown.npz" not in res.manifest["files"]
+    rf = RunFolder(run)
+    from transfer.data.image import load_image
+
+    t = rf.trial("best")
+    x = np.stack([load_image(p, t.image_size) for p in rf.split_paths("val")[0][:16]]).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "raw" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["probs"], {"image": x})[0], t.load_model().predict(x, verbose=0), atol=1e-5)
