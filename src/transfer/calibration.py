@@ -234,3 +234,27 @@ def threshold_for_acceptance(known_scores: Sequence[float], accept: float = 0.95
         raise ValueError(f"acceptance must be in (0, 1], got {accept!r}")
     k = int(np.floor((1.0 - accept) * s.size))  # reject the k lowest-scoring known images
     return float(s[min(k, s.size - 1)])
+
+
+def auroc(known_scores: Sequence[float], unknown_scores: Sequence[float]) -> float:
+    """Area under the ROC curve of telling known from unknown images by score (higher = known):
+    the probability that a random known image scores above a random unknown one (ties count
+    half), computed from ranks (Mann-Whitney U).
+
+    Raises:
+        ValueError: either side is empty.
+    """
+    k = np.asarray(known_scores, dtype=np.float64).ravel()
+    u = np.asarray(unknown_scores, dtype=np.float64).ravel()
+    if k.size == 0 or u.size == 0:
+        raise ValueError("AUROC needs known and unknown scores")
+    allv = np.concatenate([k, u])
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(allv.size)
+    ranks[order] = np.arange(1, allv.size + 1)
+    vals, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    if len(vals) < allv.size:  # average ranks of ties
+        sums = np.bincount(inv, weights=ranks)
+        ranks = (sums / counts)[inv]
+    u_stat = ranks[: k.size].sum() - k.size * (k.size + 1) / 2.0
+    return float(u_stat / (k.size * u.size))

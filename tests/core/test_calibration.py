@@ -93,3 +93,15 @@ def test_threshold_accepts_the_target_share():
         C.threshold_for_acceptance(s, 0.0)
     with pytest.raises(ValueError):
         C.fit_class_gaussian(np.zeros((4, 2)), [0, 0, 0, 0], 2)
+
+
+def test_auroc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    k, u = np.round(rng.normal(1, 1, 300), 1), np.round(rng.normal(0, 1, 200), 1)  # rounded: many ties
+    ref = roc_auc_score(np.r_[np.ones(300), np.zeros(200)], np.r_[k, u])
+    assert C.auroc(k, u) == pytest.approx(ref, abs=1e-12)
+    assert C.auroc([2, 3], [0, 1]) == 1.0 and C.auroc([0], [0]) == 0.5
+    with pytest.raises(ValueError):
+        C.auroc([], [1])

@@ -99,3 +99,62 @@ def make_detector(bundle: Bundle, score: str | None = None) -> UnknownDetector:
                                   + (f" of {dim}-d features" if isinstance(dim, int) else ""),
                                   hint="re-export the bundle")
     return UnknownDetector(name, float(thr), gauss)
+
+
+def _outputs(runner, paths, size, *, batch: int, workers: int, bar) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(features, probs, unreadable count)`` of ``runner`` over image files."""
+    from ..data.stream import decode_batches
+
+    fs, ps, bad = [], [], 0
+    for pb in decode_batches(paths, size, batch=batch, workers=workers):
+        bad += len(pb.items) - len(pb.ok_index)
+        if len(pb.x):
+            f, p = runner.run(pb.x)
+            fs.append(f)
+            ps.append(p)
+        bar.update(len(pb.items))
+    if not fs:
+        return np.zeros((0, 0)), np.zeros((0, 0)), bad
+    return np.concatenate(fs), np.concatenate(ps), bad
+
+
+def evaluate_unknown(bundle: Bundle, known, unknown, *, backend: str | None = None, providers="cpu",
+                     batch: int = 64, workers: int = 2, progress=None) -> dict:
+    """How well each unknown-input score of ``bundle`` tells known images from unknown ones.
+
+    Args:
+        known: image files of the bundle's classes (e.g. the run's test split).
+        unknown: image files of none of its classes (left-out classes, noise, other datasets).
+
+    Returns:
+        ``{"known": n, "unknown": n, "unreadable": n, "scores": {name: {"auroc",
+        "threshold", "known_accept_rate", "false_accept_rate"}}, "best": name}`` -- AUROC
+        over all thresholds; the rates at the bundle's own threshold of that score.
+
+    Raises:
+        ConfigError: the bundle has no unknown-input score, or no readable image on a side.
+    """
+    from ..progress import as_progress
+    from .runners import make_runner
+
+    rec = unknown_record(bundle)
+    if rec is None:
+        make_detector(bundle)  # raises the clear error
+    p = as_progress(progress)
+    runner = make_runner(bundle, backend, providers)
+    detectors = {name: make_detector(bundle, name) for name in SCORES if name in rec["scores"]}
+    with p.bar(len(known) + len(unknown), "unknown-input evaluation") as bar:
+        fk, pk, bad_k = _outputs(runner, known, bundle.input_size, batch=batch, workers=workers, bar=bar)
+        fu, pu, bad_u = _outputs(runner, unknown, bundle.input_size, batch=batch, workers=workers, bar=bar)
+    if not len(pk) or not len(pu):
+        raise ConfigError(f"no readable {'known' if not len(pk) else 'unknown'} image to evaluate with",
+                          option="unknown")
+    out = {"known": int(len(pk)), "unknown": int(len(pu)), "unreadable": int(bad_k + bad_u), "scores": {}}
+    for name, det in detectors.items():
+        sk, su = det.scores(fk, pk), det.scores(fu, pu)
+        out["scores"][name] = {"auroc": cal.auroc(sk, su), "threshold": det.threshold,
+                               "known_accept_rate": float(np.mean(sk >= det.threshold)),
+                               "false_accept_rate": float(np.mean(su >= det.threshold))}
+    out["best"] = max(out["scores"], key=lambda k: out["scores"][k]["auroc"])
+    out["default"] = rec.get("default")
+    return out
