@@ -105,3 +105,14 @@ def test_auroc_matches_sklearn_with_ties():
     assert C.auroc([2, 3], [0, 1]) == 1.0 and C.auroc([0], [0]) == 0.5
     with pytest.raises(ValueError):
         C.auroc([], [1])
+
+
+def test_ece_floor_is_what_a_calibrated_model_shows_on_a_small_set():
+    p, _ = _overconfident(n=300, sharpen=1.0)
+    floor = C.ece_floor(p)
+    assert 0.0 < floor < 0.1
+    rng = np.random.default_rng(5)  # labels drawn from p itself: calibrated by construction
+    cum = np.cumsum(p, 1)
+    y = np.minimum((rng.random((300, 1)) > cum).sum(1), p.shape[1] - 1)
+    assert C.ece(p, y) < 3 * floor
+    assert C.ece_floor(np.tile(p, (10, 1))) < floor  # more images, lower floor
