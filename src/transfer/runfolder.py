@@ -18,7 +18,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from .errors import RunFolderError
 from .fsutil import read_json, write_json_atomic, write_text_atomic
@@ -26,6 +26,18 @@ from .fsutil import read_json, write_json_atomic, write_text_atomic
 RUN_FORMAT = "transfer-run"
 RUN_VERSION = 1
 SPLITS = ("train", "val", "test")
+#: columns of ``trials/<name>/history.csv``
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+BAD_FILES_FIELDS = ("path", "reason")
+
+
+def _json_dict(path: Path) -> dict:
+    """A JSON object file, or ``{}`` when it is missing, unreadable or not an object."""
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -49,13 +61,24 @@ class TrialPaths:
     state_json = property(lambda self: self.dir / "state.json")
     tensorboard = property(lambda self: self.dir / "tensorboard")
 
+    def history(self) -> list[dict]:
+        """Rows of ``history.csv`` (numbers as float, ``epoch`` as int, empty cells as None)."""
+        if not self.history_csv.is_file():
+            return []
+        out = []
+        with open(self.history_csv, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                out.append({k: None if v in ("", None) else int(v) if k == "epoch" else float(v)
+                            for k, v in row.items()})
+        return out
+
+    def metrics(self) -> dict:
+        """``metrics.json`` (raises OSError / ValueError when missing or unreadable)."""
+        return read_json(self.metrics_json)
+
     def status(self) -> dict:
         """``status.json`` (``{}`` when missing or unreadable)."""
-        try:
-            st = read_json(self.status_json)
-        except (OSError, ValueError):
-            return {}
-        return st if isinstance(st, dict) else {}
+        return _json_dict(self.status_json)
 
     def finished(self, status: dict | None = None) -> bool:
         """Finished = ``status.json`` says done and ``model.keras`` and ``metrics.json`` exist."""
@@ -83,6 +106,10 @@ class RunLayout:
     report_md = property(lambda self: self.path / "report.md")
     bundle_dir = property(lambda self: self.path / "bundle")
     resolution_dir = property(lambda self: self.path / "resolution")
+
+    def saved_dataset(self) -> dict:
+        """``dataset.json`` as saved (``{}`` when there is none yet or it cannot be read)."""
+        return _json_dict(self.dataset_json)
 
     def split_csv_path(self, name: str, *, fold: int | None = None) -> Path:
         """``splits/<name>.csv``; a k-fold trial's train / val are ``splits/fold{k}/<name>.csv``."""
@@ -170,7 +197,7 @@ class TrialInfo:
             what = f"missing {', '.join(missing)}" if missing else f"state '{state}'"
             raise RunFolderError(
                 f"trial '{self.name}' is not finished ({what}) in {self.path}",
-                hint="re-run the same `transfer train` command to finish it, or pick another --trial",
+                hint="re-run the same `transfer train` command to finish it, or pick another trial",
             )
         return self
 
@@ -185,10 +212,11 @@ class TrialInfo:
 class RunFolder(RunLayout):
     """A run folder. Raises :class:`RunFolderError` naming what is missing.
 
-    Example:
-        >>> run = RunFolder("runs/digits")          # doctest: +SKIP
-        >>> trial = run.trial("best")               # doctest: +SKIP
-        >>> model = trial.load_model()              # doctest: +SKIP
+    Example::
+
+        run = RunFolder("runs/digits")
+        trial = run.trial("best")
+        model = trial.load_model()
     """
 
     REQUIRED = ("run.json", "config.yaml", "dataset.json", "splits")
@@ -198,7 +226,7 @@ class RunFolder(RunLayout):
         if not self.path.exists():
             raise RunFolderError(
                 f"run folder not found: {self.path}",
-                hint="give the --out folder of a `transfer train` run",
+                hint="give the folder a `transfer train` run wrote",
             )
         if not self.path.is_dir():
             raise RunFolderError(f"not a run folder (not a directory): {self.path}")
@@ -206,7 +234,7 @@ class RunFolder(RunLayout):
         if missing:
             raise RunFolderError(
                 f"{self.path} is not a complete run folder: missing {', '.join(missing)}",
-                hint="run `transfer train DATA --out RUN` first (or re-run it to finish an interrupted run)",
+                hint="train into it with `transfer train` first (or re-run that command to finish an interrupted run)",
             )
         info = read_json(self.run_json)
         if info.get("format") != RUN_FORMAT:
@@ -326,18 +354,64 @@ class RunWriter(RunLayout):
     def write_dataset(self, info: dict) -> None:
         write_json_atomic(self.dataset_json, info)
 
+    # -- bad files ------------------------------------------------------------
+    def write_bad_files(self, bad: Iterable) -> None:
+        """``bad_files.csv`` from items with ``path`` and ``reason`` (the indexer's list)."""
+        from .tables import write_csv
+
+        write_csv(self.bad_files_csv, BAD_FILES_FIELDS, [[b.path, b.reason] for b in bad])
+
+    def merge_bad_files(self, found: dict[str, str]) -> int:
+        """Add ``{path: reason}`` rows that ``bad_files.csv`` does not list yet; returns how many were new."""
+        from .tables import write_csv
+
+        rows: dict[str, str] = {}
+        if self.bad_files_csv.is_file():
+            with open(self.bad_files_csv, newline="", encoding="utf-8") as f:
+                rows = {r["path"]: r.get("reason", "") for r in csv.DictReader(f)}
+        new = {p: r for p, r in found.items() if p not in rows}
+        if new:
+            write_csv(self.bad_files_csv, BAD_FILES_FIELDS, [[p, r] for p, r in {**rows, **new}.items()])
+        return len(new)
+
+    # -- one trial --------------------------------------------------------------
     def write_trial_meta(self, name: str, meta: dict) -> None:
         write_json_atomic(self.trial_paths(name).trial_json, meta)
 
     def write_status(self, name: str, state: str, epoch: int, error: str | None = None) -> None:
         write_json_atomic(self.trial_paths(name).status_json, {"state": state, "epoch": int(epoch), "error": error})
 
+    def write_history(self, name: str, rows: Sequence[dict]) -> None:
+        from .tables import dict_rows, write_csv
+
+        write_csv(self.trial_paths(name).history_csv, HISTORY_FIELDS, dict_rows(rows, HISTORY_FIELDS))
+
     def write_metrics(self, name: str, metrics: dict) -> None:
         write_json_atomic(self.trial_paths(name).metrics_json, metrics)
 
-    def write_sweep_table(self, csv_text: str, markdown: str) -> None:
-        write_text_atomic(self.sweep_csv, csv_text)
-        write_text_atomic(self.sweep_md, markdown)
+    def mark_failed(self, name: str, error: str) -> None:
+        """``status.json`` = failed, at the last committed epoch of the resume state."""
+        epoch = _json_dict(self.trial_paths(name).state_json).get("epoch", 0)
+        self.write_status(name, "failed", int(epoch) if isinstance(epoch, int) else 0, error)
+
+    def remove_leftovers(self, name: str) -> None:
+        """Temporary files of a write a kill cut short (never read: every write is atomic)."""
+        for leftover in self.trial_paths(name).dir.glob(".*.tmp*"):
+            leftover.unlink(missing_ok=True)
+
+    def remove_resume_checkpoint(self, name: str) -> None:
+        """The resume checkpoint is internal; a finished trial drops it."""
+        self.trial_paths(name).last_keras.unlink(missing_ok=True)
+
+    # -- the sweep ----------------------------------------------------------------
+    def write_sweep_table(self, header: Sequence[str], rows: Sequence[Sequence]) -> str:
+        """``sweep.csv`` and ``sweep.md``; returns the Markdown."""
+        from .tables import markdown, write_csv
+
+        md = markdown(header, rows)
+        write_csv(self.sweep_csv, header, rows)
+        write_text_atomic(self.sweep_md, md)
+        return md
 
     def write_best(self, best: dict) -> None:
         write_json_atomic(self.best_json, best)

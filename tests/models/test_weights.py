@@ -187,7 +187,7 @@ def test_offline_flag_fails_at_once_naming_the_file(monkeypatch):
         build_classifier("xception", input_shape=(71, 71, 3), weights="imagenet", num_classes=2)
     assert time.perf_counter() - t < 5
     text = str(ei.value)
-    assert spec.imagenet_file in text and str(keras_cache_dir()) in text and "--weights PATH" in text
+    assert spec.imagenet_file in text and str(keras_cache_dir()) in text and "weights file (PATH)" in text
 
 
 _OFFLINE_SCRIPT = textwrap.dedent("""

@@ -157,10 +157,11 @@ def test_resume_after_kill(pattern_folder, tmp_path):
 
     r = subprocess.run(_cmd(pattern_folder, out, epochs), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "arc2-t000: already done" in r.stdout
-    assert f"[arc2-t100] resuming after epoch {killed_at}" in r.stdout
-    assert f"[arc2-t100] epoch {killed_at + 1}/{epochs}" in r.stdout
-    assert f"[arc2-t100] epoch {killed_at}/{epochs}" not in r.stdout
+    said = r.stdout + r.stderr  # progress lines go to standard error
+    assert "arc2-t000: already done" in said
+    assert f"[arc2-t100] resuming after epoch {killed_at}" in said
+    assert f"[arc2-t100] epoch {killed_at + 1}/{epochs}" in said
+    assert f"[arc2-t100] epoch {killed_at}/{epochs}" not in said
     assert (t1 / "model.keras").stat().st_mtime_ns == mtime1
     hist = read_history(t2 / "history.csv")
     assert [h["epoch"] for h in hist] == list(range(1, epochs + 1))

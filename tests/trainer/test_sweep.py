@@ -172,7 +172,7 @@ def test_kfold_on_a_presplit_dataset_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "d"), "--backbone", "arc2", "--weights", "none",
                                  "--image-size", "16", "--kfold", "2", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2, r.output
-    assert "--kfold 2 needs one pool of images" in r.output and "train/ val/ test/" in r.output
+    assert "--kfold: 2-fold cross-validation needs one pool of images" in r.output and "train/ val/ test/" in r.output
     assert "Traceback" not in r.output
 
 

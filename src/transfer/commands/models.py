@@ -5,14 +5,6 @@ from __future__ import annotations
 import click
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(header, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def backbone_rows(measure: bool = False) -> list[dict]:
     """One dict per registered backbone (what the table shows).
 
@@ -64,7 +56,9 @@ def backbones(measure: bool) -> None:
               r["blocks"] if r["blocks"] is not None else "-",
               f"{r['params'] / 1e6:.2f}M" if r["params"] else "-",
               "yes" if r["imagenet"] else "no", r["description"]] for r in rows]
-    click.echo(_table(table, header))
+    from ..tables import text
+
+    click.echo(text(header, table).rstrip())
     if not measure:
         click.echo("\n(blocks and params as recorded for each backbone; --params builds each model to count them)")
 

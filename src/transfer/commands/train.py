@@ -4,43 +4,31 @@ from __future__ import annotations
 
 import click
 
-from ._options import parse_csv
+from ._options import parse_csv, quiet_option
 
-# click parameter name -> TrainConfig key (and how to read it)
-_FLAG_KEYS = {
-    "backbone": ("backbones", lambda v: parse_csv(v, str, name="--backbone")),
-    "trainable": ("trainable", lambda v: parse_csv(v, float, name="--trainable")),
-    "random_init": ("random_init", None),
-    "freeze_by": ("freeze_by", None),
-    "weights": ("weights", None),
-    "epochs": ("epochs", None),
-    "batch_size": ("batch_size", None),
-    "image_size": ("image_size", None),
-    "optimizer": ("optimizer", None),
-    "lr": ("lr", None),
-    "fine_tune_lr": ("fine_tune_lr", None),
-    "loss": ("loss", None),
-    "dropout": ("dropout", None),
-    "augment": ("augment", lambda v: parse_csv(v, str, name="--augment")),
-    "seed": ("seed", None),
-    "split": ("split", None),
-    "val": ("val", None),
-    "test": ("test", None),
-    "kfold": ("kfold", None),
-    "patience": ("patience", None),
-    "two_stage": ("two_stage", None),
-    "head_epochs": ("head_epochs", None),
-    "tensorboard": ("tensorboard", None),
-    "workers": ("workers", None),
-    "train_bn": ("train_bn", None),
-    "strategy": ("strategy", None),
-    "out": ("out", None),
+# Every option named like a TrainConfig field feeds that field; only the comma lists need a cast.
+_CASTS = {
+    "backbones": lambda v: parse_csv(v, str, name="--backbone"),
+    "trainable": lambda v: parse_csv(v, float, name="--trainable"),
+    "augment": lambda v: parse_csv(v, str, name="--augment"),
 }
+
+
+def _overrides(ctx: click.Context, values: dict) -> dict:
+    """The TrainConfig values the user gave on the command line (defaults come from the config)."""
+    from ..trainer.config import ACCEPTED_KEYS
+
+    out = {}
+    for param, value in values.items():
+        src = ctx.get_parameter_source(param)
+        if param in ACCEPTED_KEYS and src is not None and src.name != "DEFAULT":
+            out[param] = _CASTS.get(param, lambda v: v)(value)
+    return out
 
 
 @click.command("train")
 @click.argument("data", type=click.Path(file_okay=False), required=False)
-@click.option("--backbone", metavar="A,B", help="Backbone name(s), comma-separated (see `transfer backbones`). [default: mobilenet_v2]")
+@click.option("--backbone", "backbones", metavar="A,B", help="Backbone name(s), comma-separated (see `transfer backbones`). [default: mobilenet_v2]")
 @click.option("--trainable", metavar="F,..", help="Trainable fraction(s) of the backbone: 0 = frozen feature extractor, 1 = full fine-tuning. [default: 0]")
 @click.option("--random-init", is_flag=True, help="Also train each backbone from random weights (everything trainable).")
 @click.option("--freeze-by", type=click.Choice(["layers", "params", "blocks"]), help="What the fraction counts. [default: layers]")
@@ -75,8 +63,10 @@ _FLAG_KEYS = {
 @click.option("--address", metavar="HOST:PORT", help="Ray cluster to join with --ray. [default: start a local Ray]")
 @click.option("--cpus-per-trial", type=float, default=1.0, show_default=True, help="Ray CPUs reserved per trial.")
 @click.option("--gpus-per-trial", type=float, default=0.0, show_default=True, help="Ray GPUs reserved per trial.")
+@quiet_option
 @click.pass_context
-def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_trial, gpus_per_trial, **kwargs) -> None:
+def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_trial, gpus_per_trial, quiet,
+          **kwargs) -> None:
     """Train a freeze sweep on the image folder DATA into the run folder --out.
 
     Every backbone x trainable fraction is one trial (plus --random-init); finished
@@ -89,18 +79,13 @@ def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_tria
         --random-init --weights none --epochs 5 --image-size 32 --out runs/digits
     """
     from ..errors import ConfigError
+    from ..progress import Progress
     from ..trainer.config import load_config
     from ..trainer.sweep import run_sweep
 
-    overrides = {}
+    overrides = _overrides(ctx, kwargs)
     if data is not None:
         overrides["data"] = data
-    for param, value in kwargs.items():
-        src = ctx.get_parameter_source(param)
-        if src is None or src.name in ("DEFAULT",):
-            continue
-        key, cast = _FLAG_KEYS[param]
-        overrides[key] = cast(value) if cast else value
     cfg = load_config(config_file, overrides)
     if not cfg.data:
         raise ConfigError("no dataset folder given", hint="transfer train DATA --out RUN (or `data:` in --config)")
@@ -117,7 +102,7 @@ def train(ctx: click.Context, data, config_file, use_ray, address, cpus_per_tria
             src = ctx.get_parameter_source(param)
             if src is not None and src.name != "DEFAULT":
                 raise ConfigError(f"{opt} needs --ray", hint="add --ray to run the trials as Ray tasks")
-    res = run_sweep(cfg, progress=click.echo, ray=ray_opts)
+    res = run_sweep(cfg, progress=Progress(quiet=quiet), ray=ray_opts)
     click.echo("")
     click.echo(res.table_md.rstrip())
     if res.best:

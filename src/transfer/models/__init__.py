@@ -3,10 +3,11 @@
 Importing ``transfer.models`` does not import TensorFlow; the build / freeze functions
 import Keras when called.
 
-Example:
-    >>> from transfer.models import build_classifier, apply_freeze
-    >>> model, info = build_classifier("arc2", input_shape=(28, 28, 3), weights="none", num_classes=10)  # doctest: +SKIP
-    >>> apply_freeze(model, info, 1.0, train_bn=True)  # doctest: +SKIP
+Example::
+
+    from transfer.models import build_classifier, apply_freeze
+    model, info = build_classifier("arc2", input_shape=(28, 28, 3), weights="none", num_classes=10)
+    apply_freeze(model, info, 1.0, train_bn=True)
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def _resolve_weights(spec: BackboneSpec, weights: Any) -> tuple[str, Path | None
             raise WeightsUnavailableError(
                 f"{spec.name} has no ImageNet weights (weights='imagenet' is only for the Keras "
                 f"applications)",
-                hint="use --weights none (random start) or --weights PATH (a weights file or an earlier run's .keras)",
+                hint="start from weights 'none' (random) or from a PATH (a weights file or an earlier run's .keras)",
+                option="weights",
             )
         return "imagenet", None
     if text.lower() == "none":
@@ -133,7 +134,8 @@ def _resolve_weights(spec: BackboneSpec, weights: Any) -> tuple[str, Path | None
     if not path.is_file():
         raise WeightsUnavailableError(
             f"weights file not found: {path}",
-            hint="--weights takes 'imagenet', 'none' or the path of a .weights.h5 / .h5 weights file or a .keras model",
+            hint="weights are 'imagenet', 'none' or the path of a .weights.h5 / .h5 weights file or a .keras model",
+            option="weights",
         )
     name = path.name.lower()
     if name.endswith(".keras"):
@@ -161,9 +163,10 @@ def imagenet_file_for(spec: BackboneSpec, input_shape: Sequence[int] | None = No
     MobileNetV2 has one file per input size 96/128/160/192/224 and uses the 224 file
     for any other size; the others have one file.
 
-    Example:
-        >>> imagenet_file_for(get_backbone("mobilenet_v2"), (96, 96, 3))
-        'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5'
+    Example::
+
+        imagenet_file_for(get_backbone("mobilenet_v2"), (96, 96, 3))
+        # 'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5'
     """
     if spec.name == "mobilenet_v2" and input_shape is not None:
         h, w = int(input_shape[0]), int(input_shape[1])
@@ -201,8 +204,9 @@ def _fresh_layer_names():
 def preprocessing_layer(mode: str):
     """The Keras layer computing ``preprocess_input`` of ``mode`` on RGB 0..255 (``None`` for "none").
 
-    Example:
-        >>> preprocessing_layer("tf")   # Rescaling(1/127.5, offset=-1), named "preprocess"  # doctest: +SKIP
+    Example::
+
+        preprocessing_layer("tf")   # Rescaling(1/127.5, offset=-1), named "preprocess"
     """
     keras = import_keras()
     if mode == "tf":
@@ -233,7 +237,7 @@ def _call_builder(spec: BackboneSpec, x, kind: str, path: Path | None, shape):
         cached = keras_cache_dir() / fname
         where = f"{cached.parent}{os.sep}"
         hint = (f"on a machine with internet run the same command once (Keras downloads {fname}), or copy "
-                f"{fname} into {where}; or pass --weights PATH (a weights file) or --weights none")
+                f"{fname} into {where}; or start from a weights file (PATH) or from 'none' (random weights)")
         if os.environ.get("TRANSFER_OFFLINE", "").strip().lower() not in ("", "0", "false", "no") and not cached.is_file():
             raise WeightsUnavailableError(
                 f"ImageNet weights of {spec.name} are not in the Keras cache ({cached}) and TRANSFER_OFFLINE is set",
@@ -250,7 +254,7 @@ def _call_builder(spec: BackboneSpec, x, kind: str, path: Path | None, shape):
                 ) from exc
             raise WeightsUnavailableError(
                 f"could not load the ImageNet weights of {spec.name} from {cached}: {_short(exc)}",
-                hint="the file may be incomplete: delete it and retry online, or pass --weights PATH",
+                hint="the file may be incomplete: delete it and retry online, or start from a weights file (PATH)",
             ) from exc
     if kind == "file":
         hint = (f"pass the no-top weights of {spec.name} (e.g. saved by keras.applications with "
@@ -323,8 +327,9 @@ def model_info(model, backbone: str, *, weights: str = "none") -> BuildInfo:
         ConfigError: unknown backbone.
         ModelError: the model does not follow the contract.
 
-    Example:
-        >>> info = model_info(load_model("run/trials/arc2-t000/model.keras"), "arc2")  # doctest: +SKIP
+    Example::
+
+        info = model_info(load_model("run/trials/arc2-t000/model.keras"), "arc2")
     """
     keras = import_keras()
     spec = get_backbone(backbone)
@@ -404,11 +409,12 @@ def build_classifier(
             missing or does not fit, ``"imagenet"`` for a small CNN.
         ModelError: a ``.keras`` source shares no layer with this backbone.
 
-    Example:
-        >>> model, info = build_classifier("mobilenet_v2", input_shape=(32, 32, 3),
-        ...                                weights="none", num_classes=10, seed=0)
-        >>> info.feature_dim
-        1280
+    Example::
+
+        model, info = build_classifier("mobilenet_v2", input_shape=(32, 32, 3),
+                                       weights="none", num_classes=10, seed=0)
+        info.feature_dim
+        # 1280
     """
     spec = get_backbone(backbone)
     shape = _check_input_shape(spec, input_shape)
@@ -499,9 +505,10 @@ def copy_weights_by_name(target, source, *, only: Sequence[str] | None = None) -
         ``{"copied": [names], "shape_mismatch": [names], "missing": [names]}`` over the
         target layers that have weights.
 
-    Example:
-        >>> copy_weights_by_name(new_model, old_model)["copied"][:2]  # doctest: +SKIP
-        ['Conv1', 'bn_Conv1']
+    Example::
+
+        copy_weights_by_name(new_model, old_model)["copied"][:2]
+        # ['Conv1', 'bn_Conv1']
     """
     src = {layer.name: layer for layer in source.layers if layer.weights}
     wanted = set(only) if only is not None else None
@@ -557,8 +564,9 @@ def load_model(path: str | os.PathLike):
         RunFolderError: the file does not exist.
         ModelError: not a ``.keras`` file, or it cannot be read (incomplete / corrupt).
 
-    Example:
-        >>> model = load_model("runs/digits/trials/arc2-t000/model.keras")  # doctest: +SKIP
+    Example::
+
+        model = load_model("runs/digits/trials/arc2-t000/model.keras")
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -583,8 +591,9 @@ def load_model(path: str | os.PathLike):
 def backbone_weights(model, info: BuildInfo) -> list:
     """The weight arrays of the backbone layers, in graph order (for comparisons).
 
-    Example:
-        >>> ws = backbone_weights(model, info)  # doctest: +SKIP
+    Example::
+
+        ws = backbone_weights(model, info)
     """
     out = []
     for name in info.backbone_layers:
@@ -595,8 +604,9 @@ def backbone_weights(model, info: BuildInfo) -> list:
 def feature_model(model):
     """A model sharing ``model``'s layers with two outputs: ``[features, probs]`` (no copy).
 
-    Example:
-        >>> feats, probs = feature_model(model).predict(x)  # doctest: +SKIP
+    Example::
+
+        feats, probs = feature_model(model).predict(x)
     """
     keras = import_keras()
     return keras.Model(model.inputs, [model.get_layer("features").output, model.output], name=f"{model.name}_features")

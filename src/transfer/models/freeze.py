@@ -3,10 +3,10 @@
 Three ways to count the fraction (``by``):
 
 * ``"layers"`` -- the last ``round(fraction * N)`` of the ``N`` backbone layers
-  (report A: ``base_model.layers[-n:]``). Layers without weights count too.
+  (the classic ``base_model.layers[-n:]`` recipe). Layers without weights count too.
 * ``"params"`` -- walking from the end, whole layers are unfrozen until at least
   ``fraction`` of the backbone's parameters (all weights, as ``layer.count_params()``
-  counts them) lie in the unfrozen part (report B: freezing by weights).
+  counts them) lie in the unfrozen part (freezing by weights rather than by layers).
 * ``"blocks"`` -- the last ``round(fraction * B)`` of the ``B`` blocks that the spec's
   ``block_pattern`` finds (a layer that does not match belongs to the block before it;
   the layers before the first match form block 0, the stem).
@@ -73,9 +73,10 @@ def _round_half_up(x: float) -> int:
 def count_params(model) -> tuple[int, int]:
     """``(trainable, non_trainable)`` parameter counts of ``model``, as Keras counts them.
 
-    Example:
-        >>> count_params(model)  # doctest: +SKIP
-        (12810, 2257984)
+    Example::
+
+        count_params(model)
+        # (12810, 2257984)
     """
     tr = sum(int(math.prod(v.shape)) for v in model.trainable_weights)
     nt = sum(int(math.prod(v.shape)) for v in model.non_trainable_weights)
@@ -88,9 +89,10 @@ def block_boundaries(info) -> list[int]:
     Args:
         info: the :class:`~transfer.models.build.BuildInfo` of the model.
 
-    Example:
-        >>> block_boundaries(info)[:3]  # mobilenet_v2: stem, expanded_conv, block_1  # doctest: +SKIP
-        [0, 3, 11]
+    Example::
+
+        block_boundaries(info)[:3]  # mobilenet_v2: stem, expanded_conv, block_1
+        # [0, 3, 11]
     """
     names = list(info.backbone_layers)
     if not names:
@@ -173,11 +175,12 @@ def apply_freeze(model, info, fraction: float, *, by: str = "layers", train_bn: 
         ConfigError: ``fraction`` outside ``[0, 1]`` or unknown ``by``.
         ModelError: ``info`` names layers the model does not have.
 
-    Example:
-        >>> s = apply_freeze(model, info, 0.3, by="layers")
-        >>> model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-        >>> s.trainable_layers, s.cut_at  # doctest: +SKIP
-        (46, 'block_13_expand')
+    Example::
+
+        s = apply_freeze(model, info, 0.3, by="layers")
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        s.trainable_layers, s.cut_at
+        # (46, 'block_13_expand')
     """
     keras = import_keras()
     f = _check(fraction, by)

@@ -26,9 +26,10 @@ class ChannelAffine(keras.layers.Layer):
         scale: per-output-channel factor.
         offset: per-output-channel offset (added after scaling).
 
-    Example:
-        >>> caffe = ChannelAffine(order=(2, 1, 0), scale=(1, 1, 1),
-        ...                       offset=(-103.939, -116.779, -123.68), name="preprocess")
+    Example::
+
+        caffe = ChannelAffine(order=(2, 1, 0), scale=(1, 1, 1),
+                              offset=(-103.939, -116.779, -123.68), name="preprocess")
     """
 
     def __init__(self, order=(0, 1, 2), scale=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0), **kwargs):

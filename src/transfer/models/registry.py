@@ -9,12 +9,13 @@ weights in the Keras cache.
 
 Importing this module does not import TensorFlow: builders import Keras when called.
 
-Example:
-    >>> from transfer.models.registry import get_backbone, list_backbones
-    >>> "mobilenet_v2" in list_backbones()
-    True
-    >>> get_backbone("mobilenet_v2").preprocess
-    'tf'
+Example::
+
+    from transfer.models.registry import get_backbone, list_backbones
+    "mobilenet_v2" in list_backbones()
+    # True
+    get_backbone("mobilenet_v2").preprocess
+    # 'tf'
 """
 
 from __future__ import annotations
@@ -118,10 +119,11 @@ def register_backbone(spec: BackboneSpec | None = None, /, *, replace: bool = Fa
     Raises:
         ConfigError: the name is taken by a different spec and ``replace`` is False.
 
-    Example:
-        >>> register_backbone(BackboneSpec(name="tiny", builder=my_builder, default_size=32,
-        ...     min_size=8, preprocess="unit", gradcam_layer="conv2", block_pattern=r"^(conv\\d+)",
-        ...     imagenet_file=None, pretrainable=False, description="my CNN"))  # doctest: +SKIP
+    Example::
+
+        register_backbone(BackboneSpec(name="tiny", builder=my_builder, default_size=32,
+            min_size=8, preprocess="unit", gradcam_layer="conv2", block_pattern=r"^(conv\\d+)",
+            imagenet_file=None, pretrainable=False, description="my CNN"))
     """
     if spec is None:
         def deco(builder):
@@ -144,9 +146,10 @@ def register_backbone(spec: BackboneSpec | None = None, /, *, replace: bool = Fa
 def list_backbones() -> list[str]:
     """Names of all registered backbones, sorted.
 
-    Example:
-        >>> list_backbones()[:2]
-        ['arc2', 'arc3']
+    Example::
+
+        list_backbones()[:2]
+        # ['arc2', 'arc3']
     """
     return sorted(_REGISTRY)
 
@@ -157,9 +160,10 @@ def get_backbone(name: str) -> BackboneSpec:
     Raises:
         ConfigError: unknown name; the message lists the registered ones.
 
-    Example:
-        >>> get_backbone("MobileNet-V2").name
-        'mobilenet_v2'
+    Example::
+
+        get_backbone("MobileNet-V2").name
+        # 'mobilenet_v2'
     """
     key = str(name).strip().lower().replace("-", "_")
     spec = _REGISTRY.get(key)
@@ -193,53 +197,24 @@ def _keras_app(attr: str) -> Callable:
     return builder
 
 
-_APPS = (
-    BackboneSpec(
-        name="xception", builder=_keras_app("Xception"), default_size=299, min_size=71, preprocess="tf",
-        gradcam_layer="block14_sepconv2_act", block_pattern=r"^(block\d+)_",
-        imagenet_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5", pretrainable=True,
-        description="Xception (depthwise-separable convs, 14 blocks); report D",
-        num_blocks=14, params=20_861_480, keras_module="xception",
-    ),
-    BackboneSpec(
-        name="resnet50", builder=_keras_app("ResNet50"), default_size=224, min_size=32, preprocess="caffe",
-        gradcam_layer="conv5_block3_out", block_pattern=r"^(conv\d+_block\d+)_",
-        imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", pretrainable=True,
-        description="ResNet-50 (stem + 16 bottleneck blocks); reports A-C",
-        num_blocks=17, params=23_587_712, keras_module="resnet50",
-    ),
-    BackboneSpec(
-        name="densenet121", builder=_keras_app("DenseNet121"), default_size=224, min_size=32, preprocess="torch",
-        gradcam_layer="relu", block_pattern=r"^(conv\d+_block\d+|pool\d+)_",
-        imagenet_file="densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", pretrainable=True,
-        description="DenseNet-121 (58 dense layers + 3 transitions); reports A, B",
-        num_blocks=62, params=7_037_504, keras_module="densenet",
-    ),
-    BackboneSpec(
-        name="vgg16", builder=_keras_app("VGG16"), default_size=224, min_size=32, preprocess="caffe",
-        gradcam_layer="block5_conv3", block_pattern=r"^(block\d+)_",
-        imagenet_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", pretrainable=True,
-        description="VGG-16 (13 convs in 5 blocks); reports A, B",
-        num_blocks=5, params=14_714_688, keras_module="vgg16",
-    ),
-    BackboneSpec(
-        name="mobilenet_v2", builder=_keras_app("MobileNetV2"), default_size=224, min_size=32, preprocess="tf",
-        gradcam_layer="out_relu", block_pattern=r"^(expanded_conv|block_\d+)_",
-        imagenet_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", pretrainable=True,
-        description="MobileNetV2 1.0 (stem + 17 inverted-residual blocks); small and fast",
-        num_blocks=18, params=2_257_984, keras_module="mobilenet_v2",
-    ),
-    BackboneSpec(
-        name="efficientnet_b0", builder=_keras_app("EfficientNetB0"), default_size=224, min_size=32,
-        preprocess="none", gradcam_layer="top_activation", block_pattern=r"^(block\d[a-z])_",
-        imagenet_file="efficientnetb0_notop.h5", pretrainable=True,
-        description="EfficientNet-B0 (stem + 16 MBConv blocks; normalizes inside the model)",
-        num_blocks=17, params=4_049_571, keras_module="efficientnet",
-    ),
+#: The Keras applications, one row each: name, keras.applications attribute, default / minimum
+#: size, preprocess mode, Grad-CAM layer, block pattern, no-top ImageNet file, blocks,
+#: parameters (backbone at the default size), keras.applications module, description.
+_APP_ROWS = (
+    ("xception", "Xception", 299, 71, "tf", "block14_sepconv2_act", r"^(block\d+)_", "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", 14, 20_861_480, "xception", "Xception (depthwise-separable convs, 14 blocks)"),
+    ("resnet50", "ResNet50", 224, 32, "caffe", "conv5_block3_out", r"^(conv\d+_block\d+)_", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", 17, 23_587_712, "resnet50", "ResNet-50 (stem + 16 bottleneck blocks)"),
+    ("densenet121", "DenseNet121", 224, 32, "torch", "relu", r"^(conv\d+_block\d+|pool\d+)_", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", 62, 7_037_504, "densenet", "DenseNet-121 (58 dense layers + 3 transitions)"),
+    ("vgg16", "VGG16", 224, 32, "caffe", "block5_conv3", r"^(block\d+)_", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", 5, 14_714_688, "vgg16", "VGG-16 (13 convs in 5 blocks)"),
+    ("mobilenet_v2", "MobileNetV2", 224, 32, "tf", "out_relu", r"^(expanded_conv|block_\d+)_", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", 18, 2_257_984, "mobilenet_v2", "MobileNetV2 1.0 (stem + 17 inverted-residual blocks); small and fast"),
+    ("efficientnet_b0", "EfficientNetB0", 224, 32, "none", "top_activation", r"^(block\d[a-z])_", "efficientnetb0_notop.h5", 17, 4_049_571, "efficientnet", "EfficientNet-B0 (stem + 16 MBConv blocks; normalizes inside the model)"),
 )
 
-for _spec in _APPS:
-    register_backbone(_spec)
+for _name, _attr, _size, _min, _pre, _cam, _blocks_re, _file, _blocks, _params, _module, _desc in _APP_ROWS:
+    register_backbone(BackboneSpec(
+        name=_name, builder=_keras_app(_attr), default_size=_size, min_size=_min, preprocess=_pre,
+        gradcam_layer=_cam, block_pattern=_blocks_re, imagenet_file=_file, pretrainable=True, description=_desc,
+        num_blocks=_blocks, params=_params, keras_module=_module,
+    ))
 
 # --------------------------------------------------------------------------- the small CNNs
 
@@ -248,13 +223,13 @@ for _spec in _APPS:
 ARC2 = register_backbone(BackboneSpec(
     name="arc2", builder=small.build_arc2, default_size=28, min_size=8, preprocess="unit",
     gradcam_layer="conv2", block_pattern=r"^(conv\d+)", imagenet_file=None, pretrainable=False,
-    description="report E 'Arc2': conv64-2x2, maxpool, dropout, conv64-2x2, dropout, FC64",
+    description="small Fashion-MNIST CNN: conv64-2x2, maxpool, dropout, conv64-2x2, dropout, FC64",
     pooling="none", num_blocks=2, params=832 + 16_448 + 802_880,
 ))
 
 ARC3 = register_backbone(BackboneSpec(
     name="arc3", builder=small.build_arc3, default_size=28, min_size=8, preprocess="unit",
     gradcam_layer="conv3", block_pattern=r"^(conv\d+)", imagenet_file=None, pretrainable=False,
-    description="report E 'Arc3': Arc2 with one more conv64-2x2 + dropout",
+    description="arc2 with one more conv64-2x2 + dropout",
     pooling="none", num_blocks=3, params=832 + 2 * 16_448 + 802_880,
 ))

@@ -1,4 +1,4 @@
-"""The two small CNNs of report E (Fashion-MNIST): ``arc2`` and ``arc3``.
+"""The two small CNNs of the Fashion-MNIST experiments (28x28 grey images, 10 classes): ``arc2`` and ``arc3``.
 
 ``arc2``: Conv2D(64, 2x2, relu, same) -> MaxPool(2) -> Dropout(.25) -> Conv2D(64, 2x2,
 relu, same) -> Dropout(.25) -> Flatten -> Dense(64, relu) named ``features``. ``arc3``
@@ -6,7 +6,8 @@ adds one more Conv2D(64, 2x2) + Dropout(.25). The classifier head (``head_dropou
 ``probs``) is added by :func:`transfer.models.build.build_classifier`, as for every
 backbone. Pixels are scaled to 0..1 in the graph (preprocess mode ``unit``).
 
-Registered in :mod:`transfer.models.registry` (this module only builds). There are no pretrained weights: ``weights="imagenet"`` is refused; ``"none"`` is a
+Registered in :mod:`transfer.models.registry` (this module only builds). There are no
+pretrained weights: ``weights="imagenet"`` is refused; ``"none"`` is a
 random start; a PATH is a weights file or an earlier run's ``.keras``.
 
 For freezing, the backbone is ``conv1`` .. ``flatten``; the Dense ``features`` plays the
@@ -17,6 +18,7 @@ Layer names: ``conv1``, ``conv1_pool``, ``conv1_drop``, ``conv2``, ``conv2_drop`
 """
 
 from __future__ import annotations
+
 
 def _small_cnn(input_tensor, weights, *, convs: int, name: str):
     from .._lazy import import_keras
@@ -38,10 +40,10 @@ def _small_cnn(input_tensor, weights, *, convs: int, name: str):
 
 
 def build_arc2(input_tensor, weights=None):
-    """Report E's "Arc2" on ``input_tensor`` (see the module docstring)."""
+    """The small CNN "Arc2" on ``input_tensor`` (see the module docstring)."""
     return _small_cnn(input_tensor, weights, convs=2, name="arc2")
 
 
 def build_arc3(input_tensor, weights=None):
-    """Report E's "Arc3": Arc2 with a third Conv2D(64, 2x2) + Dropout(.25)."""
+    """The small CNN "Arc3": Arc2 with a third Conv2D(64, 2x2) + Dropout(.25)."""
     return _small_cnn(input_tensor, weights, convs=3, name="arc3")

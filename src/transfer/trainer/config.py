@@ -41,10 +41,10 @@ RESULT_KEYS = (
 class TrainConfig:
     """Every option of a training sweep.
 
-    Example:
-        >>> cfg = TrainConfig(data="data/digits", out="runs/d", backbones=("arc2",))
-        >>> cfg.epochs
-        10
+    Example::
+
+        cfg = TrainConfig(data="data/digits", out="runs/d", backbones=("arc2",))
+        cfg.epochs   # 10
     """
 
     data: str = ""
@@ -124,18 +124,21 @@ ACCEPTED_KEYS = tuple(f.name for f in fields(TrainConfig))
 
 
 def _fail(key: str, value, accepted: str) -> None:
-    raise ConfigError(f"invalid {key}: {value!r}; accepted: {accepted}")
+    raise ConfigError(f"invalid {key}: {value!r}; accepted: {accepted}", option=key)
 
 
 def validate(c: TrainConfig) -> None:
     """Raise :class:`ConfigError` for any invalid value (called by the constructor)."""
     if not c.backbones:
-        raise ConfigError("no backbone given", hint="use --backbone NAME[,NAME...]")
+        raise ConfigError("no backbone given", hint="name one or more backbones (`transfer backbones` lists them)",
+                          option="backbones")
     if not c.trainable and not c.random_init:
-        raise ConfigError("no trial to run: --trainable is empty and --random-init is off")
+        raise ConfigError("no trial to run: no trainable fraction given and no random-init trial asked for",
+                          option="trainable")
     for t in c.trainable:
         if not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-            _fail("trainable fraction", t, "numbers between 0 and 1 (0 = frozen backbone, 1 = all)")
+            raise ConfigError(f"invalid trainable fraction: {t!r}; accepted: numbers between 0 and 1 "
+                              "(0 = frozen backbone, 1 = all)", option="trainable")
     if c.freeze_by not in FREEZE_BY:
         _fail("freeze_by", c.freeze_by, ", ".join(FREEZE_BY))
     if c.optimizer not in OPTIMIZERS:
@@ -164,7 +167,7 @@ def validate(c: TrainConfig) -> None:
         if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             _fail(k, v, "a fraction in [0, 1)")
     if c.val + c.test >= 1.0:
-        raise ConfigError(f"val + test = {c.val + c.test:g} leaves no training data; keep it below 1")
+        raise ConfigError(f"val + test = {c.val + c.test:g} leaves no training data; keep it below 1", option="val")
     if c.kfold is not None and (not isinstance(c.kfold, int) or c.kfold < 2):
         _fail("kfold", c.kfold, "an integer >= 2 (or unset)")
     if not isinstance(c.patience, int) or c.patience < 0:
@@ -202,14 +205,14 @@ def _coerce(key: str, value):
         try:
             return tuple(cast(v) for v in value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid {key}: {value!r} ({exc})") from exc
+            raise ConfigError(f"invalid {key}: {value!r} ({exc})", option=key) from exc
     if key in ("data", "out", "weights") and value is not None:
         return str(value)
     if key in ("lr", "fine_tune_lr", "dropout", "val", "test") and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
         except ValueError as exc:
-            raise ConfigError(f"invalid {key}: {value!r}; accepted: a number") from exc
+            raise ConfigError(f"invalid {key}: {value!r}; accepted: a number", option=key) from exc
     return value
 
 
@@ -244,9 +247,9 @@ def load_config(yaml_path: str | os.PathLike | None, overrides: dict[str, Any] |
         ConfigError: unreadable YAML, unknown keys (the accepted ones are listed) or
             invalid values.
 
-    Example:
-        >>> load_config(None, {"data": "d", "out": "r", "backbones": "arc2", "epochs": 2}).epochs
-        2
+    Example::
+
+        load_config("sweep.yaml", {"data": "d", "out": "r", "backbones": "arc2", "epochs": 2}).epochs   # 2
     """
     values: dict[str, Any] = {}
     if yaml_path is not None:

@@ -29,8 +29,10 @@ class RayOptions:
 
     def __post_init__(self):
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.retries < 0:
-            raise ConfigError(f"invalid Ray resources: --cpus-per-trial {self.cpus_per_trial} must be > 0, "
-                              f"--gpus-per-trial {self.gpus_per_trial} >= 0")
+            raise ConfigError(f"invalid Ray resources: CPUs per trial must be > 0 (got {self.cpus_per_trial:g}), "
+                              f"GPUs per trial >= 0 (got {self.gpus_per_trial:g}), retries >= 0 (got {self.retries})",
+                              option="cpus_per_trial" if self.cpus_per_trial <= 0 else
+                              "gpus_per_trial" if self.gpus_per_trial < 0 else None)
 
 
 def init_ray(opts: RayOptions):
@@ -38,7 +40,7 @@ def init_ray(opts: RayOptions):
     trials' progress lines are forwarded to the driver)."""
     from .._ray import init_ray as _init
 
-    return _init(opts.address, purpose="--ray", log_to_driver=True)
+    return _init(opts.address, purpose="Ray sweeps", log_to_driver=True)
 
 
 def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names: list,

@@ -25,9 +25,10 @@ def make_dataset(source, *, num_classes: int, one_hot: bool, workers: int = 2, m
         (its shuffle / augmentation; the trainer calls it at each epoch begin),
         ``failed`` lists files that could not be read.
 
-    Example:
-        >>> ds = make_dataset(src, num_classes=10, one_hot=False)   # doctest: +SKIP
-        >>> model.fit(ds, epochs=2)                                  # doctest: +SKIP
+    Example::
+
+        ds = make_dataset(src, num_classes=10, one_hot=False)
+        model.fit(ds, epochs=2)
     """
     keras = import_keras()
     import numpy as np

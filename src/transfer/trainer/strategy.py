@@ -1,4 +1,4 @@
-"""``--strategy``: one trial over several devices of one machine (``tf.distribute``)."""
+"""One trial over several devices of one machine (``tf.distribute``; the ``strategy`` option)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from ..errors import ConfigError
 
 
 def make_strategy(name: str):
-    """The ``tf.distribute`` strategy of ``--strategy name``, or None for the default.
+    """The ``tf.distribute`` strategy called ``name``, or None for the default.
 
     ``mirrored`` replicates the model on every GPU of the machine (or of the Ray task:
     Ray sets ``CUDA_VISIBLE_DEVICES`` to the ``--gpus-per-trial`` it reserved); without a
@@ -23,14 +23,15 @@ def make_strategy(name: str):
     Raises:
         ConfigError: an unknown strategy name.
 
-    Example:
-        >>> make_strategy("default") is None
-        True
+    Example::
+
+        make_strategy("default") is None
+        # True
     """
     if name in (None, "", "default"):
         return None
     if name != "mirrored":
-        raise ConfigError(f"invalid strategy: {name!r}; accepted: default, mirrored")
+        raise ConfigError(f"invalid strategy: {name!r}; accepted: default, mirrored", option="strategy")
     from .._lazy import import_tensorflow
 
     tf = import_tensorflow()

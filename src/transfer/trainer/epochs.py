@@ -1,0 +1,176 @@
+"""The epoch loop's bookkeeping: the resume state of a trial and the Keras callback that
+records every epoch (history, checkpoints, early stopping, progress).
+
+Importing this module imports Keras (the callback subclasses ``keras.callbacks.Callback``);
+:mod:`transfer.trainer.fit` imports it when a trial trains.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .._lazy import import_keras
+from ..fsutil import atomic_path, read_json, write_json_atomic
+from ..runfolder import RunWriter
+
+keras = import_keras()
+
+
+@dataclass
+class TrialState:
+    """What a killed trial needs to continue (``state.json``, written last after every epoch).
+
+    Attributes:
+        epoch: last finished epoch (epochs count across stages).
+        stage: name of the stage whose freeze the checkpoint has applied.
+        best_loss: lowest monitored loss so far (``val_loss``, or ``loss`` without val images).
+        best_epoch: the epoch ``model.keras`` was saved at.
+        wait: epochs since the monitored loss last improved (early stopping).
+        stopped: early stopping ended the current stage before its last epoch.
+    """
+
+    epoch: int = 0
+    stage: str | None = None
+    best_loss: float | None = None
+    best_epoch: int = 0
+    wait: int = 0
+    stopped: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> "TrialState | None":
+        """The saved state, or None when there is none (or it cannot be read)."""
+        try:
+            saved = read_json(path)
+        except (OSError, ValueError):
+            return None
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names}) if isinstance(saved, dict) else None
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    def improved(self, loss: float | None) -> bool:
+        return loss is not None and not math.isnan(loss) and (self.best_loss is None or loss < self.best_loss)
+
+
+class TrialFiles:
+    """The files one trial writes while it trains, through :class:`RunWriter`."""
+
+    def __init__(self, writer: RunWriter, name: str, data_root: Path):
+        self.writer, self.name, self.data_root = writer, name, Path(data_root)
+        self.paths = writer.trial_paths(name)
+        self._reported: set[str] = set()
+
+    def save_model(self, model, path: Path) -> None:
+        with atomic_path(path, suffix=".keras") as tmp:
+            model.save(tmp)
+
+    def history(self, rows: Sequence[dict]) -> None:
+        self.writer.write_history(self.name, rows)
+
+    def status(self, state: str, epoch: int, error: str | None = None) -> None:
+        self.writer.write_status(self.name, state, epoch, error)
+
+    def bad_files(self, failed: Sequence) -> int:
+        """List files a batch source could not decode in ``bad_files.csv`` (once each); returns how many were new."""
+        found = {}
+        for item in failed:
+            key = str(item.path)
+            if key in self._reported:
+                continue
+            self._reported.add(key)
+            p = Path(key)
+            try:
+                rel = str(p.resolve().relative_to(self.data_root.resolve())) if p.is_absolute() else key
+            except ValueError:
+                rel = key
+            found[rel] = f"during training: {item.reason}" if item.reason else "during training"
+        return self.writer.merge_bad_files(found) if found else 0
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Records every epoch of one stage of a trial.
+
+    After each epoch, in this order and each file atomically: ``history.csv``,
+    ``model.keras`` (when the monitored loss improved), ``last.keras`` (with the optimizer
+    state), ``state.json`` (the commit point: a kill loses at most the epoch in progress),
+    ``status.json``; then one progress line and any file that failed to decode.
+
+    Args:
+        files: the trial's files.
+        model: the contract model whose weights the training updates (what is saved).
+        state: the resume state; updated in place.
+        history: the rows so far; appended to in place.
+        stage_end: the epoch the stage ends at.
+        total: epochs of the whole trial (for the progress line).
+        patience: early stopping after this many epochs without improvement (0 = off).
+        monitor: the log key watched by early stopping and the best checkpoint.
+        sources: batch sources whose ``set_epoch`` selects the epoch's order and whose
+            ``failed`` lists unreadable files.
+        say: receives the progress line.
+    """
+
+    def __init__(self, files: TrialFiles, model, state: TrialState, history: list[dict], *, stage_end: int,
+                 total: int, patience: int, monitor: str, sources: Sequence, say: Callable[[str], None]):
+        super().__init__()
+        self.files, self.flat, self.state, self.rows = files, model, state, history
+        self.stage_end, self.total, self.patience, self.monitor = stage_end, total, patience, monitor
+        self.sources, self.say = list(sources), say
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for src in self.sources[:1]:  # the training data: its order depends on the epoch
+            src.set_epoch(epoch)
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = self._row(epoch + 1, logs or {})
+        self.rows.append(row)
+        self.files.history(self.rows)
+        stop = self._checkpoint(row)
+        if stop:
+            self.model.stop_training = True
+        self._report(row, stop)
+
+    def _row(self, epoch: int, logs: dict) -> dict:
+        return {"epoch": epoch, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
+                "val_loss": logs.get("val_loss"), "val_accuracy": logs.get("val_accuracy"),
+                "lr": _learning_rate(self.model), "seconds": round(time.perf_counter() - self._t0, 3)}
+
+    def _checkpoint(self, row: dict) -> bool:
+        """Best model, resume checkpoint and state; returns True when early stopping ends the stage."""
+        st, paths = self.state, self.files.paths
+        if st.improved(row.get(self.monitor)):
+            st.best_loss, st.best_epoch, st.wait = float(row[self.monitor]), row["epoch"], 0
+            self.files.save_model(self.flat, paths.model_keras)
+        else:
+            st.wait += 1
+        stop = self.patience > 0 and st.wait >= self.patience
+        self.files.save_model(self.model, paths.last_keras)
+        st.epoch = row["epoch"]
+        st.stopped = bool(stop and row["epoch"] < self.stage_end)
+        st.save(paths.state_json)
+        self.files.status("running", st.epoch)
+        return stop
+
+    def _report(self, row: dict, stop: bool) -> None:
+        name = self.files.name
+        val = (f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
+               if row["val_loss"] is not None else "")
+        self.say(f"  [{name}] epoch {row['epoch']}/{self.total}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}"
+                 f"{val}  {row['seconds']:.1f}s" + ("  (early stop)" if stop else ""))
+        failed = [f for src in self.sources for f in getattr(src, "failed", [])]
+        new = self.files.bad_files(failed)
+        if new:
+            self.say(f"  [{name}] warning: {new} file(s) could not be read; listed in bad_files.csv")
+
+
+def _learning_rate(model) -> float:
+    try:
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - no optimizer
+        return float("nan")
