@@ -31,6 +31,7 @@ class OrtRunner(Runner):
 
         entry = bundle.model_entry(model_key)
         self.session, provider = make_session(bundle.file(entry["file"]), providers, threads=threads)
+        bundle.check_model_graph(model_key, self.session)  # the graph is what the manifest says it is
         super().__init__(name="onnxruntime" if model_key == "onnx-fp32" else f"onnxruntime-{entry['precision']}",
                          provider=provider, model_key=model_key)
 
@@ -74,6 +75,11 @@ class TrtRunner(Runner):
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(bundle.file(entry["file"]).read_bytes())
         if self.engine is None:
             raise BundleError(f"TensorRT could not load {entry['file']}")
+        h, w = bundle.input_size
+        shape = tuple(self.engine.get_tensor_shape("image"))
+        if len(shape) != 4 or tuple(shape[1:]) != (h, w, 3):
+            raise BundleError(f"engine {entry['file']} takes images of shape {shape}, the manifest says (N, {h}, {w}, 3)",
+                              hint="the manifest was edited or the engine swapped after export; re-export the bundle")
         self.context = self.engine.create_execution_context()
         self.max_batch = int(entry.get("batch", {}).get("max", 1))
         err, self.stream = cudart.cudaStreamCreate()
