@@ -172,7 +172,7 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
                   trt: str | None = None, batch: str = "1:8:32", calib_images: int = 512, verify_images: int = 256,
                   atol: float = 1e-4, min_agreement: float = 0.999, max_accuracy_drop: float = 0.01,
                   force: bool = False, opset: int = 17, workspace_mb: int = 2048,
-                  progress: ProgressLike = None) -> ExportResult:
+                  progress: ProgressLike = None, sign: str | os.PathLike | None = None) -> ExportResult:
     """Export one trial of a run folder as a verified bundle.
 
     Args:
@@ -188,15 +188,22 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         verify_images: validation images Keras and ONNX Runtime are compared on.
         atol / min_agreement: fp32 limits (max |dp|, top-1 agreement).
         max_accuracy_drop: int8/fp16 accuracy drop limit (fraction, 0.01 = 1 point).
-        force: replace an existing bundle at ``out``.
+        force: replace an existing bundle at ``out`` (its hidden files are kept).
         progress: status lines of every step (a :class:`transfer.progress.Progress`).
+        sign: a private key (``transfer keygen``): the bundle is signed with it
+            (``signature.json``), so machines that trust its public key load it.
+
+    ``out`` is locked while the export runs (a second export to it exits with
+    :class:`transfer.locks.LockedError`), and so is the run folder when a head may be fitted
+    into it; staging folders of killed exports beside ``out`` are cleared first.
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
         RunFolderError: missing run / unknown or unfinished trial.
-        BundleError: ``out`` holds other files and ``force`` is off.
+        BundleError: ``out`` holds other files, or a bundle and ``force`` is off.
+        LockedError: another process exports to ``out`` (or writes the run).
         VerificationError: the bundle was written but failed verification (marked invalid).
         TensorRTUnavailableError: ``trt`` requested without GPU (the ONNX bundle is kept).
 
@@ -204,9 +211,10 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
 
         export_bundle("runs/digits", head="rf", quantize="int8").bundle_dir   # runs/digits/bundle
     """
-    from ..bundle import read_manifest
+    import contextlib
+
+    from ..locks import locked
     from ..runfolder import RunFolder
-    from .bundle_writer import check_out, staged_bundle
 
     p = as_progress(progress)
     t0 = time.time()
@@ -215,13 +223,33 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
     limits, trt_prec, profile, head = _check_options(
         quantize=quantize, trt=trt, batch=batch, atol=atol, min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head)
-    out = Path(out) if out is not None else rf.bundle_dir
-    check_out(out, force, rf.path)
+    key = None
+    if sign is not None:
+        from ..signing import load_signing_key
 
+        key = load_signing_key(sign)
+    out = Path(out) if out is not None else rf.bundle_dir
+    with locked(out, purpose="export"), \
+            (locked(rf.path, purpose="export") if head is not None else contextlib.nullcontext()):
+        return _export(rf, t, out, force=force, head=head, quantize=quantize, trt_prec=trt_prec, profile=profile,
+                       calib_images=calib_images, verify_images=verify_images, limits=limits, opset=opset,
+                       workspace_mb=workspace_mb, key=key, progress=p, t0=t0)
+
+
+def _export(rf, t, out: Path, *, force, head, quantize, trt_prec, profile, calib_images, verify_images, limits,
+            opset, workspace_mb, key, progress, t0) -> ExportResult:
+    """The export, holding the locks: check ``out``, assemble and swap in the ONNX bundle, add an engine."""
+    from ..bundle import read_manifest
+    from .bundle_writer import check_out, remove_stale_staging, staged_bundle
+
+    p = progress
+    remove_stale_staging(out, p)
+    check_out(out, force, rf.path)
     with staged_bundle(out) as tmp:
         manifest, checks = _assemble(rf, t, tmp, head=head, quantize=quantize, calib_images=calib_images,
-                                     verify_images=verify_images, limits=limits, opset=opset, progress=p)
-    p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})")
+                                     verify_images=verify_images, limits=limits, opset=opset, progress=p, key=key)
+    p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})"
+          + (f", signed by {key.key_id}" if key is not None else ""))
     res = ExportResult(out, manifest, checks, bool(manifest["valid"]), time.time() - t0)
     if not res.ok:
         failed = [k for k, v in checks.items() if v.get("passed") is False]
@@ -230,12 +258,13 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
             hint=f"see {out / 'verification.json'}; the limits are the probability tolerance, the minimum "
                  "top-1 agreement and the maximum accuracy drop of `transfer export`")
     if trt_prec:
-        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, p, limits, verify_images)
+        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, p, limits, verify_images, key)
         res.manifest = read_manifest(out)
     return res
 
 
-def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, limits: Limits, opset, progress):
+def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, limits: Limits, opset, progress,
+              key=None):
     """The ONNX bundle in ``tmp``: fp32 model, then int8 and a head when asked, then the manifest."""
     from ..bundle import new_manifest, write_bundle
     from .bundle_writer import tool_versions
@@ -261,7 +290,7 @@ def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, 
         class_names=rf.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
         heads=ctx.heads, preprocessing=rf.dataset.get("preprocessing"), tools=tool_versions(),
         source={"run": str(rf.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset)
-    return write_bundle(tmp, manifest, ctx.checks, images=used), ctx.checks
+    return write_bundle(tmp, manifest, ctx.checks, images=used, sign_key=key), ctx.checks
 
 
 # ---- the steps -------------------------------------------------------------------------
@@ -297,9 +326,12 @@ def _int8_step() -> Step:
         from .quantize import calibration_batches, quantize_int8
 
         train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
+        from .onnx import stamp_onnx
+
         info = quantize_int8(ctx.folder / "model.onnx", ctx.folder / "model.int8.onnx",
                              calibration_batches(train_paths, ctx.t.image_size, count=ctx.calib_images,
                                                  progress=ctx.progress))
+        stamp_onnx(ctx.folder / "model.int8.onnx", role="model", precision="int8")
         return {"file": "model.int8.onnx", "precision": "int8", "runtime": "onnxruntime", "quantization": info,
                 **{k: ctx.models["onnx-fp32"][k] for k in ("inputs", "outputs", "opset")}}
 
@@ -400,7 +432,7 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
 
 
 def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, workspace_mb: int, progress,
-                limits: Limits, verify_images: int = 256) -> None:
+                limits: Limits, verify_images: int = 256, key=None) -> None:
     from ..bundle import read_checks, read_manifest, write_bundle
     from .tensorrt import require_tensorrt
     from .verify import verification_images
@@ -428,7 +460,7 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_bundle(out, dict(manifest, models=ctx.models), ctx.checks, images=images)
+    write_bundle(out, dict(manifest, models=ctx.models), ctx.checks, images=images, sign_key=key)
     if not v["passed"]:
         raise VerificationError(f"TensorRT {precision} engine failed verification; bundle {out} is marked invalid",
                                 hint="try a TensorRT fp16 engine or more calibration images")
