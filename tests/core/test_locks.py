@@ -10,8 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,31 +17,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bundle_factory import make_bundle  # noqa: E402
 from image_files import solid_pngs  # noqa: E402
+from processes import ENV, TRANSFER, hold_lock, wait_until_locked_by  # noqa: E402
 
 from transfer.locks import LockedError, holder, lock_path, locked  # noqa: E402
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-TRANSFER = [sys.executable, "-c", "import sys; from transfer.cli import main; main(sys.argv[1:])"]
-
-
-def _hold(target: Path) -> subprocess.Popen:
-    """Another process that takes the lock of ``target`` and keeps it until stdin closes."""
-    code = textwrap.dedent(f"""
-        import sys
-        from transfer.locks import locked
-        with locked({str(target)!r}, purpose="test holder"):
-            print("locked", flush=True)
-            sys.stdin.read()
-    """)
-    p = subprocess.Popen([sys.executable, "-c", code, "hold", str(target)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, env=ENV)
-    assert p.stdout.readline().strip() == "locked"
-    return p
-
-
 def test_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path):
     target = tmp_path / "run"
-    p = _hold(target)
+    p = hold_lock(target)
     try:
         with pytest.raises(LockedError) as e:
             with locked(target):
@@ -85,7 +65,7 @@ def test_infer_out_held_by_another_process_is_refused(tmp_path, many_images):
     b = make_bundle(tmp_path / "b")
     out = tmp_path / "same.csv"
     out.write_text("the previous predictions\n")
-    p = _hold(out)
+    p = hold_lock(out)
     try:
         r = subprocess.run([*TRANSFER, "infer", str(b), str(many_images / "00001.png"), "--out", str(out)],
                            capture_output=True, text=True, env=ENV, timeout=120)
@@ -102,15 +82,7 @@ def test_two_infers_on_one_out_exactly_one_proceeds(tmp_path, many_images):
     out = tmp_path / "same.csv"
     args = ["infer", str(b), str(many_images), "--out", str(out), "--batch", "4", "--workers", "1", "-q"]
     first = subprocess.Popen([*TRANSFER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 60
-    while time.time() < deadline and first.poll() is None:  # wait until the first one holds the lock
-        try:
-            if json.loads(lock_path(out).read_text() or "{}").get("pid") == first.pid:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    assert first.poll() is None, "the first inference ended before the second could start"
+    wait_until_locked_by(out, first)
     first.send_signal(signal.SIGSTOP)  # hold it mid-run (as a slow disk would), so the two surely overlap
     try:
         second = subprocess.run([*TRANSFER, *args], capture_output=True, text=True, env=ENV, timeout=120)

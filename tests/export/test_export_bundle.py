@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from click.testing import CliRunner
 from transfer.bundle import load_bundle
 from transfer.cli import cli
 from transfer.errors import BundleError, RunFolderError, TamperedBundleError, VerificationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from processes import ENV, TRANSFER, hold_lock, wait_until_locked_by  # noqa: E402
 
 
 def test_bundle_layout_manifest_and_verification(full_bundle):
@@ -269,11 +274,6 @@ def test_verify_deep_runs_every_onnx_model_and_names_a_broken_one(full_bundle, t
 def test_signed_export_force_keeps_hidden_files_and_a_held_out_is_refused(run_copy, tmp_path):
     """export --sign: the bundle loads where its key is trusted; --force keeps .git; an --out
     another process holds is refused naming it, before anything is written."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     from transfer.bundle import UntrustedBundleError
     from transfer.signing import generate_key
 
@@ -292,67 +292,35 @@ def test_signed_export_force_keeps_hidden_files_and_a_held_out_is_refused(run_co
     assert r.exit_code == 0, r.output
     assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"  # --force deleted it before
     assert load_bundle(out, trust=False).signer is None  # re-exported unsigned
-    code = textwrap.dedent(f"""
-        import sys
-        from transfer.locks import locked
-        with locked({str(out)!r}, purpose="test"):
-            print("locked", flush=True)
-            sys.stdin.read()
-    """)
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        before = sorted(p.name for p in out.iterdir())
-        r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(out), "--force"])
-        assert r.exit_code == 1 and f"PID {holder.pid}" in r.output and "in use by" in r.output, r.output
-        assert sorted(p.name for p in out.iterdir()) == before
-    finally:
-        holder.stdin.close()
-        holder.wait()
-    code = code.replace(repr(str(out)), repr(str(run_copy)))  # a process writing the run folder itself
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(tmp_path / "c"), "--head", "rf"])
-        assert r.exit_code == 1 and f"PID {holder.pid}" in r.output, r.output  # it may fit a head into the run
-        r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(tmp_path / "c"), "-q"])
-        assert r.exit_code == 0, r.output  # without a head it only reads the run
-    finally:
-        holder.stdin.close()
-        holder.wait()
+    for held, args in ((out, ["--out", str(out), "--force"]),  # its --out
+                       (run_copy, ["--out", str(tmp_path / "c"), "--head", "rf"])):  # a run it may fit a head into
+        holder = hold_lock(held)
+        try:
+            before = sorted(p.name for p in out.iterdir())
+            r = CliRunner().invoke(cli, ["export", str(run_copy), *args])
+            assert r.exit_code == 1 and f"PID {holder.pid}" in r.output and "in use by" in r.output, r.output
+            assert sorted(p.name for p in out.iterdir()) == before and not (tmp_path / "c").exists()
+        finally:
+            holder.stdin.close()
+            holder.wait()
+    r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 0, r.output  # without a head it only reads the run
 
 
 @pytest.mark.slow
 def test_two_exports_to_one_out_exactly_one_proceeds(run_copy, tmp_path):
     """Two real `transfer export --out same` processes: the second exits 1 naming the first, which
     writes the only bundle (before: both reported success and one silently replaced the other)."""
-    import json as _json
-    import os
     import signal
     import subprocess
-    import sys
-    import time
-
-    from transfer.locks import lock_path
 
     out = tmp_path / "same"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-c", "import sys; from transfer.cli import main; main(sys.argv[1:])",
-           "export", str(run_copy), "--out", str(out), "-q"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None:
-        try:
-            if _json.loads(lock_path(out).read_text() or "{}").get("pid") == first.pid:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    first.send_signal(signal.SIGSTOP)
+    cmd = [*TRANSFER, "export", str(run_copy), "--out", str(out), "-q"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_until_locked_by(out, first)
+    first.send_signal(signal.SIGSTOP)  # hold it mid-export, so the two surely overlap
     try:
-        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        second = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     finally:
         first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=600)
