@@ -79,8 +79,8 @@ def check_pickle_trust(bundle: Bundle, name: str, trust_pickle: bool = False) ->
     raise UntrustedBundleError(
         f"refusing to unpickle head {name!r} of {bundle.path}: a pickle runs code when it is loaded, and {why}",
         hint="run the head's ONNX form (the same head, no code in it), or trust the bundle: sign it "
-             "(`transfer export RUN --sign KEY`) and give its public key as trust (or set TRANSFER_TRUST), "
-             "or, if you know where it came from, allow it explicitly (trust_pickle / --trust-pickle)",
+             "(`transfer export RUN --sign KEY`) and trust its public key (`--trust KEY.pub` or TRANSFER_TRUST), "
+             "or, if you know where it came from, allow it explicitly (`transfer infer ... --trust-pickle`)",
         option="head_format")
 
 
