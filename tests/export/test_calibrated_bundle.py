@@ -105,3 +105,30 @@ def test_no_calibrate_keeps_the_networks_probabilities(digits_bundle, tmp_path):
     x = np.stack([load_image(p, t.image_size) for p in rf.split_paths("val")[0][:16]]).astype(np.float32)
     sess = ort.InferenceSession(str(tmp_path / "raw" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(["probs"], {"image": x})[0], t.load_model().predict(x, verbose=0), atol=1e-5)
+
+
+def test_edited_calibration_records_are_refused(digits_bundle, tmp_path):
+    """The thresholds decide which images are called unknown: a hand edit must not pass."""
+    import shutil
+
+    from transfer.bundle import load_bundle
+    from transfer.errors import TamperedBundleError
+
+    _, res = digits_bundle
+    m0 = json.loads((res.bundle_dir / "manifest.json").read_text())
+    assert "calibration.json" in m0["files"]
+    edits = {
+        "threshold": lambda m: m["unknown"]["scores"]["mahalanobis"].update(threshold=-1e9),
+        "dropped records": lambda m: (m.pop("unknown"), m.pop("calibration")),
+        "temperature": lambda m: m["calibration"].update(temperature=-1.0),
+        "default": lambda m: m["unknown"].update(default="energy"),
+        "no npz entry": lambda m: m["files"].pop("unknown.npz"),
+    }
+    for what, edit in edits.items():
+        b = tmp_path / what.replace(" ", "_")
+        shutil.copytree(res.bundle_dir, b)
+        m = json.loads(json.dumps(m0))
+        edit(m)
+        (b / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(TamperedBundleError):
+            load_bundle(b)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_files import solid_pngs  # noqa: E402
+from processes import run_without  # noqa: E402
 
 from transfer.errors import BundleError, ConfigError
 from transfer.data.stream import batches, iter_inputs
@@ -75,14 +74,9 @@ def test_bench_table_json_and_agreement(rt_bundle, tmp_path):
 def test_runtime_runs_with_tensorflow_unimportable(rt_bundle, rt_data, tmp_path):
     _, bundle = rt_bundle
     out = tmp_path / "p.csv"
-    code = textwrap.dedent(f"""
+    # the base install: no TensorFlow, no scikit-learn (the ONNX head runs without it)
+    code = f"""
         import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                # the base install: no TensorFlow, no scikit-learn (the ONNX head runs without it)
-                if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "sklearn"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
         import transfer.runtime.infer, transfer.runtime.bench, transfer.commands.runtime
         from transfer.cli import main
         try:
@@ -99,8 +93,8 @@ def test_runtime_runs_with_tensorflow_unimportable(rt_bundle, rt_data, tmp_path)
                or m.startswith("transfer.export")]
         assert not bad, bad
         print("OK")
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    """
+    r = run_without(("tensorflow", "keras", "tf2onnx", "sklearn"), code)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
     assert out.is_file() and len(out.read_text().splitlines()) == 61
     assert (tmp_path / "bench" / "bench.json").is_file()

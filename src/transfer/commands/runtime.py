@@ -7,6 +7,7 @@ import sys
 import click
 
 from ._options import parse_csv, quiet_option
+from .keys import trust_option, trust_options, trust_value
 
 
 @click.command("infer")
@@ -34,9 +35,10 @@ from ._options import parse_csv, quiet_option
 @click.option("--address", metavar="HOST:PORT", help="Ray cluster to join with --ray. [default: a local Ray]")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
               help="GPUs each Ray inference worker reserves (with --ray; e.g. 1, or 0.5 to share one).")
+@trust_options
 @quiet_option
 def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
-              threads, strict, use_ray, address, gpus_per_worker, quiet) -> None:
+              threads, strict, use_ray, address, gpus_per_worker, trust, trust_pickle, quiet) -> None:
     """Predict image files and folders with a bundle: one row per file (path, top-k classes
     and probabilities, or the error for that file). No TensorFlow needed.
 
@@ -49,7 +51,10 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 
     Bad files (empty, truncated, not an image, unreadable, too large, directories) get an
     error row and are counted; the run goes on. Exit code: 0, or 1 when no file succeeded
-    or, with --strict, when any file failed.
+    or, with --strict, when any file failed (or another process writes the same --out).
+
+    With --trust (or TRANSFER_TRUST) only a bundle signed by a trusted key loads; a pickled
+    head (--head-format pickle) runs only from such a bundle, or with --trust-pickle.
     """
     from ..errors import ConfigError
     from ..progress import Progress
@@ -57,7 +62,8 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 
     progress = Progress(quiet=quiet)
     common = dict(out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format, backend=backend,
-                  providers=providers, recursive=recursive, workers=workers, progress=progress)
+                  providers=providers, recursive=recursive, workers=workers, progress=progress,
+                  trust=trust_value(trust), trust_pickle=trust_pickle)
     if use_ray:
         from ..runtime.ray_infer import infer_ray
 
@@ -87,8 +93,9 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 @click.option("--providers", default="cpu", show_default=True,
               help="ONNX Runtime providers of the onnxruntime backends, in order: cpu, cuda, tensorrt, or 'auto'.")
 @click.option("--out", type=click.Path(), help="Folder for bench.json / bench.md / bench.png. [default: BUNDLE/../bench]")
+@trust_option
 @quiet_option
-def bench_cmd(bundle, backends, batches, head, images, seconds, threads, providers, out, quiet) -> None:
+def bench_cmd(bundle, backends, batches, head, images, seconds, threads, providers, out, trust, quiet) -> None:
     """Latency p50/p90/p99, throughput, time split (decode / preprocess / model / head),
     top-1 agreement with fp32 and achieved GFLOP/s vs this machine's matmul peak, per
     backend and batch size. Backends that cannot run here are listed with the reason.
@@ -105,7 +112,8 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, provide
     res = bench(bundle, backends=parse_csv(backends, name="--backends"),
                 batches=parse_csv(batches, int, name="--batch"), head=head, images=list(images) or None,
                 seconds=seconds, threads=threads, out_dir=out_dir, progress=Progress(quiet=quiet),
-                providers=None if providers == "auto" else providers, extra_runners={"keras": _keras_runner})
+                providers=None if providers == "auto" else providers, extra_runners={"keras": _keras_runner},
+                trust=trust_value(trust))
     click.echo(render_table(res))
     click.echo(f"-> {out_dir}/bench.json, bench.md" + (", bench.png" if res["rows"] else ""))
     if not res["rows"]:

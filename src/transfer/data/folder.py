@@ -408,6 +408,56 @@ def _assemble(layout: _Layout, candidates: list[_Candidate], link_bad: list[tupl
     return idx, bad_per_class
 
 
+def _nested_folders(layout: _Layout, candidates: list[_Candidate]) -> dict[str, int]:
+    """Sub-folders of class folders that hold images (``cat/2019/``), with their image counts."""
+    depth = 3 if layout.given else 2  # split/class/file or class/file
+    found: dict[str, int] = {}
+    for c in candidates:
+        parts = c.rel.split("/")
+        if len(parts) > depth:
+            sub = "/".join(parts[:depth]) + "/"
+            found[sub] = found.get(sub, 0) + 1
+    return dict(sorted(found.items()))
+
+
+def _hygiene(layout: _Layout, candidates: list[_Candidate], *, allow_nested: bool,
+             allow_case_clash: bool) -> tuple[list[DataError], list[str]]:
+    """What a folder must not do silently: images in sub-folders of a class (merged into it) and
+    class names that differ only in case (one folder on a case-insensitive disk). Returns
+    ``(errors, warnings)``; an allowed oddity is a warning."""
+    errors, warnings = [], []
+    split_like = None if layout.given else \
+        _nested_layout_warning(layout.class_names, [(c.split, c.cls, c.rel) for c in candidates])
+    if split_like:  # the more telling warning about the same sub-folders
+        warnings.append(split_like)
+    nested = _nested_folders(layout, candidates)
+    if nested:
+        shown = ", ".join(f"{k} ({n} image{'s' if n != 1 else ''})" for k, n in list(nested.items())[:5])
+        more = f" and {len(nested) - 5} more" if len(nested) > 5 else ""
+        msg = (f"dataset folder {layout.root}: class folders hold images in sub-folders, which are merged into "
+               f"their class: {shown}{more}")
+        if not allow_nested:
+            errors.append(DataError(msg, hint=(split_like + "; or " if split_like else "")
+                                    + "move the images up into their class folder, or accept the sub-folders "
+                                      "as part of their class (the allow-nested option)"))
+        elif not split_like:
+            warnings.append(msg + " (accepted)")
+    by_fold: dict[str, list[str]] = {}
+    for c in layout.class_names:
+        by_fold.setdefault(c.casefold(), []).append(c)
+    clashes = [names for names in by_fold.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(f"{n}/" for n in names) for names in clashes)
+        msg = (f"dataset folder {layout.root}: class names that differ only in case: {shown} (one folder on a "
+               "case-insensitive disk, two classes here)")
+        if allow_case_clash:
+            warnings.append(msg + " (accepted as different classes)")
+        else:
+            errors.append(DataError(msg, hint="merge or rename them, or accept them as different classes "
+                                              "(the allow-case-clash option)"))
+    return errors, warnings
+
+
 def _unusable(idx: DatasetIndex, layout: _Layout, bad_per_class: dict[str, list[BadFile]],
               any_candidates: bool) -> list[DataError]:
     """Why the folder cannot be trained as is: a class without a usable image, fewer than two classes."""
@@ -442,6 +492,8 @@ def index_folder(
     progress: ProgressLike = None,
     cache: str | os.PathLike | None = None,
     strict: bool = True,
+    allow_nested: bool = False,
+    allow_case_clash: bool = False,
 ) -> DatasetIndex:
     """Index an image-classification folder and decode every file once to find bad ones.
 
@@ -457,8 +509,13 @@ def index_folder(
         cache: optional JSON file remembering (path, size, mtime_ns) -> verdict, so a
             re-index skips decoding unchanged files.
         strict: when False (``transfer data check``), no image at all, fewer than two
-            classes or a class without a usable image are listed in ``problems`` instead
-            of raised, so the bad files can still be shown.
+            classes, a class without a usable image or a refused layout are listed in
+            ``problems`` instead of raised, so the bad files can still be shown.
+        allow_nested: accept images in sub-folders of a class folder as that class (else
+            refused, listing the sub-folders: they are often a mistake, e.g. splits or
+            sub-classes under another name).
+        allow_case_clash: accept class folders whose names differ only in case (``Cat/`` and
+            ``cat/``) as different classes (else refused: one folder on a case-insensitive disk).
 
     Returns:
         A :class:`DatasetIndex`; bad files are in ``bad`` and excluded from ``samples``,
@@ -466,7 +523,9 @@ def index_folder(
 
     Raises:
         DataError: missing folder, no image at all, fewer than two classes, a class
-            without a usable image, or a given split whose classes are not in ``train/``.
+            without a usable image, a given split whose classes are not in ``train/``,
+            images in sub-folders of a class, or class names that differ only in case
+            (the last two unless allowed).
 
     Example::
 
@@ -482,16 +541,13 @@ def index_folder(
                         hint="give a folder with one sub-folder of images per class")
     layout = _read_layout(root.resolve())
     candidates, link_bad = _find_candidates(layout)
-    errors: list[DataError] = []
-    warnings: list[str] = []
-    if not layout.given:
-        w = _nested_layout_warning(layout.class_names, [(c.split, c.cls, c.rel) for c in candidates])
-        if w:
-            warnings.append(w)
+    errors, warnings = _hygiene(layout, candidates, allow_nested=allow_nested, allow_case_clash=allow_case_clash)
+    if strict and errors:
+        raise errors[0]  # before any decoding: the layout is refused as it is
     if not candidates:
         errors.append(_no_images_error(layout))
         if strict:
-            raise errors[0]
+            raise errors[-1]
     verdicts = _decode_all(layout.root, [c.rel for c in candidates], cache=Path(cache) if cache else None,
                            max_pixels=max_pixels, workers=workers, progress=progress)
     idx, bad_per_class = _assemble(layout, candidates, link_bad, verdicts)

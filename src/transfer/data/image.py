@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 #: Images with more pixels than this are refused as "absurd dimensions" (decompression bombs).
 DEFAULT_MAX_PIXELS = 64_000_000
+
+#: Memory one decode may hold (per decoding worker): an RGB image at the pixel limit fits
+#: (Pillow holds RGB as 4 bytes a pixel); an image whose mode needs more to become RGB at
+#: that size (a 1-bit or grayscale PNG of 8000 x 8000) is refused before it is decoded. With
+#: W decoding workers, decoding holds at most W times this.
+DEFAULT_MAX_DECODE_BYTES = DEFAULT_MAX_PIXELS * 4
 
 #: The exact preprocessing recipe; written into run folders and bundle manifests. The
 #: runtime refuses a bundle whose recipe it does not implement.
@@ -85,35 +92,68 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_bytes_needed(width: int, height: int, mode: str) -> int:
+    """Bytes decoding a ``width`` x ``height`` image of Pillow ``mode`` to 8-bit RGB holds at
+    once: the decoded image plus what the conversion to RGB allocates (Pillow keeps RGB as 4
+    bytes a pixel). A 1-bit PNG of a few KB can need hundreds of MB; this is what the
+    per-worker decode budget is checked against before any pixel is decoded."""
+    n = int(width) * int(height)
+    raw = _RAW_BYTES.get(mode, 4)
+    if mode == "RGB":
+        extra = 0
+    elif mode in _ALPHA_MODES or (mode == "P"):
+        extra = 16  # RGBA copy, black background, composite, RGB (a palette may carry transparency)
+    elif mode.startswith("I") or mode == "F":
+        extra = 8 + 1 + 4  # float64 rescale, 8-bit copy, RGB
+    else:
+        extra = 4  # the RGB copy
+    return n * (raw + extra)
+
+
+_RAW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 4, "La": 4, "PA": 4}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _file_source(path: str | os.PathLike) -> Path:
+    """``path`` if it is a regular, non-empty file, else ImageDecodeError saying what it is."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise ImageDecodeError(p, f"cannot read file: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageDecodeError(p, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a plain file")
+        raise ImageDecodeError(p, f"not a regular file ({kind})")
+    if st.st_size == 0:
+        raise ImageDecodeError(p, "empty file (0 bytes)")
+    return p
+
+
 def decode_image(
-    path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_DECODE_BYTES
 ) -> np.ndarray:
     """Decode one file to an 8-bit RGB array of shape (H, W, 3).
 
     Raises:
         ImageDecodeError: the file is missing, empty, truncated, not an image, a
-            directory, or has absurd dimensions; ``reason`` says which.
+            directory, not a regular file (a FIFO, a device), has absurd dimensions, or would
+            need more than ``max_bytes`` of memory to decode; ``reason`` says which.
     """
-    p = Path(path)
-    try:
-        if p.is_dir():
-            raise ImageDecodeError(p, "is a directory, not an image file")
-        size = p.stat().st_size
-    except ImageDecodeError:
-        raise
-    except OSError as exc:
-        raise ImageDecodeError(p, f"cannot read file: {exc.strerror or exc}") from exc
-    if size == 0:
-        raise ImageDecodeError(p, "empty file (0 bytes)")
-    return _decode_source(p, p, max_pixels)
+    p = _file_source(path)
+    return np.asarray(_decode_source(p, p, max_pixels, max_bytes), dtype=np.uint8)
 
 
-def decode_image_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> np.ndarray:
     """Decode an image held in memory (e.g. an object read from S3) exactly like
     :func:`decode_image` decodes a file; ``name`` is what errors report.
 
     Raises:
-        ImageDecodeError: empty, truncated, not an image, or absurd dimensions.
+        ImageDecodeError: empty, truncated, not an image, absurd dimensions, or over the
+            decode budget.
 
     Example::
 
@@ -122,28 +162,35 @@ def decode_image_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_
     """
     if not data:
         raise ImageDecodeError(name, "empty file (0 bytes)")
-    return _decode_source(io.BytesIO(data), name, max_pixels)
+    return np.asarray(_decode_source(io.BytesIO(data), name, max_pixels, max_bytes), dtype=np.uint8)
 
 
-def _decode_source(src, p, max_pixels: int) -> np.ndarray:
-    """Pillow decode of ``src`` (a path or a binary file object) to 8-bit RGB; ``p`` names it in errors."""
+def _decode_source(src, p, max_pixels: int, max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Image.Image:
+    """Pillow decode of ``src`` (a path or a binary file object) to an 8-bit RGB image; ``p``
+    names it in errors. The dimensions and the memory decoding needs are checked from the
+    header, before any pixel is decoded."""
+    img = rgb = None
     try:
         with warnings.catch_warnings():
             # our own max_pixels check below names the dimensions; Pillow's hard
             # DecompressionBombError (2x its warning limit) still applies first
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(src) as img:
-                w, h = img.size
-                if w <= 0 or h <= 0:
-                    raise ImageDecodeError(p, f"invalid dimensions {w}x{h}")
-                if w * h > max_pixels:
-                    raise ImageDecodeError(
-                        p, f"absurd dimensions {w}x{h} ({w * h:,} pixels > limit {max_pixels:,})"
-                    )
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                rgb = _to_rgb8(img)
-                arr = np.asarray(rgb, dtype=np.uint8)
+            img = Image.open(src)
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageDecodeError(p, f"invalid dimensions {w}x{h}")
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    p, f"absurd dimensions {w}x{h} ({w * h:,} pixels > limit {max_pixels:,})"
+                )
+            need = decode_bytes_needed(w, h, img.mode)
+            if need > max_bytes:
+                raise ImageDecodeError(
+                    p, f"too large to decode: {w}x{h} {img.mode} needs about {need / 2**20:,.0f} MiB, over the "
+                       f"per-worker decode budget of {max_bytes / 2**20:,.0f} MiB")
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no second full-size copy
+            rgb = _to_rgb8(img)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as exc:
@@ -161,9 +208,22 @@ def _decode_source(src, p, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(p, reason) from exc
     except MemoryError as exc:
         raise ImageDecodeError(p, "too large to decode in memory") from exc
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ImageDecodeError(p, f"unexpected decoded shape {arr.shape}")
-    return arr
+    finally:
+        if img is not None and rgb is not img:
+            img.close()  # the decoded source, now converted (or failed)
+        elif img is not None and getattr(img, "fp", None) is not None:
+            img.fp.close()  # keep the pixels, release the file
+            img.fp = None
+    if rgb.mode != "RGB":
+        raise ImageDecodeError(p, f"unexpected decoded mode {rgb.mode}")
+    return rgb
+
+
+def _resize_rgb(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    h, w = int(size[0]), int(size[1])
+    if img.size == (w, h):
+        return img
+    return img.resize((w, h), Image.Resampling.BILINEAR)
 
 
 def resize_image(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -174,8 +234,7 @@ def resize_image(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = int(size[0]), int(size[1])
     if arr.shape[0] == h and arr.shape[1] == w:
         return arr
-    img = Image.fromarray(arr, mode="RGB")
-    return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return np.asarray(_resize_rgb(Image.fromarray(arr, mode="RGB"), size), dtype=np.uint8)
 
 
 def load_image(
@@ -183,18 +242,29 @@ def load_image(
     size: tuple[int, int] | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """Decode ``path`` and resize it to ``size`` = (H, W): uint8 RGB array (H, W, 3).
 
     This is the one function that turns a file into model pixels, for training and
     serving alike. The model's graph takes these pixels as float32 in [0, 255] and does
-    its own normalization.
+    its own normalization. The full-size image is resized as a Pillow image (the same
+    pixels as :func:`resize_image` of :func:`decode_image`, without a full-size array).
 
     Example::
 
         x = load_image("data/digits/3/0001.png", (32, 32))
-        x.shape, x.dtype
-        # ((32, 32, 3), dtype('uint8'))
+        x.shape, x.dtype            # ((32, 32, 3), dtype('uint8'))
     """
-    arr = decode_image(path, max_pixels=max_pixels)
-    return resize_image(arr, size) if size is not None else arr
+    p = _file_source(path)
+    img = _decode_source(p, p, max_pixels, max_bytes)
+    return np.asarray(_resize_rgb(img, size) if size is not None else img, dtype=np.uint8)
+
+
+def load_image_bytes(data: bytes, name: str, size: tuple[int, int] | None = None, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> np.ndarray:
+    """:func:`load_image` for an image held in memory (an object read from S3, an upload)."""
+    if not data:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    img = _decode_source(io.BytesIO(data), name, max_pixels, max_bytes)
+    return np.asarray(_resize_rgb(img, size) if size is not None else img, dtype=np.uint8)

@@ -117,6 +117,38 @@ def split_samples(
     return {k: sorted(v, key=lambda s: s.path) for k, v in out.items()}
 
 
+def split_warnings(parts: dict[str, list[Sample]], class_names: list[str] | None = None) -> list[str]:
+    """Classes too small for the split: a class with no image in a split that exists (val or
+    test has images of other classes), so it is never validated or tested. One line a split,
+    naming the classes and their image counts; empty when every class is in every split.
+
+    Example::
+
+        split_warnings(split_samples(idx.samples, val=0.2, test=0.1), idx.class_names)
+        # ["class(es) with no val image (too few images for the split): rare (1 image)"]
+    """
+    totals: dict[int, int] = defaultdict(int)
+    for v in parts.values():
+        for s in v:
+            totals[s.label] += 1
+    out = []
+    for split in ("val", "test"):
+        if not parts.get(split):
+            continue
+        present = {s.label for s in parts[split]}
+        missing = [lab for lab in sorted(totals) if lab not in present]
+        if missing:
+            def name(lab):
+                return class_names[lab] if class_names and lab < len(class_names) else str(lab)
+
+            listed = ", ".join(f"{name(lab)} ({totals[lab]} image{'s' if totals[lab] != 1 else ''})"
+                               for lab in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            out.append(f"class(es) with no {split} image (too few images for the split): {listed}{more}; "
+                       f"their {split} accuracy is not measured")
+    return out
+
+
 def kfold_splits(
     samples: Iterable[Sample], k: int, *, seed: int = 0, test: float = 0.1
 ) -> tuple[list[Sample], list[tuple[list[Sample], list[Sample]]]]:

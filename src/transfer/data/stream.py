@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .image import DEFAULT_MAX_PIXELS, decode_image_bytes, is_image_path, load_image, resize_image
+from .image import DEFAULT_MAX_PIXELS, is_image_path, load_image, load_image_bytes
 from ..errors import ConfigError, ImageDecodeError, TransferError
 from .remote import is_uri
 
@@ -110,8 +110,7 @@ def decode_item(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_
         if is_uri(path):
             from .remote import read_uri
 
-            arr = decode_image_bytes(read_uri(path), path, max_pixels=max_pixels)
-            return Item(path, resize_image(arr, size))
+            return Item(path, load_image_bytes(read_uri(path), path, size, max_pixels=max_pixels))
         return Item(path, load_image(path, size, max_pixels=max_pixels))
     except ImageDecodeError as exc:
         return Item(path, error=exc.reason if hasattr(exc, "reason") else str(exc))

@@ -215,7 +215,8 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
                   trt: str | None = None, batch: str = "1:8:32", calib_images: int = 512, verify_images: int = 256,
                   atol: float = 1e-4, min_agreement: float = 0.999, max_accuracy_drop: float = 0.01,
                   force: bool = False, opset: int = 17, workspace_mb: int = 2048, calibrate: bool = True,
-                  unknown_accept: float = 0.95, progress: ProgressLike = None) -> ExportResult:
+                  unknown_accept: float = 0.95, progress: ProgressLike = None,
+                  sign: str | os.PathLike | None = None) -> ExportResult:
     """Export one trial of a run folder as a verified bundle.
 
     Args:
@@ -232,19 +233,26 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         verify_images: validation images Keras and ONNX Runtime are compared on.
         atol / min_agreement: fp32 limits (max |dp|, top-1 agreement).
         max_accuracy_drop: int8/fp16 accuracy drop limit (fraction, 0.01 = 1 point).
-        force: replace an existing bundle at ``out``.
+        force: replace an existing bundle at ``out`` (its hidden files are kept).
         calibrate: fit a temperature on the val split and write it into the graph (so every
             model of the bundle gives calibrated probabilities), and fit the unknown-input
             scores (:mod:`transfer.export.calibrate`); ``False`` keeps raw probabilities.
         unknown_accept: share of known (val) images the unknown-input thresholds accept.
         progress: status lines of every step (a :class:`transfer.progress.Progress`).
+        sign: a private key (``transfer keygen``): the bundle is signed with it
+            (``signature.json``), so machines that trust its public key load it.
+
+    ``out`` is locked while the export runs (a second export to it exits with
+    :class:`transfer.locks.LockedError`), and so is the run folder when a head may be fitted
+    into it; staging folders of killed exports beside ``out`` are cleared first.
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
         RunFolderError: missing run / unknown or unfinished trial.
-        BundleError: ``out`` holds other files and ``force`` is off.
+        BundleError: ``out`` holds other files, or a bundle and ``force`` is off.
+        LockedError: another process exports to ``out`` (or writes the run).
         VerificationError: the bundle was written but failed verification (marked invalid).
         TensorRTUnavailableError: ``trt`` requested without GPU (the ONNX bundle is kept).
 
@@ -252,9 +260,10 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
 
         export_bundle("runs/digits", head="rf", quantize="int8").bundle_dir   # runs/digits/bundle
     """
-    from ..bundle import read_manifest
+    import contextlib
+
+    from ..locks import locked
     from ..runfolder import RunFolder
-    from .bundle_writer import check_out, staged_bundle
 
     p = as_progress(progress)
     t0 = time.time()
@@ -264,14 +273,35 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         quantize=quantize, trt=trt, batch=batch, atol=atol, min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head,
         unknown_accept=unknown_accept)
-    out = Path(out) if out is not None else rf.bundle_dir
-    check_out(out, force, rf.path)
+    key = None
+    if sign is not None:
+        from ..signing import load_signing_key
 
+        key = load_signing_key(sign)
+    out = Path(out) if out is not None else rf.bundle_dir
+    with locked(out, purpose="export"), \
+            (locked(rf.path, purpose="export") if head is not None else contextlib.nullcontext()):
+        return _export(rf, t, out, force=force, head=head, reduced=reduced, trt_prec=trt_prec, profile=profile,
+                       calib_images=calib_images, verify_images=verify_images, limits=limits, opset=opset,
+                       workspace_mb=workspace_mb, key=key, progress=p, t0=t0, calibrate=calibrate,
+                       unknown_accept=unknown_accept)
+
+
+def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_images, verify_images, limits,
+            opset, workspace_mb, key, progress, t0, calibrate=True, unknown_accept=0.95) -> ExportResult:
+    """The export, holding the locks: check ``out``, assemble and swap in the ONNX bundle, add an engine."""
+    from ..bundle import read_manifest
+    from .bundle_writer import check_out, remove_stale_staging, staged_bundle
+
+    p = progress
+    remove_stale_staging(out, p)
+    check_out(out, force, rf.path)
     with staged_bundle(out) as tmp:
         manifest, checks = _assemble(rf, t, tmp, head=head, reduced=reduced, calib_images=calib_images,
                                      verify_images=verify_images, limits=limits, opset=opset, progress=p,
-                                     calibrate=calibrate, unknown_accept=unknown_accept)
-    p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})")
+                                     calibrate=calibrate, unknown_accept=unknown_accept, key=key)
+    p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})"
+          + (f", signed by {key.key_id}" if key is not None else ""))
     res = ExportResult(out, manifest, checks, bool(manifest["valid"]), time.time() - t0)
     if not res.ok:
         failed = [k for k, v in checks.items() if v.get("passed") is False]
@@ -280,15 +310,15 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
             hint=f"see {out / 'verification.json'}; the limits are the probability tolerance, the minimum "
                  "top-1 agreement and the maximum accuracy drop of `transfer export`")
     if trt_prec:
-        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, p, limits, verify_images)
+        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, p, limits, verify_images, key)
         res.manifest = read_manifest(out)
     return res
 
 
 def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, limits: Limits, opset, progress,
-              calibrate: bool = True, unknown_accept: float = 0.95):
+              calibrate: bool = True, unknown_accept: float = 0.95, key=None):
     """The ONNX bundle in ``tmp``: fp32 model, its calibration, then int8 / fp16 and a head when
-    asked, then the manifest."""
+    asked, then the manifest (signed with ``key``)."""
     from ..bundle import new_manifest, write_bundle
     from .bundle_writer import tool_versions
     from .verify import verification_images
@@ -322,7 +352,7 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
         heads=ctx.heads, preprocessing=rf.dataset.get("preprocessing"), tools=tool_versions(),
         source={"run": str(rf.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset,
         **calibration)
-    return write_bundle(tmp, manifest, ctx.checks, images=used), ctx.checks
+    return write_bundle(tmp, manifest, ctx.checks, images=used, sign_key=key), ctx.checks
 
 
 # ---- the steps -------------------------------------------------------------------------
@@ -368,12 +398,15 @@ def _int8_step() -> Step:
         from .quantize import calibration_batches, quantize_int8
 
         train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
+        from .onnx import stamp_onnx
+
         calib = [b.astype(np.uint8) for b in calibration_batches(train_paths, ctx.t.image_size,
                                                                  count=ctx.calib_images, progress=ctx.progress)]
         entry, tried = None, []
         for k in FLOAT_LAYER_LADDER:
             info = quantize_int8(ctx.folder / "model.onnx", ctx.folder / "model.int8.onnx",
                                  (b.astype(np.float32) for b in calib), float_layers=k)
+            stamp_onnx(ctx.folder / "model.int8.onnx", role="model", precision="int8")
             entry = {"file": "model.int8.onnx", "precision": "int8", "runtime": "onnxruntime", "quantization": info,
                      **{kk: ctx.models["onnx-fp32"][kk] for kk in ("inputs", "outputs", "opset")}}
             ctx.outputs[step.key] = _ort_outputs(ctx, entry)
@@ -411,7 +444,10 @@ def _fp16_step() -> Step:
         from .fp16 import convert_fp16
 
         ctx.progress.say("fp16: converting the ONNX model (float32 input and outputs kept)")
+        from .onnx import stamp_onnx
+
         info = convert_fp16(ctx.folder / "model.onnx", ctx.folder / "model.fp16.onnx")
+        stamp_onnx(ctx.folder / "model.fp16.onnx", role="model", precision="fp16")
         return {"file": "model.fp16.onnx", "precision": "fp16", "runtime": "onnxruntime", "conversion": info,
                 **{k: ctx.models["onnx-fp32"][k] for k in ("inputs", "outputs", "opset")}}
 
@@ -624,7 +660,7 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
 
 
 def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, workspace_mb: int, progress,
-                limits: Limits, verify_images: int = 256) -> None:
+                limits: Limits, verify_images: int = 256, key=None) -> None:
     from ..bundle import read_checks, read_manifest, write_bundle
     from .tensorrt import require_tensorrt
     from .verify import verification_images
@@ -658,7 +694,7 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_bundle(out, dict(manifest, models=ctx.models), ctx.checks, images=images)
+    write_bundle(out, dict(manifest, models=ctx.models), ctx.checks, images=images, sign_key=key)
     if not v["passed"]:
         raise VerificationError(f"TensorRT {precision} engine failed verification; bundle {out} is marked invalid",
                                 hint="try a TensorRT fp16 engine or more calibration images")

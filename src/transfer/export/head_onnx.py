@@ -59,6 +59,9 @@ def head_to_onnx(estimator, feature_dim: int, path: str | os.PathLike, *, opset:
                               for o in node.output]
         for o in proto.graph.output:
             o.name = {"output_probability": HEAD_OUTPUT, "output_label": "label"}.get(o.name, o.name)
+    from .onnx import set_metadata
+
+    set_metadata(proto, role="head")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))

@@ -212,7 +212,7 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
           seconds: float = 3.0, min_iters: int = 10, warmup: int = 3, threads: int | None = None,
           out_dir=None, progress: ProgressLike = None,
           providers: Sequence[str] | str | None = "cpu",
-          extra_runners: Mapping[str, Callable[[Bundle], "Runner"]] | None = None) -> dict:
+          extra_runners: Mapping[str, Callable[[Bundle], "Runner"]] | None = None, trust=None) -> dict:
     """Benchmark backends x batch sizes on one bundle; returns (and writes) the result dict.
 
     Each cell runs at least ``min_iters`` timed calls and about ``seconds`` seconds after
@@ -224,6 +224,7 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     the runtime does not own, by name (the bench command passes ``keras``:
     :func:`transfer.export.keras_runner.keras_runner_for`, which needs TensorFlow); a
     factory that raises :class:`TransferError` marks its backend skipped with the reason.
+    ``trust``: see :func:`transfer.bundle.load_bundle`; ``out_dir`` may not be inside the bundle.
 
     Returns:
         ``{"machine": {...}, "rows": [...], "skipped": {backend: reason}}``; with
@@ -243,7 +244,12 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     p = as_progress(progress)
     batches, backends, extra_runners = list(batches), list(backends), dict(extra_runners or {})
     check_options(backends, batches, seconds, min_iters, tuple(extra_runners))
-    b = load_bundle(bundle_path)
+    if out_dir is not None:
+        o, root = Path(os.path.realpath(out_dir)), Path(os.path.realpath(bundle_path))
+        if o == root or root in o.parents:
+            raise ConfigError(f"output folder {out_dir} is inside the bundle {bundle_path}; the results would "
+                              "become files of the bundle", hint="write them next to it", option="out")
+    b = load_bundle(bundle_path, trust=trust)
     check_head(b, head)
     h, w = b.input_size
     pool = sample_pool(b, images, max(batches) * 2, p)

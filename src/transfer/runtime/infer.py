@@ -126,6 +126,29 @@ def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
     return p
 
 
+def check_output(out: Path | None, bundle_path, inputs: Sequence, *, also: Sequence[Path] = ()) -> None:
+    """Outputs never destroy inputs: refuse an output inside the bundle being read, or one that
+    is an input file (``also``: further files the run writes, e.g. the Parquet copy).
+
+    Raises:
+        ConfigError: naming the input the output would overwrite.
+    """
+    if out is None:
+        return
+    targets = [Path(os.path.abspath(p)) for p in (out, *also)]
+    bundle = Path(os.path.realpath(bundle_path))
+    for t in targets:
+        real = Path(os.path.realpath(t))
+        if real == bundle or bundle in real.parents:
+            raise ConfigError(f"output {t} is inside the bundle {bundle_path} being read; writing it would change "
+                              "the bundle", hint="write the predictions outside the bundle folder", option="out")
+        for raw in inputs:
+            p = Path(os.fspath(raw))
+            if p.is_file() and real.exists() and os.path.samefile(p, real):
+                raise ConfigError(f"output {t} is the input file {raw}; it would be overwritten",
+                                  hint="choose another output file", option="out")
+
+
 def check_options(*, batch: int, topk: int, workers: int, threads: int | None, inputs: Sequence) -> None:
     """The option checks of every inference entry point (before anything is loaded).
 
@@ -143,7 +166,8 @@ def check_options(*, batch: int, topk: int, workers: int, threads: int | None, i
 def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, out=None, fmt: str | None = None,
           batch: int = 32, topk: int = 1, head: str | None = None, head_format: str = "onnx",
           backend: str | None = None, providers=None, recursive: bool = False, workers: int = 2,
-          threads: int | None = None, progress: ProgressLike = None) -> InferSummary:
+          threads: int | None = None, progress: ProgressLike = None, trust=None,
+          trust_pickle: bool = False) -> InferSummary:
     """Predict every image of ``inputs`` with a bundle; bad files become error rows.
 
     Args:
@@ -156,12 +180,16 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         topk: classes per row. head: ``network`` or a bundled head (``rf``...).
         backend / providers: see :func:`transfer.runtime.runners.make_runner`.
         progress: a :class:`transfer.progress.Progress` (a bar with the rate and the errors so far).
+        trust / trust_pickle: trusted public keys (see :func:`transfer.bundle.load_bundle`) and
+            whether a pickled head of a bundle that is not trusted may run.
 
     Returns:
         :class:`InferSummary` (counts, throughput, what ran).
 
     Raises:
-        ConfigError / BundleError: bad options or bundle (before any image is read).
+        ConfigError / BundleError: bad options or bundle (before any image is read), an output
+            inside the bundle or on an input file.
+        LockedError: another process writes the same output.
 
     Example::
 
@@ -177,20 +205,32 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
     check_options(batch=batch, topk=topk, workers=workers, threads=threads, inputs=inputs)
     fmt = resolve_format(fmt, out)
     out = output_path(out, fmt)
-    b = load_bundle(bundle_path)
-    names = b.class_names
-    topk = min(topk, len(names))
-    runner = make_runner(b, backend, providers, threads)
-    hd = make_head(b, head, head_format)
-    s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None,
-                     providers_found=available_providers())
+    check_output(out, bundle_path, inputs)
+    with output_lock(out):
+        b = load_bundle(bundle_path, trust=trust)
+        names = b.class_names
+        topk = min(topk, len(names))
+        runner = make_runner(b, backend, providers, threads)
+        hd = make_head(b, head, head_format, trust_pickle=trust_pickle)
+        s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None,
+                         providers_found=available_providers())
 
-    def predicted():
-        for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers):
-            probs = hd(*runner.run(pb.x)) if len(pb.x) else None
-            yield prediction_rows([(it.path, it.error) for it in pb.items], probs, names, topk)
+        def predicted():
+            for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers):
+                probs = hd(*runner.run(pb.x)) if len(pb.x) else None
+                yield prediction_rows([(it.path, it.error) for it in pb.items], probs, names, topk)
 
-    return write_rows(predicted(), open_sinks(out, fmt, topk), s, progress)
+        return write_rows(predicted(), open_sinks(out, fmt, topk), s, progress)
+
+
+def output_lock(out: Path | None):
+    """The lock of an output file (nothing for standard output): a second process writing the
+    same file gets :class:`transfer.locks.LockedError` instead of interleaving rows."""
+    import contextlib
+
+    from ..locks import locked
+
+    return locked(out, purpose="infer") if out is not None else contextlib.nullcontext()
 
 
 def write_rows(batches_of_rows: Iterable[Sequence[Row]], sinks: Sink, summary: InferSummary,

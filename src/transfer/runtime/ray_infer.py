@@ -23,16 +23,17 @@ class _Predictor:
     """One Ray actor: a verified bundle, a runner and a head, loaded once."""
 
     def __init__(self, bundle_path: str, head: str | None, head_format: str, topk: int, threads: int,
-                 backend: str | None = None, providers: str | None = None):
+                 backend: str | None = None, providers: str | None = None, trust=False, trust_pickle: bool = False):
         from ..bundle import load_bundle
         from .heads import make_head
         from .runners import make_runner
 
-        self.bundle = load_bundle(bundle_path)
+        # the driver's trust decision travels with the job: a worker's environment does not change it
+        self.bundle = load_bundle(bundle_path, trust=trust)
         # default on a worker: ONNX Runtime on the best provider *that worker* has (CUDA on
         # a GPU node that Ray gave a GPU, else CPU)
         self.runner = make_runner(self.bundle, backend or "onnxruntime", providers, threads)
-        self.head = make_head(self.bundle, head, head_format)
+        self.head = make_head(self.bundle, head, head_format, trust_pickle=trust_pickle)
         self.names = self.bundle.class_names
         self.topk = min(topk, len(self.names))
 
@@ -54,13 +55,14 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
               topk: int = 1, head: str | None = None, head_format: str = "onnx", recursive: bool = False,
               address: str | None = None, workers: int = 2, threads_per_worker: int = 1,
               gpus_per_worker: float = 0.0, backend: str | None = None, providers: str | None = None,
-              progress: ProgressLike = None) -> InferSummary:
+              progress: ProgressLike = None, trust=None, trust_pickle: bool = False) -> InferSummary:
     """Predict with Ray Data; same rows and order as :func:`transfer.runtime.infer.infer`.
 
     Each of ``workers`` actors reserves ``threads_per_worker`` CPUs (its ONNX Runtime
     intra-op threads) and ``gpus_per_worker`` GPUs, and runs ``backend`` / ``providers``
     as :func:`transfer.runtime.runners.make_runner` does locally. ``progress`` shows the rows
-    as they come back (a bar with the rate and the errors so far).
+    as they come back (a bar with the rate and the errors so far). ``trust`` /
+    ``trust_pickle`` are decided on the driver and handed to every worker.
 
     Returns:
         :class:`transfer.runtime.infer.InferSummary` (with ``workers`` and ``parquet``).
@@ -72,13 +74,9 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
 
         infer_ray("bundle", ["images/"], out="preds.csv", recursive=True, workers=2)
     """
-    from ..bundle import load_bundle
-    from ..data.stream import iter_inputs
-    from .heads import check_head
-    from .infer import check_options, output_path, resolve_format, write_rows
-    from .rows import open_sinks, rows_from_columns
-    from .runners import model_key_for
-    from .sessions import check_provider_names
+    from ..signing import trust_store
+    from .infer import check_options, check_output, output_lock, output_path, resolve_format
+    from .rows import parquet_path
 
     if out is None or os.fspath(out) == "-":
         raise ConfigError("inference on Ray needs an output file or FOLDER/ (rows are streamed back and written "
@@ -88,11 +86,30 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
         raise ConfigError(f"GPUs per worker must be >= 0 (got {gpus_per_worker})", option="gpus_per_worker")
     fmt = resolve_format(fmt, out)
     out = output_path(out, fmt)
-    # fail fast on the driver, before Ray starts: tampered / invalid bundles, a backend,
-    # head or provider the bundle or this onnxruntime cannot serve
-    b = load_bundle(bundle_path)
+    check_output(out, bundle_path, inputs, also=[parquet_path(out)])
+    with output_lock(out):
+        store = trust_store(trust)
+        return _run_on_ray(bundle_path, inputs, out, fmt, store or False, trust_pickle, batch=batch, topk=topk,
+                           head=head, head_format=head_format, recursive=recursive, address=address,
+                           workers=workers, threads_per_worker=threads_per_worker, gpus_per_worker=gpus_per_worker,
+                           backend=backend, providers=providers, progress=progress)
+
+
+def _run_on_ray(bundle_path, inputs, out, fmt, trust, trust_pickle, *, batch, topk, head, head_format, recursive,
+                address, workers, threads_per_worker, gpus_per_worker, backend, providers, progress) -> InferSummary:
+    from ..bundle import load_bundle
+    from ..data.stream import iter_inputs
+    from .heads import check_head
+    from .infer import write_rows
+    from .rows import open_sinks, rows_from_columns
+    from .runners import model_key_for
+    from .sessions import check_provider_names
+
+    # fail fast on the driver, before Ray starts: tampered / invalid / untrusted bundles, a
+    # backend, head or provider the bundle or this onnxruntime cannot serve
+    b = load_bundle(bundle_path, trust=trust)
     key = model_key_for(b, backend)
-    check_head(b, head, head_format)
+    check_head(b, head, head_format, trust_pickle=trust_pickle)
     check_provider_names(providers)  # names only: a GPU worker may offer providers this driver lacks
     topk = min(topk, len(b.class_names))
     from .._ray import init_ray
@@ -106,7 +123,7 @@ def infer_ray(bundle_path, inputs: Sequence[str | os.PathLike], *, out, fmt: str
     # paths travel as their file-system bytes: a name that is not UTF-8 survives Arrow
     ds = ray.data.from_items([{"path": os.fsencode(p), "pre_error": e or ""} for p, e in entries])
     ds = ds.map_batches(_Predictor, fn_constructor_args=(str(bundle_path), head, head_format, topk, threads_per_worker,
-                                                         backend, providers),
+                                                         backend, providers, trust, trust_pickle),
                         batch_size=batch, compute=ray.data.ActorPoolStrategy(size=workers), batch_format="numpy",
                         num_cpus=threads_per_worker,
                         num_gpus=gpus_per_worker or None)

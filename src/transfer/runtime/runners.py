@@ -31,6 +31,7 @@ class OrtRunner(Runner):
 
         entry = bundle.model_entry(model_key)
         self.session, provider = make_session(bundle.file(entry["file"]), providers, threads=threads)
+        bundle.check_model_graph(model_key, self.session)  # the graph is what the manifest says it is
         super().__init__(name="onnxruntime" if model_key == "onnx-fp32" else f"onnxruntime-{entry['precision']}",
                          provider=provider, model_key=model_key)
 
