@@ -31,7 +31,9 @@ def test_bundle_layout_manifest_and_verification(full_bundle):
     assert m["preprocessing"]["resize"] == "pillow-bilinear" and m["backbone"] == "arc2"
     assert set(m["models"]) == {"onnx-fp32", "onnx-int8"} and m["heads"]["rf"]["feature_dim"] == m["feature_dim"]
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "heads/rf.pkl", "heads/rf.onnx", "verification.json",
-                               "labels.json"}
+                               "labels.json", "calibration.json"}
+    # 12 validation images: too few to calibrate, and the manifest says so
+    assert m["calibration"]["method"] == "none" and "validation image" in m["calibration"]["reason"]
     assert json.loads((b / "labels.json").read_text()) == m["class_names"] and m["labels"] == "labels.json"
     for k in ("tensorflow", "tf2onnx", "onnxruntime", "scikit-learn"):
         assert m["tools"][k]
