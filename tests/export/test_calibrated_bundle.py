@@ -132,3 +132,57 @@ def test_edited_calibration_records_are_refused(digits_bundle, tmp_path):
         (b / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(TamperedBundleError):
             load_bundle(b)
+
+
+def _noise_images(folder, n=6):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+    return folder
+
+
+def test_infer_reject_marks_unknown_images_and_records_the_rule(digits_bundle, tmp_path):
+    import csv
+
+    from click.testing import CliRunner
+
+    from transfer.cli import cli
+    from transfer.runfolder import RunFolder
+
+    run, res = digits_bundle
+    known = [str(p) for p in RunFolder(run).split_paths("test")[0][:30]]
+    noise = _noise_images(tmp_path / "noise")
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(cli, ["infer", str(res.bundle_dir), *known, str(noise), "--reject", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[-3:] == ["unknown_score", "score", "threshold"]
+    thr = res.manifest["unknown"]["scores"]["mahalanobis"]["threshold"]
+    for row in rows:  # the rule in every row, and the status follows it
+        assert row["unknown_score"] == "mahalanobis" and float(row["threshold"]) == pytest.approx(thr, rel=1e-5)
+        assert row["status"] == ("unknown" if float(row["score"]) < float(row["threshold"]) else "ok")
+    noisy = [row for row in rows if "noise" in row["path"]]
+    assert sum(row["status"] == "unknown" for row in noisy) >= 5
+    assert sum(row["status"] == "ok" for row in rows if "noise" not in row["path"]) >= 25
+    assert "unknown)" in r.output
+    # without --reject the rows keep their usual columns
+    r = CliRunner().invoke(cli, ["infer", str(res.bundle_dir), *known[:2], "--out", str(tmp_path / "q.csv")])
+    assert r.exit_code == 0 and "unknown_score" not in (tmp_path / "q.csv").read_text()
+
+
+def test_reject_on_a_bundle_without_scores_is_a_clear_error(digits_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from transfer.cli import cli
+    from transfer.export.api import export_bundle
+
+    run, _ = digits_bundle
+    raw = export_bundle(run, out=tmp_path / "raw", calibrate=False, progress=None).bundle_dir
+    img = _noise_images(tmp_path / "n", 1) / "noise0.png"
+    r = CliRunner().invoke(cli, ["infer", str(raw), str(img), "--reject"])
+    assert r.exit_code == 2 and "no unknown-input score" in r.output and "hint:" in r.output
+    r = CliRunner().invoke(cli, ["infer", str(raw), str(img), "--unknown-score", "msp"])
+    assert r.exit_code == 2 and "--unknown-score needs --reject" in r.output

@@ -35,10 +35,17 @@ from .keys import trust_option, trust_options, trust_value
 @click.option("--address", metavar="HOST:PORT", help="Ray cluster to join with --ray. [default: a local Ray]")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
               help="GPUs each Ray inference worker reserves (with --ray; e.g. 1, or 0.5 to share one).")
+@click.option("--reject", is_flag=True,
+              help="Mark images the bundle's unknown-input score rejects as status 'unknown' (the score, its "
+                   "name and the threshold go in every row). Needs a calibrated bundle (the export default).")
+@click.option("--unknown-score", type=click.Choice(["mahalanobis", "msp"]),
+              help="Score --reject uses: feature-space Mahalanobis distance or maximum softmax probability. "
+                   "[default: the bundle's]")
 @trust_options
 @quiet_option
 def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
-              threads, strict, use_ray, address, gpus_per_worker, trust, trust_pickle, quiet) -> None:
+              threads, strict, use_ray, address, gpus_per_worker, reject, unknown_score, trust, trust_pickle,
+              quiet) -> None:
     """Predict image files and folders with a bundle: one row per file (path, top-k classes
     and probabilities, or the error for that file). No TensorFlow needed.
 
@@ -55,6 +62,10 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 
     With --trust (or TRANSFER_TRUST) only a bundle signed by a trusted key loads; a pickled
     head (--head-format pickle) runs only from such a bundle, or with --trust-pickle.
+
+    With --reject an image whose unknown-input score is below the bundle's threshold (chosen
+    at export to accept 95 % of known validation images) gets status 'unknown': it belongs to
+    none of the bundle's classes, as far as the bundle can tell.
     """
     from ..errors import ConfigError
     from ..progress import Progress
@@ -63,7 +74,9 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
     progress = Progress(quiet=quiet)
     common = dict(out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format, backend=backend,
                   providers=providers, recursive=recursive, workers=workers, progress=progress,
-                  trust=trust_value(trust), trust_pickle=trust_pickle)
+                  trust=trust_value(trust), trust_pickle=trust_pickle, reject=unknown_score or reject)
+    if unknown_score and not reject:
+        raise ConfigError("--unknown-score needs --reject")
     if use_ray:
         from ..runtime.ray_infer import infer_ray
 

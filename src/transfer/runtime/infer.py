@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from ..errors import ConfigError, TransferError
 from ..progress import ProgressLike, as_progress
-from .rows import FORMATS, Row, Sink, top_k  # noqa: F401  (top_k: the serving API imports it from here)
+from .rows import FORMATS, RejectRule, Row, Sink, top_k  # noqa: F401  (top_k: the serving API imports it from here)
 
 
 @dataclass
@@ -26,6 +26,7 @@ class InferSummary:
     total: int = 0
     ok: int = 0
     errors: int = 0
+    unknown: int = 0  # predicted, but rejected by the unknown-input rule (--reject)
     seconds: float = 0.0
     backend: str = ""
     provider: str = ""
@@ -48,6 +49,7 @@ class InferSummary:
                 self.error_examples.append(f"{row.path}: {row.error}")
         else:
             self.ok += 1
+            self.unknown += row.known is False
 
     def __getitem__(self, key: str):
         """Dict-style reading (``summary["total"]``), as the Ray entry point's results were read."""
@@ -62,7 +64,8 @@ class InferSummary:
         where = f"Ray, {self.workers} worker(s)" if self.workers else self.provider
         found = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers_found)
         outs = [o for o in (self.out, self.parquet) if o]
-        out = [f"{self.total} file(s): {self.ok} predicted, {self.errors} error(s) in {self.seconds:.2f}s "
+        unknown = f" ({self.unknown} unknown)" if self.unknown else ""
+        out = [f"{self.total} file(s): {self.ok} predicted{unknown}, {self.errors} error(s) in {self.seconds:.2f}s "
                f"({self.images_per_second:.1f} img/s; {self.backend} on {where}, head {self.head}"
                + (f"; providers found: {found}" if found else "") + ")"
                + (f" -> {', '.join(outs)}" if outs else "")]
@@ -167,7 +170,7 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
           batch: int = 32, topk: int = 1, head: str | None = None, head_format: str = "onnx",
           backend: str | None = None, providers=None, recursive: bool = False, workers: int = 2,
           threads: int | None = None, progress: ProgressLike = None, trust=None,
-          trust_pickle: bool = False) -> InferSummary:
+          trust_pickle: bool = False, reject: bool | str = False) -> InferSummary:
     """Predict every image of ``inputs`` with a bundle; bad files become error rows.
 
     Args:
@@ -182,6 +185,9 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         progress: a :class:`transfer.progress.Progress` (a bar with the rate and the errors so far).
         trust / trust_pickle: trusted public keys (see :func:`transfer.bundle.load_bundle`) and
             whether a pickled head of a bundle that is not trusted may run.
+        reject: mark images the bundle's unknown-input score rejects as ``unknown`` (``True``:
+            the bundle's default score; a name: that score, ``mahalanobis`` or ``msp``). Scores
+            come from the network's own outputs whatever the head; every row records the rule.
 
     Returns:
         :class:`InferSummary` (counts, throughput, what ran).
@@ -212,15 +218,39 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         topk = min(topk, len(names))
         runner = make_runner(b, backend, providers, threads)
         hd = make_head(b, head, head_format, trust_pickle=trust_pickle)
+        detector = reject_detector(b, reject)
         s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None,
                          providers_found=available_providers())
 
         def predicted():
             for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers):
-                probs = hd(*runner.run(pb.x)) if len(pb.x) else None
-                yield prediction_rows([(it.path, it.error) for it in pb.items], probs, names, topk)
+                probs, unknown = predict(runner, hd, detector, pb.x)
+                yield prediction_rows([(it.path, it.error) for it in pb.items], probs, names, topk, unknown)
 
-        return write_rows(predicted(), open_sinks(out, fmt, topk), s, progress)
+        rule = RejectRule(detector.score, detector.threshold) if detector else None
+        return write_rows(predicted(), open_sinks(out, fmt, topk, reject=rule), s, progress)
+
+
+def reject_detector(bundle, reject: bool | str | None):
+    """The unknown-input detector ``reject`` asks for (None when off).
+
+    Raises:
+        ConfigError: the bundle has no such score (before any image is read).
+    """
+    if not reject:
+        return None
+    from .unknown import make_detector
+
+    return make_detector(bundle, None if reject is True else str(reject))
+
+
+def predict(runner, head, detector, x):
+    """``(probs of the head, (scores, known) or None)`` of one batch of pixels (``(None, None)``
+    for an empty batch): the one model call, the one head call and the unknown-input rule."""
+    if not len(x):
+        return None, None
+    features, net_probs = runner.run(x)
+    return head(features, net_probs), (detector(features, net_probs) if detector is not None else None)
 
 
 def output_lock(out: Path | None):

@@ -41,16 +41,31 @@ FORMATS = ("csv", "jsonl")
 
 @dataclass(frozen=True)
 class Row:
-    """One input file's result: ``classes`` / ``probs`` best first, or ``error``."""
+    """One input file's result: ``classes`` / ``probs`` best first, or ``error``; with an
+    unknown-input rule, its ``score`` and whether the image looks ``known``."""
 
     path: str
     classes: tuple[str, ...] = ()
     probs: tuple[float, ...] = ()
     error: str | None = None
+    score: float | None = None
+    known: bool | None = None
 
     @property
     def status(self) -> str:
-        return "error" if self.error else "ok"
+        """``error``, ``unknown`` (rejected by the unknown-input rule) or ``ok``."""
+        if self.error:
+            return "error"
+        return "unknown" if self.known is False else "ok"
+
+
+@dataclass(frozen=True)
+class RejectRule:
+    """The unknown-input rule rows were judged by, recorded in every row: the score's name and
+    its threshold (an image scoring below it is ``unknown``)."""
+
+    score: str
+    threshold: float
 
 
 def top_k(p: np.ndarray, names: Sequence[str], k: int) -> tuple[list[str], list[float]]:
@@ -65,16 +80,18 @@ def top_k(p: np.ndarray, names: Sequence[str], k: int) -> tuple[list[str], list[
 
 
 def prediction_rows(entries: Sequence[tuple[str, str | None]], probs: np.ndarray | None, names: Sequence[str],
-                    topk: int) -> list[Row]:
+                    topk: int, unknown: tuple[np.ndarray, np.ndarray] | None = None) -> list[Row]:
     """The rows of one batch: ``entries`` are ``(path, error or None)`` in input order and
-    ``probs`` holds one row per entry without error, in the same order."""
+    ``probs`` holds one row per entry without error, in the same order; ``unknown``, when an
+    unknown-input rule is on, is ``(scores, known)`` aligned with ``probs``."""
     rows, j = [], 0
     for path, error in entries:
         if error is not None:
             rows.append(Row(path, error=error))
             continue
         classes, top = top_k(probs[j], names, topk)
-        rows.append(Row(path, tuple(classes), tuple(top)))
+        extra = {} if unknown is None else {"score": float(unknown[0][j]), "known": bool(unknown[1][j])}
+        rows.append(Row(path, tuple(classes), tuple(top), **extra))
         j += 1
     return rows
 
@@ -87,16 +104,19 @@ def rows_to_columns(rows: Sequence[Row]) -> dict[str, list]:
     return {"path": [os.fsencode(r.path) for r in rows],
             "error": [r.error or "" for r in rows],
             "classes": [json.dumps(list(r.classes)) for r in rows],
-            "probs": [json.dumps(list(r.probs)) for r in rows]}
+            "probs": [json.dumps(list(r.probs)) for r in rows],
+            "unknown": [json.dumps([r.score, r.known]) for r in rows]}
 
 
 def rows_from_columns(batch: dict) -> list[Row]:
     """The inverse of :func:`rows_to_columns` (floats survive JSON exactly)."""
     out = []
-    for p, err, cls, pr in zip(batch["path"], batch["error"], batch["classes"], batch["probs"]):
+    unknown = batch.get("unknown", [json.dumps([None, None])] * len(batch["path"]))
+    for p, err, cls, pr, unk in zip(batch["path"], batch["error"], batch["classes"], batch["probs"], unknown):
         err = str(err) or None
+        score, known = json.loads(str(unk))
         out.append(Row(_path_str(p), () if err else tuple(json.loads(str(cls))),
-                       () if err else tuple(json.loads(str(pr))), err))
+                       () if err else tuple(json.loads(str(pr))), err, score, known))
     return out
 
 
@@ -168,8 +188,9 @@ def _cannot_write(path: Path, exc: OSError) -> OutputError:
 class _TextSink(Sink):
     """CSV or JSON lines, to a file (exact name bytes) or to standard output (escaped names)."""
 
-    def __init__(self, path: Path | None, topk: int):
+    def __init__(self, path: Path | None, topk: int, reject: RejectRule | None = None):
         self.topk = topk
+        self.reject = reject
         self.partial = _PartialFile(path) if path is not None else None
         self.path = path
         if self.partial is None:
@@ -196,20 +217,24 @@ class _TextSink(Sink):
 
 
 class CsvSink(_TextSink):
-    """``path,status,class1,prob1,...,error`` (probabilities with 6 decimals)."""
+    """``path,status,class1,prob1,...,error`` (probabilities with 6 decimals); with an
+    unknown-input rule also ``unknown_score,score,threshold`` (status ``unknown`` when rejected)."""
 
     def start(self) -> None:
         self.csv = csv.writer(self.fh)
         head = ["path", "status"]
         for k in range(1, self.topk + 1):
             head += [f"class{k}", f"prob{k}"]
-        self.csv.writerow(head + ["error"])
+        self.csv.writerow(head + ["error"] + (["unknown_score", "score", "threshold"] if self.reject else []))
 
     def write(self, row: Row) -> None:
         r = [self.name_of(row), row.status]
         for k in range(self.topk):
             r += [row.classes[k], f"{row.probs[k]:.6f}"] if k < len(row.classes) else ["", ""]
-        self.csv.writerow(r + [row.error or ""])
+        r.append(row.error or "")
+        if self.reject:
+            r += [self.reject.score, "" if row.score is None else f"{row.score:.6g}", f"{self.reject.threshold:.6g}"]
+        self.csv.writerow(r)
 
 
 class JsonlSink(_TextSink):
@@ -224,6 +249,8 @@ class JsonlSink(_TextSink):
             d["error"] = row.error
         else:
             d["top"] = [{"class": c, "prob": round(float(p), 6)} for c, p in zip(row.classes, row.probs)]
+        if self.reject:
+            d["unknown"] = {"score": self.reject.score, "value": row.score, "threshold": self.reject.threshold}
         self.fh.write(json.dumps(d) + "\n")
 
 
@@ -231,14 +258,17 @@ class ParquetSink(Sink):
     """Rows -> Parquet in chunks (pyarrow comes with ``transfer[distributed]``): columns path,
     status, error, class1, prob1, ..., path_b64 (null unless the name is not valid UTF-8)."""
 
-    def __init__(self, path: Path, topk: int, chunk: int = 4096):
+    def __init__(self, path: Path, topk: int, chunk: int = 4096, reject: RejectRule | None = None):
         import pyarrow as pa
 
         self.partial = _PartialFile(path)
         self.path, self.topk, self.chunk, self.rows, self.writer = path, topk, chunk, [], None
+        self.reject = reject
         fields = [("path", pa.string()), ("status", pa.string()), ("error", pa.string())]
         for k in range(1, topk + 1):
             fields += [(f"class{k}", pa.string()), (f"prob{k}", pa.float64())]
+        if reject:
+            fields += [("unknown_score", pa.string()), ("score", pa.float64()), ("threshold", pa.float64())]
         self.schema = pa.schema(fields + [("path_b64", pa.string())])
 
     def write(self, row: Row) -> None:
@@ -247,6 +277,8 @@ class ParquetSink(Sink):
         for k in range(self.topk):
             r[f"class{k + 1}"] = row.classes[k] if k < len(row.classes) else None
             r[f"prob{k + 1}"] = row.probs[k] if k < len(row.probs) else None
+        if self.reject:
+            r.update(unknown_score=self.reject.score, score=row.score, threshold=self.reject.threshold)
         self.rows.append(r)
         if len(self.rows) >= self.chunk:
             self._flush()
@@ -292,9 +324,11 @@ def parquet_path(out: Path) -> Path:
     return Path(out).with_suffix(".parquet")
 
 
-def open_sinks(out: Path | None, fmt: str, topk: int, *, parquet: bool = False) -> Sinks:
+def open_sinks(out: Path | None, fmt: str, topk: int, *, parquet: bool = False,
+               reject: RejectRule | None = None) -> Sinks:
     """The sinks of a run: ``out`` as CSV / JSON lines (``None``: standard output), plus a
-    Parquet copy next to it with ``parquet`` (when pyarrow is installed).
+    Parquet copy next to it with ``parquet`` (when pyarrow is installed); ``reject`` adds the
+    unknown-input rule's columns.
 
     Raises:
         OutputError: the output cannot be created (permissions, a folder in the way).
@@ -306,9 +340,9 @@ def open_sinks(out: Path | None, fmt: str, topk: int, *, parquet: bool = False) 
         except ImportError:
             pass
         else:  # before the rows file: it opens no file until its first rows, so nothing is left on error
-            extra.append(ParquetSink(parquet_path(out), topk))
-    return Sinks([CsvSink(out, topk) if fmt == "csv" else JsonlSink(out, topk), *extra])
+            extra.append(ParquetSink(parquet_path(out), topk, reject=reject))
+    return Sinks([(CsvSink if fmt == "csv" else JsonlSink)(out, topk, reject), *extra])
 
 
-__all__ = ["Row", "top_k", "prediction_rows", "rows_to_columns", "rows_from_columns", "Sink", "CsvSink",
+__all__ = ["Row", "RejectRule", "top_k", "prediction_rows", "rows_to_columns", "rows_from_columns", "Sink", "CsvSink",
            "JsonlSink", "ParquetSink", "Sinks", "open_sinks", "parquet_path", "printable", "path_b64", "FORMATS"]
