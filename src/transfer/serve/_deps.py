@@ -29,5 +29,5 @@ def check_installed() -> None:
     Raises:
         DependencyMissingError: with the ``pip install "transfer[serve]"`` hint.
     """
-    for m in ("fastapi", "uvicorn", "prometheus_client", "multipart"):
+    for m in ("fastapi", "uvicorn", "prometheus_client", "python_multipart"):
         need(m)
