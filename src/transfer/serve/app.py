@@ -22,6 +22,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -286,7 +287,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
 
     @app.get("/healthz", summary="Liveness: 200 while the process runs")
     async def healthz():
-        return {"status": "ok", "uptime_s": round(time.time() - state.started, 3)}
+        return {"status": "ok", "uptime_s": round(time.time() - state.started, 3), "pid": os.getpid()}
 
     @app.get("/readyz", summary="Readiness: 200 once the model is verified and warmed up",
              responses={503: {"description": "warming up, failed to warm up, or draining"}})
@@ -412,7 +413,7 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
             decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, u) for u in ups))
         ok = [i for i, (x, _, _) in enumerate(decoded) if x is not None]
         try:
-            futs = ticket.submit([decoded[i][0] for i in ok]) if ok else []
+            futs = ticket.submit([decoded[i][0] for i in ok], since=t_read) if ok else []
         except Overloaded as exc:
             state.metrics.shed.labels("full").inc()
             raise _overloaded(exc) from None

@@ -9,7 +9,8 @@ so a lone request never waits for company that is not coming. The model runs in 
 dedicated thread (one call at a time: the model's own threads use the cores), so the
 event loop keeps reading requests while a batch runs, and the next batch forms meanwhile.
 
-An image whose request has waited longer than ``max_queue_s`` when its batch forms is
+An image whose request has waited longer than ``max_queue_s`` (since its body was read)
+when its batch forms is
 answered with :class:`Overloaded` instead of being run (the server sheds load it cannot
 serve in time, like Triton's queue policy), so under overload accepted requests keep a
 bounded latency and the rest get 503 quickly.
@@ -73,14 +74,17 @@ class Ticket:
         self._preparing = True
         self._open = True
 
-    def submit(self, images: list[np.ndarray]) -> list[asyncio.Future]:
+    def submit(self, images: list[np.ndarray], since: float | None = None) -> list[asyncio.Future]:
         """Queue decoded images (uint8 (H, W, 3) each); one future of :class:`Result` per image.
+
+        ``since`` (``time.perf_counter()``, default: admission) is when the request started
+        waiting on the server: its body read, so a slow upload does not count as queueing.
 
         Raises:
             Overloaded: the images do not fit in the queue, or the server is stopping.
         """
         self._done_preparing()
-        return self._b._enqueue(images, self.admitted)
+        return self._b._enqueue(images, self.admitted if since is None else since)
 
     def _done_preparing(self):
         if self._preparing:
@@ -109,8 +113,8 @@ class Batcher:
         max_batch: most images per call.
         max_wait_s: longest the oldest waiting image is held for the batch to fill.
         capacity: most requests in the server, and most images waiting for the model.
-        max_queue_s: an image whose request is older than this when its batch forms gets
-            :class:`Overloaded` (``None``: no limit).
+        max_queue_s: an image whose request has waited longer than this (since it was read)
+            when its batch forms gets :class:`Overloaded` (``None``: no limit).
         on_batch: called with :class:`BatchStats` after each model call (metrics).
 
     Example::

@@ -23,8 +23,8 @@ class ServeConfig:
     ``?topk=``). Batching: ``max_batch`` images per model call, ``max_wait_ms`` the longest
     a waiting image is held for more to arrive (only while other requests are being read or
     decoded), ``queue`` requests in the server at once and images waiting for the model (the
-    next one gets 503 at once), ``max_queue_ms`` the longest a request may wait before its
-    images reach the model (older ones get 503 instead of a late answer; 0: no limit),
+    next one gets 503 at once), ``max_queue_ms`` the longest a request may wait (once read) before
+    its images reach the model (older ones get 503 instead of a late answer; 0: no limit),
     ``workers`` decode threads. Limits: ``max_body_mb`` per
     request, ``max_images`` per request, ``max_pixels`` per image (before resizing).
     Lifecycle: ``drain_s`` seconds in-flight requests may take after SIGTERM / SIGINT,
