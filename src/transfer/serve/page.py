@@ -21,18 +21,19 @@ _PAGE = """<!doctype html>
   main { max-width: 760px; margin: 0 auto; padding: 24px 16px 48px; }
   h1 { font-size: 20px; margin: 0 0 4px; }
   .muted { color: var(--muted); font-size: 13px; }
-  #drop { margin-top: 16px; border: 2px dashed var(--line); border-radius: 10px; background: #fff; padding: 28px;
+  #drop { display: block; margin-top: 16px; border: 2px dashed var(--line); border-radius: 10px; background: #fff; padding: 28px;
           text-align: center; cursor: pointer; transition: border-color .15s; }
   #drop.over { border-color: var(--accent); }
   #drop input { display: none; }
-  #preview { max-width: 160px; max-height: 160px; display: none; margin: 12px auto 0; border-radius: 6px; }
+  #preview { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; display: none;
+              margin: 12px auto 0; border-radius: 6px; }
   #key { width: 100%; padding: 6px 8px; border: 1px solid var(--line); border-radius: 6px; margin-top: 4px; }
   .keyrow { margin-top: 14px; display: none; }
   #result { margin-top: 18px; background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px;
             display: none; }
   table { width: 100%; border-collapse: collapse; }
   td { padding: 5px 4px; border-bottom: 1px solid var(--line); vertical-align: middle; }
-  td.p { width: 90px; text-align: right; font-variant-numeric: tabular-nums; }
+  td.cls { width: 35%; } td.p { width: 90px; text-align: right; font-variant-numeric: tabular-nums; }
   .bar { height: 10px; background: var(--accent); border-radius: 5px; min-width: 2px; }
   .err { color: var(--bad); }
   #timing { margin-top: 10px; }
