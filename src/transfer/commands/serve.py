@@ -14,7 +14,7 @@ from ._options import quiet_option
 @click.option("--port", default=8000, show_default=True, help="TCP port (0: any free one, printed at start).")
 @click.option("--backend", help="onnxruntime (default), onnxruntime-int8, tensorrt[-fp16|-int8].")
 @click.option("--providers", help="ONNX Runtime providers in order: cpu, cuda, tensorrt. [default: best available]")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores but one (left to HTTP and decoding)]")
 @click.option("--head", default="network", show_default=True, help="network, or a bundled classical head (e.g. rf).")
 @click.option("--head-format", type=click.Choice(["onnx", "pickle"]), default="onnx", show_default=True,
               help="Run the classical head as ONNX or as its verified pickle.")
