@@ -99,12 +99,12 @@ class Proc:
     """A server process started from a command line that prints its URL; CPU and RSS from /proc."""
 
     def __init__(self, args: list[str], ready_path: str = "/readyz"):
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         self.url = None
         deadline = time.time() + 120
         lines = []
         while self.url is None and time.time() < deadline:
-            line = self.p.stderr.readline() or self.p.stdout.readline()
+            line = self.p.stdout.readline()
             if not line and self.p.poll() is not None:
                 break
             lines.append(line)
@@ -114,7 +114,7 @@ class Proc:
         if self.url is None:
             self.p.kill()
             raise RuntimeError("server did not start:\n" + "".join(lines))
-        threading.Thread(target=self.p.stderr.read, daemon=True).start()  # keep its pipe drained
+        threading.Thread(target=self.p.stdout.read, daemon=True).start()  # keep its pipe drained
         import httpx
 
         while time.time() < deadline:
@@ -229,9 +229,11 @@ def parity(b: dict, res: dict) -> None:
 
 
 def bench_batch1(b: dict, res: dict) -> None:
+    from transfer.data.image import load_image
     from transfer.runtime.bench import bench
     from transfer.serve.model import default_threads
 
+    load_image(next(b["files"].rglob("*.png")))  # Pillow's PNG plugin loads once per process: not per image
     for name in ("arc2", "mnv2"):
         r = bench(b[name], backends=["onnxruntime"], batches=[1], head="rf", images=[str(b["files"])], seconds=3,
                   threads=default_threads(), progress=None)["rows"][0]

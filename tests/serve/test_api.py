@@ -215,16 +215,25 @@ def test_a_request_that_waited_too_long_gets_503(start_server, serve_bundle, ser
 
     model = _gated(serve_bundle)
     model.gate.set()
-    server = start_server(model=model, max_queue_ms=200, max_batch=1, max_wait_ms=0)
+    server = start_server(model=model, max_queue_ms=1000, max_batch=1, max_wait_ms=0)
     model.gate.clear()
+    b = server.state.batcher
     f = _files(serve_data, 1)[0].read_bytes()
+
+    def until(cond):
+        deadline = time.time() + 20
+        while not cond():
+            assert time.time() < deadline
+            time.sleep(0.01)
+
     with cf.ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, f"{server.url}/v1/predict", content=f, timeout=30)
-        time.sleep(0.2)
+        until(lambda: b.in_flight == 1 and b.depth == 0)  # the first is in the (held) model call
         second = pool.submit(httpx.post, f"{server.url}/v1/predict", content=f, timeout=30)
-        time.sleep(0.5)  # the second waits behind the held first one, past 200 ms
+        until(lambda: b.depth == 1)  # the second waits for the model
+        time.sleep(1.5)  # past the 1000 ms limit
         model.gate.set()
-        assert first.result().status_code == 200
+        assert first.result().status_code == 200, first.result().text
         r = second.result()
     _assert_error(r, 503, "waited")
     assert "retry-after" in r.headers

@@ -162,3 +162,25 @@ def test_key_comparison():
     assert not key_matches("s3cret-key-1234568", b"s3cret-key-1234567")
     assert not key_matches(None, b"s3cret-key-1234567") and not key_matches("", b"s3cret-key-1234567")
     assert not key_matches("s3cret-key-1234567\udcff", b"s3cret-key-1234567")
+
+
+def test_admission_refuses_what_would_wait_too_long():
+    """Requests in the server over the recent service rate (Little's law) beyond the queue-time limit: 503 at once."""
+    async def main():
+        b = Batcher(Recorder(), max_batch=2, max_wait_s=0.0, capacity=100_000, max_queue_s=0.05)
+        b.start()
+        for _ in range(40):  # a service rate to go by
+            with b.admit() as t:
+                await asyncio.gather(*t.submit([_img(1)]))
+        held = []
+        with pytest.raises(Overloaded, match="would wait about") as e:
+            while True:
+                held.append(b.admit())
+        wait_then = b.expected_wait()
+        for t in held:
+            t.close()
+        await b.stop()
+        return len(held), wait_then, e.value.retry_after
+
+    n, wait, retry = asyncio.run(main())
+    assert 2 <= n < 100_000 and wait > 0.05 and retry >= 1

@@ -113,13 +113,31 @@ _RID_COUNTER = itertools.count(1)
 
 class Guard:
     """Pure ASGI middleware around every request: body-size limit (413 before reading when
-    Content-Length says so, else as soon as the limit is passed), request id, metrics, and
-    the JSON access log (never the Authorization header)."""
+    Content-Length says so, else as soon as the limit is passed), admission of predictions
+    (503 before anything else is done), request id, metrics, and the JSON access log (never
+    the Authorization header)."""
 
     def __init__(self, app, state: State, access_log: logging.Logger | None):
         self.app = app
         self.state = state
         self.access = access_log
+
+    def _admit(self, scope):
+        """A ticket for a prediction (handed to the route in the scope), or the 503 to send now.
+
+        Admission happens here, before routing, form parsing or authentication, so that under
+        overload a refusal costs as little as possible. Not ready / draining: the route says so.
+        """
+        st = self.state
+        if st.batcher is None or not st.ready or st.draining:
+            return None
+        try:
+            ticket = st.batcher.admit()
+        except Overloaded as exc:
+            st.metrics.shed.labels("full").inc()
+            return _overloaded(exc)
+        scope["transfer.ticket"] = ticket
+        return ticket
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -156,12 +174,22 @@ class Guard:
                     raise _too_large(limit)
             return message
 
+        ticket = None
         try:
             if declared is not None and declared > limit:
                 await _send_json(send_wrapper, _too_large(limit, declared))
-            else:
-                await self.app(scope, receive_wrapper, send_wrapper)
+                return
+            if scope["path"] == PREDICT and scope["method"] == "POST":
+                ticket = self._admit(scope)
+                if isinstance(ticket, ApiError):  # refused before routing: the cheapest 503
+                    keep_alive = declared is not None and declared <= _DRAIN_BEFORE_503 and await _drain(receive)
+                    await _send_json(send_wrapper, ticket, close=not keep_alive)
+                    ticket = None
+                    return
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
+            if ticket is not None:
+                ticket.close()
             seconds = time.perf_counter() - t0
             self.state.metrics.observe_request(scope["path"], scope["method"], info["status"], seconds)
             if self.access is not None:
@@ -175,16 +203,32 @@ class Guard:
                     "bytes_in": info["bytes_in"], "bytes_out": info["bytes_out"], "request_id": rid}))
 
 
+PREDICT = "/v1/predict"
+#: a refused request's body up to this size is read (and dropped) so its connection stays open
+_DRAIN_BEFORE_503 = 256 * 1024
+
+
+async def _drain(receive) -> bool:
+    """Read and drop the rest of a request body; False when the client went away."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        if not message.get("more_body", False):
+            return True
+
+
 def _too_large(limit: int, declared: int | None = None) -> ApiError:
     size = f" ({declared:,} bytes)" if declared is not None else ""
     return ApiError(413, f"request body too large{size}; the limit is {limit:,} bytes",
                     "send fewer or smaller images per request")
 
 
-async def _send_json(send, err: ApiError) -> None:
+async def _send_json(send, err: ApiError, *, close: bool = True) -> None:
     body = json.dumps(err.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     headers += [(k.lower().encode(), str(v).encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -400,11 +444,13 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
         raise ApiError(503, "the model is still warming up" if not state.warm_up_error
                        else f"the model failed to warm up: {state.warm_up_error}", "retry in a moment; see /readyz",
                        headers={"Retry-After": "1"})
-    try:
-        ticket = batcher.admit()
-    except Overloaded as exc:
-        state.metrics.shed.labels("full").inc()
-        raise _overloaded(exc) from None
+    ticket = request.scope.get("transfer.ticket")  # admitted by Guard
+    if ticket is None:
+        try:
+            ticket = batcher.admit()
+        except Overloaded as exc:
+            state.metrics.shed.labels("full").inc()
+            raise _overloaded(exc) from None
     with ticket:
         ups = await _read_uploads(request, config)
         if len(ups) > config.max_images:

@@ -9,8 +9,9 @@ so a lone request never waits for company that is not coming. The model runs in 
 dedicated thread (one call at a time: the model's own threads use the cores), so the
 event loop keeps reading requests while a batch runs, and the next batch forms meanwhile.
 
-An image whose request has waited longer than ``max_queue_s`` (since its body was read)
-when its batch forms is
+A request that would wait longer than ``max_queue_s`` at the current service rate (requests
+in the server over requests finished per second) is refused at admission; an image whose
+request has waited longer than ``max_queue_s`` (since its body was read) when its batch forms is
 answered with :class:`Overloaded` instead of being run (the server sheds load it cannot
 serve in time, like Triton's queue policy), so under overload accepted requests keep a
 bounded latency and the rest get 503 quickly.
@@ -97,6 +98,7 @@ class Ticket:
             self._done_preparing()
             self._open = False
             self._b._in_flight -= 1
+            self._b._done.append(time.perf_counter())
 
     def __enter__(self) -> "Ticket":
         return self
@@ -143,6 +145,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="transfer-model")
         self._s_per_image = 0.0  # running estimate, for Retry-After
+        self._done: deque[float] = deque(maxlen=256)  # when the last requests finished: the service rate
 
     # -- what the app sees -------------------------------------------------------------
     @property
@@ -164,16 +167,34 @@ class Batcher:
         """Whole seconds until the current queue should have drained (at least 1)."""
         return max(1, min(60, math.ceil(len(self._q) * self._s_per_image)))
 
+    def expected_wait(self) -> float:
+        """Seconds a request admitted now would take, by Little's law: requests in the server
+        over the rate at which requests finished lately (0 while fewer than ``max_batch``
+        requests are in the server, or too few finished to tell a rate)."""
+        n = self._in_flight
+        if n < self.max_batch or len(self._done) < 32:
+            return 0.0
+        now = time.perf_counter()
+        window = now - self._done[0]
+        if window <= 0 or now - self._done[-1] > 1.0:  # no recent completions: no current rate
+            return 0.0
+        return n / (len(self._done) / window)
+
     def admit(self) -> Ticket:
         """A ticket for one request.
 
         Raises:
-            Overloaded: ``capacity`` requests are in the server already, or it is stopping.
+            Overloaded: ``capacity`` requests are in the server already, a new one would wait
+                longer than ``max_queue_s`` at the current service rate, or it is stopping.
         """
         if self._closing:
             raise Overloaded("the server is shutting down", retry_after=1)
         if self._in_flight >= self.capacity:
             raise Overloaded(f"the server is full ({self._in_flight} requests in progress)", self.retry_after())
+        wait = self.expected_wait()
+        if self.max_queue_s is not None and wait > self.max_queue_s:
+            raise Overloaded(f"the server is overloaded: a new request would wait about {1000 * wait:.0f} ms "
+                             f"(limit {1000 * self.max_queue_s:.0f} ms)", max(1, math.ceil(wait)))
         self._in_flight += 1
         self._preparing += 1
         return Ticket(self)
