@@ -3,8 +3,8 @@
 
 Closed loop: ``--conns`` clients, each sends its next request when the last one answered.
 Open loop: requests start on a fixed schedule at ``--rate`` per second whatever the answers
-(latency counted from the scheduled start, so a slow server cannot hide queueing), on up to
-``--max-conns`` connections. Every request: multipart POST of one image (``curl -F image=@f``),
+(latency counted from the scheduled start, so a slow server cannot hide queueing), over
+``--max-conns`` keep-alive connections. Every request: multipart POST of one image (``curl -F image=@f``),
 cycling through ``--images``. Prints one JSON object: counts by status, latency percentiles
 by status, the slowest answer, throughput, client CPU seconds.
 
@@ -99,51 +99,54 @@ async def closed_loop(host, port, reqs, conns, seconds, total):
     return res, time.perf_counter() - t0
 
 
-async def open_loop(host, port, reqs, rate, seconds, max_conns, timeout):
+async def open_loop(host, port, reqs, rate, seconds, conns, timeout):
+    """Requests scheduled at ``rate``/s for ``seconds``, sent over ``conns`` keep-alive connections;
+    a request waits in the client while every connection is busy (its latency counts from its
+    scheduled start). Requests not answered ``timeout`` s after their schedule count as status 0."""
     res = []
-    idle: list[Conn] = []
-    busy = 0
-    dropped = 0
-    tasks = []
-
-    async def one(n, scheduled):
-        nonlocal busy
-        c = idle.pop() if idle else Conn(host, port)
-        busy += 1
-        try:
-            st = await asyncio.wait_for(c.request(reqs[n % len(reqs)]), timeout)
-            idle.append(c)
-        except asyncio.TimeoutError:
-            st = 0  # no answer within the timeout
-            c.close()
-        except (OSError, asyncio.IncompleteReadError):
-            st = -1
-            c.close()
-        busy -= 1
-        res.append((st, time.perf_counter() - scheduled))
-
+    q: asyncio.Queue = asyncio.Queue()
     t0 = time.perf_counter()
-    n = 0
-    while True:
-        scheduled = t0 + n / rate
-        if scheduled - t0 >= seconds:
-            break
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if busy >= max_conns:
-            dropped += 1  # the client itself could not send it (reported)
-        else:
-            tasks.append(asyncio.ensure_future(one(n, scheduled)))
-        n += 1
-    await asyncio.gather(*tasks)
-    for c in idle:
+    n = int(rate * seconds)
+
+    async def producer():
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            q.put_nowait((i, t0 + i / rate))
+        for _ in range(conns):
+            q.put_nowait(None)
+
+    async def worker():
+        c = Conn(host, port)
+        while True:
+            item = await q.get()
+            if item is None:
+                break
+            i, scheduled = item
+            left = scheduled + timeout - time.perf_counter()
+            if left <= 0:
+                res.append((0, time.perf_counter() - scheduled))
+                continue
+            try:
+                st = await asyncio.wait_for(c.request(reqs[i % len(reqs)]), left)
+            except asyncio.TimeoutError:
+                st = 0
+                c.close()
+            except (OSError, asyncio.IncompleteReadError):
+                st = -1
+                c.close()
+            res.append((st, time.perf_counter() - scheduled))
         c.close()
-    return res, time.perf_counter() - t0, n, dropped
+
+    await asyncio.gather(producer(), *(worker() for _ in range(conns)))
+    return res, time.perf_counter() - t0, n, 0
 
 
 def summarize(res, wall):
-    out = {"requests": len(res), "seconds": wall, "per_s": len(res) / wall if wall else 0.0, "status": {}}
+    n200 = sum(1 for st, _ in res if st == 200)
+    out = {"requests": len(res), "seconds": wall, "per_s": len(res) / wall if wall else 0.0,
+           "ok_per_s": n200 / wall if wall else 0.0, "status": {}}
     by = {}
     for st, dt in res:
         by.setdefault(st, []).append(dt)
@@ -166,7 +169,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--requests", type=int, default=0, help="stop after this many (closed loop)")
     ap.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second")
-    ap.add_argument("--max-conns", type=int, default=1024)
+    ap.add_argument("--max-conns", type=int, default=256, help="open loop: connections")
     ap.add_argument("--timeout", type=float, default=10.0)
     a = ap.parse_args()
     files = sorted(Path(a.images).rglob("*.png"))[: a.limit]
