@@ -154,7 +154,7 @@ def summarize(res, wall):
         a = np.asarray(lat) * 1000
         out["status"][str(st)] = {"n": len(a), "p50_ms": float(np.percentile(a, 50)),
                                   "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99)),
-                                  "max_ms": float(a.max())}
+                                  "max_ms": float(a.max()), "over_2s": int((a > 2000).sum())}
     out["max_ms"] = max((dt for _, dt in res), default=0) * 1000
     return out
 
