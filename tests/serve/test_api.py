@@ -290,3 +290,14 @@ def test_page_is_self_contained(server):
     assert "/v1/predict" in html and "<script>" in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "the page loads something from elsewhere"
     assert "http://" not in html and "https://" not in html
+
+
+def test_int8_backend_and_network_head(start_server, serve_data):
+    server = start_server(backend="onnxruntime-int8", head="network", topk=2)
+    info = httpx.get(f"{server.url}/v1/model").json()["serving"]
+    assert info["backend"] == "onnxruntime-int8" and info["model"] == "onnx-int8" and info["head"] == "network"
+    f = _files(serve_data, 1)[0]
+    r = httpx.post(f"{server.url}/v1/predict", files={"image": (f.name, f.read_bytes())})
+    p = r.json()
+    assert r.status_code == 200 and p["backend"] == "onnxruntime-int8" and p["head"] == "network"
+    assert len(p["predictions"][0]["top"]) == 2
