@@ -58,3 +58,41 @@ def test_two_replicas_serve_the_same_api(serve_bundle, serve_data, tmp_path):
     finally:
         stop_ray()
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_command_with_ray_stops_cleanly_on_sigterm(serve_bundle, serve_data):
+    """`transfer serve --ray` as users run it: serves, and SIGTERM deletes the app and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "transfer.cli", "serve", str(serve_bundle), "--ray", "--replicas", "2",
+                             "--cpus-per-replica", "0.5", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "not ready in 180 s"
+            time.sleep(1)
+        f = sorted(serve_data.rglob("*.png"))[0]
+        r = httpx.post(url + "/v1/predict", files={"image": (f.name, f.read_bytes())}, timeout=30)
+        assert r.status_code == 200 and r.json()["predictions"][0]["top"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "serving on" in err and "stopped after" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

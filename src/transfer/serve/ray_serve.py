@@ -84,8 +84,11 @@ def deployment(config: ServeConfig):
         health_check_period_s=5)
 
 
-def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None) -> str:
+def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None, on_signal=None) -> str:
     """Deploy on Ray Serve and return the URL once every replica is ready (Ray keeps running).
+
+    ``on_signal``: the SIGTERM / SIGINT handler to (re)install once Ray is up (``ray.init``
+    installs its own, which aborts the process).
 
     Raises:
         BundleError / TamperedBundleError: the bundle is refused (before any replica starts).
@@ -100,8 +103,10 @@ def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None
     bid = bundle_id(b)
     files = pack_bundle(bundle_path)
     ray = init_ray(config.address, purpose="transfer serve --ray")
-    if os.environ.get("TRANSFER_DEBUG") != "1":
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    if on_signal is not None and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+    quiet = os.environ.get("TRANSFER_DEBUG") != "1"
     try:
         from ray import serve
     except ImportError as exc:
@@ -110,6 +115,8 @@ def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None
         raise DependencyMissingError(f"Ray Serve is not installed: {exc}", hint='pip install "transfer[serve-ray]"') from None
     p.say(f"deploying {config.replicas} replica(s) of {b.path} ({bid[:19]}...) on Ray Serve ...")
     serve.start(http_options={"host": config.host, "port": config.port}, detached=False)
+    if quiet:  # Serve's start-up and routing lines (INFO) are for --debug
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     ref = ray.put((files, key))
     app = deployment(config).bind([ref], config, bid)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
@@ -130,9 +137,13 @@ def serve_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None
     """``transfer serve --ray``: deploy, serve until SIGTERM / SIGINT, then drain and stop."""
     p = as_progress(progress)
     stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(*_):
+        stop.set()
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        start_ray(bundle_path, config, progress=p)
+        start_ray(bundle_path, config, progress=p, on_signal=on_signal)
         while not stop.wait(0.5):
             pass
         p.say(f"stopping: replicas finish requests in flight (at most {config.drain_s:g} s)")
