@@ -37,7 +37,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 from _common import ROOT, table
 
@@ -191,7 +190,6 @@ def parity(b: dict, res: dict) -> None:
 
     from transfer.data.stream import decode_batches
     from transfer.runtime.heads import make_head
-    from transfer.runtime.infer import infer
     from transfer.bundle import load_bundle
     from transfer.runtime.runners import make_runner
 

@@ -6,10 +6,10 @@ import concurrent.futures as cf
 import io
 import json
 import threading
+import time
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
 
@@ -193,13 +193,12 @@ def test_full_queue_answers_503_at_once_and_recovers(start_server, serve_bundle,
     f = _files(serve_data, 1)[0].read_bytes()
     with cf.ThreadPoolExecutor(2) as pool:
         held = [pool.submit(httpx.post, f"{server.url}/v1/predict", content=f, timeout=30) for _ in range(2)]
-        t = __import__("time")
-        deadline = t.time() + 10
-        while server.state.batcher.in_flight < 2 and t.time() < deadline:
-            t.sleep(0.01)
-        t0 = t.perf_counter()
+        deadline = time.time() + 10
+        while server.state.batcher.in_flight < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
         r = httpx.post(f"{server.url}/v1/predict", content=f)
-        assert t.perf_counter() - t0 < 1.0  # at once, not after the held ones
+        assert time.perf_counter() - t0 < 1.0  # at once, not after the held ones
         _assert_error(r, 503, "full")
         assert int(r.headers["retry-after"]) >= 1
         m = httpx.get(f"{server.url}/metrics").text
@@ -211,8 +210,6 @@ def test_full_queue_answers_503_at_once_and_recovers(start_server, serve_bundle,
 
 
 def test_a_request_that_waited_too_long_gets_503(start_server, serve_bundle, serve_data):
-    import time
-
     model = _gated(serve_bundle)
     model.gate.set()
     server = start_server(model=model, max_queue_ms=1000, max_batch=1, max_wait_ms=0)
