@@ -184,3 +184,20 @@ def test_admission_refuses_what_would_wait_too_long():
 
     n, wait, retry = asyncio.run(main())
     assert 2 <= n < 100_000 and wait > 0.05 and retry >= 1
+
+
+def test_a_missing_serve_extra_names_the_install_command(monkeypatch, serve_data):
+    import sys
+
+    from click.testing import CliRunner
+
+    from transfer.cli import cli
+    from transfer.errors import DependencyMissingError
+    from transfer.serve._deps import check_installed
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    with pytest.raises(DependencyMissingError) as e:
+        check_installed()
+    assert "fastapi" in e.value.message and e.value.hint == 'pip install "transfer[serve]"'
+    r = CliRunner().invoke(cli, ["serve", str(serve_data), "--port", "0"])
+    assert r.exit_code == 1 and 'pip install "transfer[serve]"' in r.output
