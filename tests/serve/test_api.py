@@ -63,9 +63,12 @@ def test_served_rows_equal_transfer_infer_rows(server, serve_bundle, serve_data,
     assert len(served) == len(files) == 60
     for f, s in zip(files, served):
         ref = rows[str(f)]
-        assert s["status"] == 200 and [t["class"] for t in s["top"]] == [ref[f"class{k}"] for k in (1, 2, 3)]
+        ref_prob = {ref[f"class{k}"]: float(ref[f"prob{k}"]) for k in (1, 2, 3)}
+        assert s["status"] == 200 and len(s["top"]) == 3
         for k, t in enumerate(s["top"], 1):
             assert abs(t["prob"] - float(ref[f"prob{k}"])) <= 1e-6  # infer writes 6 decimals
+            # the same class at each rank; another one only where two classes tie within 1e-6
+            assert t["class"] == ref[f"class{k}"] or abs(ref_prob[t["class"]] - float(ref[f"prob{k}"])) <= 1e-6
     assert multi.json()["bundle_id"].startswith("sha256:") and multi.json()["head"] == "rf"
 
 
