@@ -73,9 +73,10 @@ def check(passed: bool = True) -> dict:
 
 def make_bundle(folder: Path, *, classes=("a", "b"), size: int = SIZE, d: int = FEATURES, int8: bool = False,
                 head: str | None = None, pickle_bytes: bytes | None = None, valid: bool = True,
-                external: str | None = None, sign_key=None) -> Path:
+                external: str | None = None, sign_key=None, unknown: bool = False) -> Path:
     """A complete bundle: fp32 model (and an int8-stamped one), optionally a head ``head`` with
-    its ONNX graph and a pickle (``pickle_bytes``, default a fitted classifier)."""
+    its ONNX graph and a pickle (``pickle_bytes``, default a fitted classifier), and with
+    ``unknown`` the unknown-input scores the exporter fits (on :func:`known_images`)."""
     from transfer.bundle import new_manifest, write_bundle
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,10 +99,41 @@ def make_bundle(folder: Path, *, classes=("a", "b"), size: int = SIZE, d: int = 
         heads[head] = {"kind": head, "pickle": f"heads/{head}.pkl", "onnx": f"heads/{head}.onnx",
                        "input": "features", "output": "probabilities", "feature_dim": d, "classes": list(range(c))}
         checks[f"head-{head}"] = check()
+    records = _unknown_records(folder, size, c) if unknown else {}
     manifest = new_manifest(class_names=list(classes), input_size=(size, size), feature_dim=d, models=models,
-                            heads=heads, backbone="tiny", opset=18, source={"run": None, "trial": None})
+                            heads=heads, backbone="tiny", opset=18, source={"run": None, "trial": None}, **records)
     write_bundle(folder, manifest, checks, images=["x.png"], sign_key=sign_key)
     return folder
+
+
+def known_images(n: int, size: int = SIZE, classes: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images of the tiny bundle's classes: class k is a grey level (40 + 150 k) with noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = (40 + 150 * y[:, None, None, None] / max(classes - 1, 1) + rng.normal(0, 8, (n, size, size, 3)))
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def unknown_image(size: int = SIZE) -> np.ndarray:
+    """Saturated red: none of the tiny bundle's grey classes."""
+    x = np.zeros((size, size, 3), np.uint8)
+    x[..., 0] = 255
+    return x
+
+
+def _unknown_records(folder: Path, size: int, classes: int) -> dict:
+    """Fit the unknown-input scores as the exporter does (train: class means, val: thresholds)."""
+    import onnxruntime as ort
+
+    from transfer.export.calibrate import fit_unknown
+
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (xtr, ytr), (xva, yva) = known_images(200, size, classes, 0), known_images(100, size, classes, 1)
+    ftr, _ = sess.run(["features", "probs"], {"image": xtr.astype(np.float32)})
+    fva, pva = sess.run(["features", "probs"], {"image": xva.astype(np.float32)})
+    record, arrays = fit_unknown(ftr, ytr, fva, pva, classes)
+    np.savez(folder / "unknown.npz", **arrays)
+    return {"unknown": record, "calibration": {"method": "none", "reason": "a test bundle"}}
 
 
 def edit_manifest(bundle: Path, fn) -> None:

@@ -149,7 +149,7 @@ def test_api_key(start_server, serve_data, tmp_path):
                     {"Authorization": "Basic " + key}):
         for method, path in (("POST", "/v1/predict"), ("GET", "/v1/model")):
             r = httpx.request(method, server.url + path, content=f if method == "POST" else None, headers=headers)
-            body = _assert_error(r, 401, "api key")
+            _assert_error(r, 401, "api key")
             assert r.headers["www-authenticate"] == "Bearer"
             assert key not in r.text
     ok = httpx.post(f"{server.url}/v1/predict", content=f, headers={"Authorization": f"Bearer {key}"})

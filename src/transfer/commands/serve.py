@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._options import quiet_option
+from .keys import trust_options
 
 
 @click.command("serve")
@@ -41,10 +42,17 @@ from ._options import quiet_option
 @click.option("--replicas", default=1, show_default=True, help="Ray Serve replicas (with --ray).")
 @click.option("--cpus-per-replica", default=1.0, show_default=True, help="CPUs each replica reserves (with --ray).")
 @click.option("--gpus-per-replica", default=0.0, show_default=True, help="GPUs each replica reserves (with --ray).")
+@click.option("--reject", is_flag=True,
+              help="Answer 'decision: unknown' for images the bundle's unknown-input score rejects (a calibrated "
+                   "bundle; the rule and score go in every answer).")
+@click.option("--unknown-score", type=click.Choice(["mahalanobis", "msp"]),
+              help="Score --reject uses. [default: the bundle's]")
+@trust_options
 @quiet_option
 def serve_cmd(bundle, host, port, backend, providers, threads, head, head_format, topk, max_batch, max_wait_ms, queue,
               max_queue_ms, workers, max_body_mb, max_images, max_pixels, api_key_file, drain_s, access_log, use_ray,
-              address, replicas, cpus_per_replica, gpus_per_replica, quiet) -> None:
+              address, replicas, cpus_per_replica, gpus_per_replica, reject, unknown_score, trust, trust_pickle,
+              quiet) -> None:
     """Serve a bundle over HTTP: POST images, get the top-k classes. Images of concurrent
     requests are batched into one model call; the answers equal `transfer infer`'s.
 
@@ -56,7 +64,8 @@ def serve_cmd(bundle, host, port, backend, providers, threads, head, head_format
 
     Routes: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics (Prometheus),
     /openapi.json, and a page at / to try it in a browser. Refuses a bundle that
-    `transfer verify` refuses. Stops on SIGTERM / Ctrl-C after finishing requests in flight.
+    `transfer verify` refuses (with --trust or TRANSFER_TRUST: one not signed by a trusted
+    key). Stops on SIGTERM / Ctrl-C after finishing requests in flight.
     """
     from ..errors import ConfigError
     from ..progress import Progress
@@ -67,7 +76,10 @@ def serve_cmd(bundle, host, port, backend, providers, threads, head, head_format
                       max_queue_ms=max_queue_ms, workers=workers, max_body_mb=max_body_mb, max_images=max_images,
                       max_pixels=max_pixels, drain_s=drain_s, access_log=access_log, api_key_file=api_key_file,
                       replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
-                      address=address).validate()
+                      address=address, trust=tuple(trust) or None, trust_pickle=trust_pickle, reject=reject,
+                      unknown_score=unknown_score).validate()
+    if unknown_score and not reject:
+        raise ConfigError("--unknown-score needs --reject")
     progress = Progress(quiet=quiet)
     if use_ray:
         from ..serve.ray_serve import serve_ray

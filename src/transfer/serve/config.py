@@ -30,7 +30,9 @@ class ServeConfig:
     Lifecycle: ``drain_s`` seconds in-flight requests may take after SIGTERM / SIGINT,
     ``access_log`` a path (or ``-`` for stderr) for one JSON line per request. Security:
     ``host`` (loopback by default), ``api_key_file``. Ray Serve: ``replicas``,
-    ``cpus_per_replica``, ``gpus_per_replica``, ``address``.
+    ``cpus_per_replica``, ``gpus_per_replica``, ``address``. Trust: ``trust`` public keys
+    (``None``: ``TRANSFER_TRUST``), ``trust_pickle``. Unknown inputs: ``reject`` marks images the
+    bundle's unknown-input score rejects (``unknown_score``: which score; default the bundle's).
     """
 
     host: str = "127.0.0.1"
@@ -56,6 +58,10 @@ class ServeConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     address: str | None = None
+    trust: tuple[str, ...] | None = None  # (): the signature was checked by the Ray driver
+    trust_pickle: bool = False
+    reject: bool = False
+    unknown_score: str | None = None
 
     @property
     def max_body_bytes(self) -> int:

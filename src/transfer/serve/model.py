@@ -30,12 +30,43 @@ class ModelOptions:
     threads: int | None = None
     head: str = "network"
     head_format: str = "onnx"
+    trust: tuple[str, ...] | bool | None = None  # public keys; None: TRANSFER_TRUST; False: checked by the Ray driver
+    trust_pickle: bool = False
+    reject: bool | str = False                # True: the bundle's default unknown-input score; or its name
 
     @classmethod
     def of(cls, config) -> "ModelOptions":
         """The model options of a :class:`transfer.serve.config.ServeConfig`."""
         return cls(backend=config.backend, providers=config.providers, threads=config.threads or default_threads(),
-                   head=config.head, head_format=config.head_format)
+                   head=config.head, head_format=config.head_format,
+                   trust=(tuple(config.trust) if config.trust else False if config.trust == () else None),
+                   trust_pickle=config.trust_pickle,
+                   reject=(config.unknown_score or True) if config.reject else False)
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One image's answer from the model thread: its probabilities and, with ``--reject``, its
+    unknown-input score and whether it looks known."""
+
+    probs: np.ndarray
+    score: float | None = None
+    known: bool | None = None
+
+
+class BatchPrediction:
+    """The predictions of one batch, indexable per image (the batcher hands ``[i]`` to each request)."""
+
+    def __init__(self, probs: np.ndarray, unknown: tuple[np.ndarray, np.ndarray] | None = None):
+        self.probs, self.unknown = probs, unknown
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def __getitem__(self, i: int) -> ImagePrediction:
+        if self.unknown is None:
+            return ImagePrediction(self.probs[i])
+        return ImagePrediction(self.probs[i], float(self.unknown[0][i]), bool(self.unknown[1][i]))
 
 
 def default_threads() -> int:
@@ -74,10 +105,12 @@ def check_options(bundle: Bundle, options: ModelOptions) -> None:
             :func:`transfer.runtime.heads.check_head`.
     """
     from ..runtime.heads import check_head
+    from ..runtime.infer import reject_detector
     from ..runtime.runners import model_key_for
 
     model_key_for(bundle, options.backend)
-    check_head(bundle, options.head, options.head_format)
+    check_head(bundle, options.head, options.head_format, trust_pickle=options.trust_pickle)
+    reject_detector(bundle, options.reject)
 
 
 class ServedModel:
@@ -93,21 +126,27 @@ class ServedModel:
         self.names = bundle.class_names
         self.size = bundle.input_size
         self.runner = make_runner(bundle, options.backend, options.providers, options.threads)
-        self.head = make_head(bundle, options.head, options.head_format)
+        self.head = make_head(bundle, options.head, options.head_format, trust_pickle=options.trust_pickle)
+        from ..runtime.infer import reject_detector
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """Class probabilities of a batch: one model call and one head call.
+        self.detector = reject_detector(bundle, options.reject)
+
+    def predict(self, x: np.ndarray) -> tuple[BatchPrediction, float]:
+        """Class probabilities of a batch: one model call and one head call (and, with
+        ``--reject``, the unknown-input rule on the network's outputs), as
+        :func:`transfer.runtime.infer.predict` does for ``transfer infer``.
 
         Args:
             x: uint8 or float32 (N, H, W, 3) RGB pixels 0..255.
 
         Returns:
-            (probs float32 (N, C), seconds the two calls took).
+            (a :class:`BatchPrediction` of N images, seconds the calls took).
         """
+        from ..runtime.infer import predict
+
         t = time.perf_counter()
-        feats, net = self.runner.run(np.asarray(x, dtype=np.float32))
-        probs = self.head(feats, net)
-        return np.asarray(probs, dtype=np.float32), time.perf_counter() - t
+        probs, unknown = predict(self.runner, self.head, self.detector, np.asarray(x, dtype=np.float32))
+        return BatchPrediction(np.asarray(probs, dtype=np.float32), unknown), time.perf_counter() - t
 
     def warm_up(self, max_batch: int) -> float:
         """Run the smallest and the largest batch once (sessions allocate on first use); seconds taken."""
@@ -117,12 +156,19 @@ class ServedModel:
             self.predict(np.zeros((n, h, w, 3), np.uint8))
         return time.perf_counter() - t
 
-    def row(self, probs: np.ndarray, topk: int) -> dict:
-        """The answer for one image: ``{"top": [{"class", "prob"}, ...]}``, most probable first."""
+    def row(self, pred: "ImagePrediction | np.ndarray", topk: int) -> dict:
+        """The answer for one image: ``{"top": [{"class", "prob"}, ...]}``, most probable first;
+        with ``--reject`` also ``"decision": "known" | "unknown"`` and the rule and score
+        (``"unknown": {"score", "value", "threshold"}``), as every ``transfer infer --reject`` row."""
         from ..runtime.infer import top_k
 
+        probs = pred.probs if isinstance(pred, ImagePrediction) else pred
         classes, ps = top_k(probs, self.names, min(topk, len(self.names)))
-        return {"top": [{"class": c, "prob": p} for c, p in zip(classes, ps)]}
+        out = {"top": [{"class": c, "prob": p} for c, p in zip(classes, ps)]}
+        if self.detector is not None and isinstance(pred, ImagePrediction) and pred.known is not None:
+            out["decision"] = "known" if pred.known else "unknown"
+            out["unknown"] = {"score": self.detector.score, "value": pred.score, "threshold": self.detector.threshold}
+        return out
 
     def info(self) -> dict:
         """What ``GET /v1/model`` shows: classes, input, models, heads, verification."""
@@ -145,6 +191,10 @@ class ServedModel:
                         "model": self.runner.model_key, "head": self.head.name,
                         "head_format": self.options.head_format if self.head.name != "network" else None},
             "verification": {"valid": bool(m.get("valid", False)), "checks": m.get("verification", {})},
+            "signed_by": self.bundle.signer, "trusted": self.bundle.trusted,
+            "calibration": m.get("calibration"),
+            "unknown": (dict(self.detector.describe(), rejecting=True) if self.detector is not None
+                        else {"rejecting": False, "available": sorted((m.get("unknown") or {}).get("scores", {}))}),
             "tools": m.get("tools", {}),
         }
 
@@ -162,9 +212,10 @@ def load_model(bundle_path, options: ModelOptions) -> ServedModel:
         model = load_model("runs/digits/bundle", ModelOptions(head="rf"))
         probs, seconds = model.predict(pixels)
     """
-    bundle = load_bundle(bundle_path)
+    trust = list(options.trust) if options.trust else (False if options.trust is False else None)
+    bundle = load_bundle(bundle_path, trust=trust)
     check_options(bundle, options)
     return ServedModel(bundle, options)
 
 
-__all__ = ["ModelOptions", "ServedModel", "load_model", "check_options", "bundle_id", "default_threads"]
+__all__ = ["ModelOptions", "ImagePrediction", "BatchPrediction", "ServedModel", "load_model", "check_options", "bundle_id", "default_threads"]

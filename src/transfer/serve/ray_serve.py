@@ -98,8 +98,10 @@ def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None
     check_installed()
     config.validate()
     key = read_api_key(config.api_key_file) if config.api_key_file else None
-    b = load_bundle(bundle_path)
+    b = load_bundle(bundle_path, trust=list(config.trust) if config.trust else None)
     check_options(b, ModelOptions.of(config))
+    # the signature and trust are decided here; replicas get the files, not the keys
+    config = config.replace(trust=(), trust_pickle=config.trust_pickle or b.trusted)
     bid = bundle_id(b)
     files = pack_bundle(bundle_path)
     ray = init_ray(config.address, purpose="transfer serve --ray")
