@@ -28,8 +28,9 @@ _EXTRA_FOR = {
 def require(module: str, *, purpose: str | None = None) -> ModuleType:
     """Import ``module`` or raise :class:`DependencyMissingError` with the install hint.
 
-    Example:
-        >>> np = require("numpy")
+    Example::
+
+        np = require("numpy")
     """
     try:
         return importlib.import_module(module)
