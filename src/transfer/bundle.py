@@ -67,6 +67,11 @@ class Bundle:
     trusted: bool = False
 
     @property
+    def recipe(self) -> dict:
+        """The pixel recipe the bundle was exported with (the runtime decodes with it)."""
+        return dict(self.manifest["preprocessing"])
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.manifest["class_names"])
 
@@ -420,19 +425,19 @@ def _check_labels(bundle: Path, m: dict) -> None:
 
 
 def _check_recipe(bundle: Path, m: dict) -> None:
-    """The bundle's pixel recipe must be the one this runtime implements (train/serve parity)."""
-    from .data.image import PREPROCESSING
+    """The bundle's pixel recipe must be one this runtime implements (train/serve parity): the
+    runtime decodes the bundle's images with the recipe it records, old versions included."""
+    from .data.image import recipe_version
 
-    got = m["preprocessing"]
-    diff = sorted(k for k in set(PREPROCESSING) | set(got) if got.get(k) != PREPROCESSING.get(k))
-    if diff:
+    try:
+        recipe_version(m["preprocessing"])
+    except ValueError as exc:
         tools = m.get("tools")
         made_by = tools.get("transfer", "another version") if isinstance(tools, dict) else "another version"
         raise BundleError(
-            f"bundle {bundle} was exported with a pixel recipe this runtime does not implement "
-            f"(differs in: {', '.join(diff)}); its predictions would not match training",
+            f"bundle {bundle} was exported with a {exc}; its predictions would not match training",
             hint=f"run it with the transfer that exported it ({made_by}), or re-export it with this one",
-        )
+        ) from None
 
 
 def _summary(checks: dict) -> dict:

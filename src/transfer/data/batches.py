@@ -164,6 +164,7 @@ class BatchSource:
         drop_remainder: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         pad_to_multiple: int = 1,
+        recipe: dict | None = None,
     ):
         if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, (int, np.integer)) \
                 or pad_to_multiple < 1:
@@ -185,6 +186,7 @@ class BatchSource:
         self.augment = check_augmentations(augment)
         self.drop_remainder = bool(drop_remainder)
         self.max_pixels = max_pixels
+        self.recipe = recipe  # the run's recorded pixel recipe (None: the current one)
         self.pad_to_multiple = int(pad_to_multiple)
         self.failed: list[BadFile] = []
         self._lock = threading.Lock()
@@ -226,7 +228,8 @@ class BatchSource:
             j = (idx + step) % n
             reason = self._bad_index.get(j)
             if reason is None:
-                item = decode_item(os.fspath(self.root / self.samples[j].path), self.image_size, self.max_pixels)
+                item = decode_item(os.fspath(self.root / self.samples[j].path), self.image_size, self.max_pixels,
+                                   self.recipe)
                 if item.error is None:
                     return item.pixels, j
                 reason = item.error

@@ -401,7 +401,8 @@ def _int8_step() -> Step:
         from .onnx import stamp_onnx
 
         calib = [b.astype(np.uint8) for b in calibration_batches(train_paths, ctx.t.image_size,
-                                                                 count=ctx.calib_images, progress=ctx.progress)]
+                                                                 count=ctx.calib_images, progress=ctx.progress,
+                                                                 recipe=ctx.rf.recipe)]
         entry, tried = None, []
         for k in FLOAT_LAYER_LADDER:
             info = quantize_int8(ctx.folder / "model.onnx", ctx.folder / "model.int8.onnx",
@@ -483,7 +484,7 @@ def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAG
     sess = ort_session(ctx.folder / "model.onnx")
     fs, ps, ys, start = [], [], [], 0
     with ctx.progress.bar(len(paths), f"calibration: {split} images") as bar:
-        for pb in decode_batches(paths, ctx.t.image_size, batch=64):
+        for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.rf.recipe):
             if len(pb.x):
                 f, p = sess.run(["features", "probs"], {"image": pb.x})
                 fs.append(f)
@@ -631,6 +632,7 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
             src = work / "model.trt-int8.onnx"
             qinfo = prepare_int8_onnx(ctx.folder / "model.onnx", src,
                                       calibration_batches(train_paths, ctx.t.image_size, count=ctx.calib_images,
+                                                          recipe=ctx.rf.recipe,
                                                           progress=ctx.progress))
         ctx.progress.say(f"TensorRT {precision}: building on {dev['gpu']} (compute {dev['compute_capability']}, "
                          f"TensorRT {dev['tensorrt']})")

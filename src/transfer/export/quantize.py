@@ -15,7 +15,8 @@ from ..progress import ProgressLike, as_progress
 
 
 def calibration_batches(paths: Sequence[str | os.PathLike], size: tuple[int, int], *, count: int = 512,
-                        batch: int = 32, seed: int = 0, progress: ProgressLike = None) -> Iterator[np.ndarray]:
+                        batch: int = 32, seed: int = 0, progress: ProgressLike = None,
+                        recipe: dict | None = None) -> Iterator[np.ndarray]:
     """Yield float32 (n, H, W, 3) batches of up to ``count`` images (a seeded sample of ``paths``).
 
     Files that cannot be decoded are skipped (they were reported when the dataset was
@@ -38,7 +39,7 @@ def calibration_batches(paths: Sequence[str | os.PathLike], size: tuple[int, int
     buf = np.zeros((0, size[0], size[1], 3), np.float32)
     used = 0
     with as_progress(progress).bar(len(order), "calibration images", unit="img") as bar:
-        for pb in decode_batches([paths[i] for i in order], size, batch=batch):
+        for pb in decode_batches([paths[i] for i in order], size, batch=batch, recipe=recipe):
             bar.update(len(pb.items))
             buf = np.concatenate([buf, pb.x])
             while len(buf) >= batch:

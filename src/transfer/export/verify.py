@@ -41,7 +41,7 @@ def verification_images(run, size: tuple[int, int], n: int, progress: ProgressLi
     for split in ("val", "test"):
         paths, labels = run.split_paths(split, fold=fold)  # a k-fold trial: its own fold's val
         start = 0
-        for pb in decode_batches(paths, size, batch=64):
+        for pb in decode_batches(paths, size, batch=64, recipe=getattr(run, "recipe", None)):
             take = pb.ok_index[: n - len(used)]
             xs.append(pb.x[: len(take)])
             ys += [int(labels[start + i]) for i in take]

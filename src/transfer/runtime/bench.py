@@ -142,7 +142,7 @@ def sample_pool(bundle: Bundle, images: Sequence[str] | None, n: int, progress: 
     h, w = bundle.input_size
     files = _sample_images(bundle, images, n)
     pixels, skipped, secs = [], [], 0.0
-    for pb in decode_batches(files, (h, w), batch=max(1, len(files)), workers=1):
+    for pb in decode_batches(files, (h, w), batch=max(1, len(files)), workers=1, recipe=bundle.recipe):
         pixels.append(pb.x)
         secs += pb.decode_seconds
         skipped += [f"{it.path}: {it.error}" for it in pb.items if it.error]

@@ -223,7 +223,8 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
                          providers_found=available_providers())
 
         def predicted():
-            for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers):
+            for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers,
+                              recipe=b.recipe):
                 probs, unknown = predict(runner, hd, detector, pb.x)
                 yield prediction_rows([(it.path, it.error) for it in pb.items], probs, names, topk, unknown)
 

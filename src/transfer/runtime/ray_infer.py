@@ -46,7 +46,7 @@ class _Predictor:
         from .infer import predict
         from .rows import prediction_rows, rows_to_columns
 
-        items = [decode_item(os.fsdecode(bytes(p)), self.bundle.input_size) if not pre else None
+        items = [decode_item(os.fsdecode(bytes(p)), self.bundle.input_size, recipe=self.bundle.recipe) if not pre else None
                  for p, pre in zip(batch["path"], batch["pre_error"])]
         entries = [(os.fsdecode(bytes(p)), str(pre) or it.error) for p, pre, it in
                    zip(batch["path"], batch["pre_error"], items)]

@@ -101,12 +101,12 @@ def make_detector(bundle: Bundle, score: str | None = None) -> UnknownDetector:
     return UnknownDetector(name, float(thr), gauss)
 
 
-def _outputs(runner, paths, size, *, batch: int, workers: int, bar) -> tuple[np.ndarray, np.ndarray, int]:
+def _outputs(runner, paths, size, *, batch: int, workers: int, bar, recipe=None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(features, probs, unreadable count)`` of ``runner`` over image files."""
     from ..data.stream import decode_batches
 
     fs, ps, bad = [], [], 0
-    for pb in decode_batches(paths, size, batch=batch, workers=workers):
+    for pb in decode_batches(paths, size, batch=batch, workers=workers, recipe=recipe):
         bad += len(pb.items) - len(pb.ok_index)
         if len(pb.x):
             f, p = runner.run(pb.x)
@@ -144,8 +144,9 @@ def evaluate_unknown(bundle: Bundle, known, unknown, *, backend: str | None = No
     runner = make_runner(bundle, backend, providers)
     detectors = {name: make_detector(bundle, name) for name in SCORES if name in rec["scores"]}
     with p.bar(len(known) + len(unknown), "unknown-input evaluation") as bar:
-        fk, pk, bad_k = _outputs(runner, known, bundle.input_size, batch=batch, workers=workers, bar=bar)
-        fu, pu, bad_u = _outputs(runner, unknown, bundle.input_size, batch=batch, workers=workers, bar=bar)
+        kw = dict(batch=batch, workers=workers, bar=bar, recipe=bundle.recipe)
+        fk, pk, bad_k = _outputs(runner, known, bundle.input_size, **kw)
+        fu, pu, bad_u = _outputs(runner, unknown, bundle.input_size, **kw)
     if not len(pk) or not len(pu):
         raise ConfigError(f"no readable {'known' if not len(pk) else 'unknown'} image to evaluate with",
                           option="unknown")

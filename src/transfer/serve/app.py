@@ -458,7 +458,7 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                            f"send at most {config.max_images} images per request")
         t_read = time.perf_counter()
         loop = asyncio.get_running_loop()
-        decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels)
+        decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels, recipe=model.bundle.recipe)
         if len(ups) == 1:  # one image: no gather
             decoded = [await loop.run_in_executor(state.decode_pool, decode, ups[0])]
         else:
@@ -507,11 +507,12 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                          "predictions": entries, "timings_ms": timings})
 
 
-def _decode(u: Upload, size, max_pixels):
+def _decode(u: Upload, size, max_pixels, recipe=None):
     """(pixels or None, seconds, ImageDecodeError or None) of one upload (runs in a decode thread)."""
     t = time.perf_counter()
     try:
-        return decode_upload(u.data, u.name, size, max_pixels=max_pixels), time.perf_counter() - t, None
+        return (decode_upload(u.data, u.name, size, max_pixels=max_pixels, recipe=recipe), time.perf_counter() - t,
+                None)
     except ImageDecodeError as exc:
         return None, time.perf_counter() - t, exc
 

@@ -1,32 +1,34 @@
 """Uploaded bytes -> model pixels: the runtime's own decode and resize, nothing else.
 
-``transfer infer`` reads a URI with :func:`transfer.data.image.decode_image_bytes` and
-:func:`transfer.data.image.resize_image` (:func:`transfer.data.stream.decode_item`), and a
-file with ``load_image``, which is the same Pillow decode and resize: so a served image gets
-exactly the pixels ``transfer infer`` gives the same file. This is the one call site of the
-server; a change of the pixel recipe changes it here.
+``transfer infer`` reads a URI with :func:`transfer.data.image.load_image_bytes` and a file
+with ``load_image``, the same Pillow decode and resize with the bundle's recorded recipe: so
+a served image gets exactly the pixels ``transfer infer`` gives the same file. This is the one
+call site of the server.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..data.image import decode_image_bytes, resize_image
+from ..data.image import load_image_bytes
 from ..errors import ImageDecodeError
 
 
-def decode_upload(data: bytes, name: str, size: tuple[int, int], *, max_pixels: int) -> np.ndarray:
+def decode_upload(data: bytes, name: str, size: tuple[int, int], *, max_pixels: int,
+                  recipe: dict | None = None) -> np.ndarray:
     """Decode an uploaded image and resize it to ``size`` = (H, W): uint8 RGB (H, W, 3).
 
     Raises:
         ImageDecodeError: empty, truncated, not an image, or more than ``max_pixels`` pixels
             (``reason`` says which; :func:`status_of` maps it to an HTTP status).
 
+    ``recipe``: the bundle's recorded pixel recipe (``Bundle.recipe``).
+
     Example::
 
         x = decode_upload(Path("cat.jpg").read_bytes(), "cat.jpg", (224, 224), max_pixels=50_000_000)
     """
-    return resize_image(decode_image_bytes(data, name, max_pixels=max_pixels), size)
+    return load_image_bytes(data, name, size, max_pixels=max_pixels, recipe=recipe)
 
 
 def status_of(exc: ImageDecodeError) -> tuple[int, str]:
