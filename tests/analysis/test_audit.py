@@ -124,7 +124,35 @@ def test_audit_bars_on_corrupted_digits(tmp_path):
         mine = [p for p in truth["copies"] if kind in p[1]]
         by_kind[kind] = score_audit(res.rows, res.summary, {**truth, "copies": mine})["dup_recall"]
     print(got, by_kind)
-    assert got["dup_precision"] >= 0.9
-    assert by_kind["resized"] >= 0.95 and by_kind["recompressed"] >= 0.95
+    assert got["dup_recall"] >= 0.95 and got["dup_precision"] >= 0.9
+    assert min(by_kind.values()) >= 0.9  # resized, re-compressed and cropped copies alike
     assert got["flip_precision_at_k"] >= 0.6
     assert got["blank_noise_recall"] >= 0.9
+
+
+def test_near_pairs_on_photo_patches():
+    """Patches of scikit-learn's two sample photos: resized and re-compressed copies of two patches
+    are found, and no pair of different patches is. (A crop of 3 px off a 64 px textured patch is
+    not found at the default threshold: a measured limit, docs/audit.md.)"""
+    from sklearn.datasets import load_sample_images
+
+    from helpers.corrupt import _copy
+
+    rng = np.random.default_rng(0)
+    patches = []
+    for photo in load_sample_images().images:
+        for y in range(0, photo.shape[0] - 64, 70):
+            for x in range(0, photo.shape[1] - 64, 90):
+                patches.append(np.ascontiguousarray(photo[y:y + 64, x:x + 64]))
+    n = len(patches)
+    planted = {}
+    for k, kind in enumerate(("resized", "recompressed", "cropped")):
+        i = 5 + 11 * k
+        planted[(i, len(patches))] = kind
+        patches.append(np.asarray(_copy(Image.fromarray(patches[i]), kind, rng).convert("RGB")))
+    fps = [dedupe.fingerprint_array(p) for p in patches]
+    found = {(i, j) for i, j, _ in dedupe.near_pairs(fps)}
+    assert n > 80 and found <= set(planted), (found, planted)
+    assert {planted[p] for p in found} >= {"resized", "recompressed"}
+    groups = dedupe.duplicate_groups(fps)
+    assert sorted(map(tuple, groups)) == sorted(found)

@@ -20,7 +20,7 @@ from .data import data
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder. [default: RUN/audit, or FOLDER-audit beside FOLDER]")
 @click.option("--near-threshold", type=float, default=None,
-              help="Descriptor cosine from which two images are near duplicates. [default: 0.98]")
+              help="Descriptor similarity from which two images are near duplicates. [default: 0.985]")
 @click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold probabilities.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Decoding threads.")
