@@ -128,6 +128,13 @@ def test_audit_bars_on_corrupted_digits(tmp_path):
     assert min(by_kind.values()) >= 0.9  # resized, re-compressed and cropped copies alike
     assert got["flip_precision_at_k"] >= 0.6
     assert got["blank_noise_recall"] >= 0.9
+    # the run's report gains a data-audit section (the audit went to RUN/audit)
+    from transfer.analysis.report import write_report
+
+    out = write_report(tmp_path / "run")
+    assert "audit" in out["present"]
+    page = out["html"].read_text()
+    assert "Data audit" in page and "Duplicates across splits (leakage)" in page
 
 
 def test_near_pairs_on_photo_patches():

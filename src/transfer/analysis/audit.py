@@ -46,12 +46,10 @@ from ..errors import ConfigError, DataError
 from ..fsutil import read_json, sha256_file, write_json_atomic, write_text_atomic
 from ..progress import ProgressLike, as_progress
 from ..tables import markdown, write_csv
+from .audit_page import KINDS, write_page
 from .options import check_int
 
 AUDIT_VERSION = 1
-#: kinds of findings, in the order the page shows them
-KINDS = ("unreadable", "leakage", "conflicting_labels", "exact_duplicate", "near_duplicate", "label_issue",
-         "outlier", "blank", "noise", "dark", "bright", "blurry", "tiny", "aspect_ratio", "grayscale")
 CSV_COLUMNS = ("path", "kind", "score", "group", "label", "suggested_label", "split", "detail")
 #: robust z-score (median / MAD) beyond which a quality number or an outlier score is flagged
 Z_FLAG = 6.0
@@ -505,8 +503,6 @@ def _write(out: Path, d: _Data, hashes: dict, summary: dict, rows: list[dict]) -
     write_csv(out / "files.csv", ["path", "sha256"], sorted(hashes.items()))
     write_csv(out / "audit.csv", CSV_COLUMNS, [[r[c] for c in CSV_COLUMNS] for r in rows])
     write_json_atomic(out / "audit.json", summary)
-    from .audit_page import write_page
-
     write_page(out, d.root, summary, rows)
 
 

@@ -13,6 +13,9 @@ from ..tables import markdown
 
 #: findings shown per kind (every finding is in audit.csv)
 SHOWN = 24
+#: kinds of findings of an audit, in the order the page shows them
+KINDS = ("unreadable", "leakage", "conflicting_labels", "exact_duplicate", "near_duplicate", "label_issue",
+         "outlier", "blank", "noise", "dark", "bright", "blurry", "tiny", "aspect_ratio", "grayscale")
 
 _TITLES = {
     "unreadable": "Unreadable files", "leakage": "Duplicates across splits (leakage)",
@@ -78,8 +81,6 @@ def summary_markdown(summary: dict, kinds) -> str:
 
 
 def write_page(out: Path, root: Path, summary: dict, rows: list[dict]) -> Path:
-    from .audit import KINDS
-
     bal = summary.get("class_balance", {})
     src = summary.get("source", {})
     body = [f"<h1>Audit of {html.escape(str(summary.get('data')))}</h1>",

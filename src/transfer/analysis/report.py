@@ -418,8 +418,8 @@ def _resolution(rf: RunLayout) -> Section:
 
 def _audit(rf: RunLayout) -> Section | None:
     """The data audit (``transfer data audit DATA --run RUN``), only when the run has one."""
-    from .audit import KINDS, audit_dir
-    from .audit_page import findings_html, summary_markdown
+    from .audit import audit_dir
+    from .audit_page import KINDS, findings_html, summary_markdown
 
     d = audit_dir(rf)
     s = _safe_json(d / "audit.json")
