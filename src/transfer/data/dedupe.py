@@ -187,10 +187,11 @@ def _band(thumbs: np.ndarray, zy: float = 1.0, zx: float = 1.0, dy: float = 0.0,
 
 
 def _similarity(ua, na, ub, nb) -> np.ndarray:
-    """``1 - |a - b|^2 / (|a|^2 + |b|^2 + EPS)`` of descriptors given as unit vectors and norms: the
-    cosine for detailed images, near 1 for two faint ones that differ by less than noise."""
+    """``(EPS + |a| |b| cos) / (EPS + |a| |b|)`` of descriptors given as unit vectors and norms: the
+    cosine for detailed images (whatever their contrast: a resized copy has less fine detail),
+    near 1 for two faint ones that differ by less than noise."""
     cos = np.einsum("ij,ij->i", ua.astype(np.float32), ub.astype(np.float32))
-    return ((_EPS + 2.0 * na * nb * cos) / (na ** 2 + nb ** 2 + _EPS)).astype(np.float32)
+    return ((_EPS + na * nb * cos) / (_EPS + na * nb)).astype(np.float32)
 
 
 def _coarse(thumbs: np.ndarray) -> np.ndarray:
