@@ -445,8 +445,7 @@ def _duplicates(d: _Data, fps: list, ok: list[int], feats: np.ndarray, threshold
     p.say(f"audit: duplicates (exact pixels; near: descriptor cosine >= {threshold:g})")
     exact = dedupe.exact_pairs(fps)
     near = dedupe.near_pairs(fps, threshold=threshold)
-    groups = dedupe.groups_of(len(fps), [(i, j) for i, j in exact] + [(i, j) for i, j, _ in near])
-    exact_set = {frozenset(pr) for pr in exact}
+    groups = dedupe.groups_of(len(fps), list(exact) + near)
     best: dict[int, float] = {}
     for i, j, s in near:
         best[i] = max(best.get(i, 0.0), s)
@@ -459,7 +458,7 @@ def _duplicates(d: _Data, fps: list, ok: list[int], feats: np.ndarray, threshold
         fcos = _group_cosine(feats, g)
         out_groups.append({"group": gid, "paths": [d.rel[i] for i in members], "splits": sorted(splits),
                            "labels": sorted(d.class_names[c] for c in labels), "feature_cosine": fcos})
-        all_exact = all(frozenset((g[0], k)) in exact_set or fps[k].pixels == fps[g[0]].pixels for k in g[1:])
+        all_exact = all(fps[k].pixels == fps[g[0]].pixels for k in g[1:])
         kind = "exact_duplicate" if all_exact else "near_duplicate"
         for k, i in zip(g, members):
             detail = f"{len(g)} images; feature cosine {fcos:.3f}"

@@ -96,34 +96,29 @@ def fingerprint_array(arr: np.ndarray) -> Fingerprint:
 # --------------------------------------------------------------------------- groups
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
+def groups_of(n: int, pairs: Sequence[tuple]) -> list[list[int]]:
+    """Groups (of size >= 2) of ``n`` items from duplicate ``pairs`` (``(i, j)`` or ``(i, j, score)``),
+    each sorted, ordered by their first item.
 
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:
-            self.parent[i], i = root, self.parent[i]
-        return int(root)
-
-    def union(self, i: int, j: int) -> None:
-        a, b = self.find(i), self.find(j)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)
-
-
-def groups_of(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Connected components (of size >= 2) of ``n`` items linked by ``pairs``, each sorted, ordered
-    by their first item."""
-    uf = _UnionFind(n)
-    for i, j in pairs:
-        uf.union(int(i), int(j))
+    Star groups, not chains: pairs are taken best score first, and an item joins a group only
+    through a pair with the group's first item (its representative), so every member is a
+    duplicate of the representative itself. (Chaining "A like B, B like C, ..." merges sets of
+    look-alike pictures into groups of thousands.)
+    """
+    rep: dict[int, int] = {}
+    for p in sorted(pairs, key=lambda p: -(p[2] if len(p) > 2 else 1.0)):
+        i, j = int(p[0]), int(p[1])
+        ri, rj = rep.get(i), rep.get(j)
+        if ri is None and rj is None:
+            rep[i] = rep[j] = min(i, j)
+        elif rj is None and ri == i:
+            rep[j] = i
+        elif ri is None and rj == j:
+            rep[i] = j
     out: dict[int, list[int]] = {}
-    for i in range(n):
-        out.setdefault(uf.find(i), []).append(i)
-    return sorted((g for g in out.values() if len(g) > 1), key=lambda g: g[0])
+    for i, r in rep.items():
+        out.setdefault(r, []).append(i)
+    return sorted((sorted(g) for g in out.values() if len(g) > 1), key=lambda g: g[0])
 
 
 def exact_pairs(fps: Sequence[Fingerprint]) -> list[tuple[int, int]]:
@@ -201,7 +196,7 @@ def _coarse(thumbs: np.ndarray) -> np.ndarray:
     return thumbs.astype(np.float32).reshape(n, 4, b, 4, b).mean(axis=(2, 4)).reshape(n, 16)
 
 
-def _knn_candidates(query: np.ndarray, base: np.ndarray, k: int, chunk: int = 512) -> set[tuple[int, int]]:
+def _knn_candidates(query: np.ndarray, base: np.ndarray, k: int, chunk: int = 256) -> set[tuple[int, int]]:
     """Each query row's ``k`` most similar base rows other than itself (cosine of unit vectors),
     computed ``chunk`` rows at a time."""
     n = len(base)
@@ -247,7 +242,7 @@ def _pair_scores(desc: dict, coarse: np.ndarray, pairs: np.ndarray, chunk: int =
     return out
 
 
-def _phash_candidates(hashes: np.ndarray, bits: int, k: int, chunk: int = 1024) -> set[tuple[int, int]]:
+def _phash_candidates(hashes: np.ndarray, bits: int, k: int, chunk: int = 256) -> set[tuple[int, int]]:
     """Pairs whose perceptual hashes differ in at most ``bits`` bits (at most ``k`` per image, closest first)."""
     n = len(hashes)
     out: set[tuple[int, int]] = set()
@@ -316,8 +311,7 @@ def near_pairs(fps: Sequence[Fingerprint], *, threshold: float = NEAR_THRESHOLD,
 
 def duplicate_groups(fps: Sequence[Fingerprint], *, threshold: float = NEAR_THRESHOLD) -> list[list[int]]:
     """Groups of exact and near duplicates (indices into ``fps``)."""
-    pairs = [(i, j) for i, j in exact_pairs(fps)] + [(i, j) for i, j, _ in near_pairs(fps, threshold=threshold)]
-    return groups_of(len(fps), pairs)
+    return groups_of(len(fps), list(exact_pairs(fps)) + near_pairs(fps, threshold=threshold))
 
 
 # --------------------------------------------------------------------------- splits
