@@ -416,14 +416,45 @@ def _resolution(rf: RunLayout) -> Section:
     return sec
 
 
+def _audit(rf: RunLayout) -> Section | None:
+    """The data audit (``transfer data audit DATA --run RUN``), only when the run has one."""
+    from .audit import audit_dir
+    from .audit_page import KINDS, findings_html, summary_markdown
+
+    d = audit_dir(rf)
+    s = _safe_json(d / "audit.json")
+    if not isinstance(s, dict):
+        return None
+    sec = Section("audit", "Data audit", present=True)
+    _note(sec, f"{s.get('images')} images ({s.get('readable')} readable) audited {s.get('created')}; "
+               f"{len(s.get('groups', []))} duplicate group(s), {s.get('leaking_groups', 0)} across splits.")
+    md = summary_markdown(s, KINDS)
+    sec.md.append(md)
+    sec.html.append(_html_table(*_md_rows(md)))
+    rows = _read_csv(d / "audit.csv")
+    if rows[0]:
+        sec.html += findings_html(Path(s.get("data", "")), [dict(zip(rows[0], r)) for r in rows[1]], KINDS)
+    sec.md.append(f"Every finding: `{os.path.relpath(d / 'audit.csv', rf.path)}`; thumbnails: "
+                  f"`{os.path.relpath(d / 'audit.html', rf.path)}`.\n")
+    return sec
+
+
+def _md_rows(md: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln.strip().strip("|") for ln in md.strip().splitlines()]
+    cells = [[c.strip() for c in ln.split(" | ")] for i, ln in enumerate(lines) if i != 1]
+    return cells[0], cells[1:]
+
+
 # --------------------------------------------------------------------------- page
 
 
 def build_sections(run_dir: "str | os.PathLike | RunLayout") -> list[Section]:
     """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
     rf = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
-    return [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _features(rf),
+    secs = [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _features(rf),
             _resolution(rf)]
+    audit = _audit(rf)
+    return secs + ([audit] if audit is not None else [])
 
 
 def write_report(run_dir: str | os.PathLike) -> dict:
