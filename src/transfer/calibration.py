@@ -106,11 +106,12 @@ def brier(probs, labels) -> float:
 
 
 def calibration_metrics(probs, labels, bins: int = ECE_BINS) -> dict:
-    """``{"ece", "ece_floor", "nll", "brier", "accuracy", "images"}`` of one set of probabilities
-    (``ece_floor``: what a perfectly calibrated model would show here, :func:`ece_floor`)."""
+    """``{"ece", "ece_floor", "nll", "brier", "accuracy", "images", "reliability"}`` of one set of
+    probabilities (``ece_floor``: what a perfectly calibrated model would show here,
+    :func:`ece_floor`; ``reliability``: the bins of :func:`reliability`, for the diagram)."""
     p, y = _check(probs, labels)
     return {"ece": ece(p, y, bins), "ece_floor": ece_floor(p, bins=bins), "nll": nll(p, y), "brier": brier(p, y),
-            "accuracy": float(np.mean(p.argmax(1) == y)), "images": int(len(y))}
+            "accuracy": float(np.mean(p.argmax(1) == y)), "images": int(len(y)), "reliability": reliability(p, y, bins)}
 
 
 def apply_temperature(probs, temperature: float) -> np.ndarray:

@@ -186,3 +186,25 @@ def test_reject_on_a_bundle_without_scores_is_a_clear_error(digits_bundle, tmp_p
     assert r.exit_code == 2 and "no unknown-input score" in r.output and "hint:" in r.output
     r = CliRunner().invoke(cli, ["infer", str(raw), str(img), "--unknown-score", "msp"])
     assert r.exit_code == 2 and "--unknown-score needs --reject" in r.output
+
+
+def test_evaluate_unknown_and_the_report_section(digits_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from transfer.cli import cli
+
+    run, res = digits_bundle
+    noise = _noise_images(tmp_path / "noise", 20)
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--unknown", str(noise)])
+    assert r.exit_code == 0, r.output
+    out = json.loads((run / "evaluate" / res.manifest["source"]["trial"] / "unknown.json").read_text())
+    assert out["known"] >= 150 and out["unknown"] == 20 and set(out["scores"]) == {"mahalanobis", "msp"}
+    assert out["scores"]["mahalanobis"]["auroc"] >= 0.9  # uniform noise is far from every digit
+    r = CliRunner().invoke(cli, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    md = (run / "report.md").read_text()
+    sec = md[md.index("## Calibration and unknown inputs"):]
+    assert "temperature" in sec and "| test | calibrated |" in sec and "reliability diagram" in sec
+    assert "known test images" in sec and (run / "plots" / res.manifest["source"]["trial"] / "reliability.png").is_file()
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--bundle", str(res.bundle_dir)])
+    assert r.exit_code == 2 and "--bundle needs --unknown" in r.output

@@ -439,6 +439,81 @@ def _audit(rf: RunLayout) -> Section | None:
     return sec
 
 
+def _calibration(rf: RunLayout) -> Section:
+    """The bundle's calibration (temperature, ECE / NLL / Brier before and after, a reliability
+    diagram) and unknown-input scores, with ``transfer evaluate --unknown`` results if any."""
+    from ..bundle import read_manifest
+    from ..errors import BundleError
+
+    sec = Section("calibration", "Calibration and unknown inputs")
+    try:
+        m = read_manifest(rf.bundle_dir) if rf.bundle_dir.is_dir() else None
+    except BundleError:
+        m = None
+    cal = (m or {}).get("calibration")
+    if not cal:
+        sec.missing("no calibrated bundle (bundle/manifest.json with a calibration record)", f"transfer export {rf.path}")
+        return sec
+    sec.present = True
+    trial = str((m.get("source") or {}).get("trial", "bundle"))
+    if cal.get("method") == "none":
+        _note(sec, f"{trial}: not calibrated: {cal.get('reason')}")
+        return sec
+    _note(sec, f"{trial}: temperature {cal['temperature']:.3f} fitted on {cal['images']} {cal['fitted_on']} image(s) "
+               "(minimum NLL), written into the bundle's graph. ECE: 15 equal-width bins; 'ECE floor': the ECE a "
+               "perfectly calibrated model would show on the same images.")
+    rows = []
+    for split in ("val", "test"):
+        for when in ("before", "after"):
+            r = (cal.get(split) or {}).get(when)
+            if r:
+                rows.append([split, "calibrated" if when == "after" else "network", r["images"], r["accuracy"], r["ece"], r.get("ece_floor"), r["nll"], r["brier"]])
+    _table(sec, ["split", "probabilities", "images", "accuracy", "ECE", "ECE floor", "NLL", "Brier"], rows)
+    test = cal.get("test") or cal.get("val") or {}
+    if all(k in test and "reliability" in test[k] for k in ("before", "after")):
+        png = rf.plots_dir(trial) / "reliability.png"
+        _reliability_diagram(test["before"]["reliability"], test["after"]["reliability"], png,
+                             "test" if cal.get("test") else "val")
+        _images(sec, [(png, f"{trial}: reliability diagram")], rf.path, grid=False)
+    unk = m.get("unknown")
+    if unk:
+        _table(sec, ["score", "threshold", "val images accepted", ""],
+               [[k, v["threshold"], v["val_acceptance"], "default" if k == unk.get("default") else ""]
+                for k, v in unk["scores"].items()], title="unknown-input scores (transfer infer/serve --reject)")
+    res = _safe_json(rf.evaluate_dir(trial) / "unknown.json")
+    if isinstance(res, dict) and res.get("scores"):
+        from .unknown import unknown_table
+
+        _table(sec, *unknown_table(res), title=f"known test images ({res['known']}) vs unknown images "
+                                                f"({res['unknown']}: {', '.join(res.get('unknown_inputs', []))})")
+    else:
+        _note(sec, f"Run `transfer evaluate {rf.path} --unknown DIR` with images of none of the classes to "
+                   "measure how well these scores separate them.")
+    return sec
+
+
+def _reliability_diagram(before: dict, after: dict, path: Path, split: str) -> None:
+    from ..plots import figure, save_figure
+
+    with figure(figsize=(4.6, 4.2), purpose="the reliability diagram") as (fig, ax):
+        edges = before["edges"]
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfect calibration")
+        for r, label, marker in ((before, "before", "o"), (after, "after temperature", "s")):
+            pts = [(c, a) for c, a, n in zip(r["confidence"], r["accuracy"], r["count"]) if n]
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=label)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel(f"accuracy ({split} images)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xticks([round(c, 1) for c in centers[::3]])
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, path)
+
+
 def _md_rows(md: str) -> tuple[list[str], list[list[str]]]:
     lines = [ln.strip().strip("|") for ln in md.strip().splitlines()]
     cells = [[c.strip() for c in ln.split(" | ")] for i, ln in enumerate(lines) if i != 1]
@@ -452,7 +527,7 @@ def build_sections(run_dir: "str | os.PathLike | RunLayout") -> list[Section]:
     """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
     rf = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
     secs = [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _features(rf),
-            _resolution(rf)]
+            _resolution(rf), _calibration(rf)]
     audit = _audit(rf)
     return secs + ([audit] if audit is not None else [])
 

@@ -75,18 +75,41 @@ def heads(run, trial, heads, rf_n_estimators, rf_max_depth, rf_n_jobs, svm_c, sv
 @click.option("--samples", default=16, show_default=True, type=int,
               help="Images in the random grid (and at most as many most confidently wrong images).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random image pick.")
+@click.option("--unknown", "unknown", multiple=True, type=click.Path(exists=True), metavar="DIR",
+              help="Images of none of the classes (repeatable): score the bundle's unknown-input detection "
+                   "against the test split instead (AUROC, false accepts at its threshold).")
+@click.option("--bundle", type=click.Path(), help="With --unknown: the bundle. [default: RUN/bundle]")
 @quiet_option
-def evaluate(run, trial, split, samples, seed, quiet) -> None:
+def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
     """Per-class accuracy, precision, recall and F1 (macro and weighted averages), confusion
     matrix, a grid of random images and the most confidently wrong ones, into
     RUN/evaluate/<trial>/.
 
+    With --unknown DIR: how well the run's calibrated bundle tells its test images from
+    images of none of its classes -- AUROC of each unknown-input score, and at the bundle's
+    threshold the share of unknown images it accepts (RUN/evaluate/<trial>/unknown.json).
+
     \b
     transfer evaluate runs/digits --trial all --split test --samples 16
+    transfer evaluate runs/digits --unknown left_out/ --unknown noise/
     """
     from ..analysis.evaluate import evaluate as run_evaluate
 
     rf = _open(run)
+    if unknown:
+        from ..analysis.unknown import evaluate_unknown_run, unknown_table
+        from ..tables import markdown
+
+        res = evaluate_unknown_run(rf, unknown, bundle=bundle, progress=_progress(quiet))
+        click.echo(f"\n{res['trial']}: {res['known']} known test image(s) vs {res['unknown']} unknown image(s)"
+                   + (f" ({res['unreadable']} unreadable skipped)" if res["unreadable"] else ""))
+        click.echo(markdown(*unknown_table(res)).rstrip())
+        click.echo(f"best score: {res['best']} -> {res['out']}")
+        return
+    if bundle:
+        from ..errors import ConfigError
+
+        raise ConfigError("--bundle needs --unknown")
     res = run_evaluate(rf, trial, split, samples=samples, seed=seed, progress=_progress(quiet))
     for name, r in res.items():
         click.echo(f"\n{name}  {split}: {r['images']} images, accuracy {r['accuracy']:.4f}, "
