@@ -439,9 +439,10 @@ def _audit(rf: RunLayout) -> Section | None:
     return sec
 
 
-def _calibration(rf: RunLayout) -> Section:
+def _calibration(rf: RunLayout) -> Section | None:
     """The bundle's calibration (temperature, ECE / NLL / Brier before and after, a reliability
-    diagram) and unknown-input scores, with ``transfer evaluate --unknown`` results if any."""
+    diagram) and unknown-input scores, with ``transfer evaluate --unknown`` results if any; only
+    when the run has a bundle (``RUN/bundle``)."""
     from ..bundle import read_manifest
     from ..errors import BundleError
 
@@ -450,11 +451,13 @@ def _calibration(rf: RunLayout) -> Section:
         m = read_manifest(rf.bundle_dir) if rf.bundle_dir.is_dir() else None
     except BundleError:
         m = None
-    cal = (m or {}).get("calibration")
-    if not cal:
-        sec.missing("no calibrated bundle (bundle/manifest.json with a calibration record)", f"transfer export {rf.path}")
-        return sec
+    if m is None:
+        return None
     sec.present = True
+    cal = m.get("calibration")
+    if not cal:
+        _note(sec, f"the bundle was exported without calibration; `transfer export {rf.path} --force` calibrates it")
+        return sec
     trial = str((m.get("source") or {}).get("trial", "bundle"))
     if cal.get("method") == "none":
         _note(sec, f"{trial}: not calibrated: {cal.get('reason')}")
@@ -527,9 +530,8 @@ def build_sections(run_dir: "str | os.PathLike | RunLayout") -> list[Section]:
     """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
     rf = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
     secs = [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _features(rf),
-            _resolution(rf), _calibration(rf)]
-    audit = _audit(rf)
-    return secs + ([audit] if audit is not None else [])
+            _resolution(rf), _calibration(rf), _audit(rf)]
+    return [s for s in secs if s is not None]
 
 
 def write_report(run_dir: str | os.PathLike) -> dict:
