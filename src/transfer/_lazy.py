@@ -20,6 +20,13 @@ _EXTRA_FOR = {
     "cuda": "gpu",
     "ray": "distributed",
     "pyarrow": "distributed",
+    "onnxconverter_common": "train",
+    "cleanlab": "train",
+    "imagehash": "train",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "multipart": "serve",
     "sklearn": None,
     "onnxruntime": None,
 }

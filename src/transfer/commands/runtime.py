@@ -28,7 +28,7 @@ from .keys import trust_option, trust_options, trust_value
 @click.option("--providers", help="ONNX Runtime providers in order: cpu, cuda, tensorrt. [default: best available]")
 @click.option("--workers", default=2, show_default=True, help="Decode threads (with --ray: inference actors).")
 @click.option("--threads", type=int,
-              help="ONNX Runtime intra-op threads (per worker with --ray). [default: all cores; 1 with --ray]")
+              help="ONNX Runtime intra-op threads (per worker with --ray). [default: the physical cores; 1 with --ray]")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file failed.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray Data: an actor pool of --workers sessions (needs --out; also writes OUT.parquet).")
@@ -102,7 +102,7 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 @click.option("--head", help="Also time a bundled classical head (e.g. rf).")
 @click.option("--images", multiple=True, type=click.Path(), help="Image files/folders to time decoding on.")
 @click.option("--seconds", default=3.0, show_default=True, help="Timed seconds per cell (at least 10 calls).")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: the physical cores]")
 @click.option("--providers", default="cpu", show_default=True,
               help="ONNX Runtime providers of the onnxruntime backends, in order: cpu, cuda, tensorrt, or 'auto'.")
 @click.option("--out", type=click.Path(), help="Folder for bench.json / bench.md / bench.png. [default: BUNDLE/../bench]")

@@ -264,6 +264,8 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
         try:
             r = extra_runners[be](b) if be in extra_runners else \
                 make_runner(b, be, providers if be.startswith("onnxruntime") else None, threads)
+            if hasattr(r, "activate"):  # a TensorRT engine loads here: a broken one is a skipped backend
+                r.activate()
         except TransferError as exc:
             skipped[be] = exc.message
             p.say(f"skip {be}: {exc.message}")
