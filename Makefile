@@ -12,26 +12,28 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
 $(STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[train,dev]"
+	$(PY) -m pip install --quiet -e ".[train,dev,serve]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# the tests also exercise the optional Ray and s3:// paths
+# the tests also exercise the optional Ray, s3:// and HTTP-serving paths
 STAMP_ALL := $(VENV)/.installed-all
-$(STAMP_ALL): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[train,dev,distributed]"
+$(STAMP_ALL): $(STAMP) setup.cfg
+	$(PY) -m pip install --quiet -e ".[train,dev,distributed,serve-ray]"
 	touch $(STAMP_ALL)
 
 ## make test: the fast suite (tiny models and images built in code)
 test: $(STAMP_ALL)
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
-# headless Debian chromium renders the HTML report in a slow test (skipped without it)
+# headless Debian chromium (+ its driver for Selenium) renders the HTML report and drives the
+# serve page in slow tests (skipped without them)
 browser:
-	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -qq chromium >/dev/null 2>&1 || \
-	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
-	  echo "note: chromium could not be installed; the report rendering test will be skipped"
+	@(command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1) || \
+	  (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) || \
+	  echo "note: chromium could not be installed; the report and serve page browser tests will be skipped"
 
 ## make test-slow: the heavy tests (every backbone round trip, report rendering, ...)
 test-slow: $(STAMP_ALL) browser

@@ -15,10 +15,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_classes: int = 10) -> Path:
-    """A bundle of a random-weights classifier (speed only; no run folder, no verification set)."""
-    from transfer.bundle import finalize_manifest
-    from transfer.data.image import PREPROCESSING
+    """A bundle of a random-weights classifier (speed only; no run folder). Its fp32 check
+    compares ONNX Runtime with Keras on 8 random images, so the bundle loads like an exported one."""
+    from transfer.bundle import new_manifest, write_bundle
     from transfer.export.onnx import export_onnx
+    from transfer.export.verify import ort_session, parity_check, run_ort
     from transfer.models.build import build_classifier
     from transfer.models.registry import get_backbone
 
@@ -27,16 +28,16 @@ def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_class
     out.mkdir(parents=True, exist_ok=True)
     model, _ = build_classifier(backbone, input_shape=(size, size, 3), weights="none", num_classes=num_classes, seed=0)
     model.save(out / "model.keras")  # not listed in the manifest: the keras baseline of the benchmark
-    export_onnx(model, out / "model.onnx")
+    io = export_onnx(model, out / "model.onnx")
+    x = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
+    check = parity_check(model.predict(x, verbose=0), run_ort(ort_session(out / "model.onnx"), x)[1], None,
+                         atol=1e-4, min_agreement=0.999, reference_name="Keras (random pixels)")
     feature_dim = int(model.get_layer("features").output.shape[-1])
-    finalize_manifest(out, {
-        "valid": True, "class_names": [str(i) for i in range(num_classes)],
-        "input": {"name": "image", "height": size, "width": size, "channels": 3, "color": "RGB",
-                  "dtype": "float32", "range": [0, 255], "layout": "NHWC"},
-        "preprocessing": dict(PREPROCESSING), "backbone": backbone, "feature_dim": feature_dim,
-        "num_classes": num_classes, "opset": 17, "heads": {}, "default_head": "network",
-        "models": {"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime"}},
-        "source": {"run": None, "trial": None}}, exclude=("model.keras",))
+    manifest = new_manifest(class_names=[str(i) for i in range(num_classes)], input_size=(size, size),
+                            feature_dim=feature_dim, backbone=backbone, opset=17, source={"run": None, "trial": None},
+                            models={"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime",
+                                                  **io}})
+    write_bundle(out, manifest, {"onnx-fp32": check}, exclude=("model.keras",))
     return out
 
 
@@ -52,7 +53,7 @@ def timeit(fn, *, seconds: float = 3.0, min_iters: int = 5, warmup: int = 2) -> 
 
 
 def table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        out.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r) + " |")
-    return "\n".join(out)
+    """A Markdown table (:func:`transfer.tables.markdown`, floats with 2 decimals)."""
+    from transfer.tables import markdown
+
+    return markdown(header, rows, digits=2).rstrip("\n")

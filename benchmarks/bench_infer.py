@@ -1,10 +1,14 @@
-"""End-to-end `transfer infer` over a folder of JPEGs vs backbone-only throughput, and peak
-memory of infer over 20,000 vs 1,000 images.
+"""End-to-end `transfer infer` over a folder of JPEGs vs backbone-only throughput, full-size
+camera photos with the old and the new pixel recipe, and peak memory of infer over 20,000
+vs 1,000 images.
 
-    python benchmarks/bench_infer.py [--backbone mobilenet_v2] [--images 512] [--memory 1000,20000]
+    python benchmarks/bench_infer.py [--backbone mobilenet_v2] [--images 512] [--photos 24] [--memory 1000,20000]
 
-Bars (issue 5): end-to-end >= 80 % of backbone-only throughput (decoding hidden behind
-inference); peak RSS over 20,000 images <= 1.2x the peak over 1,000.
+Targets: end-to-end >= 80 % of backbone-only throughput (decoding hidden behind
+inference); 12-megapixel JPEGs -> MobileNetV2 at 224: recipe 2 (DCT-scaled decoding) >= 3x
+the img/s of recipe 1 (full decode, then resize) in the same run, with the bundle's
+probabilities equal to Keras on recipe-2 pixels within 1e-4; peak RSS over 20,000 images
+<= 1.2x the peak over 1,000.
 """
 
 from __future__ import annotations
@@ -32,6 +36,83 @@ def make_jpegs(folder: Path, n: int, side: int, seed: int = 0) -> None:
         img.save(folder / f"{i:06d}.jpg", quality=90)
 
 
+def make_photos(folder: Path, n: int, h: int = 3000, w: int = 4000) -> None:
+    """``n`` 12-megapixel camera-like JPEGs (smooth gradients, texture, sensor noise; ~4 MB each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        a, b = rng.uniform(0.5, 2.0, 2)
+        img = np.stack([xx / w * 255 * a, yy / h * 255 * b, (xx * a + yy * b) % 256], -1)
+        img += rng.normal(0, 8, (h, w, 3)).astype(np.float32)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"photo_{i:03d}.jpg", quality=92)
+
+
+def photo_rows(b: Path, folder: Path, n: int) -> list[list]:
+    """`transfer infer` on full-size photos: the bundle as exported (recipe 2) and the same
+    bundle recording recipe 1 (how an old bundle decodes), alternated, best of 2 each."""
+    import json
+    import shutil
+
+    from transfer.data.image import RECIPES
+
+    old = folder.parent / "bundle-recipe1"
+    shutil.copytree(b, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["preprocessing"] = RECIPES[1]
+    (old / "manifest.json").write_text(json.dumps(m))
+    from transfer.runtime.infer import infer
+
+    best = {1: 0.0, 2: 0.0}
+    for _ in range(2):
+        for version, bundle in ((1, old), (2, b)):
+            s = infer(bundle, [folder], out=folder.parent / f"photos{version}.csv", batch=8, workers=2)
+            assert s.errors == 0, s.error_examples
+            best[version] = max(best[version], s.images_per_second)
+    from transfer.data.image import load_image
+
+    photo = sorted(folder.glob("*.jpg"))[0]
+    ms = {}
+    for version in (1, 2, 1, 2):  # decoding alone, one thread, best of 3 per recipe
+        ms[version] = min(ms.get(version, 1e9), 1000 * min(_time(lambda: load_image(photo, (224, 224),
+                                                                                    recipe=RECIPES[version]))
+                                                           for _ in range(3)))
+    return [[f"{n} x 12 MP JPEG", "1 (full decode, bilinear)", round(ms[1], 1), round(best[1], 2), "1.00x"],
+            [f"{n} x 12 MP JPEG", "2 (DCT-scaled decode, reduce, bilinear)", round(ms[2], 1), round(best[2], 2),
+             f"{best[2] / best[1]:.2f}x (decode alone {ms[1] / ms[2]:.2f}x)"]]
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def photo_parity(b: Path, folder: Path) -> float:
+    """Largest |probability difference| between `transfer infer` and the Keras model on the
+    pixels training would use (recipe 2) for the full-size photos."""
+    import csv
+
+    import keras
+
+    from transfer.bundle import load_bundle
+    from transfer.data.image import load_image
+    from transfer.runtime.infer import infer
+
+    bundle = load_bundle(b)
+    c = len(bundle.class_names)
+    infer(b, [folder], out=folder.parent / "parity.csv", batch=8, topk=c)
+    rows = list(csv.DictReader(open(folder.parent / "parity.csv", newline="")))
+    model = keras.saving.load_model(b / "model.keras", compile=False)
+    worst = 0.0
+    for r in rows:
+        x = load_image(r["path"], bundle.input_size)[None].astype(np.float32)
+        ref = model.predict(x, verbose=0)[0]
+        for k in range(1, c + 1):
+            worst = max(worst, abs(float(r[f"prob{k}"]) - float(ref[bundle.class_names.index(r[f"class{k}"])])))
+    return worst
+
+
 def peak_rss_mb(bundle: Path, folder: Path) -> tuple[float, float]:
     code = (
         "import resource, sys, time\n"
@@ -52,6 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--photos", type=int, default=24)
     ap.add_argument("--memory", default="1000,20000")
     a = ap.parse_args()
     from transfer.bundle import load_bundle
@@ -75,6 +157,14 @@ def main() -> None:
                  f"{100 * e2e_ips / backbone_ips:.0f} %"]]
         print(table(["backbone", "input", "JPEGs", "backbone-only img/s (batch 32)", "transfer infer img/s",
                      "end-to-end / backbone"], rows))
+
+        if a.photos:
+            make_photos(tmp / "photos", a.photos)
+            print()
+            print(table(["inputs", "pixel recipe", "decode ms/img", "transfer infer img/s", "vs recipe 1"],
+                        photo_rows(b, tmp / "photos", a.photos)))
+            print(f"\nmax |probability difference| infer vs Keras on recipe-2 pixels of the photos: "
+                  f"{photo_parity(b, tmp / 'photos'):.2e} (6-decimal CSV; bar 1e-4)")
 
         # memory: the small demo-size model, many files
         small = keras_bundle("arc2", tmp / "small", size=32)

@@ -3,7 +3,7 @@ bundle's int8 accuracy drop.
 
     python benchmarks/bench_int8.py [--demo-bundle demo/runs/digits/bundle]
 
-Bars (issue 5): int8 >= 1.8x fp32 throughput; accuracy drop <= 1 point on the demo data.
+Targets: int8 >= 1.8x fp32 throughput; accuracy drop <= 1 point on the demo data.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ _EXTRA_FOR = {
     "cuda": "gpu",
     "ray": "distributed",
     "pyarrow": "distributed",
+    "onnxconverter_common": "train",
+    "cleanlab": "train",
+    "imagehash": "train",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "multipart": "serve",
     "sklearn": None,
     "onnxruntime": None,
 }
@@ -28,8 +35,9 @@ _EXTRA_FOR = {
 def require(module: str, *, purpose: str | None = None) -> ModuleType:
     """Import ``module`` or raise :class:`DependencyMissingError` with the install hint.
 
-    Example:
-        >>> np = require("numpy")
+    Example::
+
+        np = require("numpy")
     """
     try:
         return importlib.import_module(module)

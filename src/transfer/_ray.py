@@ -24,8 +24,9 @@ def init_ray(address: str | None, *, purpose: str, log_to_driver: bool = False,
     Raises:
         DependencyMissingError: Ray is not installed (names the ``distributed`` extra).
 
-    Example:
-        >>> ray = init_ray(None, purpose="--ray")  # doctest: +SKIP
+    Example::
+
+        ray = init_ray(None, purpose="--ray")
     """
     debug = os.environ.get("TRANSFER_DEBUG") == "1"
     ray = require("ray", purpose=purpose)

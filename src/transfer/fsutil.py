@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,9 +70,66 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+class JSONLimitError(ValueError):
+    """A JSON file is larger or nested deeper than its reader allows."""
+
+
+_JSON_TOKENS = re.compile(r'["\\\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON ``text`` (strings skipped; a linear scan)."""
+    depth = deepest = 0
+    in_string = False
+    skip_to = -1
+    for m in _JSON_TOKENS.finditer(text):
+        if m.start() < skip_to:
+            continue  # the character after a backslash
+        c = m.group()
+        if in_string:
+            if c == "\\":
+                skip_to = m.start() + 2
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def loads_json(text: str, *, max_depth: int | None = None, what: str = "JSON") -> Any:
+    """``json.loads`` that refuses nesting deeper than ``max_depth`` before parsing (so a
+    hostile file cannot reach Python's recursion limit).
+
+    Raises:
+        JSONLimitError: nested too deeply.
+        ValueError: not valid JSON.
+    """
+    if max_depth is not None:
+        d = json_depth(text)
+        if d > max_depth:
+            raise JSONLimitError(f"{what} is nested {d} levels deep (at most {max_depth} allowed)")
+    try:
+        return json.loads(text)
+    except RecursionError:  # pragma: no cover - only without max_depth
+        raise JSONLimitError(f"{what} is nested too deeply to read") from None
+
+
+def read_json(path: str | os.PathLike, *, max_depth: int | None = None, max_bytes: int | None = None) -> Any:
+    """Read a JSON file; ``max_depth`` / ``max_bytes`` bound what a file from elsewhere may cost.
+
+    Raises:
+        OSError: unreadable. JSONLimitError: too large or too deep. ValueError: not JSON.
+    """
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+    if max_bytes is not None and len(data) > max_bytes:
+        raise JSONLimitError(f"{path} is larger than {max_bytes:,} bytes")
+    return loads_json(data.decode("utf-8"), max_depth=max_depth, what=str(path))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

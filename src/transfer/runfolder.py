@@ -258,6 +258,12 @@ class RunFolder(RunLayout):
         return list(self.dataset["class_names"])
 
     @property
+    def recipe(self) -> dict | None:
+        """The pixel recipe the run was trained with (``dataset.json``; None: not recorded)."""
+        r = self.dataset.get("preprocessing")
+        return dict(r) if isinstance(r, dict) else None
+
+    @property
     def data_root(self) -> Path:
         return Path(self.dataset["root"])
 

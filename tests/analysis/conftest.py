@@ -1,4 +1,4 @@
-"""Fixtures of the analysis tests: one tiny real run folder per session."""
+"""Fixtures of the analysis tests: tiny real run folders and an object-finding model, one per session."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis_helpers import build_run, make_pattern_folder
+from analysis_helpers import build_run, copy_run, make_pattern_folder
+from explain_helpers import train_object_model
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +19,33 @@ def pattern_data(tmp_path_factory) -> Path:
 def tiny_run(pattern_data, tmp_path_factory) -> Path:
     """A finished sweep (trials arc2-t000, arc2-t100). Tests must not modify it: copy it first."""
     return build_run(pattern_data, tmp_path_factory.mktemp("aruns") / "run")
+
+
+@pytest.fixture(scope="session")
+def explain_run(pattern_data, tmp_path_factory) -> Path:
+    """A finished run for Grad-CAM, resolution and report: arc2 at 16x16, frozen (t000) and fully
+    trainable (t100), 3 classes, 3 epochs. Tests must not modify it: use ``run_copy``."""
+    return build_run(pattern_data, tmp_path_factory.mktemp("explain") / "run", epochs=3)
+
+
+@pytest.fixture()
+def run_copy(explain_run, tmp_path) -> Path:
+    """A private copy of the explain run (tests that write into it do not disturb the others)."""
+    return copy_run(explain_run, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def object_model():
+    """A small CNN with global average pooling that finds a red or blue 4x4 square (val acc ~1)."""
+    model, acc = train_object_model()
+    assert acc >= 0.9, f"the object model did not learn (val accuracy {acc:.2f})"
+    return model
+
+
+@pytest.fixture()
+def every_progress_line(monkeypatch):
+    """Progress bars given a line callable report every update (not every 10 s), so a test can
+    act on the line of the first batch."""
+    import transfer.progress
+
+    monkeypatch.setattr(transfer.progress, "LINE_INTERVAL", 0.0)

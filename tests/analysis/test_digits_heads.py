@@ -1,4 +1,4 @@
-"""The issue's bar on real data: RF on the features of a fine-tuned digits model is within
+"""RF on the features of a fine-tuned digits model is within
 2 points of the network's own head (slow: trains a small model on scikit-learn's digits)."""
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_cache_invalidated_when_model_changes(tiny_run, tmp_path):
     assert any("extracting" in ln for ln in lines)
 
 
-def test_interrupted_extraction_leaves_no_finished_file(tiny_run, tmp_path):
+def test_interrupted_extraction_leaves_no_finished_file(tiny_run, tmp_path, every_progress_line):
     run = copy_run(tiny_run, tmp_path / "run")
     folder = run / "features" / "arc2-t100"
     seen = []
@@ -132,6 +132,8 @@ def test_killed_extraction_is_not_mistaken_for_a_cache(tiny_run, tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(SRC)!r})
+        import transfer.progress
+        transfer.progress.LINE_INTERVAL = 0.0  # a line per batch
         from transfer.analysis.features import extract_features
         def kill(line):
             if "features train: 16/" in line:
@@ -259,7 +261,7 @@ print("RSS_KB", [l for l in open("/proc/self/status") if l.startswith("VmHWM")][
 
 @pytest.mark.slow
 def test_peak_rss_in_a_subprocess(tiny_run, tmp_path):
-    """The issue's bar measured as the process's peak RSS: 20x more images, < 20 % more."""
+    """Streaming measured as the process's peak RSS: 20x more images, < 20 % more."""
     run = copy_run(tiny_run, tmp_path / "run")
     rss = {}
     for n in (500, 10_000):

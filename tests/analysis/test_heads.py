@@ -14,7 +14,7 @@ from transfer.errors import ConfigError
 from transfer.fsutil import sha256_file
 from transfer.runfolder import RunFolder
 from transfer.analysis.features import load_split
-from transfer.analysis.heads import HeadIntegrityError, ensure_head, fit_heads, load_head, make_head
+from transfer.analysis.heads import HeadIntegrityError, ensure_head, fit_heads, load_head, make_estimator
 
 from analysis_helpers import copy_run
 
@@ -116,19 +116,19 @@ def test_ensure_head_fits_missing_and_stale(headed_run, tmp_path):
     load_head(path)
 
 
-def test_make_head_defaults_and_errors():
-    rf = make_head("rf")
+def test_make_estimator_defaults_and_errors():
+    rf = make_estimator("rf")
     assert rf.n_estimators == 200 and rf.n_jobs == -1
-    svm = make_head("svm", C=3.0)
+    svm = make_estimator("svm", C=3.0)
     assert [n for n, _ in svm.steps] == ["scale", "svm"] and svm.steps[1][1].estimator.C == 3.0
-    assert make_head("logreg").steps[1][1].max_iter == 1000
+    assert make_estimator("logreg").steps[1][1].max_iter == 1000
     with pytest.raises(ConfigError, match="unknown head 'xgb'; accepted: rf, svm, logreg, knn"):
-        make_head("xgb")
+        make_estimator("xgb")
     with pytest.raises(ConfigError, match="unknown parameter.*'trees'.*accepted: n_estimators"):
-        make_head("rf", trees=3)
-    with pytest.raises(ConfigError, match="C .* must be a number > 0"):
-        make_head("svm", C=-1)
+        make_estimator("rf", trees=3)
+    with pytest.raises(ConfigError, match="C must be a number > 0"):
+        make_estimator("svm", C=-1)
     with pytest.raises(ConfigError, match="kernel"):
-        make_head("svm", kernel="cubic")
+        make_estimator("svm", kernel="cubic")
     with pytest.raises(ConfigError, match="unknown head"):
         fit_heads("/nonexistent", "best", ("rf", "boost"))

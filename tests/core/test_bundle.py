@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from transfer.bundle import finalize_manifest, load_bundle, read_manifest, verify_bundle
-from transfer.data.image import PREPROCESSING
-from transfer.errors import BundleError, TamperedBundleError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bundle_factory import check, edit_manifest as _edit, make_bundle  # noqa: E402
+
+from transfer.bundle import load_bundle, new_manifest, read_manifest, verify_bundle, write_bundle  # noqa: E402
+from transfer.errors import BundleError, TamperedBundleError  # noqa: E402
 
 
 def _make(tmp_path, valid=True):
-    b = tmp_path / "b"
-    (b / "heads").mkdir(parents=True)
-    (b / "model.onnx").write_bytes(b"\x08\x01fake-onnx-bytes")
-    (b / "heads" / "rf.pkl").write_bytes(b"pickle-bytes")
-    manifest = {
-        "valid": valid,
-        "class_names": ["a", "b"],
-        "input": {"name": "image", "height": 8, "width": 8, "channels": 3},
-        "preprocessing": dict(PREPROCESSING),
-        "models": {"onnx-fp32": {"file": "model.onnx", "precision": "fp32"}},
-        "heads": {"rf": {"pickle": "heads/rf.pkl"}},
-    }
-    finalize_manifest(b, manifest)
-    return b
+    """A real bundle (tiny ONNX graphs made in code) with an rf head; ``valid=False``: its int8
+    model failed verification."""
+    return make_bundle(tmp_path / "b", head="rf", int8=not valid, valid=valid)
 
 
 def test_roundtrip_lists_every_file_with_hash(tmp_path):
     b = _make(tmp_path)
     m = read_manifest(b)
-    assert set(m["files"]) == {"model.onnx", "heads/rf.pkl"}
+    assert set(m["files"]) == {"model.onnx", "heads/rf.pkl", "heads/rf.onnx", "labels.json", "verification.json"}
     assert all(len(e["sha256"]) == 64 for e in m["files"].values())
     bundle = load_bundle(b)
     assert bundle.class_names == ["a", "b"]
@@ -71,37 +63,25 @@ def test_invalid_bundle_refused_unless_allowed(tmp_path):
 
 def test_manifest_path_escape_is_refused(tmp_path):
     b = _make(tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
-    m["files"]["../outside"] = {"sha256": "0" * 64, "bytes": 1}
-    (b / "manifest.json").write_text(json.dumps(m))
+    _edit(b, lambda m: m["files"].update({"../outside": {"sha256": "0" * 64, "bytes": 1}}))
     with pytest.raises(TamperedBundleError, match="outside the bundle"):
         load_bundle(b)
 
 
 def test_unsupported_version(tmp_path):
     b = _make(tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
-    m["format_version"] = 99
-    (b / "manifest.json").write_text(json.dumps(m))
+    _edit(b, lambda m: m.update(format_version=99))
     with pytest.raises(BundleError, match="version 99"):
         load_bundle(b)
 
 
 def test_model_file_missing_from_the_hash_list_is_refused(tmp_path):
     b = _make(tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
-    del m["files"]["heads/rf.pkl"]  # the head is still referenced but no longer hashed
-    (b / "manifest.json").write_text(json.dumps(m))
+    _edit(b, lambda m: m["files"].pop("heads/rf.pkl"))  # the head is still referenced but no longer hashed
     with pytest.raises(TamperedBundleError, match="heads/rf.pkl"):
         load_bundle(b)
     rep = verify_bundle(b)
     assert not rep["ok"] and {"file": "heads/rf.pkl", "problem": "unlisted"} in rep["problems"]
-
-
-def _edit(b, fn):
-    m = json.loads((b / "manifest.json").read_text())
-    fn(m)
-    (b / "manifest.json").write_text(json.dumps(m))
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -127,14 +107,11 @@ def test_hand_edited_manifest_fields_are_named(tmp_path, edit, match):
 
 
 def _with_labels(tmp_path):
-    b = tmp_path / "b"
-    b.mkdir()
-    (b / "model.onnx").write_bytes(b"x")
-    (b / "labels.json").write_text(json.dumps(["cat", "dog"]))
-    (b / "verification.json").write_text(json.dumps({"onnx-fp32": {"passed": True}, "head-rf": {"passed": False}}))
-    finalize_manifest(b, {"valid": False, "class_names": ["cat", "dog"], "labels": "labels.json",
-                          "input": {"height": 8, "width": 8}, "preprocessing": dict(PREPROCESSING),
-                          "models": {"onnx-fp32": {"file": "model.onnx"}}})
+    """A bundle of two classes whose head check failed at export (so it is invalid)."""
+    b = make_bundle(tmp_path / "b", classes=("cat", "dog"))
+    m = read_manifest(b)
+    write_bundle(b, new_manifest(class_names=["cat", "dog"], input_size=(8, 8), feature_dim=m["feature_dim"],
+                                 models=m["models"]), {"onnx-fp32": check(True), "head-rf": check(False)})
     return b
 
 

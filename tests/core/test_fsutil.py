@@ -35,3 +35,17 @@ def test_atomic_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_json_depth_is_bounded_before_parsing(tmp_path):
+    from transfer.fsutil import JSONLimitError, json_depth
+
+    assert json_depth('{"a": "[[[\\"]]", "b": [1, {"c": []}]}') == 4  # brackets in strings do not count
+    p = tmp_path / "deep.json"
+    p.write_text("[" * 200_000 + "]" * 200_000)  # json.load alone raises RecursionError
+    with pytest.raises(JSONLimitError, match="nested 200000 levels deep"):
+        read_json(p, max_depth=16)
+    p.write_text('{"a": 1}' + " " * 100)
+    with pytest.raises(JSONLimitError, match="larger than"):
+        read_json(p, max_bytes=50)
+    assert read_json(p, max_depth=1, max_bytes=1000) == {"a": 1}

@@ -1,13 +1,17 @@
-"""`transfer data digits | idx | check` through click's CliRunner."""
+"""`transfer data digits | idx | check` through click's CliRunner; check lists what makes a folder unusable."""
 
 from __future__ import annotations
 
+import csv
 import struct
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from transfer.cli import cli
+from transfer.data.folder import index_folder
+from transfer.errors import DataError
 
 
 def test_digits_and_check(tmp_path):
@@ -48,3 +52,30 @@ def test_idx_cli_and_errors(tmp_path):
     assert res.exit_code == 2 and "--classes" in res.output
     res = r.invoke(cli, ["data", "check", str(tmp_path / "missing")])
     assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
+
+
+def test_check_lists_bad_files_of_a_class_without_usable_image(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    (root / "c").mkdir()
+    (root / "c" / "x.jpg").write_text("text")
+    (root / "c" / "y.png").write_bytes(b"")
+    (root / "empty").mkdir()
+    res = CliRunner().invoke(cli, ["data", "check", str(root), "--bad-csv", str(tmp_path / "bad.csv")])
+    assert res.exit_code == 1, res.output
+    assert "c/x.jpg: not an image" in res.output and "c/y.png: empty" in res.output
+    rows = [l.split() for l in res.output.splitlines()]
+    assert ["c", "0"] in rows and ["empty", "0"] in rows and ["a", "2"] in rows
+    assert "cannot be trained as is" in res.output and "d/empty has no usable image" in res.output
+    assert {r["path"] for r in csv.DictReader(open(tmp_path / "bad.csv"))} == {"c/x.jpg", "c/y.png"}
+    with pytest.raises(DataError, match=r"d/c has no usable image: all 2 .*c/x.jpg: not an image") as e:
+        index_folder(root)
+    assert "--bad-csv" in e.value.hint
+
+
+def test_check_on_folder_with_images_only_in_the_root(tmp_path, write_png):
+    root = tmp_path / "d"
+    write_png(root / "a.png")
+    (root / "cls").mkdir()
+    res = CliRunner().invoke(cli, ["data", "check", str(root)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "holds no image files" in res.output and "1 image file(s) lie directly in it" in res.output

@@ -1,18 +1,23 @@
-"""Digits and idx conversion (plain and .gz), with clear errors for wrong files."""
+"""Digits and idx conversion (plain and .gz), with clear errors for wrong files; what --force may
+replace (only an image-folder dataset, never the current folder); idx class names the indexer
+would skip or read as splits."""
 
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from transfer.cli import cli
 from transfer.data.datasets import FASHION_MNIST_CLASSES, read_idx, write_digits, write_idx
 from transfer.data.folder import index_folder
-from transfer.errors import DataError
+from transfer.errors import ConfigError, DataError
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -95,3 +100,63 @@ def test_real_fashion_mnist(tmp_path):
     labs = sorted(FMNIST.glob("t10k-labels*"))[0]
     info = write_idx(imgs, labs, tmp_path / "f", class_names=FASHION_MNIST_CLASSES, limit=200)
     assert info["images"] == 200 and set(info["counts"]) <= set(FASHION_MNIST_CLASSES)
+
+
+def test_force_refuses_folder_that_is_not_a_dataset(tmp_path):
+    i, l, _, _ = write_idx_pair(tmp_path, n=6, h=3, w=3)
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "a.py").write_text("x = 1\n")
+    (proj / "runs" / "r1").mkdir(parents=True)
+    (proj / "runs" / "r1" / "metrics.json").write_text("{}")
+    with pytest.raises(DataError, match=r"holds more than an image-folder dataset \(runs/r1/, src/a.py\)") as e:
+        write_idx(i, l, proj, overwrite=True)
+    assert "--force only replaces" in e.value.hint
+    assert (proj / "src" / "a.py").read_text() == "x = 1\n" and (proj / "runs" / "r1" / "metrics.json").is_file()
+    res = CliRunner().invoke(cli, ["data", "idx", str(i), str(l), str(proj), "--force"])
+    assert res.exit_code == 1 and "src/a.py" in res.output and (proj / "src" / "a.py").is_file()
+
+
+def test_force_replaces_a_dataset_with_hidden_files_only(tmp_path, make_folder):
+    i, l, _, _ = write_idx_pair(tmp_path, n=6, h=3, w=3)
+    out = make_folder(tmp_path / "out", {"old": 2})
+    (out / ".DS_Store").write_bytes(b"x")
+    (out / "old" / ".thumbs").write_bytes(b"x")
+    old = os.umask(0o022)
+    try:
+        assert write_idx(i, l, out, overwrite=True)["images"] == 6
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2"]
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0700
+    (out / "0" / "nested").mkdir()
+    with pytest.raises(DataError, match="0/nested/"):
+        write_idx(i, l, out, overwrite=True)
+    (out / "0" / "nested").rmdir()
+    (out / ".git").mkdir()
+    with pytest.raises(DataError, match=r"\.git/"):
+        write_idx(i, l, out, overwrite=True)
+
+
+def test_current_folder_is_never_replaced(tmp_path, monkeypatch, make_folder):
+    i, l, _, _ = write_idx_pair(tmp_path, n=6, h=3, w=3)
+    ds = make_folder(tmp_path / "ds", {"0": 1})
+    monkeypatch.chdir(ds)
+    with pytest.raises(DataError, match="current folder"):
+        write_idx(i, l, ".", overwrite=True)
+    with pytest.raises(DataError, match="current folder or holds it"):
+        write_idx(i, l, "..", overwrite=True)
+    res = CliRunner().invoke(cli, ["data", "digits", ".", "--force"])
+    assert res.exit_code == 1 and "current folder" in res.output and "Traceback" not in res.output
+    assert (ds / "0" / "img000.png").is_file()
+
+
+@pytest.mark.parametrize("names, wrong", [(".a,b,c", ".a"), ("a,Train,c", "Train"), ("a,b,val", "val"),
+                                         ("TEST,b,c", "TEST")])
+def test_idx_refuses_hidden_and_split_class_names(tmp_path, names, wrong):
+    i, l, _, _ = write_idx_pair(tmp_path, n=6, h=3, w=3)
+    with pytest.raises(ConfigError, match=wrong):
+        write_idx(i, l, tmp_path / "o", class_names=names.split(","))
+    assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(cli, ["data", "idx", str(i), str(l), str(tmp_path / "o"), "--classes", names])
+    assert res.exit_code == 2 and wrong in res.output and not (tmp_path / "o").exists()

@@ -1,4 +1,5 @@
-"""Indexing folders: layouts, bad files of every kind, errors, cache."""
+"""Indexing folders: layouts, bad files of every kind, file links across classes, files the index
+ignores, split-like class folders, errors, cache."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import struct
 import zlib
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from transfer.cli import cli
 from transfer.data.folder import Sample, index_folder, write_bad_files_csv
 from transfer.errors import DataError
 
@@ -49,7 +52,7 @@ def test_extensions_hidden_nested_and_other_files(tmp_path, make_folder, write_p
     Image.new("RGB", (4, 4)).save(root / "a" / "anim.gif")
     write_png(root / "a" / ".hidden.png")
     write_png(root / ".hiddenclass" / "z.png")
-    idx = index_folder(root)
+    idx = index_folder(root, allow_nested=True)  # a/deep/er/ is accepted as part of class a
     paths = {s.path for s in idx.samples}
     assert {"a/UPPER.PNG", "a/x.JPEG", "b/t.TIFF", "b/w.webp", "b/m.Bmp", "a/deep/er/n.png"} <= paths
     assert not any("hidden" in p or p.endswith((".txt", ".gif")) for p in paths)
@@ -173,8 +176,8 @@ def test_cache_skips_unchanged_files(tmp_path, monkeypatch, make_folder, write_p
 
 def test_progress_reports_total(three_class):
     seen = []
-    index_folder(three_class, progress=lambda d, t: seen.append((d, t)))
-    assert seen[-1] == (30, 30)
+    index_folder(three_class, progress=seen.append)  # a line callable: the bar's lines, the last one at the end
+    assert seen[-1].startswith("decoding images: 30/30 img")
 
 
 def test_dimensions_over_max_pixels_named(tmp_path, make_folder):
@@ -184,3 +187,98 @@ def test_dimensions_over_max_pixels_named(tmp_path, make_folder):
     assert len(idx.bad) == 1 and "12000x9000" in idx.bad[0].reason
     with pytest.raises(DataError, match="no usable image"):
         index_folder(root, max_pixels=20)  # 6x5 = 30 pixels > 20: every file refused
+
+
+def test_split_like_class_folders_warned(tmp_path, make_folder):
+    root = tmp_path / "k"
+    make_folder(root / "Training", {"cat": 2, "dog": 2})
+    make_folder(root / "Testing", {"cat": 1, "dog": 1})
+    idx = index_folder(root, allow_nested=True)
+    assert idx.class_names == ["Testing", "Training"]
+    assert len(idx.warnings) == 1 and "cat, dog" in idx.warnings[0]
+    res = CliRunner().invoke(cli, ["data", "check", str(root)])
+    assert "warning: class folders Testing, Training" in res.output
+    assert index_folder(make_folder(tmp_path / "plain", {"a": 2, "b": 2})).warnings == []
+
+
+def test_file_link_into_another_class_is_bad(tmp_path, make_folder, write_png):
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    os.symlink(root / "b" / "img000.png", root / "a" / "stolen.png")
+    os.symlink("img001.png", root / "a" / "same_class.png")
+    outside = write_png(tmp_path / "shared" / "o.png")
+    os.symlink(outside, root / "b" / "outside.png")
+    idx = index_folder(root)
+    assert [b.path for b in idx.bad] == ["a/stolen.png"] and "b/img000.png" in idx.bad[0].reason
+    paths = {s.path for s in idx.samples}
+    assert "a/stolen.png" not in paths and {"a/same_class.png", "b/outside.png", "b/img000.png"} <= paths
+    assert idx.counts == {"a": 3, "b": 3}
+
+
+def test_file_link_across_given_splits_is_bad(tmp_path, make_folder):
+    root = tmp_path / "g"
+    make_folder(root / "train", {"x": 2, "y": 2})
+    make_folder(root / "test", {"x": 1, "y": 1})
+    os.symlink(root / "test" / "x" / "img000.png", root / "train" / "x" / "leak.png")
+    idx = index_folder(root)
+    assert [b.path for b in idx.bad] == ["train/x/leak.png"]
+    assert len(idx.given_splits["train"]) == 4
+
+
+def test_ignored_files_reported(tmp_path, make_folder, write_png):
+    from PIL import Image
+
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    write_png(root / "loose1.png")
+    write_png(root / "loose2.jpg")
+    Image.new("RGB", (4, 4)).save(root / "a" / "anim.gif")
+    (root / "b" / "notes").write_text("x")
+    (root / ".hidden").write_text("x")
+    idx = index_folder(root)
+    assert {b.path: b.reason for b in idx.ignored} == {
+        "a/anim.gif": ".gif is not an image type transfer reads",
+        "b/notes": "no extension: not an image type transfer reads",
+        "loose1.png": "not in a class folder",
+        "loose2.jpg": "not in a class folder",
+    }
+    res = CliRunner().invoke(cli, ["data", "check", str(root)])
+    assert res.exit_code == 0, res.output
+    assert "2 file(s) in the data root ignored (not in a class folder): loose1.png, loose2.jpg" in res.output
+    assert "1 file(s) ignored (.gif is not an image type transfer reads): a/anim.gif" in res.output
+    assert "4 images in 2 classes (one folder per class), 0 bad, 4 ignored" in res.output
+
+
+def test_nested_sub_folders_are_refused_before_decoding_unless_allowed(tmp_path, make_folder, write_png):
+    """Images in sub-folders of a class were silently merged into it."""
+    root = make_folder(tmp_path / "d", {"cat": 2, "dog": 2})
+    write_png(root / "cat" / "kittens" / "k1.png")
+    write_png(root / "cat" / "kittens" / "k2.png")
+    write_png(root / "dog" / "2019" / "old" / "d.png")
+    with pytest.raises(DataError, match=r"sub-folders.*cat/kittens/ \(2 images\), dog/2019/ \(1 image\)") as e:
+        index_folder(root)
+    assert "allow-nested" in e.value.hint
+    idx = index_folder(root, allow_nested=True)
+    assert idx.counts == {"cat": 4, "dog": 3} and "accepted" in idx.warnings[0]
+    res = CliRunner().invoke(cli, ["data", "check", str(root), "-q"])
+    assert res.exit_code == 1 and "cat/kittens/" in res.output and "cannot be trained as is" in res.output
+    assert CliRunner().invoke(cli, ["data", "check", str(root), "--allow-nested", "-q"]).exit_code == 0
+
+
+def test_class_names_that_differ_only_in_case_are_refused_unless_allowed(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", {"Cat": 2, "cat": 2, "dog": 2})
+    with pytest.raises(DataError, match="differ only in case: Cat/ and cat/"):
+        index_folder(root)
+    idx = index_folder(root, allow_case_clash=True)
+    assert idx.class_names == ["Cat", "cat", "dog"] and "accepted" in idx.warnings[0]
+    res = CliRunner().invoke(cli, ["data", "check", str(root), "-q"])
+    assert res.exit_code == 1 and "Cat/ and cat/" in res.output
+
+
+def test_fifos_and_devices_are_not_regular_files(tmp_path, make_folder):
+    root = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    os.mkfifo(root / "a" / "pipe.png")  # opening it would block the index forever
+    idx = index_folder(root)
+    assert [(b.path, b.reason) for b in idx.bad] == [("a/pipe.png", "not a regular file (a FIFO (named pipe))")]
+    if os.path.exists("/dev/null"):
+        os.symlink("/dev/null", root / "b" / "null.jpg")
+        idx = index_folder(root)
+        assert ("b/null.jpg", "not a regular file (a device)") in [(b.path, b.reason) for b in idx.bad]

@@ -84,3 +84,15 @@ def test_csv_roundtrip(tmp_path):
         read_split_csv(tmp_path / "bad.csv")
     with pytest.raises(DataError, match="cannot read"):
         read_split_csv(tmp_path / "missing.csv")
+
+
+def test_classes_too_small_for_the_split_are_named():
+    from transfer.data.splits import split_warnings
+
+    samples = [Sample(f"big/{i}.png", 0) for i in range(20)] + [Sample("rare/0.png", 1), Sample("rare/1.png", 1)]
+    parts = split_samples(samples, val=0.2, test=0.1, seed=0)
+    warnings = split_warnings(parts, ["big", "rare"])
+    assert warnings and all("rare (2 images)" in w for w in warnings) and "big" not in " ".join(warnings)
+    assert any("no val image" in w for w in warnings) or any("no test image" in w for w in warnings)
+    fine = split_samples([Sample(f"{c}/{i}.png", k) for k, c in enumerate("ab") for i in range(10)], val=0.2, test=0.2)
+    assert split_warnings(fine, ["a", "b"]) == []

@@ -38,22 +38,19 @@ def test_roundtrip(name, tmp_path):
     assert np.array_equal(probs.argmax(1), ref.argmax(1))
 
     # reload: the model in a bundle (hashes, manifest) loaded and run by the TensorFlow-free runtime
-    from transfer.bundle import finalize_manifest, load_bundle
-    from transfer.data.image import PREPROCESSING
+    from transfer.bundle import load_bundle, new_manifest, write_bundle
     from transfer.errors import TamperedBundleError
+    from transfer.export.verify import parity_check
     from transfer.runtime.runners import make_runner
 
     b = tmp_path / "bundle"
     b.mkdir()
     (tmp_path / "m.onnx").rename(b / "model.onnx")
-    finalize_manifest(b, {
-        "valid": True, "class_names": ["a", "b", "c", "d"],
-        "input": {"name": "image", "height": size, "width": size, "channels": 3, "color": "RGB",
-                  "dtype": "float32", "range": [0, 255], "layout": "NHWC"},
-        "preprocessing": dict(PREPROCESSING), "backbone": name, "feature_dim": int(feats.shape[1]),
-        "num_classes": 4, "opset": 17, "heads": {}, "default_head": "network",
-        "models": {"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime"}},
-        "source": {"run": None, "trial": None}})
+    write_bundle(b, new_manifest(
+        class_names=["a", "b", "c", "d"], input_size=(size, size), feature_dim=int(feats.shape[1]), backbone=name,
+        opset=17, source={"run": None, "trial": None},
+        models={"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime"}}),
+        {"onnx-fp32": parity_check(ref, probs, None, atol=1e-4, min_agreement=1.0, reference_name="Keras")})
     f2, p2 = make_runner(load_bundle(b), "onnxruntime", "cpu").run(x)
     np.testing.assert_allclose(p2, probs, atol=1e-6)
     assert f2.shape == (3, int(load_bundle(b).manifest["feature_dim"]))

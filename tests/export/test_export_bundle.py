@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from click.testing import CliRunner
 from transfer.bundle import load_bundle
 from transfer.cli import cli
 from transfer.errors import BundleError, RunFolderError, TamperedBundleError, VerificationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from processes import ENV, TRANSFER, hold_lock, wait_until_locked_by  # noqa: E402
 
 
 def test_bundle_layout_manifest_and_verification(full_bundle):
@@ -26,7 +31,9 @@ def test_bundle_layout_manifest_and_verification(full_bundle):
     assert m["preprocessing"]["resize"] == "pillow-bilinear" and m["backbone"] == "arc2"
     assert set(m["models"]) == {"onnx-fp32", "onnx-int8"} and m["heads"]["rf"]["feature_dim"] == m["feature_dim"]
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "heads/rf.pkl", "heads/rf.onnx", "verification.json",
-                               "labels.json"}
+                               "labels.json", "calibration.json"}
+    # 12 validation images: too few to calibrate, and the manifest says so
+    assert m["calibration"]["method"] == "none" and "validation image" in m["calibration"]["reason"]
     assert json.loads((b / "labels.json").read_text()) == m["class_names"] and m["labels"] == "labels.json"
     for k in ("tensorflow", "tf2onnx", "onnxruntime", "scikit-learn"):
         assert m["tools"][k]
@@ -233,10 +240,10 @@ def test_tampered_head_pickle_is_refused_before_unpickling(full_bundle, tmp_path
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"atol": "x"}, "--atol"), ({"min_agreement": 1.5}, "--min-agreement"),
-    ({"max_accuracy_drop": -0.1}, "--max-accuracy-drop"), ({"verify_images": 0}, "--verify-images"),
-    ({"verify_images": 16}, "--verify-images 16.*>= 64"),
-    ({"calib_images": 2.5}, "--calib-images"), ({"quantize": "int4"}, "int8"), ({"trt": "int4"}, "fp16"),
+    ({"atol": "x"}, "probability tolerance"), ({"min_agreement": 1.5}, "minimum top-1 agreement"),
+    ({"max_accuracy_drop": -0.1}, "maximum accuracy drop"), ({"verify_images": 0}, "verification image count"),
+    ({"verify_images": 16}, "verification image count 16.*>= 64"),
+    ({"calib_images": 2.5}, "calibration image count"), ({"quantize": "int4"}, "int8"), ({"trt": "int4"}, "fp16"),
     ({"batch": "1:0:4"}, "MIN:OPT:MAX"), ({"head": "xgb"}, "rf"),
 ])
 def test_bad_options_fail_before_any_work(run_copy, kw, match):
@@ -259,6 +266,67 @@ def test_verify_deep_runs_every_onnx_model_and_names_a_broken_one(full_bundle, t
     shutil.copytree(res.bundle_dir, b)
     shutil.copy(b / "heads" / "rf.onnx", b / "model.int8.onnx")  # a real ONNX file, the wrong model
     finalize_manifest(b, json.loads((b / "manifest.json").read_text()))  # hashes now match
-    assert CliRunner().invoke(cli, ["verify", str(b)]).exit_code == 0  # hashes alone cannot tell
+    # hashes alone cannot tell, but the graph is not what the manifest says (it used to pass plain verify)
+    r = CliRunner().invoke(cli, ["verify", str(b)])
+    assert r.exit_code == 1 and "model.int8.onnx" in r.output and "has no input 'image'" in r.output
     r = CliRunner().invoke(cli, ["verify", str(b), "--deep"])
-    assert r.exit_code == 1 and "model.int8.onnx" in r.output and "does not run" in r.output
+    assert r.exit_code == 1 and "model.int8.onnx" in r.output
+
+
+def test_signed_export_force_keeps_hidden_files_and_a_held_out_is_refused(run_copy, tmp_path):
+    """export --sign: the bundle loads where its key is trusted; --force keeps .git; an --out
+    another process holds is refused naming it, before anything is written."""
+    from transfer.bundle import UntrustedBundleError
+    from transfer.signing import generate_key
+
+    priv, pub, kid = generate_key(tmp_path / "release.key")
+    _, other, _ = generate_key(tmp_path / "other.key")
+    out = tmp_path / "b"
+    r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(out), "--sign", str(priv)])
+    assert r.exit_code == 0 and f"signed by {kid}" in r.output, r.output
+    r = CliRunner().invoke(cli, ["verify", str(out), "--trust", str(pub)])
+    assert r.exit_code == 0 and "(trusted)" in r.output, r.output
+    with pytest.raises(UntrustedBundleError):
+        load_bundle(out, trust=other)
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(out), "--force", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"  # --force deleted it before
+    assert load_bundle(out, trust=False).signer is None  # re-exported unsigned
+    for held, args in ((out, ["--out", str(out), "--force"]),  # its --out
+                       (run_copy, ["--out", str(tmp_path / "c"), "--head", "rf"])):  # a run it may fit a head into
+        holder = hold_lock(held)
+        try:
+            before = sorted(p.name for p in out.iterdir())
+            r = CliRunner().invoke(cli, ["export", str(run_copy), *args])
+            assert r.exit_code == 1 and f"PID {holder.pid}" in r.output and "in use by" in r.output, r.output
+            assert sorted(p.name for p in out.iterdir()) == before and not (tmp_path / "c").exists()
+        finally:
+            holder.stdin.close()
+            holder.wait()
+    r = CliRunner().invoke(cli, ["export", str(run_copy), "--out", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 0, r.output  # without a head it only reads the run
+
+
+@pytest.mark.slow
+def test_two_exports_to_one_out_exactly_one_proceeds(run_copy, tmp_path):
+    """Two real `transfer export --out same` processes: the second exits 1 naming the first, which
+    writes the only bundle (before: both reported success and one silently replaced the other)."""
+    import signal
+    import subprocess
+
+    out = tmp_path / "same"
+    cmd = [*TRANSFER, "export", str(run_copy), "--out", str(out), "-q"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_until_locked_by(out, first)
+    first.send_signal(signal.SIGSTOP)  # hold it mid-export, so the two surely overlap
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 1 and f"PID {first.pid}" in second.stderr, second.stderr
+    assert load_bundle(out).manifest["valid"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".same")) == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -104,3 +106,60 @@ def test_tool_versions_name_the_converters():
     v = tool_versions()
     for k in ("transfer", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "scikit-learn", "skl2onnx"):
         assert v.get(k), k
+
+
+def test_out_inside_the_runs_own_folders_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "trials" / "arc2-t100").mkdir(parents=True)
+    check_out(run / "bundle", False, run)  # the default
+    check_out(run / "bundle-int8", False, run)  # any new name directly in the run
+    for bad in ("trials/arc2-t100", "trials/new", "splits", "heads/x", "features"):
+        with pytest.raises(BundleError, match="inside the run's own"):
+            check_out(run / bad, True, run)
+
+
+def test_a_folder_holding_only_hidden_files_is_not_in_the_way(tmp_path):
+    out = tmp_path / "b"
+    (out / ".git").mkdir(parents=True)
+    check_out(out, False, None)  # e.g. a fresh repository for the bundle
+
+
+def test_replacing_a_bundle_keeps_its_hidden_files(tmp_path):
+    out = tmp_path / "bundle"
+    with staged_bundle(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(KeyboardInterrupt):  # an interrupted replacement keeps everything
+        with staged_bundle(out) as tmp:
+            (tmp / "a.txt").write_text("2")
+            raise KeyboardInterrupt
+    assert (out / ".git" / "HEAD").is_file() and (out / "a.txt").read_text() == "1"
+    with staged_bundle(out) as tmp:
+        (tmp / "b.txt").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == [".git", "b.txt"]
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_staging_folders_of_killed_exports_are_cleared(tmp_path):
+    from transfer.export.bundle_writer import remove_stale_staging
+
+    dead = 2 ** 22 + 12345  # above the usual pid_max: no such process
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    partial = tmp_path / f".bundle.partial-{dead}"
+    (partial / ".git").mkdir(parents=True)  # hidden files it carried from the old bundle
+    (partial / "model.onnx").write_text("half")
+    (tmp_path / f".bundle.trt-{dead}").mkdir()
+    alive = tmp_path / f".bundle.partial-{os.getppid()}"  # a live process's: not touched
+    alive.mkdir()
+    lines = []
+    removed = remove_stale_staging(out, lines.append)
+    assert sorted(removed) == sorted([partial.name, f".bundle.trt-{dead}"]) and alive.is_dir()
+    assert (out / ".git").is_dir() and not partial.exists() and "killed" in lines[0]
+    # killed between moving the old bundle aside and putting the new one in: the old one comes back
+    shutil.move(out, tmp_path / f".bundle.old-{dead}")
+    remove_stale_staging(out)
+    assert (out / "manifest.json").is_file() and not (tmp_path / f".bundle.old-{dead}").exists()

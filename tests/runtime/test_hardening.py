@@ -25,7 +25,7 @@ def test_output_problems_are_refused_before_any_image_is_read(rt_bundle, rt_data
     _, bundle = rt_bundle
     img = rt_data / "c0" / "000.png"
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(OutputError, match="cannot write --out"):  # a file where a folder must be
+    with pytest.raises(OutputError, match="cannot write"):  # a file where a folder must be
         infer(bundle, [img], out=tmp_path / "afile" / "p.csv")
     (tmp_path / "o2" / "predictions.csv").mkdir(parents=True)  # a folder under the output's name
     with pytest.raises(OutputError, match="is a folder"):
@@ -35,7 +35,7 @@ def test_output_problems_are_refused_before_any_image_is_read(rt_bundle, rt_data
     with pytest.raises(ConfigError, match="looks like an image"):  # would overwrite an input image
         infer(bundle, [victim], out=victim)
     assert victim.read_bytes() == img.read_bytes()
-    with pytest.raises(ConfigError, match="--format csv but --out"):
+    with pytest.raises(ConfigError, match="format csv asked for, but the output"):
         infer(bundle, [img], out=tmp_path / "p.jsonl", fmt="csv")
     assert not list(tmp_path.rglob("*.incomplete")) and not list(tmp_path.rglob(".*partial"))
     # the suffix picks the format; '-' is stdout
@@ -109,13 +109,94 @@ def test_bench_skips_bad_images_and_fails_when_nothing_ran(rt_bundle, rt_data, t
                 progress=lines.append)
     assert res["rows"] and res["decode_skipped"] == 2 and res["decode_files"] == 2  # of 2 x max batch sampled
     assert any("skipped an unreadable image" in s for s in lines)
-    with pytest.raises(ConfigError, match="no image files found in --images"):
+    with pytest.raises(ConfigError, match="no image files found in"):
         bench(bundle, backends=["onnxruntime"], batches=[2], images=[str(tmp_path / "nope")], progress=None)
-    for kw, match in [({"batches": [4, 4]}, "--batch lists 4 more than once"), ({"seconds": -1}, "--seconds"),
-                      ({"backends": []}, "no --backends"), ({"head": "svm"}, "no head 'svm'")]:
+    for kw, match in [({"batches": [4, 4]}, "batch sizes list 4 more than once"), ({"seconds": -1}, "seconds per cell"),
+                      ({"backends": []}, "no backends given"), ({"head": "svm"}, "no head 'svm'")]:
         with pytest.raises((ConfigError, BundleError), match=match):
             bench(bundle, **{"backends": ["onnxruntime"], "batches": [1], "progress": None, **kw})
     r = CliRunner().invoke(cli, ["bench", str(bundle), "--backends", "tensorrt", "--batch", "1",
                                  "--out", str(tmp_path / "b"), "-q"])
     assert r.exit_code == 3 and "nothing was benchmarked" in r.output
     assert (tmp_path / "b" / "bench.json").is_file() and not (tmp_path / "b" / "bench.png").exists()
+
+
+def test_outputs_never_destroy_inputs(rt_bundle, rt_data, tmp_path):
+    """--out inside the bundle being read (before: infer --out BUNDLE/model.onnx overwrote the
+    model), or on an input file, is refused before anything is written."""
+    from transfer.runtime.bench import bench
+
+    _, bundle = rt_bundle
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    for target in ("model.onnx", "manifest.json", "preds.csv"):
+        r = CliRunner().invoke(cli, ["infer", str(b), str(rt_data / "c0"), "--out", str(b / target), "-q"])
+        assert r.exit_code == 2 and "inside the bundle" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    listed = tmp_path / "inputs.jsonl"
+    listed.write_text("mine\n")
+    with pytest.raises(ConfigError, match="is the input file"):
+        infer(b, [rt_data / "c0", listed], out=listed)
+    assert listed.read_text() == "mine\n"
+    with pytest.raises(ConfigError, match="inside the bundle"):
+        bench(b, backends=["onnxruntime"], batches=[1], out_dir=b / "bench", progress=None)
+    assert not (b / "bench").exists()
+
+
+def test_jsonl_keeps_names_that_are_not_utf8_recoverable_for_any_reader(rt_bundle, rt_data, tmp_path):
+    import base64
+
+    _, bundle = rt_bundle
+    d = os.fsencode(tmp_path / "odd")
+    os.mkdir(d)
+    raw = os.path.join(d, b"x\xff.png")
+    shutil.copy(rt_data / "c0" / "000.png", os.fsdecode(raw))
+    shutil.copy(rt_data / "c0" / "001.png", tmp_path / "odd" / "plain.png")
+    infer(bundle, [tmp_path / "odd"], out=tmp_path / "p.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8",
+                                                                          errors="surrogateescape").splitlines()]
+    assert base64.b64decode(rows[1]["path_b64"]) == raw  # a JSON reader that is not Python gets the bytes too
+    assert "path_b64" not in rows[0] and rows[0]["path"].endswith("plain.png")
+    assert (tmp_path / "p.jsonl").read_bytes().isascii()  # valid JSON text for every reader
+
+
+def test_decompression_bombs_are_error_rows_not_a_memory_spike(rt_bundle, tmp_path):
+    """Four 8 KB PNGs of 7990 x 7990 1-bit pixels (under the pixel limit) took 1.5 GB to decode;
+    now each is an error row found from its header, and the process stays small."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from PIL import Image
+
+    _, bundle = rt_bundle
+    d = tmp_path / "bombs"
+    d.mkdir()
+    Image.new("1", (7990, 7990), 0).save(d / "b0.png", optimize=True)
+    for i in range(1, 4):
+        shutil.copy(d / "b0.png", d / f"b{i}.png")
+    assert (d / "b0.png").stat().st_size < 16_000
+    code = textwrap.dedent(f"""
+        from transfer.runtime.infer import infer
+        s = infer({str(bundle)!r}, [{str(d)!r}], out={str(tmp_path / "p.csv")!r}, workers=4)
+        hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+        print(s.errors, int(hwm) // 1024)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    errors, peak_mb = map(int, r.stdout.split())
+    rows = _rows(tmp_path / "p.csv")
+    assert errors == 4 and all("too large to decode" in row["error"] for row in rows)
+    assert peak_mb < 600, peak_mb  # ONNX Runtime and numpy themselves; one such decode alone is ~300 MB
+
+
+def test_fifos_are_not_regular_files_and_never_opened(rt_bundle, rt_data, tmp_path):
+    _, bundle = rt_bundle
+    d = tmp_path / "imgs"
+    shutil.copytree(rt_data / "c0", d)
+    os.mkfifo(d / "pipe.png")  # opening it would block forever
+    s = infer(bundle, [d], out=tmp_path / "p.csv")
+    errs = {os.path.basename(r["path"]): r["error"] for r in _rows(tmp_path / "p.csv") if r["status"] == "error"}
+    assert errs == {"pipe.png": "not a regular file (a FIFO (named pipe))"} and s.ok == 20

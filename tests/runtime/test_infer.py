@@ -76,7 +76,7 @@ def test_heads_network_onnx_and_pickle(rt_bundle, rt_data, tmp_path):
     outs = {}
     for head, fmt in (("network", "onnx"), ("rf", "onnx"), ("rf", "pickle")):
         out = tmp_path / f"{head}-{fmt}.csv"
-        infer(bundle, [rt_data], out=out, recursive=True, head=head, head_format=fmt)
+        infer(bundle, [rt_data], out=out, recursive=True, head=head, head_format=fmt, trust_pickle=fmt == "pickle")
         outs[(head, fmt)] = _rows(out)
     a, b = outs[("rf", "onnx")], outs[("rf", "pickle")]
     assert [r["class1"] for r in a] == [r["class1"] for r in b]

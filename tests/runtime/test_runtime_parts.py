@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_files import solid_pngs  # noqa: E402
+from processes import run_without  # noqa: E402
 
 from transfer.errors import BundleError, ConfigError
 from transfer.data.stream import batches, iter_inputs
@@ -26,11 +26,7 @@ def test_provider_choice():
 
 
 def test_pipeline_keeps_order_and_marks_errors(tmp_path):
-    paths = []
-    for i in range(11):
-        p = tmp_path / f"{i:02d}.png"
-        Image.fromarray(np.full((5, 7, 3), i * 10, np.uint8)).save(p)
-        paths.append(p)
+    solid_pngs(tmp_path, [i * 10 for i in range(11)])
     (tmp_path / "05.png").write_bytes(b"broken")
     got = list(batches(iter_inputs([tmp_path]), (4, 4), batch=4, workers=3, prefetch=1))
     items = [it for b in got for it in b.items]
@@ -43,8 +39,7 @@ def test_pipeline_keeps_order_and_marks_errors(tmp_path):
 
 
 def test_pipeline_stops_cleanly_when_the_consumer_stops(tmp_path):
-    for i in range(50):
-        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    solid_pngs(tmp_path, [0] * 50, (4, 4), name="{i}.png")
     it = batches(iter_inputs([tmp_path]), (4, 4), batch=2, prefetch=1)
     next(it)
     it.close()  # must not hang on the full queue
@@ -79,14 +74,9 @@ def test_bench_table_json_and_agreement(rt_bundle, tmp_path):
 def test_runtime_runs_with_tensorflow_unimportable(rt_bundle, rt_data, tmp_path):
     _, bundle = rt_bundle
     out = tmp_path / "p.csv"
-    code = textwrap.dedent(f"""
+    # the base install: no TensorFlow, no scikit-learn (the ONNX head runs without it)
+    code = f"""
         import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                # the base install: no TensorFlow, no scikit-learn (the ONNX head runs without it)
-                if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "sklearn"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
         import transfer.runtime.infer, transfer.runtime.bench, transfer.commands.runtime
         from transfer.cli import main
         try:
@@ -103,8 +93,8 @@ def test_runtime_runs_with_tensorflow_unimportable(rt_bundle, rt_data, tmp_path)
                or m.startswith("transfer.export")]
         assert not bad, bad
         print("OK")
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    """
+    r = run_without(("tensorflow", "keras", "tf2onnx", "sklearn"), code)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
     assert out.is_file() and len(out.read_text().splitlines()) == 61
     assert (tmp_path / "bench" / "bench.json").is_file()

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:  # a subprocess that put only this folder on sys.path
+    sys.path.insert(0, _TESTS)
 
+from helpers import images  # noqa: E402
 
-def make_pattern_folder(root: Path, *, classes: int = 3, per_class: int = 16, size: int = 16, seed: int = 0) -> Path:
-    """One sub-folder per class; class k = a bright bar at a class-specific place + noise."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for c in range(classes):
-        d = root / f"c{c}"
-        d.mkdir(exist_ok=True)
-        for i in range(per_class):
-            img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
-            band = slice(c * size // classes, (c + 1) * size // classes)
-            img[band, :, c % 3] = 230
-            Image.fromarray(img).save(d / f"{i:03d}.png")
-    return root
-
-
+#: 16 images per class unless told otherwise
+make_pattern_folder = functools.partial(images.make_pattern_folder, per_class=16)
 
 
 def base_overrides(data: Path, out: Path, **kw) -> dict:

@@ -3,9 +3,9 @@
 :func:`extract_features` runs the trial's ``model.keras`` over the images of the
 train / val / test splits, batch by batch, and writes the output of the layer named
 ``features`` (and the model's own ``probs``) straight into preallocated ``.npy`` files
-(``numpy.lib.format.open_memmap``). Only one or two batches are ever in memory, so peak
-memory does not grow with the number of images (report A's notebook ran out of RAM
-collecting them in a list).
+(``numpy.lib.format.open_memmap``). Only the few batches decoded ahead are ever in memory, so peak
+memory does not grow with the number of images (a notebook that collects every batch's
+features in a list runs out of RAM on a few thousand images).
 
 Layout (``RUN/features/<trial>/``)::
 
@@ -20,8 +20,9 @@ is removed before a re-extraction and written last, so a killed extraction never
 leaves a cache that looks finished. The cache of a split is reused while ``meta.json``
 records the SHA-256 of the current ``model.keras`` and of the split's CSV.
 
-Pixels come from :func:`transfer.data.image.load_image` (the one pixel path). A file
-that cannot be decoded is recorded in ``meta.json`` (``bad_files``) and skipped.
+Pixels come from :func:`transfer.data.stream.decode_batches` (decoding threads over
+:func:`transfer.data.image.load_image`, the one pixel path). A file that cannot be decoded
+is recorded in ``meta.json`` (``bad_files``) and skipped.
 """
 
 from __future__ import annotations
@@ -33,22 +34,22 @@ import itertools
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, ImageDecodeError, RunFolderError
+from ..errors import ConfigError, DataError, RunFolderError
 from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic
+from ..progress import ProgressLike, as_progress
 from ..runfolder import RunFolder, TrialInfo
+from .options import check_choices, check_int
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
 PLOT_METHODS = ("pca", "tsne")
-
-Progress = Callable[[str], None] | None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -62,34 +63,26 @@ def open_run(run: "RunFolder | str | os.PathLike") -> RunFolder:
 def resolve_trials(run: RunFolder, trial: str) -> list[TrialInfo]:
     """``best`` | ``all`` | a name | comma-separated names -> finished trials (clear errors)."""
     if not isinstance(trial, str) or not trial.strip():
-        raise ConfigError(f"--trial must be 'best', 'all' or a trial name (got {trial!r})")
+        raise ConfigError(f"the trial must be 'best', 'all' or a trial name (got {trial!r})", option="trial")
     return run.select(trial.strip())
 
 
 def resolve_trial(run: RunFolder, trial: str) -> TrialInfo:
     """One finished trial (``best`` or a name); ``all`` is refused here."""
     if trial == "all" or (isinstance(trial, str) and "," in trial):
-        raise ConfigError(f"one trial is needed here, got {trial!r}", hint="pass 'best' or one trial name")
+        raise ConfigError(f"one trial is needed here, got {trial!r}", hint="pass 'best' or one trial name",
+                          option="trial")
     return resolve_trials(run, trial)[0]
 
 
-def _check_splits(splits: Iterable[str] | str) -> tuple[str, ...]:
-    if isinstance(splits, str):
-        splits = [s for s in splits.split(",") if s.strip()]
-    out = []
-    for s in splits:
-        s = str(s).strip()
-        if s not in SPLITS:
-            raise ConfigError(f"unknown split {s!r}; accepted: {', '.join(SPLITS)}")
-        if s not in out:
-            out.append(s)
-    if not out:
-        raise ConfigError(f"no split given; accepted: {', '.join(SPLITS)}")
-    return tuple(out)
+def check_splits(splits: Iterable[str] | str, *, option: str = "splits") -> tuple[str, ...]:
+    """Split names (``train``, ``val``, ``test``), order kept, duplicates dropped."""
+    return tuple(check_choices(splits, SPLITS, "split", option=option))
 
 
-def features_dir(run: RunFolder, trial_name: str) -> Path:
-    return run.path / "features" / trial_name
+def check_plot_methods(methods: Iterable[str] | str) -> list[str]:
+    """Feature-plot methods (``pca``, ``tsne``)."""
+    return check_choices(methods, PLOT_METHODS, "method", option="methods")
 
 
 def split_files(folder: Path, split: str) -> dict[str, Path]:
@@ -104,11 +97,6 @@ def split_files(folder: Path, split: str) -> dict[str, Path]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _say(progress: Progress, msg: str) -> None:
-    if progress is not None:
-        progress(msg)
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -183,109 +171,204 @@ def _iter_split(csv_path: Path) -> Iterator[tuple[str, int]]:
                                      hint="the run folder is damaged; re-run `transfer train` into a new folder") from exc
 
 
-def _decode(path: Path, size: tuple[int, int]):
-    from ..data.image import load_image
-
-    try:
-        return load_image(path, size), None
-    except ImageDecodeError as exc:
-        return None, exc.reason
-
-
 # --------------------------------------------------------------------------- extraction
 
 
-def _extract_split(fm, run: RunFolder, split: str, folder: Path, *, image_size, feature_dim: int,
-                   num_classes: int, batch_size: int, pool: ThreadPoolExecutor, progress: Progress,
-                   fold: int | None = None) -> dict:
-    """Stream one split through the feature model into preallocated temp files; publish them."""
-    from numpy.lib.format import open_memmap
+@dataclass
+class _Shapes:
+    """What one row of the cache holds."""
 
-    csv_path = run.split_csv(split, fold=fold)  # a k-fold trial: its own fold's
-    root = run.data_root
-    n = sum(1 for _ in _iter_split(csv_path))
-    files = split_files(folder, split)
-    for final in files.values():  # leftovers of a killed extraction (one extraction per trial at a time)
+    image_size: tuple[int, int]
+    feature_dim: int
+    num_classes: int
+
+
+@dataclass
+class _SplitResult:
+    rows: int = 0
+    bad_files: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _SplitArrays:
+    """The four preallocated temp ``.npy`` files of one split, filled row block by row block."""
+
+    def __init__(self, stack: contextlib.ExitStack, folder: Path, files: dict[str, Path], n: int, shapes: _Shapes):
+        from numpy.lib.format import open_memmap
+
+        self.files = files
+        self.tmps = {k: stack.enter_context(_temp_npy(folder, p.name)) for k, p in files.items()}
+        spec = {"features": (np.float32, (n, shapes.feature_dim)), "probs": (np.float32, (n, shapes.num_classes)),
+                "labels": (np.int64, (n,)), "index": (np.int64, (n,))}
+        self.arrays = {k: open_memmap(self.tmps[k], mode="w+", dtype=dt, shape=shape) for k, (dt, shape) in spec.items()}
+        self.written = 0
+
+    def add(self, **blocks: np.ndarray) -> None:
+        m = len(blocks["labels"])
+        for k, block in blocks.items():
+            arr = self.arrays[k]
+            arr[self.written:self.written + m] = np.asarray(block, dtype=arr.dtype).reshape((m,) + arr.shape[1:])
+        self.written += m
+
+    def publish(self) -> None:
+        """Flush, close and rename the first ``written`` rows to the final names."""
+        for arr in self.arrays.values():
+            arr.flush()
+        self.arrays.clear()
+        for key, final in self.files.items():
+            _publish(self.tmps[key], final, self.written)
+
+
+class _TimedForward:
+    """The feature model on a batch: ``(features, probs)``; the first call (graph tracing) is not timed."""
+
+    def __init__(self, fm):
+        self.fm = fm
+        self.seconds = 0.0
+        self._warm = False
+
+    def __call__(self, x: np.ndarray):
+        if not self._warm:
+            self.fm.predict_on_batch(x)
+            self._warm = True
+        t0 = time.perf_counter()
+        out = self.fm.predict_on_batch(x)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _clear_stale(folder: Path, files: dict[str, Path]) -> None:
+    """Leftovers of a killed extraction (one extraction per trial at a time)."""
+    for final in files.values():
         for stale in folder.glob(f".{final.name}.*.tmp.npy"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-    bad: list[dict] = []
-    seconds = 0.0
-    written = 0
-    if n == 0:  # an empty split (e.g. --test 0): empty arrays, nothing to stream
-        empty = {"features": np.zeros((0, feature_dim), np.float32), "probs": np.zeros((0, num_classes), np.float32),
-                 "labels": np.zeros((0,), np.int64), "index": np.zeros((0,), np.int64)}
-        for key, final in files.items():
-            with atomic_path(final, suffix=".npy") as tmp:
-                np.save(tmp, empty[key])
-        return {"rows": 0, "bad_files": [], "seconds": 0.0}
+
+
+def _write_empty(files: dict[str, Path], shapes: _Shapes) -> None:
+    """An empty split (e.g. no test images): empty arrays, nothing to stream."""
+    empty = {"features": np.zeros((0, shapes.feature_dim), np.float32),
+             "probs": np.zeros((0, shapes.num_classes), np.float32),
+             "labels": np.zeros((0,), np.int64), "index": np.zeros((0,), np.int64)}
+    for key, final in files.items():
+        with atomic_path(final, suffix=".npy") as tmp:
+            np.save(tmp, empty[key])
+
+
+def _labelled_batches(csv_path: Path, root: Path, n: int, size: tuple[int, int], *, batch: int, workers: int):
+    """``(PixelBatch, [(row, relative path, label)])`` for the first ``n`` rows of a split CSV.
+
+    The CSV is read lazily twice (paths for the decoding threads, labels here): not even the
+    list of paths is held in memory.
+    """
+    from ..data.stream import decode_batches
+
+    paths = (root / rel for rel, _ in itertools.islice(_iter_split(csv_path), n))
+    rows = enumerate(itertools.islice(_iter_split(csv_path), n))
+    for pb in decode_batches(paths, size, batch=batch, workers=workers):
+        yield pb, [(i, rel, lab) for i, (rel, lab) in itertools.islice(rows, len(pb.items))]
+
+
+def _stream_split(forward: _TimedForward, arrays: _SplitArrays, batches, result: _SplitResult, bar) -> int:
+    """Decoded batches -> features / probs rows; bad files recorded. Returns the CSV rows seen."""
+    seen = 0
+    for k, (pb, rows) in enumerate(batches, start=1):
+        seen += len(rows)
+        for item, (_, rel, _lab) in zip(pb.items, rows):
+            if item.error is not None:
+                result.bad_files.append({"path": rel, "reason": item.error})
+        if pb.ok_index:
+            f, p = forward(pb.x)
+            ok = [rows[i] for i in pb.ok_index]
+            arrays.add(features=f, probs=p, labels=np.array([lab for _, _, lab in ok], np.int64),
+                       index=np.array([i for i, _, _ in ok], np.int64))
+            del f, p
+        if k % 50 == 0:
+            gc.collect()  # cyclic garbage of the decoders / eager calls: keep the peak flat
+        if result.bad_files:
+            bar.set(f"{len(result.bad_files)} unreadable")
+        bar.update(len(rows))
+    return seen
+
+
+def _extract_split(fm, run: RunFolder, split: str, folder: Path, shapes: _Shapes, *, batch_size: int, workers: int,
+                   progress: ProgressLike, fold: int | None = None) -> _SplitResult:
+    """Stream one split through the feature model into preallocated temp files; publish them."""
+    p = as_progress(progress)
+    csv_path = run.split_csv(split, fold=fold)  # a k-fold trial: its own fold's
+    n = sum(1 for _ in _iter_split(csv_path))
+    files = split_files(folder, split)
+    _clear_stale(folder, files)
+    if n == 0:
+        _write_empty(files, shapes)
+        return _SplitResult()
+    result = _SplitResult()
+    forward = _TimedForward(fm)
     with contextlib.ExitStack() as stack:
-        tmps = {k: stack.enter_context(_temp_npy(folder, p.name)) for k, p in files.items()}
-        feats = open_memmap(tmps["features"], mode="w+", dtype=np.float32, shape=(n, feature_dim))
-        probs = open_memmap(tmps["probs"], mode="w+", dtype=np.float32, shape=(n, num_classes))
-        labels = open_memmap(tmps["labels"], mode="w+", dtype=np.int64, shape=(n,))
-        index = open_memmap(tmps["index"], mode="w+", dtype=np.int64, shape=(n,))
-        rows = _iter_split(csv_path)  # streamed: not even the list of paths is held in memory
-        pos = 0
-
-        def submit():
-            nonlocal pos
-            chunk = list(itertools.islice(rows, min(batch_size, n - pos)))
-            futs = [(pos + k, rel, lab, pool.submit(_decode, root / rel, image_size))
-                    for k, (rel, lab) in enumerate(chunk)]
-            pos += len(chunk)
-            return futs
-
-        pending = submit()
-        bi = 0
-        warmed = False
-        while pending:
-            futures = pending
-            pending = submit()  # decode the next batch while the model runs on this one
-            imgs, keep, labs = [], [], []
-            for i, rel, lab, fut in futures:
-                img, reason = fut.result()
-                if img is None:
-                    bad.append({"path": rel, "reason": reason})
-                    continue
-                imgs.append(img)
-                keep.append(i)
-                labs.append(lab)
-            if imgs:
-                x = np.stack(imgs).astype(np.float32)
-                if not warmed:
-                    fm.predict_on_batch(x)  # warm-up (graph tracing) outside the timing
-                    warmed = True
-                t0 = time.perf_counter()
-                f, p = fm.predict_on_batch(x)
-                seconds += time.perf_counter() - t0
-                m = len(keep)
-                feats[written:written + m] = np.asarray(f, dtype=np.float32).reshape(m, feature_dim)
-                probs[written:written + m] = np.asarray(p, dtype=np.float32)
-                labels[written:written + m] = labs
-                index[written:written + m] = keep
-                written += m
-                del x, f, p, imgs
-            bi += 1
-            if bi % 50 == 0:
-                gc.collect()  # cyclic garbage of the decoders / eager calls: keep the peak flat
-            _say(progress, f"  features {split}: {futures[-1][0] + 1}/{n} images")
-        if written == 0:
-            first = bad[0] if bad else {"path": "?", "reason": "?"}
+        arrays = _SplitArrays(stack, folder, files, n, shapes)
+        batches = _labelled_batches(csv_path, run.data_root, n, shapes.image_size, batch=batch_size, workers=workers)
+        with p.bar(n, f"features {split}", unit="images") as bar:
+            seen = _stream_split(forward, arrays, batches, result, bar)
+        if arrays.written == 0:
+            first = result.bad_files[0] if result.bad_files else {"path": "?", "reason": "?"}
             raise DataError(
-                f"none of the {n} images of the {split} split under {root} can be decoded "
+                f"none of the {n} images of the {split} split under {run.data_root} can be decoded "
                 f"(first: {first['path']}: {first['reason']})",
-                hint=f"the data folder recorded in {run.path / 'dataset.json'} (root) must still hold the images",
+                hint=f"the data folder recorded in {run.dataset_json} (root) must still hold the images",
             )
-        if pos != n:
-            raise RunFolderError(f"{csv_path} changed while features were extracted ({pos} rows, expected {n})",
+        if seen != n:
+            raise RunFolderError(f"{csv_path} changed while features were extracted ({seen} rows, expected {n})",
                                  hint="run the command again")
-        for arr in (feats, probs, labels, index):
-            arr.flush()
-        del feats, probs, labels, index
-        for key, final in files.items():
-            _publish(tmps[key], final, written)
-    return {"rows": written, "bad_files": bad, "seconds": seconds}
+        arrays.publish()
+        result.rows, result.seconds = arrays.written, forward.seconds
+    return result
+
+
+def _new_meta(t: TrialInfo, shapes: _Shapes, model_sha: str, old: dict | None) -> dict:
+    """``meta.json`` of the cache, keeping the entries of splits that are not re-extracted."""
+    base = old or {}
+    return {
+        "version": CACHE_VERSION,
+        "trial": t.name,
+        "feature_dim": shapes.feature_dim,
+        "num_classes": shapes.num_classes,
+        "image_size": list(shapes.image_size),
+        "model_sha256": model_sha,
+        "layer": "features",
+        "counts": dict(base.get("counts", {})),
+        "bad_files": dict(base.get("bad_files", {})),
+        "splits": dict(base.get("splits", {})),
+        "created": _now(),
+    }
+
+
+def _record_split(meta: dict, split: str, res: _SplitResult, split_sha: str) -> None:
+    meta["counts"][split] = res.rows
+    meta["bad_files"][split] = res.bad_files
+    meta["splits"][split] = {
+        "split_sha256": split_sha,
+        "rows": res.rows,
+        "forward_seconds": res.seconds,
+        "ms_per_image": 1000.0 * res.seconds / res.rows if res.rows else None,
+        "created": _now(),
+    }
+
+
+def _drop_invalid(folder: Path, meta: dict, done: Sequence[str], model_sha: str) -> None:
+    """Drop entries of splits whose files are not valid for this model any more."""
+    for s in list(meta["splits"]):
+        if s not in done and not _cache_ok(folder, meta, s, model_sha, meta["splits"][s].get("split_sha256")):
+            for d in ("counts", "bad_files", "splits"):
+                meta[d].pop(s, None)
+
+
+def _load_feature_model(t: TrialInfo):
+    """``(feature model, shapes)`` of a trial's model (imports TensorFlow)."""
+    from ..models.build import feature_model
+
+    model = t.load_model()
+    shapes = _Shapes(t.image_size, int(model.get_layer("features").output.shape[-1]), int(model.output.shape[-1]))
+    return feature_model(model), shapes
 
 
 def extract_features(
@@ -296,7 +379,7 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 2,
     force: bool = False,
-    progress: Progress = None,
+    progress: ProgressLike = None,
 ) -> dict[str, tuple[Path, Path]]:
     """Extract (or reuse) the pooled features of one trial for the given splits.
 
@@ -307,7 +390,8 @@ def extract_features(
         batch_size: images per forward pass.
         workers: image-decoding threads.
         force: recompute even when the cache matches.
-        progress: called with one line of text per batch / per split.
+        progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``; a bar
+            per split while images are streamed.
 
     Returns:
         ``{split: (features .npy path, labels .npy path)}``.
@@ -317,30 +401,29 @@ def extract_features(
         ConfigError: unknown split, bad batch size or workers.
         ModelError: the model cannot be loaded.
 
-    Example:
-        >>> paths = extract_features("runs/digits", "best", ("train", "test"))  # doctest: +SKIP
-        >>> X = np.load(paths["test"][0]); X.shape
-        (179, 1280)
+    Example::
+
+        paths = extract_features("runs/digits", "best", ("train", "test"))
+        X = np.load(paths["test"][0])        # (179, 1280)
     """
+    p = as_progress(progress)
     rf = open_run(run)
-    splits = _check_splits(splits)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch size must be an integer >= 1 (got {batch_size!r})")
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ConfigError(f"workers must be an integer >= 1 (got {workers!r})")
+    splits = check_splits(splits)
+    batch_size = check_int(batch_size, "batch size", option="batch_size")
+    workers = check_int(workers, "workers", option="workers")
     t = resolve_trial(rf, trial)
-    folder = features_dir(rf, t.name)
+    folder = rf.features_dir(t.name)
     model_sha = sha256_file(t.model_path)
     split_sha = {s: sha256_file(rf.split_csv(s, fold=t.fold)) for s in splits}
     meta = _read_meta(folder)
     todo = [s for s in splits if force or not _cache_ok(folder, meta, s, model_sha, split_sha[s])]
     for s in splits:
         if s not in todo:
-            _say(progress, f"features {t.name}/{s}: cached ({meta['counts'][s]} rows, model unchanged)")
+            p.say(f"features {t.name}/{s}: cached ({meta['counts'][s]} rows, model unchanged)")
     if todo:
         if not rf.data_root.is_dir():
             raise RunFolderError(
-                f"the data folder of this run is missing: {rf.data_root} (root in {rf.path / 'dataset.json'})",
+                f"the data folder of this run is missing: {rf.data_root} (root in {rf.dataset_json})",
                 hint="put the images back there, or edit 'root' in dataset.json to where they are now",
             )
         folder.mkdir(parents=True, exist_ok=True)
@@ -349,51 +432,16 @@ def extract_features(
         # no meta.json while files are being replaced: an interrupted run looks unfinished
         with contextlib.suppress(FileNotFoundError):
             (folder / "meta.json").unlink()
-        model = t.load_model()
-        from ..models.build import feature_model
-
-        fm = feature_model(model)
-        feature_dim = int(model.get_layer("features").output.shape[-1])
-        num_classes = int(model.output.shape[-1])
-        image_size = t.image_size
-        base = meta or {}
-        new = {
-            "version": CACHE_VERSION,
-            "trial": t.name,
-            "feature_dim": feature_dim,
-            "num_classes": num_classes,
-            "image_size": list(image_size),
-            "model_sha256": model_sha,
-            "layer": "features",
-            "counts": dict(base.get("counts", {})),
-            "bad_files": dict(base.get("bad_files", {})),
-            "splits": dict(base.get("splits", {})),
-            "created": _now(),
-        }
-        with ThreadPoolExecutor(max_workers=int(workers)) as pool:
-            for s in todo:
-                _say(progress, f"features {t.name}/{s}: extracting")
-                res = _extract_split(fm, rf, s, folder, image_size=image_size, feature_dim=feature_dim,
-                                     num_classes=num_classes, batch_size=int(batch_size), pool=pool,
-                                     progress=progress, fold=t.fold)
-                new["counts"][s] = res["rows"]
-                new["bad_files"][s] = res["bad_files"]
-                new["splits"][s] = {
-                    "split_sha256": split_sha[s],
-                    "rows": res["rows"],
-                    "forward_seconds": res["seconds"],
-                    "ms_per_image": 1000.0 * res["seconds"] / res["rows"] if res["rows"] else None,
-                    "created": _now(),
-                }
-                if res["bad_files"]:
-                    _say(progress, f"features {t.name}/{s}: {len(res['bad_files'])} unreadable file(s) skipped "
-                                   f"(listed in meta.json)")
-        # drop entries of splits whose files are not valid for this model any more
-        for s in list(new["splits"]):
-            if s not in todo and not _cache_ok(folder, {**new, "splits": new["splits"]}, s, model_sha,
-                                               new["splits"][s].get("split_sha256")):
-                for d in ("counts", "bad_files", "splits"):
-                    new[d].pop(s, None)
+        fm, shapes = _load_feature_model(t)
+        new = _new_meta(t, shapes, model_sha, meta)
+        for s in todo:
+            p.say(f"features {t.name}/{s}: extracting")
+            res = _extract_split(fm, rf, s, folder, shapes, batch_size=batch_size, workers=workers, progress=p,
+                                 fold=t.fold)
+            _record_split(new, s, res, split_sha[s])
+            if res.bad_files:
+                p.say(f"features {t.name}/{s}: {len(res.bad_files)} unreadable file(s) skipped (listed in meta.json)")
+        _drop_invalid(folder, new, todo, model_sha)
         write_json_atomic(folder / "meta.json", new)
     return {s: (split_files(folder, s)["features"], split_files(folder, s)["labels"]) for s in splits}
 
@@ -406,14 +454,14 @@ def features_meta(run, trial: str) -> dict:
     """
     rf = open_run(run)
     t = resolve_trial(rf, trial)
-    meta = _read_meta(features_dir(rf, t.name))
+    meta = _read_meta(rf.features_dir(t.name))
     if meta is None:
         raise RunFolderError(f"no feature cache for trial {t.name!r} in {rf.path}",
                              hint=f"run `transfer features {rf.path} --trial {t.name}`")
     return meta
 
 
-def load_split(run, trial: str, split: str, *, progress: Progress = None) -> dict:
+def load_split(run, trial: str, split: str, *, progress: ProgressLike = None) -> dict:
     """All cached arrays of one split (extracting them first if needed), memory-mapped.
 
     Returns:
@@ -423,7 +471,7 @@ def load_split(run, trial: str, split: str, *, progress: Progress = None) -> dic
     rf = open_run(run)
     t = resolve_trial(rf, trial)
     extract_features(rf, t.name, (split,), progress=progress)
-    folder = features_dir(rf, t.name)
+    folder = rf.features_dir(t.name)
     files = split_files(folder, split)
     arr = {k: np.load(p, mmap_mode="r") for k, p in files.items()}
     rows = rf.split(split, fold=t.fold)
@@ -447,10 +495,11 @@ def load_features(run, trial: str = "best", split: str = "test") -> tuple[np.nda
     Raises:
         RunFolderError / ConfigError: as :func:`extract_features`.
 
-    Example:
-        >>> X, y = load_features("runs/digits", "best", "train")  # doctest: +SKIP
+    Example::
+
+        X, y = load_features("runs/digits", "best", "train")
     """
-    split = _check_splits((split,))[0]
+    split = check_splits((split,), option="split")[0]
     d = load_split(run, trial, split)
     return d["X"], d["y"]
 
@@ -466,9 +515,43 @@ def _subsample(y: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
     return np.sort(rng.choice(n, size=max_points, replace=False))
 
 
+def _project(X: np.ndarray, method: str) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the rows of ``X`` and the name of the projection."""
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        k = min(2, X.shape[1], X.shape[0])
+        Z = PCA(n_components=k, random_state=0).fit_transform(X)
+        if Z.shape[1] < 2:
+            Z = np.column_stack([Z, np.zeros(len(Z))])
+        return Z, "PCA"
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(1.0, (len(X) - 1) / 3.0)))
+    Z = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(X)
+    return Z, f"t-SNE (perplexity {perplexity:.3g})"
+
+
+def _scatter(Z: np.ndarray, y: np.ndarray, names: list[str], title: str, out: Path) -> None:
+    from ..plots import figure, pyplot, save_figure
+
+    cmap = pyplot("feature plots").get_cmap("tab10" if len(names) <= 10 else "tab20")
+    with figure(figsize=(7, 6), purpose="feature plots") as (fig, ax):
+        for c, name in enumerate(names):
+            m = y == c
+            if m.any():
+                ax.scatter(Z[m, 0], Z[m, 1], s=12, alpha=0.8, color=cmap(c % cmap.N), label=f"{name} ({int(m.sum())})")
+        ax.set_title(title)
+        ax.set_xlabel("component 1")
+        ax.set_ylabel("component 2")
+        ax.legend(title="class", fontsize=8, loc="best", markerscale=1.5)
+        fig.tight_layout()
+        save_figure(fig, out)
+
+
 def plot_features(run, trial: str = "best", method: str = "pca", split: str = "test", max_points: int = 2000,
-                  *, progress: Progress = None) -> Path:
-    """2-D scatter of a split's features coloured by class (report A, figure 4).
+                  *, progress: ProgressLike = None) -> Path:
+    """2-D scatter of a split's features coloured by class (do the classes separate?).
 
     Args:
         run: run folder path or :class:`~transfer.runfolder.RunFolder`.
@@ -483,66 +566,26 @@ def plot_features(run, trial: str = "best", method: str = "pca", split: str = "t
     Raises:
         ConfigError: unknown method, bad max_points, or fewer than 3 images in the split.
 
-    Example:
-        >>> plot_features("runs/digits", "best", "tsne")  # doctest: +SKIP
-        PosixPath('runs/digits/plots/mobilenet_v2-t100/features_tsne.png')
+    Example::
+
+        plot_features("runs/digits", "best", "tsne")   # runs/digits/plots/<trial>/features_tsne.png
     """
-    method = str(method).strip().lower()
-    if method not in PLOT_METHODS:
-        raise ConfigError(f"unknown plot method {method!r}; accepted: {', '.join(PLOT_METHODS)}")
-    if isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer)) or max_points < 3:
-        raise ConfigError(f"max_points must be an integer >= 3 (got {max_points!r})")
-    split = _check_splits((split,))[0]
+    method = check_plot_methods([method])[0]
+    max_points = check_int(max_points, "max_points", minimum=3, option="max_points")
+    split = check_splits((split,), option="split")[0]
     rf = open_run(run)
     d = load_split(rf, trial, split, progress=progress)
     y_all = d["y"]
     if len(y_all) < 3:
         raise ConfigError(f"the {split} split of trial {d['trial']} has {len(y_all)} image(s); a plot needs at least 3",
-                          hint="pick another --split")
-    idx = _subsample(y_all, int(max_points))
-    X = np.asarray(d["X"][idx], dtype=np.float64)
+                          hint="plot another split", option="split")
+    idx = _subsample(y_all, max_points)
     y = y_all[idx]
-    if method == "pca":
-        from sklearn.decomposition import PCA
-
-        k = min(2, X.shape[1], X.shape[0])
-        Z = PCA(n_components=k, random_state=0).fit_transform(X)
-        if Z.shape[1] < 2:
-            Z = np.column_stack([Z, np.zeros(len(Z))])
-        title_extra = "PCA"
-    else:
-        from sklearn.manifold import TSNE
-
-        perplexity = float(min(30.0, max(1.0, (len(X) - 1) / 3.0)))
-        Z = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(X)
-        title_extra = f"t-SNE (perplexity {perplexity:.3g})"
-
-    from .._lazy import require
-
-    matplotlib = require("matplotlib", purpose="feature plots")
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    names = rf.class_names
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(7, 6))
-    try:
-        for c, name in enumerate(names):
-            m = y == c
-            if m.any():
-                ax.scatter(Z[m, 0], Z[m, 1], s=12, alpha=0.8, color=cmap(c % cmap.N), label=f"{name} ({int(m.sum())})")
-        ax.set_title(f"{d['trial']}: {split} features, {title_extra}, {len(y)} images")
-        ax.set_xlabel("component 1")
-        ax.set_ylabel("component 2")
-        ax.legend(title="class", fontsize=8, loc="best", markerscale=1.5)
-        fig.tight_layout()
-        out = rf.path / "plots" / d["trial"] / f"features_{method}.png"
-        with atomic_path(out, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-    finally:
-        plt.close(fig)
+    Z, projection = _project(np.asarray(d["X"][idx], dtype=np.float64), method)
+    out = rf.plots_dir(d["trial"]) / f"features_{method}.png"
+    _scatter(Z, y, rf.class_names, f"{d['trial']}: {split} features, {projection}, {len(y)} images", out)
     return out
 
 
 __all__ = ["extract_features", "load_features", "load_split", "features_meta", "plot_features",
-           "open_run", "resolve_trial", "resolve_trials", "SPLITS"]
+           "open_run", "resolve_trial", "resolve_trials", "check_splits", "check_plot_methods", "SPLITS"]

@@ -16,10 +16,11 @@ the explained class's probability before and after setting the most highlighted 
 20 / 50 % of the pixels to a baseline (the image's mean colour), against setting the
 same number of random pixels. A faithful map makes the first drop larger.
 
-Example:
-    >>> from transfer.analysis.gradcam import explain_run
-    >>> res = explain_run("runs/digits", samples=8, methods=("gradcam", "gradcam++"))  # doctest: +SKIP
-    >>> print(res.table)                                                                # doctest: +SKIP
+Example::
+
+    from transfer.analysis.gradcam import explain_run
+    res = explain_run("runs/digits", samples=8, methods=["gradcam", "gradcam++"])
+    print(res.table)
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ from typing import Sequence
 
 import numpy as np
 
-from .._lazy import import_keras, import_tensorflow, require
-from ..errors import ConfigError, DataError, ImageDecodeError, ModelError, RunFolderError
+from .._lazy import import_keras, import_tensorflow
+from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
+from ..progress import ProgressLike, as_progress
+from .options import check_choices, check_int
 
-#: CAM methods, as accepted by ``--method``.
+#: CAM methods.
 METHODS = ("gradcam", "gradcam++", "scorecam")
+#: other spellings of the methods
+_ALIASES = {"gradcampp": "gradcam++", "grad-cam": "gradcam", "grad-cam++": "gradcam++", "score-cam": "scorecam"}
 
 #: Shares of the pixels masked by the faithfulness metric.
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.5)
@@ -53,9 +58,9 @@ MAX_GRID = 48
 def spatial_layers(model) -> list[str]:
     """Names of the layers whose output is 4-D ``(None, h, w, k)`` (Grad-CAM candidates), graph order.
 
-    Example:
-        >>> spatial_layers(model)[-2:]   # doctest: +SKIP
-        ['conv2', 'conv2_drop']
+    Example::
+
+        spatial_layers(model)[-2:]    # ['conv2', 'conv2_drop'] for arc2
     """
     keras = import_keras()
     out = []
@@ -78,9 +83,9 @@ def resolve_layer(model, name: str | None = None, *, default: str | None = None)
         ModelError: the model has no layer of that name, or its output is not 4-D
             spatial; the message names the candidate layers.
 
-    Example:
-        >>> resolve_layer(model, "conv2").name   # doctest: +SKIP
-        'conv2'
+    Example::
+
+        resolve_layer(model, "conv2").name    # 'conv2'
     """
     cands = spatial_layers(model)
     if not cands:
@@ -95,14 +100,14 @@ def resolve_layer(model, name: str | None = None, *, default: str | None = None)
             return model.get_layer(cands[-1])
         raise ModelError(
             f"the model has no layer named {want!r}",
-            hint=f"pass --layer with a layer that has a spatial output, e.g. one of: {shown}",
+            hint=f"pick a layer that has a spatial output, e.g. one of: {shown}", option="layer",
         )
     if want not in cands:
         shape = tuple(model.get_layer(want).output.shape)
         raise ModelError(
             f"layer {want!r} has output shape {shape}, not a spatial map (None, h, w, channels); "
             f"Grad-CAM needs a convolutional layer",
-            hint=f"pass --layer with one of: {shown}",
+            hint=f"pick one of: {shown}", option="layer",
         )
     return model.get_layer(want)
 
@@ -223,6 +228,23 @@ def _scorecam_one(ex: _Explainer, x1: np.ndarray, cls: int, batch: int = 64, max
     return np.einsum("hwk,k->hw", acts, weights)
 
 
+def _explained_classes(classes, probs: np.ndarray) -> np.ndarray:
+    """One class per image: the predicted ones (``None``), one for all, or one each; range-checked."""
+    n, n_cls = probs.shape
+    if classes is None:
+        return probs.argmax(axis=1)
+    try:
+        cls = np.broadcast_to(np.asarray(classes, dtype=np.int64), (n,)).copy()
+    except ValueError:
+        raise ConfigError(f"classes must be one class index or one per image ({n}), "
+                          f"got {np.shape(classes)}", option="class_") from None
+    bad = [int(c) for c in cls if not 0 <= int(c) < n_cls]
+    if bad:
+        raise ConfigError(f"class index {bad[0]} is out of range; the model has {n_cls} classes (0..{n_cls - 1})",
+                          option="class_")
+    return cls
+
+
 def compute_maps(
     model,
     images: np.ndarray,
@@ -233,6 +255,7 @@ def compute_maps(
     default_layer: str | None = None,
     batch_size: int = 16,
     scorecam_channels: int | None = None,
+    progress: ProgressLike = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Heatmaps of ``images`` for the explained classes.
 
@@ -246,6 +269,8 @@ def compute_maps(
         batch_size: images per gradient batch.
         scorecam_channels: Score-CAM only: score at most this many channels (those with
             the highest mean activation); ``None`` = all (one forward pass each).
+        progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``; a bar
+            over the images.
 
     Returns:
         ``(maps, probs, classes)``: maps float32 ``(N, H, W)`` in [0, 1] (all zeros
@@ -255,42 +280,33 @@ def compute_maps(
         ConfigError: unknown method, a class index out of range, images of the wrong shape.
         ModelError: the layer is missing or not spatial (the candidates are named).
 
-    Example:
-        >>> maps, probs, cls = compute_maps(model, x, method="gradcam++")   # doctest: +SKIP
-        >>> maps.shape == x.shape[:3]
-        True
+    Example::
+
+        maps, probs, cls = compute_maps(model, x, method="gradcam++")
+        maps.shape == x.shape[:3]     # True
     """
     if method not in METHODS:
-        raise ConfigError(f"unknown CAM method {method!r}; accepted: {', '.join(METHODS)}")
-    if scorecam_channels is not None and (isinstance(scorecam_channels, bool) or int(scorecam_channels) < 1):
-        raise ConfigError(f"scorecam channels must be a positive integer, got {scorecam_channels!r}")
+        raise ConfigError(f"unknown CAM method {method!r}; accepted: {', '.join(METHODS)}", option="method")
+    if scorecam_channels is not None:
+        scorecam_channels = check_int(scorecam_channels, "scorecam channels", option="scorecam_channels")
     tgt = resolve_layer(model, layer, default=default_layer)
     ex = _Explainer(model, tgt)
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[1:] != (ex.h, ex.w, 3) or len(x) == 0:
         raise ConfigError(f"images must have shape (N, {ex.h}, {ex.w}, 3) with N >= 1 for this model, got {x.shape}")
     probs = ex.predict(x)
-    n_cls = probs.shape[1]
-    if classes is None:
-        cls = probs.argmax(axis=1)
-    else:
-        try:
-            cls = np.broadcast_to(np.asarray(classes, dtype=np.int64), (len(x),)).copy()
-        except ValueError:
-            raise ConfigError(f"classes must be one class index or one per image ({len(x)}), "
-                              f"got {np.shape(classes)}") from None
-    bad = [int(c) for c in cls if not 0 <= int(c) < n_cls]
-    if bad:
-        raise ConfigError(f"class index {bad[0]} is out of range; the model has {n_cls} classes (0..{n_cls - 1})")
+    cls = _explained_classes(classes, probs)
     cams = []
-    for i in range(0, len(x), batch_size):
-        xb, cb = x[i:i + batch_size], cls[i:i + batch_size]
-        if method == "scorecam":
-            cams.extend(_scorecam_one(ex, xb[j], int(cb[j]), max_channels=scorecam_channels)
-                        for j in range(len(xb)))
-        else:
-            cam, _ = _gradcam_batch(ex, xb, cb, plus=(method == "gradcam++"))
-            cams.extend(cam)
+    with as_progress(progress).bar(len(x), method, unit="images") as bar:
+        for i in range(0, len(x), batch_size):
+            xb, cb = x[i:i + batch_size], cls[i:i + batch_size]
+            if method == "scorecam":
+                cams.extend(_scorecam_one(ex, xb[j], int(cb[j]), max_channels=scorecam_channels)
+                            for j in range(len(xb)))
+            else:
+                cam, _ = _gradcam_batch(ex, xb, cb, plus=(method == "gradcam++"))
+                cams.extend(cam)
+            bar.update(len(xb))
     if not cams:
         return np.zeros((0, ex.h, ex.w), np.float32), probs, cls
     return _finish(np.stack(cams), ex.h, ex.w), probs, cls
@@ -309,6 +325,40 @@ def _mask(x: np.ndarray, order: np.ndarray, share: float, baseline: str) -> np.n
     flat = out.reshape(-1, 3)
     flat[order[:n]] = fill
     return out
+
+
+def _probs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The model's probabilities on ``x`` in batches (float64)."""
+    out = [np.asarray(model(x[i:i + batch], training=False), dtype=np.float64) for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 1))
+
+
+def _masked_images(x, m, share: float, baseline: str, repeats: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Each image with its most highlighted ``share`` of pixels masked, and ``repeats`` random maskings of it."""
+    n, h, w = m.shape
+    cam_x, rnd_x = [], []
+    for i in range(n):
+        jitter = rng.random(h * w) * 1e-6  # random tie breaking (e.g. an all-zero map)
+        order = np.argsort(-(m[i].reshape(-1) + jitter), kind="stable")
+        cam_x.append(_mask(x[i], order, share, baseline))
+        for _ in range(repeats):
+            rnd_x.append(_mask(x[i], rng.permutation(h * w), share, baseline))
+    return (np.stack(cam_x) if cam_x else x[:0]), (np.stack(rnd_x) if rnd_x else x[:0])
+
+
+def _drops(base: np.ndarray, pc: np.ndarray, pr: np.ndarray) -> dict:
+    """Mean drops of the explained class's probability: CAM masking vs random masking."""
+    n = len(base)
+    d_cam, d_rnd = base - pc, base - pr
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_c = np.where(base > 0, d_cam / base, 0.0)
+        rel_r = np.where(base > 0, d_rnd / base, 0.0)
+
+    def mean(v):
+        return float(v.mean()) if n else None
+
+    return {"cam": mean(d_cam), "random": mean(d_rnd), "gain": mean(d_cam - d_rnd), "cam_relative": mean(rel_c),
+            "random_relative": mean(rel_r), "cam_wins": mean((d_cam > d_rnd).astype(np.float64))}
 
 
 def confidence_drop(
@@ -337,59 +387,40 @@ def confidence_drop(
     Returns:
         ``{"images": N, "baseline": ..., "base_confidence": mean p, "fractions": {"0.1":
         {"cam": drop, "random": drop, "gain": cam - random, "cam_relative": drop / p,
-        "random_relative": ...}}}``; drops are ``p(original) - p(masked)`` averaged over images.
+        "random_relative": ..., "cam_wins": share of images where cam drops more}}}``;
+        drops are ``p(original) - p(masked)`` averaged over images.
 
     Raises:
         ConfigError: bad fractions or baseline, or shapes that do not match.
 
-    Example:
-        >>> confidence_drop(model, x, maps, cls)["fractions"]["0.2"]["gain"] > 0   # doctest: +SKIP
-        True
+    Example::
+
+        confidence_drop(model, x, maps, cls)["fractions"]["0.2"]["gain"] > 0    # True for a faithful map
     """
     if baseline not in _BASELINES:
-        raise ConfigError(f"unknown masking baseline {baseline!r}; accepted: {', '.join(_BASELINES)}")
+        raise ConfigError(f"unknown masking baseline {baseline!r}; accepted: {', '.join(_BASELINES)}",
+                          option="baseline")
     fr = [float(f) for f in fractions]
     if not fr or any(not 0.0 < f < 1.0 for f in fr):
-        raise ConfigError(f"masking fractions must be between 0 and 1 (exclusive), got {list(fractions)!r}")
+        raise ConfigError(f"masking fractions must be between 0 and 1 (exclusive), got {list(fractions)!r}",
+                          option="fractions")
     x = np.asarray(images, dtype=np.float32)
     m = np.asarray(maps, dtype=np.float32)
     cls = np.asarray(classes, dtype=np.int64)
     if x.shape[:3] != m.shape or len(cls) != len(x):
         raise ConfigError(f"images {x.shape}, maps {m.shape} and classes ({len(cls)}) do not match")
     rng = np.random.default_rng(seed)
-
-    def ex_pred(arr):
-        return np.asarray(model(arr, training=False), dtype=np.float64)
-
-    n, h, w = m.shape
-    base = np.concatenate([ex_pred(x[i:i + 64]) for i in range(0, n, 64)])[np.arange(n), cls]
+    n = len(x)
+    rows = np.arange(n)
+    base = _probs(model, x)[rows, cls] if n else np.zeros(0)
     result = {"images": int(n), "baseline": baseline, "random_repeats": int(random_repeats),
               "base_confidence": float(base.mean()) if n else None, "fractions": {}}
     for f in fr:
-        cam_x, rnd_x = [], []
-        for i in range(n):
-            jitter = rng.random(h * w) * 1e-6  # random tie breaking (e.g. an all-zero map)
-            order = np.argsort(-(m[i].reshape(-1) + jitter), kind="stable")
-            cam_x.append(_mask(x[i], order, f, baseline))
-            for _ in range(random_repeats):
-                rnd_x.append(_mask(x[i], rng.permutation(h * w), f, baseline))
-        cam_x = np.stack(cam_x) if cam_x else x[:0]
-        rnd_x = np.stack(rnd_x) if rnd_x else x[:0]
-        pc = np.concatenate([ex_pred(cam_x[i:i + 64]) for i in range(0, len(cam_x), 64)])[np.arange(n), cls] if n else np.zeros(0)
-        pr_all = np.concatenate([ex_pred(rnd_x[i:i + 64]) for i in range(0, len(rnd_x), 64)]) if n else np.zeros((0, 1))
-        pr = pr_all[np.arange(len(rnd_x)), np.repeat(cls, random_repeats)].reshape(n, random_repeats).mean(axis=1) if n else np.zeros(0)
-        d_cam, d_rnd = base - pc, base - pr
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel_c = np.where(base > 0, d_cam / base, 0.0)
-            rel_r = np.where(base > 0, d_rnd / base, 0.0)
-        result["fractions"][f"{f:g}"] = {
-            "cam": float(d_cam.mean()) if n else None,
-            "random": float(d_rnd.mean()) if n else None,
-            "gain": float((d_cam - d_rnd).mean()) if n else None,
-            "cam_relative": float(rel_c.mean()) if n else None,
-            "random_relative": float(rel_r.mean()) if n else None,
-            "cam_wins": float((d_cam > d_rnd).mean()) if n else None,
-        }
+        cam_x, rnd_x = _masked_images(x, m, f, baseline, random_repeats, rng)
+        pc = _probs(model, cam_x)[rows, cls] if n else np.zeros(0)
+        pr = (_probs(model, rnd_x)[np.arange(len(rnd_x)), np.repeat(cls, random_repeats)]
+              .reshape(n, random_repeats).mean(axis=1)) if n else np.zeros(0)
+        result["fractions"][f"{f:g}"] = _drops(base, pc, pr)
     return result
 
 
@@ -404,13 +435,14 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, min_
     ``min_side`` pixels so the overlay is legible, large ones reduced (bilinear, aspect
     kept) to at most ``max_side``; the map is resized (bilinear) to fit.
 
-    Example:
-        >>> overlay(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16))).shape
-        (128, 128, 3)
+    Example::
+
+        overlay(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16))).shape     # (128, 128, 3)
     """
     from PIL import Image
 
-    matplotlib = require("matplotlib", purpose="Grad-CAM overlays")
+    from ..plots import pyplot
+
     img = np.asarray(image, dtype=np.uint8)
     h, w = img.shape[:2]
     k = max(1, int(np.ceil(min_side / max(1, min(h, w)))))
@@ -424,7 +456,7 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, min_
     hm = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
     hm = np.asarray(Image.fromarray(hm, mode="F").resize((ww, hh), Image.Resampling.BILINEAR))
     hm = np.clip(hm, 0.0, 1.0)
-    jet = matplotlib.colormaps["jet"](hm)[..., :3] * 255.0
+    jet = pyplot("Grad-CAM overlays").get_cmap("jet")(hm)[..., :3] * 255.0
     out = (1.0 - alpha) * img.astype(np.float32) + alpha * jet
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -437,9 +469,7 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 
 
 def _save_grid(cells: list[np.ndarray], captions: list[str], path: Path, title: str) -> None:
-    matplotlib = require("matplotlib", purpose="Grad-CAM grids")
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from ..plots import figure, save_figure
 
     total = len(cells)
     if total > MAX_GRID:
@@ -448,19 +478,15 @@ def _save_grid(cells: list[np.ndarray], captions: list[str], path: Path, title: 
     n = len(cells)
     cols = min(4, max(1, n))
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 3.0 * rows + 0.4), squeeze=False,
-                             layout="constrained")
-    try:
+    with figure(rows, cols, figsize=(2.8 * cols, 3.0 * rows + 0.4), squeeze=False, layout="constrained",
+                purpose="Grad-CAM grids") as (fig, axes):
         for ax in axes.ravel():
             ax.axis("off")
         for ax, cell, cap in zip(axes.ravel(), cells, captions):
             ax.imshow(cell)
             ax.set_title(cap, fontsize=9)
         fig.suptitle(title, fontsize=10)
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-    finally:
-        plt.close(fig)
+        save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- run folder
@@ -484,15 +510,11 @@ class GradcamResult:
         return faithfulness_table(self.faithfulness)
 
 
-def faithfulness_table(faith: dict, *, markdown: bool = False) -> str:
-    """Rows = method, columns = confidence drop (CAM vs random) per masked share.
-
-    Example:
-        >>> print(faithfulness_table(read_json("RUN/gradcam/arc2-t000/faithfulness.json")))  # doctest: +SKIP
-    """
+def faithfulness_rows(faith: dict) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)``: rows = method, columns = confidence drop (CAM / random) per masked share."""
     methods = [m for m in METHODS if m in faith] + [m for m in faith if m not in METHODS]
     if not methods:
-        return "(no faithfulness results)"
+        return [], []
     fr = list(next(iter(faith.values()))["fractions"])
     header = ["method", "images", "base p"] + [f"drop@{float(f) * 100:g}% cam / random" for f in fr]
     rows = []
@@ -503,48 +525,76 @@ def faithfulness_table(faith: dict, *, markdown: bool = False) -> str:
             v = r["fractions"].get(f, {})
             row.append("-" if v.get("cam") is None else f"{v['cam']:.3f} / {v['random']:.3f}")
         rows.append(row)
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(v.ljust(wd) for v, wd in zip(header, widths)).rstrip(),
-             "  ".join("-" * wd for wd in widths)]
-    lines += ["  ".join(v.ljust(wd) for v, wd in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
+    return header, rows
+
+
+def faithfulness_table(faith: dict, *, markdown: bool = False) -> str:
+    """The faithfulness results as a text (or Markdown) table.
+
+    Example::
+
+        print(faithfulness_table(read_json("RUN/gradcam/arc2-t000/faithfulness.json")))
+    """
+    from .. import tables
+
+    header, rows = faithfulness_rows(faith)
+    if not header:
+        return "(no faithfulness results)"
+    align = "l" + "r" * (len(header) - 1)
+    return tables.markdown(header, rows, align=align) if markdown else tables.text(header, rows).rstrip("\n")
+
+
+def _image_files(item: str | os.PathLike) -> list[Path]:
+    """An image file, or the image files of a folder (recursively, sorted)."""
+    from ..data.stream import iter_inputs
+
+    p = Path(item)
+    if p.is_dir():
+        files = [Path(q) for q, err in iter_inputs([p], recursive=True) if err is None]
+        if not files:
+            raise ConfigError(f"image folder {p} holds no image files", option="images")
+        return files
+    if p.is_file():
+        return [p]
+    raise ConfigError(f"image not found: {p}", hint="give image files or folders", option="images")
 
 
 def _collect_images(run, images: Sequence[str | os.PathLike] | None, samples: int, seed: int,
                     fold: int | None = None):
-    """[(path, true label or None)]."""
-    from ..data.image import is_image_path
-
+    """[(path, true label or None)]: the given images (labelled by their folder's name when it is
+    a class), or ``samples`` random test (else val) images."""
     if images:
         names = run.class_names
-        out = []
-        for item in images:
-            p = Path(item)
-            if p.is_dir():
-                files = sorted(q for q in p.rglob("*") if q.is_file() and is_image_path(q))
-                if not files:
-                    raise ConfigError(f"--images folder {p} holds no image files")
-            elif p.is_file():
-                files = [p]
-            else:
-                raise ConfigError(f"image not found: {p}", hint="--images takes image files or folders")
-            for q in files:
-                lab = names.index(q.parent.name) if q.parent.name in names else None
-                out.append((q, lab))
-        return out
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ConfigError(f"--samples must be a positive integer, got {samples!r}")
+        return [(q, names.index(q.parent.name) if q.parent.name in names else None)
+                for item in images for q in _image_files(item)]
+    samples = check_int(samples, "samples", option="samples")
     paths, labels = run.split_paths("test")
     if not paths:
         paths, labels = run.split_paths("val", fold=fold)  # a k-fold trial's own held-out images
     if not paths:
-        raise RunFolderError(f"{run.path} has no test or val images to explain", hint="pass --images FILES")
+        raise RunFolderError(f"{run.path} has no test or val images to explain", hint="give image files to explain")
     rng = np.random.default_rng(seed)
     idx = sorted(rng.choice(len(paths), size=min(samples, len(paths)), replace=False))
     return [(paths[i], labels[i]) for i in idx]
+
+
+def _decode(items: list, size: tuple[int, int], p) -> tuple[np.ndarray, list]:
+    """Pixels of the items at the model's size; a bad file is skipped with a note, as training and infer do."""
+    from ..data.stream import decode_batches
+
+    pixels, kept = [], []
+    start = 0
+    for pb in decode_batches([q for q, _ in items], size, batch=64):
+        for i, it in enumerate(pb.items):
+            if it.error is not None:
+                p.say(f"skipped {it.path}: {it.error}")
+        pixels.append(pb.x)
+        kept += [items[start + i] for i in pb.ok_index]
+        start += len(pb.items)
+    if not kept:
+        raise DataError("none of the images to explain could be read (see the lines above)",
+                        hint="explain other images", option="images")
+    return np.concatenate(pixels), kept
 
 
 def _parse_class(cls, names: list[str]) -> int | None:
@@ -560,32 +610,74 @@ def _parse_class(cls, names: list[str]) -> int | None:
     if i is not None and 0 <= i < len(names):
         return i
     raise ConfigError(f"unknown class {cls!r}; accepted: a class name ({', '.join(names[:20])}"
-                      f"{', ...' if len(names) > 20 else ''}) or an index 0..{len(names) - 1}")
+                      f"{', ...' if len(names) > 20 else ''}) or an index 0..{len(names) - 1}", option="class_")
 
 
 def parse_methods(value: str | Sequence[str] | None) -> list[str]:
-    """``"gradcam,scorecam"`` / ``"all"`` / a list -> validated method list (order kept).
+    """CAM methods (a list, or one comma-separated string; ``all`` = every method), order kept.
 
-    Example:
-        >>> parse_methods("all")
-        ['gradcam', 'gradcam++', 'scorecam']
+    Example::
+
+        parse_methods(["all"])     # ['gradcam', 'gradcam++', 'scorecam']
     """
     if value is None:
         return ["gradcam"]
-    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
-    if items == ["all"]:
-        return list(METHODS)
-    alias = {"gradcampp": "gradcam++", "grad-cam": "gradcam", "grad-cam++": "gradcam++", "score-cam": "scorecam"}
-    out = []
-    for m in items:
-        m = alias.get(m, m)
-        if m not in METHODS:
-            raise ConfigError(f"unknown CAM method {m!r}; accepted: {', '.join(METHODS)} or all")
-        if m not in out:
-            out.append(m)
-    if not out:
-        raise ConfigError("no CAM method given; accepted: " + ", ".join(METHODS))
-    return out
+    return check_choices(value, METHODS, "CAM method", option="method", aliases=_ALIASES, every="all")
+
+
+@dataclass
+class _Target:
+    """What one explanation run explains: the trial, its model and layer, the images and their pixels."""
+
+    run: object
+    trial: object
+    model: object
+    layer: str
+    items: list
+    x: np.ndarray
+    explained: int | None
+    out_dir: Path
+
+
+def _native_pixels(path, fallback: np.ndarray) -> np.ndarray:
+    """The image at its own size (for a legible overlay); the model-size pixels if it cannot be read now."""
+    from ..data.stream import decode_item
+
+    item = decode_item(str(path), None)
+    return item.pixels if item.pixels is not None else fallback.astype(np.uint8)
+
+
+def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: bool, fractions, baseline: str,
+                    seed: int, scorecam_channels, p) -> dict:
+    """Maps, overlays, grid and faithfulness of one method, in ``<out>/<method>/``."""
+    names = tg.run.class_names
+    p.say(f"{meth}: {len(tg.items)} image(s), trial {tg.trial.name}, layer {tg.layer}")
+    maps, probs, cls = compute_maps(tg.model, tg.x, method=meth, layer=tg.layer, classes=tg.explained,
+                                    scorecam_channels=scorecam_channels, progress=p)
+    pred = probs.argmax(axis=1)
+    mdir = tg.out_dir / meth
+    cells, caps = [], []
+    for k, ((path, lab), m) in enumerate(zip(tg.items, maps)):
+        stem = f"{k:03d}_{Path(path).stem}"
+        ov = overlay(_native_pixels(path, tg.x[k]), m)
+        _save_png(ov, mdir / f"{stem}.png")
+        res.files.append(mdir / f"{stem}.png")
+        if save_maps:
+            with atomic_path(mdir / f"{stem}.npy", suffix=".npy") as tmp:
+                np.save(tmp, m.astype(np.float32))
+            res.files.append(mdir / f"{stem}.npy")
+        cap = f"true {names[lab] if lab is not None else '?'} / pred {names[pred[k]]} ({probs[k, pred[k]]:.2f})"
+        if tg.explained is not None:
+            cap += f"\nexplains {names[cls[k]]} ({probs[k, cls[k]]:.2f})"
+        cells.append(ov)
+        caps.append(cap)
+    _save_grid(cells, caps, mdir / "grid.png", f"{meth} - {tg.trial.name} - layer {tg.layer}")
+    res.files.append(mdir / "grid.png")
+    faith = confidence_drop(tg.model, tg.x, maps, cls, fractions=fractions, baseline=baseline, seed=seed)
+    faith.update({"method": meth, "trial": tg.trial.name, "layer": tg.layer,
+                  "classes": "predicted" if tg.explained is None else names[tg.explained]})
+    write_json_atomic(mdir / "faithfulness.json", faith)
+    return faith
 
 
 def explain_run(
@@ -602,7 +694,7 @@ def explain_run(
     baseline: str = "mean",
     seed: int = 0,
     scorecam_channels: int | None = None,
-    progress=print,
+    progress: ProgressLike = None,
 ) -> GradcamResult:
     """Explain images of a run's trial; write overlays, grids and faithfulness numbers.
 
@@ -616,7 +708,7 @@ def explain_run(
         trial: ``best`` or a trial name.
         images: image files or folders; default: ``samples`` random test images.
         samples: how many test images when ``images`` is not given.
-        methods: names from :data:`METHODS` (or ``"all"`` / a comma list).
+        methods: names from :data:`METHODS` (or ``["all"]``).
         layer: target layer; default the trial's ``gradcam_layer``.
         class_: class explained (name or index); default the predicted class.
         save_maps: also write the raw maps as ``.npy``.
@@ -624,7 +716,8 @@ def explain_run(
         baseline: masking value, ``mean`` or ``zero``.
         seed: sample choice and random masks.
         scorecam_channels: Score-CAM: score only this many channels (default all).
-        progress: receives progress lines.
+        progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``; a bar
+            per method over the images.
 
     Returns:
         A :class:`GradcamResult`.
@@ -634,68 +727,30 @@ def explain_run(
         ModelError: bad layer (the candidates are named).
         ConfigError: bad method, class, samples, image paths.
 
-    Example:
-        >>> explain_run("runs/digits", methods="gradcam,scorecam", samples=4).table   # doctest: +SKIP
+    Example::
+
+        explain_run("runs/digits", methods=["gradcam", "scorecam"], samples=4).table
     """
-    from ..data.image import load_image
     from ..runfolder import RunFolder
 
+    p = as_progress(progress)
     meths = parse_methods(methods)
     run = RunFolder(run_dir)
     t = run.trial(trial)
-    names = run.class_names
-    explained = _parse_class(class_, names)
+    explained = _parse_class(class_, run.class_names)
     items = _collect_images(run, images, samples, seed, fold=t.fold)
     model = t.load_model()
-    h, w = t.image_size
     tgt = resolve_layer(model, layer, default=t.meta.get("gradcam_layer"))
-    pixels, kept = [], []
-    for p, lab in items:  # a bad file is skipped with a note, as training and infer do
-        try:
-            pixels.append(load_image(p, (h, w)))
-            kept.append((p, lab))
-        except ImageDecodeError as exc:
-            progress(f"skipped {exc.path}: {exc.reason}")
-    if not kept:
-        raise DataError("none of the images to explain could be read (see the lines above)",
-                        hint="pass other --images")
-    items = kept
-    x = np.stack(pixels).astype(np.float32)
-    base_dir = run.path / "gradcam" / t.name
-    merged_path = base_dir / "faithfulness.json"
+    x, items = _decode(items, t.image_size, p)
+    tg = _Target(run, t, model, tgt.name, items, x, explained, run.gradcam_dir(t.name))
+    merged_path = tg.out_dir / "faithfulness.json"
     merged = read_json(merged_path) if merged_path.is_file() else {}
-    res = GradcamResult(out_dir=base_dir, trial=t.name, layer=tgt.name, methods=meths,
-                        images=[str(p) for p, _ in items])
+    res = GradcamResult(out_dir=tg.out_dir, trial=t.name, layer=tgt.name, methods=meths,
+                        images=[str(q) for q, _ in items])
     for meth in meths:
-        progress(f"{meth}: {len(items)} image(s), trial {t.name}, layer {tgt.name}")
-        maps, probs, cls = compute_maps(model, x, method=meth, layer=tgt.name, classes=explained,
-                                        scorecam_channels=scorecam_channels)
-        pred = probs.argmax(axis=1)
-        mdir = base_dir / meth
-        cells, caps = [], []
-        for k, ((p, lab), m) in enumerate(zip(items, maps)):
-            stem = f"{k:03d}_{Path(p).stem}"
-            ov = overlay(load_image(p), m)
-            _save_png(ov, mdir / f"{stem}.png")
-            res.files.append(mdir / f"{stem}.png")
-            if save_maps:
-                with atomic_path(mdir / f"{stem}.npy", suffix=".npy") as tmp:
-                    np.save(tmp, m.astype(np.float32))
-                res.files.append(mdir / f"{stem}.npy")
-            true = names[lab] if lab is not None else "?"
-            cap = f"true {true} / pred {names[pred[k]]} ({probs[k, pred[k]]:.2f})"
-            if explained is not None:
-                cap += f"\nexplains {names[cls[k]]} ({probs[k, cls[k]]:.2f})"
-            cells.append(ov)
-            caps.append(cap)
-        _save_grid(cells, caps, mdir / "grid.png", f"{meth} - {t.name} - layer {tgt.name}")
-        res.files.append(mdir / "grid.png")
-        faith = confidence_drop(model, x, maps, cls, fractions=fractions, baseline=baseline, seed=seed)
-        faith.update({"method": meth, "trial": t.name, "layer": tgt.name,
-                      "classes": "predicted" if explained is None else names[explained]})
-        write_json_atomic(mdir / "faithfulness.json", faith)
-        merged[meth] = faith
-        res.faithfulness[meth] = faith
+        faith = _explain_method(tg, meth, res, save_maps=save_maps, fractions=fractions, baseline=baseline,
+                                seed=seed, scorecam_channels=scorecam_channels, p=p)
+        merged[meth] = res.faithfulness[meth] = faith
     write_json_atomic(merged_path, merged)
     res.files.append(merged_path)
     return res

@@ -1,4 +1,5 @@
-"""Classical scikit-learn heads on the cached pooled features of a trial (reports A, B, C).
+"""Classical scikit-learn heads on the cached pooled features of a trial (does a RandomForest,
+an SVM or a logistic regression on the learned features match the network's own softmax?).
 
 :func:`fit_heads` fits RandomForest / SVM / logistic regression (and k-NN) on the
 train features of :func:`transfer.analysis.features.extract_features` and compares them
@@ -20,29 +21,29 @@ can run code), and :func:`ensure_head` returns a verified head or fits just that
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import pickle
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, DataError, TransferError
 from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
+from ..progress import ProgressLike, as_progress
+from ..tables import cell, markdown, write_csv
 from .features import SPLITS, extract_features, load_split, open_run, resolve_trial, resolve_trials
-
-Progress = Callable[[str], None] | None
+from .metrics import accuracy
+from .options import check_choices
 
 
 class HeadIntegrityError(TransferError):
     """A saved head does not match its JSON record (SHA-256), or its record is unreadable."""
 
 
-#: Head kinds, their defaults (make_head keyword arguments) and a short description.
+#: Head kinds, their defaults (make_estimator keyword arguments) and a short description.
 HEAD_KINDS: dict[str, dict[str, Any]] = {
     "rf": {"n_estimators": 200, "max_depth": None, "min_samples_leaf": 1, "n_jobs": -1, "random_state": 0},
     "svm": {"C": 1.0, "kernel": "rbf", "gamma": "scale", "random_state": 0},
@@ -63,31 +64,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _say(progress: Progress, msg: str) -> None:
-    if progress is not None:
-        progress(msg)
-
-
 def check_kinds(heads: Iterable[str] | str) -> tuple[str, ...]:
-    """Validate head names (``"rf,svm"`` or a list); unknown names list the accepted ones.
+    """Validate head names (a list, or one comma-separated string); unknown names list the accepted ones.
 
     Raises:
         ConfigError: unknown or no head.
     """
-    if isinstance(heads, str):
-        heads = heads.split(",")
-    out: list[str] = []
-    for h in heads:
-        h = str(h).strip().lower()
-        if not h:
-            continue
-        if h not in HEAD_KINDS:
-            raise ConfigError(f"unknown head {h!r}; accepted: {', '.join(HEAD_KINDS)}")
-        if h not in out:
-            out.append(h)
-    if not out:
-        raise ConfigError(f"no head given; accepted: {', '.join(HEAD_KINDS)}")
-    return tuple(out)
+    return tuple(check_choices(heads, HEAD_KINDS, "head", option="heads"))
+
+
+def param_option(kind: str, name: str) -> str:
+    """The name a head parameter goes by outside its kind (``svm``, ``C`` -> ``svm_c``); errors carry it."""
+    return f"{kind}_{name}".lower()
 
 
 def _positive(kind: str, name: str, v, *, integer: bool, allow_none: bool = False, minimum: float = 0.0):
@@ -96,7 +84,8 @@ def _positive(kind: str, name: str, v, *, integer: bool, allow_none: bool = Fals
     ok = not isinstance(v, bool) and isinstance(v, (int, np.integer) if integer else (int, float, np.number))
     if not ok or not np.isfinite(float(v)) or float(v) <= minimum:
         what = "an integer" if integer else "a number"
-        raise ConfigError(f"{kind} head: {name} must be {what} > {minimum:g} (got {v!r})")
+        raise ConfigError(f"{kind} head: {name} must be {what} > {minimum:g} (got {v!r})",
+                          option=param_option(kind, name))
     return int(v) if integer else float(v)
 
 
@@ -112,34 +101,38 @@ def head_params(kind: str, params: dict | None = None) -> dict:
     unknown = [k for k in params if k not in out]
     if unknown:
         raise ConfigError(f"{kind} head: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                          f"accepted: {', '.join(out)}")
+                          f"accepted: {', '.join(out)}", option="params")
     out.update(params)
     if kind == "rf":
-        out["n_estimators"] = _positive(kind, "n_estimators (--rf-trees)", out["n_estimators"], integer=True)
-        out["max_depth"] = _positive(kind, "max_depth (--rf-depth)", out["max_depth"], integer=True, allow_none=True)
+        out["n_estimators"] = _positive(kind, "n_estimators", out["n_estimators"], integer=True)
+        out["max_depth"] = _positive(kind, "max_depth", out["max_depth"], integer=True, allow_none=True)
         out["min_samples_leaf"] = _positive(kind, "min_samples_leaf", out["min_samples_leaf"], integer=True)
         if out["n_jobs"] is not None and (isinstance(out["n_jobs"], bool) or not isinstance(out["n_jobs"], int)
                                           or out["n_jobs"] == 0):
-            raise ConfigError(f"rf head: n_jobs must be a non-zero integer (-1 = all cores), got {out['n_jobs']!r}")
+            raise ConfigError(f"rf head: n_jobs must be a non-zero integer (-1 = all cores), got {out['n_jobs']!r}",
+                              option=param_option(kind, "n_jobs"))
     elif kind == "svm":
-        out["C"] = _positive(kind, "C (--svm-c)", out["C"], integer=False)
+        out["C"] = _positive(kind, "C", out["C"], integer=False)
         if out["kernel"] not in _SVM_KERNELS:
-            raise ConfigError(f"svm head: unknown kernel {out['kernel']!r}; accepted: {', '.join(_SVM_KERNELS)}")
+            raise ConfigError(f"svm head: unknown kernel {out['kernel']!r}; accepted: {', '.join(_SVM_KERNELS)}",
+                              option=param_option(kind, "kernel"))
         g = out["gamma"]
         if not (g in ("scale", "auto") or (isinstance(g, (int, float, np.number)) and not isinstance(g, bool)
                                            and np.isfinite(float(g)) and float(g) > 0)):
-            raise ConfigError(f"svm head: gamma must be 'scale', 'auto' or a number > 0 (got {out['gamma']!r})")
+            raise ConfigError(f"svm head: gamma must be 'scale', 'auto' or a number > 0 (got {out['gamma']!r})",
+                              option=param_option(kind, "gamma"))
     elif kind == "logreg":
-        out["C"] = _positive(kind, "C (--logreg-c)", out["C"], integer=False)
+        out["C"] = _positive(kind, "C", out["C"], integer=False)
         out["max_iter"] = _positive(kind, "max_iter", out["max_iter"], integer=True)
     elif kind == "knn":
-        out["n_neighbors"] = _positive(kind, "n_neighbors (--knn-k)", out["n_neighbors"], integer=True)
+        out["n_neighbors"] = _positive(kind, "n_neighbors", out["n_neighbors"], integer=True)
         if out["weights"] not in ("uniform", "distance"):
-            raise ConfigError(f"knn head: weights must be 'uniform' or 'distance' (got {out['weights']!r})")
+            raise ConfigError(f"knn head: weights must be 'uniform' or 'distance' (got {out['weights']!r})",
+                              option=param_option(kind, "weights"))
     return out
 
 
-def make_head(kind: str, **params):
+def make_estimator(kind: str, **params):
     """An unfitted scikit-learn estimator for ``kind`` with sensible defaults.
 
     Kinds: ``rf`` RandomForest (200 trees, all cores), ``svm`` StandardScaler + RBF SVC
@@ -157,9 +150,9 @@ def make_head(kind: str, **params):
     Raises:
         ConfigError: unknown kind or parameter, bad value.
 
-    Example:
-        >>> make_head("rf", n_estimators=50).n_estimators
-        50
+    Example::
+
+        make_estimator("rf", n_estimators=50).n_estimators   # 50
     """
     p = head_params(kind, params)
     kind = check_kinds([kind])[0]
@@ -186,10 +179,6 @@ def make_head(kind: str, **params):
 
 
 # --------------------------------------------------------------------------- saving / loading
-
-
-def heads_dir(run, trial_name: str) -> Path:
-    return open_run(run).path / "heads" / trial_name
 
 
 def _sklearn_version() -> str:
@@ -243,10 +232,10 @@ def load_head(path: str | os.PathLike) -> tuple[Any, dict]:
     Raises:
         HeadIntegrityError: see :func:`verify_head`, or the pickle cannot be read.
 
-    Example:
-        >>> est, meta = load_head("runs/digits/heads/arc2-t100/rf.pkl")  # doctest: +SKIP
-        >>> est.predict_proba(X).shape[1] == len(meta["classes"])       # doctest: +SKIP
-        True
+    Example::
+
+        est, meta = load_head("runs/digits/heads/arc2-t100/rf.pkl")
+        est.predict_proba(X).shape[1] == len(meta["classes"])     # True
     """
     pkl = Path(path)
     if pkl.suffix == ".json":
@@ -265,84 +254,85 @@ def load_head(path: str | os.PathLike) -> tuple[Any, dict]:
     return est, meta
 
 
-def _accuracy(est, X, y) -> tuple[float | None, float | None]:
+def _timed_accuracy(est, X, y) -> tuple[float | None, float | None]:
     """(accuracy, seconds of predict) on (X, y); None for an empty split."""
     if len(y) == 0:
         return None, None
     t0 = time.perf_counter()
     pred = est.predict(X)
     sec = time.perf_counter() - t0
-    return float(np.mean(pred == y)), sec
+    return accuracy(y, pred), sec
 
 
-def _fit_one(kind: str, params: dict, data: dict, *, trial: str, class_names: list[str], model_sha: str,
-             folder: Path, progress: Progress) -> dict:
-    p = head_params(kind, params)
-    est = make_head(kind, **p)
-    Xtr = np.asarray(data["train"]["X"], dtype=np.float32)
-    ytr = data["train"]["y"]
-    C = len(class_names)
-    present = set(np.unique(ytr).tolist())
-    missing = [class_names[c] for c in range(C) if c not in present]
+def _check_every_class(y: np.ndarray, class_names: list[str], trial: str) -> None:
+    present = set(np.unique(y).tolist())
+    missing = [class_names[c] for c in range(len(class_names)) if c not in present]
     if missing:
         raise DataError(
             f"the train split of trial {trial} has no image of class(es) {', '.join(missing)}; "
             "a head fitted on it could not predict them",
             hint="re-split the data so every class has training images",
         )
-    _say(progress, f"heads {trial}: fitting {kind} on {len(ytr)} x {Xtr.shape[1]} features")
-    t0 = time.perf_counter()
-    try:
-        est.fit(Xtr, ytr)
-    except ValueError as exc:
-        raise ConfigError(f"{kind} head cannot be fitted with {p}: {exc}") from exc
-    fit_seconds = time.perf_counter() - t0
+
+
+def _score(est, data: dict) -> tuple[dict[str, float | None], float | None]:
+    """Accuracy per split and predict milliseconds per image (on test, else the first non-empty split)."""
     acc: dict[str, float | None] = {}
     timing: tuple[float, int] | None = None
     for s in SPLITS:
         X = np.asarray(data[s]["X"], dtype=np.float32)
-        a, sec = _accuracy(est, X, data[s]["y"])
+        a, sec = _timed_accuracy(est, X, data[s]["y"])
         acc[s] = a
         if sec is not None and (s == "test" or timing is None):
             timing = (sec, len(X))
-    ms = 1000.0 * timing[0] / timing[1] if timing else None
-    pkl = folder / f"{kind}.pkl"
+    return acc, (1000.0 * timing[0] / timing[1] if timing else None)
+
+
+def _save_head(est, folder: Path, record: dict) -> dict:
+    """Pickle ``est`` as ``<kind>.pkl`` and write its record (with the pickle's SHA-256) as ``<kind>.json``."""
+    pkl = folder / f"{record['kind']}.pkl"
     with atomic_path(pkl, suffix=".pkl") as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(est, f, protocol=pickle.HIGHEST_PROTOCOL)
-    record = {
-        "kind": kind,
-        "estimator": type(est).__name__,
-        "description": _DESCRIPTION[kind],
-        "sha256": sha256_file(pkl),
-        "sklearn": _sklearn_version(),
-        "feature_dim": int(Xtr.shape[1]),
-        "classes": [int(c) for c in est.classes_],
-        "class_names": list(class_names),
-        "trial": trial,
-        "params": p,
-        "model_sha256": model_sha,
-        "accuracy": acc,
-        "fit_seconds": fit_seconds,
-        "predict_ms_per_image": ms,
-        "train_images": int(len(ytr)),
-        "created": _now(),
-    }
-    write_json_atomic(folder / f"{kind}.json", record)
-    _say(progress, f"heads {trial}: {kind} test accuracy {_fmt(acc['test'])} (fit {fit_seconds:.2f} s)")
+    record = {**record, "sha256": sha256_file(pkl), "created": _now()}
+    write_json_atomic(folder / f"{record['kind']}.json", record)
     return record
 
 
-def _load_data(rf, trial: str, progress: Progress) -> dict:
+def _fit_one(kind: str, params: dict, data: dict, *, trial: str, class_names: list[str], model_sha: str,
+             folder: Path, progress: ProgressLike) -> dict:
+    p = as_progress(progress)
+    hp = head_params(kind, params)
+    est = make_estimator(kind, **hp)
+    Xtr = np.asarray(data["train"]["X"], dtype=np.float32)
+    ytr = data["train"]["y"]
+    _check_every_class(ytr, class_names, trial)
+    p.say(f"heads {trial}: fitting {kind} on {len(ytr)} x {Xtr.shape[1]} features")
+    t0 = time.perf_counter()
+    try:
+        est.fit(Xtr, ytr)
+    except ValueError as exc:
+        raise ConfigError(f"{kind} head cannot be fitted with {hp}: {exc}", option="params") from exc
+    fit_seconds = time.perf_counter() - t0
+    acc, ms = _score(est, data)
+    record = _save_head(est, folder, {
+        "kind": kind, "estimator": type(est).__name__, "description": _DESCRIPTION[kind],
+        "sklearn": _sklearn_version(), "feature_dim": int(Xtr.shape[1]),
+        "classes": [int(c) for c in est.classes_], "class_names": list(class_names), "trial": trial,
+        "params": hp, "model_sha256": model_sha, "accuracy": acc, "fit_seconds": fit_seconds,
+        "predict_ms_per_image": ms, "train_images": int(len(ytr)),
+    })
+    p.say(f"heads {trial}: {kind} test accuracy {cell(acc['test'])} (fit {fit_seconds:.2f} s)")
+    return record
+
+
+def _load_data(rf, trial: str, progress: ProgressLike) -> dict:
     extract_features(rf, trial, SPLITS, progress=progress)
     return {s: load_split(rf, trial, s) for s in SPLITS}
 
 
 def _network_row(rf, t, data: dict) -> dict:
-    acc = {}
-    for s in SPLITS:
-        y = data[s]["y"]
-        acc[s] = float(np.mean(np.argmax(np.asarray(data[s]["probs"]), axis=1) == y)) if len(y) else None
+    acc = {s: accuracy(data[s]["y"], np.argmax(np.asarray(data[s]["probs"]), axis=1)) for s in SPLITS}
     meta = data["test"]["meta"] or {}
     ms = None
     for s in ("test", "val", "train"):
@@ -367,24 +357,16 @@ def _row(record: dict, path: Path) -> dict:
             "path": str(path)}
 
 
-def _fmt(v, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.{digits}f}"
-
-
 TABLE_COLUMNS = ("head", "estimator", "train_accuracy", "val_accuracy", "test_accuracy", "fit_seconds",
                  "predict_ms_per_image")
+_TABLE_HEADER = ("head", "estimator", "train acc", "val acc", "test acc", "fit s", "predict ms/img")
 
 
 def render_table(rows: Sequence[dict]) -> str:
-    """Markdown table of head rows (report A, table 3)."""
-    head = "| head | estimator | train acc | val acc | test acc | fit s | predict ms/img |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['head']} | {r['estimator']} | {_fmt(r['train_accuracy'])} | {_fmt(r['val_accuracy'])} | "
-                     f"{_fmt(r['test_accuracy'])} | {_fmt(r['fit_seconds'], 2)} | {_fmt(r['predict_ms_per_image'], 3)} |")
-    return "\n".join(lines) + "\n"
+    """Markdown table of head rows: accuracy per split, fit seconds and predict milliseconds per image."""
+    return markdown(_TABLE_HEADER, [
+        [r["head"], r["estimator"], cell(r["train_accuracy"]), cell(r["val_accuracy"]), cell(r["test_accuracy"]),
+         cell(r["fit_seconds"], 2), cell(r["predict_ms_per_image"], 3)] for r in rows], align="llrrrrr")
 
 
 def _write_table(rf, t, data: dict, folder: Path, model_sha: str) -> list[dict]:
@@ -401,13 +383,8 @@ def _write_table(rf, t, data: dict, folder: Path, model_sha: str) -> list[dict]:
         if rec.get("model_sha256") != model_sha or "accuracy" not in rec:
             continue  # fitted on features of an older model
         rows.append(_row(rec, folder / f"{kind}.pkl"))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(TABLE_COLUMNS)
-    for r in rows:
-        w.writerow(["" if r[c] is None else round(r[c], 6) if isinstance(r[c], float) else r[c]
-                    for c in TABLE_COLUMNS])
-    write_text_atomic(folder / "heads.csv", buf.getvalue())
+    write_csv(folder / "heads.csv", TABLE_COLUMNS,
+              [[round(r[c], 6) if isinstance(r[c], float) else r[c] for c in TABLE_COLUMNS] for r in rows])
     md = (f"# Heads on the features of {t.name}\n\n" + render_table(rows) +
           "\nAccuracy on the run's train / val / test splits. `network` is the model's own softmax; "
           "its fit time is the training time and its predict time is the whole model's forward pass. "
@@ -422,16 +399,16 @@ def fit_heads(
     trial: str = "best",
     heads: Sequence[str] | str = DEFAULT_HEADS,
     params: dict[str, dict] | None = None,
-    progress: Progress = None,
+    progress: ProgressLike = None,
 ) -> list[dict]:
     """Fit classical heads on a trial's features and compare them with the network's head.
 
     Args:
         run: run folder path or :class:`~transfer.runfolder.RunFolder`.
         trial: ``"best"``, ``"all"`` or trial name(s).
-        heads: kinds from :data:`HEAD_KINDS` (``"rf,svm"`` or a list).
+        heads: kinds from :data:`HEAD_KINDS` (a list, or one comma-separated string).
         params: per-kind overrides, e.g. ``{"rf": {"n_estimators": 500}, "svm": {"C": 10}}``.
-        progress: called with progress lines.
+        progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``.
 
     Returns:
         Table rows (dicts with ``trial``, ``head``, ``estimator``, ``train_accuracy``,
@@ -443,16 +420,17 @@ def fit_heads(
         ConfigError: unknown head or parameter.
         DataError: a class has no training image.
 
-    Example:
-        >>> rows = fit_heads("runs/digits", "best", ("rf", "logreg"), {"rf": {"n_estimators": 100}})  # doctest: +SKIP
-        >>> [r["head"] for r in rows]
-        ['network', 'rf', 'logreg']
+    Example::
+
+        rows = fit_heads("runs/digits", "best", ["rf", "logreg"], {"rf": {"n_estimators": 100}})
+        [r["head"] for r in rows]     # ['network', 'rf', 'logreg']
     """
     kinds = check_kinds(heads)
     params = dict(params or {})
     for k in params:
         if k not in HEAD_KINDS:
-            raise ConfigError(f"parameters given for unknown head {k!r}; accepted: {', '.join(HEAD_KINDS)}")
+            raise ConfigError(f"parameters given for unknown head {k!r}; accepted: {', '.join(HEAD_KINDS)}",
+                              option="params")
     for k in kinds:  # validate every option before any work
         head_params(k, params.get(k))
     rf = open_run(run)
@@ -460,7 +438,7 @@ def fit_heads(
     for t in resolve_trials(rf, trial):
         data = _load_data(rf, t.name, progress)
         model_sha = data["test"]["meta"]["model_sha256"]
-        folder = heads_dir(rf, t.name)
+        folder = rf.heads_dir(t.name)
         folder.mkdir(parents=True, exist_ok=True)
         for k in kinds:
             _fit_one(k, params.get(k) or {}, data, trial=t.name, class_names=rf.class_names, model_sha=model_sha,
@@ -471,7 +449,7 @@ def fit_heads(
     return out
 
 
-def ensure_head(run, trial: str, head: str, *, progress: Progress = None) -> tuple[Path, dict]:
+def ensure_head(run, trial: str, head: str, *, progress: ProgressLike = None) -> tuple[Path, dict]:
     """A verified saved head of a trial, fitting it (with default parameters) when absent or stale.
 
     An existing head is checked against its record (SHA-256) and refused when it was
@@ -490,24 +468,26 @@ def ensure_head(run, trial: str, head: str, *, progress: Progress = None) -> tup
         HeadIntegrityError: the saved head does not match its recorded SHA-256.
         RunFolderError / ConfigError / DataError: as :func:`fit_heads`.
 
-    Example:
-        >>> pkl, meta = ensure_head("runs/digits", "best", "rf")  # doctest: +SKIP
-        >>> meta["feature_dim"], meta["classes"]
-        (1280, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    Example::
+
+        pkl, meta = ensure_head("runs/digits", "best", "rf")
+        meta["feature_dim"], meta["classes"]     # (1280, [0, 1, ..., 9])
     """
-    kind = check_kinds([head])[0]
+    kinds = check_kinds([head])
     if isinstance(head, str) and "," in head:
-        raise ConfigError(f"one head is needed here, got {head!r}")
+        raise ConfigError(f"one head is needed here, got {head!r}", option="head")
+    kind = kinds[0]
     rf = open_run(run)
     t = resolve_trial(rf, trial)
-    folder = heads_dir(rf, t.name)
+    folder = rf.heads_dir(t.name)
     pkl, js = folder / f"{kind}.pkl", folder / f"{kind}.json"
     model_sha = sha256_file(t.model_path)
     if pkl.is_file() and js.is_file():
         meta = verify_head(pkl)  # raises on tampering
         if meta.get("model_sha256") == model_sha and meta.get("sklearn") == _sklearn_version():
             return pkl, meta
-        _say(progress, f"heads {t.name}: saved {kind} head is stale (model or scikit-learn changed); re-fitting")
+        as_progress(progress).say(f"heads {t.name}: saved {kind} head is stale (model or scikit-learn changed); "
+                                  "re-fitting")
     data = _load_data(rf, t.name, progress)
     folder.mkdir(parents=True, exist_ok=True)
     meta = _fit_one(kind, {}, data, trial=t.name, class_names=rf.class_names,
@@ -516,5 +496,5 @@ def ensure_head(run, trial: str, head: str, *, progress: Progress = None) -> tup
     return pkl, meta
 
 
-__all__ = ["HEAD_KINDS", "DEFAULT_HEADS", "HeadIntegrityError", "make_head", "head_params", "check_kinds",
-           "fit_heads", "ensure_head", "load_head", "verify_head", "render_table"]
+__all__ = ["HEAD_KINDS", "DEFAULT_HEADS", "HeadIntegrityError", "make_estimator", "head_params", "check_kinds",
+           "param_option", "fit_heads", "ensure_head", "load_head", "verify_head", "render_table"]

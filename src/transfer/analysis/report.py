@@ -23,11 +23,14 @@ A section whose files are missing says which command makes them. The HTML embeds
 images as base64 ``data:`` URIs and its CSS inline: one file to open, mail or archive.
 The Markdown links the images by their path relative to the run folder.
 
-Example:
-    >>> from transfer.analysis.report import write_report
-    >>> paths = write_report("runs/digits")    # doctest: +SKIP
-    >>> paths["html"]                            # doctest: +SKIP
-    PosixPath('runs/digits/report.html')
+The run's files are found through :class:`~transfer.runfolder.RunLayout` (no path of the
+run folder is spelled here); Markdown tables come from :mod:`transfer.tables`.
+
+Example::
+
+    from transfer.analysis.report import write_report
+    paths = write_report("runs/digits")
+    paths["html"]                       # runs/digits/report.html
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..fsutil import read_json, write_text_atomic
+from ..runfolder import RunFolder, RunLayout
+from ..tables import markdown
 
 #: Rows shown of a long table before the rest is folded away.
 MAX_ROWS = 60
@@ -147,14 +152,10 @@ def _html_table(header, rows, *, cls: str = "") -> str:
 
 
 def _md_table(header, rows) -> str:
-    def esc(v):
-        return _cell(str(v)).replace("|", "\\|")
-
+    """A Markdown table of CSV cells (long decimals shortened as in the HTML)."""
     if not header:
         return ""
-    out = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
+    return markdown([str(h) for h in header], [[_cell(str(c)) for c in r] for r in rows])
 
 
 def _img(path: Path, run: Path, caption: str) -> tuple[str, str]:
@@ -176,10 +177,6 @@ def _images(sec: Section, items: list[tuple[Path, str]], run: Path, *, grid: boo
         sec.html.append(('<div class="grid">' + "".join(hs) + "</div>") if grid and len(hs) > 1 else "".join(hs))
 
 
-def _subdirs(path: Path) -> list[Path]:
-    return sorted(d for d in path.iterdir() if d.is_dir()) if path.is_dir() else []
-
-
 def _safe_json(path: Path):
     try:
         return read_json(path)
@@ -187,14 +184,20 @@ def _safe_json(path: Path):
         return None
 
 
+def _trial_dirs(rf: RunLayout, area: str, folder_of, *files: str) -> list[Path]:
+    """The per-trial folders of an analysis area that hold any of ``files`` (all, when none is named)."""
+    dirs = [folder_of(t) for t in rf.analysis_trials(area)]
+    return [d for d in dirs if not files or any((d / f).is_file() for f in files)]
+
+
 # --------------------------------------------------------------------------- sections
 
 
-def _dataset(run: Path) -> Section:
+def _dataset(rf: RunLayout) -> Section:
     sec = Section("dataset", "Dataset")
-    ds = _safe_json(run / "dataset.json")
+    ds = _safe_json(rf.dataset_json)
     if not isinstance(ds, dict):
-        sec.missing("dataset.json is missing or unreadable", f"transfer train DATA --out {run}")
+        sec.missing("dataset.json is missing or unreadable", f"transfer train DATA --out {rf.path}")
         return sec
     sec.present = True
     names = ds.get("class_names", [])
@@ -202,15 +205,16 @@ def _dataset(run: Path) -> Section:
     counts = ds.get("counts", {})
     split = ds.get("split", {})
     bad_rows: list[list[str]] = []
-    if (run / "bad_files.csv").is_file():
-        _, bad_rows = _read_csv(run / "bad_files.csv")
+    if rf.bad_files_csv.is_file():
+        _, bad_rows = _read_csv(rf.bad_files_csv)
     n_bad = ds.get("num_bad", len(bad_rows))
     kv = [
         ("data folder", ds.get("root", "?")),
         ("classes", f"{len(names)}: {shown}"),
         ("images", f"{ds.get('num_images', '?')} readable"),
         ("split", f"{split.get('method', '?')} (val {split.get('val')}, test {split.get('test')}, seed "
-                  f"{split.get('seed')}" + (f", {split['kfold']} folds" if split.get("kfold") else "") + ")"),
+                  f"{split.get('seed')}" + (f", {split['kfold']} folds" if split.get("kfold") else "")
+                  + (", duplicate groups kept on one side" if split.get("dedupe") else "") + ")"),
         ("train / val / test", " / ".join(str(counts.get(k, "?")) for k in ("train", "val", "test"))),
         ("bad files", f"{max(int(n_bad or 0), len(bad_rows))} (bad_files.csv)"),
     ]
@@ -223,48 +227,61 @@ def _dataset(run: Path) -> Section:
     return sec
 
 
-def _sweep(run: Path) -> Section:
+def _sweep(rf: RunLayout) -> Section:
     sec = Section("sweep", "Freeze sweep")
-    if not (run / "sweep.csv").is_file():
-        sec.missing("no sweep table (sweep.csv)", f"transfer train DATA --out {run}")
+    if not rf.sweep_csv.is_file():
+        sec.missing("no sweep table (sweep.csv)", f"transfer train DATA --out {rf.path}")
         return sec
     sec.present = True
-    header, rows = _read_csv(run / "sweep.csv")
-    sec.html.append(_html_table(header, rows))
-    sec.md.append(_md_table(header, rows))
-    best = _safe_json(run / "best.json")
+    _table(sec, *_read_csv(rf.sweep_csv))
+    best = _safe_json(rf.best_json)
     if isinstance(best, dict) and best.get("trial"):
         line = f"Best trial: {best['trial']} ({best.get('metric', 'val_accuracy')} {_fmt(best.get('value'))}"
         if best.get("test_accuracy") is not None:
             line += f", test accuracy {_fmt(best['test_accuracy'])}"
         line += ")."
-        sec.html.append(f'<p class="note">{html.escape(line)}</p>')
-        sec.md.append(line + "\n")
+        _note(sec, line)
     return sec
 
 
-def _curves(run: Path) -> Section:
-    sec = Section("curves", "Training curves")
-    items = [(d / "curves.png", d.name) for d in _subdirs(run / "trials") if (d / "curves.png").is_file()]
+def _table(sec: Section, header, rows, title: str | None = None) -> None:
+    """A table in both renderings (with an ``h3`` title when given)."""
+    h3 = f"<h3>{html.escape(title)}</h3>" if title else ""
+    sec.html.append(h3 + _html_table(header, rows))
+    sec.md.append((f"### {title}\n\n" if title else "") + _md_table(header, rows))
+
+
+def _note(sec: Section, line: str) -> None:
+    sec.html.append(f'<p class="note">{html.escape(line)}</p>')
+    sec.md.append(line + "\n")
+
+
+def _image_section(rf: RunLayout, key: str, title: str, items: list[tuple[Path, str]], what: str,
+                   command: str) -> Section:
+    """A section of pictures only; ``what`` / ``command`` say what is missing and what makes it."""
+    sec = Section(key, title)
     if not items:
-        sec.missing("no training curves (trials/<trial>/curves.png)", f"transfer train DATA --out {run}")
+        sec.missing(what, command)
         return sec
     sec.present = True
-    _images(sec, items, run)
+    _images(sec, items, rf.path)
     return sec
 
 
-def _heads(run: Path) -> Section:
+def _curves(rf: RunLayout) -> Section:
+    trials = sorted(d.name for d in rf.trials_dir.iterdir() if d.is_dir()) if rf.trials_dir.is_dir() else []
+    items = [(rf.trial_paths(t).curves_png, t) for t in trials if rf.trial_paths(t).curves_png.is_file()]
+    return _image_section(rf, "curves", "Training curves", items, "no training curves (trials/<trial>/curves.png)",
+                          f"transfer train DATA --out {rf.path}")
+
+
+def _heads(rf: RunLayout) -> Section:
     sec = Section("heads", "Classical heads on learned features")
-    found = [d for d in _subdirs(run / "heads") if (d / "heads.csv").is_file()]
-    if not found:
-        sec.missing("no classical-head comparison (heads/<trial>/heads.csv)", f"transfer heads {run}")
+    found = _trial_dirs(rf, "heads", rf.heads_dir, "heads.csv")
+    if not _found(sec, found, "no classical-head comparison (heads/<trial>/heads.csv)", f"transfer heads {rf.path}"):
         return sec
-    sec.present = True
     for d in found:
-        header, rows = _read_csv(d / "heads.csv")
-        sec.html.append(f"<h3>{html.escape(d.name)}</h3>" + _html_table(header, rows))
-        sec.md.append(f"### {d.name}\n\n" + _md_table(header, rows))
+        _table(sec, *_read_csv(d / "heads.csv"), title=d.name)
     return sec
 
 
@@ -274,105 +291,106 @@ def _metrics_summary(sec: Section, m: dict, *, averages: bool = True) -> None:
     line = ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()
                      if k not in skip and not isinstance(v, (dict, list)))
     if line:
-        sec.html.append(f'<p class="note">{html.escape(line)}</p>')
-        sec.md.append(line + "\n")
+        _note(sec, line)
     avgs = {k: v for k, v in m.items() if k not in skip and isinstance(v, dict)
             and v and all(not isinstance(x, (dict, list)) for x in v.values())}
     if avgs and averages:
         cols: list[str] = []
         for v in avgs.values():
             cols += [c for c in v if c not in cols]
-        rows = [[k] + [_fmt(v.get(c, "")) for c in cols] for k, v in avgs.items()]
-        sec.html.append(_html_table(["average"] + cols, rows))
-        sec.md.append(_md_table(["average"] + cols, rows))
+        _table(sec, ["average"] + cols, [[k] + [_fmt(v.get(c, "")) for c in cols] for k, v in avgs.items()])
 
 
-def _evaluate(run: Path) -> Section:
-    sec = Section("evaluate", "Per-class metrics and confusion matrix")
-    found = [d for d in _subdirs(run / "evaluate")
-             if any((d / f).is_file() for f in ("metrics.json", "per_class.csv", "confusion.png"))]
+def _found(sec: Section, found: list, what: str, command: str) -> bool:
+    """Mark the section present when ``found`` is not empty, else say what is missing."""
     if not found:
-        sec.missing("no evaluation (evaluate/<trial>/)", f"transfer evaluate {run}")
-        return sec
+        sec.missing(what, command)
+        return False
     sec.present = True
+    return True
+
+
+def _heading(sec: Section, name: str) -> None:
+    sec.html.append(f"<h3>{html.escape(name)}</h3>")
+    sec.md.append(f"### {name}\n")
+
+
+def _evaluate(rf: RunLayout) -> Section:
+    sec = Section("evaluate", "Per-class metrics and confusion matrix")
+    found = _trial_dirs(rf, "evaluate", rf.evaluate_dir, "metrics.json", "per_class.csv", "confusion.png")
+    if not _found(sec, found, "no evaluation (evaluate/<trial>/)", f"transfer evaluate {rf.path}"):
+        return sec
     for d in found:
-        sec.html.append(f"<h3>{html.escape(d.name)}</h3>")
-        sec.md.append(f"### {d.name}\n")
-        m = _safe_json(d / "metrics.json") if (d / "metrics.json").is_file() else None
+        _heading(sec, d.name)
+        m = _safe_json(d / "metrics.json")
         if isinstance(m, dict):
             _metrics_summary(sec, m, averages=not (d / "per_class.csv").is_file())
         if (d / "per_class.csv").is_file():
-            header, rows = _read_csv(d / "per_class.csv")
-            sec.html.append(_html_table(header, rows))
-            sec.md.append(_md_table(header, rows))
+            _table(sec, *_read_csv(d / "per_class.csv"))
         else:
             sec.html.append('<p class="note">per_class.csv missing</p>')
         pics = [(d / f, f"{d.name}: {cap}") for f, cap in (
             ("confusion.png", "confusion matrix"), ("samples.png", "random test images: predicted / true"),
             ("wrong.png", "most confidently wrong")) if (d / f).is_file()]
-        _images(sec, pics, run)
+        _images(sec, pics, rf.path)
     return sec
 
 
-def _gradcam(run: Path) -> Section:
+def _faithfulness(sec: Section, faith: dict) -> None:
+    from .gradcam import faithfulness_rows, faithfulness_table
+
+    try:
+        header, rows = faithfulness_rows(faith)
+        first = next(iter(faith.values()))
+        note = (f"Faithfulness: mean drop of the explained class's probability when the most "
+                f"highlighted share of pixels is set to the image's {first.get('baseline', 'mean')} colour "
+                f"(cam) vs the same share of random pixels (random); higher cam than random = the map "
+                f"points at evidence the model uses. Layer {first.get('layer', '?')}.")
+        sec.html.append(f'<p class="note">{html.escape(note)}</p>' + _html_table(header, rows))
+        sec.md.append(note + "\n\n" + faithfulness_table(faith, markdown=True))
+    except (KeyError, TypeError, ValueError, AttributeError, StopIteration):
+        sec.html.append('<p class="note">faithfulness.json unreadable</p>')
+
+
+def _gradcam(rf: RunLayout) -> Section:
+    from .gradcam import METHODS
+
     sec = Section("gradcam", "Grad-CAM")
-    found = [d for d in _subdirs(run / "gradcam")
-             if (d / "faithfulness.json").is_file() or any((m / "grid.png").is_file() for m in _subdirs(d))]
-    if not found:
-        sec.missing("no Grad-CAM maps (gradcam/<trial>/)", f"transfer gradcam {run} --method gradcam,gradcam++")
-        return sec
-    sec.present = True
-    from .gradcam import METHODS, faithfulness_table
 
+    def method_dirs(d: Path) -> list[Path]:
+        return sorted((m for m in d.iterdir() if m.is_dir() and (m / "grid.png").is_file()),
+                      key=lambda m: (METHODS.index(m.name) if m.name in METHODS else 99, m.name))
+
+    found = [d for d in _trial_dirs(rf, "gradcam", rf.gradcam_dir)
+             if (d / "faithfulness.json").is_file() or method_dirs(d)]
+    if not _found(sec, found, "no Grad-CAM maps (gradcam/<trial>/)",
+                  f"transfer gradcam {rf.path} --method gradcam,gradcam++"):
+        return sec
     for d in found:
-        sec.html.append(f"<h3>{html.escape(d.name)}</h3>")
-        sec.md.append(f"### {d.name}\n")
-        faith = _safe_json(d / "faithfulness.json") if (d / "faithfulness.json").is_file() else None
+        _heading(sec, d.name)
+        faith = _safe_json(d / "faithfulness.json")
         if isinstance(faith, dict) and faith:
-            try:
-                md = faithfulness_table(faith, markdown=True)
-                lines = [ln for ln in md.strip().splitlines() if ln.strip()]
-                header = [c.strip() for c in lines[0].strip("|").split("|")]
-                rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
-                first = next(iter(faith.values()))
-                note = (f"Faithfulness: mean drop of the explained class's probability when the most "
-                        f"highlighted share of pixels is set to the image's {first.get('baseline', 'mean')} colour "
-                        f"(cam) vs the same share of random pixels (random); higher cam than random = the map "
-                        f"points at evidence the model uses. Layer {first.get('layer', '?')}.")
-                sec.html.append(f'<p class="note">{html.escape(note)}</p>' + _html_table(header, rows))
-                sec.md.append(note + "\n\n" + md)
-            except (KeyError, TypeError, ValueError, StopIteration):
-                sec.html.append('<p class="note">faithfulness.json unreadable</p>')
-        methods = [m for m in _subdirs(d) if (m / "grid.png").is_file()]
-        methods.sort(key=lambda p: METHODS.index(p.name) if p.name in METHODS else 99)
-        for m in methods:  # full width: the captions of the cells stay legible
-            _images(sec, [(m / "grid.png", f"{d.name}: {m.name}")], run, grid=False)
+            _faithfulness(sec, faith)
+        for m in method_dirs(d):  # full width: the captions of the cells stay legible
+            _images(sec, [(m / "grid.png", f"{d.name}: {m.name}")], rf.path, grid=False)
     return sec
 
 
-def _features(run: Path) -> Section:
-    sec = Section("features", "Learned features")
-    items = []
-    for d in _subdirs(run / "plots"):
-        for kind in ("pca", "tsne"):
-            p = d / f"features_{kind}.png"
-            if p.is_file():
-                items.append((p, f"{d.name}: {kind.upper() if kind == 'pca' else 't-SNE'} of the features"))
-    if not items:
-        sec.missing("no feature plot (plots/<trial>/features_pca.png)", f"transfer features {run} --plot pca")
-        return sec
-    sec.present = True
-    _images(sec, items, run)
-    return sec
+def _features(rf: RunLayout) -> Section:
+    items = [(rf.plots_dir(t) / f"features_{kind}.png", f"{t}: {name} of the features")
+             for t in rf.analysis_trials("plots") for kind, name in (("pca", "PCA"), ("tsne", "t-SNE"))
+             if (rf.plots_dir(t) / f"features_{kind}.png").is_file()]
+    return _image_section(rf, "features", "Learned features", items,
+                          "no feature plot (plots/<trial>/features_pca.png)", f"transfer features {rf.path} --plot pca")
 
 
-def _resolution(run: Path) -> Section:
+def _resolution(rf: RunLayout) -> Section:
     sec = Section("resolution", "Resolution study")
-    d = run / "resolution"
+    d = rf.resolution_dir
     modes = [m for m in ("totv", "tvtv") if (d / f"{m}.csv").is_file()]
     if not modes:
         sec.missing("no resolution study (resolution/totv.csv)",
-                    f"transfer resolution {run} --sizes 32,16,8 --mode totv")
+                    f"transfer resolution {rf.path} --sizes 32,16,8 --mode totv")
         return sec
     sec.present = True
     labels = {"totv": "TOTV: trained once, tested on images reduced to each size",
@@ -380,36 +398,140 @@ def _resolution(run: Path) -> Section:
     for m in modes:
         info = _safe_json(d / f"{m}.json") or {}
         title = labels[m] + (f" (trial {info['trial']})" if info.get("trial") else "")
-        header, rows = _read_csv(d / f"{m}.csv")
-        sec.html.append(f"<h3>{html.escape(title)}</h3>" + _html_table(header, rows))
-        sec.md.append(f"### {title}\n\n" + _md_table(header, rows))
+        _table(sec, *_read_csv(d / f"{m}.csv"), title=title)
         if (d / f"{m}_per_class.csv").is_file():
             ph, pr = _read_csv(d / f"{m}_per_class.csv")
             sec.html.append("<details><summary>per class</summary>" + _html_table(ph, pr) + "</details>")
         if (d / f"{m}.png").is_file():
-            _images(sec, [(d / f"{m}.png", title)], run, grid=False)
+            _images(sec, [(d / f"{m}.png", title)], rf.path, grid=False)
     if (d / "compare.csv").is_file():
-        header, rows = _read_csv(d / "compare.csv")
-        sec.html.append("<h3>TOTV vs TVTV</h3>" + _html_table(header, rows))
-        sec.md.append("### TOTV vs TVTV\n\n" + _md_table(header, rows))
+        _table(sec, *_read_csv(d / "compare.csv"), title="TOTV vs TVTV")
         if (d / "compare.png").is_file():
-            _images(sec, [(d / "compare.png", "TOTV vs TVTV")], run, grid=False)
+            _images(sec, [(d / "compare.png", "TOTV vs TVTV")], rf.path, grid=False)
     elif len(modes) == 1:
         other = "tvtv" if modes[0] == "totv" else "totv"
-        sec.html.append(f'<p class="note">Run <code>transfer resolution {html.escape(str(run))} --mode {other}</code> '
+        sec.html.append(f'<p class="note">Run <code>transfer resolution {html.escape(str(rf.path))} --mode {other}</code> '
                         "as well to compare TOTV with TVTV.</p>")
-        sec.md.append(f"Run `transfer resolution {run} --mode {other}` as well to compare TOTV with TVTV.\n")
+        sec.md.append(f"Run `transfer resolution {rf.path} --mode {other}` as well to compare TOTV with TVTV.\n")
     return sec
+
+
+def _audit(rf: RunLayout) -> Section | None:
+    """The data audit (``transfer data audit DATA --run RUN``), only when the run has one."""
+    from .audit import audit_dir
+    from .audit_page import KINDS, findings_html, summary_markdown
+
+    d = audit_dir(rf)
+    s = _safe_json(d / "audit.json")
+    if not isinstance(s, dict):
+        return None
+    sec = Section("audit", "Data audit", present=True)
+    _note(sec, f"{s.get('images')} images ({s.get('readable')} readable) audited {s.get('created')}; "
+               f"{len(s.get('groups', []))} duplicate group(s), {s.get('leaking_groups', 0)} across splits.")
+    md = summary_markdown(s, KINDS)
+    sec.md.append(md)
+    sec.html.append(_html_table(*_md_rows(md)))
+    rows = _read_csv(d / "audit.csv")
+    if rows[0]:
+        sec.html += findings_html(Path(s.get("data", "")), [dict(zip(rows[0], r)) for r in rows[1]], KINDS)
+    sec.md.append(f"Every finding: `{os.path.relpath(d / 'audit.csv', rf.path)}`; thumbnails: "
+                  f"`{os.path.relpath(d / 'audit.html', rf.path)}`.\n")
+    return sec
+
+
+def _calibration(rf: RunLayout) -> Section | None:
+    """The bundle's calibration (temperature, ECE / NLL / Brier before and after, a reliability
+    diagram) and unknown-input scores, with ``transfer evaluate --unknown`` results if any; only
+    when the run has a bundle (``RUN/bundle``)."""
+    from ..bundle import read_manifest
+    from ..errors import BundleError
+
+    sec = Section("calibration", "Calibration and unknown inputs")
+    try:
+        m = read_manifest(rf.bundle_dir) if rf.bundle_dir.is_dir() else None
+    except BundleError:
+        m = None
+    if m is None:
+        return None
+    sec.present = True
+    cal = m.get("calibration")
+    if not cal:
+        _note(sec, f"the bundle was exported without calibration; `transfer export {rf.path} --force` calibrates it")
+        return sec
+    trial = str((m.get("source") or {}).get("trial", "bundle"))
+    if cal.get("method") == "none":
+        _note(sec, f"{trial}: not calibrated: {cal.get('reason')}")
+        return sec
+    _note(sec, f"{trial}: temperature {cal['temperature']:.3f} fitted on {cal['images']} {cal['fitted_on']} image(s) "
+               "(minimum NLL), written into the bundle's graph. ECE: 15 equal-width bins; 'ECE floor': the ECE a "
+               "perfectly calibrated model would show on the same images.")
+    rows = []
+    for split in ("val", "test"):
+        for when in ("before", "after"):
+            r = (cal.get(split) or {}).get(when)
+            if r:
+                rows.append([split, "calibrated" if when == "after" else "network", r["images"], r["accuracy"], r["ece"], r.get("ece_floor"), r["nll"], r["brier"]])
+    _table(sec, ["split", "probabilities", "images", "accuracy", "ECE", "ECE floor", "NLL", "Brier"], rows)
+    test = cal.get("test") or cal.get("val") or {}
+    if all(k in test and "reliability" in test[k] for k in ("before", "after")):
+        png = rf.plots_dir(trial) / "reliability.png"
+        _reliability_diagram(test["before"]["reliability"], test["after"]["reliability"], png,
+                             "test" if cal.get("test") else "val")
+        _images(sec, [(png, f"{trial}: reliability diagram")], rf.path, grid=False)
+    unk = m.get("unknown")
+    if unk:
+        _table(sec, ["score", "threshold", "val images accepted", ""],
+               [[k, v["threshold"], v["val_acceptance"], "default" if k == unk.get("default") else ""]
+                for k, v in unk["scores"].items()], title="unknown-input scores (transfer infer/serve --reject)")
+    res = _safe_json(rf.evaluate_dir(trial) / "unknown.json")
+    if isinstance(res, dict) and res.get("scores"):
+        from .unknown import unknown_table
+
+        _table(sec, *unknown_table(res), title=f"known test images ({res['known']}) vs unknown images "
+                                                f"({res['unknown']}: {', '.join(res.get('unknown_inputs', []))})")
+    else:
+        _note(sec, f"Run `transfer evaluate {rf.path} --unknown DIR` with images of none of the classes to "
+                   "measure how well these scores separate them.")
+    return sec
+
+
+def _reliability_diagram(before: dict, after: dict, path: Path, split: str) -> None:
+    from ..plots import figure, save_figure
+
+    with figure(figsize=(4.6, 4.2), purpose="the reliability diagram") as (fig, ax):
+        edges = before["edges"]
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfect calibration")
+        for r, label, marker in ((before, "before", "o"), (after, "after temperature", "s")):
+            pts = [(c, a) for c, a, n in zip(r["confidence"], r["accuracy"], r["count"]) if n]
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=label)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel(f"accuracy ({split} images)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xticks([round(c, 1) for c in centers[::3]])
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, path)
+
+
+def _md_rows(md: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln.strip().strip("|") for ln in md.strip().splitlines()]
+    cells = [[c.strip() for c in ln.split(" | ")] for i, ln in enumerate(lines) if i != 1]
+    return cells[0], cells[1:]
 
 
 # --------------------------------------------------------------------------- page
 
 
-def build_sections(run_dir: str | os.PathLike) -> list[Section]:
+def build_sections(run_dir: "str | os.PathLike | RunLayout") -> list[Section]:
     """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
-    run = Path(run_dir)
-    return [_dataset(run), _sweep(run), _curves(run), _heads(run), _evaluate(run), _gradcam(run),
-            _features(run), _resolution(run)]
+    rf = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
+    secs = [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _features(rf),
+            _resolution(rf), _calibration(rf), _audit(rf)]
+    return [s for s in secs if s is not None]
 
 
 def write_report(run_dir: str | os.PathLike) -> dict:
@@ -424,16 +546,14 @@ def write_report(run_dir: str | os.PathLike) -> dict:
     Raises:
         RunFolderError: the folder is missing or not a (complete) run folder.
 
-    Example:
-        >>> write_report("runs/digits")["missing"]   # doctest: +SKIP
-        ['heads', 'resolution']
-    """
-    from ..runfolder import RunFolder
+    Example::
 
+        write_report("runs/digits")["missing"]     # ['heads', 'resolution']
+    """
     rf = RunFolder(run_dir)  # names what is missing
     run = rf.path
     info = rf.info
-    secs = build_sections(run)
+    secs = build_sections(rf)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"transfer run report: {run.resolve().name}"
     sub = (f"run {html.escape(str(run.resolve()))} &middot; created {html.escape(str(info.get('created', '?')))} "
@@ -451,9 +571,9 @@ def write_report(run_dir: str | os.PathLike) -> dict:
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
             f"<body><main>{''.join(body)}</main></body></html>\n")
-    write_text_atomic(run / "report.html", page)
-    write_text_atomic(run / "report.md", "\n".join(md))
-    return {"html": run / "report.html", "md": run / "report.md",
+    write_text_atomic(rf.report_html, page)
+    write_text_atomic(rf.report_md, "\n".join(md))
+    return {"html": rf.report_html, "md": rf.report_md,
             "present": [s.key for s in secs if s.present], "missing": [s.key for s in secs if not s.present]}
 
 

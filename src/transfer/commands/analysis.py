@@ -7,14 +7,16 @@ import click
 from ._options import parse_csv, quiet_option
 
 
-def _echo(quiet: bool):
-    return None if quiet else click.echo
-
-
 def _open(run_dir: str):
     from ..runfolder import RunFolder
 
     return RunFolder(run_dir)
+
+
+def _progress(quiet: bool):
+    from ..progress import Progress
+
+    return Progress(quiet=quiet)
 
 
 @click.command("heads")
@@ -22,18 +24,20 @@ def _open(run_dir: str):
 @click.option("--trial", default="best", show_default=True, help="best | all | a trial name (comma-separated names).")
 @click.option("--head", "heads", default="rf,svm,logreg", show_default=True, metavar="H,..",
               help="Classical heads to fit: rf, svm, logreg, knn.")
-@click.option("--rf-trees", type=int, help="RandomForest: number of trees. [default: 200]")
-@click.option("--rf-depth", type=int, help="RandomForest: maximum depth. [default: unlimited]")
-@click.option("--rf-jobs", type=int, help="RandomForest: parallel jobs (-1 = all cores). [default: -1]")
-@click.option("--svm-c", type=float, help="SVM: regularization C. [default: 1.0]")
+# each flag's parameter is named <kind>_<estimator parameter> (heads.param_option), so an error
+# about that parameter is shown with its flag
+@click.option("--rf-trees", "rf_n_estimators", type=int, help="RandomForest: number of trees. [default: 200]")
+@click.option("--rf-depth", "rf_max_depth", type=int, help="RandomForest: maximum depth. [default: unlimited]")
+@click.option("--rf-jobs", "rf_n_jobs", type=int, help="RandomForest: parallel jobs (-1 = all cores). [default: -1]")
+@click.option("--svm-c", "svm_c", type=float, help="SVM: regularization C. [default: 1.0]")
 @click.option("--svm-kernel", type=click.Choice(["rbf", "linear", "poly", "sigmoid"]), help="SVM kernel. [default: rbf]")
-@click.option("--logreg-c", type=float, help="Logistic regression: inverse regularization C. [default: 1.0]")
+@click.option("--logreg-c", "logreg_c", type=float, help="Logistic regression: inverse regularization C. [default: 1.0]")
 @click.option("--logreg-max-iter", type=int, help="Logistic regression: iterations. [default: 1000]")
-@click.option("--knn-k", type=int, help="k-NN: neighbours. [default: 5]")
+@click.option("--knn-k", "knn_n_neighbors", type=int, help="k-NN: neighbours. [default: 5]")
 @click.option("--seed", type=int, help="random_state of rf / svm / logreg. [default: 0]")
 @quiet_option
-def heads(run, trial, heads, rf_trees, rf_depth, rf_jobs, svm_c, svm_kernel, logreg_c, logreg_max_iter, knn_k,
-          seed, quiet) -> None:
+def heads(run, trial, heads, rf_n_estimators, rf_max_depth, rf_n_jobs, svm_c, svm_kernel, logreg_c, logreg_max_iter,
+          knn_n_neighbors, seed, quiet) -> None:
     """Fit scikit-learn heads on the pooled features of trained model(s) of RUN and compare
     them with the network's own softmax head (accuracy per split, fit and predict time).
 
@@ -48,28 +52,19 @@ def heads(run, trial, heads, rf_trees, rf_depth, rf_jobs, svm_c, svm_kernel, log
     from ..analysis.heads import check_kinds, fit_heads, render_table
 
     kinds = check_kinds(parse_csv(heads, str, name="--head"))
-    params: dict[str, dict] = {}
-
-    def put(kind, key, value):
-        if value is not None:
-            params.setdefault(kind, {})[key] = value
-
-    put("rf", "n_estimators", rf_trees)
-    put("rf", "max_depth", rf_depth)
-    put("rf", "n_jobs", rf_jobs)
-    put("svm", "C", svm_c)
-    put("svm", "kernel", svm_kernel)
-    put("logreg", "C", logreg_c)
-    put("logreg", "max_iter", logreg_max_iter)
-    put("knn", "n_neighbors", knn_k)
+    given = {("rf", "n_estimators"): rf_n_estimators, ("rf", "max_depth"): rf_max_depth, ("rf", "n_jobs"): rf_n_jobs,
+             ("svm", "C"): svm_c, ("svm", "kernel"): svm_kernel, ("logreg", "C"): logreg_c,
+             ("logreg", "max_iter"): logreg_max_iter, ("knn", "n_neighbors"): knn_n_neighbors}
     if seed is not None:
-        for k in ("rf", "svm", "logreg"):
-            put(k, "random_state", seed)
-    params = {k: v for k, v in params.items() if k in kinds}
+        given.update({(k, "random_state"): seed for k in ("rf", "svm", "logreg")})
+    params: dict[str, dict] = {}
+    for (kind, key), value in given.items():
+        if value is not None and kind in kinds:
+            params.setdefault(kind, {})[key] = value
     rf = _open(run)
-    rows = fit_heads(rf, trial, kinds, params, progress=_echo(quiet))
+    rows = fit_heads(rf, trial, kinds, params, progress=_progress(quiet))
     for name in dict.fromkeys(r["trial"] for r in rows):
-        click.echo(f"\n{name}  ->  {rf.path / 'heads' / name / 'heads.md'}")
+        click.echo(f"\n{name}  ->  {rf.heads_dir(name) / 'heads.md'}")
         click.echo(render_table([r for r in rows if r["trial"] == name]).rstrip())
 
 
@@ -80,24 +75,47 @@ def heads(run, trial, heads, rf_trees, rf_depth, rf_jobs, svm_c, svm_kernel, log
 @click.option("--samples", default=16, show_default=True, type=int,
               help="Images in the random grid (and at most as many most confidently wrong images).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random image pick.")
+@click.option("--unknown", "unknown", multiple=True, type=click.Path(exists=True), metavar="DIR",
+              help="Images of none of the classes (repeatable): score the bundle's unknown-input detection "
+                   "against the test split instead (AUROC, false accepts at its threshold).")
+@click.option("--bundle", type=click.Path(), help="With --unknown: the bundle. [default: RUN/bundle]")
 @quiet_option
-def evaluate(run, trial, split, samples, seed, quiet) -> None:
+def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
     """Per-class accuracy, precision, recall and F1 (macro and weighted averages), confusion
     matrix, a grid of random images and the most confidently wrong ones, into
     RUN/evaluate/<trial>/.
 
+    With --unknown DIR: how well the run's calibrated bundle tells its test images from
+    images of none of its classes -- AUROC of each unknown-input score, and at the bundle's
+    threshold the share of unknown images it accepts (RUN/evaluate/<trial>/unknown.json).
+
     \b
     transfer evaluate runs/digits --trial all --split test --samples 16
+    transfer evaluate runs/digits --unknown left_out/ --unknown noise/
     """
     from ..analysis.evaluate import evaluate as run_evaluate
 
     rf = _open(run)
-    res = run_evaluate(rf, trial, split, samples=samples, seed=seed, progress=_echo(quiet))
+    if unknown:
+        from ..analysis.unknown import evaluate_unknown_run, unknown_table
+        from ..tables import markdown
+
+        res = evaluate_unknown_run(rf, unknown, bundle=bundle, progress=_progress(quiet))
+        click.echo(f"\n{res['trial']}: {res['known']} known test image(s) vs {res['unknown']} unknown image(s)"
+                   + (f" ({res['unreadable']} unreadable skipped)" if res["unreadable"] else ""))
+        click.echo(markdown(*unknown_table(res)).rstrip())
+        click.echo(f"best score: {res['best']} -> {res['out']}")
+        return
+    if bundle:
+        from ..errors import ConfigError
+
+        raise ConfigError("--bundle needs --unknown")
+    res = run_evaluate(rf, trial, split, samples=samples, seed=seed, progress=_progress(quiet))
     for name, r in res.items():
         click.echo(f"\n{name}  {split}: {r['images']} images, accuracy {r['accuracy']:.4f}, "
                    f"macro F1 {r['macro']['f1']:.4f}, weighted F1 {r['weighted']['f1']:.4f}")
         click.echo(r["per_class_md"].rstrip())
-        click.echo(f"-> {rf.path / 'evaluate' / name}  (metrics.json, per_class.csv/.md, confusion.csv/.png, "
+        click.echo(f"-> {rf.evaluate_dir(name)}  (metrics.json, per_class.csv/.md, confusion.csv/.png, "
                    "samples.png, wrong.png)")
 
 
@@ -121,25 +139,22 @@ def features(run, trial, methods, split, max_points, force, batch_size, workers,
     transfer features runs/digits --plot tsne
     transfer features runs/digits --trial all --plot pca,tsne --split val
     """
-    from ..errors import ConfigError
-    from ..analysis.features import PLOT_METHODS, SPLITS, extract_features, features_meta, plot_features, resolve_trials
+    from ..analysis.features import (SPLITS, check_plot_methods, extract_features, features_meta, plot_features,
+                                     resolve_trials)
 
-    plots = parse_csv(methods, str, name="--plot") if methods else []
-    for m in plots:
-        if m.lower() not in PLOT_METHODS:
-            raise ConfigError(f"--plot: unknown method {m!r}; accepted: {', '.join(PLOT_METHODS)}")
+    plots = check_plot_methods(parse_csv(methods, str, name="--plot")) if methods else []
+    progress = _progress(quiet)
     rf = _open(run)
     for t in resolve_trials(rf, trial):
-        extract_features(rf, t.name, SPLITS, batch_size=batch_size, workers=workers, force=force,
-                         progress=_echo(quiet))
+        extract_features(rf, t.name, SPLITS, batch_size=batch_size, workers=workers, force=force, progress=progress)
         meta = features_meta(rf, t.name)
         counts = ", ".join(f"{s} {meta['counts'].get(s, 0)}" for s in SPLITS)
         bad = sum(len(v) for v in meta.get("bad_files", {}).values())
         click.echo(f"{t.name}: {meta['feature_dim']}-d features ({counts}"
-                   f"{f'; {bad} unreadable file(s) skipped' if bad else ''}) -> {rf.path / 'features' / t.name}")
+                   f"{f'; {bad} unreadable file(s) skipped' if bad else ''}) -> {rf.features_dir(t.name)}")
         for m in plots:
-            out = plot_features(rf, t.name, m.lower(), split, max_points)
-            click.echo(f"{t.name}: {m.lower()} plot of the {split} features -> {out}")
+            out = plot_features(rf, t.name, m, split, max_points, progress=progress)
+            click.echo(f"{t.name}: {m} plot of the {split} features -> {out}")
 
 
 COMMANDS = [heads, evaluate, features]

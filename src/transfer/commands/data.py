@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ConfigError, DataError
+from ._options import quiet_option
 
 
 @click.group("data")
@@ -67,15 +68,24 @@ def idx_cmd(images: str, labels: str, out: str, classes: str | None, limit: int 
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Decoding threads.")
 @click.option("--bad-csv", type=click.Path(dir_okay=False), default=None,
               help="Also write the bad files (path,reason) to this CSV.")
-def check_cmd(folder: str, workers: int | None, bad_csv: str | None) -> None:
+@click.option("--allow-nested", is_flag=True,
+              help="Accept images in sub-folders of a class folder as that class (else listed as a problem).")
+@click.option("--allow-case-clash", is_flag=True,
+              help="Accept class folders whose names differ only in case as different classes.")
+@quiet_option
+def check_cmd(folder: str, workers: int | None, bad_csv: str | None, allow_nested: bool, allow_case_clash: bool,
+              quiet: bool) -> None:
     """Index FOLDER, decode every image, print per-class counts and the bad files.
 
     Exits non-zero when the folder cannot be trained as is (e.g. a class without a usable
-    image), after listing what is wrong.
+    image, images in sub-folders of a class, class names differing only in case), after
+    listing what is wrong.
     """
     from ..data.folder import index_folder, write_bad_files_csv
+    from ..progress import Progress
 
-    idx = index_folder(folder, workers=workers, strict=False)
+    idx = index_folder(folder, workers=workers, strict=False, allow_nested=allow_nested,
+                       allow_case_clash=allow_case_clash, progress=Progress(quiet=quiet))
     width = max([len("class"), *(len(c) for c in idx.class_names)])
     if idx.given_splits is not None:
         splits = [s for s in ("train", "val", "test")]

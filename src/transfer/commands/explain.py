@@ -7,8 +7,10 @@ import click
 from ._options import parse_csv, quiet_option
 
 
-def _echo(quiet: bool):
-    return (lambda s: None) if quiet else click.echo
+def _progress(quiet: bool):
+    from ..progress import Progress
+
+    return Progress(quiet=quiet)
 
 
 @click.command("gradcam")
@@ -46,14 +48,16 @@ def gradcam(run, image_args, trial, images, samples, method, layer, class_, save
     transfer gradcam runs/digits img1.png img2.png --class 3 --save-maps
     """
     from ..runfolder import RunFolder
-    from ..analysis.gradcam import explain_run
+    from ..analysis.gradcam import explain_run, parse_methods
 
+    methods = parse_methods(parse_csv(method, str, name="--method"))
+    fractions = parse_csv(fractions, float, name="--fractions")
+    progress = _progress(quiet)
     names = [t.name for t in RunFolder(run).select(trial)] if trial != "best" else ["best"]
     for name in names:
         res = explain_run(run, trial=name, images=list(images) + list(image_args) or None, samples=samples,
-                          methods=method, layer=layer, class_=class_, save_maps=save_maps,
-                          fractions=parse_csv(fractions, float, name="--fractions"), baseline=baseline, seed=seed,
-                          scorecam_channels=scorecam_channels, progress=_echo(quiet))
+                          methods=methods, layer=layer, class_=class_, save_maps=save_maps, fractions=fractions,
+                          baseline=baseline, seed=seed, scorecam_channels=scorecam_channels, progress=progress)
         click.echo(f"\n{res.trial}: faithfulness ({len(res.images)} images, layer {res.layer}): "
                    "confidence drop of the explained class, cam / random")
         click.echo(res.table)
@@ -68,7 +72,8 @@ def gradcam(run, image_args, trial, images, samples, method, layer, class_, save
 @click.option("--trial", default="best", show_default=True, help="Trial name or 'best'.")
 @quiet_option
 def resolution(run, sizes, mode, trial, quiet) -> None:
-    """Accuracy, precision and F1 per input resolution (report E's TOTV / TVTV study).
+    """Accuracy, precision and F1 per input resolution: train once and test on images reduced
+    to each size (totv), or train and test at each size (tvtv).
 
     Writes RUN/resolution/<mode>.{csv,md,json,png} and <mode>_per_class.csv. TVTV
     trains one model per size into RUN/resolution/tvtv/size<k>/ (re-run to resume).
@@ -77,9 +82,10 @@ def resolution(run, sizes, mode, trial, quiet) -> None:
     transfer resolution runs/fashion --sizes 32,16,8 --mode totv
     transfer resolution runs/fashion --sizes 32,16,8 --mode tvtv
     """
-    from ..analysis.resolution import resolution_study
+    from ..analysis.resolution import parse_sizes, resolution_study
 
-    res = resolution_study(run, sizes=sizes, mode=mode, trial=trial, progress=_echo(quiet))
+    res = resolution_study(run, sizes=parse_sizes(parse_csv(sizes, str, name="--sizes")), mode=mode, trial=trial,
+                           progress=_progress(quiet))
     click.echo("")
     click.echo(res.table_md.rstrip())
     click.echo(f"\nwritten to {res.files[0].parent}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._options import quiet_option
+from .keys import trust_option, trust_value
 
 
 @click.command("export")
@@ -13,7 +14,8 @@ from ._options import quiet_option
 @click.option("--out", type=click.Path(), help="Bundle folder. [default: RUN/bundle]")
 @click.option("--head", type=click.Choice(["rf", "svm", "logreg", "knn"]),
               help="Also ship this classical head (pickle + ONNX); fitted from cached features if absent.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Add a static int8 ONNX model for CPUs.")
+@click.option("--quantize", metavar="int8|fp16|int8,fp16",
+              help="Add a static int8 ONNX model (CPUs) and/or an fp16 ONNX model (GPUs); --trt fp16 adds fp16.")
 @click.option("--trt", type=click.Choice(["fp32", "fp16", "int8"]), help="Add a TensorRT engine (NVIDIA GPU only).")
 @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
               help="TensorRT optimization profile of the batch dimension.")
@@ -26,10 +28,20 @@ from ._options import quiet_option
               help="int8 / fp16: maximum validation accuracy drop (0.01 = 1 point).")
 @click.option("--opset", default=17, show_default=True, help="ONNX opset.")
 @click.option("--workspace-mb", default=2048, show_default=True, help="TensorRT builder workspace limit.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Temperature-scale the probabilities (fitted on the val split, written into the graph) and fit "
+                   "the unknown-input scores that infer/serve --reject use.")
+@click.option("--unknown-accept", default=0.95, show_default=True,
+              help="Share of known (val) images the unknown-input thresholds accept.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing bundle at --out (only a folder holding nothing but a bundle; its hidden "
+                   "files are kept).")
+@click.option("--sign", type=click.Path(dir_okay=False),
+              help="Sign the bundle with this private key (`transfer keygen KEY`); machines that trust KEY.pub "
+                   "load it.")
 @quiet_option
 def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_images, atol, min_agreement,
-           max_accuracy_drop, opset, workspace_mb, force, quiet) -> None:
+           max_accuracy_drop, opset, workspace_mb, calibrate, unknown_accept, force, sign, quiet) -> None:
     """Export a trained trial of RUN as a deployment bundle: ONNX (image -> features, probs;
     preprocessing inside the graph), optional classical head, int8 model and TensorRT engine,
     each verified against its reference on real validation images.
@@ -39,15 +51,18 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
     transfer export runs/digits --trial arc2-t100 --head rf --quantize int8 --out bundles/digits
     transfer export runs/cd --trt fp16 --batch 1:8:32
 
-    Exit codes: 0 verified bundle; 1 error or failed verification (bundle marked invalid);
-    2 bad option; 3 TensorRT requested but no NVIDIA GPU / TensorRT (the ONNX bundle is kept).
+    Exit codes: 0 verified bundle; 1 error or failed verification (bundle marked invalid), or
+    another process exports to the same --out; 2 bad option; 3 TensorRT requested but no
+    NVIDIA GPU / TensorRT (the ONNX bundle is kept).
     """
     from ..export.api import export_bundle
+    from ..progress import Progress
 
     res = export_bundle(run, trial=trial, out=out, head=head, quantize=quantize, trt=trt, batch=batch,
                         calib_images=calib_images, verify_images=verify_images, atol=atol,
                         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, force=force,
-                        opset=opset, workspace_mb=workspace_mb, progress=None if quiet else click.echo)
+                        opset=opset, workspace_mb=workspace_mb, calibrate=calibrate, unknown_accept=unknown_accept,
+                        progress=Progress(quiet=quiet), sign=sign)
     click.echo(f"{res.bundle_dir}: verified ({', '.join(sorted(res.manifest['models']))}"
                f"{', heads ' + ', '.join(sorted(res.manifest['heads'])) if res.manifest['heads'] else ''}) "
                f"in {res.seconds:.1f}s")
@@ -57,17 +72,22 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
 @click.argument("bundle", type=click.Path())
 @click.option("--deep", is_flag=True,
               help="Also run every ONNX model and head once (ONNX Runtime, CPU) and check output shapes.")
-def verify(bundle, deep) -> None:
-    """Re-check a bundle's files against the SHA-256 in its manifest (exit 1 on any problem).
+@trust_option
+def verify(bundle, deep, trust) -> None:
+    """Re-check a bundle: every file against the SHA-256 in its manifest, the manifest against
+    the files (labels, verification record, external data, each ONNX model's inputs, outputs
+    and precision), and its signature (exit 1 on any problem). With --trust (or
+    TRANSFER_TRUST) an unsigned bundle, or one signed by another key, fails.
 
     \b
     transfer verify runs/digits/bundle
-    transfer verify runs/digits/bundle --deep
+    transfer verify runs/digits/bundle --deep --trust release.key.pub
     """
-    from ..bundle import load_bundle, verify_bundle
+    from ..bundle import check_graphs, load_bundle, verify_bundle
     from ..errors import BundleError, TamperedBundleError
 
-    rep = verify_bundle(bundle)
+    trust = trust_value(trust)
+    rep = verify_bundle(bundle, trust=trust)
     for p in rep["problems"]:
         extra = f" (expected {p.get('expected')}, found {p.get('found')})" if p["problem"] in ("size", "sha256") else ""
         click.echo(f"  {p['file']}: {p['problem']}{extra}", err=True)
@@ -77,8 +97,14 @@ def verify(bundle, deep) -> None:
         names = ", ".join(p["file"] for p in rep["problems"])
         raise TamperedBundleError(f"bundle {bundle} does not match its manifest: {names}",
                                   hint="re-export the bundle or restore the original files")
-    # the manifest's own claims: labels, pixel recipe, the verdict (files were hashed above)
-    b = load_bundle(bundle, verify_hashes=False, allow_invalid=True)
+    # the manifest's own claims: labels, pixel recipe, the verdict, external data (files were hashed above)
+    b = load_bundle(bundle, verify_hashes=False, allow_invalid=True, trust=trust)
+    problems = check_graphs(b)  # each ONNX model / head is what its manifest entry says
+    for p in problems:
+        click.echo(f"  {p['file']}: {p['problem']}", err=True)
+    if problems:
+        raise TamperedBundleError(f"bundle {bundle}: {', '.join(sorted({p['file'] for p in problems}))} "
+                                  "do(es) not match the manifest", hint="re-export the bundle")
     if not rep["valid_at_export"]:
         raise BundleError(f"bundle {bundle} is marked invalid: it failed verification at export",
                           hint=f"see {bundle}/verification.json")
@@ -96,7 +122,9 @@ def verify(bundle, deep) -> None:
             sum(1 for e in b.heads.values() if e.get("onnx"))
         engines = sorted(k for k, e in b.models.items() if e.get("runtime") != "onnxruntime")
         ran = f"; {n} ONNX model(s) ran" + (f"; not run here: {', '.join(engines)} (needs its GPU)" if engines else "")
-    click.echo(f"{bundle}: OK ({rep['files_checked']} files match their SHA-256; verified at export{ran})")
+    signed = ("unsigned" if b.signer is None else
+              f"signed by {b.signer}" + (" (trusted)" if b.trusted else " (not checked against trusted keys)"))
+    click.echo(f"{bundle}: OK ({rep['files_checked']} files match their SHA-256; verified at export; {signed}{ran})")
 
 
 COMMANDS = [export, verify]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
 from ._options import parse_csv, quiet_option
+from .keys import trust_option, trust_options, trust_value
 
 
 @click.command("infer")
@@ -28,16 +28,24 @@ from ._options import parse_csv, quiet_option
 @click.option("--providers", help="ONNX Runtime providers in order: cpu, cuda, tensorrt. [default: best available]")
 @click.option("--workers", default=2, show_default=True, help="Decode threads (with --ray: inference actors).")
 @click.option("--threads", type=int,
-              help="ONNX Runtime intra-op threads (per worker with --ray). [default: all cores; 1 with --ray]")
+              help="ONNX Runtime intra-op threads (per worker with --ray). [default: the physical cores; 1 with --ray]")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file failed.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray Data: an actor pool of --workers sessions (needs --out; also writes OUT.parquet).")
 @click.option("--address", metavar="HOST:PORT", help="Ray cluster to join with --ray. [default: a local Ray]")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
               help="GPUs each Ray inference worker reserves (with --ray; e.g. 1, or 0.5 to share one).")
+@click.option("--reject", is_flag=True,
+              help="Mark images the bundle's unknown-input score rejects as status 'unknown' (the score, its "
+                   "name and the threshold go in every row). Needs a calibrated bundle (the export default).")
+@click.option("--unknown-score", type=click.Choice(["mahalanobis", "msp"]),
+              help="Score --reject uses: feature-space Mahalanobis distance or maximum softmax probability. "
+                   "[default: the bundle's]")
+@trust_options
 @quiet_option
 def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
-              threads, strict, use_ray, address, gpus_per_worker, quiet) -> None:
+              threads, strict, use_ray, address, gpus_per_worker, reject, unknown_score, trust, trust_pickle,
+              quiet) -> None:
     """Predict image files and folders with a bundle: one row per file (path, top-k classes
     and probabilities, or the error for that file). No TensorFlow needed.
 
@@ -50,52 +58,39 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 
     Bad files (empty, truncated, not an image, unreadable, too large, directories) get an
     error row and are counted; the run goes on. Exit code: 0, or 1 when no file succeeded
-    or, with --strict, when any file failed.
-    """
-    from ..runtime.infer import InferSummary, exit_code, infer
+    or, with --strict, when any file failed (or another process writes the same --out).
 
+    With --trust (or TRANSFER_TRUST) only a bundle signed by a trusted key loads; a pickled
+    head (--head-format pickle) runs only from such a bundle, or with --trust-pickle.
+
+    With --reject an image whose unknown-input score is below the bundle's threshold (chosen
+    at export to accept 95 % of known validation images) gets status 'unknown': it belongs to
+    none of the bundle's classes, as far as the bundle can tell.
+    """
+    from ..errors import ConfigError
+    from ..progress import Progress
+    from ..runtime.infer import exit_code, infer
+
+    progress = Progress(quiet=quiet)
+    common = dict(out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format, backend=backend,
+                  providers=providers, recursive=recursive, workers=workers, progress=progress,
+                  trust=trust_value(trust), trust_pickle=trust_pickle, reject=unknown_score or reject)
+    if unknown_score and not reject:
+        raise ConfigError("--unknown-score needs --reject")
     if use_ray:
         from ..runtime.ray_infer import infer_ray
 
-        r = infer_ray(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
-                      recursive=recursive, address=address, workers=workers, threads_per_worker=threads or 1,
-                      gpus_per_worker=gpus_per_worker, backend=backend, providers=providers)
-        if not quiet:
-            click.echo(f"{r['total']} file(s): {r['ok']} predicted, {r['errors']} error(s) in {r['seconds']:.2f}s "
-                       f"({r['images_per_second']:.1f} img/s on Ray, {workers} worker(s)) -> {r['out']}"
-                       + (f", {r['parquet']}" if r["parquet"] else ""), err=True)
-        sys.exit(exit_code(InferSummary(total=r["total"], ok=r["ok"], errors=r["errors"]), strict))
-    if address or gpus_per_worker:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{'--address' if address else '--gpus-per-worker'} needs --ray")
-
-    last = [0.0]
-
-    def show(s):
-        if quiet or out in (None, "-"):
-            return
-        now = time.time()
-        if now - last[0] >= 1.0:
-            last[0] = now
-            click.echo(f"\r{s.total} images, {s.errors} errors, {s.images_per_second:.1f} img/s", nl=False, err=True)
-
-    s = infer(bundle, inputs, out=out, fmt=fmt, batch=batch, topk=topk, head=head, head_format=head_format,
-              backend=backend, providers=providers, recursive=recursive, workers=workers, threads=threads,
-              progress=show)
-    if not quiet:
-        if out not in (None, "-"):
-            click.echo("", err=True)
-        click.echo(f"{s.total} file(s): {s.ok} predicted, {s.errors} error(s) in {s.seconds:.2f}s "
-                   f"({s.images_per_second:.1f} img/s; {s.backend} on {s.provider}, head {s.head}; "
-                   f"providers found: {', '.join(p.replace('ExecutionProvider', '') for p in s.providers_found)})"
-                   + (f" -> {s.out}" if s.out else ""), err=True)
-        for e in s.error_examples:
-            click.echo(f"  error: {e}", err=True)
-        if s.errors > len(s.error_examples):
-            click.echo(f"  ... and {s.errors - len(s.error_examples)} more (see the error column)", err=True)
-    if s.total == 0:
-        click.echo("error: no image files found in the inputs", err=True)
+        s = infer_ray(bundle, inputs, address=address, threads_per_worker=threads or 1,
+                      gpus_per_worker=gpus_per_worker, **common)
+    else:
+        if address or gpus_per_worker:
+            raise ConfigError(f"{'--address' if address else '--gpus-per-worker'} needs --ray")
+        s = infer(bundle, inputs, threads=threads, **common)
+    for line in s.lines():
+        if not line.startswith("error:"):
+            progress.say(line)
+        else:  # nothing found: said even with --quiet
+            click.echo(line, err=True)
     sys.exit(exit_code(s, strict))
 
 
@@ -107,12 +102,13 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 @click.option("--head", help="Also time a bundled classical head (e.g. rf).")
 @click.option("--images", multiple=True, type=click.Path(), help="Image files/folders to time decoding on.")
 @click.option("--seconds", default=3.0, show_default=True, help="Timed seconds per cell (at least 10 calls).")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: all cores]")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: the physical cores]")
 @click.option("--providers", default="cpu", show_default=True,
               help="ONNX Runtime providers of the onnxruntime backends, in order: cpu, cuda, tensorrt, or 'auto'.")
 @click.option("--out", type=click.Path(), help="Folder for bench.json / bench.md / bench.png. [default: BUNDLE/../bench]")
+@trust_option
 @quiet_option
-def bench_cmd(bundle, backends, batches, head, images, seconds, threads, providers, out, quiet) -> None:
+def bench_cmd(bundle, backends, batches, head, images, seconds, threads, providers, out, trust, quiet) -> None:
     """Latency p50/p90/p99, throughput, time split (decode / preprocess / model / head),
     top-1 agreement with fp32 and achieved GFLOP/s vs this machine's matmul peak, per
     backend and batch size. Backends that cannot run here are listed with the reason.
@@ -122,13 +118,15 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, provide
     """
     from pathlib import Path
 
+    from ..progress import Progress
     from ..runtime.bench import bench, render_table
 
     out_dir = Path(out) if out else Path(bundle).resolve().parent / "bench"
     res = bench(bundle, backends=parse_csv(backends, name="--backends"),
                 batches=parse_csv(batches, int, name="--batch"), head=head, images=list(images) or None,
-                seconds=seconds, threads=threads, out_dir=out_dir, progress=None if quiet else click.echo,
-                providers=None if providers == "auto" else providers, extra_runners={"keras": _keras_runner})
+                seconds=seconds, threads=threads, out_dir=out_dir, progress=Progress(quiet=quiet),
+                providers=None if providers == "auto" else providers, extra_runners={"keras": _keras_runner},
+                trust=trust_value(trust))
     click.echo(render_table(res))
     click.echo(f"-> {out_dir}/bench.json, bench.md" + (", bench.png" if res["rows"] else ""))
     if not res["rows"]:

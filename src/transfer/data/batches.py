@@ -1,7 +1,8 @@
 """Batches of pixels for training and evaluation, decoded on demand (no TensorFlow).
 
 :class:`BatchSource` holds only file names; :meth:`BatchSource.get` decodes one batch
-with :func:`transfer.data.image.load_image` (the one source of pixels), optionally
+with :func:`transfer.data.stream.decode_item` (the package's one per-file decode, on
+:func:`transfer.data.image.load_image`, the one source of pixels), optionally
 augments it in numpy / Pillow, and returns it. Only the batch in hand is in memory, so
 a dataset larger than RAM works. ``get`` is thread-safe and deterministic: the order
 depends on ``(seed, epoch)`` and each sample's augmentation on ``(seed, epoch, index)``,
@@ -20,9 +21,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DataError, ImageDecodeError
+from ..errors import ConfigError, DataError
 from .folder import BadFile, Sample
-from .image import DEFAULT_MAX_PIXELS, load_image
+from .image import DEFAULT_MAX_PIXELS
+from .stream import decode_item
 
 #: Accepted augmentation names (applied in this order when asked).
 AUGMENTATIONS = ("flip", "translate", "rotate", "zoom", "brightness", "contrast")
@@ -87,8 +89,9 @@ def _affine(img: np.ndarray, *, angle: float = 0.0, scale: float = 1.0,
 def augment_image(img: np.ndarray, augment: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     """Apply the named augmentations to a uint8 RGB image with ``rng``; returns uint8 (same shape).
 
-    Example:
-        >>> augment_image(x, ("flip", "rotate"), np.random.default_rng(0))  # doctest: +SKIP
+    Example::
+
+        augment_image(x, ("flip", "rotate"), np.random.default_rng(0))
     """
     out = img
     if "flip" in augment and rng.random() < 0.5:
@@ -141,10 +144,11 @@ class BatchSource:
     Raises:
         ConfigError: bad batch size, image size or augmentation name.
 
-    Example:
-        >>> src = BatchSource("data/digits", parts["train"], 32, (32, 32), shuffle=True)  # doctest: +SKIP
-        >>> b = src.get(0); b.x.shape
-        (32, 32, 32, 3)
+    Example::
+
+        src = BatchSource("data/digits", parts["train"], 32, (32, 32), shuffle=True)
+        b = src.get(0); b.x.shape
+        # (32, 32, 32, 3)
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class BatchSource:
         drop_remainder: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         pad_to_multiple: int = 1,
+        recipe: dict | None = None,
     ):
         if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, (int, np.integer)) \
                 or pad_to_multiple < 1:
@@ -181,6 +186,7 @@ class BatchSource:
         self.augment = check_augmentations(augment)
         self.drop_remainder = bool(drop_remainder)
         self.max_pixels = max_pixels
+        self.recipe = recipe  # the run's recorded pixel recipe (None: the current one)
         self.pad_to_multiple = int(pad_to_multiple)
         self.failed: list[BadFile] = []
         self._lock = threading.Lock()
@@ -222,13 +228,12 @@ class BatchSource:
             j = (idx + step) % n
             reason = self._bad_index.get(j)
             if reason is None:
-                try:
-                    img = load_image(self.root / self.samples[j].path, self.image_size,
-                                     max_pixels=self.max_pixels)
-                    return img, j
-                except ImageDecodeError as exc:
-                    reason = exc.reason
-                    self._record(j, reason)
+                item = decode_item(os.fspath(self.root / self.samples[j].path), self.image_size, self.max_pixels,
+                                   self.recipe)
+                if item.error is None:
+                    return item.pixels, j
+                reason = item.error
+                self._record(j, reason)
             if step == 0:
                 failed.append(BadFile(self.samples[j].path, reason))
         raise DataError(

@@ -128,9 +128,10 @@ def write_digits(out: str | os.PathLike, *, overwrite: bool = False) -> dict:
     Raises:
         DataError: ``out`` exists and is not empty (unless ``overwrite``).
 
-    Example:
-        >>> write_digits("data/digits")["images"]  # doctest: +SKIP
-        1797
+    Example::
+
+        write_digits("data/digits")["images"]
+        # 1797
     """
     _prepare_out(Path(out), overwrite)
     from sklearn.datasets import load_digits
@@ -159,9 +160,10 @@ def read_idx(path: str | os.PathLike, *, kind: str) -> np.ndarray:
     Raises:
         DataError: wrong magic number (names what was found), truncated file, bad dims.
 
-    Example:
-        >>> read_idx("train-labels-idx1-ubyte.gz", kind="labels").shape  # doctest: +SKIP
-        (60000,)
+    Example::
+
+        read_idx("train-labels-idx1-ubyte.gz", kind="labels").shape
+        # (60000,)
     """
     p = Path(path)
     want = IDX_IMAGES_MAGIC if kind == "images" else IDX_LABELS_MAGIC
@@ -216,9 +218,10 @@ def write_idx(
         DataError: unreadable / wrong / truncated files, count mismatch, a label with no name.
         ConfigError: bad ``limit``; duplicate, hidden (``.x``) or split-named (``train``...) class names.
 
-    Example:
-        >>> write_idx("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "data/fmnist",
-        ...           class_names=FASHION_MNIST_CLASSES)  # doctest: +SKIP
+    Example::
+
+        write_idx("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "data/fmnist",
+                  class_names=FASHION_MNIST_CLASSES)
     """
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise ConfigError(f"limit must be >= 1 (got {limit!r})")

@@ -9,16 +9,16 @@ last indexing.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import DataError, ImageDecodeError
 from ..fsutil import atomic_path
+from ..progress import ProgressLike, as_progress
+from ..tables import write_csv
 from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image, is_image_path
 
 GIVEN_SPLITS = ("train", "val", "test")
@@ -236,27 +236,286 @@ def _check_file(path: Path, max_pixels: int) -> str | None:
     return None
 
 
+@dataclass
+class _Layout:
+    """What the folder structure says: the given splits (if any), the classes, what is ignored."""
+
+    root: Path
+    split_dir: dict[str, str]                      # "train" -> the folder's own spelling, e.g. "Train"
+    split_names: list[str | None]                  # [None] without given splits
+    classes_per_split: dict[str | None, list[str]]
+    class_names: list[str]
+    ignored: list[BadFile]
+
+    @property
+    def given(self) -> bool:
+        return "train" in self.split_dir
+
+    def base_of(self, s: str | None) -> Path:
+        return self.root / self.split_dir[s] if s else self.root
+
+    def class_dir(self, c: str) -> Path:
+        return self.root / self.split_dir["train"] / c if self.given else self.root / c
+
+
+@dataclass
+class _Candidate:
+    split: str | None
+    cls: str
+    rel: str
+
+
+def _read_layout(root: Path) -> _Layout:
+    """Part 1: the given splits (``train/`` ``val/`` ``test/`` in any case) or one folder per class.
+
+    Raises:
+        DataError: two spellings of one split, other folders beside a given split, or a
+            val / test class missing from train.
+    """
+    ignored: list[BadFile] = []
+    top = _class_dirs(root, root, ignored)
+    split_dir: dict[str, str] = {}
+    for d in top:
+        key = d.lower()
+        if key in GIVEN_SPLITS:
+            if key in split_dir:
+                raise DataError(f"dataset folder {root} has both {split_dir[key]}/ and {d}/",
+                                hint=f"merge them into one {key}/ folder")
+            split_dir[key] = d
+    if "train" not in split_dir:
+        return _Layout(root, {}, [None], {None: top}, top, ignored)
+    extra = [d for d in top if d.lower() not in GIVEN_SPLITS]
+    if extra:
+        aliases = [d for d in extra if d.lower() in ("valid", "validation", "testing", "training")]
+        raise DataError(
+            f"dataset folder {root} has a {split_dir['train']}/ sub-folder (a given split) but also "
+            f"other folders: {', '.join(extra)}",
+            hint="either use train/, val/, test/ each holding class folders, "
+            "or one folder per class (no train/)"
+            + (f"; rename {aliases[0]}/ to val/ or test/" if aliases else ""),
+        )
+    names: list[str | None] = [s for s in GIVEN_SPLITS if s in split_dir]
+    per = {s: _class_dirs(root / split_dir[s], root, ignored) for s in names}
+    train = set(per["train"])
+    for s in names:
+        missing = sorted(set(per[s]) - train)
+        if missing:
+            raise DataError(
+                f"dataset folder {root}: {split_dir[s]}/ has classes missing from "
+                f"{split_dir['train']}/: {', '.join(missing)}",
+                hint="every class in val/ or test/ needs a folder (with images) in train/",
+            )
+    return _Layout(root, split_dir, names, per, sorted(train), ignored)
+
+
+def _find_candidates(layout: _Layout) -> tuple[list[_Candidate], list[tuple[str, BadFile]]]:
+    """Part 2: every image-named file per (split, class), and the file links into another
+    class (``(class, bad file)``), which are not used."""
+    visited: set[str] = set()
+    reserved = frozenset(os.path.realpath(layout.base_of(s) / c)
+                         for s in layout.split_names for c in layout.classes_per_split[s])
+    candidates: list[_Candidate] = []
+    link_bad: list[tuple[str, BadFile]] = []
+    for s in layout.split_names:
+        for c in layout.classes_per_split[s]:
+            found: list[BadFile] = []
+            for rel in _walk_images(layout.base_of(s) / c, layout.root, visited, reserved, bad=found,
+                                    ignored=layout.ignored):
+                candidates.append(_Candidate(s, c, rel))
+            link_bad.extend((c, b) for b in found)
+    layout.ignored.sort(key=lambda b: b.path)
+    return candidates, link_bad
+
+
+def _no_images_error(layout: _Layout) -> DataError:
+    in_root = sum(1 for b in layout.ignored if "/" not in b.path and is_image_path(b.path))
+    return DataError(
+        f"dataset folder {layout.root} holds no image files "
+        f"(looked for {', '.join(IMAGE_EXTENSIONS)} inside class sub-folders"
+        + (f"; {in_root} image file(s) lie directly in it, outside any class folder" if in_root else "")
+        + ")",
+        hint="put images in ROOT/<class>/ (e.g. ROOT/cat/1.jpg, ROOT/dog/2.jpg)",
+    )
+
+
+def _decode_all(root: Path, rels: list[str], *, cache: Path | None, max_pixels: int, workers: int | None,
+                progress: ProgressLike) -> dict[str, str | None]:
+    """Part 3: decode every file once (threads; Pillow releases the GIL), skipping files the
+    cache knows unchanged; returns ``rel -> reason it is bad, or None``."""
+    cached = _load_cache(cache, max_pixels)
+    new_cache: dict[str, dict] = {}
+    verdicts: dict[str, str | None] = {}
+    todo: list[str] = []
+    for rel in rels:
+        key = _stat_key(root / rel)
+        entry = cached.get(rel)
+        if key is not None and entry and entry.get("stat") == key:
+            verdicts[rel] = entry.get("bad")
+            new_cache[rel] = entry
+        else:
+            todo.append(rel)
+    n_workers = workers if workers and workers > 0 else min(8, (os.cpu_count() or 1) + 2)
+
+    def work(rel: str) -> tuple[str, str | None, list | None]:
+        key = _stat_key(root / rel)
+        return rel, _check_file(root / rel, max_pixels), key
+
+    with as_progress(progress).bar(len(rels), "decoding images", unit="img") as bar:
+        bar.update(len(rels) - len(todo))
+        if todo:
+            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                for rel, reason, key in pool.map(work, todo, chunksize=16):
+                    verdicts[rel] = reason
+                    if key is not None:
+                        new_cache[rel] = {"stat": key, "bad": reason}
+                    bar.update(1)
+                    if reason is not None:
+                        bar.set(f"{sum(v is not None for v in verdicts.values())} bad")
+    if cache is not None and (todo or set(new_cache) != set(cached)):
+        try:
+            _save_cache(cache, root, max_pixels, new_cache)
+        except OSError:
+            pass  # the cache is an optimisation only
+    return verdicts
+
+
+def _assemble(layout: _Layout, candidates: list[_Candidate], link_bad: list[tuple[str, BadFile]],
+              verdicts: dict[str, str | None]) -> tuple[DatasetIndex, dict[str, list[BadFile]]]:
+    """Part 4: samples per split (sorted), bad files, per-class counts; also each class's bad files."""
+    label_of = {c: i for i, c in enumerate(layout.class_names)}
+    bad: list[BadFile] = []
+    per_split: dict[str | None, list[Sample]] = {s: [] for s in layout.split_names}
+    usable: dict[str, int] = {c: 0 for c in layout.class_names}
+    bad_per_class: dict[str, list[BadFile]] = {c: [] for c in layout.class_names}
+    for c, b in link_bad:
+        bad.append(b)
+        bad_per_class[c].append(b)
+    for cand in candidates:
+        reason = verdicts[cand.rel]
+        if reason is not None:
+            bad.append(BadFile(cand.rel, reason))
+            bad_per_class[cand.cls].append(bad[-1])
+        else:
+            per_split[cand.split].append(Sample(cand.rel, label_of[cand.cls]))
+            usable[cand.cls] += 1
+    bad.sort(key=lambda b: b.path)
+    for s in per_split:
+        per_split[s].sort(key=lambda x: x.path)
+    samples = sorted((x for v in per_split.values() for x in v), key=lambda x: x.path)
+    given_splits = {s: per_split.get(s, []) for s in GIVEN_SPLITS} if layout.given else None
+    idx = DatasetIndex(root=layout.root, class_names=layout.class_names, samples=samples, bad=bad,
+                       given_splits=given_splits, counts=usable, ignored=layout.ignored)
+    return idx, bad_per_class
+
+
+def _nested_folders(layout: _Layout, candidates: list[_Candidate]) -> dict[str, int]:
+    """Sub-folders of class folders that hold images (``cat/2019/``), with their image counts."""
+    depth = 3 if layout.given else 2  # split/class/file or class/file
+    found: dict[str, int] = {}
+    for c in candidates:
+        parts = c.rel.split("/")
+        if len(parts) > depth:
+            sub = "/".join(parts[:depth]) + "/"
+            found[sub] = found.get(sub, 0) + 1
+    return dict(sorted(found.items()))
+
+
+def _hygiene(layout: _Layout, candidates: list[_Candidate], *, allow_nested: bool,
+             allow_case_clash: bool) -> tuple[list[DataError], list[str]]:
+    """What a folder must not do silently: images in sub-folders of a class (merged into it) and
+    class names that differ only in case (one folder on a case-insensitive disk). Returns
+    ``(errors, warnings)``; an allowed oddity is a warning."""
+    errors, warnings = [], []
+    split_like = None if layout.given else \
+        _nested_layout_warning(layout.class_names, [(c.split, c.cls, c.rel) for c in candidates])
+    if split_like:  # the more telling warning about the same sub-folders
+        warnings.append(split_like)
+    nested = _nested_folders(layout, candidates)
+    if nested:
+        shown = ", ".join(f"{k} ({n} image{'s' if n != 1 else ''})" for k, n in list(nested.items())[:5])
+        more = f" and {len(nested) - 5} more" if len(nested) > 5 else ""
+        msg = (f"dataset folder {layout.root}: class folders hold images in sub-folders, which are merged into "
+               f"their class: {shown}{more}")
+        if not allow_nested:
+            errors.append(DataError(msg, hint=(split_like + "; or " if split_like else "")
+                                    + "move the images up into their class folder, or accept the sub-folders "
+                                      "as part of their class (the allow-nested option)"))
+        elif not split_like:
+            warnings.append(msg + " (accepted)")
+    by_fold: dict[str, list[str]] = {}
+    for c in layout.class_names:
+        by_fold.setdefault(c.casefold(), []).append(c)
+    clashes = [names for names in by_fold.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(f"{n}/" for n in names) for names in clashes)
+        msg = (f"dataset folder {layout.root}: class names that differ only in case: {shown} (one folder on a "
+               "case-insensitive disk, two classes here)")
+        if allow_case_clash:
+            warnings.append(msg + " (accepted as different classes)")
+        else:
+            errors.append(DataError(msg, hint="merge or rename them, or accept them as different classes "
+                                              "(the allow-case-clash option)"))
+    return errors, warnings
+
+
+def _unusable(idx: DatasetIndex, layout: _Layout, bad_per_class: dict[str, list[BadFile]],
+              any_candidates: bool) -> list[DataError]:
+    """Why the folder cannot be trained as is: a class without a usable image, fewer than two classes."""
+    errors = []
+    for c in idx.class_names:
+        if idx.counts[c] == 0 and any_candidates:
+            mine = sorted(bad_per_class[c], key=lambda b: b.path)
+            if mine:
+                examples = "; ".join(f"{b.path}: {b.reason}" for b in mine[:2])
+                detail = f"all {len(mine)} image file(s) in it are bad (e.g. {examples})"
+            else:
+                detail = "it holds no image files"
+            errors.append(DataError(
+                f"class folder {layout.class_dir(c)} has no usable image: {detail}",
+                hint=f"add readable images to it or remove the folder; `transfer data check {idx.root} "
+                     "--bad-csv bad.csv` lists every bad file",
+            ))
+    if len(idx.class_names) < 2:
+        errors.append(DataError(
+            f"dataset folder {idx.root} has {len(idx.class_names)} class folder(s) "
+            f"({', '.join(idx.class_names) or 'none'}); a classifier needs at least two",
+            hint="put each class's images in its own sub-folder: ROOT/<class>/*.jpg",
+        ))
+    return errors
+
+
 def index_folder(
     root: str | os.PathLike,
     *,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressLike = None,
     cache: str | os.PathLike | None = None,
     strict: bool = True,
+    allow_nested: bool = False,
+    allow_case_clash: bool = False,
 ) -> DatasetIndex:
     """Index an image-classification folder and decode every file once to find bad ones.
+
+    Four parts, one function each: the layout (given splits or class folders), the
+    candidate files per class, decoding them all (threads, optional cache), and the
+    assembled index with the reasons it cannot be trained.
 
     Args:
         root: ``ROOT/<class>/**/*.jpg`` or ``ROOT/{train,val,test}/<class>/**``.
         workers: decoding threads (default: ``min(8, cpu_count + 2)``).
         max_pixels: images with more pixels are refused as absurd.
-        progress: called as ``progress(done, total)`` while decoding.
+        progress: a bar while decoding (:class:`transfer.progress.Progress`, a line callable or None).
         cache: optional JSON file remembering (path, size, mtime_ns) -> verdict, so a
             re-index skips decoding unchanged files.
         strict: when False (``transfer data check``), no image at all, fewer than two
-            classes or a class without a usable image are listed in ``problems`` instead
-            of raised, so the bad files can still be shown.
+            classes, a class without a usable image or a refused layout are listed in
+            ``problems`` instead of raised, so the bad files can still be shown.
+        allow_nested: accept images in sub-folders of a class folder as that class (else
+            refused, listing the sub-folders: they are often a mistake, e.g. splits or
+            sub-classes under another name).
+        allow_case_clash: accept class folders whose names differ only in case (``Cat/`` and
+            ``cat/``) as different classes (else refused: one folder on a case-insensitive disk).
 
     Returns:
         A :class:`DatasetIndex`; bad files are in ``bad`` and excluded from ``samples``,
@@ -264,12 +523,14 @@ def index_folder(
 
     Raises:
         DataError: missing folder, no image at all, fewer than two classes, a class
-            without a usable image, or a given split whose classes are not in ``train/``.
+            without a usable image, a given split whose classes are not in ``train/``,
+            images in sub-folders of a class, or class names that differ only in case
+            (the last two unless allowed).
 
-    Example:
-        >>> idx = index_folder("data/digits")  # doctest: +SKIP
-        >>> idx.class_names[:3], len(idx.samples)
-        (['0', '1', '2'], 1797)
+    Example::
+
+        idx = index_folder("data/digits")
+        idx.class_names[:3], len(idx.samples)        # (['0', '1', '2'], 1797)
     """
     root = Path(root)
     if not root.exists():
@@ -278,196 +539,30 @@ def index_folder(
     if not root.is_dir():
         raise DataError(f"dataset folder {root} is not a directory",
                         hint="give a folder with one sub-folder of images per class")
-    root = root.resolve()
-
-    # 1. layout
-    ignored: list[BadFile] = []
-    top = _class_dirs(root, root, ignored)
-    split_dir: dict[str, str] = {}  # "train" -> the folder's own spelling, e.g. "Train"
-    for d in top:
-        key = d.lower()
-        if key in GIVEN_SPLITS:
-            if key in split_dir:
-                raise DataError(f"dataset folder {root} has both {split_dir[key]}/ and {d}/",
-                                hint=f"merge them into one {key}/ folder")
-            split_dir[key] = d
-    given = "train" in split_dir
-    split_names: list[str | None]
-    if given:
-        split_names = [s for s in GIVEN_SPLITS if s in split_dir]
-        extra = [d for d in top if d.lower() not in GIVEN_SPLITS]
-        if extra:
-            aliases = [d for d in extra if d.lower() in ("valid", "validation", "testing", "training")]
-            raise DataError(
-                f"dataset folder {root} has a {split_dir['train']}/ sub-folder (a given split) but also "
-                f"other folders: {', '.join(extra)}",
-                hint="either use train/, val/, test/ each holding class folders, "
-                "or one folder per class (no train/)"
-                + (f"; rename {aliases[0]}/ to val/ or test/" if aliases else ""),
-            )
-    else:
-        split_names = [None]
-
-    def base_of(s: str | None) -> Path:
-        return root / split_dir[s] if s else root
-
-    classes_per_split: dict[str | None, list[str]] = {}
-    for s in split_names:
-        classes_per_split[s] = _class_dirs(base_of(s), root, ignored if s else None)
-    if given:
-        train_classes = set(classes_per_split["train"])
-        for s in split_names:
-            missing = sorted(set(classes_per_split[s]) - train_classes)
-            if missing:
-                raise DataError(
-                    f"dataset folder {root}: {split_dir[s]}/ has classes missing from "
-                    f"{split_dir['train']}/: {', '.join(missing)}",
-                    hint="every class in val/ or test/ needs a folder (with images) in train/",
-                )
-        class_names = sorted(train_classes)
-    else:
-        class_names = classes_per_split[None]
-
-    # 2. candidate files per (split, class)
-    visited: set[str] = set()
-    reserved = frozenset(
-        os.path.realpath(base_of(s) / c) for s in split_names for c in classes_per_split[s]
-    )
-    candidates: list[tuple[str | None, str, str]] = []  # (split, class, relpath)
-    link_bad: list[tuple[str, BadFile]] = []  # (class, file): links into another class
-    for s in split_names:
-        for c in classes_per_split[s]:
-            found: list[BadFile] = []
-            for rel in _walk_images(base_of(s) / c, root, visited, reserved, bad=found, ignored=ignored):
-                candidates.append((s, c, rel))
-            link_bad.extend((c, b) for b in found)
-    ignored.sort(key=lambda b: b.path)
-    problems: list[str] = []
-    warnings: list[str] = []
-    if not given:
-        w = _nested_layout_warning(classes_per_split[None], candidates)
-        if w:
-            warnings.append(w)
-
+    layout = _read_layout(root.resolve())
+    candidates, link_bad = _find_candidates(layout)
+    errors, warnings = _hygiene(layout, candidates, allow_nested=allow_nested, allow_case_clash=allow_case_clash)
+    if strict and errors:
+        raise errors[0]  # before any decoding: the layout is refused as it is
     if not candidates:
-        in_root = sum(1 for b in ignored if "/" not in b.path and is_image_path(b.path))
-        err = DataError(
-            f"dataset folder {root} holds no image files "
-            f"(looked for {', '.join(IMAGE_EXTENSIONS)} inside class sub-folders"
-            + (f"; {in_root} image file(s) lie directly in it, outside any class folder" if in_root else "")
-            + ")",
-            hint="put images in ROOT/<class>/ (e.g. ROOT/cat/1.jpg, ROOT/dog/2.jpg)",
-        )
+        errors.append(_no_images_error(layout))
         if strict:
-            raise err
-        problems.append(err.message)
-
-    # 3. decode everything (threads; Pillow releases the GIL)
-    cached = _load_cache(Path(cache) if cache else None, max_pixels)
-    new_cache: dict[str, dict] = {}
-    verdicts: dict[str, str | None] = {}
-    todo: list[str] = []
-    for _, _, rel in candidates:
-        key = _stat_key(root / rel)
-        entry = cached.get(rel)
-        if key is not None and entry and entry.get("stat") == key:
-            verdicts[rel] = entry.get("bad")
-            new_cache[rel] = entry
-        else:
-            todo.append(rel)
-
-    total = len(candidates)
-    done = total - len(todo)
-    if progress:
-        progress(done, total)
-    n_workers = workers if workers and workers > 0 else min(8, (os.cpu_count() or 1) + 2)
-
-    def work(rel: str) -> tuple[str, str | None, list | None]:
-        key = _stat_key(root / rel)
-        return rel, _check_file(root / rel, max_pixels), key
-
-    if todo:
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for rel, reason, key in pool.map(work, todo, chunksize=16):
-                verdicts[rel] = reason
-                if key is not None:
-                    new_cache[rel] = {"stat": key, "bad": reason}
-                done += 1
-                if progress and (done % 256 == 0 or done == total):
-                    progress(done, total)
-    if cache is not None and (todo or set(new_cache) != set(cached)):
-        try:
-            _save_cache(Path(cache), root, max_pixels, new_cache)
-        except OSError:
-            pass  # the cache is an optimisation only
-
-    # 4. assemble
-    label_of = {c: i for i, c in enumerate(class_names)}
-    bad: list[BadFile] = []
-    per_split: dict[str | None, list[Sample]] = {s: [] for s in split_names}
-    usable: dict[str, int] = {c: 0 for c in class_names}
-    bad_per_class: dict[str, list[BadFile]] = {c: [] for c in class_names}
-    for c, b in link_bad:
-        bad.append(b)
-        bad_per_class[c].append(b)
-    for s, c, rel in candidates:
-        reason = verdicts[rel]
-        if reason is not None:
-            bad.append(BadFile(rel, reason))
-            bad_per_class[c].append(bad[-1])
-        else:
-            per_split[s].append(Sample(rel, label_of[c]))
-            usable[c] += 1
-    bad.sort(key=lambda b: b.path)
-
-    for c in class_names:
-        if usable[c] == 0 and candidates:
-            where = f"{root}/{split_dir['train']}/{c}" if given else f"{root}/{c}"
-            mine = sorted(bad_per_class[c], key=lambda b: b.path)
-            if mine:
-                examples = "; ".join(f"{b.path}: {b.reason}" for b in mine[:2])
-                detail = f"all {len(mine)} image file(s) in it are bad (e.g. {examples})"
-            else:
-                detail = "it holds no image files"
-            err = DataError(
-                f"class folder {where} has no usable image: {detail}",
-                hint=f"add readable images to it or remove the folder; `transfer data check {root} "
-                     "--bad-csv bad.csv` lists every bad file",
-            )
-            if strict:
-                raise err
-            problems.append(err.message)
-    if len(class_names) < 2:
-        err = DataError(
-            f"dataset folder {root} has {len(class_names)} class folder(s) "
-            f"({', '.join(class_names) or 'none'}); a classifier needs at least two",
-            hint="put each class's images in its own sub-folder: ROOT/<class>/*.jpg",
-        )
-        if strict:
-            raise err
-        problems.append(err.message)
-
-    for s in per_split:
-        per_split[s].sort(key=lambda x: x.path)
-    samples = sorted((x for v in per_split.values() for x in v), key=lambda x: x.path)
-    given_splits = None
-    if given:
-        given_splits = {s: per_split.get(s, []) for s in GIVEN_SPLITS}
-    counts = {c: usable[c] for c in class_names}
-    return DatasetIndex(root=root, class_names=class_names, samples=samples, bad=bad,
-                        given_splits=given_splits, counts=counts, ignored=ignored, warnings=warnings,
-                        problems=problems)
+            raise errors[-1]
+    verdicts = _decode_all(layout.root, [c.rel for c in candidates], cache=Path(cache) if cache else None,
+                           max_pixels=max_pixels, workers=workers, progress=progress)
+    idx, bad_per_class = _assemble(layout, candidates, link_bad, verdicts)
+    errors += _unusable(idx, layout, bad_per_class, bool(candidates))
+    if strict and errors:
+        raise errors[0]
+    idx.warnings, idx.problems = warnings, [e.message for e in errors]
+    return idx
 
 
 def write_bad_files_csv(path: str | os.PathLike, bad: list[BadFile]) -> None:
-    """Write ``path,reason`` rows (atomically), one per bad file.
+    """Write ``path,reason`` rows (atomically, :func:`transfer.tables.write_csv`), one per bad file.
 
-    Example:
-        >>> write_bad_files_csv("runs/x/bad_files.csv", idx.bad)  # doctest: +SKIP
+    Example::
+
+        write_bad_files_csv("runs/x/bad_files.csv", idx.bad)
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "reason"])
-            for b in bad:
-                w.writerow([b.path, b.reason])
+    write_csv(path, ["path", "reason"], [[b.path, b.reason] for b in bad])

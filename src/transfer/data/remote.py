@@ -6,9 +6,10 @@ as Ray Data uses it): S3 credentials come from the usual places (``AWS_*`` varia
 by :func:`transfer.data.image.decode_image_bytes`, the same Pillow path as local files,
 so a prediction does not depend on where the file lives.
 
-Example:
-    >>> list(iter_uri_inputs("s3://my-bucket/images/", recursive=True))  # doctest: +SKIP
-    [('s3://my-bucket/images/a.jpg', None), ...]
+Example::
+
+    list(iter_uri_inputs("s3://my-bucket/images/", recursive=True))
+    # [('s3://my-bucket/images/a.jpg', None), ...]
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ _local = threading.local()
 def is_uri(path: str) -> bool:
     """True for ``scheme://...`` inputs (``s3://``, ``gs://``, ``file://``, ...).
 
-    Example:
-        >>> is_uri("s3://b/x.jpg"), is_uri("images/x.jpg")
-        (True, False)
+    Example::
+
+        is_uri("s3://b/x.jpg"), is_uri("images/x.jpg")
+        # (True, False)
     """
     return bool(_URI.match(str(path)))
 

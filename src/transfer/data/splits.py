@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..fsutil import atomic_path
+from ..tables import write_csv
 from .folder import Sample
 
 SPLIT_METHODS = ("stratified", "random")
@@ -25,12 +25,12 @@ def _check_fractions(val: float, test: float) -> None:
     for name, v in (("val", val), ("test", test)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
             raise ConfigError(f"split fraction {name}={v!r} is invalid; it must be a number >= 0",
-                              hint="e.g. --val 0.2 --test 0.1")
+                              hint="e.g. val 0.2 and test 0.1", option=name)
     if val + test >= 1:
         raise ConfigError(
             f"split fractions val={val} + test={test} = {val + test:g} leave nothing to train on; "
             "val + test must be < 1",
-            hint="e.g. --val 0.2 --test 0.1",
+            hint="e.g. val 0.2 and test 0.1", option="val",
         )
 
 
@@ -84,10 +84,11 @@ def split_samples(
         ConfigError: unknown method or invalid fractions.
         DataError: no samples.
 
-    Example:
-        >>> parts = split_samples(idx.samples, val=0.2, test=0.1, seed=0)  # doctest: +SKIP
-        >>> sorted(parts)
-        ['test', 'train', 'val']
+    Example::
+
+        parts = split_samples(idx.samples, val=0.2, test=0.1, seed=0)
+        sorted(parts)
+        # ['test', 'train', 'val']
     """
     if method not in SPLIT_METHODS:
         raise ConfigError(f"unknown split method {method!r}; accepted: {', '.join(SPLIT_METHODS)}")
@@ -116,6 +117,38 @@ def split_samples(
     return {k: sorted(v, key=lambda s: s.path) for k, v in out.items()}
 
 
+def split_warnings(parts: dict[str, list[Sample]], class_names: list[str] | None = None) -> list[str]:
+    """Classes too small for the split: a class with no image in a split that exists (val or
+    test has images of other classes), so it is never validated or tested. One line a split,
+    naming the classes and their image counts; empty when every class is in every split.
+
+    Example::
+
+        split_warnings(split_samples(idx.samples, val=0.2, test=0.1), idx.class_names)
+        # ["class(es) with no val image (too few images for the split): rare (1 image)"]
+    """
+    totals: dict[int, int] = defaultdict(int)
+    for v in parts.values():
+        for s in v:
+            totals[s.label] += 1
+    out = []
+    for split in ("val", "test"):
+        if not parts.get(split):
+            continue
+        present = {s.label for s in parts[split]}
+        missing = [lab for lab in sorted(totals) if lab not in present]
+        if missing:
+            def name(lab):
+                return class_names[lab] if class_names and lab < len(class_names) else str(lab)
+
+            listed = ", ".join(f"{name(lab)} ({totals[lab]} image{'s' if totals[lab] != 1 else ''})"
+                               for lab in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            out.append(f"class(es) with no {split} image (too few images for the split): {listed}{more}; "
+                       f"their {split} accuracy is not measured")
+    return out
+
+
 def kfold_splits(
     samples: Iterable[Sample], k: int, *, seed: int = 0, test: float = 0.1
 ) -> tuple[list[Sample], list[tuple[list[Sample], list[Sample]]]]:
@@ -129,13 +162,14 @@ def kfold_splits(
         ConfigError: ``k < 2`` or an invalid ``test`` fraction.
         DataError: a class has fewer than ``k`` images outside the test split.
 
-    Example:
-        >>> test, folds = kfold_splits(idx.samples, 5, seed=0)  # doctest: +SKIP
-        >>> len(folds)
-        5
+    Example::
+
+        test, folds = kfold_splits(idx.samples, 5, seed=0)
+        len(folds)
+        # 5
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ConfigError(f"k-fold needs k >= 2 folds (got {k!r})", hint="e.g. --kfold 5")
+        raise ConfigError(f"k-fold needs k >= 2 folds (got {k!r})", hint="e.g. 5 folds", option="kfold")
     k = int(k)
     _check_fractions(0.0, test)
     parts = split_samples(samples, method="stratified", val=0.0, test=test, seed=seed)
@@ -147,7 +181,7 @@ def kfold_splits(
         raise DataError(
             f"{k}-fold cross-validation needs at least {k} images per class outside the test "
             f"split; too few in {detail}",
-            hint="use a smaller --kfold, a smaller test fraction, or add images",
+            hint="use fewer folds, a smaller test fraction, or add images",
         )
     folds: list[list[Sample]] = [[] for _ in range(k)]
     offset = 0
@@ -165,17 +199,13 @@ def kfold_splits(
 
 
 def write_split_csv(path: str | os.PathLike, samples: Iterable[Sample]) -> None:
-    """Write ``path,label`` rows atomically.
+    """Write ``path,label`` rows atomically (:func:`transfer.tables.write_csv`).
 
-    Example:
-        >>> write_split_csv("runs/x/splits/train.csv", parts["train"])  # doctest: +SKIP
+    Example::
+
+        write_split_csv("runs/x/splits/train.csv", parts["train"])
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label"])
-            for s in samples:
-                w.writerow([s.path, int(s.label)])
+    write_csv(path, ["path", "label"], [[s.path, int(s.label)] for s in samples])
 
 
 def read_split_csv(path: str | os.PathLike) -> list[Sample]:
@@ -184,8 +214,9 @@ def read_split_csv(path: str | os.PathLike) -> list[Sample]:
     Raises:
         DataError: missing file, wrong header or a bad row (named by line number).
 
-    Example:
-        >>> train = read_split_csv("runs/x/splits/train.csv")  # doctest: +SKIP
+    Example::
+
+        train = read_split_csv("runs/x/splits/train.csv")
     """
     p = Path(path)
     try:

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .image import DEFAULT_MAX_PIXELS, decode_image_bytes, is_image_path, load_image, resize_image
+from .image import DEFAULT_MAX_PIXELS, is_image_path, load_image, load_image_bytes
 from ..errors import ConfigError, ImageDecodeError, TransferError
 from .remote import is_uri
 
@@ -50,9 +50,10 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     through ``pyarrow.fs`` (:mod:`transfer.data.remote`); a path that does not exist, or a directory named like an image,
     yields an error entry instead of stopping the run.
 
-    Example:
-        >>> list(iter_inputs(["a.png"]))  # doctest: +SKIP
-        [('a.png', None)]
+    Example::
+
+        list(iter_inputs(["a.png"]))
+        # [('a.png', None)]
     """
     seen_dirs: set[tuple[int, int]] = set()
 
@@ -103,15 +104,16 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
             yield raw, "no such file"
 
 
-def decode_item(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
-    """Decode and resize one path or URI; any failure becomes ``Item.error`` (never raises)."""
+def decode_item(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                recipe: dict | None = None) -> Item:
+    """Decode and resize one path or URI with ``recipe`` (the run's or bundle's recorded pixel
+    recipe; ``None``: the current one); any failure becomes ``Item.error`` (never raises)."""
     try:
         if is_uri(path):
             from .remote import read_uri
 
-            arr = decode_image_bytes(read_uri(path), path, max_pixels=max_pixels)
-            return Item(path, resize_image(arr, size))
-        return Item(path, load_image(path, size, max_pixels=max_pixels))
+            return Item(path, load_image_bytes(read_uri(path), path, size, max_pixels=max_pixels, recipe=recipe))
+        return Item(path, load_image(path, size, max_pixels=max_pixels, recipe=recipe))
     except ImageDecodeError as exc:
         return Item(path, error=exc.reason if hasattr(exc, "reason") else str(exc))
     except TransferError as exc:  # e.g. a URI whose filesystem cannot be opened
@@ -123,18 +125,23 @@ def decode_item(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_
 
 
 def batches(entries: Iterable[tuple[str, str | None]], size: tuple[int, int], *, batch: int = 32, workers: int = 2,
-            prefetch: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PixelBatch]:
-    """Decode ``entries`` in ``workers`` threads, ``prefetch`` batches ahead, in input order.
+            prefetch: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS, recipe: dict | None = None) -> Iterator[PixelBatch]:
+    """Decode ``entries`` in ``workers`` threads, ``prefetch`` batches ahead, in input order,
+    with ``recipe`` (the run's or bundle's recorded pixel recipe; ``None``: the current one).
 
     Memory is bounded by ``(prefetch + 1) * batch`` images however many files there are.
 
     Raises:
         ConfigError: non-positive batch / workers / prefetch.
+        ValueError: a recipe this runtime does not implement.
     """
     import time
 
+    from .image import recipe_version
+
     if batch < 1 or workers < 1 or prefetch < 1:
         raise ConfigError(f"batch, workers and prefetch must be positive (got {batch}, {workers}, {prefetch})")
+    recipe_version(recipe)  # an unknown recipe fails here, not as one error row per file
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     DONE = object()
@@ -146,7 +153,7 @@ def batches(entries: Iterable[tuple[str, str | None]], size: tuple[int, int], *,
 
                 def flush(ch):
                     t0 = time.perf_counter()
-                    futs = [None if err else pool.submit(decode_item, p, size, max_pixels) for p, err in ch]
+                    futs = [None if err else pool.submit(decode_item, p, size, max_pixels, recipe) for p, err in ch]
                     items = [Item(p, error=err) if f is None else f.result() for (p, err), f in zip(ch, futs)]
                     ok = [i for i, it in enumerate(items) if it.pixels is not None]
                     x = (np.stack([items[i].pixels for i in ok]).astype(np.float32) if ok
@@ -199,7 +206,7 @@ def _put(q: queue.Queue, obj, stop: threading.Event) -> None:
 
 
 def decode_batches(paths: Iterable[str | os.PathLike], size: tuple[int, int], *, batch: int = 64, workers: int = 2,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PixelBatch]:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, recipe: dict | None = None) -> Iterator[PixelBatch]:
     """:func:`batches` over plain paths: ``PixelBatch.ok_index`` says which items of each batch
     decoded (their pixels are the rows of ``x``, in order); the others carry their error.
 
@@ -209,4 +216,5 @@ def decode_batches(paths: Iterable[str | os.PathLike], size: tuple[int, int], *,
             probs = model(pb.x)                      # one row per readable image
             labels_ok = [labels[start + i] for i in pb.ok_index]
     """
-    return batches(((os.fspath(p), None) for p in paths), size, batch=batch, workers=workers, max_pixels=max_pixels)
+    return batches(((os.fspath(p), None) for p in paths), size, batch=batch, workers=workers, max_pixels=max_pixels,
+                   recipe=recipe)

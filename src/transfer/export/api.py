@@ -3,7 +3,14 @@
     export_bundle(run, *, trial="best", out=None, head=None, quantize=None, trt=None,
                   batch="1:8:32", calib_images=512, verify_images=256, atol=1e-4,
                   min_agreement=0.999, max_accuracy_drop=0.01, force=False, opset=17,
-                  progress=print) -> ExportResult(bundle_dir, manifest, verification, ok)
+                  progress=None) -> ExportResult(bundle_dir, manifest, verification, ok)
+
+Every model of a bundle goes through the same four moves, one :class:`Step` each: convert
+(write the file and its manifest entry), run it on the verification images, compare with
+its reference (:func:`transfer.export.verify.parity_check` for the same precision,
+:func:`~transfer.export.verify.accuracy_check` for int8 / fp16), record the check. The
+steps are the fp32 ONNX model (reference: Keras), the int8 ONNX model and TensorRT engines
+(reference: the ONNX fp32 model) and a classical head's ONNX graph (reference: its pickle).
 
 The bundle is assembled in a hidden sibling folder and renamed into place only when
 complete, so an interrupted export never leaves a half bundle that looks valid. A bundle
@@ -15,9 +22,9 @@ bundle stays.
 
 Stable API (used by the runtime tests): ``export_bundle`` keyword names above; the
 result's ``bundle_dir`` loads with :func:`transfer.bundle.load_bundle`. ``verify_images``
-defaults to 256 (the issue asks for at least 64; the val split, then test, is used, all
-of it when smaller). ``transfer verify BUNDLE`` is :func:`transfer.bundle.verify_bundle`.
---trt int8 builds from a symmetric QDQ model (explicit quantization, see export.tensorrt).
+defaults to 256 (at least 64; the val split, then test, is used, all of it when smaller).
+``transfer verify BUNDLE`` is :func:`transfer.bundle.verify_bundle`. ``trt="int8"`` builds
+from a symmetric QDQ model (explicit quantization, see :mod:`transfer.export.tensorrt`).
 """
 
 from __future__ import annotations
@@ -26,17 +33,13 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from ..bundle import finalize_manifest, read_manifest
 from ..errors import ConfigError, ExportError, TensorRTUnavailableError, VerificationError
-from ..fsutil import write_json_atomic
-
-Progress = Callable[[str], None]
+from ..progress import ProgressLike, as_progress
 
 
 @dataclass
@@ -49,21 +52,171 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _number(name: str, v, lo: float, hi: float) -> float:
+@dataclass(frozen=True)
+class Limits:
+    """Pass/fail limits: fp32 parity (``atol``, ``min_agreement``), reduced precision (accuracy drop)."""
+
+    atol: float = 1e-4
+    min_agreement: float = 0.999
+    max_accuracy_drop: float = 0.01
+
+
+@dataclass
+class ExportContext:
+    """What every step reads (the trial, the verification images) and what the steps made."""
+
+    rf: Any                      # RunFolder
+    t: Any                       # TrialInfo
+    folder: Path                 # where the files are written
+    x: np.ndarray                # verification images, float32 (n, H, W, 3)
+    y: np.ndarray                # their labels
+    limits: Limits
+    progress: Any                # transfer.progress.Progress
+    opset: int = 17
+    calib_images: int = 512
+    outputs: dict[str, tuple] = field(default_factory=dict)  # step key -> (features, probs) on x
+    models: dict[str, dict] = field(default_factory=dict)
+    heads: dict[str, dict] = field(default_factory=dict)
+    checks: dict[str, dict] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)     # what a step hands to its reference (a head's estimator)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model of the bundle: convert -> run -> compare -> record.
+
+    Args:
+        key: the verification key (``onnx-fp32``, ``onnx-int8``, ``head-rf``, ``trt-fp16``).
+        convert: writes the file(s) under ``ctx.folder`` and returns the manifest entry.
+        run: ``(features or None, probs)`` of the converted model on ``ctx.x``.
+        reference: ``(probs, name)`` the candidate is compared with.
+        check: ``"parity"`` (same precision: max |dp| and top-1 agreement) or ``"accuracy"``
+            (reduced precision: the accuracy drop).
+        atol: the parity tolerance (``None``: the export's ``atol``).
+        group / name: where the entry goes in the manifest (``models`` or ``heads``) and its key.
+        accuracy_names: also record the reference and candidate accuracy under these names
+            (``fp32_accuracy``, ``int8_accuracy``).
+    """
+
+    key: str
+    convert: Callable[[ExportContext], dict]
+    run: Callable[[ExportContext, dict], tuple]
+    reference: Callable[[ExportContext], tuple[np.ndarray, str]]
+    check: str = "parity"
+    atol: float | None = None
+    group: str = "models"
+    name: str = ""
+    accuracy_names: tuple[str, str] | None = None
+
+
+def judge(ctx: ExportContext, step: Step) -> dict:
+    """The check of a step whose outputs are in ``ctx.outputs[step.key]``: parity or accuracy
+    against its reference, plus, for a reduced-precision model of a calibrated bundle, the
+    same calibration and unknown decisions as fp32."""
+    from .verify import accuracy_check, parity_check
+
+    got = ctx.outputs[step.key][1]
+    ref, ref_name = step.reference(ctx)
+    if step.check == "parity":
+        v = parity_check(ref, got, ctx.y, atol=ctx.limits.atol if step.atol is None else step.atol,
+                         min_agreement=ctx.limits.min_agreement, reference_name=ref_name)
+    else:
+        v = accuracy_check(ref, got, ctx.y, max_accuracy_drop=ctx.limits.max_accuracy_drop, reference_name=ref_name)
+    if step.accuracy_names:
+        v.update(zip(step.accuracy_names, (v["reference_accuracy"], v["candidate_accuracy"])))
+    if step.group == "models" and step.key not in ("onnx-fp32", "calibration") and "detector" in ctx.extra:
+        _calibration_agreement(ctx, step.key, v)
+    return v
+
+
+def run_step(ctx: ExportContext, step: Step) -> dict:
+    """Convert, run, compare and record one step; returns its check."""
+    from .verify import summary_line
+
+    entry = step.convert(ctx)
+    ctx.outputs[step.key] = step.run(ctx, entry)
+    v = judge(ctx, step)
+    getattr(ctx, step.group)[step.name or step.key] = entry
+    ctx.checks[step.key] = v
+    line = summary_line(step.key, v)
+    if step.group == "heads":
+        line += f" (head accuracy {v['reference_accuracy']:.4f})"
+    ctx.progress.say(line)
+    return v
+
+
+#: limits of every reduced-precision model against calibrated fp32 (ECE difference, same unknown decisions)
+MAX_ECE_DIFF = 0.01
+MIN_UNKNOWN_AGREEMENT = 0.99
+
+
+def _calibration_agreement(ctx: ExportContext, key: str, v: dict) -> None:
+    """A reduced-precision model must keep fp32's calibration and unknown decisions: its ECE
+    within ``MAX_ECE_DIFF`` of fp32's and its accept/reject decisions the same on at least
+    ``MIN_UNKNOWN_AGREEMENT`` of the verification images."""
+    from .. import calibration as cal
+
+    f32, p32 = ctx.outputs["onnx-fp32"]
+    f, p = ctx.outputs[key]
+    det = ctx.extra["detector"]
+    ece32, ece = cal.ece(p32, ctx.y), cal.ece(p, ctx.y)
+    same = float(np.mean(det(f32, p32)[1] == det(f if f is not None else f32, p)[1]))
+    v["calibration"] = {"ece_fp32": ece32, "ece": ece, "ece_diff": abs(ece - ece32), "max_ece_diff": MAX_ECE_DIFF,
+                        "unknown_score": det.score, "unknown_agreement": same,
+                        "min_unknown_agreement": MIN_UNKNOWN_AGREEMENT}
+    v["passed"] = bool(v["passed"] and abs(ece - ece32) <= MAX_ECE_DIFF and same >= MIN_UNKNOWN_AGREEMENT)
+
+
+def _number(name: str, what: str, v, lo: float, hi: float) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
         f = float("nan")
     if not lo <= f <= hi:
-        raise ConfigError(f"invalid {name} {v!r}; accepted: a number in [{lo:g}, {hi:g}]")
+        raise ConfigError(f"invalid {what} {v!r}; accepted: a number in [{lo:g}, {hi:g}]", option=name)
     return f
+
+
+def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_drop, verify_images, calib_images,
+                   head, unknown_accept=0.95):
+    """Every option, before any work: returns ``(limits, TensorRT precision, batch profile, head kind,
+    reduced-precision ONNX models)``."""
+    from .tensorrt import check_precision, parse_batch_profile
+
+    kinds = [q.strip() for q in str(quantize).split(",") if q.strip()] if quantize else []
+    bad = [q for q in kinds if q not in ("int8", "fp16")]
+    if bad or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"invalid quantization {quantize!r}; accepted: int8, fp16 or both (int8,fp16)",
+                          option="quantize")
+    trt_prec = check_precision(trt) if trt else None
+    profile = parse_batch_profile(batch)
+    limits = Limits(atol=_number("atol", "probability tolerance", atol, 0, 1),
+                    min_agreement=_number("min_agreement", "minimum top-1 agreement", min_agreement, 0, 1),
+                    max_accuracy_drop=_number("max_accuracy_drop", "maximum accuracy drop", max_accuracy_drop, 0, 1))
+    for name, what, v, least in (("verify_images", "verification image count", verify_images, 64),
+                                 ("calib_images", "calibration image count", calib_images, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ConfigError(f"invalid {what} {v!r}; accepted: an integer >= {least}"
+                              + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""),
+                              option=name)
+    if head is not None:
+        from ..analysis.heads import check_kinds
+
+        head = check_kinds([head])[0]
+    if isinstance(unknown_accept, bool) or not isinstance(unknown_accept, (int, float)) or not 0 < unknown_accept < 1:
+        raise ConfigError(f"invalid target acceptance {unknown_accept!r}; accepted: a fraction in (0, 1)",
+                          option="unknown_accept")
+    # TensorRT fp16 engines are built from the fp16 ONNX model (strong typing: the graph decides)
+    kinds = kinds + ["fp16"] if trt_prec == "fp16" and "fp16" not in kinds else kinds
+    return limits, trt_prec, profile, head, tuple(kinds)
 
 
 def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None, quantize: str | None = None,
                   trt: str | None = None, batch: str = "1:8:32", calib_images: int = 512, verify_images: int = 256,
                   atol: float = 1e-4, min_agreement: float = 0.999, max_accuracy_drop: float = 0.01,
-                  force: bool = False, opset: int = 17, workspace_mb: int = 2048,
-                  progress: Progress | None = print) -> ExportResult:
+                  force: bool = False, opset: int = 17, workspace_mb: int = 2048, calibrate: bool = True,
+                  unknown_accept: float = 0.95, progress: ProgressLike = None,
+                  sign: str | os.PathLike | None = None) -> ExportResult:
     """Export one trial of a run folder as a verified bundle.
 
     Args:
@@ -72,181 +225,447 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         out: bundle folder (default ``RUN/bundle``).
         head: also ship a classical head (``rf``, ``svm``, ``logreg``, ``knn``): the saved
             one of ``transfer heads`` or one fitted now from cached features.
-        quantize: ``int8`` adds ``model.int8.onnx`` (static, calibrated on training images).
+        quantize: ``int8`` adds ``model.int8.onnx`` (static, calibrated on training images),
+            ``fp16`` adds ``model.fp16.onnx``; ``"int8,fp16"`` both.
         trt: ``fp32|fp16|int8`` TensorRT engine (needs an NVIDIA GPU).
         batch: TensorRT optimization profile ``MIN:OPT:MAX``.
         calib_images: training images used to calibrate int8.
         verify_images: validation images Keras and ONNX Runtime are compared on.
         atol / min_agreement: fp32 limits (max |dp|, top-1 agreement).
         max_accuracy_drop: int8/fp16 accuracy drop limit (fraction, 0.01 = 1 point).
-        force: replace an existing bundle at ``out``.
+        force: replace an existing bundle at ``out`` (its hidden files are kept).
+        calibrate: fit a temperature on the val split and write it into the graph (so every
+            model of the bundle gives calibrated probabilities), and fit the unknown-input
+            scores (:mod:`transfer.export.calibrate`); ``False`` keeps raw probabilities.
+        unknown_accept: share of known (val) images the unknown-input thresholds accept.
+        progress: status lines of every step (a :class:`transfer.progress.Progress`).
+        sign: a private key (``transfer keygen``): the bundle is signed with it
+            (``signature.json``), so machines that trust its public key load it.
+
+    ``out`` is locked while the export runs (a second export to it exits with
+    :class:`transfer.locks.LockedError`), and so is the run folder when a head may be fitted
+    into it; staging folders of killed exports beside ``out`` are cleared first.
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
         RunFolderError: missing run / unknown or unfinished trial.
-        BundleError: ``out`` holds other files and ``force`` is off.
+        BundleError: ``out`` holds other files, or a bundle and ``force`` is off.
+        LockedError: another process exports to ``out`` (or writes the run).
         VerificationError: the bundle was written but failed verification (marked invalid).
         TensorRTUnavailableError: ``trt`` requested without GPU (the ONNX bundle is kept).
 
-    Example:
-        >>> export_bundle("runs/digits", head="rf", quantize="int8").bundle_dir  # doctest: +SKIP
-        PosixPath('runs/digits/bundle')
-    """
-    from ..runfolder import RunFolder
-    from .bundle_writer import check_out, staged_bundle
-    from .tensorrt import check_precision, parse_batch_profile
+    Example::
 
-    say = progress or (lambda s: None)
+        export_bundle("runs/digits", head="rf", quantize="int8").bundle_dir   # runs/digits/bundle
+    """
+    import contextlib
+
+    from ..locks import locked
+    from ..runfolder import RunFolder
+
+    p = as_progress(progress)
     t0 = time.time()
     rf = run if isinstance(run, RunFolder) else RunFolder(run)
     t = rf.trial(trial).require_finished()
-    # validate every option before any work
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"invalid --quantize {quantize!r}; accepted: int8")
-    trt_prec = check_precision(trt) if trt else None
-    profile = parse_batch_profile(batch)
-    atol = _number("--atol", atol, 0, 1)
-    min_agreement = _number("--min-agreement", min_agreement, 0, 1)
-    max_accuracy_drop = _number("--max-accuracy-drop", max_accuracy_drop, 0, 1)
-    for name, v, least in (("--verify-images", verify_images, 64), ("--calib-images", calib_images, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise ConfigError(f"invalid {name} {v!r}; accepted: an integer >= {least}"
-                              + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""))
-    if head is not None:
-        from ..analysis.heads import check_kinds
+    limits, trt_prec, profile, head, reduced = _check_options(
+        quantize=quantize, trt=trt, batch=batch, atol=atol, min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head,
+        unknown_accept=unknown_accept)
+    key = None
+    if sign is not None:
+        from ..signing import load_signing_key
 
-        head = check_kinds([head])[0]
-    out = Path(out) if out is not None else rf.path / "bundle"
+        key = load_signing_key(sign)
+    out = Path(out) if out is not None else rf.bundle_dir
+    with locked(out, purpose="export"), \
+            (locked(rf.path, purpose="export") if head is not None else contextlib.nullcontext()):
+        return _export(rf, t, out, force=force, head=head, reduced=reduced, trt_prec=trt_prec, profile=profile,
+                       calib_images=calib_images, verify_images=verify_images, limits=limits, opset=opset,
+                       workspace_mb=workspace_mb, key=key, progress=p, t0=t0, calibrate=calibrate,
+                       unknown_accept=unknown_accept)
+
+
+def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_images, verify_images, limits,
+            opset, workspace_mb, key, progress, t0, calibrate=True, unknown_accept=0.95) -> ExportResult:
+    """The export, holding the locks: check ``out``, assemble and swap in the ONNX bundle, add an engine."""
+    from ..bundle import read_manifest
+    from .bundle_writer import check_out, remove_stale_staging, staged_bundle
+
+    p = progress
+    remove_stale_staging(out, p)
     check_out(out, force, rf.path)
-
     with staged_bundle(out) as tmp:
-        manifest, verification = _assemble(rf, t, tmp, head=head, quantize=quantize, calib_images=calib_images,
-                                           verify_images=verify_images, atol=atol, min_agreement=min_agreement,
-                                           max_accuracy_drop=max_accuracy_drop, opset=opset, say=say)
-    say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})")
-    res = ExportResult(out, manifest, verification, bool(manifest["valid"]), time.time() - t0)
+        manifest, checks = _assemble(rf, t, tmp, head=head, reduced=reduced, calib_images=calib_images,
+                                     verify_images=verify_images, limits=limits, opset=opset, progress=p,
+                                     calibrate=calibrate, unknown_accept=unknown_accept, key=key)
+    p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})"
+          + (f", signed by {key.key_id}" if key is not None else ""))
+    res = ExportResult(out, manifest, checks, bool(manifest["valid"]), time.time() - t0)
     if not res.ok:
-        failed = [k for k, v in verification.items() if isinstance(v, dict) and v.get("passed") is False]
+        failed = [k for k, v in checks.items() if v.get("passed") is False]
         raise VerificationError(
             f"export verification failed for {', '.join(failed)}; the bundle at {out} is marked invalid",
-            hint=f"see {out / 'verification.json'}; the limits are --atol, --min-agreement, --max-accuracy-drop",
-        )
+            hint=f"see {out / 'verification.json'}; the limits are the probability tolerance, the minimum "
+                 "top-1 agreement and the maximum accuracy drop of `transfer export`")
     if trt_prec:
-        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, say, max_accuracy_drop, verify_images)
+        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, p, limits, verify_images, key)
         res.manifest = read_manifest(out)
     return res
 
 
-def _assemble(rf, t, tmp: Path, *, head, quantize, calib_images, verify_images, atol, min_agreement,
-              max_accuracy_drop, opset, say):
+def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, limits: Limits, opset, progress,
+              calibrate: bool = True, unknown_accept: float = 0.95, key=None):
+    """The ONNX bundle in ``tmp``: fp32 model, its calibration, then int8 / fp16 and a head when
+    asked, then the manifest (signed with ``key``)."""
+    from ..bundle import new_manifest, write_bundle
     from .bundle_writer import tool_versions
-    from .onnx import export_onnx
-    from .verify import accuracy_check, ort_session, parity_check, run_ort, summary_line, verification_images
+    from .verify import verification_images
 
-    size = t.image_size
-    say(f"export {t.name}: loading the Keras model")
+    progress.say(f"export {t.name}: loading the Keras model")
     model = t.load_model()
     feature_dim = int(model.get_layer("features").output.shape[-1])
     num_classes = int(model.output.shape[-1])
     if num_classes != len(rf.class_names):
         raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(rf.class_names)} classes")
-    say(f"export {t.name}: converting to ONNX (opset {opset})")
-    io = export_onnx(model, tmp / "model.onnx", opset=opset)
-    x, y, used = verification_images(rf, size, verify_images, say, fold=t.fold)
-    keras_probs = np.asarray(model.predict(x, batch_size=32, verbose=0))
-    feats, probs = run_ort(ort_session(tmp / "model.onnx"), x)
-    v32 = parity_check(keras_probs, probs, y, atol=atol, min_agreement=min_agreement, reference_name="Keras")
-    verification: dict = {"onnx-fp32": v32}
-    say(summary_line("onnx-fp32", v32))
-    models = {"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime", **io}}
+    x, y, used = verification_images(rf, t.image_size, verify_images, progress, fold=t.fold)
+    ctx = ExportContext(rf, t, tmp, x, y, limits, progress, opset=opset, calib_images=calib_images,
+                        extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes})
+    run_step(ctx, _fp32_step())
+    if calibrate:
+        why_not = _cannot_calibrate(rf, t)
+        if why_not:
+            progress.say(f"calibration skipped: {why_not}")
+            ctx.extra["calibration"] = {"method": "none", "reason": why_not}
+        else:
+            run_step(ctx, _calibration_step(unknown_accept))
+            ctx.outputs["onnx-fp32"] = ctx.outputs["calibration"]  # what the other models are compared with
+    steps = ([_int8_step()] if "int8" in reduced else []) + ([_fp16_step()] if "fp16" in reduced else [])
+    if head is not None:
+        steps.append(_head_step(head))
+    for step in steps:
+        run_step(ctx, step)
+    calibration = {k: ctx.extra[k] for k in ("calibration", "unknown") if k in ctx.extra}
+    manifest = new_manifest(
+        class_names=rf.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
+        heads=ctx.heads, preprocessing=rf.dataset.get("preprocessing"), tools=tool_versions(),
+        source={"run": str(rf.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset,
+        **calibration)
+    return write_bundle(tmp, manifest, ctx.checks, images=used, sign_key=key), ctx.checks
 
-    if quantize == "int8":
+
+# ---- the steps -------------------------------------------------------------------------
+
+def _ort_outputs(ctx: ExportContext, entry: dict) -> tuple:
+    from .verify import ort_session, run_ort
+
+    return run_ort(ort_session(ctx.folder / entry["file"]), ctx.x)
+
+
+def _fp32_outputs(ctx: ExportContext) -> tuple[np.ndarray, str]:
+    return ctx.outputs["onnx-fp32"][1], "onnx-fp32"
+
+
+def _fp32_step() -> Step:
+    """Keras -> ONNX fp32 (tf2onnx), compared with Keras itself."""
+    def convert(ctx):
+        from .onnx import export_onnx
+
+        ctx.progress.say(f"export {ctx.t.name}: converting to ONNX (opset {ctx.opset})")
+        io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset)
+        return {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime", **io}
+
+    def keras(ctx):
+        return np.asarray(ctx.extra["model"].predict(ctx.x, batch_size=32, verbose=0)), "Keras"
+
+    return Step("onnx-fp32", convert, _ort_outputs, keras)
+
+
+#: accuracy-aware int8: how many of the first compute layers (Conv / MatMul / Gemm) stay in float
+#: on each attempt, until the int8 model passes its checks
+FLOAT_LAYER_LADDER = (0, 1, 2, 4, 8)
+
+
+def _int8_step() -> Step:
+    """ONNX fp32 -> static int8 (calibrated on training images), compared with fp32 by accuracy.
+
+    Accuracy-aware: when the fully quantized model fails its checks (accuracy drop, calibration,
+    unknown decisions), the first compute layers -- the most sensitive to quantization -- are
+    kept in float, one more step of :data:`FLOAT_LAYER_LADDER` at a time; the manifest records
+    which layers stayed in float and why."""
+    def convert(ctx):
         from .quantize import calibration_batches, quantize_int8
 
-        train_paths, _ = rf.split_paths("train", fold=t.fold)
-        say(f"quantize int8: calibrating on {min(calib_images, len(train_paths))} training image(s)")
-        info = quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx",
-                             calibration_batches(train_paths, size, count=calib_images))
-        _, p8 = run_ort(ort_session(tmp / "model.int8.onnx"), x)
-        v8 = accuracy_check(probs, p8, y, max_accuracy_drop=max_accuracy_drop, reference_name="onnx-fp32")
-        v8.update({"fp32_accuracy": v8["reference_accuracy"], "int8_accuracy": v8["candidate_accuracy"]})
-        verification["onnx-int8"] = v8
-        models["onnx-int8"] = {"file": "model.int8.onnx", "precision": "int8", "runtime": "onnxruntime",
-                               "quantization": info, **io}
-        say(summary_line("onnx-int8", v8))
+        train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
+        from .onnx import stamp_onnx
 
-    heads = {}
-    if head is not None:
+        calib = [b.astype(np.uint8) for b in calibration_batches(train_paths, ctx.t.image_size,
+                                                                 count=ctx.calib_images, progress=ctx.progress,
+                                                                 recipe=ctx.rf.recipe)]
+        entry, tried = None, []
+        for k in FLOAT_LAYER_LADDER:
+            info = quantize_int8(ctx.folder / "model.onnx", ctx.folder / "model.int8.onnx",
+                                 (b.astype(np.float32) for b in calib), float_layers=k)
+            stamp_onnx(ctx.folder / "model.int8.onnx", role="model", precision="int8")
+            entry = {"file": "model.int8.onnx", "precision": "int8", "runtime": "onnxruntime", "quantization": info,
+                     **{kk: ctx.models["onnx-fp32"][kk] for kk in ("inputs", "outputs", "opset")}}
+            ctx.outputs[step.key] = _ort_outputs(ctx, entry)
+            v = judge(ctx, step)
+            if v["passed"] or k == FLOAT_LAYER_LADDER[-1] or len(info.get("float_nodes", [])) < k:
+                break
+            tried.append({"float_layers": k, "why": _failure(v)})
+            ctx.progress.say(f"int8 with {k} first layer(s) in float fails ({tried[-1]['why']}); "
+                             "keeping one more in float")
+        entry["quantization"]["attempts"] = tried
+        return entry
+
+    step = Step("onnx-int8", convert, _ort_outputs, _fp32_outputs, check="accuracy",
+                accuracy_names=("fp32_accuracy", "int8_accuracy"))
+    return step
+
+
+def _failure(v: dict) -> str:
+    """What made a reduced-precision check fail, in words."""
+    why = []
+    if v.get("accuracy_drop", 0) > v.get("limits", {}).get("max_accuracy_drop", 1):
+        why.append(f"accuracy drop {100 * v['accuracy_drop']:.2f} points")
+    c = v.get("calibration") or {}
+    if c and c["ece_diff"] > c["max_ece_diff"]:
+        why.append(f"ECE {c['ece']:.4f} vs fp32 {c['ece_fp32']:.4f}")
+    if c and c["unknown_agreement"] < c["min_unknown_agreement"]:
+        why.append(f"unknown decisions agree on {100 * c['unknown_agreement']:.1f} %")
+    return ", ".join(why) or "not finite"
+
+
+def _fp16_step() -> Step:
+    """ONNX fp32 -> fp16 (onnxconverter-common, float32 input/outputs kept), compared with fp32 by
+    accuracy; TensorRT fp16 engines are built from it."""
+    def convert(ctx):
+        from .fp16 import convert_fp16
+
+        ctx.progress.say("fp16: converting the ONNX model (float32 input and outputs kept)")
+        from .onnx import stamp_onnx
+
+        info = convert_fp16(ctx.folder / "model.onnx", ctx.folder / "model.fp16.onnx")
+        stamp_onnx(ctx.folder / "model.fp16.onnx", role="model", precision="fp16")
+        return {"file": "model.fp16.onnx", "precision": "fp16", "runtime": "onnxruntime", "conversion": info,
+                **{k: ctx.models["onnx-fp32"][k] for k in ("inputs", "outputs", "opset")}}
+
+    return Step("onnx-fp16", convert, _ort_outputs, _fp32_outputs, check="accuracy",
+                accuracy_names=("fp32_accuracy", "fp16_accuracy"))
+
+
+#: at most this many images of a split are run to fit the temperature and the unknown-input scores
+CALIBRATION_IMAGES = 5000
+#: fewer validation images than this cannot support a temperature, a 95 % threshold or a 15-bin ECE
+MIN_CALIBRATION_IMAGES = 100
+
+
+def _cannot_calibrate(rf, t) -> str | None:
+    """Why calibration would be guesswork for this trial (too few validation images), or None."""
+    n = len(rf.split_paths("val", fold=t.fold)[0]) or len(rf.split_paths("test", fold=t.fold)[0])
+    if n < MIN_CALIBRATION_IMAGES:
+        return (f"{n} validation image(s); a temperature, unknown-input thresholds and a 15-bin ECE need at least "
+                f"{MIN_CALIBRATION_IMAGES} (the probabilities are the network's own)")
+    return None
+
+
+def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAGES):
+    """``(features, probs, labels)`` of ``model.onnx`` on up to ``limit`` readable images of a split
+    (a seeded random subset when the split is larger; unreadable files skipped)."""
+    from ..data.stream import decode_batches
+    from .verify import ort_session
+
+    paths, labels = ctx.rf.split_paths(split, fold=ctx.t.fold)
+    if len(paths) > limit:
+        keep = np.sort(np.random.default_rng(0).choice(len(paths), limit, replace=False))
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    sess = ort_session(ctx.folder / "model.onnx")
+    fs, ps, ys, start = [], [], [], 0
+    with ctx.progress.bar(len(paths), f"calibration: {split} images") as bar:
+        for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.rf.recipe):
+            if len(pb.x):
+                f, p = sess.run(["features", "probs"], {"image": pb.x})
+                fs.append(f)
+                ps.append(p)
+                ys += [int(labels[start + i]) for i in pb.ok_index]
+            start += len(pb.items)
+            bar.update(len(pb.items))
+    if not ys:
+        return None
+    return np.concatenate(fs), np.concatenate(ps), np.asarray(ys)
+
+
+def _calibration_step(accept: float) -> Step:
+    """Temperature scaling fitted on the val split, written into ``model.onnx`` (reference: the
+    same formula in numpy on the uncalibrated outputs), and the unknown-input scores."""
+    def convert(ctx):
+        from .. import calibration as cal
+        from ..fsutil import atomic_path
+        from .calibrate import fit_unknown, temperature_onnx
+
+        val = _split_outputs(ctx, "val") or _split_outputs(ctx, "test")
+        if val is None:
+            raise ExportError("calibration needs validation or test images and none is readable",
+                              hint="export without calibration, or check the data folder named in dataset.json",
+                              option="calibrate")
+        fit_split = "val" if ctx.rf.split_paths("val", fold=ctx.t.fold)[0] else "test"
+        vf, vp, vy = val
+        errors = int(np.sum(vp.argmax(1) != vy))
+        # with no misclassified image every T < 1 lowers the NLL: the temperature is not identifiable
+        temp = cal.fit_temperature(vp, vy) if errors else 1.0
+        test = _split_outputs(ctx, "test") if fit_split == "val" else None
+        record = {"method": "temperature", "temperature": temp, "fitted_on": fit_split, "images": int(len(vy)),
+                  **({} if errors else {"note": f"no misclassified {fit_split} image: temperature not identifiable, "
+                                                "kept at 1"}),
+                  "val": {"before": cal.calibration_metrics(vp, vy),
+                          "after": cal.calibration_metrics(cal.apply_temperature(vp, temp), vy)}}
+        if test is not None:
+            record["test"] = {"before": cal.calibration_metrics(test[1], test[2]),
+                              "after": cal.calibration_metrics(cal.apply_temperature(test[1], temp), test[2])}
+        where = "test" if test is not None else fit_split
+        ctx.progress.say(f"calibration: temperature {temp:.3f} fitted on {len(vy)} {fit_split} image(s); {where} ECE "
+                         f"{record[where]['before']['ece']:.4f} -> {record[where]['after']['ece']:.4f}, NLL "
+                         f"{record[where]['before']['nll']:.4f} -> {record[where]['after']['nll']:.4f}")
+        train = _split_outputs(ctx, "train")
+        if train is None:
+            raise ExportError("the unknown-input scores need readable training images", option="calibrate")
+        unknown, arrays = fit_unknown(train[0], train[2], vf, cal.apply_temperature(vp, temp),
+                                      ctx.extra["num_classes"], accept=accept)
+        with atomic_path(ctx.folder / unknown["scores"]["mahalanobis"]["file"], suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+        ctx.extra["raw_probs"] = ctx.outputs["onnx-fp32"][1]
+        info = temperature_onnx(ctx.folder / "model.onnx", ctx.folder / ".model.calibrated.onnx", temp)
+        os.replace(ctx.folder / ".model.calibrated.onnx", ctx.folder / "model.onnx")
+        record["method"] = f"temperature ({info['method']})"
+        ctx.extra["calibration"], ctx.extra["unknown"] = record, unknown
+        ctx.extra["detector"] = _detector(unknown, arrays)
+        ctx.models["onnx-fp32"]["calibrated"] = True
+        ctx.progress.say("unknown inputs: " + ", ".join(
+            f"{k} threshold {v['threshold']:.4g} (accepts {100 * v['val_acceptance']:.1f} % of {fit_split})"
+            for k, v in unknown["scores"].items()) + f"; default {unknown['default']}")
+        return ctx.models["onnx-fp32"]
+
+    def numpy_formula(ctx):
+        from .. import calibration as cal
+
+        return cal.apply_temperature(ctx.extra["raw_probs"], ctx.extra["calibration"]["temperature"]), \
+            "softmax(log p / T) of the uncalibrated model"
+
+    return Step("calibration", convert, _ort_outputs, numpy_formula, atol=1e-5, name="onnx-fp32")
+
+
+def _detector(unknown: dict, arrays: dict):
+    from .. import calibration as cal
+    from ..runtime.unknown import UnknownDetector
+
+    name = unknown["default"]
+    gauss = cal.ClassGaussian.from_arrays(arrays) if name == "mahalanobis" else None
+    return UnknownDetector(name, unknown["scores"][name]["threshold"], gauss)
+
+
+def _head_step(kind: str) -> Step:
+    """A fitted classical head: its pickle shipped, its ONNX graph (skl2onnx) compared with the pickle."""
+    def convert(ctx):
         from ..analysis.heads import ensure_head, load_head
         from .head_onnx import head_to_onnx
 
-        pkl, meta = ensure_head(rf, t.name, head, progress=say)
-        if int(meta.get("feature_dim", -1)) != feature_dim:
-            raise ExportError(f"head {pkl} takes {meta.get('feature_dim')}-d features but {t.name} gives {feature_dim}-d",
-                              hint=f"re-fit it: `transfer heads {rf.path} --trial {t.name} --head {head}`")
+        rf, t, d = ctx.rf, ctx.t, ctx.extra["feature_dim"]
+        pkl, meta = ensure_head(rf, t.name, kind, progress=ctx.progress)
+        refit = f"re-fit it: `transfer heads {rf.path} --trial {t.name} --head {kind}`"
+        if int(meta.get("feature_dim", -1)) != d:
+            raise ExportError(f"head {pkl} takes {meta.get('feature_dim')}-d features but {t.name} gives {d}-d",
+                              hint=refit)
         est, meta = load_head(pkl)
         n_in = getattr(est, "n_features_in_", None)
-        if n_in is not None and int(n_in) != feature_dim:
-            raise ExportError(f"head {pkl} was fitted on {n_in}-d features but {t.name} gives {feature_dim}-d "
-                              f"(its record says {meta.get('feature_dim')})",
-                              hint=f"re-fit it: `transfer heads {rf.path} --trial {t.name} --head {head}`")
+        if n_in is not None and int(n_in) != d:
+            raise ExportError(f"head {pkl} was fitted on {n_in}-d features but {t.name} gives {d}-d "
+                              f"(its record says {meta.get('feature_dim')})", hint=refit)
         classes = [int(c) for c in getattr(est, "classes_", meta.get("classes") or [])]
-        if classes != list(range(num_classes)):
-            raise ExportError(f"head {pkl} predicts classes {classes} but {t.name} has classes 0..{num_classes - 1}; "
+        n = ctx.extra["num_classes"]
+        if classes != list(range(n)):
+            raise ExportError(f"head {pkl} predicts classes {classes} but {t.name} has classes 0..{n - 1}; "
                               "its probability columns would not line up with the class names",
-                              hint=f"re-fit it on features of every class: `transfer heads {rf.path} --trial {t.name} "
-                                   f"--head {head}`")
-        (tmp / "heads").mkdir()
-        shutil.copy2(pkl, tmp / "heads" / f"{head}.pkl")
-        hio = head_to_onnx(est, feature_dim, tmp / "heads" / f"{head}.onnx", opset=opset)
-        hs = ort_session(tmp / "heads" / f"{head}.onnx")
-        p_onnx = hs.run([hio["output"]], {hio["input"]: feats.astype(np.float32)})[0]
-        p_pkl = est.predict_proba(feats.astype(np.float32))
-        vh = parity_check(p_pkl, p_onnx, y, atol=1e-3, min_agreement=min_agreement,
-                          reference_name=f"heads/{head}.pkl")
-        verification[f"head-{head}"] = vh
-        say(summary_line(f"head-{head}", vh) + f" (head accuracy {vh['reference_accuracy']:.4f})")
-        heads[head] = {"kind": head, "estimator": meta.get("estimator"), "pickle": f"heads/{head}.pkl",
-                       "onnx": f"heads/{head}.onnx", "input": hio["input"], "output": hio["output"],
-                       "sklearn": meta.get("sklearn"), "feature_dim": feature_dim,
-                       "classes": meta.get("classes"), "sha256": meta.get("sha256")}
+                              hint=refit.replace("re-fit it", "re-fit it on features of every class"))
+        (ctx.folder / "heads").mkdir(exist_ok=True)
+        shutil.copy2(pkl, ctx.folder / "heads" / f"{kind}.pkl")
+        hio = head_to_onnx(est, d, ctx.folder / "heads" / f"{kind}.onnx", opset=ctx.opset)
+        ctx.extra["estimator"] = est
+        return {"kind": kind, "estimator": meta.get("estimator"), "pickle": f"heads/{kind}.pkl",
+                "onnx": f"heads/{kind}.onnx", "input": hio["input"], "output": hio["output"],
+                "sklearn": meta.get("sklearn"), "feature_dim": d, "classes": meta.get("classes"),
+                "sha256": meta.get("sha256")}
 
-    h, w = size
-    manifest = {
-        "format": "transfer-bundle", "format_version": 1,
-        "valid": all(v.get("passed", True) for v in verification.values()),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "tools": tool_versions(),
-        "source": {"run": str(rf.path.resolve()), "trial": t.name},
-        "class_names": list(rf.class_names),
-        "input": {"name": "image", "height": h, "width": w, "channels": 3, "color": "RGB", "dtype": "float32",
-                  "range": [0, 255], "layout": "NHWC"},
-        "preprocessing": rf.dataset.get("preprocessing") or _preprocessing(),
-        "backbone": t.meta.get("backbone"), "feature_dim": feature_dim, "num_classes": num_classes,
-        "opset": opset, "models": models, "heads": heads,
-        "default_head": "network",
-        "verification": {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)} for k, v in verification.items()},
-    }
-    # the class names again as a hashed file: an edited manifest cannot relabel predictions
-    write_json_atomic(tmp / "labels.json", list(rf.class_names))
-    manifest["labels"] = "labels.json"
-    write_json_atomic(tmp / "verification.json", {"images": used, **verification})
-    manifest = finalize_manifest(tmp, manifest)
-    return manifest, verification
+    def run(ctx, entry):
+        from .verify import ort_session
+
+        feats = ctx.outputs["onnx-fp32"][0].astype(np.float32)
+        sess = ort_session(ctx.folder / entry["onnx"])
+        return None, sess.run([entry["output"]], {entry["input"]: feats})[0]
+
+    def pickle_probs(ctx):
+        feats = ctx.outputs["onnx-fp32"][0].astype(np.float32)
+        return ctx.extra["estimator"].predict_proba(feats), f"heads/{kind}.pkl"
+
+    return Step(f"head-{kind}", convert, run, pickle_probs, atol=1e-3, group="heads", name=kind)
 
 
-def _preprocessing() -> dict:
-    from ..data.image import PREPROCESSING
+# ---- TensorRT engines (after the ONNX bundle is in place) -----------------------------
 
-    return dict(PREPROCESSING)
+def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step:
+    """An engine built from the bundle's ONNX model (int8: from a symmetric QDQ copy calibrated on
+    training images), compared with ONNX fp32: parity for fp32, accuracy drop for fp16 / int8."""
+    name = f"model.{precision}.engine"
+
+    def convert(ctx):
+        from .tensorrt import build_engine, device_info, engine_entry, prepare_int8_onnx
+        from .quantize import calibration_batches
+
+        dev = device_info()
+        # strongly typed networks take their precision from the graph: fp16 from the fp16 ONNX model
+        src, qinfo = ctx.folder / ("model.fp16.onnx" if precision == "fp16" else "model.onnx"), None
+        if precision == "int8":
+            # explicit quantization (TensorRT >= 10.1 deprecates the implicit calibrators): a
+            # symmetric QDQ model calibrated on training images; TensorRT reads its scales
+            train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
+            src = work / "model.trt-int8.onnx"
+            qinfo = prepare_int8_onnx(ctx.folder / "model.onnx", src,
+                                      calibration_batches(train_paths, ctx.t.image_size, count=ctx.calib_images,
+                                                          recipe=ctx.rf.recipe,
+                                                          progress=ctx.progress))
+        ctx.progress.say(f"TensorRT {precision}: building on {dev['gpu']} (compute {dev['compute_capability']}, "
+                         f"TensorRT {dev['tensorrt']})")
+        info = build_engine(src, ctx.folder / name, precision=precision, profile=profile, input_hw=ctx.t.image_size,
+                            workspace_mb=workspace_mb, timing_cache=ctx.folder.parent / ".transfer-trt-timing.cache")
+        entry = engine_entry(name, precision, profile, dev)
+        entry.update({k: info[k] for k in ("strongly_typed", "tf32") if k in info})
+        if qinfo is not None:
+            entry["quantization"] = {**qinfo, "mode": "explicit (QDQ)"}
+        return entry
+
+    def run(ctx, entry):
+        from ..bundle import Bundle
+        from ..runtime.runners import TrtRunner
+
+        # the engine runs before the manifest lists it: a kill here leaves the verified ONNX bundle as it was
+        manifest = dict(ctx.extra["manifest"], models={**ctx.extra["manifest"]["models"], f"trt-{precision}": entry},
+                        files={**ctx.extra["manifest"]["files"], name: {}})
+        with TrtRunner(Bundle(ctx.folder, manifest), f"trt-{precision}") as runner:
+            return runner.run(ctx.x)
+
+    def onnx_fp32(ctx):
+        return _ort_outputs(ctx, {"file": "model.onnx"})[1], "onnx-fp32"
+
+    return Step(f"trt-{precision}", convert, run, onnx_fp32, check="parity" if precision == "fp32" else "accuracy",
+                atol=1e-3, name=f"trt-{precision}")
 
 
-def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, workspace_mb: int, say,
-                max_accuracy_drop: float = 0.01, verify_images: int = 256) -> None:
-    from .quantize import calibration_batches
-    from .tensorrt import build_engine, device_info, engine_entry, require_tensorrt
+def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, workspace_mb: int, progress,
+                limits: Limits, verify_images: int = 256, key=None) -> None:
+    from ..bundle import read_checks, read_manifest, write_bundle
+    from .tensorrt import require_tensorrt
+    from .verify import verification_images
 
     try:
         require_tensorrt()  # exit 3; the ONNX bundle stays valid
@@ -256,58 +675,28 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
                               f"`transfer export {rf.path} --trt {precision} --force` (re-exports and replaces it)"
         ) from None
     manifest = read_manifest(out)
-    dev = device_info()
-    name = f"model.{precision}.engine"
-    tmp_engine = out / f".{name}.partial"
-    src, qinfo = out / "model.onnx", None
+    checks, images = read_checks(out)
+    x, y, _ = verification_images(rf, t.image_size, verify_images, progress, fold=t.fold)
+    ctx = ExportContext(rf, t, out, x, y, Limits(atol=1e-3, min_agreement=0.999,
+                                                 max_accuracy_drop=limits.max_accuracy_drop),
+                        progress, calib_images=calib_images, models=dict(manifest["models"]), checks=checks,
+                        extra={"manifest": manifest})
+    if manifest.get("unknown"):  # the engine must keep fp32's unknown decisions too
+        from ..bundle import Bundle
+        from ..runtime.unknown import make_detector
+
+        ctx.extra["detector"] = make_detector(Bundle(out, manifest))
+        ctx.outputs["onnx-fp32"] = _ort_outputs(ctx, {"file": "model.onnx"})
     work = out.parent / f".{out.name}.trt-{os.getpid()}"
     work.mkdir(exist_ok=True)
     try:
-        if precision == "int8":
-            # explicit quantization (TensorRT >= 10.1 deprecates the implicit calibrators): a
-            # symmetric QDQ model calibrated on training images; TensorRT reads its scales
-            from .tensorrt import prepare_int8_onnx
-
-            train_paths, _ = rf.split_paths("train", fold=t.fold)
-            say(f"TensorRT int8: calibrating a symmetric QDQ model on {min(calib_images, len(train_paths))} "
-                "training image(s)")
-            src = work / "model.trt-int8.onnx"
-            qinfo = prepare_int8_onnx(out / "model.onnx", src,
-                                      calibration_batches(train_paths, t.image_size, count=calib_images))
-        say(f"TensorRT {precision}: building on {dev['gpu']} (compute {dev['compute_capability']}, "
-            f"TensorRT {dev['tensorrt']})")
-        build_engine(src, tmp_engine, precision=precision, profile=profile, input_hw=t.image_size,
-                     workspace_mb=workspace_mb, timing_cache=out.parent / ".transfer-trt-timing.cache")
+        v = run_step(ctx, _engine_step(precision, profile, workspace_mb, work))
     except BaseException:
-        if tmp_engine.exists():
-            tmp_engine.unlink()
+        (out / f"model.{precision}.engine").unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    os.replace(tmp_engine, out / name)
-    key = f"trt-{precision}"
-    manifest["models"][key] = engine_entry(name, precision, profile, dev)
-    if qinfo is not None:
-        manifest["models"][key]["quantization"] = {**qinfo, "mode": "explicit (QDQ)"}
-    manifest = finalize_manifest(out, manifest)
-    # verify the engine like the ONNX models: agreement with ONNX fp32 and the accuracy drop
-    from ..bundle import Bundle
-    from ..runtime.runners import OrtRunner, TrtRunner
-    from .verify import accuracy_check, parity_check, summary_line, verification_images
-
-    x, y, _ = verification_images(rf, t.image_size, verify_images, say, fold=t.fold)
-    b = Bundle(out, manifest)
-    ref = OrtRunner(b, "onnx-fp32", "cpu").run(x)[1]
-    got = TrtRunner(b, key).run(x)[1]
-    if precision == "fp32":
-        v = parity_check(ref, got, y, atol=1e-3, min_agreement=0.999, reference_name="onnx-fp32")
-    else:
-        v = accuracy_check(ref, got, y, max_accuracy_drop=max_accuracy_drop, reference_name="onnx-fp32")
-    manifest["verification"][key] = {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)}
-    say(summary_line(key, v))
-    if not v["passed"]:
-        manifest["valid"] = False
-    finalize_manifest(out, manifest)
+    write_bundle(out, dict(manifest, models=ctx.models), ctx.checks, images=images, sign_key=key)
     if not v["passed"]:
         raise VerificationError(f"TensorRT {precision} engine failed verification; bundle {out} is marked invalid",
-                                hint="try --trt fp16 or more --calib-images")
+                                hint="try a TensorRT fp16 engine or more calibration images")

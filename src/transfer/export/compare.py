@@ -23,9 +23,10 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, labels: Sequen
     Raises:
         ValueError: the two arrays differ in shape or are empty.
 
-    Example:
-        >>> compare_outputs(np.eye(3), np.eye(3))["top1_agreement"]
-        1.0
+    Example::
+
+        compare_outputs(np.eye(3), np.eye(3))["top1_agreement"]
+        # 1.0
     """
     ref = np.asarray(reference, dtype=np.float64)
     cand = np.asarray(candidate, dtype=np.float64)

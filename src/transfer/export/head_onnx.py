@@ -32,8 +32,9 @@ def head_to_onnx(estimator, feature_dim: int, path: str | os.PathLike, *, opset:
     Raises:
         ExportError: skl2onnx cannot convert this estimator.
 
-    Example:
-        >>> head_to_onnx(rf, 64, "heads/rf.onnx")  # doctest: +SKIP
+    Example::
+
+        head_to_onnx(rf, 64, "heads/rf.onnx")
     """
     skl2onnx = require("skl2onnx", purpose="exporting classical heads to ONNX")
     from skl2onnx.common.data_types import FloatTensorType
@@ -48,7 +49,8 @@ def head_to_onnx(estimator, feature_dim: int, path: str | os.PathLike, *, opset:
         )
     except Exception as exc:
         raise ExportError(f"skl2onnx cannot convert {type(estimator).__name__}: {type(exc).__name__}: {exc}",
-                          hint="the pickle is still exported; use it with --head NAME --head-format pickle") from exc
+                          hint="the pickle is still exported; run it as a pickle "
+                               "(`transfer infer BUNDLE ... --head NAME --head-format pickle`)") from exc
     outs = [o.name for o in proto.graph.output]
     if HEAD_OUTPUT not in outs:
         # older converters call it output_probability
@@ -57,6 +59,9 @@ def head_to_onnx(estimator, feature_dim: int, path: str | os.PathLike, *, opset:
                               for o in node.output]
         for o in proto.graph.output:
             o.name = {"output_probability": HEAD_OUTPUT, "output_label": "label"}.get(o.name, o.name)
+    from .onnx import set_metadata
+
+    set_metadata(proto, role="head")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))

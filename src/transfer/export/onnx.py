@@ -44,8 +44,9 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
     Raises:
         ExportError: tf2onnx failed, or the written graph lacks the expected names.
 
-    Example:
-        >>> export_onnx(load_model("runs/d/trials/arc2-t100/model.keras"), "model.onnx")  # doctest: +SKIP
+    Example::
+
+        export_onnx(load_model("runs/d/trials/arc2-t100/model.keras"), "model.onnx")
     """
     tf = import_tensorflow()
     tf2onnx = require("tf2onnx", purpose="ONNX export")
@@ -58,7 +59,8 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
         proto, _ = tf2onnx.convert.from_keras(two, input_signature=spec, opset=opset)
     except Exception as exc:  # tf2onnx raises many kinds
         raise ExportError(f"tf2onnx could not convert model {model.name!r}: {type(exc).__name__}: {exc}",
-                          hint=f"try another --opset (now {opset}); run with --debug for the traceback") from exc
+                          hint=f"try another opset (now {opset}); `transfer --debug export ...` shows the traceback",
+                          option="opset") from exc
     # tf2onnx names outputs after the Keras layers ("features", "probs"); make sure of it
     outs = [o.name for o in proto.graph.output]
     if outs != list(OUTPUT_NAMES):
@@ -72,7 +74,31 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
     if ins != [INPUT_NAME]:
         raise ExportError(f"exported graph has inputs {ins}, expected ['{INPUT_NAME}']")
     proto.doc_string = "transfer: image (N,H,W,3) float32 RGB 0..255 -> features, probs"
+    set_metadata(proto, role="model", precision="fp32")
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
     return {"inputs": {INPUT_NAME: INPUT_NAME}, "outputs": {n: n for n in OUTPUT_NAMES}, "opset": opset}
+
+
+def set_metadata(proto, *, role: str, precision: str | None = None) -> None:
+    """Stamp what the file is into its ``metadata_props`` (``transfer.role``: model / head,
+    ``transfer.precision``): the runtime checks the manifest's claims against them
+    (:func:`transfer.bundle.check_model_graph`), without needing the ``onnx`` package."""
+    from ..onnx_facts import PRECISION_KEY, ROLE_KEY
+
+    values = {ROLE_KEY: role, **({PRECISION_KEY: precision} if precision else {})}
+    keep = [p for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    for p in keep:
+        proto.metadata_props.add(key=p.key, value=p.value)
+    for k, v in values.items():
+        proto.metadata_props.add(key=k, value=v)
+
+
+def stamp_onnx(path: str | os.PathLike, *, role: str, precision: str | None = None) -> None:
+    """:func:`set_metadata` on a written file (the int8 model ONNX Runtime's quantizer wrote)."""
+    onnx = require("onnx", purpose="ONNX export")
+    proto = onnx.load(str(path))
+    set_metadata(proto, role=role, precision=precision)
+    onnx.save(proto, str(path))

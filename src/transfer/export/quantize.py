@@ -11,50 +11,51 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ExportError
+from ..progress import ProgressLike, as_progress
 
 
 def calibration_batches(paths: Sequence[str | os.PathLike], size: tuple[int, int], *, count: int = 512,
-                        batch: int = 32, seed: int = 0) -> Iterator[np.ndarray]:
+                        batch: int = 32, seed: int = 0, progress: ProgressLike = None,
+                        recipe: dict | None = None) -> Iterator[np.ndarray]:
     """Yield float32 (n, H, W, 3) batches of up to ``count`` images (a seeded sample of ``paths``).
 
     Files that cannot be decoded are skipped (they were reported when the dataset was
-    indexed). Pixels come from :func:`transfer.data.image.load_image`, like training's.
+    indexed); the others are decoded by :func:`transfer.data.stream.decode_batches`, like
+    every image of the package, and packed into full batches. ``progress`` shows a bar.
 
     Raises:
         ExportError: no image at all could be read.
 
-    Example:
-        >>> next(calibration_batches(paths, (32, 32), count=8, batch=4)).shape  # doctest: +SKIP
-        (4, 32, 32, 3)
+    Example::
+
+        next(calibration_batches(paths, (32, 32), count=8, batch=4)).shape    # (4, 32, 32, 3)
     """
-    from ..data.image import load_image
-    from ..errors import ImageDecodeError
+    from ..data.stream import decode_batches
 
     if count <= 0 or batch <= 0:
         raise ExportError(f"calibration needs a positive image count and batch (got {count}, {batch})")
     paths = list(paths)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(paths))[: min(count, len(paths))]
-    buf: list[np.ndarray] = []
+    order = np.random.default_rng(seed).permutation(len(paths))[: min(count, len(paths))]
+    buf = np.zeros((0, size[0], size[1], 3), np.float32)
     used = 0
-    for i in order:
-        try:
-            buf.append(load_image(paths[i], size))
-        except ImageDecodeError:
-            continue
-        if len(buf) == batch:
+    with as_progress(progress).bar(len(order), "calibration images", unit="img") as bar:
+        for pb in decode_batches([paths[i] for i in order], size, batch=batch, recipe=recipe):
+            bar.update(len(pb.items))
+            buf = np.concatenate([buf, pb.x])
+            while len(buf) >= batch:
+                used += batch
+                yield buf[:batch]
+                buf = buf[batch:]
+        if len(buf):
             used += len(buf)
-            yield np.stack(buf).astype(np.float32)
-            buf = []
-    if buf:
-        used += len(buf)
-        yield np.stack(buf).astype(np.float32)
+            yield buf
     if used == 0:
         raise ExportError(f"none of the {len(order)} calibration images could be read")
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches, *,
-                  input_name: str = "image", per_channel: bool = True, symmetric: bool = False) -> dict:
+                  input_name: str = "image", per_channel: bool = True, symmetric: bool = False,
+                  float_layers: int = 0) -> dict:
     """Static QDQ int8 quantization with ONNX Runtime.
 
     Runs ORT's recommended pre-processing (shape inference + graph optimization), then
@@ -69,6 +70,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
             ``True``: s8 symmetric activations and weights (all zero points 0), the
             explicit-quantization form TensorRT 10 builds int8 engines from (its implicit
             calibrators are deprecated since 10.1).
+        float_layers: keep the first ``float_layers`` compute layers (Conv, MatMul, Gemm, in
+            graph order) in float: the first layers are the most sensitive to quantization.
 
     Returns:
         ``{"format": "QDQ", "activations", "weights", "symmetric", "per_channel", "calibration",
@@ -77,8 +80,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
     Raises:
         ExportError: quantization failed, or no calibration batch was given.
 
-    Example:
-        >>> quantize_int8("model.onnx", "model.int8.onnx", calibration_batches(paths, (32, 32)))  # doctest: +SKIP
+    Example::
+
+        quantize_int8("model.onnx", "model.int8.onnx", calibration_batches(paths, (32, 32)))
     """
     q = require("onnxruntime.quantization", purpose="int8 quantization")
     batches = iter(batches)
@@ -101,6 +105,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
             src = pre
         except Exception:  # pre-processing is an optimization; fall back to the plain model
             src = Path(fp32_path)
+        excluded = _first_compute_nodes(src, float_layers)
         try:
             q.quantize_static(
                 str(src), str(out_path), _Reader(),
@@ -109,6 +114,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
                 weight_type=q.QuantType.QInt8,
                 calibrate_method=q.CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else None,
+                nodes_to_exclude=excluded,
             )
         except ExportError:
             raise
@@ -118,4 +124,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         raise ExportError("int8 quantization got no calibration image", hint="check the run's splits/train.csv")
     return {"format": "QDQ", "activations": "int8" if symmetric else "uint8", "weights": "int8",
             "symmetric": symmetric, "per_channel": per_channel,
-            "calibration": "minmax", "calibration_images": seen["images"]}
+            "calibration": "minmax", "calibration_images": seen["images"], "float_nodes": excluded}
+
+
+def _first_compute_nodes(model_path: Path, n: int) -> list[str]:
+    """Names of the first ``n`` Conv / MatMul / Gemm nodes of a model, in graph order."""
+    if n <= 0:
+        return []
+    onnx = require("onnx", purpose="int8 quantization")
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    return [node.name for node in g.node if node.name and node.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose")][:n]

@@ -9,22 +9,21 @@ it was judged by. The exporter marks a bundle invalid when any check fails.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ..errors import DataError, ImageDecodeError
+from ..errors import DataError
+from ..progress import ProgressLike, as_progress
 from .compare import compare_outputs
 
-Progress = Callable[[str], None]
 
-
-def verification_images(run, size: tuple[int, int], n: int, progress: Progress | None = None, *,
+def verification_images(run, size: tuple[int, int], n: int, progress: ProgressLike = None, *,
                         fold: int | None = None):
     """Up to ``n`` readable images of the val split (then test), with their labels.
 
-    Pixels come from :func:`transfer.data.image.load_image`, the one pixel path of
-    training and the runtime; undecodable files are skipped.
+    Pixels come from :func:`transfer.data.stream.decode_batches`, the one decode loop of the
+    package (the pixel path of training and the runtime); undecodable files are skipped.
 
     Returns:
         ``(x float32 (k, H, W, 3), labels int (k,), [paths])``.
@@ -32,31 +31,31 @@ def verification_images(run, size: tuple[int, int], n: int, progress: Progress |
     Raises:
         DataError: no readable val or test image.
 
-    Example:
-        >>> x, y, used = verification_images(RunFolder("runs/digits"), (32, 32), 64)  # doctest: +SKIP
+    Example::
+
+        x, y, used = verification_images(RunFolder("runs/digits"), (32, 32), 64)
     """
-    from ..data.image import load_image
+    from ..data.stream import decode_batches
 
     xs, ys, used = [], [], []
     for split in ("val", "test"):
         paths, labels = run.split_paths(split, fold=fold)  # a k-fold trial: its own fold's val
-        for p, y in zip(paths, labels):
-            if len(xs) >= n:
+        start = 0
+        for pb in decode_batches(paths, size, batch=64, recipe=getattr(run, "recipe", None)):
+            take = pb.ok_index[: n - len(used)]
+            xs.append(pb.x[: len(take)])
+            ys += [int(labels[start + i]) for i in take]
+            used += [str(paths[start + i]) for i in take]
+            start += len(pb.items)
+            if len(used) >= n:
                 break
-            try:
-                xs.append(load_image(p, size))
-            except ImageDecodeError:
-                continue
-            ys.append(int(y))
-            used.append(str(p))
-        if len(xs) >= n:
+        if len(used) >= n:
             break
-    if not xs:
+    if not used:
         raise DataError(f"no readable validation or test image in {run.path} to verify the export with",
                         hint="check the data folder named in dataset.json is still there")
-    if progress:
-        progress(f"verification set: {len(xs)} image(s) from the val/test splits")
-    return np.stack(xs).astype(np.float32), np.asarray(ys), used
+    as_progress(progress).say(f"verification set: {len(used)} image(s) from the val/test splits")
+    return np.concatenate(xs).astype(np.float32), np.asarray(ys), used
 
 
 def ort_session(path: str | Path):
@@ -82,10 +81,11 @@ def parity_check(reference: np.ndarray, candidate: np.ndarray, labels: Sequence[
 
     Passes when top-1 agreement >= ``min_agreement`` and max |dp| <= ``atol`` (a NaN fails).
 
-    Example:
-        >>> parity_check(np.eye(2), np.eye(2), [0, 1], atol=1e-4, min_agreement=0.999,
-        ...              reference_name="keras")["passed"]
-        True
+    Example::
+
+        parity_check(np.eye(2), np.eye(2), [0, 1], atol=1e-4, min_agreement=0.999,
+                     reference_name="keras")["passed"]
+        # True
     """
     v = compare_outputs(reference, candidate, labels)
     v["passed"] = bool(v["top1_agreement"] >= min_agreement and v["max_abs_diff"] <= atol)
@@ -100,10 +100,11 @@ def accuracy_check(reference: np.ndarray, candidate: np.ndarray, labels: Sequenc
 
     The validation accuracy of both sides is recorded next to each other.
 
-    Example:
-        >>> accuracy_check(np.eye(2), np.eye(2)[::-1], [0, 1], max_accuracy_drop=0.01,
-        ...                reference_name="onnx-fp32")["passed"]
-        False
+    Example::
+
+        accuracy_check(np.eye(2), np.eye(2)[::-1], [0, 1], max_accuracy_drop=0.01,
+                       reference_name="onnx-fp32")["passed"]
+        # False
     """
     if labels is None:
         raise ValueError("an accuracy check needs labels")
@@ -141,9 +142,10 @@ def deep_check(bundle, batch: int = 2) -> list[dict]:
     Returns:
         problems, each ``{"file", "problem"}``; empty when everything ran.
 
-    Example:
-        >>> deep_check(load_bundle("runs/digits/bundle"))  # doctest: +SKIP
-        []
+    Example::
+
+        deep_check(load_bundle("runs/digits/bundle"))
+        # []
     """
     m = bundle.manifest
     h, w = bundle.input_size

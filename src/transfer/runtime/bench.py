@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..bundle import Bundle, load_bundle
 from ..errors import ConfigError, TransferError
+from ..progress import ProgressLike, as_progress
 
 if TYPE_CHECKING:
     from .runners import Runner
@@ -69,8 +71,46 @@ def model_gflops(onnx_path: str | os.PathLike) -> float | None:
     return 2 * macs / 1e9
 
 
-def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
-    """Real image files to time decoding with: --images, else the source run's val split."""
+#: backends the runtime runs itself (``extra_runners`` of :func:`bench` may add more)
+BENCH_BACKENDS = ("onnxruntime", "onnxruntime-int8", "onnxruntime-fp16", "tensorrt", "tensorrt-fp32",
+                  "tensorrt-fp16", "tensorrt-int8")
+
+
+@dataclass
+class SamplePool:
+    """The pixels every cell is timed on, and what decoding them cost."""
+
+    x: np.ndarray                # float32 (n, H, W, 3)
+    decode_ms: float | None      # per image, one thread; None: synthetic pixels
+    files: int = 0               # image files decoded into ``x``
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of files that would not decode
+
+
+def check_options(backends: Sequence[str], batches: Sequence[int], seconds: float, min_iters: int,
+                  extra: Sequence[str] = ()) -> None:
+    """Refuse unknown, duplicate or empty backends and batch sizes, and a non-positive time.
+
+    Raises:
+        ConfigError: naming the option (``option=``) and what is accepted.
+    """
+    valid = (*BENCH_BACKENDS, *extra)
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"invalid batch sizes {list(batches)!r}; accepted: positive integers", option="batches")
+    if not backends:
+        raise ConfigError("no backends given", hint=f"accepted: {', '.join(valid)}", option="backends")
+    for be in backends:
+        if be not in valid:
+            raise ConfigError(f"unknown backend {be!r}; accepted: {', '.join(valid)}", option="backends")
+    for name, what, vals in (("batches", "batch sizes", list(batches)), ("backends", "backends", list(backends))):
+        dup = sorted({str(v) for v in vals if vals.count(v) > 1})
+        if dup:
+            raise ConfigError(f"the {what} list {', '.join(dup)} more than once", option=name)
+    if not seconds > 0 or min_iters < 1:
+        raise ConfigError(f"invalid seconds per cell {seconds!r}; accepted: a positive number", option="seconds")
+
+
+def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int) -> list[str]:
+    """Real image files to time decoding with: ``images``, else the source run's val split."""
     from ..data.image import is_image_path
     from ..data.stream import iter_inputs
 
@@ -78,7 +118,8 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
     if images:
         paths = [p for p, err in iter_inputs(images, recursive=True) if err is None]
         if not paths:
-            raise ConfigError(f"no image files found in --images {' '.join(map(str, images))}")
+            raise ConfigError(f"no image files found in {' '.join(map(str, images))} (images to time decoding on)",
+                              option="images")
     else:
         from ..runfolder import RunFolder  # no TensorFlow
 
@@ -92,27 +133,86 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int):
     return [p for p in paths if is_image_path(p)][:n]
 
 
-def _decode_pool(files: list[str], size: tuple[int, int]):
-    """Decode ``files`` for timing; bad ones are skipped. Returns (pixels list, ms per image, bad paths)."""
-    from ..data.stream import decode_item
+def sample_pool(bundle: Bundle, images: Sequence[str] | None, n: int, progress: ProgressLike = None) -> SamplePool:
+    """``n`` images to time the model on: real files decoded (and timed, one thread) through
+    :func:`transfer.data.stream.decode_batches`; synthetic pixels when there are none."""
+    from ..data.stream import decode_batches
 
+    p = as_progress(progress)
+    h, w = bundle.input_size
+    files = _sample_images(bundle, images, n)
+    pixels, skipped, secs = [], [], 0.0
+    for pb in decode_batches(files, (h, w), batch=max(1, len(files)), workers=1, recipe=bundle.recipe):
+        pixels.append(pb.x)
+        secs += pb.decode_seconds
+        skipped += [f"{it.path}: {it.error}" for it in pb.items if it.error]
+    for e in skipped[:3]:
+        p.say(f"skipped an unreadable image: {e}")
+    if len(skipped) > 3:
+        p.say(f"... and {len(skipped) - 3} more unreadable image(s)")
+    x = np.concatenate(pixels) if pixels else np.zeros((0, h, w, 3), np.float32)
+    if len(x):
+        return SamplePool(x, secs / len(files) * 1000, len(x), skipped)
+    p.say("no source images to time decoding with; timing the model on synthetic pixels "
+          "(give image files to time decoding too)")
+    return SamplePool(np.random.default_rng(0).uniform(0, 255, (n, h, w, 3)).astype(np.float32), None, 0, skipped)
+
+
+def _preprocess_ms(pool: np.ndarray, n: int) -> float:
+    """ms per image of turning decoded uint8 images into the float32 batch the model takes."""
     t = time.perf_counter()
-    items = [decode_item(p, size) for p in files]
-    good = [it.pixels for it in items if it.pixels is not None]
-    ms = (time.perf_counter() - t) / len(files) * 1000 if files else None
-    return good, ms, [f"{it.path}: {it.error}" for it in items if it.error]
+    for _ in range(20):
+        np.stack(list(pool[:n].astype(np.uint8))).astype(np.float32)
+    return (time.perf_counter() - t) / 20 / n * 1000
+
+
+def time_cell(fn: Callable, x: np.ndarray, *, warmup: int, seconds: float, min_iters: int):
+    """Latencies (s) of ``fn(x)`` after ``warmup`` calls: at least ``min_iters`` calls and about
+    ``seconds`` seconds (at most 10,000 calls); returns ``(latencies, last outputs)``."""
+    for _ in range(warmup):
+        fn(x)
+    lat, t_end, outs = [], time.perf_counter() + seconds, None
+    while len(lat) < min_iters or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        outs = fn(x)
+        lat.append(time.perf_counter() - t)
+        if len(lat) >= 10_000:
+            break
+    return np.asarray(lat), outs
+
+
+def _head_ms(hd, feats, probs, bs: int) -> float | None:
+    if hd is None or feats is None:
+        return None
+    t = time.perf_counter()
+    for _ in range(5):
+        hd(feats, probs)
+    return (time.perf_counter() - t) / 5 / bs * 1000
 
 
 def _pct(a, q):
     return float(np.percentile(a, q)) * 1000.0
 
 
+def bench_row(runner: "Runner", bs: int, lat: np.ndarray, *, pool: SamplePool, prep_ms: float,
+              head_ms: float | None, agreement: float, gflops: float | None, peak: float) -> dict:
+    """One row of bench.json (the field names are the file's format)."""
+    thr = bs / float(np.mean(lat))
+    return {"backend": runner.name, "provider": runner.provider, "batch": bs, "iters": int(len(lat)),
+            "p50_ms": _pct(lat, 50), "p90_ms": _pct(lat, 90), "p99_ms": _pct(lat, 99),
+            "images_per_s": thr, "decode_ms_per_img": pool.decode_ms, "preprocess_ms_per_img": prep_ms,
+            "model_ms_per_img": float(np.mean(lat)) / bs * 1000, "head_ms_per_img": head_ms,
+            "top1_agreement_vs_fp32": agreement,
+            "gflops_per_img": gflops, "achieved_gflops": gflops * thr if gflops else None,
+            "peak_share": gflops * thr / peak if gflops else None}
+
+
 def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime-int8"),
           batches: Sequence[int] = (1, 8, 32), head: str | None = None, images: Sequence[str] | None = None,
           seconds: float = 3.0, min_iters: int = 10, warmup: int = 3, threads: int | None = None,
-          out_dir=None, progress: Callable[[str], None] | None = print,
+          out_dir=None, progress: ProgressLike = None,
           providers: Sequence[str] | str | None = "cpu",
-          extra_runners: Mapping[str, Callable[[Bundle], "Runner"]] | None = None) -> dict:
+          extra_runners: Mapping[str, Callable[[Bundle], "Runner"]] | None = None, trust=None) -> dict:
     """Benchmark backends x batch sizes on one bundle; returns (and writes) the result dict.
 
     Each cell runs at least ``min_iters`` timed calls and about ``seconds`` seconds after
@@ -124,6 +224,7 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     the runtime does not own, by name (the bench command passes ``keras``:
     :func:`transfer.export.keras_runner.keras_runner_for`, which needs TensorFlow); a
     factory that raises :class:`TransferError` marks its backend skipped with the reason.
+    ``trust``: see :func:`transfer.bundle.load_bundle`; ``out_dir`` may not be inside the bundle.
 
     Returns:
         ``{"machine": {...}, "rows": [...], "skipped": {backend: reason}}``; with
@@ -132,124 +233,86 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
     Raises:
         ConfigError: unknown backend or bad batch size.
 
-    Example:
-        >>> bench("runs/digits/bundle", backends=["onnxruntime"], batches=[1, 32])  # doctest: +SKIP
+    Example::
+
+        bench("runs/digits/bundle", backends=["onnxruntime"], batches=[1, 32])
     """
     from .heads import check_head, make_head
     from .runners import OrtRunner, make_runner
+    from .sessions import available_providers
 
-    say = progress or (lambda s: None)
-    batches, backends = list(batches), list(backends)
-    if not batches or min(batches) < 1:
-        raise ConfigError(f"invalid --batch {batches!r}; accepted: positive integers")
-    extra_runners = dict(extra_runners or {})
-    valid = ("onnxruntime", "onnxruntime-int8", "onnxruntime-fp16", "tensorrt", "tensorrt-fp32", "tensorrt-fp16",
-             "tensorrt-int8", *extra_runners)
-    if not backends:
-        raise ConfigError("no --backends given", hint=f"accepted: {', '.join(valid)}")
-    for be in backends:
-        if be not in valid:
-            raise ConfigError(f"unknown backend {be!r}; accepted: {', '.join(valid)}")
-    for name, vals in (("--batch", batches), ("--backends", backends)):
-        dup = sorted({str(v) for v in vals if vals.count(v) > 1})
-        if dup:
-            raise ConfigError(f"{name} lists {', '.join(dup)} more than once")
-    if not seconds > 0 or min_iters < 1:
-        raise ConfigError(f"invalid --seconds {seconds!r}; accepted: a positive number")
-    b = load_bundle(bundle_path)
+    p = as_progress(progress)
+    batches, backends, extra_runners = list(batches), list(backends), dict(extra_runners or {})
+    check_options(backends, batches, seconds, min_iters, tuple(extra_runners))
+    if out_dir is not None:
+        o, root = Path(os.path.realpath(out_dir)), Path(os.path.realpath(bundle_path))
+        if o == root or root in o.parents:
+            raise ConfigError(f"output folder {out_dir} is inside the bundle {bundle_path}; the results would "
+                              "become files of the bundle", hint="write them next to it", option="out")
+    b = load_bundle(bundle_path, trust=trust)
     check_head(b, head)
     h, w = b.input_size
-    files = _sample_images(b, images, max(batches) * 2)
-    real, decode_ms, bad = _decode_pool(files, (h, w))
-    for e in bad[:3]:
-        say(f"skipped an unreadable image: {e}")
-    if len(bad) > 3:
-        say(f"... and {len(bad) - 3} more unreadable image(s)")
-    if real:
-        pool = np.stack(real).astype(np.float32)
-    else:
-        decode_ms = None
-        say("no source images to time decoding with (pass --images); timing the model on synthetic pixels")
-        pool = np.random.default_rng(0).uniform(0, 255, (max(batches) * 2, h, w, 3)).astype(np.float32)
-    say("measuring the matrix-multiply peak of this machine ...")
+    pool = sample_pool(b, images, max(batches) * 2, p)
+    p.say("measuring the matrix-multiply peak of this machine ...")
     peak = matmul_peak_gflops()
     gflops = model_gflops(b.file(b.model_entry("onnx-fp32")["file"]))
-    t = time.perf_counter()
-    for _ in range(20):
-        np.stack(list(pool[: max(batches)].astype(np.uint8))).astype(np.float32)
-    prep_ms = (time.perf_counter() - t) / 20 / max(batches) * 1000
+    prep_ms = _preprocess_ms(pool.x, max(batches))
     hd = make_head(b, head) if head else None
-    ref_runner = OrtRunner(b, "onnx-fp32", "cpu", threads)
-    ref = ref_runner.run(pool)[1]
+    ref = OrtRunner(b, "onnx-fp32", "cpu", threads).run(pool.x)[1]
     rows, skipped = [], {}
     for be in backends:
         try:
-            if be in extra_runners:
-                r = extra_runners[be](b)
-            else:
-                r = make_runner(b, be, providers if be.startswith("onnxruntime") else None, threads)
-            fn, name, provider = r.run, r.name, r.provider
+            r = extra_runners[be](b) if be in extra_runners else \
+                make_runner(b, be, providers if be.startswith("onnxruntime") else None, threads)
+            if hasattr(r, "activate"):  # a TensorRT engine loads here: a broken one is a skipped backend
+                r.activate()
         except TransferError as exc:
             skipped[be] = exc.message
-            say(f"skip {be}: {exc.message}")
+            p.say(f"skip {be}: {exc.message}")
             continue
-        agree = float(np.mean(fn(pool)[1].argmax(1) == ref.argmax(1)))
+        agree = float(np.mean(r.run(pool.x)[1].argmax(1) == ref.argmax(1)))
         for bs in batches:
-            x = np.ascontiguousarray(np.resize(pool, (bs, h, w, 3)))
-            for _ in range(warmup):
-                fn(x)
-            lat, t_end = [], time.perf_counter() + seconds
-            while len(lat) < min_iters or time.perf_counter() < t_end:
-                t = time.perf_counter()
-                feats, probs = fn(x)
-                lat.append(time.perf_counter() - t)
-                if len(lat) >= 10_000:
-                    break
-            lat = np.asarray(lat)
-            head_ms = None
-            if hd is not None and feats is not None:
-                t = time.perf_counter()
-                for _ in range(5):
-                    hd(feats, probs)
-                head_ms = (time.perf_counter() - t) / 5 / bs * 1000
-            thr = bs / float(np.mean(lat))
-            row = {"backend": name, "provider": provider, "batch": bs, "iters": int(len(lat)),
-                   "p50_ms": _pct(lat, 50), "p90_ms": _pct(lat, 90), "p99_ms": _pct(lat, 99),
-                   "images_per_s": thr, "decode_ms_per_img": decode_ms, "preprocess_ms_per_img": prep_ms,
-                   "model_ms_per_img": float(np.mean(lat)) / bs * 1000, "head_ms_per_img": head_ms,
-                   "top1_agreement_vs_fp32": agree,
-                   "gflops_per_img": gflops, "achieved_gflops": gflops * thr if gflops else None,
-                   "peak_share": gflops * thr / peak if gflops else None}
+            x = np.ascontiguousarray(np.resize(pool.x, (bs, h, w, 3)))
+            lat, (feats, probs) = time_cell(r.run, x, warmup=warmup, seconds=seconds, min_iters=min_iters)
+            row = bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms, head_ms=_head_ms(hd, feats, probs, bs),
+                            agreement=agree, gflops=gflops, peak=peak)
             rows.append(row)
-            say(f"{name:18s} batch {bs:3d}: p50 {row['p50_ms']:8.2f} ms  {thr:9.1f} img/s")
-    from .sessions import available_providers
-
+            p.say(f"{r.name:18s} batch {bs:3d}: p50 {row['p50_ms']:8.2f} ms  {row['images_per_s']:9.1f} img/s")
     res = {"bundle": str(b.path), "machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": peak,
                                               "threads": threads, "providers_found": available_providers()},
            "gflops_per_img": gflops,
-           "decode_files": len(real), "decode_skipped": len(bad),
+           "decode_files": pool.files, "decode_skipped": len(pool.skipped),
            "rows": rows, "skipped": skipped}
     if out_dir is not None:
         write_outputs(res, Path(out_dir))
     return res
 
 
-def render_table(res: dict) -> str:
-    """Markdown table of a bench result."""
-    def f(v, d=2):
-        return "n/a" if v is None else f"{v:.{d}f}"
+#: the bench.md columns: (header, bench.json field, decimals)
+_TABLE = (("backend", "backend", None), ("batch", "batch", None), ("p50 ms", "p50_ms", 2), ("p90 ms", "p90_ms", 2),
+          ("p99 ms", "p99_ms", 2), ("img/s", "images_per_s", 1), ("decode ms/img", "decode_ms_per_img", 3),
+          ("model ms/img", "model_ms_per_img", 3), ("head ms/img", "head_ms_per_img", 3),
+          ("top-1 vs fp32", "top1_agreement_vs_fp32", 4), ("GFLOP/img", "gflops_per_img", 4),
+          ("GFLOP/s", "achieved_gflops", 1), ("% of peak", "peak_share", 1))
 
-    lines = ["| backend | batch | p50 ms | p90 ms | p99 ms | img/s | decode ms/img | model ms/img | head ms/img | "
-             "top-1 vs fp32 | GFLOP/img | GFLOP/s | % of peak |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['backend']} | {r['batch']} | {f(r['p50_ms'])} | {f(r['p90_ms'])} | {f(r['p99_ms'])} | "
-                     f"{f(r['images_per_s'], 1)} | {f(r['decode_ms_per_img'], 3)} | {f(r['model_ms_per_img'], 3)} | "
-                     f"{f(r['head_ms_per_img'], 3)} | {f(r['top1_agreement_vs_fp32'], 4)} | "
-                     f"{f(r['gflops_per_img'], 4)} | {f(r['achieved_gflops'], 1)} | "
-                     f"{f(None if r['peak_share'] is None else 100 * r['peak_share'], 1)} |")
-    lines.append(f"\nmatmul peak of this machine: {res['machine']['matmul_peak_gflops']:.1f} GFLOP/s "
-                 f"(numpy float32 GEMM, {res['machine']['cpus']} cpus)")
+
+def _cell(row: dict, key: str, digits: int | None) -> str:
+    v = row[key]
+    if digits is None:
+        return str(v)
+    if v is None:
+        return "n/a"
+    return f"{100 * v if key == 'peak_share' else v:.{digits}f}"
+
+
+def render_table(res: dict) -> str:
+    """Markdown table of a bench result (:func:`transfer.tables.markdown`) and the machine's notes."""
+    from ..tables import markdown
+
+    rows = [[_cell(r, key, d) for _, key, d in _TABLE] for r in res["rows"]]
+    lines = [markdown([h for h, _, _ in _TABLE], rows, align="l" + "r" * (len(_TABLE) - 1)).rstrip("\n"),
+             f"\nmatmul peak of this machine: {res['machine']['matmul_peak_gflops']:.1f} GFLOP/s "
+             f"(numpy float32 GEMM, {res['machine']['cpus']} cpus)"]
     if res["machine"].get("providers_found"):
         lines.append("ONNX Runtime providers found: " + ", ".join(res["machine"]["providers_found"]))
     for be, why in res.get("skipped", {}).items():
@@ -258,30 +321,28 @@ def render_table(res: dict) -> str:
 
 
 def write_outputs(res: dict, out_dir: Path) -> None:
+    """bench.json, bench.md and (with matplotlib and at least one row) bench.png, written atomically."""
+    from ..errors import DependencyMissingError
     from ..fsutil import write_json_atomic, write_text_atomic
+    from ..plots import figure, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "bench.json", res)
     write_text_atomic(out_dir / "bench.md", render_table(res) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     if not res["rows"]:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for be in sorted({r["backend"] for r in res["rows"]}):
-        rs = [r for r in res["rows"] if r["backend"] == be]
-        ax.plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], marker="o", label=be)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("images / s")
-    ax.set_title("throughput per backend")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "bench.png", dpi=110)
-    plt.close(fig)
+    try:
+        with figure(figsize=(7, 4), purpose="the bench chart") as (fig, ax):
+            for be in sorted({r["backend"] for r in res["rows"]}):
+                rs = [r for r in res["rows"] if r["backend"] == be]
+                ax.plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], marker="o", label=be)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("images / s")
+            ax.set_title("throughput per backend")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            save_figure(fig, out_dir / "bench.png", dpi=110)
+    except DependencyMissingError:
+        return  # the runtime's base install has no matplotlib: the table and JSON are the result

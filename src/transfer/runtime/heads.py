@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, UntrustedBundleError
 from ..errors import BundleError, ConfigError, TamperedBundleError
 from ..fsutil import sha256_file
 
@@ -19,7 +19,7 @@ class Head:
 
 
 class OnnxHead(Head):
-    """A skl2onnx head run by ONNX Runtime: no scikit-learn needed."""
+    """A skl2onnx head run by ONNX Runtime: no scikit-learn needed, and no code in the file."""
 
     def __init__(self, bundle: Bundle, name: str):
         import onnxruntime as ort
@@ -27,7 +27,11 @@ class OnnxHead(Head):
         entry = bundle.head_entry(name)
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # a head is a short call after the model: idle threads that spin for work afterwards cost
+        # ~9 ms of CPU per call at low load (measured in transfer serve) for no speed
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(bundle.file(entry["onnx"])), so, providers=["CPUExecutionProvider"])
+        bundle.check_head_graph(name, self.session)
         self.input, self.output = entry.get("input", "features"), entry.get("output", "probabilities")
         self.name = name
 
@@ -36,10 +40,13 @@ class OnnxHead(Head):
 
 
 class PickleHead(Head):
-    """The pickled scikit-learn head, unpickled only after its SHA-256 matches the manifest."""
+    """The pickled scikit-learn head. A pickle runs code when it is loaded, so it is unpickled
+    only from a bundle signed by a trusted key, or when the caller says it trusts the bundle
+    (``trust_pickle``), and only after its SHA-256 matches the manifest again."""
 
-    def __init__(self, bundle: Bundle, name: str):
+    def __init__(self, bundle: Bundle, name: str, *, trust_pickle: bool = False):
         entry = bundle.head_entry(name)
+        check_pickle_trust(bundle, name, trust_pickle)
         path = bundle.file(entry["pickle"])
         expected = bundle.manifest["files"][entry["pickle"]]["sha256"]
         if sha256_file(path) != expected:  # re-checked here: the pickle is code, never trust it stale
@@ -51,7 +58,8 @@ class PickleHead(Head):
             import sklearn  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"the pickled head needs scikit-learn ({exc})",
-                              hint="pip install scikit-learn, or use --head-format onnx") from exc
+                              hint="pip install scikit-learn, or run the head's ONNX form (no scikit-learn needed)",
+                              option="head_format") from exc
         with open(path, "rb") as fh:
             self.est = pickle.load(fh)
         self.name = name
@@ -60,36 +68,63 @@ class PickleHead(Head):
         return np.asarray(self.est.predict_proba(features.astype(np.float32)), dtype=np.float32)
 
 
-def check_head(bundle: Bundle, name: str | None, fmt: str = "onnx") -> None:
-    """Refuse a head or format the bundle cannot serve, without loading anything.
+def check_pickle_trust(bundle: Bundle, name: str, trust_pickle: bool = False) -> None:
+    """Refuse to unpickle head ``name`` unless the bundle is signed by a trusted key or the
+    caller trusts it explicitly.
+
+    Raises:
+        UntrustedBundleError: naming why and the safe alternatives.
+    """
+    if bundle.trusted or trust_pickle:
+        return
+    why = (f"it is signed by {bundle.signer}, but no trusted keys are configured" if bundle.signer
+           else "the bundle is not signed by a trusted key")
+    raise UntrustedBundleError(
+        f"refusing to unpickle head {name!r} of {bundle.path}: a pickle runs code when it is loaded, and {why}",
+        hint="run the head's ONNX form (the same head, no code in it), or trust the bundle: sign it "
+             "(`transfer export RUN --sign KEY`) and trust its public key (`--trust KEY.pub` or TRANSFER_TRUST), "
+             "or, if you know where it came from, allow it explicitly (`transfer infer ... --trust-pickle`)",
+        option="head_format")
+
+
+def check_head(bundle: Bundle, name: str | None, fmt: str = "onnx", *, trust_pickle: bool = False) -> None:
+    """Refuse a head or format the bundle cannot serve, without loading anything (a pickle that
+    may not be unpickled included).
 
     Raises:
         BundleError: no such head, or it was exported without the asked form.
+        UntrustedBundleError: a pickle from a bundle that is not trusted.
         ConfigError: unknown format.
     """
     if fmt not in ("onnx", "pickle"):
-        raise ConfigError(f"invalid --head-format {fmt!r}; accepted: onnx, pickle")
+        raise ConfigError(f"invalid head format {fmt!r}; accepted: onnx, pickle", option="head_format")
     if not name or name == "network":
         return
     entry = bundle.head_entry(name)
     if not entry.get(fmt):
         raise BundleError(f"head {name!r} of bundle {bundle.path} has no {fmt} form",
-                          hint=f"use --head-format {'pickle' if fmt == 'onnx' else 'onnx'}")
+                          hint=f"run its {'pickle' if fmt == 'onnx' else 'onnx'} form", option="head_format")
+    if fmt == "pickle":
+        check_pickle_trust(bundle, name, trust_pickle)
 
 
-def make_head(bundle: Bundle, name: str | None = None, fmt: str = "onnx") -> Head:
+def make_head(bundle: Bundle, name: str | None = None, fmt: str = "onnx", *, trust_pickle: bool = False) -> Head:
     """``network`` (default) or a bundled classical head in ``onnx`` or ``pickle`` form.
+
+    A pickle is unpickled only when the bundle is :attr:`~transfer.bundle.Bundle.trusted`
+    (signed by a trusted key) or ``trust_pickle`` is set.
 
     Raises:
         BundleError: the bundle has no such head.
+        UntrustedBundleError: a pickle from a bundle that is not trusted.
         ConfigError: unknown format.
     """
-    check_head(bundle, name, fmt)
+    check_head(bundle, name, fmt, trust_pickle=trust_pickle)
     if not name or name == "network":
         return Head()
     if fmt == "onnx":
         return OnnxHead(bundle, name)
-    return PickleHead(bundle, name)
+    return PickleHead(bundle, name, trust_pickle=trust_pickle)
 
 
-__all__ = ["Head", "OnnxHead", "PickleHead", "check_head", "make_head", "BundleError"]
+__all__ = ["Head", "OnnxHead", "PickleHead", "check_head", "check_pickle_trust", "make_head", "BundleError"]

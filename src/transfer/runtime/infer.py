@@ -1,27 +1,32 @@
-"""`transfer infer`: files and folders -> one prediction row per file, streamed to disk."""
+"""`transfer infer`: files and folders -> one prediction row per file, streamed to disk.
+
+:func:`infer` runs here; :func:`transfer.runtime.ray_infer.infer_ray` runs the same rows on
+Ray Data. Both check their options with :func:`check_options`, build rows with
+:func:`transfer.runtime.rows.prediction_rows`, write them through the sinks of
+:func:`transfer.runtime.rows.open_sinks` and return an :class:`InferSummary`.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
-
-from ..bundle import load_bundle
-from ..errors import ConfigError, OutputError, TransferError
+from ..errors import ConfigError, TransferError
+from ..progress import ProgressLike, as_progress
+from .rows import FORMATS, RejectRule, Row, Sink, top_k  # noqa: F401  (top_k: the serving API imports it from here)
 
 
 @dataclass
 class InferSummary:
+    """What a run did: counts, time, what ran and where the rows went (local and Ray alike)."""
+
     total: int = 0
     ok: int = 0
     errors: int = 0
+    unknown: int = 0  # predicted, but rejected by the unknown-input rule (--reject)
     seconds: float = 0.0
     backend: str = ""
     provider: str = ""
@@ -29,33 +34,70 @@ class InferSummary:
     out: str | None = None
     error_examples: list[str] = field(default_factory=list)
     providers_found: list[str] = field(default_factory=list)  # ONNX Runtime's available providers
+    parquet: str | None = None  # the Parquet copy of a Ray run
+    workers: int | None = None  # Ray actors (None: this process)
 
     @property
     def images_per_second(self) -> float:
         return self.total / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, row: Row) -> None:
+        self.total += 1
+        if row.error:
+            self.errors += 1
+            if len(self.error_examples) < 5:
+                self.error_examples.append(f"{row.path}: {row.error}")
+        else:
+            self.ok += 1
+            self.unknown += row.known is False
 
-#: --out suffixes that mean a format; anything else is written as --format (default csv)
+    def __getitem__(self, key: str):
+        """Dict-style reading (``summary["total"]``), as the Ray entry point's results were read."""
+        if key == "images_per_second":
+            return self.images_per_second
+        if key in self.__dataclass_fields__:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def lines(self) -> list[str]:
+        """What the command prints: one summary line, then up to five failed files."""
+        where = f"Ray, {self.workers} worker(s)" if self.workers else self.provider
+        found = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers_found)
+        outs = [o for o in (self.out, self.parquet) if o]
+        unknown = f" ({self.unknown} unknown)" if self.unknown else ""
+        out = [f"{self.total} file(s): {self.ok} predicted{unknown}, {self.errors} error(s) in {self.seconds:.2f}s "
+               f"({self.images_per_second:.1f} img/s; {self.backend} on {where}, head {self.head}"
+               + (f"; providers found: {found}" if found else "") + ")"
+               + (f" -> {', '.join(outs)}" if outs else "")]
+        out += [f"  error: {e}" for e in self.error_examples]
+        if self.errors > len(self.error_examples):
+            out.append(f"  ... and {self.errors - len(self.error_examples)} more (see the error column)")
+        if self.total == 0:
+            out.append("error: no image files found in the inputs")
+        return out
+
+
+#: output suffixes that mean a format; anything else is written in the asked format (default csv)
 _FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
 
 def resolve_format(fmt: str | None, out: str | os.PathLike | None) -> str:
-    """``--format``, or the one ``--out``'s suffix names (``.jsonl`` -> jsonl), else csv.
+    """The asked format, or the one the suffix of ``out`` names (``.jsonl`` -> jsonl), else csv.
 
     Raises:
-        ConfigError: unknown format, or ``--format`` contradicts the suffix of ``--out``.
+        ConfigError: unknown format, or a format that contradicts the suffix of ``out``.
 
-    Example:
-        >>> resolve_format(None, "preds.jsonl"), resolve_format(None, None)
-        ('jsonl', 'csv')
+    Example::
+
+        resolve_format(None, "preds.jsonl"), resolve_format(None, None)   # ('jsonl', 'csv')
     """
-    if fmt is not None and fmt not in ("csv", "jsonl"):
-        raise ConfigError(f"invalid --format {fmt!r}; accepted: csv, jsonl")
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"invalid format {fmt!r}; accepted: {', '.join(FORMATS)}", option="fmt")
     raw = os.fspath(out) if out is not None else ""
     implied = None if raw.endswith(("/", os.sep)) else _FORMAT_OF_SUFFIX.get(Path(raw).suffix.lower())
     if fmt and implied and fmt != implied:
-        raise ConfigError(f"--format {fmt} but --out {raw} names a .{Path(raw).suffix[1:]} file",
-                          hint=f"drop --format (the suffix decides), or write to a .{fmt} file")
+        raise ConfigError(f"format {fmt} asked for, but the output {raw} names a .{Path(raw).suffix[1:]} file",
+                          hint=f"let the suffix decide, or write to a .{fmt} file", option="fmt")
     return fmt or implied or "csv"
 
 
@@ -67,110 +109,68 @@ def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
         ConfigError: ``out`` looks like an image or a Parquet file (it would be overwritten
             with CSV / JSON lines).
 
-    Example:
-        >>> str(output_path("preds/", "csv"))
-        'preds/predictions.csv'
+    Example::
+
+        output_path("preds/", "csv")     # Path('preds/predictions.csv')
     """
     if out is None or os.fspath(out) == "-":
         return None
     raw = os.fspath(out)
     p = Path(raw)
     if raw.endswith(("/", os.sep)) or p.is_dir():
-        return p / f"predictions.{'csv' if fmt == 'csv' else 'jsonl'}"
+        return p / f"predictions.{fmt}"
     from ..data.image import is_image_path
 
     if is_image_path(p) or p.suffix.lower() == ".parquet":
-        raise ConfigError(f"--out {raw} looks like {'an image' if is_image_path(p) else 'a Parquet file'}; "
+        raise ConfigError(f"output {raw} looks like {'an image' if is_image_path(p) else 'a Parquet file'}; "
                           "predictions are written as CSV or JSON lines",
-                          hint="give a .csv / .jsonl file or a FOLDER/ (with --ray the .parquet copy is written "
-                               "next to it)")
+                          hint="give a .csv / .jsonl file or a FOLDER/ (a Ray run writes its .parquet copy "
+                               "next to it)", option="out")
     return p
 
 
-def _printable(path: str) -> str:
-    """A path for a text stream: undecodable bytes of a file name as ``\\xff`` escapes."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def check_output(out: Path | None, bundle_path, inputs: Sequence, *, also: Sequence[Path] = ()) -> None:
+    """Outputs never destroy inputs: refuse an output inside the bundle being read, or one that
+    is an input file (``also``: further files the run writes, e.g. the Parquet copy).
 
-
-class _Writer:
-    """Rows -> CSV / JSON lines, into ``PATH`` via ``.PATH.partial`` (or stdout).
-
-    File names that are not valid UTF-8 are written as their original bytes to files
-    (``surrogateescape``: the name round-trips) and as ``\\x`` escapes to stdout.
+    Raises:
+        ConfigError: naming the input the output would overwrite.
     """
-
-    def __init__(self, out: str | os.PathLike | None, fmt: str, topk: int):
-        self.fmt, self.topk = fmt, topk
-        if out is None:
-            self.fh, self.tmp, self.path = sys.stdout, None, None
-        else:
-            self.path = Path(out)
-            self.tmp = self.path.with_name(f".{self.path.name}.partial")
-            if self.path.is_dir():
-                raise OutputError(f"--out {self.path} is a folder that already exists under the output's name",
-                                  hint="remove it or choose another --out")
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.fh = open(self.tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
-            except OSError as exc:
-                raise OutputError(f"cannot write --out {self.path}: {exc.strerror or exc}"
-                                  + (f" ({exc.filename})" if exc.filename else ""),
-                                  hint="choose a folder you can write to") from None
-        if fmt == "csv":
-            self.csv = csv.writer(self.fh)
-            head = ["path", "status"]
-            for k in range(1, topk + 1):
-                head += [f"class{k}", f"prob{k}"]
-            self.csv.writerow(head + ["error"])
-
-    def row(self, path: str, classes: list[str] | None, probs: list[float] | None, error: str | None):
-        if self.tmp is None:
-            path = _printable(path)
-        if self.fmt == "csv":
-            r = [path, "error" if error else "ok"]
-            for k in range(self.topk):
-                r += ([classes[k], f"{probs[k]:.6f}"] if classes and k < len(classes) else ["", ""])
-            self.csv.writerow(r + [error or ""])
-        else:
-            d = {"path": path, "status": "error" if error else "ok"}
-            if error:
-                d["error"] = error
-            else:
-                d["top"] = [{"class": c, "prob": round(float(p), 6)} for c, p in zip(classes, probs)]
-            self.fh.write(json.dumps(d) + "\n")
-
-    def close(self, ok: bool = True):
-        if self.tmp is None:
-            self.fh.flush()
-            return
-        self.fh.close()
-        final = self.path if ok else self.path.with_name(self.path.name + ".incomplete")
-        try:  # incomplete: keep what was predicted so far, under a name that says so
-            os.replace(self.tmp, final)
-        except OSError as exc:
-            raise OutputError(f"cannot move the finished rows to {final}: {exc.strerror or exc}",
-                              hint=f"the rows are in {self.tmp}") from None
+    if out is None:
+        return
+    targets = [Path(os.path.abspath(p)) for p in (out, *also)]
+    bundle = Path(os.path.realpath(bundle_path))
+    for t in targets:
+        real = Path(os.path.realpath(t))
+        if real == bundle or bundle in real.parents:
+            raise ConfigError(f"output {t} is inside the bundle {bundle_path} being read; writing it would change "
+                              "the bundle", hint="write the predictions outside the bundle folder", option="out")
+        for raw in inputs:
+            p = Path(os.fspath(raw))
+            if p.is_file() and real.exists() and os.path.samefile(p, real):
+                raise ConfigError(f"output {t} is the input file {raw}; it would be overwritten",
+                                  hint="choose another output file", option="out")
 
 
-def top_k(p: np.ndarray, names: Sequence[str], k: int) -> tuple[list[str], list[float]]:
-    """The ``k`` most probable class names of one row and their probabilities, best first.
+def check_options(*, batch: int, topk: int, workers: int, threads: int | None, inputs: Sequence) -> None:
+    """The option checks of every inference entry point (before anything is loaded).
 
-    Example:
-        >>> top_k(np.array([0.1, 0.7, 0.2]), ["a", "b", "c"], 2)
-        (['b', 'c'], [0.7, 0.2])
+    Raises:
+        ConfigError: a non-positive count, or no inputs.
     """
-    order = np.argsort(-p)[:k]
-    return [names[i] for i in order], [float(p[i]) for i in order]
+    for name, value, what in (("batch", batch, "batch size"), ("topk", topk, "classes per row"),
+                              ("workers", workers, "workers"), ("threads", threads, "threads")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{what} must be a positive integer (got {value!r})", option=name)
+    if not inputs:
+        raise ConfigError("no input files or folders given", option="inputs")
 
 
 def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, out=None, fmt: str | None = None,
           batch: int = 32, topk: int = 1, head: str | None = None, head_format: str = "onnx",
           backend: str | None = None, providers=None, recursive: bool = False, workers: int = 2,
-          threads: int | None = None, progress: Callable[[InferSummary], None] | None = None) -> InferSummary:
+          threads: int | None = None, progress: ProgressLike = None, trust=None,
+          trust_pickle: bool = False, reject: bool | str = False) -> InferSummary:
     """Predict every image of ``inputs`` with a bundle; bad files become error rows.
 
     Args:
@@ -182,65 +182,107 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         batch / workers: model batch size and decode threads.
         topk: classes per row. head: ``network`` or a bundled head (``rf``...).
         backend / providers: see :func:`transfer.runtime.runners.make_runner`.
-        progress: called after every batch with the running summary.
+        progress: a :class:`transfer.progress.Progress` (a bar with the rate and the errors so far).
+        trust / trust_pickle: trusted public keys (see :func:`transfer.bundle.load_bundle`) and
+            whether a pickled head of a bundle that is not trusted may run.
+        reject: mark images the bundle's unknown-input score rejects as ``unknown`` (``True``:
+            the bundle's default score; a name: that score, ``mahalanobis`` or ``msp``). Scores
+            come from the network's own outputs whatever the head; every row records the rule.
 
     Returns:
         :class:`InferSummary` (counts, throughput, what ran).
 
     Raises:
-        ConfigError / BundleError: bad options or bundle (before any image is read).
+        ConfigError / BundleError: bad options or bundle (before any image is read), an output
+            inside the bundle or on an input file.
+        LockedError: another process writes the same output.
 
-    Example:
-        >>> infer("runs/digits/bundle", ["images/"], out="preds.csv", recursive=True)  # doctest: +SKIP
+    Example::
+
+        infer("runs/digits/bundle", ["images/"], out="preds.csv", recursive=True)
     """
-    from .heads import make_head
+    from ..bundle import load_bundle
     from ..data.stream import batches, iter_inputs
+    from .heads import make_head
+    from .rows import open_sinks, prediction_rows
     from .runners import make_runner
-
-    fmt = resolve_format(fmt, out)
-    if batch < 1 or topk < 1 or workers < 1 or (threads is not None and threads < 1):
-        raise ConfigError("--batch, --topk, --workers and --threads must be positive")
-    if not inputs:
-        raise ConfigError("no input files or folders given")
-    out = output_path(out, fmt)
-    b = load_bundle(bundle_path)
-    names = b.class_names
-    topk = min(topk, len(names))
-    runner = make_runner(b, backend, providers, threads)
-    hd = make_head(b, head, head_format)
     from .sessions import available_providers
 
-    s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None,
-                     providers_found=available_providers())
-    w = _Writer(out, fmt, topk)
+    check_options(batch=batch, topk=topk, workers=workers, threads=threads, inputs=inputs)
+    fmt = resolve_format(fmt, out)
+    out = output_path(out, fmt)
+    check_output(out, bundle_path, inputs)
+    with output_lock(out):
+        b = load_bundle(bundle_path, trust=trust)
+        names = b.class_names
+        topk = min(topk, len(names))
+        runner = make_runner(b, backend, providers, threads)
+        hd = make_head(b, head, head_format, trust_pickle=trust_pickle)
+        detector = reject_detector(b, reject)
+        s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None,
+                         providers_found=available_providers())
+
+        def predicted():
+            for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers,
+                              recipe=b.recipe):
+                probs, unknown = predict(runner, hd, detector, pb.x)
+                yield prediction_rows([(it.path, it.error) for it in pb.items], probs, names, topk, unknown)
+
+        rule = RejectRule(detector.score, detector.threshold) if detector else None
+        return write_rows(predicted(), open_sinks(out, fmt, topk, reject=rule), s, progress)
+
+
+def reject_detector(bundle, reject: bool | str | None):
+    """The unknown-input detector ``reject`` asks for (None when off).
+
+    Raises:
+        ConfigError: the bundle has no such score (before any image is read).
+    """
+    if not reject:
+        return None
+    from .unknown import make_detector
+
+    return make_detector(bundle, None if reject is True else str(reject))
+
+
+def predict(runner, head, detector, x):
+    """``(probs of the head, (scores, known) or None)`` of one batch of pixels (``(None, None)``
+    for an empty batch): the one model call, the one head call and the unknown-input rule."""
+    if not len(x):
+        return None, None
+    features, net_probs = runner.run(x)
+    return head(features, net_probs), (detector(features, net_probs) if detector is not None else None)
+
+
+def output_lock(out: Path | None):
+    """The lock of an output file (nothing for standard output): a second process writing the
+    same file gets :class:`transfer.locks.LockedError` instead of interleaving rows."""
+    import contextlib
+
+    from ..locks import locked
+
+    return locked(out, purpose="infer") if out is not None else contextlib.nullcontext()
+
+
+def write_rows(batches_of_rows: Iterable[Sequence[Row]], sinks: Sink, summary: InferSummary,
+               progress: ProgressLike = None, *, total: int | None = None, desc: str = "infer") -> InferSummary:
+    """The one output loop: every row to the sinks and the summary, a bar with the rate and the
+    errors so far; the sinks are closed as finished, or as incomplete when interrupted."""
     t0 = time.perf_counter()
     done = False
     try:
-        for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers):
-            probs = None
-            if len(pb.x):
-                feats, net = runner.run(pb.x)
-                probs = hd(feats, net)
-            j = 0
-            for i, it in enumerate(pb.items):
-                s.total += 1
-                if it.error is not None:
-                    s.errors += 1
-                    if len(s.error_examples) < 5:
-                        s.error_examples.append(f"{it.path}: {it.error}")
-                    w.row(it.path, None, None, it.error)
-                    continue
-                w.row(it.path, *top_k(probs[j], names, topk), None)
-                j += 1
-                s.ok += 1
-            s.seconds = time.perf_counter() - t0
-            if progress:
-                progress(s)
+        with as_progress(progress).bar(total, desc, unit="img") as bar:
+            for rows in batches_of_rows:
+                for row in rows:
+                    sinks.write(row)
+                    summary.add(row)
+                bar.update(len(rows))
+                bar.set(f"{summary.errors} error(s)")
         done = True
     finally:
-        s.seconds = time.perf_counter() - t0
-        w.close(ok=done)
-    return s
+        summary.seconds = time.perf_counter() - t0
+        sinks.close(ok=done)
+    return summary
 
 
 def exit_code(summary: InferSummary, strict: bool) -> int:
@@ -252,4 +294,5 @@ def exit_code(summary: InferSummary, strict: bool) -> int:
     return 0
 
 
-__all__ = ["infer", "InferSummary", "exit_code", "TransferError"]
+__all__ = ["infer", "InferSummary", "check_options", "exit_code", "output_path", "resolve_format", "top_k",
+           "TransferError"]

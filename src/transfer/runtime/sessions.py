@@ -37,9 +37,10 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     Raises:
         ConfigError: a requested provider is unknown or not available in this build.
 
-    Example:
-        >>> choose_providers("cpu")
-        ['CPUExecutionProvider']
+    Example::
+
+        choose_providers("cpu")
+        # ['CPUExecutionProvider']
     """
     avail = available_providers()
     if requested is None or requested == "" or requested == []:
@@ -64,7 +65,8 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
 def _items(requested: Sequence[str] | str) -> list[str]:
     items = [r.strip() for r in requested.split(",")] if isinstance(requested, str) else [str(r).strip() for r in requested]
     if not all(items):
-        raise ConfigError(f"invalid --providers {requested!r}: an empty name", hint="e.g. --providers cuda,cpu")
+        raise ConfigError(f"invalid providers list {requested!r}: an empty name", hint="e.g. cuda,cpu",
+                          option="providers")
     return items
 
 
@@ -73,9 +75,10 @@ def provider_name(short: str, avail: Sequence[str] = ()) -> str:
     provider's name without ``ExecutionProvider`` (``Azure``, ``OpenVINO``; any case), or a
     full name.
 
-    Example:
-        >>> provider_name("cuda"), provider_name("azure", ["AzureExecutionProvider"])
-        ('CUDAExecutionProvider', 'AzureExecutionProvider')
+    Example::
+
+        provider_name("cuda"), provider_name("azure", ["AzureExecutionProvider"])
+        # ('CUDAExecutionProvider', 'AzureExecutionProvider')
     """
     low = short.lower()
     if low in ALIASES:
@@ -96,27 +99,153 @@ def check_provider_names(requested: Sequence[str] | str | None) -> None:
         _items(requested)
 
 
+def physical_cores(cpus: Sequence[int] | None = None, *, sysfs: str | os.PathLike = "/sys/devices/system/cpu") -> int:
+    """Physical cores among ``cpus`` (default: the CPUs this process may run on).
+
+    Hyper-threads of one core share its ``(physical_package_id, core_id)`` in Linux's sysfs
+    topology; they are counted once. Where the topology cannot be read (non-Linux, a
+    restricted container) every logical CPU counts as a core.
+
+    Example::
+
+        physical_cores()  # 8 on an 8-core / 16-thread machine
+    """
+    if cpus is None:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        topo = Path(sysfs) / f"cpu{c}" / "topology"
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
+                       topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
 def default_threads() -> int:
-    """Intra-op threads: every core the process may use (ORT's own default)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    """Intra-op threads when none are asked for: the physical cores this process may use.
+
+    That is ONNX Runtime's own default (``intra_op_num_threads = 0`` sizes its pool to the
+    physical cores: ``onnxruntime/core/util/thread_utils.cc``; "by default, ort will create one
+    thread on each of your physical cores", microsoft/onnxruntime#12819), computed here
+    because ONNX Runtime counts the machine's cores, not those the process may use
+    (``taskset``, a container's cpuset; microsoft/onnxruntime#29510, #8313). Counting logical
+    CPUs instead put one inference thread on every hyper-thread, on top of the decode
+    threads of ``transfer infer``. A cgroup CPU quota without a cpuset is not seen.
+    """
+    return physical_cores()
+
+
+#: the GPU execution providers whose options make_session sets
+CUDA, TENSORRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+def ort_trt_cache_dir(model_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps the engines and timing cache it builds for a model.
+
+    Outside the bundle: a bundle's files are hashed and may be read-only, and its folder
+    is replaced by ``transfer export --force``. One folder per model content (the first 16
+    hex digits of its SHA-256) under ``root`` (default ``$TRANSFER_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/transfer``, else ``~/.cache/transfer``), ``ort-trt/<hash>/``. ONNX
+    Runtime keys the engine files inside it by graph, compute capability and TensorRT
+    version itself.
+    """
+    from ..fsutil import sha256_file
+
+    if root is None:
+        root = os.environ.get("TRANSFER_CACHE_DIR") or Path(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfer"
+    return Path(root) / "ort-trt" / sha256_file(model_path)[:16]
+
+
+def provider_options(provider: str, model_path: str | os.PathLike | None = None, *, device_id: int = 0,
+                     fp16: bool = False, tf32: bool = False, cache_dir: str | os.PathLike | None = None) -> dict:
+    """The options ``make_session`` gives one execution provider (strings, as ONNX Runtime parses them).
+
+    * ``CUDAExecutionProvider``: ``device_id``; ``use_tf32`` = 0 unless ``tf32`` (ONNX
+      Runtime enables TF32 for float32 GEMM / convolutions by default -- ``use_tf32{true}``
+      in ``cuda_execution_provider_info.h`` -- which makes an "fp32" run differ from fp32).
+    * ``TensorrtExecutionProvider``: ``device_id``; ``trt_fp16_enable`` when ``fp16`` (off
+      by default: an fp32 model stays fp32); ``trt_engine_cache_enable`` with
+      ``trt_engine_cache_path`` and ``trt_timing_cache_enable`` with
+      ``trt_timing_cache_path`` in :func:`ort_trt_cache_dir` (or ``cache_dir``), so the
+      engine is built once per model and machine instead of at every session.
+    * any other provider: no options.
+
+    Option names as ONNX Runtime parses them (microsoft/onnxruntime
+    ``onnxruntime/core/providers/{cuda,tensorrt}/*_execution_provider_info.cc``).
+
+    Example::
+
+        provider_options("TensorrtExecutionProvider", "bundle/model.onnx", fp16=True)
+    """
+    if provider == CUDA:
+        return {"device_id": str(int(device_id)), "use_tf32": "1" if tf32 else "0"}
+    if provider == TENSORRT:
+        opts = {"device_id": str(int(device_id)), "trt_fp16_enable": "True" if fp16 else "False"}
+        folder = Path(cache_dir) if cache_dir is not None else ort_trt_cache_dir(model_path)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # an unwritable home: run, only without reusing engines
+            import logging
+
+            logging.getLogger(__name__).warning("TensorRT engine cache disabled: cannot create %s (%s)", folder, exc)
+            return {**opts, "trt_engine_cache_enable": "False", "trt_timing_cache_enable": "False"}
+        return {**opts, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(folder),
+                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(folder)}
+    return {}
 
 
 def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None = None, *,
-                 threads: int | None = None):
+                 threads: int | None = None, provider_options: dict | Sequence[dict] | None = None,
+                 device_id: int = 0, fp16: bool = False):
     """An ``InferenceSession`` with full graph optimization; returns ``(session, provider that runs)``.
 
-    Example:
-        >>> sess, used = make_session("bundle/model.onnx", "cpu")  # doctest: +SKIP
+    Args:
+        path: the ONNX model.
+        providers: see :func:`choose_providers`.
+        threads: intra-op threads (default :func:`default_threads`: the physical cores).
+        provider_options: overrides of the options :func:`provider_options` gives each
+            provider: a dict ``{provider name or alias: {option: value}}`` (merged over the
+            defaults) or a list aligned with the chosen providers (used as given).
+        device_id / fp16: passed to :func:`provider_options` (GPU providers only).
+
+    Raises:
+        ConfigError: a provider is unavailable, ``threads`` < 1, or ``provider_options``
+        names a provider that is not used.
+
+    Example::
+
+        sess, used = make_session("bundle/model.onnx", "cuda", provider_options={"cuda": {"device_id": 1}})
     """
     ort = _ort()
+    if threads is not None and int(threads) < 1:
+        raise ConfigError(f"ONNX Runtime threads must be positive (got {threads})", option="threads")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(threads or default_threads())
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     provs = choose_providers(providers)
-    sess = ort.InferenceSession(str(Path(path)), so, providers=provs)
+    opts = _options_for(provs, path, provider_options, device_id=device_id, fp16=fp16)
+    sess = ort.InferenceSession(str(Path(path)), so, providers=provs, provider_options=opts)
     return sess, sess.get_providers()[0]
+
+
+def _options_for(provs: list[str], path, overrides, **kw) -> list[dict]:
+    if overrides is not None and not isinstance(overrides, dict):
+        given = [dict(o or {}) for o in overrides]
+        if len(given) != len(provs):
+            raise ConfigError(f"{len(given)} provider option sets for {len(provs)} providers ({', '.join(provs)})")
+        return [{k: str(v) for k, v in o.items()} for o in given]
+    out = [provider_options(p, path, **kw) for p in provs]
+    for name, extra in (overrides or {}).items():
+        full = provider_name(name, provs)
+        if full not in provs:
+            raise ConfigError(f"options for {name!r}, which is not among the providers used ({', '.join(provs)})")
+        out[provs.index(full)].update({k: str(v) for k, v in (extra or {}).items()})
+    return out

@@ -38,9 +38,9 @@ def _fill_other_sections(run: Path, trial: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_run, tmp_path_factory) -> Path:
+def full_run(explain_run, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("report") / "run"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(explain_run, run)
     runner = CliRunner()
     for args in (["gradcam", str(run), "--method", "gradcam,gradcam++", "--samples", "6", "-q"],
                  ["resolution", str(run), "--sizes", "16,8,4", "-q"]):

@@ -1,0 +1,94 @@
+"""Audit of Fashion-MNIST's 60,000 training images with a trained arc2 trial: wall time and peak RSS.
+
+Writes the images as a folder (``transfer data idx``), plants corruptions (flipped labels,
+resized / re-compressed / cropped copies across splits, blank and noise images; see
+tests/helpers/corrupt.py), trains arc2 once (``--epochs``), then runs ``transfer data audit
+DATA --run RUN`` in a fresh process and reports its wall time, its peak RSS (VmHWM) and the
+audit's scores on the planted truth. Bars: wall <= 180 s, peak RSS <= 1.5 GB on 2 cores.
+
+    python benchmarks/bench_audit.py --work /tmp/bench_audit [--limit 60000] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+_AUDIT = """
+import json, sys, time
+sys.path.insert(0, {src!r})
+t0 = time.perf_counter()
+from transfer.analysis.audit import audit_folder
+res = audit_folder({data!r}, run={run!r}, force=True)
+wall = time.perf_counter() - t0
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print("RESULT " + json.dumps({{"wall": wall, "rss_kb": int(hwm), "counts": res.summary["counts"]}}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/bench_audit")
+    ap.add_argument("--limit", type=int, default=60000)
+    ap.add_argument("--epochs", type=int, default=2)
+    a = ap.parse_args()
+    from helpers.corrupt import score_audit, write_corrupted
+    from transfer.data.datasets import FASHION_MNIST_CLASSES, read_idx
+
+    work = Path(a.work)
+    data, run = work / "data", work / "run"
+    truth_file = work / "truth.json"
+    if not truth_file.is_file():
+        x = read_idx(FMNIST / "train-images-idx3-ubyte.gz", kind="images")[:a.limit]
+        y = read_idx(FMNIST / "train-labels-idx1-ubyte.gz", kind="labels")[:a.limit].astype(np.int64)
+        truth = write_corrupted(x, y, list(FASHION_MNIST_CLASSES), data, flips=a.limit // 100, copies=300,
+                                blanks=50, noise=50)
+        truth_file.write_text(json.dumps(truth))
+    truth = json.loads(truth_file.read_text())
+    if not (run / "best.json").is_file():
+        from transfer.trainer.config import load_config
+        from transfer.trainer.sweep import run_sweep
+
+        t0 = time.perf_counter()
+        cfg = load_config(None, {"data": str(data), "out": str(run), "backbones": "arc2", "trainable": "1",
+                                 "weights": "none", "epochs": a.epochs, "image_size": 28, "batch_size": 128,
+                                 "patience": 0, "lr": 2e-3})
+        res = run_sweep(cfg, progress=print)
+        print(f"trained in {time.perf_counter() - t0:.0f} s: {res.best}")
+    load = os.getloadavg()
+    p = subprocess.run([sys.executable, "-c", _AUDIT.format(src=str(ROOT / "src"), data=str(data), run=str(run))],
+                       capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        sys.exit(p.stderr[-3000:])
+    r = json.loads(line[0][7:])
+    from transfer.analysis.audit import audit_dir
+
+    s = json.loads((audit_dir(run) / "audit.json").read_text())
+    import csv
+
+    with open(audit_dir(run) / "audit.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    scores = score_audit(rows, s, truth)
+    print(f"| images | wall s | peak RSS MB | load before | dup recall | dup precision | flips p@k | blank/noise recall |")
+    print(f"|---:|---:|---:|---|---:|---:|---:|---:|")
+    print(f"| {s['images']} | {r['wall']:.0f} | {r['rss_kb'] / 1024:.0f} | {load[0]:.1f} | {scores['dup_recall']:.3f} | "
+          f"{scores['dup_precision']:.3f} | {scores['flip_precision_at_k']:.3f} | {scores['blank_noise_recall']:.3f} |")
+    print(json.dumps(r["counts"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""Audit an image folder before training: duplicates, train/test leakage, label errors,
+outliers and image quality, tied to the split a run uses.
+
+One streamed pass reads every image once (bounded memory: a chunk of images at a time) and
+keeps per image: the SHA-256 of the file, a :class:`~transfer.data.dedupe.Fingerprint`
+(exact-pixel hash, perceptual hash, thumbnail), a few quality numbers, and the pooled
+features (and softmax) of a trained trial's model or of a chosen backbone, written to a
+memory-mapped ``features.npy``. Then:
+
+* **duplicates** -- exact (same decoded pixels) and near (:func:`transfer.data.dedupe.near_pairs`),
+  grouped; a group is *within a class*, *across classes* (conflicting labels) and, when the
+  images belong to a run's splits (or the folder's own ``train/val/test``), *across splits*
+  (leakage). Each near pair also carries the cosine of its features.
+* **label issues** -- out-of-fold probabilities of a k-fold logistic regression on the
+  features, fed to cleanlab's confident learning (``cleanlab.filter.find_label_issues``),
+  ranked by self-confidence, with the suggested label.
+* **outliers** -- mean cosine distance to the nearest neighbours in feature space
+  (scikit-learn ``NearestNeighbors``), flagged far above the folder's own spread.
+* **quality** -- near-constant (blank), very dark or bright, noise, blurry, tiny or extreme
+  aspect ratio, grayscale in a colour set.
+
+Outputs (``OUT/``): ``audit.csv`` (path, kind, score, group, label, suggested label, split),
+``audit.json`` (summary, class balance, groups), ``audit.html`` (thumbnails per finding),
+``files.csv`` (path, SHA-256 of every audited file) and ``features.npy``. A later audit with
+the same ``OUT`` reuses the result only when every file's SHA-256 and the feature source
+are unchanged; otherwise it says what changed and audits again.
+
+Example::
+
+    res = audit_folder("data/fashion", run="runs/fashion", out="runs/fashion/audit")
+    res.summary["counts"]        # {"near_duplicate": 31, "label_issue": 402, ...}
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..fsutil import read_json, sha256_file, write_json_atomic, write_text_atomic
+from ..progress import ProgressLike, as_progress
+from ..tables import markdown, write_csv
+from .audit_page import KINDS, write_page
+from .options import check_int
+
+AUDIT_VERSION = 1
+CSV_COLUMNS = ("path", "kind", "score", "group", "label", "suggested_label", "split", "detail")
+#: robust z-score (median / MAD) beyond which a quality number or an outlier score is flagged
+Z_FLAG = 6.0
+
+
+def audit_dir(run) -> Path:
+    """Where an audit of a run's data goes by default (``RUN/audit``)."""
+    return Path(run.path if hasattr(run, "path") else run) / "audit"
+
+
+@dataclass
+class AuditResult:
+    out: Path
+    summary: dict
+    rows: list[dict] = field(default_factory=list)
+    reused: bool = False
+
+    @property
+    def table(self) -> str:
+        """Counts per kind as a Markdown table."""
+        counts = self.summary["counts"]
+        return markdown(["finding", "images"], [[k, counts.get(k, 0)] for k in KINDS if counts.get(k)] or
+                        [["(nothing found)", 0]])
+
+
+# --------------------------------------------------------------------------- the streamed pass
+
+
+@dataclass
+class _Image:
+    """What the pass keeps of one image (pixels at the model size go to the model and are dropped)."""
+
+    sha256: str
+    fp: object
+    quality: dict
+    pixels: np.ndarray | None = None
+
+
+def _quality(arr: np.ndarray) -> dict:
+    """Quality numbers of RGB uint8 pixels (any size)."""
+    from scipy import ndimage
+
+    x = arr.astype(np.float32)
+    grey = x.mean(axis=2)
+    std = float(grey.std())
+    blur = ndimage.gaussian_filter(grey, 1.0)
+    high = float(np.abs(grey - blur).mean())
+    lap = float(ndimage.laplace(blur).var())
+    colour = float(np.abs(x - x.mean(axis=2, keepdims=True)).mean())
+    h, w = arr.shape[:2]
+    return {"mean": float(grey.mean()), "std": std, "noise": high / (std + 1.0), "sharpness": lap / (std ** 2 + 1.0),
+            "height": h, "width": w, "colour": colour}
+
+
+def _reader(size: tuple[int, int]):
+    """The per-file work of the pass (runs in the decoding threads)."""
+    from ..data.dedupe import fingerprint_array
+    from ..data.image import resize_image
+
+    def read(path, pixels, error):
+        if pixels is None:
+            return error
+        return _Image(sha256_file(path), fingerprint_array(pixels), _quality(pixels), resize_image(pixels, size))
+
+    return read
+
+
+class _FeatureSink:
+    """Pooled features (memory-mapped file) and softmax of the images, filled batch by batch."""
+
+    def __init__(self, fm, path: Path, n: int, dim: int, classes: int | None):
+        from numpy.lib.format import open_memmap
+
+        self.fm, self.n = fm, n
+        self.features = open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+        self.probs = np.zeros((n, classes), np.float32) if classes else None
+        self.written = 0
+
+    def add(self, x: np.ndarray) -> None:
+        out = self.fm.predict_on_batch(x.astype(np.float32))
+        f, p = (out[0], out[1]) if isinstance(out, (list, tuple)) else (out, None)
+        m = len(x)
+        self.features[self.written:self.written + m] = np.asarray(f, np.float32).reshape(m, -1)
+        if self.probs is not None and p is not None:
+            self.probs[self.written:self.written + m] = np.asarray(p, np.float32)
+        self.written += m
+
+
+def _stream(paths: list[Path], sink: _FeatureSink, size, *, batch: int, workers: int, p) -> tuple[list, dict]:
+    """Read every image once; returns (per-image records, {index: reason} of unreadable files)."""
+    from ..data.dedupe import map_decoded
+
+    records: list[_Image | None] = []
+    bad: dict[int, str] = {}
+    pending: list[np.ndarray] = []
+    with p.bar(len(paths), "audit", unit="images") as bar:
+        for i, rec in enumerate(map_decoded(paths, _reader(size), workers=workers, chunk=max(batch, 64))):
+            if isinstance(rec, _Image):
+                pending.append(rec.pixels)
+                rec.pixels = None
+                records.append(rec)
+            else:
+                bad[i] = str(rec)
+                records.append(None)
+                bar.set(f"{len(bad)} unreadable")
+            if len(pending) == batch:
+                sink.add(np.stack(pending))
+                pending = []
+            bar.update(1)
+        if pending:
+            sink.add(np.stack(pending))
+    return records, bad
+
+
+# --------------------------------------------------------------------------- the feature source
+
+
+@dataclass
+class _Source:
+    """The model whose features the audit uses, and how to name it."""
+
+    model: object
+    size: tuple[int, int]
+    describe: dict
+    classes: int | None
+
+
+def _source(run, trial: str, backbone: str | None, weights: str | None, image_size: int | None) -> _Source:
+    from ..models.build import build_classifier, feature_model
+
+    if run is not None:
+        from .features import open_run, resolve_trial
+
+        t = resolve_trial(open_run(run), trial)
+        model = t.load_model()
+        return _Source(feature_model(model), t.image_size,
+                       {"run": str(Path(run.path if hasattr(run, "path") else run).resolve()), "trial": t.name,
+                        "model_sha256": sha256_file(t.model_path)}, int(model.output.shape[-1]))
+    if backbone is None:
+        raise ConfigError("the audit needs features: give a run (and trial) or a backbone and its weights",
+                          option="run")
+    from ..models.registry import get_backbone
+
+    spec = get_backbone(backbone)
+    side = int(image_size or spec.default_size)
+    model, _ = build_classifier(backbone, input_shape=(side, side, 3), weights=weights or "imagenet", num_classes=2,
+                                seed=0)
+    from .._lazy import import_keras
+
+    fm = import_keras().Model(model.inputs, model.get_layer("features").output)
+    w = str(weights or "imagenet")
+    desc = {"backbone": backbone, "weights": w, "image_size": side}
+    if Path(w).is_file():
+        desc["weights_sha256"] = sha256_file(w)
+    return _Source(fm, (side, side), desc, None)
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def _robust_z(v: np.ndarray) -> np.ndarray:
+    med = np.median(v)
+    mad = np.median(np.abs(v - med)) * 1.4826
+    return (v - med) / max(mad, 1e-6 * max(1.0, abs(med)))
+
+
+def _knn(features: np.ndarray, k: int):
+    """(distances, indices) of each row's ``k`` nearest other rows by cosine distance."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(features) - 1)
+    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(features)
+    d, idx = nn.kneighbors(features)
+    return d[:, 1:], idx[:, 1:]
+
+
+def _quality_findings(q: list[dict], ok: list[int]) -> list[tuple[int, str, float, str]]:
+    """(image, kind, score, detail) of the quality checks; thresholds relative to the folder where it has a spread."""
+    arr = {k: np.array([d[k] for d in q], dtype=np.float64) for k in q[0]}
+    out = []
+    blank = arr["std"] < 2.0
+    z_noise = _robust_z(arr["noise"])
+    z_sharp = _robust_z(np.log(arr["sharpness"] + 1e-6))
+    side = np.minimum(arr["height"], arr["width"])
+    aspect = np.maximum(arr["height"], arr["width"]) / np.maximum(side, 1)
+    colour_set = np.mean(arr["colour"] > 2.0) >= 0.9
+    for k, i in enumerate(ok):
+        if blank[k]:
+            out.append((i, "blank", float(arr["std"][k]), "near-constant image (grey-level std below 2)"))
+            continue
+        if z_noise[k] > Z_FLAG and arr["noise"][k] > 0.5:
+            out.append((i, "noise", float(arr["noise"][k]), "mostly pixel-level noise"))
+        if arr["mean"][k] < 15:
+            out.append((i, "dark", float(arr["mean"][k]), "mean grey level below 15"))
+        if arr["mean"][k] > 240:
+            out.append((i, "bright", float(arr["mean"][k]), "mean grey level above 240"))
+        if z_sharp[k] < -Z_FLAG:
+            out.append((i, "blurry", float(arr["sharpness"][k]), "far less detail than the folder's images"))
+        if side[k] < 0.5 * np.median(side) or side[k] < 8:
+            out.append((i, "tiny", float(side[k]), f"{int(arr['width'][k])}x{int(arr['height'][k])} px"))
+        if aspect[k] > 3.0:
+            out.append((i, "aspect_ratio", float(aspect[k]), f"{int(arr['width'][k])}x{int(arr['height'][k])} px"))
+        if colour_set and arr["colour"][k] <= 2.0:
+            out.append((i, "grayscale", float(arr["colour"][k]), "grayscale in a colour set"))
+    return out
+
+
+def _label_issues(features: np.ndarray, labels: np.ndarray, folds: int, seed: int = 0):
+    """Ranked (index, 1 - self-confidence, suggested label) from cleanlab on out-of-fold probabilities."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .._lazy import require
+
+    require("cleanlab", purpose="label issues (confident learning)")
+    from cleanlab.filter import find_label_issues
+
+    counts = np.bincount(labels)
+    k = int(min(folds, counts[counts > 0].min()))
+    if k < 2 or (counts > 0).sum() < 2:
+        return [], None
+    est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    probs = cross_val_predict(est, features, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                              method="predict_proba")
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    conf = probs[np.arange(len(labels)), labels]
+    return [(int(i), float(1.0 - conf[i]), int(probs[i].argmax())) for i in ranked], probs
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+@dataclass
+class _Data:
+    root: Path
+    class_names: list[str]
+    rel: list[str]
+    labels: np.ndarray
+    split: list[str | None]
+    unreadable: list[tuple[str, str]]
+
+
+def _data(data, run, p) -> _Data:
+    from ..data.folder import index_folder
+
+    p.say(f"audit: indexing {data}")
+    idx = index_folder(data, strict=False)
+    if not idx.samples:
+        raise DataError(f"{data} holds no readable image to audit")
+    where: dict[str, str] = {}
+    if idx.given_splits is not None:
+        where = {s.path: name for name, part in idx.given_splits.items() for s in part}
+    if run is not None:
+        from .features import open_run
+
+        rf = open_run(run)
+        for name in ("train", "val", "test"):
+            where.update({rel: name for rel, _ in rf.split(name)})
+    rel = [s.path for s in idx.samples]
+    return _Data(Path(idx.root), list(idx.class_names), rel, np.array([s.label for s in idx.samples], np.int64),
+                 [where.get(r) for r in rel], [(b.path, b.reason) for b in idx.bad])
+
+
+def _previous(out: Path, hashes: dict[str, str], source: dict, settings: dict) -> tuple[dict | None, str]:
+    """The earlier audit's summary when nothing changed, else ``None`` and why."""
+    js, files = out / "audit.json", out / "files.csv"
+    if not js.is_file() or not files.is_file():
+        return None, ""
+    try:
+        old = read_json(js)
+        import csv
+
+        with open(files, newline="", encoding="utf-8") as f:
+            before = {r["path"]: r["sha256"] for r in csv.DictReader(f)}
+    except (OSError, ValueError, KeyError):
+        return None, "the earlier audit is unreadable"
+    if old.get("version") != AUDIT_VERSION or old.get("source") != source or old.get("settings") != settings:
+        return None, "the feature source or settings differ from the earlier audit"
+    changed = sum(1 for k, v in hashes.items() if k in before and before[k] != v)
+    added, removed = len(set(hashes) - set(before)), len(set(before) - set(hashes))
+    if changed or added or removed:
+        return None, f"files changed since the earlier audit ({changed} changed, {added} added, {removed} removed)"
+    return old, ""
+
+
+def audit_folder(
+    data: str | os.PathLike,
+    *,
+    run=None,
+    trial: str = "best",
+    backbone: str | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    near_threshold: float | None = None,
+    folds: int = 5,
+    neighbours: int = 10,
+    batch_size: int = 64,
+    workers: int = 2,
+    force: bool = False,
+    progress: ProgressLike = None,
+) -> AuditResult:
+    """Audit the image folder ``data`` and write ``audit.csv``, ``audit.json`` and ``audit.html``.
+
+    Args:
+        data: ``DATA/<class>/*`` or ``DATA/{train,val,test}/<class>/*``.
+        run: a run folder whose trial gives the features and whose splits give the leakage
+            check (paths relative to ``data``).
+        trial: the run's trial (``best`` or a name).
+        backbone, weights, image_size: without a run, the backbone whose pooled features are
+            used (``weights``: ``imagenet`` or a weights file; ``image_size``: its side).
+        out: output folder (default ``RUN/audit`` with a run, else ``<data>-audit`` beside it).
+        near_threshold: descriptor cosine of a near-duplicate pair (default
+            :data:`transfer.data.dedupe.NEAR_THRESHOLD`).
+        folds: folds of the out-of-fold probabilities for label issues.
+        neighbours: neighbours of the outlier score.
+        batch_size, workers: images per forward pass; decoding threads.
+        force: audit again even when nothing changed.
+        progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``.
+
+    Returns:
+        An :class:`AuditResult`.
+
+    Raises:
+        ConfigError: no feature source, bad numbers. DataError: no readable image.
+        RunFolderError / ModelError: as opening the run or building the backbone.
+    """
+    from ..data import dedupe
+
+    p = as_progress(progress)
+    folds = check_int(folds, "folds", minimum=2, option="folds")
+    neighbours = check_int(neighbours, "neighbours", option="neighbours")
+    batch_size = check_int(batch_size, "batch size", option="batch_size")
+    workers = check_int(workers, "workers", option="workers")
+    threshold = float(dedupe.NEAR_THRESHOLD if near_threshold is None else near_threshold)
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"the near-duplicate threshold must be in (0, 1] (got {threshold})", option="near_threshold")
+    d = _data(data, run, p)
+    out = Path(out) if out is not None else (audit_dir(run) if run is not None else d.root.parent / f"{d.root.name}-audit")
+    settings = {"near_threshold": threshold, "folds": folds, "neighbours": neighbours}
+    hashes = {r: sha256_file(d.root / r) for r in d.rel}
+    src = _source(run, trial, backbone, weights, image_size)
+    if not force:
+        old, why = _previous(out, hashes, src.describe, settings)
+        if old is not None:
+            p.say(f"audit: nothing changed since {old.get('created')}; reusing {out}")
+            return AuditResult(out, old, _read_rows(out / "audit.csv"), reused=True)
+        if why:
+            p.say(f"audit: {why}; auditing again")
+    out.mkdir(parents=True, exist_ok=True)
+    return _run(d, src, out, hashes, settings, batch_size=batch_size, workers=workers, p=p)
+
+
+def _run(d: _Data, src: _Source, out: Path, hashes: dict, settings: dict, *, batch_size, workers, p) -> AuditResult:
+    t0 = time.perf_counter()
+    paths = [d.root / r for r in d.rel]
+    dim = int(src.model.outputs[0].shape[-1])
+    sink = _FeatureSink(src.model, out / "features.npy", len(paths), dim, src.classes)
+    records, bad = _stream(paths, sink, src.size, batch=batch_size, workers=workers, p=p)
+    ok = [i for i, r in enumerate(records) if r is not None]
+    feats = np.asarray(sink.features[:sink.written])
+    rows = [{"path": r, "kind": "unreadable", "score": None, "group": None, "label": None, "suggested_label": None,
+             "split": None, "detail": why} for r, why in d.unreadable]
+    rows += [_row(d, i, "unreadable", None, detail=why) for i, why in bad.items()]
+    groups, group_rows = _duplicates(d, [records[i].fp for i in ok], ok, feats, settings["near_threshold"], p)
+    rows += group_rows
+    p.say(f"audit: label issues ({settings['folds']}-fold logistic regression on {feats.shape[1]}-d features, cleanlab)")
+    issues, _ = _label_issues(feats, d.labels[ok], settings["folds"])
+    rows += [_row(d, ok[k], "label_issue", s, suggested=d.class_names[sug]) for k, s, sug in issues]
+    dist, _ = _knn(feats, settings["neighbours"])
+    score = dist.mean(axis=1)
+    z = _robust_z(score)
+    rows += [_row(d, ok[k], "outlier", float(score[k]), detail=f"robust z {z[k]:.1f}") for k in np.flatnonzero(z > Z_FLAG)]
+    rows += [_row(d, i, kind, s, detail=det) for i, kind, s, det in _quality_findings([records[i].quality for i in ok], ok)]
+    summary = _summary(d, src, settings, rows, groups, len(ok), time.perf_counter() - t0)
+    _write(out, d, hashes, summary, rows)
+    p.say(f"audit: {len(paths)} images in {summary['seconds']:.0f} s -> {out}")
+    return AuditResult(out, summary, rows)
+
+
+def _row(d: _Data, i: int, kind: str, score, *, group=None, suggested=None, detail: str = "") -> dict:
+    return {"path": d.rel[i], "kind": kind, "score": None if score is None else round(float(score), 6),
+            "group": group, "label": d.class_names[d.labels[i]], "suggested_label": suggested, "split": d.split[i],
+            "detail": detail}
+
+
+def _duplicates(d: _Data, fps: list, ok: list[int], feats: np.ndarray, threshold: float, p):
+    """Groups of exact / near duplicates and their rows (one per member, per kind that applies)."""
+    from ..data import dedupe
+
+    p.say(f"audit: duplicates (exact pixels; near: descriptor cosine >= {threshold:g})")
+    exact = dedupe.exact_pairs(fps)
+    near = dedupe.near_pairs(fps, threshold=threshold)
+    groups = dedupe.groups_of(len(fps), list(exact) + near)
+    best: dict[int, float] = {}
+    for i, j, s in near:
+        best[i] = max(best.get(i, 0.0), s)
+        best[j] = max(best.get(j, 0.0), s)
+    rows, out_groups = [], []
+    for gid, g in enumerate(groups, start=1):
+        members = [ok[k] for k in g]
+        labels = {int(d.labels[i]) for i in members}
+        splits = {d.split[i] for i in members if d.split[i]}
+        fcos = _group_cosine(feats, g)
+        out_groups.append({"group": gid, "paths": [d.rel[i] for i in members], "splits": sorted(splits),
+                           "labels": sorted(d.class_names[c] for c in labels), "feature_cosine": fcos})
+        all_exact = all(fps[k].pixels == fps[g[0]].pixels for k in g[1:])
+        kind = "exact_duplicate" if all_exact else "near_duplicate"
+        for k, i in zip(g, members):
+            detail = f"{len(g)} images; feature cosine {fcos:.3f}"
+            rows.append(_row(d, i, kind, 1.0 if all_exact else best.get(k, 1.0), group=gid, detail=detail))
+            if len(labels) > 1:
+                rows.append(_row(d, i, "conflicting_labels", float(len(labels)), group=gid,
+                                 detail="labels " + ", ".join(sorted(d.class_names[c] for c in labels))))
+            if len(splits) > 1:
+                rows.append(_row(d, i, "leakage", float(len(splits)), group=gid,
+                                 detail="splits " + ", ".join(sorted(splits))))
+    return out_groups, rows
+
+
+def _group_cosine(feats: np.ndarray, g: Sequence[int]) -> float:
+    """Smallest cosine between the features of a group's first member and the others."""
+    f = feats[list(g)].astype(np.float64)
+    f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    return float((f[1:] @ f[0]).min()) if len(g) > 1 else 1.0
+
+
+def _summary(d: _Data, src: _Source, settings: dict, rows: list[dict], groups: list[dict], n_ok: int,
+             seconds: float) -> dict:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    balance = np.bincount(d.labels, minlength=len(d.class_names))
+    return {
+        "version": AUDIT_VERSION, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "data": str(d.root.resolve()), "images": len(d.rel) + len(d.unreadable), "readable": n_ok,
+        "source": src.describe, "settings": settings, "counts": counts,
+        "class_balance": {c: int(n) for c, n in zip(d.class_names, balance)},
+        "groups": groups, "leaking_groups": sum(1 for g in groups if len(g["splits"]) > 1),
+        "seconds": seconds,
+    }
+
+
+def _write(out: Path, d: _Data, hashes: dict, summary: dict, rows: list[dict]) -> None:
+    order = {k: i for i, k in enumerate(KINDS)}
+    rows.sort(key=lambda r: (order.get(r["kind"], 99), -(r["score"] or 0.0) if r["kind"] != "label_issue" else 0,
+                             r["group"] or 0))
+    write_csv(out / "files.csv", ["path", "sha256"], sorted(hashes.items()))
+    write_csv(out / "audit.csv", CSV_COLUMNS, [[r[c] for c in CSV_COLUMNS] for r in rows])
+    write_json_atomic(out / "audit.json", summary)
+    write_page(out, d.root, summary, rows)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+__all__ = ["audit_folder", "audit_dir", "AuditResult", "KINDS"]

@@ -1,0 +1,547 @@
+"""The HTTP app: FastAPI routes over a :class:`~transfer.serve.model.ServedModel` and a
+:class:`~transfer.serve.batcher.Batcher`. uvicorn runs it locally; Ray Serve runs the same
+app in every replica (:mod:`transfer.serve.ray_serve`).
+
+Routes (every error is JSON ``{"error", "hint"}``):
+
+==================  =====================================================================
+``POST /v1/predict``  one or more images as multipart file fields, or one raw image body
+``GET /v1/model``     classes, input, models, heads, verification, batching and limits
+``GET /healthz``      200 while the process is alive
+``GET /readyz``       200 once the bundle is verified and the model warmed up; 503 before
+                      that and while draining
+``GET /metrics``      Prometheus text format (:mod:`transfer.serve.metrics`)
+``GET /``             a self-contained page to try the model (:mod:`transfer.serve.page`)
+``GET /openapi.json`` the OpenAPI schema
+==================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import time
+import itertools
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..errors import ImageDecodeError
+from ._deps import check_installed
+
+check_installed()  # the serve extra: a clear install hint instead of an ImportError below
+
+import fastapi  # noqa: E402
+from fastapi import APIRouter, Depends, Query, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
+from starlette.datastructures import UploadFile  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+from .batcher import Batcher, Overloaded, Result
+from .config import ServeConfig, key_matches
+from .metrics import Metrics
+from .model import ServedModel
+from .pixels import decode_upload, status_of
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An answer other than 200: ``status``, and the JSON ``{"error", "hint"}`` it sends."""
+
+    def __init__(self, status: int, error: str, hint: str | None = None, *, headers: dict | None = None,
+                 extra: dict | None = None):
+        super().__init__(error)
+        self.status, self.error, self.hint = status, error, hint
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict:
+        return {"error": self.error, "hint": self.hint, **self.extra}
+
+
+def _overloaded(exc: Overloaded, extra: dict | None = None) -> ApiError:
+    return ApiError(503, exc.message, f"retry after {exc.retry_after} s, or send less at once",
+                    headers={"Retry-After": str(exc.retry_after)}, extra=extra)
+
+
+@dataclass
+class Upload:
+    field: str
+    name: str
+    data: bytes
+
+
+@dataclass
+class State:
+    """Everything the routes share; one per app."""
+
+    model: ServedModel
+    config: ServeConfig
+    key: bytes | None
+    metrics: Metrics
+    batcher: Batcher | None = None
+    decode_pool: ThreadPoolExecutor | None = None
+    ready: bool = False
+    draining: bool = False
+    warm_up_s: float | None = None
+    warm_up_error: str | None = None
+    started: float = field(default_factory=time.time)
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready and not self.draining else 0)
+
+    def drain(self) -> None:
+        """Stop taking work: /readyz turns 503, new predictions get 503 (in-flight ones finish)."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
+
+#: request ids: a random per-process prefix and a counter (uuid4 per request cost 5 % of a small request)
+_RID_PREFIX = secrets.token_hex(4)
+_RID_COUNTER = itertools.count(1)
+
+
+class Guard:
+    """Pure ASGI middleware around every request: body-size limit (413 before reading when
+    Content-Length says so, else as soon as the limit is passed), admission of predictions
+    (503 before anything else is done), request id, metrics, and the JSON access log (never
+    the Authorization header)."""
+
+    def __init__(self, app, state: State, access_log: logging.Logger | None):
+        self.app = app
+        self.state = state
+        self.access = access_log
+
+    def _admit(self, scope):
+        """A ticket for a prediction (handed to the route in the scope), or the 503 to send now.
+
+        Admission happens here, before routing, form parsing or authentication, so that under
+        overload a refusal costs as little as possible. Not ready / draining: the route says so.
+        """
+        st = self.state
+        if st.batcher is None or not st.ready or st.draining:
+            return None
+        try:
+            ticket = st.batcher.admit()
+        except Overloaded as exc:
+            st.metrics.shed.labels("full").inc()
+            return _overloaded(exc)
+        scope["transfer.ticket"] = ticket
+        return ticket
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        limit = self.state.config.max_body_bytes
+        info = {"status": 500, "bytes_in": 0, "bytes_out": 0}
+        rid = None
+        declared = None
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = None
+            elif k == b"x-request-id":
+                rid = v.decode("latin-1")[:64]
+        rid = rid or f"{_RID_PREFIX}-{next(_RID_COUNTER):x}"
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                info["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode("latin-1"))]
+            elif message["type"] == "http.response.body":
+                info["bytes_out"] += len(message.get("body", b""))
+            await send(message)
+
+        async def receive_wrapper():
+            message = await receive()
+            if message["type"] == "http.request":
+                info["bytes_in"] += len(message.get("body", b""))
+                if info["bytes_in"] > limit:
+                    raise _too_large(limit)
+            return message
+
+        ticket = None
+        try:
+            if declared is not None and declared > limit:
+                await _send_json(send_wrapper, _too_large(limit, declared))
+                return
+            if scope["path"] == PREDICT and scope["method"] == "POST":
+                ticket = self._admit(scope)
+                if isinstance(ticket, ApiError):  # refused before routing: the cheapest 503
+                    keep_alive = declared is not None and declared <= _DRAIN_BEFORE_503 and await _drain(receive)
+                    await _send_json(send_wrapper, ticket, close=not keep_alive)
+                    ticket = None
+                    return
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            if ticket is not None:
+                ticket.close()
+            seconds = time.perf_counter() - t0
+            self.state.metrics.observe_request(scope["path"], scope["method"], info["status"], seconds)
+            if self.access is not None:
+                client = scope.get("client")
+                self.access.info(json.dumps({
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+                    "client": f"{client[0]}:{client[1]}" if client else None,
+                    "method": scope["method"], "path": scope["path"],
+                    "query": scope.get("query_string", b"").decode("latin-1") or None,
+                    "status": info["status"], "ms": round(seconds * 1000, 3),
+                    "bytes_in": info["bytes_in"], "bytes_out": info["bytes_out"], "request_id": rid}))
+
+
+PREDICT = "/v1/predict"
+#: a refused request's body up to this size is read (and dropped) so its connection stays open
+_DRAIN_BEFORE_503 = 256 * 1024
+
+
+async def _drain(receive) -> bool:
+    """Read and drop the rest of a request body; False when the client went away."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        if not message.get("more_body", False):
+            return True
+
+
+def _too_large(limit: int, declared: int | None = None) -> ApiError:
+    size = f" ({declared:,} bytes)" if declared is not None else ""
+    return ApiError(413, f"request body too large{size}; the limit is {limit:,} bytes",
+                    "send fewer or smaller images per request")
+
+
+async def _send_json(send, err: ApiError, *, close: bool = True) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    headers += [(k.lower().encode(), str(v).encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def access_logger(target: str | None) -> logging.Logger | None:
+    """A logger writing one JSON line per request to ``target`` (a file path, or ``-`` for stderr)."""
+    if not target:
+        return None
+    import sys
+
+    lg = logging.getLogger(f"transfer.serve.access.{id(target)}")
+    lg.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr) if target == "-" else logging.FileHandler(target, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    return lg
+
+
+def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = None,
+               wait_for_warm_up: bool = False):
+    """The ASGI app serving ``model`` with ``config``.
+
+    Args:
+        model: a loaded :class:`ServedModel` (:func:`transfer.serve.model.load_model`).
+        config: a validated :class:`ServeConfig`.
+        key: the API key (``/v1`` routes then need ``Authorization: Bearer KEY``), or ``None``.
+        wait_for_warm_up: finish the warm-up before the app starts (Ray Serve: a replica gets
+            traffic once started); otherwise it runs in the background and ``/readyz`` says
+            503 until it is done (uvicorn: ``/healthz`` answers meanwhile).
+
+    Returns:
+        the app (FastAPI wrapped in :class:`Guard`); ``app.state.transfer`` is the :class:`State`.
+
+    Example::
+
+        app = create_app(load_model("runs/digits/bundle", ModelOptions()), ServeConfig().validate())
+        uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    from .page import page_html
+
+    state = State(model=model, config=config, key=key, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        state.batcher = Batcher(model.predict, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
+                                capacity=config.queue,
+                                max_queue_s=config.max_queue_ms / 1000 if config.max_queue_ms else None,
+                                on_batch=lambda s: state.metrics.observe_batch(s.size, s.seconds))
+        state.metrics.bind(depth=lambda: state.batcher.depth, in_flight=lambda: state.batcher.in_flight)
+        state.decode_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="transfer-decode")
+        state.batcher.start()
+        warm = loop.run_in_executor(state.batcher.model_thread, model.warm_up, config.max_batch)
+        warm.add_done_callback(functools.partial(_warmed, state))
+        if wait_for_warm_up:
+            await asyncio.shield(warm)
+        try:
+            yield
+        finally:
+            state.drain()
+            await state.batcher.stop()
+            state.decode_pool.shutdown(wait=True)
+
+    app = fastapi.FastAPI(
+        title="transfer serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+        description="Image classification with a verified transfer bundle. Errors are JSON {error, hint}.")
+    app.state.transfer = state
+    bearer = HTTPBearer(auto_error=False, description="the key of --api-key-file")
+
+    async def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if state.key is None:
+            return
+        if creds is None or creds.scheme.lower() != "bearer" or not key_matches(creds.credentials, state.key):
+            raise ApiError(401, "missing or wrong API key" if creds else "this server needs an API key",
+                           "send the header 'Authorization: Bearer <key>' with the key the server was started with",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        hints = {404: "see GET /openapi.json for the routes", 405: "see GET /openapi.json for the methods"}
+        return JSONResponse({"error": str(exc.detail), "hint": hints.get(exc.status_code)},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts), "hint": "see GET /openapi.json"},
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("unexpected error serving %s", request.url.path)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})",
+                             "hint": "the server log has the details; report it if it repeats"}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(page_html(auth=state.key is not None))
+
+    @app.get("/healthz", summary="Liveness: 200 while the process runs")
+    async def healthz():
+        return {"status": "ok", "uptime_s": round(time.time() - state.started, 3), "pid": os.getpid()}
+
+    @app.get("/readyz", summary="Readiness: 200 once the model is verified and warmed up",
+             responses={503: {"description": "warming up, failed to warm up, or draining"}})
+    async def readyz():
+        if state.draining:
+            raise ApiError(503, "draining: the server is shutting down", "send requests to another replica",
+                           headers={"Retry-After": "1"})
+        if state.warm_up_error:
+            raise ApiError(503, f"warm-up failed: {state.warm_up_error}", "see the server log")
+        if not state.ready:
+            raise ApiError(503, "warming up", "retry in a moment", headers={"Retry-After": "1"})
+        return {"status": "ready", "bundle_id": model.id, "warm_up_s": state.warm_up_s}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/model", summary="The served bundle: classes, input, models, heads, verification")
+    async def model_info():
+        return {**model.info(), "limits": _limits(config), "api_key_required": state.key is not None}
+
+    @v1.post("/predict", summary="Classify one or more images",
+             description=_PREDICT_DOC, openapi_extra=_PREDICT_BODY,
+             responses={200: {"description": "per image: top-k classes with probabilities, or its error"},
+                        **{s: {"description": d} for s, d in _PREDICT_ERRORS.items()}})
+    async def predict(request: Request,
+                      topk: int | None = Query(None, ge=1, description="classes per image [default: --topk]")):
+        return await _predict(state, request, topk)
+
+    app.include_router(v1)
+    return _guarded(app, state, config)
+
+
+def _guarded(app, state: State, config: ServeConfig):
+    """Install :class:`Guard` as the outermost user middleware (inside Starlette's error handler,
+    so an :class:`ApiError` raised while reading the body becomes its JSON answer)."""
+    app.add_middleware(Guard, state=state, access_log=access_logger(config.access_log))
+    return app
+
+
+def _warmed(state: State, fut) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        state.warm_up_error = f"{type(exc).__name__}: {exc}"
+        log.error("warm-up failed: %s", state.warm_up_error)
+        return
+    state.warm_up_s = round(fut.result(), 4)
+    state.set_ready(True)
+
+
+def _limits(config: ServeConfig) -> dict:
+    return {"max_body_bytes": config.max_body_bytes, "max_images": config.max_images,
+            "max_pixels": config.max_pixels, "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms,
+            "queue": config.queue, "max_queue_ms": config.max_queue_ms or None, "topk": config.topk}
+
+
+async def _read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
+    """The images of a request: every file field of a multipart form, or the raw body.
+
+    Raises:
+        ApiError: 422 for a malformed form, a form without files or too many files; 415 for JSON.
+    """
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=config.max_images, max_fields=config.max_images + 16)
+        except StarletteHTTPException as exc:  # python-multipart's own message
+            too_many = "too many files" in str(exc.detail).lower()
+            raise ApiError(422, f"{'too many images' if too_many else 'malformed multipart form'}: {exc.detail}",
+                           f"send at most {config.max_images} images per request" if too_many else
+                           "send the image as a form file field, e.g. curl -F image=@cat.jpg URL") from None
+        ups = []
+        for fld, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                ups.append(Upload(fld, value.filename or fld, await value.read()))
+        await form.close()
+        if not ups:
+            raise ApiError(422, "the form has no file field",
+                           "send the image as a file field, e.g. curl -F image=@cat.jpg URL")
+        return ups
+    if ctype == "application/json":
+        raise ApiError(415, "JSON bodies are not accepted",
+                       "send the image itself (curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' URL) "
+                       "or a multipart form (curl -F image=@cat.jpg URL)")
+    data = await request.body()
+    if not data:
+        raise ApiError(400, "the request has no body",
+                       "send an image: curl -F image=@cat.jpg URL, or --data-binary @cat.jpg")
+    name = request.headers.get("x-filename") or "body"
+    return [Upload("body", name[:200], data)]
+
+
+async def _predict(state: State, request: Request, topk: int | None) -> Any:
+    config, model, batcher = state.config, state.model, state.batcher
+    t0 = time.perf_counter()
+    if state.draining:
+        state.metrics.shed.labels("draining").inc()
+        raise ApiError(503, "draining: the server is shutting down", "retry on another replica",
+                       headers={"Retry-After": "1"})
+    if not state.ready:
+        state.metrics.shed.labels("not_ready").inc()
+        raise ApiError(503, "the model is still warming up" if not state.warm_up_error
+                       else f"the model failed to warm up: {state.warm_up_error}", "retry in a moment; see /readyz",
+                       headers={"Retry-After": "1"})
+    ticket = request.scope.get("transfer.ticket")  # admitted by Guard
+    if ticket is None:
+        try:
+            ticket = batcher.admit()
+        except Overloaded as exc:
+            state.metrics.shed.labels("full").inc()
+            raise _overloaded(exc) from None
+    with ticket:
+        ups = await _read_uploads(request, config)
+        if len(ups) > config.max_images:
+            raise ApiError(422, f"too many images ({len(ups)}); the limit is {config.max_images}",
+                           f"send at most {config.max_images} images per request")
+        t_read = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels, recipe=model.bundle.recipe)
+        if len(ups) == 1:  # one image: no gather
+            decoded = [await loop.run_in_executor(state.decode_pool, decode, ups[0])]
+        else:
+            decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, u) for u in ups))
+        ok = [i for i, (x, _, _) in enumerate(decoded) if x is not None]
+        try:
+            futs = ticket.submit([decoded[i][0] for i in ok], since=t_read) if ok else []
+        except Overloaded as exc:
+            state.metrics.shed.labels("full").inc()
+            raise _overloaded(exc) from None
+        results = await asyncio.gather(*futs, return_exceptions=True) if futs else []
+    by_index = dict(zip(ok, results))
+    k = min(topk or config.topk, len(model.names))
+    entries = []
+    for i, (u, (x, dt, err)) in enumerate(zip(ups, decoded)):
+        e = {"index": i, "field": u.field, "name": u.name}
+        if err is not None:
+            status, hint = status_of(err)
+            e.update(status=status, error=err.reason, hint=hint)
+            state.metrics.images.labels(str(status)).inc()
+        else:
+            r = by_index[i]
+            if isinstance(r, Overloaded):
+                state.metrics.shed.labels("late").inc()
+                e.update(status=503, error=r.message, hint=f"retry after {r.retry_after} s",
+                         retry_after=r.retry_after)
+                state.metrics.images.labels("503").inc()
+            elif isinstance(r, BaseException):
+                log.error("model call failed: %s: %s", type(r).__name__, r)
+                e.update(status=500, error=f"the model call failed ({type(r).__name__})", hint="see the server log")
+                state.metrics.images.labels("500").inc()
+            else:
+                r: Result
+                e.update(status=200, **model.row(r.probs, k),
+                         timings_ms={"decode": round(dt * 1000, 3), "queue": round(r.queue_s * 1000, 3),
+                                     "model": round(r.model_s * 1000, 3)}, batch_size=r.batch_size)
+                state.metrics.images.labels("ok").inc()
+        entries.append(e)
+    timings = {"read": round((t_read - t0) * 1000, 3), "total": round((time.perf_counter() - t0) * 1000, 3)}
+    if len(entries) == 1 and entries[0]["status"] != 200:  # one image: its status is the answer's
+        e = entries[0]
+        headers = {"Retry-After": str(e["retry_after"])} if "retry_after" in e else None
+        return JSONResponse({"error": e["error"], "hint": e["hint"], "bundle_id": model.id, "predictions": entries,
+                             "timings_ms": timings}, status_code=e["status"], headers=headers)
+    return JSONResponse({"bundle_id": model.id, "head": model.head.name, "backend": model.runner.name,
+                         "predictions": entries, "timings_ms": timings})
+
+
+def _decode(u: Upload, size, max_pixels, recipe=None):
+    """(pixels or None, seconds, ImageDecodeError or None) of one upload (runs in a decode thread)."""
+    t = time.perf_counter()
+    try:
+        return (decode_upload(u.data, u.name, size, max_pixels=max_pixels, recipe=recipe), time.perf_counter() - t,
+                None)
+    except ImageDecodeError as exc:
+        return None, time.perf_counter() - t, exc
+
+
+_PREDICT_DOC = """\
+Send one image as the raw body (`curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg'`), or one or
+more images as file fields of a multipart form (`curl -F image=@cat.jpg -F image=@dog.png`; any field
+names). Images are decoded and resized exactly like `transfer infer` does, and batched with the images
+of concurrent requests.
+
+Each entry of `predictions` has `status` 200 with `top` (classes with probabilities, most probable
+first), `timings_ms` (decode, queue, model) and `batch_size`, or its own error status with
+`error` and `hint`: one bad image fails only its own entry. A request with a single image answers
+with that image's status.
+"""
+
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+_PREDICT_ERRORS = {
+    400: "an empty body, or the (single) image is empty, truncated or corrupt",
+    401: "missing or wrong API key (with --api-key-file)",
+    413: "the body is over the size limit, or the (single) image has too many pixels",
+    415: "the (single) image is not an image format the decoder knows, or a JSON body",
+    422: "a malformed multipart form, a form without file fields, or too many images",
+    503: "queue full, request waited too long, warming up or draining (see Retry-After)",
+}
+
+__all__ = ["create_app", "ApiError", "State", "Guard"]

@@ -1,0 +1,165 @@
+"""`transfer data audit`: duplicates, leakage, label issues, outliers and quality on real images,
+change detection, and the group-keeping split of `transfer.data.dedupe`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from transfer.analysis.audit import audit_folder
+from transfer.data import dedupe
+from transfer.data.splits import Sample, split_samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.corrupt import score_audit, write_corrupted  # noqa: E402
+
+
+def _small_folder(pattern_data: Path, root: Path) -> Path:
+    """The pattern folder plus: an exact copy under another class, a resized copy, a blank image, a broken file."""
+    shutil.copytree(pattern_data, root)
+    shutil.copyfile(root / "c0" / "000.png", root / "c1" / "dup_of_c0_000.png")
+    with Image.open(root / "c2" / "003.png") as im:
+        im.resize((32, 32), Image.Resampling.BILINEAR).save(root / "c2" / "big_003.png")
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(root / "c0" / "blank.png")
+    (root / "c1" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def _kinds(rows, path):
+    return {r["kind"] for r in rows if r["path"] == path}
+
+
+def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path):
+    data = _small_folder(pattern_data, tmp_path / "data")
+    lines: list[str] = []
+    res = audit_folder(data, backbone="arc2", weights="none", image_size=16, out=tmp_path / "audit",
+                       progress=lines.append)
+    for f in ("audit.csv", "audit.json", "audit.html", "files.csv", "features.npy"):
+        assert (tmp_path / "audit" / f).is_file(), f
+    rows = res.rows
+    assert "unreadable" in _kinds(rows, "c1/broken.png")
+    assert {"exact_duplicate", "conflicting_labels"} <= _kinds(rows, "c1/dup_of_c0_000.png")
+    assert "near_duplicate" in _kinds(rows, "c2/big_003.png") and "near_duplicate" in _kinds(rows, "c2/003.png")
+    assert "blank" in _kinds(rows, "c0/blank.png")
+    s = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert s["images"] == 64 and s["readable"] == 63
+    assert s["class_balance"] == {"c0": 21, "c1": 21, "c2": 21}
+    assert any(set(g["paths"]) == {"c0/000.png", "c1/dup_of_c0_000.png"} for g in s["groups"])
+    with open(tmp_path / "audit" / "audit.csv", newline="") as f:
+        assert list(csv.DictReader(f))[0].keys() >= {"path", "kind", "score", "group", "suggested_label"}
+    page = (tmp_path / "audit" / "audit.html").read_text()
+    assert "data:image/png;base64," in page and "Exact duplicates" in page
+    # nothing changed: reused; a changed file: detected by its hash and audited again
+    lines.clear()
+    again = audit_folder(data, backbone="arc2", weights="none", image_size=16, out=tmp_path / "audit",
+                         progress=lines.append)
+    assert again.reused and any("nothing changed" in ln for ln in lines)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(data / "c2" / "005.png")
+    lines.clear()
+    third = audit_folder(data, backbone="arc2", weights="none", image_size=16, out=tmp_path / "audit",
+                         progress=lines.append)
+    assert not third.reused and any("1 changed, 0 added, 0 removed" in ln for ln in lines)
+    assert "dark" in _kinds(third.rows, "c2/005.png") or "blank" in _kinds(third.rows, "c2/005.png")
+
+
+def test_audit_cli(pattern_data, tmp_path):
+    import transfer.commands.audit  # noqa: F401  (attaches `data audit`)
+    from transfer.cli import cli
+
+    data = _small_folder(pattern_data, tmp_path / "data")
+    r = CliRunner().invoke(cli, ["data", "audit", str(data), "--backbone", "arc2", "--weights", "none",
+                                 "--image-size", "16", "--out", str(tmp_path / "a"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "64 images (63 readable)" in r.output and "exact_duplicate" in r.output
+    r = CliRunner().invoke(cli, ["data", "audit", str(data), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--run" in r.output and "needs features" in r.output
+    r = CliRunner().invoke(cli, ["data", "audit", str(data), "--backbone", "arc2", "--weights", "none",
+                                 "--near-threshold", "1.5"])
+    assert r.exit_code == 2 and "--near-threshold" in r.output
+
+
+def test_grouped_split_keeps_groups_on_one_side():
+    samples = [Sample(f"c{i % 2}/{i:03d}.png", i % 2) for i in range(60)]
+    groups = [[0, 2, 4, 6], [1, 3], [10, 12, 14]]
+    parts = dedupe.grouped_split(samples, groups, lambda s: split_samples(s, val=0.3, test=0.3, seed=1))
+    assert sorted(x.path for p in parts.values() for x in p) == sorted(s.path for s in samples)
+    paths = [[samples[i].path for i in g] for g in groups]
+    assert dedupe.straddling_groups(parts, paths) == []
+    plain = split_samples(samples, val=0.3, test=0.3, seed=1)
+    assert dedupe.straddling_groups(plain, paths)  # a plain split does put some group across parts
+
+
+@pytest.mark.slow
+def test_audit_bars_on_corrupted_digits(tmp_path):
+    """scikit-learn's real digits (32x32), corrupted: 40 flipped labels, 60 resized / re-compressed /
+    cropped copies of train images in val and test, 10 blank and 10 noise images; features of an
+    arc2 trial trained on the corrupted folder."""
+    from sklearn.datasets import load_digits
+
+    from transfer.trainer.config import load_config
+    from transfer.trainer.sweep import run_sweep
+
+    d = load_digits()
+    imgs = np.stack([np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((32, 32),
+                                                                                         Image.Resampling.BILINEAR))
+                     for im in d.images])
+    truth = write_corrupted(imgs, d.target, [str(i) for i in range(10)], tmp_path / "data", flips=40, copies=60,
+                            blanks=10, noise=10)
+    cfg = load_config(None, {"data": str(tmp_path / "data"), "out": str(tmp_path / "run"), "backbones": "arc2",
+                             "trainable": "1", "weights": "none", "epochs": 10, "image_size": 32,
+                             "batch_size": 32, "patience": 0, "lr": 2e-3})
+    assert run_sweep(cfg, progress=lambda s: None).ok
+    res = audit_folder(tmp_path / "data", run=tmp_path / "run")
+    got = score_audit(res.rows, res.summary, truth)
+    by_kind = {}
+    for kind in ("resized", "recompressed", "cropped"):
+        mine = [p for p in truth["copies"] if kind in p[1]]
+        by_kind[kind] = score_audit(res.rows, res.summary, {**truth, "copies": mine})["dup_recall"]
+    print(got, by_kind)
+    assert got["dup_recall"] >= 0.95 and got["dup_precision"] >= 0.9
+    assert min(by_kind.values()) >= 0.9  # resized, re-compressed and cropped copies alike
+    assert got["flip_precision_at_k"] >= 0.6
+    assert got["blank_noise_recall"] >= 0.9
+    # the run's report gains a data-audit section (the audit went to RUN/audit)
+    from transfer.analysis.report import write_report
+
+    out = write_report(tmp_path / "run")
+    assert "audit" in out["present"]
+    page = out["html"].read_text()
+    assert "Data audit" in page and "Duplicates across splits (leakage)" in page
+
+
+def test_near_pairs_on_photo_patches():
+    """Patches of scikit-learn's two sample photos: resized and re-compressed copies of two patches
+    are found, and no pair of different patches is. (A crop of 3 px off a 64 px textured patch is
+    not found at the default threshold: a measured limit, docs/audit.md.)"""
+    from sklearn.datasets import load_sample_images
+
+    from helpers.corrupt import _copy
+
+    rng = np.random.default_rng(0)
+    patches = []
+    for photo in load_sample_images().images:
+        for y in range(0, photo.shape[0] - 64, 70):
+            for x in range(0, photo.shape[1] - 64, 90):
+                patches.append(np.ascontiguousarray(photo[y:y + 64, x:x + 64]))
+    n = len(patches)
+    planted = {}
+    for k, kind in enumerate(("resized", "recompressed", "cropped")):
+        i = 5 + 11 * k
+        planted[(i, len(patches))] = kind
+        patches.append(np.asarray(_copy(Image.fromarray(patches[i]), kind, rng).convert("RGB")))
+    fps = [dedupe.fingerprint_array(p) for p in patches]
+    found = {(i, j) for i, j, _ in dedupe.near_pairs(fps)}
+    assert n > 80 and found <= set(planted), (found, planted)
+    assert {planted[p] for p in found} >= {"resized", "recompressed"}
+    groups = dedupe.duplicate_groups(fps)
+    assert sorted(map(tuple, groups)) == sorted(found)
