@@ -335,6 +335,8 @@ def test_two_trains_into_one_folder_one_proceeds_the_other_names_it(tmp_path, pa
     import time
     from pathlib import Path
 
+    from transfer.locks import lock_path
+
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(repo / "src"))
     out = tmp_path / "run"
@@ -343,20 +345,20 @@ def test_two_trains_into_one_folder_one_proceeds_the_other_names_it(tmp_path, pa
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (out / ".transfer.lock.json").is_file():
+        while not (lock_path(out).is_file() and lock_path(out).read_text()):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
         second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1, second.stderr
-        assert f"is in use by PID {first.pid}" in second.stderr and "transfer train" in second.stderr
+        assert f"is in use by PID {first.pid}" in second.stderr and " train " in second.stderr
         assert first.poll() is None  # the first goes on
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
         if first.poll() is None:
             first.kill()
-    assert (out / ".transfer.lock.json").is_file()  # the killed holder's record is left behind
+    assert json.loads(lock_path(out).read_text())["pid"] == first.pid  # the killed holder's record is left
     third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
     assert json.loads((out / "trials" / "arc2-t100" / "status.json").read_text())["state"] == "done"
-    assert not (out / ".transfer.lock.json").exists()
+    assert not lock_path(out).exists()

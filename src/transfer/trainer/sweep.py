@@ -195,7 +195,8 @@ def _index(config: TrainConfig, writer: RunWriter, data_root: Path, p: Progress)
     """Index the data folder; an unusable one is refused (its bad files still listed)."""
     from ..data.folder import index_folder
 
-    index = index_folder(data_root, workers=config.workers, strict=False)
+    index = index_folder(data_root, workers=config.workers, strict=False, allow_nested=config.allow_nested,
+                         allow_case_clash=config.allow_case_clash)
     if index.problems:  # unusable as is: keep the list of bad files where the user will look
         if index.bad:
             writer.write_bad_files(index.bad)
@@ -218,8 +219,12 @@ def _index(config: TrainConfig, writer: RunWriter, data_root: Path, p: Progress)
     return index
 
 
-def _given_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict[str, list], bool]:
-    """The folder's own train/ val/ test/ (val carved from train/ when there is no val/); (parts, carved)."""
+def _given_splits(writer: RunWriter, cfg: TrainConfig, index, groups) -> tuple[dict[str, list], bool]:
+    """The folder's own train/ val/ test/ (val carved from train/ when there is no val/); (parts, carved).
+
+    With ``groups`` (``--dedupe``) val is carved group-wise and the val / test members of a group
+    that has members in an earlier split (train, then val) are left out: the folders cannot be
+    re-split, so a copy of a training image is not validated or tested on."""
     from ..data import splits as S
 
     if cfg.kfold:
@@ -233,14 +238,40 @@ def _given_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict[str,
     if all(writer.split_csv_path(k).is_file() for k in ("train", "val", "test")):
         return {k: S.read_split_csv(writer.split_csv_path(k)) for k in ("train", "val", "test")}, carve
     if carve:  # the usual published layout (train/ + test/): validation images come out of train/
-        carved = S.split_samples(parts["train"], method=cfg.split, val=cfg.val, test=0.0, seed=cfg.seed)
+        def carve_val(samples):
+            return S.split_samples(samples, method=cfg.split, val=cfg.val, test=0.0, seed=cfg.seed)
+
+        carved = _grouped(parts["train"], groups, carve_val) if groups is not None else carve_val(parts["train"])
         parts["train"], parts["val"] = carved["train"], carved["val"]
+    if groups is not None:
+        parts = _leave_out_copies(parts, groups)
     for k, v in parts.items():
         S.write_split_csv(writer.split_csv_path(k), v)
     return parts, carve
 
 
-def _kfold_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict, list]:
+def _grouped(samples: list, groups: list[list[str]] | None, split) -> dict[str, list]:
+    """``split(samples)`` with every duplicate group (paths) on one side (:func:`~transfer.data.dedupe.grouped_split`)."""
+    from ..data.dedupe import grouped_split
+
+    at = {s.path: i for i, s in enumerate(samples)}
+    idx = [[at[p] for p in g if p in at] for g in (groups or [])]
+    return grouped_split(samples, [g for g in idx if len(g) > 1], split)
+
+
+def _leave_out_copies(parts: dict[str, list], groups: list[list[str]]) -> dict[str, list]:
+    """Drop the val / test members of groups that have a member in an earlier split."""
+    where = {s.path: k for k, v in parts.items() for s in v}
+    order = ("train", "val", "test")
+    drop = set()
+    for g in groups:
+        homes = [k for k in order if any(where.get(p) == k for p in g)]
+        if len(homes) > 1:
+            drop.update(p for p in g if where.get(p) in homes[1:])
+    return {k: [s for s in v if s.path not in drop] for k, v in parts.items()}
+
+
+def _kfold_splits(writer: RunWriter, cfg: TrainConfig, index, groups) -> tuple[dict, list]:
     from ..data import splits as S
 
     folds_range = range(1, cfg.kfold + 1)
@@ -250,7 +281,14 @@ def _kfold_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict, lis
         folds = [(S.read_split_csv(writer.split_csv_path("train", fold=k)),
                   S.read_split_csv(writer.split_csv_path("val", fold=k))) for k in folds_range]
     else:
-        test, folds = S.kfold_splits(index.samples, cfg.kfold, seed=cfg.seed, test=cfg.test)
+        def kfold(samples):  # as named parts, so that duplicate groups can follow their representative
+            test, folds = S.kfold_splits(samples, cfg.kfold, seed=cfg.seed, test=cfg.test)
+            return {"test": test, **{f"{n}{k}": part for k, pair in enumerate(folds, 1)
+                                     for n, part in zip(("train", "val"), pair)}}
+
+        named = _grouped(index.samples, groups, kfold) if groups is not None else kfold(index.samples)
+        test = named["test"]
+        folds = [(named[f"train{k}"], named[f"val{k}"]) for k in folds_range]
         for k, (tr, va) in zip(folds_range, folds):
             S.write_split_csv(writer.split_csv_path("train", fold=k), tr)
             S.write_split_csv(writer.split_csv_path("val", fold=k), va)
@@ -262,20 +300,24 @@ def _kfold_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[dict, lis
     return {"train": folds[0][0], "val": folds[0][1], "test": test}, folds
 
 
-def _prepare_splits(writer: RunWriter, cfg: TrainConfig, index) -> tuple[str, dict, list]:
+def _prepare_splits(writer: RunWriter, cfg: TrainConfig, index, groups=None) -> tuple[str, dict, list]:
     """Returns (method, {"train","val","test"}, folds [(train, val)] or []); method "given+val" when the
-    validation images were carved from the given train/."""
+    validation images were carved from the given train/. ``groups`` (duplicate groups of paths,
+    with ``--dedupe``) stay on one side."""
     from ..data import splits as S
 
     if getattr(index, "given_splits", None):
-        parts, carved = _given_splits(writer, cfg, index)
+        parts, carved = _given_splits(writer, cfg, index, groups)
         return ("given+val" if carved else "given"), parts, []
     if cfg.kfold:
-        return ("kfold", *_kfold_splits(writer, cfg, index))
+        return ("kfold", *_kfold_splits(writer, cfg, index, groups))
     if all(writer.split_csv_path(k).is_file() for k in ("train", "val", "test")):
         parts = {k: S.read_split_csv(writer.split_csv_path(k)) for k in ("train", "val", "test")}
     else:
-        parts = S.split_samples(index.samples, method=cfg.split, val=cfg.val, test=cfg.test, seed=cfg.seed)
+        def split(samples):
+            return S.split_samples(samples, method=cfg.split, val=cfg.val, test=cfg.test, seed=cfg.seed)
+
+        parts = _grouped(index.samples, groups, split) if groups is not None else split(index.samples)
         for k in ("train", "val", "test"):
             S.write_split_csv(writer.split_csv_path(k), parts[k])
     return cfg.split, parts, []
@@ -290,22 +332,27 @@ def _version() -> str:
         return "unknown"
 
 
-def _write_run_files(writer: RunWriter, config: TrainConfig, index, data_root: Path, method: str, parts) -> None:
+def _write_run_files(writer: RunWriter, config: TrainConfig, index, data_root: Path, method: str, parts,
+                     duplicates: dict | None) -> None:
+    """``config.yaml`` and ``dataset.json``; a resumed run keeps the pixel recipe and duplicate
+    record its first trials were made with."""
     from ..data.image import PREPROCESSING
 
+    saved = writer.saved_dataset()
     split = {"method": "given" if method == "given+val" else method,
              # the fractions the split used (a given split and k folds ignore the val fraction / method)
              "val": config.val if method in ("stratified", "random", "given+val") else None,
              "test": config.test if not method.startswith("given") else None, "seed": config.seed,
-             "kfold": config.kfold}
+             "kfold": config.kfold, "dedupe": bool(config.dedupe)}
     if method == "given+val":  # no val/ folder: that fraction of the given train/ images, per class, seeded
         split.update({"val_from": "train", "val_method": config.split})
     writer.write_config(config.to_yaml())
     writer.write_dataset({
         "root": str(data_root), "class_names": list(index.class_names),
         "num_images": len(index.samples), "num_bad": len(index.bad),
-        "preprocessing": PREPROCESSING, "split": split,
+        "preprocessing": saved.get("preprocessing") or PREPROCESSING, "split": split,
         "counts": {k: len(v) for k, v in parts.items()},
+        "duplicates": duplicates if duplicates is not None else saved.get("duplicates"),
     })
 
 
@@ -335,8 +382,16 @@ def prepare_run(config: TrainConfig, progress: ProgressLike = None) -> tuple[Pre
     _check_existing(writer, config)
     writer.write_run_json(_version())  # first: the folder is a run from now on
     index = _index(config, writer, data_root, p)
-    method, parts, folds = _prepare_splits(writer, config, index)
-    _write_run_files(writer, config, index, data_root, method, parts)
+    fresh = not writer.split_csv_path("test").is_file()  # the split is made now (else read back)
+    groups = _duplicate_groups(config, index, data_root, p) if fresh else None
+    method, parts, folds = _prepare_splits(writer, config, index, groups if config.dedupe else None)
+    duplicates = _record_duplicates(writer, config, groups, parts, p) if fresh else None
+    _write_run_files(writer, config, index, data_root, method, parts, duplicates)
+    _warn_duplicates(writer, config, duplicates or writer.saved_dataset().get("duplicates"), p)
+    from ..data.splits import split_warnings
+
+    for w in split_warnings(parts, list(index.class_names)):
+        p.say(f"warning: {w}")
     if method == "given+val":
         p.say(f"note: {data_root} has train/ and test/ but no val/: {len(parts['val'])} validation images "
               f"({config.val:g} of train/, {config.split}, seed {config.seed}) are held out of train/")
@@ -345,6 +400,64 @@ def prepare_run(config: TrainConfig, progress: ProgressLike = None) -> tuple[Pre
               "is chosen by training accuracy" + (" (the given split has no val/ folder)" if method == "given"
                                                   else " (val fraction 0)"))
     return PreparedRun(writer, data_root, list(index.class_names), method, parts, folds), specs
+
+
+# -- duplicates across the split ---------------------------------------------------------
+
+def _duplicate_groups(config: TrainConfig, index, data_root: Path, p: Progress) -> list[list[str]]:
+    """Groups (sample paths) of identical or near-identical images (:func:`transfer.data.dedupe.sample_groups`)."""
+    from ..data.dedupe import sample_groups
+
+    t0 = time.perf_counter()
+    groups = sample_groups(index.samples, data_root, workers=config.workers)
+    paths = [[index.samples[i].path for i in g] for g in groups]
+    p.say(f"duplicates: {len(paths)} group(s) of identical or near-identical images among {len(index.samples)} "
+          f"({clock(time.perf_counter() - t0)})")
+    return paths
+
+
+def _record_duplicates(writer: RunWriter, config: TrainConfig, groups: list[list[str]], parts: dict,
+                       p: Progress) -> dict:
+    """Write ``duplicates.csv`` (every member of every group, its split, whether the group straddles
+    the split, what was done) and return the ``dataset.json`` record."""
+    from ..data.dedupe import straddling_groups
+    from ..tables import write_csv
+
+    where = {s.path: k for k, v in parts.items() for s in v}
+    straddle = {tuple(g["paths"]) for g in straddling_groups(parts, groups)}
+    rows, copies = [], {"val": 0, "test": 0}
+    for n, g in enumerate(groups, 1):
+        crosses = tuple(g) in straddle
+        first = next((k for k in ("train", "val", "test") if any(where.get(q) == k for q in g)), None)
+        for q in g:
+            split = where.get(q, "")
+            if not split:
+                action = "left out (a copy is in an earlier split)" if config.dedupe else "not in the split"
+            elif crosses and split != first:
+                copies[split] += 1
+                action = "kept (a copy is in an earlier split)"
+            else:
+                action = "kept"
+            rows.append([n, q, split or "-", "yes" if crosses else "no", action])
+    write_csv(writer.duplicates_csv, ("group", "path", "split", "straddles", "action"), rows)
+    left_out = sum(1 for r in rows if r[2] == "-" and config.dedupe)
+    return {"groups": len(groups), "images": sum(len(g) for g in groups), "straddling_groups": len(straddle),
+            "val_with_copy": copies["val"], "test_with_copy": copies["test"], "left_out": left_out,
+            "dedupe": bool(config.dedupe), "list": writer.duplicates_csv.name}
+
+
+def _warn_duplicates(writer: RunWriter, config: TrainConfig, rec: dict | None, p: Progress) -> None:
+    if not rec:
+        return
+    if rec.get("straddling_groups"):
+        p.say(f"warning: {rec['straddling_groups']} group(s) of duplicate images straddle the split "
+              f"({rec.get('test_with_copy', 0)} test and {rec.get('val_with_copy', 0)} val image(s) have a copy in an "
+              f"earlier split): test accuracy counts them and may be overstated (metrics.json also gives it without "
+              f"them); the list: {writer.duplicates_csv}; training with dedupe (--dedupe) keeps each group on one side")
+    elif rec.get("dedupe") and rec.get("groups"):
+        p.say(f"duplicates: {rec['groups']} group(s) kept on one side of the split"
+              + (f"; {rec['left_out']} copie(s) in the given val/test folders left out" if rec.get("left_out") else "")
+              + f" ({writer.duplicates_csv})")
 
 
 # -- running the trials ------------------------------------------------------------------
@@ -503,7 +616,10 @@ def sweep_table(trials: list[dict]) -> tuple[list[str], list[list[str]]]:
     """
     groups = _groups(trials)
     header = ["metric"] + [_col_label(ts[0]) for ts in groups.values()]
-    return header, [[label] + [_cell(ts, get, fmt) for ts in groups.values()] for label, get, fmt in ROWS]
+    rows = list(ROWS)
+    if any((t.get("metrics") or {}).get("test_without_duplicates") for t in trials):  # the split leaks
+        rows.insert(3, ("test acc. w/o copies", lambda m: m["test_without_duplicates"]["accuracy"], "{:.3f}"))
+    return header, [[label] + [_cell(ts, get, fmt) for ts in groups.values()] for label, get, fmt in rows]
 
 
 def _selection_key(m: dict) -> tuple[float, float]:
@@ -528,7 +644,8 @@ def pick_best(trials: list[dict]) -> dict | None:
     # without validation images the choice rests on training accuracy: say so
     return {"trial": best["name"], "group": best["group"], "metric": "val_accuracy" if va is not None else "train_accuracy",
             "value": va if va is not None else best["metrics"]["train"]["accuracy"],
-            "test_accuracy": best["metrics"]["test"]["accuracy"]}
+            "test_accuracy": best["metrics"]["test"]["accuracy"],
+            "test_without_duplicates": best["metrics"].get("test_without_duplicates")}
 
 
 def _finish(run: PreparedRun, trials: list[dict]) -> SweepResult:
@@ -562,7 +679,7 @@ def run_sweep(config: TrainConfig, *, progress: ProgressLike = None, ray=None) -
         ConfigError: missing data/out, a backbone size below its minimum, or an existing
             run folder whose saved config differs in a key that changes results.
         RunFolderError: the run folder holds files that are not a run's.
-        FolderLockedError: another process is writing the run folder (it is named).
+        LockedError: another process is writing the run folder (it is named; :mod:`transfer.locks`).
         DataError: an unusable dataset (from the indexer).
 
     Example::
@@ -571,12 +688,12 @@ def run_sweep(config: TrainConfig, *, progress: ProgressLike = None, ray=None) -
                                            "backbones": "arc2", "epochs": 2}))
         print(res.table_md)
     """
-    from .locking import run_lock
+    from ..locks import locked
 
     p = as_progress(progress)
     _, run_dir = _check_options(config)
     RunWriter(run_dir).check_target()
-    with run_lock(run_dir, command="transfer train"):
+    with locked(run_dir, purpose="train"):
         run, specs = prepare_run(config, p)
         trials = _run_local(run, config, specs, p) if ray is None else _run_on_ray(run, config, specs, ray, p)
         return _finish(run, trials)
