@@ -25,3 +25,11 @@ def parse_csv(value: str | None, cast=str, *, name: str = "value") -> list:
 
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="Print only results and errors.")(f)
+
+
+def run_lock(run: str, purpose: str):
+    """Hold the run folder's lock while a command writes into it (:mod:`transfer.locks`): a
+    second writer (a resumed ``transfer train``, another analysis command) exits 1 naming it."""
+    from ..locks import locked
+
+    return locked(run, purpose=purpose)

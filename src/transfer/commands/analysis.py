@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._options import parse_csv, quiet_option
+from ._options import parse_csv, quiet_option, run_lock
 
 
 def _open(run_dir: str):
@@ -62,7 +62,8 @@ def heads(run, trial, heads, rf_n_estimators, rf_max_depth, rf_n_jobs, svm_c, sv
         if value is not None and kind in kinds:
             params.setdefault(kind, {})[key] = value
     rf = _open(run)
-    rows = fit_heads(rf, trial, kinds, params, progress=_progress(quiet))
+    with run_lock(run, "heads"):
+        rows = fit_heads(rf, trial, kinds, params, progress=_progress(quiet))
     for name in dict.fromkeys(r["trial"] for r in rows):
         click.echo(f"\n{name}  ->  {rf.heads_dir(name) / 'heads.md'}")
         click.echo(render_table([r for r in rows if r["trial"] == name]).rstrip())
@@ -100,7 +101,8 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
         from ..analysis.unknown import evaluate_unknown_run, unknown_table
         from ..tables import markdown
 
-        res = evaluate_unknown_run(rf, unknown, bundle=bundle, progress=_progress(quiet))
+        with run_lock(run, "evaluate"):
+            res = evaluate_unknown_run(rf, unknown, bundle=bundle, progress=_progress(quiet))
         click.echo(f"\n{res['trial']}: {res['known']} known test image(s) vs {res['unknown']} unknown image(s)"
                    + (f" ({res['unreadable']} unreadable skipped)" if res["unreadable"] else ""))
         click.echo(markdown(*unknown_table(res)).rstrip())
@@ -110,7 +112,8 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
         from ..errors import ConfigError
 
         raise ConfigError("--bundle needs --unknown")
-    res = run_evaluate(rf, trial, split, samples=samples, seed=seed, progress=_progress(quiet))
+    with run_lock(run, "evaluate"):
+        res = run_evaluate(rf, trial, split, samples=samples, seed=seed, progress=_progress(quiet))
     for name, r in res.items():
         click.echo(f"\n{name}  {split}: {r['images']} images, accuracy {r['accuracy']:.4f}, "
                    f"macro F1 {r['macro']['f1']:.4f}, weighted F1 {r['weighted']['f1']:.4f}")
@@ -145,16 +148,18 @@ def features(run, trial, methods, split, max_points, force, batch_size, workers,
     plots = check_plot_methods(parse_csv(methods, str, name="--plot")) if methods else []
     progress = _progress(quiet)
     rf = _open(run)
-    for t in resolve_trials(rf, trial):
-        extract_features(rf, t.name, SPLITS, batch_size=batch_size, workers=workers, force=force, progress=progress)
-        meta = features_meta(rf, t.name)
-        counts = ", ".join(f"{s} {meta['counts'].get(s, 0)}" for s in SPLITS)
-        bad = sum(len(v) for v in meta.get("bad_files", {}).values())
-        click.echo(f"{t.name}: {meta['feature_dim']}-d features ({counts}"
-                   f"{f'; {bad} unreadable file(s) skipped' if bad else ''}) -> {rf.features_dir(t.name)}")
-        for m in plots:
-            out = plot_features(rf, t.name, m, split, max_points, progress=progress)
-            click.echo(f"{t.name}: {m} plot of the {split} features -> {out}")
+    with run_lock(run, "features"):
+        for t in resolve_trials(rf, trial):
+            extract_features(rf, t.name, SPLITS, batch_size=batch_size, workers=workers, force=force,
+                             progress=progress)
+            meta = features_meta(rf, t.name)
+            counts = ", ".join(f"{s} {meta['counts'].get(s, 0)}" for s in SPLITS)
+            bad = sum(len(v) for v in meta.get("bad_files", {}).values())
+            click.echo(f"{t.name}: {meta['feature_dim']}-d features ({counts}"
+                       f"{f'; {bad} unreadable file(s) skipped' if bad else ''}) -> {rf.features_dir(t.name)}")
+            for m in plots:
+                out = plot_features(rf, t.name, m, split, max_points, progress=progress)
+                click.echo(f"{t.name}: {m} plot of the {split} features -> {out}")
 
 
 COMMANDS = [heads, evaluate, features]

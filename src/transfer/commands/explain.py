@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._options import parse_csv, quiet_option
+from ._options import parse_csv, quiet_option, run_lock
 
 
 def _progress(quiet: bool):
@@ -55,9 +55,10 @@ def gradcam(run, image_args, trial, images, samples, method, layer, class_, save
     progress = _progress(quiet)
     names = [t.name for t in RunFolder(run).select(trial)] if trial != "best" else ["best"]
     for name in names:
-        res = explain_run(run, trial=name, images=list(images) + list(image_args) or None, samples=samples,
-                          methods=methods, layer=layer, class_=class_, save_maps=save_maps, fractions=fractions,
-                          baseline=baseline, seed=seed, scorecam_channels=scorecam_channels, progress=progress)
+        with run_lock(run, "gradcam"):
+            res = explain_run(run, trial=name, images=list(images) + list(image_args) or None, samples=samples,
+                              methods=methods, layer=layer, class_=class_, save_maps=save_maps, fractions=fractions,
+                              baseline=baseline, seed=seed, scorecam_channels=scorecam_channels, progress=progress)
         click.echo(f"\n{res.trial}: faithfulness ({len(res.images)} images, layer {res.layer}): "
                    "confidence drop of the explained class, cam / random")
         click.echo(res.table)
@@ -84,8 +85,9 @@ def resolution(run, sizes, mode, trial, quiet) -> None:
     """
     from ..analysis.resolution import parse_sizes, resolution_study
 
-    res = resolution_study(run, sizes=parse_sizes(parse_csv(sizes, str, name="--sizes")), mode=mode, trial=trial,
-                           progress=_progress(quiet))
+    with run_lock(run, "resolution"):
+        res = resolution_study(run, sizes=parse_sizes(parse_csv(sizes, str, name="--sizes")), mode=mode,
+                               trial=trial, progress=_progress(quiet))
     click.echo("")
     click.echo(res.table_md.rstrip())
     click.echo(f"\nwritten to {res.files[0].parent}")
