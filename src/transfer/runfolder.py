@@ -110,6 +110,16 @@ class RunLayout:
     bundle_dir = property(lambda self: self.path / "bundle")
     resolution_dir = property(lambda self: self.path / "resolution")
 
+    duplicates_csv = property(lambda self: self.path / "duplicates.csv")
+
+    def leaked_paths(self, split: str) -> set[str]:
+        """Paths of ``split`` that have a duplicate in another split (``duplicates.csv``; empty
+        when the run has none or kept its duplicate groups on one side)."""
+        if not self.duplicates_csv.is_file():
+            return set()
+        with open(self.duplicates_csv, newline="", encoding="utf-8") as f:
+            return {r["path"] for r in csv.DictReader(f) if r.get("split") == split and r.get("straddles") == "yes"}
+
     def saved_dataset(self) -> dict:
         """``dataset.json`` as saved (``{}`` when there is none yet or it cannot be read)."""
         return _json_dict(self.dataset_json)

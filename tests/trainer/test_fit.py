@@ -29,6 +29,7 @@ def _bn_layers(model):
     return [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
 
 
+@pytest.mark.slow  # two MobileNetV2 trials, ~3 min on 2 cores (test_pretrained_start_keeps_every_batchnorm_frozen stays fast)
 def test_frozen_batchnorm_statistics_unchanged(pattern_folder, tmp_path):
     """mobilenet_v2 with the last 30 % trainable: frozen BN keeps its moving statistics,
     trainable weights move; the random-init trial (BN trainable) does update them."""

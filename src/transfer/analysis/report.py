@@ -218,6 +218,14 @@ def _dataset(rf: RunLayout) -> Section:
         ("train / val / test", " / ".join(str(counts.get(k, "?")) for k in ("train", "val", "test"))),
         ("bad files", f"{max(int(n_bad or 0), len(bad_rows))} (bad_files.csv)"),
     ]
+    dup = ds.get("duplicates")
+    if isinstance(dup, dict):
+        kv.append(("duplicates", f"{dup.get('groups', 0)} group(s) of {dup.get('images', 0)} images; "
+                   + (f"kept on one side of the split ({dup.get('left_out', 0)} copie(s) in given val/test left out)"
+                      if dup.get("dedupe") else
+                      f"{dup.get('straddling_groups', 0)} straddle the split ({dup.get('test_with_copy', 0)} test, "
+                      f"{dup.get('val_with_copy', 0)} val image(s) with a copy in an earlier split)")
+                   + " (duplicates.csv)"))
     sec.html.append(_html_table([], kv, cls="kv"))
     sec.md.append(_md_table(["", ""], kv))
     if bad_rows:
@@ -241,6 +249,12 @@ def _sweep(rf: RunLayout) -> Section:
             line += f", test accuracy {_fmt(best['test_accuracy'])}"
         line += ")."
         _note(sec, line)
+        clean = best.get("test_without_duplicates")
+        if isinstance(clean, dict) and clean.get("left_out"):
+            _note(sec, f"Test accuracy with the {clean['left_out']} test image(s) that have a copy in train or val: "
+                       f"{_fmt(best.get('test_accuracy'))}; without them ({clean.get('images')} images): "
+                       f"{_fmt(clean.get('accuracy'))}. The copies are listed in duplicates.csv; "
+                       f"`transfer train --dedupe` makes a split that keeps every group on one side.")
     return sec
 
 

@@ -60,6 +60,14 @@ def _overrides(ctx: click.Context, values: dict) -> dict:
 @click.option("--augment-views", type=int,
               help="With --augment: cache this many augmented views of each training image (0: train uncached). "
                    "[default: 0]")
+@click.option("--dedupe", is_flag=True,
+              help="Keep every group of duplicate images (same pixels, or resized / re-compressed / slightly cropped "
+                   "copies) on one side of train / val / test; a given split's val/test copies of train images are "
+                   "left out. Without it, duplicates across the split are listed in RUN/duplicates.csv and warned about.")
+@click.option("--allow-nested", is_flag=True,
+              help="Accept images in sub-folders of a class folder as that class (refused by default).")
+@click.option("--allow-case-clash", is_flag=True,
+              help="Accept class folders whose names differ only in case (Cat/ and cat/) as two classes.")
 @click.option("--strategy", type=click.Choice(["default", "mirrored"]),
               help="mirrored: each trial over all GPUs of the machine (tf.distribute.MirroredStrategy; "
                    "--batch-size stays global). [default: default]")

@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..data.image import recipe_version
 from ..errors import TransferError
 from ..fsutil import write_json_atomic
 
@@ -93,6 +94,7 @@ class CacheContext:
     workers: int = 2
     say: Callable[[str], None] = print
     built_seconds: dict = field(default_factory=dict)
+    recipe: dict | None = None  # the run's pixel recipe (None: the current one)
 
     def key(self, req: CacheRequest) -> str:
         ident = {
@@ -102,6 +104,7 @@ class CacheContext:
             "augment": list(self.augment) if req.view is not None else [],
             "seed": self.seed if req.view is not None else None,
             "samples": samples_sha256(req.samples),
+            "recipe": recipe_version(self.recipe),
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -370,7 +373,7 @@ class CacheBuilder:
 
         src = BatchSource(self.ctx.data_root, list(req.samples), self.ctx.batch_size, self.ctx.image_size,
                           shuffle=False, seed=self.ctx.seed,
-                          augment=self.ctx.augment if req.view is not None else ())
+                          augment=self.ctx.augment if req.view is not None else (), recipe=self.ctx.recipe)
         if req.view is not None:
             src.set_epoch(req.view)
         return src

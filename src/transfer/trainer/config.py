@@ -33,7 +33,7 @@ RESULT_KEYS = (
     "data", "backbones", "trainable", "random_init", "freeze_by", "weights", "epochs",
     "batch_size", "image_size", "optimizer", "lr", "fine_tune_lr", "loss", "dropout",
     "augment", "seed", "split", "val", "test", "kfold", "patience", "two_stage",
-    "head_epochs", "train_bn", "lp_ft", "augment_views",
+    "head_epochs", "train_bn", "lp_ft", "augment_views", "dedupe", "allow_nested", "allow_case_clash",
 )
 
 
@@ -78,6 +78,9 @@ class TrainConfig:
     cache: bool = True
     lp_ft: bool = True
     augment_views: int = 0
+    dedupe: bool = False  # duplicate groups (data.dedupe) stay on one side of the split
+    allow_nested: bool = False  # images in sub-folders of a class folder belong to that class
+    allow_case_clash: bool = False  # class folders whose names differ only in case are kept apart
 
     def __post_init__(self) -> None:
         validate(self)

@@ -199,7 +199,7 @@ def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_clas
 # -- data --------------------------------------------------------------------------------
 
 def _source(data_root, samples, cfg: TrainConfig, spec: TrialSpec, *, train: bool, replicas: int = 1,
-            augment: bool | None = None):
+            augment: bool | None = None, recipe: dict | None = None):
     from ..data.batches import BatchSource
 
     # Under a mirrored strategy every batch must split evenly over the replicas (an
@@ -209,7 +209,7 @@ def _source(data_root, samples, cfg: TrainConfig, spec: TrialSpec, *, train: boo
     augment = train if augment is None else augment
     return BatchSource(data_root, list(samples), cfg.batch_size, tuple(spec.image_size), shuffle=train,
                        seed=cfg.seed, augment=tuple(cfg.augment) if augment else (), drop_remainder=False,
-                       pad_to_multiple=replicas)
+                       pad_to_multiple=replicas, recipe=recipe)
 
 
 def _dataset(source, cfg: TrainConfig, num_classes: int):
@@ -237,6 +237,7 @@ class Trial:
     info: object = None
     builder: object = None  # cache.CacheBuilder, None with the cache off
     record: dict = field(default_factory=dict)
+    recipe: dict | None = None  # the run's pixel recipe (dataset.json): a resumed run keeps its own
 
     @property
     def num_classes(self) -> int:
@@ -270,7 +271,7 @@ def _cache_builder(trial: Trial):
                        data_root=trial.data_root, backbone=trial.spec.backbone, init=trial.spec.init,
                        image_size=tuple(trial.spec.image_size), weights_sha256=weights_sha256(trial.model),
                        batch_size=trial.cfg.batch_size, seed=trial.cfg.seed, augment=tuple(trial.cfg.augment),
-                       workers=trial.cfg.workers, say=trial.progress.say)
+                       workers=trial.cfg.workers, say=trial.progress.say, recipe=trial.recipe)
     return CacheBuilder(ctx, trial.model)
 
 
@@ -347,7 +348,7 @@ def _probe_features(trial: Trial, cut, caches: dict | None):
     prefix = prefix_model(trial.model, cut)
 
     def features(samples):
-        src = _source(trial.data_root, samples, trial.cfg, trial.spec, train=False)
+        src = _source(trial.data_root, samples, trial.cfg, trial.spec, train=False, recipe=trial.recipe)
         xs, ys = [], []
         for i in range(len(src)):
             b = src.get(i)
@@ -456,7 +457,7 @@ def _cached_data(trial: Trial, stage: Stage, cut, caches: dict) -> StageData:
     views = cfg.augment_views if cfg.augment else 0
     train_views = [_find(caches, "train", cut, k) for k in range(views)] or [_find(caches, "train", cut)]
     plain = _find(caches, "train", cut)
-    order = _source(trial.data_root, trial.train, cfg, trial.spec, train=True)
+    order = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, recipe=trial.recipe)
     one_hot = cfg.loss == "l1"
     kw = dict(batch_size=cfg.batch_size, num_classes=trial.num_classes, one_hot=one_hot, workers=cfg.workers)
     train_ds = cached_dataset(train_views, order, shuffle=True, pad_to_multiple=trial.replicas, **kw)
@@ -488,7 +489,7 @@ def _plain_train_dataset(trial: Trial):
     from .bnstats import stats_rows
 
     rows = stats_rows(len(trial.train), trial.cfg.seed)
-    src = _source(trial.data_root, [trial.train[i] for i in rows], trial.cfg, trial.spec, train=False)
+    src = _source(trial.data_root, [trial.train[i] for i in rows], trial.cfg, trial.spec, train=False, recipe=trial.recipe)
     return _dataset(src, trial.cfg, trial.num_classes)
 
 
@@ -497,13 +498,13 @@ def _image_data(trial: Trial, stage: Stage, cut, why: str) -> StageData:
 
     cfg = trial.cfg
     model = training_model(trial.model, cut)
-    train_src = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, replicas=trial.replicas)
+    train_src = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, replicas=trial.replicas, recipe=trial.recipe)
     train_ds = _dataset(train_src, cfg, trial.num_classes)
     sources = [train_ds]
     data = StageData(model=model, train=train_ds, sources=sources,
                      refresh_bn=_bn_refresher(trial, model, _plain_train_dataset(trial)))
     if trial.val:
-        val_src = _source(trial.data_root, trial.val, cfg, trial.spec, train=False, replicas=trial.replicas)
+        val_src = _source(trial.data_root, trial.val, cfg, trial.spec, train=False, replicas=trial.replicas, recipe=trial.recipe)
         val_ds = _dataset(val_src, cfg, trial.num_classes)
         sources.append(val_ds)
         data.validate = _validator(model, val_ds)
@@ -587,8 +588,9 @@ def run_trial(
     paths = writer.trial_paths(spec.name)
     if paths.finished():
         return read_json(paths.metrics_json)
+    recipe = writer.saved_dataset().get("preprocessing")  # what the run's first trials decoded with
     trial = Trial(writer, cfg, spec, Path(data_root), list(class_names), list(train), list(val), p, 1,
-                  tuple(float(f) for f in siblings))
+                  tuple(float(f) for f in siblings), recipe=recipe)
     if cfg.strategy == "default":
         trained = _train_trial(trial)
     else:
@@ -601,7 +603,7 @@ def run_trial(
         with strategy.scope():
             trained = _train_trial(trial)
     return _evaluate_trial(writer, cfg, spec, trained, data_root=Path(data_root), num_classes=len(class_names),
-                           splits=(("train", train), ("val", val), ("test", test)))
+                           splits=(("train", train), ("val", val), ("test", test)), recipe=recipe)
 
 
 def _trial_meta(trial: Trial) -> dict:
@@ -738,19 +740,22 @@ def _train_trial(trial: Trial) -> TrainedTrial:
                         probe_only=all(s.probe for s in stages))
 
 
-def _pooled_outputs(model, data_root: Path, samples, cfg: TrainConfig, spec: TrialSpec, files):
-    """(pooled features, labels) of ``samples`` through the saved model, images decoded as for training."""
+def _pooled_outputs(model, data_root: Path, samples, cfg: TrainConfig, spec: TrialSpec, files,
+                    recipe: dict | None = None):
+    """(pooled features, labels, paths) of ``samples`` through the saved model, images decoded as
+    for training (an unreadable file is left out and listed)."""
     from ..models.build import feature_model
 
     fm = feature_model(model)
-    src = _source(data_root, samples, cfg, spec, train=False)
-    feats, labels = [], []
+    src = _source(data_root, samples, cfg, spec, train=False, recipe=recipe)
+    feats, labels, paths = [], [], []
     for i in range(len(src)):
         b = src.get(i)
         feats.append(np.asarray(fm.predict_on_batch(b.x)[0], dtype=np.float32))
         labels.append(b.y)
+        paths += list(b.paths)
     files.bad_files(src.failed)
-    return np.concatenate(feats), np.concatenate(labels)
+    return np.concatenate(feats), np.concatenate(labels), paths
 
 
 def _head_numbers(feats: np.ndarray, labels: np.ndarray, kernel, bias, loss: str) -> dict:
@@ -778,12 +783,12 @@ def _refit_head(best, outputs: dict, cfg: TrainConfig, files) -> dict:
     from .probe import fit_probe
 
     kernel, bias = best.get_layer("probs").get_weights()
-    record: dict = {"trained": _head_numbers(*outputs["val"], kernel, bias, cfg.loss) if "val" in outputs else None}
+    record: dict = {"trained": _head_numbers(*outputs["val"][:2], kernel, bias, cfg.loss) if "val" in outputs else None}
     if "val" not in outputs or "train" not in outputs:
         record["refit"] = {"chosen": False, "why": "no validation images to choose by"}
         return record
-    probe = fit_probe(*outputs["train"], *outputs["val"], num_classes=len(bias), loss=cfg.loss)
-    refit = _head_numbers(*outputs["val"], probe.kernel, probe.bias, cfg.loss)
+    probe = fit_probe(*outputs["train"][:2], *outputs["val"][:2], num_classes=len(bias), loss=cfg.loss)
+    refit = _head_numbers(*outputs["val"][:2], probe.kernel, probe.bias, cfg.loss)
     chosen = refit["loss"] < record["trained"]["loss"]
     record["refit"] = {"chosen": bool(chosen), "val": refit, **probe.record()}
     if chosen:
@@ -793,29 +798,42 @@ def _refit_head(best, outputs: dict, cfg: TrainConfig, files) -> dict:
 
 
 def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, trained: TrainedTrial, *,
-                    data_root: Path, num_classes: int, splits) -> dict:
+                    data_root: Path, num_classes: int, splits, recipe: dict | None = None) -> dict:
     """Evaluate the saved best model on the images of every split (as a user runs it) and write
     ``metrics.json`` / ``status.json``.
+
+    When test images have a duplicate in train or val (``duplicates.csv`` of the run, made
+    without ``--dedupe``), ``test_without_duplicates`` is the accuracy on the other test
+    images: what a split that keeps duplicates on one side would have measured.
 
     The model runs once per image (pooled features and its softmax head); a trial whose
     training moved the features first gets its head refitted on them when that validates
     better (:func:`_refit_head`), so no trial's head is undertrained for its own features.
     """
+    from ..data.image import recipe_version
     from ..models.build import load_model
     from .epochs import TrialFiles
 
     t0 = time.perf_counter()
     files = TrialFiles(writer, spec.name, data_root)
     best = load_model(files.paths.model_keras)
-    outputs = {split: _pooled_outputs(best, data_root, samples, cfg, spec, files)
+    outputs = {split: _pooled_outputs(best, data_root, samples, cfg, spec, files, recipe)
                for split, samples in splits if len(samples)}
     record = dict(trained.record)
     head = dict(record.get("head") or {})
     if not trained.probe_only:
         head.update(_refit_head(best, outputs, cfg, files))
     kernel, bias = best.get_layer("probs").get_weights()
-    metrics: dict = {split: (_head_numbers(*outputs[split], kernel, bias, cfg.loss) if split in outputs
+    metrics: dict = {split: (_head_numbers(*outputs[split][:2], kernel, bias, cfg.loss) if split in outputs
                              else {"accuracy": None, "loss": None}) for split, _ in splits}
+    leaked = writer.leaked_paths("test")
+    if leaked and "test" in outputs:
+        feats, labels, paths = outputs["test"]
+        keep = np.array([p not in leaked for p in paths], dtype=bool)
+        metrics["test_without_duplicates"] = {
+            **(_head_numbers(feats[keep], labels[keep], kernel, bias, cfg.loss) if keep.any()
+               else {"accuracy": None, "loss": None}),
+            "images": int(keep.sum()), "left_out": int((~keep).sum())}
     p_tr, p_nt = trained.params
     secs = [r["seconds"] for r in trained.history if r.get("seconds") is not None]
     cache = record.get("cache") or {"mode": "none", "prefix_seconds": 0.0}
@@ -828,6 +846,7 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
         "cache": cache,
         "batchnorm": record.get("batchnorm", {"statistics": "stored (no BatchNormalization layer trains)"}),
         "head": head,
+        "recipe": recipe_version(recipe),  # the pixel recipe the images were decoded with
         "cost": {"prefix_seconds": float(cache.get("prefix_seconds") or 0.0), "train_seconds": round(sum(secs), 3),
                  "evaluate_seconds": round(time.perf_counter() - t0, 3)},
     })
