@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import check_contract
+from model_helpers import check_contract
 from transfer.errors import ConfigError, WeightsUnavailableError
 from transfer.models.build import build_classifier, model_info
 from transfer.models.freeze import block_boundaries

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import pixels
+from model_helpers import pixels
 from transfer.errors import ConfigError, ModelError
 from transfer.models.build import build_classifier
 from transfer.models.freeze import apply_freeze, block_boundaries, count_params, cut_index

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import pixels
+from model_helpers import pixels
 from transfer.fsutil import atomic_path
 from transfer.models.build import build_classifier, load_model, preprocessing_layer
 from transfer.models.registry import get_backbone

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import pixels
+from model_helpers import pixels
 from transfer.errors import ModelError, RunFolderError, WeightsUnavailableError
 from transfer.fsutil import atomic_path
 from transfer.models.build import (
