@@ -118,7 +118,9 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     x = np.asarray(x_train, np.float64)
     y = np.asarray(y_train, np.int64)
     mu, sd = x.mean(axis=0), x.std(axis=0)
-    sd[sd < 1e-8] = 1.0
+    # constant features (relative to the largest spread) are left as they are; the others are
+    # scaled whatever their size (a frozen random backbone's features can be ~1e-12)
+    sd[~(sd > 1e-6 * sd.max())] = 1.0
     xs = (x - mu) / sd
     has_val = x_val is not None and len(x_val) > 0
     xv = (np.asarray(x_val, np.float64) - mu) / sd if has_val else None
