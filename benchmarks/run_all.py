@@ -9,11 +9,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-scripts = ["bench_backbones.py", "bench_int8.py", "bench_infer.py"]
+# runtime and deployment first (minutes), then the training-side benchmarks (tens of minutes
+# each on 2 cores; they need Debian's dataset-fashion-mnist)
+scripts = ["bench_backbones.py", "bench_int8.py", "bench_infer.py", "bench_calibration.py"]
 if importlib.util.find_spec("ray") is not None:  # the distributed extra
     scripts.append("bench_ray.py")
 else:
     print('bench_ray.py skipped: pip install -e ".[distributed]" to compare Ray with local inference')
+if importlib.util.find_spec("uvicorn") is not None:  # the serve extra
+    scripts.append("bench_serve.py")
+else:
+    print('bench_serve.py skipped: pip install -e ".[serve]" to load-test transfer serve')
+scripts += ["bench_fit.py", "bench_sweep.py", "bench_heads_bar.py", "bench_audit.py"]
 for script in scripts:
     print(f"\n## {script}\n", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True, cwd=HERE.parent)
