@@ -133,25 +133,9 @@ def test_resume_after_kill(pattern_folder, tmp_path):
     out = tmp_path / "run"
     epochs = 15
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO / "src"))
-    log = open(tmp_path / "log1.txt", "w")
-    proc = subprocess.Popen(_cmd(pattern_folder, out, epochs), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     t1, t2 = out / "trials" / "arc2-t000", out / "trials" / "arc2-t100"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            if _state(t1 / "status.json").get("state") == "done" and _state(t2 / "state.json").get("epoch", 0) >= 2:
-                break
-            assert proc.poll() is None, (tmp_path / "log1.txt").read_text()
-            time.sleep(0.05)
-        else:
-            pytest.fail("the sweep did not reach trial 2 in time")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    killed_at = _state(t2 / "state.json")["epoch"]
+    killed_at = _kill_when(_cmd(pattern_folder, out, epochs), tmp_path, env, t2, deadline=240, ready=lambda: (
+        _state(t1 / "status.json").get("state") == "done" and _state(t2 / "state.json").get("epoch", 0) >= 2))
     assert 2 <= killed_at < epochs
     mtime1 = (t1 / "model.keras").stat().st_mtime_ns
     assert _state(t2 / "status.json").get("state") == "running"
@@ -184,13 +168,16 @@ def _same_history(got: list[dict], want: list[dict]) -> None:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["epoch"], k, a[k], b[k])
 
 
-def _kill_after(cmd, tdir: Path, epoch: int, tmp_path: Path, env) -> int:
+def _kill_when(cmd, tmp_path: Path, env, tdir: Path, *, deadline: float, ready) -> int:
+    """Run ``cmd``, SIGKILL it as soon as ``ready()``; returns the last epoch ``tdir`` finished."""
     log = open(tmp_path / "kill.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    until = time.time() + deadline
     try:
-        deadline = time.time() + 300
-        while _state(tdir / "state.json").get("epoch", 0) < epoch:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "kill.log").read_text()
+        while not ready():
+            assert proc.poll() is None, (tmp_path / "kill.log").read_text()
+            if time.time() > until:
+                pytest.fail(f"the run did not get there in {deadline:.0f} s")
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -199,6 +186,11 @@ def _kill_after(cmd, tdir: Path, epoch: int, tmp_path: Path, env) -> int:
             proc.kill()
         log.close()
     return _state(tdir / "state.json")["epoch"]
+
+
+def _kill_after(cmd, tdir: Path, epoch: int, tmp_path: Path, env) -> int:
+    return _kill_when(cmd, tmp_path, env, tdir, deadline=300,
+                      ready=lambda: _state(tdir / "state.json").get("epoch", 0) >= epoch)
 
 
 def test_a_cached_trial_killed_and_resumed_has_the_history_of_an_uninterrupted_one(pattern_folder, tmp_path):

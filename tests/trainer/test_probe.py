@@ -79,15 +79,20 @@ def _pooled(model_path: Path, run_dir: Path, split: str):
     return feats, np.asarray(labels), probs
 
 
-def test_a_frozen_backbone_trial_head_is_as_good_as_logreg_on_its_own_features(tiny_bn, small_digits, tmp_path):
-    """The bar of a feature-extractor trial: its network head is not beaten by a logistic
-    regression on the very features it sees (2 epochs of mini-batch steps were)."""
-    cfg = load_config(None, base_overrides(small_digits, tmp_path / "run", backbones=tiny_bn, trainable="0",
+def _one_trial(data, tmp_path, backbone: str, trainable: str):
+    """(sweep result, trial folder, metrics.json) of one 2-epoch trial on ``data``."""
+    cfg = load_config(None, base_overrides(data, tmp_path / "run", backbones=backbone, trainable=trainable,
                                            epochs=2, test=0.3))
     res = run_sweep(cfg, progress=lambda s: None)
     assert res.ok, res.failed
-    tdir = res.run_dir / "trials" / "tiny_bn-t000"
-    m = json.loads((tdir / "metrics.json").read_text())
+    tdir = res.run_dir / "trials" / f"{backbone}-t{round(float(trainable) * 100):03d}"
+    return res, tdir, json.loads((tdir / "metrics.json").read_text())
+
+
+def test_a_frozen_backbone_trial_head_is_as_good_as_logreg_on_its_own_features(tiny_bn, small_digits, tmp_path):
+    """The bar of a feature-extractor trial: its network head is not beaten by a logistic
+    regression on the very features it sees (2 epochs of mini-batch steps were)."""
+    res, tdir, m = _one_trial(small_digits, tmp_path, tiny_bn, "0")
     assert m["head"]["method"] == "L-BFGS, full batch" and m["epochs_run"] == 1
     ft, yt, _ = _pooled(tdir / "model.keras", res.run_dir, "train")
     fe, ye, pe = _pooled(tdir / "model.keras", res.run_dir, "test")
@@ -126,12 +131,7 @@ def test_a_fine_tuned_trial_keeps_the_better_head_on_its_own_features(tiny_bn, s
     """After fine-tuning, the head is refitted on the model's own pooled features and kept when
     it validates better; the saved model is what metrics.json measured, and it is not beaten
     by a logistic regression on its features."""
-    cfg = load_config(None, base_overrides(small_digits, tmp_path / "run", backbones=tiny_bn, trainable="1",
-                                           epochs=2, test=0.3))
-    res = run_sweep(cfg, progress=lambda s: None)
-    assert res.ok, res.failed
-    tdir = res.run_dir / "trials" / "tiny_bn-t100"
-    m = json.loads((tdir / "metrics.json").read_text())
+    res, tdir, m = _one_trial(small_digits, tmp_path, tiny_bn, "1")
     head = m["head"]
     assert set(head["refit"]) >= {"chosen", "val", "l2"}
     kept = head["refit"]["val"] if head["refit"]["chosen"] else head["trained"]
