@@ -538,8 +538,9 @@ def _duplicates(d: _Data, got: _Pass, ok: list[int], feats: np.ndarray, threshol
         if j != k:
             exact.append((j, k))
     st = dedupe.NearStats()
-    near = dedupe.near_pairs_arrays(got.thumbs[ok], got.greys[ok], got.hashes[ok], digests, threshold=threshold,
-                                    stats=st)
+    sides = np.minimum(got.quality[ok, QUALITY.index("height")], got.quality[ok, QUALITY.index("width")])
+    near = dedupe.near_pairs_arrays(got.thumbs[ok], got.greys[ok], got.hashes[ok], digests, sides,
+                                    threshold=threshold, stats=st)
     groups = dedupe.groups_of(len(ok), list(exact) + near)
     best: dict[int, float] = {}
     for i, j, s in near:

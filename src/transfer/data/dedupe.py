@@ -54,11 +54,14 @@ VERIFY = 32
 VERIFY_BAND = (1.0, 2.5)
 #: crops tried by the verification: each side cut by each of these fractions (either image)
 VERIFY_CROPS = (0.0, 0.04)
+#: a pair whose smaller image has a shorter side below this many pixels compares coarser detail
+SMALL_SIDE = 28
+_SCALES = (1.0, 1.25, 1.5, 2.0)
 #: pairs verified from this up to the threshold are verified again on a finer grid of crops
 REFINE_FROM = 0.85
 REFINE_CROPS = (0.0, 0.02, 0.04)
 #: candidate pairs whose cheap descriptor score is below this are not verified
-PREFILTER = 0.8
+PREFILTER = 0.85
 #: dimensions of the descriptor projection the neighbour search uses
 SEARCH_DIMS = 48
 #: query x base rows up to which :func:`nearest` compares everything (beyond: inverted file)
@@ -70,7 +73,7 @@ COARSE_GATE = 24.0
 #: noise floor of the descriptor similarity (squared norm of grey-level noise of about 1 over 256 pixels)
 _EPS = 256.0
 #: candidates per image: nearest thumbnails, and perceptual hashes within this many bits
-NEIGHBOURS = 4
+NEIGHBOURS = 6
 PHASH_BITS = 6
 
 
@@ -83,6 +86,7 @@ class Fingerprint:
     phash: int
     thumb: np.ndarray  # uint8 (THUMB, THUMB)
     grey: np.ndarray  # uint8 (VERIFY, VERIFY)
+    side: int = 0  # the shorter side of the decoded image (pixels)
 
 
 def _imagehash():
@@ -103,7 +107,7 @@ def fingerprint_array(arr: np.ndarray) -> Fingerprint:
     phash = int.from_bytes(np.packbits(bits).tobytes(), "big")
     thumb = np.asarray(grey.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
     big = np.asarray(grey.resize((VERIFY, VERIFY), Image.Resampling.BILINEAR), dtype=np.uint8)
-    return Fingerprint(digest.hexdigest(), phash, thumb, big)
+    return Fingerprint(digest.hexdigest(), phash, thumb, big, int(min(arr.shape[:2])))
 
 
 # --------------------------------------------------------------------------- groups
@@ -354,16 +358,20 @@ def _project(vectors: list[np.ndarray], dims: int, seed: int = 0) -> list[np.nda
     return out
 
 
-def _descriptors(thumbs: np.ndarray) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+def _descriptors(thumbs: np.ndarray, chunk: int = 4096) -> dict[float, tuple[np.ndarray, np.ndarray]]:
     """Descriptors of the thumbnails and of their centred crops (:data:`ZOOMS`; float16 to save memory)."""
-    out = {1.0: _band(thumbs)}
-    for z in ZOOMS:
-        unit, norm = _band(thumbs, z, z)
-        out[z] = (unit.astype(np.float16), norm)
+    n = len(thumbs)
+    out = {}
+    for z in (1.0, *ZOOMS):  # chunks of images: the intermediate arrays stay small
+        unit = np.zeros((n, DESCRIPTOR * DESCRIPTOR), np.float32 if z == 1.0 else np.float16)
+        norm = np.zeros(n, np.float32)
+        for s in range(0, n, chunk):
+            unit[s:s + chunk], norm[s:s + chunk] = _band(thumbs[s:s + chunk], z, z)
+        out[z] = (unit, norm)
     return out
 
 
-def _pair_scores(desc: dict, coarse: np.ndarray, pairs: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def _pair_scores(desc: dict, coarse: np.ndarray, pairs: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Best similarity of each pair over "neither cropped" and "one is a centred crop of the other";
     -1 where the coarse layouts differ by more than :data:`COARSE_GATE` grey levels (RMS)."""
     out = np.empty(len(pairs), np.float32)
@@ -381,7 +389,7 @@ def _pair_scores(desc: dict, coarse: np.ndarray, pairs: np.ndarray, chunk: int =
     return out
 
 
-def _phash_candidates(hashes: np.ndarray, bits: int, k: int, chunk: int = 512) -> np.ndarray:
+def _phash_candidates(hashes: np.ndarray, bits: int, k: int, chunk: int = 256) -> np.ndarray:
     """Pairs ``(i, j)`` whose perceptual hashes differ in at most ``bits`` bits (at most ``k`` per
     image, closest first), found with a multi-index: the 64 bits are cut into ``bits + 1`` bands,
     and two hashes within ``bits`` bits agree on at least one band (pigeonhole), so only images
@@ -418,12 +426,13 @@ def _phash_candidates(hashes: np.ndarray, bits: int, k: int, chunk: int = 512) -
     return _unique_pairs(np.minimum(a, b), np.maximum(a, b))
 
 
-def _band_filter(side: int) -> np.ndarray:
-    """(side, side) matrix of the verification's band-pass (blur :data:`VERIFY_BAND` [0] minus blur [1])."""
+def _band_filter(side: int, scale: float = 1.0) -> np.ndarray:
+    """(side, side) matrix of the verification's band-pass (blur :data:`VERIFY_BAND` [0] minus blur
+    [1], both times ``scale``)."""
     from scipy import ndimage
 
     eye = np.eye(side, dtype=np.float32)
-    lo, hi = (s * side / 32.0 for s in VERIFY_BAND)
+    lo, hi = (s * scale * side / 32.0 for s in VERIFY_BAND)
     return (ndimage.gaussian_filter1d(eye, lo, axis=0, mode="nearest")
             - ndimage.gaussian_filter1d(eye, hi, axis=0, mode="nearest"))
 
@@ -442,12 +451,15 @@ def _crop_matrix(c0: float, c1: float, side: int) -> np.ndarray:
 
 
 def verify_pairs(greys: np.ndarray, pairs: np.ndarray, *, crops: Sequence[float] = VERIFY_CROPS,
-                 chunk: int = 256) -> np.ndarray:
+                 sides: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
     """Verification score of candidate pairs: the best normalized cross-correlation of the two
     images' band-passed detail (:data:`VERIFY_BAND`) when one is taken as a crop of the other
     (each side cut by each fraction of ``crops``) and resized back, either way round.
 
-    ``greys``: (n, S, S) uint8 grey images at :data:`VERIFY`; ``pairs``: (m, 2) indices.
+    ``greys``: (n, S, S) uint8 grey images at :data:`VERIFY`; ``pairs``: (m, 2) indices;
+    ``sides``: the shorter side of each source image -- a pair with an image smaller than
+    :data:`SMALL_SIDE` pixels (e.g. a copy shrunk to 21 px) has no finer detail to compare, so its
+    band is made coarser in proportion (steps of :data:`_SCALES`).
     A resized, re-compressed or slightly cropped copy keeps the same detail in the same place
     (measured on Fashion-MNIST: 0.944 or more); two different pictures of look-alike things
     differ in it (almost all below 0.93), however alike their shapes (plain correlation 0.97-0.99).
@@ -455,8 +467,21 @@ def verify_pairs(greys: np.ndarray, pairs: np.ndarray, *, crops: Sequence[float]
     out = np.full(len(pairs), -1.0, np.float32)
     if not len(pairs):
         return out
+    if sides is not None:
+        small = np.minimum(sides[pairs[:, 0]], sides[pairs[:, 1]]).astype(np.float64)
+        want = np.maximum(1.0, SMALL_SIDE / np.maximum(small, 1.0))
+        step = np.searchsorted(np.array(_SCALES), want - 1e-9).clip(0, len(_SCALES) - 1)
+        for k in np.unique(step):
+            sel = np.flatnonzero(step == k)
+            out[sel] = _verify_scaled(greys, pairs[sel], crops, _SCALES[k], chunk)
+        return out
+    return _verify_scaled(greys, pairs, crops, 1.0, chunk)
+
+
+def _verify_scaled(greys: np.ndarray, pairs: np.ndarray, crops, scale: float, chunk: int) -> np.ndarray:
+    out = np.full(len(pairs), -1.0, np.float32)
     side = greys.shape[1]
-    band = _band_filter(side)
+    band = _band_filter(side, scale)
     warps = np.stack([band @ _crop_matrix(a, b, side) for a in crops for b in crops])  # (K, S, S)
     nk = len(warps)
     stacked = warps.reshape(nk * side, side)
@@ -496,8 +521,8 @@ class NearStats:
     seconds: dict = field(default_factory=dict)
 
 
-def near_pairs_arrays(thumbs: np.ndarray, greys: np.ndarray, hashes: np.ndarray, digests: Sequence[str], *,
-                      threshold: float = NEAR_THRESHOLD, neighbours: int = NEIGHBOURS, phash_bits: int = PHASH_BITS,
+def near_pairs_arrays(thumbs: np.ndarray, greys: np.ndarray, hashes: np.ndarray, digests: Sequence[str],
+                      sides: np.ndarray | None = None, *, threshold: float = NEAR_THRESHOLD, neighbours: int = NEIGHBOURS, phash_bits: int = PHASH_BITS,
                       stats: NearStats | None = None) -> list[tuple[int, int, float]]:
     """:func:`near_pairs` on arrays: thumbnails (n, THUMB, THUMB), verification greys (n, VERIFY,
     VERIFY), perceptual hashes (n,) uint64 and pixel digests."""
@@ -530,10 +555,10 @@ def near_pairs_arrays(thumbs: np.ndarray, greys: np.ndarray, hashes: np.ndarray,
     st.prefiltered = len(pairs)
     st.seconds["prefilter"] = time.perf_counter() - t
     t = time.perf_counter()
-    score = verify_pairs(greys, pairs)
+    score = verify_pairs(greys, pairs, sides=sides)
     maybe = (score >= REFINE_FROM) & (score < threshold)
     if maybe.any():  # crops between the grid's steps
-        score[maybe] = np.maximum(score[maybe], verify_pairs(greys, pairs[maybe], crops=REFINE_CROPS))
+        score[maybe] = np.maximum(score[maybe], verify_pairs(greys, pairs[maybe], crops=REFINE_CROPS, sides=sides))
     st.verified, st.refined = len(pairs), int(maybe.sum())
     st.seconds["verify"] = time.perf_counter() - t
     same = np.array([digests[i] == digests[j] for i, j in pairs], dtype=bool)
@@ -555,7 +580,7 @@ def near_pairs(fps: Sequence[Fingerprint], *, threshold: float = NEAR_THRESHOLD,
         return []
     return near_pairs_arrays(np.stack([fp.thumb for fp in fps]), np.stack([fp.grey for fp in fps]),
                              np.array([fp.phash for fp in fps], dtype=np.uint64), [fp.pixels for fp in fps],
-                             threshold=threshold, neighbours=neighbours, phash_bits=phash_bits)
+                             np.array([fp.side for fp in fps]), threshold=threshold, neighbours=neighbours, phash_bits=phash_bits)
 
 
 def duplicate_groups(fps: Sequence[Fingerprint], *, threshold: float = NEAR_THRESHOLD) -> list[list[int]]:
