@@ -5,10 +5,8 @@ candidate pairs, each against a brute-force or a planted answer."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from transfer.data import dedupe
