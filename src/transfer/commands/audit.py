@@ -20,9 +20,10 @@ from .data import data
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder. [default: RUN/audit, or FOLDER-audit beside FOLDER]")
 @click.option("--near-threshold", type=float, default=None,
-              help="Descriptor similarity from which two images are near duplicates. [default: 0.985]")
+              help="Verification score (band-passed detail correlation, 0-1) from which two images are near "
+                   "duplicates. [default: 0.96]")
 @click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold probabilities.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decoding threads.")
 @click.option("--force", is_flag=True, help="Audit again even when no file changed.")
 @quiet_option
