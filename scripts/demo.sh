@@ -112,6 +112,10 @@ run = RunFolder(sys.argv[1])
 best = run.trial("best")
 acc = best.metrics["test"]["accuracy"]
 print(f"best trial {best.name}: test accuracy {acc:.4f} (bar: >= 0.95)")
+chance = 1.0 / len(run.class_names)
+for t in run.finished_trials():
+    ta = t.metrics["test"]["accuracy"]
+    print(f"  {t.name:20s} test accuracy {ta:.4f}" + ("   <- near chance" if ta < 2 * chance else ""))
 with open(run.heads_dir(best.name) / "heads.csv", newline="") as fh:
     heads = {r["head"]: float(r["test_accuracy"]) for r in csv.DictReader(fh)}
 gap = 100 * (heads["network"] - heads["rf"])
