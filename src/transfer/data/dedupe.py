@@ -68,7 +68,9 @@ REFINE_FROM = 0.85
 REFINE_CROPS = (0.0, 0.02, 0.04)
 #: candidate pairs whose cheap descriptor score is below this are not verified
 PREFILTER = 0.85
-#: descriptor similarity a pair with an image under SMALL_SIDE pixels needs as well
+#: a pair with an image under TINY_SIDE pixels (8x8 digits, their copies) also needs this
+#: descriptor similarity (a cropped 26-px Fashion-MNIST copy must not: its descriptor moves)
+TINY_SIDE = 16
 TINY_DESCRIPTOR = 0.985
 #: dimensions of the descriptor projection the neighbour search uses
 SEARCH_DIMS = 48
@@ -576,10 +578,10 @@ def near_pairs_arrays(thumbs: np.ndarray, greys: np.ndarray, hashes: np.ndarray,
     st.verified, st.refined = len(pairs), int(maybe.sum())
     st.seconds["verify"] = time.perf_counter() - t
     if sides is not None and len(pairs):
-        # below SMALL_SIDE the verification's band is so coarse that different look-alike
+        # below TINY_SIDE the verification's band is so coarse that different look-alike
         # pictures pass it (8x8 digits: 361 "near duplicates" in 1,797 distinct images); such
         # pairs must also have near-identical descriptors (24/24 planted x1.5 copies kept, 0 others)
-        tiny = np.minimum(sides[pairs[:, 0]], sides[pairs[:, 1]]) < SMALL_SIDE
+        tiny = np.minimum(sides[pairs[:, 0]], sides[pairs[:, 1]]) < TINY_SIDE
         score[tiny & (cheap < TINY_DESCRIPTOR)] = -1.0
     same = np.array([digests[i] == digests[j] for i, j in pairs], dtype=bool)
     score[same] = 1.0
