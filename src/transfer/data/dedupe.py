@@ -87,7 +87,6 @@ NEIGHBOURS = 6
 PHASH_BITS = 6
 
 
-
 @dataclass(frozen=True)
 class Fingerprint:
     """What duplicate detection keeps of one image."""
