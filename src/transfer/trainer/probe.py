@@ -64,17 +64,6 @@ class Probe:
                        iterations=int(info[5]), seconds=float(info[6]))
 
 
-def _one_blas_thread():
-    """Limit BLAS to one thread for the block (threadpoolctl comes with scikit-learn)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn's dependency missing
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -124,6 +113,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
         The :class:`Probe` with the kernel and bias of the raw (unstandardized) features.
     """
     from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
     t0 = time.perf_counter()
     x = np.asarray(x_train, np.float64)
@@ -141,7 +131,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     best, iterations = None, 0
     for scale in (L2_GRID if has_val else (1.0,)):
         l2 = scale / n
-        with _one_blas_thread():  # small matrices: BLAS threads only fight (2.5x slower on a busy 2-core machine)
+        with threadpool_limits(1):  # small matrices: BLAS threads only fight (2.5x slower on a busy 2-core machine)
             res = minimize(_loss_grad, params, args=(xs, y, num_classes, l2, loss), jac=True, method="L-BFGS-B",
                            options={"maxiter": MAX_ITER})
         params = res.x  # warm start of the next, weaker penalty

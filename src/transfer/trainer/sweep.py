@@ -259,15 +259,19 @@ def _grouped(samples: list, groups: list[list[str]] | None, split) -> dict[str, 
     return grouped_split(samples, [g for g in idx if len(g) > 1], split)
 
 
+def _splits_of(group: list[str], where: dict[str, str]) -> list[str]:
+    """The splits a duplicate group has members in, in train / val / test order."""
+    present = {where.get(q) for q in group}
+    return [k for k in ("train", "val", "test") if k in present]
+
+
 def _leave_out_copies(parts: dict[str, list], groups: list[list[str]]) -> dict[str, list]:
     """Drop the val / test members of groups that have a member in an earlier split."""
     where = {s.path: k for k, v in parts.items() for s in v}
-    order = ("train", "val", "test")
     drop = set()
     for g in groups:
-        homes = [k for k in order if any(where.get(p) == k for p in g)]
-        if len(homes) > 1:
-            drop.update(p for p in g if where.get(p) in homes[1:])
+        later = _splits_of(g, where)[1:]
+        drop.update(q for q in g if where.get(q) in later)
     return {k: [s for s in v if s.path not in drop] for k, v in parts.items()}
 
 
@@ -385,9 +389,9 @@ def prepare_run(config: TrainConfig, progress: ProgressLike = None) -> tuple[Pre
     fresh = not writer.split_csv_path("test").is_file()  # the split is made now (else read back)
     groups = _duplicate_groups(config, index, data_root, p) if fresh else None
     method, parts, folds = _prepare_splits(writer, config, index, groups if config.dedupe else None)
-    duplicates = _record_duplicates(writer, config, groups, parts, p) if fresh else None
+    duplicates = _record_duplicates(writer, config, groups, parts) if fresh else None
     _write_run_files(writer, config, index, data_root, method, parts, duplicates)
-    _warn_duplicates(writer, config, duplicates or writer.saved_dataset().get("duplicates"), p)
+    _warn_duplicates(writer, duplicates or writer.saved_dataset().get("duplicates"), p)
     from ..data.splits import split_warnings
 
     for w in split_warnings(parts, list(index.class_names)):
@@ -416,19 +420,17 @@ def _duplicate_groups(config: TrainConfig, index, data_root: Path, p: Progress) 
     return paths
 
 
-def _record_duplicates(writer: RunWriter, config: TrainConfig, groups: list[list[str]], parts: dict,
-                       p: Progress) -> dict:
+def _record_duplicates(writer: RunWriter, config: TrainConfig, groups: list[list[str]], parts: dict) -> dict:
     """Write ``duplicates.csv`` (every member of every group, its split, whether the group straddles
     the split, what was done) and return the ``dataset.json`` record."""
-    from ..data.dedupe import straddling_groups
     from ..tables import write_csv
 
     where = {s.path: k for k, v in parts.items() for s in v}
-    straddle = {tuple(g["paths"]) for g in straddling_groups(parts, groups)}
-    rows, copies = [], {"val": 0, "test": 0}
+    rows, copies, straddling = [], {"val": 0, "test": 0}, 0
     for n, g in enumerate(groups, 1):
-        crosses = tuple(g) in straddle
-        first = next((k for k in ("train", "val", "test") if any(where.get(q) == k for q in g)), None)
+        homes = _splits_of(g, where)
+        crosses, first = len(homes) > 1, (homes or [None])[0]
+        straddling += crosses
         for q in g:
             split = where.get(q, "")
             if not split:
@@ -441,12 +443,12 @@ def _record_duplicates(writer: RunWriter, config: TrainConfig, groups: list[list
             rows.append([n, q, split or "-", "yes" if crosses else "no", action])
     write_csv(writer.duplicates_csv, ("group", "path", "split", "straddles", "action"), rows)
     left_out = sum(1 for r in rows if r[2] == "-" and config.dedupe)
-    return {"groups": len(groups), "images": sum(len(g) for g in groups), "straddling_groups": len(straddle),
+    return {"groups": len(groups), "images": sum(len(g) for g in groups), "straddling_groups": straddling,
             "val_with_copy": copies["val"], "test_with_copy": copies["test"], "left_out": left_out,
             "dedupe": bool(config.dedupe), "list": writer.duplicates_csv.name}
 
 
-def _warn_duplicates(writer: RunWriter, config: TrainConfig, rec: dict | None, p: Progress) -> None:
+def _warn_duplicates(writer: RunWriter, rec: dict | None, p: Progress) -> None:
     if not rec:
         return
     if rec.get("straddling_groups"):
