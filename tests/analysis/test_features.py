@@ -209,10 +209,12 @@ def test_peak_memory_does_not_grow_with_images(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
     _with_test_split_of(run, 400)
     extract_features(run, "arc2-t100", ("test",), batch_size=16, force=True)  # warm-up (graphs, caches, threads)
+    # best of two per size: a one-off allocation elsewhere in a long test session (seen once in
+    # `make test`: 0.95 MB vs 1.99 MB, while the test alone passes) must not decide the measurement
     _with_test_split_of(run, 100)
-    small = _streaming_peak(run)
+    small = min(_streaming_peak(run) for _ in range(2))
     _with_test_split_of(run, 2000)
-    big = _streaming_peak(run)
+    big = min(_streaming_peak(run) for _ in range(2))
     assert np.load(run / "features" / "arc2-t100" / "test.npy", mmap_mode="r").shape == (2000, 64)
     print(f"streaming peak: {small} B for 100 images, {big} B for 2000")
     # 20x the images: keeping only the 2000 x 64 float32 features in memory would add 512 KB
