@@ -32,7 +32,9 @@ def test_trained_batchnorm_gets_the_population_statistics_of_the_training_images
     tdir = res.run_dir / "trials" / "tiny_bn-t100"
     m = json.loads((tdir / "metrics.json").read_text())
     train = run.split("train")
+    seconds = m["batchnorm"].pop("seconds_per_pass")
     assert m["batchnorm"] == {"statistics": "population", "layers": 2, "images": len(train)}
+    assert 0 < seconds < m["cost"]["train_seconds"]
     model = load_model(tdir / "model.keras")
     from transfer.data.folder import Sample
 

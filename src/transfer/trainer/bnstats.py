@@ -12,6 +12,7 @@ the batch's (momentum 0), averaged over the batches with the exact pooled varian
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ class BNStats:
     layers: int
     images: int
     batches: int
+    seconds: float = 0.0
 
 
 def trained_batchnorms(model) -> list:
@@ -85,6 +87,7 @@ class PopulationStatistics:
         """One pass over ``dataset`` (``(x, y)`` batches, no augmentation); sets the statistics."""
         if not self.bns:
             return BNStats(0, 0, 0)
+        t0 = time.perf_counter()
         momenta, rates = [bn.momentum for bn in self.bns], [d.rate for d in self.dropouts]
         for bn in self.bns:
             bn.momentum = 0.0  # moving statistics := the batch's
@@ -95,8 +98,7 @@ class PopulationStatistics:
         images = batches = 0
         try:
             step = self._step()
-            for i in range(len(dataset)):
-                x, _ = dataset[i]
+            for x, _ in _prefetched(dataset):
                 n = len(x[0] if isinstance(x, (list, tuple)) else x)
                 means, variances = step(x)
                 for k, (m, v) in enumerate(zip(means, variances)):
@@ -114,7 +116,24 @@ class PopulationStatistics:
             mean = s / max(images, 1)
             bn.moving_mean.assign(mean.astype(np.float32))
             bn.moving_variance.assign(np.maximum(q / max(images, 1) - mean * mean, 0.0).astype(np.float32))
-        return BNStats(len(self.bns), images, batches)
+        return BNStats(len(self.bns), images, batches, time.perf_counter() - t0)
+
+
+def _prefetched(dataset, ahead: int = 4):
+    """The batches of ``dataset`` in order, read by its decode threads ``ahead`` batches early
+    (the model runs while the next images decode, as in training)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, int(getattr(dataset, "workers", 1) or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="bnstats") as pool:
+        pending: deque = deque()
+        for i in range(len(dataset)):
+            pending.append(pool.submit(dataset.__getitem__, i))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def stats_rows(n: int, seed: int) -> np.ndarray:
