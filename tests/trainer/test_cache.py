@@ -256,3 +256,54 @@ def test_augmentation_trains_on_cached_views_or_uncached_and_says_which(tmp_path
     m = json.loads((tmp_path / "plain" / "trials" / "arc2-t050" / "metrics.json").read_text())
     assert m["cache"]["mode"] == "uncached" and "augmentation" in m["cache"]["reason"]
     assert any("training uncached: augmentation changes the frozen layers' input" in s for s in lines)
+
+
+def test_a_trial_that_trains_everything_decodes_its_images_once(tmp_path, pattern_folder):
+    """Without a frozen part (t100) and without augmentation the images are decoded once into
+    a pixel cache (uint8, exactly the decoded pixels) and every epoch reads it: the same
+    batches as decoding every epoch, so the same history; --no-cache decodes every epoch."""
+    from transfer.data.image import load_image
+    from transfer.runfolder import RunFolder
+
+    runs = {}
+    for name, cache in (("pixels", True), ("decoded", False)):
+        cfg = load_config(None, base_overrides(pattern_folder, tmp_path / name, trainable="1", epochs=2,
+                                               cache=cache, lr=1e-3))
+        res = run_sweep(cfg, progress=lambda s: None)
+        assert res.ok, res.failed
+        t = res.run_dir / "trials" / "arc2-t100"
+        runs[name] = (json.loads((t / "metrics.json").read_text()), _history(t))
+    (mp, hp), (md, hd) = runs["pixels"], runs["decoded"]
+    assert mp["cache"]["mode"] == "none" and mp["cache"]["pixels"]["decoded"] == "once"
+    assert "pixels" not in md["cache"]
+    folders = mp["cache"]["pixels"]["folders"]
+    assert [f.split("-")[0] for f in folders] == ["train", "val"] and all("-pixels-" in f for f in folders)
+    for a, b in zip(hp, hd, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert mp["test"]["accuracy"] == pytest.approx(md["test"]["accuracy"], abs=1e-9)
+    # the cache holds the decoded pixels of the training images, in split order
+    x = np.load(tmp_path / "pixels" / "cache" / "arc2-scratch" / folders[0] / "x0.npy")
+    assert x.dtype == np.uint8 and x.shape[1:] == (16, 16, 3)
+    first = RunFolder(tmp_path / "pixels").split("train")[0][0]
+    np.testing.assert_array_equal(x[0], load_image(pattern_folder / first, (16, 16)))
+
+
+def test_a_pixel_cache_that_is_not_the_images_is_rebuilt_never_read(tmp_path, pattern_folder, samples):
+    from transfer.data.batches import BatchSource
+    from transfer.models.split import pixel_cut
+    from transfer.trainer import cache as cache_module
+
+    lines: list[str] = []
+    builder, model, info = _builder(tmp_path, pattern_folder, lines=lines)
+    req = CacheRequest("train", samples, pixel_cut((16, 16)), None, "uint8")
+    cache = builder.ensure([req])[req]
+    path = cache.folder / "x0.npy"
+    data = bytearray(path.read_bytes())
+    data[cache.meta["data_offsets"][0] + 5] ^= 0x40  # one pixel of the first image, same size
+    path.write_bytes(bytes(data))
+    cache_module._CHECKED.clear()  # another process: the spot check runs
+    assert builder.open(req) is None
+    assert any("its pixels are not those the images decode to" in s for s in lines)
+    rebuilt = builder.ensure([req])[req]
+    decoded = BatchSource(pattern_folder, list(samples), 16, (16, 16)).get(0).x
+    np.testing.assert_array_equal(rebuilt.read(np.arange(len(decoded)))[0], decoded)

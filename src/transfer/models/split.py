@@ -97,6 +97,13 @@ def find_cut(model, info, *, through_features: bool = False) -> Cut:
     return _cut(model, prefix, label, first)
 
 
+def pixel_cut(image_size: tuple[int, int]) -> Cut:
+    """The cut before every layer: the frontier is the decoded ``image`` itself (the
+    pixels of a trial whose whole backbone trains, decoded once instead of every epoch)."""
+    h, w = (int(v) for v in image_size)
+    return Cut(prefix=(), frontier=("image",), shapes=((h, w, 3),), label="pixels", backbone_depth=0)
+
+
 def _cut(model, prefix: list[str], label: str, backbone_depth: int) -> Cut:
     inside = set(prefix) | {"image"}
     producer = {id(layer.output): layer.name for layer in model.layers}

@@ -20,6 +20,10 @@ own memory does not grow with the number of images. Any process may read a cache
 building one takes a lock on its backbone's folder, so concurrent trials (Ray workers)
 wait for one another instead of building twice.
 
+A trial whose whole backbone trains has no frozen part; without augmentation its images
+are still decoded only once: the cache of :func:`~transfer.models.split.pixel_cut` holds
+the decoded pixels (uint8, exactly what decoding gives), read the same way.
+
 Deeper cuts are computed from a shallower one: one pass over the images computes every
 cut of a sweep in order (each from the one before), and a cut added later starts from the
 deepest cache it can. Before a cache is read its ``meta.json``, key, file sizes and a few
@@ -300,8 +304,11 @@ class CacheBuilder:
         self._prefixes: dict = {}
 
     def _prefix(self, cut):
+        """The model from the images to ``cut``'s frontier (None: the frontier is the image)."""
         from ..models.split import prefix_model
 
+        if not cut.prefix:
+            return None
         key = (cut.prefix, cut.frontier)
         if key not in self._prefixes:
             self._prefixes[key] = prefix_model(self.model, cut)
@@ -356,12 +363,14 @@ class CacheBuilder:
         prefix = self._prefix(req.cut)
         for b in batches:
             batch = src.get(b)
-            fresh = _as_list(prefix.predict_on_batch(batch.x))
+            fresh = [batch.x] if prefix is None else _as_list(prefix.predict_on_batch(batch.x))
             rows = np.arange(b * src.batch_size, b * src.batch_size + len(batch.y))
             stored = cache.read(rows)
             if not np.array_equal(cache.labels[rows], batch.y):
                 return "its labels are not those of the images"
             for a, f in zip(stored, fresh):
+                if prefix is None and not np.array_equal(a, f):  # decoded pixels are stored exactly
+                    return "its pixels are not those the images decode to"
                 scale = float(np.max(np.abs(f))) or 1.0
                 diff = float(np.max(np.abs(a - f)))
                 if not np.isfinite(diff) or diff > SPOT_TOLERANCE * scale + 1e-3:

@@ -14,7 +14,9 @@ Order of work in a trial:
      convergence (:mod:`transfer.trainer.probe`): one full-batch fit, one history row.
    * Otherwise the trainable part trains epoch by epoch, on the frozen prefix's cached
      output (:mod:`transfer.trainer.cache`) or, with the cache off or augmentation
-     without cached views, on images through the prefix in inference mode. Pretrained
+     without cached views, on images through the prefix in inference mode (a stage
+     with no frozen part reads its images' decoded pixels from a cache instead of
+     decoding them every epoch, unless augmentation or the cache is off). Pretrained
      starts get the linear probe as their initial head (LP-FT) unless it is turned off.
      :class:`~transfer.trainer.epochs.EpochRecorder` recomputes population
      BatchNormalization statistics (when they train), validates, and writes the history,
@@ -494,11 +496,52 @@ def _plain_train_dataset(trial: Trial):
     return _dataset(src, trial.cfg, trial.num_classes)
 
 
+def _pixel_data(trial: Trial, model, cut, why: str) -> StageData | None:
+    """The stage's data from decoded-pixel caches (the images decoded once, not every epoch),
+    or None when they cannot be used (the cache is off, augmentation, unreadable files)."""
+    from ..models.split import pixel_cut
+    from .bnstats import stats_rows
+    from .cache import CacheRequest, CacheSpaceError
+    from .keras_data import cached_dataset
+
+    cfg = trial.cfg
+    if trial.builder is None or cfg.augment:
+        return None
+    pc = pixel_cut(trial.spec.image_size)
+    reqs = {split: CacheRequest(split, tuple(samples), pc, None, "uint8")
+            for split, samples in (("train", trial.train), ("val", trial.val)) if samples}
+    try:
+        caches = trial.builder.ensure(list(reqs.values()))
+    except CacheSpaceError as exc:
+        trial.say(f"decoding the images every epoch: {exc}")
+        return None
+    if any(c.meta.get("bad_files") or c.rows != len(r.samples) for r, c in caches.items()):
+        return None  # rows would not line up with the images: decode every epoch instead
+    train = caches[reqs["train"]]
+    order = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, recipe=trial.recipe)
+    kw = dict(batch_size=cfg.batch_size, num_classes=trial.num_classes, one_hot=cfg.loss == "l1", workers=cfg.workers)
+    train_ds = cached_dataset([train], order, shuffle=True, pad_to_multiple=trial.replicas, **kw)
+    stats_ds = cached_dataset([train], order, shuffle=False, rows=stats_rows(train.rows, cfg.seed), **kw)
+    data = StageData(model=model, train=train_ds, sources=[train_ds], refresh_bn=_bn_refresher(trial, model, stats_ds))
+    if "val" in reqs:
+        data.validate = _validator(model, cached_dataset([caches[reqs["val"]]], order, shuffle=False,
+                                                         pad_to_multiple=trial.replicas, **kw))
+    data.record = {"mode": "uncached" if cut.has_backbone else "none", "reason": why, "cut": cut.label,
+                   "frozen_layers": cut.depth, "prefix_seconds": 0.0,
+                   "pixels": {"decoded": "once", "folders": sorted(c.folder.name for c in caches.values()),
+                              "bytes": sum(c.nbytes for c in caches.values()),
+                              "seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in caches.values()), 3)}}
+    return data
+
+
 def _image_data(trial: Trial, stage: Stage, cut, why: str) -> StageData:
     from ..models.split import training_model
 
     cfg = trial.cfg
     model = training_model(trial.model, cut)
+    pixels = _pixel_data(trial, model, cut, why)
+    if pixels is not None:
+        return pixels
     train_src = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, replicas=trial.replicas, recipe=trial.recipe)
     train_ds = _dataset(train_src, cfg, trial.num_classes)
     sources = [train_ds]
