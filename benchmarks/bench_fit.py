@@ -5,8 +5,10 @@
 arc2 on Fashion-MNIST's training images (Debian package dataset-fashion-mnist) at 28x28,
 batch 32, Adam 1e-3, trained twice in one process, alternating:
 
-* the trainer: ``run_trial`` of an ``arc2-t100`` trial (everything trains, so the images
-  stream from the PNG files through the decode threads, as a sweep trains);
+* the trainer: ``run_trial`` of an ``arc2-t100`` trial, as a sweep trains it (everything
+  trains and there is no augmentation, so the PNG files are decoded once into the run's
+  pixel cache before the first epoch and every epoch reads batches from it; ``--no-cache``
+  measures decoding every epoch instead);
 * the baseline: the same model (same initial weights), compiled the same way, ``fit`` on
   the same images decoded once into one float32 array.
 
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=60000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "transfer-bench" / "fit")
+    ap.add_argument("--no-cache", action="store_true", help="the trainer decodes the PNG files every epoch")
     a = ap.parse_args()
     import keras
 
@@ -45,7 +48,8 @@ def main() -> None:
     samples = index.samples
     cfg = load_config(None, {"data": str(data), "out": str(a.work / "run"), "backbones": "arc2", "trainable": "1",
                              "weights": "none", "epochs": a.epochs, "image_size": 28, "batch_size": 32, "lr": 1e-3,
-                             "patience": 0, "val": 0.0, "test": 0.0, "workers": 2})
+                             "patience": 0, "val": 0.0, "test": 0.0, "workers": 2,
+                             "cache": not a.no_cache})
     spec = TrialSpec(name="arc2-t100", group="arc2-t100", fold=None, backbone="arc2", init="scratch",
                      weights="none", trainable=1.0, freeze_by="layers", image_size=(28, 28))
     x = np.stack([load_image(data / s.path, (28, 28)) for s in samples]).astype(np.float32)
