@@ -276,6 +276,7 @@ def test_a_trial_that_trains_everything_decodes_its_images_once(tmp_path, patter
     (mp, hp), (md, hd) = runs["pixels"], runs["decoded"]
     assert mp["cache"]["mode"] == "none" and mp["cache"]["pixels"]["decoded"] == "once"
     assert "pixels" not in md["cache"]
+    assert "- (pixels cached" in (tmp_path / "pixels" / "sweep.md").read_text()  # the table says so
     folders = mp["cache"]["pixels"]["folders"]
     assert [f.split("-")[0] for f in folders] == ["train", "val"] and all("-pixels-" in f for f in folders)
     for a, b in zip(hp, hd, strict=True):

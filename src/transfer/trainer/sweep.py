@@ -567,6 +567,8 @@ def _frozen_part(m: dict) -> str | None:
     c = m.get("cache") or {}
     if c.get("mode") == "cached":
         return f"cached {_megabytes(c.get('bytes') or 0)}"
+    if c.get("mode") == "none" and c.get("pixels"):
+        return f"- (pixels cached {_megabytes(c['pixels'].get('bytes') or 0)})"
     return {"uncached": "uncached", "none": "-"}.get(c.get("mode"))
 
 
