@@ -409,9 +409,12 @@ def _knn(features: np.ndarray, k: int):
     (:func:`transfer.data.dedupe.nearest`: exact for small sets, an inverted-file search beyond)."""
     from ..data.dedupe import nearest
 
+    from threadpoolctl import threadpool_limits
+
     f = np.asarray(features, dtype=np.float32)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    idx, sim = nearest(f, f, min(k, len(f) - 1), same=True)
+    with threadpool_limits(1):  # small products: BLAS's threads only fight (see dedupe.near_pairs_arrays)
+        idx, sim = nearest(f, f, min(k, len(f) - 1), same=True)
     sim = np.where(np.isfinite(sim), sim, -1.0)
     return 1.0 - sim, idx
 
@@ -643,27 +646,32 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     phases["model_conversion_wait"] = engine.waited
     phases["model"] = got.seconds["model"]
     ok = [int(i) for i in np.flatnonzero(got.ok)]
+    if not ok:
+        raise DataError(f"{d.root} holds no readable image to audit ({len(got.bad)} files do not decode)")
     feats = sink.finish()
     _release_freed_memory()
     rows = [{"path": r, "kind": "unreadable", "score": None, "group": None, "label": None, "suggested_label": None,
              "split": None, "detail": why} for r, why in d.unreadable]
     rows += [_row(d, i, "unreadable", None, detail=why) for i, why in got.bad.items()]
-    t = time.perf_counter()
-    groups, group_rows, near = _duplicates(d, got, ok, feats, settings["near_threshold"], p)
-    phases["duplicates"] = time.perf_counter() - t
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    # the duplicate search (main thread) and label issues + outliers (a second thread) use
+    # different data and release the GIL in their matrix products: on two cores they overlap;
+    # every product on one BLAS thread (set once here: nested limits in two threads would undo
+    # each other on exit)
+    with threadpool_limits(1), ThreadPoolExecutor(1, thread_name_prefix="transfer-audit-labels") as pool:
+        side = pool.submit(_labels_and_outliers, feats, d.labels[ok], settings, p)
+        t = time.perf_counter()
+        groups, group_rows, near = _duplicates(d, got, ok, feats, settings["near_threshold"], p)
+        phases["duplicates"] = time.perf_counter() - t
+        issues, (score, z), side_phases = side.result()
+    phases.update(side_phases)
     _release_freed_memory()
     rows += group_rows
-    p.say(f"audit: label issues ({settings['folds']}-fold logistic regression on {feats.shape[1]}-d features, cleanlab)")
-    t = time.perf_counter()
-    issues, _ = _label_issues(feats, d.labels[ok], settings["folds"])
-    phases["label_issues"] = time.perf_counter() - t
     rows += [_row(d, ok[k], "label_issue", s, suggested=d.class_names[sug]) for k, s, sug in issues]
-    t = time.perf_counter()
-    dist, _ = _knn(feats, settings["neighbours"])
-    score = dist.mean(axis=1)
-    z = _robust_z(score)
     rows += [_row(d, ok[k], "outlier", float(score[k]), detail=f"robust z {z[k]:.1f}") for k in np.flatnonzero(z > Z_FLAG)]
-    phases["outliers"] = time.perf_counter() - t
     t = time.perf_counter()
     rows += [_row(d, i, kind, s, detail=det) for i, kind, s, det in _quality_findings(got.quality[ok], ok)]
     phases["quality"] = time.perf_counter() - t
@@ -679,6 +687,18 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     p.say(f"audit: {len(paths)} images in {summary['seconds']:.0f} s -> {out} ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
     return AuditResult(out, summary, rows)
+
+
+def _labels_and_outliers(feats: np.ndarray, labels: np.ndarray, settings: dict, p):
+    """Label issues (:func:`_label_issues`) and outlier scores (mean cosine distance to the
+    nearest neighbours, robust z), with the seconds of each."""
+    p.say(f"audit: label issues ({settings['folds']}-fold logistic regression on {feats.shape[1]}-d features, cleanlab)")
+    t = time.perf_counter()
+    issues, _ = _label_issues(feats, labels, settings["folds"])
+    t1 = time.perf_counter()
+    dist, _ = _knn(feats, settings["neighbours"])
+    score = dist.mean(axis=1)
+    return issues, (score, _robust_z(score)), {"label_issues": t1 - t, "outliers": time.perf_counter() - t1}
 
 
 def _libc():

@@ -371,17 +371,17 @@ def _project(vectors: list[np.ndarray], dims: int, seed: int = 0) -> list[np.nda
     return out
 
 
-def _descriptors(thumbs: np.ndarray, chunk: int = 4096) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+def _descriptors(thumbs: np.ndarray, chunk: int = 4096, workers: int = 1) -> dict[float, tuple[np.ndarray, np.ndarray]]:
     """Descriptors of the thumbnails and of their centred crops (:data:`ZOOMS`), as float16 (half
-    the memory; the scores are computed in float32)."""
+    the memory; the scores are computed in float32); chunks in ``workers`` threads."""
     n = len(thumbs)
-    out = {}
-    for z in (1.0, *ZOOMS):  # chunks of images: the intermediate arrays stay small
-        unit = np.zeros((n, DESCRIPTOR * DESCRIPTOR), np.float16)
-        norm = np.zeros(n, np.float32)
-        for s in range(0, n, chunk):
-            unit[s:s + chunk], norm[s:s + chunk] = _band(thumbs[s:s + chunk], z, z)
-        out[z] = (unit, norm)
+    out = {z: (np.zeros((n, DESCRIPTOR * DESCRIPTOR), np.float16), np.zeros(n, np.float32)) for z in (1.0, *ZOOMS)}
+
+    def one(job):  # chunks of images: the intermediate arrays stay small
+        z, s = job
+        out[z][0][s:s + chunk], out[z][1][s:s + chunk] = _band(thumbs[s:s + chunk], z, z)
+
+    _in_threads(one, [(z, s) for z in out for s in range(0, n, chunk)], workers)
     return out
 
 
@@ -432,12 +432,16 @@ def _phash_candidates(hashes: np.ndarray, bits: int, k: int, chunk: int = 256) -
                 rows = run[s:s + chunk]
                 d = np.bitwise_count(h[rows, None] ^ h[None, run]).astype(np.int16)
                 d[np.arange(len(rows))[:, None] >= np.arange(m)[None, :] - s] = 99  # each pair once
-                if k < m:  # keep each row's k closest
-                    top = np.argpartition(d, min(k, m - 1), axis=1)[:, :k]
-                    mask = np.zeros_like(d, dtype=bool)
+                close = d <= bits
+                # keep each row's k closest: only rows with more than k close hashes need choosing
+                # (a row's close hashes are all among its k closest when there are at most k)
+                heavy = np.flatnonzero(close.sum(axis=1) > k)
+                if len(heavy):
+                    top = np.argpartition(d[heavy], min(k, m - 1), axis=1)[:, :k]
+                    mask = np.zeros((len(heavy), m), dtype=bool)
                     np.put_along_axis(mask, top, True, axis=1)
-                    d[~mask] = 99
-                r, c = np.nonzero(d <= bits)
+                    close[heavy] &= mask
+                r, c = np.nonzero(close)
                 found_a.append(rows[r])
                 found_b.append(run[c])
     if not found_a:
@@ -675,17 +679,25 @@ def _near_pairs_arrays(thumbs, greys, hashes, digests, sides, *, threshold, neig
     st.seconds = {}
     if n < 2:
         return []
-    t = time.perf_counter()
-    desc = _descriptors(thumbs)
-    plain, zoomed = _project([desc[1.0][0], desc[ZOOMS[-1]][0]], SEARCH_DIMS)
-    cands = [_knn_candidates(plain, plain, neighbours)]
-    # an original's centred crop finds its cropped copy
-    cands.append(_knn_candidates(zoomed, plain, neighbours))
-    del plain, zoomed
-    st.seconds["neighbours"] = time.perf_counter() - t
-    t = time.perf_counter()
-    cands.append(_phash_candidates(np.asarray(hashes, dtype=np.uint64), phash_bits, neighbours))
-    st.seconds["phash"] = time.perf_counter() - t
+    from concurrent.futures import ThreadPoolExecutor
+
+    def by_phash():  # beside the neighbour search: mostly Python, while that is mostly matrix products
+        t = time.perf_counter()
+        found = _phash_candidates(np.asarray(hashes, dtype=np.uint64), phash_bits, neighbours)
+        st.seconds["phash"] = time.perf_counter() - t
+        return found
+
+    with ThreadPoolExecutor(1, thread_name_prefix="transfer-dedupe-phash") as pool:
+        phash = pool.submit(by_phash) if workers > 1 else None
+        t = time.perf_counter()
+        desc = _descriptors(thumbs, workers=workers)
+        plain, zoomed = _project([desc[1.0][0], desc[ZOOMS[-1]][0]], SEARCH_DIMS)
+        cands = [_knn_candidates(plain, plain, neighbours)]
+        # an original's centred crop finds its cropped copy
+        cands.append(_knn_candidates(zoomed, plain, neighbours))
+        del plain, zoomed
+        st.seconds["neighbours"] = time.perf_counter() - t
+        cands.append(phash.result() if phash is not None else by_phash())
     allc = np.concatenate(cands)
     if not len(allc):
         return []
