@@ -288,6 +288,10 @@ class _Engine:
             f, p = self.keras.predict_on_batch(x)
         return np.asarray(f), np.asarray(p)
 
+    def release(self) -> None:
+        """Free the model (the pass is over)."""
+        self.session = self.keras = None
+
     def close(self) -> None:
         if self.child.poll() is None:
             self.child.kill()
@@ -482,7 +486,9 @@ def _label_issues(features: np.ndarray, labels: np.ndarray, folds: int, seed: in
         warnings.simplefilter("ignore", category=ConvergenceWarning)
         probs = cross_val_predict(est, features, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
                                   method="predict_proba")
-    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab otherwise forks a pool of one process per core from this (large,
+    # multi-threaded) process for a per-class partition of 10 arrays; same result either way
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     conf = probs[np.arange(len(labels)), labels]
     return [(int(i), float(1.0 - conf[i]), int(probs[i].argmax())) for i in ranked], probs
 
@@ -642,6 +648,7 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     sink = _FeatureSink(engine, out / "features.npy", len(paths), src.keep_probs)
     got = _stream(paths, sink, src.size, batch=batch_size, workers=workers, p=p)
     sink.ready(True)
+    engine.release()  # the session's memory arena, before the duplicate search's peak
     phases["read_and_features"] = time.perf_counter() - t0
     phases["model_conversion_wait"] = engine.waited
     phases["model"] = got.seconds["model"]

@@ -596,18 +596,21 @@ def _verify_pairwise(greys: np.ndarray, pairs: np.ndarray, crops, scale: float, 
     return out
 
 
-def _verify_by_image(greys: np.ndarray, pairs: np.ndarray, crops, scale: float, block: int = 256,
-                     workers: int = 1) -> np.ndarray:
+def _verify_by_image(greys: np.ndarray, pairs: np.ndarray, crops, scale: float, block: int = 64,
+                     workers: int = 1, group: int = 1024) -> np.ndarray:
     """:func:`verify_pairs` image by image: for each image, its K x K crops (band-passed,
     normalized: ``W_yx / std``) once, then a matrix product with the band-passed other images of
     all its pairs. The cheaper way when images have several pairs each (60k Fashion-MNIST:
-    354,655 pairs over about 60,000 images)."""
+    354,655 pairs over about 60,000 images). Images go by groups of ``group`` (one group per
+    thread at a time: the band-passed partners of a group only, ``block`` images' crops at a
+    time), so memory stays at a few tens of MB whatever the number of images."""
     out = np.full(len(pairs), -1.0, np.float32)
     if not len(pairs):
         return out
     side = greys.shape[1]
     area = float(side * side)
     warps = _crop_warps(side, crops, scale)
+    band = _band_filter(side, scale)
     nk = len(warps)
     stacked = warps.reshape(nk * side, side)  # rows of R_y, for every y
     # directed pairs (image whose crops are taken, other image), ordered by the first
@@ -616,30 +619,32 @@ def _verify_by_image(greys: np.ndarray, pairs: np.ndarray, crops, scale: float, 
     which = np.concatenate([np.arange(len(pairs))] * 2)
     order = np.argsort(first, kind="stable")
     first, other, which = first[order], other[order], which[order]
-    used = np.unique(other)
-    row = np.full(len(greys), -1, np.int64)
-    row[used] = np.arange(len(used))
-    bhat = _band_unit(greys[used], _band_filter(side, scale))
     uniq, starts = np.unique(first, return_index=True)
     ends = np.append(starts[1:], len(first))
     outs = [out] + [out.copy() for _ in range(max(1, workers) - 1)]  # one per thread: np.maximum.at is not atomic
 
-    def one(t: int, s: int) -> None:
-        m = len(uniq[s:s + block])
-        a = greys[uniq[s:s + block]].astype(np.float32)
-        t1 = (stacked @ a.transpose(1, 0, 2).reshape(side, m * side)).reshape(nk * side, m, side)  # R_y A
-        w = t1.transpose(1, 0, 2).reshape(m * nk * side, side) @ stacked.T  # (R_y A) R_x^T: rows (m, y, i), cols (x, j)
-        w = w.reshape(m, nk, side, nk, side).transpose(0, 1, 3, 2, 4).reshape(m, nk * nk, side * side)
-        s1 = w.sum(axis=2)
-        var = np.einsum("mkp,mkp->mk", w, w) - s1 * s1 / area
-        w *= np.where(var >= FLAT ** 2, 1.0 / np.sqrt(np.maximum(var, FLAT ** 2)), 0.0)[:, :, None]
-        for k in range(m):
-            lo, hi = starts[s + k], ends[s + k]
-            score = (w[k] @ bhat[row[other[lo:hi]]].T).max(axis=0)
-            np.maximum.at(outs[t], which[lo:hi], score)
+    def one_group(t: int, g: int) -> None:
+        lo_g, hi_g = starts[g], ends[min(g + group, len(uniq)) - 1]
+        used = np.unique(other[lo_g:hi_g])
+        bhat = _band_unit(greys[used], band)
+        row = np.searchsorted(used, other[lo_g:hi_g])  # partner rows in bhat, for this group's directed pairs
+        for s in range(g, min(g + group, len(uniq)), block):
+            m = len(uniq[s:min(s + block, g + group)])
+            a = greys[uniq[s:s + m]].astype(np.float32)
+            t1 = (stacked @ a.transpose(1, 0, 2).reshape(side, m * side)).reshape(nk * side, m, side)  # R_y A
+            w = t1.transpose(1, 0, 2).reshape(m * nk * side, side) @ stacked.T  # (R_y A) R_x^T: rows (m, y, i), cols (x, j)
+            del t1
+            w = w.reshape(m, nk, side, nk, side).transpose(0, 1, 3, 2, 4).reshape(m, nk * nk, side * side)
+            s1 = w.sum(axis=2)
+            var = np.einsum("mkp,mkp->mk", w, w) - s1 * s1 / area
+            w *= np.where(var >= FLAT ** 2, 1.0 / np.sqrt(np.maximum(var, FLAT ** 2)), 0.0)[:, :, None]
+            for k in range(m):
+                lo, hi = starts[s + k], ends[s + k]
+                score = (w[k] @ bhat[row[lo - lo_g:hi - lo_g]].T).max(axis=0)
+                np.maximum.at(outs[t], which[lo:hi], score)
 
-    blocks = list(range(0, len(uniq), block))
-    _in_threads(lambda t: [one(t, s) for s in blocks[t::len(outs)]], range(len(outs)), workers)
+    groups = list(range(0, len(uniq), group))
+    _in_threads(lambda t: [one_group(t, g) for g in groups[t::len(outs)]], range(len(outs)), workers)
     return np.maximum.reduce(outs)
 
 
