@@ -6,8 +6,11 @@ threads one chunk ahead of the model): each file is decoded once and everything 
 those pixels -- a :class:`~transfer.data.dedupe.Fingerprint` (exact-pixel hash, perceptual hash,
 thumbnails), a few quality numbers (batched per image size) and the pooled features (and
 softmax) of a trained trial's model or of a chosen backbone, written to a memory-mapped
-``features.npy``. The SHA-256 of every file is taken before, to tell whether an earlier audit
-still holds. Then:
+``features.npy``. The model runs in ONNX Runtime, converted by a child process that alone
+imports TensorFlow and checked against Keras on the first images (:class:`_Engine`,
+:mod:`transfer.analysis.audit_model`). The SHA-256 of every file is taken before, to tell
+whether an earlier audit still holds. Then, the duplicate search beside label issues and
+outliers (two threads):
 
 * **duplicates** -- exact (same decoded pixels) and near (:func:`transfer.data.dedupe.near_pairs`),
   verified pair by pair and grouped; a group is *within a class*, *across classes* (conflicting
@@ -396,7 +399,8 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
     desc = {"backbone": backbone, "weights": w, "image_size": side}
     if Path(w).is_file():
         desc["weights_sha256"] = sha256_file(w)
-    return _Source({"backbone": backbone, "weights": weights, "image_size": side}, (side, side), desc, False)
+    return _Source({"backbone": backbone, "weights": None if weights is None else str(weights), "image_size": side},
+                   (side, side), desc, False)
 
 
 # --------------------------------------------------------------------------- findings
