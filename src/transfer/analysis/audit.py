@@ -682,7 +682,8 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     _release_freed_memory()
     rows += group_rows
     rows += [_row(d, ok[k], "label_issue", s, suggested=d.class_names[sug]) for k, s, sug in issues]
-    rows += [_row(d, ok[k], "outlier", float(score[k]), detail=f"robust z {z[k]:.1f}") for k in np.flatnonzero(z > Z_FLAG)]
+    rows += [_row(d, ok[k], "outlier", float(score[k]), detail=f"robust z {z[k]:.1f}")
+             for k in np.flatnonzero(z > Z_FLAG)]
     t = time.perf_counter()
     rows += [_row(d, i, kind, s, detail=det) for i, kind, s, det in _quality_findings(got.quality[ok], ok)]
     phases["quality"] = time.perf_counter() - t
@@ -703,7 +704,8 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
 def _labels_and_outliers(feats: np.ndarray, labels: np.ndarray, settings: dict, p):
     """Label issues (:func:`_label_issues`) and outlier scores (mean cosine distance to the
     nearest neighbours, robust z), with the seconds of each."""
-    p.say(f"audit: label issues ({settings['folds']}-fold logistic regression on {feats.shape[1]}-d features, cleanlab)")
+    p.say(f"audit: label issues ({settings['folds']}-fold logistic regression on {feats.shape[1]}-d features, "
+          "cleanlab)")
     t = time.perf_counter()
     issues, _ = _label_issues(feats, labels, settings["folds"])
     t1 = time.perf_counter()

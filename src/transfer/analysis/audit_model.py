@@ -42,8 +42,8 @@ def load_source_model(spec: dict):
     from ..models.build import build_classifier
 
     side = int(spec["image_size"])
-    model, _ = build_classifier(spec["backbone"], input_shape=(side, side, 3), weights=spec.get("weights") or "imagenet",
-                                num_classes=2, seed=0)
+    model, _ = build_classifier(spec["backbone"], input_shape=(side, side, 3),
+                                weights=spec.get("weights") or "imagenet", num_classes=2, seed=0)
     return model
 
 

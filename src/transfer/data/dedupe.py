@@ -632,7 +632,8 @@ def _verify_by_image(greys: np.ndarray, pairs: np.ndarray, crops, scale: float, 
             m = len(uniq[s:min(s + block, g + group)])
             a = greys[uniq[s:s + m]].astype(np.float32)
             t1 = (stacked @ a.transpose(1, 0, 2).reshape(side, m * side)).reshape(nk * side, m, side)  # R_y A
-            w = t1.transpose(1, 0, 2).reshape(m * nk * side, side) @ stacked.T  # (R_y A) R_x^T: rows (m, y, i), cols (x, j)
+            # (R_y A) R_x^T: rows (m, y, i), columns (x, j)
+            w = t1.transpose(1, 0, 2).reshape(m * nk * side, side) @ stacked.T
             del t1
             w = w.reshape(m, nk, side, nk, side).transpose(0, 1, 3, 2, 4).reshape(m, nk * nk, side * side)
             s1 = w.sum(axis=2)
