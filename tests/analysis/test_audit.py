@@ -53,6 +53,9 @@ def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path
     assert s["images"] == 64 and s["readable"] == 63
     assert s["class_balance"] == {"c0": 21, "c1": 21, "c2": 21}
     assert any(set(g["paths"]) == {"c0/000.png", "c1/dup_of_c0_000.png"} for g in s["groups"])
+    # the features came from ONNX Runtime, checked against Keras on the first images
+    eng = s["feature_engine"]
+    assert eng["engine"] == "onnxruntime" and eng["parity_images"] == 32 and eng["parity_relative"] <= 1e-4
     with open(tmp_path / "audit" / "audit.csv", newline="") as f:
         assert list(csv.DictReader(f))[0].keys() >= {"path", "kind", "score", "group", "suggested_label"}
     page = (tmp_path / "audit" / "audit.html").read_text()
@@ -68,6 +71,26 @@ def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path
                          progress=lines.append)
     assert not third.reused and any("1 changed, 0 added, 0 removed" in ln for ln in lines)
     assert "dark" in _kinds(third.rows, "c2/005.png") or "blank" in _kinds(third.rows, "c2/005.png")
+
+
+def test_audit_features_fall_back_to_keras(pattern_data, tmp_path, monkeypatch):
+    """When ONNX Runtime's features differ from Keras's (forced here by a negative tolerance), the
+    audit says so and computes every feature with Keras: the same features as ONNX Runtime's run."""
+    from transfer.analysis import audit
+
+    data = _small_folder(pattern_data, tmp_path / "data")
+    kw = dict(backbone="arc2", weights="none", image_size=16)
+    audit_folder(data, out=tmp_path / "ort", **kw)
+    monkeypatch.setattr(audit, "PARITY_TOLERANCE", -1.0)
+    lines: list[str] = []
+    res = audit_folder(data, out=tmp_path / "keras", progress=lines.append, **kw)
+    eng = res.summary["feature_engine"]
+    assert eng["engine"] == "keras" and "differ from Keras's" in eng["why"] and eng["parity_images"] == 32
+    assert any("features by Keras" in ln for ln in lines)
+    a, b = np.load(tmp_path / "ort" / "features.npy"), np.load(tmp_path / "keras" / "features.npy")
+    assert a.shape == b.shape == (63, 64) and np.abs(a).max() > 0
+    np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
+    assert res.summary["counts"] == json.loads((tmp_path / "ort" / "audit.json").read_text())["counts"]
 
 
 def test_audit_cli(pattern_data, tmp_path):

@@ -79,3 +79,33 @@ def test_verification_tells_copies_from_look_alikes():
     # without trying crops, the cropped copy is not verified
     plain = dedupe.verify_pairs(greys, np.array([[0, 3]]), crops=(0.0,))
     assert plain[0] < scores[2]
+
+
+def test_verification_pair_by_pair_equals_image_by_image():
+    """The two computations of the verification give the same scores (in one thread or two),
+    each against a brute-force normalized cross-correlation; a flat image scores 0 against anything."""
+    greys = np.stack([np.asarray(Image.fromarray(_patch(s)).resize((32, 32), Image.Resampling.BILINEAR))
+                      for s in range(30)] + [np.full((32, 32), 200, np.uint8)])
+    rng = np.random.default_rng(3)
+    pairs = np.unique(np.sort(rng.integers(0, 30, (120, 2)), axis=1), axis=0)
+    pairs = np.concatenate([pairs[pairs[:, 0] != pairs[:, 1]], [[0, 30], [5, 30]]])
+    crops = dedupe.VERIFY_CROPS
+    pw = dedupe._verify_pairwise(greys, pairs, crops, 1.0, chunk=16)
+    by = dedupe._verify_by_image(greys, pairs, crops, 1.0, block=8)
+    np.testing.assert_allclose(pw, by, atol=1e-5)
+    np.testing.assert_allclose(dedupe._verify_by_image(greys, pairs, crops, 1.0, block=8, workers=2), by, atol=1e-6)
+    np.testing.assert_allclose(dedupe._verify_pairwise(greys, pairs, crops, 1.0, chunk=16, workers=2), pw, atol=1e-6)
+    assert (pw[-2:] == 0).all() and (pw[:-2] != 0).all()
+    # brute force: band-pass each crop of one image, correlate with the other band-passed, best of all
+    band = dedupe._band_filter(32, 1.0)
+    mats = [dedupe._crop_matrix(a, b, 32) for a in crops for b in crops]
+
+    def ncc(x, y):
+        x, y = x - x.mean(), y - y.mean()
+        return float((x * y).sum() / np.linalg.norm(x) / np.linalg.norm(y))
+
+    for (i, j), got in zip(pairs[:20], pw[:20]):
+        g = greys.astype(np.float64)
+        want = max(ncc(band @ cy @ g[a] @ cx.T @ band.T, band @ g[b] @ band.T)
+                   for a, b in ((i, j), (j, i)) for cy in mats for cx in mats)
+        assert abs(got - want) < 1e-4, (i, j, got, want)

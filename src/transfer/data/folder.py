@@ -494,6 +494,7 @@ def index_folder(
     strict: bool = True,
     allow_nested: bool = False,
     allow_case_clash: bool = False,
+    decode: bool = True,
 ) -> DatasetIndex:
     """Index an image-classification folder and decode every file once to find bad ones.
 
@@ -516,6 +517,10 @@ def index_folder(
             sub-classes under another name).
         allow_case_clash: accept class folders whose names differ only in case (``Cat/`` and
             ``cat/``) as different classes (else refused: one folder on a case-insensitive disk).
+        decode: when False, list the files without decoding them: every image file is a sample
+            and ``bad`` holds only what the layout refuses (broken links). For a caller that
+            decodes every file anyway and lists those that fail itself (``transfer data audit``),
+            so no file is decoded twice.
 
     Returns:
         A :class:`DatasetIndex`; bad files are in ``bad`` and excluded from ``samples``,
@@ -548,8 +553,11 @@ def index_folder(
         errors.append(_no_images_error(layout))
         if strict:
             raise errors[-1]
-    verdicts = _decode_all(layout.root, [c.rel for c in candidates], cache=Path(cache) if cache else None,
-                           max_pixels=max_pixels, workers=workers, progress=progress)
+    if decode:
+        verdicts = _decode_all(layout.root, [c.rel for c in candidates], cache=Path(cache) if cache else None,
+                               max_pixels=max_pixels, workers=workers, progress=progress)
+    else:
+        verdicts = {c.rel: None for c in candidates}
     idx, bad_per_class = _assemble(layout, candidates, link_bad, verdicts)
     errors += _unusable(idx, layout, bad_per_class, bool(candidates))
     if strict and errors:
