@@ -194,15 +194,7 @@ def test_cached_and_uncached_trials_agree_and_val_numbers_are_the_saved_models(t
     """The same trial (same seed) trained on the cached frozen part and on images through
     it: same batches, same history up to float16 rounding; the per-epoch validation numbers
     of the cached trial (float32 validation cache) equal the saved model's on the images."""
-    runs = {}
-    for name, cache in (("cached", True), ("uncached", False)):
-        cfg = load_config(None, base_overrides(pattern_folder, tmp_path / name, trainable="0.5", epochs=3,
-                                               cache=cache, lr=1e-3))
-        res = run_sweep(cfg, progress=lambda s: None)
-        assert res.ok, res.failed
-        t = res.run_dir / "trials" / "arc2-t050"
-        runs[name] = (json.loads((t / "metrics.json").read_text()), _history(t))
-    (mc, hc), (mu, hu) = runs["cached"], runs["uncached"]
+    (mc, hc), (mu, hu) = _with_and_without_cache(tmp_path, pattern_folder, "0.5", epochs=3)
     assert mc["cache"]["mode"] == "cached" and mu["cache"]["mode"] == "uncached"
     assert mc["cache"]["bytes"] > 0 and mc["cost"]["prefix_seconds"] > 0
     for a, b in zip(hc, hu):
@@ -211,6 +203,19 @@ def test_cached_and_uncached_trials_agree_and_val_numbers_are_the_saved_models(t
     trained = mc["head"]["trained"]  # the trained head on the val images, through the saved model
     assert best["val_loss"] == pytest.approx(trained["loss"], rel=1e-4, abs=1e-6)
     assert best["val_accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
+
+
+def _with_and_without_cache(tmp_path, data, trainable: str, *, epochs: int):
+    """(metrics, history) of the same arc2 trial trained with the cache and with it off."""
+    runs = []
+    for name, cache in (("cached", True), ("uncached", False)):
+        cfg = load_config(None, base_overrides(data, tmp_path / name, trainable=trainable, epochs=epochs,
+                                               cache=cache, lr=1e-3))
+        res = run_sweep(cfg, progress=lambda s: None)
+        assert res.ok, res.failed
+        t = res.run_dir / "trials" / f"arc2-t{round(float(trainable) * 100):03d}"
+        runs.append((json.loads((t / "metrics.json").read_text()), _history(t)))
+    return runs
 
 
 def _history(tdir: Path) -> list[dict]:
@@ -265,27 +270,19 @@ def test_a_trial_that_trains_everything_decodes_its_images_once(tmp_path, patter
     from transfer.data.image import load_image
     from transfer.runfolder import RunFolder
 
-    runs = {}
-    for name, cache in (("pixels", True), ("decoded", False)):
-        cfg = load_config(None, base_overrides(pattern_folder, tmp_path / name, trainable="1", epochs=2,
-                                               cache=cache, lr=1e-3))
-        res = run_sweep(cfg, progress=lambda s: None)
-        assert res.ok, res.failed
-        t = res.run_dir / "trials" / "arc2-t100"
-        runs[name] = (json.loads((t / "metrics.json").read_text()), _history(t))
-    (mp, hp), (md, hd) = runs["pixels"], runs["decoded"]
+    (mp, hp), (md, hd) = _with_and_without_cache(tmp_path, pattern_folder, "1", epochs=2)
     assert mp["cache"]["mode"] == "none" and mp["cache"]["pixels"]["decoded"] == "once"
     assert "pixels" not in md["cache"]
-    assert "- (pixels cached" in (tmp_path / "pixels" / "sweep.md").read_text()  # the table says so
+    assert "- (pixels cached" in (tmp_path / "cached" / "sweep.md").read_text()  # the table says so
     folders = mp["cache"]["pixels"]["folders"]
     assert [f.split("-")[0] for f in folders] == ["train", "val"] and all("-pixels-" in f for f in folders)
     for a, b in zip(hp, hd, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
     assert mp["test"]["accuracy"] == pytest.approx(md["test"]["accuracy"], abs=1e-9)
     # the cache holds the decoded pixels of the training images, in split order
-    x = np.load(tmp_path / "pixels" / "cache" / "arc2-scratch" / folders[0] / "x0.npy")
+    x = np.load(tmp_path / "cached" / "cache" / "arc2-scratch" / folders[0] / "x0.npy")
     assert x.dtype == np.uint8 and x.shape[1:] == (16, 16, 3)
-    first = RunFolder(tmp_path / "pixels").split("train")[0][0]
+    first = RunFolder(tmp_path / "cached").split("train")[0][0]
     np.testing.assert_array_equal(x[0], load_image(pattern_folder / first, (16, 16)))
 
 
