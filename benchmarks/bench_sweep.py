@@ -1,7 +1,7 @@
 """What a freeze sweep costs with the frozen-prefix cache, and what the cache does to accuracy.
 
     python benchmarks/bench_sweep.py [--images 2000] [--size 96] [--epochs 3] [--weights none|PATH]
-                                     [--rss 20000] [--work DIR]
+                                     [--rss 20000 [--rss-only]] [--work DIR]
 
 MobileNetV2 at 96x96 on the first ``--images`` images of Fashion-MNIST's training set
 (Debian package dataset-fashion-mnist), trainable 0, 0.1, 0.3, 0.5, 0.7 and 1.0, each sweep
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,8 +86,11 @@ def main() -> None:
     ap.add_argument("--rss", type=int, default=0, help="also measure peak RSS over this many images")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "transfer-bench" / "sweep")
     ap.add_argument("--skip-uncached", action="store_true")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS part (needs --rss)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.rss_only:
+        return rss(a)
     data = fashion_folder(a.work, a.images)
     tag = f"{a.images}-{a.size}-e{a.epochs}-{Path(a.weights).stem}"
     kw = dict(size=a.size, epochs=a.epochs, weights=a.weights, fractions=FRACTIONS)
@@ -113,13 +117,20 @@ def main() -> None:
     if uncached:
         print(f"uncached sweep: {uncached['wall']:.0f} s ({uncached['wall'] / cached['wall']:.2f}x the cached one)")
     if a.rss:
-        small = fashion_folder(a.work, a.images)
-        large = fashion_folder(a.work, a.rss)
-        rk = dict(size=a.size, epochs=1, weights=a.weights, fractions="0,0.5")
-        r_small = sweep(small, a.work / f"rss-{a.images}", **rk)["rss_mb"]
-        r_large = sweep(large, a.work / f"rss-{a.rss}", **rk)["rss_mb"]
-        print(f"peak RSS, cached sweep (trainable 0,0.5; 1 epoch): {a.images} images {r_small:.0f} MB, "
-              f"{a.rss} images {r_large:.0f} MB: {r_large / r_small:.2f}x (bar <= 1.5)")
+        rss(a)
+
+
+def rss(a) -> None:
+    """Peak RSS of a cached sweep (trainable 0, 0.5; one epoch) over ``--images`` and ``--rss`` images."""
+    small = fashion_folder(a.work, a.images)
+    large = fashion_folder(a.work, a.rss)
+    rk = dict(size=a.size, epochs=1, weights=a.weights, fractions="0,0.5")
+    for n in (a.images, a.rss):  # fresh run folders: a finished one would only be resumed
+        shutil.rmtree(a.work / f"rss-{n}", ignore_errors=True)
+    r_small = sweep(small, a.work / f"rss-{a.images}", **rk)["rss_mb"]
+    r_large = sweep(large, a.work / f"rss-{a.rss}", **rk)["rss_mb"]
+    print(f"peak RSS, cached sweep (trainable 0,0.5; 1 epoch): {a.images} images {r_small:.0f} MB, "
+          f"{a.rss} images {r_large:.0f} MB: {r_large / r_small:.2f}x (bar <= 1.5)")
 
 
 if __name__ == "__main__":
