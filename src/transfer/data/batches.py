@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -119,6 +119,27 @@ def augment_image(img: np.ndarray, augment: Sequence[str], rng: np.random.Genera
             f = (f - mean) * rng.uniform(1 - c, 1 + c) + mean
         out = np.clip(np.rint(f), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(out)
+
+
+def read_ahead(get: Callable[[int], object], n: int, *, workers: int, ahead: int) -> Iterator:
+    """``get(0) .. get(n - 1)`` in order, computed by ``workers`` threads at most ``ahead`` items
+    early; only those are held (a finished item is released once it is yielded).
+
+    Example::
+
+        for batch in read_ahead(source.get, len(source), workers=2, ahead=3):
+            model.predict_on_batch(batch.x)
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix="transfer-read-ahead") as pool:
+        pending: deque = deque(pool.submit(get, i) for i in range(min(n, max(1, int(ahead)))))
+        for i in range(n):
+            item = pending.popleft().result()
+            if i + len(pending) + 1 < n:
+                pending.append(pool.submit(get, i + len(pending) + 1))
+            yield item
 
 
 class BatchSource:

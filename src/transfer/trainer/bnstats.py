@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._lazy import import_keras, import_tensorflow
+from ..data.batches import read_ahead
 
 #: at most this many training images per pass (a seeded subset beyond; PreciseBN: ~10^4 suffice)
 MAX_IMAGES = 10_000
@@ -98,7 +99,9 @@ class PopulationStatistics:
         images = batches = 0
         try:
             step = self._step()
-            for x, _ in _prefetched(dataset):
+            workers = max(1, int(getattr(dataset, "workers", 1) or 1))
+            # the model runs while the next batches decode, as in training
+            for x, _ in read_ahead(dataset.__getitem__, len(dataset), workers=workers, ahead=4):
                 n = len(x[0] if isinstance(x, (list, tuple)) else x)
                 means, variances = step(x)
                 for k, (m, v) in enumerate(zip(means, variances)):
@@ -117,23 +120,6 @@ class PopulationStatistics:
             bn.moving_mean.assign(mean.astype(np.float32))
             bn.moving_variance.assign(np.maximum(q / max(images, 1) - mean * mean, 0.0).astype(np.float32))
         return BNStats(len(self.bns), images, batches, time.perf_counter() - t0)
-
-
-def _prefetched(dataset, ahead: int = 4):
-    """The batches of ``dataset`` in order, read by its decode threads ``ahead`` batches early
-    (the model runs while the next images decode, as in training)."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = max(1, int(getattr(dataset, "workers", 1) or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="bnstats") as pool:
-        pending: deque = deque()
-        for i in range(len(dataset)):
-            pending.append(pool.submit(dataset.__getitem__, i))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def stats_rows(n: int, seed: int) -> np.ndarray:

@@ -516,21 +516,15 @@ class CacheBuilder:
                 rows = np.arange(start, min(source.rows, start + bs))
                 yield dict(zip(source.meta["frontier"], source.read(rows))), source.labels[rows], 0.0, []
             return
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
+        from ..data.batches import read_ahead
 
         src = self._source(first)
         ahead = max(1, int(self.ctx.workers))
-        with ThreadPoolExecutor(ahead) as pool:
-            # only the batches ahead are held: a future kept after its batch is used would keep
-            # every decoded batch of the split alive (peak memory growing with the images)
-            pending = deque(pool.submit(src.get, i) for i in range(min(len(src), ahead + 1)))
-            for i in range(len(src)):
-                t = time.perf_counter()
-                b = pending.popleft().result()
-                if i + ahead + 1 < len(src):
-                    pending.append(pool.submit(src.get, i + ahead + 1))
-                yield {"image": b.x}, b.y, time.perf_counter() - t, list(b.failed)
+        batches = read_ahead(src.get, len(src), workers=ahead, ahead=ahead + 1)
+        for _ in range(len(src)):
+            t = time.perf_counter()
+            b = next(batches)  # the seconds waited for it are the decoding the model did not hide
+            yield {"image": b.x}, b.y, time.perf_counter() - t, list(b.failed)
 
 
 @dataclass(frozen=True)
