@@ -496,9 +496,10 @@ def _plain_train_dataset(trial: Trial):
     return _dataset(src, trial.cfg, trial.num_classes)
 
 
-def _pixel_data(trial: Trial, model, cut, why: str) -> StageData | None:
-    """The stage's data from decoded-pixel caches (the images decoded once, not every epoch),
-    or None when they cannot be used (the cache is off, augmentation, unreadable files)."""
+def _pixel_data(trial: Trial, model) -> StageData | None:
+    """The data of a stage with no frozen part from decoded-pixel caches (the images decoded
+    once, not every epoch), or None when they cannot be used (the cache is off, augmentation,
+    a full disk, unreadable files): then the images are decoded every epoch."""
     from ..models.split import pixel_cut
     from .bnstats import stats_rows
     from .cache import CacheRequest, CacheSpaceError
@@ -516,7 +517,9 @@ def _pixel_data(trial: Trial, model, cut, why: str) -> StageData | None:
         trial.say(f"decoding the images every epoch: {exc}")
         return None
     if any(c.meta.get("bad_files") or c.rows != len(r.samples) for r, c in caches.items()):
-        return None  # rows would not line up with the images: decode every epoch instead
+        trial.say("decoding the images every epoch: some files could not be read, so cached rows "
+                  "would not line up with the images")
+        return None
     train = caches[reqs["train"]]
     order = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, recipe=trial.recipe)
     kw = dict(batch_size=cfg.batch_size, num_classes=trial.num_classes, one_hot=cfg.loss == "l1", workers=cfg.workers)
@@ -526,9 +529,7 @@ def _pixel_data(trial: Trial, model, cut, why: str) -> StageData | None:
     if "val" in reqs:
         data.validate = _validator(model, cached_dataset([caches[reqs["val"]]], order, shuffle=False,
                                                          pad_to_multiple=trial.replicas, **kw))
-    data.record = {"mode": "uncached" if cut.has_backbone else "none", "reason": why, "cut": cut.label,
-                   "frozen_layers": cut.depth, "prefix_seconds": 0.0,
-                   "pixels": {"decoded": "once", "folders": sorted(c.folder.name for c in caches.values()),
+    data.record = {"pixels": {"decoded": "once", "folders": sorted(c.folder.name for c in caches.values()),
                               "bytes": sum(c.nbytes for c in caches.values()),
                               "seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in caches.values()), 3)}}
     return data
@@ -539,21 +540,21 @@ def _image_data(trial: Trial, stage: Stage, cut, why: str) -> StageData:
 
     cfg = trial.cfg
     model = training_model(trial.model, cut)
-    pixels = _pixel_data(trial, model, cut, why)
-    if pixels is not None:
-        return pixels
-    train_src = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, replicas=trial.replicas, recipe=trial.recipe)
-    train_ds = _dataset(train_src, cfg, trial.num_classes)
-    sources = [train_ds]
-    data = StageData(model=model, train=train_ds, sources=sources,
-                     refresh_bn=_bn_refresher(trial, model, _plain_train_dataset(trial)))
-    if trial.val:
-        val_src = _source(trial.data_root, trial.val, cfg, trial.spec, train=False, replicas=trial.replicas, recipe=trial.recipe)
-        val_ds = _dataset(val_src, cfg, trial.num_classes)
-        sources.append(val_ds)
-        data.validate = _validator(model, val_ds)
+    data = None if cut.has_backbone else _pixel_data(trial, model)
+    if data is None:
+        train_src = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, replicas=trial.replicas,
+                            recipe=trial.recipe)
+        train_ds = _dataset(train_src, cfg, trial.num_classes)
+        data = StageData(model=model, train=train_ds, sources=[train_ds],
+                         refresh_bn=_bn_refresher(trial, model, _plain_train_dataset(trial)))
+        if trial.val:
+            val_src = _source(trial.data_root, trial.val, cfg, trial.spec, train=False, replicas=trial.replicas,
+                              recipe=trial.recipe)
+            val_ds = _dataset(val_src, cfg, trial.num_classes)
+            data.sources.append(val_ds)
+            data.validate = _validator(model, val_ds)
     data.record = {"mode": "uncached" if cut.has_backbone else "none", "reason": why, "cut": cut.label,
-                   "frozen_layers": cut.depth, "prefix_seconds": 0.0}
+                   "frozen_layers": cut.depth, "prefix_seconds": 0.0, **data.record}
     return data
 
 
