@@ -139,7 +139,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     xs32 = xs.astype(np.float32)
     n, d = xs.shape
     params = np.zeros(d * num_classes + num_classes)
-    best, iterations, tried, previous = None, 0, 0, np.inf
+    best, iterations, tried = None, 0, 0
     for scale in (L2_GRID if has_val else (1.0,)):
         l2 = scale / n
         with threadpool_limits(1):  # small matrices: BLAS threads only fight (2.5x slower on a busy 2-core machine)
@@ -150,11 +150,10 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
         w, b = params[: d * num_classes].reshape(d, num_classes), params[d * num_classes:]
         score = _evaluate(w, b, xv, yv, loss)[0] if has_val else 0.0
         tried += 1
-        if best is not None and score > previous:
+        if best is not None and score > best[0]:
             break  # past the minimum of the validation loss along the path
         if best is None or score < best[0]:
             best = (score, l2, w.copy(), b.copy())
-        previous = score
     _, l2, w, b = best
     train_loss, train_acc = _evaluate(w, b, xs, y, loss)
     val_loss, val_acc = _evaluate(w, b, xv, yv, loss) if has_val else (None, None)
