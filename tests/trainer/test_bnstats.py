@@ -85,3 +85,27 @@ def test_image_and_cached_batches_have_the_same_sizes_and_labels(pattern_folder,
             assert len(yi) == len(yc) == (16 if i == 0 else 17)
             np.testing.assert_array_equal(yi, yc)
             np.testing.assert_array_equal(labels[xc[:, 0].astype(int)], yc)
+
+
+def test_the_population_pass_is_exact_and_traced_once_for_any_batch_size():
+    """Batches of 8, 8 and 5 rows: the pooled statistics are those of all 21 rows, and the
+    pass is traced once (a second batch shape would trace the model again: seconds for a
+    large backbone, every epoch of every trial)."""
+    import keras
+
+    from transfer.trainer.bnstats import PopulationStatistics
+
+    inp = keras.Input((4,))
+    bn = keras.layers.BatchNormalization(name="bn")
+    model = keras.Model(inp, bn(inp))
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(21, 4)).astype(np.float32)
+
+    class Batches(list):
+        workers = 1
+
+    stats = PopulationStatistics(model)
+    done = stats.update(Batches([(x[:8], None), (x[8:16], None), (x[16:], None)]))
+    assert (done.images, done.batches, done.layers) == (21, 3, 1)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), x.var(axis=0), rtol=1e-4)
+    assert stats._fn.experimental_get_tracing_count() == 1

@@ -71,12 +71,14 @@ class PopulationStatistics:
     def __bool__(self) -> bool:
         return bool(self.bns)
 
-    def _step(self):
+    def _step(self, x):
+        """The traced pass of one batch; traced once, for any batch size (``x``: the first batch)."""
         tf = import_tensorflow()
         if self._fn is None:
             model, bns = self.model, self.bns
+            spec = tf.nest.map_structure(lambda a: tf.TensorSpec((None, *np.shape(a)[1:]), tf.as_dtype(a.dtype)), x)
 
-            @tf.function(reduce_retracing=True)
+            @tf.function(input_signature=[spec])
             def step(x):
                 model(x, training=True)
                 return [bn.moving_mean for bn in bns], [bn.moving_variance for bn in bns]
@@ -98,12 +100,11 @@ class PopulationStatistics:
         squares = [np.zeros(bn.moving_mean.shape, np.float64) for bn in self.bns]
         images = batches = 0
         try:
-            step = self._step()
             workers = max(1, int(getattr(dataset, "workers", 1) or 1))
             # the model runs while the next batches decode, as in training
             for x, _ in read_ahead(dataset.__getitem__, len(dataset), workers=workers, ahead=4):
                 n = len(x[0] if isinstance(x, (list, tuple)) else x)
-                means, variances = step(x)
+                means, variances = self._step(x)(x)
                 for k, (m, v) in enumerate(zip(means, variances)):
                     m = np.asarray(m, np.float64)
                     sums[k] += n * m
