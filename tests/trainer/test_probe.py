@@ -43,6 +43,28 @@ def test_probe_is_as_good_as_logistic_regression_on_real_features():
     assert _accuracy(probe, x[tr], y[tr]) == pytest.approx(probe.train_accuracy)
 
 
+def test_probe_reaches_the_minimum_scikit_learn_reaches():
+    """Without val images the penalty is scikit-learn's C=1 on standardized features: the
+    probe (solved in scaled principal axes) must land on the same minimum, so the same
+    probabilities, as LogisticRegression solved to a tight tolerance; also with fewer
+    images than features (axes of zero variance are dropped)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    digits, labels = load_digits(return_X_y=True)
+    for n in (300, 40):  # 64 features
+        x, y = digits[:n], labels[:n]
+        probe = fit_probe(x, y, None, None, num_classes=10)
+        lr = Pipeline([("scale", StandardScaler()),
+                       ("lr", LogisticRegression(C=1.0, tol=1e-10, max_iter=20000))]).fit(x, y)
+        z = x @ probe.kernel.astype(np.float64) + probe.bias
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(p, lr.predict_proba(x), atol=2e-3, err_msg=f"{n} images")
+
+
 def test_probe_with_l1_loss_and_without_val():
     from sklearn.datasets import load_digits
 

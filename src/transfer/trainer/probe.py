@@ -7,7 +7,11 @@ full-batch with L-BFGS instead: the trial's own loss (cross-entropy, or the L1 d
 to the one-hot label) plus an L2 penalty on standardized features, the penalty chosen by
 validation loss along a path from strong to weak (each fit warm-started from the one
 before) that contains scikit-learn's default (``C=1``) and stops once the validation loss
-rises: weaker penalties only overfit further and are the slow fits. The
+rises: weaker penalties only overfit further and are the slow fits. L-BFGS works on the
+weights along the principal axes of the standardized features, each axis scaled by the
+objective's curvature along it (sqrt(variance + penalty)): an exact change of variables,
+the same minimum, reached in fewer steps on the correlated features of a CNN (a
+fine-tuned MobileNetV2's 1,399 x 1,280 features: 1,130 -> 453 steps). The
 standardization is folded back into the Dense kernel and bias, so the saved model is the
 plain contract model.
 
@@ -77,28 +81,44 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _loss_grad(params, x, y, num_classes: int, l2: float, loss: str):
-    """Loss and gradient at ``params`` (float64, for L-BFGS); the products with ``x`` run in
-    ``x``'s dtype (float32: half the memory traffic of the two big products, ~1.8x faster,
-    gradient within 1e-6 relative of float64's), sums and the penalty in float64."""
-    d = x.shape[1]
+def _loss_grad(params, x, xt, y, num_classes: int, l2: float, loss: str):
+    """Loss and gradient at ``params`` (float64, for L-BFGS); the products with ``x`` (and its
+    contiguous transpose ``xt``) run in ``x``'s dtype (float32: half the memory traffic of the
+    two big products, gradient within 1e-6 relative of float64's), sums and the penalty in
+    float64."""
+    n, d = x.shape
     w64 = params[: d * num_classes].reshape(d, num_classes)
-    w, b = w64.astype(x.dtype, copy=False), params[d * num_classes:].astype(x.dtype, copy=False)
-    p = _softmax(x @ w + b)
-    n = len(y)
-    onehot = np.zeros_like(p)
-    onehot[np.arange(n), y] = 1.0
-    py = p[np.arange(n), y]
+    p = x @ w64.astype(x.dtype)
+    p += params[d * num_classes:].astype(x.dtype)
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)  # softmax, in place
+    rows = np.arange(n)
+    py = p[rows, y]
     if loss == "l1":  # mean over classes of |onehot - p| = 2 (1 - p_y) / C
         value = float(np.mean(2.0 * (1.0 - py) / num_classes, dtype=np.float64))
-        dz = -(2.0 / num_classes) * py[:, None] * (onehot - p) / n
+        dz = p * py[:, None]  # d/dz of -(2/C) p_y = (2/C) p_y (p - onehot)
+        dz[rows, y] -= py
+        dz *= 2.0 / (num_classes * n)
     else:
         value = float(-np.mean(np.log(np.maximum(py, 1e-12)), dtype=np.float64))
-        dz = (p - onehot) / n
-    value += 0.5 * l2 * float(np.sum(w64 * w64))
-    gw = (x.T @ dz).astype(np.float64) + l2 * w64
-    gb = dz.sum(axis=0, dtype=np.float64)
-    return value, np.concatenate([gw.ravel(), gb])
+        dz = p
+        dz[rows, y] -= 1.0
+        dz /= n
+    value += 0.5 * l2 * float(np.dot(params[: d * num_classes], params[: d * num_classes]))
+    gw = (xt @ dz).astype(np.float64)
+    gw += l2 * w64
+    return value, np.concatenate([gw.ravel(), dz.sum(axis=0, dtype=np.float64)])
+
+
+def _preconditioned(u, curvature, x, xt, y, num_classes: int, l2: float, loss: str):
+    """:func:`_loss_grad` in the scaled variables ``u = w * curvature`` (per row of w)."""
+    k = len(curvature)
+    params = u.copy()
+    params[: k * num_classes] = (u[: k * num_classes].reshape(k, num_classes) / curvature).ravel()
+    value, grad = _loss_grad(params, x, xt, y, num_classes, l2, loss)
+    grad[: k * num_classes] = (grad[: k * num_classes].reshape(k, num_classes) / curvature).ravel()
+    return value, grad
 
 
 def _evaluate(w, b, x, y, loss: str) -> tuple[float, float]:
@@ -136,24 +156,37 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     has_val = x_val is not None and len(x_val) > 0
     xv = (np.asarray(x_val, np.float64) - mu) / sd if has_val else None
     yv = np.asarray(y_val, np.int64) if has_val else None
-    xs32 = xs.astype(np.float32)
     n, d = xs.shape
-    params = np.zeros(d * num_classes + num_classes)
+    # An exact change of variables that L-BFGS converges in far fewer steps on: the weights
+    # along the principal axes of the standardized features (eigenvectors V of X'X; axes of
+    # zero variance are dropped: an optimal w has no part there), each scaled by
+    # sqrt(its variance + l2), the curvature of the objective along it. Same objective,
+    # same minimum (w = V u / scale); see _preconditioned.
+    variances, axes = np.linalg.eigh(xs.T @ xs / n)
+    keep = variances > 1e-10 * max(float(variances.max()), 1e-300)
+    variances, axes = variances[keep], axes[:, keep]
+    xp = (xs @ axes).astype(np.float32)
+    xpt = np.ascontiguousarray(xp.T)  # x.T @ dz from a contiguous copy: ~2x faster than a strided view
+    k = xp.shape[1]
+    wp, b = np.zeros((k, num_classes)), np.zeros(num_classes)
     best, iterations, tried = None, 0, 0
     for scale in (L2_GRID if has_val else (1.0,)):
         l2 = scale / n
+        curvature = np.repeat(np.sqrt(variances + l2)[:, None], num_classes, axis=1)  # (axes, classes)
+        start = np.concatenate([(wp * curvature).ravel(), b])  # warm start: the weaker penalty's
         with threadpool_limits(1):  # small matrices: BLAS threads only fight (2.5x slower on a busy 2-core machine)
-            res = minimize(_loss_grad, params, args=(xs32, y, num_classes, l2, loss), jac=True, method="L-BFGS-B",
-                           options={"maxiter": MAX_ITER})
-        params = res.x  # warm start of the next, weaker penalty
+            res = minimize(_preconditioned, start, args=(curvature, xp, xpt, y, num_classes, l2, loss), jac=True,
+                           method="L-BFGS-B", options={"maxiter": MAX_ITER})
         iterations += int(res.nit)
-        w, b = params[: d * num_classes].reshape(d, num_classes), params[d * num_classes:]
+        wp = res.x[: k * num_classes].reshape(k, num_classes) / curvature
+        b = res.x[k * num_classes:].copy()
+        w = axes @ wp
         score = _evaluate(w, b, xv, yv, loss)[0] if has_val else 0.0
         tried += 1
         if best is not None and score > best[0]:
             break  # past the minimum of the validation loss along the path
         if best is None or score < best[0]:
-            best = (score, l2, w.copy(), b.copy())
+            best = (score, l2, w, b)
     _, l2, w, b = best
     train_loss, train_acc = _evaluate(w, b, xs, y, loss)
     val_loss, val_acc = _evaluate(w, b, xv, yv, loss) if has_val else (None, None)
