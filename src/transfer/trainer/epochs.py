@@ -8,6 +8,7 @@ Importing this module imports Keras (the callback subclasses ``keras.callbacks.C
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -75,10 +76,14 @@ class TrialFiles:
         with atomic_path(path, suffix=".keras") as tmp:
             model.save(tmp)
 
-    def save_checkpoint(self, model, optimizer, state: TrialState) -> None:
-        """The resume checkpoint: model, optimizer and random-generator states, then ``state.json``
+    def save_checkpoint(self, model, optimizer, state: TrialState, *, best: bool = False) -> None:
+        """The resume checkpoint: model (with ``best``, also copied to ``model.keras``: the
+        same bytes, written once), optimizer and random-generator states, then ``state.json``
         (the commit point), then ``status.json``."""
         self.save_model(model, self.paths.last_keras)
+        if best:
+            with atomic_path(self.paths.model_keras, suffix=".keras") as tmp:
+                shutil.copyfile(self.paths.last_keras, tmp)
         save_optimizer(optimizer, self.paths.last_optimizer)
         state.rng = rng_states(model)
         state.save(self.paths.state_json)
@@ -129,9 +134,9 @@ class EpochRecorder(keras.callbacks.Callback):
     """Records every epoch of one stage of a trial.
 
     After each epoch, in this order: population BatchNormalization statistics (when they
-    train), validation, then each file atomically: ``history.csv``, ``model.keras`` (when
-    the monitored loss improved), the resume checkpoint (``last.keras``, the optimizer
-    state), ``state.json`` (the commit point: a kill loses at most the epoch in progress),
+    train), validation, then each file atomically: ``history.csv``, the resume checkpoint
+    (``last.keras``, copied to ``model.keras`` when the monitored loss improved; the
+    optimizer state), ``state.json`` (the commit point: a kill loses at most the epoch in progress),
     ``status.json``; then one progress line and any file that failed to decode.
 
     Args:
@@ -181,15 +186,15 @@ class EpochRecorder(keras.callbacks.Callback):
     def _checkpoint(self, row: dict) -> bool:
         """Best model, resume checkpoint and state; returns True when early stopping ends the stage."""
         st = self.state
-        if st.improved(row.get(self.monitor)):
+        best = st.improved(row.get(self.monitor))
+        if best:
             st.best_loss, st.best_epoch, st.wait = float(row[self.monitor]), row["epoch"], 0
-            self.files.save_model(self.flat, self.files.paths.model_keras)
         else:
             st.wait += 1
         stop = self.patience > 0 and st.wait >= self.patience
         st.epoch = row["epoch"]
         st.stopped = bool(stop and row["epoch"] < self.stage_end)
-        self.files.save_checkpoint(self.flat, self.model.optimizer, st)
+        self.files.save_checkpoint(self.flat, self.model.optimizer, st, best=best)
         return stop
 
     def _report(self, row: dict, stop: bool) -> None:
