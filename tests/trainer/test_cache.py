@@ -203,6 +203,29 @@ def test_cached_and_uncached_trials_agree_and_val_numbers_are_the_saved_models(t
     trained = mc["head"]["trained"]  # the trained head on the val images, through the saved model
     assert best["val_loss"] == pytest.approx(trained["loss"], rel=1e-4, abs=1e-6)
     assert best["val_accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
+    # the train numbers come from the cache the trial trained on, and are the saved model's on the images
+    assert mc["features_from"]["train"].startswith("the cache train-")
+    assert mc["features_from"]["test"] == mu["features_from"]["train"] == "the images, through the saved model"
+    loss, accuracy = _saved_model_on_train_images(tmp_path / "cached", "arc2-t050", pattern_folder)
+    assert mc["train"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert mc["train"]["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-6)  # float32 softmax of a near-0 loss
+
+
+def _saved_model_on_train_images(run_dir: Path, trial: str, data: Path) -> tuple[float, float]:
+    """(loss, accuracy) of a trial's model.keras on its training images, decoded and run as a user would."""
+    from transfer.data.batches import BatchSource
+    from transfer.data.folder import Sample
+    from transfer.models.build import load_model
+    from transfer.runfolder import RunFolder
+
+    run = RunFolder(run_dir)
+    src = BatchSource(data, [Sample(p, y) for p, y in run.split("train")], 16, (16, 16), recipe=run.recipe)
+    model = load_model(run_dir / "trials" / trial / "model.keras")
+    batches = [src.get(i) for i in range(len(src))]
+    probs = np.concatenate([np.asarray(model.predict_on_batch(b.x), np.float64) for b in batches])
+    y = np.concatenate([b.y for b in batches])
+    return (float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1 - 1e-7)))),
+            float(np.mean(probs.argmax(1) == y)))
 
 
 def _with_and_without_cache(tmp_path, data, trainable: str, *, epochs: int):
@@ -279,6 +302,8 @@ def test_a_trial_that_trains_everything_decodes_its_images_once(tmp_path, patter
     for a, b in zip(hp, hd, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
     assert mp["test"]["accuracy"] == pytest.approx(md["test"]["accuracy"], abs=1e-9)
+    assert mp["features_from"]["train"].startswith("the decoded pixels train-pixels-")  # not decoded again
+    assert mp["train"]["accuracy"] == pytest.approx(md["train"]["accuracy"], abs=1e-9)
     # the cache holds the decoded pixels of the training images, in split order
     x = np.load(tmp_path / "cached" / "cache" / "arc2-scratch" / folders[0] / "x0.npy")
     assert x.dtype == np.uint8 and x.shape[1:] == (16, 16, 3)

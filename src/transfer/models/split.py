@@ -138,6 +138,19 @@ def suffix_model(model, cut: Cut):
     return keras.Model(_outputs(model, cut.frontier), model.outputs, name=f"suffix_{cut.label}")
 
 
+def features_model(model, cut: Cut):
+    """The frontier outputs -> the pooled ``features`` (the pixels' frontier is the ``image`` input).
+
+    Raises:
+        ValueError: the cut's frontier is the pooled features themselves (nothing to run).
+    """
+    keras = import_keras()
+    if cut.frontier == ("features",):
+        raise ValueError("the frontier is the pooled features: there is nothing to run")
+    inputs = list(model.inputs) if cut.frontier == ("image",) else _outputs(model, cut.frontier)
+    return keras.Model(inputs, model.get_layer("features").output, name=f"features_{cut.label}")
+
+
 def bridge_model(model, shallow: Cut, deep: Cut):
     """A shallower cut's frontier -> a deeper cut's frontier outputs that are not already in it.
 

@@ -85,6 +85,7 @@ class TrainedTrial:
     freeze: dict | None
     record: dict = field(default_factory=dict)  # cache, BatchNormalization statistics, head init, costs
     probe_only: bool = False  # the trial trained nothing but a converged linear probe
+    train_rows: tuple | None = None  # (cut, FeatureCache): the training images' frozen part, computed once
 
 
 def trial_name(backbone: str, trainable: float | None, *, random_init: bool = False, fold: int | None = None) -> str:
@@ -165,6 +166,9 @@ def _compile(model, cfg: TrainConfig, lr: float) -> None:
         loss = keras.losses.SparseCategoricalCrossentropy(name="crossentropy")
         acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     model.compile(optimizer=opt, loss=loss, metrics=[acc])
+    # the optimizer's slot variables now, not inside the first traced step: a tf.function
+    # that creates variables is traced twice (MobileNetV2's train step: 26 s -> 14 s to trace)
+    opt.build(model.trainable_variables)
 
 
 def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_classes: int):
@@ -238,6 +242,7 @@ class Trial:
     builder: object = None  # cache.CacheBuilder, None with the cache off
     record: dict = field(default_factory=dict)
     recipe: dict | None = None  # the run's pixel recipe (dataset.json): a resumed run keeps its own
+    train_rows: tuple | None = None  # (cut, FeatureCache) of the training images the last stage read
 
     @property
     def num_classes(self) -> int:
@@ -329,6 +334,13 @@ def _prepare_caches(trial: Trial, stage: Stage, cut) -> dict:
     return trial.builder.ensure(_requests(trial, cuts, views=views, with_plain_train=True))
 
 
+def _usable_rows(cut, cache, samples) -> tuple | None:
+    """``(cut, cache)`` when the cache has one row per sample, in order (no unreadable file), else None."""
+    if cache is None or cache.rows != len(samples) or cache.meta.get("bad_files"):
+        return None
+    return cut, cache
+
+
 def _find(caches: dict, split: str, cut, view=None):
     for r, c in caches.items():
         if r.split == split and r.view == view and r.cut.frontier == cut.frontier and r.cut.prefix == cut.prefix:
@@ -381,6 +393,8 @@ def _linear_probe(trial: Trial, stage: Stage):
                                    "prefix_seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in used), 3)}
     if caches is None:
         trial.record["probe_cache"]["reason"] = "the cache is off: pooled features computed in memory"
+    else:  # a probe stage's model reads its training images' features from this cache
+        trial.train_rows = _usable_rows(cut, _find(caches, "train", cut), trial.train)
     path = None
     if caches is not None:
         keys = [trial.builder.ctx.key(r) for r in caches if r.cut.frontier == cut.frontier and r.view is None]
@@ -467,6 +481,7 @@ def _cached_data(trial: Trial, stage: Stage, cut, caches: dict) -> StageData:
     model = suffix_model(trial.model, cut)
     stats_ds = cached_dataset([plain], order, shuffle=False, rows=stats_rows(plain.rows, cfg.seed), **kw)
     data = StageData(model=model, train=train_ds, sources=[train_ds], refresh_bn=_bn_refresher(trial, model, stats_ds))
+    trial.train_rows = _usable_rows(cut, plain, trial.train)
     if trial.val:
         val = _find(caches, "val", cut)
         data.validate = _validator(model, cached_dataset([val], order, shuffle=False,
@@ -521,6 +536,7 @@ def _pixel_data(trial: Trial, model) -> StageData | None:
                   "would not line up with the images")
         return None
     train = caches[reqs["train"]]
+    trial.train_rows = _usable_rows(pc, train, trial.train)
     order = _source(trial.data_root, trial.train, cfg, trial.spec, train=True, recipe=trial.recipe)
     kw = dict(batch_size=cfg.batch_size, num_classes=trial.num_classes, one_hot=cfg.loss == "l1", workers=cfg.workers)
     train_ds = cached_dataset([train], order, shuffle=True, pad_to_multiple=trial.replicas, **kw)
@@ -564,6 +580,7 @@ def _stage_data(trial: Trial, stage: Stage) -> StageData:
 
     cfg = trial.cfg
     cut = find_cut(trial.model, trial.info)
+    trial.train_rows = None  # until a cache of the training images is read (below)
     if not cut.has_backbone:
         return _image_data(trial, stage, cut, "every backbone layer trains")
     if trial.builder is None:
@@ -781,25 +798,54 @@ def _train_trial(trial: Trial) -> TrainedTrial:
         trial.files.save_model(trial.model, trial.files.paths.model_keras)
     return TrainedTrial(history=history, best_epoch=int(state.best_epoch), last_epoch=int(state.epoch),
                         params=count_params(trial.model), freeze=freeze, record=trial.record,
-                        probe_only=all(s.probe for s in stages))
+                        probe_only=all(s.probe for s in stages), train_rows=trial.train_rows)
 
 
-def _pooled_outputs(model, data_root: Path, samples, cfg: TrainConfig, spec: TrialSpec, files,
+def _traced(model, shapes):
+    """``model(x, training=False)`` as one function traced once for any batch size (a new
+    batch shape would otherwise trace the model again: seconds for a large backbone)."""
+    tf = import_tensorflow()
+    specs = [tf.TensorSpec((None, *(int(d) for d in s)), tf.float32) for s in shapes]
+
+    @tf.function(input_signature=specs)
+    def run(*xs):
+        return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+
+    return run
+
+
+def _pooled_outputs(forward, data_root: Path, samples, cfg: TrainConfig, spec: TrialSpec, files,
                     recipe: dict | None = None):
-    """(pooled features, labels, paths) of ``samples`` through the saved model, images decoded as
-    for training (an unreadable file is left out and listed)."""
-    from ..models.build import feature_model
+    """(pooled features, labels, paths) of ``samples`` through the saved model (``forward``:
+    images -> pooled features), the images decoded as for training while the model runs on
+    the batch before; an unreadable file is left out and listed."""
+    from ..data.batches import read_ahead
 
-    fm = feature_model(model)
     src = _source(data_root, samples, cfg, spec, train=False, recipe=recipe)
     feats, labels, paths = [], [], []
-    for i in range(len(src)):
-        b = src.get(i)
-        feats.append(np.asarray(fm.predict_on_batch(b.x)[0], dtype=np.float32))
+    workers = max(1, int(cfg.workers))
+    for b in read_ahead(src.get, len(src), workers=workers, ahead=workers + 1):
+        feats.append(np.asarray(forward(b.x), dtype=np.float32))
         labels.append(b.y)
         paths += list(b.paths)
     files.bad_files(src.failed)
     return np.concatenate(feats), np.concatenate(labels), paths
+
+
+def _cached_outputs(best, cut, cache, samples, batch_size: int):
+    """(pooled features, labels, paths) of the training images from the cache of their frozen
+    part (computed once, before training; the frozen layers of ``best`` are those weights),
+    through the rest of the saved model."""
+    from ..models.split import features_model
+
+    rows = np.arange(cache.rows)
+    if cut.frontier == ("features",):
+        feats = cache.read(rows)[0]
+    else:
+        forward = _traced(features_model(best, cut), cache.shapes)
+        feats = np.concatenate([np.asarray(forward(*cache.read(rows[i:i + batch_size])), dtype=np.float32)
+                                for i in range(0, len(rows), batch_size)])
+    return feats, np.asarray(cache.labels[:], dtype=np.int64), [s.path for s in samples]
 
 
 def _head_numbers(feats: np.ndarray, labels: np.ndarray, kernel, bias, loss: str) -> dict:
@@ -855,14 +901,28 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
     better (:func:`_refit_head`), so no trial's head is undertrained for its own features.
     """
     from ..data.image import recipe_version
-    from ..models.build import load_model
+    from ..models.build import load_model, pooled_model
     from .epochs import TrialFiles
 
     t0 = time.perf_counter()
     files = TrialFiles(writer, spec.name, data_root)
     best = load_model(files.paths.model_keras)
-    outputs = {split: _pooled_outputs(best, data_root, samples, cfg, spec, files, recipe)
-               for split, samples in splits if len(samples)}
+    forward = None  # the saved model from images to pooled features, traced on first use
+    outputs, computed_from = {}, {}
+    for split, samples in splits:
+        if not len(samples):
+            continue
+        if split == "train" and trained.train_rows is not None:
+            cut, cache = trained.train_rows
+            outputs[split] = _cached_outputs(best, cut, cache, samples, cfg.batch_size)
+            computed_from[split] = (f"the decoded pixels {cache.folder.name}, through the saved model"
+                                    if cut.label == "pixels" else f"the cache {cache.folder.name} "
+                                    f"({cache.dtype.name}), through the saved model's trained layers")
+            continue
+        if forward is None:
+            forward = _traced(pooled_model(best), [best.inputs[0].shape[1:]])
+        outputs[split] = _pooled_outputs(forward, data_root, samples, cfg, spec, files, recipe)
+        computed_from[split] = "the images, through the saved model"
     record = dict(trained.record)
     head = dict(record.get("head") or {})
     if not trained.probe_only:
@@ -890,6 +950,7 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
         "cache": cache,
         "batchnorm": record.get("batchnorm", {"statistics": "stored (no BatchNormalization layer trains)"}),
         "head": head,
+        "features_from": computed_from,  # where each split's pooled features were computed
         "recipe": recipe_version(recipe),  # the pixel recipe the images were decoded with
         "cost": {"prefix_seconds": float(cache.get("prefix_seconds") or 0.0), "train_seconds": round(sum(secs), 3),
                  "evaluate_seconds": round(time.perf_counter() - t0, 3)},
