@@ -601,12 +601,6 @@ def backbone_weights(model, info: BuildInfo) -> list:
     return out
 
 
-def pooled_model(model):
-    """A model sharing ``model``'s layers: images -> the pooled ``features`` (no copy)."""
-    keras = import_keras()
-    return keras.Model(model.inputs, model.get_layer("features").output, name=f"{model.name}_pooled")
-
-
 def feature_model(model):
     """A model sharing ``model``'s layers with two outputs: ``[features, probs]`` (no copy).
 

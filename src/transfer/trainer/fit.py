@@ -901,7 +901,8 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
     better (:func:`_refit_head`), so no trial's head is undertrained for its own features.
     """
     from ..data.image import recipe_version
-    from ..models.build import load_model, pooled_model
+    from ..models.build import load_model
+    from ..models.split import features_model, pixel_cut
     from .epochs import TrialFiles
 
     t0 = time.perf_counter()
@@ -920,7 +921,7 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
                                     f"({cache.dtype.name}), through the saved model's trained layers")
             continue
         if forward is None:
-            forward = _traced(pooled_model(best), [best.inputs[0].shape[1:]])
+            forward = _traced(features_model(best, pixel_cut(spec.image_size)), [best.inputs[0].shape[1:]])
         outputs[split] = _pooled_outputs(forward, data_root, samples, cfg, spec, files, recipe)
         computed_from[split] = "the images, through the saved model"
     record = dict(trained.record)

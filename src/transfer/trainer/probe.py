@@ -76,9 +76,11 @@ class Probe:
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """Row-wise softmax of ``z``, computed in place (``z`` is returned)."""
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 def _loss_grad(params, x, xt, y, num_classes: int, l2: float, loss: str):
@@ -90,9 +92,7 @@ def _loss_grad(params, x, xt, y, num_classes: int, l2: float, loss: str):
     w64 = params[: d * num_classes].reshape(d, num_classes)
     p = x @ w64.astype(x.dtype)
     p += params[d * num_classes:].astype(x.dtype)
-    p -= p.max(axis=1, keepdims=True)
-    np.exp(p, out=p)
-    p /= p.sum(axis=1, keepdims=True)  # softmax, in place
+    _softmax(p)
     rows = np.arange(n)
     py = p[rows, y]
     if loss == "l1":  # mean over classes of |onehot - p| = 2 (1 - p_y) / C
@@ -112,12 +112,12 @@ def _loss_grad(params, x, xt, y, num_classes: int, l2: float, loss: str):
 
 
 def _preconditioned(u, curvature, x, xt, y, num_classes: int, l2: float, loss: str):
-    """:func:`_loss_grad` in the scaled variables ``u = w * curvature`` (per row of w)."""
+    """:func:`_loss_grad` in the scaled variables ``u = w * curvature[:, None]`` (one scale per row of w)."""
     k = len(curvature)
     params = u.copy()
-    params[: k * num_classes] = (u[: k * num_classes].reshape(k, num_classes) / curvature).ravel()
+    params[: k * num_classes] = (u[: k * num_classes].reshape(k, num_classes) / curvature[:, None]).ravel()
     value, grad = _loss_grad(params, x, xt, y, num_classes, l2, loss)
-    grad[: k * num_classes] = (grad[: k * num_classes].reshape(k, num_classes) / curvature).ravel()
+    grad[: k * num_classes] = (grad[: k * num_classes].reshape(k, num_classes) / curvature[:, None]).ravel()
     return value, grad
 
 
@@ -172,13 +172,13 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     best, iterations, tried = None, 0, 0
     for scale in (L2_GRID if has_val else (1.0,)):
         l2 = scale / n
-        curvature = np.repeat(np.sqrt(variances + l2)[:, None], num_classes, axis=1)  # (axes, classes)
-        start = np.concatenate([(wp * curvature).ravel(), b])  # warm start: the weaker penalty's
+        curvature = np.sqrt(variances + l2)
+        start = np.concatenate([(wp * curvature[:, None]).ravel(), b])  # warm start: the weaker penalty's
         with threadpool_limits(1):  # small matrices: BLAS threads only fight (2.5x slower on a busy 2-core machine)
             res = minimize(_preconditioned, start, args=(curvature, xp, xpt, y, num_classes, l2, loss), jac=True,
                            method="L-BFGS-B", options={"maxiter": MAX_ITER})
         iterations += int(res.nit)
-        wp = res.x[: k * num_classes].reshape(k, num_classes) / curvature
+        wp = res.x[: k * num_classes].reshape(k, num_classes) / curvature[:, None]
         b = res.x[k * num_classes:].copy()
         w = axes @ wp
         score = _evaluate(w, b, xv, yv, loss)[0] if has_val else 0.0
