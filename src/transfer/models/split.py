@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._lazy import import_keras
+from .._lazy import import_keras, import_tensorflow
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,27 @@ def _cut(model, prefix: list[str], label: str, backbone_depth: int) -> Cut:
     shapes = tuple(tuple(int(d) for d in model.get_layer(n).output.shape[1:]) for n in frontier)
     ordered = tuple(sorted(prefix, key=order.__getitem__))
     return Cut(prefix=ordered, frontier=tuple(frontier), shapes=shapes, label=label, backbone_depth=backbone_depth)
+
+
+def inference_function(model):
+    """``model(x, training=False)`` as one ``tf.function`` traced once for any batch size,
+    its outputs as a list. ``predict_on_batch`` traces the model again for every new batch
+    shape (the last, shorter batch of each split): seconds each for a large backbone.
+
+    Example::
+
+        run = inference_function(prefix_model(model, cut))
+        outputs = run(images)          # float32 arrays, one per model input
+    """
+    tf = import_tensorflow()
+    specs = [tf.TensorSpec((None, *(int(d) for d in t.shape[1:])), tf.float32) for t in model.inputs]
+
+    @tf.function(input_signature=specs)
+    def run(*xs):
+        out = model(list(xs) if len(xs) > 1 else xs[0], training=False)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    return run
 
 
 def _outputs(model, names):

@@ -305,13 +305,13 @@ class CacheBuilder:
 
     def _prefix(self, cut):
         """The model from the images to ``cut``'s frontier (None: the frontier is the image)."""
-        from ..models.split import prefix_model
+        from ..models.split import inference_function, prefix_model
 
         if not cut.prefix:
             return None
         key = (cut.prefix, cut.frontier)
         if key not in self._prefixes:
-            self._prefixes[key] = prefix_model(self.model, cut)
+            self._prefixes[key] = inference_function(prefix_model(self.model, cut))
         return self._prefixes[key]
 
     # -- checks ------------------------------------------------------------------
@@ -363,7 +363,7 @@ class CacheBuilder:
         prefix = self._prefix(req.cut)
         for b in batches:
             batch = src.get(b)
-            fresh = [batch.x] if prefix is None else _as_list(prefix.predict_on_batch(batch.x))
+            fresh = [batch.x] if prefix is None else _as_list(prefix(batch.x))
             rows = np.arange(b * src.batch_size, b * src.batch_size + len(batch.y))
             stored = cache.read(rows)
             if not np.array_equal(cache.labels[rows], batch.y):
@@ -459,7 +459,7 @@ class CacheBuilder:
 
     def _plan_chain(self, reqs: list[CacheRequest], source_cut) -> list[_Step]:
         """One step per request: the model from the previous frontier (or the images) to its own."""
-        from ..models.split import bridge_model
+        from ..models.split import bridge_model, inference_function
 
         steps, prev = [], source_cut
         for r in reqs:
@@ -467,7 +467,8 @@ class CacheBuilder:
                 steps.append(_Step(r, self._prefix(r.cut), ("image",), tuple(r.cut.frontier)))
             else:
                 model, names = bridge_model(self.model, prev, r.cut)
-                steps.append(_Step(r, model, tuple(prev.frontier), tuple(names)))
+                steps.append(_Step(r, None if model is None else inference_function(model), tuple(prev.frontier),
+                                   tuple(names)))
             prev = r.cut
         return steps
 
@@ -481,9 +482,7 @@ class CacheBuilder:
             for i, step in enumerate(steps):
                 t = time.perf_counter()
                 if step.model is not None:
-                    inputs = [named[k] for k in step.inputs]
-                    named.update(zip(step.computes, _as_list(step.model.predict_on_batch(
-                        inputs if len(inputs) > 1 else inputs[0]))))
+                    named.update(zip(step.computes, _as_list(step.model(*[named[k] for k in step.inputs]))))
                 writers[step.req].write([named[k] for k in step.req.cut.frontier], labels)
                 seconds[i] += time.perf_counter() - t
         return seconds, failed
@@ -530,7 +529,7 @@ class CacheBuilder:
 @dataclass(frozen=True)
 class _Step:
     req: CacheRequest
-    model: object  # keras.Model or None (the frontier is already known)
+    model: object  # the traced step (models.split.inference_function) or None (the frontier is already known)
     inputs: tuple[str, ...]
     computes: tuple[str, ...]
 

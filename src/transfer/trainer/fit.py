@@ -357,16 +357,16 @@ def _probe_features(trial: Trial, cut, caches: dict | None):
         xt, yt = tr.read(np.arange(tr.rows))[0], tr.labels
         xv, yv = (va.read(np.arange(va.rows))[0], va.labels) if va is not None else (None, None)
         return xt, yt, xv, yv
-    from ..models.split import prefix_model
+    from ..models.split import inference_function, prefix_model
 
-    prefix = prefix_model(trial.model, cut)
+    prefix = inference_function(prefix_model(trial.model, cut))
 
     def features(samples):
         src = _source(trial.data_root, samples, trial.cfg, trial.spec, train=False, recipe=trial.recipe)
         xs, ys = [], []
         for i in range(len(src)):
             b = src.get(i)
-            xs.append(np.asarray(prefix.predict_on_batch(b.x)))
+            xs.append(np.asarray(prefix(b.x)[0]))
             ys.append(b.y)
         return np.concatenate(xs), np.concatenate(ys)
 
@@ -801,19 +801,6 @@ def _train_trial(trial: Trial) -> TrainedTrial:
                         probe_only=all(s.probe for s in stages), train_rows=trial.train_rows)
 
 
-def _traced(model, shapes):
-    """``model(x, training=False)`` as one function traced once for any batch size (a new
-    batch shape would otherwise trace the model again: seconds for a large backbone)."""
-    tf = import_tensorflow()
-    specs = [tf.TensorSpec((None, *(int(d) for d in s)), tf.float32) for s in shapes]
-
-    @tf.function(input_signature=specs)
-    def run(*xs):
-        return model(list(xs) if len(xs) > 1 else xs[0], training=False)
-
-    return run
-
-
 def _pooled_outputs(forward, data_root: Path, samples, cfg: TrainConfig, spec: TrialSpec, files,
                     recipe: dict | None = None):
     """(pooled features, labels, paths) of ``samples`` through the saved model (``forward``:
@@ -825,7 +812,7 @@ def _pooled_outputs(forward, data_root: Path, samples, cfg: TrainConfig, spec: T
     feats, labels, paths = [], [], []
     workers = max(1, int(cfg.workers))
     for b in read_ahead(src.get, len(src), workers=workers, ahead=workers + 1):
-        feats.append(np.asarray(forward(b.x), dtype=np.float32))
+        feats.append(np.asarray(forward(b.x)[0], dtype=np.float32))
         labels.append(b.y)
         paths += list(b.paths)
     files.bad_files(src.failed)
@@ -836,14 +823,14 @@ def _cached_outputs(best, cut, cache, samples, batch_size: int):
     """(pooled features, labels, paths) of the training images from the cache of their frozen
     part (computed once, before training; the frozen layers of ``best`` are those weights),
     through the rest of the saved model."""
-    from ..models.split import features_model
+    from ..models.split import features_model, inference_function
 
     rows = np.arange(cache.rows)
     if cut.frontier == ("features",):
         feats = cache.read(rows)[0]
     else:
-        forward = _traced(features_model(best, cut), cache.shapes)
-        feats = np.concatenate([np.asarray(forward(*cache.read(rows[i:i + batch_size])), dtype=np.float32)
+        forward = inference_function(features_model(best, cut))
+        feats = np.concatenate([np.asarray(forward(*cache.read(rows[i:i + batch_size]))[0], dtype=np.float32)
                                 for i in range(0, len(rows), batch_size)])
     return feats, np.asarray(cache.labels[:], dtype=np.int64), [s.path for s in samples]
 
@@ -902,7 +889,7 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
     """
     from ..data.image import recipe_version
     from ..models.build import load_model
-    from ..models.split import features_model, pixel_cut
+    from ..models.split import features_model, inference_function, pixel_cut
     from .epochs import TrialFiles
 
     t0 = time.perf_counter()
@@ -921,7 +908,7 @@ def _evaluate_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, traine
                                     f"({cache.dtype.name}), through the saved model's trained layers")
             continue
         if forward is None:
-            forward = _traced(features_model(best, pixel_cut(spec.image_size)), [best.inputs[0].shape[1:]])
+            forward = inference_function(features_model(best, pixel_cut(spec.image_size)))
         outputs[split] = _pooled_outputs(forward, data_root, samples, cfg, spec, files, recipe)
         computed_from[split] = "the images, through the saved model"
     record = dict(trained.record)
