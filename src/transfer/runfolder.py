@@ -56,11 +56,22 @@ class TrialPaths:
     curves_png = property(lambda self: self.dir / "curves.png")
     model_keras = property(lambda self: self.dir / "model.keras")
     metrics_json = property(lambda self: self.dir / "metrics.json")
-    #: the resume checkpoint (model with optimizer state) and its commit point
-    last_keras = property(lambda self: self.dir / "last.keras")
-    last_optimizer = property(lambda self: self.dir / "last.optimizer.npz")
+    #: the commit point of the resume checkpoint (names the epoch whose files below to load)
     state_json = property(lambda self: self.dir / "state.json")
     tensorboard = property(lambda self: self.dir / "tensorboard")
+
+    def weights_at(self, epoch: int) -> Path:
+        """The model's weights after ``epoch`` (resume checkpoint; the best epoch's become ``model.keras``)."""
+        return self.dir / f"epoch-{int(epoch):04d}.weights.npz"
+
+    def optimizer_at(self, epoch: int) -> Path:
+        """The optimizer state after ``epoch`` (resume checkpoint)."""
+        return self.dir / f"epoch-{int(epoch):04d}.optimizer.npz"
+
+    def checkpoints(self) -> list[Path]:
+        """Every resume-checkpoint file (``last.*``: the single checkpoint of earlier versions)."""
+        return sorted([*self.dir.glob("epoch-*.weights.npz"), *self.dir.glob("epoch-*.optimizer.npz"),
+                       *self.dir.glob("last.keras"), *self.dir.glob("last.optimizer.npz")])
 
     def history(self) -> list[dict]:
         """Rows of ``history.csv`` (numbers as float, ``epoch`` as int, empty cells as None)."""
@@ -455,8 +466,8 @@ class RunWriter(RunLayout):
 
     def remove_resume_checkpoint(self, name: str) -> None:
         """The resume checkpoint is internal; a finished trial drops it."""
-        self.trial_paths(name).last_keras.unlink(missing_ok=True)
-        self.trial_paths(name).last_optimizer.unlink(missing_ok=True)
+        for path in self.trial_paths(name).checkpoints():
+            path.unlink(missing_ok=True)
 
     # -- the sweep ----------------------------------------------------------------
     def write_sweep_table(self, header: Sequence[str], rows: Sequence[Sequence]) -> str:

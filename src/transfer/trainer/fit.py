@@ -431,10 +431,7 @@ def _probe_stage(trial: Trial, stage: Stage, state, history: list, epoch: int) -
     history.append(row)
     trial.files.history(history)
     state.best_loss, state.best_epoch, state.wait, state.epoch = monitor, epoch, 0, epoch
-    trial.files.save_model(trial.model, trial.files.paths.model_keras)
-    trial.files.save_model(trial.model, trial.files.paths.last_keras)
-    state.save(trial.files.paths.state_json)
-    trial.files.status("running", epoch)
+    trial.files.save_checkpoint(trial.model, None, state)
     trial.record["head"] = {"init": "linear probe", **probe.record()}
     trial.record["cache"] = trial.record.pop("probe_cache")
 
@@ -686,15 +683,16 @@ def _uses_lp_ft(trial: Trial) -> bool:
 
 def _resume(trial: Trial, state) -> list[dict]:
     """Load the resume checkpoint into the trial (model, random-generator states); the history up to it."""
-    from ..models.build import load_model
-    from .epochs import restore_rng
+    from .epochs import load_weights, restore_rng
 
     paths = trial.files.paths
-    if state.epoch == 0 or not paths.last_keras.is_file():
+    if state.epoch == 0:
+        return []
+    if not load_weights(trial.model, paths.weights_at(state.epoch)):
+        trial.say(f"note: the checkpoint of epoch {state.epoch} ({paths.weights_at(state.epoch).name}) is missing or "
+                  "not this model's; the trial starts again from its first epoch")
         return []
     trial.say(f"resuming after epoch {state.epoch}")
-    loaded = load_model(paths.last_keras)
-    trial.model.set_weights(loaded.get_weights())
     restore_rng(trial.model, state.rng)
     return [r for r in paths.history() if r["epoch"] <= state.epoch]
 
@@ -750,8 +748,9 @@ def _run_stage(trial: Trial, stage: Stage, si: int, bounds: list[int], state, hi
     data = _stage_data(trial, stage)
     trial.record["cache"] = data.record
     _compile(data.model, trial.cfg, stage.lr)  # recompile after every change of `trainable`
-    if resumed_stage and start > bounds[si] - stage.epochs and trial.files.paths.last_optimizer.is_file():
-        if not restore_optimizer(data.model.optimizer, data.model.trainable_variables, trial.files.paths.last_optimizer):
+    saved_optimizer = trial.files.paths.optimizer_at(state.epoch)
+    if resumed_stage and start > bounds[si] - stage.epochs and saved_optimizer.is_file():
+        if not restore_optimizer(data.model.optimizer, data.model.trainable_variables, saved_optimizer):
             trial.say("note: the saved optimizer state does not fit; the optimizer starts afresh")
     if si > 0 and not resumed_stage:
         state.wait, state.stopped = 0, False
@@ -794,8 +793,7 @@ def _train_trial(trial: Trial) -> TrainedTrial:
         if state.stopped and si == len(stages) - 1:
             break
         state.stopped = False
-    if not trial.files.paths.model_keras.is_file():  # no epoch improved (NaN losses): keep the last model
-        trial.files.save_model(trial.model, trial.files.paths.model_keras)
+    trial.files.write_model(trial.model, state)  # the best epoch's weights (the last ones if none improved)
     return TrainedTrial(history=history, best_epoch=int(state.best_epoch), last_epoch=int(state.epoch),
                         params=count_params(trial.model), freeze=freeze, record=trial.record,
                         probe_only=all(s.probe for s in stages), train_rows=trial.train_rows)

@@ -1,0 +1,87 @@
+"""The resume checkpoint of a trial: per-epoch weight files, ``state.json`` as the commit
+point, the best epoch's weights kept until ``model.keras`` is written from them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transfer.errors import RunFolderError
+from transfer.runfolder import RunWriter
+from transfer.trainer.epochs import TrialFiles, TrialState, load_weights
+
+
+def _model():
+    import keras
+
+    inputs = keras.Input((4,), name="image")
+    x = keras.layers.BatchNormalization(name="bn")(inputs)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="probs")(x)
+    model = keras.Model(inputs, out)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _epoch(files, model, state, epoch, loss):
+    """What EpochRecorder does after an epoch: new weights, then the checkpoint."""
+    model.get_layer("probs").set_weights([np.full((4, 3), float(epoch), np.float32), np.zeros(3, np.float32)])
+    if state.improved(loss):
+        state.best_loss, state.best_epoch = loss, epoch
+    state.epoch = epoch
+    files.save_checkpoint(model, model.optimizer, state)
+
+
+def _names(files):
+    return sorted(p.name for p in files.paths.checkpoints())
+
+
+def test_the_committed_epoch_and_the_best_one_are_kept_and_model_keras_gets_the_best(tmp_path):
+    from transfer.models.build import load_model
+
+    files = TrialFiles(RunWriter(tmp_path / "run"), "t", tmp_path)
+    files.paths.dir.mkdir(parents=True)
+    model, state = _model(), TrialState()
+    for epoch, loss in ((1, 1.0), (2, 0.5), (3, 0.7)):
+        _epoch(files, model, state, epoch, loss)
+    assert _names(files) == ["epoch-0002.weights.npz", "epoch-0003.optimizer.npz", "epoch-0003.weights.npz"]
+    assert TrialState.load(files.paths.state_json).epoch == 3
+
+    # a kill after the next epoch's weights were written but before state.json: the
+    # committed epoch's files are untouched, and the orphan goes at the next commit
+    model.get_layer("probs").set_weights([np.full((4, 3), 4.0, np.float32), np.zeros(3, np.float32)])
+    from transfer.trainer.epochs import save_weights
+
+    save_weights(model, files.paths.weights_at(4))
+    fresh = _model()
+    assert load_weights(fresh, files.paths.weights_at(TrialState.load(files.paths.state_json).epoch))
+    assert np.all(fresh.get_layer("probs").get_weights()[0] == 3.0)
+    _epoch(files, model, state, 4, 0.9)
+    assert _names(files) == ["epoch-0002.weights.npz", "epoch-0004.optimizer.npz", "epoch-0004.weights.npz"]
+
+    files.write_model(model, state)
+    saved = load_model(files.paths.model_keras)
+    assert np.all(saved.get_layer("probs").get_weights()[0] == 2.0)  # the best epoch, not the last
+    assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), model.get_weights()))
+    files.writer.remove_resume_checkpoint("t")
+    assert _names(files) == []
+
+
+def test_a_damaged_or_foreign_weights_file_is_not_loaded(tmp_path):
+    files = TrialFiles(RunWriter(tmp_path / "run"), "t", tmp_path)
+    files.paths.dir.mkdir(parents=True)
+    model, state = _model(), TrialState()
+    _epoch(files, model, state, 1, 1.0)
+    path = files.paths.weights_at(1)
+    before = [w.copy() for w in model.get_weights()]
+
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert not load_weights(model, path)
+    np.savez(path, np.zeros((5, 5)))  # another model's
+    assert not load_weights(model, path)
+    assert not load_weights(model, files.paths.weights_at(7))  # missing
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before))
+    with pytest.raises(RunFolderError, match=r"best epoch \(1\) cannot be read"):
+        files.write_model(model, state)
+    assert not files.paths.model_keras.exists()
