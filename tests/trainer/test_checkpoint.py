@@ -85,3 +85,26 @@ def test_a_damaged_or_foreign_weights_file_is_not_loaded(tmp_path):
     with pytest.raises(RunFolderError, match=r"best epoch \(1\) cannot be read"):
         files.write_model(model, state)
     assert not files.paths.model_keras.exists()
+
+
+def test_every_trial_starts_from_the_initial_weights_file_even_when_it_changes(pattern_folder, tmp_path):
+    """The initial weights are read once per process (not once per trial), but a changed
+    file is read again."""
+    from transfer.trainer.config import load_config
+    from transfer.trainer.fit import TrialSpec, build_trial_model
+
+    from trainer_helpers import base_overrides
+
+    cfg = load_config(None, base_overrides(pattern_folder, tmp_path / "run"))
+    spec = TrialSpec(name="arc2-t100", group="arc2-t100", fold=None, backbone="arc2", init="scratch",
+                     weights="none", trainable=1.0, freeze_by="layers", image_size=(16, 16))
+    first, _ = build_trial_model(tmp_path / "run", cfg, spec, 3)
+    init = tmp_path / "run" / "init" / "arc2-scratch.weights.h5"
+    assert init.is_file()
+    second, _ = build_trial_model(tmp_path / "run", cfg, spec, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights()))
+
+    second.set_weights([w + 1.0 if w.dtype.kind == "f" else w for w in second.get_weights()])
+    second.save_weights(init)
+    third, _ = build_trial_model(tmp_path / "run", cfg, spec, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(third.get_weights(), second.get_weights()))
