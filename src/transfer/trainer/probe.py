@@ -11,7 +11,8 @@ rises: weaker penalties only overfit further and are the slow fits. L-BFGS works
 weights along the principal axes of the standardized features, each axis scaled by the
 objective's curvature along it (sqrt(variance + penalty)): an exact change of variables,
 the same minimum, reached in fewer steps on the correlated features of a CNN (a
-fine-tuned MobileNetV2's 1,399 x 1,280 features: 1,130 -> 453 steps). The
+fine-tuned MobileNetV2's 1,399 x 1,280 features: 1,130 -> 453 steps at SciPy's default
+tolerance; 279 at :data:`FTOL`). The
 standardization is folded back into the Dense kernel and bias, so the saved model is the
 plain contract model.
 
@@ -30,6 +31,11 @@ import numpy as np
 #: on mean loss); the path stops at the first one whose validation loss is higher than the one before
 L2_GRID = (1000.0, 100.0, 10.0, 1.0, 0.1, 0.01)
 MAX_ITER = 500
+#: a fit stops when an L-BFGS step lowers the objective by less than this (relative; SciPy's
+#: default 2.2e-9 took 2.5x the steps for a training loss 0.1 % lower on a fine-tuned
+#: MobileNetV2's features: 0.3358 vs 0.3361; scikit-learn's LogisticRegression stops at a
+#: gradient of 1e-4 or 100 steps)
+FTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -83,11 +89,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def _loss_grad(params, x, xt, y, num_classes: int, l2: float, loss: str):
-    """Loss and gradient at ``params`` (float64, for L-BFGS); the products with ``x`` (and its
-    contiguous transpose ``xt``) run in ``x``'s dtype (float32: half the memory traffic of the
-    two big products, gradient within 1e-6 relative of float64's), sums and the penalty in
-    float64."""
+def _loss_grad(params, x, y, num_classes: int, l2: float, loss: str):
+    """Loss and gradient at ``params`` (float64, for L-BFGS); the two products with ``x`` run
+    in ``x``'s dtype (float32: half the memory traffic, gradient within 1e-6 relative of
+    float64's), sums and the penalty in float64. Both products read ``x`` itself: ``dz.T @ x``
+    is ~35 % faster per evaluation than ``x.T @ dz`` from a transposed copy, which makes the
+    two products stream two arrays instead of one (1,399 x 1,280 features, one core)."""
     n, d = x.shape
     w64 = params[: d * num_classes].reshape(d, num_classes)
     p = x @ w64.astype(x.dtype)
@@ -106,17 +113,17 @@ def _loss_grad(params, x, xt, y, num_classes: int, l2: float, loss: str):
         dz[rows, y] -= 1.0
         dz /= n
     value += 0.5 * l2 * float(np.dot(params[: d * num_classes], params[: d * num_classes]))
-    gw = (xt @ dz).astype(np.float64)
+    gw = (dz.T @ x).T.astype(np.float64)
     gw += l2 * w64
     return value, np.concatenate([gw.ravel(), dz.sum(axis=0, dtype=np.float64)])
 
 
-def _preconditioned(u, curvature, x, xt, y, num_classes: int, l2: float, loss: str):
+def _preconditioned(u, curvature, x, y, num_classes: int, l2: float, loss: str):
     """:func:`_loss_grad` in the scaled variables ``u = w * curvature[:, None]`` (one scale per row of w)."""
     k = len(curvature)
     params = u.copy()
     params[: k * num_classes] = (u[: k * num_classes].reshape(k, num_classes) / curvature[:, None]).ravel()
-    value, grad = _loss_grad(params, x, xt, y, num_classes, l2, loss)
+    value, grad = _loss_grad(params, x, y, num_classes, l2, loss)
     grad[: k * num_classes] = (grad[: k * num_classes].reshape(k, num_classes) / curvature[:, None]).ravel()
     return value, grad
 
@@ -166,7 +173,6 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     keep = variances > 1e-10 * max(float(variances.max()), 1e-300)
     variances, axes = variances[keep], axes[:, keep]
     xp = (xs @ axes).astype(np.float32)
-    xpt = np.ascontiguousarray(xp.T)  # x.T @ dz from a contiguous copy: ~2x faster than a strided view
     k = xp.shape[1]
     wp, b = np.zeros((k, num_classes)), np.zeros(num_classes)
     best, iterations, tried = None, 0, 0
@@ -175,8 +181,8 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
         curvature = np.sqrt(variances + l2)
         start = np.concatenate([(wp * curvature[:, None]).ravel(), b])  # warm start: the weaker penalty's
         with threadpool_limits(1):  # small matrices: BLAS threads only fight (2.5x slower on a busy 2-core machine)
-            res = minimize(_preconditioned, start, args=(curvature, xp, xpt, y, num_classes, l2, loss), jac=True,
-                           method="L-BFGS-B", options={"maxiter": MAX_ITER})
+            res = minimize(_preconditioned, start, args=(curvature, xp, y, num_classes, l2, loss), jac=True,
+                           method="L-BFGS-B", options={"maxiter": MAX_ITER, "ftol": FTOL})
         iterations += int(res.nit)
         wp = res.x[: k * num_classes].reshape(k, num_classes) / curvature[:, None]
         b = res.x[k * num_classes:].copy()
