@@ -220,19 +220,25 @@ class _SplitArrays:
 
 
 class _TimedForward:
-    """The feature model on a batch: ``(features, probs)``; the first call (graph tracing) is not timed."""
+    """The feature model on a batch: ``(features, probs)``; the first call (graph tracing) is not timed.
+
+    The model is traced once for any batch size (``models.split.inference_function``): the
+    last batch of a split, or one that lost unreadable files, would otherwise trace it again.
+    """
 
     def __init__(self, fm):
-        self.fm = fm
+        from ..models.split import inference_function
+
+        self.fm = inference_function(fm)
         self.seconds = 0.0
         self._warm = False
 
     def __call__(self, x: np.ndarray):
         if not self._warm:
-            self.fm.predict_on_batch(x)
+            self.fm(x)
             self._warm = True
         t0 = time.perf_counter()
-        out = self.fm.predict_on_batch(x)
+        out = [np.asarray(a) for a in self.fm(x)]
         self.seconds += time.perf_counter() - t0
         return out
 
