@@ -65,6 +65,32 @@ def test_probe_reaches_the_minimum_scikit_learn_reaches():
         np.testing.assert_allclose(p, lr.predict_proba(x), atol=2e-3, err_msg=f"{n} images")
 
 
+def test_probe_numbers_are_the_float32_heads_and_coarse_features_are_flagged():
+    """The probe reports (and chooses its penalty by) what the float32 head the model keeps
+    does on float32 features. Features that vary by ~1e-6 of their mean (a mostly frozen
+    random backbone) are flagged: a float32 head on them computes logits through cancelling
+    terms of ~1e6, so its numbers are noisy."""
+    from sklearn.datasets import load_digits
+
+    from transfer.trainer.fit import _head_numbers
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    probe = fit_probe(x[:300], y[:300], x[300:500], y[300:500], num_classes=10)
+    assert probe.resolution_bits > 20 and not probe.coarse
+    for rows, acc, loss in ((slice(0, 300), probe.train_accuracy, probe.train_loss),
+                            (slice(300, 500), probe.val_accuracy, probe.val_loss)):
+        got = _head_numbers(x[rows], y[rows], probe.kernel, probe.bias, "crossentropy")
+        assert got["accuracy"] == acc and got["loss"] == pytest.approx(loss, rel=1e-4)
+
+    coarse = (100.0 + 1e-4 * x).astype(np.float32)  # the same signal, 1e-6 of the mean
+    flat = fit_probe(coarse[:300], y[:300], coarse[300:500], y[300:500], num_classes=10)
+    assert flat.coarse and flat.resolution_bits < 8
+    got = _head_numbers(coarse[300:500], y[300:500], flat.kernel, flat.bias, "crossentropy")
+    assert got["accuracy"] == flat.val_accuracy  # the flagged numbers are still the model's
+    assert flat.record()["feature_resolution_bits"] == round(flat.resolution_bits, 1)
+
+
 def test_probe_with_l1_loss_and_without_val():
     from sklearn.datasets import load_digits
 

@@ -448,6 +448,10 @@ def _probe_stage(trial: Trial, stage: Stage, state, history: list, epoch: int) -
     trial.say(f"linear probe on the pooled features{' (reused)' if reused else ''}: train acc "
               f"{probe.train_accuracy:.4f}" + (f", val acc {probe.val_accuracy:.4f}" if probe.val_accuracy is not None
                                                 else "") + f" (L2 {probe.l2:.3g}, {probe.iterations} L-BFGS steps)")
+    if probe.coarse:
+        trial.say(f"  note: the pooled features vary by so little around their mean that float32 resolves them to "
+                  f"~{probe.resolution_bits:.0f} bits (ordinary features: ~23); a float32 head's numbers on them "
+                  "are noisy (a mostly frozen random backbone?)")
     monitor = probe.val_loss if probe.val_loss is not None else probe.train_loss
     row = {"epoch": epoch, "loss": probe.train_loss, "accuracy": probe.train_accuracy, "val_loss": probe.val_loss,
            "val_accuracy": probe.val_accuracy, "lr": None, "seconds": round(time.perf_counter() - t0, 3)}

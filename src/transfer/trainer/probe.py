@@ -36,6 +36,9 @@ MAX_ITER = 500
 #: MobileNetV2's features: 0.3358 vs 0.3361; scikit-learn's LogisticRegression stops at a
 #: gradient of 1e-4 or 100 steps)
 FTOL = 1e-6
+#: below this many bits of float32 resolution in the features (:func:`_resolution_bits`) a
+#: trial says its head's numbers are noisy
+COARSE_BITS = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,20 @@ class Probe:
     iterations: int
     seconds: float
     penalties_tried: int = 1
+    resolution_bits: float | None = None  # see _resolution_bits
+
+    @property
+    def coarse(self) -> bool:
+        """The features vary too little for a float32 head to resolve well (its numbers are noisy)."""
+        return self.resolution_bits is not None and self.resolution_bits < COARSE_BITS
 
     def record(self) -> dict:
-        """What ``metrics.json`` / ``trial.json`` say about the probe."""
+        """What ``metrics.json`` / ``trial.json`` say about the probe (its numbers are those of the
+        float32 head the model keeps, on the float32 features)."""
         return {"method": "L-BFGS, full batch", "loss": self.loss, "l2": self.l2, "iterations": self.iterations,
                 "penalties_tried": self.penalties_tried,
                 "train_accuracy": self.train_accuracy, "val_accuracy": self.val_accuracy,
+                "feature_resolution_bits": None if self.resolution_bits is None else round(self.resolution_bits, 1),
                 "seconds": round(self.seconds, 3)}
 
     def save(self, path) -> None:
@@ -66,7 +77,8 @@ class Probe:
                  info=np.asarray([self.l2, self.train_loss, self.train_accuracy,
                                   np.nan if self.val_loss is None else self.val_loss,
                                   np.nan if self.val_accuracy is None else self.val_accuracy,
-                                  self.iterations, self.seconds, self.penalties_tried], np.float64),
+                                  self.iterations, self.seconds, self.penalties_tried,
+                                  np.nan if self.resolution_bits is None else self.resolution_bits], np.float64),
                  loss=np.asarray(self.loss))
 
     @classmethod
@@ -78,7 +90,8 @@ class Probe:
                        val_loss=None if np.isnan(info[3]) else float(info[3]),
                        val_accuracy=None if np.isnan(info[4]) else float(info[4]),
                        iterations=int(info[5]), seconds=float(info[6]),
-                       penalties_tried=int(info[7]) if len(info) > 7 else 1)
+                       penalties_tried=int(info[7]) if len(info) > 7 else 1,
+                       resolution_bits=float(info[8]) if len(info) > 8 and not np.isnan(info[8]) else None)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -136,6 +149,23 @@ def _evaluate(w, b, x, y, loss: str) -> tuple[float, float]:
     return value, float(np.mean(p.argmax(axis=1) == y))
 
 
+def _folded(w: np.ndarray, b: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 Dense kernel and bias on raw features of the head ``w, b`` on standardized ones."""
+    return (w / sd[:, None]).astype(np.float32), (b - (mu / sd) @ w).astype(np.float32)
+
+
+def _resolution_bits(mu: np.ndarray, sd: np.ndarray) -> float:
+    """log2 of how many float32 steps the median varying feature spans across the images
+    (its spread over its mean, over float32's relative step): ~23 for ordinary CNN features,
+    single digits when they vary by less than ~1e-5 of their mean (a mostly frozen random
+    backbone), where a float32 head on them computes its logits through cancelling terms."""
+    varying = sd > 0
+    if not varying.any():
+        return 0.0
+    spread = sd[varying] / np.maximum(np.abs(mu[varying]), sd[varying])
+    return float(np.log2(max(float(np.median(spread)), 1e-30) / np.finfo(np.float32).eps))
+
+
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None, *,
               num_classes: int, loss: str = "crossentropy") -> Probe:
     """Fit the softmax head on pooled features (see the module docstring).
@@ -156,12 +186,14 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     x = np.asarray(x_train, np.float64)
     y = np.asarray(y_train, np.int64)
     mu, sd = x.mean(axis=0), x.std(axis=0)
+    bits = _resolution_bits(mu, sd)
     # constant features (relative to the largest spread) are left as they are; the others are
     # scaled whatever their size (a frozen random backbone's features can be ~1e-12)
     sd[~(sd > 1e-6 * sd.max())] = 1.0
     xs = (x - mu) / sd
     has_val = x_val is not None and len(x_val) > 0
-    xv = (np.asarray(x_val, np.float64) - mu) / sd if has_val else None
+    x32 = np.asarray(x_train, np.float32)
+    xv32 = np.asarray(x_val, np.float32) if has_val else None
     yv = np.asarray(y_val, np.int64) if has_val else None
     n, d = xs.shape
     # An exact change of variables that L-BFGS converges in far fewer steps on: the weights
@@ -186,18 +218,17 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
         iterations += int(res.nit)
         wp = res.x[: k * num_classes].reshape(k, num_classes) / curvature[:, None]
         b = res.x[k * num_classes:].copy()
-        w = axes @ wp
-        score = _evaluate(w, b, xv, yv, loss)[0] if has_val else 0.0
+        kernel, bias = _folded(axes @ wp, b, mu, sd)
+        # scored as the model computes it: float32 features through the folded float32 head
+        score = _evaluate(kernel, bias, xv32, yv, loss)[0] if has_val else 0.0
         tried += 1
         if best is not None and score > best[0]:
             break  # past the minimum of the validation loss along the path
         if best is None or score < best[0]:
-            best = (score, l2, w, b)
-    _, l2, w, b = best
-    train_loss, train_acc = _evaluate(w, b, xs, y, loss)
-    val_loss, val_acc = _evaluate(w, b, xv, yv, loss) if has_val else (None, None)
-    kernel = (w / sd[:, None]).astype(np.float32)  # fold the standardization into the Dense layer
-    bias = (b - (mu / sd) @ w).astype(np.float32)
+            best = (score, l2, kernel, bias)
+    _, l2, kernel, bias = best
+    train_loss, train_acc = _evaluate(kernel, bias, x32, y, loss)
+    val_loss, val_acc = _evaluate(kernel, bias, xv32, yv, loss) if has_val else (None, None)
     return Probe(kernel=kernel, bias=bias, l2=float(l2), loss=loss, train_loss=train_loss, train_accuracy=train_acc,
                  val_loss=val_loss, val_accuracy=val_acc, iterations=iterations,
-                 seconds=time.perf_counter() - t0, penalties_tried=tried)
+                 seconds=time.perf_counter() - t0, penalties_tried=tried, resolution_bits=bits)
