@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from .._lazy import import_keras, import_tensorflow
-from ..fsutil import atomic_path, read_json
+from ..fsutil import atomic_path, file_stamp, read_json
 from ..progress import Progress, ProgressLike, as_progress
 from ..runfolder import RunLayout, RunWriter
 from .config import TrainConfig
@@ -187,7 +187,7 @@ def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_clas
     _set_determinism(cfg.seed)
     init_path = RunLayout(run_dir).init_weights(spec.backbone, spec.init)
     known = _INIT_WEIGHTS.get(str(init_path))
-    stamp = _stamp(init_path)
+    stamp = file_stamp(init_path)
     if known is not None and known[0] != stamp:
         known = None
     # the initial weights file overwrites every weight: when this process already read it,
@@ -205,7 +205,7 @@ def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_clas
     else:
         with atomic_path(init_path, suffix=".weights.h5") as tmp:
             model.save_weights(tmp)
-        stamp = _stamp(init_path)
+        stamp = file_stamp(init_path)
     _INIT_WEIGHTS.clear()  # one backbone's at a time: the trials of a backbone run one after another
     _INIT_WEIGHTS[str(init_path)] = (stamp, model.get_weights())
     return model, info
@@ -213,14 +213,6 @@ def build_trial_model(run_dir: Path, cfg: TrainConfig, spec: TrialSpec, num_clas
 
 #: the initial weights file this process read or wrote last: path -> ((mtime, size), arrays)
 _INIT_WEIGHTS: dict[str, tuple] = {}
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
 
 
 # -- data --------------------------------------------------------------------------------
@@ -862,17 +854,10 @@ def _cached_outputs(best, cut, cache, samples, batch_size: int):
 
 def _head_numbers(feats: np.ndarray, labels: np.ndarray, kernel, bias, loss: str) -> dict:
     """Accuracy and loss of the softmax head ``(kernel, bias)`` on pooled features, as Keras computes them."""
-    z = feats @ np.asarray(kernel, np.float32) + np.asarray(bias, np.float32)
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    py = p[np.arange(len(labels)), labels]
-    if loss == "l1":  # MeanAbsoluteError against the one-hot label
-        onehot = np.eye(p.shape[1], dtype=np.float32)[labels]
-        value = float(np.mean(np.abs(onehot - p)))
-    else:  # SparseCategoricalCrossentropy (Keras clips probabilities to [1e-7, 1 - 1e-7])
-        value = float(-np.mean(np.log(np.clip(py, 1e-7, 1 - 1e-7))))
-    return {"accuracy": float(np.mean(p.argmax(axis=1) == labels)), "loss": value}
+    from .probe import head_numbers
+
+    value, accuracy = head_numbers(feats, labels, kernel, bias, loss)
+    return {"accuracy": accuracy, "loss": value}
 
 
 def _refit_head(best, outputs: dict, cfg: TrainConfig, files) -> dict:

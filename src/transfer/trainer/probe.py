@@ -141,11 +141,14 @@ def _preconditioned(u, curvature, x, y, num_classes: int, l2: float, loss: str):
     return value, grad
 
 
-def _evaluate(w, b, x, y, loss: str) -> tuple[float, float]:
-    p = _softmax(x @ w + b)
+def head_numbers(x: np.ndarray, y: np.ndarray, kernel, bias, loss: str) -> tuple[float, float]:
+    """(loss, accuracy) of the softmax head ``(kernel, bias)`` on features ``x``, as Keras computes
+    them in float32: SparseCategoricalCrossentropy (probabilities clipped to [1e-7, 1 - 1e-7]),
+    or MeanAbsoluteError against the one-hot label (= 2 (1 - p_y) / C)."""
+    p = _softmax(np.asarray(x, np.float32) @ np.asarray(kernel, np.float32) + np.asarray(bias, np.float32))
     py = p[np.arange(len(y)), y]
     value = float(np.mean(2.0 * (1.0 - py) / p.shape[1])) if loss == "l1" else \
-        float(-np.mean(np.log(np.maximum(py, 1e-12))))
+        float(-np.mean(np.log(np.clip(py, 1e-7, 1 - 1e-7))))
     return value, float(np.mean(p.argmax(axis=1) == y))
 
 
@@ -220,15 +223,15 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
         b = res.x[k * num_classes:].copy()
         kernel, bias = _folded(axes @ wp, b, mu, sd)
         # scored as the model computes it: float32 features through the folded float32 head
-        score = _evaluate(kernel, bias, xv32, yv, loss)[0] if has_val else 0.0
+        score = head_numbers(xv32, yv, kernel, bias, loss)[0] if has_val else 0.0
         tried += 1
         if best is not None and score > best[0]:
             break  # past the minimum of the validation loss along the path
         if best is None or score < best[0]:
             best = (score, l2, kernel, bias)
     _, l2, kernel, bias = best
-    train_loss, train_acc = _evaluate(kernel, bias, x32, y, loss)
-    val_loss, val_acc = _evaluate(kernel, bias, xv32, yv, loss) if has_val else (None, None)
+    train_loss, train_acc = head_numbers(x32, y, kernel, bias, loss)
+    val_loss, val_acc = head_numbers(xv32, yv, kernel, bias, loss) if has_val else (None, None)
     return Probe(kernel=kernel, bias=bias, l2=float(l2), loss=loss, train_loss=train_loss, train_accuracy=train_acc,
                  val_loss=val_loss, val_accuracy=val_acc, iterations=iterations,
                  seconds=time.perf_counter() - t0, penalties_tried=tried, resolution_bits=bits)
