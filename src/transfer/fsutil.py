@@ -141,3 +141,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(mtime_ns, size)`` of a file (None when it cannot be stat'ed): a cheap "has it changed" key."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..data.image import recipe_version
 from ..errors import TransferError
-from ..fsutil import write_json_atomic
+from ..fsutil import file_stamp, write_json_atomic
 
 CACHE_FORMAT = 1
 #: bytes a cache build leaves free on its disk (environment ``TRANSFER_CACHE_MIN_FREE`` overrides)
@@ -283,11 +283,8 @@ def check_disk_space(folder: Path, need: int) -> None:
 _CHECKED: dict[str, tuple[str, int]] = {}
 
 
-def _stamp(folder: Path) -> int:
-    try:
-        return (folder / "meta.json").stat().st_mtime_ns
-    except OSError:
-        return -1
+def _stamp(folder: Path):
+    return file_stamp(folder / "meta.json")
 
 
 class CacheBuilder:
