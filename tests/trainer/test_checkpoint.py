@@ -108,3 +108,32 @@ def test_every_trial_starts_from_the_initial_weights_file_even_when_it_changes(p
     second.save_weights(init)
     third, _ = build_trial_model(tmp_path / "run", cfg, spec, 3)
     assert all(np.array_equal(a, b) for a, b in zip(third.get_weights(), second.get_weights()))
+
+
+def test_a_damaged_checkpoint_restarts_the_trial_with_a_note(pattern_folder, tmp_path):
+    """A trial whose state.json names an epoch whose weights file is truncated (or gone) is not
+    resumed from it: it says so and trains again from its first epoch."""
+    import json
+
+    from transfer.trainer.config import load_config
+    from transfer.trainer.fit import read_history
+    from transfer.trainer.sweep import run_sweep
+
+    from trainer_helpers import base_overrides
+
+    cfg = load_config(None, base_overrides(pattern_folder, tmp_path / "run", trainable="1"))
+    assert run_sweep(cfg, progress=lambda s: None).ok
+    writer = RunWriter(tmp_path / "run")
+    paths = writer.trial_paths("arc2-t100")
+    # as if killed after epoch 1 was committed, with its weights file damaged since
+    TrialState(epoch=1, stage=json.loads(paths.state_json.read_text())["stage"], best_loss=9.0,
+               best_epoch=1).save(paths.state_json)
+    writer.write_status("arc2-t100", "running", 1)
+    paths.metrics_json.unlink()
+    paths.weights_at(1).write_bytes(b"PK\x03\x04 truncated")
+    said: list[str] = []
+    assert run_sweep(cfg, progress=said.append).ok
+    assert any("checkpoint of epoch 1" in s and "starts again" in s for s in said), said
+    assert not any("resuming after epoch" in s for s in said)
+    assert [h["epoch"] for h in read_history(paths.history_csv)] == [1, 2]
+    assert json.loads(paths.status_json.read_text())["state"] == "done" and paths.checkpoints() == []
