@@ -18,6 +18,8 @@ Order of work in a trial:
      with no frozen part reads its images' decoded pixels from a cache instead of
      decoding them every epoch, unless augmentation or the cache is off). Pretrained
      starts get the linear probe as their initial head (LP-FT) unless it is turned off.
+     The epochs run in :mod:`transfer.trainer.loop` (the model's own ``train_step``;
+     ``Model.fit`` under a distribution strategy).
      :class:`~transfer.trainer.epochs.EpochRecorder` recomputes population
      BatchNormalization statistics (when they train), validates, and writes the history,
      the best model, the resume checkpoint and the resume state after every epoch.
