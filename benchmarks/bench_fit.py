@@ -75,9 +75,7 @@ def main() -> None:
 
         paths = TrialPaths(run / "trials" / spec.name)
         hist = paths.history()
-        import json
-
-        bn = float(json.loads(paths.metrics_json.read_text()).get("batchnorm", {}).get("seconds_per_pass") or 0.0)
+        bn = float(paths.metrics().get("batchnorm", {}).get("seconds_per_pass") or 0.0)
         results["trainer"] += [len(samples) / r["seconds"] for r in hist[1:]]
         results["trainer without the statistics pass"] += [len(samples) / (r["seconds"] - bn) for r in hist[1:]]
         # the baseline: the same initial weights, compile and batches of 32 from numpy

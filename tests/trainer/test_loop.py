@@ -74,11 +74,11 @@ def test_fit_and_evaluate_match_keras(data):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert int(ours.optimizer.iterations.numpy()) == 2 * 5  # 70 images in batches of 16: 5 steps an epoch
 
-    steps: dict = {}
-    got = loop.evaluate(ours, _dataset(x, y, 32), steps)
+    step = loop.StepFunction(ours, "test_step")
+    got = loop.evaluate(step, _dataset(x, y, 32))
     want = ref.evaluate(_dataset(x, y, 32), verbose=0, return_dict=True)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert got["accuracy"] == pytest.approx(want["accuracy"])
-    again = loop.evaluate(ours, _dataset(x, y, 7), steps)  # other batch sizes: the same traced function
+    again = loop.evaluate(step, _dataset(x, y, 7))  # other batch sizes: the same traced function
     assert again["loss"] == pytest.approx(want["loss"], rel=1e-5)
-    assert steps["test"]._fn.experimental_get_tracing_count() == 1
+    assert step._fn.experimental_get_tracing_count() == 1

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._lazy import import_keras, import_tensorflow
-from ..data.batches import read_ahead
 
 #: at most this many training images per pass (a seeded subset beyond; PreciseBN: ~10^4 suffice)
 MAX_IMAGES = 10_000
@@ -73,12 +72,13 @@ class PopulationStatistics:
 
     def _step(self, x):
         """The traced pass of one batch; traced once, for any batch size (``x``: the first batch)."""
+        from .loop import batch_spec
+
         tf = import_tensorflow()
         if self._fn is None:
             model, bns = self.model, self.bns
-            spec = tf.nest.map_structure(lambda a: tf.TensorSpec((None, *np.shape(a)[1:]), tf.as_dtype(a.dtype)), x)
 
-            @tf.function(input_signature=[spec])
+            @tf.function(input_signature=[batch_spec(x)])
             def step(x):
                 model(x, training=True)
                 return [bn.moving_mean for bn in bns], [bn.moving_variance for bn in bns]
@@ -90,6 +90,8 @@ class PopulationStatistics:
         """One pass over ``dataset`` (``(x, y)`` batches, no augmentation); sets the statistics."""
         if not self.bns:
             return BNStats(0, 0, 0)
+        from .loop import batches as read_batches
+
         t0 = time.perf_counter()
         momenta, rates = [bn.momentum for bn in self.bns], [d.rate for d in self.dropouts]
         for bn in self.bns:
@@ -100,9 +102,7 @@ class PopulationStatistics:
         squares = [np.zeros(bn.moving_mean.shape, np.float64) for bn in self.bns]
         images = batches = 0
         try:
-            workers = max(1, int(getattr(dataset, "workers", 1) or 1))
-            # the model runs while the next batches decode, as in training
-            for x, _ in read_ahead(dataset.__getitem__, len(dataset), workers=workers, ahead=4):
+            for x, _ in read_batches(dataset):  # the model runs while the next batches decode, as in training
                 n = len(x[0] if isinstance(x, (list, tuple)) else x)
                 means, variances = self._step(x)(x)
                 for k, (m, v) in enumerate(zip(means, variances)):

@@ -475,16 +475,13 @@ def _bn_refresher(trial: Trial, model, dataset):
     return refresh
 
 
-def _validator(model, dataset, strategy: str = "default"):
+def _validator(model, dataset):
     from . import loop
 
-    steps: dict = {}
+    step = loop.StepFunction(model, "test_step")
 
     def validate():
-        if strategy == "default":
-            res = loop.evaluate(model, dataset, steps)
-        else:  # a distributed dataset splits the batches over the replicas
-            res = model.evaluate(dataset, verbose=0, return_dict=True)
+        res = loop.evaluate(step, dataset)
         return float(res["loss"]), float(res["accuracy"])
 
     return validate
@@ -510,7 +507,7 @@ def _cached_data(trial: Trial, stage: Stage, cut, caches: dict) -> StageData:
     if trial.val:
         val = _find(caches, "val", cut)
         data.validate = _validator(model, cached_dataset([val], order, shuffle=False,
-                                                         pad_to_multiple=trial.replicas, **kw), cfg.strategy)
+                                                         pad_to_multiple=trial.replicas, **kw))
     used = [c for r, c in caches.items() if r.cut.frontier == cut.frontier and r.cut.prefix == cut.prefix]
     data.record = {"mode": "cached", "cut": cut.label, "frozen_layers": cut.depth,
                    "frontier": list(cut.frontier), "views": views,
@@ -569,7 +566,7 @@ def _pixel_data(trial: Trial, model) -> StageData | None:
     data = StageData(model=model, train=train_ds, sources=[train_ds], refresh_bn=_bn_refresher(trial, model, stats_ds))
     if "val" in reqs:
         data.validate = _validator(model, cached_dataset([caches[reqs["val"]]], order, shuffle=False,
-                                                         pad_to_multiple=trial.replicas, **kw), cfg.strategy)
+                                                         pad_to_multiple=trial.replicas, **kw))
     data.record = {"pixels": {"decoded": "once", "folders": sorted(c.folder.name for c in caches.values()),
                               "bytes": sum(c.nbytes for c in caches.values()),
                               "seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in caches.values()), 3)}}
@@ -593,7 +590,7 @@ def _image_data(trial: Trial, stage: Stage, cut, why: str) -> StageData:
                               recipe=trial.recipe)
             val_ds = _dataset(val_src, cfg, trial.num_classes)
             data.sources.append(val_ds)
-            data.validate = _validator(model, val_ds, cfg.strategy)
+            data.validate = _validator(model, val_ds)
     data.record = {"mode": "uncached" if cut.has_backbone else "none", "reason": why, "cut": cut.label,
                    "frozen_layers": cut.depth, "prefix_seconds": 0.0, **data.record}
     return data
@@ -789,11 +786,7 @@ def _run_stage(trial: Trial, stage: Stage, si: int, bounds: list[int], state, hi
     if trial.cfg.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(trial.files.paths.tensorboard)))
     if start < bounds[si]:
-        if trial.cfg.strategy == "default":
-            loop.fit(data.model, data.train, initial_epoch=start, epochs=bounds[si], callbacks=callbacks)
-        else:  # a distributed dataset splits the batches over the replicas
-            data.model.fit(data.train, initial_epoch=start, epochs=bounds[si], callbacks=callbacks, verbose=0,
-                           shuffle=False)
+        loop.fit(data.model, data.train, initial_epoch=start, epochs=bounds[si], callbacks=callbacks)
     if data.refresh_bn is None:
         trial.record.setdefault("batchnorm", {"statistics": "stored (no BatchNormalization layer trains)"})
     return asdict(summary)

@@ -10,22 +10,32 @@ same ``fit`` took 0.61 s). The loop here runs the same ``train_step`` (the model
 metrics and optimizer, unchanged) as one ``tf.function`` with a free batch axis (traced
 once, for any batch size), on batches read ahead by threads as the ``PyDataset`` would.
 
-Under a ``tf.distribute`` strategy the trainer keeps ``Model.fit``: its distributed dataset
-splits every batch over the replicas.
+Under a ``tf.distribute`` strategy (``--strategy mirrored``) :func:`fit` and
+:func:`evaluate` are ``Model.fit`` / ``Model.evaluate``: their distributed dataset splits
+every batch over the replicas.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .._lazy import import_keras, import_tensorflow
 from ..data.batches import read_ahead
 
 
-def _spec(batch):
-    import numpy as np
-
+def batch_spec(batch):
+    """``tf.TensorSpec`` structure of ``batch`` (arrays, or nested tuples of them) with a free batch axis."""
     tf = import_tensorflow()
     return tf.nest.map_structure(lambda a: tf.TensorSpec((None, *np.shape(a)[1:]), tf.as_dtype(np.asarray(a).dtype)),
                                  batch)
+
+
+def batches(dataset):
+    """The ``(x, y)`` batches of a trainer dataset (``keras_data``) in order, read ahead by its
+    ``workers`` threads (at most ``max_queue_size`` held), as Keras would read the ``PyDataset``."""
+    workers = max(1, int(getattr(dataset, "workers", 1) or 1))
+    ahead = max(workers + 1, int(getattr(dataset, "max_queue_size", 4) or 4))
+    return read_ahead(dataset.__getitem__, len(dataset), workers=workers, ahead=ahead)
 
 
 class StepFunction:
@@ -39,9 +49,8 @@ class StepFunction:
         if self._fn is None:
             tf = import_tensorflow()
             body = getattr(self.model, self.step)
-            spec = _spec((x, y))
 
-            @tf.function(input_signature=list(spec))
+            @tf.function(input_signature=list(batch_spec((x, y))))
             def fn(x, y):
                 return body((x, y))
 
@@ -49,28 +58,25 @@ class StepFunction:
         return self._fn(x, y)
 
 
+def _distributed() -> bool:
+    return import_tensorflow().distribute.has_strategy()
+
+
 def _logs(model) -> dict:
     """The model's metrics as Python numbers (as ``Model.fit`` hands them to callbacks)."""
-    import numpy as np
-
     return {k: (np.asarray(v).item() if np.size(v) == 1 else np.asarray(v)) for k, v in model.get_metrics_result().items()}
 
 
-def _batches(dataset):
-    workers = max(1, int(getattr(dataset, "workers", 1) or 1))
-    ahead = max(workers + 1, int(getattr(dataset, "max_queue_size", 4) or 4))
-    return read_ahead(dataset.__getitem__, len(dataset), workers=workers, ahead=ahead)
-
-
-def evaluate(model, dataset, steps: dict | None = None) -> dict:
-    """Loss and metrics of ``model`` over ``dataset`` (``(x, y)`` batches), as ``Model.evaluate``
-    computes them (the compiled metrics, reset first). ``steps`` keeps the traced function
-    between calls (pass the same dict)."""
-    steps = {} if steps is None else steps
-    fn = steps.setdefault("test", StepFunction(model, "test_step"))
+def evaluate(step: StepFunction, dataset) -> dict:
+    """Loss and metrics of ``step.model`` over ``dataset``, as ``Model.evaluate`` computes them
+    (the compiled metrics, reset first); ``step`` is its ``test_step``, kept between calls so
+    it is traced once."""
+    model = step.model
+    if _distributed():
+        return model.evaluate(dataset, verbose=0, return_dict=True)
     model.reset_metrics()
-    for x, y in _batches(dataset):
-        fn(x, y)
+    for x, y in batches(dataset):
+        step(x, y)
     return _logs(model)
 
 
@@ -78,6 +84,9 @@ def fit(model, dataset, *, initial_epoch: int, epochs: int, callbacks: list) -> 
     """Train ``model`` on ``dataset`` from ``initial_epoch`` to ``epochs`` as ``Model.fit``
     would (the same callbacks hooks, epoch logs and ``stop_training``), without ``tf.data``.
     """
+    if _distributed():
+        model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
+        return
     keras = import_keras()
     cbs = keras.callbacks.CallbackList(callbacks, add_history=False, add_progbar=False, model=model,
                                        epochs=epochs, steps=len(dataset), verbose=0)
@@ -88,7 +97,7 @@ def fit(model, dataset, *, initial_epoch: int, epochs: int, callbacks: list) -> 
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         cbs.on_epoch_begin(epoch)
-        for i, (x, y) in enumerate(_batches(dataset)):
+        for i, (x, y) in enumerate(batches(dataset)):
             cbs.on_train_batch_begin(i)
             out = step(x, y)
             cbs.on_train_batch_end(i, out)
