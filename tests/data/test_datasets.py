@@ -160,3 +160,27 @@ def test_idx_refuses_hidden_and_split_class_names(tmp_path, names, wrong):
     assert not (tmp_path / "o").exists()
     res = CliRunner().invoke(cli, ["data", "idx", str(i), str(l), str(tmp_path / "o"), "--classes", names])
     assert res.exit_code == 2 and wrong in res.output and not (tmp_path / "o").exists()
+
+
+def test_shapes_folder_is_balanced_indexable_and_says_where_each_shape_is(tmp_path):
+    from transfer.data.datasets import SHAPE_CLASSES, read_shape_boxes, shape_images
+
+    r = CliRunner().invoke(cli, ["data", "shapes", str(tmp_path / "shapes"), "--images", "40", "--size", "32"])
+    assert r.exit_code == 0, r.output
+    idx = index_folder(tmp_path / "shapes")
+    assert idx.class_names == sorted(SHAPE_CLASSES) and len(idx.samples) == 40
+    boxes = read_shape_boxes(tmp_path / "shapes")
+    assert len(boxes) == 40 and all((tmp_path / "shapes" / p).is_file() for p in boxes)
+    # the shape is where the box says: its pixels differ from the background around it
+    x, y, b = shape_images(40, 32, seed=0)
+    for img, (y0, x0, y1, x1) in zip(x, b):
+        assert 8 <= y1 - y0 <= 16 and 0 <= y0 and y1 <= 32 and 0 <= x0 and x1 <= 32
+        inside = img[y0:y1, x0:x1].astype(float)
+        mask = np.zeros(img.shape[:2], bool)
+        mask[y0:y1, x0:x1] = True
+        assert np.abs(inside.mean((0, 1)) - img[~mask].mean(0)).max() > 30
+    assert np.bincount(y).tolist() == [10] * 4
+    saved = np.asarray(Image.open(tmp_path / "shapes" / next(iter(boxes))))
+    assert saved.shape == (32, 32, 3)
+    with pytest.raises(DataError, match="boxes"):
+        read_shape_boxes(tmp_path)

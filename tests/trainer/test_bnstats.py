@@ -109,3 +109,69 @@ def test_the_population_pass_is_exact_and_traced_once_for_any_batch_size():
     np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), x.var(axis=0), rtol=1e-4)
     assert stats._fn.experimental_get_tracing_count() == 1
+
+
+def test_population_rows_are_a_seeded_shuffle_so_no_batch_holds_one_class():
+    """A folder's split is class-sorted; the pass must not read it in that order."""
+    from transfer.trainer import bnstats
+
+    rows = bnstats.stats_rows(120, seed=1)
+    assert sorted(rows.tolist()) == list(range(120))
+    np.testing.assert_array_equal(rows, bnstats.stats_rows(120, seed=1))  # resumable: the same order again
+    assert not np.array_equal(rows, np.arange(120))
+    labels = np.repeat(np.arange(3), 40)[rows]  # three classes of 40, sorted by class on disk
+    assert all(len(set(labels[i:i + 16])) > 1 for i in range(0, 120, 16))
+    big = bnstats.stats_rows(bnstats.MAX_IMAGES + 500, seed=1)
+    assert len(big) == len(set(big.tolist())) == bnstats.MAX_IMAGES and not np.all(np.diff(big) > 0)
+
+
+def test_deeper_statistics_on_a_class_sorted_folder_are_those_of_shuffled_batches(tiny_bn, tmp_path):
+    """The second BatchNormalization's input depends on how the first normalized its batch.
+    Trained from random weights on a class-sorted folder, the saved statistics of ``b2_bn``
+    must be those of the training images in shuffled batches (what the network saw while
+    training), not those of one-class batches: the per-epoch validation, the early stop and
+    the saved epoch all read them."""
+    import keras
+
+    from transfer.data.batches import BatchSource
+    from transfer.data.folder import Sample
+    from transfer.models.build import load_model
+    from transfer.runfolder import RunFolder
+    from transfer.trainer.bnstats import PopulationStatistics
+
+    from helpers.images import make_pattern_folder
+
+    data = make_pattern_folder(tmp_path / "sorted", classes=3, per_class=48, seed=4)
+    cfg = load_config(None, base_overrides(data, tmp_path / "run", backbones=tiny_bn, trainable="1",
+                                           random_init=False, epochs=3))
+    res = run_sweep(cfg, progress=lambda s: None)
+    assert res.ok, res.failed
+    run = RunFolder(res.run_dir)
+    train = run.split("train")
+    assert [lab for _, lab in train] == sorted(lab for _, lab in train)  # the split is class-sorted
+    tdir = res.run_dir / "trials" / "tiny_bn-t100"
+    saved = load_model(tdir / "model.keras").get_layer("b2_bn")
+    saved_mean, saved_var = saved.moving_mean.numpy(), saved.moving_variance.numpy()
+
+    src = BatchSource(run.data_root, [Sample(p, lab) for p, lab in train], len(train), (16, 16))
+    x = src.get(0).x
+
+    class Batches(list):
+        workers = 1
+
+    def statistics(order):
+        model = load_model(tdir / "model.keras")
+        PopulationStatistics(model).update(Batches([(x[order[i:i + 16]], None) for i in range(0, len(x), 16)]))
+        bn = model.get_layer("b2_bn")
+        return bn.moving_mean.numpy(), bn.moving_variance.numpy()
+
+    shuffled = [statistics(np.random.default_rng(s).permutation(len(x))) for s in (11, 12)]
+    one_class = statistics(np.arange(len(x)))
+    spread = max(np.abs(shuffled[0][0] - shuffled[1][0]).max(), 1e-6)  # two shuffles differ this much
+    assert np.abs(saved_mean - shuffled[0][0]).max() < 4 * spread
+    assert np.abs(one_class[0] - shuffled[0][0]).max() > 8 * spread  # the test can tell the two apart
+    np.testing.assert_allclose(saved_var, shuffled[0][1], rtol=0.1)
+    # and the per-epoch validation is the saved model's (the best epoch's row = its numbers)
+    m = json.loads((tdir / "metrics.json").read_text())
+    best = next(r for r in run.trial("tiny_bn-t100").files.history() if r["epoch"] == m["best_epoch"])
+    assert best["val_loss"] == pytest.approx(m["head"]["trained"]["loss"], rel=1e-4)

@@ -14,6 +14,7 @@ def data() -> None:
 
     \b
     transfer data digits data/digits
+    transfer data shapes data/shapes --images 6000 --size 64
     transfer data idx train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz data/fmnist --classes fashion-mnist
     transfer data check data/digits
     """
@@ -28,6 +29,25 @@ def digits_cmd(out: str, force: bool) -> None:
 
     info = write_digits(out, overwrite=force)
     click.echo(f"wrote {info['images']} images in {info['classes']} classes to {info['out']}")
+
+
+@data.command("shapes")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", type=click.IntRange(min=8), default=6000, show_default=True, help="Number of images.")
+@click.option("--size", type=click.IntRange(min=16), default=64, show_default=True, help="Side of each image in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shapes, places and colours.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def shapes_cmd(out: str, images: int, size: int, seed: int, force: bool) -> None:
+    """Write synthetic images of one shape each (circle, square, triangle, cross) as OUT/<shape>/*.png.
+
+    Each shape has a random colour, place and size on a noisy background; where it is goes
+    to OUT/.boxes.csv (path,y0,x0,y1,x1), so where a model looks can be checked.
+    """
+    from ..data.datasets import write_shapes
+
+    info = write_shapes(out, images=images, size=size, seed=seed, overwrite=force)
+    click.echo(f"wrote {info['images']} images in {info['classes']} classes to {info['out']} "
+               f"(shape boxes: {info['boxes']})")
 
 
 def _parse_classes(value: str | None):

@@ -1,4 +1,9 @@
-"""Real datasets as image folders: scikit-learn's digits and MNIST-format idx files.
+"""Datasets as image folders: scikit-learn's digits, MNIST-format idx files, and synthetic shapes.
+
+The shapes folder is the one dataset whose answer is known pixel by pixel: each image holds
+one shape at a random place, and where it is is written beside the images, so a model's
+quality (trained from random weights on class-sorted folders) and where its class activation
+maps point can both be checked against the truth.
 
 Both writers build the folder under a temporary name next to ``out`` and rename it at
 the end, so an interrupted conversion leaves nothing half-done.
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,8 +89,12 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _write_folder(out: Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                  overwrite: bool) -> dict:
-    """images uint8 (N, H, W); labels int (N,) -> out/<class>/<nnnnn>.png, atomically."""
+                  overwrite: bool, extra: dict[str, str] | None = None) -> dict:
+    """images uint8 (N, H, W) or (N, H, W, 3); labels int (N,) -> out/<class>/<nnnnn>.png, atomically.
+
+    ``extra``: hidden top-level files to write beside the classes, ``{".name": text}``; a text may
+    name an image by ``{path:<index>}`` (replaced by its relative path).
+    """
     shown = str(out)
     out = _prepare_out(Path(out), overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,12 +105,17 @@ def _write_folder(out: Path, images: np.ndarray, labels: np.ndarray, class_names
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is a normal folder
         width = max(4, len(str(len(images) - 1)))
         counts = {c: 0 for c in class_names}
+        paths = []
         for i, (img, lab) in enumerate(zip(images, labels)):
             c = class_names[int(lab)]
             if counts[c] == 0:
                 (tmp / c).mkdir()  # classes without images get no (empty) folder
-            Image.fromarray(img, mode="L").save(tmp / c / f"{i:0{width}d}.png", optimize=False)
+            Image.fromarray(img, mode="L" if img.ndim == 2 else "RGB").save(tmp / c / f"{i:0{width}d}.png",
+                                                                            optimize=False)
+            paths.append(f"{c}/{i:0{width}d}.png")
             counts[c] += 1
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(re.sub(r"\{path:(\d+)\}", lambda m: paths[int(m.group(1))], text))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             if old.exists():
@@ -259,3 +274,95 @@ def write_idx(
             hint="give one class name per label value",
         )
     return _write_folder(Path(out), x, y.astype(np.int64), class_names, overwrite)
+
+
+#: the classes of :func:`write_shapes`, in label order
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
+#: the hidden file of a shapes folder that says where each shape is: ``path,y0,x0,y1,x1`` (pixels)
+SHAPE_BOXES = ".boxes.csv"
+
+
+def shape_images(n: int, size: int = 64, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` RGB images of one random-coloured shape each, at a random place and scale, on noise.
+
+    The class is the shape alone (:data:`SHAPE_CLASSES`): colour, position, size (a quarter
+    to a half of the side) and the textured background carry no label, so a classifier has
+    to find the shape.
+
+    Returns:
+        ``(images uint8 (n, size, size, 3), labels (n,), boxes (n, 4) as y0, x0, y1, x1)``.
+    """
+    from PIL import ImageDraw
+
+    if size < 16:
+        raise ConfigError(f"shape images need a size of at least 16 pixels, got {size}")
+    rng = np.random.default_rng([int(seed), 0x5A])
+    labels = np.arange(n) % len(SHAPE_CLASSES)
+    rng.shuffle(labels)
+    images = np.empty((n, size, size, 3), np.uint8)
+    boxes = np.zeros((n, 4), np.int64)
+    for i, lab in enumerate(labels):
+        base = rng.integers(40, 200, size=3)
+        bg = np.clip(base + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(bg)
+        side = int(rng.integers(size // 4, size // 2 + 1))
+        y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        y1, x1 = y0 + side - 1, x0 + side - 1
+        colour = tuple(int(v) for v in (base + rng.choice([-1, 1], 3) * rng.integers(70, 120, 3)) % 256)
+        draw = ImageDraw.Draw(img)
+        if lab == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        elif lab == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        elif lab == 2:
+            draw.polygon([(x0 + side / 2, y0), (x0, y1), (x1, y1)], fill=colour)
+        else:
+            w = max(2, side // 4)
+            mid_x, mid_y = x0 + side // 2, y0 + side // 2
+            draw.rectangle((mid_x - w // 2, y0, mid_x + (w - 1) // 2, y1), fill=colour)
+            draw.rectangle((x0, mid_y - w // 2, x1, mid_y + (w - 1) // 2), fill=colour)
+        images[i] = np.asarray(img)
+        boxes[i] = (y0, x0, y1 + 1, x1 + 1)
+    return images, labels.astype(np.int64), boxes
+
+
+def write_shapes(out: str | os.PathLike, *, images: int = 6000, size: int = 64, seed: int = 0,
+                 overwrite: bool = False) -> dict:
+    """Write :func:`shape_images` as ``out/<shape>/<nnnn>.png`` and where each shape is as ``out/.boxes.csv``.
+
+    Returns:
+        ``{"out", "classes": 4, "images", "counts", "boxes": path of the boxes file}``.
+
+    Raises:
+        ConfigError: fewer than 8 images or a size below 16.
+        DataError: ``out`` exists and is not empty (unless ``overwrite``).
+
+    Example::
+
+        write_shapes("data/shapes", images=2000, size=64)["counts"]
+        # {'circle': 500, 'square': 500, 'triangle': 500, 'cross': 500}
+    """
+    if isinstance(images, bool) or int(images) < 8:
+        raise ConfigError(f"a shapes folder needs at least 8 images, got {images!r}", option="images")
+    _prepare_out(Path(out), overwrite)
+    x, y, boxes = shape_images(int(images), int(size), seed=seed)
+    rows = "".join(f"{{path:{i}}},{b[0]},{b[1]},{b[2]},{b[3]}\n" for i, b in enumerate(boxes))
+    info = _write_folder(Path(out), x, y, SHAPE_CLASSES, overwrite, extra={SHAPE_BOXES: "path,y0,x0,y1,x1\n" + rows})
+    return {**info, "boxes": str(Path(info["out"]) / SHAPE_BOXES)}
+
+
+def read_shape_boxes(folder: str | os.PathLike) -> dict[str, tuple[int, int, int, int]]:
+    """``{relative path: (y0, x0, y1, x1)}`` of a folder :func:`write_shapes` made.
+
+    Raises:
+        DataError: the folder has no (readable) boxes file.
+    """
+    import csv
+
+    path = Path(folder) / SHAPE_BOXES
+    try:
+        with open(path, newline="") as f:
+            return {r["path"]: (int(r["y0"]), int(r["x0"]), int(r["y1"]), int(r["x1"])) for r in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"cannot read the shape boxes of {folder} ({path.name}): {exc}",
+                        hint="make the folder with `transfer data shapes`") from exc

@@ -4,10 +4,11 @@ While a BatchNormalization layer trains, its moving mean / variance is an expone
 average of recent batches, taken while the weights were still changing; a short run from
 random weights leaves it near the initial 0 / 1 and the model collapses to chance in
 inference mode although it learned. After training (and before every per-epoch
-validation), :func:`population_statistics` recomputes the statistics of every
-BatchNormalization layer that trains over the training images, without augmentation
-and with Dropout off: one pass in training mode, each layer's moving statistics set to
-the batch's (momentum 0), averaged over the batches with the exact pooled variance.
+validation), :class:`PopulationStatistics` recomputes the statistics of every
+BatchNormalization layer that trains over the training images, without augmentation,
+with Dropout off and in a seeded shuffle (:func:`stats_rows`): one pass in training mode,
+each layer's moving statistics set to the batch's (momentum 0), averaged over the batches
+with the exact pooled variance.
 """
 
 from __future__ import annotations
@@ -124,7 +125,15 @@ class PopulationStatistics:
 
 
 def stats_rows(n: int, seed: int) -> np.ndarray:
-    """The rows a population pass reads: all of them, or a seeded subset of :data:`MAX_IMAGES` (sorted)."""
-    if n <= MAX_IMAGES:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([int(seed), 0xB4]).choice(n, MAX_IMAGES, replace=False))
+    """The rows a population pass reads, in the order it reads them: a seeded shuffle of all of
+    them, or of a seeded subset of :data:`MAX_IMAGES`.
+
+    The order matters: in training mode each BatchNormalization normalizes with its batch, so the
+    statistics a deeper layer records are those of inputs normalized batch by batch. A split in
+    file order is class-sorted for a folder dataset: every batch would hold one class, and the
+    deeper layers would record the statistics of one-class batches, which the network never saw
+    in training (its batches are shuffled). Shuffled batches are what it trained on.
+    """
+    rng = np.random.default_rng([int(seed), 0xB4])
+    rows = np.arange(n) if n <= MAX_IMAGES else rng.choice(n, MAX_IMAGES, replace=False)
+    return rng.permutation(rows)
