@@ -201,7 +201,7 @@ def parity(b: dict, res: dict) -> None:
     bd = load_bundle(b["arc2"])
     runner, head = make_runner(bd, None, "cpu"), make_head(bd, "rf")
     exact = {}
-    for pb in decode_batches(files, bd.input_size, batch=32):
+    for pb in decode_batches(files, bd.input_size, batch=32, recipe=bd.recipe):
         f, p = runner.run(pb.x)
         probs = head(f, p)
         for j, i in enumerate(pb.ok_index):

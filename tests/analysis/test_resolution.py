@@ -90,9 +90,9 @@ def test_errors(run_copy, tmp_path):
 def test_helpers():
     img = np.zeros((16, 16, 3), np.uint8)
     img[:, 8:] = 255
-    low = degrade(img, 2, (16, 16))
+    low = degrade(img, 2, (16, 16), recipe=None)
     assert low.shape == (16, 16, 3) and 0 < low[0, 7, 0] < 255  # the edge is blurred
-    assert np.array_equal(degrade(img, 16, (16, 16)), img)
+    assert np.array_equal(degrade(img, 16, (16, 16), recipe=None), img)
     s, rows = class_metrics([0, 0, 1, 2], [0, 1, 1, 1], ["a", "b", "c"])
     assert s["accuracy"] == 0.5 and rows[2]["f1"] == 0.0 and rows[1]["precision"] == pytest.approx(1 / 3)
     assert s["macro_recall"] == pytest.approx((0.5 + 1 + 0) / 3)

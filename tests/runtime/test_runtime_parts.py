@@ -28,19 +28,19 @@ def test_provider_choice():
 def test_pipeline_keeps_order_and_marks_errors(tmp_path):
     solid_pngs(tmp_path, [i * 10 for i in range(11)])
     (tmp_path / "05.png").write_bytes(b"broken")
-    got = list(batches(iter_inputs([tmp_path]), (4, 4), batch=4, workers=3, prefetch=1))
+    got = list(batches(iter_inputs([tmp_path]), (4, 4), batch=4, workers=3, prefetch=1, recipe=None))
     items = [it for b in got for it in b.items]
     assert [Path(i.path).name for i in items] == [f"{i:02d}.png" for i in range(11)]
     assert [b.x.shape[0] for b in got] == [4, 3, 3]
     assert items[5].error and all(i.error is None for k, i in enumerate(items) if k != 5)
     assert got[2].x[0, 0, 0, 0] == 80.0  # 08.png in the third batch, pixels in order
     with pytest.raises(ConfigError):
-        list(batches(iter_inputs([tmp_path]), (4, 4), batch=0))
+        list(batches(iter_inputs([tmp_path]), (4, 4), batch=0, recipe=None))
 
 
 def test_pipeline_stops_cleanly_when_the_consumer_stops(tmp_path):
     solid_pngs(tmp_path, [0] * 50, (4, 4), name="{i}.png")
-    it = batches(iter_inputs([tmp_path]), (4, 4), batch=2, prefetch=1)
+    it = batches(iter_inputs([tmp_path]), (4, 4), batch=2, prefetch=1, recipe=None)
     next(it)
     it.close()  # must not hang on the full queue
 

@@ -131,14 +131,14 @@ def _read_one(path: Path, size):
     from ..data.image import resize_image
     from ..data.stream import decode_item
 
-    item = decode_item(str(path), None)
+    item = decode_item(str(path), None, recipe=None)  # at its own size: every recipe decodes the same pixels
     if item.pixels is None:
         return item.error or "cannot decode", None, None, None
     px = item.pixels
     fp = fingerprint_array(px)
     small = px if px.shape[0] * px.shape[1] <= _BATCH_QUALITY_PIXELS else None
     q = None if small is not None else _quality_batch(px[None])[0]
-    return None, fp, resize_image(px, size), (small if small is not None else q)
+    return None, fp, resize_image(px, size, recipe=None), (small if small is not None else q)
 
 
 class _FeatureSink:

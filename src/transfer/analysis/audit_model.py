@@ -55,9 +55,9 @@ def reference_pixels(paths, size, limit: int) -> np.ndarray:
 
     out = []
     for p in paths:
-        item = decode_item(str(p), None)
+        item = decode_item(str(p), None, recipe=None)
         if item.pixels is not None:
-            out.append(resize_image(item.pixels, tuple(size)))
+            out.append(resize_image(item.pixels, tuple(size), recipe=None))
         if len(out) >= limit:
             break
     h, w = (int(v) for v in size)

@@ -90,14 +90,15 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, *, title:
     return path
 
 
-def grid_pixels(paths: list[Path], image_size) -> list[np.ndarray]:
-    """Pixels of ``paths`` at ``image_size`` for a picture grid; an unreadable file is a black cell."""
+def grid_pixels(paths: list[Path], image_size, *, recipe: dict | None) -> list[np.ndarray]:
+    """Pixels of ``paths`` at ``image_size`` (the run's pixel ``recipe``: what the model saw) for a
+    picture grid; an unreadable file is a black cell."""
     from ..data.stream import decode_batches
 
     blank = np.zeros(tuple(image_size) + (3,), np.uint8)
     out = [blank] * len(paths)
     start = 0
-    for pb in decode_batches(paths, tuple(image_size), batch=64):
+    for pb in decode_batches(paths, tuple(image_size), batch=64, recipe=recipe):
         for row, i in enumerate(pb.ok_index):
             out[start + i] = pb.x[row].astype(np.uint8)
         start += len(pb.items)
@@ -105,8 +106,9 @@ def grid_pixels(paths: list[Path], image_size) -> list[np.ndarray]:
 
 
 def plot_image_grid(paths: list[Path], captions: list[str], ok: list[bool], path: Path, *, image_size,
-                    title: str = "", empty_text: str = "no images") -> Path:
-    """Write a grid of images (decoded at ``image_size``) with green (right) or red (wrong) captions."""
+                    recipe: dict | None, title: str = "", empty_text: str = "no images") -> Path:
+    """Write a grid of images (decoded at ``image_size`` with the pixel ``recipe``) with green
+    (right) or red (wrong) captions."""
     from ..plots import figure, save_figure
 
     n = len(paths)
@@ -118,7 +120,7 @@ def plot_image_grid(paths: list[Path], captions: list[str], ok: list[bool], path
             ax.axis("off")
         if not n:
             axes[0, 0].text(0.5, 0.5, empty_text, ha="center", va="center", fontsize=11)
-        for k, (img, cap, good) in enumerate(zip(grid_pixels(paths, image_size), captions, ok)):
+        for k, (img, cap, good) in enumerate(zip(grid_pixels(paths, image_size, recipe=recipe), captions, ok)):
             ax = axes[k // cols, k % cols]
             ax.imshow(img, interpolation="nearest")
             ax.set_title(cap, fontsize=8, color="green" if good else "red")
@@ -144,7 +146,8 @@ def _picture_rows(d: dict, idx, y, pred, conf) -> list[dict]:
     return [{"path": str(d["paths"][i]), "true": int(y[i]), "pred": int(pred[i]), "prob": float(conf[i])} for i in idx]
 
 
-def _grids(d: dict, t, split: str, out_dir: Path, names: list[str], y, pred, conf, samples: int, seed: int):
+def _grids(d: dict, t, split: str, out_dir: Path, names: list[str], y, pred, conf, samples: int, seed: int,
+           recipe: dict | None):
     """samples.png (random images) and wrong.png (most confidently wrong); returns both index lists."""
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(y), size=min(samples, len(y)), replace=False)) if samples else np.array([], int)
@@ -155,10 +158,10 @@ def _grids(d: dict, t, split: str, out_dir: Path, names: list[str], y, pred, con
         return f"pred {names[pred[i]]} ({conf[i]:.2f})\ntrue {names[y[i]]}"
 
     plot_image_grid([d["paths"][i] for i in pick], [caption(i) for i in pick], [bool(pred[i] == y[i]) for i in pick],
-                    out_dir / "samples.png", image_size=t.image_size,
+                    out_dir / "samples.png", image_size=t.image_size, recipe=recipe,
                     title=f"{t.name}: {len(pick)} random {split} images (green = right, red = wrong)")
     plot_image_grid([d["paths"][i] for i in wrong], [caption(i) for i in wrong], [False] * len(wrong),
-                    out_dir / "wrong.png", image_size=t.image_size,
+                    out_dir / "wrong.png", image_size=t.image_size, recipe=recipe,
                     title=f"{t.name}: most confidently wrong {split} images",
                     empty_text=f"no wrong predictions on the {split} split")
     return pick, wrong
@@ -175,7 +178,7 @@ def _evaluate_trial(rf, t, split: str, samples: int, seed: int, progress: Progre
                                       f"accuracy {m['accuracy']:.4f})")
     plot_confusion(np.array(m["confusion"]), names, out_dir / "confusion.png",
                    title=f"{t.name} - {split} (accuracy {m['accuracy']:.3f})")
-    pick, wrong = _grids(d, t, split, out_dir, names, y, pred, conf, samples, seed)
+    pick, wrong = _grids(d, t, split, out_dir, names, y, pred, conf, samples, seed, rf.recipe)
     result = {
         "trial": t.name, "split": split, **m,
         "samples": _picture_rows(d, pick, y, pred, conf),

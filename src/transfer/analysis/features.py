@@ -261,8 +261,10 @@ def _write_empty(files: dict[str, Path], shapes: _Shapes) -> None:
             np.save(tmp, empty[key])
 
 
-def _labelled_batches(csv_path: Path, root: Path, n: int, size: tuple[int, int], *, batch: int, workers: int):
-    """``(PixelBatch, [(row, relative path, label)])`` for the first ``n`` rows of a split CSV.
+def _labelled_batches(csv_path: Path, root: Path, n: int, size: tuple[int, int], *, batch: int, workers: int,
+                      recipe: dict | None):
+    """``(PixelBatch, [(row, relative path, label)])`` for the first ``n`` rows of a split CSV,
+    decoded with the run's pixel ``recipe``.
 
     The CSV is read lazily twice (paths for the decoding threads, labels here): not even the
     list of paths is held in memory.
@@ -271,7 +273,7 @@ def _labelled_batches(csv_path: Path, root: Path, n: int, size: tuple[int, int],
 
     paths = (root / rel for rel, _ in itertools.islice(_iter_split(csv_path), n))
     rows = enumerate(itertools.islice(_iter_split(csv_path), n))
-    for pb in decode_batches(paths, size, batch=batch, workers=workers):
+    for pb in decode_batches(paths, size, batch=batch, workers=workers, recipe=recipe):
         yield pb, [(i, rel, lab) for i, (rel, lab) in itertools.islice(rows, len(pb.items))]
 
 
@@ -312,7 +314,8 @@ def _extract_split(fm, run: RunFolder, split: str, folder: Path, shapes: _Shapes
     forward = _TimedForward(fm)
     with contextlib.ExitStack() as stack:
         arrays = _SplitArrays(stack, folder, files, n, shapes)
-        batches = _labelled_batches(csv_path, run.data_root, n, shapes.image_size, batch=batch_size, workers=workers)
+        batches = _labelled_batches(csv_path, run.data_root, n, shapes.image_size, batch=batch_size, workers=workers,
+                                    recipe=run.recipe)
         with p.bar(n, f"features {split}", unit="images") as bar:
             seen = _stream_split(forward, arrays, batches, result, bar)
         if arrays.written == 0:

@@ -578,13 +578,14 @@ def _collect_images(run, images: Sequence[str | os.PathLike] | None, samples: in
     return [(paths[i], labels[i]) for i in idx]
 
 
-def _decode(items: list, size: tuple[int, int], p) -> tuple[np.ndarray, list]:
-    """Pixels of the items at the model's size; a bad file is skipped with a note, as training and infer do."""
+def _decode(items: list, size: tuple[int, int], p, *, recipe: dict | None) -> tuple[np.ndarray, list]:
+    """Pixels of the items at the model's size with the run's pixel ``recipe``; a bad file is skipped
+    with a note, as training and infer do."""
     from ..data.stream import decode_batches
 
     pixels, kept = [], []
     start = 0
-    for pb in decode_batches([q for q, _ in items], size, batch=64):
+    for pb in decode_batches([q for q, _ in items], size, batch=64, recipe=recipe):
         for i, it in enumerate(pb.items):
             if it.error is not None:
                 p.say(f"skipped {it.path}: {it.error}")
@@ -643,7 +644,7 @@ def _native_pixels(path, fallback: np.ndarray) -> np.ndarray:
     """The image at its own size (for a legible overlay); the model-size pixels if it cannot be read now."""
     from ..data.stream import decode_item
 
-    item = decode_item(str(path), None)
+    item = decode_item(str(path), None, recipe=None)  # at its own size: every recipe decodes the same pixels
     return item.pixels if item.pixels is not None else fallback.astype(np.uint8)
 
 
@@ -741,7 +742,7 @@ def explain_run(
     items = _collect_images(run, images, samples, seed, fold=t.fold)
     model = t.load_model()
     tgt = resolve_layer(model, layer, default=t.meta.get("gradcam_layer"))
-    x, items = _decode(items, t.image_size, p)
+    x, items = _decode(items, t.image_size, p, recipe=run.recipe)
     tg = _Target(run, t, model, tgt.name, items, x, explained, run.gradcam_dir(t.name))
     merged_path = tg.out_dir / "faithfulness.json"
     merged = read_json(merged_path) if merged_path.is_file() else {}

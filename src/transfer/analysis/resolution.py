@@ -70,16 +70,17 @@ def parse_sizes(value: str | Sequence[int]) -> list[int]:
     return check_list(value, "size in pixels", convert=positive_int, option="sizes", hint="for example 32,16,8")
 
 
-def degrade(img: np.ndarray, size: int, target: tuple[int, int]) -> np.ndarray:
-    """Reduce an RGB uint8 image to ``size x size`` and bring it back to ``target`` (H, W).
+def degrade(img: np.ndarray, size: int, target: tuple[int, int], *, recipe: dict | None) -> np.ndarray:
+    """Reduce an RGB uint8 image to ``size x size`` and bring it back to ``target`` (H, W), both
+    with the pixel ``recipe`` of the run.
 
     Example::
 
-        degrade(np.zeros((32, 32, 3), np.uint8), 8, (32, 32)).shape     # (32, 32, 3)
+        degrade(np.zeros((32, 32, 3), np.uint8), 8, (32, 32), recipe=None).shape     # (32, 32, 3)
     """
     from ..data.image import resize_image
 
-    return resize_image(resize_image(img, (size, size)), target)
+    return resize_image(resize_image(img, (size, size), recipe=recipe), target, recipe=recipe)
 
 
 def class_metrics(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str]) -> tuple[dict, list[dict]]:
@@ -101,22 +102,22 @@ def class_metrics(y_true: Sequence[int], y_pred: Sequence[int], class_names: Seq
     return summary, rows
 
 
-def _predict(model, paths: Sequence[Path], size: tuple[int, int], bar, *, target: tuple[int, int] | None = None,
-             batch: int = 64) -> tuple[np.ndarray, list[int]]:
-    """Predicted classes of the images decoded at ``size`` (then resized to ``target``);
-    the indices of files that could not be decoded are returned (skipped)."""
+def _predict(model, paths: Sequence[Path], size: tuple[int, int], bar, *, recipe: dict | None,
+             target: tuple[int, int] | None = None, batch: int = 64) -> tuple[np.ndarray, list[int]]:
+    """Predicted classes of the images decoded at ``size`` (then resized to ``target``) with the
+    run's pixel ``recipe``; the indices of files that could not be decoded are returned (skipped)."""
     from ..data.image import resize_image
     from ..data.stream import decode_batches
 
     preds: list[int] = []
     bad: list[int] = []
     start = 0
-    for pb in decode_batches(paths, size, batch=batch):
+    for pb in decode_batches(paths, size, batch=batch, recipe=recipe):
         bad.extend(start + i for i, it in enumerate(pb.items) if it.error is not None)
         if pb.ok_index:
             x = pb.x
             if target is not None and tuple(target) != tuple(size):
-                x = np.stack([resize_image(r.astype(np.uint8), target) for r in x]).astype(np.float32)
+                x = np.stack([resize_image(r.astype(np.uint8), target, recipe=recipe) for r in x]).astype(np.float32)
             preds.extend(int(v) for v in np.asarray(model(x, training=False)).argmax(axis=1))
         start += len(pb.items)
         bar.update(len(pb.items))
@@ -125,10 +126,10 @@ def _predict(model, paths: Sequence[Path], size: tuple[int, int], bar, *, target
     return np.asarray(preds, dtype=int), bad
 
 
-def _test_at(model, paths, labels, size, p, desc: str, *, target=None) -> tuple[list[int], np.ndarray]:
+def _test_at(model, paths, labels, size, p, desc: str, *, recipe: dict | None, target=None) -> tuple[list[int], np.ndarray]:
     """(labels of the readable test images, predictions) with a progress bar."""
     with p.bar(len(paths), desc, unit="images") as bar:
-        pred, bad = _predict(model, paths, size, bar, target=target)
+        pred, bad = _predict(model, paths, size, bar, recipe=recipe, target=target)
     skip = set(bad)
     y = [lab for i, lab in enumerate(labels) if i not in skip]
     if not y:
@@ -152,7 +153,7 @@ def _totv(run: RunFolder, t, sizes, p):
     for k in sizes:
         p.say(f"totv: testing {t.name} ({h}x{w}) on {len(paths)} test images "
               f"{'reduced' if k < min(h, w) else 'resized'} to {k}x{k}")
-        y, pred = _test_at(model, paths, labels, (k, k), p, f"totv {k}px", target=(h, w))
+        y, pred = _test_at(model, paths, labels, (k, k), p, f"totv {k}px", recipe=run.recipe, target=(h, w))
         out.append((k, y, pred))
     return out
 
@@ -221,7 +222,7 @@ def _tvtv(run: RunFolder, t, sizes, p):
         _copy_splits(run, sub)
         model = _train_at(cfg, k, sub, p).load_model()
         p.say(f"tvtv: testing the {k}x{k} model on {len(paths)} test images")
-        y, pred = _test_at(model, paths, labels, (k, k), p, f"tvtv {k}px")
+        y, pred = _test_at(model, paths, labels, (k, k), p, f"tvtv {k}px", recipe=run.recipe)
         out.append((k, y, pred))
     return out
 

@@ -249,8 +249,8 @@ class BatchSource:
             j = (idx + step) % n
             reason = self._bad_index.get(j)
             if reason is None:
-                item = decode_item(os.fspath(self.root / self.samples[j].path), self.image_size, self.max_pixels,
-                                   self.recipe)
+                item = decode_item(os.fspath(self.root / self.samples[j].path), self.image_size,
+                                   recipe=self.recipe, max_pixels=self.max_pixels)
                 if item.error is None:
                     return item.pixels, j
                 reason = item.error

@@ -821,7 +821,7 @@ def map_decoded(paths: Sequence, fn: Callable, *, workers: int = 2, chunk: int =
     from .stream import decode_item
 
     def one(p):
-        item = decode_item(str(p), None)
+        item = decode_item(str(p), None, recipe=None)  # at its own size: every recipe decodes the same pixels
         return fn(p, item.pixels, item.error)
 
     with ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="transfer-dedupe") as pool:

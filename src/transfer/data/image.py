@@ -281,9 +281,9 @@ def _resize_rgb(img: Image.Image, size: tuple[int, int], version: int = 1) -> Im
     return img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=gap)
 
 
-def resize_image(arr: np.ndarray, size: tuple[int, int], *, recipe: dict | None = None) -> np.ndarray:
+def resize_image(arr: np.ndarray, size: tuple[int, int], *, recipe: dict | None) -> np.ndarray:
     """Resize an 8-bit RGB array to ``size`` = (height, width) with Pillow bilinear (after a
-    box reduction of large sources in recipe 2).
+    box reduction of large sources in recipe 2); ``recipe``: the run's or bundle's (``None``: the current one).
 
     Stretches (no crop, no padding), as recorded in :data:`PREPROCESSING`.
     """

@@ -104,10 +104,11 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
             yield raw, "no such file"
 
 
-def decode_item(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
-                recipe: dict | None = None) -> Item:
+def decode_item(path: str, size: tuple[int, int] | None, *, recipe: dict | None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Item:
     """Decode and resize one path or URI with ``recipe`` (the run's or bundle's recorded pixel
-    recipe; ``None``: the current one); any failure becomes ``Item.error`` (never raises)."""
+    recipe, :attr:`transfer.runfolder.RunFolder.recipe` / ``Bundle.recipe``; ``None``: the
+    current one, for images of no run); any failure becomes ``Item.error`` (never raises)."""
     try:
         if is_uri(path):
             from .remote import read_uri
@@ -125,9 +126,10 @@ def decode_item(path: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_
 
 
 def batches(entries: Iterable[tuple[str, str | None]], size: tuple[int, int], *, batch: int = 32, workers: int = 2,
-            prefetch: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS, recipe: dict | None = None) -> Iterator[PixelBatch]:
+            prefetch: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS, recipe: dict | None) -> Iterator[PixelBatch]:
     """Decode ``entries`` in ``workers`` threads, ``prefetch`` batches ahead, in input order,
-    with ``recipe`` (the run's or bundle's recorded pixel recipe; ``None``: the current one).
+    with ``recipe`` (required: the run's or bundle's recorded pixel recipe, so a caller cannot
+    decode a run's images with today's recipe by omission; ``None``: the current one).
 
     Memory is bounded by ``(prefetch + 1) * batch`` images however many files there are.
 
@@ -153,7 +155,7 @@ def batches(entries: Iterable[tuple[str, str | None]], size: tuple[int, int], *,
 
                 def flush(ch):
                     t0 = time.perf_counter()
-                    futs = [None if err else pool.submit(decode_item, p, size, max_pixels, recipe) for p, err in ch]
+                    futs = [None if err else pool.submit(decode_item, p, size, recipe=recipe, max_pixels=max_pixels) for p, err in ch]
                     items = [Item(p, error=err) if f is None else f.result() for (p, err), f in zip(ch, futs)]
                     ok = [i for i, it in enumerate(items) if it.pixels is not None]
                     x = (np.stack([items[i].pixels for i in ok]).astype(np.float32) if ok
@@ -206,13 +208,13 @@ def _put(q: queue.Queue, obj, stop: threading.Event) -> None:
 
 
 def decode_batches(paths: Iterable[str | os.PathLike], size: tuple[int, int], *, batch: int = 64, workers: int = 2,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, recipe: dict | None = None) -> Iterator[PixelBatch]:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, recipe: dict | None) -> Iterator[PixelBatch]:
     """:func:`batches` over plain paths: ``PixelBatch.ok_index`` says which items of each batch
     decoded (their pixels are the rows of ``x``, in order); the others carry their error.
 
     Example::
 
-        for pb in decode_batches(paths, (224, 224), batch=32):
+        for pb in decode_batches(paths, (224, 224), batch=32, recipe=run.recipe):
             probs = model(pb.x)                      # one row per readable image
             labels_ok = [labels[start + i] for i in pb.ok_index]
     """
