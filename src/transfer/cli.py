@@ -31,7 +31,10 @@ class TransferGroup(click.Group):
             if _debug(ctx):
                 traceback.print_exc()
             flag = _flag_of(self, ctx, exc.option) if exc.option else None
-            click.secho(f"error: {flag + ': ' if flag else ''}{exc.message}", err=True, fg="red")
+            message = exc.message
+            if flag and message.startswith(f"invalid {exc.option}: "):  # transfer.options' wording: the flag names it
+                message = "invalid value " + message[len(f"invalid {exc.option}: "):]
+            click.secho(f"error: {flag + ': ' if flag else ''}{message}", err=True, fg="red")
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)

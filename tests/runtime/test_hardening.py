@@ -111,8 +111,11 @@ def test_bench_skips_bad_images_and_fails_when_nothing_ran(rt_bundle, rt_data, t
     assert any("skipped an unreadable image" in s for s in lines)
     with pytest.raises(ConfigError, match="no image files found in"):
         bench(bundle, backends=["onnxruntime"], batches=[2], images=[str(tmp_path / "nope")], progress=None)
-    for kw, match in [({"batches": [4, 4]}, "batch sizes list 4 more than once"), ({"seconds": -1}, "seconds per cell"),
-                      ({"backends": []}, "no backends given"), ({"head": "svm"}, "no head 'svm'")]:
+    for kw, match in [({"batches": [4, 4]}, r"invalid batches: \[4, 4\]; accepted: .* none twice"),
+                      ({"seconds": -1}, "invalid seconds: -1; accepted: a number > 0"),
+                      ({"backends": []}, "invalid backends: .*accepted: a comma list of one or more items, each one of "
+                                         "onnxruntime, "),
+                      ({"head": "svm"}, "no head 'svm'")]:
         with pytest.raises((ConfigError, BundleError), match=match):
             bench(bundle, **{"backends": ["onnxruntime"], "batches": [1], "progress": None, **kw})
     r = CliRunner().invoke(cli, ["bench", str(bundle), "--backends", "tensorrt", "--batch", "1",
@@ -140,7 +143,7 @@ def test_outputs_never_destroy_inputs(rt_bundle, rt_data, tmp_path):
         infer(b, [rt_data / "c0", listed], out=listed)
     assert listed.read_text() == "mine\n"
     with pytest.raises(ConfigError, match="inside the bundle"):
-        bench(b, backends=["onnxruntime"], batches=[1], out_dir=b / "bench", progress=None)
+        bench(b, backends=["onnxruntime"], batches=[1], out=str(b / "bench"), progress=None)
     assert not (b / "bench").exists()
 
 

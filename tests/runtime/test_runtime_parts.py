@@ -59,7 +59,7 @@ def test_bench_table_json_and_agreement(rt_bundle, tmp_path):
 
     _, bundle = rt_bundle
     res = bench(bundle, backends=["onnxruntime", "onnxruntime-int8", "tensorrt"], batches=[1, 4], head="rf",
-                seconds=0.05, min_iters=3, out_dir=tmp_path, progress=None)
+                seconds=0.05, min_iters=3, out=str(tmp_path), progress=None)
     assert {(r["backend"], r["batch"]) for r in res["rows"]} == {("onnxruntime", 1), ("onnxruntime", 4),
                                                                  ("onnxruntime-int8", 1), ("onnxruntime-int8", 4)}
     assert "tensorrt" in res["skipped"]

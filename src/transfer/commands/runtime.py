@@ -6,8 +6,10 @@ import sys
 
 import click
 
-from ._options import parse_csv, quiet_option
-from .keys import trust_option, trust_options, trust_value
+from ..options import click_options, from_cli
+from ..runtime.bench_config import BenchConfig
+from ._options import quiet_option
+from .keys import trust_options, trust_value
 
 
 @click.command("infer")
@@ -96,19 +98,9 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
 
 @click.command("bench")
 @click.argument("bundle", type=click.Path())
-@click.option("--backends", default="onnxruntime,onnxruntime-int8", show_default=True,
-              help="onnxruntime, onnxruntime-int8, tensorrt[-fp16|-int8], keras (needs TensorFlow).")
-@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes.")
-@click.option("--head", help="Also time a bundled classical head (e.g. rf).")
-@click.option("--images", multiple=True, type=click.Path(), help="Image files/folders to time decoding on.")
-@click.option("--seconds", default=3.0, show_default=True, help="Timed seconds per cell (at least 10 calls).")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads. [default: the physical cores]")
-@click.option("--providers", default="cpu", show_default=True,
-              help="ONNX Runtime providers of the onnxruntime backends, in order: cpu, cuda, tensorrt, or 'auto'.")
-@click.option("--out", type=click.Path(), help="Folder for bench.json / bench.md / bench.png. [default: BUNDLE/../bench]")
-@trust_option
+@click_options(BenchConfig)
 @quiet_option
-def bench_cmd(bundle, backends, batches, head, images, seconds, threads, providers, out, trust, quiet) -> None:
+def bench_cmd(bundle, quiet, **options) -> None:
     """Latency p50/p90/p99, throughput, time split (decode / preprocess / model / head),
     top-1 agreement with fp32 and achieved GFLOP/s vs this machine's matmul peak, per
     backend and batch size. Backends that cannot run here are listed with the reason.
@@ -121,14 +113,11 @@ def bench_cmd(bundle, backends, batches, head, images, seconds, threads, provide
     from ..progress import Progress
     from ..runtime.bench import bench, render_table
 
-    out_dir = Path(out) if out else Path(bundle).resolve().parent / "bench"
-    res = bench(bundle, backends=parse_csv(backends, name="--backends"),
-                batches=parse_csv(batches, int, name="--batch"), head=head, images=list(images) or None,
-                seconds=seconds, threads=threads, out_dir=out_dir, progress=Progress(quiet=quiet),
-                providers=None if providers == "auto" else providers, extra_runners={"keras": _keras_runner},
-                trust=trust_value(trust))
+    default_out = Path(bundle).resolve().parent / "bench"
+    cfg = from_cli(BenchConfig, options, out=options.get("out") or str(default_out))
+    res = bench(bundle, cfg, progress=Progress(quiet=quiet), extra_runners={"keras": _keras_runner})
     click.echo(render_table(res))
-    click.echo(f"-> {out_dir}/bench.json, bench.md" + (", bench.png" if res["rows"] else ""))
+    click.echo(f"-> {cfg.out}/bench.json, bench.md" + (", bench.png" if res["rows"] else ""))
     if not res["rows"]:
         from ..errors import TensorRTUnavailableError, TransferError
 

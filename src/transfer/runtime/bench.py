@@ -13,7 +13,9 @@ import numpy as np
 
 from ..bundle import Bundle, load_bundle
 from ..errors import ConfigError, TransferError
+from ..options import replace
 from ..progress import ProgressLike, as_progress
+from .bench_config import BenchConfig
 
 if TYPE_CHECKING:
     from .runners import Runner
@@ -71,11 +73,6 @@ def model_gflops(onnx_path: str | os.PathLike) -> float | None:
     return 2 * macs / 1e9
 
 
-#: backends the runtime runs itself (``extra_runners`` of :func:`bench` may add more)
-BENCH_BACKENDS = ("onnxruntime", "onnxruntime-int8", "onnxruntime-fp16", "tensorrt", "tensorrt-fp32",
-                  "tensorrt-fp16", "tensorrt-int8")
-
-
 @dataclass
 class SamplePool:
     """The pixels every cell is timed on, and what decoding them cost."""
@@ -84,29 +81,6 @@ class SamplePool:
     decode_ms: float | None      # per image, one thread; None: synthetic pixels
     files: int = 0               # image files decoded into ``x``
     skipped: list[str] = field(default_factory=list)  # "path: reason" of files that would not decode
-
-
-def check_options(backends: Sequence[str], batches: Sequence[int], seconds: float, min_iters: int,
-                  extra: Sequence[str] = ()) -> None:
-    """Refuse unknown, duplicate or empty backends and batch sizes, and a non-positive time.
-
-    Raises:
-        ConfigError: naming the option (``option=``) and what is accepted.
-    """
-    valid = (*BENCH_BACKENDS, *extra)
-    if not batches or min(batches) < 1:
-        raise ConfigError(f"invalid batch sizes {list(batches)!r}; accepted: positive integers", option="batches")
-    if not backends:
-        raise ConfigError("no backends given", hint=f"accepted: {', '.join(valid)}", option="backends")
-    for be in backends:
-        if be not in valid:
-            raise ConfigError(f"unknown backend {be!r}; accepted: {', '.join(valid)}", option="backends")
-    for name, what, vals in (("batches", "batch sizes", list(batches)), ("backends", "backends", list(backends))):
-        dup = sorted({str(v) for v in vals if vals.count(v) > 1})
-        if dup:
-            raise ConfigError(f"the {what} list {', '.join(dup)} more than once", option=name)
-    if not seconds > 0 or min_iters < 1:
-        raise ConfigError(f"invalid seconds per cell {seconds!r}; accepted: a positive number", option="seconds")
 
 
 def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int) -> list[str]:
@@ -207,63 +181,70 @@ def bench_row(runner: "Runner", bs: int, lat: np.ndarray, *, pool: SamplePool, p
             "peak_share": gflops * thr / peak if gflops else None}
 
 
-def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime-int8"),
-          batches: Sequence[int] = (1, 8, 32), head: str | None = None, images: Sequence[str] | None = None,
-          seconds: float = 3.0, min_iters: int = 10, warmup: int = 3, threads: int | None = None,
-          out_dir=None, progress: ProgressLike = None,
-          providers: Sequence[str] | str | None = "cpu",
-          extra_runners: Mapping[str, Callable[[Bundle], "Runner"]] | None = None, trust=None) -> dict:
+def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressLike = None,
+          extra_runners: Mapping[str, Callable[[Bundle], "Runner"]] | None = None, **options) -> dict:
     """Benchmark backends x batch sizes on one bundle; returns (and writes) the result dict.
 
     Each cell runs at least ``min_iters`` timed calls and about ``seconds`` seconds after
     ``warmup`` calls. Latency is per model call (one batch); throughput is images/s.
     Decoding is timed on real image files (``images`` or the source run's val split).
     ``providers`` are the ONNX Runtime execution providers of the ``onnxruntime*``
-    backends (default CPU; ``None``: the best available, e.g. CUDA / TensorRT); the fp32
-    reference for top-1 agreement always runs on the CPU. ``extra_runners`` adds backends
+    backends (default CPU; ``auto``: the best available, e.g. CUDA / TensorRT); the fp32
+    reference for top-1 agreement always runs on the CPU. ``extra_runners`` supplies backends
     the runtime does not own, by name (the bench command passes ``keras``:
-    :func:`transfer.export.keras_runner.keras_runner_for`, which needs TensorFlow); a
-    factory that raises :class:`TransferError` marks its backend skipped with the reason.
-    ``trust``: see :func:`transfer.bundle.load_bundle`; ``out_dir`` may not be inside the bundle.
+    :func:`transfer.export.keras_runner.keras_runner_for`, which needs TensorFlow); a backend
+    without a runner, or whose factory raises :class:`TransferError`, is skipped with the reason.
+
+    Args:
+        bundle_path: the bundle folder.
+        config: the options (:class:`~transfer.runtime.bench_config.BenchConfig`);
+            ``options`` are laid over it (``bench(b, batches=[1, 32])``).
+        progress: a :class:`~transfer.progress.Progress`, a line callable or None.
 
     Returns:
-        ``{"machine": {...}, "rows": [...], "skipped": {backend: reason}}``; with
-        ``out_dir``: bench.json, bench.md and bench.png there.
+        ``{"machine": {...}, "rows": [...], "skipped": {backend: reason}}``; with ``out``:
+        bench.json, bench.md and bench.png there.
 
     Raises:
-        ConfigError: unknown backend or bad batch size.
+        ConfigError: an invalid option, or ``out`` inside the bundle.
 
     Example::
 
         bench("runs/digits/bundle", backends=["onnxruntime"], batches=[1, 32])
     """
+    cfg = replace(config or BenchConfig(), **options)
     from .heads import check_head, make_head
     from .runners import OrtRunner, make_runner
     from .sessions import available_providers
 
     p = as_progress(progress)
-    batches, backends, extra_runners = list(batches), list(backends), dict(extra_runners or {})
-    check_options(backends, batches, seconds, min_iters, tuple(extra_runners))
-    if out_dir is not None:
-        o, root = Path(os.path.realpath(out_dir)), Path(os.path.realpath(bundle_path))
+    extra_runners = dict(extra_runners or {})
+    if cfg.out is not None:
+        o, root = Path(os.path.realpath(cfg.out)), Path(os.path.realpath(bundle_path))
         if o == root or root in o.parents:
-            raise ConfigError(f"output folder {out_dir} is inside the bundle {bundle_path}; the results would "
+            raise ConfigError(f"output folder {cfg.out} is inside the bundle {bundle_path}; the results would "
                               "become files of the bundle", hint="write them next to it", option="out")
-    b = load_bundle(bundle_path, trust=trust)
-    check_head(b, head)
+    b = load_bundle(bundle_path, trust=cfg.trust)
+    check_head(b, cfg.head)
     h, w = b.input_size
-    pool = sample_pool(b, images, max(batches) * 2, p)
+    batches, threads, seconds = cfg.batches, cfg.threads, cfg.seconds
+    pool = sample_pool(b, cfg.images or None, max(batches) * 2, p)
     p.say("measuring the matrix-multiply peak of this machine ...")
     peak = matmul_peak_gflops()
     gflops = model_gflops(b.file(b.model_entry("onnx-fp32")["file"]))
     prep_ms = _preprocess_ms(pool.x, max(batches))
-    hd = make_head(b, head) if head else None
+    hd = make_head(b, cfg.head) if cfg.head else None
     ref = OrtRunner(b, "onnx-fp32", "cpu", threads).run(pool.x)[1]
     rows, skipped = [], {}
-    for be in backends:
+    for be in cfg.backends:
         try:
-            r = extra_runners[be](b) if be in extra_runners else \
-                make_runner(b, be, providers if be.startswith("onnxruntime") else None, threads)
+            if be in extra_runners:
+                r = extra_runners[be](b)
+            elif be == "keras":
+                raise TransferError("the keras backend runs the source run's model with TensorFlow; "
+                                    "`transfer bench` adds it")
+            else:
+                r = make_runner(b, be, cfg.provider_list if be.startswith("onnxruntime") else None, threads)
             if hasattr(r, "activate"):  # a TensorRT engine loads here: a broken one is a skipped backend
                 r.activate()
         except TransferError as exc:
@@ -273,7 +254,7 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
         agree = float(np.mean(r.run(pool.x)[1].argmax(1) == ref.argmax(1)))
         for bs in batches:
             x = np.ascontiguousarray(np.resize(pool.x, (bs, h, w, 3)))
-            lat, (feats, probs) = time_cell(r.run, x, warmup=warmup, seconds=seconds, min_iters=min_iters)
+            lat, (feats, probs) = time_cell(r.run, x, warmup=cfg.warmup, seconds=seconds, min_iters=cfg.min_iters)
             row = bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms, head_ms=_head_ms(hd, feats, probs, bs),
                             agreement=agree, gflops=gflops, peak=peak)
             rows.append(row)
@@ -283,8 +264,8 @@ def bench(bundle_path, *, backends: Sequence[str] = ("onnxruntime", "onnxruntime
            "gflops_per_img": gflops,
            "decode_files": pool.files, "decode_skipped": len(pool.skipped),
            "rows": rows, "skipped": skipped}
-    if out_dir is not None:
-        write_outputs(res, Path(out_dir))
+    if cfg.out is not None:
+        write_outputs(res, Path(cfg.out))
     return res
 
 
