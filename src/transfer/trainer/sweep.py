@@ -21,7 +21,8 @@ from ..progress import Progress, ProgressLike, as_progress, clock
 from ..runfolder import RunWriter
 from .cache import CacheSpaceError
 from .config import TrainConfig, config_from_yaml_text
-from .fit import TrialSpec, run_trial, trial_name
+from .fit import run_trial
+from .plan import TrialData, TrialSpec, trial_name
 
 
 @dataclass
@@ -484,9 +485,8 @@ def _run_one(run: PreparedRun, config: TrainConfig, spec: TrialSpec, entry: dict
     t0 = time.perf_counter()
     tr, va, te = run.samples_of(spec)
     try:
-        entry["metrics"] = run_trial(run.writer.path, config, spec, data_root=run.data_root,
-                                     class_names=run.class_names, train=tr, val=va, test=te, progress=p,
-                                     siblings=siblings)
+        data = TrialData.of(run.data_root, run.class_names, tr, va, te)
+        entry["metrics"] = run_trial(run.writer.path, config, spec, data, progress=p, siblings=siblings)
         entry["state"] = "done"
         m = entry["metrics"]
         p.say(f"{label} {spec.name}: done  val_acc {_f(m['val']['accuracy'])}  test_acc {_f(m['test']['accuracy'])}"
