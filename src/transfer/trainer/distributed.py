@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .._lazy import import_tensorflow
+from .. import _ray
 from ..errors import ConfigError
 from .fit import run_trial
 from .plan import TrialData, TrialSpec
@@ -41,9 +42,7 @@ class RayOptions:
 def init_ray(opts: RayOptions):
     """``ray.init`` quietly: join ``opts.address`` or start a small local instance (the
     trials' progress lines are forwarded to the driver)."""
-    from .._ray import init_ray as _init
-
-    return _init(opts.address, purpose="Ray sweeps", log_to_driver=True)
+    return _ray.init_ray(opts.address, purpose="Ray sweeps", log_to_driver=True)
 
 
 def _trial_task(run_dir: str, cfg, spec_dict: dict, data: TrialData, siblings: tuple, threads: int) -> dict:

@@ -1,5 +1,6 @@
-"""What a trial will do, decided before anything is built: its stages, where each stage's
-epochs start and end, and where a stage's data comes from.
+"""What a sweep and its trials will do, decided before anything is built: the trials of a
+configuration (:func:`plan_trials`), a trial's stages, where each stage's epochs start and
+end, and where a stage's data comes from.
 
 Pure functions of the configuration and the trial's spec (no TensorFlow, no files): the
 trial (:mod:`transfer.trainer.trial`), a stage's data (:mod:`transfer.trainer.stage_data`)
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import ConfigError
 from ..models.registry import get_backbone
 from .config import TrainConfig
 
@@ -131,6 +133,75 @@ def plan_stages(cfg: TrainConfig, spec: TrialSpec) -> list[Stage]:
     return [Stage("main", cfg.epochs, spec.trainable, lr, train_bn)]
 
 
+# -- the trials of a sweep ------------------------------------------------------------------
+
+def resolve_image_size(cfg: TrainConfig, backbone: str) -> tuple[int, int]:
+    """Input size of a backbone: ``cfg.image_size`` or the backbone default (never below its minimum)."""
+    spec = get_backbone(backbone)
+    min_size = int(getattr(spec, "min_size", 1) or 1)
+    if cfg.image_size is None:
+        s = max(int(spec.default_size), min_size)
+        return (s, s)
+    if cfg.image_size < min_size:
+        raise ConfigError(
+            f"image size {cfg.image_size} is below the minimum input size of {backbone} ({min_size})",
+            hint=f"use an image size of {min_size} or more for {backbone}, or leave it unset for its default "
+                 f"({spec.default_size})",
+            option="image_size",
+        )
+    return (int(cfg.image_size), int(cfg.image_size))
+
+
+def duplicate_random_trials(cfg: TrainConfig, specs: list[TrialSpec] | None = None) -> list[str]:
+    """Backbones whose random-init trial :func:`plan_trials` skipped: they start from random
+    weights already (weights "none", or no published weights) and the trainable fractions
+    include 1.0, so that trial *is* the random-init one."""
+    if not cfg.random_init:
+        return []
+    have = {s.backbone for s in (plan_trials(cfg) if specs is None else specs) if s.init == "random"}
+    return [bb for bb in cfg.backbones if bb not in have]
+
+
+def _variants(cfg: TrainConfig, init: str) -> list[tuple[float, bool]]:
+    """(trainable fraction, random init) of each trial of one backbone."""
+    variants = [(float(t), False) for t in cfg.trainable]
+    # a backbone that already starts from random weights: its full fine-tuning trial
+    # *is* the random-init trial (same init, same training); do not train it twice
+    if cfg.random_init and not (init == "scratch" and 1.0 in {t for t, _ in variants}):
+        variants.append((1.0, True))
+    return variants
+
+
+def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
+    """The trial list of a config, in run order (names of docs/design.md).
+
+    Example::
+
+        [t.name for t in plan_trials(cfg)]   # ['arc2-t000', 'arc2-t100', 'arc2-random']
+    """
+    out: list[TrialSpec] = []
+    folds = list(range(1, cfg.kfold + 1)) if cfg.kfold else [None]
+    for bb in cfg.backbones:
+        size = resolve_image_size(cfg, bb)
+        # "imagenet" means "the backbone's published weights where they exist": the
+        # small CNNs (arc2, arc3) have none and start from scratch, so one command can
+        # sweep e.g. mobilenet_v2,arc2
+        weights = "none" if cfg.weights == "imagenet" and not get_backbone(bb).pretrainable else cfg.weights
+        init = "scratch" if weights == "none" else "pretrained"
+        seen: dict[str, float] = {}
+        for t, rnd in _variants(cfg, init):
+            group = trial_name(bb, t, random_init=rnd)
+            if group in seen:  # names round to whole percent: 0.3 and 0.304 would share a folder
+                raise ConfigError(f"trainable fractions {t:g} and {seen[group]:g} of {bb} are both trial {group} "
+                                  "(trial names round to whole percent)",
+                                  hint="list each fraction once, at least 0.01 apart", option="trainable")
+            seen[group] = t
+            out += [TrialSpec(name=trial_name(bb, t, random_init=rnd, fold=k), group=group, fold=k, backbone=bb,
+                              init="random" if rnd else init, weights="none" if rnd else weights,
+                              trainable=t, freeze_by=cfg.freeze_by, image_size=size) for k in folds]
+    return out
+
+
 # -- epochs across stages -----------------------------------------------------------------
 
 def stage_bounds(stages: Sequence[Stage]) -> list[int]:
@@ -230,5 +301,6 @@ def data_source(cfg: TrainConfig, *, has_backbone: bool) -> DataSource:
     return DataSource("cached")
 
 
-__all__ = ["TrialSpec", "TrialData", "Stage", "trial_name", "plan_stages", "stage_bounds", "resume_point",
+__all__ = ["TrialSpec", "TrialData", "Stage", "trial_name", "plan_trials", "resolve_image_size",
+           "duplicate_random_trials", "plan_stages", "stage_bounds", "resume_point",
            "stage_epochs", "ResumePoint", "DataSource", "data_source"]
