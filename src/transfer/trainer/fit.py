@@ -10,8 +10,8 @@ Order of work in a trial (:func:`run_trial`):
    backbone + init), so every trial of a backbone starts from the same weights; the
    frozen-prefix cache builder, keyed by those weights. Under ``--strategy mirrored`` this
    and the training run inside the strategy's scope.
-3. Load the resume checkpoint when there is one (weights, random-generator states; the
-   history up to it).
+3. Write ``trial.json``; load the resume checkpoint when there is one (weights,
+   random-generator states; the history up to it).
 4. For each stage left: ``apply_freeze`` (random-init trials: everything trainable,
    BatchNorm trainable), then find the :class:`~transfer.models.split.Cut` between the
    frozen prefix and the part that trains.
@@ -122,8 +122,8 @@ def _run_stage(trial: Trial, stages: list[Stage], index: int, state: TrialState,
     if stage.probe:
         if start >= end:
             return _StageOutcome(asdict(summary))
-        fit = probe_stage(trial, stage, state, history, end)
-        return _StageOutcome(asdict(summary), head=fit.head_record(), cache=fit.cache, train_rows=fit.train_rows)
+        probe = probe_stage(trial, stage, state, history, end)
+        return _StageOutcome(asdict(summary), head=probe.head_record(), cache=probe.cache, train_rows=probe.train_rows)
     head = lp_ft_head(trial, stage) if uses_lp_ft(trial.cfg, trial.spec) and state.epoch == 0 else None
     data = stage_data(trial, stage)
     _compile(data.model, trial.cfg, stage.lr)  # recompile after every change of `trainable`

@@ -124,23 +124,23 @@ def _set_head(model, probe: Probe) -> None:
 def lp_ft_head(trial: Trial, stage: Stage) -> dict:
     """Start the head from the converged linear probe (before the first epoch of a fresh trial);
     returns ``head`` of ``metrics.json``. Leaves the model frozen as ``stage`` freezes it."""
-    fit = linear_probe(trial, stage)
-    probe = fit.probe
+    probe_fit = linear_probe(trial, stage)
+    probe = probe_fit.probe
     _set_head(trial.model, probe)
-    trial.say(f"head starts from the linear probe{' (reused)' if fit.reused else ''} (val acc "
+    trial.say(f"head starts from the linear probe{' (reused)' if probe_fit.reused else ''} (val acc "
               f"{probe.val_accuracy if probe.val_accuracy is not None else probe.train_accuracy:.4f})")
     apply_freeze(trial.model, trial.info, stage.fraction, by=trial.spec.freeze_by, train_bn=stage.train_bn)
-    return fit.head_record()
+    return probe_fit.head_record()
 
 
 def probe_stage(trial: Trial, stage: Stage, state: TrialState, history: list, epoch: int) -> ProbeFit:
     """A head-only stage of a pooled backbone: the linear probe is the head, epoch ``epoch``
     (one history row, one checkpoint; ``state`` and ``history`` are updated in place)."""
     t0 = time.perf_counter()
-    fit = linear_probe(trial, stage)
-    probe = fit.probe
+    probe_fit = linear_probe(trial, stage)
+    probe = probe_fit.probe
     _set_head(trial.model, probe)
-    trial.say(f"linear probe on the pooled features{' (reused)' if fit.reused else ''}: train acc "
+    trial.say(f"linear probe on the pooled features{' (reused)' if probe_fit.reused else ''}: train acc "
               f"{probe.train_accuracy:.4f}" + (f", val acc {probe.val_accuracy:.4f}" if probe.val_accuracy is not None
                                                 else "") + f" (L2 {probe.l2:.3g}, {probe.iterations} L-BFGS steps)")
     if probe.coarse:
@@ -154,4 +154,4 @@ def probe_stage(trial: Trial, stage: Stage, state: TrialState, history: list, ep
     trial.files.history(history)
     state.best_loss, state.best_epoch, state.wait, state.epoch = monitor, epoch, 0, epoch
     trial.files.save_checkpoint(trial.model, None, state)
-    return fit
+    return probe_fit
