@@ -47,7 +47,7 @@ def main() -> None:
     from transfer.data.folder import index_folder
     from transfer.data.image import load_image
     from transfer.trainer.config import load_config
-    from transfer.trainer.fit import TrialSpec, _compile, build_trial_model, run_trial
+    from transfer.trainer.fit import TrialData, TrialSpec, _compile, build_trial_model, run_trial
 
     data = fashion_folder(a.work, a.images)
     index = index_folder(data)
@@ -69,8 +69,7 @@ def main() -> None:
 
         shutil.rmtree(run, ignore_errors=True)
         lines: list[str] = []
-        run_trial(run, cfg, spec, data_root=data, class_names=index.class_names, train=samples, val=[], test=[],
-                  progress=lines.append)
+        run_trial(run, cfg, spec, TrialData.of(data, index.class_names, train=samples), progress=lines.append)
         from transfer.runfolder import TrialPaths
 
         paths = TrialPaths(run / "trials" / spec.name)

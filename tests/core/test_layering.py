@@ -138,3 +138,89 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_cycle_finder_finds_a_cycle():
     assert _strongly_connected({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]
+
+
+# -- imports at the top of files; packages importable without TensorFlow -----------------------
+
+#: packages whose imports of the package's own modules are all at the top of their files
+#: (imports inside functions are only for heavy optional libraries, through ``transfer._lazy``)
+TOP_IMPORTS = ("trainer",)
+#: packages every module of which imports without TensorFlow (it is imported inside functions):
+#: a Ray driver or ``transfer train --help`` does not load it
+TF_FREE_AT_IMPORT = ("trainer",)
+_HEAVY_CALLS = ("import_tensorflow", "import_keras")
+
+
+def _outside_functions(tree: ast.AST):
+    """The nodes of ``tree`` that run when the module is imported (not inside a function body)."""
+    stack = list(ast.iter_child_nodes(tree))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack += node.decorator_list if not isinstance(node, ast.Lambda) else []
+            continue
+        yield node
+        stack += list(ast.iter_child_nodes(node))
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The modules a file imports when it is imported (as :func:`imports_of` names them)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    lines = {n.lineno for n in _outside_functions(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return {mod for line, mod in imports_of(path) if line in lines}
+
+
+def _calls_at_import(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [n.func.id if isinstance(n.func, ast.Name) else n.func.attr for n in _outside_functions(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))
+            and (n.func.id if isinstance(n.func, ast.Name) else n.func.attr) in _HEAVY_CALLS]
+
+
+def _path_of(module: str) -> Path | None:
+    p = SRC.parent.joinpath(*module.split("."))
+    return p.with_suffix(".py") if p.with_suffix(".py").is_file() else (p / "__init__.py" if p.is_dir() else None)
+
+
+@pytest.mark.parametrize("package", TOP_IMPORTS)
+def test_package_imports_are_at_the_top(package):
+    bad = []
+    for f in sorted((SRC / package).rglob("*.py")):
+        top = module_level_imports(f)
+        for line, mod in imports_of(f):
+            if mod.startswith("transfer") and mod not in top:
+                bad.append(f"{f.relative_to(SRC.parent)}:{line} imports {mod} inside a function")
+    assert not bad, "import the package's own modules at the top of the file:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", TF_FREE_AT_IMPORT)
+def test_package_imports_without_tensorflow(package):
+    """Follows every import that runs at import time, through the package: none reaches TensorFlow."""
+    bad = []
+    for f in sorted((SRC / package).rglob("*.py")):
+        seen, todo = set(), [(_module_name(f), [])]
+        while todo:
+            mod, via = todo.pop()
+            if mod in seen:
+                continue
+            seen.add(mod)
+            path = _path_of(mod)
+            if path is None:
+                continue
+            chain = via + [mod]
+            for call in _calls_at_import(path):
+                bad.append(f"{' -> '.join(chain)} calls {call}() at import")
+            for dep in module_level_imports(path):
+                if dep.split(".")[0] in ("tensorflow", "keras", "tf_keras", "tf2onnx"):
+                    bad.append(f"{' -> '.join(chain)} imports {dep}")
+                elif dep.startswith("transfer"):
+                    todo.append((dep, chain))
+    assert not bad, "imported when the module is imported:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_the_import_time_reader_sees_a_module_level_tensorflow_call(tmp_path):
+    """The checker itself: a module-level ``import_keras()`` is found, one inside a function is not."""
+    f = tmp_path / "m.py"
+    f.write_text("from transfer._lazy import import_keras\nkeras = import_keras()\n"
+                 "def later():\n    return import_keras()\n")
+    assert _calls_at_import(f) == ["import_keras"]

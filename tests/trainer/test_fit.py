@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from transfer.trainer.config import load_config
-from transfer.trainer.fit import TrialSpec, read_history, run_trial
+from transfer.trainer.fit import TrialData, TrialSpec, read_history, run_trial
 from transfer.trainer.sweep import run_sweep
 
 from trainer_helpers import base_overrides, make_pattern_folder
@@ -105,8 +105,8 @@ def test_bad_file_met_while_training(pattern_folder, tmp_path):
     spec = TrialSpec(name="arc2-t100", group="arc2-t100", fold=None, backbone="arc2", init="scratch",
                      weights="none", trainable=1.0, freeze_by="layers", image_size=(16, 16))
     lines: list[str] = []
-    m = run_trial(tmp_path / "run", cfg, spec, data_root=data, class_names=idx.class_names,
-                  train=train, val=val, test=val, progress=lines.append)
+    m = run_trial(tmp_path / "run", cfg, spec, TrialData.of(data, idx.class_names, train=train, val=val, test=val),
+                  progress=lines.append)
     assert m["epochs_run"] == 1
     with open(tmp_path / "run" / "bad_files.csv") as f:
         rows = list(csv.DictReader(f))

@@ -72,7 +72,7 @@ def test_probe_numbers_are_the_float32_heads_and_coarse_features_are_flagged():
     terms of ~1e6, so its numbers are noisy."""
     from sklearn.datasets import load_digits
 
-    from transfer.trainer.fit import _head_numbers
+    from transfer.trainer.measure import _head_numbers
 
     x, y = load_digits(return_X_y=True)
     x = x.astype(np.float32)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._lazy import import_keras, import_tensorflow
+from .loop import batch_spec
+from .loop import batches as read_batches
 
 #: at most this many training images per pass (a seeded subset beyond; PreciseBN: ~10^4 suffice)
 MAX_IMAGES = 10_000
@@ -73,8 +75,6 @@ class PopulationStatistics:
 
     def _step(self, x):
         """The traced pass of one batch; traced once, for any batch size (``x``: the first batch)."""
-        from .loop import batch_spec
-
         tf = import_tensorflow()
         if self._fn is None:
             model, bns = self.model, self.bns
@@ -91,8 +91,6 @@ class PopulationStatistics:
         """One pass over ``dataset`` (``(x, y)`` batches, no augmentation); sets the statistics."""
         if not self.bns:
             return BNStats(0, 0, 0)
-        from .loop import batches as read_batches
-
         t0 = time.perf_counter()
         momenta, rates = [bn.momentum for bn in self.bns], [d.rate for d in self.dropouts]
         for bn in self.bns:

@@ -44,9 +44,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..data.batches import BatchSource, read_ahead
 from ..data.image import recipe_version
 from ..errors import TransferError
 from ..fsutil import file_stamp, write_json_atomic
+from ..models.split import Cut, bridge_model, inference_function, prefix_model
 
 CACHE_FORMAT = 1
 #: bytes a cache build leaves free on its disk (environment ``TRANSFER_CACHE_MIN_FREE`` overrides)
@@ -302,8 +304,6 @@ class CacheBuilder:
 
     def _prefix(self, cut):
         """The model from the images to ``cut``'s frontier (None: the frontier is the image)."""
-        from ..models.split import inference_function, prefix_model
-
         if not cut.prefix:
             return None
         key = (cut.prefix, cut.frontier)
@@ -375,8 +375,6 @@ class CacheBuilder:
         return None
 
     def _source(self, req: CacheRequest):
-        from ..data.batches import BatchSource
-
         src = BatchSource(self.ctx.data_root, list(req.samples), self.ctx.batch_size, self.ctx.image_size,
                           shuffle=False, seed=self.ctx.seed,
                           augment=self.ctx.augment if req.view is not None else (), recipe=self.ctx.recipe)
@@ -425,8 +423,6 @@ class CacheBuilder:
                 continue
             if best is not None and depth <= best[0]:
                 continue
-            from ..models.split import Cut
-
             cut = Cut(tuple(meta["prefix"]), tuple(meta["frontier"]), tuple(tuple(s) for s in meta["shapes"]),
                       meta["cut"], int(meta.get("backbone_depth", 0)))
             req = CacheRequest(first.split, first.samples, cut, first.view, meta["dtype"])
@@ -456,8 +452,6 @@ class CacheBuilder:
 
     def _plan_chain(self, reqs: list[CacheRequest], source_cut) -> list[_Step]:
         """One step per request: the model from the previous frontier (or the images) to its own."""
-        from ..models.split import bridge_model, inference_function
-
         steps, prev = [], source_cut
         for r in reqs:
             if prev is None:
@@ -512,8 +506,6 @@ class CacheBuilder:
                 rows = np.arange(start, min(source.rows, start + bs))
                 yield dict(zip(source.meta["frontier"], source.read(rows))), source.labels[rows], 0.0, []
             return
-        from ..data.batches import read_ahead
-
         src = self._source(first)
         ahead = max(1, int(self.ctx.workers))
         batches = read_ahead(src.get, len(src), workers=ahead, ahead=ahead + 1)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..data.batches import AUGMENTATIONS
 from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -187,14 +188,9 @@ def validate(c: TrainConfig) -> None:
     if not isinstance(c.seed, int):
         _fail("seed", c.seed, "an integer")
     if c.augment:
-        try:
-            from ..data.batches import AUGMENTATIONS
-        except ImportError:  # pragma: no cover - data part missing
-            AUGMENTATIONS = None
-        if AUGMENTATIONS is not None:
-            bad = [a for a in c.augment if a not in AUGMENTATIONS]
-            if bad:
-                _fail("augment", ",".join(bad), ", ".join(sorted(AUGMENTATIONS)))
+        bad = [a for a in c.augment if a not in AUGMENTATIONS]
+        if bad:
+            _fail("augment", ",".join(bad), ", ".join(sorted(AUGMENTATIONS)))
 
 
 _TUPLE_KEYS = {"backbones": str, "trainable": float, "augment": str}

@@ -11,11 +11,15 @@ once by Ray before it is reported as failed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from .._lazy import import_tensorflow
+from .. import _ray
 from ..errors import ConfigError
+from .fit import run_trial
+from .plan import TrialData, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -38,17 +42,11 @@ class RayOptions:
 def init_ray(opts: RayOptions):
     """``ray.init`` quietly: join ``opts.address`` or start a small local instance (the
     trials' progress lines are forwarded to the driver)."""
-    from .._ray import init_ray as _init
-
-    return _init(opts.address, purpose="Ray sweeps", log_to_driver=True)
+    return _ray.init_ray(opts.address, purpose="Ray sweeps", log_to_driver=True)
 
 
-def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names: list,
-                train: list, val: list, test: list, siblings: tuple, threads: int) -> dict:
+def _trial_task(run_dir: str, cfg, spec_dict: dict, data: TrialData, siblings: tuple, threads: int) -> dict:
     """Body of one Ray task: the same ``run_trial`` as a local sweep (imports TF in the worker)."""
-    from .._lazy import import_tensorflow  # quiet first import, before anything else imports TensorFlow
-    from .fit import TrialSpec, run_trial
-
     tf = import_tensorflow()
     try:  # one trial per reserved CPU budget, not every core of the node
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -58,8 +56,7 @@ def _trial_task(run_dir: str, cfg, spec_dict: dict, data_root: str, class_names:
     spec_dict = dict(spec_dict)
     spec_dict["image_size"] = tuple(spec_dict["image_size"])
     spec = TrialSpec(**spec_dict)
-    return run_trial(run_dir, cfg, spec, data_root=data_root, class_names=class_names, train=train, val=val,
-                     test=test, progress=lambda s: print(s, flush=True), siblings=siblings)
+    return run_trial(run_dir, cfg, spec, data, progress=lambda s: print(s, flush=True), siblings=siblings)
 
 
 def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path, class_names, opts: RayOptions,
@@ -69,16 +66,14 @@ def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path,
     The trials build and share the frozen-prefix caches under the run folder (a lock per
     backbone makes concurrent trials wait for one build instead of building twice).
     """
-    from dataclasses import asdict
-
     ray = init_ray(opts)
     task = ray.remote(_trial_task).options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial,
                                            max_retries=opts.retries, retry_exceptions=True)
     threads = max(1, int(opts.cpus_per_trial))
     refs = {}
     for spec, tr, va, te, *rest in jobs:
-        ref = task.remote(str(run_dir), config, asdict(spec), str(data_root), list(class_names),
-                          list(tr), list(va), list(te), tuple(rest[0]) if rest else (), threads)
+        data = TrialData.of(data_root, class_names, tr, va, te)
+        ref = task.remote(str(run_dir), config, asdict(spec), data, tuple(rest[0]) if rest else (), threads)
         refs[ref] = spec.name
     total = ray.cluster_resources().get("CPU", 0)
     progress(f"ray: {len(refs)} trial task(s) submitted ({opts.cpus_per_trial:g} CPU"

@@ -1,8 +1,9 @@
-"""The epoch loop's bookkeeping: the resume state of a trial and the Keras callback that
-records every epoch (history, checkpoints, early stopping, progress).
+"""The epoch loop's bookkeeping: the resume state of a trial, its files, and the recorder
+of every epoch (history, checkpoints, early stopping, progress) that the loop calls as a
+Keras callback.
 
-Importing this module imports Keras (the callback subclasses ``keras.callbacks.Callback``);
-:mod:`transfer.trainer.fit` imports it when a trial trains.
+Importing this module does not import TensorFlow: the recorder hands the loop a
+``keras.callbacks.LambdaCallback`` (:meth:`EpochRecorder.callback`), made when a stage trains.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from .._lazy import import_keras
 from ..errors import RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 from ..runfolder import RunWriter
-
-keras = import_keras()
 
 
 @dataclass
@@ -152,7 +151,22 @@ class EpochHooks:
     validate: Callable[[], tuple[float, float]] | None = None
 
 
-class EpochRecorder(keras.callbacks.Callback):
+@dataclass(frozen=True)
+class StageEnd:
+    """When a stage's epochs end.
+
+    Attributes:
+        epoch: the epoch the stage ends at.
+        total: epochs of the whole trial (for the progress line).
+        patience: early stopping after this many epochs without improvement (0 = off).
+    """
+
+    epoch: int
+    total: int
+    patience: int
+
+
+class EpochRecorder:
     """Records every epoch of one stage of a trial.
 
     After each epoch, in this order: population BatchNormalization statistics (when they
@@ -164,25 +178,31 @@ class EpochRecorder(keras.callbacks.Callback):
 
     Args:
         files: the trial's files.
-        model: the contract model whose weights the training updates (what is saved).
+        models: ``(contract model, trained model)``: the contract model's weights are what is
+            saved; the trained model (the contract model, or its suffix on cached features)
+            is the one the loop trains: its optimizer state is saved, its learning rate
+            reported, and early stopping sets its ``stop_training``.
         state: the resume state; updated in place.
         history: the rows so far; appended to in place.
-        stage_end: the epoch the stage ends at.
-        total: epochs of the whole trial (for the progress line).
-        patience: early stopping after this many epochs without improvement (0 = off).
+        end: where the stage ends and when early stopping ends it.
         hooks: data, BatchNormalization statistics and validation of the stage.
         say: receives the progress line.
     """
 
-    def __init__(self, files: TrialFiles, model, state: TrialState, history: list[dict], *, stage_end: int,
-                 total: int, patience: int, hooks: EpochHooks, say: Callable[[str], None]):
-        super().__init__()
-        self.files, self.flat, self.state, self.rows = files, model, state, history
-        self.stage_end, self.total, self.patience = stage_end, total, patience
+    def __init__(self, files: TrialFiles, models: tuple, state: TrialState, history: list[dict], *, end: StageEnd,
+                 hooks: EpochHooks, say: Callable[[str], None]):
+        self.files, self.state, self.rows = files, state, history
+        self.flat, self.model = models
+        self.stage_end, self.total, self.patience = end.epoch, end.total, end.patience
         self.hooks, self.say = hooks, say
         self.monitor = "val_loss" if hooks.validate is not None else "loss"
         self.bn_stats = None
         self._t0 = 0.0
+
+    def callback(self):
+        """The Keras callback the loop calls after and before each epoch."""
+        keras = import_keras()
+        return keras.callbacks.LambdaCallback(on_epoch_begin=self.on_epoch_begin, on_epoch_end=self.on_epoch_end)
 
     def on_epoch_begin(self, epoch, logs=None):
         for src in list(self.hooks.sources)[:1]:  # the training data: its order depends on the epoch
@@ -300,6 +320,7 @@ def restore_optimizer(optimizer, variables, path: Path) -> bool:
 
 
 def _learning_rate(model) -> float:
+    keras = import_keras()
     try:
         return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
     except (AttributeError, TypeError, ValueError):  # pragma: no cover - no optimizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._lazy import import_tensorflow
 from ..errors import ConfigError
 
 
@@ -32,8 +33,6 @@ def make_strategy(name: str):
         return None
     if name != "mirrored":
         raise ConfigError(f"invalid strategy: {name!r}; accepted: default, mirrored", option="strategy")
-    from .._lazy import import_tensorflow
-
     tf = import_tensorflow()
     devices = [d.name for d in tf.config.list_logical_devices("GPU")]
     devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
