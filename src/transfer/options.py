@@ -226,7 +226,8 @@ class ListOf(Constraint):
 
 @dataclass(frozen=True)
 class Check(Constraint):
-    """A rule no other constraint spells: ``test(value) -> bool``, described by ``what``."""
+    """A rule no other constraint spells: ``test(value) -> bool``, described by ``what``;
+    ``read(value)`` turns other spellings into the stored value (e.g. ``os.fspath``)."""
 
     test: Callable[[Any], bool]
     what: str
@@ -242,7 +243,7 @@ class Check(Constraint):
         return self.what
 
     def coerce(self, value: Any) -> Any:
-        if self.read is None or not isinstance(value, str):
+        if self.read is None:
             return value
         try:
             return self.read(value)
@@ -383,7 +384,7 @@ def make(config_type: type, values: Mapping[str, Any], *, aliases: Mapping[str, 
             inner[flat_of[key]][key] = v
         else:
             accepted = sorted(own | set(flat_of))
-            raise ConfigError(f"unknown option {k!r}", hint=f"accepted: {', '.join(accepted)}")
+            raise ConfigError(f"unknown option {k!r}", hint=f"accepted keys: {', '.join(accepted)}")
     for g, vals in inner.items():
         if vals:
             clean[g] = make(nested[g], vals)

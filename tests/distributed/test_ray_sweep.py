@@ -74,7 +74,7 @@ def test_ray_sweep_matches_local_and_resumes(ray_local, tmp_path):
 def test_ray_options_are_checked():
     from transfer.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="CPUs per trial must be > 0"):
+    with pytest.raises(ConfigError, match="invalid cpus_per_trial: 0; accepted: a number > 0"):
         RayOptions(cpus_per_trial=0)
 
 

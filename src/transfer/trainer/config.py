@@ -22,12 +22,14 @@ from typing import Any
 
 from ..data.batches import AUGMENTATIONS
 from ..errors import ConfigError
+from ..options import Check, Flag, Interval, ListOf, OneOf, Text, make, option, validate
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("crossentropy", "l1")
 FREEZE_BY = ("layers", "params", "blocks")
 SPLIT_METHODS = ("stratified", "random")
 STRATEGIES = ("default", "mirrored")  # mirrored: tf.distribute.MirroredStrategy over this machine's devices
+_PATH = Check(lambda v: isinstance(v, str), "a folder path", read=os.fspath)
 
 # keys whose change alters the results of an existing run (resume must refuse)
 RESULT_KEYS = (
@@ -40,7 +42,9 @@ RESULT_KEYS = (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every option of a training sweep.
+    """Every option of a training sweep, declared once (:mod:`transfer.options`): each field's
+    constraint, help and flag; ``transfer train``'s flags, ``--config`` YAML keys and the saved
+    ``config.yaml`` are these fields.
 
     Example::
 
@@ -48,43 +52,73 @@ class TrainConfig:
         cfg.epochs   # 10
     """
 
-    data: str = ""
-    out: str = ""
-    backbones: tuple[str, ...] = ("mobilenet_v2",)
-    trainable: tuple[float, ...] = (0.0,)
-    random_init: bool = False
-    freeze_by: str = "layers"
-    weights: str = "imagenet"
-    epochs: int = 10
-    batch_size: int = 32
-    image_size: int | None = None
-    optimizer: str = "adam"
-    lr: float | None = None
-    fine_tune_lr: float | None = None
-    loss: str = "crossentropy"
-    dropout: float = 0.2
-    augment: tuple[str, ...] = ()
-    seed: int = 0
-    split: str = "stratified"
-    val: float = 0.2
-    test: float = 0.1
-    kfold: int | None = None
-    patience: int = 3
-    two_stage: bool = False
-    head_epochs: int = 2
-    tensorboard: bool = False
-    workers: int = 2
-    train_bn: bool = False
-    strategy: str = "default"
-    cache: bool = True
-    lp_ft: bool = True
-    augment_views: int = 0
-    dedupe: bool = False  # duplicate groups (data.dedupe) stay on one side of the split
-    allow_nested: bool = False  # images in sub-folders of a class folder belong to that class
-    allow_case_clash: bool = False  # class folders whose names differ only in case are kept apart
+    data: str = option("", _PATH, "The image folder (the DATA argument).", cli=False)
+    out: str = option("", _PATH, "Run folder (re-run the same command to resume).", metavar="RUN")
+    backbones: tuple[str, ...] = option(("mobilenet_v2",), ListOf(Text("a backbone name")),
+                                        "Backbone name(s), comma-separated (see `transfer backbones`).",
+                                        flag="--backbone", metavar="A,B")
+    trainable: tuple[float, ...] = option((0.0,), ListOf(Interval(float, 0, 1), min_items=0),
+                                          "Trainable fraction(s) of the backbone: 0 = frozen feature extractor, "
+                                          "1 = full fine-tuning.", metavar="F,..")
+    random_init: bool = option(False, Flag(), "Also train each backbone from random weights (everything trainable).")
+    freeze_by: str = option("layers", OneOf(*FREEZE_BY), "What the fraction counts.")
+    weights: str = option("imagenet", Text("imagenet, none or a weights file"),
+                          "Initial weights: ImageNet, none (random), or a Keras weights/model file.",
+                          metavar="imagenet|none|PATH")
+    epochs: int = option(10, Interval(int, 1), "Epochs per trial (fine-tuning epochs with --two-stage).")
+    batch_size: int = option(32, Interval(int, 1), "Images per training step.")
+    image_size: int | None = option(None, Interval(int, 1), "Input size in pixels. [default: each backbone's "
+                                    "own size]", none=True)
+    optimizer: str = option("adam", OneOf(*OPTIMIZERS), "Optimizer.")
+    lr: float | None = option(None, Interval(float, 0, closed="neither"), "Learning rate. [default: 1e-3; 1e-4 "
+                              "when fine-tuning pretrained weights]", none=True)
+    fine_tune_lr: float | None = option(None, Interval(float, 0, closed="neither"),
+                                        "Learning rate of the unfreeze stage of --two-stage. [default: lr/10]",
+                                        none=True)
+    loss: str = option("crossentropy", OneOf(*LOSSES), "Loss.")
+    dropout: float = option(0.2, Interval(float, 0, 1, closed="left"), "Dropout before the classifier.")
+    augment: tuple[str, ...] = option((), ListOf(OneOf(*AUGMENTATIONS), min_items=0),
+                                      "Augmentations in the input pipeline, e.g. flip,translate.", metavar="A,B")
+    seed: int = option(0, Interval(int), "Seed of splits, initial weights and training.")
+    split: str = option("stratified", OneOf(*SPLIT_METHODS), "How val and test are drawn.")
+    val: float = option(0.2, Interval(float, 0, 1, closed="left"), "Validation fraction.")
+    test: float = option(0.1, Interval(float, 0, 1, closed="left"), "Test fraction.")
+    kfold: int | None = option(None, Interval(int, 2), "Run every trial K times on K folds; the table shows "
+                               "mean ± std.", none=True)
+    patience: int = option(3, Interval(int, 0), "Early stopping on val_loss after this many epochs without "
+                           "improvement (0 = off).")
+    two_stage: bool = option(False, Flag(), "Train the head first, then unfreeze to the fraction with a lower "
+                             "learning rate.")
+    head_epochs: int = option(2, Interval(int, 0), "Head-only epochs of --two-stage.")
+    tensorboard: bool = option(False, Flag(), "Write TensorBoard logs into each trial folder.")
+    workers: int = option(2, Interval(int, 1), "Image decode threads.")
+    train_bn: bool = option(False, Flag(), "Let BatchNormalization layers of the trainable part update their "
+                            "statistics.")
+    strategy: str = option("default", OneOf(*STRATEGIES), "mirrored: each trial over all GPUs of the machine "
+                           "(tf.distribute.MirroredStrategy; --batch-size stays global).")
+    cache: bool = option(True, Flag(), "Run the frozen layers on every image in every epoch instead of caching "
+                         "their output once.", negative="--no-cache")
+    lp_ft: bool = option(True, Flag(), "Start fine-tuning trials from a random head instead of the linear probe "
+                         "of the frozen backbone.", negative="--no-lp-ft")
+    augment_views: int = option(0, Interval(int, 0), "With --augment: cache this many augmented views of each "
+                                "training image (0: train uncached).")
+    dedupe: bool = option(False, Flag(), "Keep every group of duplicate images (same pixels, or resized / "
+                          "re-compressed / slightly cropped copies) on one side of train / val / test; a given "
+                          "split's val/test copies of train images are left out. Without it, duplicates across "
+                          "the split are listed in RUN/duplicates.csv and warned about.")
+    allow_nested: bool = option(False, Flag(), "Accept images in sub-folders of a class folder as that class "
+                                "(refused by default).")
+    allow_case_clash: bool = option(False, Flag(), "Accept class folders whose names differ only in case (Cat/ "
+                                    "and cat/) as two classes.")
 
     def __post_init__(self) -> None:
         validate(self)
+        if not self.trainable and not self.random_init:
+            raise ConfigError("no trial to run: no trainable fraction given and no random-init trial asked for",
+                              option="trainable")
+        if self.val + self.test >= 1.0:
+            raise ConfigError(f"val + test = {self.val + self.test:g} leaves no training data; keep it below 1",
+                              option="val")
 
     # -- derived -------------------------------------------------------------
     def lr_for(self, trainable: float, pretrained: bool) -> float:
@@ -128,113 +162,17 @@ class TrainConfig:
 
 
 ACCEPTED_KEYS = tuple(f.name for f in fields(TrainConfig))
-
-
-def _fail(key: str, value, accepted: str) -> None:
-    raise ConfigError(f"invalid {key}: {value!r}; accepted: {accepted}", option=key)
-
-
-def validate(c: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for any invalid value (called by the constructor)."""
-    if not c.backbones:
-        raise ConfigError("no backbone given", hint="name one or more backbones (`transfer backbones` lists them)",
-                          option="backbones")
-    if not c.trainable and not c.random_init:
-        raise ConfigError("no trial to run: no trainable fraction given and no random-init trial asked for",
-                          option="trainable")
-    for t in c.trainable:
-        if not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-            raise ConfigError(f"invalid trainable fraction: {t!r}; accepted: numbers between 0 and 1 "
-                              "(0 = frozen backbone, 1 = all)", option="trainable")
-    if c.freeze_by not in FREEZE_BY:
-        _fail("freeze_by", c.freeze_by, ", ".join(FREEZE_BY))
-    if c.optimizer not in OPTIMIZERS:
-        _fail("optimizer", c.optimizer, ", ".join(OPTIMIZERS))
-    if c.loss not in LOSSES:
-        _fail("loss", c.loss, ", ".join(LOSSES))
-    if c.strategy not in STRATEGIES:
-        _fail("strategy", c.strategy, ", ".join(STRATEGIES)
-              + " (mirrored: one trial over all GPUs of the machine, or its logical CPU devices)")
-    if c.split not in SPLIT_METHODS:
-        _fail("split", c.split, ", ".join(SPLIT_METHODS))
-    if not isinstance(c.epochs, int) or c.epochs < 1:
-        _fail("epochs", c.epochs, "a positive integer")
-    if not isinstance(c.batch_size, int) or c.batch_size < 1:
-        _fail("batch_size", c.batch_size, "a positive integer")
-    if c.image_size is not None and (not isinstance(c.image_size, int) or c.image_size < 1):
-        _fail("image_size", c.image_size, "a positive integer (pixels) or unset for the backbone default")
-    for k in ("lr", "fine_tune_lr"):
-        v = getattr(c, k)
-        if v is not None and (not isinstance(v, (int, float)) or v <= 0):
-            _fail(k, v, "a positive number")
-    if not isinstance(c.dropout, (int, float)) or not 0.0 <= c.dropout < 1.0:
-        _fail("dropout", c.dropout, "a number in [0, 1)")
-    for k in ("val", "test"):
-        v = getattr(c, k)
-        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            _fail(k, v, "a fraction in [0, 1)")
-    if c.val + c.test >= 1.0:
-        raise ConfigError(f"val + test = {c.val + c.test:g} leaves no training data; keep it below 1", option="val")
-    if c.kfold is not None and (not isinstance(c.kfold, int) or c.kfold < 2):
-        _fail("kfold", c.kfold, "an integer >= 2 (or unset)")
-    if not isinstance(c.patience, int) or c.patience < 0:
-        _fail("patience", c.patience, "an integer >= 0 (0 = no early stopping)")
-    if not isinstance(c.head_epochs, int) or c.head_epochs < 0:
-        _fail("head_epochs", c.head_epochs, "an integer >= 0")
-    if not isinstance(c.augment_views, int) or isinstance(c.augment_views, bool) or c.augment_views < 0:
-        _fail("augment_views", c.augment_views, "an integer >= 0 (0 = train uncached when augmenting)")
-    if not isinstance(c.workers, int) or c.workers < 1:
-        _fail("workers", c.workers, "a positive integer")
-    if not isinstance(c.seed, int):
-        _fail("seed", c.seed, "an integer")
-    if c.augment:
-        bad = [a for a in c.augment if a not in AUGMENTATIONS]
-        if bad:
-            _fail("augment", ",".join(bad), ", ".join(sorted(AUGMENTATIONS)))
-
-
-_TUPLE_KEYS = {"backbones": str, "trainable": float, "augment": str}
+#: other spellings of keys in a --config file
 _ALIASES = {"backbone": "backbones", "fractions": "trainable"}
 
 
-def _coerce(key: str, value):
-    if key in _TUPLE_KEYS:
-        cast = _TUPLE_KEYS[key]
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        try:
-            return tuple(cast(v) for v in value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid {key}: {value!r} ({exc})", option=key) from exc
-    if key in ("data", "out", "weights") and value is not None:
-        return str(value)
-    if key in ("lr", "fine_tune_lr", "dropout", "val", "test") and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError as exc:
-            raise ConfigError(f"invalid {key}: {value!r}; accepted: a number", option=key) from exc
-    return value
-
-
 def make_config(values: dict[str, Any]) -> TrainConfig:
-    """Build a :class:`TrainConfig` from a dict, refusing unknown keys."""
-    clean: dict[str, Any] = {}
-    for k, v in values.items():
-        key = _ALIASES.get(k, k).replace("-", "_")
-        if key not in ACCEPTED_KEYS:
-            raise ConfigError(
-                f"unknown config key {k!r}",
-                hint=f"accepted keys: {', '.join(ACCEPTED_KEYS)}",
-            )
-        clean[key] = _coerce(key, v)
-    try:
-        return TrainConfig(**clean)
-    except TypeError as exc:  # pragma: no cover - defensive
-        raise ConfigError(f"invalid config: {exc}") from exc
+    """Build a :class:`TrainConfig` from a mapping (YAML, a saved config), refusing unknown keys.
+
+    Raises:
+        ConfigError: an unknown key (the accepted ones are listed) or an invalid value.
+    """
+    return make(TrainConfig, values, aliases=_ALIASES)
 
 
 def load_config(yaml_path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -271,13 +209,12 @@ def load_config(yaml_path: str | os.PathLike | None, overrides: dict[str, Any] |
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of option: value, got {type(loaded).__name__}")
         values.update(loaded)
+    for k, v in values.copy().items():  # a YAML key spelled another way gives way to the flag
+        if isinstance(k, str) and _ALIASES.get(k, k).replace("-", "_") != k:
+            values[_ALIASES.get(k, k).replace("-", "_")] = values.pop(k)
     for k, v in (overrides or {}).items():
         values[_ALIASES.get(k, k).replace("-", "_")] = v
-    # normalise aliases in YAML keys too
-    norm: dict[str, Any] = {}
-    for k, v in values.items():
-        norm[_ALIASES.get(k, k).replace("-", "_") if isinstance(k, str) else k] = v
-    return make_config(norm)
+    return make_config(values)
 
 
 def config_from_yaml_text(text: str) -> TrainConfig:

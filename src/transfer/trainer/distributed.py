@@ -18,25 +18,23 @@ from typing import Callable
 from .._lazy import import_tensorflow
 from .. import _ray
 from ..errors import ConfigError
+from ..options import Interval, Text, option, validate
 from .fit import run_trial
 from .plan import TrialData, TrialSpec
 
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how big: ``address`` None starts a local Ray; resources are per trial."""
+    """Where and how big (``--ray``): ``address`` None starts a local Ray; resources are per trial."""
 
-    address: str | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    retries: int = 1
+    address: str | None = option(None, Text("HOST:PORT of a Ray cluster"), "Ray cluster to join with --ray. "
+                                 "[default: start a local Ray]", none=True, metavar="HOST:PORT")
+    cpus_per_trial: float = option(1.0, Interval(float, 0, closed="neither"), "Ray CPUs reserved per trial.")
+    gpus_per_trial: float = option(0.0, Interval(float, 0), "Ray GPUs reserved per trial.")
+    retries: int = option(1, Interval(int, 0), "Times a failing trial is retried.", cli=False)
 
     def __post_init__(self):
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.retries < 0:
-            raise ConfigError(f"invalid Ray resources: CPUs per trial must be > 0 (got {self.cpus_per_trial:g}), "
-                              f"GPUs per trial >= 0 (got {self.gpus_per_trial:g}), retries >= 0 (got {self.retries})",
-                              option="cpus_per_trial" if self.cpus_per_trial <= 0 else
-                              "gpus_per_trial" if self.gpus_per_trial < 0 else None)
+        validate(self)
 
 
 def init_ray(opts: RayOptions):
