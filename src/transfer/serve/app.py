@@ -44,8 +44,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 
-from .batcher import Batcher, Overloaded, Result
+from .batcher import BatchFailed, Batcher, ClientGone, Overloaded, Result
 from .config import ServeConfig, key_matches
 from .metrics import Metrics
 from .model import ServedModel
@@ -204,6 +205,8 @@ class Guard:
 
 
 PREDICT = "/v1/predict"
+#: the status logged and counted for a request whose client disconnected (nginx's "client closed request")
+CLIENT_GONE = 499
 #: a refused request's body up to this size is read (and dropped) so its connection stays open
 _DRAIN_BEFORE_503 = 256 * 1024
 
@@ -280,7 +283,8 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
         state.batcher = Batcher(model.predict, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
                                 capacity=config.queue,
                                 max_queue_s=config.max_queue_ms / 1000 if config.max_queue_ms else None,
-                                on_batch=lambda s: state.metrics.observe_batch(s.size, s.seconds))
+                                on_batch=lambda s: state.metrics.observe_batch(s.size, s.seconds),
+                                stack=model.stack)
         state.metrics.bind(depth=lambda: state.batcher.depth, in_flight=lambda: state.batcher.in_flight)
         state.decode_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="transfer-decode")
         state.batcher.start()
@@ -347,6 +351,8 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
                            headers={"Retry-After": "1"})
         if state.warm_up_error:
             raise ApiError(503, f"warm-up failed: {state.warm_up_error}", "see the server log")
+        if state.batcher is not None and state.batcher.stopped_by:
+            raise ApiError(503, f"the batcher stopped: {state.batcher.stopped_by}", "restart the server; see its log")
         if not state.ready:
             raise ApiError(503, "warming up", "retry in a moment", headers={"Retry-After": "1"})
         return {"status": "ready", "bundle_id": model.id, "warm_up_s": state.warm_up_s}
@@ -402,6 +408,14 @@ async def _read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
     Raises:
         ApiError: 422 for a malformed form, a form without files or too many files; 415 for JSON.
     """
+    try:
+        return await _read_body(request, config)
+    except ClientDisconnect:
+        raise ApiError(CLIENT_GONE, "the client disconnected while sending the request",
+                       "nothing was run; send the request again") from None
+
+
+async def _read_body(request: Request, config: ServeConfig) -> list[Upload]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:
@@ -452,24 +466,37 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
             state.metrics.shed.labels("full").inc()
             raise _overloaded(exc) from None
     with ticket:
-        ups = await _read_uploads(request, config)
+        try:
+            ups = await _read_uploads(request, config)
+        except ApiError as exc:
+            if exc.status == CLIENT_GONE:
+                state.metrics.dropped.labels("reading").inc()
+            raise
         if len(ups) > config.max_images:
             raise ApiError(422, f"too many images ({len(ups)}); the limit is {config.max_images}",
                            f"send at most {config.max_images} images per request")
         t_read = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels, recipe=model.bundle.recipe)
-        if len(ups) == 1:  # one image: no gather
-            decoded = [await loop.run_in_executor(state.decode_pool, decode, ups[0])]
-        else:
-            decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, u) for u in ups))
-        ok = [i for i, (x, _, _) in enumerate(decoded) if x is not None]
+        # uvicorn does not cancel a handler whose client left: watch for http.disconnect ourselves
+        hangup = asyncio.ensure_future(_hang_up(request.receive, ticket))
         try:
-            futs = ticket.submit([decoded[i][0] for i in ok], since=t_read) if ok else []
-        except Overloaded as exc:
-            state.metrics.shed.labels("full").inc()
-            raise _overloaded(exc) from None
-        results = await asyncio.gather(*futs, return_exceptions=True) if futs else []
+            loop = asyncio.get_running_loop()
+            decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels,
+                                       recipe=model.bundle.recipe)
+            if len(ups) == 1:  # one image: no gather
+                decoded = [await loop.run_in_executor(state.decode_pool, decode, ups[0])]
+            else:
+                decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, u) for u in ups))
+            ok = [i for i, (x, _, _) in enumerate(decoded) if x is not None]
+            try:
+                futs = ticket.submit([decoded[i][0] for i in ok], since=t_read) if ok else []
+            except Overloaded as exc:
+                state.metrics.shed.labels("full").inc()
+                raise _overloaded(exc) from None
+            results = await asyncio.gather(*futs, return_exceptions=True) if futs else []
+        finally:
+            hangup.cancel()
+    if any(isinstance(r, ClientGone) for r in results):
+        state.metrics.dropped.labels("queued").inc()
     by_index = dict(zip(ok, results))
     k = min(topk or config.topk, len(model.names))
     entries = []
@@ -486,9 +513,17 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                 e.update(status=503, error=r.message, hint=f"retry after {r.retry_after} s",
                          retry_after=r.retry_after)
                 state.metrics.images.labels("503").inc()
+            elif isinstance(r, ClientGone):
+                e.update(status=CLIENT_GONE, error=str(r), hint="nothing was run for this image")
+                state.metrics.images.labels(str(CLIENT_GONE)).inc()
+            elif isinstance(r, BatchFailed):  # logged once per batch by the batcher
+                e.update(status=500, error=r.message,
+                         hint="the server log has the traceback; the server goes on serving: retry, "
+                              "and report it if it repeats")
+                state.metrics.images.labels("500").inc()
             elif isinstance(r, BaseException):
-                log.error("model call failed: %s: %s", type(r).__name__, r)
-                e.update(status=500, error=f"the model call failed ({type(r).__name__})", hint="see the server log")
+                log.error("prediction failed: %s: %s", type(r).__name__, r)
+                e.update(status=500, error=f"the prediction failed ({type(r).__name__})", hint="see the server log")
                 state.metrics.images.labels("500").inc()
             else:
                 r: Result
@@ -498,6 +533,11 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                 state.metrics.images.labels("ok").inc()
         entries.append(e)
     timings = {"read": round((t_read - t0) * 1000, 3), "total": round((time.perf_counter() - t0) * 1000, 3)}
+    if ticket.gone:  # nobody reads this answer; the status is for the access log and the metrics
+        return JSONResponse({"error": "the client disconnected before the answer was ready",
+                             "hint": "images that had not reached the model were not run",
+                             "bundle_id": model.id, "predictions": entries, "timings_ms": timings},
+                            status_code=CLIENT_GONE)
     if len(entries) == 1 and entries[0]["status"] != 200:  # one image: its status is the answer's
         e = entries[0]
         headers = {"Retry-After": str(e["retry_after"])} if "retry_after" in e else None
@@ -505,6 +545,14 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                              "timings_ms": timings}, status_code=e["status"], headers=headers)
     return JSONResponse({"bundle_id": model.id, "head": model.head.name, "backend": model.runner.name,
                          "predictions": entries, "timings_ms": timings})
+
+
+async def _hang_up(receive, ticket) -> None:
+    """Wait for the client to disconnect (the request's body is read: the next ASGI message is
+    ``http.disconnect``), then drop the request's images that have not reached the model."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        ticket.abandon()
 
 
 def _decode(u: Upload, size, max_pixels, recipe=None):
@@ -542,6 +590,7 @@ _PREDICT_ERRORS = {
     415: "the (single) image is not an image format the decoder knows, or a JSON body",
     422: "a malformed multipart form, a form without file fields, or too many images",
     503: "queue full, request waited too long, warming up or draining (see Retry-After)",
+    500: "the (single) image's batch failed (stacking, the model call, its answers); the server goes on serving",
 }
 
 __all__ = ["create_app", "ApiError", "State", "Guard"]
