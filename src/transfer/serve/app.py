@@ -38,10 +38,10 @@ from ._deps import check_installed
 check_installed()  # the serve extra: a clear install hint instead of an ImportError below
 
 import fastapi  # noqa: E402
-from fastapi import APIRouter, Depends, Query, Request  # noqa: E402
+from fastapi import APIRouter, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.openapi.utils import get_openapi  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
@@ -114,9 +114,12 @@ _RID_COUNTER = itertools.count(1)
 
 class Guard:
     """Pure ASGI middleware around every request: body-size limit (413 before reading when
-    Content-Length says so, else as soon as the limit is passed), admission of predictions
-    (503 before anything else is done), request id, metrics, and the JSON access log (never
-    the Authorization header)."""
+    Content-Length says so, else as soon as the limit is passed), the API key of ``/v1`` routes
+    (401), admission of predictions (503 before anything else is done), request id, metrics,
+    and the JSON access log (never the Authorization header).
+
+    The key and the admission are checked here, before routing, so that a refusal costs as
+    little as possible and a prediction pays for no per-request dependency resolution."""
 
     def __init__(self, app, state: State, access_log: logging.Logger | None):
         self.app = app
@@ -126,8 +129,8 @@ class Guard:
     def _admit(self, scope):
         """A ticket for a prediction (handed to the route in the scope), or the 503 to send now.
 
-        Admission happens here, before routing, form parsing or authentication, so that under
-        overload a refusal costs as little as possible. Not ready / draining: the route says so.
+        Admission happens here, before routing and form parsing, so that under overload a
+        refusal costs as little as possible. Not ready / draining: the route says so.
         """
         st = self.state
         if st.batcher is None or not st.ready or st.draining:
@@ -140,6 +143,18 @@ class Guard:
         scope["transfer.ticket"] = ticket
         return ticket
 
+    def _unauthorized(self, path: str, authorization: bytes | None) -> "ApiError | None":
+        """The 401 for a ``/v1`` route without the server's key (``Authorization: Bearer KEY``)."""
+        key = self.state.key
+        if key is None or not path.startswith("/v1/"):
+            return None
+        scheme, _, given = (authorization or b"").decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer" and key_matches(given.strip(), key):
+            return None
+        return ApiError(401, "missing or wrong API key" if scheme.lower() == "bearer" else "this server needs an API key",
+                        "send the header 'Authorization: Bearer <key>' with the key the server was started with",
+                        headers={"WWW-Authenticate": "Bearer"})
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -148,6 +163,7 @@ class Guard:
         info = {"status": 500, "bytes_in": 0, "bytes_out": 0}
         rid = None
         declared = None
+        authorization = None
         for k, v in scope.get("headers", ()):
             if k == b"content-length":
                 try:
@@ -156,6 +172,8 @@ class Guard:
                     declared = None
             elif k == b"x-request-id":
                 rid = v.decode("latin-1")[:64]
+            elif k == b"authorization":
+                authorization = v
         rid = rid or f"{_RID_PREFIX}-{next(_RID_COUNTER):x}"
 
         async def send_wrapper(message):
@@ -180,13 +198,15 @@ class Guard:
             if declared is not None and declared > limit:
                 await _send_json(send_wrapper, _too_large(limit, declared))
                 return
-            if scope["path"] == PREDICT and scope["method"] == "POST":
+            refusal = self._unauthorized(scope["path"], authorization)
+            if refusal is None and scope["path"] == PREDICT and scope["method"] == "POST":
                 ticket = self._admit(scope)
-                if isinstance(ticket, ApiError):  # refused before routing: the cheapest 503
-                    keep_alive = declared is not None and declared <= _DRAIN_BEFORE_503 and await _drain(receive)
-                    await _send_json(send_wrapper, ticket, close=not keep_alive)
-                    ticket = None
-                    return
+                if isinstance(ticket, ApiError):
+                    refusal, ticket = ticket, None
+            if refusal is not None:  # refused before routing: the cheapest answers
+                keep_alive = declared is not None and declared <= _DRAIN_BEFORE_503 and await _drain(receive)
+                await _send_json(send_wrapper, refusal, close=not keep_alive)
+                return
             await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             if ticket is not None:
@@ -303,15 +323,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
         title="transfer serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
         description="Image classification with a verified transfer bundle. Errors are JSON {error, hint}.")
     app.state.transfer = state
-    bearer = HTTPBearer(auto_error=False, description="the key of --api-key-file")
-
-    async def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if state.key is None:
-            return
-        if creds is None or creds.scheme.lower() != "bearer" or not key_matches(creds.credentials, state.key):
-            raise ApiError(401, "missing or wrong API key" if creds else "this server needs an API key",
-                           "send the header 'Authorization: Bearer <key>' with the key the server was started with",
-                           headers={"WWW-Authenticate": "Bearer"})
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -361,7 +373,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
     async def metrics():
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1")  # the API key is checked by Guard
 
     @v1.get("/model", summary="The served bundle: classes, input, models, heads, verification")
     async def model_info():
@@ -371,9 +383,8 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
              description=_PREDICT_DOC, openapi_extra=_PREDICT_BODY,
              responses={200: {"description": "per image: top-k classes with probabilities, or its error"},
                         **{s: {"description": d} for s, d in _PREDICT_ERRORS.items()}})
-    async def predict(request: Request,
-                      topk: int | None = Query(None, ge=1, description="classes per image [default: --topk]")):
-        return await _predict(state, request, topk)
+    async def predict(request: Request):  # no declared parameters: no dependency resolution per request
+        return await _predict(state, request, _topk(request))
 
     app.include_router(v1)
     return _guarded(app, state, config)
@@ -384,6 +395,39 @@ def _guarded(app, state: State, config: ServeConfig):
     so an :class:`ApiError` raised while reading the body becomes its JSON answer)."""
     app.add_middleware(Guard, state=state, access_log=access_logger(config.access_log))
     return app
+
+
+def _openapi(app) -> dict:
+    """The schema FastAPI builds, plus what Guard checks: the bearer key on every ``/v1`` route."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "the key of --api-key-file"}}
+        for path, ops in schema.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for op in ops.values():
+                    op["security"] = [{"HTTPBearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _topk(request: Request) -> int | None:
+    """``?topk=N`` (N >= 1), or None.
+
+    Raises:
+        ApiError: 422 for anything else.
+    """
+    raw = request.query_params.get("topk")
+    if raw is None:
+        return None
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ApiError(422, f"invalid request: query.topk must be a whole number >= 1 (got {raw[:20]!r})",
+                       "see GET /openapi.json")
+    return k
 
 
 def _warmed(state: State, fut) -> None:
@@ -577,7 +621,10 @@ first), `timings_ms` (decode, queue, model) and `batch_size`, or its own error s
 with that image's status.
 """
 
-_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+_PREDICT_BODY = {"parameters": [{"name": "topk", "in": "query", "required": False,
+                                  "schema": {"type": "integer", "minimum": 1},
+                                  "description": "classes per image [default: --topk]"}],
+                 "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
