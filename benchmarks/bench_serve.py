@@ -22,11 +22,12 @@ both exported with a RandomForest head; served with `--head rf`. Files: 200 Fash
 test images as PNG.
 
 Bars: served rows = `transfer infer` rows on the same 200 files (top-k classes; probabilities
-within 1e-6); 1 connection: served p50 <= bare endpoint p50 + `transfer bench` batch-1 p50
-(model) + decode + head + 1 ms; 300 connections with `--queue 8`: p99 <= 2 s, no answer later
+within 1e-6); 1 connection: served p50 <= bare endpoint p50 + `transfer bench` batch-1 p50 + 1 ms
+(the model call's p50; the 1 ms has to cover decoding, the head, batching and the thread hand-offs); 300 connections with `--queue 8`: p99 <= 2 s, no answer later
 than 2 s (wrk --timeout 2s: 0 timeouts), only 200 and 503 statuses, /readyz 200 afterwards;
 16 connections with the rf head: dynamic batching >= 1.3x `--max-batch 1` (arc2; MobileNetV2
-reported); soak of 50,000 requests: RSS growth <= 10 %, no error; each bad input gets its
+reported); soak of 50,000 requests: RSS growth <= 10 %, no error (a 503 for a request that
+waited longer than --max-queue-ms is shedding, counted apart); each bad input gets its
 documented status and the next good request succeeds.
 """
 
@@ -324,26 +325,47 @@ def parity(b: dict, res: dict) -> None:
 
 
 def bench_batch1(b: dict, res: dict) -> None:
-    """`transfer bench` at batch 1 on the server's core (one ONNX Runtime thread, as the server has there)."""
-    from transfer.data.image import load_image
+    """`transfer bench` at batch 1 on the server's core (one ONNX Runtime thread, as the server has
+    there); and, to show what the 1 ms allowance covers, the server's own stages on one image:
+    decoding the uploaded bytes and the model + rf head call (ServedModel.predict), p50 over the files."""
+    import numpy as np
+
     from transfer.runtime.bench import bench
-    from transfer.serve.model import default_threads
+    from transfer.serve.model import ModelOptions, default_threads, load_model
+    from transfer.serve.pixels import decode_upload
 
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {SERVER_CORE})
     try:
-        load_image(next(b["files"].rglob("*.png")))  # Pillow's PNG plugin loads once per process: not per image
+        data = [p.read_bytes() for p in image_files(b)]
         for name in ("arc2", "mnv2"):
             r = bench(b[name], backends=["onnxruntime"], batches=[1], head="rf", images=[str(b["files"])], seconds=3,
                       threads=default_threads(), progress=None)["rows"][0]
-            total = r["p50_ms"] + r["decode_ms_per_img"] + r["head_ms_per_img"]
-            res[f"bench_batch1_{name}"] = {"model_p50_ms": r["p50_ms"], "decode_ms": r["decode_ms_per_img"],
-                                           "head_ms": r["head_ms_per_img"], "total_ms": total,
+            m = load_model(b[name], ModelOptions(head="rf", threads=default_threads()))
+            xs = [decode_upload(d, "x.png", m.size, max_pixels=10**8, recipe=m.bundle.recipe) for d in data]
+            dec = _p50_ms(lambda i: decode_upload(data[i % len(data)], "x.png", m.size, max_pixels=10**8,
+                                                  recipe=m.bundle.recipe))
+            call = _p50_ms(lambda i: m.predict(m.stack([xs[i % len(xs)]])))
+            res[f"bench_batch1_{name}"] = {"model_p50_ms": r["p50_ms"], "model_p99_ms": r["p99_ms"],
+                                           "bench_decode_ms": r["decode_ms_per_img"], "bench_head_ms": r["head_ms_per_img"],
+                                           "upload_decode_p50_ms": dec, "served_model_call_p50_ms": call,
                                            "threads": default_threads()}
-            print(f"transfer bench {name} batch 1 on core {SERVER_CORE}: model p50 {r['p50_ms']:.3f} + decode "
-                  f"{r['decode_ms_per_img']:.3f} + head {r['head_ms_per_img']:.3f} = {total:.3f} ms", flush=True)
+            print(f"transfer bench {name} batch 1 on core {SERVER_CORE}: model p50 {r['p50_ms']:.3f} ms (p99 "
+                  f"{r['p99_ms']:.3f}); the server's stages on one image: decoding the upload {dec:.3f} ms, "
+                  f"model + rf head {call:.3f} ms (p50)", flush=True)
     finally:
         os.sched_setaffinity(0, before)
+
+
+def _p50_ms(fn, n: int = 400, warmup: int = 20) -> float:
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+    return float(sorted(times)[n // 2]) * 1000
 
 
 def latency_1client(b: dict, res: dict, seconds: float) -> None:
@@ -360,15 +382,16 @@ def latency_1client(b: dict, res: dict, seconds: float) -> None:
         res["arc2_1_network"] = r = load(s, "/v1/predict", files, conns=1, seconds=seconds)
     print("arc2 network head, 1 connection: " + describe(r), flush=True)
     bench1 = res["bench_batch1_arc2"]
-    bare_p50 = res["bare_1"]["p50_ms"]
-    for key, head, work in (("latency_bar", "rf", bench1["total_ms"]),
-                            ("latency_bar_network_head", "network", bench1["model_p50_ms"] + bench1["decode_ms"])):
-        p50 = res[key.replace("latency_bar", "arc2_1").replace("_network_head", "_network")]["p50_ms"]
-        bound = bare_p50 + work + 1.0
-        res[key] = {"head": head, "served_p50_ms": p50, "bare_p50_ms": bare_p50, "bench_ms": work, "bound_ms": bound,
-                    "pass": p50 <= bound}
+    bare_p50, model_p50 = res["bare_1"]["p50_ms"], bench1["model_p50_ms"]
+    bound = bare_p50 + model_p50 + 1.0  # the 1 ms covers decode, the head, batching and the hand-offs
+    for key, run, head in (("latency_bar", "arc2_1", "rf"), ("latency_bar_network_head", "arc2_1_network", "network")):
+        p50 = res[run]["p50_ms"]
+        rest = p50 - bare_p50 - model_p50
+        res[key] = {"head": head, "served_p50_ms": p50, "bare_p50_ms": bare_p50, "bench_model_p50_ms": model_p50,
+                    "bound_ms": bound, "beyond_bare_and_model_ms": rest, "pass": p50 <= bound}
         print(f"1 connection, {head} head: served p50 {p50:.3f} ms vs bound {bound:.3f} ms (bare {bare_p50:.3f} + "
-              f"bench {work:.3f} + 1): {'met' if p50 <= bound else 'NOT met'}", flush=True)
+              f"`transfer bench` batch-1 p50 {model_p50:.3f} + 1): {'met' if p50 <= bound else 'NOT met'}; "
+              f"{rest:.3f} ms beyond bare + model", flush=True)
 
 
 def throughput_16(b: dict, res: dict, seconds: float) -> None:
@@ -464,9 +487,10 @@ def soak(b: dict, res: dict, n: int) -> None:
         r = load(s, "/v1/predict", files, conns=16, requests=n, seconds=1800)
         rss1 = s.rss_mb()
         code = s.stop()
-    errors = r["requests"] - r["statuses"].get("200", 0)
+    shed = r["statuses"].get("503", 0)  # a request that waited longer than --max-queue-ms: shed by design
+    errors = r["requests"] - r["statuses"].get("200", 0) - shed
     socket_errors = r["errors"]["connect"] + r["errors"]["read"] + r["errors"]["write"] + r["errors"]["timeout"]
-    res["soak"] = {"requests": r["requests"], "errors": errors, "socket_errors": socket_errors,
+    res["soak"] = {"requests": r["requests"], "errors": errors, "shed_503": shed, "socket_errors": socket_errors,
                    "rss_after_warmup_mb": rss0, "rss_after_mb": rss1, "growth": rss1 / rss0 - 1, "per_s": r["per_s"],
                    "p99_ms": r["p99_ms"], "server_cpu_ms_per_req": r["server_cpu_ms_per_req"],
                    "exit_code_after_sigterm": code,
