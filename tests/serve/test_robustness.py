@@ -124,6 +124,7 @@ def test_clients_that_hang_up_cost_no_model_call(start_server, serve_bundle, max
         # the hang-ups free the queue and the places at once, not when the model gets to them
         _until(lambda: server.state.batcher.depth == 0 and server.state.batcher.in_flight <= 1, timeout=2)
         if held is not None:
+            assert not held.done(), "the places were freed only after the running batch ended"
             assert held.result().status_code == 200
     _until(lambda: server.state.batcher.in_flight == 0)
     reached = model.count(200)
