@@ -343,6 +343,7 @@ class Batcher:
                     await self._run_batch(jobs)
             except Exception as exc:  # a bug in forming the batch: fail what was taken, keep serving
                 log.exception("forming a batch failed")
+                self._running = []
                 _fail(jobs, BatchFailed("batching", exc, len(jobs)))
 
     async def _fill(self) -> None:
