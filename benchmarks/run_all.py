@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,12 @@ if importlib.util.find_spec("ray") is not None:  # the distributed extra
     scripts.append("bench_ray.py")
 else:
     print('bench_ray.py skipped: pip install -e ".[distributed]" to compare Ray with local inference')
-if importlib.util.find_spec("uvicorn") is not None:  # the serve extra
-    scripts.append("bench_serve.py")
-else:
+if importlib.util.find_spec("uvicorn") is None:  # the serve extra
     print('bench_serve.py skipped: pip install -e ".[serve]" to load-test transfer serve')
+elif shutil.which("wrk") is None or len(os.sched_getaffinity(0)) < 2:  # its load generator, on its own core
+    print("bench_serve.py skipped: it needs wrk (apt-get install wrk) and 2 cores")
+else:
+    scripts.append("bench_serve.py")
 scripts += ["bench_fit.py", "bench_sweep.py", "bench_heads_bar.py", "bench_audit.py"]
 for script in scripts:
     print(f"\n## {script}\n", flush=True)

@@ -102,27 +102,112 @@ def test_stop_finishes_queued_images_first():
     assert asyncio.run(main()) == [0, 1, 2]
 
 
-def test_a_failing_model_fails_only_its_batch():
-    calls = []
-
-    def predict(x):
-        calls.append(len(x))
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return np.zeros((len(x), 1), np.float32), 0.0
-
+def _run_two(b: "Batcher"):
+    """Two requests one after the other: (the first's results or exceptions, the second's)."""
     async def main():
-        b = Batcher(predict, max_batch=8, max_wait_s=0.0, capacity=8)
         b.start()
         with b.admit() as t:
-            first = await asyncio.gather(*t.submit([_img(1)]), return_exceptions=True)
+            first = await asyncio.gather(*t.submit([_img(1), _img(2)]), return_exceptions=True)
         with b.admit() as t:
-            second = await asyncio.gather(*t.submit([_img(1)]))
+            second = await asyncio.gather(*t.submit([_img(3)]), return_exceptions=True)
         await b.stop()
         return first, second
 
-    first, second = asyncio.run(main())
-    assert isinstance(first[0], RuntimeError) and second[0].probs.shape == (1,)
+    return asyncio.run(main())
+
+
+class FailOnce:
+    """Raises ``exc`` on its first call, then does what ``then`` does."""
+
+    def __init__(self, then, exc=RuntimeError("boom")):
+        self.then, self.exc, self.calls = then, exc, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == 1:
+            raise self.exc
+        return self.then(*args)
+
+
+@pytest.mark.parametrize("stage", ["model", "stack", "answers", "on_batch"])
+def test_a_batch_that_fails_anywhere_fails_only_itself(stage, caplog):
+    """An exception while stacking, in the model, splitting its answers or in the on_batch callback
+    answers every image of that batch with BatchFailed (naming the stage), and the next batch runs."""
+    from transfer.serve.batcher import BatchFailed
+
+    rec = Recorder()
+    kw = {"stack": np.stack, "on_batch": None}
+    predict = rec
+    if stage == "model":
+        predict = FailOnce(rec)
+    elif stage == "stack":
+        kw["stack"] = FailOnce(np.stack, ValueError("all input arrays must have the same shape"))
+    elif stage == "answers":
+        calls = []
+
+        def predict(x):  # the first batch gets one row too few
+            calls.append(len(x))
+            out, s = rec(x)
+            return (out[:-1] if len(calls) == 1 else out), s
+    else:
+        kw["on_batch"] = FailOnce(lambda stats: None, KeyError("metrics"))
+    b = Batcher(predict, max_batch=8, max_wait_s=0.0, capacity=8, **kw)
+    first, second = _run_two(b)
+    assert all(isinstance(r, BatchFailed) and r.stage == stage and r.size == 2 for r in first), first
+    assert "failed" in first[0].message and "batch of 2" in first[0].message
+    assert float(second[0].probs[0]) == 3.0 and b.stopped_by is None
+    assert any("failed" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_abandoned_images_leave_the_queue_and_cost_no_model_call():
+    """A request whose client left: its queued images are dropped at once (ClientGone), the
+    batch that is running finishes, nothing more is queued for it, and its place is freed."""
+    from transfer.serve.batcher import ClientGone
+
+    async def main():
+        rec = Recorder(seconds=0.2)
+        b = Batcher(rec, max_batch=1, max_wait_s=0.0, capacity=8)
+        b.start()
+        t1, t2 = b.admit(), b.admit()
+        running = t1.submit([_img(1)])
+        await asyncio.sleep(0.05)  # the first image is in the model
+        queued = t2.submit([_img(2), _img(3)])
+        assert b.depth == 2
+        t1.abandon()               # too late for its image: it is running
+        dropped = t2.abandon()
+        depth_after = b.depth
+        later = t2.submit([_img(4)])
+        res = await asyncio.gather(*running, *queued, *later, return_exceptions=True)
+        t1.close(), t2.close()
+        await b.stop()
+        return dropped, depth_after, res, rec.sizes, b.in_flight
+
+    dropped, depth, res, sizes, in_flight = asyncio.run(main())
+    assert dropped == 2 and depth == 0 and in_flight == 0
+    assert float(res[0].probs[0]) == 1.0
+    assert all(isinstance(r, ClientGone) for r in res[1:])
+    assert sizes == [1]  # only the image that was already running reached the model
+
+
+def test_a_batching_task_that_dies_refuses_instead_of_hanging():
+    """Should the batching task itself end (a bug), waiting images fail and new requests get 503."""
+    from transfer.serve.batcher import BatchFailed
+
+    async def main():
+        b = Batcher(Recorder(seconds=0.2), max_batch=1, max_wait_s=0.0, capacity=8)
+        b.start()
+        with b.admit() as t:
+            futs = t.submit([_img(1), _img(2)])
+            await asyncio.sleep(0.05)
+            b._task.cancel()  # the task ends while an image waits
+            res = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+        with pytest.raises(Overloaded, match="stopped batching"):
+            b.admit()
+        await b.stop()
+        return res, b.stopped_by
+
+    res, why = asyncio.run(main())
+    assert isinstance(res[1], BatchFailed) and why == "cancelled"
 
 
 def test_uploaded_bytes_get_the_pixels_transfer_infer_gets(serve_data, tmp_path):

@@ -38,14 +38,15 @@ from ._deps import check_installed
 check_installed()  # the serve extra: a clear install hint instead of an ImportError below
 
 import fastapi  # noqa: E402
-from fastapi import APIRouter, Depends, Query, Request  # noqa: E402
+from fastapi import APIRouter, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.openapi.utils import get_openapi  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 
-from .batcher import Batcher, Overloaded, Result
+from .batcher import BatchFailed, Batcher, ClientGone, Overloaded, Result
 from .config import ServeConfig, key_matches
 from .metrics import Metrics
 from .model import ServedModel
@@ -113,9 +114,12 @@ _RID_COUNTER = itertools.count(1)
 
 class Guard:
     """Pure ASGI middleware around every request: body-size limit (413 before reading when
-    Content-Length says so, else as soon as the limit is passed), admission of predictions
-    (503 before anything else is done), request id, metrics, and the JSON access log (never
-    the Authorization header)."""
+    Content-Length says so, else as soon as the limit is passed), the API key of ``/v1`` routes
+    (401), admission of predictions (503 before anything else is done), request id, metrics,
+    and the JSON access log (never the Authorization header).
+
+    The key and the admission are checked here, before routing, so that a refusal costs as
+    little as possible and a prediction pays for no per-request dependency resolution."""
 
     def __init__(self, app, state: State, access_log: logging.Logger | None):
         self.app = app
@@ -125,8 +129,8 @@ class Guard:
     def _admit(self, scope):
         """A ticket for a prediction (handed to the route in the scope), or the 503 to send now.
 
-        Admission happens here, before routing, form parsing or authentication, so that under
-        overload a refusal costs as little as possible. Not ready / draining: the route says so.
+        Admission happens here, before routing and form parsing, so that under overload a
+        refusal costs as little as possible. Not ready / draining: the route says so.
         """
         st = self.state
         if st.batcher is None or not st.ready or st.draining:
@@ -139,6 +143,18 @@ class Guard:
         scope["transfer.ticket"] = ticket
         return ticket
 
+    def _unauthorized(self, path: str, authorization: bytes | None) -> "ApiError | None":
+        """The 401 for a ``/v1`` route without the server's key (``Authorization: Bearer KEY``)."""
+        key = self.state.key
+        if key is None or not path.startswith("/v1/"):
+            return None
+        scheme, _, given = (authorization or b"").decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer" and key_matches(given.strip(), key):
+            return None
+        return ApiError(401, "missing or wrong API key" if scheme.lower() == "bearer" else "this server needs an API key",
+                        "send the header 'Authorization: Bearer <key>' with the key the server was started with",
+                        headers={"WWW-Authenticate": "Bearer"})
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -147,6 +163,7 @@ class Guard:
         info = {"status": 500, "bytes_in": 0, "bytes_out": 0}
         rid = None
         declared = None
+        authorization = None
         for k, v in scope.get("headers", ()):
             if k == b"content-length":
                 try:
@@ -155,6 +172,8 @@ class Guard:
                     declared = None
             elif k == b"x-request-id":
                 rid = v.decode("latin-1")[:64]
+            elif k == b"authorization":
+                authorization = v
         rid = rid or f"{_RID_PREFIX}-{next(_RID_COUNTER):x}"
 
         async def send_wrapper(message):
@@ -179,13 +198,15 @@ class Guard:
             if declared is not None and declared > limit:
                 await _send_json(send_wrapper, _too_large(limit, declared))
                 return
-            if scope["path"] == PREDICT and scope["method"] == "POST":
+            refusal = self._unauthorized(scope["path"], authorization)
+            if refusal is None and scope["path"] == PREDICT and scope["method"] == "POST":
                 ticket = self._admit(scope)
-                if isinstance(ticket, ApiError):  # refused before routing: the cheapest 503
-                    keep_alive = declared is not None and declared <= _DRAIN_BEFORE_503 and await _drain(receive)
-                    await _send_json(send_wrapper, ticket, close=not keep_alive)
-                    ticket = None
-                    return
+                if isinstance(ticket, ApiError):
+                    refusal, ticket = ticket, None
+            if refusal is not None:  # refused before routing: the cheapest answers
+                keep_alive = declared is not None and declared <= _DRAIN_BEFORE_503 and await _drain(receive)
+                await _send_json(send_wrapper, refusal, close=not keep_alive)
+                return
             await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             if ticket is not None:
@@ -204,6 +225,8 @@ class Guard:
 
 
 PREDICT = "/v1/predict"
+#: the status logged and counted for a request whose client disconnected (nginx's "client closed request")
+CLIENT_GONE = 499
 #: a refused request's body up to this size is read (and dropped) so its connection stays open
 _DRAIN_BEFORE_503 = 256 * 1024
 
@@ -280,7 +303,8 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
         state.batcher = Batcher(model.predict, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
                                 capacity=config.queue,
                                 max_queue_s=config.max_queue_ms / 1000 if config.max_queue_ms else None,
-                                on_batch=lambda s: state.metrics.observe_batch(s.size, s.seconds))
+                                on_batch=lambda s: state.metrics.observe_batch(s.size, s.seconds),
+                                stack=model.stack)
         state.metrics.bind(depth=lambda: state.batcher.depth, in_flight=lambda: state.batcher.in_flight)
         state.decode_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="transfer-decode")
         state.batcher.start()
@@ -299,15 +323,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
         title="transfer serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
         description="Image classification with a verified transfer bundle. Errors are JSON {error, hint}.")
     app.state.transfer = state
-    bearer = HTTPBearer(auto_error=False, description="the key of --api-key-file")
-
-    async def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if state.key is None:
-            return
-        if creds is None or creds.scheme.lower() != "bearer" or not key_matches(creds.credentials, state.key):
-            raise ApiError(401, "missing or wrong API key" if creds else "this server needs an API key",
-                           "send the header 'Authorization: Bearer <key>' with the key the server was started with",
-                           headers={"WWW-Authenticate": "Bearer"})
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -347,6 +363,8 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
                            headers={"Retry-After": "1"})
         if state.warm_up_error:
             raise ApiError(503, f"warm-up failed: {state.warm_up_error}", "see the server log")
+        if state.batcher is not None and state.batcher.stopped_by:
+            raise ApiError(503, f"the batcher stopped: {state.batcher.stopped_by}", "restart the server; see its log")
         if not state.ready:
             raise ApiError(503, "warming up", "retry in a moment", headers={"Retry-After": "1"})
         return {"status": "ready", "bundle_id": model.id, "warm_up_s": state.warm_up_s}
@@ -355,7 +373,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
     async def metrics():
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1")  # the API key is checked by Guard
 
     @v1.get("/model", summary="The served bundle: classes, input, models, heads, verification")
     async def model_info():
@@ -365,9 +383,8 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
              description=_PREDICT_DOC, openapi_extra=_PREDICT_BODY,
              responses={200: {"description": "per image: top-k classes with probabilities, or its error"},
                         **{s: {"description": d} for s, d in _PREDICT_ERRORS.items()}})
-    async def predict(request: Request,
-                      topk: int | None = Query(None, ge=1, description="classes per image [default: --topk]")):
-        return await _predict(state, request, topk)
+    async def predict(request: Request):  # no declared parameters: no dependency resolution per request
+        return await _predict(state, request, _topk(request))
 
     app.include_router(v1)
     return _guarded(app, state, config)
@@ -378,6 +395,39 @@ def _guarded(app, state: State, config: ServeConfig):
     so an :class:`ApiError` raised while reading the body becomes its JSON answer)."""
     app.add_middleware(Guard, state=state, access_log=access_logger(config.access_log))
     return app
+
+
+def _openapi(app) -> dict:
+    """The schema FastAPI builds, plus what Guard checks: the bearer key on every ``/v1`` route."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "the key of --api-key-file"}}
+        for path, ops in schema.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for op in ops.values():
+                    op["security"] = [{"HTTPBearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _topk(request: Request) -> int | None:
+    """``?topk=N`` (N >= 1), or None.
+
+    Raises:
+        ApiError: 422 for anything else.
+    """
+    raw = request.query_params.get("topk")
+    if raw is None:
+        return None
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ApiError(422, f"invalid request: query.topk must be a whole number >= 1 (got {raw[:20]!r})",
+                       "see GET /openapi.json")
+    return k
 
 
 def _warmed(state: State, fut) -> None:
@@ -402,6 +452,14 @@ async def _read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
     Raises:
         ApiError: 422 for a malformed form, a form without files or too many files; 415 for JSON.
     """
+    try:
+        return await _read_body(request, config)
+    except ClientDisconnect:
+        raise ApiError(CLIENT_GONE, "the client disconnected while sending the request",
+                       "nothing was run; send the request again") from None
+
+
+async def _read_body(request: Request, config: ServeConfig) -> list[Upload]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:
@@ -452,24 +510,37 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
             state.metrics.shed.labels("full").inc()
             raise _overloaded(exc) from None
     with ticket:
-        ups = await _read_uploads(request, config)
+        try:
+            ups = await _read_uploads(request, config)
+        except ApiError as exc:
+            if exc.status == CLIENT_GONE:
+                state.metrics.dropped.labels("reading").inc()
+            raise
         if len(ups) > config.max_images:
             raise ApiError(422, f"too many images ({len(ups)}); the limit is {config.max_images}",
                            f"send at most {config.max_images} images per request")
         t_read = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels, recipe=model.bundle.recipe)
-        if len(ups) == 1:  # one image: no gather
-            decoded = [await loop.run_in_executor(state.decode_pool, decode, ups[0])]
-        else:
-            decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, u) for u in ups))
-        ok = [i for i, (x, _, _) in enumerate(decoded) if x is not None]
+        # uvicorn does not cancel a handler whose client left: watch for http.disconnect ourselves
+        hangup = asyncio.ensure_future(_hang_up(request.receive, ticket))
         try:
-            futs = ticket.submit([decoded[i][0] for i in ok], since=t_read) if ok else []
-        except Overloaded as exc:
-            state.metrics.shed.labels("full").inc()
-            raise _overloaded(exc) from None
-        results = await asyncio.gather(*futs, return_exceptions=True) if futs else []
+            loop = asyncio.get_running_loop()
+            decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels,
+                                       recipe=model.bundle.recipe)
+            if len(ups) == 1:  # one image: no gather
+                decoded = [await loop.run_in_executor(state.decode_pool, decode, ups[0])]
+            else:
+                decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, decode, u) for u in ups))
+            ok = [i for i, (x, _, _) in enumerate(decoded) if x is not None]
+            try:
+                futs = ticket.submit([decoded[i][0] for i in ok], since=t_read) if ok else []
+            except Overloaded as exc:
+                state.metrics.shed.labels("full").inc()
+                raise _overloaded(exc) from None
+            results = await asyncio.gather(*futs, return_exceptions=True) if futs else []
+        finally:
+            hangup.cancel()
+    if any(isinstance(r, ClientGone) for r in results):
+        state.metrics.dropped.labels("queued").inc()
     by_index = dict(zip(ok, results))
     k = min(topk or config.topk, len(model.names))
     entries = []
@@ -486,9 +557,17 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                 e.update(status=503, error=r.message, hint=f"retry after {r.retry_after} s",
                          retry_after=r.retry_after)
                 state.metrics.images.labels("503").inc()
+            elif isinstance(r, ClientGone):
+                e.update(status=CLIENT_GONE, error=str(r), hint="nothing was run for this image")
+                state.metrics.images.labels(str(CLIENT_GONE)).inc()
+            elif isinstance(r, BatchFailed):  # logged once per batch by the batcher
+                e.update(status=500, error=r.message,
+                         hint="the server log has the traceback; the server goes on serving: retry, "
+                              "and report it if it repeats")
+                state.metrics.images.labels("500").inc()
             elif isinstance(r, BaseException):
-                log.error("model call failed: %s: %s", type(r).__name__, r)
-                e.update(status=500, error=f"the model call failed ({type(r).__name__})", hint="see the server log")
+                log.error("prediction failed: %s: %s", type(r).__name__, r)
+                e.update(status=500, error=f"the prediction failed ({type(r).__name__})", hint="see the server log")
                 state.metrics.images.labels("500").inc()
             else:
                 r: Result
@@ -498,6 +577,11 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                 state.metrics.images.labels("ok").inc()
         entries.append(e)
     timings = {"read": round((t_read - t0) * 1000, 3), "total": round((time.perf_counter() - t0) * 1000, 3)}
+    if ticket.gone:  # nobody reads this answer; the status is for the access log and the metrics
+        return JSONResponse({"error": "the client disconnected before the answer was ready",
+                             "hint": "images that had not reached the model were not run",
+                             "bundle_id": model.id, "predictions": entries, "timings_ms": timings},
+                            status_code=CLIENT_GONE)
     if len(entries) == 1 and entries[0]["status"] != 200:  # one image: its status is the answer's
         e = entries[0]
         headers = {"Retry-After": str(e["retry_after"])} if "retry_after" in e else None
@@ -505,6 +589,14 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                              "timings_ms": timings}, status_code=e["status"], headers=headers)
     return JSONResponse({"bundle_id": model.id, "head": model.head.name, "backend": model.runner.name,
                          "predictions": entries, "timings_ms": timings})
+
+
+async def _hang_up(receive, ticket) -> None:
+    """Wait for the client to disconnect (the request's body is read: the next ASGI message is
+    ``http.disconnect``), then drop the request's images that have not reached the model."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        ticket.abandon()
 
 
 def _decode(u: Upload, size, max_pixels, recipe=None):
@@ -529,7 +621,10 @@ first), `timings_ms` (decode, queue, model) and `batch_size`, or its own error s
 with that image's status.
 """
 
-_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+_PREDICT_BODY = {"parameters": [{"name": "topk", "in": "query", "required": False,
+                                  "schema": {"type": "integer", "minimum": 1},
+                                  "description": "classes per image [default: --topk]"}],
+                 "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
@@ -542,6 +637,7 @@ _PREDICT_ERRORS = {
     415: "the (single) image is not an image format the decoder knows, or a JSON body",
     422: "a malformed multipart form, a form without file fields, or too many images",
     503: "queue full, request waited too long, warming up or draining (see Retry-After)",
+    500: "the (single) image's batch failed (stacking, the model call, its answers); the server goes on serving",
 }
 
 __all__ = ["create_app", "ApiError", "State", "Guard"]

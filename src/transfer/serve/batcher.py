@@ -5,9 +5,9 @@ A request is admitted with :meth:`Batcher.admit` (a :class:`Ticket`; refused wit
 images, and hands them to :meth:`Ticket.submit`. One asyncio task forms batches: it takes
 up to ``max_batch`` waiting images, and holds the first one for at most ``max_wait_s``
 for more to arrive -- but only while admitted requests are still being read or decoded,
-so a lone request never waits for company that is not coming. The model runs in one
-dedicated thread (one call at a time: the model's own threads use the cores), so the
-event loop keeps reading requests while a batch runs, and the next batch forms meanwhile.
+so a lone request never waits for company that is not coming. The images are stacked and
+run in one dedicated thread (one call at a time: the model's own threads use the cores), so
+the event loop keeps reading requests while a batch runs, and the next batch forms meanwhile.
 
 A request that would wait longer than ``max_queue_s`` at the current service rate (requests
 in the server over requests finished per second) is refused at admission; an image whose
@@ -15,19 +15,29 @@ request has waited longer than ``max_queue_s`` (since its body was read) when it
 answered with :class:`Overloaded` instead of being run (the server sheds load it cannot
 serve in time, like Triton's queue policy), so under overload accepted requests keep a
 bounded latency and the rest get 503 quickly.
+
+A request whose client has gone (:meth:`Ticket.abandon`, called when the server sees the
+connection close) loses its images that have not reached the model yet: they leave the
+queue at once and their futures get :class:`ClientGone`, so a client that hangs up costs no
+model call and no place in the queue. A batch that fails anywhere -- stacking its images,
+the model call, splitting the answers, the ``on_batch`` callback -- answers each of its
+images with :class:`BatchFailed`, and the batcher goes on with the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
@@ -39,11 +49,29 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+class ClientGone(Exception):
+    """The request's client disconnected before this image reached the model: it was not run."""
+
+
+class BatchFailed(Exception):
+    """A batch failed at ``stage`` (a key of :attr:`STAGES`) with ``cause``;
+    every image of the batch gets this (the traceback is logged once per batch)."""
+
+    STAGES = {"stack": "stacking the batch's images", "model": "the model call",
+              "answers": "splitting the model's answers", "on_batch": "recording the batch (on_batch)",
+              "batching": "forming the batch"}
+
+    def __init__(self, stage: str, cause: BaseException, size: int):
+        self.stage, self.cause, self.size = stage, cause, size
+        self.message = f"{self.STAGES[stage]} failed ({type(cause).__name__}) for a batch of {size} image(s)"
+        super().__init__(self.message)
+
+
 @dataclass
 class Result:
     """One image's answer from the batcher."""
 
-    probs: np.ndarray
+    probs: Any      # the model's answer for this image: ``predict(x)[0][i]``
     queue_s: float  # from submit until its batch started
     model_s: float  # the batch's model + head call
     batch_size: int
@@ -55,6 +83,7 @@ class _Job:
     future: asyncio.Future
     submitted: float
     admitted: float
+    ticket: "Ticket"
 
 
 @dataclass
@@ -74,18 +103,32 @@ class Ticket:
         self.admitted = time.perf_counter()
         self._preparing = True
         self._open = True
+        self._queued = 0  # this request's images in the queue (not yet taken into a batch)
+        self.gone = False
 
     def submit(self, images: list[np.ndarray], since: float | None = None) -> list[asyncio.Future]:
         """Queue decoded images (uint8 (H, W, 3) each); one future of :class:`Result` per image.
 
         ``since`` (``time.perf_counter()``, default: admission) is when the request started
         waiting on the server: its body read, so a slow upload does not count as queueing.
+        After :meth:`abandon`, nothing is queued: every future already holds :class:`ClientGone`.
 
         Raises:
             Overloaded: the images do not fit in the queue, or the server is stopping.
         """
         self._done_preparing()
-        return self._b._enqueue(images, self.admitted if since is None else since)
+        if self.gone:
+            return [_failed(ClientGone("the client disconnected before the image was queued")) for _ in images]
+        return self._b._enqueue(self, images, self.admitted if since is None else since)
+
+    def abandon(self) -> int:
+        """The client went away: drop this request's images that have not reached the model
+        (their futures get :class:`ClientGone`) and queue nothing more for it. Images already in
+        a running batch finish. Returns how many images were dropped now."""
+        if self.gone:
+            return 0
+        self.gone = True
+        return self._b._drop(self, ClientGone("the client disconnected before the image reached the model"))
 
     def _done_preparing(self):
         if self._preparing:
@@ -94,9 +137,13 @@ class Ticket:
             self._b._wake.set()
 
     def close(self):
+        """The answer is out (or the request ended otherwise): free its place. Images still queued
+        (the handler was interrupted) are dropped, so nobody waits for them."""
         if self._open:
             self._done_preparing()
             self._open = False
+            if self._queued:
+                self._b._drop(self, ClientGone("the request ended before the image reached the model"))
             self._b._in_flight -= 1
             self._b._done.append(time.perf_counter())
 
@@ -107,17 +154,27 @@ class Ticket:
         self.close()
 
 
+def _failed(exc: BaseException) -> asyncio.Future:
+    f = asyncio.get_running_loop().create_future()
+    f.set_exception(exc)
+    return f
+
+
 class Batcher:
-    """Groups images into batches for ``predict(x) -> (probs, seconds)`` (x: uint8 (N, H, W, 3)).
+    """Groups images into batches for ``predict(x) -> (answers, seconds)`` (x: ``stack(images)``).
 
     Args:
-        predict: one model call and one head call on a batch (runs in the model thread).
+        predict: one model call and one head call on a batch (runs in the model thread);
+            ``answers[i]`` is the answer for image ``i``.
         max_batch: most images per call.
         max_wait_s: longest the oldest waiting image is held for the batch to fill.
         capacity: most requests in the server, and most images waiting for the model.
         max_queue_s: an image whose request has waited longer than this (since it was read)
             when its batch forms gets :class:`Overloaded` (``None``: no limit).
-        on_batch: called with :class:`BatchStats` after each model call (metrics).
+        on_batch: called with :class:`BatchStats` after each model call, before the answers
+            are handed out (metrics).
+        stack: the images of a batch -> the model's input (runs in the model thread, before
+            ``predict``); default :func:`numpy.stack`.
 
     Example::
 
@@ -128,10 +185,12 @@ class Batcher:
         await b.stop()
     """
 
-    def __init__(self, predict: Callable[[np.ndarray], tuple[np.ndarray, float]], *, max_batch: int,
+    def __init__(self, predict: Callable[[np.ndarray], tuple[Sequence, float]], *, max_batch: int,
                  max_wait_s: float, capacity: int, max_queue_s: float | None = None,
-                 on_batch: Callable[[BatchStats], None] | None = None):
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 stack: Callable[[list[np.ndarray]], np.ndarray] = np.stack):
         self._predict = predict
+        self._stack = stack
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.capacity = capacity
@@ -146,6 +205,8 @@ class Batcher:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="transfer-model")
         self._s_per_image = 0.0  # running estimate, for Retry-After
         self._done: deque[float] = deque(maxlen=256)  # when the last requests finished: the service rate
+        self._running: list[_Job] = []  # the batch in the model thread
+        self.stopped_by: str | None = None  # why the batching task ended early (it should never)
 
     # -- what the app sees -------------------------------------------------------------
     @property
@@ -188,7 +249,8 @@ class Batcher:
                 longer than ``max_queue_s`` at the current service rate, or it is stopping.
         """
         if self._closing:
-            raise Overloaded("the server is shutting down", retry_after=1)
+            raise Overloaded("the server is shutting down" if self.stopped_by is None else
+                             f"the server stopped batching ({self.stopped_by})", retry_after=1)
         if self._in_flight >= self.capacity:
             raise Overloaded(f"the server is full ({self._in_flight} requests in progress)", self.retry_after())
         wait = self.expected_wait()
@@ -199,7 +261,7 @@ class Batcher:
         self._preparing += 1
         return Ticket(self)
 
-    def _enqueue(self, images: list[np.ndarray], admitted: float) -> list[asyncio.Future]:
+    def _enqueue(self, ticket: Ticket, images: list[np.ndarray], admitted: float) -> list[asyncio.Future]:
         if self._closing:
             raise Overloaded("the server is shutting down", retry_after=1)
         if self._q and len(self._q) + len(images) > self.capacity:
@@ -209,24 +271,61 @@ class Batcher:
         futs = []
         for x in images:
             f = loop.create_future()
-            self._q.append(_Job(x, f, now, admitted))
+            self._q.append(_Job(x, f, now, admitted, ticket))
             futs.append(f)
+        ticket._queued += len(images)
         self._wake.set()
         return futs
+
+    def _drop(self, ticket: Ticket, exc: BaseException) -> int:
+        """Take ``ticket``'s images out of the queue; their futures get ``exc``. Returns how many."""
+        if not ticket._queued:
+            return 0
+        keep: deque[_Job] = deque()
+        dropped = 0
+        for j in self._q:
+            if j.ticket is ticket:
+                dropped += 1
+                if not j.future.done():
+                    j.future.set_exception(exc)
+            else:
+                keep.append(j)
+        self._q = keep
+        ticket._queued = 0
+        return dropped
 
     # -- the batching task -------------------------------------------------------------
     def start(self) -> None:
         """Start forming batches (call from the running event loop)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="transfer-batcher")
+            self._task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
         """Refuse new work, finish every queued image, then stop the model thread."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
         self._pool.shutdown(wait=True)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The batching task ended. Unless it was asked to stop, that is a bug: refuse new work
+        (503) and fail what waits, instead of letting requests hang."""
+        if self._closing and not task.cancelled() and task.exception() is None:
+            return
+        reason = "cancelled" if task.cancelled() else f"{type(task.exception()).__name__}: {task.exception()}"
+        log.log(logging.WARNING if task.cancelled() else logging.CRITICAL,
+                "the batching task ended unexpectedly (%s); new predictions get 503", reason)
+        self.stopped_by = reason
+        self._closing = True
+        failed = BatchFailed("batching", RuntimeError(reason), len(self._q) + len(self._running))
+        _fail(self._running, failed)
+        while self._q:
+            j = self._q.popleft()
+            j.ticket._queued -= 1
+            if not j.future.done():
+                j.future.set_exception(failed)
 
     async def _run(self) -> None:
         while True:
@@ -236,10 +335,16 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._fill()
-            jobs = self._take()
-            if jobs:
-                await self._run_batch(jobs)
+            jobs: list[_Job] = []
+            try:
+                await self._fill()
+                jobs = self._take()
+                if jobs:
+                    await self._run_batch(jobs)
+            except Exception as exc:  # a bug in forming the batch: fail what was taken, keep serving
+                log.exception("forming a batch failed")
+                self._running = []
+                _fail(jobs, BatchFailed("batching", exc, len(jobs)))
 
     async def _fill(self) -> None:
         """Wait (bounded) while the batch is not full and more images are on their way."""
@@ -253,6 +358,8 @@ class Batcher:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except (asyncio.TimeoutError, TimeoutError):
                 return
+            if not self._q:  # every waiting image was dropped meanwhile (its client left)
+                return
 
     def _take(self) -> list[_Job]:
         """Up to ``max_batch`` live jobs; abandoned ones are dropped, too-old ones shed."""
@@ -260,7 +367,8 @@ class Batcher:
         now = time.perf_counter()
         while self._q and len(jobs) < self.max_batch:
             j = self._q.popleft()
-            if j.future.done():  # the client went away
+            j.ticket._queued -= 1
+            if j.future.done():  # answered already (its request ended)
                 continue
             if self.max_queue_s is not None and now - j.admitted > self.max_queue_s:
                 j.future.set_exception(Overloaded(
@@ -270,25 +378,51 @@ class Batcher:
             jobs.append(j)
         return jobs
 
+    def _call(self, images: list[np.ndarray]) -> tuple[Sequence, float]:
+        """Stack and predict (in the model thread); a failure names its stage."""
+        try:
+            x = self._stack(images)
+        except Exception as exc:
+            raise BatchFailed("stack", exc, len(images)) from exc
+        try:
+            return self._predict(x)
+        except Exception as exc:
+            raise BatchFailed("model", exc, len(images)) from exc
+
     async def _run_batch(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        x = np.stack([j.x for j in jobs])
-        try:
-            probs, seconds = await loop.run_in_executor(self._pool, self._predict, x)
-        except Exception as exc:  # the model failed: every image of the batch gets the error
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(exc)
-            return
         n = len(jobs)
+        self._running = jobs
+        try:
+            out, seconds = await loop.run_in_executor(self._pool, self._call, [j.x for j in jobs])
+            stage = "answers"
+            try:
+                if len(out) != n:
+                    raise ValueError(f"the model answered {len(out)} rows for {n} images")
+                results = [Result(out[i], start - j.submitted, seconds, n) for i, j in enumerate(jobs)]
+                stage = "on_batch"
+                if self._on_batch is not None:
+                    self._on_batch(BatchStats(n, seconds, len(self._q)))
+            except Exception as exc:
+                raise BatchFailed(stage, exc, n) from exc
+        except BatchFailed as exc:  # every image of the batch gets the error; the next batch runs
+            log.error("%s", exc.message, exc_info=exc.cause)
+            self._running = []
+            _fail(jobs, exc)
+            return
+        self._running = []  # (left set if the task is cancelled mid-batch: _ended fails them)
         per = seconds / n
         self._s_per_image = per if self._s_per_image == 0 else 0.9 * self._s_per_image + 0.1 * per
-        for i, j in enumerate(jobs):
+        for j, r in zip(jobs, results):
             if not j.future.done():
-                j.future.set_result(Result(probs[i], start - j.submitted, seconds, n))
-        if self._on_batch is not None:
-            self._on_batch(BatchStats(n, seconds, len(self._q)))
+                j.future.set_result(r)
 
 
-__all__ = ["Batcher", "Ticket", "Result", "Overloaded", "BatchStats"]
+def _fail(jobs: list[_Job], exc: BaseException) -> None:
+    for j in jobs:
+        if not j.future.done():
+            j.future.set_exception(exc)
+
+
+__all__ = ["Batcher", "Ticket", "Result", "Overloaded", "ClientGone", "BatchFailed", "BatchStats"]

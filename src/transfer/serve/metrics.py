@@ -5,10 +5,14 @@ Names (all prefixed ``transfer_serve_``):
 - ``requests_total{route, method, status}``: every HTTP request, by route template
   (``/v1/predict``, ..., ``other`` for unknown paths) and status code.
 - ``request_seconds{route}``: latency histogram, from the first byte read to the last sent.
-- ``images_total{status}``: images answered, ``ok`` or the HTTP status of their error.
+- ``images_total{status}``: images answered, ``ok`` or the HTTP status of their error (``499``: the
+  client disconnected before the image reached the model, so it was not run).
 - ``batch_size``: images per model call (histogram); ``model_seconds``: model + head time per call.
 - ``queue_depth``: images waiting for the model; ``in_flight``: requests in the server.
 - ``shed_total{reason}``: requests answered 503 (``full``, ``late``, ``not_ready``, ``draining``).
+- ``dropped_total{stage}``: requests whose client disconnected before their images reached the
+  model, so none of the dropped images cost a model call: ``reading`` (while sending the body),
+  ``queued`` (read; decoding or waiting for a batch). Such requests are logged with status 499.
 - ``ready``: 1 when warmed up and not draining.
 - the process's CPU seconds, memory and open files (``process_*``) and Python's GC counters.
 """
@@ -45,6 +49,10 @@ class Metrics:
         self.model_seconds = pc.Histogram(p + "model_seconds", "seconds per model + head call",
                                           buckets=_LATENCY_BUCKETS, registry=r)
         self.shed = pc.Counter(p + "shed", "requests answered 503, by reason", ("reason",), registry=r)
+        self.dropped = pc.Counter(p + "dropped", "requests whose client disconnected before their images reached "
+                                  "the model (those images were not run), by stage", ("stage",), registry=r)
+        for stage in ("reading", "queued"):  # exported as 0 from the start
+            self.dropped.labels(stage)
         self.ready = pc.Gauge(p + "ready", "1 when the model is warmed up and the server is not draining",
                               registry=r)
         self.queue_depth = pc.Gauge(p + "queue_depth", "images waiting for the model", registry=r)

@@ -131,6 +131,11 @@ class ServedModel:
 
         self.detector = reject_detector(bundle, options.reject)
 
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        """The decoded images of one batch as the model's input: uint8 (N, H, W, 3) (the batcher
+        calls this in the model thread, just before :meth:`predict`)."""
+        return np.stack(images)
+
     def predict(self, x: np.ndarray) -> tuple[BatchPrediction, float]:
         """Class probabilities of a batch: one model call and one head call (and, with
         ``--reject``, the unknown-input rule on the network's outputs), as
