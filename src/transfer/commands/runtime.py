@@ -38,9 +38,9 @@ from .keys import trust_option, trust_options, trust_value
 @click.option("--reject", is_flag=True,
               help="Mark images the bundle's unknown-input score rejects as status 'unknown' (the score, its "
                    "name and the threshold go in every row). Needs a calibrated bundle (the export default).")
-@click.option("--unknown-score", type=click.Choice(["mahalanobis", "msp"]),
-              help="Score --reject uses: feature-space Mahalanobis distance or maximum softmax probability. "
-                   "[default: the bundle's]")
+@click.option("--unknown-score", metavar="NAME",
+              help="Score --reject uses, one the bundle offers: msp, energy, mahalanobis, knn or vim (its "
+                   "manifest's unknown.scores). [default: the bundle's, chosen at export without test images]")
 @trust_options
 @quiet_option
 def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
