@@ -540,7 +540,11 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple, str]]:
     import numpy as np
 
     out = {}
-    with zipfile.ZipFile(path) as zf:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(str(exc)) from None
+    with zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy") or "/" in info.filename:
                 raise ValueError(f"member {info.filename!r} is not a top-level .npy array")

@@ -212,7 +212,7 @@ def _check_logits(logits, labels) -> tuple[np.ndarray, np.ndarray]:
 
 #: folds of the cross-fitted temperature check (fewer when the split has fewer misclassified images)
 CHECK_FOLDS = 5
-#: the out-of-fold NLL gain must exceed this many standard errors of the per-image gains (one-sided 95 %)
+#: the out-of-fold NLL gain must exceed this many (corrected) standard errors of its mean (one-sided 95 %)
 CHECK_Z = 1.645
 #: ... and this share of the out-of-fold NLL at T = 1
 CHECK_MIN_GAIN = 0.01
@@ -250,7 +250,8 @@ class TemperatureCheck:
         if self.folds:
             out.update(folds=self.folds, fold_temperatures=list(self.fold_temperatures),
                        oof_nll_before=self.oof_nll_before, oof_nll_after=self.oof_nll_after, gain=self.oof_gain,
-                       gain_standard_error=self.oof_gain_se, z=CHECK_Z, min_gain=self.min_gain)
+                       gain_standard_error=self.oof_gain_se, standard_error="Nadeau-Bengio corrected",
+                       z=CHECK_Z, min_gain=self.min_gain)
         return out
 
 
@@ -276,7 +277,9 @@ def check_temperature(logits, labels, *, folds: int = CHECK_FOLDS, seed: int = 0
     folds (misclassified images spread over all of them); for each fold a temperature is
     fitted on the others and the fold's NLL computed with it. The temperature fitted on the
     whole split is applied only when that out-of-fold NLL beats T = 1 by more than ``z``
-    standard errors of the per-image differences and by at least ``min_gain`` of the NLL.
+    standard errors of the per-image differences (Nadeau & Bengio's correction for the
+    overlap of the folds' fits: the variance of the mean times ``1 + k / (k - 1)``) and by at
+    least ``min_gain`` of the NLL.
 
     Not applied (``temperature`` 1.0, with the reason): a single class (a temperature would
     calibrate that class alone), no misclassified image (every T < 1 lowers the NLL: not
@@ -312,7 +315,11 @@ def check_temperature(logits, labels, *, folds: int = CHECK_FOLDS, seed: int = 0
         temps.append(round(float(t), 6))
         after[held] = _nll_rows(zl[held], y[held], t)
     diff = before - after
-    gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(n))
+    # the k fits share most of their images, so the per-image gains are not independent: the
+    # standard error of their mean is inflated as Nadeau & Bengio (2003) correct cross-validated
+    # comparisons (variance x (1/n + 1/n_fit) instead of 1/n, n_fit = n (k-1)/k)
+    gain = float(diff.mean())
+    se = float(diff.std(ddof=1) * np.sqrt((1.0 + k / (k - 1.0)) / n))
     need = max(z * se, min_gain * float(before.mean()))
     chk = dict(folds=k, fold_temperatures=tuple(temps), oof_nll_before=float(before.mean()),
                oof_nll_after=float(after.mean()), oof_gain=gain, oof_gain_se=se, min_gain=need, **base)
@@ -540,7 +547,7 @@ def array_problems(shapes: dict, *, feature_dim: int, num_classes: int, needed=(
         if kind != "f":
             problems.append(f"array {name!r} holds {kind!r}-kind data, not floating point")
         if len(shape) != len(spec) or any(s < 1 or (d in dims and s != dims[d]) for s, d in zip(shape, spec)):
-            want = "(" + ", ".join(str(dims.get(d, d)) for d in spec) + ")"
+            want = "(" + ", ".join(str(dims.get(d, d)) for d in spec) + ("," if len(spec) == 1 else "") + ")"
             problems.append(f"array {name!r} has shape {tuple(shape)}, expected {want}")
     return problems
 

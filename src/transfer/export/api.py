@@ -664,12 +664,13 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
         name, arrays, e, feature_dim=ctx.extra["feature_dim"], num_classes=ctx.extra["num_classes"]))
     syn = e.get("synthetic") or {}
     ctx.progress.say(
-        f"unknown inputs: default {name} ({'rule: highest mean AUROC on synthetic outliers' if default == 'auto' else 'your choice'}), "
+        f"unknown inputs: default {name} ({'rule: fewest synthetic outliers accepted' if default == 'auto' else 'your choice'}), "
         f"threshold {e['threshold']:.4g} accepts {100 * e['val_acceptance']:.1f} % of val"
         + (f", {100 * syn['expected_false_accept']:.1f} % of synthetic outliers (AUROC {syn['mean_auroc']:.3f})"
            if syn else "")
-        + "; also " + ", ".join(f"{k} (AUROC {v['synthetic']['mean_auroc']:.3f})" if v.get("synthetic") else k
-                                for k, v in unknown["scores"].items() if k != name))
+        + "; the others: " + ", ".join(
+            f"{k} {100 * v['synthetic']['expected_false_accept']:.1f} % (AUROC {v['synthetic']['mean_auroc']:.3f})"
+            if v.get("synthetic") else k for k, v in unknown["scores"].items() if k != name))
     return None
 
 

@@ -46,8 +46,11 @@ OUTLIER_KINDS = {
     "shuffle": "training images cut into a 4 x 4 grid (2 x 2 below 16 px) and the tiles shuffled",
     "mix": "pixel averages of two training images of different classes",
 }
-DEFAULT_RULE = ("the score with the highest mean AUROC of val images (known) against synthetic outliers made "
-                "from training images (each kind weighted equally); no test image is read")
+DEFAULT_RULE = ("the score that accepts the fewest synthetic outliers (made from training images; the mean over "
+                "their kinds) at its own threshold, the one that keeps the target share of val images; ties within "
+                "0.5 points by the higher mean AUROC of val against them; no test image is read")
+#: false-accept rates closer than this count as a tie (the next criterion decides)
+FALSE_ACCEPT_TIE = 0.005
 
 
 def temperature_onnx(src: str | os.PathLike, dst: str | os.PathLike, temperature: float) -> dict:
@@ -213,6 +216,16 @@ def _stored(arrays: dict) -> dict:
     return {k: np.asarray(v, dtype=np.float16 if k == "bank" else np.float32) for k, v in arrays.items()}
 
 
+def _by_rule(candidates: dict) -> str:
+    """The key of :data:`DEFAULT_RULE`'s choice among ``{key: score entry with "synthetic"}``: the
+    lowest expected false-accept rate, false-accept rates within :data:`FALSE_ACCEPT_TIE` of it
+    decided by the higher mean AUROC (then by order)."""
+    fa = {k: e["synthetic"]["expected_false_accept"] for k, e in candidates.items()}
+    low = min(fa.values())
+    near = [k for k in candidates if fa[k] <= low + FALSE_ACCEPT_TIE]
+    return max(near, key=lambda k: candidates[k]["synthetic"]["mean_auroc"])
+
+
 def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_features: np.ndarray,
                 val_probs: np.ndarray, num_classes: int, *, accept: float = 0.95,
                 head: tuple[np.ndarray, np.ndarray] | None = None,
@@ -226,7 +239,8 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
     val images. With ``outliers`` (``{kind: (features, probs)}`` of
     :func:`synthetic_outliers`), every score's AUROC of val against each kind and its false
     accepts at its threshold are measured; ``default="auto"`` then takes the score of
-    :data:`DEFAULT_RULE` (and kNN's k among :data:`KNN_KS` by the same rule).
+    :data:`DEFAULT_RULE` (and kNN's k among :data:`KNN_KS` by the same rule): the bundle
+    answers "unknown" at one threshold, so the rule judges each score there.
 
     Returns:
         ``(record, arrays)``: the manifest's ``unknown`` record and the arrays of
@@ -286,8 +300,7 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
         if name == "knn":
             tried = {k: judge("knn", {"k": k}) for k in ks}
             # without outliers to choose by: the largest k up to 10
-            best_k = (max(ks, key=lambda k: (tried[k]["synthetic"]["mean_auroc"], -k)) if outliers
-                      else max(k for k in ks if k <= 10))
+            best_k = (_by_rule({k: tried[k] for k in ks}) if outliers else max(k for k in ks if k <= 10))
             scores["knn"] = dict(tried[best_k])
             if outliers:
                 scores["knn"]["k_candidates"] = {str(k): tried[k]["synthetic"]["mean_auroc"] for k in ks}
@@ -296,8 +309,7 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
         if cal.SCORE_ARRAYS[name]:
             scores[name]["file"] = "unknown.npz"
     if default == "auto":
-        chosen = max(scores, key=lambda k: (scores[k]["synthetic"]["mean_auroc"],
-                                            -scores[k]["synthetic"]["expected_false_accept"]))
+        chosen = _by_rule(scores)
     elif default in scores:
         chosen = default
     else:
