@@ -476,7 +476,8 @@ def _calibration(rf: RunLayout) -> Section | None:
     images = cal.get("images")
     n_val = images.get("val") if isinstance(images, dict) else images
     if cal.get("method") == "none":
-        _note(sec, f"{trial}: no temperature applied (the bundle's probabilities are the network's): {cal.get('reason')}")
+        _note(sec, f"{trial}: no temperature applied (the bundle's probabilities are the network's): "
+                   f"{cal.get('reason')}")
     else:
         _note(sec, f"{trial}: temperature {cal['temperature']:.3f} fitted on {n_val} {cal.get('fitted_on', 'val')} "
                    f"image(s) (minimum NLL) and written into the bundle's graph"

@@ -535,8 +535,8 @@ def _why_not(val: SplitOutputs) -> str | None:
         return (f"none of the {val.listed} val image(s) can be read now (first: {val.first_error}); nothing is "
                 "fitted on test instead; the probabilities are the network's")
     if val.n < MIN_CALIBRATION_IMAGES:
-        return (f"{val.n} readable val image(s); a temperature, unknown-input thresholds and a 15-bin ECE need at "
-                f"least {MIN_CALIBRATION_IMAGES} (the probabilities are the network's)")
+        return (f"{val.n} readable validation image(s); a temperature, unknown-input thresholds and a 15-bin ECE "
+                f"need at least {MIN_CALIBRATION_IMAGES} (the probabilities are the network's)")
     return None
 
 
@@ -663,8 +663,9 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
     ctx.extra["detector"] = UnknownDetector(name, e["threshold"], cal.UnknownScorer.from_arrays(
         name, arrays, e, feature_dim=ctx.extra["feature_dim"], num_classes=ctx.extra["num_classes"]))
     syn = e.get("synthetic") or {}
+    why = "rule: fewest synthetic outliers accepted" if default == "auto" else "your choice"
     ctx.progress.say(
-        f"unknown inputs: default {name} ({'rule: fewest synthetic outliers accepted' if default == 'auto' else 'your choice'}), "
+        f"unknown inputs: default {name} ({why}), "
         f"threshold {e['threshold']:.4g} accepts {100 * e['val_acceptance']:.1f} % of val"
         + (f", {100 * syn['expected_false_accept']:.1f} % of synthetic outliers (AUROC {syn['mean_auroc']:.3f})"
            if syn else "")
