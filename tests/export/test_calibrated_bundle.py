@@ -274,7 +274,7 @@ def test_export_of_a_run_without_val_split_skips_calibration_with_the_reason(tmp
 
     run, _ = _tiny_run(tmp_path, val=0.0)
     out, m = _export_cli(run)
-    assert "calibration skipped: the run has no val split" in out
+    assert "calibration skipped (the bundle keeps the network's probabilities): the run has no val split" in out
     _never_fitted_on_test(m, "no val split")
     from transfer.runfolder import RunFolder
 

@@ -530,13 +530,13 @@ def _why_not(val: SplitOutputs) -> str | None:
     """Why the val split cannot choose a temperature or thresholds (then nothing is fitted), or None."""
     if val.listed == 0:
         return ("the run has no val split (trained with --val 0): a temperature and unknown-input thresholds "
-                "would have to be chosen on test images, which only report; the probabilities are the network's")
+                "would have to be chosen on test images, which only report")
     if val.n == 0:
         return (f"none of the {val.listed} val image(s) can be read now (first: {val.first_error}); nothing is "
-                "fitted on test instead; the probabilities are the network's")
+                "fitted on test instead")
     if val.n < MIN_CALIBRATION_IMAGES:
         return (f"{val.n} readable validation image(s); a temperature, unknown-input thresholds and a 15-bin ECE "
-                f"need at least {MIN_CALIBRATION_IMAGES} (the probabilities are the network's)")
+                f"need at least {MIN_CALIBRATION_IMAGES}")
     return None
 
 
@@ -586,7 +586,8 @@ def _calibrate(ctx: ExportContext, accept: float, default: str = "auto") -> None
         unknown_why = _fit_unknown(ctx, val, logits, head, record["temperature"], accept, default)
     if unknown_why is not None:
         ctx.extra["unknown"] = {"method": "none", "reason": unknown_why}
-        ctx.progress.say(f"unknown inputs: no scores: {unknown_why}")
+        ctx.progress.say("unknown inputs: no scores" + (" (the same reason)" if unknown_why == why
+                                                        else f": {unknown_why}"))
     if record["applied"]:
         ctx.extra["raw_outputs"], ctx.extra["logits"] = ctx.outputs["onnx-fp32"], logits
         run_step(ctx, _temperature_step())
@@ -599,7 +600,7 @@ def _say_calibration(progress, record: dict) -> None:
     elif record.get("fitted_temperature") is not None:
         line = f"calibration: temperature not applied: {record['reason']}"
     else:
-        line = f"calibration skipped: {record['reason']}"
+        line = f"calibration skipped (the bundle keeps the network's probabilities): {record['reason']}"
     test = record.get("test")
     if test and "after" in test:
         line += (f"; test (reported only) ECE {test['before']['ece']:.4f} -> {test['after']['ece']:.4f}, "
@@ -813,7 +814,7 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
                                                  max_accuracy_drop=limits.max_accuracy_drop),
                         progress, calib_images=calib_images, models=dict(manifest["models"]), checks=checks,
                         extra={"manifest": manifest})
-    if manifest.get("unknown"):  # the engine must keep fp32's unknown decisions too
+    if (manifest.get("unknown") or {}).get("scores"):  # the engine must keep fp32's unknown decisions too
         from ..bundle import Bundle
         from ..runtime.unknown import make_detector
 
