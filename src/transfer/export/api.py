@@ -488,9 +488,17 @@ class SplitOutputs:
 
 
 def _subset(paths: list, labels: list, limit: int, seed: int = 0) -> tuple[list, list]:
+    """At most about ``limit`` of ``(paths, labels)``: a seeded pick of the same share of every
+    class (at least one image of each), in split order."""
     if len(paths) <= limit:
         return list(paths), list(labels)
-    keep = np.sort(np.random.default_rng(seed).choice(len(paths), limit, replace=False))
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep += rng.choice(idx, max(1, int(round(len(idx) * limit / len(y)))), replace=False).tolist()
+    keep = np.sort(keep)
     return [paths[i] for i in keep], [labels[i] for i in keep]
 
 
