@@ -363,3 +363,15 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
     f, p = make_runner(b, "onnxruntime", "cpu").run(xv)
     _, known = make_detector(b, "msp")(f, p)
     assert known.mean() == pytest.approx(0.95, abs=0.01)
+
+
+def test_a_large_split_is_subsampled_with_every_class():
+    from transfer.export.api import _subset
+
+    paths = [f"p{i}" for i in range(900)]
+    labels = [0] * 880 + [1] * 19 + [2]  # a rare class and a single image
+    sub_p, sub_y = _subset(paths, labels, 90)
+    assert sorted(set(sub_y)) == [0, 1, 2] and 85 <= len(sub_p) <= 95
+    assert sub_p == sorted(sub_p, key=lambda p: int(p[1:]))  # split order kept
+    assert _subset(paths, labels, 90) == (sub_p, sub_y)  # seeded
+    assert _subset(paths[:50], labels[:50], 90) == (paths[:50], labels[:50])
