@@ -648,6 +648,8 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
         return (f"none of the {train.listed} training image(s) can be read now"
                 + (f" (first: {train.first_error})" if train.first_error else ""))
     pixels, labels = _train_pixels(ctx, OUTLIERS_PER_KIND)
+    if not len(labels):
+        return "none of the training images picked to make synthetic outliers from can be read now"
     sess = ort_session(ctx.folder / "model.onnx")
     outliers = {}
     for kind, x in synthetic_outliers(pixels, labels, recipe=ctx.rf.recipe).items():
