@@ -63,9 +63,10 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
     With --trust (or TRANSFER_TRUST) only a bundle signed by a trusted key loads; a pickled
     head (--head-format pickle) runs only from such a bundle, or with --trust-pickle.
 
-    With --reject an image whose unknown-input score is below the bundle's threshold (chosen
-    at export to accept 95 % of known validation images) gets status 'unknown': it belongs to
-    none of the bundle's classes, as far as the bundle can tell.
+    With --reject an image whose unknown-input score (the bundle's default, chosen at export
+    without test images, or --unknown-score) is below the bundle's threshold (chosen at export
+    to accept 95 % of known validation images) gets status 'unknown': it belongs to none of
+    the bundle's classes, as far as the bundle can tell.
     """
     from ..errors import ConfigError
     from ..progress import Progress
