@@ -197,6 +197,42 @@ def unknown_rows(name: str, bundle, rf, groups: dict[str, list[Path]]) -> tuple[
     return rows, per_group, res
 
 
+def scoring_cost(work: Path, d: int = 1280, c: int = 10, n_bank: int = 5000, batch: int = 64) -> list[list]:
+    """Milliseconds per batch of each score at a MobileNetV2-sized bundle (1280-d features, a full
+    5,000-image kNN bank; random arrays of those shapes), beside the forward pass of MobileNetV2
+    at 224 px on ONNX Runtime (a random-weights bundle) in the same run."""
+    from _common import keras_bundle, timeit
+
+    from transfer import calibration as C
+    from transfer.bundle import load_bundle
+    from transfer.runtime.runners import make_runner
+
+    bundle = work / "mnv2-224-bundle"
+    if not (bundle / "manifest.json").is_file():
+        shutil.rmtree(bundle, ignore_errors=True)
+        keras_bundle("mobilenet_v2", bundle, size=224, num_classes=c)
+    runner = make_runner(load_bundle(bundle), "onnxruntime", "cpu")
+    images = np.random.default_rng(1).uniform(0, 255, (batch, 224, 224, 3)).astype(np.float32)
+    model_ms = 1000 * timeit(lambda: runner.run(images), seconds=3.0, min_iters=3)
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(n_bank, d))
+    y = np.arange(n_bank) % c
+    kernel, bias = rng.normal(size=(d, c)) / 30, rng.normal(size=c)
+    g, vim = C.fit_class_gaussian(f, y, c), C.fit_vim(f, kernel, bias)
+    arrays = {**g.to_arrays(), "kernel": kernel, "bias": bias, "bank": C.normalize_rows(f).astype(np.float16),
+              "vim_origin": vim.origin, "vim_basis": vim.basis}
+    params = {"knn": {"k": 1}, "vim": {"alpha": vim.alpha}}
+    x = rng.normal(size=(batch, d)).astype(np.float32)
+    p = C.softmax(x @ kernel + bias)
+    rows = [["MobileNetV2 forward pass (ONNX Runtime, 224 px)", f"{model_ms:.1f}", "1"]]
+    for name in C.SCORES:
+        scorer = C.UnknownScorer.from_arrays(name, arrays, params.get(name), feature_dim=d, num_classes=c)
+        ms = 1000 * timeit(lambda: scorer(x, p), seconds=1.0)
+        rows.append([name, f"{ms:.2f}", f"{ms / model_ms:.3f}"])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated names of " + ", ".join(RUNS))
@@ -252,6 +288,8 @@ def main() -> None:
     print(table(["run", "default", "unknown images", "images", "AUROC", "false accepts at threshold"], group_rows))
     print("\n### Bar: the default score on digits trained without 8 and 9 (AUROC >= 0.93, false accepts <= 30 %)\n")
     print(table(["run", "default", "AUROC", "false accepts", "bar"], bars))
+    print("\n### Scoring cost: ms per batch of 64 (1280-d features, 10 classes, kNN bank of 5,000)\n")
+    print(table(["score", "ms / batch", "x the forward pass"], scoring_cost(work)))
     print(f"\n(bar run: {BAR_RUN}; runs kept in {work})" if a.work else "")
     if tmp is not None:
         tmp.cleanup()
