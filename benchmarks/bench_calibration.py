@@ -17,10 +17,10 @@ files:
 2. Unknown inputs (runs trained without digits 8 and 9, and the Fashion-MNIST runs): for
    every score the bundle carries, AUROC, FPR at 95 % TPR and the false accepts at the
    bundle's own threshold, known test images vs digits 8 and 9 + uniform noise +
-   Fashion-MNIST test images (Fashion runs: vs all digits + noise). Bar (digits without 8, 9,
-   arc2, seed 0): the bundle's default score reaches AUROC >= 0.93 and false accepts at its
-   threshold <= 30 %. The default is chosen at export without test images; seeds 3 and 4
-   are runs the rule was not designed on.
+   Fashion-MNIST test images (Fashion runs: vs a third of all digits + noise; all digits: vs
+   noise + Fashion-MNIST). Bar (digits without 8, 9, arc2, seed 0): the bundle's default
+   score reaches AUROC >= 0.93 and false accepts at its threshold <= 30 %. The default is
+   chosen at export without test images; seeds 3 and 4 are runs the rule was not designed on.
 
 With --work DIR the data and runs are kept there and a second call only re-measures
 (`transfer train` skips finished trials; the export is redone).
@@ -64,7 +64,9 @@ RUNS = {
     "digits10-arc2": RunSpec("digits"),
     "fashion3k-arc2": RunSpec("fashion3k"),
     "fashion10k-arc2": RunSpec("fashion10k"),
+    "fashion10k-arc2-s1": RunSpec("fashion10k", seed=1),
     "fashion3k-mnv2": RunSpec("fashion3k", "mobilenet_v2", size=32),
+    "fashion10k-mnv2": RunSpec("fashion10k", "mobilenet_v2", size=32),
 }
 BAR_RUN = "digits8-arc2-s0"
 
@@ -274,8 +276,11 @@ def main() -> None:
             group_rows += per_group
             if spec.data == "digits8":
                 d = res["scores"][res["default"]]
+                best = max(s["auroc"] for s in res["scores"].values())
+                met = d["auroc"] >= 0.93 and d["false_accept_rate"] <= 0.30
                 bars.append([name, res["default"], f"{d['auroc']:.4f}", f"{d['false_accept_rate']:.3f}",
-                             "met" if d["auroc"] >= 0.93 and d["false_accept_rate"] <= 0.30 else "NOT MET"])
+                             f"{best:.4f}", ("met" if met else "NOT MET") + ("" if spec.backbone == "arc2"
+                                                                             else " (not the bar's run)")])
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print("\n### Calibration: decided on val, reported on test\n")
     print(table(["run", "val images / errors", "fitted T", "applied T", "test images", "test acc before / after",
@@ -287,7 +292,7 @@ def main() -> None:
     print("\n### The default score per kind of unknown image\n")
     print(table(["run", "default", "unknown images", "images", "AUROC", "false accepts at threshold"], group_rows))
     print("\n### Bar: the default score on digits trained without 8 and 9 (AUROC >= 0.93, false accepts <= 30 %)\n")
-    print(table(["run", "default", "AUROC", "false accepts", "bar"], bars))
+    print(table(["run", "default", "AUROC", "false accepts", "highest AUROC of any score", "bar"], bars))
     print("\n### Scoring cost: ms per batch of 64 (1280-d features, 10 classes, kNN bank of 5,000)\n")
     print(table(["score", "ms / batch", "x the forward pass"], scoring_cost(work)))
     print(f"\n(bar run: {BAR_RUN}; runs kept in {work})" if a.work else "")
