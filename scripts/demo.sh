@@ -123,14 +123,17 @@ print(f"RandomForest head on its features: test accuracy {heads['rf']:.4f} vs th
       f"{heads['network']:.4f} ({-gap:+.1f} points; bar: within 2 points below)")
 m = json.loads((run.bundle_dir / "manifest.json").read_text())
 cal = m["calibration"]
-if cal.get("method") != "none":
+if cal.get("applied"):
     b, a = cal["test"]["before"], cal["test"]["after"]
-    print(f"calibration: temperature {cal['temperature']:.3f}; test ECE {b['ece']:.4f} -> {a['ece']:.4f} "
-          f"(a perfectly calibrated model would show {a['ece_floor']:.4f} on these {a['images']} images), "
-          f"NLL {b['nll']:.4f} -> {a['nll']:.4f}, accuracy {b['accuracy']:.4f} -> {a['accuracy']:.4f}")
+    print(f"calibration: temperature {cal['temperature']:.3f} (checked on val folds); test ECE {b['ece']:.4f} -> "
+          f"{a['ece']:.4f} (a perfectly calibrated model would show {a['ece_floor']:.4f} on these {a['images']} "
+          f"images), NLL {b['nll']:.4f} -> {a['nll']:.4f}, accuracy {b['accuracy']:.4f} -> {a['accuracy']:.4f}")
+else:
+    print(f"calibration: no temperature applied: {cal.get('reason')}")
 unk = json.loads((run.evaluate_dir(best.name) / "unknown.json").read_text())
-s = unk["scores"][unk["best"]]
-print(f"unknown inputs: best score {unk['best']} AUROC {s['auroc']:.3f}, false accepts at its threshold "
-      f"{s['false_accept_rate']:.3f}, known accepted {s['known_accept_rate']:.3f}")
+s = unk["scores"][unk["default"]]
+print(f"unknown inputs: the bundle's default score {unk['default']} (chosen at export without test images) "
+      f"AUROC {s['auroc']:.3f}, false accepts at its threshold {s['false_accept_rate']:.3f}, "
+      f"known accepted {s['known_accept_rate']:.3f}")
 sys.exit(0 if acc >= 0.95 and gap <= 2.0 else 1)
 PY

@@ -131,7 +131,7 @@ def _unknown_records(folder: Path, size: int, classes: int) -> dict:
     (xtr, ytr), (xva, yva) = known_images(200, size, classes, 0), known_images(100, size, classes, 1)
     ftr, _ = sess.run(["features", "probs"], {"image": xtr.astype(np.float32)})
     fva, pva = sess.run(["features", "probs"], {"image": xva.astype(np.float32)})
-    record, arrays = fit_unknown(ftr, ytr, fva, pva, classes)
+    record, arrays = fit_unknown(ftr, ytr, fva, pva, classes, default="mahalanobis")
     np.savez(folder / "unknown.npz", **arrays)
     return {"unknown": record, "calibration": {"method": "none", "reason": "a test bundle"}}
 

@@ -356,26 +356,59 @@ def _finite(v) -> bool:
 
 
 def _check_calibration_entries(s: _Schema, m: dict) -> None:
-    """``calibration`` (a temperature, or ``method: none`` with a reason) and ``unknown`` (scores
-    with finite thresholds, a parameter file for the feature-space score, a default among them)."""
+    """``calibration`` (a temperature applied, or ``method: none`` with the reason; ``applied``
+    agrees with the fp32 model's ``calibrated``) and ``unknown`` (``method: none`` with the
+    reason, or scores this runtime computes, each with a finite threshold, its parameter file
+    and scalars, and a default among them)."""
+    from .calibration import SCORE_ARRAYS, SCORE_PARAMS, SCORES
+
     cal = m.get("calibration")
     if cal is not None:
         if not isinstance(cal, dict) or not isinstance(cal.get("method"), str):
             s.bad("'calibration' must be an object with a method")
-        if cal["method"] != "none" and not (_finite(cal.get("temperature")) and cal["temperature"] > 0):
+        applied = cal.get("applied", cal["method"] != "none")  # bundles from before the check had no 'applied'
+        if not isinstance(applied, bool) or applied != (cal["method"] != "none"):
+            s.bad(f"'calibration.applied' is {cal.get('applied')!r} but the method is {cal['method']!r}")
+        if applied and not (_finite(cal.get("temperature")) and cal["temperature"] > 0):
             s.bad(f"'calibration.temperature' must be a positive number (got {cal.get('temperature')!r})")
+        if not applied and cal.get("temperature", 1.0) != 1.0:
+            s.bad(f"'calibration.temperature' is {cal['temperature']!r} but no temperature was applied")
+        if not applied and not isinstance(cal.get("reason"), str):
+            s.bad("'calibration' applies no temperature and does not say why ('reason')")
+        fp32 = m["models"].get("onnx-fp32")
+        if isinstance(fp32, dict) and bool(fp32.get("calibrated", False)) != applied:
+            s.bad(f"'models.onnx-fp32.calibrated' is {fp32.get('calibrated')!r} but 'calibration.applied' is "
+                  f"{applied!r}")
     unk = m.get("unknown")
     if unk is None:
+        return
+    if isinstance(unk, dict) and unk.get("method") == "none":
+        if not isinstance(unk.get("reason"), str) or unk.get("scores"):
+            s.bad("'unknown' with method 'none' must give its reason and no scores")
         return
     if not isinstance(unk, dict) or not isinstance(unk.get("scores"), dict) or not unk["scores"]:
         s.bad("'unknown' must be an object with its scores")
     for name, e in unk["scores"].items():
+        where = f"unknown.scores.{name}"
+        if name not in SCORES:
+            s.bad(f"'{where}' is not a score this transfer computes ({', '.join(SCORES)})")
         if not isinstance(e, dict) or not _finite(e.get("threshold")):
-            s.bad(f"'unknown.scores.{name}' has no numeric threshold")
-        if name == "mahalanobis":
-            s.file_name(e.get("file"), f"unknown.scores.{name}.file")
+            s.bad(f"'{where}' has no numeric threshold")
+        if SCORE_ARRAYS[name]:
+            s.file_name(e.get("file"), f"{where}.file")
+        for k in SCORE_PARAMS[name]:
+            if not _finite(e.get(k)):
+                s.bad(f"'{where}.{k}' must be a number (got {e.get(k)!r:.40})")
+        if name == "knn" and not (isinstance(e["k"], int) and e["k"] >= 1):
+            s.bad(f"'{where}.k' must be a positive integer (got {e['k']!r:.40})")
+        acc = e.get("val_acceptance", 0.5)
+        if not _finite(acc) or not 0 <= acc <= 1:
+            s.bad(f"'{where}.val_acceptance' must be a fraction (got {acc!r:.40})")
     if unk.get("default") not in unk["scores"]:
         s.bad(f"'unknown.default' is {unk.get('default')!r}, not one of its scores")
+    acc = unk.get("accept", 0.95)
+    if not _finite(acc) or not 0 < acc < 1:
+        s.bad(f"'unknown.accept' must be a fraction in (0, 1) (got {acc!r:.40})")
 
 
 def _check_model_entry(s: _Schema, key: str, e) -> None:
@@ -495,6 +528,64 @@ def _check_calibration(bundle: Path, m: dict) -> None:
             f"{CALIBRATION}", hint="the manifest was edited after export; re-export the bundle")
 
 
+def _npz_headers(path: Path) -> dict[str, tuple[tuple, str]]:
+    """``{array name: (shape, dtype kind)}`` of an ``.npz`` read from its headers only (no array
+    data, nothing unpickled).
+
+    Raises:
+        ValueError: not a zip of ``.npy`` members, or a member whose header cannot be read.
+    """
+    import zipfile
+
+    import numpy as np
+
+    out = {}
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(str(exc)) from None
+    with zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy") or "/" in info.filename:
+                raise ValueError(f"member {info.filename!r} is not a top-level .npy array")
+            with zf.open(info) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            out[info.filename[:-4]] = (tuple(int(d) for d in shape), dtype.kind)
+    return out
+
+
+def _check_unknown_arrays(bundle: Path, m: dict) -> None:
+    """The hashed parameter file of the unknown-input scores must hold the arrays the offered
+    scores need, floating point (an object array would be a pickle), shaped for the bundle's
+    feature width and classes, and a kNN bank with at least ``k`` rows -- read from the array
+    headers, before any score is computed."""
+    from .calibration import SCORE_ARRAYS, array_problems
+
+    unk = m.get("unknown")
+    if not isinstance(unk, dict) or not unk.get("scores"):
+        return
+    by_file: dict[str, list[str]] = {}
+    for name, e in unk["scores"].items():
+        if SCORE_ARRAYS[name]:
+            by_file.setdefault(e["file"], []).append(name)
+    for rel, names in by_file.items():
+        path = _safe_rel(bundle, rel)
+        try:
+            headers = _npz_headers(path)
+        except (OSError, ValueError, EOFError) as exc:
+            raise TamperedBundleError(f"{path}: not the unknown-input parameters of a bundle ({exc})",
+                                      hint=REEXPORT) from None
+        needed = sorted({a for n in names for a in SCORE_ARRAYS[n]})
+        problems = array_problems(headers, feature_dim=m["feature_dim"], num_classes=len(m["class_names"]),
+                                  needed=needed)
+        if "knn" in names and "bank" in headers and unk["scores"]["knn"]["k"] > headers["bank"][0][0]:
+            problems.append(f"kNN k = {unk['scores']['knn']['k']} but the bank holds {headers['bank'][0][0]} rows")
+        if problems:
+            raise TamperedBundleError(f"{path} does not fit its manifest: {'; '.join(problems)}", hint=REEXPORT)
+
+
 def _check_external_data(bundle: Path, m: dict) -> None:
     """Weights in external files: each must be declared by its model's entry (and so listed and
     hashed) and lie inside the bundle; heads have none."""
@@ -591,6 +682,7 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True, allow_in
     _check_recipe(bundle, manifest)
     _check_verdict(bundle, manifest)
     _check_calibration(bundle, manifest)
+    _check_unknown_arrays(bundle, manifest)
     _check_external_data(bundle, manifest)
     if not manifest["valid"] and not allow_invalid:
         raise BundleError(

@@ -473,29 +473,44 @@ def _calibration(rf: RunLayout) -> Section | None:
         _note(sec, f"the bundle was exported without calibration; `transfer export {rf.path} --force` calibrates it")
         return sec
     trial = str((m.get("source") or {}).get("trial", "bundle"))
+    images = cal.get("images")
+    n_val = images.get("val") if isinstance(images, dict) else images
     if cal.get("method") == "none":
-        _note(sec, f"{trial}: not calibrated: {cal.get('reason')}")
-        return sec
-    _note(sec, f"{trial}: temperature {cal['temperature']:.3f} fitted on {cal['images']} {cal['fitted_on']} image(s) "
-               "(minimum NLL), written into the bundle's graph. ECE: 15 equal-width bins; 'ECE floor': the ECE a "
-               "perfectly calibrated model would show on the same images.")
+        _note(sec, f"{trial}: no temperature applied (the bundle's probabilities are the network's): "
+                   f"{cal.get('reason')}")
+    else:
+        _note(sec, f"{trial}: temperature {cal['temperature']:.3f} fitted on {n_val} {cal.get('fitted_on', 'val')} "
+                   f"image(s) (minimum NLL) and written into the bundle's graph"
+                   + (f", because {cal['reason']}" if cal.get("reason") else "") + ".")
+    _note(sec, "ECE: 15 equal-width bins; 'ECE floor': the ECE a perfectly calibrated model would show on the same "
+               "images. Val chose the temperature (and the model): its numbers are optimistic; test only reports.")
     rows = []
     for split in ("val", "test"):
+        entry = cal.get(split) or {}
         for when in ("before", "after"):
-            r = (cal.get(split) or {}).get(when)
+            r = entry.get(when)
             if r:
-                rows.append([split, "calibrated" if when == "after" else "network", r["images"], r["accuracy"], r["ece"], r.get("ece_floor"), r["nll"], r["brier"]])
-    _table(sec, ["split", "probabilities", "images", "accuracy", "ECE", "ECE floor", "NLL", "Brier"], rows)
-    test = cal.get("test") or cal.get("val") or {}
-    if all(k in test and "reliability" in test[k] for k in ("before", "after")):
+                rows.append([split, "chose" if split == "val" else "reported only",
+                             "calibrated" if when == "after" else "network", r["images"], r["accuracy"], r["ece"],
+                             r.get("ece_floor"), r["nll"], r["brier"]])
+    if rows:
+        _table(sec, ["split", "role", "probabilities", "images", "accuracy", "ECE", "ECE floor", "NLL", "Brier"], rows)
+    test = cal.get("test") or {}
+    if cal.get("method") != "none" and all(k in test and "reliability" in test[k] for k in ("before", "after")):
         png = rf.plots_dir(trial) / "reliability.png"
-        _reliability_diagram(test["before"]["reliability"], test["after"]["reliability"], png,
-                             "test" if cal.get("test") else "val")
+        _reliability_diagram(test["before"]["reliability"], test["after"]["reliability"], png, "test")
         _images(sec, [(png, f"{trial}: reliability diagram")], rf.path, grid=False)
     unk = m.get("unknown")
-    if unk:
-        _table(sec, ["score", "threshold", "val images accepted", ""],
-               [[k, v["threshold"], v["val_acceptance"], "default" if k == unk.get("default") else ""]
+    if isinstance(unk, dict) and unk.get("method") == "none":
+        _note(sec, f"no unknown-input scores: {unk.get('reason')}")
+    elif unk:
+        if unk.get("rule"):
+            _note(sec, f"default score {unk.get('default')}: {unk['rule']}. Rates on the synthetic outliers chose "
+                       "the default: estimates, optimistic for it.")
+        _table(sec, ["score", "threshold", "val images accepted", "synthetic outliers accepted",
+                     "AUROC vs synthetic outliers", ""],
+               [[k, v["threshold"], v.get("val_acceptance"), (v.get("synthetic") or {}).get("expected_false_accept"),
+                 (v.get("synthetic") or {}).get("mean_auroc"), "default" if k == unk.get("default") else ""]
                 for k, v in unk["scores"].items()], title="unknown-input scores (transfer infer/serve --reject)")
     res = _safe_json(rf.evaluate_dir(trial) / "unknown.json")
     if isinstance(res, dict) and res.get("scores"):

@@ -87,8 +87,9 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
     RUN/evaluate/<trial>/.
 
     With --unknown DIR: how well the run's calibrated bundle tells its test images from
-    images of none of its classes -- AUROC of each unknown-input score, and at the bundle's
-    threshold the share of unknown images it accepts (RUN/evaluate/<trial>/unknown.json).
+    images of none of its classes -- for every unknown-input score the AUROC, the FPR at 95 %
+    TPR, and at the bundle's threshold the share of unknown images it accepts, overall and per
+    DIR (RUN/evaluate/<trial>/unknown.json).
 
     \b
     transfer evaluate runs/digits --trial all --split test --samples 16
@@ -98,7 +99,7 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
 
     rf = _open(run)
     if unknown:
-        from ..analysis.unknown import evaluate_unknown_run, unknown_table
+        from ..analysis.unknown import evaluate_unknown_run, group_table, unknown_table
         from ..tables import markdown
 
         with run_lock(run, "evaluate"):
@@ -106,7 +107,11 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
         click.echo(f"\n{res['trial']}: {res['known']} known test image(s) vs {res['unknown']} unknown image(s)"
                    + (f" ({res['unreadable']} unreadable skipped)" if res["unreadable"] else ""))
         click.echo(markdown(*unknown_table(res)).rstrip())
-        click.echo(f"best score: {res['best']} -> {res['out']}")
+        per_input = group_table(res)
+        if per_input:
+            click.echo("\n" + markdown(*per_input).rstrip())
+        click.echo(f"default score: {res['default']} (chosen at export without test images); highest AUROC on these "
+                   f"images: {res['highest_auroc']} (reported only) -> {res['out']}")
         return
     if bundle:
         from ..errors import ConfigError

@@ -29,10 +29,15 @@ from .keys import trust_option, trust_value
 @click.option("--opset", default=17, show_default=True, help="ONNX opset.")
 @click.option("--workspace-mb", default=2048, show_default=True, help="TensorRT builder workspace limit.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
-              help="Temperature-scale the probabilities (fitted on the val split, written into the graph) and fit "
-                   "the unknown-input scores that infer/serve --reject use.")
+              help="Temperature-scale the probabilities (fitted on the val split and written into the graph only "
+                   "when it holds on val folds it was not fitted on; never fitted on test) and fit the "
+                   "unknown-input scores that infer/serve --reject use.")
 @click.option("--unknown-accept", default=0.95, show_default=True,
               help="Share of known (val) images the unknown-input thresholds accept.")
+@click.option("--unknown-default", default="auto", show_default=True, metavar="auto|NAME",
+              help="The bundle's default unknown-input score: auto (the one that best separates val images from "
+                   "synthetic outliers made of training images; no test image is read) or msp, energy, "
+                   "mahalanobis, knn, vim.")
 @click.option("--force", is_flag=True,
               help="Replace an existing bundle at --out (only a folder holding nothing but a bundle; its hidden "
                    "files are kept).")
@@ -41,7 +46,8 @@ from .keys import trust_option, trust_value
                    "load it.")
 @quiet_option
 def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_images, atol, min_agreement,
-           max_accuracy_drop, opset, workspace_mb, calibrate, unknown_accept, force, sign, quiet) -> None:
+           max_accuracy_drop, opset, workspace_mb, calibrate, unknown_accept, unknown_default, force, sign,
+           quiet) -> None:
     """Export a trained trial of RUN as a deployment bundle: ONNX (image -> features, probs;
     preprocessing inside the graph), optional classical head, int8 model and TensorRT engine,
     each verified against its reference on real validation images.
@@ -62,7 +68,7 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
                         calib_images=calib_images, verify_images=verify_images, atol=atol,
                         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, force=force,
                         opset=opset, workspace_mb=workspace_mb, calibrate=calibrate, unknown_accept=unknown_accept,
-                        progress=Progress(quiet=quiet), sign=sign)
+                        unknown_default=unknown_default, progress=Progress(quiet=quiet), sign=sign)
     click.echo(f"{res.bundle_dir}: verified ({', '.join(sorted(res.manifest['models']))}"
                f"{', heads ' + ', '.join(sorted(res.manifest['heads'])) if res.manifest['heads'] else ''}) "
                f"in {res.seconds:.1f}s")

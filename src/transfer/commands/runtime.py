@@ -40,9 +40,9 @@ from .keys import trust_options, trust_value
 @click.option("--reject", is_flag=True,
               help="Mark images the bundle's unknown-input score rejects as status 'unknown' (the score, its "
                    "name and the threshold go in every row). Needs a calibrated bundle (the export default).")
-@click.option("--unknown-score", type=click.Choice(["mahalanobis", "msp"]),
-              help="Score --reject uses: feature-space Mahalanobis distance or maximum softmax probability. "
-                   "[default: the bundle's]")
+@click.option("--unknown-score", metavar="NAME",
+              help="Score --reject uses, one the bundle offers: msp, energy, mahalanobis, knn or vim (its "
+                   "manifest's unknown.scores). [default: the bundle's, chosen at export without test images]")
 @trust_options
 @quiet_option
 def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_format, backend, providers, workers,
@@ -65,9 +65,10 @@ def infer_cmd(bundle, inputs, recursive, batch, out, fmt, topk, head, head_forma
     With --trust (or TRANSFER_TRUST) only a bundle signed by a trusted key loads; a pickled
     head (--head-format pickle) runs only from such a bundle, or with --trust-pickle.
 
-    With --reject an image whose unknown-input score is below the bundle's threshold (chosen
-    at export to accept 95 % of known validation images) gets status 'unknown': it belongs to
-    none of the bundle's classes, as far as the bundle can tell.
+    With --reject an image whose unknown-input score (the bundle's default, chosen at export
+    without test images, or --unknown-score) is below the bundle's threshold (chosen at export
+    to accept 95 % of known validation images) gets status 'unknown': it belongs to none of
+    the bundle's classes, as far as the bundle can tell.
     """
     from ..errors import ConfigError
     from ..progress import Progress

@@ -45,8 +45,9 @@ from .keys import trust_options
 @click.option("--reject", is_flag=True,
               help="Answer 'decision: unknown' for images the bundle's unknown-input score rejects (a calibrated "
                    "bundle; the rule and score go in every answer).")
-@click.option("--unknown-score", type=click.Choice(["mahalanobis", "msp"]),
-              help="Score --reject uses. [default: the bundle's]")
+@click.option("--unknown-score", metavar="NAME",
+              help="Score --reject uses, one the bundle offers (msp, energy, mahalanobis, knn, vim). "
+                   "[default: the bundle's]")
 @trust_options
 @quiet_option
 def serve_cmd(bundle, host, port, backend, providers, threads, head, head_format, topk, max_batch, max_wait_ms, queue,

@@ -178,7 +178,7 @@ def _number(name: str, what: str, v, lo: float, hi: float) -> float:
 
 
 def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_drop, verify_images, calib_images,
-                   head, unknown_accept=0.95):
+                   head, unknown_accept=0.95, unknown_default="auto"):
     """Every option, before any work: returns ``(limits, TensorRT precision, batch profile, head kind,
     reduced-precision ONNX models)``."""
     from .tensorrt import check_precision, parse_batch_profile
@@ -206,6 +206,11 @@ def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_dr
     if isinstance(unknown_accept, bool) or not isinstance(unknown_accept, (int, float)) or not 0 < unknown_accept < 1:
         raise ConfigError(f"invalid target acceptance {unknown_accept!r}; accepted: a fraction in (0, 1)",
                           option="unknown_accept")
+    from ..calibration import SCORES
+
+    if unknown_default != "auto" and unknown_default not in SCORES:
+        raise ConfigError(f"invalid unknown-input score {unknown_default!r}; accepted: auto, {', '.join(SCORES)}",
+                          option="unknown_default")
     # TensorRT fp16 engines are built from the fp16 ONNX model (strong typing: the graph decides)
     kinds = kinds + ["fp16"] if trt_prec == "fp16" and "fp16" not in kinds else kinds
     return limits, trt_prec, profile, head, tuple(kinds)
@@ -215,7 +220,7 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
                   trt: str | None = None, batch: str = "1:8:32", calib_images: int = 512, verify_images: int = 256,
                   atol: float = 1e-4, min_agreement: float = 0.999, max_accuracy_drop: float = 0.01,
                   force: bool = False, opset: int = 17, workspace_mb: int = 2048, calibrate: bool = True,
-                  unknown_accept: float = 0.95, progress: ProgressLike = None,
+                  unknown_accept: float = 0.95, unknown_default: str = "auto", progress: ProgressLike = None,
                   sign: str | os.PathLike | None = None) -> ExportResult:
     """Export one trial of a run folder as a verified bundle.
 
@@ -234,10 +239,14 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         atol / min_agreement: fp32 limits (max |dp|, top-1 agreement).
         max_accuracy_drop: int8/fp16 accuracy drop limit (fraction, 0.01 = 1 point).
         force: replace an existing bundle at ``out`` (its hidden files are kept).
-        calibrate: fit a temperature on the val split and write it into the graph (so every
-            model of the bundle gives calibrated probabilities), and fit the unknown-input
-            scores (:mod:`transfer.export.calibrate`); ``False`` keeps raw probabilities.
+        calibrate: decide a temperature on the val split (applied, into the graph, only when it
+            holds on val folds it was not fitted on, so every model of the bundle gives the
+            calibrated probabilities) and fit the unknown-input scores
+            (:mod:`transfer.export.calibrate`); test images are only reported on. ``False``
+            keeps raw probabilities and writes neither record.
         unknown_accept: share of known (val) images the unknown-input thresholds accept.
+        unknown_default: the bundle's default unknown-input score: ``auto`` (the rule of
+            :data:`transfer.export.calibrate.DEFAULT_RULE`, no test image read) or a score name.
         progress: status lines of every step (a :class:`transfer.progress.Progress`).
         sign: a private key (``transfer keygen``): the bundle is signed with it
             (``signature.json``), so machines that trust its public key load it.
@@ -272,7 +281,7 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
     limits, trt_prec, profile, head, reduced = _check_options(
         quantize=quantize, trt=trt, batch=batch, atol=atol, min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head,
-        unknown_accept=unknown_accept)
+        unknown_accept=unknown_accept, unknown_default=unknown_default)
     key = None
     if sign is not None:
         from ..signing import load_signing_key
@@ -284,11 +293,12 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         return _export(rf, t, out, force=force, head=head, reduced=reduced, trt_prec=trt_prec, profile=profile,
                        calib_images=calib_images, verify_images=verify_images, limits=limits, opset=opset,
                        workspace_mb=workspace_mb, key=key, progress=p, t0=t0, calibrate=calibrate,
-                       unknown_accept=unknown_accept)
+                       unknown_accept=unknown_accept, unknown_default=unknown_default)
 
 
 def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_images, verify_images, limits,
-            opset, workspace_mb, key, progress, t0, calibrate=True, unknown_accept=0.95) -> ExportResult:
+            opset, workspace_mb, key, progress, t0, calibrate=True, unknown_accept=0.95,
+            unknown_default="auto") -> ExportResult:
     """The export, holding the locks: check ``out``, assemble and swap in the ONNX bundle, add an engine."""
     from ..bundle import read_manifest
     from .bundle_writer import check_out, remove_stale_staging, staged_bundle
@@ -299,7 +309,8 @@ def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_
     with staged_bundle(out) as tmp:
         manifest, checks = _assemble(rf, t, tmp, head=head, reduced=reduced, calib_images=calib_images,
                                      verify_images=verify_images, limits=limits, opset=opset, progress=p,
-                                     calibrate=calibrate, unknown_accept=unknown_accept, key=key)
+                                     calibrate=calibrate, unknown_accept=unknown_accept,
+                                     unknown_default=unknown_default, key=key)
     p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})"
           + (f", signed by {key.key_id}" if key is not None else ""))
     res = ExportResult(out, manifest, checks, bool(manifest["valid"]), time.time() - t0)
@@ -316,7 +327,7 @@ def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_
 
 
 def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, limits: Limits, opset, progress,
-              calibrate: bool = True, unknown_accept: float = 0.95, key=None):
+              calibrate: bool = True, unknown_accept: float = 0.95, unknown_default: str = "auto", key=None):
     """The ONNX bundle in ``tmp``: fp32 model, its calibration, then int8 / fp16 and a head when
     asked, then the manifest (signed with ``key``)."""
     from ..bundle import new_manifest, write_bundle
@@ -334,13 +345,7 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
                         extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes})
     run_step(ctx, _fp32_step())
     if calibrate:
-        why_not = _cannot_calibrate(rf, t)
-        if why_not:
-            progress.say(f"calibration skipped: {why_not}")
-            ctx.extra["calibration"] = {"method": "none", "reason": why_not}
-        else:
-            run_step(ctx, _calibration_step(unknown_accept))
-            ctx.outputs["onnx-fp32"] = ctx.outputs["calibration"]  # what the other models are compared with
+        _calibrate(ctx, unknown_accept, unknown_default)
     steps = ([_int8_step()] if "int8" in reduced else []) + ([_fp16_step()] if "fp16" in reduced else [])
     if head is not None:
         steps.append(_head_step(head))
@@ -458,33 +463,65 @@ def _fp16_step() -> Step:
 
 #: at most this many images of a split are run to fit the temperature and the unknown-input scores
 CALIBRATION_IMAGES = 5000
-#: fewer validation images than this cannot support a temperature, a 95 % threshold or a 15-bin ECE
+#: fewer readable validation images than this cannot support a temperature, a 95 % threshold or a 15-bin ECE
 MIN_CALIBRATION_IMAGES = 100
+#: softmax(features @ kernel + bias) must equal the model's probs within this for the logits to be the head's
+HEAD_FORMULA_ATOL = 1e-4
 
 
-def _cannot_calibrate(rf, t) -> str | None:
-    """Why calibration would be guesswork for this trial (too few validation images), or None."""
-    n = len(rf.split_paths("val", fold=t.fold)[0]) or len(rf.split_paths("test", fold=t.fold)[0])
-    if n < MIN_CALIBRATION_IMAGES:
-        return (f"{n} validation image(s); a temperature, unknown-input thresholds and a 15-bin ECE need at least "
-                f"{MIN_CALIBRATION_IMAGES} (the probabilities are the network's own)")
-    return None
+@dataclass
+class SplitOutputs:
+    """The uncalibrated ``model.onnx`` on the readable images of one split (at most
+    :data:`CALIBRATION_IMAGES`, a seeded subset of a larger split)."""
+
+    split: str
+    features: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray
+    listed: int = 0            # images the split lists
+    unreadable: int = 0        # of the ones run, how many could not be decoded
+    first_error: str | None = None
+
+    @property
+    def n(self) -> int:
+        return int(len(self.labels))
 
 
-def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAGES):
-    """``(features, probs, labels)`` of ``model.onnx`` on up to ``limit`` readable images of a split
-    (a seeded random subset when the split is larger; unreadable files skipped)."""
+def _subset(paths: list, labels: list, limit: int, seed: int = 0) -> tuple[list, list]:
+    """At most about ``limit`` of ``(paths, labels)``: a seeded pick of the same share of every
+    class (at least one image of each), in split order."""
+    if len(paths) <= limit:
+        return list(paths), list(labels)
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep += rng.choice(idx, max(1, int(round(len(idx) * limit / len(y)))), replace=False).tolist()
+    keep = np.sort(keep)
+    return [paths[i] for i in keep], [labels[i] for i in keep]
+
+
+def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAGES) -> SplitOutputs:
+    """:class:`SplitOutputs` of a split (unreadable files counted and skipped, never an error)."""
     from ..data.stream import decode_batches
     from .verify import ort_session
 
-    paths, labels = ctx.rf.split_paths(split, fold=ctx.t.fold)
-    if len(paths) > limit:
-        keep = np.sort(np.random.default_rng(0).choice(len(paths), limit, replace=False))
-        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    all_paths, all_labels = ctx.rf.split_paths(split, fold=ctx.t.fold)
+    paths, labels = _subset(all_paths, all_labels, limit)
+    c, d = ctx.extra["num_classes"], ctx.extra["feature_dim"]
+    out = SplitOutputs(split, np.zeros((0, d), np.float32), np.zeros((0, c), np.float32), np.zeros(0, np.int64),
+                       listed=len(all_paths))
+    if not paths:
+        return out
     sess = ort_session(ctx.folder / "model.onnx")
     fs, ps, ys, start = [], [], [], 0
     with ctx.progress.bar(len(paths), f"calibration: {split} images") as bar:
         for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.rf.recipe):
+            for it in pb.items:
+                if it.error is not None:
+                    out.unreadable += 1
+                    out.first_error = out.first_error or f"{it.path}: {it.error}"
             if len(pb.x):
                 f, p = sess.run(["features", "probs"], {"image": pb.x})
                 fs.append(f)
@@ -492,77 +529,183 @@ def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAG
                 ys += [int(labels[start + i]) for i in pb.ok_index]
             start += len(pb.items)
             bar.update(len(pb.items))
+    if ys:
+        out.features, out.probs, out.labels = np.concatenate(fs), np.concatenate(ps), np.asarray(ys, np.int64)
+    return out
+
+
+def _why_not(val: SplitOutputs) -> str | None:
+    """Why the val split cannot choose a temperature or thresholds (then nothing is fitted), or None."""
+    if val.listed == 0:
+        return ("the run has no val split (trained with --val 0): a temperature and unknown-input thresholds "
+                "would have to be chosen on test images, which only report")
+    if val.n == 0:
+        return (f"none of the {val.listed} val image(s) can be read now (first: {val.first_error}); nothing is "
+                "fitted on test instead")
+    if val.n < MIN_CALIBRATION_IMAGES:
+        return (f"{val.n} readable validation image(s); a temperature, unknown-input thresholds and a 15-bin ECE "
+                f"need at least {MIN_CALIBRATION_IMAGES}")
+    return None
+
+
+def _head_logits(ctx: ExportContext):
+    """``logits(features, probs)`` of the network: ``features @ kernel + bias`` of its ``probs``
+    layer when that reproduces ``model.onnx``'s probabilities on the verification images (then
+    ``head = (kernel, bias)``), else ``log p`` (the logits up to a per-row constant; energy and
+    ViM are not offered). Returns ``(logits function, head or None, how)``."""
+    from .. import calibration as cal
+
+    kernel, bias = (np.asarray(a, np.float64) for a in ctx.extra["model"].get_layer("probs").get_weights())
+    f, p = ctx.outputs["onnx-fp32"]
+    diff = float(np.max(np.abs(cal.softmax(cal.network_logits(f, kernel, bias)) - p)))
+    if diff <= HEAD_FORMULA_ATOL:
+        return (lambda feats, probs: cal.network_logits(feats, kernel, bias)), (kernel, bias), \
+            f"features @ kernel + bias of the probs layer (max |softmax - probs| {diff:.1e} on {len(p)} images)"
+    return (lambda feats, probs: cal.log_probs(probs)), None, \
+        f"log probabilities (the probs layer does not reproduce the model's probs: max diff {diff:.1e})"
+
+
+def _calibrate(ctx: ExportContext, accept: float, default: str = "auto") -> None:
+    """The temperature (decided on val, reported on test) and the unknown-input scores (fitted on
+    train, thresholds on val, default chosen on val vs synthetic outliers): records in
+    ``ctx.extra``, the temperature written into ``model.onnx`` only when its check passed.
+
+    Test images never choose anything. A val split that is missing, unreadable or too small
+    skips both with the reason recorded (the bundle still exports, with the network's
+    probabilities); so do a single-class val split (unknown scores) and training images
+    that cannot be read.
+    """
+    from .calibrate import temperature_record
+
+    logits, head, how = _head_logits(ctx)
+    val, test = _split_outputs(ctx, "val"), _split_outputs(ctx, "test")
+    why = _why_not(val)
+    record = temperature_record((logits(val.features, val.probs), val.labels) if why is None else None,
+                                (logits(test.features, test.probs), test.labels) if test.n else None,
+                                skipped=why, images={"listed": val.listed, "unreadable": val.unreadable,
+                                                     "test": test.n})
+    record["logits"] = how
+    _say_calibration(ctx.progress, record)
+    ctx.extra["calibration"] = record
+    ctx.models["onnx-fp32"]["calibrated"] = bool(record["applied"])
+    unknown_why = why or (f"the val split holds one class only: thresholds would be set on that class's images"
+                          if len(np.unique(val.labels)) < 2 else None)
+    if unknown_why is None:
+        unknown_why = _fit_unknown(ctx, val, logits, head, record["temperature"], accept, default)
+    if unknown_why is not None:
+        ctx.extra["unknown"] = {"method": "none", "reason": unknown_why}
+        ctx.progress.say("unknown inputs: no scores" + (" (the same reason)" if unknown_why == why
+                                                        else f": {unknown_why}"))
+    if record["applied"]:
+        ctx.extra["raw_outputs"], ctx.extra["logits"] = ctx.outputs["onnx-fp32"], logits
+        run_step(ctx, _temperature_step())
+        ctx.outputs["onnx-fp32"] = ctx.outputs["calibration"]  # what the other models are compared with
+
+
+def _say_calibration(progress, record: dict) -> None:
+    if record["applied"]:
+        line = f"calibration: temperature {record['temperature']:.3f} applied ({record['reason']})"
+    elif record.get("fitted_temperature") is not None:
+        line = f"calibration: temperature not applied: {record['reason']}"
+    else:
+        line = f"calibration skipped (the bundle keeps the network's probabilities): {record['reason']}"
+    test = record.get("test")
+    if test and "after" in test:
+        line += (f"; test (reported only) ECE {test['before']['ece']:.4f} -> {test['after']['ece']:.4f}, "
+                 f"NLL {test['before']['nll']:.4f} -> {test['after']['nll']:.4f}")
+    progress.say(line)
+
+
+def _train_pixels(ctx: ExportContext, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and labels of up to ``n`` readable training images (a seeded random pick)."""
+    from ..data.stream import decode_batches
+
+    paths, labels = _subset(*ctx.rf.split_paths("train", fold=ctx.t.fold), n, seed=1)
+    xs, ys, start = [], [], 0
+    for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.rf.recipe):
+        if len(pb.x):
+            xs.append(pb.x)
+            ys += [int(labels[start + i]) for i in pb.ok_index]
+        start += len(pb.items)
     if not ys:
-        return None
-    return np.concatenate(fs), np.concatenate(ps), np.asarray(ys)
+        return np.zeros((0,) + tuple(ctx.t.image_size) + (3,), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.asarray(ys, np.int64)
 
 
-def _calibration_step(accept: float) -> Step:
-    """Temperature scaling fitted on the val split, written into ``model.onnx`` (reference: the
-    same formula in numpy on the uncalibrated outputs), and the unknown-input scores."""
+def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperature: float, accept: float,
+                 default: str) -> str | None:
+    """Fit the unknown-input scores into ``ctx.extra`` and ``unknown.npz``; returns why they
+    cannot be fitted (unreadable training images, a class without any), or None."""
+    from .. import calibration as cal
+    from ..errors import ExportError
+    from ..fsutil import atomic_path
+    from ..runtime.unknown import UnknownDetector
+    from .calibrate import OUTLIERS_PER_KIND, fit_unknown, synthetic_outliers
+    from .verify import ort_session
+
+    train = _split_outputs(ctx, "train")
+    if train.n == 0:
+        return (f"none of the {train.listed} training image(s) can be read now"
+                + (f" (first: {train.first_error})" if train.first_error else ""))
+    pixels, labels = _train_pixels(ctx, OUTLIERS_PER_KIND)
+    if not len(labels):
+        return "none of the training images picked to make synthetic outliers from can be read now"
+    sess = ort_session(ctx.folder / "model.onnx")
+    outliers = {}
+    for kind, x in synthetic_outliers(pixels, labels, recipe=ctx.rf.recipe).items():
+        f, p = sess.run(["features", "probs"], {"image": x})
+        outliers[kind] = (f, cal.temperature_probs(logits(f, p), temperature))
+    val_probs = cal.temperature_probs(logits(val.features, val.probs), temperature)
+    try:
+        unknown, arrays = fit_unknown(train.features, train.labels, val.features, val_probs,
+                                      ctx.extra["num_classes"], accept=accept, head=head, outliers=outliers,
+                                      default=default)
+    except ExportError as exc:
+        if exc.option == "unknown_default":
+            raise
+        return exc.message
+    if train.unreadable:
+        unknown["images"]["train_unreadable"] = train.unreadable
+    with atomic_path(ctx.folder / "unknown.npz", suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+    ctx.extra["unknown"] = unknown
+    name = unknown["default"]
+    e = unknown["scores"][name]
+    ctx.extra["detector"] = UnknownDetector(name, e["threshold"], cal.UnknownScorer.from_arrays(
+        name, arrays, e, feature_dim=ctx.extra["feature_dim"], num_classes=ctx.extra["num_classes"]))
+    syn = e.get("synthetic") or {}
+    why = "rule: fewest synthetic outliers accepted" if default == "auto" else "your choice"
+    ctx.progress.say(
+        f"unknown inputs: default {name} ({why}), "
+        f"threshold {e['threshold']:.4g} accepts {100 * e['val_acceptance']:.1f} % of val"
+        + (f", {100 * syn['expected_false_accept']:.1f} % of synthetic outliers (AUROC {syn['mean_auroc']:.3f})"
+           if syn else "")
+        + "; the others: " + ", ".join(
+            f"{k} {100 * v['synthetic']['expected_false_accept']:.1f} % (AUROC {v['synthetic']['mean_auroc']:.3f})"
+            if v.get("synthetic") else k for k, v in unknown["scores"].items() if k != name))
+    return None
+
+
+def _temperature_step() -> Step:
+    """The temperature written into ``model.onnx`` (before its softmax), compared with the same
+    formula in numpy on the uncalibrated model's outputs."""
     def convert(ctx):
-        from .. import calibration as cal
-        from ..fsutil import atomic_path
-        from .calibrate import fit_unknown, temperature_onnx
+        from .calibrate import temperature_onnx
 
-        val = _split_outputs(ctx, "val") or _split_outputs(ctx, "test")
-        if val is None:
-            raise ExportError("calibration needs validation or test images and none is readable",
-                              hint="export without calibration, or check the data folder named in dataset.json",
-                              option="calibrate")
-        fit_split = "val" if ctx.rf.split_paths("val", fold=ctx.t.fold)[0] else "test"
-        vf, vp, vy = val
-        errors = int(np.sum(vp.argmax(1) != vy))
-        # with no misclassified image every T < 1 lowers the NLL: the temperature is not identifiable
-        temp = cal.fit_temperature(vp, vy) if errors else 1.0
-        test = _split_outputs(ctx, "test") if fit_split == "val" else None
-        record = {"method": "temperature", "temperature": temp, "fitted_on": fit_split, "images": int(len(vy)),
-                  **({} if errors else {"note": f"no misclassified {fit_split} image: temperature not identifiable, "
-                                                "kept at 1"}),
-                  "val": {"before": cal.calibration_metrics(vp, vy),
-                          "after": cal.calibration_metrics(cal.apply_temperature(vp, temp), vy)}}
-        if test is not None:
-            record["test"] = {"before": cal.calibration_metrics(test[1], test[2]),
-                              "after": cal.calibration_metrics(cal.apply_temperature(test[1], temp), test[2])}
-        where = "test" if test is not None else fit_split
-        ctx.progress.say(f"calibration: temperature {temp:.3f} fitted on {len(vy)} {fit_split} image(s); {where} ECE "
-                         f"{record[where]['before']['ece']:.4f} -> {record[where]['after']['ece']:.4f}, NLL "
-                         f"{record[where]['before']['nll']:.4f} -> {record[where]['after']['nll']:.4f}")
-        train = _split_outputs(ctx, "train")
-        if train is None:
-            raise ExportError("the unknown-input scores need readable training images", option="calibrate")
-        unknown, arrays = fit_unknown(train[0], train[2], vf, cal.apply_temperature(vp, temp),
-                                      ctx.extra["num_classes"], accept=accept)
-        with atomic_path(ctx.folder / unknown["scores"]["mahalanobis"]["file"], suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
-        ctx.extra["raw_probs"] = ctx.outputs["onnx-fp32"][1]
+        temp = ctx.extra["calibration"]["temperature"]
         info = temperature_onnx(ctx.folder / "model.onnx", ctx.folder / ".model.calibrated.onnx", temp)
         os.replace(ctx.folder / ".model.calibrated.onnx", ctx.folder / "model.onnx")
-        record["method"] = f"temperature ({info['method']})"
-        ctx.extra["calibration"], ctx.extra["unknown"] = record, unknown
-        ctx.extra["detector"] = _detector(unknown, arrays)
-        ctx.models["onnx-fp32"]["calibrated"] = True
-        ctx.progress.say("unknown inputs: " + ", ".join(
-            f"{k} threshold {v['threshold']:.4g} (accepts {100 * v['val_acceptance']:.1f} % of {fit_split})"
-            for k, v in unknown["scores"].items()) + f"; default {unknown['default']}")
+        ctx.extra["calibration"]["graph"] = info["method"]
         return ctx.models["onnx-fp32"]
 
     def numpy_formula(ctx):
         from .. import calibration as cal
 
-        return cal.apply_temperature(ctx.extra["raw_probs"], ctx.extra["calibration"]["temperature"]), \
-            "softmax(log p / T) of the uncalibrated model"
+        f, p = ctx.extra["raw_outputs"]
+        return (cal.temperature_probs(ctx.extra["logits"](f, p), ctx.extra["calibration"]["temperature"]),
+                "softmax(logits / T) of the uncalibrated model")
 
     return Step("calibration", convert, _ort_outputs, numpy_formula, atol=1e-5, name="onnx-fp32")
-
-
-def _detector(unknown: dict, arrays: dict):
-    from .. import calibration as cal
-    from ..runtime.unknown import UnknownDetector
-
-    name = unknown["default"]
-    gauss = cal.ClassGaussian.from_arrays(arrays) if name == "mahalanobis" else None
-    return UnknownDetector(name, unknown["scores"][name]["threshold"], gauss)
 
 
 def _head_step(kind: str) -> Step:
@@ -681,7 +824,7 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
                                                  max_accuracy_drop=limits.max_accuracy_drop),
                         progress, calib_images=calib_images, models=dict(manifest["models"]), checks=checks,
                         extra={"manifest": manifest})
-    if manifest.get("unknown"):  # the engine must keep fp32's unknown decisions too
+    if (manifest.get("unknown") or {}).get("scores"):  # the engine must keep fp32's unknown decisions too
         from ..bundle import Bundle
         from ..runtime.unknown import make_detector
 

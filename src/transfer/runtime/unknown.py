@@ -1,12 +1,15 @@
-"""Answering "unknown": a bundle's unknown-input score and threshold, applied at serving time.
+"""Answering "unknown": a bundle's unknown-input scores and thresholds, applied at serving time.
 
-A bundle exported with calibration carries an ``unknown`` record in its manifest (the
-scores it offers, each with a threshold chosen on validation images for a target share of
-known images) and, for the feature-space score, ``unknown.npz`` (class means and the
-whitening map of the shared covariance; hashed like every file). ``transfer infer --reject``
-and ``transfer serve --reject`` mark an image ``unknown`` when its score is below the
-threshold. Scores are computed in numpy from the model's ``features`` / ``probs`` outputs,
-so every backend gets the same rule.
+A bundle exported with calibration carries an ``unknown`` record in its manifest: every
+score of :data:`transfer.calibration.SCORES` it offers (maximum softmax probability, energy,
+Mahalanobis, kNN on normalized features, ViM), each with a threshold chosen on validation
+images for a target share of known images, the default score and the rule that chose it;
+the parameters of the feature-space scores (class means and whitening map, the network
+head, the kNN bank, ViM's residual basis) are the arrays of ``unknown.npz`` (no pickle;
+hashed like every file, checked by :mod:`transfer.bundle`). ``transfer infer --reject`` and
+``transfer serve --reject`` mark an image ``unknown`` when its score is below the threshold.
+Scores are computed in numpy from the model's ``features`` / ``probs`` outputs, so every
+backend gets the same rule.
 
 Example::
 
@@ -24,7 +27,7 @@ from .. import calibration as cal
 from ..bundle import Bundle
 from ..errors import BundleError, ConfigError, TamperedBundleError
 
-SCORES = ("mahalanobis", "msp")
+SCORES = cal.SCORES
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,10 @@ class UnknownDetector:
 
     score: str
     threshold: float
-    gaussian: cal.ClassGaussian | None = None
+    scorer: cal.UnknownScorer
 
     def scores(self, features: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        if self.score == "msp":
-            return cal.msp_score(probs)
-        return cal.mahalanobis_score(features, self.gaussian)
+        return self.scorer(features, probs)
 
     def __call__(self, features: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = self.scores(features, probs)
@@ -50,55 +51,66 @@ class UnknownDetector:
 
 
 def unknown_record(bundle: Bundle) -> dict | None:
-    """The manifest's ``unknown`` record, or None for a bundle exported without one."""
+    """The manifest's ``unknown`` record, or None for a bundle exported without scores."""
     rec = bundle.manifest.get("unknown")
     return rec if isinstance(rec, dict) and rec.get("scores") else None
+
+
+def _no_scores(bundle: Bundle) -> ConfigError:
+    rec = bundle.manifest.get("unknown")
+    why = rec.get("reason") if isinstance(rec, dict) else None
+    return ConfigError(f"bundle {bundle.path} has no unknown-input score to reject images with"
+                       + (f": {why}" if why else ""),
+                       hint="re-export it with this transfer (calibration and unknown scores are on by default; "
+                            "they need a val split of at least 100 readable images), or run without rejecting",
+                       option="reject")
 
 
 def make_detector(bundle: Bundle, score: str | None = None) -> UnknownDetector:
     """The detector of ``score`` (default: the bundle's own default score).
 
     Raises:
-        ConfigError: the bundle has no unknown-input score, or not the one asked for.
+        ConfigError: the bundle has no unknown-input score (the reason it was exported
+            without, when it says), or not the one asked for.
         TamperedBundleError: the score's parameters are missing or inconsistent.
     """
     rec = unknown_record(bundle)
     if rec is None:
-        raise ConfigError(f"bundle {bundle.path} has no unknown-input score to reject images with",
-                          hint="re-export it with this transfer (calibration and unknown scores are on by default), "
-                               "or run without rejecting", option="reject")
+        raise _no_scores(bundle)
     name = score or rec.get("default") or "msp"
     if name not in SCORES:
-        raise ConfigError(f"unknown score {name!r}; accepted: {', '.join(SCORES)}", option="reject")
+        raise ConfigError(f"unknown score {name!r}; accepted: {', '.join(SCORES)}", option="unknown_score")
     entry = rec["scores"].get(name)
     if not isinstance(entry, dict):
         raise ConfigError(f"bundle {bundle.path} has no {name!r} score (it has: {', '.join(rec['scores'])})",
-                          option="reject")
+                          option="unknown_score")
     thr = entry.get("threshold")
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not np.isfinite(thr):
         raise TamperedBundleError(f"{bundle.path}: the {name} threshold is not a number ({thr!r})",
                                   hint="re-export the bundle")
-    if name == "msp":
-        return UnknownDetector("msp", float(thr))
+    n_classes, dim = len(bundle.class_names), bundle.feature_dim
+    arrays: dict = {}
     rel = entry.get("file")
-    if not isinstance(rel, str):
-        raise TamperedBundleError(f"{bundle.path}: the {name} score names no parameter file", hint="re-export the bundle")
+    if cal.SCORE_ARRAYS[name]:
+        if not isinstance(rel, str):
+            raise TamperedBundleError(f"{bundle.path}: the {name} score names no parameter file",
+                                      hint="re-export the bundle")
+        try:
+            with np.load(bundle.file(rel), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in cal.SCORE_ARRAYS[name] if k in z.files}
+        except BundleError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise TamperedBundleError(f"{bundle.path / rel}: cannot read the {name} parameters: {exc}",
+                                      hint="re-export the bundle") from None
     try:
-        with np.load(bundle.file(rel), allow_pickle=False) as z:
-            gauss = cal.ClassGaussian.from_arrays({"means": z["means"], "whiten": z["whiten"]})
-    except BundleError:
-        raise
-    except (OSError, KeyError, ValueError) as exc:
-        raise TamperedBundleError(f"{bundle.path / rel}: cannot read the {name} parameters: {exc}",
+        scorer = cal.UnknownScorer.from_arrays(name, arrays, entry, feature_dim=bundle.feature_dim,
+                                               num_classes=n_classes)
+    except ValueError as exc:
+        where = bundle.path / rel if isinstance(rel, str) else bundle.path
+        raise TamperedBundleError(f"{where}: {exc} (the bundle has {n_classes} classes of {dim}-d features)",
                                   hint="re-export the bundle") from None
-    n_classes = len(bundle.class_names)
-    dim = bundle.manifest.get("feature_dim")
-    if gauss.means.shape[0] != n_classes or (isinstance(dim, int) and gauss.means.shape[1] != dim):
-        raise TamperedBundleError(f"{bundle.path / rel}: parameters for {gauss.means.shape[0]} classes of "
-                                  f"{gauss.means.shape[1]}-d features, but the bundle has {n_classes} classes"
-                                  + (f" of {dim}-d features" if isinstance(dim, int) else ""),
-                                  hint="re-export the bundle")
-    return UnknownDetector(name, float(thr), gauss)
+    return UnknownDetector(name, float(thr), scorer)
 
 
 def _outputs(runner, paths, size, *, batch: int, workers: int, bar, recipe=None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -118,18 +130,29 @@ def _outputs(runner, paths, size, *, batch: int, workers: int, bar, recipe=None)
     return np.concatenate(fs), np.concatenate(ps), bad
 
 
-def evaluate_unknown(bundle: Bundle, known, unknown, *, backend: str | None = None, providers="cpu",
-                     batch: int = 64, workers: int = 2, progress=None) -> dict:
+def _rates(sk: np.ndarray, su: np.ndarray, threshold: float, tpr: float) -> dict:
+    return {"auroc": cal.auroc(sk, su), "fpr_at_tpr": cal.fpr_at_tpr(sk, su, tpr), "threshold": threshold,
+            "known_accept_rate": float(np.mean(sk >= threshold)), "false_accept_rate": float(np.mean(su >= threshold))}
+
+
+def evaluate_unknown(bundle: Bundle, known, unknown, *, groups=None, backend: str | None = None, providers="cpu",
+                     batch: int = 64, workers: int = 2, tpr: float = 0.95, progress=None) -> dict:
     """How well each unknown-input score of ``bundle`` tells known images from unknown ones.
 
     Args:
         known: image files of the bundle's classes (e.g. the run's test split).
         unknown: image files of none of its classes (left-out classes, noise, other datasets).
+        groups: a name per unknown file (e.g. the folder it came from): the rates are also
+            reported per group (``by_group``).
+        tpr: the share of known images the FPR column keeps (0.95: "FPR at 95 % TPR").
 
     Returns:
-        ``{"known": n, "unknown": n, "unreadable": n, "scores": {name: {"auroc",
-        "threshold", "known_accept_rate", "false_accept_rate"}}, "best": name}`` -- AUROC
-        over all thresholds; the rates at the bundle's own threshold of that score.
+        ``{"known": n, "unknown": n, "unreadable": n, "default": name, "scores": {name:
+        {"auroc", "fpr_at_tpr", "threshold", "known_accept_rate", "false_accept_rate"}},
+        "highest_auroc": name}`` -- AUROC over all thresholds, the FPR at the threshold that
+        keeps ``tpr`` of these known images, and the rates at the bundle's own threshold (what
+        ``--reject`` does). ``highest_auroc`` only reports: a score chosen by it would be
+        chosen on these images.
 
     Raises:
         ConfigError: the bundle has no unknown-input score, or no readable image on a side.
@@ -139,23 +162,37 @@ def evaluate_unknown(bundle: Bundle, known, unknown, *, backend: str | None = No
 
     rec = unknown_record(bundle)
     if rec is None:
-        make_detector(bundle)  # raises the clear error
+        raise _no_scores(bundle)
     p = as_progress(progress)
     runner = make_runner(bundle, backend, providers)
     detectors = {name: make_detector(bundle, name) for name in SCORES if name in rec["scores"]}
     with p.bar(len(known) + len(unknown), "unknown-input evaluation") as bar:
         kw = dict(batch=batch, workers=workers, bar=bar, recipe=bundle.recipe)
         fk, pk, bad_k = _outputs(runner, known, bundle.input_size, **kw)
-        fu, pu, bad_u = _outputs(runner, unknown, bundle.input_size, **kw)
-    if not len(pk) or not len(pu):
+        gu = [] if groups is None else list(groups)
+        if groups is not None and len(gu) != len(unknown):
+            raise ValueError(f"{len(gu)} group names for {len(unknown)} unknown files")
+        fu, pu, bad_u, ok_u = [], [], 0, []
+        for g in dict.fromkeys(gu) if groups is not None else [None]:
+            files = [u for u, n in zip(unknown, gu) if n == g] if g is not None else list(unknown)
+            f, pr, bad = _outputs(runner, files, bundle.input_size, **kw)
+            bad_u += bad
+            if len(pr):
+                fu.append(f)
+                pu.append(pr)
+                ok_u += [g] * len(pr)
+    if not len(pk) or not pu:
         raise ConfigError(f"no readable {'known' if not len(pk) else 'unknown'} image to evaluate with",
                           option="unknown")
-    out = {"known": int(len(pk)), "unknown": int(len(pu)), "unreadable": int(bad_k + bad_u), "scores": {}}
+    fu, pu, ok_u = np.concatenate(fu), np.concatenate(pu), np.asarray(ok_u, dtype=object)
+    out = {"known": int(len(pk)), "unknown": int(len(pu)), "unreadable": int(bad_k + bad_u), "tpr": float(tpr),
+           "default": rec.get("default"), "scores": {}}
+    if groups is not None:
+        out["by_group"] = {g: {"images": int(np.sum(ok_u == g)), "scores": {}} for g in dict.fromkeys(ok_u.tolist())}
     for name, det in detectors.items():
         sk, su = det.scores(fk, pk), det.scores(fu, pu)
-        out["scores"][name] = {"auroc": cal.auroc(sk, su), "threshold": det.threshold,
-                               "known_accept_rate": float(np.mean(sk >= det.threshold)),
-                               "false_accept_rate": float(np.mean(su >= det.threshold))}
-    out["best"] = max(out["scores"], key=lambda k: out["scores"][k]["auroc"])
-    out["default"] = rec.get("default")
+        out["scores"][name] = _rates(sk, su, det.threshold, tpr)
+        for g, entry in out.get("by_group", {}).items():
+            entry["scores"][name] = _rates(sk, su[ok_u == g], det.threshold, tpr)
+    out["highest_auroc"] = max(out["scores"], key=lambda k: out["scores"][k]["auroc"])
     return out
