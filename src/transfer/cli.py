@@ -18,11 +18,28 @@ import click
 from . import __version__
 from .errors import TransferError
 
-_COMMAND_MODULES = ("data", "audit", "models", "train", "analysis", "explain", "export", "runtime", "keys", "serve")
+#: the module of each top-level command: a command's module (and what it imports to declare its
+#: options, e.g. the training config) is imported only when that command runs or help lists it, so
+#: `transfer infer` on the TensorFlow-free base install never imports the trainer or the exporter
+_COMMAND_OF = {"data": ("data", "audit"), "backbones": ("models",), "train": ("train",),
+               "heads": ("analysis",), "evaluate": ("analysis",), "features": ("analysis",),
+               "gradcam": ("explain",), "resolution": ("explain",), "report": ("explain",),
+               "export": ("export",), "verify": ("export",), "infer": ("runtime",), "bench": ("runtime",),
+               "keygen": ("keys",), "sign": ("keys",), "serve": ("serve",)}
 
 
 class TransferGroup(click.Group):
-    """Click group that turns :class:`TransferError` into ``error: ...`` and an exit code."""
+    """Click group that turns :class:`TransferError` into ``error: ...`` and an exit code, and
+    imports a command's module only when the command is looked up (click's lazy subcommands)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(_COMMAND_OF) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name not in self.commands:
+            for module in _COMMAND_OF.get(name, ()):
+                _load(module)
+        return self.commands.get(name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -110,19 +127,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
         ctx.call_on_close(lambda: os.environ.pop("TRANSFER_DEBUG", None))
 
 
-def _register() -> None:
-    for name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"{__package__}.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.commands.{name}":
-                continue  # area not present in this build
-            raise
-        for cmd in getattr(mod, "COMMANDS", ()):
+def _load(module: str) -> None:
+    """Import ``transfer.commands.<module>`` and add its commands to the group (once)."""
+    try:
+        mod = importlib.import_module(f"{__package__}.commands.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__package__}.commands.{module}":
+            return  # area not present in this build
+        raise
+    for cmd in getattr(mod, "COMMANDS", ()):
+        if cmd.name not in cli.commands:
             cli.add_command(cmd)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:

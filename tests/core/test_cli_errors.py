@@ -51,3 +51,31 @@ def test_help_lists_commands():
     res = CliRunner().invoke(cli, ["--help"])
     assert res.exit_code == 0
     assert "Usage" in res.output
+
+
+def test_every_command_module_is_mapped_and_loaded_only_when_its_command_runs():
+    """cli._COMMAND_OF names the module of every command: a module missing there would hide its
+    commands; a runtime command must not import the trainer's or exporter's modules."""
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    import transfer.commands as commands
+    from transfer import cli as cli_mod
+
+    declared = {}
+    for info in pkgutil.iter_modules(commands.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"transfer.commands.{info.name}")
+        for cmd in getattr(mod, "COMMANDS", ()):
+            declared[cmd.name] = info.name
+    assert declared and all(info in cli_mod._COMMAND_OF[name] for name, info in declared.items()), declared
+    assert set(cli_mod._COMMAND_OF) == set(declared) | {"data"}
+    code = ("import sys; from transfer.cli import main\n"
+            "try:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('transfer.trainer', 'transfer.export', "
+            "'transfer.commands.train'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
