@@ -765,7 +765,7 @@ def _duplicates(d: _Data, got: _Pass, ok: list[int], feats: np.ndarray, threshol
     sides = np.minimum(got.quality[ok, QUALITY.index("height")], got.quality[ok, QUALITY.index("width")])
     near = dedupe.near_pairs_arrays(got.thumbs[ok], got.greys[ok], got.hashes[ok], digests, sides,
                                     threshold=threshold, stats=st)
-    groups = dedupe.groups_of(len(ok), list(exact) + near)
+    groups = dedupe.components(len(ok), list(exact) + near)  # chains: a crop of a copy joins its original
     best: dict[int, float] = {}
     for i, j, s in near:
         best[i] = max(best.get(i, 0.0), s)
