@@ -101,5 +101,20 @@ def score_audit(rows: list[dict], summary: dict, truth: dict) -> dict:
         "dup_recall": len(found) / max(1, len(pairs)), "dup_precision": correct / max(1, reported),
         "dup_reported_pairs": reported,
         "flip_precision_at_k": len(set(issues) & set(truth["flipped"])) / max(1, k),
+        "flips_by_split": flips_by_split(rows, truth["flipped"]),
         "blank_noise_recall": len(flagged & set(junk)) / max(1, len(junk)),
     }
+
+
+def flips_by_split(rows: list[dict], flipped, splits=("train", "val", "test")) -> dict:
+    """Per split (the first folder of a path): planted flips, images flagged as label issues,
+    flips among them, precision and recall."""
+    issues = {r["path"] for r in rows if r["kind"] == "label_issue"}
+    out = {}
+    for s in splits:
+        mine = {p for p in flipped if p.split("/")[0] == s}
+        flagged = {p for p in issues if p.split("/")[0] == s}
+        hit = len(mine & flagged)
+        out[s] = {"flips": len(mine), "flagged": len(flagged), "found": hit,
+                  "precision": hit / len(flagged) if flagged else None, "recall": hit / len(mine) if mine else None}
+    return out
