@@ -24,6 +24,13 @@ cleanlab's default filter) on the same features. Bar: in the training split, rec
 precision >= 0.8.
 
     python benchmarks/bench_audit.py --digits --work /tmp/bench_flips [--backbone arc2] [--epochs 60]
+
+``--digits --kfold K``: the K fine-tuned folds the user can ask for. The digits as class folders, 5 %
+of all images moved to a wrong class, ``transfer train ... --kfold K --test 0.15`` (every image
+outside test is trained on by K-1 fold models and held out by one), then the audit; per split:
+the images the audited trial trained on, the others outside test, and test.
+
+    python benchmarks/bench_audit.py --digits --kfold 5 --work /tmp/bench_flips_k5
 """
 
 from __future__ import annotations
@@ -106,9 +113,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True)
 
 
-def _flip_folder(src: Path, data: Path, splits: tuple[str, ...], rate: float = 0.05, seed: int = 0) -> list[str]:
+def _flip_folder(src: Path, data: Path, splits: tuple[str, ...] | None, rate: float = 0.05, seed: int = 0) -> list[str]:
     """``src/<class>/*.png`` copied as ``data/{train,val,test}/<class>/`` (70 / 15 / 15 %, seeded),
-    ``rate`` of the images of each of ``splits`` moved to another class; returns the moved paths."""
+    ``rate`` of the images of each of ``splits`` moved to another class; returns the moved paths.
+    ``splits=None``: copied as ``data/<class>/`` (no split), ``rate`` of all images moved."""
     import shutil
 
     rng = np.random.default_rng(seed)
@@ -118,7 +126,7 @@ def _flip_folder(src: Path, data: Path, splits: tuple[str, ...], rate: float = 0
     n_tr, n_va = int(0.7 * len(files)), int(0.15 * len(files))
     part = {int(i): ("train" if k < n_tr else "val" if k < n_tr + n_va else "test") for k, i in enumerate(order)}
     moved = set()
-    for s in splits:
+    for s in (splits or ("train", "val", "test")):
         mine = [i for i in range(len(files)) if part[i] == s]
         moved |= set(rng.choice(mine, int(round(rate * len(mine))), replace=False).tolist())
     out = []
@@ -126,7 +134,7 @@ def _flip_folder(src: Path, data: Path, splits: tuple[str, ...], rate: float = 0
         c = f.parent.name
         if i in moved:
             c = classes[(classes.index(c) + int(rng.integers(1, len(classes)))) % len(classes)]
-        rel = f"{part[i]}/{c}/{f.name}"
+        rel = f"{part[i]}/{c}/{f.name}" if splits else f"{c}/{f.name}"
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, data / rel)
         if i in moved:
@@ -170,10 +178,13 @@ def digits_flips(a) -> None:
         _cli("data", "digits", str(src))
     truth_file = work / "truth.json"
     if not truth_file.is_file():
-        truth_file.write_text(json.dumps(_flip_folder(src, data, tuple(a.flip_splits.split(",")))))
+        splits = None if a.kfold else tuple(a.flip_splits.split(","))
+        truth_file.write_text(json.dumps(_flip_folder(src, data, splits)))
     flipped = json.loads(truth_file.read_text())
     train_cmd = ["train", str(data), "--backbone", a.backbone, "--weights", "none", "--trainable", "1", "--dropout",
                  "0", "--image-size", "32", "--patience", "0", "--epochs", str(a.epochs), "--out", str(run), "-q"]
+    if a.kfold:
+        train_cmd[-3:-3] = ["--kfold", str(a.kfold), "--test", "0.15"]
     if not (run / "best.json").is_file():
         t0 = time.perf_counter()
         _cli(*train_cmd)
@@ -186,7 +197,17 @@ def digits_flips(a) -> None:
     with open(run / "audit" / "audit.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     s = json.loads((run / "audit" / "audit.json").read_text())
-    now, before = flips_by_split(rows, flipped), flips_by_split(_before(data, run / "audit" / "features.npy"), flipped)
+    where = None
+    if a.kfold:  # the audited trial's own train split, the rest outside test, test
+        from transfer.runfolder import RunFolder
+
+        rf = RunFolder(run)
+        t = rf.trial(best["trial"])
+        where = {p: "test" for p, _ in rf.split("test")}
+        where.update({p: "train" for p, _ in rf.split("train", fold=t.fold)})
+        where.update({p: "val" for p, _ in rf.split("val", fold=t.fold)})
+    before_rows = _before(data, run / "audit" / "features.npy")
+    now, before = flips_by_split(rows, flipped, where=where), flips_by_split(before_rows, flipped, where=where)
     print(f"`transfer {' '.join(train_cmd)}`: trial {best['trial']}, train accuracy {m['train']['accuracy']:.3f}, "
           f"val {m['val']['accuracy']:.3f}, test {m['test']['accuracy']:.3f}; audit {wall:.0f} s wall")
     print()
@@ -218,6 +239,7 @@ def main() -> None:
     ap.add_argument("--digits", action="store_true", help="the label-issue bench on the digits (per split)")
     ap.add_argument("--backbone", default="arc2", help="with --digits: arc2 or mobilenet_v2")
     ap.add_argument("--flip-splits", default="train", help="with --digits: the splits whose labels are flipped")
+    ap.add_argument("--kfold", type=int, default=None, help="with --digits: train K fold models (all images flipped)")
     a = ap.parse_args()
     if a.digits:
         a.epochs = a.epochs or 60

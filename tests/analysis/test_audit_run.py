@@ -204,3 +204,35 @@ def test_a_class_of_one_image_is_noted_and_the_others_searched(tmp_path):
                                                       for r in issues.values())
     page = (tmp_path / "a" / "audit.html").read_text()
     assert "lonely" in page and "who judged which images" in page
+
+
+def test_a_kfold_run_lends_each_image_the_fold_model_that_did_not_train_on_it(tmp_path):
+    """`transfer train --kfold 3`: every image outside test is in one fold's val split; its label
+    is judged with that fold's fine-tuned model (the mean of the three for test images)."""
+    from transfer.data.datasets import write_digits
+    from transfer.trainer.config import load_config
+    from transfer.trainer.sweep import run_sweep
+
+    write_digits(tmp_path / "all")
+    data, rng, flipped = tmp_path / "d", np.random.default_rng(1), []
+    for c in range(5):
+        for k, f in enumerate(sorted((tmp_path / "all" / str(c)).iterdir())[:60]):
+            label = (c + int(rng.integers(1, 5))) % 5 if k < 2 else c
+            (data / str(label)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, data / str(label) / f"{c}_{f.name}")
+            if label != c:
+                flipped.append(f"{label}/{c}_{f.name}")
+    cfg = load_config(None, {"data": str(data), "out": str(tmp_path / "run"), "backbones": "arc2", "trainable": "1",
+                             "weights": "none", "epochs": 15, "image_size": 16, "batch_size": 16, "patience": 0,
+                             "dropout": 0.0, "lr": 3e-3, "kfold": 3, "test": 0.2})
+    assert run_sweep(cfg, progress=lambda s: None).ok
+    res = audit_folder(data, run=tmp_path / "run", out=tmp_path / "a")
+    s = res.summary
+    assert s["source"]["fold_trials"] == ["arc2-t100-f1", "arc2-t100-f2", "arc2-t100-f3"]
+    for k in (1, 2, 3):
+        assert s["feature_engine"][f"fold{k}"]["engine"] == "onnxruntime"
+        assert s["feature_engine"][f"fold{k}"]["parity_relative"] <= 1e-4
+    for g in s["label_issues"]["groups"]:
+        assert "folds" in g["views"] and "folds" in g["log_loss"]
+    issues = {r["path"] for r in res.rows if r["kind"] == "label_issue"}
+    assert len(issues & set(flipped)) >= 0.7 * len(flipped), (sorted(issues), flipped)

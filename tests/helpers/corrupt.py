@@ -106,14 +106,18 @@ def score_audit(rows: list[dict], summary: dict, truth: dict) -> dict:
     }
 
 
-def flips_by_split(rows: list[dict], flipped, splits=("train", "val", "test")) -> dict:
-    """Per split (the first folder of a path): planted flips, images flagged as label issues,
-    flips among them, precision and recall."""
+def flips_by_split(rows: list[dict], flipped, splits=("train", "val", "test"), where: dict | None = None) -> dict:
+    """Per split (``where[path]``, or the first folder of a path): planted flips, images flagged as
+    label issues, flips among them, precision and recall."""
     issues = {r["path"] for r in rows if r["kind"] == "label_issue"}
+
+    def split_of(p):
+        return where.get(p) if where is not None else p.split("/")[0]
+
     out = {}
     for s in splits:
-        mine = {p for p in flipped if p.split("/")[0] == s}
-        flagged = {p for p in issues if p.split("/")[0] == s}
+        mine = {p for p in flipped if split_of(p) == s}
+        flagged = {p for p in issues if split_of(p) == s}
         hit = len(mine & flagged)
         out[s] = {"flips": len(mine), "flagged": len(flagged), "found": hit,
                   "precision": hit / len(flagged) if flagged else None, "recall": hit / len(mine) if mine else None}

@@ -233,6 +233,8 @@ PARITY_IMAGES = 32
 PARITY_TOLERANCE = 1e-4
 #: ONNX Runtime threads of the forward pass (the decoding threads run beside it)
 ORT_THREADS = 1
+#: the outputs of a contract model an audit model gives (by index)
+OUTPUTS = ("features", "probs")
 
 
 @dataclass
@@ -300,6 +302,8 @@ class _Engine:
 
         self.src, self.p, self.threads, self.parity = src, p, threads, parity
         self.names = [m["name"] for m in src.models]
+        self.outputs = {m["name"]: OUTPUTS.index(m.get("output", "features")) for m in src.models}
+        self.folder = folder
         self.sessions: dict = {}
         self.keras: dict = {}
         self.dims: dict[str, int] = {}
@@ -344,7 +348,8 @@ class _Engine:
                 self._keras_because(m, "the model was not converted to ONNX ("
                                     + ((said or tail or [f"exit status {self.child.returncode}"])[0]) + ")")
                 continue
-            self.dims[name] = int(json.loads(result[0])["dim"])
+            res = json.loads(result[0])
+            self.dims[name] = int(res["classes"] if m.get("output") == "probs" else res["dim"])
             try:
                 from ..runtime.sessions import make_session
 
@@ -361,10 +366,11 @@ class _Engine:
         ref = np.load(self.spec["models"][self.names.index(name)]["reference"])
         k = len(ref["x"])
         same_images = [str(q) for q in ref["paths"]] == [str(q) for q in self.parity.paths]
+        out = OUTPUTS[self.outputs[name]]
         if k and same_images:
-            f = self.sessions[name].run(["features"], {"image": self.parity.x})[0]
-            diff = float(np.abs(f - ref["features"]).max())
-            scale = float(max(np.abs(ref["features"]).max(), 1e-6))
+            f = self.sessions[name].run([out], {"image": self.parity.x})[0]
+            diff = float(np.abs(f - ref[out]).max())
+            scale = float(max(np.abs(ref[out]).max(), 1e-6))
         else:
             diff, scale = (0.0, 1.0) if not k else (float("inf"), 1.0)
         self.describe[name] = {"engine": "onnxruntime", "threads": self.threads, "parity_images": k,
@@ -386,15 +392,16 @@ class _Engine:
         self.describe[name] = {"engine": "keras", "why": why, **parity}
         self.p.say(f"audit: {name} features by Keras: {why}")
         self.keras[name] = two_output_model(load_source_model(m))
-        self.dims[name] = int(self.keras[name].outputs[0].shape[-1])
+        self.dims[name] = int(self.keras[name].outputs[self.outputs[name]].shape[-1])
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Each model's features (its softmax for a model whose spec says ``"output": "probs"``)."""
         out = {}
         for name in self.names:
             if name in self.sessions:
-                out[name] = np.asarray(self.sessions[name].run(["features"], {"image": x})[0])
+                out[name] = np.asarray(self.sessions[name].run([OUTPUTS[self.outputs[name]]], {"image": x})[0])
             else:
-                out[name] = np.asarray(self.keras[name].predict_on_batch(x)[0])
+                out[name] = np.asarray(self.keras[name].predict_on_batch(x)[self.outputs[name]])
         return out
 
     def release(self) -> None:
@@ -489,6 +496,8 @@ class _Source:
     describe: dict
     fit: frozenset | None = None
     notes: list = field(default_factory=list)
+    #: a k-fold run: each image's held-out fold model (path -> model name), the models, the run's classes
+    folds: dict | None = None
 
 
 def _source(run, trial: str, backbone: str | None, weights: str | None, image_size: int | None) -> _Source:
@@ -520,7 +529,12 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
             models.append({"name": "initial", "run": path, "trial": t.name, "initial": True})
             desc["initial_sha256"] = sha256_file(init)
         fit = frozenset(rel for rel, _ in rf.split("train", fold=t.fold))
-        return _Source(models, t.image_size, recipe, desc, fit, notes)
+        folds = _fold_models(rf, t, notes)
+        if folds is not None:
+            models += [{"name": name, "run": path, "trial": trial_name, "output": "probs"}
+                       for name, trial_name in folds["trials"].items()]
+            desc["fold_trials"] = sorted(folds["trials"].values())
+        return _Source(models, t.image_size, recipe, desc, fit, notes, folds)
     if backbone is None:
         raise ConfigError("the audit needs features: give a run (and trial) or a backbone and its weights",
                           option="run")
@@ -535,6 +549,24 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
     # a chosen backbone is not tied to a run: today's pixel recipe, as `transfer train` would use
     return _Source([{"name": "source", "backbone": backbone, "weights": None if weights is None else str(weights),
                      "image_size": side}], (side, side), None, desc)
+
+
+def _fold_models(rf, t, notes: list) -> dict | None:
+    """With a k-fold run (``transfer train --kfold K``): the fold trials of ``t``'s group, one per
+    fold, and for each image of a fold's val split the model that did not train on it --
+    ``{"trials": {name: trial}, "held_out": {path: name}, "classes": [...]}``; ``None`` otherwise
+    (with a note when the folds are not all finished)."""
+    if not t.fold:
+        return None
+    k = int(rf.config().get("kfold") or 0)
+    mine = {x.fold: x for x in rf.finished_trials() if x.meta.get("group") == t.meta.get("group") and x.fold}
+    if k < 2 or sorted(mine) != list(range(1, k + 1)):
+        notes.append(f"label issues: {len(mine)} of the {k} fold trials of {t.meta.get('group')} are finished; the "
+                     "k-fold models are used once all are")
+        return None
+    trials = {f"fold{f}": mine[f].name for f in sorted(mine)}
+    held_out = {rel: f"fold{f}" for f in sorted(mine) for rel, _ in rf.split("val", fold=f)}
+    return {"trials": trials, "held_out": held_out, "classes": rf.class_names}
 
 
 # --------------------------------------------------------------------------- findings
@@ -754,7 +786,9 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     _return_large_blocks()
     phases: dict[str, float] = {}
     paths = [d.root / r for r in d.rel]
-    sink = _FeatureSink(engine, {"source": out / "features.npy", "initial": out / "initial_features.npy"}, len(paths))
+    files = {name: engine.folder / f"{name}.npy" for name in engine.names}  # the k-fold models' softmax
+    files.update({"source": out / "features.npy", "initial": out / "initial_features.npy"})
+    sink = _FeatureSink(engine, files, len(paths))
     if "initial" not in engine.names:
         (out / "initial_features.npy").unlink(missing_ok=True)  # an earlier audit's, of another source
     got = _stream(paths, sink, src.size, recipe=src.recipe, exact=engine.parity.exact, batch=batch_size,
@@ -821,6 +855,7 @@ def _labels_and_outliers(d: _Data, src: _Source, feats: dict[str, np.ndarray], g
 
     t = time.perf_counter()
     views = {"pixels": pixel_features(greys)}
+    probabilities: dict[str, np.ndarray] = {}
     if src.fit is None:  # a chosen backbone never saw these labels
         views["backbone"] = feats["source"]
         groups = [Group("all", np.arange(len(ok)), ("backbone", "pixels"), "every image (the backbone never saw "
@@ -831,18 +866,38 @@ def _labels_and_outliers(d: _Data, src: _Source, feats: dict[str, np.ndarray], g
             views["initial"] = feats["initial"]
         fit = np.array([d.rel[i] in src.fit for i in ok], dtype=bool)
         trial = src.describe["trial"]
-        groups = [Group("fit", np.flatnonzero(fit), ("initial", "pixels"), f"an image trial {trial} trained on"),
-                  Group("held_out", np.flatnonzero(~fit), ("trained", "initial", "pixels"),
+        groups = [Group("fit", np.flatnonzero(fit), ("folds", "initial", "pixels"),
+                        f"an image trial {trial} trained on"),
+                  Group("held_out", np.flatnonzero(~fit), ("folds", "trained", "initial", "pixels"),
                         f"an image trial {trial} did not train on")]
+        if src.folds is not None:
+            probabilities["folds"] = _held_out_softmax(d, src.folds, feats, ok)
     p.say(f"audit: label issues ({settings['folds']}-fold cross-fitted heads on "
-          + ", ".join(sorted(views)) + "; cleanlab)")
-    found = find_label_issues(views, d.labels[ok], groups, folds=settings["folds"], class_names=d.class_names)
+          + ", ".join(sorted(views)) + (", with the k-fold models' softmax" if probabilities else "") + "; cleanlab)")
+    found = find_label_issues(views, d.labels[ok], groups, folds=settings["folds"], class_names=d.class_names,
+                              probabilities=probabilities)
     for note in found.notes:
         p.say(f"note: {note}")
     t1 = time.perf_counter()
     dist, _ = _knn(feats["source"], settings["neighbours"])
     score = dist.mean(axis=1)
     return found, (score, _robust_z(score)), {"label_issues": t1 - t, "outliers": time.perf_counter() - t1}
+
+
+def _held_out_softmax(d: _Data, folds: dict, feats: dict[str, np.ndarray], ok: list[int]) -> np.ndarray:
+    """Per image the softmax of the k-fold model that did not train on it (the mean of all for an
+    image in no fold's val split: test, or outside the run), over the audit's classes (matched by
+    name with the run's)."""
+    names = list(folds["trials"])
+    mean = np.mean([feats[n] for n in names], axis=0)
+    out = np.zeros((len(ok), len(d.class_names)), np.float64)
+    cols = [d.class_names.index(c) if c in d.class_names else -1 for c in folds["classes"]]
+    keep = [j for j, c in enumerate(cols) if c >= 0]
+    for k, i in enumerate(ok):
+        name = folds["held_out"].get(d.rel[i])
+        row = feats[name][k] if name is not None else mean[k]
+        out[k, [cols[j] for j in keep]] = row[keep]
+    return out
 
 
 def _libc():

@@ -16,7 +16,10 @@ and through K heads cross-fitted on K-1 folds (:func:`cross_fit`):
 * ``backbone`` -- features of a chosen backbone, in an audit without a run;
 * ``pixels`` -- the images' own 32x32 grey thumbnails (from the duplicate search);
 * ``trained`` -- features of the trained trial: out of sample only for images the trial did not
-  train on (its val / test split, or images outside its split).
+  train on (its val / test split, or images outside its split);
+* ``folds`` -- with a k-fold run (``transfer train --kfold K``), the softmax of the fine-tuned
+  fold model that did not train on the image (the mean of all K for test images): K fine-tuned
+  networks cross-fitted by the trainer itself, given as probabilities (no head is fit on them).
 
 Images are judged in :class:`Group` s: the trial's training images (by ``initial`` and
 ``pixels``), the others (all views). In each group the probabilities are those of the view, or
@@ -62,6 +65,7 @@ VIEW_TEXT = {
     "backbone": "features of the backbone",
     "pixels": "the images' 32x32 grey pixels",
     "trained": "features of the trained trial",
+    "folds": "softmax of the k-fold model that did not train on the image",
 }
 
 
@@ -157,11 +161,14 @@ def _choose(group: Group, fitted: dict[str, dict[float, np.ndarray]], y: np.ndar
 
 
 def find_label_issues(views: dict[str, np.ndarray], labels: np.ndarray, groups: Sequence[Group], *, folds: int,
-                      class_names: Sequence[str], seed: int = 0) -> LabelIssues:
+                      class_names: Sequence[str], probabilities: dict[str, np.ndarray] | None = None,
+                      seed: int = 0) -> LabelIssues:
     """Label issues of ``labels`` (class indices into ``class_names``), judged group by group.
 
     Args:
         views: name -> features ``(n, d)`` (see the module docstring for the names).
+        probabilities: name -> class probabilities ``(n, len(class_names))`` already out of sample
+            for every row (``folds``), used as they are.
         labels: given class of each row.
         groups: the rows judged together and the views allowed for them (out of sample there).
         folds: K of the cross-fitting; classes with fewer rows are not searched (a note).
@@ -208,6 +215,9 @@ def find_label_issues(views: dict[str, np.ndarray], labels: np.ndarray, groups: 
     at[rows] = np.arange(len(rows))
     needed = {v for g in groups for v in g.views if v in views}
     fitted = {v: cross_fit(principal(views[v][rows], seed=seed), y, folds, seed=seed) for v in sorted(needed)}
+    for v, pr in (probabilities or {}).items():  # over the searched classes, each row summing to 1
+        pr = np.asarray(pr, np.float64)[np.ix_(rows, searched)]
+        fitted[v] = {None: pr / np.maximum(pr.sum(axis=1, keepdims=True), 1e-12)}
     for g in groups:
         mine = at[np.asarray(g.rows, np.int64)]
         mine = mine[mine >= 0]

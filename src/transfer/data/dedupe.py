@@ -32,9 +32,10 @@ Everything that keeps groups on one side or warns about a group across the split
 groups -- each member a verified duplicate of the group's first image, as before -- let such a
 crop land in test while the original trains.) On 60,000 Fashion-MNIST images the components are
 small: 205 groups of 2-7 images where star groups made 210 of 2-5 (docs/audit.md). Measured
-(docs/audit.md): on 60,000 Fashion-MNIST images with 300 planted copies, 94 % of the copies are found (resized 1.0, re-compressed 0.98, cropped 0.84); the
-other reported pairs are mostly different photographs that are nearly the same picture,
-which no pixel score can tell from copies.
+(docs/audit.md): on 60,000 Fashion-MNIST images with 300 planted copies, 94 % of the copies are
+found (resized 1.0, re-compressed 0.98, cropped 0.84); the other reported pairs are mostly
+different photographs that are nearly the same picture, which no pixel score can tell from
+copies.
 
 Training uses the groups so that a group never straddles train / val / test
 (:func:`grouped_split`); :func:`straddling_groups` lists the groups a split already
