@@ -139,3 +139,21 @@ def test_a_pixel_mismatch_is_noticed_and_the_loader_used(photo_files):
         np.testing.assert_array_equal(x, load_image(p, (32, 32), recipe=recipe))
     same = audit.check_pixels(paths, (32, 32), recipe=recipe)
     assert not same.exact and same.record["max_abs_diff"] == 0 and same.record["images"] == 3
+
+
+def test_a_large_set_chooses_c_on_a_sample(noisy_digits, monkeypatch):
+    """Beyond SELECT_ROWS rows each view's C is chosen on a stratified sample and only the chosen
+    C is cross-fitted on every row: the same choice and the same issues as the full grid here."""
+    from transfer.analysis import audit_labels
+
+    d = noisy_digits
+    groups = [Group("fit", np.flatnonzero(d["fit"]), ("pixels",), "training"),
+              Group("held_out", np.flatnonzero(~d["fit"]), ("pixels", "trained"), "other")]
+    views = {"pixels": d["pixels"], "trained": d["trained"]}
+    names = [str(i) for i in range(10)]
+    full = find_label_issues(views, d["labels"], groups, folds=5, class_names=names)
+    monkeypatch.setattr(audit_labels, "SELECT_ROWS", 600)
+    sampled = find_label_issues(views, d["labels"], groups, folds=5, class_names=names)
+    assert [g["C"] for g in sampled.record["groups"]] == [g["C"] for g in full.record["groups"]]
+    a, b = {i for i, *_ in full.issues}, {i for i, *_ in sampled.issues}
+    assert a == b

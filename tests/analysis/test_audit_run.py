@@ -206,6 +206,7 @@ def test_a_class_of_one_image_is_noted_and_the_others_searched(tmp_path):
     assert "lonely" in page and "who judged which images" in page
 
 
+@pytest.mark.slow
 def test_a_kfold_run_lends_each_image_the_fold_model_that_did_not_train_on_it(tmp_path):
     """`transfer train --kfold 3`: every image outside test is in one fold's val split; its label
     is judged with that fold's fine-tuned model (the mean of the three for test images)."""

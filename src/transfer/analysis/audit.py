@@ -240,7 +240,7 @@ OUTPUTS = ("features", "probs")
 @dataclass
 class _Parity:
     """The first audited images as the pass makes their model input (``x``, ``paths``), and how
-    that input compares with the model's own loader (:meth:`_Engine.check_pixels`)."""
+    that input compares with the model's own loader (:func:`check_pixels`)."""
 
     x: np.ndarray
     paths: list
@@ -367,18 +367,18 @@ class _Engine:
         k = len(ref["x"])
         same_images = [str(q) for q in ref["paths"]] == [str(q) for q in self.parity.paths]
         out = OUTPUTS[self.outputs[name]]
-        if k and same_images:
+        if not same_images:
+            self.describe[name] = {"parity_images": 0}
+            return self._keras_because(m, "the conversion checked other images than the pass's first ones")
+        diff, scale = 0.0, 1.0
+        if k:
             f = self.sessions[name].run([out], {"image": self.parity.x})[0]
             diff = float(np.abs(f - ref[out]).max())
             scale = float(max(np.abs(ref[out]).max(), 1e-6))
-        else:
-            diff, scale = (0.0, 1.0) if not k else (float("inf"), 1.0)
         self.describe[name] = {"engine": "onnxruntime", "threads": self.threads, "parity_images": k,
                                "parity_max_abs_diff": diff, "parity_relative": diff / scale}
-        if not same_images:
-            self._keras_because(m, "the parity images of the conversion are not the pass's")
-        elif diff > PARITY_TOLERANCE * scale:
-            self._keras_because(m, f"ONNX Runtime's features of the audit's pixels differ from Keras's of the model "
+        if diff > PARITY_TOLERANCE * scale:
+            self._keras_because(m, f"ONNX Runtime's {out} of the audit's pixels differ from Keras's of the model "
                                    f"loader's pixels by {diff:.3g} (largest magnitude {scale:.3g}) on {k} of the "
                                    f"audited images")
 
@@ -823,7 +823,7 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     rows += group_rows
     judged = {g["group"]: g for g in found.record.get("groups", [])}
     rows += [_row(d, ok[k], "label_issue", s, suggested=d.class_names[sug],
-                  detail=f"judged by {judged[g]['source']} (cross-fitted; {judged[g]['what']})")
+                  detail=f"judged by {judged[g]['source']}, out of sample ({judged[g]['what']})")
              for k, s, sug, g in found.issues]
     rows += [_row(d, ok[k], "outlier", float(score[k]), detail=f"robust z {z[k]:.1f}")
              for k in np.flatnonzero(z > Z_FLAG)]
@@ -867,15 +867,19 @@ def _labels_and_outliers(d: _Data, src: _Source, feats: dict[str, np.ndarray], g
         fit = np.array([d.rel[i] in src.fit for i in ok], dtype=bool)
         trial = src.describe["trial"]
         groups = [Group("fit", np.flatnonzero(fit), ("folds", "initial", "pixels"),
-                        f"an image trial {trial} trained on"),
+                        f"the images trial {trial} trained on"),
                   Group("held_out", np.flatnonzero(~fit), ("folds", "trained", "initial", "pixels"),
-                        f"an image trial {trial} did not train on")]
+                        f"the images trial {trial} did not train on")]
         if src.folds is not None:
             probabilities["folds"] = _held_out_softmax(d, src.folds, feats, ok)
     p.say(f"audit: label issues ({settings['folds']}-fold cross-fitted heads on "
           + ", ".join(sorted(views)) + (", with the k-fold models' softmax" if probabilities else "") + "; cleanlab)")
     found = find_label_issues(views, d.labels[ok], groups, folds=settings["folds"], class_names=d.class_names,
                               probabilities=probabilities)
+    for g in found.record.get("groups", []):
+        if g.get("searched"):
+            p.say(f"audit: label issues: {g['issues']} among {g['what']} ({g['images']} images; judged by "
+                  f"{g['source']}, out-of-fold log loss {g['log_loss'][g['source']]:.3f})")
     for note in found.notes:
         p.say(f"note: {note}")
     t1 = time.perf_counter()
