@@ -53,9 +53,14 @@ def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path
     assert s["images"] == 64 and s["readable"] == 63
     assert s["class_balance"] == {"c0": 21, "c1": 21, "c2": 21}
     assert any(set(g["paths"]) == {"c0/000.png", "c1/dup_of_c0_000.png"} for g in s["groups"])
-    # the features came from ONNX Runtime, checked against Keras on the first images
-    eng = s["feature_engine"]
+    # the features came from ONNX Runtime, checked against Keras on the first images; the pass's
+    # pixels are load_image's (a plain backbone: today's recipe)
+    eng = s["feature_engine"]["source"]
     assert eng["engine"] == "onnxruntime" and eng["parity_images"] == 32 and eng["parity_relative"] <= 1e-4
+    assert s["feature_engine"]["pixels"]["max_abs_diff"] == 0 and s["feature_engine"]["pixels"]["images"] == 32
+    # a backbone never saw the labels: one group, judged by its features and the pixels
+    (judged,) = s["label_issues"]["groups"]
+    assert judged["group"] == "all" and judged["images"] == 63 and set(judged["views"]) == {"backbone", "pixels"}
     with open(tmp_path / "audit" / "audit.csv", newline="") as f:
         assert list(csv.DictReader(f))[0].keys() >= {"path", "kind", "score", "group", "suggested_label"}
     page = (tmp_path / "audit" / "audit.html").read_text()
@@ -84,7 +89,7 @@ def test_audit_features_fall_back_to_keras(pattern_data, tmp_path, monkeypatch):
     monkeypatch.setattr(audit, "PARITY_TOLERANCE", -1.0)
     lines: list[str] = []
     res = audit_folder(data, out=tmp_path / "keras", progress=lines.append, **kw)
-    eng = res.summary["feature_engine"]
+    eng = res.summary["feature_engine"]["source"]
     assert eng["engine"] == "keras" and "differ from Keras's" in eng["why"] and eng["parity_images"] == 32
     assert any("features by Keras" in ln for ln in lines)
     a, b = np.load(tmp_path / "ort" / "features.npy"), np.load(tmp_path / "keras" / "features.npy")

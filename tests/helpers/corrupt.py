@@ -101,5 +101,24 @@ def score_audit(rows: list[dict], summary: dict, truth: dict) -> dict:
         "dup_recall": len(found) / max(1, len(pairs)), "dup_precision": correct / max(1, reported),
         "dup_reported_pairs": reported,
         "flip_precision_at_k": len(set(issues) & set(truth["flipped"])) / max(1, k),
+        "flips_by_split": flips_by_split(rows, truth["flipped"]),
         "blank_noise_recall": len(flagged & set(junk)) / max(1, len(junk)),
     }
+
+
+def flips_by_split(rows: list[dict], flipped, splits=("train", "val", "test"), where: dict | None = None) -> dict:
+    """Per split (``where[path]``, or the first folder of a path): planted flips, images flagged as
+    label issues, flips among them, precision and recall."""
+    issues = {r["path"] for r in rows if r["kind"] == "label_issue"}
+
+    def split_of(p):
+        return where.get(p) if where is not None else p.split("/")[0]
+
+    out = {}
+    for s in splits:
+        mine = {p for p in flipped if split_of(p) == s}
+        flagged = {p for p in issues if split_of(p) == s}
+        hit = len(mine & flagged)
+        out[s] = {"flips": len(mine), "flagged": len(flagged), "found": hit,
+                  "precision": hit / len(flagged) if flagged else None, "recall": hit / len(mine) if mine else None}
+    return out

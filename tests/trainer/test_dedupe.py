@@ -1,11 +1,14 @@
 """Duplicates across the split: found before training, warned about and listed; ``--dedupe``
-keeps every group on one side; the test accuracy without the leaked images is measured."""
+keeps every group on one side; the test accuracy without the leaked images is measured.
+Groups are chains of verified pairs: an original, a copy and a copy of the copy (real
+photographs) stay together though the ends do not verify against each other."""
 
 from __future__ import annotations
 
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,9 @@ import pytest
 from PIL import Image
 
 from trainer_helpers import base_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.chains import chain, photo_patches, star_groups  # noqa: E402
 
 from transfer.trainer.config import load_config
 from transfer.trainer.sweep import run_sweep
@@ -45,11 +51,34 @@ def _plant_copies(root: Path, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def _plant_chains(root: Path, which=(1, 4, 5, 6, 8, 10)) -> list[list[str]]:
+    """Chains A~B~C of photo patches (:mod:`helpers.chains`), one per class folder in turn: [[A, B, C]]."""
+    patches = photo_patches(12)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    out = []
+    for n, k in enumerate(which):
+        rels = [f"{classes[n % len(classes)]}/chain{k}_{m}.png" for m in "abc"]
+        for rel, im in zip(rels, chain(patches[k])):
+            im.save(root / rel)
+        out.append(rels)
+    return out
+
+
 @pytest.fixture(scope="module")
-def leaky(tmp_path_factory) -> tuple[Path, list]:
+def leaky(tmp_path_factory) -> tuple[Path, list, list]:
+    """Digits with resized copies of some, and chains of photo copies whose star grouping breaks."""
+    from transfer.data import dedupe
+
     root = tmp_path_factory.mktemp("leaky") / "d"
     _digits(root, 40)
-    return root, _plant_copies(root, COPIES)
+    pairs = _plant_copies(root, COPIES)
+    chains = _plant_chains(root)
+    broken = 0
+    for rels in chains:  # the fixture does exercise chains: a star around A leaves C out
+        fps = dedupe.fingerprint_paths([root / r for r in rels])
+        broken += star_groups(3, dedupe.near_pairs(fps)) == [[0, 1]]
+    assert broken == len(chains)
+    return root, pairs, chains
 
 
 def _split_of(run: Path) -> dict[str, str]:
@@ -73,7 +102,7 @@ def _sweep(data: Path, out: Path, said: list, **kw):
 
 
 def test_without_dedupe_the_leak_is_warned_listed_and_measured(leaky, tmp_path):
-    data, pairs = leaky
+    data, pairs, chains = leaky
     said: list[str] = []
     res = _sweep(data, tmp_path / "run", said)
     where = _split_of(res.run_dir)
@@ -85,6 +114,12 @@ def test_without_dedupe_the_leak_is_warned_listed_and_measured(leaky, tmp_path):
         assert a in group_of and group_of[a] == group_of[b], (a, b)
     straddles = {r["path"] for r in rows if r["straddles"] == "yes"}
     assert all(a in straddles and b in straddles for a, b in crossing)
+    # a chain is one group; one across the split is listed as straddling, its ends included
+    crossing_chains = [c for c in chains if len({where[q] for q in c}) > 1]
+    assert crossing_chains
+    for c in chains:
+        assert len({group_of[q] for q in c}) == 1, c
+    assert all(q in straddles for c in crossing_chains for q in c)
     ds = json.loads((res.run_dir / "dataset.json").read_text())
     rec = ds["duplicates"]
     assert rec["straddling_groups"] >= len(crossing) and rec["dedupe"] is False and ds["split"]["dedupe"] is False
@@ -107,12 +142,14 @@ def test_without_dedupe_the_leak_is_warned_listed_and_measured(leaky, tmp_path):
 
 
 def test_dedupe_keeps_every_group_on_one_side(leaky, tmp_path):
-    data, pairs = leaky
+    data, pairs, chains = leaky
     said: list[str] = []
     res = _sweep(data, tmp_path / "run", said, dedupe=True)
     where = _split_of(res.run_dir)
     for a, b in pairs:
         assert where[a] == where[b], (a, b, where[a], where[b])
+    for c in chains:  # A~B~C: never across the split, though A and C are no verified pair
+        assert len({where[q] for q in c}) == 1, [(q, where[q]) for q in c]
     rows = _rows(res.run_dir / "duplicates.csv")
     groups: dict[str, set] = {}
     for r in rows:

@@ -4,20 +4,24 @@ outliers and image quality, tied to the split a run uses.
 One streamed pass reads every image once (bounded memory: a chunk of images at a time, in
 threads one chunk ahead of the model): each file is decoded once and everything kept comes from
 those pixels -- a :class:`~transfer.data.dedupe.Fingerprint` (exact-pixel hash, perceptual hash,
-thumbnails), a few quality numbers (batched per image size) and the pooled features (and
-softmax) of a trained trial's model or of a chosen backbone, written to a memory-mapped
-``features.npy``. The model runs in ONNX Runtime, converted by a child process that alone
-imports TensorFlow and checked against Keras on the first images (:class:`_Engine`,
-:mod:`transfer.analysis.audit_model`). The SHA-256 of every file is taken before, to tell
-whether an earlier audit still holds. Then:
+thumbnails), a few quality numbers (batched per image size) and the model input, made exactly as
+the model's own loader makes it (:func:`transfer.data.image.load_image` with the run's recorded
+pixel recipe; checked on the first images). The model input goes through the pooled features of
+a trained trial's model or of a chosen backbone (memory-mapped ``features.npy``) and, with a run,
+of the same trial's network at its initial weights (``initial_features.npy``). The models run in
+ONNX Runtime, converted by a child process that alone imports TensorFlow and checked against
+Keras on the first images (:class:`_Engine`, :mod:`transfer.analysis.audit_model`). The SHA-256
+of every file is taken before, to tell whether an earlier audit still holds. Then:
 
 * **duplicates** -- exact (same decoded pixels) and near (:func:`transfer.data.dedupe.near_pairs`),
-  verified pair by pair and grouped; a group is *within a class*, *across classes* (conflicting
-  labels) and, when the images belong to a run's splits (or the folder's own
-  ``train/val/test``), *across splits* (leakage). Each near pair also carries the cosine of its features.
-* **label issues** -- out-of-fold probabilities of a k-fold logistic regression on the
-  features, fed to cleanlab's confident learning (``cleanlab.filter.find_label_issues``),
-  ranked by self-confidence, with the suggested label.
+  verified pair by pair and grouped into chains (:func:`transfer.data.dedupe.components`); a
+  group is *within a class*, *across classes* (conflicting labels) and, when the images belong
+  to a run's splits (or the folder's own ``train/val/test``), *across splits* (leakage). Each
+  group also carries the cosine of its features.
+* **label issues** -- confident learning (cleanlab) on probabilities that no model fit the
+  judged label to: heads cross-fitted on the initial weights' features and the pixels for the
+  images the trial trained on, and on the trained features too for the others
+  (:mod:`transfer.analysis.audit_labels`), ranked by self-confidence, with the suggested label.
 * **outliers** -- mean cosine distance to the nearest neighbours in feature space
   (:func:`transfer.data.dedupe.nearest`), flagged far above the folder's own spread.
 * **quality** -- near-constant (blank), very dark or bright, noise, blurry, tiny or extreme
@@ -25,7 +29,8 @@ whether an earlier audit still holds. Then:
 
 Outputs (``OUT/``): ``audit.csv`` (path, kind, score, group, label, suggested label, split),
 ``audit.json`` (summary, class balance, groups), ``audit.html`` (thumbnails per finding),
-``files.csv`` (path, SHA-256 of every audited file) and ``features.npy``. A later audit with
+``files.csv`` (path, SHA-256 of every audited file), ``features.npy`` and (with a run)
+``initial_features.npy``. A later audit with
 the same ``OUT`` reuses the result only when every file's SHA-256 and the feature source
 are unchanged; otherwise it says what changed and audits again.
 
@@ -53,12 +58,10 @@ from ..tables import markdown, write_csv
 from .audit_page import KINDS, write_page
 from .options import check_int
 
-AUDIT_VERSION = 2
+AUDIT_VERSION = 3
 CSV_COLUMNS = ("path", "kind", "score", "group", "label", "suggested_label", "split", "detail")
 #: robust z-score (median / MAD) beyond which a quality number or an outlier score is flagged
 Z_FLAG = 6.0
-#: lbfgs steps of the k-fold logistic regression of the label-issue search
-LR_STEPS = 100
 
 
 def audit_dir(run) -> Path:
@@ -125,30 +128,64 @@ class _Pass:
     seconds: dict
 
 
-def _read_one(path: Path, size):
-    """Decode one file and derive everything the audit keeps from the same pixels (runs in a thread)."""
-    from ..data.dedupe import fingerprint_array
-    from ..data.image import resize_image
-    from ..data.stream import decode_item
+def _is_jpeg(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(3) == b"\xff\xd8\xff"
+    except OSError:
+        return False
 
-    item = decode_item(str(path), None, recipe=None)  # at its own size: every recipe decodes the same pixels
+
+def model_input(path: Path, pixels: np.ndarray, size, *, recipe: dict | None) -> np.ndarray:
+    """The model input of a file already decoded at its own size (``pixels``), as
+    :func:`transfer.data.image.load_image` (``path``, ``size``, ``recipe``) makes it.
+
+    A file's full-size pixels are the same under every recipe, and so is the resize of them,
+    except where recipe 2 decodes a large JPEG in the DCT at a reduced scale (Pillow's draft): it
+    does so only when a side is at least ``2 * DRAFT_MARGIN`` times the model's, and then the
+    file is decoded again through the recipe. (Should these pixels ever differ from the loader's,
+    :func:`check_pixels` notices it on the first images and the pass decodes every model input
+    through ``load_image``.)"""
+    from ..data.image import DRAFT_MARGIN, load_image, recipe_version, resize_image
+
+    h, w = int(size[0]), int(size[1])
+    big = pixels.shape[0] >= 2 * DRAFT_MARGIN * h and pixels.shape[1] >= 2 * DRAFT_MARGIN * w
+    if big and recipe_version(recipe) >= 2 and _is_jpeg(path):
+        return load_image(path, (h, w), recipe=recipe)
+    return resize_image(pixels, (h, w), recipe=recipe)
+
+
+def _read_one(path: Path, size, recipe: dict | None, exact: bool = False):
+    """Decode one file and derive everything the audit keeps from the same pixels (runs in a
+    thread): (error, fingerprint, model input, small image or quality numbers). The model input
+    is :func:`model_input`'s, or with ``exact`` the loader's own (a second decode)."""
+    from ..data.dedupe import fingerprint_array
+    from ..data.image import load_image
+    from ..data.stream import decode_item
+    from ..errors import ImageDecodeError
+
+    item = decode_item(str(path), None, recipe=recipe)  # at its own size: every recipe decodes the same pixels
     if item.pixels is None:
         return item.error or "cannot decode", None, None, None
     px = item.pixels
     fp = fingerprint_array(px)
     small = px if px.shape[0] * px.shape[1] <= _BATCH_QUALITY_PIXELS else None
     q = None if small is not None else _quality_batch(px[None])[0]
-    return None, fp, resize_image(px, size, recipe=None), (small if small is not None else q)
+    try:
+        x = load_image(path, tuple(size), recipe=recipe) if exact else model_input(path, px, size, recipe=recipe)
+    except ImageDecodeError as exc:  # changed on disk between the two decodes
+        return exc.reason, None, None, None
+    return None, fp, x, (small if small is not None else q)
 
 
 class _FeatureSink:
-    """Pooled features (memory-mapped file) and softmax of the images, filled batch by batch by
-    ``engine`` (:class:`_Engine`) once it is ready; until then the pass keeps decoding and holds
-    up to :data:`WAIT_BUFFER_BYTES` of model input."""
+    """Pooled features of the images, one memory-mapped file per model of ``engine``
+    (:class:`_Engine`), filled batch by batch once the engine is ready; until then the pass keeps
+    decoding and holds up to :data:`WAIT_BUFFER_BYTES` of model input."""
 
-    def __init__(self, engine, path: Path, n: int, keep_probs: bool):
-        self.engine, self.path, self.n, self.keep_probs = engine, path, n, keep_probs
-        self.features = self.probs = None
+    def __init__(self, engine, paths: dict[str, Path], n: int):
+        self.engine, self.paths, self.n = engine, paths, n
+        self.features: dict | None = None
         self.written = 0
 
     def ready(self, wait: bool) -> bool:
@@ -157,83 +194,136 @@ class _FeatureSink:
                 return False
             from numpy.lib.format import open_memmap
 
-            self.features = open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.n, self.engine.dim))
-            self.probs = np.zeros((self.n, self.engine.classes), np.float32) if self.keep_probs else None
+            self.features = {name: open_memmap(self.paths[name], mode="w+", dtype=np.float32,
+                                               shape=(self.n, self.engine.dims[name])) for name in self.engine.names}
         return True
 
     def add(self, x: np.ndarray) -> None:
         self.ready(True)
-        f, p = self.engine.run(x.astype(np.float32))
         m = len(x)
-        self.features[self.written:self.written + m] = np.asarray(f, np.float32).reshape(m, -1)
-        if self.probs is not None and p is not None:
-            self.probs[self.written:self.written + m] = np.asarray(p, np.float32)
+        for name, f in self.engine.run(x.astype(np.float32)).items():
+            self.features[name][self.written:self.written + m] = np.asarray(f, np.float32).reshape(m, -1)
         self.written += m
 
-
-    def finish(self) -> np.ndarray:
-        """The features of the images that decoded (the file is cut to them: unreadable files
-        have no row)."""
+    def finish(self) -> dict[str, np.ndarray]:
+        """The features of the images that decoded, per model (each file is cut to them:
+        unreadable files have no row)."""
         self.ready(True)
-        if self.written < self.n:
-            from ..fsutil import atomic_path
+        out = {}
+        for name, arr in self.features.items():
+            if self.written < self.n:
+                from ..fsutil import atomic_path
 
-            kept = np.array(self.features[:self.written])
-            del self.features
-            with atomic_path(self.path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, kept)
-            self.features = kept
-        return np.asarray(self.features[:self.written])
+                kept = np.array(arr[:self.written])
+                del arr
+                self.features[name] = None
+                with atomic_path(self.paths[name]) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, kept)
+                self.features[name] = kept
+            out[name] = np.asarray(self.features[name][:self.written])
+        return out
 
 
 #: model input the pass holds while the model is still being converted (it decodes on meanwhile)
 WAIT_BUFFER_BYTES = 128 << 20
-#: audited images whose ONNX Runtime features are compared with Keras's before the pass
+#: audited images whose pixels and features are compared with the model's own loader and Keras before the pass
 PARITY_IMAGES = 32
 #: largest difference between ONNX Runtime's and Keras's features allowed, relative to their largest magnitude
 PARITY_TOLERANCE = 1e-4
 #: ONNX Runtime threads of the forward pass (the decoding threads run beside it)
 ORT_THREADS = 1
+#: the outputs of a contract model an audit model gives (by index)
+OUTPUTS = ("features", "probs")
+
+
+@dataclass
+class _Parity:
+    """The first audited images as the pass makes their model input (``x``, ``paths``), and how
+    that input compares with the model's own loader (:func:`check_pixels`)."""
+
+    x: np.ndarray
+    paths: list
+    record: dict
+    exact: bool = False
+
+
+def check_pixels(paths: Sequence[Path], size, *, recipe: dict | None, limit: int = PARITY_IMAGES,
+                 read=None) -> _Parity:
+    """The pass's model input of the first ``limit`` decodable ``paths`` (``read``: the pass's
+    reader, :func:`_read_one`), compared pixel for pixel with :func:`transfer.data.image.load_image`
+    at ``size`` with the run's ``recipe`` -- the pixels the model was trained and evaluated on.
+    Any difference switches the pass to decoding every model input through ``load_image``
+    (``exact``), and the record says so."""
+    from ..data.image import load_image, recipe_version
+
+    read = read or _read_one
+    xs, used, diff = [], [], 0
+    for path in paths:
+        err, _, x, _ = read(path, size, recipe)
+        if err is not None:
+            continue
+        ref = load_image(path, tuple(size), recipe=recipe)
+        diff = max(diff, int(np.abs(x.astype(np.int16) - ref.astype(np.int16)).max()))
+        xs.append(x)
+        used.append(path)
+        if len(xs) >= limit:
+            break
+    exact = diff > 0
+    if exact:
+        xs = [load_image(path, tuple(size), recipe=recipe) for path in used]
+    h, w = (int(v) for v in size)
+    record = {"recipe": recipe_version(recipe), "images": len(used), "max_abs_diff": diff,
+              "decode": "load_image for every model input (the pass's pixels differed)" if exact
+              else "once per file (the same pixels as load_image)"}
+    x = np.stack(xs).astype(np.float32) if xs else np.zeros((0, h, w, 3), np.float32)
+    return _Parity(x, used, record, exact)
 
 
 class _Engine:
-    """Runs the feature source's model on batches: ``run(x) -> (features, probs)``.
+    """Runs the audit's models on batches: ``run(x) -> {name: features}``.
 
-    A child process converts the model to ONNX (:mod:`transfer.analysis.audit_model`; only it
+    A child process converts the models to ONNX (:mod:`transfer.analysis.audit_model`; only it
     imports TensorFlow) while the audit hashes the files; :meth:`ready` waits for it, opens an
-    ONNX Runtime session on ``threads`` threads (it releases the GIL: the decoding threads keep
-    working beside it) and compares its features with Keras's on the first audited images
-    (:data:`PARITY_IMAGES`). A difference above :data:`PARITY_TOLERANCE` of their largest
-    magnitude, or a model the child could not convert, falls back to Keras in this process,
+    ONNX Runtime session per model on ``threads`` threads (it releases the GIL: the decoding
+    threads keep working beside it) and compares each session's features of the pass's own
+    pixels of the first audited images (``parity.x``) with Keras's features of the same images as
+    the model's loader decodes them (:data:`PARITY_IMAGES`): a difference in the conversion or in
+    the pixels shows. A difference above :data:`PARITY_TOLERANCE` of their largest magnitude, or a
+    model the child could not convert, falls back to Keras in this process for that model,
     saying why (a model that cannot be loaded at all then raises its error here). ``describe``
-    records which ran and the measured difference (``audit.json``: ``feature_engine``).
+    records, per model, which ran and the measured difference (``audit.json``: ``feature_engine``).
     """
 
-    def __init__(self, src: "_Source", folder: Path, parity_paths: Sequence[Path], *, threads: int, p):
+    def __init__(self, src: "_Source", folder: Path, parity: _Parity, *, threads: int, p):
         import json
         import subprocess
         import sys
 
-        self.src, self.p, self.threads = src, p, threads
-        self.session = self.keras = None
-        self.dim = self.classes = 0
+        self.src, self.p, self.threads, self.parity = src, p, threads, parity
+        self.names = [m["name"] for m in src.models]
+        self.outputs = {m["name"]: OUTPUTS.index(m.get("output", "features")) for m in src.models}
+        self.folder = folder
+        self.sessions: dict = {}
+        self.keras: dict = {}
+        self.dims: dict[str, int] = {}
         self.done, self.waited = False, 0.0
         self.describe: dict = {}
-        self.spec = {**src.spec, "onnx": str(folder / "features.onnx"), "reference": str(folder / "reference.npz"),
-                     "parity": [str(x) for x in parity_paths[:2 * PARITY_IMAGES]], "size": list(src.size),
-                     "limit": PARITY_IMAGES}
+        self.spec = {"models": [{**m, "onnx": str(folder / f"{m['name']}.onnx"),
+                                 "reference": str(folder / f"{m['name']}.npz")} for m in src.models],
+                     "parity": [str(x) for x in parity.paths], "size": list(src.size), "limit": len(parity.paths),
+                     "recipe": src.recipe}
         env = dict(os.environ)
         here = str(Path(__file__).resolve().parents[2])  # the folder holding this ``transfer`` package
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        p.say("audit: converting the model to ONNX (child process)")
+        p.say(f"audit: converting the model{'s' if len(self.names) > 1 else ''} to ONNX (child process)")
         self.child = subprocess.Popen([sys.executable, "-m", "transfer.analysis.audit_model", json.dumps(self.spec)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def ready(self, wait: bool = True) -> bool:
-        """Whether the model can run: with ``wait``, waits for the conversion (the seconds waited
-        add to ``waited``); then opens the ONNX Runtime session (parity-checked) or Keras."""
+        """Whether the models can run: with ``wait``, waits for the conversion (the seconds waited
+        add to ``waited``); then opens the ONNX Runtime sessions (parity-checked) or Keras."""
         if self.done:
             return True
         if not wait and self.child.poll() is None:
@@ -249,52 +339,74 @@ class _Engine:
 
         out, err = self.child.communicate()
         lines = out.splitlines()
-        result = [ln[7:] for ln in lines if ln.startswith("RESULT ")]
-        if not result:
-            said = [ln[6:] for ln in lines if ln.startswith("ERROR ")]
-            tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:]
-            return self._keras_because("the model was not converted to ONNX ("
-                                       + ((said or tail or [f"exit status {self.child.returncode}"])[0]) + ")")
-        res = json.loads(result[0])
-        self.dim, self.classes = int(res["dim"]), int(res["classes"])
-        try:
-            from ..runtime.sessions import make_session
+        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:]
+        for m in self.src.models:
+            name = m["name"]
+            result = [ln.split(" ", 2)[2] for ln in lines if ln.startswith(f"RESULT {name} ")]
+            if not result:
+                said = [ln.split(" ", 2)[2] for ln in lines if ln.startswith(f"ERROR {name} ")]
+                self._keras_because(m, "the model was not converted to ONNX ("
+                                    + ((said or tail or [f"exit status {self.child.returncode}"])[0]) + ")")
+                continue
+            res = json.loads(result[0])
+            self.dims[name] = int(res["classes"] if m.get("output") == "probs" else res["dim"])
+            try:
+                from ..runtime.sessions import make_session
 
-            self.session, _ = make_session(self.spec["onnx"], "cpu", threads=self.threads)
-        except Exception as exc:  # noqa: BLE001 -- ONNX Runtime raises its own kinds; Keras still runs the model
-            return self._keras_because(f"ONNX Runtime cannot open the converted model ({type(exc).__name__}: {exc})")
-        ref = np.load(self.spec["reference"])
+                self.sessions[name], _ = make_session(self.spec["models"][self.names.index(name)]["onnx"], "cpu",
+                                                      threads=self.threads)
+            except Exception as exc:  # noqa: BLE001 -- ONNX Runtime raises its own kinds; Keras still runs the model
+                self._keras_because(m, f"ONNX Runtime cannot open the converted model ({type(exc).__name__}: {exc})")
+                continue
+            self._check(m)
+
+    def _check(self, m: dict) -> None:
+        """ONNX Runtime's features of the pass's pixels against Keras's of the loader's pixels."""
+        name = m["name"]
+        ref = np.load(self.spec["models"][self.names.index(name)]["reference"])
         k = len(ref["x"])
-        f = self.session.run(["features"], {"image": ref["x"]})[0] if k else ref["features"]
-        diff = float(np.abs(f - ref["features"]).max()) if k else 0.0
-        scale = float(max(np.abs(ref["features"]).max(), 1e-6)) if k else 1.0
-        self.describe = {"engine": "onnxruntime", "threads": self.threads, "parity_images": k,
-                         "parity_max_abs_diff": diff, "parity_relative": diff / scale}
+        same_images = [str(q) for q in ref["paths"]] == [str(q) for q in self.parity.paths]
+        out = OUTPUTS[self.outputs[name]]
+        if not same_images:
+            self.describe[name] = {"parity_images": 0}
+            return self._keras_because(m, "the conversion checked other images than the pass's first ones")
+        diff, scale = 0.0, 1.0
+        if k:
+            f = self.sessions[name].run([out], {"image": self.parity.x})[0]
+            diff = float(np.abs(f - ref[out]).max())
+            scale = float(max(np.abs(ref[out]).max(), 1e-6))
+        self.describe[name] = {"engine": "onnxruntime", "threads": self.threads, "parity_images": k,
+                               "parity_max_abs_diff": diff, "parity_relative": diff / scale}
         if diff > PARITY_TOLERANCE * scale:
-            self._keras_because(f"ONNX Runtime's features differ from Keras's by {diff:.3g} (largest "
-                                f"magnitude {scale:.3g}) on {k} of the audited images")
+            self._keras_because(m, f"ONNX Runtime's {out} of the audit's pixels differ from Keras's of the model "
+                                   f"loader's pixels by {diff:.3g} (largest magnitude {scale:.3g}) on {k} of the "
+                                   f"audited images")
 
-    def _keras_because(self, why: str) -> None:
+    def _keras_because(self, m: dict, why: str) -> None:
         from ..export.onnx import two_output_model
         from .audit_model import load_source_model
 
-        self.session = None
-        parity = {k: v for k, v in self.describe.items() if k.startswith("parity")}
-        self.describe = {"engine": "keras", "why": why, **parity}
-        self.p.say(f"audit: features by Keras: {why}")
-        self.keras = two_output_model(load_source_model(self.src.spec))
-        self.dim, self.classes = (int(o.shape[-1]) for o in self.keras.outputs)
+        name = m["name"]
+        self.sessions.pop(name, None)
+        parity = {k: v for k, v in self.describe.get(name, {}).items() if k.startswith("parity")}
+        self.describe[name] = {"engine": "keras", "why": why, **parity}
+        self.p.say(f"audit: {name} features by Keras: {why}")
+        self.keras[name] = two_output_model(load_source_model(m))
+        self.dims[name] = int(self.keras[name].outputs[self.outputs[name]].shape[-1])
 
-    def run(self, x: np.ndarray):
-        if self.session is not None:
-            f, p = self.session.run(["features", "probs"], {"image": x})
-        else:
-            f, p = self.keras.predict_on_batch(x)
-        return np.asarray(f), np.asarray(p)
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Each model's features (its softmax for a model whose spec says ``"output": "probs"``)."""
+        out = {}
+        for name in self.names:
+            if name in self.sessions:
+                out[name] = np.asarray(self.sessions[name].run([OUTPUTS[self.outputs[name]]], {"image": x})[0])
+            else:
+                out[name] = np.asarray(self.keras[name].predict_on_batch(x)[self.outputs[name]])
+        return out
 
     def release(self) -> None:
-        """Free the model (the pass is over)."""
-        self.session = self.keras = None
+        """Free the models (the pass is over)."""
+        self.sessions, self.keras = {}, {}
 
     def close(self) -> None:
         if self.child.poll() is None:
@@ -302,11 +414,12 @@ class _Engine:
             self.child.communicate()
 
 
-def _stream(paths: list[Path], sink, size, *, batch: int, workers: int, p) -> _Pass:
+def _stream(paths: list[Path], sink, size, *, recipe: dict | None, exact: bool, batch: int, workers: int,
+            p) -> _Pass:
     """Read every image once, in ``workers`` threads, one chunk ahead of the model (bounded memory):
     the file is decoded once and its fingerprint (pixel digest, perceptual hash, thumbnails),
-    quality numbers and model input all come from those pixels; features go to ``sink`` in
-    batches of ``batch``."""
+    quality numbers and model input (:func:`model_input` with ``recipe``; ``exact``: through
+    ``load_image``) all come from those pixels; features go to ``sink`` in batches of ``batch``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..data.dedupe import THUMB, VERIFY
@@ -338,7 +451,7 @@ def _stream(paths: list[Path], sink, size, *, batch: int, workers: int, p) -> _P
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="transfer-audit") as pool, \
             p.bar(n, "audit", unit="images") as bar:
         def submit(s):
-            return [pool.submit(_read_one, paths[i], size) for i in range(s, min(n, s + chunk))]
+            return [pool.submit(_read_one, paths[i], size, recipe, exact) for i in range(s, min(n, s + chunk))]
 
         ahead = submit(0)
         for s in range(0, n, chunk):
@@ -370,25 +483,58 @@ def _stream(paths: list[Path], sink, size, *, batch: int, workers: int, p) -> _P
 
 @dataclass
 class _Source:
-    """The model whose features the audit uses (a contract classifier, ``image -> features ->
-    probs``, named by ``spec`` for :func:`transfer.analysis.audit_model.load_source_model`), its
-    input size, how to name it, and whether its softmax is kept (a trained trial's)."""
+    """The models whose features the audit uses (contract classifiers, ``image -> features ->
+    probs``, each named by a spec for :func:`transfer.analysis.audit_model.load_source_model`):
+    ``models[0]`` (``source``) is the trained trial's or the backbone's, ``initial`` (with a
+    run) the trial's network at its initial weights. Also: their input size and pixel recipe,
+    how to name them, the paths (relative to the data root) the trial trained on (``None``
+    without a run) and notes for the user."""
 
-    spec: dict
+    models: list
     size: tuple[int, int]
+    recipe: dict | None
     describe: dict
-    keep_probs: bool
+    fit: frozenset | None = None
+    notes: list = field(default_factory=list)
+    #: a k-fold run: each image's held-out fold model (path -> model name), the models, the run's classes
+    folds: dict | None = None
 
 
 def _source(run, trial: str, backbone: str | None, weights: str | None, image_size: int | None) -> _Source:
-    """The feature source, checked without loading the model (that happens in the child process)."""
+    """The feature sources, checked without loading a model (that happens in the child process)."""
     if run is not None:
+        from ..data.image import recipe_version
+        from ..errors import RunFolderError
+        from .audit_model import initial_weights_path
         from .features import open_run, resolve_trial
 
-        t = resolve_trial(open_run(run), trial).require_finished()
-        path = str(Path(run.path if hasattr(run, "path") else run).resolve())
-        return _Source({"run": path, "trial": t.name}, t.image_size,
-                       {"run": path, "trial": t.name, "model_sha256": sha256_file(t.model_path)}, True)
+        rf = open_run(run)
+        t = resolve_trial(rf, trial).require_finished()
+        path = str(rf.path.resolve())
+        recipe = rf.recipe
+        try:
+            version = recipe_version(recipe)
+        except ValueError as exc:
+            raise RunFolderError(f"the run's pixel recipe (dataset.json) is not one this version implements: {exc}",
+                                 hint="audit with the transfer version that trained the run") from exc
+        models = [{"name": "source", "run": path, "trial": t.name}]
+        desc = {"run": path, "trial": t.name, "model_sha256": sha256_file(t.model_path), "recipe": version}
+        notes = []
+        try:
+            init = initial_weights_path(rf, t)
+        except RunFolderError as exc:
+            notes.append(f"label issues of the images trial {t.name} trained on: {exc.message}; they are judged by "
+                         "their pixels alone")
+        else:
+            models.append({"name": "initial", "run": path, "trial": t.name, "initial": True})
+            desc["initial_sha256"] = sha256_file(init)
+        fit = frozenset(rel for rel, _ in rf.split("train", fold=t.fold))
+        folds = _fold_models(rf, t, notes)
+        if folds is not None:
+            models += [{"name": name, "run": path, "trial": trial_name, "output": "probs"}
+                       for name, trial_name in folds["trials"].items()]
+            desc["fold_trials"] = sorted(folds["trials"].values())
+        return _Source(models, t.image_size, recipe, desc, fit, notes, folds)
     if backbone is None:
         raise ConfigError("the audit needs features: give a run (and trial) or a backbone and its weights",
                           option="run")
@@ -400,8 +546,27 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
     desc = {"backbone": backbone, "weights": w, "image_size": side}
     if Path(w).is_file():
         desc["weights_sha256"] = sha256_file(w)
-    return _Source({"backbone": backbone, "weights": None if weights is None else str(weights), "image_size": side},
-                   (side, side), desc, False)
+    # a chosen backbone is not tied to a run: today's pixel recipe, as `transfer train` would use
+    return _Source([{"name": "source", "backbone": backbone, "weights": None if weights is None else str(weights),
+                     "image_size": side}], (side, side), None, desc)
+
+
+def _fold_models(rf, t, notes: list) -> dict | None:
+    """With a k-fold run (``transfer train --kfold K``): the fold trials of ``t``'s group, one per
+    fold, and for each image of a fold's val split the model that did not train on it --
+    ``{"trials": {name: trial}, "held_out": {path: name}, "classes": [...]}``; ``None`` otherwise
+    (with a note when the folds are not all finished)."""
+    if not t.fold:
+        return None
+    k = int(rf.config().get("kfold") or 0)
+    mine = {x.fold: x for x in rf.finished_trials() if x.meta.get("group") == t.meta.get("group") and x.fold}
+    if k < 2 or sorted(mine) != list(range(1, k + 1)):
+        notes.append(f"label issues: {len(mine)} of the {k} fold trials of {t.meta.get('group')} are finished; the "
+                     "k-fold models are used once all are")
+        return None
+    trials = {f"fold{f}": mine[f].name for f in sorted(mine)}
+    held_out = {rel: f"fold{f}" for f in sorted(mine) for rel, _ in rf.split("val", fold=f)}
+    return {"trials": trials, "held_out": held_out, "classes": rf.class_names}
 
 
 # --------------------------------------------------------------------------- findings
@@ -460,42 +625,6 @@ def _quality_findings(quality: np.ndarray, ok: list[int]) -> list[tuple[int, str
         if colour_set and arr["colour"][k] <= 2.0:
             out.append((i, "grayscale", float(arr["colour"][k]), "grayscale in a colour set"))
     return out
-
-
-def _label_issues(features: np.ndarray, labels: np.ndarray, folds: int, seed: int = 0):
-    """Ranked (index, 1 - self-confidence, suggested label) from cleanlab on out-of-fold probabilities."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from .._lazy import require
-
-    require("cleanlab", purpose="label issues (confident learning)")
-    from cleanlab.filter import find_label_issues
-
-    counts = np.bincount(labels)
-    k = int(min(folds, counts[counts > 0].min()))
-    if k < 2 or (counts > 0).sum() < 2:
-        return [], None
-    from threadpoolctl import threadpool_limits
-
-    # one BLAS thread: measured 10x faster than two on this small problem (48k x 64) on a busy
-    # 2-core machine, where the second thread spins; 100 lbfgs steps on standardized features
-    # give the same precision@k of flipped labels as 300 (Fashion-MNIST 60k: 0.763 / 0.765)
-    est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=LR_STEPS))
-    with threadpool_limits(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=ConvergenceWarning)
-        probs = cross_val_predict(est, features, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                                  method="predict_proba")
-    # n_jobs=1: cleanlab otherwise forks a pool of one process per core from this (large,
-    # multi-threaded) process for a per-class partition of 10 arrays; same result either way
-    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
-    conf = probs[np.arange(len(labels)), labels]
-    return [(int(i), float(1.0 - conf[i]), int(probs[i].argmax())) for i in ranked], probs
 
 
 # --------------------------------------------------------------------------- the audit
@@ -625,6 +754,8 @@ def audit_folder(
     out = Path(out) if out is not None else (audit_dir(run) if run is not None else d.root.parent / f"{d.root.name}-audit")
     settings = {"near_threshold": threshold, "folds": folds, "neighbours": neighbours}
     src = _source(run, trial, backbone, weights, image_size)
+    for note in src.notes:
+        p.say(f"note: {note}")
     hashes = _file_hashes(d.root, d.rel, workers)
     if not force:
         old, why = _previous(out, hashes, src.describe, settings)
@@ -636,8 +767,13 @@ def audit_folder(
     out.mkdir(parents=True, exist_ok=True)
     import tempfile
 
+    parity = check_pixels([d.root / r for r in d.rel[:2 * PARITY_IMAGES]], src.size, recipe=src.recipe)
+    if parity.exact:
+        p.say(f"audit: the pass's model input differs from load_image's (recipe {parity.record['recipe']}) by up to "
+              f"{parity.record['max_abs_diff']} grey levels on the first images; decoding every model input "
+              "through load_image")
     with tempfile.TemporaryDirectory(prefix="transfer-audit-") as tmp:
-        engine = _Engine(src, Path(tmp), [d.root / r for r in d.rel], threads=ORT_THREADS, p=p)
+        engine = _Engine(src, Path(tmp), parity, threads=ORT_THREADS, p=p)
         try:
             return _run(d, src, engine, out, hashes, settings, batch_size=batch_size, workers=workers, p=p)
         finally:
@@ -650,8 +786,13 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     _return_large_blocks()
     phases: dict[str, float] = {}
     paths = [d.root / r for r in d.rel]
-    sink = _FeatureSink(engine, out / "features.npy", len(paths), src.keep_probs)
-    got = _stream(paths, sink, src.size, batch=batch_size, workers=workers, p=p)
+    files = {name: engine.folder / f"{name}.npy" for name in engine.names}  # the k-fold models' softmax
+    files.update({"source": out / "features.npy", "initial": out / "initial_features.npy"})
+    sink = _FeatureSink(engine, files, len(paths))
+    if "initial" not in engine.names:
+        (out / "initial_features.npy").unlink(missing_ok=True)  # an earlier audit's, of another source
+    got = _stream(paths, sink, src.size, recipe=src.recipe, exact=engine.parity.exact, batch=batch_size,
+                  workers=workers, p=p)
     sink.ready(True)
     engine.release()  # the session's memory arena, before the duplicate search's peak
     phases["read_and_features"] = time.perf_counter() - t0
@@ -673,14 +814,17 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     # both are partly Python and share the GIL)
     with threadpool_limits(1):
         t = time.perf_counter()
-        groups, group_rows, near = _duplicates(d, got, ok, feats, settings["near_threshold"], p)
+        groups, group_rows, near = _duplicates(d, got, ok, feats["source"], settings["near_threshold"], p)
         phases["duplicates"] = time.perf_counter() - t
         _release_freed_memory()
-        issues, (score, z), side_phases = _labels_and_outliers(feats, d.labels[ok], settings, p)
+        found, (score, z), side_phases = _labels_and_outliers(d, src, feats, got.greys[ok], ok, settings, p)
     phases.update(side_phases)
     _release_freed_memory()
     rows += group_rows
-    rows += [_row(d, ok[k], "label_issue", s, suggested=d.class_names[sug]) for k, s, sug in issues]
+    judged = {g["group"]: g for g in found.record.get("groups", [])}
+    rows += [_row(d, ok[k], "label_issue", s, suggested=d.class_names[sug],
+                  detail=f"judged by {judged[g]['source']}, out of sample ({judged[g]['what']})")
+             for k, s, sug, g in found.issues]
     rows += [_row(d, ok[k], "outlier", float(score[k]), detail=f"robust z {z[k]:.1f}")
              for k in np.flatnonzero(z > Z_FLAG)]
     t = time.perf_counter()
@@ -689,7 +833,9 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     t = time.perf_counter()
     summary = _summary(d, src, settings, rows, groups, ok, time.perf_counter() - t0)
     summary["near_duplicate_search"] = near
-    summary["feature_engine"] = engine.describe
+    summary["feature_engine"] = {**engine.describe, "pixels": engine.parity.record}
+    summary["label_issues"] = found.record
+    summary["notes"] = list(src.notes) + list(found.notes)
     _write(out, d, hashes, summary, rows)
     phases["write"] = time.perf_counter() - t
     summary["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
@@ -700,17 +846,62 @@ def _run(d: _Data, src: _Source, engine: _Engine, out: Path, hashes: dict, setti
     return AuditResult(out, summary, rows)
 
 
-def _labels_and_outliers(feats: np.ndarray, labels: np.ndarray, settings: dict, p):
-    """Label issues (:func:`_label_issues`) and outlier scores (mean cosine distance to the
-    nearest neighbours, robust z), with the seconds of each."""
-    p.say(f"audit: label issues ({settings['folds']}-fold logistic regression on {feats.shape[1]}-d features, "
-          "cleanlab)")
+def _labels_and_outliers(d: _Data, src: _Source, feats: dict[str, np.ndarray], greys: np.ndarray, ok: list[int],
+                         settings: dict, p):
+    """Label issues (:func:`transfer.analysis.audit_labels.find_label_issues`, on views out of
+    sample for the rows they judge) and outlier scores (mean cosine distance to the nearest
+    neighbours in the source's features, robust z), with the seconds of each."""
+    from .audit_labels import Group, find_label_issues, pixel_features
+
     t = time.perf_counter()
-    issues, _ = _label_issues(feats, labels, settings["folds"])
+    views = {"pixels": pixel_features(greys)}
+    probabilities: dict[str, np.ndarray] = {}
+    if src.fit is None:  # a chosen backbone never saw these labels
+        views["backbone"] = feats["source"]
+        groups = [Group("all", np.arange(len(ok)), ("backbone", "pixels"), "every image (the backbone never saw "
+                        "their labels)")]
+    else:
+        views["trained"] = feats["source"]
+        if "initial" in feats:
+            views["initial"] = feats["initial"]
+        fit = np.array([d.rel[i] in src.fit for i in ok], dtype=bool)
+        trial = src.describe["trial"]
+        groups = [Group("fit", np.flatnonzero(fit), ("folds", "initial", "pixels"),
+                        f"the images trial {trial} trained on"),
+                  Group("held_out", np.flatnonzero(~fit), ("folds", "trained", "initial", "pixels"),
+                        f"the images trial {trial} did not train on")]
+        if src.folds is not None:
+            probabilities["folds"] = _held_out_softmax(d, src.folds, feats, ok)
+    p.say(f"audit: label issues ({settings['folds']}-fold cross-fitted heads on "
+          + ", ".join(sorted(views)) + (", with the k-fold models' softmax" if probabilities else "") + "; cleanlab)")
+    found = find_label_issues(views, d.labels[ok], groups, folds=settings["folds"], class_names=d.class_names,
+                              probabilities=probabilities)
+    for g in found.record.get("groups", []):
+        if g.get("searched"):
+            p.say(f"audit: label issues: {g['issues']} among {g['what']} ({g['images']} images; judged by "
+                  f"{g['source']}, out-of-fold log loss {g['log_loss'][g['source']]:.3f})")
+    for note in found.notes:
+        p.say(f"note: {note}")
     t1 = time.perf_counter()
-    dist, _ = _knn(feats, settings["neighbours"])
+    dist, _ = _knn(feats["source"], settings["neighbours"])
     score = dist.mean(axis=1)
-    return issues, (score, _robust_z(score)), {"label_issues": t1 - t, "outliers": time.perf_counter() - t1}
+    return found, (score, _robust_z(score)), {"label_issues": t1 - t, "outliers": time.perf_counter() - t1}
+
+
+def _held_out_softmax(d: _Data, folds: dict, feats: dict[str, np.ndarray], ok: list[int]) -> np.ndarray:
+    """Per image the softmax of the k-fold model that did not train on it (the mean of all for an
+    image in no fold's val split: test, or outside the run), over the audit's classes (matched by
+    name with the run's)."""
+    names = list(folds["trials"])
+    mean = np.mean([feats[n] for n in names], axis=0)
+    out = np.zeros((len(ok), len(d.class_names)), np.float64)
+    cols = [d.class_names.index(c) if c in d.class_names else -1 for c in folds["classes"]]
+    keep = [j for j, c in enumerate(cols) if c >= 0]
+    for k, i in enumerate(ok):
+        name = folds["held_out"].get(d.rel[i])
+        row = feats[name][k] if name is not None else mean[k]
+        out[k, [cols[j] for j in keep]] = row[keep]
+    return out
 
 
 def _libc():
@@ -765,7 +956,7 @@ def _duplicates(d: _Data, got: _Pass, ok: list[int], feats: np.ndarray, threshol
     sides = np.minimum(got.quality[ok, QUALITY.index("height")], got.quality[ok, QUALITY.index("width")])
     near = dedupe.near_pairs_arrays(got.thumbs[ok], got.greys[ok], got.hashes[ok], digests, sides,
                                     threshold=threshold, stats=st)
-    groups = dedupe.groups_of(len(ok), list(exact) + near)
+    groups = dedupe.components(len(ok), list(exact) + near)  # chains: a crop of a copy joins its original
     best: dict[int, float] = {}
     for i, j, s in near:
         best[i] = max(best.get(i, 0.0), s)

@@ -1,28 +1,36 @@
-"""The audit's feature model as ONNX, converted in a child process that alone imports TensorFlow.
+"""The audit's models as ONNX, converted in a child process that alone imports TensorFlow.
 
-``transfer data audit`` needs the pooled features of a trained trial's model (or of a chosen
-backbone) for every image. Running that model through Keras in the audit's own process costs
-twice: importing TensorFlow holds about 700 MB for the rest of the audit (measured: 24 MB ->
-704 MB resident on import; the whole 60,000-image audit peaked at 1.39 GB), and Keras's
-per-batch ``predict_on_batch`` of arc2 takes 5.7 s per 10,000 Fashion-MNIST images where ONNX
-Runtime on one thread takes 2.7 s. So a child process (``python -m
-transfer.analysis.audit_model SPEC``) loads the model, converts it with
+``transfer data audit`` needs the pooled features of up to two models for every image: the
+feature source (a trained trial's model, or a chosen backbone) and, with a run, the same trial's
+network at its *initial* weights (``RUN/init/<backbone>-<init>.weights.h5``: the weights every
+trial of that backbone started from, pretrained or random), whose features never saw the
+audited labels (:mod:`transfer.analysis.audit_labels`). Running them through Keras in the
+audit's own process costs twice: importing TensorFlow holds about 700 MB for the rest of the
+audit (measured: 24 MB -> 704 MB resident on import; the whole 60,000-image audit peaked at
+1.39 GB), and Keras's per-batch ``predict_on_batch`` of arc2 takes 5.7 s per 10,000
+Fashion-MNIST images where ONNX Runtime on one thread takes 2.7 s. So a child process
+(``python -m transfer.analysis.audit_model SPEC``) loads each model, converts it with
 :func:`transfer.export.onnx.export_onnx` (as ``transfer export`` does), decodes a few of the
-audited images with the audit's own pixel functions and writes Keras's features and softmax of
-them; it runs while the audit hashes the files. The audit then runs the ONNX graph with ONNX
-Runtime and first compares its features with Keras's on those images
-(:class:`transfer.analysis.audit._Engine`).
+audited images with the model's own loader (:func:`transfer.data.image.load_image` with the
+run's recorded pixel recipe) and writes Keras's features and softmax of them; it runs while the
+audit hashes the files. The audit then runs the ONNX graphs with ONNX Runtime and first compares
+ONNX Runtime's features *of the pixels its own pass made* with Keras's of the loader's pixels
+(:class:`transfer.analysis.audit._Engine`), so a difference in either the conversion or the
+pixels shows.
 
-The spec (JSON, one argument): ``{"run", "trial"}`` or ``{"backbone", "weights", "image_size"}``;
-``"onnx"``: where to write the model; ``"parity"``: image paths; ``"size"``: (H, W) of the
-model input; ``"reference"``: where to write ``x`` (the pixels), ``features`` and ``probs``
-(``.npz``). On success the child prints one line ``RESULT {"dim": D, "classes": C}``; on a
-:class:`~transfer.errors.TransferError` it prints ``ERROR message`` and exits 1.
+The spec (JSON, one argument): ``"models"``: a list of ``{"name", "onnx", "reference"}`` plus
+``{"run", "trial"}`` (``"initial": true`` for the trial's initial weights) or ``{"backbone",
+"weights", "image_size"}``; ``"parity"``: image paths; ``"size"``: (H, W) of the model input;
+``"recipe"``: the pixel recipe (``null``: the current one); ``"limit"``: parity images.
+``reference`` is where a model's ``x`` (the pixels), ``features`` and ``probs`` go (``.npz``).
+For each model the child prints one line, ``RESULT name {"dim": D, "classes": C}`` or, when it
+cannot be loaded or converted, ``ERROR name message``.
 
 Example::
 
-    python -m transfer.analysis.audit_model '{"run": "runs/f", "trial": "best", "onnx": "/tmp/a/m.onnx",
-        "parity": ["data/a/1.png"], "size": [28, 28], "reference": "/tmp/a/ref.npz"}'
+    python -m transfer.analysis.audit_model '{"models": [{"name": "trained", "run": "runs/f",
+        "trial": "best", "onnx": "/tmp/a/m.onnx", "reference": "/tmp/a/ref.npz"}],
+        "parity": ["data/a/1.png"], "size": [28, 28], "recipe": null}'
 """
 
 from __future__ import annotations
@@ -33,12 +41,36 @@ import sys
 import numpy as np
 
 
+def initial_weights_path(run, trial):
+    """The initial weights ``trial`` of ``run`` started from (``RUN/init/<backbone>-<init>.weights.h5``).
+
+    Raises:
+        RunFolderError: the trial does not say its backbone and init, or the file is missing.
+    """
+    from ..errors import RunFolderError
+
+    backbone, init = trial.meta.get("backbone"), trial.meta.get("init")
+    if not backbone or not init:
+        raise RunFolderError(f"trial '{trial.name}' does not record its backbone and init in trial.json")
+    path = run.init_weights(backbone, init)
+    if not path.is_file():
+        raise RunFolderError(f"the initial weights of trial '{trial.name}' are missing: {path}",
+                             hint="they are written by `transfer train` before the first trial of the backbone")
+    return path
+
+
 def load_source_model(spec: dict):
-    """The contract classifier the spec names: a run's trial, or ``backbone`` with ``weights`` at ``image_size``."""
+    """The contract classifier ``spec`` names: a run's trial (at its initial weights with
+    ``"initial": true``), or ``backbone`` with ``weights`` at ``image_size``."""
     if spec.get("run") is not None:
         from .features import open_run, resolve_trial
 
-        return resolve_trial(open_run(spec["run"]), spec.get("trial", "best")).load_model()
+        run = open_run(spec["run"])
+        trial = resolve_trial(run, spec.get("trial", "best"))
+        model = trial.load_model()
+        if spec.get("initial"):
+            model.load_weights(initial_weights_path(run, trial))
+        return model
     from ..models.build import build_classifier
 
     side = int(spec["image_size"])
@@ -47,50 +79,67 @@ def load_source_model(spec: dict):
     return model
 
 
-def reference_pixels(paths, size, limit: int) -> np.ndarray:
-    """Up to ``limit`` of ``paths`` as model input, decoded and resized as the audit's pass does
-    (:func:`transfer.analysis.audit._read_one`); files that do not decode are skipped."""
-    from ..data.image import resize_image
-    from ..data.stream import decode_item
+def reference_pixels(paths, size, limit: int, *, recipe: dict | None) -> tuple[np.ndarray, list[str]]:
+    """Up to ``limit`` of ``paths`` as the model's own loader makes them
+    (:func:`transfer.data.image.load_image` at ``size`` with ``recipe``), and the paths that
+    decoded (files that do not decode are skipped)."""
+    from ..data.image import load_image
+    from ..errors import ImageDecodeError
 
-    out = []
+    out, used = [], []
     for p in paths:
-        item = decode_item(str(p), None, recipe=None)
-        if item.pixels is not None:
-            out.append(resize_image(item.pixels, tuple(size), recipe=None))
+        try:
+            out.append(load_image(p, tuple(size), recipe=recipe))
+        except ImageDecodeError:
+            continue
+        used.append(str(p))
         if len(out) >= limit:
             break
     h, w = (int(v) for v in size)
-    return np.stack(out).astype(np.float32) if out else np.zeros((0, h, w, 3), np.float32)
+    return (np.stack(out).astype(np.float32) if out else np.zeros((0, h, w, 3), np.float32)), used
 
 
-def convert(spec: dict) -> dict:
-    """Do what the child does (see the module docstring) and return ``{"dim", "classes"}``."""
+def convert(model_spec: dict, x: np.ndarray, used: list[str]) -> dict:
+    """Convert one model (see the module docstring) and return ``{"dim", "classes"}``."""
     from ..export.onnx import export_onnx, two_output_model
 
-    model = load_source_model(spec)
-    export_onnx(model, spec["onnx"])
-    x = reference_pixels(spec.get("parity", []), spec["size"], int(spec.get("limit", 32)))
+    model = load_source_model(model_spec)
+    export_onnx(model, model_spec["onnx"])
     two = two_output_model(model)
     if len(x):
         f, p = (np.asarray(a, np.float32) for a in two.predict_on_batch(x))
     else:
         f = np.zeros((0, int(two.outputs[0].shape[-1])), np.float32)
         p = np.zeros((0, int(two.outputs[1].shape[-1])), np.float32)
-    np.savez(spec["reference"], x=x, features=f, probs=p)
+    np.savez(model_spec["reference"], x=x, features=f, probs=p, paths=np.array(used, dtype=str))
     return {"dim": int(two.outputs[0].shape[-1]), "classes": int(two.outputs[1].shape[-1])}
 
 
 def main(argv: list[str]) -> int:
     from ..errors import TransferError
 
+    spec = json.loads(argv[0])
     try:
-        res = convert(json.loads(argv[0]))
-    except TransferError as exc:
-        print("ERROR " + exc.message, flush=True)
+        x, used = reference_pixels(spec.get("parity", []), spec["size"], int(spec.get("limit", 32)),
+                                   recipe=spec.get("recipe"))
+    except (TransferError, ValueError) as exc:  # ValueError: a recipe this runtime does not implement
+        for m in spec["models"]:
+            print(f"ERROR {m['name']} " + str(getattr(exc, "message", exc)), flush=True)
         return 1
-    print("RESULT " + json.dumps(res), flush=True)
-    return 0
+    status = 0
+    for m in spec["models"]:
+        try:
+            res = convert(m, x, used)
+        except TransferError as exc:
+            print(f"ERROR {m['name']} " + exc.message, flush=True)
+            status = 1
+            continue
+        except Exception as exc:  # noqa: BLE001 -- tf2onnx raises its own kinds; the audit falls back to Keras
+            print(f"ERROR {m['name']} {type(exc).__name__}: " + " ".join(str(exc).split())[:300], flush=True)
+            status = 1
+            continue
+        print(f"RESULT {m['name']} " + json.dumps(res), flush=True)
+    return status
 
 
 if __name__ == "__main__":

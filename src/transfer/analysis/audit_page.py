@@ -87,13 +87,28 @@ def write_page(out: Path, root: Path, summary: dict, rows: list[dict]) -> Path:
             f"<p>{summary.get('images')} images ({summary.get('readable')} readable); features of "
             f"{html.escape(', '.join(f'{k} {v}' for k, v in src.items()))}; "
             f"{summary.get('leaking_groups', 0)} duplicate group(s) straddle splits.</p>",
+            *([f"<p><b>Note:</b> {html.escape(n)}</p>" for n in summary.get("notes", [])]),
             "<h2>Findings</h2>", _md_to_html(summary_markdown(summary, KINDS)),
+            *_label_sources(summary.get("label_issues") or {}),
             "<h2>Class balance</h2>", _md_to_html(markdown(["class", "images"], [[c, n] for c, n in bal.items()]))]
     body += findings_html(root, rows, KINDS)
     page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>audit</title><style>{_CSS}</style></head>"
             f"<body>{''.join(body)}</body></html>\n")
     write_text_atomic(out / "audit.html", page)
     return out / "audit.html"
+
+
+def _label_sources(rec: dict) -> list[str]:
+    """Which probabilities judged each group of images for label issues (none of them fit the judged label)."""
+    rows = [[g.get("what", g.get("group")), g.get("images"), g.get("source", "not searched"), g.get("issues", 0)]
+            for g in rec.get("groups", [])]
+    if not rows:
+        return []
+    return ["<h2>Label issues: who judged which images</h2>",
+            f"<p>Probabilities of {rec.get('folds')} heads, each cross-fitted on the other folds, on views of the "
+            "images that never fit the judged label; the view (or mean of views) with the smallest out-of-fold log "
+            "loss on the group's labels.</p>",
+            _md_to_html(markdown(["images", "count", "probabilities from", "label issues"], rows))]
 
 
 def _md_to_html(md: str) -> str:

@@ -22,7 +22,9 @@ from .data import data
 @click.option("--near-threshold", type=float, default=None,
               help="Verification score (band-passed detail correlation, 0-1) from which two images are near "
                    "duplicates. [default: 0.96]")
-@click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold probabilities.")
+@click.option("--folds", type=int, default=5, show_default=True,
+              help="Folds of the heads cross-fitted for label issues; a class with fewer readable images is "
+                   "not searched (a note says so).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decoding threads.")
 @click.option("--force", is_flag=True, help="Audit again even when no file changed.")
@@ -31,7 +33,9 @@ def audit_cmd(folder, run, trial, backbone, weights, image_size, out, near_thres
               force, quiet) -> None:
     """Audit FOLDER: exact and near duplicates (within a class, across classes, across the
     splits of --run or of FOLDER/train,val,test), likely label errors (confident learning on
-    out-of-fold probabilities), outliers and image quality.
+    probabilities of models that never fit the judged label: for the images the run's trial
+    trained on, heads cross-fitted on its initial weights' features and the pixels), outliers
+    and image quality.
 
     Writes audit.csv, audit.json and audit.html (thumbnails per finding) into --out.
 
@@ -49,6 +53,9 @@ def audit_cmd(folder, run, trial, backbone, weights, image_size, out, near_thres
     click.echo(f"{s['images']} images ({s['readable']} readable); {len(s['groups'])} duplicate group(s), "
                f"{s['leaking_groups']} across splits" + (" (unchanged since the last audit)" if res.reused else ""))
     click.echo(res.table.rstrip())
+    if quiet:  # said while auditing otherwise
+        for note in s.get("notes", []):
+            click.echo(f"note: {note}")
     click.echo(f"-> {res.out / 'audit.html'}  (audit.csv, audit.json)")
 
 

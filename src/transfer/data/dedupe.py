@@ -24,10 +24,18 @@ Near duplicates (:func:`near_pairs`), in three steps:
    band-passed detail, one taken as a crop of the other, either way round; a near duplicate
    from ``threshold`` (:data:`NEAR_THRESHOLD`).
 
-Pairs are merged into star groups (:func:`groups_of`). Measured (docs/audit.md): on 60,000
-Fashion-MNIST images with 300 planted copies, 94 % of the copies are found (resized 1.0,
-re-compressed 0.98, cropped 0.84); the other reported pairs are mostly different photographs
-that are nearly the same picture, which no pixel score can tell from copies.
+Pairs are merged into *components* (:func:`components`): every image linked to another by a
+chain of verified pairs is in its group, so a crop of a resized copy of an original joins the
+original's group even when the crop and the original do not verify against each other.
+Everything that keeps groups on one side or warns about a group across the split uses them
+(:func:`duplicate_groups`, :func:`sample_groups`, :func:`grouped_split`) and the audit. (Star
+groups -- each member a verified duplicate of the group's first image, as before -- let such a
+crop land in test while the original trains.) On 60,000 Fashion-MNIST images the components are
+small: 205 groups of 2-7 images where star groups made 210 of 2-5 (docs/audit.md). Measured
+(docs/audit.md): on 60,000 Fashion-MNIST images with 300 planted copies, 94 % of the copies are
+found (resized 1.0, re-compressed 0.98, cropped 0.84); the other reported pairs are mostly
+different photographs that are nearly the same picture, which no pixel score can tell from
+copies.
 
 Training uses the groups so that a group never straddles train / val / test
 (:func:`grouped_split`); :func:`straddling_groups` lists the groups a split already
@@ -122,29 +130,31 @@ def fingerprint_array(arr: np.ndarray) -> Fingerprint:
 # --------------------------------------------------------------------------- groups
 
 
-def groups_of(n: int, pairs: Sequence[tuple]) -> list[list[int]]:
-    """Groups (of size >= 2) of ``n`` items from duplicate ``pairs`` (``(i, j)`` or ``(i, j, score)``),
-    each sorted, ordered by their first item.
+def components(n: int, pairs: Sequence[tuple]) -> list[list[int]]:
+    """Connected components (of size >= 2) of ``n`` items linked by duplicate ``pairs`` (``(i, j)`` or
+    ``(i, j, score)``), each sorted, ordered by their first item.
 
-    Star groups, not chains: pairs are taken best score first, and an item joins a group only
-    through a pair with the group's first item (its representative), so every member is a
-    duplicate of the representative itself. (Chaining "A like B, B like C, ..." merges sets of
-    look-alike pictures into groups of thousands.)
+    A chain A~B, B~C puts A, B and C in one group even when A~C was not verified: this is the
+    grouping for keeping duplicates on one side of a split and for warning about a group across
+    it (a star group around A would leave C free to land in test while A and B train).
+
+    Example::
+
+        components(5, [(0, 1, 0.99), (1, 2, 0.97)])   # [[0, 1, 2]]
     """
-    rep: dict[int, int] = {}
-    for p in sorted(pairs, key=lambda p: -(p[2] if len(p) > 2 else 1.0)):
-        i, j = int(p[0]), int(p[1])
-        ri, rj = rep.get(i), rep.get(j)
-        if ri is None and rj is None:
-            rep[i] = rep[j] = min(i, j)
-        elif rj is None and ri == i:
-            rep[j] = i
-        elif ri is None and rj == j:
-            rep[i] = j
-    out: dict[int, list[int]] = {}
-    for i, r in rep.items():
-        out.setdefault(r, []).append(i)
-    return sorted((sorted(g) for g in out.values() if len(g) > 1), key=lambda g: g[0])
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if n < 2 or not len(pairs):
+        return []
+    ij = np.array([(int(p[0]), int(p[1])) for p in pairs], dtype=np.int64)
+    if ij.min() < 0 or ij.max() >= n:
+        raise ValueError(f"duplicate pairs name items outside 0..{n - 1}")
+    graph = coo_matrix((np.ones(len(ij), np.int8), (ij[:, 0], ij[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    order = np.argsort(label, kind="stable")
+    cuts = np.flatnonzero(np.diff(label[order])) + 1
+    return sorted((g.tolist() for g in np.split(order, cuts) if len(g) > 1), key=lambda g: g[0])
 
 
 def exact_pairs(fps: Sequence[Fingerprint]) -> list[tuple[int, int]]:
@@ -753,8 +763,9 @@ def near_pairs(fps: Sequence[Fingerprint], *, threshold: float = NEAR_THRESHOLD,
 
 
 def duplicate_groups(fps: Sequence[Fingerprint], *, threshold: float = NEAR_THRESHOLD) -> list[list[int]]:
-    """Groups of exact and near duplicates (indices into ``fps``)."""
-    return groups_of(len(fps), list(exact_pairs(fps)) + near_pairs(fps, threshold=threshold))
+    """Groups of exact and near duplicates (indices into ``fps``): the :func:`components` of the
+    verified pairs, so a chain of copies is one group."""
+    return components(len(fps), list(exact_pairs(fps)) + near_pairs(fps, threshold=threshold))
 
 
 # --------------------------------------------------------------------------- splits
@@ -764,9 +775,11 @@ def grouped_split(samples: Sequence, groups: Sequence[Sequence[int]],
                   split: Callable[[list], dict[str, list]]) -> dict[str, list]:
     """Split ``samples`` so that every group of duplicates lands in one part.
 
-    Each group is represented by its first sample; ``split`` (e.g. a stratified
-    :func:`transfer.data.splits.split_samples`) splits the representatives and the other
-    members follow theirs. Stratification is by the representative's label.
+    Groups that share a member are one group (their union: a chain of groups never straddles
+    the split, whatever grouping the caller made). Each group is represented by its first
+    sample; ``split`` (e.g. a stratified :func:`transfer.data.splits.split_samples`) splits the
+    representatives and the other members follow theirs. Stratification is by the
+    representative's label.
 
     Args:
         samples: the samples (anything ``split`` takes, with a ``path``).
@@ -776,9 +789,10 @@ def grouped_split(samples: Sequence, groups: Sequence[Sequence[int]],
     Returns:
         The parts of ``split``, with every group's members beside its representative.
     """
+    links = [(g[0], j) for g in groups for j in g[1:]]
     follower_of: dict[int, list[int]] = {}
     hidden: set[int] = set()
-    for g in groups:
+    for g in components(len(samples), links):
         follower_of[g[0]] = list(g[1:])
         hidden.update(g[1:])
     reps = [s for i, s in enumerate(samples) if i not in hidden]
@@ -805,7 +819,7 @@ def straddling_groups(parts: dict[str, Sequence], groups: Sequence[Sequence[str]
     return out
 
 
-__all__ = ["Fingerprint", "fingerprint_array", "exact_pairs", "near_pairs", "groups_of",
+__all__ = ["Fingerprint", "fingerprint_array", "exact_pairs", "near_pairs", "components",
            "duplicate_groups", "grouped_split", "straddling_groups", "NEAR_THRESHOLD"]
 
 
@@ -836,10 +850,12 @@ def fingerprint_paths(paths: Sequence, *, workers: int = 2) -> list[Fingerprint 
 
 
 def sample_groups(samples: Sequence, root, *, workers: int = 2, threshold: float = NEAR_THRESHOLD) -> list[list[int]]:
-    """Duplicate groups (indices into ``samples``, each with a ``path`` relative to ``root``).
+    """Duplicate groups (indices into ``samples``, each with a ``path`` relative to ``root``): the
+    :func:`components` of the verified pairs.
 
-    This is what ``transfer train --dedupe`` keeps on one side of the split; an unreadable
-    file belongs to no group.
+    This is what ``transfer train --dedupe`` keeps on one side of the split, what
+    ``duplicates.csv`` lists and what the warning about duplicates across the split counts; an
+    unreadable file belongs to no group.
     """
     from pathlib import Path
 
