@@ -9,9 +9,10 @@ A map
 -----
 A raw CAM is a ``(h, w)`` grid of class evidence at some layer's resolution.
 :func:`to_input_maps` makes it a *map*: NaN / inf -> 0, ReLU (only positive evidence),
-bilinear upsampling to the model's input size (:func:`upsample`, half-pixel centres: the
-same numbers as ``tf.image.resize(..., "bilinear")`` and OpenCV's ``INTER_LINEAR``), divided
-by its maximum: float32 ``(H, W)`` in [0, 1]. A CAM whose positive peak is at most
+bilinear upsampling to the model's input size with each cell at the centre of its receptive
+field (:func:`upsample`; the layer's :data:`Geometry`, or cells tiling the input evenly --
+the numbers of ``tf.image.resize(..., "bilinear")`` -- when it is not known), divided by its
+maximum: float32 ``(H, W)`` in [0, 1]. A CAM whose positive peak is at most
 :data:`EMPTY_EPS` of its largest magnitude has no positive evidence and becomes all zeros.
 
 Flags (:func:`map_flags`): ``empty`` -- all zeros, the method found no positive evidence and
@@ -88,6 +89,9 @@ FLAGS = ("empty", "border")
 ROAD_NOISE = 2.55
 #: fill values of removed pixels in the deletion / insertion curves
 BASELINES = ("median", "mean", "zero", "blur")
+#: the baselines in words
+BASELINE_TEXT = {"median": "the image's median colour", "mean": "the image's mean colour", "zero": "black",
+                 "blur": "the image blurred"}
 #: controls: another image's map, or the map rolled by half the image
 CONTROLS = ("other", "shifted")
 #: a method beats its control when the one-sided sign tests of deletion and ROAD-MoRF are below this
@@ -101,9 +105,22 @@ Predict = Callable[[np.ndarray], np.ndarray]
 # --------------------------------------------------------------------------- making maps
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """``(n_out, n_in)`` bilinear weights, half-pixel centres, edges clamped."""
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+#: Where a layer's cells sit on the input: per axis ``(a, b)``, cell ``r`` is centred at input
+#: coordinate ``a * r + b`` (pixel ``p`` spans ``[p, p + 1)``); ``None`` = the cells tile the input
+#: evenly (``a = size / cells``, ``b = a / 2``: half-pixel centres).
+Geometry = tuple  # ((a_y, b_y), (a_x, b_x)) | None
+
+
+def even_geometry(cells: tuple[int, int], size: tuple[int, int]) -> tuple:
+    """The geometry of cells that tile the input evenly (what :func:`upsample` assumes without one)."""
+    return tuple((s / c, s / c / 2) for c, s in zip(cells, size))
+
+
+def _interp_matrix(n_out: int, n_in: int, axis: tuple[float, float] | None = None) -> np.ndarray:
+    """``(n_out, n_in)`` bilinear weights from cells to pixels, edges clamped; ``axis`` = ``(a, b)``
+    of the cells' centres (default: half-pixel centres)."""
+    a, b = axis if axis is not None else (n_out / n_in, n_out / n_in / 2)
+    src = (np.arange(n_out, dtype=np.float64) + 0.5 - b) / a
     src = np.clip(src, 0.0, n_in - 1)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -115,11 +132,15 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
-def upsample(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``(N, h, w)`` or ``(N, h, w, K)`` to ``size`` = (H, W), half-pixel centres.
+def upsample(a: np.ndarray, size: tuple[int, int], *, geometry: Geometry = None) -> np.ndarray:
+    """Bilinear resampling of ``(N, h, w)`` or ``(N, h, w, K)`` cells onto the ``size`` = (H, W) input pixels.
 
-    The same numbers as ``tf.image.resize(a, size, "bilinear")`` (no antialiasing): the
-    one resampling of every map.
+    Each cell's value sits at its centre on the input (``geometry``, :data:`Geometry`); pixels
+    between centres are interpolated, pixels beyond the outer centres take the edge value.
+    Without a geometry the cells tile the input evenly: the same numbers as
+    ``tf.image.resize(a, size, "bilinear")`` (no antialiasing). A network with ``valid``
+    convolutions or TensorFlow's asymmetric ``same`` padding shifts its cells
+    (``transfer.analysis.gradcam.layer_geometry`` computes where they are).
 
     Example::
 
@@ -128,19 +149,20 @@ def upsample(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     a = np.asarray(a)
     h, w = a.shape[1], a.shape[2]
     H, W = int(size[0]), int(size[1])
-    if (h, w) == (H, W):
+    if (h, w) == (H, W) and geometry is None:
         return a.astype(np.float32, copy=True)
-    my, mx = _interp_matrix(H, h), _interp_matrix(W, w)
+    gy, gx = geometry if geometry is not None else (None, None)
+    my, mx = _interp_matrix(H, h, gy), _interp_matrix(W, w, gx)
     spec = "Yh,nhw,Xw->nYX" if a.ndim == 3 else "Yh,nhwk,Xw->nYXk"
     return np.einsum(spec, my, a.astype(np.float64), mx).astype(np.float32)
 
 
-def to_input_maps(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def to_input_maps(cams: np.ndarray, size: tuple[int, int], *, geometry: Geometry = None) -> np.ndarray:
     """Raw CAMs ``(N, h, w)`` -> maps ``(N, H, W)`` float32 in [0, 1] (see the module docstring).
 
-    NaN / inf become 0; ReLU; bilinear upsampling to ``size``; divided by the maximum; a CAM
-    without positive evidence (positive peak <= :data:`EMPTY_EPS` x largest magnitude) is
-    all zeros, never NaN.
+    NaN / inf become 0; ReLU; bilinear upsampling to ``size`` (:func:`upsample`, with the
+    layer's ``geometry`` when known); divided by the maximum; a CAM without positive
+    evidence (positive peak <= :data:`EMPTY_EPS` x largest magnitude) is all zeros, never NaN.
 
     Example::
 
@@ -155,7 +177,7 @@ def to_input_maps(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     peak = flat.max(axis=1) if cam.size else np.zeros(n)
     live = (peak > EMPTY_EPS * mag) & (peak > 0)
     pos = np.where(live[:, None, None], np.maximum(cam, 0.0), 0.0)
-    up = np.maximum(upsample(pos, size), 0.0)
+    up = np.maximum(upsample(pos, size, geometry=geometry), 0.0)
     top = up.reshape(n, -1).max(axis=1) if up.size else np.zeros(n)
     out = np.zeros(up.shape, np.float32)
     ok = live & (top > 0)
@@ -670,7 +692,7 @@ def per_image_rows(res: Faithfulness) -> tuple[list[str], list[list]]:
 
 
 __all__ = [
-    "BASELINES", "CONTROLS", "EMPTY_EPS", "FLAGS", "FLAG_TEXT", "METRICS", "Faithfulness", "border_ring",
+    "Geometry", "even_geometry", "BASELINES", "CONTROLS", "EMPTY_EPS", "FLAGS", "FLAG_TEXT", "METRICS", "Faithfulness", "border_ring",
     "border_share", "control_maps", "faithfulness", "impute_linear", "jet", "map_flags", "mark_flag", "overlay",
     "per_image_rows", "pointing_hits", "sign_test", "summarize_faithfulness", "to_input_maps", "upsample",
 ]

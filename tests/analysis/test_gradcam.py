@@ -82,6 +82,43 @@ def test_inverted_maps_lose_to_their_control(object_model):
     assert bad["metrics"]["deletion_auc"]["map_beats_control"] <= 0.2 and not bad["beats_control"]
 
 
+def _support_centre(model, layer: str, r: int, c: int) -> tuple[float, float, bool]:
+    """Centre of the input pixels that reach cell (r, c) of ``layer`` (the support of the gradient
+    over a few random images), and whether that support stays inside the image."""
+    import tensorflow as tf
+    from transfer._lazy import import_keras
+
+    keras = import_keras()
+    sub = keras.Model(model.inputs, model.get_layer(layer).output)
+    h, w = (int(d) for d in model.inputs[0].shape[1:3])
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (4, h, w, 3)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = sub(x, training=False)
+        s = tf.reduce_sum(y[:, r, c, :])
+    g = np.abs(tape.gradient(s, x).numpy()).sum(axis=(0, 3)) > 0
+    ys, xs = np.nonzero(g)
+    inside = ys.min() > 0 and xs.min() > 0 and ys.max() < h - 1 and xs.max() < w - 1
+    return (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2, inside
+
+
+@pytest.mark.parametrize("backbone, size, layer, cell", [
+    ("arc2", 32, "conv2", 6), ("arc2", 32, "conv1", 9),
+    pytest.param("mobilenet_v2", 64, "block_1_expand_relu", 15, marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", 64, "block_3_expand_relu", 7, marks=pytest.mark.slow),
+])
+def test_layer_geometry_is_where_the_receptive_field_is(backbone, size, layer, cell):
+    """The geometry read from the graph puts each cell at the centre of the pixels that reach it
+    (valid convolutions shrink arc2's maps; TensorFlow's same padding shifts MobileNetV2's)."""
+    from transfer.analysis.gradcam import layer_geometry
+
+    model, _ = build_classifier(backbone, input_shape=(size, size, 3), weights="none", num_classes=3, seed=0)
+    (ay, by), (ax, bx) = layer_geometry(model, layer)
+    cy, cx, inside = _support_centre(model, layer, cell, cell + 1)
+    assert inside
+    assert (ay * cell + by, ax * (cell + 1) + bx) == pytest.approx((cy, cx)), (layer_geometry(model, layer), cy, cx)
+
+
 def test_maps_are_upsampled_like_tensorflow():
     import tensorflow as tf
 

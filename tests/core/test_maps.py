@@ -11,7 +11,7 @@ import pytest
 
 from transfer.errors import ConfigError
 from transfer.maps import (
-    Faithfulness, border_ring, control_maps, faithfulness, impute_linear, jet, map_flags, mark_flag, noise_level,
+    Faithfulness, border_ring, control_maps, even_geometry, faithfulness, impute_linear, jet, map_flags, mark_flag, noise_level,
     overlay, per_image_rows, pointing_hits, sign_test, substrate, summarize_faithfulness, to_input_maps, upsample,
 )
 
@@ -28,6 +28,16 @@ def test_upsample_uses_half_pixel_centres_and_clamped_edges():
     ramp = np.arange(4, dtype=float)[None, None, :].repeat(4, 1)  # value = column
     up = upsample(ramp, (4, 8))[0, 0]
     np.testing.assert_allclose(up[1:-1], (np.arange(1, 7) + 0.5) / 2 - 0.5, atol=1e-6)  # linear inside
+
+
+def test_upsample_puts_cells_where_the_geometry_says():
+    cells = np.arange(14, dtype=float)[None, None, :].repeat(2, 1)  # value = cell index
+    up = upsample(cells, (2, 32), geometry=((1.0, 0.5), (2.0, 2.5)))[0, 0]  # cell r centred at 2r + 2.5
+    assert up[2] == pytest.approx(0.0) and up[4] == pytest.approx(1.0) and up[28] == pytest.approx(13.0)
+    assert up[3] == pytest.approx(0.5) and up[0] == up[1] == 0.0 and up[31] == 13.0  # clamped beyond the centres
+    even = even_geometry((7, 5), (24, 20))
+    a = np.random.default_rng(0).normal(size=(2, 7, 5))
+    np.testing.assert_allclose(upsample(a, (24, 20), geometry=even), upsample(a, (24, 20)), atol=1e-6)
 
 
 def test_to_input_maps_relu_normalize_and_empty():

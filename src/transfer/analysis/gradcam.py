@@ -151,6 +151,76 @@ def resolve_layer(model, name: str | None = None, *, default: str | None = None,
     return model.get_layer(want)
 
 
+# --------------------------------------------------------------------------- geometry
+
+
+def _axis_step(op, axis: int, size_in: int) -> tuple[float, float] | None:
+    """``(s, o)`` of one layer along one axis: output cell ``r`` is centred on input index ``s * r + o``;
+    ``None`` when the layer changes the size in a way this does not know."""
+    keras = import_keras()
+    L = keras.layers
+    if isinstance(op, L.ZeroPadding2D):
+        return 1.0, -float(op.padding[axis][0])
+    if isinstance(op, L.Cropping2D):
+        return 1.0, float(op.cropping[axis][0])
+    if isinstance(op, (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D, L.MaxPooling2D, L.AveragePooling2D)) \
+            and not isinstance(op, L.Conv2DTranspose):
+        k = op.pool_size[axis] if hasattr(op, "pool_size") else op.kernel_size[axis]
+        d = op.dilation_rate[axis] if hasattr(op, "dilation_rate") else 1
+        s = op.strides[axis]
+        k_eff = (k - 1) * d + 1
+        pad_before = 0
+        if op.padding == "same":  # TensorFlow's: the extra row / column goes after
+            out = -(-size_in // s)
+            pad_before = max((out - 1) * s + k_eff - size_in, 0) // 2
+        return float(s), (k_eff - 1) / 2 - pad_before
+    return None
+
+
+def layer_geometry(model, layer_name: str):
+    """Where the cells of a layer's map sit on the input (:data:`transfer.maps.Geometry`), from the graph.
+
+    Walks from the layer back to the input through its first inputs, composing each
+    convolution's and pooling's stride and offset (``valid`` convolutions shrink the map, and
+    TensorFlow's ``same`` padding with stride 2 puts the extra row after: MobileNetV2's cells
+    at stride 8 are centred 3.5 px lower and further right than an even tiling would put
+    them). Layers that keep the spatial size (normalization, activations, adds, 1x1 and
+    stride-1 odd ``same`` convolutions) change nothing.
+
+    Returns:
+        ``((a_y, b_y), (a_x, b_x))``: cell ``r`` is centred at input coordinate ``a * r + b``
+        (pixel ``p`` spans ``[p, p + 1)``); ``None`` when a layer on the way is not understood
+        (the map then tiles the input evenly).
+
+    Example::
+
+        layer_geometry(arc2_at_32px, "conv2")     # ((2.0, 2.5), (2.0, 2.5))
+    """
+    keras = import_keras()
+    op = model.get_layer(layer_name)
+    axes = [[1.0, 0.0], [1.0, 0.0]]  # input index of cell r = a * r + b, per axis
+    seen = 0
+    while not isinstance(op, keras.layers.InputLayer):
+        seen += 1
+        if seen > 10_000:
+            return None
+        inp = op.input[0] if isinstance(op.input, (list, tuple)) else op.input
+        out_shape, in_shape = tuple(op.output.shape), tuple(inp.shape)
+        if len(in_shape) != 4 or len(out_shape) != 4:
+            return None
+        for axis in (0, 1):
+            step = _axis_step(op, axis, int(in_shape[1 + axis]))
+            if step is None:
+                if out_shape[1 + axis] != in_shape[1 + axis]:
+                    return None
+                continue
+            s, o = step
+            a, b = axes[axis]
+            axes[axis] = [s * a, s * b + o]
+        op = inp._keras_history.operation
+    return tuple((float(a), float(b) + 0.5) for a, b in axes)
+
+
 # --------------------------------------------------------------------------- maps
 
 
@@ -174,6 +244,7 @@ class _Explainer:
             outs.append(self.dense.input)
         inp = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         self.graph = keras.Model(inp, outs, name="gradcam_graph")
+        self.geometry = layer_geometry(model, layer.name)
 
     def scores(self, x, classes):
         """(activations, probs, class score) of a batch; to be called under a tape."""
@@ -241,7 +312,7 @@ def _scorecam_one(ex: _Explainer, x1: np.ndarray, cls: int, batch: int = 64, max
         keep = np.sort(np.argsort(-acts.mean(axis=(0, 1)), kind="stable")[:max_channels])
         acts = acts[..., keep]
     k = acts.shape[-1]
-    up = cammaps.upsample(acts[None], (ex.h, ex.w))[0]  # (H, W, K), the maps' own resampling
+    up = cammaps.upsample(acts[None], (ex.h, ex.w), geometry=ex.geometry)[0]  # (H, W, K), the maps' own resampling
     lo = up.reshape(-1, k).min(axis=0)
     hi = up.reshape(-1, k).max(axis=0)
     span = hi - lo
@@ -345,7 +416,7 @@ def compute_maps(
             bar.update(len(xb))
     if not cams:
         return np.zeros((0, ex.h, ex.w), np.float32), probs, cls
-    return cammaps.to_input_maps(np.stack(cams), (ex.h, ex.w)), probs, cls
+    return cammaps.to_input_maps(np.stack(cams), (ex.h, ex.w), geometry=ex.geometry), probs, cls
 
 
 # --------------------------------------------------------------------------- faithfulness

@@ -352,12 +352,12 @@ def _evaluate(rf: RunLayout) -> Section:
 
 _FAITH_NOTE = (
     "Faithfulness: for each image the pixels are removed in the order of the map (deletion: the explained "
-    "class's probability as 0..100 % of them become the {baseline} baseline, area under the curve, lower is "
-    "better; insertion: put back onto the baseline, higher is better; ROAD MoRF / LeRF: the most / least "
-    "relevant 10..90 % filled in from their neighbours, mean probability, lower / higher is better). Each "
-    "number is also measured for a control, another image's map from the same method (as smooth, but about "
-    "another image), and the table gives map / control (share of images where the map beats it). A method "
-    "beats its control when a sign test on the deletion and on the ROAD MoRF wins gives p < 0.05. Layer {layer}.")
+    "class's probability as 0..100 % of them become {baseline}, area under the curve, lower is better; "
+    "insertion: put back onto it, higher is better; ROAD MoRF / LeRF: the most / least relevant {lo:g}..{hi:g} % "
+    "filled in from their neighbours, mean probability, lower / higher is better). Each number is also measured "
+    "for a control, another image's map from the same method (as smooth, but about another image), and the "
+    "table gives map / control (share of images where the map beats it). A method beats its control when a "
+    "sign test on the deletion and on the ROAD MoRF wins gives p < 0.05. Layer {layer}.")
 
 
 def _faithfulness(sec: Section, faith: dict) -> list[str]:
@@ -375,7 +375,11 @@ def _faithfulness(sec: Section, faith: dict) -> list[str]:
     if first.get("layer_note"):
         _note(sec, first["layer_note"])
     header, rows = faithfulness_rows(faith)
-    note = _FAITH_NOTE.format(baseline=first.get("baseline", "?"), layer=first.get("layer", "?"))
+    from ..maps import BASELINE_TEXT
+
+    steps = int(first.get("steps") or 10)
+    note = _FAITH_NOTE.format(baseline=BASELINE_TEXT.get(first.get("baseline"), first.get("baseline", "?")),
+                              lo=100 / steps, hi=100 * (steps - 1) / steps, layer=first.get("layer", "?"))
     if first.get("road", "on") != "on":
         note += f" ROAD: {first['road']}."
     sec.html.append(_html_table(header, rows) + f'<p class="note">{html.escape(note)}</p>')
