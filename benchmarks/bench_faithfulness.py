@@ -130,7 +130,7 @@ def images_of(run_dir: Path, trial, split: str, n: int, seed: int):
 
 
 def measure(name: str, run_dir: Path, trial_name: str, a) -> list[dict]:
-    from transfer.analysis.gradcam import compute_maps, map_faithfulness, rank_methods, resolve_layer
+    from transfer.analysis.gradcam import FaithOptions, compute_maps, map_faithfulness, rank_methods, resolve_layer
     from transfer.maps import map_flags, pointing_hits
     from transfer.runfolder import RunFolder
 
@@ -152,8 +152,8 @@ def measure(name: str, run_dir: Path, trial_name: str, a) -> list[dict]:
         else:
             maps = blobs(len(x), x.shape[1], seed=a.seed, centre=meth == "centre blob")
         t1 = time.perf_counter()
-        s, _ = map_faithfulness(model, x, maps, cls, steps=a.steps, baseline=a.baseline, controls=a.controls,
-                                road="on", seed=a.seed)
+        s, _ = map_faithfulness(model, x, maps, cls, FaithOptions(steps=a.steps, baseline=a.baseline,
+                                                                  controls=a.controls, road="on", seed=a.seed))
         t2 = time.perf_counter()
         flags = map_flags(maps)
         summaries[meth] = s

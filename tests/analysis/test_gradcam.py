@@ -14,7 +14,7 @@ from transfer.errors import ConfigError, ModelError, RunFolderError
 from transfer.models.build import build_classifier
 from transfer.models.registry import get_backbone, list_backbones
 from transfer.analysis.gradcam import (
-    METHODS, MIN_MAP_SIDE, compute_maps, explain_run, map_faithfulness, parse_methods, rank_methods, resolve_layer, spatial_layers,
+    METHODS, MIN_MAP_SIDE, FaithOptions, compute_maps, explain_run, map_faithfulness, parse_methods, rank_methods, resolve_layer, spatial_layers,
     verdict_lines,
 )
 from transfer.maps import map_flags, upsample
@@ -50,9 +50,10 @@ def test_object_maps_beat_their_control_and_blobs_do_not(object_model):
     out = {}
     for method in ("gradcam", "gradcam++"):
         maps, _, cls = compute_maps(object_model, x, method=method)
-        out[method], _ = map_faithfulness(object_model, x, maps, cls, steps=8, seed=0)
-    out["random blob"], _ = map_faithfulness(object_model, x, blob_maps(40, 24, seed=1), cls, steps=8)
-    out["centre blob"], _ = map_faithfulness(object_model, x, blob_maps(40, 24, centre=True), cls, steps=8)
+        out[method], _ = map_faithfulness(object_model, x, maps, cls, FaithOptions(steps=8))
+    out["random blob"], _ = map_faithfulness(object_model, x, blob_maps(40, 24, seed=1), cls, FaithOptions(steps=8))
+    out["centre blob"], _ = map_faithfulness(object_model, x, blob_maps(40, 24, centre=True), cls,
+                                          FaithOptions(steps=8))
     for name, f in out.items():
         print(name, {k: round(v["map_beats_control"], 2) for k, v in f["metrics"].items()}, f["beats_control"])
     for method in ("gradcam", "gradcam++"):
@@ -75,8 +76,8 @@ def test_inverted_maps_lose_to_their_control(object_model):
     """The least highlighted pixels first: the map must lose to another image's map."""
     x, _, _ = object_images(30, 24, seed=3)
     maps, _, cls = compute_maps(object_model, x, method="gradcam")
-    good, _ = map_faithfulness(object_model, x, maps, cls, steps=8, road="off")
-    bad, _ = map_faithfulness(object_model, x, 1.0 - maps, cls, steps=8, road="off")
+    good, _ = map_faithfulness(object_model, x, maps, cls, FaithOptions(steps=8, road="off"))
+    bad, _ = map_faithfulness(object_model, x, 1.0 - maps, cls, FaithOptions(steps=8, road="off"))
     assert good["road"] == "off" and "road_morf" not in good["metrics"]
     assert good["metrics"]["deletion_auc"]["map"] + 0.05 < bad["metrics"]["deletion_auc"]["map"]
     assert bad["metrics"]["deletion_auc"]["map_beats_control"] <= 0.2 and not bad["beats_control"]
@@ -151,7 +152,7 @@ def test_no_positive_evidence_gives_zeros_not_nan(method):
     assert np.isfinite(maps).all()
     if method != "scorecam":  # scorecam scores masked inputs, not gradients
         assert not maps.any() and map_flags(maps) == ["empty"] * 3
-    f, _ = map_faithfulness(model, x, np.zeros((3, 16, 16), np.float32), [0, 1, 2], steps=3)
+    f, _ = map_faithfulness(model, x, np.zeros((3, 16, 16), np.float32), [0, 1, 2], FaithOptions(steps=3))
     assert f["flags"]["empty"] == 3 and not f["beats_control"]
     assert all(v["map_beats_control"] == 0 and np.isfinite(v["map"]) for v in f["metrics"].values())
 

@@ -221,6 +221,23 @@ def test_faithful_maps_beat_their_control_and_blobs_do_not():
     assert c["fractions"] == pytest.approx(np.linspace(0, 1, 9).tolist())
 
 
+def test_several_controls_take_their_median():
+    n = 24
+    x, pos, predict = _square_world(n, seed=3)
+    rng = np.random.default_rng(9)
+    true = faithfulness(predict, x, _blobs(pos + 3.5), np.zeros(n, int), steps=4, controls=3, road=False)
+    blob = faithfulness(predict, x, _blobs(rng.uniform(0, SIZE, (n, 2))), np.zeros(n, int), steps=4, controls=3,
+                        road=False)
+    assert true.deletion.shape == (n, 4, 5) and true.control_source.shape == (n, 3)
+    d = np.trapezoid(true.deletion, true.fractions, axis=-1)
+    np.testing.assert_allclose(true.scores()["deletion_auc"][:, 1], np.median(d[:, 1:], axis=1))
+    s_true, s_blob = summarize_faithfulness(true), summarize_faithfulness(blob)
+    assert s_true["controls"] == 3 and s_true["metrics"]["deletion_auc"]["map_beats_control"] >= 0.9
+    assert 0.2 <= s_blob["metrics"]["deletion_auc"]["map_beats_control"] <= 0.8
+    with pytest.raises(ConfigError, match="controls must be"):
+        faithfulness(predict, x, _blobs(pos), np.zeros(n, int), controls=0)
+
+
 def test_empty_maps_never_beat_and_rows_per_image():
     n = 6
     x, pos, predict = _square_world(n, seed=2)

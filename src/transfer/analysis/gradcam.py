@@ -422,14 +422,33 @@ def compute_maps(
 # --------------------------------------------------------------------------- faithfulness
 
 
-def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Sequence[int], *,
-                     steps: int = DEFAULT_STEPS, baseline: str = "median", control: str = "other",
-                     controls: int = DEFAULT_CONTROLS, road: str = "auto",
-                     seed: int = 0) -> tuple[dict, "cammaps.Faithfulness"]:
+@dataclass(frozen=True)
+class FaithOptions:
+    """How faithfulness is measured (:func:`transfer.maps.faithfulness`)."""
+
+    steps: int = DEFAULT_STEPS
+    baseline: str = "median"
+    control: str = "other"
+    controls: int = DEFAULT_CONTROLS
+    road: str = "auto"
+    seed: int = 0
+
+    def checked(self) -> "FaithOptions":
+        """The same options, validated (errors name the option)."""
+        return FaithOptions(steps=check_int(self.steps, "curve steps", minimum=2, option="steps"),
+                            baseline=one_of(self.baseline, cammaps.BASELINES, "removal baseline", option="baseline"),
+                            control=one_of(self.control, cammaps.CONTROLS, "control", option="control"),
+                            controls=check_int(self.controls, "controls", option="controls"),
+                            road=one_of(self.road, ROAD_CHOICES, "ROAD setting", option="road"), seed=int(self.seed))
+
+
+def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Sequence[int],
+                     options: FaithOptions = FaithOptions()) -> tuple[dict, "cammaps.Faithfulness"]:
     """:func:`transfer.maps.faithfulness` of ``maps`` on a Keras model, summarized.
 
     Args:
-        road: ``auto`` (on for inputs of at most :data:`ROAD_AUTO_PIXELS` pixels), ``on``, ``off``.
+        options: steps, baseline, control(s), ROAD (``auto``: on for inputs of at most
+            :data:`ROAD_AUTO_PIXELS` pixels) and seed.
 
     Returns:
         ``(summary, curves)``: :func:`transfer.maps.summarize_faithfulness` (plus ``"road"``:
@@ -437,17 +456,17 @@ def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Seque
 
     Example::
 
-        summary, _ = map_faithfulness(model, x, maps, cls)
+        summary, _ = map_faithfulness(model, x, maps, cls, FaithOptions(steps=8))
         summary["metrics"]["deletion_auc"]["map_beats_control"]     # share of images
     """
-    road = one_of(road, ROAD_CHOICES, "ROAD setting", option="road")
+    o = options.checked()
     x = np.asarray(images, dtype=np.float32)
     pixels = int(x.shape[1] * x.shape[2]) if x.ndim == 4 else 0
-    do_road = road == "on" or (road == "auto" and pixels <= ROAD_AUTO_PIXELS)
-    res = cammaps.faithfulness(keras_predict(model), x, maps, classes, steps=steps, baseline=baseline,
-                               control=control, controls=controls, road=do_road, seed=seed)
+    do_road = o.road == "on" or (o.road == "auto" and pixels <= ROAD_AUTO_PIXELS)
+    res = cammaps.faithfulness(keras_predict(model), x, maps, classes, steps=o.steps, baseline=o.baseline,
+                               control=o.control, controls=o.controls, road=do_road, seed=o.seed)
     summary = cammaps.summarize_faithfulness(res)
-    summary["road"] = "on" if do_road else ("off" if road == "off" else
+    summary["road"] = "on" if do_road else ("off" if o.road == "off" else
                                             f"off (auto: inputs over {ROAD_AUTO_PIXELS} pixels; --road on forces it)")
     return summary, res
 
@@ -732,26 +751,6 @@ def _native_pixels(path, fallback: np.ndarray) -> np.ndarray:
     return item.pixels if item.pixels is not None else fallback.astype(np.uint8)
 
 
-@dataclass(frozen=True)
-class FaithOptions:
-    """How faithfulness is measured (:func:`transfer.maps.faithfulness`)."""
-
-    steps: int = DEFAULT_STEPS
-    baseline: str = "median"
-    control: str = "other"
-    controls: int = DEFAULT_CONTROLS
-    road: str = "auto"
-    seed: int = 0
-
-    def checked(self) -> "FaithOptions":
-        """The same options, validated (errors name the option)."""
-        return FaithOptions(steps=check_int(self.steps, "curve steps", minimum=2, option="steps"),
-                            baseline=one_of(self.baseline, cammaps.BASELINES, "removal baseline", option="baseline"),
-                            control=one_of(self.control, cammaps.CONTROLS, "control", option="control"),
-                            controls=check_int(self.controls, "controls", option="controls"),
-                            road=one_of(self.road, ROAD_CHOICES, "ROAD setting", option="road"), seed=int(self.seed))
-
-
 def _grid_title(meth: str, tg: _Target, faith: dict) -> str:
     title = f"{meth} - {tg.trial.name} - layer {tg.layer}"
     if faith.get("beats_control"):
@@ -783,9 +782,7 @@ def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: 
     maps, probs, cls = compute_maps(tg.model, tg.x, method=meth, layer=tg.layer, classes=tg.explained,
                                     scorecam_channels=scorecam_channels, progress=p)
     p.say(f"{meth}: faithfulness (deletion, insertion, ROAD; each against another image's map)")
-    faith, curves = map_faithfulness(tg.model, tg.x, maps, cls, steps=faith_opts.steps, baseline=faith_opts.baseline,
-                                     control=faith_opts.control, controls=faith_opts.controls, road=faith_opts.road,
-                                     seed=faith_opts.seed)
+    faith, curves = map_faithfulness(tg.model, tg.x, maps, cls, faith_opts)
     flags = faith["flags"]["per_image"]
     pred = probs.argmax(axis=1)
     mdir = tg.out_dir / meth
@@ -810,7 +807,9 @@ def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: 
     res.files.append(mdir / "grid.png")
     _write_maps_csv(mdir / "maps.csv", tg, curves, probs, cls)
     res.files.append(mdir / "maps.csv")
+    geometry = layer_geometry(tg.model, tg.layer)
     faith.update({"method": meth, "trial": tg.trial.name, "layer": tg.layer,
+                  "layer_geometry": None if geometry is None else {"y": list(geometry[0]), "x": list(geometry[1])},
                   "classes": "predicted" if tg.explained is None else names[tg.explained]})
     if tg.layer_note:
         faith["layer_note"] = tg.layer_note
