@@ -20,7 +20,7 @@ if importlib.util.find_spec("uvicorn") is not None:  # the serve extra
     scripts.append("bench_serve.py")
 else:
     print('bench_serve.py skipped: pip install -e ".[serve]" to load-test transfer serve')
-scripts += ["bench_fit.py", "bench_sweep.py", "bench_heads_bar.py", "bench_audit.py"]
+scripts += ["bench_fit.py", "bench_sweep.py", "bench_heads_bar.py", "bench_audit.py", "bench_faithfulness.py"]
 for script in scripts:
     print(f"\n## {script}\n", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True, cwd=HERE.parent)

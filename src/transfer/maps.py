@@ -52,7 +52,7 @@ explained class's probability):
 map never beats it. Per metric the summary gives the mean over images for the map and the
 control, the share of images where the map beats its control, and a one-sided sign test
 (the chance of that many wins or more if map and control were exchangeable). A method's
-``faithful_share`` is the smaller of its deletion and ROAD-MoRF shares; it *beats its
+``min_share_deletion_road`` is the smaller of its deletion and ROAD-MoRF shares; it *beats its
 control* when both sign tests give p < :data:`SIGN_TEST_ALPHA`.
 
 Cost: ``2 * (steps - 1)`` model calls per image for deletion + insertion and as many for
@@ -306,7 +306,7 @@ def mark_flag(picture: np.ndarray, flag: str) -> np.ndarray:
 # --------------------------------------------------------------------------- controls
 
 
-def control_maps(maps: np.ndarray, *, control: str = "other", count: int = 1,
+def control_maps(maps: np.ndarray, *, control: str = "other", count: int = 1, groups=None,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``count`` control maps of each image and where they came from.
 
@@ -332,6 +332,14 @@ def control_maps(maps: np.ndarray, *, control: str = "other", count: int = 1,
         return np.stack(rolled, axis=1), np.full((n, count), -1, np.int64)
     rng = np.random.default_rng([int(seed), 0xC0])
     src = np.full((n, count), -1, np.int64)
+    if groups is not None:
+        g = np.asarray(groups)
+        for i in range(n):
+            pool = live[(live != i) & (g[live] != g[i])]
+            if len(pool) == 0:
+                pool = live[live != i]
+            src[i] = rng.choice(pool, size=count, replace=len(pool) < count)
+        return m[src], src
     cycle = rng.permutation(live)
     for pos, i in enumerate(cycle):
         src[i] = cycle[(pos + 1 + np.arange(count)) % len(cycle)]
@@ -528,6 +536,7 @@ def faithfulness(
     baseline: str = "median",
     control: str = "other",
     controls: int = 1,
+    control_other_class: bool = False,
     road: bool = True,
     road_noise: float | str = "auto",
     seed: int = 0,
@@ -575,7 +584,8 @@ def faithfulness(
     inner = counts[1:-1]
     if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 1:
         raise ConfigError(f"controls must be an integer of at least 1, got {controls!r}", option="controls")
-    ctrl, source = control_maps(m, control=control, count=int(controls), seed=seed)
+    ctrl, source = control_maps(m, control=control, count=int(controls), seed=seed,
+                                groups=cls if control_other_class else None)
     c1 = 1 + int(controls)
     flags = map_flags(m)
     subs_img = substrate(x, baseline)
@@ -641,7 +651,7 @@ def summarize_faithfulness(res: Faithfulness) -> dict:
     Returns:
         ``{"images", "steps", "baseline", "control", "base_probability", "flags": {"empty": k,
         "border": k, "per_image": [...]}, "metrics": {name: {"better", "map", "control",
-        "map_beats_control", "sign_test_p"}}, "faithful_share", "beats_control", "curves": {...}}``.
+        "map_beats_control", "sign_test_p"}}, "min_share_deletion_road", "beats_control", "curves": {...}}``.
     """
     n = len(res.base)
     scores, beats = res.scores(), res.beats()
@@ -672,7 +682,7 @@ def summarize_faithfulness(res: Faithfulness) -> dict:
         "base_probability": float(res.base.mean()) if n else None,
         "flags": {"empty": sum(f == "empty" for f in res.flags), "border": sum(f == "border" for f in res.flags),
                   "per_image": list(res.flags)},
-        "metrics": metrics, "faithful_share": share, "beats_control": verdict, "curves": curves,
+        "metrics": metrics, "min_share_deletion_road": share, "beats_control": verdict, "curves": curves,
     }
 
 

@@ -93,7 +93,7 @@ def _faith(share: float, beats: bool, empty: int = 0) -> dict:
     metric = {"better": "lower", "map": 0.3, "control": 0.5, "map_beats_control": share, "sign_test_p": 0.01}
     return {"images": 16, "steps": 10, "baseline": "median", "control": "other", "controls": 1, "road": "on",
             "flags": {"empty": empty, "border": 0, "per_image": [""] * 16},
-            "metrics": {"deletion_auc": metric, "road_morf": metric}, "faithful_share": share,
+            "metrics": {"deletion_auc": metric, "road_morf": metric}, "min_share_deletion_road": share,
             "beats_control": beats, "layer": "conv2"}
 
 

@@ -547,7 +547,7 @@ def _current(faith: dict) -> dict:
 
 
 def rank_methods(faith: dict) -> list[str]:
-    """Methods best first: those that beat their control, then by ``faithful_share`` (the smaller of
+    """Methods best first: those that beat their control, then by ``min_share_deletion_road`` (the smaller of
     the deletion and ROAD-MoRF shares of images where the map beats its control).
 
     Example::
@@ -555,7 +555,7 @@ def rank_methods(faith: dict) -> list[str]:
         rank_methods(read_json("RUN/gradcam/arc2-t100/faithfulness.json"))    # ['scorecam', 'gradcam++', 'gradcam']
     """
     cur = _current(faith)
-    return sorted(cur, key=lambda m: (not cur[m].get("beats_control"), -(cur[m].get("faithful_share") or 0.0),
+    return sorted(cur, key=lambda m: (not cur[m].get("beats_control"), -(cur[m].get("min_share_deletion_road") or 0.0),
                                       METHODS.index(m) if m in METHODS else len(METHODS), m))
 
 
