@@ -91,3 +91,13 @@ def train_object_model(n: int = 400, size: int = 24, epochs: int = 8, seed: int 
     model.fit(x.astype("float32"), y, epochs=epochs, batch_size=32, verbose=0)
     acc = float((model.predict(xv.astype("float32"), verbose=0).argmax(1) == yv).mean())
     return model, acc
+
+
+def blob_maps(n: int, size: int, *, seed: int = 0, centre: bool = False, sigma: float | None = None) -> np.ndarray:
+    """Maps that carry no information about their image: Gaussian blobs at random places (or all
+    at the centre), ``(n, size, size)`` float32 in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    sigma = sigma or size / 6
+    yy, xx = np.mgrid[:size, :size]
+    centres = np.full((n, 2), (size - 1) / 2) if centre else rng.uniform(0, size, (n, 2))
+    return np.stack([np.exp(-((yy - a) ** 2 + (xx - b) ** 2) / (2 * sigma ** 2)) for a, b in centres]).astype(np.float32)

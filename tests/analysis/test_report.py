@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -79,12 +80,42 @@ def test_full_report_is_self_contained(full_run):
     for b in imgs:
         assert base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n"
     for text in ("Freeze sweep", "Classical heads", "rf", "Per-class metrics", "0.6667", "Grad-CAM",
-                 "gradcam++", "drop@10% cam / random", "TOTV", "bad files", "1 (bad_files.csv)", "c0/broken.png"):
+                 "gradcam++", "deletion AUC", "ROAD MoRF", "beats its control", "TOTV", "bad files",
+                 "1 (bad_files.csv)", "c0/broken.png"):
         assert text in page, text
     md = out["md"].read_text()
-    assert "| method | images | base p |" in md and "![" in md
+    assert "| method | images | empty / border maps |" in md and "![" in md
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (full_run / link).is_file(), link
+
+
+def _faith(share: float, beats: bool, empty: int = 0) -> dict:
+    metric = {"better": "lower", "map": 0.3, "control": 0.5, "map_beats_control": share, "sign_test_p": 0.01}
+    return {"images": 16, "steps": 10, "baseline": "median", "control": "other", "controls": 1, "road": "on",
+            "flags": {"empty": empty, "border": 0, "per_image": [""] * 16},
+            "metrics": {"deletion_auc": metric, "road_morf": metric}, "min_share_deletion_road": share,
+            "beats_control": beats, "layer": "conv2"}
+
+
+def test_report_leads_with_the_method_that_beats_its_control(run_copy):
+    """Methods best first; one no better than its control is said so and its grid folded; empty maps counted."""
+    d = run_copy / "gradcam" / "arc2-t100"
+    for m in ("gradcam", "scorecam"):
+        (d / m).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / m / "grid.png")
+    faith = {"gradcam": _faith(0.25, False, empty=7), "scorecam": _faith(0.94, True)}
+    (d / "faithfulness.json").write_text(json.dumps(faith))
+    md = write_report(run_copy)["md"].read_text()
+    page = (run_copy / "report.html").read_text()
+    assert md.index("Leads with scorecam") < md.index("gradcam: no better than its control")
+    assert "gradcam: 7 of 16 maps empty" in md
+    assert md.index("| scorecam |") < md.index("| gradcam |")
+    assert "gradcam: no better than its control: not an explanation of this model; grid kept" in md
+    assert re.search(r"<details><summary>arc2-t100: gradcam \(no better than its control", page)
+    # a faithfulness.json of the old format is not shown as a verdict
+    (d / "faithfulness.json").write_text(json.dumps({"gradcam": {"fractions": {"0.1": {"cam": 0.1}}}}))
+    md = write_report(run_copy)["md"].read_text()
+    assert "written by an older version" in md and "Leads with" not in md
 
 
 def test_report_rejects_a_non_run(tmp_path):

@@ -1,4 +1,4 @@
-"""Grad-CAM, Grad-CAM++ and Score-CAM heatmaps, overlays and a faithfulness number.
+"""Grad-CAM, Grad-CAM++ and Score-CAM heatmaps, their flags, overlays and faithfulness.
 
 The model is a flat contract model (docs/design.md): the target layer's output and
 the model's output come out of one ``keras.Model(model.inputs, [layer.output, ...])``,
@@ -8,19 +8,29 @@ the ``probs`` Dense layer (its input times its kernel plus bias), as in the Grad
 paper and pytorch-grad-cam; a model without a Dense ``probs`` layer falls back to the
 log of the probability.
 
-Maps are ReLU'd, resized to the input resolution (bilinear) and divided by their
-maximum; a map without positive evidence is all zeros, never NaN.
+What a map is, how it is drawn, flagged (``empty``, ``border``) and tested is defined once,
+TensorFlow-free, in :mod:`transfer.maps` (ReLU, bilinear upsampling to the input, divided
+by the maximum; a map without positive evidence is all zeros and flagged ``empty``).
 
-Faithfulness (pytorch-grad-cam's "confidence drop" / deletion idea): for each image,
-the explained class's probability before and after setting the most highlighted 10 /
-20 / 50 % of the pixels to a baseline (the image's mean colour), against setting the
-same number of random pixels. A faithful map makes the first drop larger.
+The target layer: ``--layer``, else the trial's ``gradcam_layer``, unless that layer's map
+has fewer than :data:`MIN_MAP_SIDE` cells on its shorter side at this input size
+(MobileNetV2's ``out_relu`` is 2 x 2 at 64 px: four quadrants cannot say where a shape is);
+then the last layer that has them (padding layers excluded), with a note.
+
+Faithfulness (:func:`transfer.maps.faithfulness`, numbers explained there): deletion and
+insertion areas (Petsiuk et al. 2018) and ROAD with imputed removal (Rong et al. 2022),
+each for the map and for a control with a map's smoothness but none of this image's
+information (another image's map from the same method). Per method: the mean of each
+number for the map and the control, the share of images where the map beats its control,
+a sign test, and the verdict; :func:`rank_methods` orders the methods by it, and the report
+leads with the one that beats its control.
 
 Example::
 
     from transfer.analysis.gradcam import explain_run
-    res = explain_run("runs/digits", samples=8, methods=["gradcam", "gradcam++"])
+    res = explain_run("runs/digits", samples=16, methods=["gradcam", "gradcam++"])
     print(res.table)
+    res.ranking          # e.g. ['gradcam++', 'gradcam'] (beats its control first)
 """
 
 from __future__ import annotations
@@ -32,21 +42,29 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import maps as cammaps
 from .._lazy import import_keras, import_tensorflow
 from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
+from ..maps import overlay  # noqa: F401  (the one overlay; re-exported for callers of this module)
 from ..progress import ProgressLike, as_progress
-from .options import check_choices, check_int
+from .options import check_choices, check_int, one_of
 
 #: CAM methods.
 METHODS = ("gradcam", "gradcam++", "scorecam")
 #: other spellings of the methods
 _ALIASES = {"gradcampp": "gradcam++", "grad-cam": "gradcam", "grad-cam++": "gradcam++", "score-cam": "scorecam"}
 
-#: Shares of the pixels masked by the faithfulness metric.
-DEFAULT_FRACTIONS = (0.1, 0.2, 0.5)
-
-_BASELINES = ("mean", "zero")
+#: points of the deletion / insertion curves minus one (ROAD removes 1/steps .. (steps-1)/steps)
+DEFAULT_STEPS = 10
+#: control maps per image (the control's number is their median)
+DEFAULT_CONTROLS = 1
+#: ROAD: ``auto`` runs it on inputs of at most ROAD_AUTO_PIXELS pixels (one sparse solve per step,
+#: ~2 s per solve at 224 x 224), ``on`` always, ``off`` never
+ROAD_CHOICES = ("auto", "on", "off")
+ROAD_AUTO_PIXELS = 128 * 128
+#: a default target layer whose map has fewer cells than this on its shorter side is replaced
+MIN_MAP_SIDE = 6
 
 #: Most cells a grid.png shows (every overlay is still written on its own).
 MAX_GRID = 48
@@ -76,8 +94,28 @@ def spatial_layers(model) -> list[str]:
     return out
 
 
-def resolve_layer(model, name: str | None = None, *, default: str | None = None):
+def _map_side(model, name: str) -> int:
+    shape = model.get_layer(name).output.shape
+    return min(int(shape[1] or 0), int(shape[2] or 0))
+
+
+def _fine_enough(model, preferred: str) -> str:
+    """``preferred``, or the last spatial layer after none of the padding layers whose map has
+    at least :data:`MIN_MAP_SIDE` cells a side when ``preferred``'s has fewer."""
+    keras = import_keras()
+    if _map_side(model, preferred) >= MIN_MAP_SIDE:
+        return preferred
+    cands = [n for n in spatial_layers(model)
+             if not isinstance(model.get_layer(n), (keras.layers.ZeroPadding2D, keras.layers.Cropping2D))
+             and _map_side(model, n) >= MIN_MAP_SIDE]
+    return cands[-1] if cands else preferred
+
+
+def resolve_layer(model, name: str | None = None, *, default: str | None = None, fine: bool = False):
     """The target layer: ``name``, else ``default`` (the registry's), else the last spatial layer.
+
+    With ``fine`` and no ``name``, a default whose map has fewer than :data:`MIN_MAP_SIDE`
+    cells on its shorter side is replaced by the last (non-padding) layer that has them.
 
     Raises:
         ModelError: the model has no layer of that name, or its output is not 4-D
@@ -92,12 +130,11 @@ def resolve_layer(model, name: str | None = None, *, default: str | None = None)
         raise ModelError(f"model {model.name!r} has no layer with a spatial (4-D) output to explain")
     shown = ", ".join(cands[-12:]) + (f" (and {len(cands) - 12} earlier)" if len(cands) > 12 else "")
     want = name or default
-    if not want:
-        return model.get_layer(cands[-1])
+    if not want or (name is None and want not in {layer.name for layer in model.layers}):
+        # no default, or a stale one: the last spatial layer
+        return model.get_layer(_fine_enough(model, cands[-1]) if fine else cands[-1])
     names = {layer.name for layer in model.layers}
     if want not in names:
-        if name is None:  # a stale default: fall back to the last spatial layer
-            return model.get_layer(cands[-1])
         raise ModelError(
             f"the model has no layer named {want!r}",
             hint=f"pick a layer that has a spatial output, e.g. one of: {shown}", option="layer",
@@ -109,7 +146,79 @@ def resolve_layer(model, name: str | None = None, *, default: str | None = None)
             f"Grad-CAM needs a convolutional layer",
             hint=f"pick one of: {shown}", option="layer",
         )
+    if fine and name is None:
+        want = _fine_enough(model, want)
     return model.get_layer(want)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _axis_step(op, axis: int, size_in: int) -> tuple[float, float] | None:
+    """``(s, o)`` of one layer along one axis: output cell ``r`` is centred on input index ``s * r + o``;
+    ``None`` when the layer changes the size in a way this does not know."""
+    keras = import_keras()
+    L = keras.layers
+    if isinstance(op, L.ZeroPadding2D):
+        return 1.0, -float(op.padding[axis][0])
+    if isinstance(op, L.Cropping2D):
+        return 1.0, float(op.cropping[axis][0])
+    if isinstance(op, (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D, L.MaxPooling2D, L.AveragePooling2D)) \
+            and not isinstance(op, L.Conv2DTranspose):
+        k = op.pool_size[axis] if hasattr(op, "pool_size") else op.kernel_size[axis]
+        d = op.dilation_rate[axis] if hasattr(op, "dilation_rate") else 1
+        s = op.strides[axis]
+        k_eff = (k - 1) * d + 1
+        pad_before = 0
+        if op.padding == "same":  # TensorFlow's: the extra row / column goes after
+            out = -(-size_in // s)
+            pad_before = max((out - 1) * s + k_eff - size_in, 0) // 2
+        return float(s), (k_eff - 1) / 2 - pad_before
+    return None
+
+
+def layer_geometry(model, layer_name: str):
+    """Where the cells of a layer's map sit on the input (:data:`transfer.maps.Geometry`), from the graph.
+
+    Walks from the layer back to the input through its first inputs, composing each
+    convolution's and pooling's stride and offset (``valid`` convolutions shrink the map, and
+    TensorFlow's ``same`` padding with stride 2 puts the extra row after: MobileNetV2's cells
+    at stride 8 are centred 3.5 px lower and further right than an even tiling would put
+    them). Layers that keep the spatial size (normalization, activations, adds, 1x1 and
+    stride-1 odd ``same`` convolutions) change nothing.
+
+    Returns:
+        ``((a_y, b_y), (a_x, b_x))``: cell ``r`` is centred at input coordinate ``a * r + b``
+        (pixel ``p`` spans ``[p, p + 1)``); ``None`` when a layer on the way is not understood
+        (the map then tiles the input evenly).
+
+    Example::
+
+        layer_geometry(arc2_at_32px, "conv2")     # ((2.0, 2.5), (2.0, 2.5))
+    """
+    keras = import_keras()
+    op = model.get_layer(layer_name)
+    axes = [[1.0, 0.0], [1.0, 0.0]]  # input index of cell r = a * r + b, per axis
+    seen = 0
+    while not isinstance(op, keras.layers.InputLayer):
+        seen += 1
+        if seen > 10_000:
+            return None
+        inp = op.input[0] if isinstance(op.input, (list, tuple)) else op.input
+        out_shape, in_shape = tuple(op.output.shape), tuple(inp.shape)
+        if len(in_shape) != 4 or len(out_shape) != 4:
+            return None
+        for axis in (0, 1):
+            step = _axis_step(op, axis, int(in_shape[1 + axis]))
+            if step is None:
+                if out_shape[1 + axis] != in_shape[1 + axis]:
+                    return None
+                continue
+            s, o = step
+            a, b = axes[axis]
+            axes[axis] = [s * a, s * b + o]
+        op = inp._keras_history.operation
+    return tuple((float(a), float(b) + 0.5) for a, b in axes)
 
 
 # --------------------------------------------------------------------------- maps
@@ -135,6 +244,7 @@ class _Explainer:
             outs.append(self.dense.input)
         inp = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         self.graph = keras.Model(inp, outs, name="gradcam_graph")
+        self.geometry = layer_geometry(model, layer.name)
 
     def scores(self, x, classes):
         """(activations, probs, class score) of a batch; to be called under a tape."""
@@ -149,26 +259,22 @@ class _Explainer:
         return acts, probs, score
 
     def predict(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
-        out = []
-        for i in range(0, len(x), batch):
-            out.append(np.asarray(self.model(x[i:i + batch], training=False), dtype=np.float64))
-        return np.concatenate(out) if out else np.zeros((0, 0))
+        return keras_predict(self.model, batch=batch)(x)
 
 
-def _finish(cam: np.ndarray, h: int, w: int) -> np.ndarray:
-    """ReLU, resize (N, h', w') -> (N, H, W) bilinear, divide by the max; zeros stay zeros."""
+def keras_predict(model, *, batch: int = 128):
+    """``x float32 (N, H, W, 3) -> probs float64 (N, C)`` of a Keras model, in batches, traced once."""
     tf = import_tensorflow()
-    cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    cam = np.maximum(cam, 0.0)
-    if cam.shape[1:] != (h, w):
-        cam = tf.image.resize(cam[..., None], (h, w), method="bilinear").numpy()[..., 0]
-    cam = np.maximum(cam, 0.0)
-    peak = cam.reshape(len(cam), -1).max(axis=1) if cam.size else np.zeros(0)
-    out = np.zeros_like(cam, dtype=np.float32)
-    for i, m in enumerate(peak):
-        if m > 1e-12 and np.isfinite(m):
-            out[i] = cam[i] / m
-    return np.clip(out, 0.0, 1.0)
+    h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+    step = tf.function(lambda t: model(t, training=False), input_signature=[tf.TensorSpec((None, h, w, c), tf.float32)],
+                       reduce_retracing=True)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        out = [np.asarray(step(x[i:i + batch]), dtype=np.float64) for i in range(0, len(x), batch)]
+        return np.concatenate(out) if out else np.zeros((0, int(model.outputs[0].shape[-1])))
+
+    return predict
 
 
 def _gradcam_batch(ex: _Explainer, x, classes, plus: bool):
@@ -206,7 +312,7 @@ def _scorecam_one(ex: _Explainer, x1: np.ndarray, cls: int, batch: int = 64, max
         keep = np.sort(np.argsort(-acts.mean(axis=(0, 1)), kind="stable")[:max_channels])
         acts = acts[..., keep]
     k = acts.shape[-1]
-    up = tf.image.resize(acts[None], (ex.h, ex.w), method="bilinear").numpy()[0]  # (H, W, K)
+    up = cammaps.upsample(acts[None], (ex.h, ex.w), geometry=ex.geometry)[0]  # (H, W, K), the maps' own resampling
     lo = up.reshape(-1, k).min(axis=0)
     hi = up.reshape(-1, k).max(axis=0)
     span = hi - lo
@@ -273,8 +379,9 @@ def compute_maps(
             over the images.
 
     Returns:
-        ``(maps, probs, classes)``: maps float32 ``(N, H, W)`` in [0, 1] (all zeros
-        when there is no positive evidence), probs ``(N, C)``, explained classes ``(N,)``.
+        ``(maps, probs, classes)``: maps float32 ``(N, H, W)`` in [0, 1]
+        (:func:`transfer.maps.to_input_maps`: all zeros when there is no positive evidence),
+        probs ``(N, C)``, explained classes ``(N,)``.
 
     Raises:
         ConfigError: unknown method, a class index out of range, images of the wrong shape.
@@ -309,156 +416,62 @@ def compute_maps(
             bar.update(len(xb))
     if not cams:
         return np.zeros((0, ex.h, ex.w), np.float32), probs, cls
-    return _finish(np.stack(cams), ex.h, ex.w), probs, cls
+    return cammaps.to_input_maps(np.stack(cams), (ex.h, ex.w), geometry=ex.geometry), probs, cls
 
 
 # --------------------------------------------------------------------------- faithfulness
 
 
-def _mask(x: np.ndarray, order: np.ndarray, share: float, baseline: str) -> np.ndarray:
-    h, w = x.shape[:2]
-    n = int(round(share * h * w))
-    out = x.copy()
-    if n <= 0:
-        return out
-    fill = x.reshape(-1, 3).mean(axis=0) if baseline == "mean" else np.zeros(3, x.dtype)
-    flat = out.reshape(-1, 3)
-    flat[order[:n]] = fill
-    return out
+@dataclass(frozen=True)
+class FaithOptions:
+    """How faithfulness is measured (:func:`transfer.maps.faithfulness`)."""
+
+    steps: int = DEFAULT_STEPS
+    baseline: str = "median"
+    control: str = "other"
+    controls: int = DEFAULT_CONTROLS
+    road: str = "auto"
+    seed: int = 0
+
+    def checked(self) -> "FaithOptions":
+        """The same options, validated (errors name the option)."""
+        return FaithOptions(steps=check_int(self.steps, "curve steps", minimum=2, option="steps"),
+                            baseline=one_of(self.baseline, cammaps.BASELINES, "removal baseline", option="baseline"),
+                            control=one_of(self.control, cammaps.CONTROLS, "control", option="control"),
+                            controls=check_int(self.controls, "controls", option="controls"),
+                            road=one_of(self.road, ROAD_CHOICES, "ROAD setting", option="road"), seed=int(self.seed))
 
 
-def _probs(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """The model's probabilities on ``x`` in batches (float64)."""
-    out = [np.asarray(model(x[i:i + batch], training=False), dtype=np.float64) for i in range(0, len(x), batch)]
-    return np.concatenate(out) if out else np.zeros((0, 1))
-
-
-def _masked_images(x, m, share: float, baseline: str, repeats: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Each image with its most highlighted ``share`` of pixels masked, and ``repeats`` random maskings of it."""
-    n, h, w = m.shape
-    cam_x, rnd_x = [], []
-    for i in range(n):
-        jitter = rng.random(h * w) * 1e-6  # random tie breaking (e.g. an all-zero map)
-        order = np.argsort(-(m[i].reshape(-1) + jitter), kind="stable")
-        cam_x.append(_mask(x[i], order, share, baseline))
-        for _ in range(repeats):
-            rnd_x.append(_mask(x[i], rng.permutation(h * w), share, baseline))
-    return (np.stack(cam_x) if cam_x else x[:0]), (np.stack(rnd_x) if rnd_x else x[:0])
-
-
-def _drops(base: np.ndarray, pc: np.ndarray, pr: np.ndarray) -> dict:
-    """Mean drops of the explained class's probability: CAM masking vs random masking."""
-    n = len(base)
-    d_cam, d_rnd = base - pc, base - pr
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel_c = np.where(base > 0, d_cam / base, 0.0)
-        rel_r = np.where(base > 0, d_rnd / base, 0.0)
-
-    def mean(v):
-        return float(v.mean()) if n else None
-
-    return {"cam": mean(d_cam), "random": mean(d_rnd), "gain": mean(d_cam - d_rnd), "cam_relative": mean(rel_c),
-            "random_relative": mean(rel_r), "cam_wins": mean((d_cam > d_rnd).astype(np.float64))}
-
-
-def confidence_drop(
-    model,
-    images: np.ndarray,
-    maps: np.ndarray,
-    classes: Sequence[int],
-    *,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    baseline: str = "mean",
-    random_repeats: int = 3,
-    seed: int = 0,
-) -> dict:
-    """Mean drop of the explained class's probability when masking the most highlighted pixels.
+def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Sequence[int],
+                     options: FaithOptions = FaithOptions()) -> tuple[dict, "cammaps.Faithfulness"]:
+    """:func:`transfer.maps.faithfulness` of ``maps`` on a Keras model, summarized.
 
     Args:
-        model: the classifier.
-        images: ``(N, H, W, 3)`` pixels 0..255 at the model input size.
-        maps: ``(N, H, W)`` heatmaps.
-        classes: explained class per image.
-        fractions: shares of the pixels masked (0 < f < 1).
-        baseline: ``"mean"`` (each image's mean colour) or ``"zero"`` (black).
-        random_repeats: random masks averaged per image and share.
-        seed: seed of the random masks and of tie breaking.
+        options: steps, baseline, control(s), ROAD (``auto``: on for inputs of at most
+            :data:`ROAD_AUTO_PIXELS` pixels) and seed.
 
     Returns:
-        ``{"images": N, "baseline": ..., "base_confidence": mean p, "fractions": {"0.1":
-        {"cam": drop, "random": drop, "gain": cam - random, "cam_relative": drop / p,
-        "random_relative": ..., "cam_wins": share of images where cam drops more}}}``;
-        drops are ``p(original) - p(masked)`` averaged over images.
-
-    Raises:
-        ConfigError: bad fractions or baseline, or shapes that do not match.
+        ``(summary, curves)``: :func:`transfer.maps.summarize_faithfulness` (plus ``"road"``:
+        ``"on"`` / ``"off (...)"``) and the per-image :class:`transfer.maps.Faithfulness`.
 
     Example::
 
-        confidence_drop(model, x, maps, cls)["fractions"]["0.2"]["gain"] > 0    # True for a faithful map
+        summary, _ = map_faithfulness(model, x, maps, cls, FaithOptions(steps=8))
+        summary["metrics"]["deletion_auc"]["map_beats_control"]     # share of images
     """
-    if baseline not in _BASELINES:
-        raise ConfigError(f"unknown masking baseline {baseline!r}; accepted: {', '.join(_BASELINES)}",
-                          option="baseline")
-    fr = [float(f) for f in fractions]
-    if not fr or any(not 0.0 < f < 1.0 for f in fr):
-        raise ConfigError(f"masking fractions must be between 0 and 1 (exclusive), got {list(fractions)!r}",
-                          option="fractions")
+    o = options.checked()
     x = np.asarray(images, dtype=np.float32)
-    m = np.asarray(maps, dtype=np.float32)
-    cls = np.asarray(classes, dtype=np.int64)
-    if x.shape[:3] != m.shape or len(cls) != len(x):
-        raise ConfigError(f"images {x.shape}, maps {m.shape} and classes ({len(cls)}) do not match")
-    rng = np.random.default_rng(seed)
-    n = len(x)
-    rows = np.arange(n)
-    base = _probs(model, x)[rows, cls] if n else np.zeros(0)
-    result = {"images": int(n), "baseline": baseline, "random_repeats": int(random_repeats),
-              "base_confidence": float(base.mean()) if n else None, "fractions": {}}
-    for f in fr:
-        cam_x, rnd_x = _masked_images(x, m, f, baseline, random_repeats, rng)
-        pc = _probs(model, cam_x)[rows, cls] if n else np.zeros(0)
-        pr = (_probs(model, rnd_x)[np.arange(len(rnd_x)), np.repeat(cls, random_repeats)]
-              .reshape(n, random_repeats).mean(axis=1)) if n else np.zeros(0)
-        result["fractions"][f"{f:g}"] = _drops(base, pc, pr)
-    return result
+    pixels = int(x.shape[1] * x.shape[2]) if x.ndim == 4 else 0
+    do_road = o.road == "on" or (o.road == "auto" and pixels <= ROAD_AUTO_PIXELS)
+    res = cammaps.faithfulness(keras_predict(model), x, maps, classes, steps=o.steps, baseline=o.baseline,
+                               control=o.control, controls=o.controls, road=do_road, seed=o.seed)
+    summary = cammaps.summarize_faithfulness(res)
+    summary["road"] = "on" if do_road else ("off" if o.road == "off" else
+                                            f"off (auto: inputs over {ROAD_AUTO_PIXELS} pixels; --road on forces it)")
+    return summary, res
 
 
 # --------------------------------------------------------------------------- pictures
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, min_side: int = 128,
-            max_side: int = 512) -> np.ndarray:
-    """A jet-coloured heatmap blended over an RGB uint8 image (any size): uint8 RGB.
-
-    Small images are first enlarged (nearest neighbour, integer factor) to at least
-    ``min_side`` pixels so the overlay is legible, large ones reduced (bilinear, aspect
-    kept) to at most ``max_side``; the map is resized (bilinear) to fit.
-
-    Example::
-
-        overlay(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16))).shape     # (128, 128, 3)
-    """
-    from PIL import Image
-
-    from ..plots import pyplot
-
-    img = np.asarray(image, dtype=np.uint8)
-    h, w = img.shape[:2]
-    k = max(1, int(np.ceil(min_side / max(1, min(h, w)))))
-    if k > 1:
-        img = np.asarray(Image.fromarray(img).resize((w * k, h * k), Image.Resampling.NEAREST))
-    elif max(h, w) > max_side:
-        f = max_side / max(h, w)
-        img = np.asarray(Image.fromarray(img).resize((max(1, round(w * f)), max(1, round(h * f))),
-                                                     Image.Resampling.BILINEAR))
-    hh, ww = img.shape[:2]
-    hm = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
-    hm = np.asarray(Image.fromarray(hm, mode="F").resize((ww, hh), Image.Resampling.BILINEAR))
-    hm = np.clip(hm, 0.0, 1.0)
-    jet = pyplot("Grad-CAM overlays").get_cmap("jet")(hm)[..., :3] * 255.0
-    out = (1.0 - alpha) * img.astype(np.float32) + alpha * jet
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
@@ -468,12 +481,14 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
-def _save_grid(cells: list[np.ndarray], captions: list[str], path: Path, title: str) -> None:
+def _save_grid(cells: list[np.ndarray], captions: list[str], path: Path, title: str,
+               flags: Sequence[str] = ()) -> None:
     from ..plots import figure, save_figure
 
     total = len(cells)
+    flags = list(flags) or [""] * total
     if total > MAX_GRID:
-        cells, captions = cells[:MAX_GRID], captions[:MAX_GRID]
+        cells, captions, flags = cells[:MAX_GRID], captions[:MAX_GRID], flags[:MAX_GRID]
         title += f" (first {MAX_GRID} of {total} images)"
     n = len(cells)
     cols = min(4, max(1, n))
@@ -482,9 +497,9 @@ def _save_grid(cells: list[np.ndarray], captions: list[str], path: Path, title: 
                 purpose="Grad-CAM grids") as (fig, axes):
         for ax in axes.ravel():
             ax.axis("off")
-        for ax, cell, cap in zip(axes.ravel(), cells, captions):
+        for ax, cell, cap, flag in zip(axes.ravel(), cells, captions, flags):
             ax.imshow(cell)
-            ax.set_title(cap, fontsize=9)
+            ax.set_title(cap, fontsize=9, color="#c00000" if flag else "black")
         fig.suptitle(title, fontsize=10)
         save_figure(fig, path)
 
@@ -503,33 +518,79 @@ class GradcamResult:
     images: list[str]
     faithfulness: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    layer_note: str | None = None
 
     @property
     def table(self) -> str:
         """The faithfulness table as text (also printed by the CLI)."""
         return faithfulness_table(self.faithfulness)
 
+    @property
+    def ranking(self) -> list[str]:
+        """The methods computed, best first (:func:`rank_methods`)."""
+        return rank_methods(self.faithfulness)
+
+    @property
+    def verdict(self) -> list[str]:
+        """The sentences that say which method to trust (:func:`verdict_lines`)."""
+        return verdict_lines(self.faithfulness)
+
+
+#: the faithfulness numbers shown, with their names in tables
+_SHOWN = (("deletion_auc", "deletion AUC"), ("insertion_auc", "insertion AUC"), ("road_morf", "ROAD MoRF"),
+          ("road_lerf", "ROAD LeRF"))
+
+
+def _current(faith: dict) -> dict:
+    """The entries of a merged faithfulness.json written by this version (with ``metrics``)."""
+    return {m: r for m, r in faith.items() if isinstance(r, dict) and isinstance(r.get("metrics"), dict)}
+
+
+def rank_methods(faith: dict) -> list[str]:
+    """Methods best first: those that beat their control, then by ``min_share_deletion_road`` (the smaller of
+    the deletion and ROAD-MoRF shares of images where the map beats its control).
+
+    Example::
+
+        rank_methods(read_json("RUN/gradcam/arc2-t100/faithfulness.json"))    # ['scorecam', 'gradcam++', 'gradcam']
+    """
+    cur = _current(faith)
+    return sorted(cur, key=lambda m: (not cur[m].get("beats_control"), -(cur[m].get("min_share_deletion_road") or 0.0),
+                                      METHODS.index(m) if m in METHODS else len(METHODS), m))
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f} %"
+
+
+#: what a cell of the faithfulness table says (printed with it)
+TABLE_LEGEND = ("each cell: the map's number / its control's, another image's map (share of images where the map "
+                "beats it); deletion AUC and ROAD MoRF: lower is better, insertion AUC and ROAD LeRF: higher")
+
 
 def faithfulness_rows(faith: dict) -> tuple[list[str], list[list[str]]]:
-    """``(header, rows)``: rows = method, columns = confidence drop (CAM / random) per masked share."""
-    methods = [m for m in METHODS if m in faith] + [m for m in faith if m not in METHODS]
+    """``(header, rows)``, best method first: per number ``map / control (share of images where the map beats it)``
+    (:data:`TABLE_LEGEND`)."""
+    cur = _current(faith)
+    methods = rank_methods(faith)
     if not methods:
         return [], []
-    fr = list(next(iter(faith.values()))["fractions"])
-    header = ["method", "images", "base p"] + [f"drop@{float(f) * 100:g}% cam / random" for f in fr]
+    header = ["method", "images", "empty / border maps"] + [name for _, name in _SHOWN] + ["beats its control"]
     rows = []
     for m in methods:
-        r = faith[m]
-        row = [m, str(r["images"]), f"{r['base_confidence']:.3f}" if r["base_confidence"] is not None else "-"]
-        for f in fr:
-            v = r["fractions"].get(f, {})
-            row.append("-" if v.get("cam") is None else f"{v['cam']:.3f} / {v['random']:.3f}")
+        r = cur[m]
+        fl = r.get("flags", {})
+        row = [m, str(r.get("images", "-")), f"{fl.get('empty', 0)} / {fl.get('border', 0)}"]
+        for k, _ in _SHOWN:
+            v = r["metrics"].get(k)
+            row.append("-" if not v else f"{v['map']:.3f} / {v['control']:.3f} ({_pct(v['map_beats_control'])})")
+        row.append("yes" if r.get("beats_control") else "no")
         rows.append(row)
     return header, rows
 
 
 def faithfulness_table(faith: dict, *, markdown: bool = False) -> str:
-    """The faithfulness results as a text (or Markdown) table.
+    """The faithfulness results as a text (or Markdown) table, best method first.
 
     Example::
 
@@ -539,9 +600,50 @@ def faithfulness_table(faith: dict, *, markdown: bool = False) -> str:
 
     header, rows = faithfulness_rows(faith)
     if not header:
-        return "(no faithfulness results)"
+        return "(no faithfulness results of this version; run transfer gradcam again)"
     align = "l" + "r" * (len(header) - 1)
     return tables.markdown(header, rows, align=align) if markdown else tables.text(header, rows).rstrip("\n")
+
+
+def _shares(r: dict) -> str:
+    m = r["metrics"]
+    parts = [f"{name} in {_pct(m[k]['map_beats_control'])}" for k, name in (("deletion_auc", "deletion"),
+                                                                             ("road_morf", "ROAD")) if k in m]
+    return " and on ".join(parts) + f" of the {r.get('images')} images"
+
+
+def verdict_lines(faith: dict) -> list[str]:
+    """Sentences for people: which method's maps to trust on this model, which are no better than
+    their control, and how many maps are flagged.
+
+    Example::
+
+        verdict_lines(faith)[0]
+        # 'Leads with scorecam: its maps beat another image's map on deletion in 88 % and on ROAD in 90 % ...'
+    """
+    cur = _current(faith)
+    ranked = rank_methods(faith)
+    if not ranked:
+        return []
+    out = []
+    good = [m for m in ranked if cur[m].get("beats_control")]
+    if good:
+        r = cur[good[0]]
+        ps = ", ".join(f"{v['sign_test_p']:.2g}" for k, v in r["metrics"].items() if k in ("deletion_auc", "road_morf"))
+        out.append(f"Leads with {good[0]}: its maps beat another image's map on {_shares(r)} (sign tests p = {ps}).")
+    else:
+        out.append("No method's maps beat another image's map on this model: none of these maps shows what the "
+                   "model uses (try another --layer, or more --samples if there are few images).")
+    for m in ranked:
+        r = cur[m]
+        if m not in good:
+            out.append(f"{m}: no better than its control (the map beats another image's map on {_shares(r)}); "
+                       "its maps are not an explanation of this model.")
+        fl = r.get("flags", {})
+        if fl.get("empty") or fl.get("border"):
+            out.append(f"{m}: {fl.get('empty', 0)} of {r.get('images')} maps empty (no positive evidence), "
+                       f"{fl.get('border', 0)} with most of their mass on the image border; marked in the grid.")
+    return out
 
 
 def _image_files(item: str | os.PathLike) -> list[Path]:
@@ -638,6 +740,7 @@ class _Target:
     x: np.ndarray
     explained: int | None
     out_dir: Path
+    layer_note: str | None = None
 
 
 def _native_pixels(path, fallback: np.ndarray) -> np.ndarray:
@@ -648,19 +751,45 @@ def _native_pixels(path, fallback: np.ndarray) -> np.ndarray:
     return item.pixels if item.pixels is not None else fallback.astype(np.uint8)
 
 
-def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: bool, fractions, baseline: str,
-                    seed: int, scorecam_channels, p) -> dict:
-    """Maps, overlays, grid and faithfulness of one method, in ``<out>/<method>/``."""
+def _grid_title(meth: str, tg: _Target, faith: dict) -> str:
+    title = f"{meth} - {tg.trial.name} - layer {tg.layer}"
+    if faith.get("beats_control"):
+        return title + f"\nbeats another image's map on {_shares(faith)}"
+    return title + "\nNO BETTER THAN ANOTHER IMAGE'S MAP: not an explanation of this model"
+
+
+def _write_maps_csv(path: Path, tg: _Target, res: "cammaps.Faithfulness", probs, cls) -> None:
+    """One row per image: the file, its classes, the map's flag and every number for the map and its control."""
+    from .. import tables
+
+    names = tg.run.class_names
+    header, rows = cammaps.per_image_rows(res)
+    lead = ["image", "true", "predicted", "explained"]
+    out = []
+    for (path_, lab), row in zip(tg.items, rows):
+        i = row[0]
+        ctrl = ";".join(str(tg.items[j][0]) if j >= 0 else "shifted map" for j in res.control_source[i])
+        out.append([str(path_), names[lab] if lab is not None else "", names[int(probs[i].argmax())],
+                    names[int(cls[i])]] + row[:3] + [ctrl] + row[4:])
+    tables.write_csv(path, lead + header[:3] + ["control_maps_of"] + header[4:], out)
+
+
+def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: bool, faith_opts: FaithOptions,
+                    scorecam_channels, p) -> dict:
+    """Maps, flags, faithfulness, overlays, grid and maps.csv of one method, in ``<out>/<method>/``."""
     names = tg.run.class_names
     p.say(f"{meth}: {len(tg.items)} image(s), trial {tg.trial.name}, layer {tg.layer}")
     maps, probs, cls = compute_maps(tg.model, tg.x, method=meth, layer=tg.layer, classes=tg.explained,
                                     scorecam_channels=scorecam_channels, progress=p)
+    p.say(f"{meth}: faithfulness (deletion, insertion, ROAD; each against another image's map)")
+    faith, curves = map_faithfulness(tg.model, tg.x, maps, cls, faith_opts)
+    flags = faith["flags"]["per_image"]
     pred = probs.argmax(axis=1)
     mdir = tg.out_dir / meth
     cells, caps = [], []
     for k, ((path, lab), m) in enumerate(zip(tg.items, maps)):
         stem = f"{k:03d}_{Path(path).stem}"
-        ov = overlay(_native_pixels(path, tg.x[k]), m)
+        ov = cammaps.mark_flag(overlay(_native_pixels(path, tg.x[k]), m), flags[k])
         _save_png(ov, mdir / f"{stem}.png")
         res.files.append(mdir / f"{stem}.png")
         if save_maps:
@@ -670,14 +799,22 @@ def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: 
         cap = f"true {names[lab] if lab is not None else '?'} / pred {names[pred[k]]} ({probs[k, pred[k]]:.2f})"
         if tg.explained is not None:
             cap += f"\nexplains {names[cls[k]]} ({probs[k, cls[k]]:.2f})"
+        if flags[k]:
+            cap += "\n" + cammaps.FLAG_TEXT[flags[k]]
         cells.append(ov)
         caps.append(cap)
-    _save_grid(cells, caps, mdir / "grid.png", f"{meth} - {tg.trial.name} - layer {tg.layer}")
+    _save_grid(cells, caps, mdir / "grid.png", _grid_title(meth, tg, faith), flags)
     res.files.append(mdir / "grid.png")
-    faith = confidence_drop(tg.model, tg.x, maps, cls, fractions=fractions, baseline=baseline, seed=seed)
+    _write_maps_csv(mdir / "maps.csv", tg, curves, probs, cls)
+    res.files.append(mdir / "maps.csv")
+    geometry = layer_geometry(tg.model, tg.layer)
     faith.update({"method": meth, "trial": tg.trial.name, "layer": tg.layer,
+                  "layer_geometry": None if geometry is None else {"y": list(geometry[0]), "x": list(geometry[1])},
                   "classes": "predicted" if tg.explained is None else names[tg.explained]})
+    if tg.layer_note:
+        faith["layer_note"] = tg.layer_note
     write_json_atomic(mdir / "faithfulness.json", faith)
+    res.files.append(mdir / "faithfulness.json")
     return faith
 
 
@@ -686,36 +823,46 @@ def explain_run(
     *,
     trial: str = "best",
     images: Sequence[str | os.PathLike] | None = None,
-    samples: int = 8,
+    samples: int = 16,
     methods: Sequence[str] | str = ("gradcam",),
     layer: str | None = None,
     class_: str | int | None = None,
     save_maps: bool = False,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    baseline: str = "mean",
+    steps: int = DEFAULT_STEPS,
+    baseline: str = "median",
+    control: str = "other",
+    controls: int = DEFAULT_CONTROLS,
+    road: str = "auto",
     seed: int = 0,
     scorecam_channels: int | None = None,
     progress: ProgressLike = None,
 ) -> GradcamResult:
-    """Explain images of a run's trial; write overlays, grids and faithfulness numbers.
+    """Explain images of a run's trial; write overlays, grids, flags and faithfulness numbers.
 
     Output: ``RUN/gradcam/<trial>/<method>/`` with one ``<k>_<stem>.png`` overlay per
-    image (``.npy`` raw map at input resolution next to it with ``save_maps``),
-    ``grid.png`` captioned true / pred / probability and ``faithfulness.json``; and
-    ``RUN/gradcam/<trial>/faithfulness.json`` merging every method computed so far.
+    image (flagged maps framed; ``.npy`` raw map at input resolution next to it with
+    ``save_maps``), ``grid.png`` captioned true / pred / probability / flag and titled with the
+    method's verdict, ``maps.csv`` (one row per image: flag and every faithfulness number for
+    the map and its control) and ``faithfulness.json``; and ``RUN/gradcam/<trial>/faithfulness.json``
+    merging every method computed so far (:func:`rank_methods` orders them).
 
     Args:
         run_dir: the run folder.
         trial: ``best`` or a trial name.
         images: image files or folders; default: ``samples`` random test images.
-        samples: how many test images when ``images`` is not given.
+        samples: how many test images when ``images`` is not given (the sign tests need
+            about 10 or more to tell a method from its control).
         methods: names from :data:`METHODS` (or ``["all"]``).
-        layer: target layer; default the trial's ``gradcam_layer``.
+        layer: target layer; default the trial's ``gradcam_layer``, or a finer layer when that
+            one's map is coarser than :data:`MIN_MAP_SIDE` cells (``layer_note`` says so).
         class_: class explained (name or index); default the predicted class.
         save_maps: also write the raw maps as ``.npy``.
-        fractions: masked shares of the faithfulness metric.
-        baseline: masking value, ``mean`` or ``zero``.
-        seed: sample choice and random masks.
+        steps: points of the deletion / insertion curves minus one.
+        baseline: what removed pixels become in deletion / insertion (:data:`transfer.maps.BASELINES`).
+        control: ``other`` (another image's map) or ``shifted`` (the map rolled by half the image).
+        controls: control maps per image; the control's number is their median.
+        road: ``auto``, ``on`` or ``off`` (:data:`ROAD_AUTO_PIXELS`).
+        seed: sample choice, controls, tie breaking and ROAD noise.
         scorecam_channels: Score-CAM: score only this many channels (default all).
         progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``; a bar
             per method over the images.
@@ -726,31 +873,41 @@ def explain_run(
     Raises:
         RunFolderError: missing / incomplete run, unknown or unfinished trial.
         ModelError: bad layer (the candidates are named).
-        ConfigError: bad method, class, samples, image paths.
+        ConfigError: bad method, class, samples, image paths, steps, baseline, control or road.
 
     Example::
 
-        explain_run("runs/digits", methods=["gradcam", "scorecam"], samples=4).table
+        explain_run("runs/digits", methods=["gradcam", "scorecam"], samples=16).verdict[0]
     """
     from ..runfolder import RunFolder
 
     p = as_progress(progress)
     meths = parse_methods(methods)
+    faith_opts = FaithOptions(steps=steps, baseline=baseline, control=control, controls=controls, road=road,
+                              seed=seed).checked()
     run = RunFolder(run_dir)
     t = run.trial(trial)
     explained = _parse_class(class_, run.class_names)
     items = _collect_images(run, images, samples, seed, fold=t.fold)
     model = t.load_model()
-    tgt = resolve_layer(model, layer, default=t.meta.get("gradcam_layer"))
+    default = t.meta.get("gradcam_layer")
+    tgt = resolve_layer(model, layer, default=default, fine=True)
+    note = None
+    if layer is None and default and tgt.name != default and default in {lay.name for lay in model.layers}:
+        side = _map_side(model, default)
+        note = (f"layer {default} gives a {side} x {side} map at this input size, too coarse to say where "
+                f"(fewer than {MIN_MAP_SIDE} cells a side): explaining {tgt.name} "
+                f"({_map_side(model, tgt.name)} cells a side) instead; --layer chooses another")
+        p.say(note)
     x, items = _decode(items, t.image_size, p, recipe=run.recipe)
-    tg = _Target(run, t, model, tgt.name, items, x, explained, run.gradcam_dir(t.name))
+    tg = _Target(run, t, model, tgt.name, items, x, explained, run.gradcam_dir(t.name), note)
     merged_path = tg.out_dir / "faithfulness.json"
-    merged = read_json(merged_path) if merged_path.is_file() else {}
+    merged = _current(read_json(merged_path)) if merged_path.is_file() else {}
     res = GradcamResult(out_dir=tg.out_dir, trial=t.name, layer=tgt.name, methods=meths,
-                        images=[str(q) for q, _ in items])
+                        images=[str(q) for q, _ in items], layer_note=note)
     for meth in meths:
-        faith = _explain_method(tg, meth, res, save_maps=save_maps, fractions=fractions, baseline=baseline,
-                                seed=seed, scorecam_channels=scorecam_channels, p=p)
+        faith = _explain_method(tg, meth, res, save_maps=save_maps, faith_opts=faith_opts,
+                                scorecam_channels=scorecam_channels, p=p)
         merged[meth] = res.faithfulness[meth] = faith
     write_json_atomic(merged_path, merged)
     res.files.append(merged_path)

@@ -13,7 +13,7 @@ classical heads               heads/<t>/heads.csv                         ``tran
 per-class metrics             evaluate/<t>/{metrics.json, per_class.csv,  ``transfer evaluate RUN``
                               confusion.png, samples.png, wrong.png}
 Grad-CAM                      gradcam/<t>/faithfulness.json,              ``transfer gradcam RUN``
-                              gradcam/<t>/<method>/grid.png
+                              gradcam/<t>/<method>/grid.png               (best method first)
 feature plots                 plots/<t>/features_{pca,tsne}.png           ``transfer features RUN``
 resolution                    resolution/{totv,tvtv}{.csv,.png,           ``transfer resolution RUN``
                               _per_class.csv}
@@ -350,43 +350,81 @@ def _evaluate(rf: RunLayout) -> Section:
     return sec
 
 
-def _faithfulness(sec: Section, faith: dict) -> None:
-    from .gradcam import faithfulness_rows, faithfulness_table
+_FAITH_NOTE = (
+    "Faithfulness: for each image the pixels are removed in the order of the map (deletion: the explained "
+    "class's probability as 0..100 % of them become {baseline}, area under the curve, lower is better; "
+    "insertion: put back onto it, higher is better; ROAD MoRF / LeRF: the most / least relevant {lo:g}..{hi:g} % "
+    "filled in from their neighbours, mean probability, lower / higher is better). Each number is also measured "
+    "for a control, another image's map from the same method (as smooth, but about another image), and the "
+    "table gives map / control (share of images where the map beats it). A method beats its control when a "
+    "sign test on the deletion and on the ROAD MoRF wins gives p < 0.05. Layer {layer}.")
 
-    try:
-        header, rows = faithfulness_rows(faith)
-        first = next(iter(faith.values()))
-        note = (f"Faithfulness: mean drop of the explained class's probability when the most "
-                f"highlighted share of pixels is set to the image's {first.get('baseline', 'mean')} colour "
-                f"(cam) vs the same share of random pixels (random); higher cam than random = the map "
-                f"points at evidence the model uses. Layer {first.get('layer', '?')}.")
-        sec.html.append(f'<p class="note">{html.escape(note)}</p>' + _html_table(header, rows))
-        sec.md.append(note + "\n\n" + faithfulness_table(faith, markdown=True))
-    except (KeyError, TypeError, ValueError, AttributeError, StopIteration):
-        sec.html.append('<p class="note">faithfulness.json unreadable</p>')
+
+def _faithfulness(sec: Section, faith: dict) -> list[str]:
+    """The verdict sentences and the table of one trial; returns the methods best first."""
+    from .gradcam import faithfulness_rows, faithfulness_table, rank_methods, verdict_lines
+
+    ranked = rank_methods(faith)
+    if not ranked:
+        _note(sec, "faithfulness.json was written by an older version of transfer (a single confidence-drop "
+                   "number that passes maps without information); run transfer gradcam again.")
+        return []
+    first = faith[ranked[0]]
+    for line in verdict_lines(faith):
+        _note(sec, line)
+    if first.get("layer_note"):
+        _note(sec, first["layer_note"])
+    header, rows = faithfulness_rows(faith)
+    from ..maps import BASELINE_TEXT
+
+    steps = int(first.get("steps") or 10)
+    note = _FAITH_NOTE.format(baseline=BASELINE_TEXT.get(first.get("baseline"), first.get("baseline", "?")),
+                              lo=100 / steps, hi=100 * (steps - 1) / steps, layer=first.get("layer", "?"))
+    if first.get("road", "on") != "on":
+        note += f" ROAD: {first['road']}."
+    sec.html.append(_html_table(header, rows) + f'<p class="note">{html.escape(note)}</p>')
+    sec.md.append(faithfulness_table(faith, markdown=True) + "\n\n" + note + "\n")
+    return ranked
+
+
+def _gradcam_grids(sec: Section, rf: RunLayout, d: Path, dirs: list[Path], faith: dict, ranked: list[str]) -> None:
+    """Grids best method first; a method no better than its control (or not tested) is folded away and says so."""
+    order = {m: i for i, m in enumerate(ranked)}
+    for m in sorted(dirs, key=lambda p: (order.get(p.name, len(order)), p.name)):
+        r = faith.get(m.name) if m.name in order else None
+        if r is not None and r.get("beats_control"):
+            _images(sec, [(m / "grid.png", f"{d.name}: {m.name} (beats its control; flagged maps framed)")],
+                    rf.path, grid=False)
+            continue
+        why = ("no better than its control: not an explanation of this model" if r is not None
+               else "not tested for faithfulness by this version")
+        cap = f"{d.name}: {m.name} ({why})"
+        h, md = _img(m / "grid.png", rf.path, cap)
+        sec.html.append(f"<details><summary>{html.escape(cap)} - grid kept for inspection</summary>{h}</details>")
+        sec.md.append(f"{m.name}: {why}; grid kept for inspection: {md}")
 
 
 def _gradcam(rf: RunLayout) -> Section:
-    from .gradcam import METHODS
-
     sec = Section("gradcam", "Grad-CAM")
 
     def method_dirs(d: Path) -> list[Path]:
-        return sorted((m for m in d.iterdir() if m.is_dir() and (m / "grid.png").is_file()),
-                      key=lambda m: (METHODS.index(m.name) if m.name in METHODS else 99, m.name))
+        return sorted(m for m in d.iterdir() if m.is_dir() and (m / "grid.png").is_file())
 
     found = [d for d in _trial_dirs(rf, "gradcam", rf.gradcam_dir)
              if (d / "faithfulness.json").is_file() or method_dirs(d)]
     if not _found(sec, found, "no Grad-CAM maps (gradcam/<trial>/)",
-                  f"transfer gradcam {rf.path} --method gradcam,gradcam++"):
+                  f"transfer gradcam {rf.path} --method all"):
         return sec
     for d in found:
         _heading(sec, d.name)
         faith = _safe_json(d / "faithfulness.json")
-        if isinstance(faith, dict) and faith:
-            _faithfulness(sec, faith)
-        for m in method_dirs(d):  # full width: the captions of the cells stay legible
-            _images(sec, [(m / "grid.png", f"{d.name}: {m.name}")], rf.path, grid=False)
+        faith = faith if isinstance(faith, dict) else {}
+        try:
+            ranked = _faithfulness(sec, faith) if faith else []
+        except (KeyError, TypeError, ValueError, AttributeError):
+            sec.html.append('<p class="note">faithfulness.json unreadable</p>')
+            ranked = []
+        _gradcam_grids(sec, rf, d, method_dirs(d), faith, ranked)
     return sec
 
 
