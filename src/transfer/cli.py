@@ -18,7 +18,7 @@ import click
 from . import __version__
 from .errors import TransferError
 
-_COMMAND_MODULES = ("data", "audit", "models", "train", "analysis", "explain", "export", "runtime", "keys", "serve")
+_COMMAND_MODULES = ("data", "audit", "models", "train", "rank", "analysis", "explain", "export", "runtime", "keys", "serve")
 
 
 class TransferGroup(click.Group):
