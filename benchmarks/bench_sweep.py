@@ -188,10 +188,13 @@ def transfer(log: Path, *args) -> tuple[float, str]:
     print("$ transfer " + " ".join(map(str, args)), flush=True)
     with LoadSampler() as load, open(log, "w") as fh:
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # each line with the seconds since the start
+            fh.write(f"{time.perf_counter() - t0:8.1f}  {line}")
+        r = proc.wait()
         wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}); see {log}")
+    if r != 0:
+        raise SystemExit(f"failed ({r}); see {log}")
     print(f"  {wall:.0f} s, {load.text()}", flush=True)
     return wall, load.text()
 
