@@ -34,6 +34,12 @@ Order of work in a trial (:func:`run_trial`):
 6. Evaluate it (:func:`transfer.trainer.measure.evaluate_trial`) on the train / val / test
    images, the way a user runs it -> ``metrics.json``; ``curves.png``; ``status.json`` =
    done. The resume checkpoint is then removed.
+
+:func:`run_trial` does all of it; :class:`TrialRun` does it in parts, for a sweep that trains
+its trials rung by rung (:mod:`transfer.trainer.halving`): ``train(until=E)`` trains up to
+epoch ``E`` and keeps the open stage (model, data, compiled optimizer, traced step), so the
+next ``train`` continues without building or tracing anything again; ``finish(stopped=...)``
+does steps 5 and 6 at whatever epoch the trial stands, recording why it stopped there.
 """
 
 from __future__ import annotations

@@ -3,9 +3,12 @@
 ``run_sweep`` prepares the run folder (:func:`transfer.trainer.prepare.prepare_run`: index
 the dataset, make or reuse the splits, write ``run.json`` / ``config.yaml`` /
 ``dataset.json``), plans the trials (:func:`transfer.trainer.plan.plan_trials`), runs every
-trial (finished trials are skipped, an interrupted one resumes), then writes the sweep
-table ``sweep.csv`` / ``sweep.md`` (rows train / val / test accuracy, parameter counts
-and seconds per epoch; columns backbone x trainable fraction) and ``best.json``.
+trial (finished trials are skipped, an interrupted one resumes) in this one process or as Ray
+tasks, then writes the sweep table ``sweep.csv`` / ``sweep.md`` (rows train / val / test
+accuracy, parameter counts, epochs and seconds per epoch; columns backbone x trainable
+fraction) and ``best.json``. With ``--schedule halving`` the trials train rung by rung
+(:mod:`transfer.trainer.halving`) and the best trial is chosen among those trained to the full
+budget.
 """
 
 from __future__ import annotations
