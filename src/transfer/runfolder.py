@@ -116,6 +116,11 @@ class RunLayout:
     sweep_csv = property(lambda self: self.path / "sweep.csv")
     sweep_md = property(lambda self: self.path / "sweep.md")
     best_json = property(lambda self: self.path / "best.json")
+    #: the rung decisions of a ``--schedule halving`` sweep (written as each is made; read back on resume)
+    rungs_json = property(lambda self: self.path / "rungs.json")
+    #: ``transfer rank``: the candidate backbones, best first
+    rank_json = property(lambda self: self.path / "rank.json")
+    rank_md = property(lambda self: self.path / "rank.md")
     report_html = property(lambda self: self.path / "report.html")
     report_md = property(lambda self: self.path / "report.md")
     bundle_dir = property(lambda self: self.path / "bundle")
@@ -130,6 +135,14 @@ class RunLayout:
             return set()
         with open(self.duplicates_csv, newline="", encoding="utf-8") as f:
             return {r["path"] for r in csv.DictReader(f) if r.get("split") == split and r.get("straddles") == "yes"}
+
+    def rungs(self) -> dict:
+        """``rungs.json`` (``{}`` when the run has none: a full sweep, or no rung decided yet)."""
+        return _json_dict(self.rungs_json)
+
+    def rank(self) -> dict:
+        """``rank.json`` (``{}`` when ``transfer rank`` was not run into this folder)."""
+        return _json_dict(self.rank_json)
 
     def saved_dataset(self) -> dict:
         """``dataset.json`` as saved (``{}`` when there is none yet or it cannot be read)."""
@@ -481,3 +494,18 @@ class RunWriter(RunLayout):
 
     def write_best(self, best: dict) -> None:
         write_json_atomic(self.best_json, best)
+
+    def write_rungs(self, record: dict) -> None:
+        """``rungs.json``: ``{"schedule": "halving", "rate", "rungs": [epochs], "order": [trial groups],
+        "signals": {backbone: {...}}, "decisions": [{"rung", "epoch", "standings", "promoted", "stopped"}]}``."""
+        write_json_atomic(self.rungs_json, record)
+
+    def write_rank(self, backbones: list[dict], header: Sequence[str], rows: Sequence[Sequence], *,
+                   seconds: float) -> str:
+        """``rank.json`` (``{"backbones": [best first], "seconds"}``) and ``rank.md``; returns the Markdown."""
+        from .tables import markdown
+
+        write_json_atomic(self.rank_json, {"backbones": backbones, "seconds": seconds, "score": "LogME"})
+        md = markdown(header, rows)
+        write_text_atomic(self.rank_md, md)
+        return md

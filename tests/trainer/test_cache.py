@@ -203,9 +203,11 @@ def test_cached_and_uncached_trials_agree_and_val_numbers_are_the_saved_models(t
     trained = mc["head"]["trained"]  # the trained head on the val images, through the saved model
     assert best["val_loss"] == pytest.approx(trained["loss"], rel=1e-4, abs=1e-6)
     assert best["val_accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
-    # the train numbers come from the cache the trial trained on, and are the saved model's on the images
+    # the train numbers come from the cache the trial trained on, and are the saved model's on the images;
+    # val and test from their float32 caches (built in the same pass), the uncached trial's from the images
     assert mc["features_from"]["train"].startswith("the cache train-")
-    assert mc["features_from"]["test"] == mu["features_from"]["train"] == "the images, through the saved model"
+    assert mc["features_from"]["test"].startswith("the cache test-") and "(float32)" in mc["features_from"]["test"]
+    assert mu["features_from"]["train"] == mu["features_from"]["test"] == "the images, through the saved model"
     loss, accuracy = _saved_model_on_train_images(tmp_path / "cached", "arc2-t050", pattern_folder)
     assert mc["train"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
     assert mc["train"]["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-6)  # float32 softmax of a near-0 loss
@@ -298,14 +300,16 @@ def test_a_trial_that_trains_everything_decodes_its_images_once(tmp_path, patter
     assert "pixels" not in md["cache"]
     assert "- (pixels cached" in (tmp_path / "cached" / "sweep.md").read_text()  # the table says so
     folders = mp["cache"]["pixels"]["folders"]
-    assert [f.split("-")[0] for f in folders] == ["train", "val"] and all("-pixels-" in f for f in folders)
+    assert [f.split("-")[0] for f in folders] == ["test", "train", "val"] and all("-pixels-" in f for f in folders)
     for a, b in zip(hp, hd, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
     assert mp["test"]["accuracy"] == pytest.approx(md["test"]["accuracy"], abs=1e-9)
     assert mp["features_from"]["train"].startswith("the decoded pixels train-pixels-")  # not decoded again
+    assert mp["features_from"]["test"].startswith("the decoded pixels test-pixels-")
     assert mp["train"]["accuracy"] == pytest.approx(md["train"]["accuracy"], abs=1e-9)
     # the cache holds the decoded pixels of the training images, in split order
-    x = np.load(tmp_path / "cached" / "cache" / "arc2-scratch" / folders[0] / "x0.npy")
+    train_folder = next(f for f in folders if f.startswith("train-"))
+    x = np.load(tmp_path / "cached" / "cache" / "arc2-scratch" / train_folder / "x0.npy")
     assert x.dtype == np.uint8 and x.shape[1:] == (16, 16, 3)
     first = RunFolder(tmp_path / "cached").split("train")[0][0]
     np.testing.assert_array_equal(x[0], load_image(pattern_folder / first, (16, 16)))

@@ -87,3 +87,42 @@ def test_kfold_resume_ignores_the_val_options_it_does_not_use():
     assert a.result_diff(b) == []
     assert make_config({"data": "d", "out": "o", "val": 0.2}).result_diff(make_config({"data": "d", "out": "o",
                                                                                       "val": 0.5})) == ["val"]
+
+
+def test_initial_weights_per_backbone(tmp_path):
+    from transfer.trainer.plan import plan_trials
+
+    pre = tmp_path / "pre.keras"
+    pre.write_bytes(b"x")
+    cfg = load_config(None, {"data": "d", "out": "r", "backbones": "mobilenet_v2,arc2",
+                             "weights": f"mobilenet_v2={pre}"})
+    assert cfg.weights_for("mobilenet_v2") == str(pre) and cfg.weights_for("arc2") == "imagenet"
+    specs = {(s.backbone, s.init, s.weights) for s in plan_trials(cfg)}
+    assert specs == {("mobilenet_v2", "pretrained", str(pre)), ("arc2", "scratch", "none")}
+    # a --config mapping is the same value
+    y = tmp_path / "c.yaml"
+    y.write_text(f"backbones: [mobilenet_v2, arc2]\nweights:\n  mobilenet_v2: {pre}\n  arc2: none\n")
+    assert load_config(y, {}).weights == f"mobilenet_v2={pre},arc2=none"
+    # one value for every backbone, even a path holding '=' when that file exists
+    odd = tmp_path / "a=b.keras"
+    odd.write_bytes(b"x")
+    assert load_config(None, {"weights": str(odd)}).weights_for("mobilenet_v2") == str(odd)
+    with pytest.raises(ConfigError, match="named for resnet50, which the sweep does not train") as ei:
+        load_config(None, {"backbones": "arc2", "weights": "resnet50=none"})
+    assert ei.value.option == "weights"
+    with pytest.raises(ConfigError, match="invalid weights"):
+        load_config(None, {"backbones": "arc2", "weights": "arc2="})
+
+
+def test_schedule_options_are_checked_and_change_results():
+    from transfer.trainer.config import PREPARED_KEYS, RESULT_KEYS
+
+    cfg = load_config(None, {"schedule": "Halving", "halving_rate": 2, "first_rung": 2})
+    assert (cfg.schedule, cfg.halving_rate, cfg.first_rung) == ("halving", 2, 2)
+    for key, value in (("schedule", "asha"), ("halving_rate", 1), ("first_rung", 0)):
+        with pytest.raises(ConfigError) as ei:
+            load_config(None, {key: value})
+        assert ei.value.option == key
+    assert {"schedule", "halving_rate", "first_rung"} <= set(RESULT_KEYS)
+    assert set(PREPARED_KEYS) <= set(RESULT_KEYS) and "epochs" not in PREPARED_KEYS
+    assert TrainConfig(schedule="halving").result_diff(TrainConfig()) == ["schedule"]

@@ -255,7 +255,38 @@ def _sweep(rf: RunLayout) -> Section:
                        f"{_fmt(best.get('test_accuracy'))}; without them ({clean.get('images')} images): "
                        f"{_fmt(clean.get('accuracy'))}. The copies are listed in duplicates.csv; "
                        f"`transfer train --dedupe` makes a split that keeps every group on one side.")
+    _rungs(sec, rf.rungs())
     return sec
+
+
+def _rungs(sec: Section, record: dict) -> None:
+    """Which trial reached which epoch of a ``--schedule halving`` sweep, at what validation accuracy."""
+    decisions = record.get("decisions") or []
+    if not decisions:
+        return
+    trials = list(dict.fromkeys(s["trial"] for d in decisions for s in d.get("standings", [])))
+    header = ["trial"] + [f"rung {d['rung']} (epoch {d['epoch']})" for d in decisions] + ["outcome"]
+    rows = []
+    for t in trials:
+        cells, outcome = [], "trained to the full budget"
+        for d in decisions:
+            s = next((x for x in d.get("standings", []) if x["trial"] == t), None)
+            if s is None:
+                cells.append("")
+                continue
+            what = ("" if t in d.get("promoted", []) else " stopped" if t in d.get("stopped", []) else f" {s['state']}")
+            cells.append(f"{_fmt(s.get('accuracy'))}{what}")
+            if t in d.get("stopped", []):
+                outcome = f"stopped at epoch {d['epoch']}"
+            elif s.get("state") in ("complete", "failed") and outcome.startswith("trained"):
+                outcome = (f"complete at epoch {s.get('epoch')} (its training ended there)" if s["state"] == "complete"
+                           else f"failed at epoch {s.get('epoch')}")
+        rows.append([t] + cells + [outcome])
+    _table(sec, header, rows, title="Successive halving: validation accuracy at each rung")
+    _note(sec, f"Each rung ranks the trials still training by the validation accuracy of their saved epoch (ties: "
+               f"more trainable parameters, then the name) and keeps the best 1/{record.get('rate')}; the rest stop "
+               f"there and are evaluated as they are. The best trial is chosen among the trials trained to the full "
+               f"budget (rungs.json).")
 
 
 def _table(sec: Section, header, rows, title: str | None = None) -> None:

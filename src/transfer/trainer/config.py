@@ -29,7 +29,41 @@ LOSSES = ("crossentropy", "l1")
 FREEZE_BY = ("layers", "params", "blocks")
 SPLIT_METHODS = ("stratified", "random")
 STRATEGIES = ("default", "mirrored")  # mirrored: tf.distribute.MirroredStrategy over this machine's devices
+SCHEDULES = ("full", "halving")
 _PATH = Check(lambda v: isinstance(v, str), "a folder path", read=os.fspath)
+
+
+def _weights_text(value: Any) -> Any:
+    """A ``--config`` mapping ``{backbone: weights}`` as the flag's text ``backbone=weights,...``."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return os.fspath(value) if hasattr(value, "__fspath__") else value
+
+
+def weights_by_backbone(text: str) -> dict[str, str] | None:
+    """``{backbone: weights}`` of a ``backbone=weights,...`` value; None for one value for every backbone.
+
+    A value that is an existing file is a path even when it holds ``=`` or a comma.
+
+    Example::
+
+        weights_by_backbone("mobilenet_v2=runs/pre/model.keras,arc2=none")
+        # {'mobilenet_v2': 'runs/pre/model.keras', 'arc2': 'none'}
+    """
+    if "=" not in text or Path(text).is_file():
+        return None
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or not value.strip() or name.strip() in out:
+            return {}
+        out[name.strip()] = value.strip()
+    return out
+
+
+_WEIGHTS = Check(lambda v: isinstance(v, str) and bool(v.strip()) and weights_by_backbone(v) != {},
+                 "imagenet, none, a weights file, or backbone=imagenet|none|PATH pairs separated by commas "
+                 "(backbones not named start from imagenet)", read=_weights_text)
 
 # keys whose change alters the results of an existing run (resume must refuse)
 RESULT_KEYS = (
@@ -37,7 +71,13 @@ RESULT_KEYS = (
     "batch_size", "image_size", "optimizer", "lr", "fine_tune_lr", "loss", "dropout",
     "augment", "seed", "split", "val", "test", "kfold", "patience", "two_stage",
     "head_epochs", "train_bn", "lp_ft", "augment_views", "dedupe", "allow_nested", "allow_case_clash",
+    "schedule", "halving_rate", "first_rung",
 )
+#: keys a prepared run folder depends on before any trial has trained (its split, its initial weights):
+#: a folder prepared by ``transfer rank`` (or a sweep killed before its first trial) may be trained with
+#: other epochs or fractions, not with another split or other initial weights
+PREPARED_KEYS = ("data", "weights", "seed", "split", "val", "test", "kfold", "dedupe", "allow_nested",
+                 "allow_case_clash")
 
 
 @dataclass(frozen=True)
@@ -62,9 +102,11 @@ class TrainConfig:
                                           "1 = full fine-tuning.", metavar="F,..")
     random_init: bool = option(False, Flag(), "Also train each backbone from random weights (everything trainable).")
     freeze_by: str = option("layers", OneOf(*FREEZE_BY), "What the fraction counts.")
-    weights: str = option("imagenet", Text("imagenet, none or a weights file"),
-                          "Initial weights: ImageNet, none (random), or a Keras weights/model file.",
-                          metavar="imagenet|none|PATH")
+    weights: str = option("imagenet", _WEIGHTS,
+                          "Initial weights: ImageNet, none (random), or a Keras weights/model file; per backbone "
+                          "as backbone=VALUE pairs (mobilenet_v2=runs/pre/model.keras; backbones not named start "
+                          "from ImageNet, or from random weights where they have none).",
+                          metavar="imagenet|none|PATH|B=W,..")
     epochs: int = option(10, Interval(int, 1), "Epochs per trial (fine-tuning epochs with --two-stage).")
     batch_size: int = option(32, Interval(int, 1), "Images per training step.")
     image_size: int | None = option(None, Interval(int, 1), "Input size in pixels. [default: each backbone's "
@@ -110,6 +152,15 @@ class TrainConfig:
                                 "(refused by default).")
     allow_case_clash: bool = option(False, Flag(), "Accept class folders whose names differ only in case (Cat/ "
                                     "and cat/) as two classes.")
+    schedule: str = option("full", OneOf(*SCHEDULES), "full: every trial trains every epoch. halving: successive "
+                           "halving: every trial trains the first rung, the best 1/--halving-rate by validation "
+                           "accuracy go on to the next rung, and so on until the last rung ends at --epochs; a "
+                           "stopped trial is evaluated at the epoch it stopped, and the best trial is chosen among "
+                           "the trials trained to the full budget (rung decisions: RUN/rungs.json).")
+    halving_rate: int = option(3, Interval(int, 2), "With --schedule halving: the best 1/N of the trials still "
+                               "training at a rung (rounded up) go on to the next one.", metavar="N")
+    first_rung: int = option(1, Interval(int, 1), "With --schedule halving: epochs of the first rung; each next "
+                             "rung is --halving-rate times longer, the last ends at --epochs.", metavar="EPOCHS")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -119,6 +170,12 @@ class TrainConfig:
         if self.val + self.test >= 1.0:
             raise ConfigError(f"val + test = {self.val + self.test:g} leaves no training data; keep it below 1",
                               option="val")
+        named = weights_by_backbone(self.weights) or {}
+        unknown = [b for b in named if b not in self.backbones]
+        if unknown:
+            raise ConfigError(f"initial weights named for {', '.join(unknown)}, which the sweep does not train "
+                              f"(backbones: {', '.join(self.backbones)})",
+                              hint="name only backbones given with --backbone", option="weights")
 
     # -- derived -------------------------------------------------------------
     def lr_for(self, trainable: float, pretrained: bool) -> float:
@@ -129,6 +186,11 @@ class TrainConfig:
 
     def fine_tune_lr_for(self, head_lr: float) -> float:
         return float(self.fine_tune_lr) if self.fine_tune_lr is not None else head_lr / 10.0
+
+    def weights_for(self, backbone: str) -> str:
+        """The initial weights asked for ``backbone``: ``imagenet``, ``none`` or a PATH."""
+        named = weights_by_backbone(self.weights)
+        return self.weights if named is None else named.get(backbone, "imagenet")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -142,12 +204,12 @@ class TrainConfig:
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def result_diff(self, other: "TrainConfig | dict") -> list[str]:
-        """Keys in :data:`RESULT_KEYS` whose value differs from ``other``."""
+    def result_diff(self, other: "TrainConfig | dict", keys: tuple[str, ...] = RESULT_KEYS) -> list[str]:
+        """Keys in ``keys`` (:data:`RESULT_KEYS` by default) whose value differs from ``other``."""
         o = other.to_dict() if isinstance(other, TrainConfig) else dict(other)
         mine = self.to_dict()
         out = []
-        for k in RESULT_KEYS:
+        for k in keys:
             if k in ("val", "split") and mine.get("kfold") and o.get("kfold"):
                 continue  # k folds make their own val splits: these options were not used
             a, b = mine.get(k), o.get(k)

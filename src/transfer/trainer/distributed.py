@@ -19,7 +19,7 @@ from .._lazy import import_tensorflow
 from .. import _ray
 from ..errors import ConfigError
 from ..options import Interval, Text, option, validate
-from .fit import run_trial
+from .fit import TrialRun, run_trial
 from .plan import TrialData, TrialSpec
 
 
@@ -43,8 +43,12 @@ def init_ray(opts: RayOptions):
     return _ray.init_ray(opts.address, purpose="Ray sweeps", log_to_driver=True)
 
 
-def _trial_task(run_dir: str, cfg, spec_dict: dict, data: TrialData, siblings: tuple, threads: int) -> dict:
-    """Body of one Ray task: the same ``run_trial`` as a local sweep (imports TF in the worker)."""
+def _trial_task(run_dir: str, cfg, spec_dict: dict, data: TrialData, siblings: tuple, threads: int,
+                until: int | None = None, stopped: dict | None = None) -> tuple[str, object]:
+    """Body of one Ray task: the same ``run_trial`` / :class:`~transfer.trainer.fit.TrialRun` as a
+    local sweep (imports TF in the worker). Returns ``("done", metrics)``, or ``("paused", epoch)``
+    for a trial trained up to ``until`` (a rung) with epochs left; ``stopped``: evaluate it as it
+    stands (a rung stopped it)."""
     tf = import_tensorflow()
     try:  # one trial per reserved CPU budget, not every core of the node
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -54,14 +58,28 @@ def _trial_task(run_dir: str, cfg, spec_dict: dict, data: TrialData, siblings: t
     spec_dict = dict(spec_dict)
     spec_dict["image_size"] = tuple(spec_dict["image_size"])
     spec = TrialSpec(**spec_dict)
-    return run_trial(run_dir, cfg, spec, data, progress=lambda s: print(s, flush=True), siblings=siblings)
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    if until is None and stopped is None:
+        return "done", run_trial(run_dir, cfg, spec, data, progress=say, siblings=siblings)
+    run = TrialRun.open(run_dir, cfg, spec, data, progress=say, siblings=siblings)
+    if stopped is not None:
+        return "done", run.finish(stopped)
+    run.train(until)
+    if run.ended:
+        return "done", run.finish()
+    run.pause()
+    return "paused", run.epoch
 
 
 def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path, class_names, opts: RayOptions,
-                   progress: Callable[[str], None]) -> dict[str, tuple[str, object]]:
-    """Run ``jobs`` = [(spec, train, val, test, siblings)] as Ray tasks; returns {name: ("done", metrics) | ("failed", msg)}.
+                   progress: Callable[[str], None], until: int | None = None,
+                   stops: dict[str, dict] | None = None) -> dict[str, tuple[str, object]]:
+    """Run ``jobs`` = [(spec, train, val, test, siblings)] as Ray tasks; returns {name: ("done", metrics) |
+    ("paused", epoch) | ("failed", msg)}.
 
-    The trials build and share the frozen-prefix caches under the run folder (a lock per
+    ``until``: train each trial up to that epoch (a rung of ``--schedule halving``; a trial whose
+    plan ends before it is evaluated and done); ``stops``: {name: why} evaluate those trials as they
+    stand. The trials build and share the frozen-prefix caches under the run folder (a lock per
     backbone makes concurrent trials wait for one build instead of building twice).
     """
     ray = init_ray(opts)
@@ -71,7 +89,8 @@ def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path,
     refs = {}
     for spec, tr, va, te, *rest in jobs:
         data = TrialData.of(data_root, class_names, tr, va, te)
-        ref = task.remote(str(run_dir), config, asdict(spec), data, tuple(rest[0]) if rest else (), threads)
+        ref = task.remote(str(run_dir), config, asdict(spec), data, tuple(rest[0]) if rest else (), threads, until,
+                          (stops or {}).get(spec.name))
         refs[ref] = spec.name
     total = ray.cluster_resources().get("CPU", 0)
     progress(f"ray: {len(refs)} trial task(s) submitted ({opts.cpus_per_trial:g} CPU"
@@ -82,7 +101,8 @@ def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path,
         done, pending = ray.wait(pending, num_returns=1)
         name = refs[done[0]]
         try:
-            out[name] = ("done", ray.get(done[0]))
+            state, value = ray.get(done[0])
+            out[name] = (str(state), value)
         except Exception as exc:  # RayTaskError wraps the trial's own exception
             cause = getattr(exc, "cause", None) or exc
             msg = getattr(cause, "message", None) or f"{type(cause).__name__}: {cause}"

@@ -37,6 +37,11 @@ class TrialState:
         rng: the random-generator states of the model's layers (Dropout masks): the
             data order is a function of (seed, epoch), so with these a resumed trial
             continues exactly as an uninterrupted one.
+        trainable_params: trainable parameters of the stage the checkpoint has applied (a
+            sweep's rung ranks trials by them after validation accuracy).
+        head: how the head started (``head`` of ``metrics.json``), kept for a trial evaluated
+            in another process than the one that started it.
+        batchnorm: the last population BatchNormalization pass (``batchnorm`` of ``metrics.json``).
     """
 
     epoch: int = 0
@@ -46,6 +51,9 @@ class TrialState:
     wait: int = 0
     stopped: bool = False
     rng: dict = field(default_factory=dict)
+    trainable_params: int = 0
+    head: dict | None = None
+    batchnorm: dict | None = None
 
     @classmethod
     def load(cls, path: Path) -> "TrialState | None":
@@ -237,6 +245,9 @@ class EpochRecorder:
         stop = self.patience > 0 and st.wait >= self.patience
         st.epoch = row["epoch"]
         st.stopped = bool(stop and row["epoch"] < self.stage_end)
+        record = getattr(self.hooks.refresh_bn, "record", None)
+        if record is not None:
+            st.batchnorm = record()
         self.files.save_checkpoint(self.flat, self.model.optimizer, st)
         return stop
 

@@ -34,15 +34,23 @@ Order of work in a trial (:func:`run_trial`):
 6. Evaluate it (:func:`transfer.trainer.measure.evaluate_trial`) on the train / val / test
    images, the way a user runs it -> ``metrics.json``; ``curves.png``; ``status.json`` =
    done. The resume checkpoint is then removed.
+
+:func:`run_trial` does all of it; :class:`TrialRun` does it in parts, for a sweep that trains
+its trials rung by rung (:mod:`transfer.trainer.halving`): ``train(until=E)`` trains up to
+epoch ``E`` and keeps the open stage (model, data, compiled optimizer, traced step), so the
+next ``train`` continues without building or tracing anything again; ``finish(stopped=...)``
+does steps 5 and 6 at whatever epoch the trial stands, recording why it stopped there.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .._lazy import import_keras
+from ..errors import TransferError
 from ..fsutil import read_json
 from ..models.freeze import apply_freeze, count_params
 from ..progress import ProgressLike, as_progress
@@ -50,11 +58,12 @@ from ..runfolder import RunWriter, TrialPaths
 from . import loop
 from .config import TrainConfig
 from .epochs import EpochHooks, EpochRecorder, StageEnd, TrialState, load_weights, restore_optimizer, restore_rng
-from .head_init import lp_ft_head, probe_stage
+from .head_init import linear_probe, lp_ft_head, probe_stage
 from .measure import TrainedTrial, evaluate_trial
+from .optim import make_optimizer
 from .plan import (Stage, TrialData, TrialSpec, plan_stages, resume_point, stage_bounds, stage_epochs, trial_name,
                    uses_lp_ft)
-from .stage_data import TrainRows, stage_data
+from .stage_data import stage_data
 from .strategy import make_strategy
 from .trial import Trial, build_trial_model, open_trial
 
@@ -71,8 +80,7 @@ def read_history(path: Path) -> list[dict]:
 
 def _compile(model, cfg: TrainConfig, lr: float) -> None:
     keras = import_keras()
-    opt = (keras.optimizers.SGD(learning_rate=lr, momentum=0.9) if cfg.optimizer == "sgd"
-           else keras.optimizers.Adam(learning_rate=lr))
+    opt = make_optimizer(cfg, lr)
     if cfg.loss == "l1":
         loss = keras.losses.MeanAbsoluteError(name="l1")
         acc = keras.metrics.CategoricalAccuracy(name="accuracy")
@@ -107,77 +115,221 @@ class _StageOutcome:
     head: dict | None = None
     cache: dict | None = None
     batchnorm: dict | None = None
-    train_rows: TrainRows | None = None
+    rows: dict | None = None
 
 
-def _run_stage(trial: Trial, stages: list[Stage], index: int, state: TrialState, history: list) -> _StageOutcome:
-    """Train stage ``index`` (from where a resumed trial left it); ``state`` and ``history`` are
-    updated in place."""
-    stage = stages[index]
-    summary = apply_freeze(trial.model, trial.info, stage.fraction, by=trial.spec.freeze_by, train_bn=stage.train_bn)
-    resumed_stage = state.stage == stage.name
-    state.stage = stage.name
-    start, end = stage_epochs(index, stages, state.epoch)
-    first = end - stage.epochs  # the epoch count before the stage's first epoch
-    if stage.probe:
-        if start >= end:
-            return _StageOutcome(asdict(summary))
-        probe = probe_stage(trial, stage, state, history, end)
-        return _StageOutcome(asdict(summary), head=probe.head_record(), cache=probe.cache, train_rows=probe.train_rows)
-    head = lp_ft_head(trial, stage) if uses_lp_ft(trial.cfg, trial.spec) and state.epoch == 0 else None
-    data = stage_data(trial, stage)
-    _compile(data.model, trial.cfg, stage.lr)  # recompile after every change of `trainable`
-    saved_optimizer = trial.files.paths.optimizer_at(state.epoch)
-    if resumed_stage and start > first and saved_optimizer.is_file():
-        if not restore_optimizer(data.model.optimizer, data.model.trainable_variables, saved_optimizer):
-            trial.say("note: the saved optimizer state does not fit; the optimizer starts afresh")
-    if index > 0 and not resumed_stage:
-        state.wait, state.stopped = 0, False
-    hooks = EpochHooks(sources=data.sources, refresh_bn=data.refresh_bn, validate=data.validate)
-    recorder = EpochRecorder(trial.files, (trial.model, data.model), state, history,
-                             end=StageEnd(end, stage_bounds(stages)[-1], trial.cfg.patience), hooks=hooks,
-                             say=trial.progress.say)
-    callbacks = [recorder.callback()]
-    if trial.cfg.tensorboard:
-        callbacks.append(import_keras().callbacks.TensorBoard(log_dir=str(trial.files.paths.tensorboard)))
-    if start < end:
-        loop.fit(data.model, data.train, initial_epoch=start, epochs=end, callbacks=callbacks)
-    batchnorm = data.refresh_bn.record() if data.refresh_bn is not None else None
-    return _StageOutcome(asdict(summary), head=head, cache=data.record, batchnorm=batchnorm,
-                         train_rows=data.train_rows)
+class _OpenStage:
+    """One stage of a trial opened for training: its freeze applied, its head started, its data
+    read and its model compiled, kept while the trial is open so that training it further (the
+    next rung of a sweep) builds and traces nothing again."""
+
+    def __init__(self, run: "TrialRun", index: int):
+        trial, state = run.trial, run.state
+        self.run, self.index = run, index
+        self.stage = stage = run.stages[index]
+        summary = apply_freeze(trial.model, trial.info, stage.fraction, by=trial.spec.freeze_by,
+                               train_bn=stage.train_bn)
+        self.freeze = asdict(summary)
+        resumed_stage = state.stage == stage.name
+        state.stage = stage.name
+        state.trainable_params = int(summary.trainable_params)
+        self.start, self.end = stage_epochs(index, run.stages, state.epoch)
+        first = self.end - stage.epochs  # the epoch count before the stage's first epoch
+        self.data = self.recorder = self.step = self.probe = None
+        self.callbacks: list = []
+        self.head = None
+        if index > 0 and not resumed_stage:
+            state.wait, state.stopped = 0, False
+        if stage.probe:
+            return
+        if uses_lp_ft(trial.cfg, trial.spec) and state.epoch == 0:
+            self.head = state.head = lp_ft_head(trial, stage)
+        self.data = data = stage_data(trial, stage)
+        _compile(data.model, trial.cfg, stage.lr)  # recompile after every change of `trainable`
+        saved_optimizer = trial.files.paths.optimizer_at(state.epoch)
+        if resumed_stage and self.start > first and saved_optimizer.is_file():
+            if not restore_optimizer(data.model.optimizer, data.model.trainable_variables, saved_optimizer):
+                trial.say("note: the saved optimizer state does not fit; the optimizer starts afresh")
+        hooks = EpochHooks(sources=data.sources, refresh_bn=data.refresh_bn, validate=data.validate)
+        self.recorder = EpochRecorder(trial.files, (trial.model, data.model), state, run.history,
+                                      end=StageEnd(self.end, run.budget, trial.cfg.patience), hooks=hooks,
+                                      say=trial.progress.say)
+        self.callbacks = [self.recorder.callback()]
+        if trial.cfg.tensorboard:
+            self.callbacks.append(import_keras().callbacks.TensorBoard(log_dir=str(trial.files.paths.tensorboard)))
+        self.step = loop.StepFunction(data.model, "train_step")  # traced once for the stage, however often it trains
+
+    @property
+    def done(self) -> bool:
+        """Nothing is left to train in this stage (its last epoch, or early stopping, ended it)."""
+        state = self.run.state
+        return state.epoch >= self.end or state.stopped
+
+    def train(self, goal: int) -> None:
+        """Train up to epoch ``min(goal, stage end)`` (a probe stage: its one step)."""
+        run, state = self.run, self.run.state
+        if self.stage.probe:
+            if state.epoch < self.end:
+                self.probe = probe_stage(run.trial, self.stage, state, run.history, self.end)
+            return
+        stop = min(int(goal), self.end)
+        if state.epoch < stop and not state.stopped:
+            loop.fit(self.data.model, self.data.train, initial_epoch=max(state.epoch, self.start), epochs=stop,
+                     callbacks=self.callbacks, step=self.step)
+
+    def outcome(self) -> _StageOutcome:
+        """What the stage leaves for the evaluation. A probe stage that ran in another process gives
+        its records from the saved probe (the fit is not repeated, no history row is added)."""
+        if self.stage.probe:
+            fit = self.probe or linear_probe(self.run.trial, self.stage)
+            return _StageOutcome(self.freeze, head=fit.head_record(), cache=fit.cache, rows=fit.rows)
+        refresh = self.data.refresh_bn
+        batchnorm = refresh.record() if refresh is not None else None
+        return _StageOutcome(self.freeze, head=self.head, cache=self.data.record,
+                             batchnorm=batchnorm or self.run.state.batchnorm, rows=self.data.rows)
 
 
-def _train_trial(trial: Trial) -> TrainedTrial:
-    """Train every stage of a trial (resuming after the last committed epoch); writes ``model.keras``."""
-    trial.writer.write_trial_meta(trial.spec.name, trial.meta())
-    stages = plan_stages(trial.cfg, trial.spec)
-    state = TrialState.load(trial.files.paths.state_json) or TrialState()
-    history = _resume(trial, state)
-    if not history:
-        state = TrialState()
-    trial.files.status("running", state.epoch)
-    point = resume_point(state.epoch, state.stopped, stage_bounds(stages))
-    state.epoch = point.epoch
-    head, cache, batchnorm = {"init": "resumed" if history else "random"}, None, None
-    freeze, train_rows = None, None
-    for index in range(point.stage, len(stages)):
-        out = _run_stage(trial, stages, index, state, history)
-        freeze, train_rows = out.freeze, out.train_rows
-        head = out.head if out.head is not None else head
-        cache = out.cache if out.cache is not None else cache
-        batchnorm = out.batchnorm if out.batchnorm is not None else batchnorm
-        if state.stopped and index == len(stages) - 1:
-            break
-        state.stopped = False
-    trial.files.write_model(trial.model, state)  # the best epoch's weights (the last ones if none improved)
-    return TrainedTrial(history=history, best_epoch=int(state.best_epoch), last_epoch=int(state.epoch),
-                        params=count_params(trial.model), freeze=freeze, head=head, cache=cache, batchnorm=batchnorm,
-                        probe_only=all(s.probe for s in stages), train_rows=train_rows)
+class TrialRun:
+    """One trial opened for training, which may stop at any epoch and go on later.
+
+    :meth:`train` trains up to an epoch (or to the end of its plan); :meth:`finish` writes
+    ``model.keras`` from the best epoch so far and evaluates it into ``metrics.json``. Between
+    two calls of :meth:`train` the open stage (model, data, compiled optimizer, traced step) is
+    kept, so a sweep that trains its trials rung by rung in one process builds and traces each
+    trial once; reopened in another process, a trial continues from its checkpoint, with the
+    history of an uninterrupted run.
+
+    Example::
+
+        run = TrialRun.open("runs/d", cfg, spec, data)
+        run.train(until=1)          # the first rung
+        metrics = run.finish()      # or run.train() to the end of its plan, then finish()
+    """
+
+    def __init__(self, trial: Trial, strategy=None):
+        self.trial, self.strategy = trial, strategy
+        self.stages = plan_stages(trial.cfg, trial.spec)
+        self.bounds = stage_bounds(self.stages)
+        trial.writer.write_trial_meta(trial.spec.name, trial.meta())
+        state = TrialState.load(trial.files.paths.state_json) or TrialState()
+        self.history = _resume(trial, state)
+        if not self.history:
+            state = TrialState()
+        self.state = state
+        trial.files.status("running", state.epoch)
+        point = resume_point(state.epoch, state.stopped, self.bounds)
+        state.epoch = point.epoch
+        self.next_stage = point.stage
+        self.open_stage: _OpenStage | None = None
+        self.last: _StageOutcome | None = None  # the outcome of the last stage that ended in this process
+        self.head = state.head or {"init": "resumed" if self.history else "random"}
+        self.cache = None
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, cfg: TrainConfig, spec: TrialSpec, data: TrialData, *,
+             progress: ProgressLike = None, siblings=()) -> "TrialRun":
+        """Open (or reopen) a trial; see :func:`run_trial` for the arguments."""
+        p = as_progress(progress)
+        writer = RunWriter(run_dir)
+        strategy = make_strategy(cfg.strategy)
+        if strategy is None:
+            return cls(open_trial(writer, cfg, spec, data, siblings=siblings, progress=p))
+        p.say(f"  [{spec.name}] {cfg.strategy} strategy: {strategy.num_replicas_in_sync} replica(s) on "
+              f"{', '.join(strategy.extended.worker_devices)}")
+        with strategy.scope():
+            trial = open_trial(writer, cfg, spec, data, siblings=siblings, progress=p,
+                               replicas=int(strategy.num_replicas_in_sync))
+            return cls(trial, strategy)
+
+    @property
+    def budget(self) -> int:
+        """The epochs of its whole plan (epochs count across stages)."""
+        return self.bounds[-1]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state.epoch)
+
+    @property
+    def ended(self) -> bool:
+        """Its training is over: the last stage's last epoch, or early stopping in the last stage."""
+        return self.next_stage >= len(self.stages)
+
+    def pause(self) -> None:
+        """Say in ``status.json`` that the trial waits (at a rung of the sweep) with epochs left."""
+        self.trial.files.status("paused", self.epoch)
+
+    def _scope(self):
+        return self.strategy.scope() if self.strategy is not None else nullcontext()
+
+    def train(self, until: int | None = None) -> None:
+        """Train up to epoch ``until`` (None: to the end of the plan), stage after stage."""
+        goal = self.budget if until is None else min(int(until), self.budget)
+        with self._scope():
+            while not self.ended and self.state.epoch < goal:
+                if self.open_stage is None:
+                    self.open_stage = _OpenStage(self, self.next_stage)
+                stage = self.open_stage
+                if stage.done:  # reopened at its end: nothing to train
+                    self._close_stage()
+                    continue
+                stage.train(goal)
+                if stage.done:
+                    self._close_stage()
+                elif self.state.epoch < goal:  # pragma: no cover - the loop trains to the goal or stops
+                    break
+
+    def _close_stage(self) -> None:
+        stage = self.open_stage
+        self.last = stage.outcome()
+        if self.last.head is not None:  # how the head started stays known after the stage (and on resume)
+            self.head = self.state.head = self.last.head
+        stopped_last = self.state.stopped and stage.index == len(self.stages) - 1
+        self.open_stage = None
+        self.next_stage = len(self.stages) if stopped_last else stage.index + 1
+        if not stopped_last:
+            self.state.stopped = False
+
+    def _records(self) -> _StageOutcome | None:
+        """The records of the stage the trial ended in (or stands in), opening it when this process
+        has not (a trial reopened to be evaluated trains nothing)."""
+        if self.open_stage is not None:
+            return self.open_stage.outcome()
+        if self.last is not None:
+            return self.last
+        if not self.history:
+            return None
+        with self._scope():
+            stage = _OpenStage(self, min(self.next_stage, len(self.stages) - 1))
+            return stage.outcome()
+
+    def finish(self, stopped: dict | None = None) -> dict:
+        """Write ``model.keras`` from the best epoch so far and evaluate it (``metrics.json``).
+
+        Args:
+            stopped: why the trial stops before the end of its plan (``stopped`` of
+                ``metrics.json``: the epoch, the rung, its place); None when it ended.
+
+        Returns:
+            The content of ``metrics.json``.
+        """
+        out = self._records()
+        head = out.head if out is not None and out.head is not None else self.head
+        with self._scope():
+            self.trial.files.write_model(self.trial.model, self.state)  # the best epoch (the last if none improved)
+        trained = TrainedTrial(history=self.history, best_epoch=int(self.state.best_epoch),
+                               last_epoch=int(self.state.epoch), params=count_params(self.trial.model),
+                               freeze=out.freeze if out else None, head=head, cache=out.cache if out else None,
+                               batchnorm=out.batchnorm if out else self.state.batchnorm,
+                               probe_only=all(s.probe for s in self.stages),
+                               rows=(out.rows or {}) if out else {}, budget=self.budget, stopped=stopped)
+        self.open_stage = None
+        return evaluate_trial(self.trial, trained)
 
 
 def run_trial(run_dir: str | os.PathLike, cfg: TrainConfig, spec: TrialSpec, data: TrialData, *,
               progress: ProgressLike = None, siblings=()) -> dict:
-    """Train (or resume, or skip) one trial and return its metrics.
+    """Train (or resume, or skip) one trial to the end of its plan and return its metrics.
 
     With ``cfg.strategy == "mirrored"`` the model is built, loaded, compiled and trained
     inside a ``tf.distribute.MirroredStrategy`` scope (one replica per device; see
@@ -206,23 +358,17 @@ def run_trial(run_dir: str | os.PathLike, cfg: TrainConfig, spec: TrialSpec, dat
         data = TrialData.of("data/d", names, train=tr, val=va, test=te)
         metrics = run_trial("runs/d", cfg, spec, data)
     """
-    p = as_progress(progress)
-    writer = RunWriter(run_dir)
-    paths = writer.trial_paths(spec.name)
+    paths = RunWriter(run_dir).trial_paths(spec.name)
     if paths.finished():
         return read_json(paths.metrics_json)
-    strategy = make_strategy(cfg.strategy)
-    if strategy is None:
-        trial = open_trial(writer, cfg, spec, data, siblings=siblings, progress=p)
-        trained = _train_trial(trial)
-    else:
-        p.say(f"  [{spec.name}] {cfg.strategy} strategy: {strategy.num_replicas_in_sync} replica(s) on "
-              f"{', '.join(strategy.extended.worker_devices)}")
-        with strategy.scope():
-            trial = open_trial(writer, cfg, spec, data, siblings=siblings, progress=p,
-                               replicas=int(strategy.num_replicas_in_sync))
-            trained = _train_trial(trial)
-    return evaluate_trial(trial, trained)
+    run = TrialRun.open(run_dir, cfg, spec, data, progress=progress, siblings=siblings)
+    run.train()
+    return run.finish()
+
+
+def failure_text(exc: BaseException) -> str:
+    """The one-line record of a trial that raised (``status.json``'s ``error``)."""
+    return exc.message if isinstance(exc, TransferError) else f"{type(exc).__name__}: {exc}"
 
 
 def mark_failed(run_dir: str | os.PathLike, name: str, error: str) -> None:
@@ -230,5 +376,5 @@ def mark_failed(run_dir: str | os.PathLike, name: str, error: str) -> None:
     RunWriter(run_dir).mark_failed(name, error)
 
 
-__all__ = ["TrialSpec", "TrialData", "Stage", "trial_name", "plan_stages", "run_trial", "is_finished",
+__all__ = ["TrialSpec", "TrialData", "Stage", "trial_name", "plan_stages", "run_trial", "TrialRun", "is_finished",
            "read_history", "mark_failed", "build_trial_model"]

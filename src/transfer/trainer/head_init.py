@@ -25,7 +25,7 @@ from ..models.split import Cut, find_cut, inference_function, prefix_model
 from .epochs import TrialState
 from .plan import Stage
 from .probe import L2_GRID, MAX_ITER, Probe, fit_probe
-from .stage_data import TrainRows, find_cache, image_source, prepare_caches, usable_rows
+from .stage_data import find_cache, image_source, prepare_caches, split_rows
 from .trial import Trial
 
 
@@ -37,13 +37,13 @@ class ProbeFit:
         probe: the fitted probe.
         reused: it was read from the probe file the sweep's first trial of the backbone saved.
         cache: what ``metrics.json`` says of the features' cache (``cache`` of a probe stage).
-        train_rows: the cached pooled features of the training images (None: computed in memory).
+        rows: ``{split: cached pooled features}`` (empty: computed in memory).
     """
 
     probe: Probe
     reused: bool
     cache: dict
-    train_rows: TrainRows | None
+    rows: dict
 
     def head_record(self) -> dict:
         """``head`` of ``metrics.json``: the head started from this probe."""
@@ -93,17 +93,31 @@ def _probe_file(trial: Trial, caches: dict, cut: Cut):
     return trial.builder.ctx.root / f"probe-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npz"
 
 
+def initial_features(trial: Trial, stage: Stage) -> tuple:
+    """``(x_train, y_train, x_val, y_val)``: the pooled features of the initial model (from the
+    frozen-prefix cache when the cache is on, built with the sweep's other cuts in one pass; in
+    memory otherwise). Leaves the model frozen as ``stage`` freezes it."""
+    apply_freeze(trial.model, trial.info, 0.0, by=trial.spec.freeze_by, train_bn=stage.train_bn)
+    cut = find_cut(trial.model, trial.info, through_features=True)
+    if trial.builder is None:
+        out = _features_in_memory(trial, cut)
+    else:
+        out = _features_from_caches(prepare_caches(trial, stage, probe=True), cut)
+    apply_freeze(trial.model, trial.info, stage.fraction, by=trial.spec.freeze_by, train_bn=stage.train_bn)
+    return out
+
+
 def linear_probe(trial: Trial, stage: Stage) -> ProbeFit:
     """The converged linear probe of this backbone's initial pooled features (fitted once, then reused)."""
     apply_freeze(trial.model, trial.info, 0.0, by=trial.spec.freeze_by, train_bn=stage.train_bn)
     cut = find_cut(trial.model, trial.info, through_features=True)
-    caches = prepare_caches(trial, stage) if trial.builder is not None else None
+    caches = prepare_caches(trial, stage, probe=True) if trial.builder is not None else None
     record = _cache_record(caches, cut)
     if caches is None:
         xt, yt, xv, yv = _features_in_memory(trial, cut)
         probe = fit_probe(xt, yt, xv, yv, num_classes=trial.num_classes, loss=trial.cfg.loss)
-        return ProbeFit(probe, False, record, None)
-    rows = usable_rows(cut, find_cache(caches, "train", cut), trial.data.train)  # a probe stage's training rows
+        return ProbeFit(probe, False, record, {})
+    rows = split_rows(trial, cut, caches)  # a probe stage's rows (the pooled features: nothing else trains)
     path = _probe_file(trial, caches, cut)
     if path.is_file():
         try:

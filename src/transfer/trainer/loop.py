@@ -80,9 +80,12 @@ def evaluate(step: StepFunction, dataset) -> dict:
     return _logs(model)
 
 
-def fit(model, dataset, *, initial_epoch: int, epochs: int, callbacks: list) -> None:
+def fit(model, dataset, *, initial_epoch: int, epochs: int, callbacks: list, step: StepFunction | None = None) -> None:
     """Train ``model`` on ``dataset`` from ``initial_epoch`` to ``epochs`` as ``Model.fit``
     would (the same callbacks hooks, epoch logs and ``stop_training``), without ``tf.data``.
+
+    ``step``: the model's traced ``train_step`` from an earlier call (a trial trained rung by
+    rung traces it once); None traces it on the first batch.
     """
     if _distributed():
         model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
@@ -90,7 +93,7 @@ def fit(model, dataset, *, initial_epoch: int, epochs: int, callbacks: list) -> 
     keras = import_keras()
     cbs = keras.callbacks.CallbackList(callbacks, add_history=False, add_progbar=False, model=model,
                                        epochs=epochs, steps=len(dataset), verbose=0)
-    step = StepFunction(model, "train_step")
+    step = step if step is not None and step.model is model else StepFunction(model, "train_step")
     model.stop_training = False
     cbs.on_train_begin()
     logs: dict = {}

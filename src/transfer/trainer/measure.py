@@ -1,9 +1,11 @@
 """The evaluation of a trained trial: its saved model run on the images of every split, the way
 a user runs it, into ``metrics.json``.
 
-The model runs once per image (pooled features, then its softmax head on them). The training
-images' frozen part is read from the cache a stage computed before training when there is
-one (the frozen layers of the saved model are those weights), the rest from the images. A
+The model runs once per image (pooled features, then its softmax head on them). Each split's
+frozen part is read from the cache a stage computed before training when there is one (the
+frozen layers of the saved model are those weights: only its trained layers run, traced once
+for the three splits; validation and test rows are float32, so their numbers are what the
+saved model computes from the images), the rest from the images. A
 trial whose training moved the features gets its head refitted on them when that validates
 better (:func:`refit_head`), so no trial's head is undertrained for its own features.
 """
@@ -22,7 +24,7 @@ from ..models.split import features_model, inference_function, pixel_cut
 from ..plots import plot_curves
 from .epochs import TrialFiles
 from .probe import fit_probe, head_numbers
-from .stage_data import TrainRows, image_source
+from .stage_data import CachedRows, image_source
 from .trial import Trial
 
 #: ``batchnorm`` of ``metrics.json`` when no BatchNormalization layer trained
@@ -43,7 +45,10 @@ class TrainedTrial:
         cache: what the last stage's data was read from (None: no stage ran in this process).
         batchnorm: the last population BatchNormalization pass (None: none ran).
         probe_only: the trial trained nothing but a converged linear probe.
-        train_rows: the training images' cached rows the last stage read, computed once.
+        rows: ``{split: cached rows}`` the last stage's caches hold for every image of the split.
+        budget: the epochs of the trial's whole plan.
+        stopped: why the trial stopped before the end of its plan (a sweep's rung: the epoch,
+            the rung, its place); None when its training ended.
     """
 
     history: list[dict]
@@ -55,7 +60,9 @@ class TrainedTrial:
     cache: dict | None = None
     batchnorm: dict | None = None
     probe_only: bool = False
-    train_rows: TrainRows | None = None
+    rows: dict = field(default_factory=dict)
+    budget: int | None = None
+    stopped: dict | None = None
 
 
 def _pooled_outputs(forward, trial: Trial, samples):
@@ -73,16 +80,15 @@ def _pooled_outputs(forward, trial: Trial, samples):
     return np.concatenate(feats), np.concatenate(labels), paths
 
 
-def _cached_outputs(best, rows: TrainRows, samples, batch_size: int):
-    """(pooled features, labels, paths) of the training images from the cache of their frozen
-    part (computed once, before training; the frozen layers of ``best`` are those weights),
-    through the rest of the saved model."""
-    cut, cache = rows.cut, rows.cache
+def _cached_outputs(forward, rows: CachedRows, samples, batch_size: int):
+    """(pooled features, labels, paths) of a split's images from the cache of their frozen part
+    (computed once, before training; the frozen layers of the saved model are those weights),
+    through ``forward``, the rest of the saved model (None: the cache holds the pooled features)."""
+    cache = rows.cache
     index = np.arange(cache.rows)
-    if cut.frontier == ("features",):
+    if forward is None:
         feats = cache.read(index)[0]
     else:
-        forward = inference_function(features_model(best, cut))
         feats = np.concatenate([np.asarray(forward(*cache.read(index[i:i + batch_size]))[0], dtype=np.float32)
                                 for i in range(0, len(index), batch_size)])
     return feats, np.asarray(cache.labels[:], dtype=np.int64), [s.path for s in samples]
@@ -120,15 +126,19 @@ def _split_outputs(trial: Trial, trained: TrainedTrial, best) -> tuple[dict, dic
     """``{split: (pooled features, labels, paths)}`` of every split with images, and where each
     split's features were computed."""
     forward = None  # the saved model from images to pooled features, traced on first use
+    trained_part: dict = {}  # the saved model from a cut's frontier to pooled features, traced once per cut
     outputs, computed_from = {}, {}
     for split, samples in trial.data.splits():
         if not len(samples):
             continue
-        if split == "train" and trained.train_rows is not None:
-            rows = trained.train_rows
-            outputs[split] = _cached_outputs(best, rows, samples, trial.cfg.batch_size)
+        rows = trained.rows.get(split)
+        if rows is not None:
+            cut, key = rows.cut, (rows.cut.prefix, rows.cut.frontier)
+            if cut.frontier != ("features",) and key not in trained_part:
+                trained_part[key] = inference_function(features_model(best, cut))
+            outputs[split] = _cached_outputs(trained_part.get(key), rows, samples, trial.cfg.batch_size)
             computed_from[split] = (f"the decoded pixels {rows.cache.folder.name}, through the saved model"
-                                    if rows.cut.label == "pixels" else f"the cache {rows.cache.folder.name} "
+                                    if cut.label == "pixels" else f"the cache {rows.cache.folder.name} "
                                     f"({rows.cache.dtype.name}), through the saved model's trained layers")
             continue
         if forward is None:
@@ -181,6 +191,9 @@ def evaluate_trial(trial: Trial, trained: TrainedTrial) -> dict:
         "params": {"trainable": p_tr, "non_trainable": p_nt, "total": p_tr + p_nt},
         "seconds_per_epoch": (sum(secs) / len(secs)) if secs else None,
         "epochs_run": len(trained.history),
+        "epochs_trained": trained.last_epoch,  # epochs count across stages; a probe stage is one
+        "epochs_budget": trained.budget,
+        "stopped": trained.stopped,  # None: trained to the end of its plan (or early stopping ended it)
         "best_epoch": trained.best_epoch,
         "freeze": trained.freeze,
         "cache": cache,

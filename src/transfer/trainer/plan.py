@@ -186,7 +186,8 @@ def plan_trials(cfg: TrainConfig) -> list[TrialSpec]:
         # "imagenet" means "the backbone's published weights where they exist": the
         # small CNNs (arc2, arc3) have none and start from scratch, so one command can
         # sweep e.g. mobilenet_v2,arc2
-        weights = "none" if cfg.weights == "imagenet" and not get_backbone(bb).pretrainable else cfg.weights
+        weights = cfg.weights_for(bb)
+        weights = "none" if weights == "imagenet" and not get_backbone(bb).pretrainable else weights
         init = "scratch" if weights == "none" else "pretrained"
         seen: dict[str, float] = {}
         for t, rnd in _variants(cfg, init):

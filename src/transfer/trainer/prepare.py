@@ -21,7 +21,7 @@ from ..errors import ConfigError, DataError, TransferError
 from ..progress import Progress, ProgressLike, as_progress, clock
 from ..runfolder import RunWriter
 from ..tables import write_csv
-from .config import TrainConfig, config_from_yaml_text
+from .config import PREPARED_KEYS, RESULT_KEYS, TrainConfig, config_from_yaml_text
 from .plan import TrialSpec, duplicate_random_trials, plan_trials
 
 
@@ -62,16 +62,27 @@ def check_options(config: TrainConfig) -> tuple[Path, Path]:
     if o == data_root or data_root in o.parents:  # the run's folders would be indexed as classes next time
         raise ConfigError(f"the run folder {run_dir} is inside the data folder {config.data}",
                           hint="put the run folder outside the dataset, e.g. runs/NAME", option="out")
-    if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
-        raise ConfigError(f"initial weights {config.weights}: no such file",
-                          hint="give a Keras weights/model file, or imagenet / none", option="weights")
+    for backbone in config.backbones:
+        weights = config.weights_for(backbone)
+        if weights not in ("imagenet", "none") and not Path(weights).is_file():
+            raise ConfigError(f"initial weights {weights}{f' of {backbone}' if weights != config.weights else ''}: "
+                              "no such file", hint="give a Keras weights/model file, or imagenet / none",
+                              option="weights")
     if config.tensorboard:  # a missing package fails here, not inside every trial
         require("tensorboard", purpose="TensorBoard logs")
     return data_root, run_dir
 
 
-def _check_existing(writer: RunWriter, cfg: TrainConfig) -> None:
-    """A run folder that exists must have been made with the options that change results."""
+def _has_trials(writer: RunWriter) -> bool:
+    """Whether any trial of the run has started (its ``trial.json`` is written when it opens)."""
+    return writer.trials_dir.is_dir() and any(writer.trial_paths(d.name).trial_json.is_file()
+                                              for d in writer.trials_dir.iterdir())
+
+
+def _check_existing(writer: RunWriter, cfg: TrainConfig, *, trains: bool = True) -> None:
+    """A run folder that exists must have been made with the options that change results; before
+    any trial has started (a folder ``transfer rank`` prepared), or for a command that trains
+    nothing, only with the same split and initial weights (:data:`~transfer.trainer.config.PREPARED_KEYS`)."""
     if not writer.config_yaml.is_file():
         return
     try:
@@ -79,7 +90,7 @@ def _check_existing(writer: RunWriter, cfg: TrainConfig) -> None:
     except TransferError as exc:
         raise ConfigError(f"the run folder {writer.path} holds an unreadable config.yaml: {exc.message}",
                           hint="use a new run folder", option="out") from exc
-    diff = cfg.result_diff(old)
+    diff = cfg.result_diff(old, RESULT_KEYS if trains and _has_trials(writer) else PREPARED_KEYS)
     if diff:
         od, nd = old.to_dict(), cfg.to_dict()
         detail = "; ".join(f"{k}: {od.get(k)!r} -> {nd.get(k)!r}" for k in diff)
@@ -229,9 +240,10 @@ def _prepare_splits(writer: RunWriter, cfg: TrainConfig, index, groups=None) -> 
 
 
 def _write_run_files(writer: RunWriter, config: TrainConfig, index, data_root: Path, method: str, parts,
-                     duplicates: dict | None) -> None:
+                     duplicates: dict | None, *, trains: bool = True) -> None:
     """``config.yaml`` and ``dataset.json``; a resumed run keeps the pixel recipe and duplicate
-    record its first trials were made with."""
+    record its first trials were made with. A command that trains nothing writes ``config.yaml``
+    only into a folder that has none (a sweep's own stays)."""
     saved = writer.saved_dataset()
     split = {"method": "given" if method == "given+val" else method,
              # the fractions the split used (a given split and k folds ignore the val fraction / method)
@@ -240,7 +252,8 @@ def _write_run_files(writer: RunWriter, config: TrainConfig, index, data_root: P
              "kfold": config.kfold, "dedupe": bool(config.dedupe)}
     if method == "given+val":  # no val/ folder: that fraction of the given train/ images, per class, seeded
         split.update({"val_from": "train", "val_method": config.split})
-    writer.write_config(config.to_yaml())
+    if trains or not writer.config_yaml.is_file():
+        writer.write_config(config.to_yaml())
     writer.write_dataset({
         "root": str(data_root), "class_names": list(index.class_names),
         "num_images": len(index.samples), "num_bad": len(index.bad),
@@ -250,8 +263,12 @@ def _write_run_files(writer: RunWriter, config: TrainConfig, index, data_root: P
     })
 
 
-def prepare_run(config: TrainConfig, progress: ProgressLike = None) -> tuple[PreparedRun, list[TrialSpec]]:
+def prepare_run(config: TrainConfig, progress: ProgressLike = None, *,
+                trains: bool = True) -> tuple[PreparedRun, list[TrialSpec]]:
     """Check the options, index the data and write the run folder's own files.
+
+    ``trains`` False: for a command that trains nothing (``transfer rank``): an existing run
+    folder must only have the same split and initial weights, and keeps its ``config.yaml``.
 
     Returns:
         The prepared run and the trial plan.
@@ -264,7 +281,7 @@ def prepare_run(config: TrainConfig, progress: ProgressLike = None) -> tuple[Pre
     p = as_progress(progress)
     data_root, run_dir = check_options(config)
     specs = plan_trials(config)  # validates backbones and sizes before any work
-    scratch = sorted({s.backbone for s in specs if config.weights == "imagenet" and s.init == "scratch"})
+    scratch = sorted({s.backbone for s in specs if config.weights_for(s.backbone) == "imagenet" and s.init == "scratch"})
     if scratch:
         p.say(f"note: {', '.join(scratch)} ha{'s' if len(scratch) == 1 else 've'} no ImageNet weights; "
               "trained from random weights")
@@ -273,14 +290,14 @@ def prepare_run(config: TrainConfig, progress: ProgressLike = None) -> tuple[Pre
         p.say(f"note: no extra random-init trial for {', '.join(dup)}: it starts from random weights already, "
               f"so its t100 trial is the random-init trial")
     writer = RunWriter(run_dir)
-    _check_existing(writer, config)
+    _check_existing(writer, config, trains=trains)
     writer.write_run_json(__version__)  # first: the folder is a run from now on
     index = _index(config, writer, data_root, p)
     fresh = not writer.split_csv_path("test").is_file()  # the split is made now (else read back)
     groups = _duplicate_groups(config, index, data_root, p) if fresh else None
     method, parts, folds = _prepare_splits(writer, config, index, groups if config.dedupe else None)
     duplicates = _record_duplicates(writer, config, groups, parts) if fresh else None
-    _write_run_files(writer, config, index, data_root, method, parts, duplicates)
+    _write_run_files(writer, config, index, data_root, method, parts, duplicates, trains=trains)
     _warn_duplicates(writer, duplicates or writer.saved_dataset().get("duplicates"), p)
     for w in S.split_warnings(parts, list(index.class_names)):
         p.say(f"warning: {w}")

@@ -17,7 +17,7 @@ and its per-epoch validation (:class:`Validator`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..data.batches import BatchSource
@@ -34,9 +34,10 @@ from .trial import Trial
 
 
 @dataclass(frozen=True)
-class TrainRows:
-    """The training images' rows in a cache, one per image in order: their frozen part's output
-    (or decoded pixels) at the initial weights, computed once and read again by the evaluation."""
+class CachedRows:
+    """A split's rows in a cache, one per image in order: their frozen part's output (or decoded
+    pixels) at the initial weights, computed once; the evaluation reads them again (the frozen
+    layers of the saved model are those weights) and runs only the trained layers on them."""
 
     cut: Cut
     cache: FeatureCache
@@ -90,7 +91,8 @@ class StageData:
         validate: ``() -> (loss, accuracy)`` on the validation images (None: there are none).
         refresh_bn: the population BatchNormalization pass (None: no BatchNormalization layer trains).
         record: what ``metrics.json`` says of the stage's data (``cache``).
-        train_rows: the cached rows of the training images the stage read (None: it read images).
+        rows: ``{split: cached rows}`` of the splits whose frozen part (or pixels) the stage's caches
+            hold for every image in order (empty: it read images).
     """
 
     model: Any
@@ -99,7 +101,7 @@ class StageData:
     validate: Validator | None = None
     refresh_bn: BatchNormRefresher | None = None
     record: dict | None = None
-    train_rows: TrainRows | None = None
+    rows: dict = field(default_factory=dict)
 
 
 # -- datasets -------------------------------------------------------------------------------
@@ -144,9 +146,10 @@ def _cuts_of(trial: Trial, fractions: Sequence[float], train_bn: bool) -> list[C
 
 def _requests(trial: Trial, cuts: Sequence[Cut], *, views: int, with_plain_train: bool) -> list[CacheRequest]:
     """Cache requests: the training images (``views`` augmented views, and the images as they
-    are) and the validation images (float32) at each cut."""
+    are), the validation and the test images (float32, so the evaluation's numbers are the saved
+    model's) at each cut."""
     out = []
-    train, val = tuple(trial.data.train), tuple(trial.data.val)
+    train = tuple(trial.data.train)
     for cut in cuts:
         pooled = cut.frontier == ("features",)
         dtype = train_cache_dtype(trial.spec, pooled=pooled)
@@ -154,19 +157,21 @@ def _requests(trial: Trial, cuts: Sequence[Cut], *, views: int, with_plain_train
             out += [CacheRequest("train", train, cut, k, dtype) for k in range(views)]
         if not views or pooled or with_plain_train:
             out.append(CacheRequest("train", train, cut, None, dtype))
-        if val:
-            out.append(CacheRequest("val", val, cut, None, "float32"))
+        out += [CacheRequest(split, tuple(samples), cut, None, "float32")
+                for split, samples in (("val", trial.data.val), ("test", trial.data.test)) if samples]
     return out
 
 
-def prepare_caches(trial: Trial, stage: Stage) -> dict[CacheRequest, FeatureCache]:
+def prepare_caches(trial: Trial, stage: Stage, *, probe: bool = False) -> dict[CacheRequest, FeatureCache]:
     """Every cache this trial's backbone needs in the sweep (built once, in one pass), as {request: cache}.
 
+    ``probe``: the pooled features of the initial model are cached too, whatever the sweep needs
+    (the linear probe and the transferability score are computed on them).
     Leaves the model frozen as ``stage`` freezes it.
     """
     fractions = cache_fractions(trial.siblings, stage)
     cuts = _cuts_of(trial, fractions, stage.train_bn)
-    if probe_features_needed(trial.cfg, trial.spec, fractions):  # where the linear probe is fitted
+    if probe or probe_features_needed(trial.cfg, trial.spec, fractions):  # where the linear probe is fitted
         apply_freeze(trial.model, trial.info, 0.0, by=trial.spec.freeze_by, train_bn=stage.train_bn)
         probe_cut = find_cut(trial.model, trial.info, through_features=True)
         if all((c.prefix, c.frontier) != (probe_cut.prefix, probe_cut.frontier) for c in cuts):
@@ -175,11 +180,21 @@ def prepare_caches(trial: Trial, stage: Stage) -> dict[CacheRequest, FeatureCach
     return trial.builder.ensure(_requests(trial, cuts, views=cache_views(trial.cfg), with_plain_train=True))
 
 
-def usable_rows(cut: Cut, cache: FeatureCache | None, samples: Sequence) -> TrainRows | None:
+def usable_rows(cut: Cut, cache: FeatureCache | None, samples: Sequence) -> CachedRows | None:
     """The cache's rows when it has one row per sample, in order (no unreadable file), else None."""
     if cache is None or cache.rows != len(samples) or cache.meta.get("bad_files"):
         return None
-    return TrainRows(cut, cache)
+    return CachedRows(cut, cache)
+
+
+def split_rows(trial: Trial, cut: Cut, caches: dict) -> dict[str, CachedRows]:
+    """``{split: rows}`` of the splits whose cache at ``cut`` holds one row per image, in order."""
+    out = {}
+    for split, samples in trial.data.splits():
+        rows = usable_rows(cut, find_cache(caches, split, cut), samples) if samples else None
+        if rows is not None:
+            out[split] = rows
+    return out
 
 
 def find_cache(caches: dict, split: str, cut: Cut, view: int | None = None) -> FeatureCache | None:
@@ -209,7 +224,7 @@ def _cached_data(trial: Trial, cut: Cut, caches: dict) -> StageData:
     model = suffix_model(trial.model, cut)
     stats_ds = cached_dataset([plain], order, shuffle=False, rows=stats_rows(plain.rows, cfg.seed), **kw)
     refresh = batchnorm_refresher(model, stats_ds)
-    rows = usable_rows(cut, plain, trial.data.train)
+    rows = split_rows(trial, cut, caches)
     validate = None
     if trial.data.val:
         val = find_cache(caches, "val", cut)
@@ -222,7 +237,7 @@ def _cached_data(trial: Trial, cut: Cut, caches: dict) -> StageData:
     for c in used:
         trial.files.bad_files([_Bad(p, r) for p, r in c.meta.get("bad_files", [])])
     return StageData(model=model, train=train_ds, sources=(train_ds,), validate=validate, refresh_bn=refresh,
-                     record=record, train_rows=rows)
+                     record=record, rows=rows)
 
 
 def _plain_train_dataset(trial: Trial):
@@ -238,7 +253,7 @@ def _pixel_data(trial: Trial, model) -> StageData | None:
     then the images are decoded every epoch."""
     pc = pixel_cut(trial.spec.image_size)
     reqs = {split: CacheRequest(split, tuple(samples), pc, None, "uint8")
-            for split, samples in (("train", trial.data.train), ("val", trial.data.val)) if samples}
+            for split, samples in trial.data.splits() if samples}
     try:
         caches = trial.builder.ensure(list(reqs.values()))
     except CacheSpaceError as exc:
@@ -249,7 +264,7 @@ def _pixel_data(trial: Trial, model) -> StageData | None:
                   "would not line up with the images")
         return None
     train = caches[reqs["train"]]
-    rows = usable_rows(pc, train, trial.data.train)
+    rows = split_rows(trial, pc, caches)
     order = image_source(trial, trial.data.train, train=True)
     kw = _cached_kw(trial)
     train_ds = cached_dataset([train], order, shuffle=True, pad_to_multiple=trial.replicas, **kw)
@@ -263,7 +278,7 @@ def _pixel_data(trial: Trial, model) -> StageData | None:
                          "bytes": sum(c.nbytes for c in caches.values()),
                          "seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in caches.values()), 3)}}
     return StageData(model=model, train=train_ds, sources=(train_ds,), validate=validate, refresh_bn=refresh,
-                     record=record, train_rows=rows)
+                     record=record, rows=rows)
 
 
 def _decoded_data(trial: Trial, model) -> StageData:
@@ -288,7 +303,7 @@ def _image_data(trial: Trial, cut: Cut, source: DataSource) -> StageData:
     record = {"mode": "uncached" if cut.has_backbone else "none", "reason": source.why, "cut": cut.label,
               "frozen_layers": cut.depth, "prefix_seconds": 0.0, **data.record}
     return StageData(model=data.model, train=data.train, sources=data.sources, validate=data.validate,
-                     refresh_bn=data.refresh_bn, record=record, train_rows=data.train_rows)
+                     refresh_bn=data.refresh_bn, record=record, rows=data.rows)
 
 
 def stage_data(trial: Trial, stage: Stage) -> StageData:

@@ -3,9 +3,12 @@
 ``run_sweep`` prepares the run folder (:func:`transfer.trainer.prepare.prepare_run`: index
 the dataset, make or reuse the splits, write ``run.json`` / ``config.yaml`` /
 ``dataset.json``), plans the trials (:func:`transfer.trainer.plan.plan_trials`), runs every
-trial (finished trials are skipped, an interrupted one resumes), then writes the sweep
-table ``sweep.csv`` / ``sweep.md`` (rows train / val / test accuracy, parameter counts
-and seconds per epoch; columns backbone x trainable fraction) and ``best.json``.
+trial (finished trials are skipped, an interrupted one resumes) in this one process or as Ray
+tasks, then writes the sweep table ``sweep.csv`` / ``sweep.md`` (rows train / val / test
+accuracy, parameter counts, epochs and seconds per epoch; columns backbone x trainable
+fraction) and ``best.json``. With ``--schedule halving`` the trials train rung by rung
+(:mod:`transfer.trainer.halving`) and the best trial is chosen among those trained to the full
+budget.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TransferError
 from ..locks import locked
 from ..progress import Progress, ProgressLike, as_progress, clock
 from ..runfolder import RunWriter
 from .cache import CacheSpaceError
 from .config import TrainConfig
 from .distributed import run_trials_ray
-from .fit import run_trial
+from .fit import failure_text, run_trial
+from .halving import run_halving
 from .plan import TrialData, TrialSpec, duplicate_random_trials, plan_trials, resolve_image_size
 from .prepare import PreparedRun, check_options, prepare_run
+from .schedule import plan_schedule
 
 
 @dataclass
@@ -56,10 +60,6 @@ def _finished_metrics(run: PreparedRun, spec: TrialSpec) -> dict | None:
     return paths.metrics() if paths.finished() else None
 
 
-def _error_text(exc: BaseException) -> str:
-    return exc.message if isinstance(exc, TransferError) else f"{type(exc).__name__}: {exc}"
-
-
 def _run_one(run: PreparedRun, config: TrainConfig, spec: TrialSpec, entry: dict, label: str, p: Progress,
              siblings: tuple[float, ...]) -> None:
     """Train one trial into ``entry``; a failure is recorded and the sweep goes on."""
@@ -75,7 +75,7 @@ def _run_one(run: PreparedRun, config: TrainConfig, spec: TrialSpec, entry: dict
     except (KeyboardInterrupt, CacheSpaceError):  # no disk for the cache: stop before any other trial
         raise
     except Exception as exc:  # a failed trial is recorded; the sweep goes on
-        msg = _error_text(exc)
+        msg = failure_text(exc)
         if os.environ.get("TRANSFER_DEBUG") == "1":
             traceback.print_exc()
         run.writer.mark_failed(spec.name, msg)
@@ -99,6 +99,20 @@ def _run_local(run: PreparedRun, config: TrainConfig, specs: list[TrialSpec], p:
                 _run_one(run, config, spec, entry, label, p, run.siblings(spec, specs))
             bar.update(1)
     return entries
+
+
+def _run_halving(run: PreparedRun, config: TrainConfig, specs: list[TrialSpec], schedule, ray, p: Progress
+                 ) -> list[dict]:
+    entries = {s.name: _entry(s) for s in specs}
+    for spec in specs:
+        done = _finished_metrics(run, spec)
+        if done is not None:
+            entries[spec.name].update(metrics=done, state="done")
+    p.say(f"sweep by successive halving: {len(specs)} trial(s) into {run.writer.path}, rungs at epoch(s) "
+          f"{', '.join(map(str, schedule.rungs))}, the best 1/{schedule.rate} go on"
+          f"{' (on Ray)' if ray is not None else ''}; {sum(e['state'] == 'done' for e in entries.values())} done")
+    run_halving(run, config, specs, schedule, entries, p, ray=ray)
+    return [entries[s.name] for s in specs]
 
 
 def _run_on_ray(run: PreparedRun, config: TrainConfig, specs: list[TrialSpec], opts, p: Progress) -> list[dict]:
@@ -151,12 +165,26 @@ def _frozen_part(m: dict) -> str | None:
     return {"uncached": "uncached", "none": "-"}.get(c.get("mode"))
 
 
+def _epochs(m: dict) -> str | None:
+    """Epochs trained, and why fewer than the plan's (a rung stopped it, or early stopping)."""
+    done, budget = m.get("epochs_trained"), m.get("epochs_budget")
+    if done is None:
+        return None
+    if m.get("stopped"):
+        st = m["stopped"]
+        return f"{done} of {budget} (stopped at rung {st.get('rung')}: place {st.get('place')} of {st.get('of')})"
+    if budget is not None and done < budget:
+        return f"{done} of {budget} (early stopping)"
+    return f"{done}"
+
+
 ROWS = (
     ("train accuracy", lambda m: m["train"]["accuracy"], "{:.3f}"),
     ("val accuracy", lambda m: m["val"]["accuracy"], "{:.3f}"),
     ("test accuracy", lambda m: m["test"]["accuracy"], "{:.3f}"),
     ("trainable params", lambda m: m["params"]["trainable"], "{:,.0f}"),
     ("non-trainable params", lambda m: m["params"]["non_trainable"], "{:,.0f}"),
+    ("epochs", _epochs, None),
     ("sec/epoch", lambda m: m["seconds_per_epoch"], "{:.1f}"),
     ("frozen part", _frozen_part, None),
     ("prefix sec", lambda m: m["cost"]["prefix_seconds"], "{:.1f}"),
@@ -213,8 +241,12 @@ def _selection_key(m: dict) -> tuple[float, float]:
 
 
 def pick_best(trials: list[dict]) -> dict | None:
-    """Best trial by val accuracy (tie -> lower val loss); k folds: best group by mean, then its best fold."""
-    done = [t for t in trials if t.get("metrics")]
+    """Best trial by val accuracy (tie -> lower val loss); k folds: best group by mean, then its best fold.
+
+    Only trials trained to the full budget compete: a trial a rung of ``--schedule halving``
+    stopped (``stopped`` in its metrics) is in the table, never the best.
+    """
+    done = [t for t in trials if t.get("metrics") and not t["metrics"].get("stopped")]
     if not done:
         return None
 
@@ -276,7 +308,13 @@ def run_sweep(config: TrainConfig, *, progress: ProgressLike = None, ray=None) -
     RunWriter(run_dir).check_target()
     with locked(run_dir, purpose="train"):
         run, specs = prepare_run(config, p)
-        trials = _run_local(run, config, specs, p) if ray is None else _run_on_ray(run, config, specs, ray, p)
+        schedule = plan_schedule(config, specs)
+        if schedule.note:
+            p.say(f"note: {schedule.note}")
+        if schedule.halving:
+            trials = _run_halving(run, config, specs, schedule, ray, p)
+        else:
+            trials = _run_local(run, config, specs, p) if ray is None else _run_on_ray(run, config, specs, ray, p)
         return _finish(run, trials)
 
 

@@ -79,19 +79,23 @@ class Trial:
 
 
 def open_trial(writer: RunWriter, cfg: TrainConfig, spec: TrialSpec, data: TrialData, *,
-               siblings: Sequence[float] = (), progress: ProgressLike = None, replicas: int = 1) -> Trial:
+               siblings: Sequence[float] = (), progress: ProgressLike = None, replicas: int = 1,
+               folder: bool = True) -> Trial:
     """Open a trial for training: its folder (leftovers of a killed write removed), its model at
     the shared initial weights, its cache builder (which hashes those weights, so it is made
     before any checkpoint is loaded) and the run's pixel recipe.
 
     Under a distribution strategy call it inside ``strategy.scope()``: the model is built there.
+    ``folder`` False: the trial's folder is not made (the backbone's initial model and caches
+    only, as :mod:`transfer.trainer.rank` reads them).
 
     Raises:
         TransferError: bad backbone / weights / size (from the model builder).
     """
     files = TrialFiles(writer, spec.name, data.root)
-    files.paths.dir.mkdir(parents=True, exist_ok=True)
-    writer.remove_leftovers(spec.name)
+    if folder:
+        files.paths.dir.mkdir(parents=True, exist_ok=True)
+        writer.remove_leftovers(spec.name)
     model, info = build_trial_model(writer.path, cfg, spec, data.num_classes)
     p = as_progress(progress)
     recipe = writer.saved_dataset().get("preprocessing")  # what the run's first trials decoded with
