@@ -81,7 +81,7 @@ def test_ray_options_are_checked_on_the_driver_before_ray_starts(rt_bundle, rt_d
     monkeypatch.setattr(tray, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     for kw, err, match in [({"backend": "onnxruntime-fp16"}, BundleError, "no model 'onnx-fp16'"),
                            ({"backend": "tensorrt-int8"}, BundleError, "no TensorRT engine|no tensorrt-int8"),
-                           ({"backend": "nope"}, ConfigError, "unknown backend"),
+                           ({"backend": "nope"}, ConfigError, "invalid backend: 'nope'; accepted: one of"),
                            ({"head": "svm"}, BundleError, "no head 'svm'"),
                            ({"providers": "cpu,,cuda"}, ConfigError, "empty name")]:
         with pytest.raises(err, match=match):

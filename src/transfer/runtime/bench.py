@@ -214,7 +214,7 @@ def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressL
     """
     cfg = replace(config or BenchConfig(), **options)
     from .heads import check_head, make_head
-    from .runners import OrtRunner, make_runner
+    from .runners import make_runner
     from .sessions import available_providers
 
     p = as_progress(progress)
@@ -234,7 +234,8 @@ def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressL
     gflops = model_gflops(b.file(b.model_entry("onnx-fp32")["file"]))
     prep_ms = _preprocess_ms(pool.x, max(batches))
     hd = make_head(b, cfg.head) if cfg.head else None
-    ref = OrtRunner(b, "onnx-fp32", "cpu", threads).run(pool.x)[1]
+    with make_runner(b, "onnxruntime", "cpu", threads) as fp32:
+        ref = fp32.infer(pool.x).probs
     rows, skipped = [], {}
     for be in cfg.backends:
         try:
@@ -245,20 +246,21 @@ def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressL
                                     "`transfer bench` adds it")
             else:
                 r = make_runner(b, be, cfg.provider_list if be.startswith("onnxruntime") else None, threads)
-            if hasattr(r, "activate"):  # a TensorRT engine loads here: a broken one is a skipped backend
-                r.activate()
+            r.activate()  # a TensorRT engine loads here: a broken one is a skipped backend
         except TransferError as exc:
             skipped[be] = exc.message
             p.say(f"skip {be}: {exc.message}")
             continue
-        agree = float(np.mean(r.run(pool.x)[1].argmax(1) == ref.argmax(1)))
-        for bs in batches:
-            x = np.ascontiguousarray(np.resize(pool.x, (bs, h, w, 3)))
-            lat, (feats, probs) = time_cell(r.run, x, warmup=cfg.warmup, seconds=seconds, min_iters=cfg.min_iters)
-            row = bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms, head_ms=_head_ms(hd, feats, probs, bs),
-                            agreement=agree, gflops=gflops, peak=peak)
-            rows.append(row)
-            p.say(f"{r.name:18s} batch {bs:3d}: p50 {row['p50_ms']:8.2f} ms  {row['images_per_s']:9.1f} img/s")
+        with r:
+            agree = float(np.mean(r.infer(pool.x).probs.argmax(1) == ref.argmax(1)))
+            for bs in batches:
+                x = np.ascontiguousarray(np.resize(pool.x, (bs, h, w, 3)))
+                lat, out = time_cell(r.infer, x, warmup=cfg.warmup, seconds=seconds, min_iters=cfg.min_iters)
+                row = bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms,
+                                head_ms=_head_ms(hd, out.features, out.probs, bs), agreement=agree, gflops=gflops,
+                                peak=peak)
+                rows.append(row)
+                p.say(f"{r.name:18s} batch {bs:3d}: p50 {row['p50_ms']:8.2f} ms  {row['images_per_s']:9.1f} img/s")
     res = {"bundle": str(b.path), "machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": peak,
                                               "threads": threads, "providers_found": available_providers()},
            "gflops_per_img": gflops,

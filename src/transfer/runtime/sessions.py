@@ -1,4 +1,10 @@
-"""ONNX Runtime sessions: execution provider choice, threads, and what actually runs."""
+"""ONNX Runtime sessions: the one place they are made (execution providers, threads, spinning).
+
+Every session of the package comes from here: a bundle's model (:func:`make_session`, behind
+:class:`~transfer.runtime.runners.OrtRunner`), a classical head's graph (the same, spinning
+off), and the light session that only reads a file's inputs, outputs and metadata
+(:func:`light_session`, for ``transfer verify``'s graph checks).
+"""
 
 from __future__ import annotations
 
@@ -87,16 +93,6 @@ def provider_name(short: str, avail: Sequence[str] = ()) -> str:
         if a.lower() in (low, low + "executionprovider"):
             return a
     return short if short.endswith("ExecutionProvider") else f"{short}ExecutionProvider"
-
-
-def check_provider_names(requested: Sequence[str] | str | None) -> None:
-    """Syntax-only check of ``--providers`` (for a driver whose workers may have other builds).
-
-    Raises:
-        ConfigError: an empty name.
-    """
-    if requested:
-        _items(requested)
 
 
 def physical_cores(cpus: Sequence[int] | None = None, *, sysfs: str | os.PathLike = "/sys/devices/system/cpu") -> int:
@@ -202,7 +198,7 @@ def provider_options(provider: str, model_path: str | os.PathLike | None = None,
 
 def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None = None, *,
                  threads: int | None = None, provider_options: dict | Sequence[dict] | None = None,
-                 device_id: int = 0, fp16: bool = False):
+                 device_id: int = 0, fp16: bool = False, spinning: bool = True):
     """An ``InferenceSession`` with full graph optimization; returns ``(session, provider that runs)``.
 
     Args:
@@ -213,6 +209,11 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None 
             provider: a dict ``{provider name or alias: {option: value}}`` (merged over the
             defaults) or a list aligned with the chosen providers (used as given).
         device_id / fp16: passed to :func:`provider_options` (GPU providers only).
+        spinning: whether idle intra-op threads spin for the next piece of work
+            (``session.intra_op.allow_spinning``). ONNX Runtime spins by default, which
+            is fastest for back-to-back calls; ``False`` for calls with gaps between them
+            on cores other threads need (a server's event loop and decoding, a head's short
+            call after the model).
 
     Raises:
         ConfigError: a provider is unavailable, ``threads`` < 1, or ``provider_options``
@@ -230,10 +231,24 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None 
     so.intra_op_num_threads = int(threads or default_threads())
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provs = choose_providers(providers)
     opts = _options_for(provs, path, provider_options, device_id=device_id, fp16=fp16)
     sess = ort.InferenceSession(str(Path(path)), so, providers=provs, provider_options=opts)
     return sess, sess.get_providers()[0]
+
+
+def light_session(path: str | os.PathLike):
+    """A CPU session with graph optimizations off and one thread: enough to read a file's inputs,
+    outputs and metadata (:func:`transfer.onnx_facts.facts_of_session`), e.g. to check a
+    bundle's graphs against its manifest without running them."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _options_for(provs: list[str], path, overrides, **kw) -> list[dict]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import calibration as cal
 from ..bundle import Bundle
-from ..errors import BundleError, ConfigError, TamperedBundleError
+from ..errors import ConfigError, TamperedBundleError
 
 SCORES = cal.SCORES
 
@@ -95,11 +95,10 @@ def make_detector(bundle: Bundle, score: str | None = None) -> UnknownDetector:
         if not isinstance(rel, str):
             raise TamperedBundleError(f"{bundle.path}: the {name} score names no parameter file",
                                       hint="re-export the bundle")
+        path = bundle.paths[rel] if rel in bundle.paths else bundle.file(rel)  # file(): the error naming it
         try:
-            with np.load(bundle.file(rel), allow_pickle=False) as z:
+            with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in cal.SCORE_ARRAYS[name] if k in z.files}
-        except BundleError:
-            raise
         except (OSError, ValueError) as exc:
             raise TamperedBundleError(f"{bundle.path / rel}: cannot read the {name} parameters: {exc}",
                                       hint="re-export the bundle") from None
@@ -121,9 +120,9 @@ def _outputs(runner, paths, size, *, batch: int, workers: int, bar, recipe=None)
     for pb in decode_batches(paths, size, batch=batch, workers=workers, recipe=recipe):
         bad += len(pb.items) - len(pb.ok_index)
         if len(pb.x):
-            f, p = runner.run(pb.x)
-            fs.append(f)
-            ps.append(p)
+            out = runner.infer(pb.x)
+            fs.append(out.features)
+            ps.append(out.probs)
         bar.update(len(pb.items))
     if not fs:
         return np.zeros((0, 0)), np.zeros((0, 0)), bad

@@ -10,7 +10,7 @@ Routes (every error is JSON ``{"error", "hint"}``):
 ``GET /healthz``      200 while the process is alive
 ``GET /readyz``       200 once the bundle is verified and the model warmed up; 503 before
                       that and while draining
-``GET /metrics``      Prometheus text format (:mod:`transfer.serve.metrics`)
+``GET /metrics``      Prometheus text format (:mod:`transfer.serve.prometheus`)
 ``GET /``             a self-contained page to try the model (:mod:`transfer.serve.page`)
 ``GET /openapi.json`` the OpenAPI schema
 ==================  =====================================================================
@@ -47,9 +47,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 from starlette.requests import ClientDisconnect  # noqa: E402
 
 from .batcher import BatchFailed, Batcher, ClientGone, Overloaded, Result
-from .config import ServeConfig, key_matches
-from .metrics import Metrics
 from .model import ServedModel
+from .prometheus import Metrics
+from .serve_config import ServeConfig, key_matches
 from .pixels import decode_upload, status_of
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
 
     Example::
 
-        app = create_app(load_model("runs/digits/bundle", ModelOptions()), ServeConfig().validate())
+        app = create_app(load_model("runs/digits/bundle", ModelOptions()), ServeConfig())
         uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     from .page import page_html
@@ -525,7 +525,7 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
         try:
             loop = asyncio.get_running_loop()
             decode = functools.partial(_decode, size=model.size, max_pixels=config.max_pixels,
-                                       recipe=model.bundle.recipe)
+                                       recipe=model.recipe)
             if len(ups) == 1:  # one image: no gather
                 decoded = [await loop.run_in_executor(state.decode_pool, decode, ups[0])]
             else:
