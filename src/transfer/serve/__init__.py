@@ -5,7 +5,8 @@
   over the runtime's :class:`~transfer.runtime.predictor.Predictor`.
 - :mod:`~transfer.serve.pixels`: uploaded bytes -> model pixels (the runtime's decode + resize).
 - :mod:`~transfer.serve.batcher`: groups images of concurrent requests into model calls.
-- :mod:`~transfer.serve.app`: the FastAPI routes; :mod:`~transfer.serve.prometheus`: Prometheus.
+- :mod:`~transfer.serve.app`: the FastAPI routes; :mod:`~transfer.serve.guard`: the middleware in front of
+  them (limits, API key, admission, access log); :mod:`~transfer.serve.prometheus`: Prometheus.
 - :mod:`~transfer.serve.server`: uvicorn with draining; :mod:`~transfer.serve.ray_serve`: Ray Serve.
 
 FastAPI, uvicorn, prometheus-client and python-multipart come with ``pip install "transfer[serve]"``;
