@@ -168,7 +168,7 @@ def _pct(a, q):
     return float(np.percentile(a, q)) * 1000.0
 
 
-def bench_row(runner: "Runner", bs: int, lat: np.ndarray, *, pool: SamplePool, prep_ms: float,
+def _bench_row(runner: "Runner", bs: int, lat: np.ndarray, *, pool: SamplePool, prep_ms: float,
               head_ms: float | None, agreement: float, gflops: float | None, peak: float) -> dict:
     """One row of bench.json (the field names are the file's format)."""
     thr = bs / float(np.mean(lat))
@@ -256,7 +256,7 @@ def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressL
             for bs in batches:
                 x = np.ascontiguousarray(np.resize(pool.x, (bs, h, w, 3)))
                 lat, out = time_cell(r.infer, x, warmup=cfg.warmup, seconds=seconds, min_iters=cfg.min_iters)
-                row = bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms,
+                row = _bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms,
                                 head_ms=_head_ms(hd, out.features, out.probs, bs), agreement=agree, gflops=gflops,
                                 peak=peak)
                 rows.append(row)
