@@ -149,16 +149,17 @@ class ServedModel:
         }
 
 
-def open_model(bundle: Bundle, options: ModelOptions | None = None, *, trust_pickle: bool = False) -> ServedModel:
-    """A :class:`ServedModel` of an already loaded bundle (a Ray replica's, the server's):
-    options checked against it, then the sessions made with idle threads that do not spin
-    (between batches the event loop and the decode threads need the cores).
+def open_model(bundle: Bundle, options: ModelOptions | None = None, *, trust_pickle: bool = False,
+               spinning: bool = False) -> ServedModel:
+    """A :class:`ServedModel` of an already loaded bundle: options checked against it, then the
+    sessions made, by default with idle threads that do not spin (between batches the event loop
+    and the decode threads need the cores: docs/benchmarks.md, "ONNX Runtime threads").
 
     Raises:
         as :meth:`transfer.runtime.predictor.Predictor.open`.
     """
     options = options or ModelOptions()
-    predictor = Predictor.open(bundle, options, trust_pickle=trust_pickle, spinning=False)
+    predictor = Predictor.open(bundle, options, trust_pickle=trust_pickle, spinning=spinning)
     return ServedModel(bundle, predictor, options)
 
 
