@@ -32,10 +32,11 @@ def test_output_problems_are_refused_before_any_image_is_read(rt_bundle, rt_data
         infer(bundle, [img], out=str(tmp_path / "o2") + "/")
     victim = tmp_path / "victim.png"
     shutil.copy(img, victim)
-    with pytest.raises(ConfigError, match="looks like an image"):  # would overwrite an input image
+    with pytest.raises(ConfigError, match=r"invalid out: .*victim\.png.*; accepted: a \.csv or \.jsonl file.*not an "
+                                          "image"):  # would overwrite an input image
         infer(bundle, [victim], out=victim)
     assert victim.read_bytes() == img.read_bytes()
-    with pytest.raises(ConfigError, match="format csv asked for, but the output"):
+    with pytest.raises(ConfigError, match=r"invalid fmt: 'csv'; accepted: jsonl, the format the output"):
         infer(bundle, [img], out=tmp_path / "p.jsonl", fmt="csv")
     assert not list(tmp_path.rglob("*.incomplete")) and not list(tmp_path.rglob(".*partial"))
     # the suffix picks the format; '-' is stdout

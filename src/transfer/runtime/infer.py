@@ -19,7 +19,7 @@ from ..bundle import load_bundle
 from ..data.stream import batches, iter_inputs
 from ..errors import ConfigError, TransferError
 from ..progress import ProgressLike, as_progress
-from .predict_config import InferConfig, configure
+from .predict_config import ROW_SUFFIXES, InferConfig, configure, is_folder
 from .predictor import Predictor
 from .rows import Row, Sink, open_sinks, prediction_rows
 from .sessions import available_providers
@@ -83,35 +83,22 @@ class InferSummary:
         return out
 
 
-#: output suffixes that mean a format; anything else is written in the asked format (default csv)
-_FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-
-
 def resolve_format(fmt: str | None, out: str | os.PathLike | None) -> str:
-    """The asked format, or the one the suffix of ``out`` names (``.jsonl`` -> jsonl), else csv.
-
-    Raises:
-        ConfigError: a format that contradicts the suffix of ``out``.
+    """The asked format, or the one the suffix of ``out`` names (``.jsonl`` -> jsonl), else csv
+    (:class:`~transfer.runtime.predict_config.InferConfig` refused a format that contradicts it).
 
     Example::
 
         resolve_format(None, "preds.jsonl"), resolve_format(None, None)   # ('jsonl', 'csv')
     """
     raw = os.fspath(out) if out is not None else ""
-    implied = None if raw.endswith(("/", os.sep)) else _FORMAT_OF_SUFFIX.get(Path(raw).suffix.lower())
-    if fmt and implied and fmt != implied:
-        raise ConfigError(f"format {fmt} asked for, but the output {raw} names a .{Path(raw).suffix[1:]} file",
-                          hint=f"let the suffix decide, or write to a .{fmt} file", option="fmt")
+    implied = None if not raw or raw.endswith(("/", os.sep)) else ROW_SUFFIXES.get(Path(raw).suffix.lower())
     return fmt or implied or "csv"
 
 
 def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
     """Where rows go: ``out`` itself, or ``out/predictions.<csv|jsonl>`` when ``out`` is a
     folder (an existing directory, or a path ending in ``/``); ``None`` or ``-``: stdout.
-
-    Raises:
-        ConfigError: ``out`` looks like an image or a Parquet file (it would be overwritten
-            with CSV / JSON lines).
 
     Example::
 
@@ -120,17 +107,7 @@ def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
     if out is None or os.fspath(out) == "-":
         return None
     raw = os.fspath(out)
-    p = Path(raw)
-    if raw.endswith(("/", os.sep)) or p.is_dir():
-        return p / f"predictions.{fmt}"
-    from ..data.image import is_image_path
-
-    if is_image_path(p) or p.suffix.lower() == ".parquet":
-        raise ConfigError(f"output {raw} looks like {'an image' if is_image_path(p) else 'a Parquet file'}; "
-                          "predictions are written as CSV or JSON lines",
-                          hint="give a .csv / .jsonl file or a FOLDER/ (a Ray run writes its .parquet copy "
-                               "next to it)", option="out")
-    return p
+    return Path(raw) / f"predictions.{fmt}" if is_folder(raw) else Path(raw)
 
 
 def check_output(out: Path | None, bundle_path, inputs: Sequence, *, also: Sequence[Path] = ()) -> None:

@@ -14,10 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, is_dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..calibration import SCORES
+from ..data.image import is_image_path
 from ..errors import ConfigError
 from ..options import Check, Flag, Interval, ListOf, OneOf, Text, check, group, make, option, specs, to_dict, validate
 
@@ -37,6 +40,26 @@ def _provider_list(value) -> bool:
 #: checked when a session is made: a Ray worker may offer providers its driver lacks)
 PROVIDERS = Check(_provider_list, "a comma list of execution providers in order (cpu, cuda, tensorrt), "
                                   "no empty name")
+
+
+#: row files by suffix; any other output is written in the asked format (default csv)
+ROW_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def is_folder(out: str) -> bool:
+    """An output that names a folder: written with a slash at the end, or an existing directory."""
+    return out.endswith(("/", os.sep)) or os.path.isdir(out)
+
+
+def _rows_target(out) -> bool:
+    """Not a file rows would destroy: an image or a Parquet file would be overwritten with CSV / JSON lines."""
+    return isinstance(out, str) and bool(out.strip()) and (
+        out == "-" or is_folder(out) or not (is_image_path(out) or out.lower().endswith(".parquet")))
+
+
+#: ``--out``: where rows go
+OUT = Check(_rows_target, "a .csv or .jsonl file, a FOLDER/, or - for standard output (not an image or a Parquet "
+                          "file: it would be overwritten)", read=os.fspath)
 
 
 def refuse(name: str, value, accepted: str, *, hint: str | None = None) -> ConfigError:
@@ -120,7 +143,7 @@ class InferConfig:
     :func:`~transfer.runtime.ray_infer.infer_ray`): where rows go, batching, Ray, and the
     model and trust groups shared with ``transfer serve``."""
 
-    out: str | None = option(None, Text("a file, a FOLDER/, or - for standard output"),
+    out: str | None = option(None, OUT,
                              "Output file, or a folder (FOLDER/ or an existing one) for predictions.csv|jsonl there; "
                              "'-' for stdout. [default: stdout]", none=True, metavar="PATH")
     fmt: str | None = option(None, OneOf("csv", "jsonl"), "Row format. [default: from the --out suffix (.jsonl -> "
@@ -141,6 +164,10 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        implied = None if self.out is None or is_folder(self.out) else ROW_SUFFIXES.get(Path(self.out).suffix.lower())
+        if self.fmt is not None and implied is not None and self.fmt != implied:
+            raise refuse("fmt", self.fmt, f"{implied}, the format the output {self.out} names (or none: the suffix "
+                         "decides)", hint=f"let the suffix decide, or write to a .{self.fmt} file")
         if not self.ray:
             for name, unset in (("address", None), ("gpus_per_worker", 0.0)):
                 if getattr(self, name) != unset:

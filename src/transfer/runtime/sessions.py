@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError, DependencyMissingError
+from .predict_config import ModelOptions, check_value
 
 #: preference order when nothing is asked for
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -69,11 +70,8 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
 
 
 def _items(requested: Sequence[str] | str) -> list[str]:
-    items = [r.strip() for r in requested.split(",")] if isinstance(requested, str) else [str(r).strip() for r in requested]
-    if not all(items):
-        raise ConfigError(f"invalid providers list {requested!r}: an empty name", hint="e.g. cuda,cpu",
-                          option="providers")
-    return items
+    value = requested if isinstance(requested, str) else ",".join(str(r) for r in requested)
+    return [r.strip() for r in check_value(ModelOptions, "providers", value).split(",")]
 
 
 def provider_name(short: str, avail: Sequence[str] = ()) -> str:
@@ -224,8 +222,7 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None 
         sess, used = make_session("bundle/model.onnx", "cuda", provider_options={"cuda": {"device_id": 1}})
     """
     ort = _ort()
-    if threads is not None and int(threads) < 1:
-        raise ConfigError(f"ONNX Runtime threads must be positive (got {threads})", option="threads")
+    threads = check_value(ModelOptions, "threads", threads)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(threads or default_threads())

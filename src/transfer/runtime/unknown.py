@@ -27,7 +27,7 @@ from .. import calibration as cal
 from ..bundle import Bundle
 from ..errors import ConfigError, TamperedBundleError
 from ..progress import as_progress
-from .predict_config import InferConfig, ModelOptions
+from .predict_config import InferConfig, ModelOptions, check_value
 from .runners import make_runner
 
 SCORES = cal.SCORES
@@ -80,9 +80,7 @@ def make_detector(bundle: Bundle, score: str | None = None) -> UnknownDetector:
     rec = unknown_record(bundle)
     if rec is None:
         raise _no_scores(bundle)
-    name = score or rec.get("default") or "msp"
-    if name not in SCORES:
-        raise ConfigError(f"unknown score {name!r}; accepted: {', '.join(SCORES)}", option="unknown_score")
+    name = check_value(ModelOptions, "unknown_score", score or rec.get("default") or "msp")
     entry = rec["scores"].get(name)
     if not isinstance(entry, dict):
         raise ConfigError(f"bundle {bundle.path} has no {name!r} score (it has: {', '.join(rec['scores'])})",
