@@ -33,7 +33,7 @@ class BenchConfig:
     min_iters: int = option(10, Interval(int, 1), "Timed calls per cell at least.", cli=False)
     warmup: int = option(3, Interval(int, 0), "Untimed calls before each cell.", cli=False)
     threads: int | None = option(None, Interval(int, 1), "ONNX Runtime intra-op threads. [default: the physical "
-                                 "cores]", none=True)
+                                 "cores this process may use, less one]", none=True)
     providers: str = option("cpu", Text("cpu, cuda, tensorrt (a comma list in order) or auto"),
                             "ONNX Runtime providers of the onnxruntime backends, in order: cpu, cuda, tensorrt, "
                             "or 'auto' (the best available).")

@@ -90,8 +90,9 @@ class ModelOptions:
                           "onnxruntime-fp16, tensorrt[-fp32|-fp16|-int8].", metavar="NAME")
     providers: str | None = option(None, PROVIDERS, "ONNX Runtime providers in order: cpu, cuda, tensorrt. "
                                    "[default: best available]", none=True)
-    threads: int | None = option(None, Interval(int, 1), "ONNX Runtime intra-op threads. [default: the physical "
-                                 "cores this process may use, less one left to decoding and HTTP]", none=True)
+    threads: int | None = option(None, Interval(int, 1), "ONNX Runtime intra-op threads (per worker with --ray). "
+                                 "[default: the physical cores this process may use, less one left to decoding "
+                                 "and HTTP; 1 per Ray inference worker]", none=True)
     head: str = option("network", Text("network, or the name of a bundled classical head"),
                        "network, or a bundled classical head (e.g. rf).")
     head_format: str = option("onnx", OneOf(*HEAD_FORMATS), "Run the classical head as ONNX (no scikit-learn "

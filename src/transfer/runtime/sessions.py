@@ -121,17 +121,22 @@ def physical_cores(cpus: Sequence[int] | None = None, *, sysfs: str | os.PathLik
 
 
 def default_threads() -> int:
-    """Intra-op threads when none are asked for: the physical cores this process may use.
+    """Intra-op threads when none are asked for (the one rule of ``infer``, ``serve``, ``bench``
+    and export verification): the physical cores this process may use, less one, at least one.
 
-    That is ONNX Runtime's own default (``intra_op_num_threads = 0`` sizes its pool to the
-    physical cores: ``onnxruntime/core/util/thread_utils.cc``; "by default, ort will create one
-    thread on each of your physical cores", microsoft/onnxruntime#12819), computed here
-    because ONNX Runtime counts the machine's cores, not those the process may use
-    (``taskset``, a container's cpuset; microsoft/onnxruntime#29510, #8313). Counting logical
-    CPUs instead put one inference thread on every hyper-thread, on top of the decode
-    threads of ``transfer infer``. A cgroup CPU quota without a cpuset is not seen.
+    Physical cores, as ONNX Runtime counts them for its own default (``intra_op_num_threads =
+    0``: ``onnxruntime/core/util/thread_utils.cc``; "by default, ort will create one thread on
+    each of your physical cores", microsoft/onnxruntime#12819), but counted on the CPUs this
+    process may run on (``taskset``, a container's cpuset; ONNX Runtime counts the machine's:
+    microsoft/onnxruntime#29510, #8313): one inference thread per hyper-thread only adds
+    contention. Less one, because a model never runs alone here: ``transfer infer`` decodes
+    the next batches in its ``--workers`` threads meanwhile, ``transfer serve`` reads, decodes
+    and answers requests. Measured on 2 cores (docs/benchmarks.md, "ONNX Runtime threads"): one
+    thread served 1.8x (arc2) and 1.6x (MobileNetV2) the answers/s of two spinning threads and
+    ran ``transfer infer`` on MobileNetV2 1.4x faster at two thirds of the CPU per image. A
+    cgroup CPU quota without a cpuset is not seen.
     """
-    return physical_cores()
+    return max(1, physical_cores() - 1)
 
 
 #: the GPU execution providers whose options make_session sets
