@@ -12,7 +12,9 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import TransferError
+from ..runfolder import RunFolder
 from ..runtime.runner_base import Runner
+from .onnx import two_output_model
 
 
 class KerasRunner(Runner):
@@ -38,8 +40,6 @@ class KerasRunner(Runner):
         super().__init__(name=name, provider="TensorFlow", model_key="keras", input_hw=hw)
 
     def _activate(self) -> None:
-        from .onnx import two_output_model
-
         self.model = two_output_model(self.source)  # features and probs of one forward pass
 
     def _deactivate(self) -> None:
@@ -61,7 +61,6 @@ def keras_runner_for(bundle: Bundle) -> KerasRunner:
         TransferError: the source run or trial is not on this machine, or TensorFlow is missing
             (the message says which; ``transfer bench`` lists it as a skipped backend).
     """
-    from ..runfolder import RunFolder
 
     src = bundle.manifest.get("source") or {}
     run, trial = src.get("run"), src.get("trial")

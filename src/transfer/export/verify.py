@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data.stream import decode_batches
 from ..errors import DataError
 from ..progress import ProgressLike, as_progress
 from ..runtime.heads import OnnxHead
@@ -44,7 +45,6 @@ def verification_images(run, size: tuple[int, int], n: int, progress: ProgressLi
 
         x, y, used = verification_images(RunFolder("runs/digits"), (32, 32), 64)
     """
-    from ..data.stream import decode_batches
 
     xs, ys, used = [], [], []
     for split in ("val", "test"):

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 from ..bundle import load_bundle
 from ..data.stream import batches, iter_inputs
 from ..errors import ConfigError, TransferError
+from ..locks import locked
 from ..progress import ProgressLike, as_progress
 from .predict_config import ROW_SUFFIXES, InferConfig, configure, is_folder
 from .predictor import Predictor
@@ -190,7 +191,6 @@ def output_lock(out: Path | None):
     same file gets :class:`transfer.locks.LockedError` instead of interleaving rows."""
     import contextlib
 
-    from ..locks import locked
 
     return locked(out, purpose="infer") if out is not None else contextlib.nullcontext()
 

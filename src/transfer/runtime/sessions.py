@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError, DependencyMissingError
+from ..fsutil import sha256_file
 from .predict_config import ModelOptions, check_value
 
 #: preference order when nothing is asked for
@@ -153,7 +154,6 @@ def ort_trt_cache_dir(model_path: str | os.PathLike, root: str | os.PathLike | N
     Runtime keys the engine files inside it by graph, compute capability and TensorRT
     version itself.
     """
-    from ..fsutil import sha256_file
 
     if root is None:
         root = os.environ.get("TRANSFER_CACHE_DIR") or Path(

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import calibration as cal
 from ..bundle import Bundle
+from ..data.stream import decode_batches
 from ..errors import ConfigError, TamperedBundleError
 from ..progress import as_progress
 from .predict_config import InferConfig, ModelOptions, check_value
@@ -115,7 +116,6 @@ def make_detector(bundle: Bundle, score: str | None = None) -> UnknownDetector:
 
 def _outputs(runner, paths, size, *, batch: int, workers: int, bar, recipe=None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(features, probs, unreadable count)`` of ``runner`` over image files."""
-    from ..data.stream import decode_batches
 
     fs, ps, bad = [], [], 0
     for pb in decode_batches(paths, size, batch=batch, workers=workers, recipe=recipe):

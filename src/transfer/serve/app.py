@@ -46,6 +46,7 @@ from starlette.requests import ClientDisconnect  # noqa: E402
 from .batcher import BatchFailed, Batcher, ClientGone, Overloaded, Result
 from .guard import CLIENT_GONE, ApiError, Guard, State, access_logger, overloaded
 from .model import ServedModel
+from .page import page_html
 from .pixels import decode_upload, status_of
 from .prometheus import Metrics
 from .serve_config import ServeConfig
@@ -80,7 +81,6 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
         app = create_app(load_model("runs/digits/bundle", ModelOptions()), ServeConfig())
         uvicorn.run(app, host="127.0.0.1", port=8000)
     """
-    from .page import page_html
 
     state = State(model=model, config=config, key=key, metrics=Metrics())
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._ray import init_ray
 from ..bundle import MANIFEST, Bundle, load_bundle
-from ..errors import ConfigError
+from ..errors import ConfigError, DependencyMissingError
 from ..options import replace
 from ..progress import ProgressLike, as_progress
 from ..runtime.predictor import check_options
@@ -111,7 +111,6 @@ def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None
     try:
         from ray import serve
     except ImportError as exc:
-        from ..errors import DependencyMissingError
 
         raise DependencyMissingError(f"Ray Serve is not installed: {exc}", hint='pip install "transfer[serve-ray]"') from None
     p.say(f"deploying {config.replicas} replica(s) of {b.path} ({bid[:19]}...) on Ray Serve ...")
