@@ -19,7 +19,9 @@ def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_class
     compares ONNX Runtime with Keras on 8 random images, so the bundle loads like an exported one."""
     from transfer.bundle import new_manifest, write_bundle
     from transfer.export.onnx import export_onnx
-    from transfer.export.verify import ort_session, parity_check, run_ort
+    from transfer.export.keras_runner import KerasRunner
+    from transfer.export.verify import parity_check, run_all
+    from transfer.runtime.runners import OrtRunner
     from transfer.models.build import build_classifier
     from transfer.models.registry import get_backbone
 
@@ -30,8 +32,9 @@ def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_class
     model.save(out / "model.keras")  # not listed in the manifest: the keras baseline of the benchmark
     io = export_onnx(model, out / "model.onnx")
     x = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
-    check = parity_check(model.predict(x, verbose=0), run_ort(ort_session(out / "model.onnx"), x)[1], None,
-                         atol=1e-4, min_agreement=0.999, reference_name="Keras (random pixels)")
+    onnx, keras = run_all([OrtRunner(out / "model.onnx", "cpu"), KerasRunner(model, batch_size=32)], x)
+    check = parity_check(keras.probs, onnx.probs, None, atol=1e-4, min_agreement=0.999,
+                         reference_name="Keras (random pixels)")
     feature_dim = int(model.get_layer("features").output.shape[-1])
     manifest = new_manifest(class_names=[str(i) for i in range(num_classes)], input_size=(size, size),
                             feature_dim=feature_dim, backbone=backbone, opset=17, source={"run": None, "trial": None},

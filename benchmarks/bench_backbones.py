@@ -26,7 +26,7 @@ def main() -> None:
     from transfer.bundle import load_bundle
     from transfer.models.build import load_model
     from transfer.runtime.bench import matmul_peak_gflops, model_gflops
-    from transfer.runtime.runners import OrtRunner
+    from transfer.runtime.runners import make_runner
 
     peak = matmul_peak_gflops()
     rows = []
@@ -36,11 +36,11 @@ def main() -> None:
             bundle = load_bundle(b)
             h, w = bundle.input_size
             gf = model_gflops(b / "model.onnx")
-            ort = OrtRunner(bundle, "onnx-fp32", "cpu")
+            ort = make_runner(bundle, "onnxruntime", "cpu")
             keras = load_model(b / "model.keras")
             for bs in [int(x) for x in a.batches.split(",")]:
                 x = np.random.default_rng(0).uniform(0, 255, (bs, h, w, 3)).astype(np.float32)
-                t_ort = timeit(lambda: ort.run(x), seconds=a.seconds)
+                t_ort = timeit(lambda: ort.infer(x), seconds=a.seconds)
                 t_keras = timeit(lambda: keras.predict(x, batch_size=bs, verbose=0), seconds=a.seconds, min_iters=3)
                 ips_o, ips_k = bs / t_ort, bs / t_keras
                 rows.append([bb, f"{h}x{w}", bs, round(ips_k, 1), round(ips_o, 1), f"{ips_o / ips_k:.1f}x",

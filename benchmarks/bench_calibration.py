@@ -141,7 +141,7 @@ def test_logits(bundle, rf) -> tuple[np.ndarray, np.ndarray] | None:
     fs, ys, start = [], [], 0
     for pb in decode_batches(paths, bundle.input_size, batch=64, recipe=bundle.recipe):
         if len(pb.x):
-            fs.append(runner.run(pb.x)[0])
+            fs.append(runner.infer(pb.x).features)
             ys += [labels[start + i] for i in pb.ok_index]
         start += len(pb.items)
     return C.network_logits(np.concatenate(fs), kernel, bias), np.asarray(ys)
@@ -215,7 +215,7 @@ def scoring_cost(work: Path, d: int = 1280, c: int = 10, n_bank: int = 5000, bat
         keras_bundle("mobilenet_v2", bundle, size=224, num_classes=c)
     runner = make_runner(load_bundle(bundle), "onnxruntime", "cpu")
     images = np.random.default_rng(1).uniform(0, 255, (batch, 224, 224, 3)).astype(np.float32)
-    model_ms = 1000 * timeit(lambda: runner.run(images), seconds=3.0, min_iters=3)
+    model_ms = 1000 * timeit(lambda: runner.infer(images), seconds=3.0, min_iters=3)
 
     rng = np.random.default_rng(0)
     f = rng.normal(size=(n_bank, d))

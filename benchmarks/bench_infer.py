@@ -138,7 +138,7 @@ def main() -> None:
     a = ap.parse_args()
     from transfer.bundle import load_bundle
     from transfer.runtime.infer import infer
-    from transfer.runtime.runners import OrtRunner
+    from transfer.runtime.runners import make_runner
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -146,9 +146,9 @@ def main() -> None:
         bundle = load_bundle(b)
         h, w = bundle.input_size
         make_jpegs(tmp / "jpegs", a.images, side=int(h * 1.15))
-        runner = OrtRunner(bundle, "onnx-fp32", "cpu")
+        runner = make_runner(bundle, "onnxruntime", "cpu")
         x = np.random.default_rng(0).uniform(0, 255, (32, h, w, 3)).astype(np.float32)
-        backbone_ips = 32 / timeit(lambda: runner.run(x), seconds=5)
+        backbone_ips = 32 / timeit(lambda: runner.infer(x), seconds=5)
         infer(b, [tmp / "jpegs"], out=tmp / "warm.csv", batch=32)  # warm caches
         t = time.perf_counter()
         s = infer(b, [tmp / "jpegs"], out=tmp / "p.csv", batch=32, workers=2)

@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--demo-bundle", default=str(ROOT / "demo" / "runs" / "digits" / "bundle"))
     a = ap.parse_args()
     from transfer.export.quantize import quantize_int8
-    from transfer.runtime.sessions import make_session
+    from transfer.runtime.runners import OrtRunner
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,12 +35,12 @@ def main() -> None:
         rng = np.random.default_rng(0)
         calib = (rng.uniform(0, 255, (8, h, w, 3)).astype(np.float32) for _ in range(4))
         quantize_int8(b / "model.onnx", Path(tmp) / "int8.onnx", calib)
-        s32, _ = make_session(b / "model.onnx", "cpu")
-        s8, _ = make_session(Path(tmp) / "int8.onnx", "cpu")
+        r32 = OrtRunner(b / "model.onnx", "cpu").activate()
+        r8 = OrtRunner(Path(tmp) / "int8.onnx", "cpu", name="onnxruntime-int8").activate()
         for bs in [int(v) for v in a.batches.split(",")]:
             x = rng.uniform(0, 255, (bs, h, w, 3)).astype(np.float32)
-            t32 = timeit(lambda: s32.run(["probs"], {"image": x}))
-            t8 = timeit(lambda: s8.run(["probs"], {"image": x}))
+            t32 = timeit(lambda: r32.infer(x))
+            t8 = timeit(lambda: r8.infer(x))
             rows.append([a.backbone, bs, round(bs / t32, 1), round(bs / t8, 1), f"{t32 / t8:.2f}x"])
             print(rows[-1], flush=True)
     print(table(["model", "batch", "fp32 img/s", "int8 img/s", "int8 / fp32"], rows))

@@ -269,10 +269,10 @@ def parity(b: dict, res: dict) -> None:
 
     import httpx
 
-    from transfer.data.stream import decode_batches
-    from transfer.runtime.heads import make_head
     from transfer.bundle import load_bundle
-    from transfer.runtime.runners import make_runner
+    from transfer.data.stream import decode_batches
+    from transfer.runtime.predict_config import ModelOptions
+    from transfer.runtime.predictor import Predictor
 
     files = sorted(str(p) for p in b["files"].rglob("*.png"))
     out = Path(b["files"]).parent / "infer200.csv"
@@ -280,11 +280,10 @@ def parity(b: dict, res: dict) -> None:
                     "--out", str(out), "-q"], env=ENV, check=True)
     rows = {r["path"]: r for r in csv.DictReader(out.open())}
     bd = load_bundle(b["arc2"])
-    runner, head = make_runner(bd, None, "cpu"), make_head(bd, "rf")
+    predictor = Predictor.open(bd, ModelOptions(head="rf", providers="cpu"))
     exact = {}
     for pb in decode_batches(files, bd.input_size, batch=32, recipe=bd.recipe):
-        f, p = runner.run(pb.x)
-        probs = head(f, p)
+        probs = predictor.predict(pb.x).probs
         for j, i in enumerate(pb.ok_index):
             exact[pb.items[i].path] = probs[j]
     with server(b["arc2"]) as s:
@@ -331,7 +330,8 @@ def bench_batch1(b: dict, res: dict) -> None:
     import numpy as np
 
     from transfer.runtime.bench import bench
-    from transfer.serve.model import ModelOptions, default_threads, load_model
+    from transfer.runtime.sessions import default_threads
+    from transfer.serve.model import ModelOptions, load_model
     from transfer.serve.pixels import decode_upload
 
     before = os.sched_getaffinity(0)
@@ -342,9 +342,9 @@ def bench_batch1(b: dict, res: dict) -> None:
             r = bench(b[name], backends=["onnxruntime"], batches=[1], head="rf", images=[str(b["files"])], seconds=3,
                       threads=default_threads(), progress=None)["rows"][0]
             m = load_model(b[name], ModelOptions(head="rf", threads=default_threads()))
-            xs = [decode_upload(d, "x.png", m.size, max_pixels=10**8, recipe=m.bundle.recipe) for d in data]
+            xs = [decode_upload(d, "x.png", m.size, max_pixels=10**8, recipe=m.recipe) for d in data]
             dec = _p50_ms(lambda i: decode_upload(data[i % len(data)], "x.png", m.size, max_pixels=10**8,
-                                                  recipe=m.bundle.recipe))
+                                                  recipe=m.recipe))
             call = _p50_ms(lambda i: m.predict(m.stack([xs[i % len(xs)]])))
             res[f"bench_batch1_{name}"] = {"model_p50_ms": r["p50_ms"], "model_p99_ms": r["p99_ms"],
                                            "bench_decode_ms": r["decode_ms_per_img"], "bench_head_ms": r["head_ms_per_img"],

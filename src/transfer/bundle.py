@@ -20,10 +20,11 @@ tampered, incomplete or self-contradicting bundle before anything in it is run:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,44 +60,46 @@ class UntrustedBundleError(TamperedBundleError):
 @dataclass(frozen=True)
 class Bundle:
     """A loaded, checked bundle. ``signer``: the key id of a valid signature (or ``None``);
-    ``trusted``: that key is among the trusted keys."""
+    ``trusted``: that key is among the trusted keys; ``digest``: the SHA-256 of the exact
+    ``manifest.json`` bytes that were checked (the manifest holds every file's hash, so this
+    names the whole bundle).
+
+    What the runtime reads is set once, when the bundle is made (:func:`load_bundle` checked
+    it before): ``class_names``, ``input_size``, ``feature_dim``, ``recipe`` (the pixel recipe
+    the runtime decodes with), the ``models`` and ``heads`` entries, and ``paths`` (every
+    listed file's absolute path, inside the bundle). Reading them runs no check again.
+    """
 
     path: Path
     manifest: dict
     signer: str | None = None
     trusted: bool = False
+    digest: str | None = None  # SHA-256 (hex) of the manifest bytes that were checked (None: made in code)
+    class_names: list[str] = field(init=False, repr=False, compare=False)
+    input_size: tuple[int, int] | None = field(init=False, repr=False, compare=False)
+    feature_dim: int | None = field(init=False, repr=False, compare=False)
+    recipe: dict | None = field(init=False, repr=False, compare=False)
+    models: dict[str, dict] = field(init=False, repr=False, compare=False)
+    heads: dict[str, dict] = field(init=False, repr=False, compare=False)
+    paths: dict[str, Path] = field(init=False, repr=False, compare=False)
 
-    @property
-    def recipe(self) -> dict:
-        """The pixel recipe the bundle was exported with (the runtime decodes with it)."""
-        return dict(self.manifest["preprocessing"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.manifest["class_names"])
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        i = self.manifest["input"]
-        return int(i["height"]), int(i["width"])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.manifest["feature_dim"])
-
-    @property
-    def models(self) -> dict[str, dict]:
-        return dict(self.manifest.get("models", {}))
-
-    @property
-    def heads(self) -> dict[str, dict]:
-        return dict(self.manifest.get("heads", {}))
+    def __post_init__(self) -> None:
+        m, put = self.manifest, lambda k, v: object.__setattr__(self, k, v)
+        put("path", Path(self.path))
+        put("class_names", list(m.get("class_names") or []))
+        i = m.get("input") or {}
+        put("input_size", (int(i["height"]), int(i["width"])) if "height" in i and "width" in i else None)
+        put("feature_dim", int(m["feature_dim"]) if m.get("feature_dim") is not None else None)
+        put("recipe", dict(m["preprocessing"]) if isinstance(m.get("preprocessing"), dict) else None)
+        put("models", dict(m.get("models") or {}))
+        put("heads", dict(m.get("heads") or {}))
+        put("paths", {rel: _safe_rel(self.path, rel) for rel in (m.get("files") or {})})
 
     def file(self, rel: str) -> Path:
-        """Absolute path of a file listed in the manifest."""
-        if rel not in self.manifest.get("files", {}):
+        """Absolute path of a file listed in the manifest (:attr:`paths`, or an error naming it)."""
+        if rel not in self.paths:
             raise BundleError(f"{self.path}: file {rel!r} is not listed in {MANIFEST}")
-        return _safe_rel(self.path, rel)
+        return self.paths[rel]
 
     def model_entry(self, key: str) -> dict:
         """The ``models`` entry ``key`` (``onnx-fp32``, ``trt-fp16`` ...).
@@ -117,11 +120,11 @@ class Bundle:
                               hint=f"available: {', '.join(always + sorted(entries)) or '(none)'}")
         return entries[key]
 
-    def check_model_graph(self, key: str, session=None) -> None:
+    def check_model_graph(self, key: str, session) -> None:
         """See :func:`check_model_graph`."""
         check_model_graph(self, key, session)
 
-    def check_head_graph(self, name: str, session=None) -> None:
+    def check_head_graph(self, name: str, session) -> None:
         """See :func:`check_head_graph`."""
         check_head_graph(self, name, session)
 
@@ -689,7 +692,7 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True, allow_in
             f"bundle {bundle} is marked invalid: it failed verification at export",
             hint=f"see {bundle / VERIFICATION}; re-export, or relax the limits of `transfer export`",
         )
-    return Bundle(bundle, manifest, signer, trusted)
+    return Bundle(bundle, manifest, signer, trusted, hashlib.sha256(raw).hexdigest())
 
 
 # ---- the claims against the ONNX graphs ---------------------------------------------------
@@ -717,34 +720,29 @@ def _graph_problems(facts, wants: list[tuple[str, str, tuple]]) -> list[str]:
     return problems
 
 
-def _session_facts(bundle: Bundle, rel: str, session):
-    from .onnx_facts import facts_of_session, light_session
-
-    return facts_of_session(session if session is not None else light_session(bundle.file(rel)))
-
-
 def _refuse_graph(bundle: Bundle, rel: str, problems: list[str]) -> None:
     if problems:
         raise TamperedBundleError(f"{bundle.path / rel} does not match its manifest entry: {'; '.join(problems)}",
                                   hint="the manifest was edited or the file swapped after export; re-export the bundle")
 
 
-def check_model_graph(bundle: Bundle, key: str, session=None) -> None:
+def check_model_graph(bundle: Bundle, key: str, session) -> None:
     """The ONNX model ``key`` must take ``image`` (N, H, W, 3) float32 at the manifest's input
     size and give ``features`` (N, feature_dim) and ``probs`` (N, classes), and be of the
     declared precision (the ``transfer.precision`` the exporter stamped into it, or its
     graph's quantize nodes when ``onnx`` is installed). ``session``: an open ONNX Runtime
-    session of the file (else a light one is made). TensorRT engines are checked by their runner.
+    session of the file (the one that will run it; sessions are made by
+    :mod:`transfer.runtime.sessions`). TensorRT engines are checked by their runner.
 
     Raises:
         TamperedBundleError: naming what differs.
     """
-    from .onnx_facts import PRECISION_KEY, ROLE_KEY, graph_precision
+    from .onnx_facts import PRECISION_KEY, ROLE_KEY, facts_of_session, graph_precision
 
     e = bundle.model_entry(key)
     if e.get("runtime", "onnxruntime") != "onnxruntime":
         return
-    facts = _session_facts(bundle, e["file"], session)
+    facts = facts_of_session(session)
     h, w = bundle.input_size
     problems = _graph_problems(facts, [("input", "image", (None, h, w, 3)),
                                        ("output", "features", (None, bundle.feature_dim)),
@@ -760,19 +758,19 @@ def check_model_graph(bundle: Bundle, key: str, session=None) -> None:
     _refuse_graph(bundle, e["file"], problems)
 
 
-def check_head_graph(bundle: Bundle, name: str, session=None) -> None:
+def check_head_graph(bundle: Bundle, name: str, session) -> None:
     """The ONNX head ``name`` must take its input (N, feature_dim) float32 and give its output
-    (N, classes) float32.
+    (N, classes) float32. ``session``: an open ONNX Runtime session of its file.
 
     Raises:
         TamperedBundleError: naming what differs.
     """
-    from .onnx_facts import ROLE_KEY
+    from .onnx_facts import ROLE_KEY, facts_of_session
 
     e = bundle.head_entry(name)
     if not e.get("onnx"):
         return
-    facts = _session_facts(bundle, e["onnx"], session)
+    facts = facts_of_session(session)
     problems = _graph_problems(facts, [("input", e.get("input", "features"), (None, bundle.feature_dim)),
                                        ("output", e.get("output", "probabilities"),
                                         (None, len(bundle.class_names)))])
@@ -781,17 +779,18 @@ def check_head_graph(bundle: Bundle, name: str, session=None) -> None:
     _refuse_graph(bundle, e["onnx"], problems)
 
 
-def check_graphs(bundle: Bundle) -> list[dict]:
+def check_graphs(bundle: Bundle, open_session) -> list[dict]:
     """Every ONNX model and head against its manifest entry (``transfer verify``); problems as
-    ``{"file", "problem"}``, empty when all agree."""
+    ``{"file", "problem"}``, empty when all agree. ``open_session(path)``: a session that can
+    read a file's inputs, outputs and metadata
+    (:func:`transfer.runtime.sessions.light_session`)."""
     problems = []
-    checks = [(e["file"], lambda k=k: check_model_graph(bundle, k)) for k, e in sorted(bundle.models.items())
+    checks = [(e["file"], check_model_graph, k) for k, e in sorted(bundle.models.items())
               if e.get("runtime", "onnxruntime") == "onnxruntime"]
-    checks += [(e["onnx"], lambda k=k: check_head_graph(bundle, k)) for k, e in sorted(bundle.heads.items())
-               if e.get("onnx")]
-    for rel, check in checks:
+    checks += [(e["onnx"], check_head_graph, k) for k, e in sorted(bundle.heads.items()) if e.get("onnx")]
+    for rel, check, key in checks:
         try:
-            check()
+            check(bundle, key, open_session(bundle.file(rel)))
         except TamperedBundleError as exc:
             problems.append({"file": rel, "problem": exc.message})
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime cannot open it: that is the finding

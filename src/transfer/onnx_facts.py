@@ -2,7 +2,8 @@
 
 The runtime's base install has ONNX Runtime but not ``onnx``. Inputs, outputs and the
 metadata the exporter stamps into every model (``transfer.precision``, ``transfer.role``)
-come from an ONNX Runtime session. External-data references (weights in separate files)
+come from an ONNX Runtime session the caller opened (sessions are made only by
+:mod:`transfer.runtime.sessions`). External-data references (weights in separate files)
 are found without loading anything: the ONNX format stores each one under the key
 ``location``, so a file whose bytes do not contain ``location`` has none; a file that does
 is parsed with ``onnx`` when it is installed, else its ``location`` entries are read from
@@ -54,17 +55,6 @@ def facts_of_session(session) -> GraphFacts:
     except Exception:  # noqa: BLE001 - a session without metadata support
         meta = {}
     return GraphFacts(tensors(session.get_inputs()), tensors(session.get_outputs()), meta)
-
-
-def light_session(path: str | os.PathLike):
-    """A CPU session with graph optimizations off: enough to read inputs, outputs and metadata."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def external_data(path: str | os.PathLike) -> list[str] | None:
@@ -162,5 +152,5 @@ def graph_precision(path: str | os.PathLike) -> str | None:
     return "fp32"
 
 
-__all__ = ["PRECISION_KEY", "ROLE_KEY", "Tensor", "GraphFacts", "facts_of_session", "light_session",
+__all__ = ["PRECISION_KEY", "ROLE_KEY", "Tensor", "GraphFacts", "facts_of_session",
            "external_data", "graph_precision"]

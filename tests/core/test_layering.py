@@ -67,7 +67,7 @@ def _files():
 
 def test_the_reader_sees_imports_inside_functions(tmp_path):
     """The checker itself: a function-level import of TensorFlow in a runtime-like file is found."""
-    f = SRC / "runtime" / "runners.py"
+    f = SRC / "runtime" / "trt_runner.py"
     found = {m for _, m in imports_of(f)}
     assert "transfer.runtime.devices" in found  # imported inside TrtRunner.__init__
     assert "transfer.bundle" in found

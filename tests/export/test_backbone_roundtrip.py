@@ -51,7 +51,8 @@ def test_roundtrip(name, tmp_path):
         opset=17, source={"run": None, "trial": None},
         models={"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime"}}),
         {"onnx-fp32": parity_check(ref, probs, None, atol=1e-4, min_agreement=1.0, reference_name="Keras")})
-    f2, p2 = make_runner(load_bundle(b), "onnxruntime", "cpu").run(x)
+    out = make_runner(load_bundle(b), "onnxruntime", "cpu").infer(x)
+    f2, p2 = out.features, out.probs
     np.testing.assert_allclose(p2, probs, atol=1e-6)
     assert f2.shape == (3, int(load_bundle(b).manifest["feature_dim"]))
     data = bytearray((b / "model.onnx").read_bytes())

@@ -87,7 +87,8 @@ def test_unknown_scores_are_chosen_by_the_rule_hashed_and_loadable(digits_bundle
     noise = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     from transfer.runtime.runners import make_runner
 
-    f, p = make_runner(b, "onnxruntime", "cpu").run(noise)
+    out = make_runner(b, "onnxruntime", "cpu").infer(noise)
+    f, p = out.features, out.probs
     for name in C.SCORES:
         det = make_detector(b, name)
         scores, known = det(f, p)
@@ -207,7 +208,7 @@ def test_reject_on_a_bundle_without_scores_is_a_clear_error(digits_bundle, tmp_p
     r = CliRunner().invoke(cli, ["infer", str(raw), str(img), "--reject"])
     assert r.exit_code == 2 and "no unknown-input score" in r.output and "hint:" in r.output
     r = CliRunner().invoke(cli, ["infer", str(raw), str(img), "--unknown-score", "msp"])
-    assert r.exit_code == 2 and "--unknown-score needs --reject" in r.output
+    assert r.exit_code == 2 and "--unknown-score: invalid value 'msp'" in r.output and "add --reject" in r.output
 
 
 def test_evaluate_unknown_and_the_report_section(digits_bundle, tmp_path):
@@ -360,7 +361,8 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
 
     b = load_bundle(res.bundle_dir)
     xv = np.stack([load_image(p, t.image_size, recipe=rf.recipe) for p in rf.split_paths("val")[0]]).astype(np.float32)
-    f, p = make_runner(b, "onnxruntime", "cpu").run(xv)
+    out = make_runner(b, "onnxruntime", "cpu").infer(xv)
+    f, p = out.features, out.probs
     _, known = make_detector(b, "msp")(f, p)
     assert known.mean() == pytest.approx(0.95, abs=0.01)
 

@@ -258,7 +258,8 @@ def test_engine_matches_onnx_fp32_on_real_images(full_bundle, tmp_path, precisio
     from transfer.export.tensorrt import build_engine, device_info, prepare_int8_onnx
     from transfer.export.verify import verification_images
     from transfer.runfolder import RunFolder
-    from transfer.runtime.runners import OrtRunner, TrtRunner
+    from transfer.runtime.runners import make_runner
+    from transfer.runtime.trt_runner import TrtRunner
 
     run, res = full_bundle
     out = tmp_path / "b"
@@ -283,9 +284,11 @@ def test_engine_matches_onnx_fp32_on_real_images(full_bundle, tmp_path, precisio
                                                           device_info())
     b = Bundle(out, finalize_manifest(out, manifest))
     x, y, _ = verification_images(rf, t.image_size, 256)
-    ref_f, ref_p = OrtRunner(b, "onnx-fp32", "cpu").run(x)
+    ref = make_runner(b, "onnxruntime", "cpu").infer(x)
+    ref_f, ref_p = ref.features, ref.probs
     with TrtRunner(b, f"trt-{precision}") as r:
-        f, p = r.run(x)
+        out = r.infer(x)
+    f, p = out.features, out.probs
     v = compare_outputs(ref_p, p, y)
     if precision == "fp32":
         assert v["top1_agreement"] >= 0.999 and v["max_abs_diff"] <= 1e-4, v

@@ -32,10 +32,11 @@ def test_output_problems_are_refused_before_any_image_is_read(rt_bundle, rt_data
         infer(bundle, [img], out=str(tmp_path / "o2") + "/")
     victim = tmp_path / "victim.png"
     shutil.copy(img, victim)
-    with pytest.raises(ConfigError, match="looks like an image"):  # would overwrite an input image
+    with pytest.raises(ConfigError, match=r"invalid out: .*victim\.png.*; accepted: a \.csv or \.jsonl file.*not an "
+                                          "image"):  # would overwrite an input image
         infer(bundle, [victim], out=victim)
     assert victim.read_bytes() == img.read_bytes()
-    with pytest.raises(ConfigError, match="format csv asked for, but the output"):
+    with pytest.raises(ConfigError, match=r"invalid fmt: 'csv'; accepted: jsonl, the format the output"):
         infer(bundle, [img], out=tmp_path / "p.jsonl", fmt="csv")
     assert not list(tmp_path.rglob("*.incomplete")) and not list(tmp_path.rglob(".*partial"))
     # the suffix picks the format; '-' is stdout
@@ -81,7 +82,7 @@ def test_ray_options_are_checked_on_the_driver_before_ray_starts(rt_bundle, rt_d
     monkeypatch.setattr(tray, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     for kw, err, match in [({"backend": "onnxruntime-fp16"}, BundleError, "no model 'onnx-fp16'"),
                            ({"backend": "tensorrt-int8"}, BundleError, "no TensorRT engine|no tensorrt-int8"),
-                           ({"backend": "nope"}, ConfigError, "unknown backend"),
+                           ({"backend": "nope"}, ConfigError, "invalid backend: 'nope'; accepted: one of"),
                            ({"head": "svm"}, BundleError, "no head 'svm'"),
                            ({"providers": "cpu,,cuda"}, ConfigError, "empty name")]:
         with pytest.raises(err, match=match):

@@ -86,7 +86,7 @@ def test_infer_equals_keras_on_training_pixels_for_every_kind_of_file(rt_bundle,
     # the features output, through the same decode and runner infer uses
     b = load_bundle(bundle)
     runner = make_runner(b, "onnxruntime", "cpu")
-    got_f = np.concatenate([runner.run(pb.x)[0] for pb in batches(iter_inputs(files), b.input_size, batch=5,
+    got_f = np.concatenate([runner.infer(pb.x).features for pb in batches(iter_inputs(files), b.input_size, batch=5,
                                                                   recipe=b.recipe)])
     scale = max(1.0, float(np.abs(feats_ref).max()))
     np.testing.assert_allclose(got_f, feats_ref, atol=1e-4 * scale)
@@ -143,7 +143,7 @@ def test_an_old_bundle_decodes_with_its_own_recipe(tmp_path):
     out = tmp_path / "p.jsonl"
     infer(b, [big], out=out, topk=2)
     got = {e["class"]: e["prob"] for e in json.loads(out.read_text())["top"]}
-    p1 = make_runner(bundle, "onnxruntime", "cpu").run(v1[None].astype(np.float32))[1][0]
+    p1 = make_runner(bundle, "onnxruntime", "cpu").infer(v1[None].astype(np.float32)).probs[0]
     np.testing.assert_allclose([got["a"], got["b"]], p1, atol=1e-6)
     edit_manifest(b, lambda m: m.update(preprocessing={**RECIPES[2], "version": 9}))
     from transfer.errors import BundleError

@@ -13,7 +13,7 @@ from processes import run_without  # noqa: E402
 
 from transfer.errors import BundleError, ConfigError
 from transfer.data.stream import batches, iter_inputs
-from transfer.runtime.runners import check_engine_matches
+from transfer.runtime.trt_runner import check_engine_matches
 from transfer.runtime.sessions import available_providers, choose_providers
 
 

@@ -26,9 +26,14 @@ from transfer.bundle import Bundle  # noqa: E402
 from transfer.errors import BundleError, ConfigError, TensorRTUnavailableError, TransferError  # noqa: E402
 from transfer.runtime import devices  # noqa: E402
 from transfer.runtime.devices import CudaError  # noqa: E402
-from transfer.runtime.runners import TrtRunner  # noqa: E402
+from transfer.runtime.trt_runner import TrtRunner  # noqa: E402
 
 H = W = 8
+
+
+def _fp(out):
+    """``(features, probs)`` of a runner's outputs."""
+    return out.features, out.probs
 
 
 def engine_bundle(tmp_path, *, gpu="NVIDIA A10", cc="8.6", trt="11.1.0", batch=(1, 4, 8)) -> Bundle:
@@ -64,7 +69,7 @@ def test_buffers_are_allocated_once_at_the_profile_maximum(monkeypatch, tmp_path
         sizes = sorted(args[0] for name, args in cudart.calls if name == "cudaMalloc")
         assert sizes == sorted([8 * H * W * 3 * 4, 8 * 5 * 4, 8 * 3 * 4])
         for n in (1, 8, 3, 8, 5):
-            r.run(images(n))
+            r.infer(images(n))
         assert cudart.count("cudaMalloc") == 3 and cudart.count("cudaFree") == 0
         assert len(cudart.streams) == 1
     assert cudart.count("cudaFree") == 3 and not cudart.buffers and not cudart.streams and not r.active
@@ -74,7 +79,7 @@ def test_outputs_equal_the_per_image_reference(monkeypatch, tmp_path, cudart):
     r, _ = runner(monkeypatch, tmp_path, cudart, profile=(1, 4, 8), features=5, classes=3)
     x = images(6)
     with r:
-        f, p = r.run(x)
+        f, p = _fp(r.infer(x))
     rf, rp = reference_outputs(x, 5, 3)
     np.testing.assert_allclose(f, rf, rtol=1e-6)
     np.testing.assert_allclose(p, rp, rtol=1e-6)
@@ -85,8 +90,8 @@ def test_small_last_batch_is_padded_to_the_profile_minimum_and_sliced_back(monke
     r, trt = runner(monkeypatch, tmp_path, cudart, profile=(8, 8, 8))  # --batch 8 -> an 8:8:8 profile
     x = images(11)
     with r:
-        f, p = r.run(x[:8])
-        f3, p3 = r.run(x[8:])  # the last batch of a folder: 3 images
+        f, p = _fp(r.infer(x[:8]))
+        f3, p3 = _fp(r.infer(x[8:]))  # the last batch of a folder: 3 images
     assert f3.shape[0] == p3.shape[0] == 3
     rf, rp = reference_outputs(x[8:], f3.shape[1], p3.shape[1])
     np.testing.assert_allclose(f3, rf, rtol=1e-6)
@@ -99,7 +104,7 @@ def test_small_last_batch_is_padded_to_the_profile_minimum_and_sliced_back(monke
 def test_large_batch_is_split_at_the_profile_maximum(monkeypatch, tmp_path, cudart):
     r, _ = runner(monkeypatch, tmp_path, cudart, profile=(2, 4, 4))
     x = images(9)  # 4 + 4 + 1 (the 1 padded to 2)
-    f, p = r.run(x)  # no `with`: activated on first use
+    f, p = _fp(r.infer(x))  # no `with`: activated on first use
     assert r.active
     rf, rp = reference_outputs(x, f.shape[1], p.shape[1])
     np.testing.assert_allclose(f, rf, rtol=1e-6)
@@ -109,7 +114,7 @@ def test_large_batch_is_split_at_the_profile_maximum(monkeypatch, tmp_path, cuda
     r.close()
     assert not cudart.buffers and not r.active
     r.close()  # idempotent
-    f2, _ = r.run(x[:2])  # re-activates
+    f2, _ = _fp(r.infer(x[:2]))  # re-activates
     np.testing.assert_allclose(f2, rf[:2], rtol=1e-6)
     r.close()
 
@@ -117,10 +122,10 @@ def test_large_batch_is_split_at_the_profile_maximum(monkeypatch, tmp_path, cuda
 def test_empty_and_wrong_shaped_input(monkeypatch, tmp_path, cudart):
     r, _ = runner(monkeypatch, tmp_path, cudart, features=6, classes=3)
     with r:
-        f, p = r.run(np.zeros((0, H, W, 3), np.float32))
+        f, p = _fp(r.infer(np.zeros((0, H, W, 3), np.float32)))
         assert f.shape == (0, 6) and p.shape == (0, 3)
         with pytest.raises(ConfigError, match=r"\(N, 8, 8, 3\)"):
-            r.run(np.zeros((2, H, W + 1, 3), np.float32))
+            r.infer(np.zeros((2, H, W + 1, 3), np.float32))
 
 
 @pytest.mark.parametrize("call", ["cudaStreamCreate", "cudaMalloc", "cudaMemcpyAsync", "cudaStreamSynchronize"])
@@ -128,7 +133,7 @@ def test_every_failing_cuda_call_raises_naming_the_call(monkeypatch, tmp_path, c
     r, _ = runner(monkeypatch, tmp_path, cudart)
     cudart.fail[call] = CudaErr.cudaErrorMemoryAllocation
     with pytest.raises(CudaError) as ei:
-        r.run(images(2))
+        r.infer(images(2))
     assert call in ei.value.message and "out of memory" in ei.value.message and isinstance(ei.value, TransferError)
     cudart.fail.clear()
     r.close()
@@ -139,7 +144,7 @@ def test_every_failing_cuda_call_raises_naming_the_call(monkeypatch, tmp_path, c
 def test_every_failing_tensorrt_call_raises_naming_the_call(monkeypatch, tmp_path, cudart, call):
     r, _ = runner(monkeypatch, tmp_path, cudart, context_fail=call)
     with pytest.raises(CudaError, match=call):
-        r.run(images(2))
+        r.infer(images(2))
     r.close()
 
 
@@ -275,7 +280,7 @@ def test_real_engine_pads_splits_and_releases(rt_bundle, tmp_path):
     from transfer.export.tensorrt import BatchProfile, build_engine, device_info, engine_entry
     from transfer.export.verify import verification_images
     from transfer.runfolder import RunFolder
-    from transfer.runtime.runners import OrtRunner
+    from transfer.runtime.runners import make_runner
 
     run, bundle_dir = rt_bundle
     out = tmp_path / "b"
@@ -290,17 +295,17 @@ def test_real_engine_pads_splits_and_releases(rt_bundle, tmp_path):
     b = Bundle(out, finalize_manifest(out, manifest))
     x, _, _ = verification_images(rf, t.image_size, 19)
     x = x[:19]
-    ref = OrtRunner(b, "onnx-fp32", "cpu").run(x)
+    ref = _fp(make_runner(b, "onnxruntime", "cpu").infer(x))
     r = TrtRunner(b, "trt-fp32")
     assert r.batch_range == (4, 8)
-    f, p = r.run(x)                      # 8 + 8 + 3 (the 3 padded to 4)
-    f3, p3 = r.run(x[:3])                # below the profile minimum
+    f, p = _fp(r.infer(x))                      # 8 + 8 + 3 (the 3 padded to 4)
+    f3, p3 = _fp(r.infer(x[:3]))                # below the profile minimum
     np.testing.assert_allclose(p, ref[1], atol=1e-4)
     np.testing.assert_allclose(f, ref[0], rtol=1e-3, atol=1e-3 * float(np.abs(ref[0]).max()))
     np.testing.assert_allclose(p3, p[:3], atol=1e-5)
     r.close()
     assert not r.active
-    np.testing.assert_allclose(r.run(x[:5])[1], p[:5], atol=1e-5)
+    np.testing.assert_allclose(_fp(r.infer(x[:5]))[1], p[:5], atol=1e-5)
     r.close()
 
 

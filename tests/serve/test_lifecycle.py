@@ -34,10 +34,10 @@ def test_refuses_a_bundle_that_verify_refuses(serve_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--max-batch", "0"], ["--max-batch", "positive"]),
-    (["--queue", "-1"], ["--queue", "positive"]),
-    (["--port", "70000"], ["--port", "0..65535"]),
-    (["--replicas", "2"], ["--replicas needs --ray"]),
+    (["--max-batch", "0"], ["--max-batch: invalid value 0", "accepted: an integer >= 1"]),
+    (["--queue", "-1"], ["--queue: invalid value -1", "accepted: an integer >= 1"]),
+    (["--port", "70000"], ["--port: invalid value 70000", "accepted: an integer >= 0 and <= 65535"]),
+    (["--replicas", "2"], ["--replicas: invalid value 2", "add --ray"]),
     (["--head", "svm"], ["no head 'svm'"]),
     (["--backend", "tensorrt"], ["no tensorrt engine"]),
 ])

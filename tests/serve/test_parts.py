@@ -10,7 +10,8 @@ import pytest
 
 from transfer.errors import ConfigError, ImageDecodeError
 from transfer.serve.batcher import Batcher, Overloaded
-from transfer.serve.config import ServeConfig, key_matches
+from transfer.options import make
+from transfer.serve.serve_config import ServeConfig, key_matches
 
 
 class Recorder:
@@ -237,7 +238,7 @@ def test_uploaded_bytes_get_the_pixels_transfer_infer_gets(serve_data, tmp_path)
                                           ("topk", True), ("threads", 0)])
 def test_config_names_the_bad_field(field, value):
     with pytest.raises(ConfigError) as e:
-        ServeConfig(**{field: value}).validate()
+        make(ServeConfig, {field: value})
     assert e.value.option == field
 
 

@@ -21,11 +21,13 @@ def _free_port() -> int:
 def test_two_replicas_serve_the_same_api(serve_bundle, serve_data, tmp_path):
     import ray
 
+    from transfer.options import make
     from transfer.runtime.infer import infer
-    from transfer.serve.config import ServeConfig
     from transfer.serve.ray_serve import start_ray, stop_ray
+    from transfer.serve.serve_config import ServeConfig
 
-    cfg = ServeConfig(port=_free_port(), replicas=2, cpus_per_replica=0.5, head="rf", max_wait_ms=20).validate()
+    cfg = make(ServeConfig, dict(port=_free_port(), replicas=2, cpus_per_replica=0.5, head="rf", max_wait_ms=20,
+                                 ray=True))
     url = start_ray(serve_bundle, cfg, progress=None)
     try:
         deadline = time.time() + 120

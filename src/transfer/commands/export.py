@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..options import click_options, from_cli
+from ..runtime.predict_config import TrustOptions
 from ._options import quiet_option
-from .keys import trust_option, trust_value
 
 
 @click.command("export")
@@ -78,8 +79,8 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
 @click.argument("bundle", type=click.Path())
 @click.option("--deep", is_flag=True,
               help="Also run every ONNX model and head once (ONNX Runtime, CPU) and check output shapes.")
-@trust_option
-def verify(bundle, deep, trust) -> None:
+@click_options(TrustOptions, only=["trust"])
+def verify(bundle, deep, **options) -> None:
     """Re-check a bundle: every file against the SHA-256 in its manifest, the manifest against
     the files (labels, verification record, external data, each ONNX model's inputs, outputs
     and precision), and its signature (exit 1 on any problem). With --trust (or
@@ -91,8 +92,9 @@ def verify(bundle, deep, trust) -> None:
     """
     from ..bundle import check_graphs, load_bundle, verify_bundle
     from ..errors import BundleError, TamperedBundleError
+    from ..runtime.sessions import light_session
 
-    trust = trust_value(trust)
+    trust = from_cli(TrustOptions, options).store
     rep = verify_bundle(bundle, trust=trust)
     for p in rep["problems"]:
         extra = f" (expected {p.get('expected')}, found {p.get('found')})" if p["problem"] in ("size", "sha256") else ""
@@ -105,7 +107,7 @@ def verify(bundle, deep, trust) -> None:
                                   hint="re-export the bundle or restore the original files")
     # the manifest's own claims: labels, pixel recipe, the verdict, external data (files were hashed above)
     b = load_bundle(bundle, verify_hashes=False, allow_invalid=True, trust=trust)
-    problems = check_graphs(b)  # each ONNX model / head is what its manifest entry says
+    problems = check_graphs(b, light_session)  # each ONNX model / head is what its manifest entry says
     for p in problems:
         click.echo(f"  {p['file']}: {p['problem']}", err=True)
     if problems:

@@ -1,29 +1,10 @@
-"""``transfer keygen`` and ``transfer sign``: Ed25519 keys for signed bundles, and the shared
-``--trust`` / ``--trust-pickle`` options of the commands that load bundles."""
+"""``transfer keygen`` and ``transfer sign``: Ed25519 keys for signed bundles (the ``--trust`` /
+``--trust-pickle`` options of the commands that load bundles are
+:class:`transfer.runtime.predict_config.TrustOptions`)."""
 
 from __future__ import annotations
 
 import click
-
-
-def trust_options(f):
-    """``--trust PUBKEY|DIR`` (repeatable) and ``--trust-pickle`` for a command that loads a bundle."""
-    f = click.option("--trust-pickle", is_flag=True,
-                     help="Allow unpickling a classical head from a bundle that is not signed by a trusted key "
-                          "(a pickle runs code: only for bundles whose origin you know).")(f)
-    return trust_option(f)
-
-
-def trust_option(f):
-    """``--trust PUBKEY|DIR`` (repeatable): only bundles signed by these keys load."""
-    return click.option("--trust", "trust", multiple=True, type=click.Path(),
-                        help="Trusted public key (KEY.pub) or folder of them; repeatable. Only bundles signed by a "
-                             "trusted key load. [default: $TRANSFER_TRUST, else no signature required]")(f)
-
-
-def trust_value(values) -> list[str] | None:
-    """``--trust`` values as ``trust=``: ``None`` (use TRANSFER_TRUST) when none were given."""
-    return list(values) or None
 
 
 @click.command("keygen")
@@ -56,11 +37,12 @@ def sign_cmd(bundle, key) -> None:
     """
     from ..bundle import check_graphs, load_bundle, sign_bundle
     from ..errors import TamperedBundleError
+    from ..runtime.sessions import light_session
     from ..signing import load_signing_key
 
     k = load_signing_key(key)
     b = load_bundle(bundle, trust=False)
-    problems = check_graphs(b)
+    problems = check_graphs(b, light_session)
     if problems:
         raise TamperedBundleError(f"bundle {bundle} does not match its manifest: "
                                   + "; ".join(f"{p['file']}: {p['problem']}" for p in problems),

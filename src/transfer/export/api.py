@@ -6,8 +6,11 @@
                   progress=None) -> ExportResult(bundle_dir, manifest, verification, ok)
 
 Every model of a bundle goes through the same four moves, one :class:`Step` each: convert
-(write the file and its manifest entry), run it on the verification images, compare with
-its reference (:func:`transfer.export.verify.parity_check` for the same precision,
+(write the file and its manifest entry), run it and its reference on the verification images
+(runners: :class:`~transfer.runtime.runners.OrtRunner`,
+:class:`~transfer.runtime.trt_runner.TrtRunner`, :class:`~transfer.export.keras_runner.KerasRunner`;
+:func:`transfer.export.verify.run_all`), then compare them
+(:func:`transfer.export.verify.parity_check` for the same precision,
 :func:`~transfer.export.verify.accuracy_check` for int8 / fp16), record the check. The
 steps are the fp32 ONNX model (reference: Keras), the int8 ONNX model and TensorRT engines
 (reference: the ONNX fp32 model) and a classical head's ONNX graph (reference: its pickle).
@@ -40,6 +43,9 @@ import numpy as np
 
 from ..errors import ConfigError, ExportError, TensorRTUnavailableError, VerificationError
 from ..progress import ProgressLike, as_progress
+from ..runtime.runner_base import Outputs, Runner
+from ..runtime.runners import OrtRunner
+from .verify import run_all
 
 
 @dataclass
@@ -74,7 +80,7 @@ class ExportContext:
     progress: Any                # transfer.progress.Progress
     opset: int = 17
     calib_images: int = 512
-    outputs: dict[str, tuple] = field(default_factory=dict)  # step key -> (features, probs) on x
+    outputs: dict[str, Outputs] = field(default_factory=dict)  # step key -> its outputs on x
     models: dict[str, dict] = field(default_factory=dict)
     heads: dict[str, dict] = field(default_factory=dict)
     checks: dict[str, dict] = field(default_factory=dict)
@@ -83,13 +89,15 @@ class ExportContext:
 
 @dataclass(frozen=True)
 class Step:
-    """One model of the bundle: convert -> run -> compare -> record.
+    """One model of the bundle: convert -> run it and its reference -> compare -> record.
 
     Args:
         key: the verification key (``onnx-fp32``, ``onnx-int8``, ``head-rf``, ``trt-fp16``).
         convert: writes the file(s) under ``ctx.folder`` and returns the manifest entry.
-        run: ``(features or None, probs)`` of the converted model on ``ctx.x``.
-        reference: ``(probs, name)`` the candidate is compared with.
+        candidate: the runner of the converted model (or, for a head, its outputs on the fp32
+            features).
+        reference: ``(runner or outputs, name)`` the candidate is compared with (outputs: a
+            reference already run, e.g. ONNX fp32 for int8).
         check: ``"parity"`` (same precision: max |dp| and top-1 agreement) or ``"accuracy"``
             (reduced precision: the accuracy drop).
         atol: the parity tolerance (``None``: the export's ``atol``).
@@ -100,8 +108,8 @@ class Step:
 
     key: str
     convert: Callable[[ExportContext], dict]
-    run: Callable[[ExportContext, dict], tuple]
-    reference: Callable[[ExportContext], tuple[np.ndarray, str]]
+    candidate: Callable[[ExportContext, dict], Runner | Outputs]
+    reference: Callable[[ExportContext], tuple[Runner | Outputs, str]]
     check: str = "parity"
     atol: float | None = None
     group: str = "models"
@@ -109,14 +117,13 @@ class Step:
     accuracy_names: tuple[str, str] | None = None
 
 
-def judge(ctx: ExportContext, step: Step) -> dict:
+def judge(ctx: ExportContext, step: Step, ref: np.ndarray, ref_name: str) -> dict:
     """The check of a step whose outputs are in ``ctx.outputs[step.key]``: parity or accuracy
-    against its reference, plus, for a reduced-precision model of a calibrated bundle, the
-    same calibration and unknown decisions as fp32."""
+    against its reference's probabilities ``ref``, plus, for a reduced-precision model of a
+    calibrated bundle, the same calibration and unknown decisions as fp32."""
     from .verify import accuracy_check, parity_check
 
-    got = ctx.outputs[step.key][1]
-    ref, ref_name = step.reference(ctx)
+    got = ctx.outputs[step.key].probs
     if step.check == "parity":
         v = parity_check(ref, got, ctx.y, atol=ctx.limits.atol if step.atol is None else step.atol,
                          min_agreement=ctx.limits.min_agreement, reference_name=ref_name)
@@ -134,8 +141,9 @@ def run_step(ctx: ExportContext, step: Step) -> dict:
     from .verify import summary_line
 
     entry = step.convert(ctx)
-    ctx.outputs[step.key] = step.run(ctx, entry)
-    v = judge(ctx, step)
+    source, ref_name = step.reference(ctx)
+    ctx.outputs[step.key], ref = run_all([step.candidate(ctx, entry), source], ctx.x)  # run everything,
+    v = judge(ctx, step, ref.probs, ref_name)                                             # then compare
     getattr(ctx, step.group)[step.name or step.key] = entry
     ctx.checks[step.key] = v
     line = summary_line(step.key, v)
@@ -156,11 +164,11 @@ def _calibration_agreement(ctx: ExportContext, key: str, v: dict) -> None:
     ``MIN_UNKNOWN_AGREEMENT`` of the verification images."""
     from .. import calibration as cal
 
-    f32, p32 = ctx.outputs["onnx-fp32"]
-    f, p = ctx.outputs[key]
+    f32, p32 = ctx.outputs["onnx-fp32"].features, ctx.outputs["onnx-fp32"].probs
+    f, p = ctx.outputs[key].features, ctx.outputs[key].probs
     det = ctx.extra["detector"]
     ece32, ece = cal.ece(p32, ctx.y), cal.ece(p, ctx.y)
-    same = float(np.mean(det(f32, p32)[1] == det(f if f is not None else f32, p)[1]))
+    same = float(np.mean(det(f32, p32)[1] == det(f, p)[1]))
     v["calibration"] = {"ece_fp32": ece32, "ece": ece, "ece_diff": abs(ece - ece32), "max_ece_diff": MAX_ECE_DIFF,
                         "unknown_score": det.score, "unknown_agreement": same,
                         "min_unknown_agreement": MIN_UNKNOWN_AGREEMENT}
@@ -362,14 +370,13 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
 
 # ---- the steps -------------------------------------------------------------------------
 
-def _ort_outputs(ctx: ExportContext, entry: dict) -> tuple:
-    from .verify import ort_session, run_ort
+def _ort_runner(ctx: ExportContext, entry: dict) -> OrtRunner:
+    """ONNX Runtime on the CPU on a model file of the bundle being made (sessions as the runtime makes them)."""
+    return OrtRunner(ctx.folder / entry["file"], "cpu", name=f"onnxruntime-{entry.get('precision', 'fp32')}")
 
-    return run_ort(ort_session(ctx.folder / entry["file"]), ctx.x)
 
-
-def _fp32_outputs(ctx: ExportContext) -> tuple[np.ndarray, str]:
-    return ctx.outputs["onnx-fp32"][1], "onnx-fp32"
+def _fp32_outputs(ctx: ExportContext) -> tuple[Outputs, str]:
+    return ctx.outputs["onnx-fp32"], "onnx-fp32"
 
 
 def _fp32_step() -> Step:
@@ -382,9 +389,11 @@ def _fp32_step() -> Step:
         return {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime", **io}
 
     def keras(ctx):
-        return np.asarray(ctx.extra["model"].predict(ctx.x, batch_size=32, verbose=0)), "Keras"
+        from .keras_runner import KerasRunner
 
-    return Step("onnx-fp32", convert, _ort_outputs, keras)
+        return KerasRunner(ctx.extra["model"], batch_size=32), "Keras"
+
+    return Step("onnx-fp32", convert, _ort_runner, keras)
 
 
 #: accuracy-aware int8: how many of the first compute layers (Conv / MatMul / Gemm) stay in float
@@ -415,8 +424,9 @@ def _int8_step() -> Step:
             stamp_onnx(ctx.folder / "model.int8.onnx", role="model", precision="int8")
             entry = {"file": "model.int8.onnx", "precision": "int8", "runtime": "onnxruntime", "quantization": info,
                      **{kk: ctx.models["onnx-fp32"][kk] for kk in ("inputs", "outputs", "opset")}}
-            ctx.outputs[step.key] = _ort_outputs(ctx, entry)
-            v = judge(ctx, step)
+            ctx.outputs[step.key] = run_all([_ort_runner(ctx, entry)], ctx.x)[0]
+            ref, ref_name = _fp32_outputs(ctx)
+            v = judge(ctx, step, ref.probs, ref_name)
             if v["passed"] or k == FLOAT_LAYER_LADDER[-1] or len(info.get("float_nodes", [])) < k:
                 break
             tried.append({"float_layers": k, "why": _failure(v)})
@@ -425,7 +435,7 @@ def _int8_step() -> Step:
         entry["quantization"]["attempts"] = tried
         return entry
 
-    step = Step("onnx-int8", convert, _ort_outputs, _fp32_outputs, check="accuracy",
+    step = Step("onnx-int8", convert, _ort_runner, _fp32_outputs, check="accuracy",
                 accuracy_names=("fp32_accuracy", "int8_accuracy"))
     return step
 
@@ -457,7 +467,7 @@ def _fp16_step() -> Step:
         return {"file": "model.fp16.onnx", "precision": "fp16", "runtime": "onnxruntime", "conversion": info,
                 **{k: ctx.models["onnx-fp32"][k] for k in ("inputs", "outputs", "opset")}}
 
-    return Step("onnx-fp16", convert, _ort_outputs, _fp32_outputs, check="accuracy",
+    return Step("onnx-fp16", convert, _ort_runner, _fp32_outputs, check="accuracy",
                 accuracy_names=("fp32_accuracy", "fp16_accuracy"))
 
 
@@ -505,7 +515,6 @@ def _subset(paths: list, labels: list, limit: int, seed: int = 0) -> tuple[list,
 def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAGES) -> SplitOutputs:
     """:class:`SplitOutputs` of a split (unreadable files counted and skipped, never an error)."""
     from ..data.stream import decode_batches
-    from .verify import ort_session
 
     all_paths, all_labels = ctx.rf.split_paths(split, fold=ctx.t.fold)
     paths, labels = _subset(all_paths, all_labels, limit)
@@ -514,18 +523,18 @@ def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAG
                        listed=len(all_paths))
     if not paths:
         return out
-    sess = ort_session(ctx.folder / "model.onnx")
     fs, ps, ys, start = [], [], [], 0
-    with ctx.progress.bar(len(paths), f"calibration: {split} images") as bar:
+    with ctx.progress.bar(len(paths), f"calibration: {split} images") as bar, \
+            _ort_runner(ctx, {"file": "model.onnx"}) as runner:
         for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.rf.recipe):
             for it in pb.items:
                 if it.error is not None:
                     out.unreadable += 1
                     out.first_error = out.first_error or f"{it.path}: {it.error}"
             if len(pb.x):
-                f, p = sess.run(["features", "probs"], {"image": pb.x})
-                fs.append(f)
-                ps.append(p)
+                got = runner.infer(pb.x)
+                fs.append(got.features)
+                ps.append(got.probs)
                 ys += [int(labels[start + i]) for i in pb.ok_index]
             start += len(pb.items)
             bar.update(len(pb.items))
@@ -556,7 +565,7 @@ def _head_logits(ctx: ExportContext):
     from .. import calibration as cal
 
     kernel, bias = (np.asarray(a, np.float64) for a in ctx.extra["model"].get_layer("probs").get_weights())
-    f, p = ctx.outputs["onnx-fp32"]
+    f, p = ctx.outputs["onnx-fp32"].features, ctx.outputs["onnx-fp32"].probs
     diff = float(np.max(np.abs(cal.softmax(cal.network_logits(f, kernel, bias)) - p)))
     if diff <= HEAD_FORMULA_ATOL:
         return (lambda feats, probs: cal.network_logits(feats, kernel, bias)), (kernel, bias), \
@@ -641,7 +650,6 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
     from ..fsutil import atomic_path
     from ..runtime.unknown import UnknownDetector
     from .calibrate import OUTLIERS_PER_KIND, fit_unknown, synthetic_outliers
-    from .verify import ort_session
 
     train = _split_outputs(ctx, "train")
     if train.n == 0:
@@ -650,11 +658,11 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
     pixels, labels = _train_pixels(ctx, OUTLIERS_PER_KIND)
     if not len(labels):
         return "none of the training images picked to make synthetic outliers from can be read now"
-    sess = ort_session(ctx.folder / "model.onnx")
     outliers = {}
-    for kind, x in synthetic_outliers(pixels, labels, recipe=ctx.rf.recipe).items():
-        f, p = sess.run(["features", "probs"], {"image": x})
-        outliers[kind] = (f, cal.temperature_probs(logits(f, p), temperature))
+    with _ort_runner(ctx, {"file": "model.onnx"}) as runner:
+        for kind, x in synthetic_outliers(pixels, labels, recipe=ctx.rf.recipe).items():
+            got = runner.infer(x)
+            outliers[kind] = (got.features, cal.temperature_probs(logits(got.features, got.probs), temperature))
     val_probs = cal.temperature_probs(logits(val.features, val.probs), temperature)
     try:
         unknown, arrays = fit_unknown(train.features, train.labels, val.features, val_probs,
@@ -701,11 +709,12 @@ def _temperature_step() -> Step:
     def numpy_formula(ctx):
         from .. import calibration as cal
 
-        f, p = ctx.extra["raw_outputs"]
-        return (cal.temperature_probs(ctx.extra["logits"](f, p), ctx.extra["calibration"]["temperature"]),
-                "softmax(logits / T) of the uncalibrated model")
+        raw = ctx.extra["raw_outputs"]
+        probs = cal.temperature_probs(ctx.extra["logits"](raw.features, raw.probs),
+                                      ctx.extra["calibration"]["temperature"])
+        return Outputs(raw.features, probs), "softmax(logits / T) of the uncalibrated model"
 
-    return Step("calibration", convert, _ort_outputs, numpy_formula, atol=1e-5, name="onnx-fp32")
+    return Step("calibration", convert, _ort_runner, numpy_formula, atol=1e-5, name="onnx-fp32")
 
 
 def _head_step(kind: str) -> Step:
@@ -740,18 +749,18 @@ def _head_step(kind: str) -> Step:
                 "sklearn": meta.get("sklearn"), "feature_dim": d, "classes": meta.get("classes"),
                 "sha256": meta.get("sha256")}
 
-    def run(ctx, entry):
-        from .verify import ort_session
+    def onnx_head(ctx, entry):
+        from ..runtime.heads import OnnxHead
 
-        feats = ctx.outputs["onnx-fp32"][0].astype(np.float32)
-        sess = ort_session(ctx.folder / entry["onnx"])
-        return None, sess.run([entry["output"]], {entry["input"]: feats})[0]
+        feats = ctx.outputs["onnx-fp32"].features.astype(np.float32)
+        head = OnnxHead(ctx.folder / entry["onnx"], kind, input=entry["input"], output=entry["output"])
+        return Outputs(feats, head(feats, None))
 
     def pickle_probs(ctx):
-        feats = ctx.outputs["onnx-fp32"][0].astype(np.float32)
-        return ctx.extra["estimator"].predict_proba(feats), f"heads/{kind}.pkl"
+        feats = ctx.outputs["onnx-fp32"].features.astype(np.float32)
+        return Outputs(feats, ctx.extra["estimator"].predict_proba(feats)), f"heads/{kind}.pkl"
 
-    return Step(f"head-{kind}", convert, run, pickle_probs, atol=1e-3, group="heads", name=kind)
+    return Step(f"head-{kind}", convert, onnx_head, pickle_probs, atol=1e-3, group="heads", name=kind)
 
 
 # ---- TensorRT engines (after the ONNX bundle is in place) -----------------------------
@@ -787,20 +796,21 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
             entry["quantization"] = {**qinfo, "mode": "explicit (QDQ)"}
         return entry
 
-    def run(ctx, entry):
+    def engine(ctx, entry):
         from ..bundle import Bundle
-        from ..runtime.runners import TrtRunner
+        from ..runtime.trt_runner import TrtRunner
 
         # the engine runs before the manifest lists it: a kill here leaves the verified ONNX bundle as it was
         manifest = dict(ctx.extra["manifest"], models={**ctx.extra["manifest"]["models"], f"trt-{precision}": entry},
                         files={**ctx.extra["manifest"]["files"], name: {}})
-        with TrtRunner(Bundle(ctx.folder, manifest), f"trt-{precision}") as runner:
-            return runner.run(ctx.x)
+        return TrtRunner(Bundle(ctx.folder, manifest), f"trt-{precision}")
 
     def onnx_fp32(ctx):
-        return _ort_outputs(ctx, {"file": "model.onnx"})[1], "onnx-fp32"
+        if "onnx-fp32" in ctx.outputs:  # run already (a calibrated bundle's engine keeps its unknown decisions)
+            return ctx.outputs["onnx-fp32"], "onnx-fp32"
+        return _ort_runner(ctx, {"file": "model.onnx"}), "onnx-fp32"
 
-    return Step(f"trt-{precision}", convert, run, onnx_fp32, check="parity" if precision == "fp32" else "accuracy",
+    return Step(f"trt-{precision}", convert, engine, onnx_fp32, check="parity" if precision == "fp32" else "accuracy",
                 atol=1e-3, name=f"trt-{precision}")
 
 
@@ -829,7 +839,7 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
         from ..runtime.unknown import make_detector
 
         ctx.extra["detector"] = make_detector(Bundle(out, manifest))
-        ctx.outputs["onnx-fp32"] = _ort_outputs(ctx, {"file": "model.onnx"})
+        ctx.outputs["onnx-fp32"] = run_all([_ort_runner(ctx, {"file": "model.onnx"})], ctx.x)[0]
     work = out.parent / f".{out.name}.trt-{os.getpid()}"
     work.mkdir(exist_ok=True)
     try:

@@ -173,10 +173,11 @@ def verify_fp16(fp32_path: str | os.PathLike, fp16_path: str | os.PathLike, x: n
         v = verify_fp16(b / "model.onnx", b / "model.fp16.onnx", x, y)
         v["passed"], v["accuracy_drop"]
     """
-    from .verify import accuracy_check, ort_session, run_ort
+    from ..runtime.runners import OrtRunner
+    from .verify import accuracy_check, run_all
 
-    f32, p32 = run_ort(ort_session(fp32_path), x, batch)
-    f16, p16 = run_ort(ort_session(fp16_path), x, batch)
+    fp32, fp16 = run_all([OrtRunner(fp32_path, "cpu"), OrtRunner(fp16_path, "cpu", name="onnxruntime-fp16")], x, batch)
+    f32, p32, f16, p16 = fp32.features, fp32.probs, fp16.features, fp16.probs
     if f16.dtype != np.float32 or p16.dtype != np.float32:
         raise ExportError(f"{fp16_path} returns {f16.dtype}/{p16.dtype}, not float32 outputs")
     v = accuracy_check(p32, p16, labels, max_accuracy_drop=max_accuracy_drop, reference_name="onnx-fp32")

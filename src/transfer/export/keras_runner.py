@@ -1,9 +1,9 @@
-"""The source run's Keras model behind the runtime's runner interface (needs TensorFlow).
+"""The source run's Keras model behind the runner interface (needs TensorFlow).
 
-Export verification compares ONNX Runtime against it, and ``transfer bench --backends keras``
-times it beside the runtime's backends. It lives here, not in ``transfer.runtime``: the
-runtime never imports TensorFlow; the bench command hands this runner to the runtime's
-benchmark as an extra backend.
+Export verification runs it as the reference of the ONNX model, and ``transfer bench
+--backends keras`` times it beside the runtime's backends. It lives here, not in
+``transfer.runtime``: the runtime never imports TensorFlow; the bench command hands this
+runner to the runtime's benchmark as an extra backend.
 """
 
 from __future__ import annotations
@@ -12,21 +12,46 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import TransferError
-from ..runtime.runners import Runner
+from ..runfolder import RunFolder
+from ..runtime.runner_base import Runner
+from .onnx import two_output_model
 
 
 class KerasRunner(Runner):
-    """``run(x) -> (features, probs)`` of a contract Keras model (``model.predict``, one batch per call)."""
+    """A contract Keras model (input ``image``; layers ``features`` and ``probs``) run by
+    ``model.predict``.
 
-    def __init__(self, model, name: str = "keras"):
-        from .onnx import two_output_model
+    Args:
+        model: the trial's ``model.keras`` as loaded (one output, ``probs``).
+        batch_size: ``predict``'s batch size (``None``: the whole call in one batch, as
+            ``transfer bench`` times it; export verification runs 32 at a time).
 
-        self.model = two_output_model(model)
-        super().__init__(name=name, provider="TensorFlow", model_key="keras")
+    Example::
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f, p = self.model.predict(np.asarray(x, dtype=np.float32), batch_size=max(1, len(x)), verbose=0)
-        return np.asarray(f), np.asarray(p)
+        with KerasRunner(model, batch_size=32) as r:
+            probs = r.infer(x).probs
+    """
+
+    def __init__(self, model, name: str = "keras", *, batch_size: int | None = None):
+        self.source = model
+        self.batch_size = batch_size
+        self.model = None
+        hw = tuple(int(d) for d in model.input_shape[1:3]) if None not in model.input_shape[1:3] else None
+        super().__init__(name=name, provider="TensorFlow", model_key="keras", input_hw=hw)
+
+    def _activate(self) -> None:
+        self.model = two_output_model(self.source)  # features and probs of one forward pass
+
+    def _deactivate(self) -> None:
+        self.model = None
+
+    def _infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        f, p = self.model.predict(x, batch_size=self.batch_size or max(1, len(x)), verbose=0)
+        return {"features": np.asarray(f), "probs": np.asarray(p)}
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {"features": np.zeros((0, int(self.model.outputs[0].shape[-1])), np.float32),
+                "probs": np.zeros((0, int(self.model.outputs[1].shape[-1])), np.float32)}
 
 
 def keras_runner_for(bundle: Bundle) -> KerasRunner:
@@ -36,7 +61,6 @@ def keras_runner_for(bundle: Bundle) -> KerasRunner:
         TransferError: the source run or trial is not on this machine, or TensorFlow is missing
             (the message says which; ``transfer bench`` lists it as a skipped backend).
     """
-    from ..runfolder import RunFolder
 
     src = bundle.manifest.get("source") or {}
     run, trial = src.get("run"), src.get("trial")

@@ -1,21 +1,31 @@
-"""Verification of exported models on real images: the numbers and the pass/fail rules.
+"""Verification of exported models on real images: run everything, then compare (Polygraphy's
+``Comparator.run`` / ``compare_accuracy``).
 
-Every check compares a candidate (ONNX fp32, int8, a TensorRT engine, an ONNX head) with
-its reference (Keras, ONNX fp32, the pickled head) on the same real validation images,
-with :func:`transfer.export.compare.compare_outputs`, and adds ``passed`` and the limits
-it was judged by. The exporter marks a bundle invalid when any check fails.
+Every check runs a candidate (ONNX fp32, int8, fp16: :class:`~transfer.runtime.runners.OrtRunner`;
+a TensorRT engine: :class:`~transfer.runtime.trt_runner.TrtRunner`; an ONNX head) and its
+reference (Keras: :class:`~transfer.export.keras_runner.KerasRunner`; ONNX fp32; the pickled
+head) on the same real validation images (:func:`run_all`), then compares their outputs with
+:func:`transfer.export.compare.compare_outputs` under a rule (:func:`parity_check` or
+:func:`accuracy_check`), which adds ``passed`` and the limits it was judged by. The exporter
+marks a bundle invalid when any check fails.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..data.stream import decode_batches
 from ..errors import DataError
 from ..progress import ProgressLike, as_progress
+from ..runtime.heads import OnnxHead
+from ..runtime.runner_base import Outputs, Runner, infer_batches
+from ..runtime.runners import OrtRunner
 from .compare import compare_outputs
+
+#: images per model call when a check runs an ONNX model or engine over the verification images
+BATCH = 64
 
 
 def verification_images(run, size: tuple[int, int], n: int, progress: ProgressLike = None, *,
@@ -35,7 +45,6 @@ def verification_images(run, size: tuple[int, int], n: int, progress: ProgressLi
 
         x, y, used = verification_images(RunFolder("runs/digits"), (32, 32), 64)
     """
-    from ..data.stream import decode_batches
 
     xs, ys, used = [], [], []
     for split in ("val", "test"):
@@ -58,21 +67,24 @@ def verification_images(run, size: tuple[int, int], n: int, progress: ProgressLi
     return np.concatenate(xs).astype(np.float32), np.asarray(ys), used
 
 
-def ort_session(path: str | Path):
-    """A CPU session built exactly as the runtime builds it (the reference of verification)."""
-    from ..runtime.sessions import make_session
+def run_all(sources: Sequence[Runner | Outputs], x: np.ndarray, batch: int | None = BATCH) -> list[Outputs]:
+    """The outputs of every source on the same images ``x``: a runner is activated, run over
+    ``x`` in batches of ``batch`` (``None``: one call) and released; outputs computed before
+    (a reference already run) are passed through.
 
-    return make_session(path, "cpu")[0]
+    Example::
 
-
-def run_ort(sess, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``(features, probs)`` of a bundle model session over ``x`` in batches."""
-    feats, probs = [], []
-    for i in range(0, len(x), batch):
-        f, p = sess.run(["features", "probs"], {"image": x[i:i + batch]})
-        feats.append(f)
-        probs.append(p)
-    return np.concatenate(feats), np.concatenate(probs)
+        cand, ref = run_all([OrtRunner(b / "model.onnx", "cpu"), KerasRunner(model, batch_size=32)], x)
+        parity_check(ref.probs, cand.probs, y, atol=1e-4, min_agreement=0.999, reference_name="Keras")
+    """
+    out = []
+    for source in sources:
+        if isinstance(source, Outputs):
+            out.append(source)
+            continue
+        with source:
+            out.append(infer_batches(source, x, batch or max(1, len(x))))
+    return out
 
 
 def parity_check(reference: np.ndarray, candidate: np.ndarray, labels: Sequence[int] | None, *,
@@ -170,7 +182,8 @@ def deep_check(bundle, batch: int = 2) -> list[dict]:
         if e.get("runtime") != "onnxruntime":
             continue
         try:
-            f, p = run_ort(ort_session(bundle.file(e["file"])), x)
+            out = run_all([OrtRunner(bundle.file(e["file"]), "cpu", name=key, model_key=key)], x)[0]
+            f, p = out.features, out.probs
         except Exception as exc:  # noqa: BLE001 - any failure to run is the finding
             problems.append({"file": e["file"], "problem": f"{key} does not run: {type(exc).__name__}: {exc}"})
             continue
@@ -185,8 +198,9 @@ def deep_check(bundle, batch: int = 2) -> list[dict]:
         if feats is None or not e.get("onnx"):
             continue
         try:
-            sess = ort_session(bundle.file(e["onnx"]))
-            p = sess.run([e.get("output", "probabilities")], {e.get("input", "features"): feats.astype(np.float32)})[0]
+            head = OnnxHead(bundle.file(e["onnx"]), name, input=e.get("input", "features"),
+                            output=e.get("output", "probabilities"))
+            p = head(feats, None)
         except Exception as exc:  # noqa: BLE001
             problems.append({"file": e["onnx"], "problem": f"head {name} does not run: {type(exc).__name__}: {exc}"})
             continue

@@ -12,10 +12,19 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 
 from ..bundle import Bundle, load_bundle
-from ..errors import ConfigError, TransferError
+from ..data.image import is_image_path
+from ..data.stream import decode_batches, iter_inputs
+from ..errors import ConfigError, DependencyMissingError, TransferError
+from ..fsutil import write_json_atomic, write_text_atomic
 from ..options import replace
+from ..plots import figure, save_figure
 from ..progress import ProgressLike, as_progress
+from ..runfolder import RunFolder  # no TensorFlow
+from ..tables import markdown
 from .bench_config import BenchConfig
+from .heads import check_head, make_head
+from .runners import make_runner
+from .sessions import available_providers
 
 if TYPE_CHECKING:
     from .runners import Runner
@@ -85,8 +94,6 @@ class SamplePool:
 
 def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int) -> list[str]:
     """Real image files to time decoding with: ``images``, else the source run's val split."""
-    from ..data.image import is_image_path
-    from ..data.stream import iter_inputs
 
     paths: list[str] = []
     if images:
@@ -95,7 +102,6 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int) -> list
             raise ConfigError(f"no image files found in {' '.join(map(str, images))} (images to time decoding on)",
                               option="images")
     else:
-        from ..runfolder import RunFolder  # no TensorFlow
 
         src = bundle.manifest.get("source") or {}
         try:
@@ -110,7 +116,6 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int) -> list
 def sample_pool(bundle: Bundle, images: Sequence[str] | None, n: int, progress: ProgressLike = None) -> SamplePool:
     """``n`` images to time the model on: real files decoded (and timed, one thread) through
     :func:`transfer.data.stream.decode_batches`; synthetic pixels when there are none."""
-    from ..data.stream import decode_batches
 
     p = as_progress(progress)
     h, w = bundle.input_size
@@ -168,7 +173,7 @@ def _pct(a, q):
     return float(np.percentile(a, q)) * 1000.0
 
 
-def bench_row(runner: "Runner", bs: int, lat: np.ndarray, *, pool: SamplePool, prep_ms: float,
+def _bench_row(runner: "Runner", bs: int, lat: np.ndarray, *, pool: SamplePool, prep_ms: float,
               head_ms: float | None, agreement: float, gflops: float | None, peak: float) -> dict:
     """One row of bench.json (the field names are the file's format)."""
     thr = bs / float(np.mean(lat))
@@ -213,9 +218,6 @@ def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressL
         bench("runs/digits/bundle", backends=["onnxruntime"], batches=[1, 32])
     """
     cfg = replace(config or BenchConfig(), **options)
-    from .heads import check_head, make_head
-    from .runners import OrtRunner, make_runner
-    from .sessions import available_providers
 
     p = as_progress(progress)
     extra_runners = dict(extra_runners or {})
@@ -234,7 +236,8 @@ def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressL
     gflops = model_gflops(b.file(b.model_entry("onnx-fp32")["file"]))
     prep_ms = _preprocess_ms(pool.x, max(batches))
     hd = make_head(b, cfg.head) if cfg.head else None
-    ref = OrtRunner(b, "onnx-fp32", "cpu", threads).run(pool.x)[1]
+    with make_runner(b, "onnxruntime", "cpu", threads) as fp32:
+        ref = fp32.infer(pool.x).probs
     rows, skipped = [], {}
     for be in cfg.backends:
         try:
@@ -245,20 +248,21 @@ def bench(bundle_path, config: BenchConfig | None = None, *, progress: ProgressL
                                     "`transfer bench` adds it")
             else:
                 r = make_runner(b, be, cfg.provider_list if be.startswith("onnxruntime") else None, threads)
-            if hasattr(r, "activate"):  # a TensorRT engine loads here: a broken one is a skipped backend
-                r.activate()
+            r.activate()  # a TensorRT engine loads here: a broken one is a skipped backend
         except TransferError as exc:
             skipped[be] = exc.message
             p.say(f"skip {be}: {exc.message}")
             continue
-        agree = float(np.mean(r.run(pool.x)[1].argmax(1) == ref.argmax(1)))
-        for bs in batches:
-            x = np.ascontiguousarray(np.resize(pool.x, (bs, h, w, 3)))
-            lat, (feats, probs) = time_cell(r.run, x, warmup=cfg.warmup, seconds=seconds, min_iters=cfg.min_iters)
-            row = bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms, head_ms=_head_ms(hd, feats, probs, bs),
-                            agreement=agree, gflops=gflops, peak=peak)
-            rows.append(row)
-            p.say(f"{r.name:18s} batch {bs:3d}: p50 {row['p50_ms']:8.2f} ms  {row['images_per_s']:9.1f} img/s")
+        with r:
+            agree = float(np.mean(r.infer(pool.x).probs.argmax(1) == ref.argmax(1)))
+            for bs in batches:
+                x = np.ascontiguousarray(np.resize(pool.x, (bs, h, w, 3)))
+                lat, out = time_cell(r.infer, x, warmup=cfg.warmup, seconds=seconds, min_iters=cfg.min_iters)
+                row = _bench_row(r, bs, lat, pool=pool, prep_ms=prep_ms,
+                                head_ms=_head_ms(hd, out.features, out.probs, bs), agreement=agree, gflops=gflops,
+                                peak=peak)
+                rows.append(row)
+                p.say(f"{r.name:18s} batch {bs:3d}: p50 {row['p50_ms']:8.2f} ms  {row['images_per_s']:9.1f} img/s")
     res = {"bundle": str(b.path), "machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": peak,
                                               "threads": threads, "providers_found": available_providers()},
            "gflops_per_img": gflops,
@@ -288,7 +292,6 @@ def _cell(row: dict, key: str, digits: int | None) -> str:
 
 def render_table(res: dict) -> str:
     """Markdown table of a bench result (:func:`transfer.tables.markdown`) and the machine's notes."""
-    from ..tables import markdown
 
     rows = [[_cell(r, key, d) for _, key, d in _TABLE] for r in res["rows"]]
     lines = [markdown([h for h, _, _ in _TABLE], rows, align="l" + "r" * (len(_TABLE) - 1)).rstrip("\n"),
@@ -303,9 +306,6 @@ def render_table(res: dict) -> str:
 
 def write_outputs(res: dict, out_dir: Path) -> None:
     """bench.json, bench.md and (with matplotlib and at least one row) bench.png, written atomically."""
-    from ..errors import DependencyMissingError
-    from ..fsutil import write_json_atomic, write_text_atomic
-    from ..plots import figure, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "bench.json", res)

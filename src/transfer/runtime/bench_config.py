@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..options import Interval, ListOf, OneOf, Text, option, validate
+from .predict_config import BACKENDS, trust_field
 
 #: backends the runtime runs itself; ``keras`` is the source run's model (the bench command adds it, needs TensorFlow)
-BENCH_BACKENDS = ("onnxruntime", "onnxruntime-int8", "onnxruntime-fp16", "tensorrt", "tensorrt-fp32",
-                  "tensorrt-fp16", "tensorrt-int8", "keras")
+BENCH_BACKENDS = (*(b for b in BACKENDS if b != "onnxruntime-fp32"), "keras")
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,13 @@ class BenchConfig:
     min_iters: int = option(10, Interval(int, 1), "Timed calls per cell at least.", cli=False)
     warmup: int = option(3, Interval(int, 0), "Untimed calls before each cell.", cli=False)
     threads: int | None = option(None, Interval(int, 1), "ONNX Runtime intra-op threads. [default: the physical "
-                                 "cores]", none=True)
+                                 "cores this process may use, less one]", none=True)
     providers: str = option("cpu", Text("cpu, cuda, tensorrt (a comma list in order) or auto"),
                             "ONNX Runtime providers of the onnxruntime backends, in order: cpu, cuda, tensorrt, "
                             "or 'auto' (the best available).")
     out: str | None = option(None, Text("a folder"), "Folder for bench.json / bench.md / bench.png. "
                              "[default: BUNDLE/../bench]", none=True)
-    trust: tuple[str, ...] | None = option(None, ListOf(Text("a public key file or folder of them")),
-                                           "Trusted public key (KEY.pub) or folder of them; repeatable. Only bundles "
-                                           "signed by a trusted key load. [default: $TRANSFER_TRUST, else no "
-                                           "signature required]", none=True, repeat=True, metavar="PATH")
+    trust: tuple[str, ...] | None = trust_field()
 
     def __post_init__(self) -> None:
         validate(self)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..bundle import Bundle, UntrustedBundleError
 from ..errors import BundleError, ConfigError, TamperedBundleError
 from ..fsutil import sha256_file
+from .predict_config import ModelOptions, check_value
+from .sessions import make_session
 
 
 class Head:
@@ -19,21 +23,30 @@ class Head:
 
 
 class OnnxHead(Head):
-    """A skl2onnx head run by ONNX Runtime: no scikit-learn needed, and no code in the file."""
+    """A skl2onnx head run by ONNX Runtime: no scikit-learn needed, and no code in the file.
 
-    def __init__(self, bundle: Bundle, name: str):
-        import onnxruntime as ort
+    Args:
+        path: the head's ONNX graph (input ``features``, output ``probabilities`` by default).
+        name: the head's name (``rf``).
+        check: called with the session before it runs (a bundle's head: its graph against the manifest).
+    """
 
-        entry = bundle.head_entry(name)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
+    def __init__(self, path: str | os.PathLike, name: str, *, input: str = "features", output: str = "probabilities",
+                 check=None):
         # a head is a short call after the model: idle threads that spin for work afterwards cost
         # ~9 ms of CPU per call at low load (measured in transfer serve) for no speed
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(bundle.file(entry["onnx"])), so, providers=["CPUExecutionProvider"])
-        bundle.check_head_graph(name, self.session)
-        self.input, self.output = entry.get("input", "features"), entry.get("output", "probabilities")
-        self.name = name
+        self.session, _ = make_session(path, "cpu", spinning=False)
+        if check is not None:
+            check(self.session)
+        self.input, self.output, self.name = input, output, name
+
+    @classmethod
+    def of_bundle(cls, bundle: Bundle, name: str) -> "OnnxHead":
+        """The bundle's head ``name``, its graph checked against the manifest on the session that runs it."""
+        entry = bundle.heads[name]
+        return cls(bundle.paths[entry["onnx"]], name, input=entry.get("input", "features"),
+                   output=entry.get("output", "probabilities"),
+                   check=lambda session: bundle.check_head_graph(name, session))
 
     def __call__(self, features, probs):
         return self.session.run([self.output], {self.input: features.astype(np.float32)})[0]
@@ -42,12 +55,12 @@ class OnnxHead(Head):
 class PickleHead(Head):
     """The pickled scikit-learn head. A pickle runs code when it is loaded, so it is unpickled
     only from a bundle signed by a trusted key, or when the caller says it trusts the bundle
-    (``trust_pickle``), and only after its SHA-256 matches the manifest again."""
+    (``trust_pickle``), and only from bytes whose SHA-256 matches the manifest again."""
 
     def __init__(self, bundle: Bundle, name: str, *, trust_pickle: bool = False):
-        entry = bundle.head_entry(name)
+        entry = bundle.heads[name]
         check_pickle_trust(bundle, name, trust_pickle)
-        path = bundle.file(entry["pickle"])
+        path = bundle.paths[entry["pickle"]]
         expected = bundle.manifest["files"][entry["pickle"]]["sha256"]
         if sha256_file(path) != expected:  # re-checked here: the pickle is code, never trust it stale
             raise TamperedBundleError(f"{path}: SHA-256 does not match the manifest; refusing to unpickle it",
@@ -96,11 +109,10 @@ def check_head(bundle: Bundle, name: str | None, fmt: str = "onnx", *, trust_pic
         UntrustedBundleError: a pickle from a bundle that is not trusted.
         ConfigError: unknown format.
     """
-    if fmt not in ("onnx", "pickle"):
-        raise ConfigError(f"invalid head format {fmt!r}; accepted: onnx, pickle", option="head_format")
+    fmt = check_value(ModelOptions, "head_format", fmt)
     if not name or name == "network":
         return
-    entry = bundle.head_entry(name)
+    entry = bundle.heads.get(name) or bundle.head_entry(name)  # head_entry: the error naming the heads there are
     if not entry.get(fmt):
         raise BundleError(f"head {name!r} of bundle {bundle.path} has no {fmt} form",
                           hint=f"run its {'pickle' if fmt == 'onnx' else 'onnx'} form", option="head_format")
@@ -117,13 +129,14 @@ def make_head(bundle: Bundle, name: str | None = None, fmt: str = "onnx", *, tru
     Raises:
         BundleError: the bundle has no such head.
         UntrustedBundleError: a pickle from a bundle that is not trusted.
+        TamperedBundleError: the head's graph is not what the manifest says.
         ConfigError: unknown format.
     """
     check_head(bundle, name, fmt, trust_pickle=trust_pickle)
     if not name or name == "network":
         return Head()
     if fmt == "onnx":
-        return OnnxHead(bundle, name)
+        return OnnxHead.of_bundle(bundle, name)
     return PickleHead(bundle, name, trust_pickle=trust_pickle)
 
 

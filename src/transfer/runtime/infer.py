@@ -1,7 +1,8 @@
 """`transfer infer`: files and folders -> one prediction row per file, streamed to disk.
 
 :func:`infer` runs here; :func:`transfer.runtime.ray_infer.infer_ray` runs the same rows on
-Ray Data. Both check their options with :func:`check_options`, build rows with
+Ray Data. Both take an :class:`~transfer.runtime.predict_config.InferConfig` (checked once),
+predict with a :class:`~transfer.runtime.predictor.Predictor`, build rows with
 :func:`transfer.runtime.rows.prediction_rows`, write them through the sinks of
 :func:`transfer.runtime.rows.open_sinks` and return an :class:`InferSummary`.
 """
@@ -14,9 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..bundle import load_bundle
+from ..data.stream import batches, iter_inputs
 from ..errors import ConfigError, TransferError
+from ..locks import locked
 from ..progress import ProgressLike, as_progress
-from .rows import FORMATS, RejectRule, Row, Sink, top_k  # noqa: F401  (top_k: the serving API imports it from here)
+from .predict_config import ROW_SUFFIXES, InferConfig, configure, is_folder
+from .predictor import Predictor
+from .rows import Row, Sink, open_sinks, prediction_rows
+from .sessions import available_providers
 
 
 @dataclass
@@ -77,37 +84,22 @@ class InferSummary:
         return out
 
 
-#: output suffixes that mean a format; anything else is written in the asked format (default csv)
-_FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-
-
 def resolve_format(fmt: str | None, out: str | os.PathLike | None) -> str:
-    """The asked format, or the one the suffix of ``out`` names (``.jsonl`` -> jsonl), else csv.
-
-    Raises:
-        ConfigError: unknown format, or a format that contradicts the suffix of ``out``.
+    """The asked format, or the one the suffix of ``out`` names (``.jsonl`` -> jsonl), else csv
+    (:class:`~transfer.runtime.predict_config.InferConfig` refused a format that contradicts it).
 
     Example::
 
         resolve_format(None, "preds.jsonl"), resolve_format(None, None)   # ('jsonl', 'csv')
     """
-    if fmt is not None and fmt not in FORMATS:
-        raise ConfigError(f"invalid format {fmt!r}; accepted: {', '.join(FORMATS)}", option="fmt")
     raw = os.fspath(out) if out is not None else ""
-    implied = None if raw.endswith(("/", os.sep)) else _FORMAT_OF_SUFFIX.get(Path(raw).suffix.lower())
-    if fmt and implied and fmt != implied:
-        raise ConfigError(f"format {fmt} asked for, but the output {raw} names a .{Path(raw).suffix[1:]} file",
-                          hint=f"let the suffix decide, or write to a .{fmt} file", option="fmt")
+    implied = None if not raw or raw.endswith(("/", os.sep)) else ROW_SUFFIXES.get(Path(raw).suffix.lower())
     return fmt or implied or "csv"
 
 
 def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
     """Where rows go: ``out`` itself, or ``out/predictions.<csv|jsonl>`` when ``out`` is a
     folder (an existing directory, or a path ending in ``/``); ``None`` or ``-``: stdout.
-
-    Raises:
-        ConfigError: ``out`` looks like an image or a Parquet file (it would be overwritten
-            with CSV / JSON lines).
 
     Example::
 
@@ -116,17 +108,7 @@ def output_path(out: str | os.PathLike | None, fmt: str) -> Path | None:
     if out is None or os.fspath(out) == "-":
         return None
     raw = os.fspath(out)
-    p = Path(raw)
-    if raw.endswith(("/", os.sep)) or p.is_dir():
-        return p / f"predictions.{fmt}"
-    from ..data.image import is_image_path
-
-    if is_image_path(p) or p.suffix.lower() == ".parquet":
-        raise ConfigError(f"output {raw} looks like {'an image' if is_image_path(p) else 'a Parquet file'}; "
-                          "predictions are written as CSV or JSON lines",
-                          hint="give a .csv / .jsonl file or a FOLDER/ (a Ray run writes its .parquet copy "
-                               "next to it)", option="out")
-    return p
+    return Path(raw) / f"predictions.{fmt}" if is_folder(raw) else Path(raw)
 
 
 def check_output(out: Path | None, bundle_path, inputs: Sequence, *, also: Sequence[Path] = ()) -> None:
@@ -152,42 +134,21 @@ def check_output(out: Path | None, bundle_path, inputs: Sequence, *, also: Seque
                                   hint="choose another output file", option="out")
 
 
-def check_options(*, batch: int, topk: int, workers: int, threads: int | None, inputs: Sequence) -> None:
-    """The option checks of every inference entry point (before anything is loaded).
-
-    Raises:
-        ConfigError: a non-positive count, or no inputs.
-    """
-    for name, value, what in (("batch", batch, "batch size"), ("topk", topk, "classes per row"),
-                              ("workers", workers, "workers"), ("threads", threads, "threads")):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{what} must be a positive integer (got {value!r})", option=name)
-    if not inputs:
-        raise ConfigError("no input files or folders given", option="inputs")
-
-
-def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, out=None, fmt: str | None = None,
-          batch: int = 32, topk: int = 1, head: str | None = None, head_format: str = "onnx",
-          backend: str | None = None, providers=None, recursive: bool = False, workers: int = 2,
-          threads: int | None = None, progress: ProgressLike = None, trust=None,
-          trust_pickle: bool = False, reject: bool | str = False) -> InferSummary:
+def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], config: InferConfig | None = None, *,
+          progress: ProgressLike = None, **options) -> InferSummary:
     """Predict every image of ``inputs`` with a bundle; bad files become error rows.
 
     Args:
         bundle_path: a bundle folder (hashes checked on load).
         inputs: files and folders (folders: their image files; ``recursive`` for sub-folders).
-        out: output file (CSV or JSON lines), a ``FOLDER/``, or ``None`` / ``-`` for stdout.
-            Written to a partial name and renamed when done.
-        fmt: ``csv`` or ``jsonl`` (default: from the suffix of ``out``, else csv).
-        batch / workers: model batch size and decode threads.
-        topk: classes per row. head: ``network`` or a bundled head (``rf``...).
-        backend / providers: see :func:`transfer.runtime.runners.make_runner`.
+        config: the options (:class:`~transfer.runtime.predict_config.InferConfig`): ``out``
+            (a CSV or JSON lines file, a ``FOLDER/``, or ``None`` / ``-`` for stdout; written to
+            a partial name and renamed when done), ``fmt``, ``batch``, ``topk``, ``workers``
+            (decode threads), the model group (backend, providers, threads, head, reject rule:
+            rejected images are marked ``unknown``, scored on the network's own outputs
+            whatever the head; every row records the rule) and the trust group.
+        options: laid over ``config``, group options flat (``head="rf"``, ``trust_pickle=True``).
         progress: a :class:`transfer.progress.Progress` (a bar with the rate and the errors so far).
-        trust / trust_pickle: trusted public keys (see :func:`transfer.bundle.load_bundle`) and
-            whether a pickled head of a bundle that is not trusted may run.
-        reject: mark images the bundle's unknown-input score rejects as ``unknown`` (``True``:
-            the bundle's default score; a name: that score, ``mahalanobis`` or ``msp``). Scores
-            come from the network's own outputs whatever the head; every row records the rule.
 
     Returns:
         :class:`InferSummary` (counts, throughput, what ran).
@@ -201,57 +162,28 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
 
         infer("runs/digits/bundle", ["images/"], out="preds.csv", recursive=True)
     """
-    from ..bundle import load_bundle
-    from ..data.stream import batches, iter_inputs
-    from .heads import make_head
-    from .rows import open_sinks, prediction_rows
-    from .runners import make_runner
-    from .sessions import available_providers
-
-    check_options(batch=batch, topk=topk, workers=workers, threads=threads, inputs=inputs)
-    fmt = resolve_format(fmt, out)
-    out = output_path(out, fmt)
+    cfg = configure(InferConfig, config, options)
+    if not inputs:
+        raise ConfigError("no input files or folders given", option="inputs")
+    fmt = resolve_format(cfg.fmt, cfg.out)
+    out = output_path(cfg.out, fmt)
     check_output(out, bundle_path, inputs)
     with output_lock(out):
-        b = load_bundle(bundle_path, trust=trust)
-        names = b.class_names
-        topk = min(topk, len(names))
-        runner = make_runner(b, backend, providers, threads)
-        hd = make_head(b, head, head_format, trust_pickle=trust_pickle)
-        detector = reject_detector(b, reject)
-        s = InferSummary(backend=runner.name, provider=runner.provider, head=hd.name, out=str(out) if out else None,
-                         providers_found=available_providers())
+        b = load_bundle(bundle_path, trust=cfg.security.store)
+        predictor = Predictor.open(b, cfg.model, trust_pickle=cfg.security.trust_pickle)
+        topk = min(cfg.topk, len(predictor.names))
+        serving = predictor.describe()
+        s = InferSummary(backend=serving["backend"], provider=serving["provider"], head=serving["head"],
+                         out=str(out) if out else None, providers_found=available_providers())
 
         def predicted():
-            for pb in batches(iter_inputs(inputs, recursive=recursive), b.input_size, batch=batch, workers=workers,
-                              recipe=b.recipe):
-                probs, unknown = predict(runner, hd, detector, pb.x)
-                yield prediction_rows([(it.path, it.error) for it in pb.items], probs, names, topk, unknown)
+            for pb in batches(iter_inputs(inputs, recursive=cfg.recursive), predictor.input_size, batch=cfg.batch,
+                              workers=cfg.workers, recipe=predictor.recipe):
+                yield prediction_rows([(it.path, it.error) for it in pb.items], predictor.predict(pb.x),
+                                      predictor.names, topk)
 
-        rule = RejectRule(detector.score, detector.threshold) if detector else None
-        return write_rows(predicted(), open_sinks(out, fmt, topk, reject=rule), s, progress)
-
-
-def reject_detector(bundle, reject: bool | str | None):
-    """The unknown-input detector ``reject`` asks for (None when off).
-
-    Raises:
-        ConfigError: the bundle has no such score (before any image is read).
-    """
-    if not reject:
-        return None
-    from .unknown import make_detector
-
-    return make_detector(bundle, None if reject is True else str(reject))
-
-
-def predict(runner, head, detector, x):
-    """``(probs of the head, (scores, known) or None)`` of one batch of pixels (``(None, None)``
-    for an empty batch): the one model call, the one head call and the unknown-input rule."""
-    if not len(x):
-        return None, None
-    features, net_probs = runner.run(x)
-    return head(features, net_probs), (detector(features, net_probs) if detector is not None else None)
+        with predictor:
+            return write_rows(predicted(), open_sinks(out, fmt, topk, reject=predictor.rule), s, progress)
 
 
 def output_lock(out: Path | None):
@@ -259,7 +191,6 @@ def output_lock(out: Path | None):
     same file gets :class:`transfer.locks.LockedError` instead of interleaving rows."""
     import contextlib
 
-    from ..locks import locked
 
     return locked(out, purpose="infer") if out is not None else contextlib.nullcontext()
 
@@ -294,5 +225,5 @@ def exit_code(summary: InferSummary, strict: bool) -> int:
     return 0
 
 
-__all__ = ["infer", "InferSummary", "check_options", "exit_code", "output_path", "resolve_format", "top_k",
-           "TransferError"]
+__all__ = ["infer", "InferSummary", "exit_code", "output_path", "resolve_format", "check_output", "output_lock",
+           "write_rows", "TransferError"]

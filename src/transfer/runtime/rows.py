@@ -15,7 +15,7 @@ shows ``\\xff`` escapes.
 Example::
 
     sinks = open_sinks(Path("preds.csv"), "csv", topk=2)
-    for row in prediction_rows(entries, probs, class_names, 2):
+    for row in prediction_rows(entries, predictor.predict(pixels), class_names, 2):
         sinks.write(row)
     sinks.close(ok=True)          # .preds.csv.partial -> preds.csv
 """
@@ -79,18 +79,20 @@ def top_k(p: np.ndarray, names: Sequence[str], k: int) -> tuple[list[str], list[
     return [names[i] for i in order], [float(p[i]) for i in order]
 
 
-def prediction_rows(entries: Sequence[tuple[str, str | None]], probs: np.ndarray | None, names: Sequence[str],
-                    topk: int, unknown: tuple[np.ndarray, np.ndarray] | None = None) -> list[Row]:
+def prediction_rows(entries: Sequence[tuple[str, str | None]], prediction, names: Sequence[str],
+                    topk: int) -> list[Row]:
     """The rows of one batch: ``entries`` are ``(path, error or None)`` in input order and
-    ``probs`` holds one row per entry without error, in the same order; ``unknown``, when an
-    unknown-input rule is on, is ``(scores, known)`` aligned with ``probs``."""
+    ``prediction`` (a :class:`transfer.runtime.predictor.Prediction`) holds one row per entry
+    without error, in the same order, with each image's unknown-input score and decision when a
+    rule is on."""
     rows, j = [], 0
     for path, error in entries:
         if error is not None:
             rows.append(Row(path, error=error))
             continue
-        classes, top = top_k(probs[j], names, topk)
-        extra = {} if unknown is None else {"score": float(unknown[0][j]), "known": bool(unknown[1][j])}
+        classes, top = top_k(prediction.probs[j], names, topk)
+        extra = {} if prediction.known is None else {"score": float(prediction.scores[j]),
+                                                     "known": bool(prediction.known[j])}
         rows.append(Row(path, tuple(classes), tuple(top), **extra))
         j += 1
     return rows

@@ -1,4 +1,10 @@
-"""ONNX Runtime sessions: execution provider choice, threads, and what actually runs."""
+"""ONNX Runtime sessions: the one place they are made (execution providers, threads, spinning).
+
+Every session of the package comes from here: a bundle's model (:func:`make_session`, behind
+:class:`~transfer.runtime.runners.OrtRunner`), a classical head's graph (the same, spinning
+off), and the light session that only reads a file's inputs, outputs and metadata
+(:func:`light_session`, for ``transfer verify``'s graph checks).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError, DependencyMissingError
+from ..fsutil import sha256_file
+from .predict_config import ModelOptions, check_value
 
 #: preference order when nothing is asked for
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -63,11 +71,8 @@ def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
 
 
 def _items(requested: Sequence[str] | str) -> list[str]:
-    items = [r.strip() for r in requested.split(",")] if isinstance(requested, str) else [str(r).strip() for r in requested]
-    if not all(items):
-        raise ConfigError(f"invalid providers list {requested!r}: an empty name", hint="e.g. cuda,cpu",
-                          option="providers")
-    return items
+    value = requested if isinstance(requested, str) else ",".join(str(r) for r in requested)
+    return [r.strip() for r in check_value(ModelOptions, "providers", value).split(",")]
 
 
 def provider_name(short: str, avail: Sequence[str] = ()) -> str:
@@ -87,16 +92,6 @@ def provider_name(short: str, avail: Sequence[str] = ()) -> str:
         if a.lower() in (low, low + "executionprovider"):
             return a
     return short if short.endswith("ExecutionProvider") else f"{short}ExecutionProvider"
-
-
-def check_provider_names(requested: Sequence[str] | str | None) -> None:
-    """Syntax-only check of ``--providers`` (for a driver whose workers may have other builds).
-
-    Raises:
-        ConfigError: an empty name.
-    """
-    if requested:
-        _items(requested)
 
 
 def physical_cores(cpus: Sequence[int] | None = None, *, sysfs: str | os.PathLike = "/sys/devices/system/cpu") -> int:
@@ -127,17 +122,22 @@ def physical_cores(cpus: Sequence[int] | None = None, *, sysfs: str | os.PathLik
 
 
 def default_threads() -> int:
-    """Intra-op threads when none are asked for: the physical cores this process may use.
+    """Intra-op threads when none are asked for (the one rule of ``infer``, ``serve``, ``bench``
+    and export verification): the physical cores this process may use, less one, at least one.
 
-    That is ONNX Runtime's own default (``intra_op_num_threads = 0`` sizes its pool to the
-    physical cores: ``onnxruntime/core/util/thread_utils.cc``; "by default, ort will create one
-    thread on each of your physical cores", microsoft/onnxruntime#12819), computed here
-    because ONNX Runtime counts the machine's cores, not those the process may use
-    (``taskset``, a container's cpuset; microsoft/onnxruntime#29510, #8313). Counting logical
-    CPUs instead put one inference thread on every hyper-thread, on top of the decode
-    threads of ``transfer infer``. A cgroup CPU quota without a cpuset is not seen.
+    Physical cores, as ONNX Runtime counts them for its own default (``intra_op_num_threads =
+    0``: ``onnxruntime/core/util/thread_utils.cc``; "by default, ort will create one thread on
+    each of your physical cores", microsoft/onnxruntime#12819), but counted on the CPUs this
+    process may run on (``taskset``, a container's cpuset; ONNX Runtime counts the machine's:
+    microsoft/onnxruntime#29510, #8313): one inference thread per hyper-thread only adds
+    contention. Less one, because a model never runs alone here: ``transfer infer`` decodes
+    the next batches in its ``--workers`` threads meanwhile, ``transfer serve`` reads, decodes
+    and answers requests. Measured on 2 cores (docs/benchmarks.md, "ONNX Runtime threads"): one
+    thread served 1.8x (arc2) and 1.6x (MobileNetV2) the answers/s of two spinning threads and
+    ran ``transfer infer`` on MobileNetV2 1.4x faster at two thirds of the CPU per image. A
+    cgroup CPU quota without a cpuset is not seen.
     """
-    return physical_cores()
+    return max(1, physical_cores() - 1)
 
 
 #: the GPU execution providers whose options make_session sets
@@ -154,7 +154,6 @@ def ort_trt_cache_dir(model_path: str | os.PathLike, root: str | os.PathLike | N
     Runtime keys the engine files inside it by graph, compute capability and TensorRT
     version itself.
     """
-    from ..fsutil import sha256_file
 
     if root is None:
         root = os.environ.get("TRANSFER_CACHE_DIR") or Path(
@@ -202,7 +201,7 @@ def provider_options(provider: str, model_path: str | os.PathLike | None = None,
 
 def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None = None, *,
                  threads: int | None = None, provider_options: dict | Sequence[dict] | None = None,
-                 device_id: int = 0, fp16: bool = False):
+                 device_id: int = 0, fp16: bool = False, spinning: bool = True):
     """An ``InferenceSession`` with full graph optimization; returns ``(session, provider that runs)``.
 
     Args:
@@ -213,6 +212,11 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None 
             provider: a dict ``{provider name or alias: {option: value}}`` (merged over the
             defaults) or a list aligned with the chosen providers (used as given).
         device_id / fp16: passed to :func:`provider_options` (GPU providers only).
+        spinning: whether idle intra-op threads spin for the next piece of work
+            (``session.intra_op.allow_spinning``). ONNX Runtime spins by default, which
+            is fastest for back-to-back calls; ``False`` for calls with gaps between them
+            on cores other threads need (a server's event loop and decoding, a head's short
+            call after the model).
 
     Raises:
         ConfigError: a provider is unavailable, ``threads`` < 1, or ``provider_options``
@@ -223,17 +227,30 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | str | None 
         sess, used = make_session("bundle/model.onnx", "cuda", provider_options={"cuda": {"device_id": 1}})
     """
     ort = _ort()
-    if threads is not None and int(threads) < 1:
-        raise ConfigError(f"ONNX Runtime threads must be positive (got {threads})", option="threads")
+    threads = check_value(ModelOptions, "threads", threads)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(threads or default_threads())
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provs = choose_providers(providers)
     opts = _options_for(provs, path, provider_options, device_id=device_id, fp16=fp16)
     sess = ort.InferenceSession(str(Path(path)), so, providers=provs, provider_options=opts)
     return sess, sess.get_providers()[0]
+
+
+def light_session(path: str | os.PathLike):
+    """A CPU session with graph optimizations off and one thread: enough to read a file's inputs,
+    outputs and metadata (:func:`transfer.onnx_facts.facts_of_session`), e.g. to check a
+    bundle's graphs against its manifest without running them."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _options_for(provs: list[str], path, overrides, **kw) -> list[dict]:

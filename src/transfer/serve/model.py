@@ -1,16 +1,16 @@
 """The served model: one function loads a bundle for serving, one method builds an answer row.
 
-:func:`load_model` is the only place the server opens a bundle (hash-checked by
-:func:`transfer.bundle.load_bundle`, so a bundle ``transfer verify`` refuses never
-starts), and :meth:`ServedModel.row` the only place a probability row becomes an answer.
-Options that change what is loaded or answered (a signature to trust, a calibrated
-"unknown" threshold) belong in :class:`ModelOptions` and these two places.
+:func:`load_model` is the only place the server opens a bundle (hash-checked once by
+:func:`transfer.bundle.load_bundle`, so a bundle ``transfer verify`` refuses never starts)
+and makes its :class:`~transfer.runtime.predictor.Predictor` (the runner, head and
+unknown-input rule ``transfer infer`` uses too); :meth:`ServedModel.row` is the only place a
+probability row becomes an answer. What is loaded and answered is decided by the model and
+trust groups of :class:`~transfer.serve.serve_config.ServeConfig`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,30 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import MANIFEST, Bundle, load_bundle
-from ..errors import BundleError
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """What runs: the bundle's model for ``backend`` on ``providers`` with ``threads``, and ``head``."""
-
-    backend: str | None = None
-    providers: str | None = None
-    threads: int | None = None
-    head: str = "network"
-    head_format: str = "onnx"
-    trust: tuple[str, ...] | bool | None = None  # public keys; None: TRANSFER_TRUST; False: checked by the Ray driver
-    trust_pickle: bool = False
-    reject: bool | str = False                # True: the bundle's default unknown-input score; or its name
-
-    @classmethod
-    def of(cls, config) -> "ModelOptions":
-        """The model options of a :class:`transfer.serve.config.ServeConfig`."""
-        return cls(backend=config.backend, providers=config.providers, threads=config.threads or default_threads(),
-                   head=config.head, head_format=config.head_format,
-                   trust=(tuple(config.trust) if config.trust else False if config.trust == () else None),
-                   trust_pickle=config.trust_pickle,
-                   reject=(config.unknown_score or True) if config.reject else False)
+from ..runtime.predict_config import ModelOptions, TrustOptions
+from ..runtime.predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -69,67 +47,38 @@ class BatchPrediction:
         return ImagePrediction(self.probs[i], float(self.unknown[0][i]), bool(self.unknown[1][i]))
 
 
-def default_threads() -> int:
-    """ONNX Runtime threads of a server: every core but one, which is left to HTTP and decoding.
-
-    (ONNX Runtime's threads spin while they wait for work; with one per core they take the
-    CPU the event loop needs: on 2 cores, 2 threads served ~20 % fewer requests per second
-    at ~60 % more CPU per request than 1.)
-    """
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
-
-
 def bundle_id(bundle: Bundle) -> str:
-    """``sha256:<hex>`` of the bundle's ``manifest.json`` (the manifest holds every file's SHA-256,
-    so this names the whole bundle: ``sha256sum BUNDLE/manifest.json`` prints the same hex).
-
-    Raises:
-        BundleError: the manifest changed after the bundle was loaded.
-    """
-    raw = (bundle.path / MANIFEST).read_bytes()
-    if json.loads(raw) != bundle.manifest:
-        raise BundleError(f"{bundle.path / MANIFEST} changed while the bundle was being loaded",
-                          hint="start the server again once the bundle is complete")
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
-def check_options(bundle: Bundle, options: ModelOptions) -> None:
-    """Refuse a backend or head the bundle cannot serve, without creating a session (the Ray
-    driver checks this before any replica starts).
-
-    Raises:
-        ConfigError / BundleError: as :func:`transfer.runtime.runners.model_key_for` and
-            :func:`transfer.runtime.heads.check_head`.
-    """
-    from ..runtime.heads import check_head
-    from ..runtime.infer import reject_detector
-    from ..runtime.runners import model_key_for
-
-    model_key_for(bundle, options.backend)
-    check_head(bundle, options.head, options.head_format, trust_pickle=options.trust_pickle)
-    reject_detector(bundle, options.reject)
+    """``sha256:<hex>`` of the bundle's ``manifest.json`` as it was checked when loaded (the
+    manifest holds every file's SHA-256, so this names the whole bundle: ``sha256sum
+    BUNDLE/manifest.json`` prints the same hex; a bundle made in code: its manifest file's now)."""
+    if bundle.digest is None:
+        return "sha256:" + hashlib.sha256((Path(bundle.path) / MANIFEST).read_bytes()).hexdigest()
+    return "sha256:" + bundle.digest
 
 
 class ServedModel:
-    """A verified bundle with its runner and head, ready for batches of pixels."""
+    """A verified bundle and its predictor, ready for batches of pixels."""
 
-    def __init__(self, bundle: Bundle, options: ModelOptions):
-        from ..runtime.heads import make_head
-        from ..runtime.runners import make_runner
-
+    def __init__(self, bundle: Bundle, predictor: Predictor, options: ModelOptions):
         self.bundle = bundle
+        self.predictor = predictor
         self.options = options
         self.id = bundle_id(bundle)
-        self.names = bundle.class_names
-        self.size = bundle.input_size
-        self.runner = make_runner(bundle, options.backend, options.providers, options.threads)
-        self.head = make_head(bundle, options.head, options.head_format, trust_pickle=options.trust_pickle)
-        from ..runtime.infer import reject_detector
+        self.names = predictor.names
+        self.size = predictor.input_size
+        self.recipe = predictor.recipe
 
-        self.detector = reject_detector(bundle, options.reject)
+    @property
+    def runner(self):
+        return self.predictor.runner
+
+    @property
+    def head(self):
+        return self.predictor.head
+
+    @property
+    def detector(self):
+        return self.predictor.detector
 
     def stack(self, images: list[np.ndarray]) -> np.ndarray:
         """The decoded images of one batch as the model's input: uint8 (N, H, W, 3) (the batcher
@@ -137,9 +86,8 @@ class ServedModel:
         return np.stack(images)
 
     def predict(self, x: np.ndarray) -> tuple[BatchPrediction, float]:
-        """Class probabilities of a batch: one model call and one head call (and, with
-        ``--reject``, the unknown-input rule on the network's outputs), as
-        :func:`transfer.runtime.infer.predict` does for ``transfer infer``.
+        """Class probabilities of a batch (:meth:`transfer.runtime.predictor.Predictor.predict`:
+        one model call, one head call and, with ``--reject``, the unknown-input rule).
 
         Args:
             x: uint8 or float32 (N, H, W, 3) RGB pixels 0..255.
@@ -147,11 +95,10 @@ class ServedModel:
         Returns:
             (a :class:`BatchPrediction` of N images, seconds the calls took).
         """
-        from ..runtime.infer import predict
-
         t = time.perf_counter()
-        probs, unknown = predict(self.runner, self.head, self.detector, np.asarray(x, dtype=np.float32))
-        return BatchPrediction(np.asarray(probs, dtype=np.float32), unknown), time.perf_counter() - t
+        pred = self.predictor.predict(x)
+        unknown = None if pred.known is None else (pred.scores, pred.known)
+        return BatchPrediction(pred.probs, unknown), time.perf_counter() - t
 
     def warm_up(self, max_batch: int) -> float:
         """Run the smallest and the largest batch once (sessions allocate on first use); seconds taken."""
@@ -165,10 +112,8 @@ class ServedModel:
         """The answer for one image: ``{"top": [{"class", "prob"}, ...]}``, most probable first;
         with ``--reject`` also ``"decision": "known" | "unknown"`` and the rule and score
         (``"unknown": {"score", "value", "threshold"}``), as every ``transfer infer --reject`` row."""
-        from ..runtime.infer import top_k
-
         probs = pred.probs if isinstance(pred, ImagePrediction) else pred
-        classes, ps = top_k(probs, self.names, min(topk, len(self.names)))
+        classes, ps = self.predictor.top_k(probs, topk)
         out = {"top": [{"class": c, "prob": p} for c, p in zip(classes, ps)]}
         if self.detector is not None and isinstance(pred, ImagePrediction) and pred.known is not None:
             out["decision"] = "known" if pred.known else "unknown"
@@ -178,6 +123,7 @@ class ServedModel:
     def info(self) -> dict:
         """What ``GET /v1/model`` shows: classes, input, models, heads, verification."""
         m = self.bundle.manifest
+        serving = self.predictor.describe()
         return {
             "bundle_id": self.id,
             "bundle": Path(self.bundle.path).name,
@@ -192,9 +138,8 @@ class ServedModel:
                        for k, e in self.bundle.models.items()},
             "heads": ["network", *sorted(self.bundle.heads)],
             "default_head": m.get("default_head", "network"),
-            "serving": {"backend": self.runner.name, "provider": self.runner.provider,
-                        "model": self.runner.model_key, "head": self.head.name,
-                        "head_format": self.options.head_format if self.head.name != "network" else None},
+            "serving": {**serving,
+                        "head_format": self.options.head_format if serving["head"] != "network" else None},
             "verification": {"valid": bool(m.get("valid", False)), "checks": m.get("verification", {})},
             "signed_by": self.bundle.signer, "trusted": self.bundle.trusted,
             "calibration": m.get("calibration"),
@@ -204,8 +149,22 @@ class ServedModel:
         }
 
 
-def load_model(bundle_path, options: ModelOptions) -> ServedModel:
-    """Open a bundle for serving: hashes checked, options checked, sessions created.
+def open_model(bundle: Bundle, options: ModelOptions | None = None, *, trust_pickle: bool = False,
+               spinning: bool = False) -> ServedModel:
+    """A :class:`ServedModel` of an already loaded bundle: options checked against it, then the
+    sessions made, by default with idle threads that do not spin (between batches the event loop
+    and the decode threads need the cores: docs/benchmarks.md, "ONNX Runtime threads").
+
+    Raises:
+        as :meth:`transfer.runtime.predictor.Predictor.open`.
+    """
+    options = options or ModelOptions()
+    predictor = Predictor.open(bundle, options, trust_pickle=trust_pickle, spinning=spinning)
+    return ServedModel(bundle, predictor, options)
+
+
+def load_model(bundle_path, model: ModelOptions | None = None, security: TrustOptions | None = None) -> ServedModel:
+    """Open a bundle for serving: hashes checked (once), options checked, sessions created.
 
     Raises:
         BundleError / TamperedBundleError: what ``transfer verify`` refuses.
@@ -217,10 +176,10 @@ def load_model(bundle_path, options: ModelOptions) -> ServedModel:
         model = load_model("runs/digits/bundle", ModelOptions(head="rf"))
         probs, seconds = model.predict(pixels)
     """
-    trust = list(options.trust) if options.trust else (False if options.trust is False else None)
-    bundle = load_bundle(bundle_path, trust=trust)
-    check_options(bundle, options)
-    return ServedModel(bundle, options)
+    security = security or TrustOptions()
+    bundle = load_bundle(bundle_path, trust=security.store)
+    return open_model(bundle, model, trust_pickle=security.trust_pickle)
 
 
-__all__ = ["ModelOptions", "ImagePrediction", "BatchPrediction", "ServedModel", "load_model", "check_options", "bundle_id", "default_threads"]
+__all__ = ["ModelOptions", "TrustOptions", "ImagePrediction", "BatchPrediction", "ServedModel", "load_model",
+           "open_model", "bundle_id"]

@@ -20,21 +20,22 @@ import time
 from pathlib import Path
 
 from .._ray import init_ray
-from ..bundle import load_bundle
-from ..errors import ConfigError
+from ..bundle import MANIFEST, Bundle, load_bundle
+from ..errors import ConfigError, DependencyMissingError
+from ..options import replace
 from ..progress import ProgressLike, as_progress
+from ..runtime.predictor import check_options
 from ._deps import check_installed
-from .config import ServeConfig, read_api_key
-from .model import ModelOptions, bundle_id, check_options
+from .model import bundle_id, load_model
+from .serve_config import ServeConfig, read_api_key
 
 APP_NAME = "transfer"
 
 
-def pack_bundle(path) -> dict[str, bytes]:
-    """Every file of a verified bundle (its manifest and the files it lists), by relative path."""
-    b = load_bundle(path)
-    rels = ["manifest.json", *sorted(b.manifest.get("files", {}))]
-    return {rel: (b.path / rel).read_bytes() for rel in rels}
+def pack_bundle(b: Bundle) -> dict[str, bytes]:
+    """Every file of a loaded (verified) bundle: its manifest and the files it lists, by relative path."""
+    return {MANIFEST: (b.path / MANIFEST).read_bytes(),
+            **{rel: b.paths[rel].read_bytes() for rel in sorted(b.paths)}}
 
 
 class Replica:
@@ -49,9 +50,7 @@ class Replica:
             p = self._dir / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
-        from .model import load_model
-
-        self.model = load_model(self._dir, ModelOptions.of(config))
+        self.model = load_model(self._dir, config.model, config.security)
         if self.model.id != expected_id:
             raise ConfigError(f"the bundle arrived changed on this node ({self.model.id} != {expected_id})")
         self.config = config
@@ -96,14 +95,14 @@ def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None
     """
     p = as_progress(progress)
     check_installed()
-    config.validate()
     key = read_api_key(config.api_key_file) if config.api_key_file else None
-    b = load_bundle(bundle_path, trust=list(config.trust) if config.trust else None)
-    check_options(b, ModelOptions.of(config))
+    b = load_bundle(bundle_path, trust=config.security.store)
+    check_options(b, config.model, trust_pickle=config.security.trust_pickle)
     # the signature and trust are decided here; replicas get the files, not the keys
-    config = config.replace(trust=(), trust_pickle=config.trust_pickle or b.trusted)
+    config = replace(config, security=replace(config.security, trust=(),
+                                              trust_pickle=config.security.trust_pickle or b.trusted))
     bid = bundle_id(b)
-    files = pack_bundle(bundle_path)
+    files = pack_bundle(b)
     ray = init_ray(config.address, purpose="transfer serve --ray")
     if on_signal is not None and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -112,7 +111,6 @@ def start_ray(bundle_path, config: ServeConfig, *, progress: ProgressLike = None
     try:
         from ray import serve
     except ImportError as exc:
-        from ..errors import DependencyMissingError
 
         raise DependencyMissingError(f"Ray Serve is not installed: {exc}", hint='pip install "transfer[serve-ray]"') from None
     p.say(f"deploying {config.replicas} replica(s) of {b.path} ({bid[:19]}...) on Ray Serve ...")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..progress import ProgressLike, as_progress
 from ._deps import check_installed, need
-from .config import ServeConfig, read_api_key
-from .model import ModelOptions, ServedModel, load_model
+from .model import ServedModel, load_model
+from .serve_config import ServeConfig, read_api_key
 
 
 @dataclass
@@ -101,16 +101,15 @@ def serve(bundle_path, config: ServeConfig, *, progress: ProgressLike = None,
 
     Example::
 
-        serve("runs/digits/bundle", ServeConfig(port=8000, head="rf").validate())
+        serve("runs/digits/bundle", make(ServeConfig, {"port": 8000, "head": "rf"}))
     """
     from .app import create_app
 
     p = as_progress(progress)
     check_installed()
-    config.validate()
     key = read_api_key(config.api_key_file) if config.api_key_file else None
     if model is None:
-        model = load_model(bundle_path, ModelOptions.of(config))
+        model = load_model(bundle_path, config.model, config.security)
     app = create_app(model, config, key=key)
     state = app.state.transfer
     sock = listen_socket(config.host, config.port)
