@@ -25,7 +25,11 @@ from transfer.signing import TRUST_ENV, generate_key, load_signing_key, trust_st
 
 
 def test_key_commands_are_registered():
-    assert {"keygen", "sign"} <= set(cli.commands)
+    import click
+
+    ctx = click.Context(cli)
+    assert {"keygen", "sign"} <= set(cli.list_commands(ctx))
+    assert all(cli.get_command(ctx, name) is not None for name in ("keygen", "sign"))
 
 
 @pytest.fixture
