@@ -18,7 +18,7 @@ def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_class
     """A bundle of a random-weights classifier (speed only; no run folder). Its fp32 check
     compares ONNX Runtime with Keras on 8 random images, so the bundle loads like an exported one."""
     from transfer.bundle import new_manifest, write_bundle
-    from transfer.export.onnx import export_onnx
+    from transfer.models.onnx_convert import export_onnx
     from transfer.export.keras_runner import KerasRunner
     from transfer.export.verify import parity_check, run_all
     from transfer.runtime.runners import OrtRunner

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from transfer.data.datasets import write_digits
-from transfer.analysis.heads import fit_heads
+from transfer.analysis.head_study import fit_heads
 
 from analysis_helpers import build_run
 

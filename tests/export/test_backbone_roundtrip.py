@@ -21,7 +21,7 @@ def _params():
 def test_roundtrip(name, tmp_path):
     import onnxruntime as ort
 
-    from transfer.export.onnx import export_onnx
+    from transfer.models.onnx_convert import export_onnx
     from transfer.models.build import build_classifier, load_model
 
     spec = get_backbone(name)

@@ -127,7 +127,7 @@ def test_failed_verification_marks_the_bundle_invalid(run_copy, tmp_path):
 
 
 def test_interrupted_export_leaves_no_bundle(run_copy, monkeypatch):
-    import transfer.export.onnx as onnx_mod
+    import transfer.models.onnx_convert as onnx_mod
     from transfer.export.api import export_bundle
 
     real = onnx_mod.export_onnx

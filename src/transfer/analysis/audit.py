@@ -56,7 +56,7 @@ from ..fsutil import read_json, sha256_file, write_json_atomic
 from ..progress import ProgressLike, as_progress
 from ..tables import markdown, write_csv
 from .audit_page import KINDS, write_page
-from .options import check_int
+from ..options import check_int
 
 AUDIT_VERSION = 3
 CSV_COLUMNS = ("path", "kind", "score", "group", "label", "suggested_label", "split", "detail")
@@ -383,7 +383,7 @@ class _Engine:
                                    f"audited images")
 
     def _keras_because(self, m: dict, why: str) -> None:
-        from ..export.onnx import two_output_model
+        from ..models.onnx_convert import two_output_model
         from .audit_model import load_source_model
 
         name = m["name"]

@@ -10,7 +10,7 @@ audit (measured: 24 MB -> 704 MB resident on import; the whole 60,000-image audi
 1.39 GB), and Keras's per-batch ``predict_on_batch`` of arc2 takes 5.7 s per 10,000
 Fashion-MNIST images where ONNX Runtime on one thread takes 2.7 s. So a child process
 (``python -m transfer.analysis.audit_model SPEC``) loads each model, converts it with
-:func:`transfer.export.onnx.export_onnx` (as ``transfer export`` does), decodes a few of the
+:func:`transfer.models.onnx_convert.export_onnx` (as ``transfer export`` does), decodes a few of the
 audited images with the model's own loader (:func:`transfer.data.image.load_image` with the
 run's recorded pixel recipe) and writes Keras's features and softmax of them; it runs while the
 audit hashes the files. The audit then runs the ONNX graphs with ONNX Runtime and first compares
@@ -101,7 +101,7 @@ def reference_pixels(paths, size, limit: int, *, recipe: dict | None) -> tuple[n
 
 def convert(model_spec: dict, x: np.ndarray, used: list[str]) -> dict:
     """Convert one model (see the module docstring) and return ``{"dim", "classes"}``."""
-    from ..export.onnx import export_onnx, two_output_model
+    from ..models.onnx_convert import export_onnx, two_output_model
 
     model = load_source_model(model_spec)
     export_onnx(model, model_spec["onnx"])

@@ -34,7 +34,7 @@ from ..progress import ProgressLike, as_progress
 from ..tables import markdown, write_csv
 from .features import check_splits, load_split, open_run, resolve_trials
 from .metrics import classification_metrics
-from .options import check_int
+from ..options import check_int
 
 #: the files an evaluation writes into ``RUN/evaluate/<trial>/``
 OUTPUTS = ("metrics.json", "per_class.csv", "per_class.md", "confusion.csv", "confusion.png", "samples.png",

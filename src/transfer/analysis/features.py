@@ -45,7 +45,7 @@ from ..errors import ConfigError, DataError, RunFolderError
 from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic
 from ..progress import ProgressLike, as_progress
 from ..runfolder import RunFolder, TrialInfo
-from .options import check_choices, check_int
+from ..options import check_choices, check_int
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1

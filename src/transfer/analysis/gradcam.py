@@ -48,7 +48,7 @@ from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 from ..maps import overlay  # noqa: F401  (the one overlay; re-exported for callers of this module)
 from ..progress import ProgressLike, as_progress
-from .options import check_choices, check_int, one_of
+from ..options import check_choices, check_int, one_of
 
 #: CAM methods.
 METHODS = ("gradcam", "gradcam++", "scorecam")

@@ -38,7 +38,7 @@ from ..progress import ProgressLike, as_progress
 from ..runfolder import SPLITS, RunFolder, RunLayout
 from ..tables import markdown, write_csv
 from .metrics import classification_metrics
-from .options import check_choices, check_list, positive_int
+from ..options import check_choices, check_list, positive_int
 
 MODES = ("totv", "tvtv")
 _SUMMARY_COLUMNS = ("size", "images", "accuracy", "macro_precision", "macro_recall", "macro_f1")

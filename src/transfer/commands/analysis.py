@@ -49,7 +49,7 @@ def heads(run, trial, heads, rf_n_estimators, rf_max_depth, rf_n_jobs, svm_c, sv
     \b
     transfer heads runs/digits --head rf,svm,logreg --rf-trees 500 --svm-c 10
     """
-    from ..analysis.heads import check_kinds, fit_heads, render_table
+    from ..analysis.head_study import check_kinds, fit_heads, render_table
 
     kinds = check_kinds(parse_csv(heads, str, name="--head"))
     given = {("rf", "n_estimators"): rf_n_estimators, ("rf", "max_depth"): rf_max_depth, ("rf", "n_jobs"): rf_n_jobs,

@@ -208,7 +208,7 @@ def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_dr
                               + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""),
                               option=name)
     if head is not None:
-        from ..analysis.heads import check_kinds
+        from ..analysis.head_study import check_kinds
 
         head = check_kinds([head])[0]
     if isinstance(unknown_accept, bool) or not isinstance(unknown_accept, (int, float)) or not 0 < unknown_accept < 1:
@@ -382,7 +382,7 @@ def _fp32_outputs(ctx: ExportContext) -> tuple[Outputs, str]:
 def _fp32_step() -> Step:
     """Keras -> ONNX fp32 (tf2onnx), compared with Keras itself."""
     def convert(ctx):
-        from .onnx import export_onnx
+        from ..models.onnx_convert import export_onnx
 
         ctx.progress.say(f"export {ctx.t.name}: converting to ONNX (opset {ctx.opset})")
         io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset)
@@ -412,7 +412,7 @@ def _int8_step() -> Step:
         from .quantize import calibration_batches, quantize_int8
 
         train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
-        from .onnx import stamp_onnx
+        from ..models.onnx_convert import stamp_onnx
 
         calib = [b.astype(np.uint8) for b in calibration_batches(train_paths, ctx.t.image_size,
                                                                  count=ctx.calib_images, progress=ctx.progress,
@@ -460,7 +460,7 @@ def _fp16_step() -> Step:
         from .fp16 import convert_fp16
 
         ctx.progress.say("fp16: converting the ONNX model (float32 input and outputs kept)")
-        from .onnx import stamp_onnx
+        from ..models.onnx_convert import stamp_onnx
 
         info = convert_fp16(ctx.folder / "model.onnx", ctx.folder / "model.fp16.onnx")
         stamp_onnx(ctx.folder / "model.fp16.onnx", role="model", precision="fp16")
@@ -720,8 +720,8 @@ def _temperature_step() -> Step:
 def _head_step(kind: str) -> Step:
     """A fitted classical head: its pickle shipped, its ONNX graph (skl2onnx) compared with the pickle."""
     def convert(ctx):
-        from ..analysis.heads import ensure_head, load_head
-        from .head_onnx import head_to_onnx
+        from ..analysis.head_study import ensure_head, load_head
+        from ..classical_heads import head_to_onnx
 
         rf, t, d = ctx.rf, ctx.t, ctx.extra["feature_dim"]
         pkl, meta = ensure_head(rf, t.name, kind, progress=ctx.progress)

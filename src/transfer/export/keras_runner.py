@@ -14,7 +14,7 @@ from ..bundle import Bundle
 from ..errors import TransferError
 from ..runfolder import RunFolder
 from ..runtime.runner_base import Runner
-from .onnx import two_output_model
+from ..models.onnx_convert import two_output_model
 
 
 class KerasRunner(Runner):

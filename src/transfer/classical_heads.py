@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._lazy import require
-from ..errors import ExportError
+from ._lazy import require
+from .errors import ExportError
 
 HEAD_INPUT = "features"
 HEAD_OUTPUT = "probabilities"
@@ -59,7 +59,7 @@ def head_to_onnx(estimator, feature_dim: int, path: str | os.PathLike, *, opset:
                               for o in node.output]
         for o in proto.graph.output:
             o.name = {"output_probability": HEAD_OUTPUT, "output_label": "label"}.get(o.name, o.name)
-    from .onnx import set_metadata
+    from .models.onnx_convert import set_metadata
 
     set_metadata(proto, role="head")
     path = Path(path)

@@ -36,7 +36,7 @@ from ..progress import ProgressLike, as_progress
 from ..tables import cell, markdown, write_csv
 from .features import SPLITS, extract_features, load_split, open_run, resolve_trial, resolve_trials
 from .metrics import accuracy
-from .options import check_choices
+from ..options import check_choices
 
 
 class HeadIntegrityError(TransferError):
