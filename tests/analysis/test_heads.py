@@ -14,7 +14,8 @@ from transfer.errors import ConfigError
 from transfer.fsutil import sha256_file
 from transfer.runfolder import RunFolder
 from transfer.analysis.features import load_split
-from transfer.analysis.head_study import HeadIntegrityError, ensure_head, fit_heads, load_head, make_estimator
+from transfer.analysis.head_study import ensure_head, fit_heads
+from transfer.classical_heads import HeadIntegrityError, load_head, make_estimator
 
 from analysis_helpers import copy_run
 

@@ -24,7 +24,7 @@ def _progress(quiet: bool):
 @click.option("--trial", default="best", show_default=True, help="best | all | a trial name (comma-separated names).")
 @click.option("--head", "heads", default="rf,svm,logreg", show_default=True, metavar="H,..",
               help="Classical heads to fit: rf, svm, logreg, knn.")
-# each flag's parameter is named <kind>_<estimator parameter> (heads.param_option), so an error
+# each flag's parameter is named <kind>_<estimator parameter> (classical_heads.param_option), so an error
 # about that parameter is shown with its flag
 @click.option("--rf-trees", "rf_n_estimators", type=int, help="RandomForest: number of trees. [default: 200]")
 @click.option("--rf-depth", "rf_max_depth", type=int, help="RandomForest: maximum depth. [default: unlimited]")
@@ -49,7 +49,8 @@ def heads(run, trial, heads, rf_n_estimators, rf_max_depth, rf_n_jobs, svm_c, sv
     \b
     transfer heads runs/digits --head rf,svm,logreg --rf-trees 500 --svm-c 10
     """
-    from ..analysis.head_study import check_kinds, fit_heads, render_table
+    from ..analysis.head_study import fit_heads, render_table
+    from ..classical_heads import check_kinds
 
     kinds = check_kinds(parse_csv(heads, str, name="--head"))
     given = {("rf", "n_estimators"): rf_n_estimators, ("rf", "max_depth"): rf_max_depth, ("rf", "n_jobs"): rf_n_jobs,

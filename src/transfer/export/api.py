@@ -208,7 +208,7 @@ def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_dr
                               + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""),
                               option=name)
     if head is not None:
-        from ..analysis.head_study import check_kinds
+        from ..classical_heads import check_kinds
 
         head = check_kinds([head])[0]
     if isinstance(unknown_accept, bool) or not isinstance(unknown_accept, (int, float)) or not 0 < unknown_accept < 1:
@@ -720,8 +720,8 @@ def _temperature_step() -> Step:
 def _head_step(kind: str) -> Step:
     """A fitted classical head: its pickle shipped, its ONNX graph (skl2onnx) compared with the pickle."""
     def convert(ctx):
-        from ..analysis.head_study import ensure_head, load_head
-        from ..classical_heads import head_to_onnx
+        from ..analysis.head_study import ensure_head
+        from ..classical_heads import head_to_onnx, load_head
 
         rf, t, d = ctx.rf, ctx.t, ctx.extra["feature_dim"]
         pkl, meta = ensure_head(rf, t.name, kind, progress=ctx.progress)
