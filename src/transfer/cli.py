@@ -21,7 +21,7 @@ from .errors import TransferError
 #: the module of each top-level command: a command's module (and what it imports to declare its
 #: options, e.g. the training config) is imported only when that command runs or help lists it, so
 #: `transfer infer` on the TensorFlow-free base install never imports the trainer or the exporter
-_COMMAND_OF = {"data": ("data", "audit"), "backbones": ("models",), "train": ("train",), "rank": ("rank",),
+_COMMAND_OF = {"data": ("data",), "backbones": ("models",), "train": ("train",), "rank": ("train",),
                "heads": ("analysis",), "evaluate": ("analysis",), "features": ("analysis",),
                "gradcam": ("explain",), "resolution": ("explain",), "report": ("explain",),
                "export": ("export",), "verify": ("export",), "infer": ("runtime",), "bench": ("runtime",),

@@ -99,7 +99,7 @@ def test_audit_features_fall_back_to_keras(pattern_data, tmp_path, monkeypatch):
 
 
 def test_audit_cli(pattern_data, tmp_path):
-    import transfer.commands.audit  # noqa: F401  (attaches `data audit`)
+    import transfer.commands.data  # noqa: F401  (attaches `data audit`)
     from transfer.cli import cli
 
     data = _small_folder(pattern_data, tmp_path / "data")

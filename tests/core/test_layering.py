@@ -136,6 +136,56 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
     return out
 
 
+def package_of(module: str) -> str:
+    """The package a module belongs to: ``transfer.export.api`` -> ``transfer.export``; a module at
+    the top of the package (``transfer.bundle``) is its own unit."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Which package imports which (every import, also inside functions)."""
+    graph: dict[str, set[str]] = {}
+    for f in _files():
+        me = package_of(_module_name(f))
+        graph.setdefault(me, set())
+        for _, mod in imports_of(f):
+            if mod.startswith("transfer.") and _exists(mod) and package_of(mod) != me:
+                graph[me].add(package_of(mod))
+    return graph
+
+
+def test_no_package_cycles():
+    """No two packages (or top-level modules) import each other, directly or in a circle: each
+    package sits below the ones that use it (``classical_heads`` below ``analysis`` and ``export``)."""
+    graph = package_graph()
+    cycles = _strongly_connected(graph)
+    detail = []
+    for c in cycles:
+        for a in sorted(c):
+            detail += [f"{a} -> {b}" for b in sorted(graph[a] & c)]
+    assert not cycles, "packages that import each other: " + "; ".join(detail)
+
+
+def test_the_package_graph_sees_export_above_analysis():
+    """The checker itself: export uses analysis (to fit a missing head), so analysis must not use export."""
+    graph = package_graph()
+    assert "transfer.analysis" in graph["transfer.export"]
+    assert "transfer.classical_heads" in graph["transfer.analysis"]
+
+
+def test_module_names_are_used_once():
+    """A module's file name says which module it is: no two modules share a basename (``__init__``
+    aside), so ``heads`` or ``options`` in a traceback or a review means one file."""
+    seen: dict[str, list[str]] = {}
+    for f in _files():
+        if f.name != "__init__.py":
+            seen.setdefault(f.stem, []).append(str(f.relative_to(SRC.parent)))
+    twice = {k: v for k, v in seen.items() if len(v) > 1}
+    assert not twice, "module names used more than once: " + "; ".join(
+        f"{k}: {', '.join(v)}" for k, v in sorted(twice.items()))
+
+
 def test_cycle_finder_finds_a_cycle():
     assert _strongly_connected({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]
 

@@ -583,7 +583,7 @@ def _calibration(rf: RunLayout) -> Section | None:
                 for k, v in unk["scores"].items()], title="unknown-input scores (transfer infer/serve --reject)")
     res = _safe_json(rf.evaluate_dir(trial) / "unknown.json")
     if isinstance(res, dict) and res.get("scores"):
-        from .unknown import unknown_table
+        from .unknown_study import unknown_table
 
         _table(sec, *unknown_table(res), title=f"known test images ({res['known']}) vs unknown images "
                                                 f"({res['unknown']}: {', '.join(res.get('unknown_inputs', []))})")

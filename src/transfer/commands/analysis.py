@@ -100,7 +100,7 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
 
     rf = _open(run)
     if unknown:
-        from ..analysis.unknown import evaluate_unknown_run, group_table, unknown_table
+        from ..analysis.unknown_study import evaluate_unknown_run, group_table, unknown_table
         from ..tables import markdown
 
         with run_lock(run, "evaluate"):

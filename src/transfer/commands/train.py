@@ -1,4 +1,5 @@
-"""``transfer train``: a freeze sweep over backbones x trainable fractions."""
+"""``transfer train``: a freeze sweep over backbones x trainable fractions; ``transfer rank``: the
+candidate backbones ranked before any training (LogME + linear probe)."""
 
 from __future__ import annotations
 
@@ -69,4 +70,55 @@ def train(data, config_file, use_ray, quiet, **kwargs) -> None:
         )
 
 
-COMMANDS = [train]
+#: the options of ``transfer train`` that decide what ``transfer rank`` scores (the run folder, the
+#: split, the backbones and their initial weights, the input size, the data pipeline)
+RANK_OPTIONS = ("out", "backbones", "weights", "image_size", "batch_size", "seed", "split", "val", "test", "kfold",
+                "dedupe", "workers", "cache", "allow_nested", "allow_case_clash")
+
+
+@click.command("rank")
+@click.argument("data", type=click.Path(file_okay=False), required=False)
+@click_options(TrainConfig, only=RANK_OPTIONS)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file of `transfer train` options (those above are read; flags given on the command line win).")
+@quiet_option
+def rank(data, config_file, quiet, **kwargs) -> None:
+    """Rank candidate backbones for the image folder DATA before training any of them.
+
+    Each backbone's pooled features at its initial weights (the frozen-prefix cache a sweep
+    builds anyway) get a LogME score (You et al., ICML 2021: how well a Bayesian linear model
+    explains the labels from them; higher is better) on the training images, and a converged
+    linear probe, whose validation accuracy is printed beside it. The run folder --out is
+    prepared as `transfer train` prepares it (the same split and initial weights); a sweep
+    trained into it afterwards reuses the caches and probes.
+
+    \b
+    transfer rank data/target --backbone mobilenet_v2,arc2,arc3 \\
+        --weights mobilenet_v2=runs/pre/trials/mobilenet_v2-t100/model.keras --image-size 64 --out runs/target
+    transfer train data/target --backbone mobilenet_v2 ... --schedule halving --out runs/target
+    """
+    from ..errors import ConfigError
+    from ..progress import Progress
+    from ..trainer.config import load_config
+    from ..trainer.rank import rank_backbones
+
+    overrides = given(kwargs)
+    if data is not None:
+        overrides["data"] = data
+    cfg = load_config(config_file, overrides)
+    if not cfg.data:
+        raise ConfigError("no dataset folder given", hint="transfer rank DATA --backbone A,B --out RUN")
+    if not cfg.out:
+        raise ConfigError("no run folder given", hint="add --out RUN (the folder a later `transfer train` uses)")
+    res = rank_backbones(cfg, progress=Progress(quiet=quiet))
+    click.echo("")
+    click.echo(res.table_md.rstrip())
+    if res.backbones:
+        from ..runfolder import RunLayout
+
+        best = res.backbones[0]
+        click.echo(f"\nbest by LogME: {best.backbone} ({best.logme:.4f}); {res.seconds:.0f} s -> "
+                   f"{RunLayout(res.run_dir).rank_md}")
+
+
+COMMANDS = [train, rank]
