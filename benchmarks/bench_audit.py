@@ -201,11 +201,11 @@ def digits_flips(a) -> None:
     if a.kfold:  # the audited trial's own train split, the rest outside test, test
         from transfer.runfolder import RunFolder
 
-        rf = RunFolder(run)
-        t = rf.trial(best["trial"])
-        where = {p: "test" for p, _ in rf.split("test")}
-        where.update({p: "train" for p, _ in rf.split("train", fold=t.fold)})
-        where.update({p: "val" for p, _ in rf.split("val", fold=t.fold)})
+        run_folder = RunFolder(run)
+        t = run_folder.trial(best["trial"])
+        where = {p: "test" for p, _ in run_folder.split("test")}
+        where.update({p: "train" for p, _ in run_folder.split("train", fold=t.fold)})
+        where.update({p: "val" for p, _ in run_folder.split("val", fold=t.fold)})
     before_rows = _before(data, run / "audit" / "features.npy")
     now, before = flips_by_split(rows, flipped, where=where), flips_by_split(before_rows, flipped, where=where)
     print(f"`transfer {' '.join(train_cmd)}`: trial {best['trial']}, train accuracy {m['train']['accuracy']:.3f}, "

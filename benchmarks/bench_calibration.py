@@ -125,7 +125,7 @@ def train_export(name: str, spec: RunSpec, data: dict[str, Path], work: Path, ep
     return run
 
 
-def test_logits(bundle, rf) -> tuple[np.ndarray, np.ndarray] | None:
+def test_logits(bundle, run) -> tuple[np.ndarray, np.ndarray] | None:
     """The network's logits on the run's test images (features from the bundle's model, head from
     unknown.npz), or None when the bundle has no head arrays."""
     from transfer import calibration as C
@@ -136,7 +136,7 @@ def test_logits(bundle, rf) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     with np.load(bundle.file("unknown.npz")) as z:
         kernel, bias = z["kernel"].astype(np.float64), z["bias"].astype(np.float64)
-    paths, labels = rf.split_paths("test")
+    paths, labels = run.split_paths("test")
     runner = make_runner(bundle, "onnxruntime", "cpu")
     fs, ys, start = [], [], 0
     for pb in decode_batches(paths, bundle.input_size, batch=64, recipe=bundle.recipe):
@@ -147,7 +147,7 @@ def test_logits(bundle, rf) -> tuple[np.ndarray, np.ndarray] | None:
     return C.network_logits(np.concatenate(fs), kernel, bias), np.asarray(ys)
 
 
-def calibration_row(name: str, bundle, rf) -> list:
+def calibration_row(name: str, bundle, run) -> list:
     from transfer import calibration as C
 
     c = bundle.manifest["calibration"]
@@ -156,7 +156,7 @@ def calibration_row(name: str, bundle, rf) -> list:
     after = c["test"].get("after", before)
     fitted = c.get("fitted_temperature")
     old_nll = "-"
-    lg = test_logits(bundle, rf)
+    lg = test_logits(bundle, run)
     if fitted is not None and lg is not None:
         old_nll = f"{C.nll(C.temperature_probs(lg[0], fitted), lg[1]):.4f}"
     nll_ok = after["nll"] <= before["nll"] + 1e-12 and after["accuracy"] == before["accuracy"]
@@ -179,12 +179,12 @@ def _short(reason: str) -> str:
     return reason[:40]
 
 
-def unknown_rows(name: str, bundle, rf, groups: dict[str, list[Path]]) -> tuple[list[list], list[list], dict]:
+def unknown_rows(name: str, bundle, run, groups: dict[str, list[Path]]) -> tuple[list[list], list[list], dict]:
     from transfer.runtime.unknown import evaluate_unknown
 
     files = [p for g in groups.values() for p in g]
     labels = [g for g, ps in groups.items() for _ in ps]
-    res = evaluate_unknown(bundle, rf.split_paths("test")[0], files, groups=labels)
+    res = evaluate_unknown(bundle, run.split_paths("test")[0], files, groups=labels)
     unk = bundle.manifest["unknown"]
     rows, per_group = [], []
     for score, s in res["scores"].items():
@@ -261,8 +261,8 @@ def main() -> None:
         spec = RUNS[name]
         t0 = time.perf_counter()
         run = train_export(name, spec, data, work, a.epochs)
-        rf, b = RunFolder(run), load_bundle(run / "bundle")
-        cal_rows.append(calibration_row(name, b, rf))
+        run, b = RunFolder(run), load_bundle(run / "bundle")
+        cal_rows.append(calibration_row(name, b, run))
         if spec.data == "digits8":
             groups = {"digits 8, 9": ls(data["u_digits89"]), "uniform noise": ls(data["u_noise"]),
                       "Fashion-MNIST": ls(data["u_fashion"])}
@@ -271,7 +271,7 @@ def main() -> None:
         else:
             groups = {"uniform noise": ls(data["u_noise"]), "Fashion-MNIST": ls(data["u_fashion"])}
         if b.manifest.get("unknown", {}).get("scores"):
-            rows, per_group, res = unknown_rows(name, b, rf, groups)
+            rows, per_group, res = unknown_rows(name, b, run, groups)
             unk_rows += rows
             group_rows += per_group
             if spec.data == "digits8":

@@ -24,10 +24,10 @@ OUTPUTS = ("metrics.json", "per_class.csv", "per_class.md", "confusion.csv", "co
 
 def test_evaluate_outputs_and_metrics_equal_sklearn(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
-    rf = RunFolder(run)
+    run_folder = RunFolder(run)
     res = evaluate(run, "all", "test", samples=5)
-    assert set(res) == {t.name for t in rf.finished_trials()}
-    names = rf.class_names
+    assert set(res) == {t.name for t in run_folder.finished_trials()}
+    names = run_folder.class_names
     for tname, r in res.items():
         out = run / "evaluate" / tname
         for f in OUTPUTS:
@@ -36,8 +36,8 @@ def test_evaluate_outputs_and_metrics_equal_sklearn(tiny_run, tmp_path):
             with Image.open(out / png) as im:
                 assert im.size[0] > 100
         # independent predictions: run the model on the split's pixels
-        t = rf.trial(tname)
-        files, y = rf.split_paths("test")
+        t = run_folder.trial(tname)
+        files, y = run_folder.split_paths("test")
         x = np.stack([load_image(p, t.image_size) for p in files]).astype(np.float32)
         pred = load_model(t.model_path).predict_on_batch(x).argmax(1)
         m = json.loads((out / "metrics.json").read_text())

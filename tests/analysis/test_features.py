@@ -33,8 +33,8 @@ def test_features_match_the_model_and_cache_is_reused(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
     lines: list[str] = []
     paths = extract_features(run, "best", progress=lines.append)
-    rf = RunFolder(run)
-    t = rf.trial("best")
+    run_folder = RunFolder(run)
+    t = run_folder.trial("best")
     folder = run / "features" / t.name
     assert set(paths) == {"train", "val", "test"}
     meta = json.loads((folder / "meta.json").read_text())
@@ -47,7 +47,7 @@ def test_features_match_the_model_and_cache_is_reused(tiny_run, tmp_path):
     for split in ("train", "val", "test"):
         X = np.load(paths[split][0])
         y = np.load(paths[split][1])
-        files, labels = rf.split_paths(split)
+        files, labels = run_folder.split_paths(split)
         assert X.shape == (len(files), 64) and X.dtype == np.float32
         assert meta["counts"][split] == len(files) and meta["bad_files"][split] == []
         np.testing.assert_array_equal(y, labels)
@@ -55,7 +55,7 @@ def test_features_match_the_model_and_cache_is_reused(tiny_run, tmp_path):
     from transfer.models.build import feature_model
 
     model = t.load_model()
-    files, labels = rf.split_paths("test")
+    files, labels = run_folder.split_paths("test")
     x = np.stack([load_image(p, t.image_size) for p in files]).astype(np.float32)
     f_ref, p_ref = feature_model(model).predict_on_batch(x)
     d = load_split(run, "best", "test")
@@ -182,8 +182,8 @@ def test_unreadable_files_are_recorded_not_fatal(tiny_run, pattern_data, tmp_pat
 
 def _with_test_split_of(run: Path, n: int) -> None:
     """Make splits/test.csv hold ``n`` rows (the run's images, repeated)."""
-    rf = RunFolder(run)
-    rows = rf.split("train") + rf.split("val") + rf.split("test")
+    run_folder = RunFolder(run)
+    rows = run_folder.split("train") + run_folder.split("val") + run_folder.split("test")
     with open(run / "splits" / "test.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label"])

@@ -30,8 +30,8 @@ def headed_run(tiny_run, tmp_path_factory):
 
 def test_table_has_network_and_three_heads(headed_run):
     run, rows = headed_run
-    rf = RunFolder(run)
-    trials = [t.name for t in rf.finished_trials()]
+    run_folder = RunFolder(run)
+    trials = [t.name for t in run_folder.finished_trials()]
     assert [r["trial"] for r in rows] == [t for t in trials for _ in range(4)]
     for t in trials:
         mine = [r for r in rows if r["trial"] == t]
@@ -58,8 +58,8 @@ def test_table_has_network_and_three_heads(headed_run):
 
 def test_saved_records_and_load_head(headed_run):
     run, rows = headed_run
-    rf = RunFolder(run)
-    t = rf.best_trial_name
+    run_folder = RunFolder(run)
+    t = run_folder.best_trial_name
     X, y = (load_split(run, t, "test")[k] for k in ("X", "y"))
     for kind, cls in (("rf", "RandomForestClassifier"), ("svm", "Pipeline"), ("logreg", "Pipeline")):
         pkl = run / "heads" / t / f"{kind}.pkl"
@@ -68,7 +68,7 @@ def test_saved_records_and_load_head(headed_run):
         assert meta["sha256"] == sha256_file(pkl)
         assert meta["sklearn"] == sklearn.__version__
         assert meta["feature_dim"] == 64 and meta["classes"] == [0, 1, 2]
-        assert meta["class_names"] == rf.class_names and meta["trial"] == t
+        assert meta["class_names"] == run_folder.class_names and meta["trial"] == t
         assert meta["created"] and isinstance(meta["params"], dict)
         est, meta2 = load_head(pkl)
         assert meta2 == meta
@@ -118,8 +118,8 @@ def test_ensure_head_fits_missing_and_stale(headed_run, tmp_path):
 
 
 def test_make_estimator_defaults_and_errors():
-    rf = make_estimator("rf")
-    assert rf.n_estimators == 200 and rf.n_jobs == -1
+    run = make_estimator("rf")
+    assert run.n_estimators == 200 and run.n_jobs == -1
     svm = make_estimator("svm", C=3.0)
     assert [n for n, _ in svm.steps] == ["scale", "svm"] and svm.steps[1][1].estimator.C == 3.0
     assert make_estimator("logreg").steps[1][1].max_iter == 1000

@@ -41,8 +41,8 @@ def test_temperature_is_decided_on_val_and_only_reported_on_test(digits_bundle):
 
     run, res = digits_bundle
     cal = res.manifest["calibration"]
-    rf = RunFolder(run)
-    assert cal["fitted_on"] == "val" and cal["images"]["val"] == len(rf.split_paths("val")[0]) >= 300
+    run = RunFolder(run)
+    assert cal["fitted_on"] == "val" and cal["images"]["val"] == len(run.split_paths("val")[0]) >= 300
     chk = cal["check"]
     assert chk["images"] == cal["images"]["val"] and chk["passed"] == cal["applied"]
     assert "test" in cal["val"]["role"] or "chose" in cal["val"]["role"]
@@ -55,9 +55,9 @@ def test_temperature_is_decided_on_val_and_only_reported_on_test(digits_bundle):
     else:
         assert cal["temperature"] == 1.0 and "after" not in cal["test"] and cal["reason"]
     assert res.manifest["models"]["onnx-fp32"]["calibrated"] is cal["applied"]
-    t = rf.trial("best")
-    paths, _ = rf.split_paths("test")
-    x = np.stack([load_image(p, t.image_size, recipe=rf.recipe) for p in paths[:40]]).astype(np.float32)
+    t = run.trial("best")
+    paths, _ = run.split_paths("test")
+    x = np.stack([load_image(p, t.image_size, recipe=run.recipe) for p in paths[:40]]).astype(np.float32)
     model = t.load_model()
     kernel, bias = model.get_layer("probs").get_weights()
     sess = ort.InferenceSession(str(res.bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -118,11 +118,11 @@ def test_no_calibrate_keeps_the_networks_probabilities(digits_bundle, tmp_path):
     res = export_bundle(run, out=tmp_path / "raw", calibrate=False, progress=None)
     assert "calibration" not in res.manifest and "unknown" not in res.manifest
     assert "unknown.npz" not in res.manifest["files"]
-    rf = RunFolder(run)
+    run = RunFolder(run)
     from transfer.data.image import load_image
 
-    t = rf.trial("best")
-    x = np.stack([load_image(p, t.image_size) for p in rf.split_paths("val")[0][:16]]).astype(np.float32)
+    t = run.trial("best")
+    x = np.stack([load_image(p, t.image_size) for p in run.split_paths("val")[0][:16]]).astype(np.float32)
     sess = ort.InferenceSession(str(tmp_path / "raw" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(["probs"], {"image": x})[0], t.load_model().predict(x, verbose=0), atol=1e-5)
 
@@ -343,9 +343,9 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
     assert cal["test"]["after"]["accuracy"] == cal["test"]["before"]["accuracy"]
     assert res.verification["calibration"]["passed"] and res.verification["onnx-int8"]["passed"]
     assert res.verification["onnx-int8"]["calibration"]["unknown_agreement"] >= 0.99
-    rf = RunFolder(run)
-    t = rf.trial("best")
-    x = np.stack([load_image(p, t.image_size, recipe=rf.recipe) for p in rf.split_paths("test")[0][:32]])
+    run = RunFolder(run)
+    t = run.trial("best")
+    x = np.stack([load_image(p, t.image_size, recipe=run.recipe) for p in run.split_paths("test")[0][:32]])
     x = x.astype(np.float32)
     raw = t.load_model().predict(x, verbose=0)
     for name in ("model.onnx", "model.int8.onnx"):
@@ -360,7 +360,7 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
     from transfer.runtime.runners import make_runner
 
     b = load_bundle(res.bundle_dir)
-    xv = np.stack([load_image(p, t.image_size, recipe=rf.recipe) for p in rf.split_paths("val")[0]]).astype(np.float32)
+    xv = np.stack([load_image(p, t.image_size, recipe=run.recipe) for p in run.split_paths("val")[0]]).astype(np.float32)
     out = make_runner(b, "onnxruntime", "cpu").infer(xv)
     f, p = out.features, out.probs
     _, known = make_detector(b, "msp")(f, p)

@@ -51,9 +51,9 @@ def test_onnx_graph_matches_keras_on_image_files_with_dynamic_batch(full_bundle)
     from transfer.runfolder import RunFolder
 
     run, res = full_bundle
-    rf = RunFolder(run)
-    t = rf.trial(res.manifest["source"]["trial"])
-    paths, _ = rf.split_paths("test")
+    run = RunFolder(run)
+    t = run.trial(res.manifest["source"]["trial"])
+    paths, _ = run.split_paths("test")
     x = np.stack([load_image(p, t.image_size) for p in paths]).astype(np.float32)
     model = t.load_model()
     ref = model.predict(x, verbose=0)

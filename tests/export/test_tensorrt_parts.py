@@ -77,9 +77,9 @@ def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle
     from transfer.export.compare import compare_outputs
 
     run, res = full_bundle
-    rf = RunFolder(run)
-    size = tuple(rf.trial(res.manifest["source"]["trial"]).image_size)
-    train, _ = rf.split_paths("train")
+    run = RunFolder(run)
+    size = tuple(run.trial(res.manifest["source"]["trial"]).image_size)
+    train, _ = run.split_paths("train")
     info = prepare_int8_onnx(res.bundle_dir / "model.onnx", tmp_path / "q.onnx",
                              calibration_batches(train, size, count=64, batch=8))
     assert info["symmetric"] and info["activations"] == "int8" and info["calibration_images"] == min(64, len(train))
@@ -87,7 +87,7 @@ def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle
     # the CPU int8 model of the bundle is asymmetric (uint8 activations): not what TensorRT takes
     assert qdq_summary(res.bundle_dir / "model.int8.onnx")["nonzero_zero_points"]
     assert qdq_summary(res.bundle_dir / "model.onnx")["quantize"] == 0
-    paths, labels = rf.split_paths("val")
+    paths, labels = run.split_paths("val")
     x = np.stack([load_image(p, size) for p in paths]).astype(np.float32)
     ref = ort.InferenceSession(str(res.bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     q = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
@@ -151,9 +151,9 @@ def test_fp16_model_of_a_trained_bundle_is_verified_on_real_images(full_bundle, 
     info = convert_fp16(res.bundle_dir / "model.onnx", tmp_path / "model.fp16.onnx")
     assert info["keep_io_types"] and info["split_outputs"] == ["features"] and info["float16_initializers"] > 0
     assert info["converter"].startswith("onnxconverter-common ")
-    rf = RunFolder(run)
-    t = rf.trial(res.manifest["source"]["trial"])
-    x, y, _ = verification_images(rf, t.image_size, 256)
+    run = RunFolder(run)
+    t = run.trial(res.manifest["source"]["trial"])
+    x, y, _ = verification_images(run, t.image_size, 256)
     v = verify_fp16(res.bundle_dir / "model.onnx", tmp_path / "model.fp16.onnx", x, y)
     assert v["passed"] and v["accuracy_drop"] <= 0.01 and v["top1_agreement"] >= 0.98, v
     assert 0 < v["features_max_rel_diff"] < 0.01 and v["images"] == len(x)
@@ -265,15 +265,15 @@ def test_engine_matches_onnx_fp32_on_real_images(full_bundle, tmp_path, precisio
     out = tmp_path / "b"
     shutil.copytree(res.bundle_dir, out)
     manifest = read_manifest(out)
-    rf = RunFolder(run)
-    t = rf.trial(manifest["source"]["trial"])
+    run = RunFolder(run)
+    t = run.trial(manifest["source"]["trial"])
     src = out / "model.onnx"
     if precision == "fp16":
         src = tmp_path / "m16.onnx"
         convert_fp16(out / "model.onnx", src)
     elif precision == "int8":
         src = tmp_path / "q.onnx"
-        train, _ = rf.split_paths("train")
+        train, _ = run.split_paths("train")
         prepare_int8_onnx(out / "model.onnx", src, calibration_batches(train, t.image_size, count=128))
     profile = BatchProfile(1, 8, 16)
     info = build_engine(src, out / f"model.{precision}.engine", precision=precision, profile=profile,
@@ -283,7 +283,7 @@ def test_engine_matches_onnx_fp32_on_real_images(full_bundle, tmp_path, precisio
     manifest["models"][f"trt-{precision}"] = engine_entry(f"model.{precision}.engine", precision, profile,
                                                           device_info())
     b = Bundle(out, finalize_manifest(out, manifest))
-    x, y, _ = verification_images(rf, t.image_size, 256)
+    x, y, _ = verification_images(run, t.image_size, 256)
     ref = make_runner(b, "onnxruntime", "cpu").infer(x)
     ref_f, ref_p = ref.features, ref.probs
     with TrtRunner(b, f"trt-{precision}") as r:

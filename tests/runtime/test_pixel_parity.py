@@ -63,23 +63,23 @@ def test_infer_equals_keras_on_training_pixels_for_every_kind_of_file(rt_bundle,
     from transfer.runtime.runners import make_runner
 
     run, bundle = rt_bundle
-    rf = RunFolder(run)
-    t = rf.trial("best")
+    run = RunFolder(run)
+    t = run.trial("best")
     files = write_inputs(tmp_path / "in")
     # the trainer's loader, on the run's recorded recipe
     src = BatchSource(tmp_path / "in", [Sample(p.name, 0) for p in files], len(files), t.image_size,
-                      recipe=rf.recipe)
+                      recipe=run.recipe)
     x_train = src.get(0).x.astype(np.float32)
     assert not src.failed and x_train.shape == (len(files), *t.image_size, 3)
     feats_ref, probs_ref = feature_model(t.load_model()).predict(x_train, verbose=0)
 
     # transfer infer: all classes per row (JSON lines, 6 decimals)
     out = tmp_path / "p.jsonl"
-    c = len(rf.class_names)
+    c = len(run.class_names)
     s = infer(bundle, files, out=out, topk=c, batch=5)
     assert s.ok == len(files) and s.errors == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    names = rf.class_names
+    names = run.class_names
     for r, p in zip(rows, probs_ref):
         got = np.array([next(e["prob"] for e in r["top"] if e["class"] == n) for n in names])
         np.testing.assert_allclose(got, p, atol=1e-4 + 1e-6, err_msg=r["path"])

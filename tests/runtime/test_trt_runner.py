@@ -80,9 +80,9 @@ def test_outputs_equal_the_per_image_reference(monkeypatch, tmp_path, cudart):
     x = images(6)
     with r:
         f, p = _fp(r.infer(x))
-    rf, rp = reference_outputs(x, 5, 3)
-    np.testing.assert_allclose(f, rf, rtol=1e-6)
-    np.testing.assert_allclose(p, rp, rtol=1e-6)
+    ref_f, ref_p = reference_outputs(x, 5, 3)
+    np.testing.assert_allclose(f, ref_f, rtol=1e-6)
+    np.testing.assert_allclose(p, ref_p, rtol=1e-6)
     assert f.dtype == p.dtype == np.float32 and f.flags.owndata  # copies, not views of the reused buffers
 
 
@@ -93,9 +93,9 @@ def test_small_last_batch_is_padded_to_the_profile_minimum_and_sliced_back(monke
         f, p = _fp(r.infer(x[:8]))
         f3, p3 = _fp(r.infer(x[8:]))  # the last batch of a folder: 3 images
     assert f3.shape[0] == p3.shape[0] == 3
-    rf, rp = reference_outputs(x[8:], f3.shape[1], p3.shape[1])
-    np.testing.assert_allclose(f3, rf, rtol=1e-6)
-    np.testing.assert_allclose(p3, rp, rtol=1e-6)
+    ref_f, ref_p = reference_outputs(x[8:], f3.shape[1], p3.shape[1])
+    np.testing.assert_allclose(f3, ref_f, rtol=1e-6)
+    np.testing.assert_allclose(p3, ref_p, rtol=1e-6)
     h2d = [args for name, args in cudart.calls if name == "cudaMemcpyAsync"
            and args[3] == cudart.cudaMemcpyKind.cudaMemcpyHostToDevice]
     assert [a[2] for a in h2d] == [8 * H * W * 3 * 4] * 2  # both calls ran the engine at batch 8
@@ -106,16 +106,16 @@ def test_large_batch_is_split_at_the_profile_maximum(monkeypatch, tmp_path, cuda
     x = images(9)  # 4 + 4 + 1 (the 1 padded to 2)
     f, p = _fp(r.infer(x))  # no `with`: activated on first use
     assert r.active
-    rf, rp = reference_outputs(x, f.shape[1], p.shape[1])
-    np.testing.assert_allclose(f, rf, rtol=1e-6)
-    np.testing.assert_allclose(p, rp, rtol=1e-6)
+    ref_f, ref_p = reference_outputs(x, f.shape[1], p.shape[1])
+    np.testing.assert_allclose(f, ref_f, rtol=1e-6)
+    np.testing.assert_allclose(p, ref_p, rtol=1e-6)
     assert cudart.count("cudaStreamSynchronize") == 3
     assert r.batch_range == (2, 4)
     r.close()
     assert not cudart.buffers and not r.active
     r.close()  # idempotent
     f2, _ = _fp(r.infer(x[:2]))  # re-activates
-    np.testing.assert_allclose(f2, rf[:2], rtol=1e-6)
+    np.testing.assert_allclose(f2, ref_f[:2], rtol=1e-6)
     r.close()
 
 
@@ -286,14 +286,14 @@ def test_real_engine_pads_splits_and_releases(rt_bundle, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(bundle_dir, out)
     manifest = read_manifest(out)
-    rf = RunFolder(run)
-    t = rf.trial(manifest["source"]["trial"])
+    run = RunFolder(run)
+    t = run.trial(manifest["source"]["trial"])
     profile = BatchProfile(4, 8, 8)
     build_engine(out / "model.onnx", out / "model.fp32.engine", precision="fp32", profile=profile,
                  input_hw=t.image_size)
     manifest["models"]["trt-fp32"] = engine_entry("model.fp32.engine", "fp32", profile, device_info())
     b = Bundle(out, finalize_manifest(out, manifest))
-    x, _, _ = verification_images(rf, t.image_size, 19)
+    x, _, _ = verification_images(run, t.image_size, 19)
     x = x[:19]
     ref = _fp(make_runner(b, "onnxruntime", "cpu").infer(x))
     r = TrtRunner(b, "trt-fp32")

@@ -118,8 +118,8 @@ def test_evaluation_reads_the_cache_and_gives_the_numbers_of_the_saved_model_on_
     from transfer.trainer.probe import head_numbers
 
     _, full, _ = both
-    rf = RunFolder(full.run_dir)
-    trial = rf.trial("arc2-t050")
+    run = RunFolder(full.run_dir)
+    trial = run.trial("arc2-t050")
     m = trial.metrics
     assert "cache" in m["features_from"]["val"] and "cache" in m["features_from"]["test"]
     model = load_model(trial.model_path)
@@ -128,9 +128,9 @@ def test_evaluation_reads_the_cache_and_gives_the_numbers_of_the_saved_model_on_
     feats_model = keras.Model(model.inputs, model.get_layer("features").output)
     kernel, bias = model.get_layer("probs").get_weights()
     for split in ("val", "test"):
-        paths, labels = rf.split_paths(split)
+        paths, labels = run.split_paths(split)
         feats = []
-        for b in batches([(str(p), None) for p in paths], (16, 16), batch=16, recipe=rf.recipe):
+        for b in batches([(str(p), None) for p in paths], (16, 16), batch=16, recipe=run.recipe):
             assert len(b.ok_index) == len(b.items)
             feats.append(np.asarray(feats_model(b.x, training=False)))
         loss, acc = head_numbers(np.concatenate(feats), np.asarray(labels), kernel, bias, "crossentropy")

@@ -68,9 +68,9 @@ def test_sweep_writes_the_layout(sweep_run):
     assert any("trial 1/2 arc2-t000" in ln for ln in lines)
     assert any("epoch 2/2" in ln and "val_acc" in ln for ln in lines)
     # the read-only view of later commands accepts the folder
-    rf = RunFolder(run)
-    assert {t.name for t in rf.finished_trials()} == {"arc2-t000", "arc2-t100"}
-    model = rf.trial("best").load_model()
+    run = RunFolder(run)
+    assert {t.name for t in run.finished_trials()} == {"arc2-t000", "arc2-t100"}
+    model = run.trial("best").load_model()
     assert model.output_shape == (None, 3)
     # re-running skips finished trials
     again: list[str] = []

@@ -508,10 +508,10 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
         from .audit_model import initial_weights_path
         from .features import open_run, resolve_trial
 
-        rf = open_run(run)
-        t = resolve_trial(rf, trial).require_finished()
-        path = str(rf.path.resolve())
-        recipe = rf.recipe
+        run = open_run(run)
+        t = resolve_trial(run, trial).require_finished()
+        path = str(run.path.resolve())
+        recipe = run.recipe
         try:
             version = recipe_version(recipe)
         except ValueError as exc:
@@ -521,15 +521,15 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
         desc = {"run": path, "trial": t.name, "model_sha256": sha256_file(t.model_path), "recipe": version}
         notes = []
         try:
-            init = initial_weights_path(rf, t)
+            init = initial_weights_path(run, t)
         except RunFolderError as exc:
             notes.append(f"label issues of the images trial {t.name} trained on: {exc.message}; they are judged by "
                          "their pixels alone")
         else:
             models.append({"name": "initial", "run": path, "trial": t.name, "initial": True})
             desc["initial_sha256"] = sha256_file(init)
-        fit = frozenset(rel for rel, _ in rf.split("train", fold=t.fold))
-        folds = _fold_models(rf, t, notes)
+        fit = frozenset(rel for rel, _ in run.split("train", fold=t.fold))
+        folds = _fold_models(run, t, notes)
         if folds is not None:
             models += [{"name": name, "run": path, "trial": trial_name, "output": "probs"}
                        for name, trial_name in folds["trials"].items()]
@@ -551,22 +551,22 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
                      "image_size": side}], (side, side), None, desc)
 
 
-def _fold_models(rf, t, notes: list) -> dict | None:
+def _fold_models(run, t, notes: list) -> dict | None:
     """With a k-fold run (``transfer train --kfold K``): the fold trials of ``t``'s group, one per
     fold, and for each image of a fold's val split the model that did not train on it --
     ``{"trials": {name: trial}, "held_out": {path: name}, "classes": [...]}``; ``None`` otherwise
     (with a note when the folds are not all finished)."""
     if not t.fold:
         return None
-    k = int(rf.config().get("kfold") or 0)
-    mine = {x.fold: x for x in rf.finished_trials() if x.meta.get("group") == t.meta.get("group") and x.fold}
+    k = int(run.config().get("kfold") or 0)
+    mine = {x.fold: x for x in run.finished_trials() if x.meta.get("group") == t.meta.get("group") and x.fold}
     if k < 2 or sorted(mine) != list(range(1, k + 1)):
         notes.append(f"label issues: {len(mine)} of the {k} fold trials of {t.meta.get('group')} are finished; the "
                      "k-fold models are used once all are")
         return None
     trials = {f"fold{f}": mine[f].name for f in sorted(mine)}
-    held_out = {rel: f"fold{f}" for f in sorted(mine) for rel, _ in rf.split("val", fold=f)}
-    return {"trials": trials, "held_out": held_out, "classes": rf.class_names}
+    held_out = {rel: f"fold{f}" for f in sorted(mine) for rel, _ in run.split("val", fold=f)}
+    return {"trials": trials, "held_out": held_out, "classes": run.class_names}
 
 
 # --------------------------------------------------------------------------- findings
@@ -653,9 +653,9 @@ def _data(data, run, p) -> _Data:
     if run is not None:
         from .features import open_run
 
-        rf = open_run(run)
+        run = open_run(run)
         for name in ("train", "val", "test"):
-            where.update({rel: name for rel, _ in rf.split(name)})
+            where.update({rel: name for rel, _ in run.split(name)})
     rel = [s.path for s in idx.samples]
     return _Data(Path(idx.root), list(idx.class_names), rel, np.array([s.label for s in idx.samples], np.int64),
                  [where.get(r) for r in rel], [(b.path, b.reason) for b in idx.bad])

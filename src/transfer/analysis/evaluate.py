@@ -167,18 +167,18 @@ def _grids(d: dict, t, split: str, out_dir: Path, names: list[str], y, pred, con
     return pick, wrong
 
 
-def _evaluate_trial(rf, t, split: str, samples: int, seed: int, progress: ProgressLike) -> dict:
-    d = load_split(rf, t.name, split, progress=progress)
-    names = rf.class_names
+def _evaluate_trial(run, t, split: str, samples: int, seed: int, progress: ProgressLike) -> dict:
+    d = load_split(run, t.name, split, progress=progress)
+    names = run.class_names
     y, pred, conf = _predictions(d, split, t.name)
     m = classification_metrics(y, pred, names)
-    out_dir = rf.evaluate_dir(t.name)
+    out_dir = run.evaluate_dir(t.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     pc_md = _write_tables(m, out_dir, f"{t.name}: per-class metrics on the {split} split ({m['images']} images, "
                                       f"accuracy {m['accuracy']:.4f})")
     plot_confusion(np.array(m["confusion"]), names, out_dir / "confusion.png",
                    title=f"{t.name} - {split} (accuracy {m['accuracy']:.3f})")
-    pick, wrong = _grids(d, t, split, out_dir, names, y, pred, conf, samples, seed, rf.recipe)
+    pick, wrong = _grids(d, t, split, out_dir, names, y, pred, conf, samples, seed, run.recipe)
     result = {
         "trial": t.name, "split": split, **m,
         "samples": _picture_rows(d, pick, y, pred, conf),
@@ -223,12 +223,12 @@ def evaluate(run, trial: str = "best", split: str = "test", *, samples: int = 16
     split = check_splits((split,), option="split")[0]
     samples = check_int(samples, "samples", minimum=0, option="samples")
     p = as_progress(progress)
-    rf = open_run(run)
-    trials = resolve_trials(rf, trial)
+    run = open_run(run)
+    trials = resolve_trials(run, trial)
     out = {}
     with p.bar(len(trials), f"evaluate {split}", unit="trials") as bar:
         for t in trials:
-            out[t.name] = _evaluate_trial(rf, t, split, samples, int(seed), p)
+            out[t.name] = _evaluate_trial(run, t, split, samples, int(seed), p)
             bar.update(1)
     return out
 

@@ -416,23 +416,23 @@ def extract_features(
         X = np.load(paths["test"][0])        # (179, 1280)
     """
     p = as_progress(progress)
-    rf = open_run(run)
+    run = open_run(run)
     splits = check_splits(splits)
     batch_size = check_int(batch_size, "batch size", option="batch_size")
     workers = check_int(workers, "workers", option="workers")
-    t = resolve_trial(rf, trial)
-    folder = rf.features_dir(t.name)
+    t = resolve_trial(run, trial)
+    folder = run.features_dir(t.name)
     model_sha = sha256_file(t.model_path)
-    split_sha = {s: sha256_file(rf.split_csv(s, fold=t.fold)) for s in splits}
+    split_sha = {s: sha256_file(run.split_csv(s, fold=t.fold)) for s in splits}
     meta = _read_meta(folder)
     todo = [s for s in splits if force or not _cache_ok(folder, meta, s, model_sha, split_sha[s])]
     for s in splits:
         if s not in todo:
             p.say(f"features {t.name}/{s}: cached ({meta['counts'][s]} rows, model unchanged)")
     if todo:
-        if not rf.data_root.is_dir():
+        if not run.data_root.is_dir():
             raise RunFolderError(
-                f"the data folder of this run is missing: {rf.data_root} (root in {rf.dataset_json})",
+                f"the data folder of this run is missing: {run.data_root} (root in {run.dataset_json})",
                 hint="put the images back there, or edit 'root' in dataset.json to where they are now",
             )
         folder.mkdir(parents=True, exist_ok=True)
@@ -445,7 +445,7 @@ def extract_features(
         new = _new_meta(t, shapes, model_sha, meta)
         for s in todo:
             p.say(f"features {t.name}/{s}: extracting")
-            res = _extract_split(fm, rf, s, folder, shapes, batch_size=batch_size, workers=workers, progress=p,
+            res = _extract_split(fm, run, s, folder, shapes, batch_size=batch_size, workers=workers, progress=p,
                                  fold=t.fold)
             _record_split(new, s, res, split_sha[s])
             if res.bad_files:
@@ -461,12 +461,12 @@ def features_meta(run, trial: str) -> dict:
     Raises:
         RunFolderError: no cache yet.
     """
-    rf = open_run(run)
-    t = resolve_trial(rf, trial)
-    meta = _read_meta(rf.features_dir(t.name))
+    run = open_run(run)
+    t = resolve_trial(run, trial)
+    meta = _read_meta(run.features_dir(t.name))
     if meta is None:
-        raise RunFolderError(f"no feature cache for trial {t.name!r} in {rf.path}",
-                             hint=f"run `transfer features {rf.path} --trial {t.name}`")
+        raise RunFolderError(f"no feature cache for trial {t.name!r} in {run.path}",
+                             hint=f"run `transfer features {run.path} --trial {t.name}`")
     return meta
 
 
@@ -477,14 +477,14 @@ def load_split(run, trial: str, split: str, *, progress: ProgressLike = None) ->
         ``{"X", "y", "probs", "index", "paths", "meta", "trial"}``; ``paths`` are absolute
         image paths of the rows (bad files skipped).
     """
-    rf = open_run(run)
-    t = resolve_trial(rf, trial)
-    extract_features(rf, t.name, (split,), progress=progress)
-    folder = rf.features_dir(t.name)
+    run = open_run(run)
+    t = resolve_trial(run, trial)
+    extract_features(run, t.name, (split,), progress=progress)
+    folder = run.features_dir(t.name)
     files = split_files(folder, split)
     arr = {k: np.load(p, mmap_mode="r") for k, p in files.items()}
-    rows = rf.split(split, fold=t.fold)
-    root = rf.data_root
+    rows = run.split(split, fold=t.fold)
+    root = run.data_root
     paths = [root / rows[int(i)][0] for i in arr["index"]]
     return {"X": arr["features"], "y": np.asarray(arr["labels"]), "probs": arr["probs"],
             "index": np.asarray(arr["index"]), "paths": paths, "meta": _read_meta(folder), "trial": t.name}
@@ -582,8 +582,8 @@ def plot_features(run, trial: str = "best", method: str = "pca", split: str = "t
     method = check_plot_methods([method])[0]
     max_points = check_int(max_points, "max_points", minimum=3, option="max_points")
     split = check_splits((split,), option="split")[0]
-    rf = open_run(run)
-    d = load_split(rf, trial, split, progress=progress)
+    run = open_run(run)
+    d = load_split(run, trial, split, progress=progress)
     y_all = d["y"]
     if len(y_all) < 3:
         raise ConfigError(f"the {split} split of trial {d['trial']} has {len(y_all)} image(s); a plot needs at least 3",
@@ -591,8 +591,8 @@ def plot_features(run, trial: str = "best", method: str = "pca", split: str = "t
     idx = _subsample(y_all, max_points)
     y = y_all[idx]
     Z, projection = _project(np.asarray(d["X"][idx], dtype=np.float64), method)
-    out = rf.plots_dir(d["trial"]) / f"features_{method}.png"
-    _scatter(Z, y, rf.class_names, f"{d['trial']}: {split} features, {projection}, {len(y)} images", out)
+    out = run.plots_dir(d["trial"]) / f"features_{method}.png"
+    _scatter(Z, y, run.class_names, f"{d['trial']}: {split} features, {projection}, {len(y)} images", out)
     return out
 
 

@@ -91,12 +91,12 @@ def _fit_one(kind: str, params: dict, data: dict, *, trial: str, class_names: li
     return record
 
 
-def _load_data(rf, trial: str, progress: ProgressLike) -> dict:
-    extract_features(rf, trial, SPLITS, progress=progress)
-    return {s: load_split(rf, trial, s) for s in SPLITS}
+def _load_data(run, trial: str, progress: ProgressLike) -> dict:
+    extract_features(run, trial, SPLITS, progress=progress)
+    return {s: load_split(run, trial, s) for s in SPLITS}
 
 
-def _network_row(rf, t, data: dict) -> dict:
+def _network_row(run, t, data: dict) -> dict:
     acc = {s: accuracy(data[s]["y"], np.argmax(np.asarray(data[s]["probs"]), axis=1)) for s in SPLITS}
     meta = data["test"]["meta"] or {}
     ms = None
@@ -134,9 +134,9 @@ def render_table(rows: Sequence[dict]) -> str:
          cell(r["fit_seconds"], 2), cell(r["predict_ms_per_image"], 3)] for r in rows], align="llrrrrr")
 
 
-def _write_table(rf, t, data: dict, folder: Path, model_sha: str) -> list[dict]:
+def _write_table(run, t, data: dict, folder: Path, model_sha: str) -> list[dict]:
     """Rebuild heads.csv / heads.md from the network row and every valid head record of the trial."""
-    rows = [_network_row(rf, t, data)]
+    rows = [_network_row(run, t, data)]
     for kind in HEAD_KINDS:
         js = folder / f"{kind}.json"
         if not js.is_file() or not (folder / f"{kind}.pkl").is_file():
@@ -198,17 +198,17 @@ def fit_heads(
                               option="params")
     for k in kinds:  # validate every option before any work
         head_params(k, params.get(k))
-    rf = open_run(run)
+    run = open_run(run)
     out: list[dict] = []
-    for t in resolve_trials(rf, trial):
-        data = _load_data(rf, t.name, progress)
+    for t in resolve_trials(run, trial):
+        data = _load_data(run, t.name, progress)
         model_sha = data["test"]["meta"]["model_sha256"]
-        folder = rf.heads_dir(t.name)
+        folder = run.heads_dir(t.name)
         folder.mkdir(parents=True, exist_ok=True)
         for k in kinds:
-            _fit_one(k, params.get(k) or {}, data, trial=t.name, class_names=rf.class_names, model_sha=model_sha,
+            _fit_one(k, params.get(k) or {}, data, trial=t.name, class_names=run.class_names, model_sha=model_sha,
                      folder=folder, progress=progress)
-        rows = _write_table(rf, t, data, folder, model_sha)
+        rows = _write_table(run, t, data, folder, model_sha)
         # the table holds every valid head of the trial; return the network + the heads asked for
         out.extend(r for r in rows if r["head"] == "network" or r["head"] in kinds)
     return out
@@ -242,9 +242,9 @@ def ensure_head(run, trial: str, head: str, *, progress: ProgressLike = None) ->
     if isinstance(head, str) and "," in head:
         raise ConfigError(f"one head is needed here, got {head!r}", option="head")
     kind = kinds[0]
-    rf = open_run(run)
-    t = resolve_trial(rf, trial)
-    folder = rf.heads_dir(t.name)
+    run = open_run(run)
+    t = resolve_trial(run, trial)
+    folder = run.heads_dir(t.name)
     pkl, js = folder / f"{kind}.pkl", folder / f"{kind}.json"
     model_sha = sha256_file(t.model_path)
     if pkl.is_file() and js.is_file():
@@ -253,11 +253,11 @@ def ensure_head(run, trial: str, head: str, *, progress: ProgressLike = None) ->
             return pkl, meta
         as_progress(progress).say(f"heads {t.name}: saved {kind} head is stale (model or scikit-learn changed); "
                                   "re-fitting")
-    data = _load_data(rf, t.name, progress)
+    data = _load_data(run, t.name, progress)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = _fit_one(kind, {}, data, trial=t.name, class_names=rf.class_names,
+    meta = _fit_one(kind, {}, data, trial=t.name, class_names=run.class_names,
                     model_sha=data["test"]["meta"]["model_sha256"], folder=folder, progress=progress)
-    _write_table(rf, t, data, folder, meta["model_sha256"])
+    _write_table(run, t, data, folder, meta["model_sha256"])
     return pkl, meta
 
 

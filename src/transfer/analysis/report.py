@@ -184,20 +184,20 @@ def _safe_json(path: Path):
         return None
 
 
-def _trial_dirs(rf: RunLayout, area: str, folder_of, *files: str) -> list[Path]:
+def _trial_dirs(run: RunLayout, area: str, folder_of, *files: str) -> list[Path]:
     """The per-trial folders of an analysis area that hold any of ``files`` (all, when none is named)."""
-    dirs = [folder_of(t) for t in rf.analysis_trials(area)]
+    dirs = [folder_of(t) for t in run.analysis_trials(area)]
     return [d for d in dirs if not files or any((d / f).is_file() for f in files)]
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def _dataset(rf: RunLayout) -> Section:
+def _dataset(run: RunLayout) -> Section:
     sec = Section("dataset", "Dataset")
-    ds = _safe_json(rf.dataset_json)
+    ds = _safe_json(run.dataset_json)
     if not isinstance(ds, dict):
-        sec.missing("dataset.json is missing or unreadable", f"transfer train DATA --out {rf.path}")
+        sec.missing("dataset.json is missing or unreadable", f"transfer train DATA --out {run.path}")
         return sec
     sec.present = True
     names = ds.get("class_names", [])
@@ -205,8 +205,8 @@ def _dataset(rf: RunLayout) -> Section:
     counts = ds.get("counts", {})
     split = ds.get("split", {})
     bad_rows: list[list[str]] = []
-    if rf.bad_files_csv.is_file():
-        _, bad_rows = _read_csv(rf.bad_files_csv)
+    if run.bad_files_csv.is_file():
+        _, bad_rows = _read_csv(run.bad_files_csv)
     n_bad = ds.get("num_bad", len(bad_rows))
     kv = [
         ("data folder", ds.get("root", "?")),
@@ -235,14 +235,14 @@ def _dataset(rf: RunLayout) -> Section:
     return sec
 
 
-def _sweep(rf: RunLayout) -> Section:
+def _sweep(run: RunLayout) -> Section:
     sec = Section("sweep", "Freeze sweep")
-    if not rf.sweep_csv.is_file():
-        sec.missing("no sweep table (sweep.csv)", f"transfer train DATA --out {rf.path}")
+    if not run.sweep_csv.is_file():
+        sec.missing("no sweep table (sweep.csv)", f"transfer train DATA --out {run.path}")
         return sec
     sec.present = True
-    _table(sec, *_read_csv(rf.sweep_csv))
-    best = _safe_json(rf.best_json)
+    _table(sec, *_read_csv(run.sweep_csv))
+    best = _safe_json(run.best_json)
     if isinstance(best, dict) and best.get("trial"):
         line = f"Best trial: {best['trial']} ({best.get('metric', 'val_accuracy')} {_fmt(best.get('value'))}"
         if best.get("test_accuracy") is not None:
@@ -255,7 +255,7 @@ def _sweep(rf: RunLayout) -> Section:
                        f"{_fmt(best.get('test_accuracy'))}; without them ({clean.get('images')} images): "
                        f"{_fmt(clean.get('accuracy'))}. The copies are listed in duplicates.csv; "
                        f"`transfer train --dedupe` makes a split that keeps every group on one side.")
-    _rungs(sec, rf.rungs())
+    _rungs(sec, run.rungs())
     return sec
 
 
@@ -301,7 +301,7 @@ def _note(sec: Section, line: str) -> None:
     sec.md.append(line + "\n")
 
 
-def _image_section(rf: RunLayout, key: str, title: str, items: list[tuple[Path, str]], what: str,
+def _image_section(run: RunLayout, key: str, title: str, items: list[tuple[Path, str]], what: str,
                    command: str) -> Section:
     """A section of pictures only; ``what`` / ``command`` say what is missing and what makes it."""
     sec = Section(key, title)
@@ -309,21 +309,21 @@ def _image_section(rf: RunLayout, key: str, title: str, items: list[tuple[Path, 
         sec.missing(what, command)
         return sec
     sec.present = True
-    _images(sec, items, rf.path)
+    _images(sec, items, run.path)
     return sec
 
 
-def _curves(rf: RunLayout) -> Section:
-    trials = sorted(d.name for d in rf.trials_dir.iterdir() if d.is_dir()) if rf.trials_dir.is_dir() else []
-    items = [(rf.trial_paths(t).curves_png, t) for t in trials if rf.trial_paths(t).curves_png.is_file()]
-    return _image_section(rf, "curves", "Training curves", items, "no training curves (trials/<trial>/curves.png)",
-                          f"transfer train DATA --out {rf.path}")
+def _curves(run: RunLayout) -> Section:
+    trials = sorted(d.name for d in run.trials_dir.iterdir() if d.is_dir()) if run.trials_dir.is_dir() else []
+    items = [(run.trial_paths(t).curves_png, t) for t in trials if run.trial_paths(t).curves_png.is_file()]
+    return _image_section(run, "curves", "Training curves", items, "no training curves (trials/<trial>/curves.png)",
+                          f"transfer train DATA --out {run.path}")
 
 
-def _heads(rf: RunLayout) -> Section:
+def _heads(run: RunLayout) -> Section:
     sec = Section("heads", "Classical heads on learned features")
-    found = _trial_dirs(rf, "heads", rf.heads_dir, "heads.csv")
-    if not _found(sec, found, "no classical-head comparison (heads/<trial>/heads.csv)", f"transfer heads {rf.path}"):
+    found = _trial_dirs(run, "heads", run.heads_dir, "heads.csv")
+    if not _found(sec, found, "no classical-head comparison (heads/<trial>/heads.csv)", f"transfer heads {run.path}"):
         return sec
     for d in found:
         _table(sec, *_read_csv(d / "heads.csv"), title=d.name)
@@ -360,10 +360,10 @@ def _heading(sec: Section, name: str) -> None:
     sec.md.append(f"### {name}\n")
 
 
-def _evaluate(rf: RunLayout) -> Section:
+def _evaluate(run: RunLayout) -> Section:
     sec = Section("evaluate", "Per-class metrics and confusion matrix")
-    found = _trial_dirs(rf, "evaluate", rf.evaluate_dir, "metrics.json", "per_class.csv", "confusion.png")
-    if not _found(sec, found, "no evaluation (evaluate/<trial>/)", f"transfer evaluate {rf.path}"):
+    found = _trial_dirs(run, "evaluate", run.evaluate_dir, "metrics.json", "per_class.csv", "confusion.png")
+    if not _found(sec, found, "no evaluation (evaluate/<trial>/)", f"transfer evaluate {run.path}"):
         return sec
     for d in found:
         _heading(sec, d.name)
@@ -377,7 +377,7 @@ def _evaluate(rf: RunLayout) -> Section:
         pics = [(d / f, f"{d.name}: {cap}") for f, cap in (
             ("confusion.png", "confusion matrix"), ("samples.png", "random test images: predicted / true"),
             ("wrong.png", "most confidently wrong")) if (d / f).is_file()]
-        _images(sec, pics, rf.path)
+        _images(sec, pics, run.path)
     return sec
 
 
@@ -418,33 +418,33 @@ def _faithfulness(sec: Section, faith: dict) -> list[str]:
     return ranked
 
 
-def _gradcam_grids(sec: Section, rf: RunLayout, d: Path, dirs: list[Path], faith: dict, ranked: list[str]) -> None:
+def _gradcam_grids(sec: Section, run: RunLayout, d: Path, dirs: list[Path], faith: dict, ranked: list[str]) -> None:
     """Grids best method first; a method no better than its control (or not tested) is folded away and says so."""
     order = {m: i for i, m in enumerate(ranked)}
     for m in sorted(dirs, key=lambda p: (order.get(p.name, len(order)), p.name)):
         r = faith.get(m.name) if m.name in order else None
         if r is not None and r.get("beats_control"):
             _images(sec, [(m / "grid.png", f"{d.name}: {m.name} (beats its control; flagged maps framed)")],
-                    rf.path, grid=False)
+                    run.path, grid=False)
             continue
         why = ("no better than its control: not an explanation of this model" if r is not None
                else "not tested for faithfulness by this version")
         cap = f"{d.name}: {m.name} ({why})"
-        h, md = _img(m / "grid.png", rf.path, cap)
+        h, md = _img(m / "grid.png", run.path, cap)
         sec.html.append(f"<details><summary>{html.escape(cap)} - grid kept for inspection</summary>{h}</details>")
         sec.md.append(f"{m.name}: {why}; grid kept for inspection: {md}")
 
 
-def _gradcam(rf: RunLayout) -> Section:
+def _gradcam(run: RunLayout) -> Section:
     sec = Section("gradcam", "Grad-CAM")
 
     def method_dirs(d: Path) -> list[Path]:
         return sorted(m for m in d.iterdir() if m.is_dir() and (m / "grid.png").is_file())
 
-    found = [d for d in _trial_dirs(rf, "gradcam", rf.gradcam_dir)
+    found = [d for d in _trial_dirs(run, "gradcam", run.gradcam_dir)
              if (d / "faithfulness.json").is_file() or method_dirs(d)]
     if not _found(sec, found, "no Grad-CAM maps (gradcam/<trial>/)",
-                  f"transfer gradcam {rf.path} --method all"):
+                  f"transfer gradcam {run.path} --method all"):
         return sec
     for d in found:
         _heading(sec, d.name)
@@ -455,25 +455,25 @@ def _gradcam(rf: RunLayout) -> Section:
         except (KeyError, TypeError, ValueError, AttributeError):
             sec.html.append('<p class="note">faithfulness.json unreadable</p>')
             ranked = []
-        _gradcam_grids(sec, rf, d, method_dirs(d), faith, ranked)
+        _gradcam_grids(sec, run, d, method_dirs(d), faith, ranked)
     return sec
 
 
-def _features(rf: RunLayout) -> Section:
-    items = [(rf.plots_dir(t) / f"features_{kind}.png", f"{t}: {name} of the features")
-             for t in rf.analysis_trials("plots") for kind, name in (("pca", "PCA"), ("tsne", "t-SNE"))
-             if (rf.plots_dir(t) / f"features_{kind}.png").is_file()]
-    return _image_section(rf, "features", "Learned features", items,
-                          "no feature plot (plots/<trial>/features_pca.png)", f"transfer features {rf.path} --plot pca")
+def _features(run: RunLayout) -> Section:
+    items = [(run.plots_dir(t) / f"features_{kind}.png", f"{t}: {name} of the features")
+             for t in run.analysis_trials("plots") for kind, name in (("pca", "PCA"), ("tsne", "t-SNE"))
+             if (run.plots_dir(t) / f"features_{kind}.png").is_file()]
+    return _image_section(run, "features", "Learned features", items,
+                          "no feature plot (plots/<trial>/features_pca.png)", f"transfer features {run.path} --plot pca")
 
 
-def _resolution(rf: RunLayout) -> Section:
+def _resolution(run: RunLayout) -> Section:
     sec = Section("resolution", "Resolution study")
-    d = rf.resolution_dir
+    d = run.resolution_dir
     modes = [m for m in ("totv", "tvtv") if (d / f"{m}.csv").is_file()]
     if not modes:
         sec.missing("no resolution study (resolution/totv.csv)",
-                    f"transfer resolution {rf.path} --sizes 32,16,8 --mode totv")
+                    f"transfer resolution {run.path} --sizes 32,16,8 --mode totv")
         return sec
     sec.present = True
     labels = {"totv": "TOTV: trained once, tested on images reduced to each size",
@@ -486,25 +486,25 @@ def _resolution(rf: RunLayout) -> Section:
             ph, pr = _read_csv(d / f"{m}_per_class.csv")
             sec.html.append("<details><summary>per class</summary>" + _html_table(ph, pr) + "</details>")
         if (d / f"{m}.png").is_file():
-            _images(sec, [(d / f"{m}.png", title)], rf.path, grid=False)
+            _images(sec, [(d / f"{m}.png", title)], run.path, grid=False)
     if (d / "compare.csv").is_file():
         _table(sec, *_read_csv(d / "compare.csv"), title="TOTV vs TVTV")
         if (d / "compare.png").is_file():
-            _images(sec, [(d / "compare.png", "TOTV vs TVTV")], rf.path, grid=False)
+            _images(sec, [(d / "compare.png", "TOTV vs TVTV")], run.path, grid=False)
     elif len(modes) == 1:
         other = "tvtv" if modes[0] == "totv" else "totv"
-        sec.html.append(f'<p class="note">Run <code>transfer resolution {html.escape(str(rf.path))} --mode {other}</code> '
+        sec.html.append(f'<p class="note">Run <code>transfer resolution {html.escape(str(run.path))} --mode {other}</code> '
                         "as well to compare TOTV with TVTV.</p>")
-        sec.md.append(f"Run `transfer resolution {rf.path} --mode {other}` as well to compare TOTV with TVTV.\n")
+        sec.md.append(f"Run `transfer resolution {run.path} --mode {other}` as well to compare TOTV with TVTV.\n")
     return sec
 
 
-def _audit(rf: RunLayout) -> Section | None:
+def _audit(run: RunLayout) -> Section | None:
     """The data audit (``transfer data audit DATA --run RUN``), only when the run has one."""
     from .audit import audit_dir
     from .audit_page import KINDS, findings_html, summary_markdown
 
-    d = audit_dir(rf)
+    d = audit_dir(run)
     s = _safe_json(d / "audit.json")
     if not isinstance(s, dict):
         return None
@@ -517,12 +517,12 @@ def _audit(rf: RunLayout) -> Section | None:
     rows = _read_csv(d / "audit.csv")
     if rows[0]:
         sec.html += findings_html(Path(s.get("data", "")), [dict(zip(rows[0], r)) for r in rows[1]], KINDS)
-    sec.md.append(f"Every finding: `{os.path.relpath(d / 'audit.csv', rf.path)}`; thumbnails: "
-                  f"`{os.path.relpath(d / 'audit.html', rf.path)}`.\n")
+    sec.md.append(f"Every finding: `{os.path.relpath(d / 'audit.csv', run.path)}`; thumbnails: "
+                  f"`{os.path.relpath(d / 'audit.html', run.path)}`.\n")
     return sec
 
 
-def _calibration(rf: RunLayout) -> Section | None:
+def _calibration(run: RunLayout) -> Section | None:
     """The bundle's calibration (temperature, ECE / NLL / Brier before and after, a reliability
     diagram) and unknown-input scores, with ``transfer evaluate --unknown`` results if any; only
     when the run has a bundle (``RUN/bundle``)."""
@@ -531,7 +531,7 @@ def _calibration(rf: RunLayout) -> Section | None:
 
     sec = Section("calibration", "Calibration and unknown inputs")
     try:
-        m = read_manifest(rf.bundle_dir) if rf.bundle_dir.is_dir() else None
+        m = read_manifest(run.bundle_dir) if run.bundle_dir.is_dir() else None
     except BundleError:
         m = None
     if m is None:
@@ -539,7 +539,7 @@ def _calibration(rf: RunLayout) -> Section | None:
     sec.present = True
     cal = m.get("calibration")
     if not cal:
-        _note(sec, f"the bundle was exported without calibration; `transfer export {rf.path} --force` calibrates it")
+        _note(sec, f"the bundle was exported without calibration; `transfer export {run.path} --force` calibrates it")
         return sec
     trial = str((m.get("source") or {}).get("trial", "bundle"))
     images = cal.get("images")
@@ -566,9 +566,9 @@ def _calibration(rf: RunLayout) -> Section | None:
         _table(sec, ["split", "role", "probabilities", "images", "accuracy", "ECE", "ECE floor", "NLL", "Brier"], rows)
     test = cal.get("test") or {}
     if cal.get("method") != "none" and all(k in test and "reliability" in test[k] for k in ("before", "after")):
-        png = rf.plots_dir(trial) / "reliability.png"
+        png = run.plots_dir(trial) / "reliability.png"
         _reliability_diagram(test["before"]["reliability"], test["after"]["reliability"], png, "test")
-        _images(sec, [(png, f"{trial}: reliability diagram")], rf.path, grid=False)
+        _images(sec, [(png, f"{trial}: reliability diagram")], run.path, grid=False)
     unk = m.get("unknown")
     if isinstance(unk, dict) and unk.get("method") == "none":
         _note(sec, f"no unknown-input scores: {unk.get('reason')}")
@@ -581,14 +581,14 @@ def _calibration(rf: RunLayout) -> Section | None:
                [[k, v["threshold"], v.get("val_acceptance"), (v.get("synthetic") or {}).get("expected_false_accept"),
                  (v.get("synthetic") or {}).get("mean_auroc"), "default" if k == unk.get("default") else ""]
                 for k, v in unk["scores"].items()], title="unknown-input scores (transfer infer/serve --reject)")
-    res = _safe_json(rf.evaluate_dir(trial) / "unknown.json")
+    res = _safe_json(run.evaluate_dir(trial) / "unknown.json")
     if isinstance(res, dict) and res.get("scores"):
         from .unknown_study import unknown_table
 
         _table(sec, *unknown_table(res), title=f"known test images ({res['known']}) vs unknown images "
                                                 f"({res['unknown']}: {', '.join(res.get('unknown_inputs', []))})")
     else:
-        _note(sec, f"Run `transfer evaluate {rf.path} --unknown DIR` with images of none of the classes to "
+        _note(sec, f"Run `transfer evaluate {run.path} --unknown DIR` with images of none of the classes to "
                    "measure how well these scores separate them.")
     return sec
 
@@ -626,9 +626,9 @@ def _md_rows(md: str) -> tuple[list[str], list[list[str]]]:
 
 def build_sections(run_dir: "str | os.PathLike | RunLayout") -> list[Section]:
     """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
-    rf = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
-    secs = [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _features(rf),
-            _resolution(rf), _calibration(rf), _audit(rf)]
+    run = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
+    secs = [_dataset(run), _sweep(run), _curves(run), _heads(run), _evaluate(run), _gradcam(run), _features(run),
+            _resolution(run), _calibration(run), _audit(run)]
     return [s for s in secs if s is not None]
 
 
@@ -648,10 +648,10 @@ def write_report(run_dir: str | os.PathLike) -> dict:
 
         write_report("runs/digits")["missing"]     # ['heads', 'resolution']
     """
-    rf = RunFolder(run_dir)  # names what is missing
-    run = rf.path
-    info = rf.info
-    secs = build_sections(rf)
+    run_folder = RunFolder(run_dir)  # names what is missing
+    run = run_folder.path
+    info = run_folder.info
+    secs = build_sections(run_folder)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"transfer run report: {run.resolve().name}"
     sub = (f"run {html.escape(str(run.resolve()))} &middot; created {html.escape(str(info.get('created', '?')))} "
@@ -669,9 +669,9 @@ def write_report(run_dir: str | os.PathLike) -> dict:
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
             f"<body><main>{''.join(body)}</main></body></html>\n")
-    write_text_atomic(rf.report_html, page)
-    write_text_atomic(rf.report_md, "\n".join(md))
-    return {"html": rf.report_html, "md": rf.report_md,
+    write_text_atomic(run_folder.report_html, page)
+    write_text_atomic(run_folder.report_md, "\n".join(md))
+    return {"html": run_folder.report_html, "md": run_folder.report_md,
             "present": [s.key for s in secs if s.present], "missing": [s.key for s in secs if not s.present]}
 
 

@@ -29,7 +29,7 @@ from ..progress import ProgressLike
 from ..runfolder import RunFolder
 
 
-def evaluate_unknown_run(rf: RunFolder, unknown: Sequence[str | os.PathLike], *, bundle=None,
+def evaluate_unknown_run(run: RunFolder, unknown: Sequence[str | os.PathLike], *, bundle=None,
                          progress: ProgressLike = None) -> dict:
     """Score the run's bundle on its test split (known) against ``unknown`` files and folders
     (folders: their image files, all levels); writes ``RUN/evaluate/<trial>/unknown.json``.
@@ -42,9 +42,9 @@ def evaluate_unknown_run(rf: RunFolder, unknown: Sequence[str | os.PathLike], *,
     from ..data.stream import iter_inputs
     from ..runtime.unknown import evaluate_unknown
 
-    b = load_bundle(Path(bundle) if bundle is not None else rf.bundle_dir)
-    trial = rf.trial(str((b.manifest.get("source") or {}).get("trial") or "best"))
-    known = rf.split_paths("test", fold=trial.fold)[0]
+    b = load_bundle(Path(bundle) if bundle is not None else run.bundle_dir)
+    trial = run.trial(str((b.manifest.get("source") or {}).get("trial") or "best"))
+    known = run.split_paths("test", fold=trial.fold)[0]
     files, groups = [], []
     for u in unknown:
         found = [p for p, err in iter_inputs([os.fspath(u)], recursive=True) if err is None]
@@ -54,7 +54,7 @@ def evaluate_unknown_run(rf: RunFolder, unknown: Sequence[str | os.PathLike], *,
         raise ConfigError(f"no image files in {', '.join(map(str, unknown))}", option="unknown")
     res = evaluate_unknown(b, known, files, groups=groups, progress=progress)
     res.update(bundle=str(b.path), trial=trial.name, unknown_inputs=[os.fspath(u) for u in unknown])
-    out = rf.evaluate_dir(trial.name) / "unknown.json"
+    out = run.evaluate_dir(trial.name) / "unknown.json"
     write_json_atomic(out, res)
     res["out"] = str(out)
     return res

@@ -62,11 +62,11 @@ def heads(run, trial, heads, rf_n_estimators, rf_max_depth, rf_n_jobs, svm_c, sv
     for (kind, key), value in given.items():
         if value is not None and kind in kinds:
             params.setdefault(kind, {})[key] = value
-    rf = _open(run)
+    run_folder = _open(run)
     with run_lock(run, "heads"):
-        rows = fit_heads(rf, trial, kinds, params, progress=_progress(quiet))
+        rows = fit_heads(run_folder, trial, kinds, params, progress=_progress(quiet))
     for name in dict.fromkeys(r["trial"] for r in rows):
-        click.echo(f"\n{name}  ->  {rf.heads_dir(name) / 'heads.md'}")
+        click.echo(f"\n{name}  ->  {run_folder.heads_dir(name) / 'heads.md'}")
         click.echo(render_table([r for r in rows if r["trial"] == name]).rstrip())
 
 
@@ -98,13 +98,13 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
     """
     from ..analysis.evaluate import evaluate as run_evaluate
 
-    rf = _open(run)
+    run_folder = _open(run)
     if unknown:
         from ..analysis.unknown_study import evaluate_unknown_run, group_table, unknown_table
         from ..tables import markdown
 
         with run_lock(run, "evaluate"):
-            res = evaluate_unknown_run(rf, unknown, bundle=bundle, progress=_progress(quiet))
+            res = evaluate_unknown_run(run_folder, unknown, bundle=bundle, progress=_progress(quiet))
         click.echo(f"\n{res['trial']}: {res['known']} known test image(s) vs {res['unknown']} unknown image(s)"
                    + (f" ({res['unreadable']} unreadable skipped)" if res["unreadable"] else ""))
         click.echo(markdown(*unknown_table(res)).rstrip())
@@ -119,12 +119,12 @@ def evaluate(run, trial, split, samples, seed, unknown, bundle, quiet) -> None:
 
         raise ConfigError("--bundle needs --unknown")
     with run_lock(run, "evaluate"):
-        res = run_evaluate(rf, trial, split, samples=samples, seed=seed, progress=_progress(quiet))
+        res = run_evaluate(run_folder, trial, split, samples=samples, seed=seed, progress=_progress(quiet))
     for name, r in res.items():
         click.echo(f"\n{name}  {split}: {r['images']} images, accuracy {r['accuracy']:.4f}, "
                    f"macro F1 {r['macro']['f1']:.4f}, weighted F1 {r['weighted']['f1']:.4f}")
         click.echo(r["per_class_md"].rstrip())
-        click.echo(f"-> {rf.evaluate_dir(name)}  (metrics.json, per_class.csv/.md, confusion.csv/.png, "
+        click.echo(f"-> {run_folder.evaluate_dir(name)}  (metrics.json, per_class.csv/.md, confusion.csv/.png, "
                    "samples.png, wrong.png)")
 
 
@@ -153,18 +153,18 @@ def features(run, trial, methods, split, max_points, force, batch_size, workers,
 
     plots = check_plot_methods(parse_csv(methods, str, name="--plot")) if methods else []
     progress = _progress(quiet)
-    rf = _open(run)
+    run_folder = _open(run)
     with run_lock(run, "features"):
-        for t in resolve_trials(rf, trial):
-            extract_features(rf, t.name, SPLITS, batch_size=batch_size, workers=workers, force=force,
+        for t in resolve_trials(run_folder, trial):
+            extract_features(run_folder, t.name, SPLITS, batch_size=batch_size, workers=workers, force=force,
                              progress=progress)
-            meta = features_meta(rf, t.name)
+            meta = features_meta(run_folder, t.name)
             counts = ", ".join(f"{s} {meta['counts'].get(s, 0)}" for s in SPLITS)
             bad = sum(len(v) for v in meta.get("bad_files", {}).values())
             click.echo(f"{t.name}: {meta['feature_dim']}-d features ({counts}"
-                       f"{f'; {bad} unreadable file(s) skipped' if bad else ''}) -> {rf.features_dir(t.name)}")
+                       f"{f'; {bad} unreadable file(s) skipped' if bad else ''}) -> {run_folder.features_dir(t.name)}")
             for m in plots:
-                out = plot_features(rf, t.name, m, split, max_points, progress=progress)
+                out = plot_features(run_folder, t.name, m, split, max_points, progress=progress)
                 click.echo(f"{t.name}: {m} plot of the {split} features -> {out}")
 
 

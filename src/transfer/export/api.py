@@ -71,7 +71,7 @@ class Limits:
 class ExportContext:
     """What every step reads (the trial, the verification images) and what the steps made."""
 
-    rf: Any                      # RunFolder
+    run: Any                      # RunFolder
     t: Any                       # TrialInfo
     folder: Path                 # where the files are written
     x: np.ndarray                # verification images, float32 (n, H, W, 3)
@@ -284,8 +284,8 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
 
     p = as_progress(progress)
     t0 = time.time()
-    rf = run if isinstance(run, RunFolder) else RunFolder(run)
-    t = rf.trial(trial).require_finished()
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
+    t = run.trial(trial).require_finished()
     limits, trt_prec, profile, head, reduced = _check_options(
         quantize=quantize, trt=trt, batch=batch, atol=atol, min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head,
@@ -295,16 +295,16 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         from ..signing import load_signing_key
 
         key = load_signing_key(sign)
-    out = Path(out) if out is not None else rf.bundle_dir
+    out = Path(out) if out is not None else run.bundle_dir
     with locked(out, purpose="export"), \
-            (locked(rf.path, purpose="export") if head is not None else contextlib.nullcontext()):
-        return _export(rf, t, out, force=force, head=head, reduced=reduced, trt_prec=trt_prec, profile=profile,
+            (locked(run.path, purpose="export") if head is not None else contextlib.nullcontext()):
+        return _export(run, t, out, force=force, head=head, reduced=reduced, trt_prec=trt_prec, profile=profile,
                        calib_images=calib_images, verify_images=verify_images, limits=limits, opset=opset,
                        workspace_mb=workspace_mb, key=key, progress=p, t0=t0, calibrate=calibrate,
                        unknown_accept=unknown_accept, unknown_default=unknown_default)
 
 
-def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_images, verify_images, limits,
+def _export(run, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_images, verify_images, limits,
             opset, workspace_mb, key, progress, t0, calibrate=True, unknown_accept=0.95,
             unknown_default="auto") -> ExportResult:
     """The export, holding the locks: check ``out``, assemble and swap in the ONNX bundle, add an engine."""
@@ -313,9 +313,9 @@ def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_
 
     p = progress
     remove_stale_staging(out, p)
-    check_out(out, force, rf.path)
+    check_out(out, force, run.path)
     with staged_bundle(out) as tmp:
-        manifest, checks = _assemble(rf, t, tmp, head=head, reduced=reduced, calib_images=calib_images,
+        manifest, checks = _assemble(run, t, tmp, head=head, reduced=reduced, calib_images=calib_images,
                                      verify_images=verify_images, limits=limits, opset=opset, progress=p,
                                      calibrate=calibrate, unknown_accept=unknown_accept,
                                      unknown_default=unknown_default, key=key)
@@ -329,12 +329,12 @@ def _export(rf, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_
             hint=f"see {out / 'verification.json'}; the limits are the probability tolerance, the minimum "
                  "top-1 agreement and the maximum accuracy drop of `transfer export`")
     if trt_prec:
-        _add_engine(out, trt_prec, profile, rf, t, calib_images, workspace_mb, p, limits, verify_images, key)
+        _add_engine(out, trt_prec, profile, run, t, calib_images, workspace_mb, p, limits, verify_images, key)
         res.manifest = read_manifest(out)
     return res
 
 
-def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, limits: Limits, opset, progress,
+def _assemble(run, t, tmp: Path, *, head, reduced, calib_images, verify_images, limits: Limits, opset, progress,
               calibrate: bool = True, unknown_accept: float = 0.95, unknown_default: str = "auto", key=None):
     """The ONNX bundle in ``tmp``: fp32 model, its calibration, then int8 / fp16 and a head when
     asked, then the manifest (signed with ``key``)."""
@@ -346,10 +346,10 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
     model = t.load_model()
     feature_dim = int(model.get_layer("features").output.shape[-1])
     num_classes = int(model.output.shape[-1])
-    if num_classes != len(rf.class_names):
-        raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(rf.class_names)} classes")
-    x, y, used = verification_images(rf, t.image_size, verify_images, progress, fold=t.fold)
-    ctx = ExportContext(rf, t, tmp, x, y, limits, progress, opset=opset, calib_images=calib_images,
+    if num_classes != len(run.class_names):
+        raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(run.class_names)} classes")
+    x, y, used = verification_images(run, t.image_size, verify_images, progress, fold=t.fold)
+    ctx = ExportContext(run, t, tmp, x, y, limits, progress, opset=opset, calib_images=calib_images,
                         extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes})
     run_step(ctx, _fp32_step())
     if calibrate:
@@ -361,9 +361,9 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
         run_step(ctx, step)
     calibration = {k: ctx.extra[k] for k in ("calibration", "unknown") if k in ctx.extra}
     manifest = new_manifest(
-        class_names=rf.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
-        heads=ctx.heads, preprocessing=rf.dataset.get("preprocessing"), tools=tool_versions(),
-        source={"run": str(rf.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset,
+        class_names=run.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
+        heads=ctx.heads, preprocessing=run.dataset.get("preprocessing"), tools=tool_versions(),
+        source={"run": str(run.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset,
         **calibration)
     return write_bundle(tmp, manifest, ctx.checks, images=used, sign_key=key), ctx.checks
 
@@ -411,12 +411,12 @@ def _int8_step() -> Step:
     def convert(ctx):
         from .quantize import calibration_batches, quantize_int8
 
-        train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
+        train_paths, _ = ctx.run.split_paths("train", fold=ctx.t.fold)
         from ..models.onnx_convert import stamp_onnx
 
         calib = [b.astype(np.uint8) for b in calibration_batches(train_paths, ctx.t.image_size,
                                                                  count=ctx.calib_images, progress=ctx.progress,
-                                                                 recipe=ctx.rf.recipe)]
+                                                                 recipe=ctx.run.recipe)]
         entry, tried = None, []
         for k in FLOAT_LAYER_LADDER:
             info = quantize_int8(ctx.folder / "model.onnx", ctx.folder / "model.int8.onnx",
@@ -516,7 +516,7 @@ def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAG
     """:class:`SplitOutputs` of a split (unreadable files counted and skipped, never an error)."""
     from ..data.stream import decode_batches
 
-    all_paths, all_labels = ctx.rf.split_paths(split, fold=ctx.t.fold)
+    all_paths, all_labels = ctx.run.split_paths(split, fold=ctx.t.fold)
     paths, labels = _subset(all_paths, all_labels, limit)
     c, d = ctx.extra["num_classes"], ctx.extra["feature_dim"]
     out = SplitOutputs(split, np.zeros((0, d), np.float32), np.zeros((0, c), np.float32), np.zeros(0, np.int64),
@@ -526,7 +526,7 @@ def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAG
     fs, ps, ys, start = [], [], [], 0
     with ctx.progress.bar(len(paths), f"calibration: {split} images") as bar, \
             _ort_runner(ctx, {"file": "model.onnx"}) as runner:
-        for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.rf.recipe):
+        for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.run.recipe):
             for it in pb.items:
                 if it.error is not None:
                     out.unreadable += 1
@@ -629,9 +629,9 @@ def _train_pixels(ctx: ExportContext, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels and labels of up to ``n`` readable training images (a seeded random pick)."""
     from ..data.stream import decode_batches
 
-    paths, labels = _subset(*ctx.rf.split_paths("train", fold=ctx.t.fold), n, seed=1)
+    paths, labels = _subset(*ctx.run.split_paths("train", fold=ctx.t.fold), n, seed=1)
     xs, ys, start = [], [], 0
-    for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.rf.recipe):
+    for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.run.recipe):
         if len(pb.x):
             xs.append(pb.x)
             ys += [int(labels[start + i]) for i in pb.ok_index]
@@ -660,7 +660,7 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
         return "none of the training images picked to make synthetic outliers from can be read now"
     outliers = {}
     with _ort_runner(ctx, {"file": "model.onnx"}) as runner:
-        for kind, x in synthetic_outliers(pixels, labels, recipe=ctx.rf.recipe).items():
+        for kind, x in synthetic_outliers(pixels, labels, recipe=ctx.run.recipe).items():
             got = runner.infer(x)
             outliers[kind] = (got.features, cal.temperature_probs(logits(got.features, got.probs), temperature))
     val_probs = cal.temperature_probs(logits(val.features, val.probs), temperature)
@@ -723,9 +723,9 @@ def _head_step(kind: str) -> Step:
         from ..analysis.head_study import ensure_head
         from ..classical_heads import head_to_onnx, load_head
 
-        rf, t, d = ctx.rf, ctx.t, ctx.extra["feature_dim"]
-        pkl, meta = ensure_head(rf, t.name, kind, progress=ctx.progress)
-        refit = f"re-fit it: `transfer heads {rf.path} --trial {t.name} --head {kind}`"
+        run, t, d = ctx.run, ctx.t, ctx.extra["feature_dim"]
+        pkl, meta = ensure_head(run, t.name, kind, progress=ctx.progress)
+        refit = f"re-fit it: `transfer heads {run.path} --trial {t.name} --head {kind}`"
         if int(meta.get("feature_dim", -1)) != d:
             raise ExportError(f"head {pkl} takes {meta.get('feature_dim')}-d features but {t.name} gives {d}-d",
                               hint=refit)
@@ -780,11 +780,11 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
         if precision == "int8":
             # explicit quantization (TensorRT >= 10.1 deprecates the implicit calibrators): a
             # symmetric QDQ model calibrated on training images; TensorRT reads its scales
-            train_paths, _ = ctx.rf.split_paths("train", fold=ctx.t.fold)
+            train_paths, _ = ctx.run.split_paths("train", fold=ctx.t.fold)
             src = work / "model.trt-int8.onnx"
             qinfo = prepare_int8_onnx(ctx.folder / "model.onnx", src,
                                       calibration_batches(train_paths, ctx.t.image_size, count=ctx.calib_images,
-                                                          recipe=ctx.rf.recipe,
+                                                          recipe=ctx.run.recipe,
                                                           progress=ctx.progress))
         ctx.progress.say(f"TensorRT {precision}: building on {dev['gpu']} (compute {dev['compute_capability']}, "
                          f"TensorRT {dev['tensorrt']})")
@@ -814,7 +814,7 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
                 atol=1e-3, name=f"trt-{precision}")
 
 
-def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, workspace_mb: int, progress,
+def _add_engine(out: Path, precision: str, profile, run, t, calib_images: int, workspace_mb: int, progress,
                 limits: Limits, verify_images: int = 256, key=None) -> None:
     from ..bundle import read_checks, read_manifest, write_bundle
     from .tensorrt import require_tensorrt
@@ -825,12 +825,12 @@ def _add_engine(out: Path, precision: str, profile, rf, t, calib_images: int, wo
     except TensorRTUnavailableError as exc:
         raise TensorRTUnavailableError(
             exc.message, hint=f"the verified ONNX bundle is in {out}; to add the engine, run on the GPU machine "
-                              f"`transfer export {rf.path} --trt {precision} --force` (re-exports and replaces it)"
+                              f"`transfer export {run.path} --trt {precision} --force` (re-exports and replaces it)"
         ) from None
     manifest = read_manifest(out)
     checks, images = read_checks(out)
-    x, y, _ = verification_images(rf, t.image_size, verify_images, progress, fold=t.fold)
-    ctx = ExportContext(rf, t, out, x, y, Limits(atol=1e-3, min_agreement=0.999,
+    x, y, _ = verification_images(run, t.image_size, verify_images, progress, fold=t.fold)
+    ctx = ExportContext(run, t, out, x, y, Limits(atol=1e-3, min_agreement=0.999,
                                                  max_accuracy_drop=limits.max_accuracy_drop),
                         progress, calib_images=calib_images, models=dict(manifest["models"]), checks=checks,
                         extra={"manifest": manifest})

@@ -105,9 +105,9 @@ def _sample_images(bundle: Bundle, images: Sequence[str] | None, n: int) -> list
 
         src = bundle.manifest.get("source") or {}
         try:
-            rf = RunFolder(src.get("run") or "/nonexistent")
-            fold = rf.trial(str(src.get("trial"))).fold  # a k-fold trial: its own held-out images
-            paths = [str(p) for p in rf.split_paths("val", fold=fold)[0] if p.is_file()]
+            run = RunFolder(src.get("run") or "/nonexistent")
+            fold = run.trial(str(src.get("trial"))).fold  # a k-fold trial: its own held-out images
+            paths = [str(p) for p in run.split_paths("val", fold=fold)[0] if p.is_file()]
         except (TransferError, OSError, ValueError, KeyError, TypeError):
             paths = []  # the run or its data is not on this machine: synthetic pixels
     return [p for p in paths if is_image_path(p)][:n]
