@@ -331,7 +331,7 @@ def bench_batch1(b: dict, res: dict) -> None:
 
     from transfer.runtime.bench import bench
     from transfer.runtime.sessions import default_threads
-    from transfer.serve.model import ModelOptions, load_model
+    from transfer.serve.model import ModelOptions, load_served_model
     from transfer.serve.pixels import decode_upload
 
     before = os.sched_getaffinity(0)
@@ -341,7 +341,7 @@ def bench_batch1(b: dict, res: dict) -> None:
         for name in ("arc2", "mnv2"):
             r = bench(b[name], backends=["onnxruntime"], batches=[1], head="rf", images=[str(b["files"])], seconds=3,
                       threads=default_threads(), progress=None)["rows"][0]
-            m = load_model(b[name], ModelOptions(head="rf", threads=default_threads()))
+            m = load_served_model(b[name], ModelOptions(head="rf", threads=default_threads()))
             xs = [decode_upload(d, "x.png", m.size, max_pixels=10**8, recipe=m.recipe) for d in data]
             dec = _p50_ms(lambda i: decode_upload(data[i % len(data)], "x.png", m.size, max_pixels=10**8,
                                                   recipe=m.recipe))

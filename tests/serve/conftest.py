@@ -36,7 +36,7 @@ def serve_bundle(serve_data, tmp_path_factory) -> Path:
 def start_server(serve_bundle):
     """``start_server(**config_fields, key=None, model=None)`` -> a :class:`RunningServer`, stopped after the test."""
     from transfer.options import make
-    from transfer.serve.model import load_model
+    from transfer.serve.model import load_served_model
     from transfer.serve.serve_config import ServeConfig
 
     servers = []
@@ -44,7 +44,7 @@ def start_server(serve_bundle):
     def start(*, key=None, model=None, wait_ready=True, **fields):
         fields.setdefault("head", "rf")
         cfg = make(ServeConfig, fields)
-        m = model if model is not None else load_model(serve_bundle, cfg.model, cfg.security)
+        m = model if model is not None else load_served_model(serve_bundle, cfg.model, cfg.security)
         s = RunningServer(m, cfg, key=key, wait_ready=wait_ready)
         servers.append(s)
         return s

@@ -183,9 +183,9 @@ class GatedModel:
 
 
 def _gated(serve_bundle, head="rf"):
-    from transfer.serve.model import ModelOptions, load_model
+    from transfer.serve.model import ModelOptions, load_served_model
 
-    return GatedModel(load_model(serve_bundle, ModelOptions(head=head)))
+    return GatedModel(load_served_model(serve_bundle, ModelOptions(head=head)))
 
 
 def test_full_queue_answers_503_at_once_and_recovers(start_server, serve_bundle, serve_data):

@@ -24,11 +24,11 @@ def _png(x: np.ndarray) -> bytes:
 
 def _start(bundle, **fields):
     from transfer.options import make
-    from transfer.serve.model import load_model
+    from transfer.serve.model import load_served_model
     from transfer.serve.serve_config import ServeConfig
 
     cfg = make(ServeConfig, fields)
-    return RunningServer(load_model(bundle, cfg.model, cfg.security), cfg)
+    return RunningServer(load_served_model(bundle, cfg.model, cfg.security), cfg)
 
 
 def test_reject_answers_unknown_with_the_rule(tmp_path):
@@ -55,18 +55,18 @@ def test_reject_answers_unknown_with_the_rule(tmp_path):
 
 def test_reject_needs_a_bundle_with_scores(tmp_path):
     from transfer.errors import ConfigError
-    from transfer.serve.model import ModelOptions, load_model
+    from transfer.serve.model import ModelOptions, load_served_model
 
     b = make_bundle(tmp_path / "plain")
     with pytest.raises(ConfigError, match="no unknown-input score"):
-        load_model(b, ModelOptions(reject=True))
-    assert load_model(b, ModelOptions()).detector is None
+        load_served_model(b, ModelOptions(reject=True))
+    assert load_served_model(b, ModelOptions()).detector is None
 
 
 def test_trust_refuses_unsigned_bundles_and_untrusted_pickles(tmp_path):
     from transfer.bundle import UntrustedBundleError
     from transfer.errors import ConfigError, TransferError
-    from transfer.serve.model import ModelOptions, TrustOptions, load_model
+    from transfer.serve.model import ModelOptions, TrustOptions, load_served_model
     from transfer.signing import generate_key, load_signing_key
 
     generate_key(tmp_path / "k")
@@ -74,11 +74,11 @@ def test_trust_refuses_unsigned_bundles_and_untrusted_pickles(tmp_path):
     signed = make_bundle(tmp_path / "signed", head="rf", sign_key=key)
     unsigned = make_bundle(tmp_path / "unsigned", head="rf")
     pub = str(tmp_path / "k.pub")
-    m = load_model(signed, ModelOptions(head="rf", head_format="pickle"), TrustOptions(trust=(pub,)))
+    m = load_served_model(signed, ModelOptions(head="rf", head_format="pickle"), TrustOptions(trust=(pub,)))
     assert m.bundle.trusted and m.info()["trusted"] is True
     with pytest.raises(UntrustedBundleError):
-        load_model(unsigned, ModelOptions(), TrustOptions(trust=(pub,)))
+        load_served_model(unsigned, ModelOptions(), TrustOptions(trust=(pub,)))
     with pytest.raises((ConfigError, TransferError), match="pickle"):
-        load_model(unsigned, ModelOptions(head="rf", head_format="pickle"))
-    assert load_model(unsigned, ModelOptions(head="rf", head_format="pickle"),
+        load_served_model(unsigned, ModelOptions(head="rf", head_format="pickle"))
+    assert load_served_model(unsigned, ModelOptions(head="rf", head_format="pickle"),
                       TrustOptions(trust_pickle=True)).head.name == "rf"

@@ -72,9 +72,9 @@ class FailingStack:
 
 
 def _real_model(serve_bundle):
-    from transfer.serve.model import ModelOptions, load_model
+    from transfer.serve.model import ModelOptions, load_served_model
 
-    return load_model(serve_bundle, ModelOptions(head="rf"))
+    return load_served_model(serve_bundle, ModelOptions(head="rf"))
 
 
 def _metric(url: str, name: str) -> float:

@@ -1,7 +1,7 @@
 """``transfer serve``: a bundle behind an HTTP API with dynamic batching (no TensorFlow).
 
 - :mod:`~transfer.serve.serve_config`: :class:`ServeConfig`, every option, declared once.
-- :mod:`~transfer.serve.model`: :func:`load_model` (the one bundle loader) and the row builder,
+- :mod:`~transfer.serve.model`: :func:`load_served_model` (the one bundle loader) and the row builder,
   over the runtime's :class:`~transfer.runtime.predictor.Predictor`.
 - :mod:`~transfer.serve.pixels`: uploaded bytes -> model pixels (the runtime's decode + resize).
 - :mod:`~transfer.serve.batcher`: groups images of concurrent requests into model calls.
@@ -13,7 +13,7 @@ FastAPI, uvicorn, prometheus-client and python-multipart come with ``pip install
 they are imported when a server is built, so this package imports without them.
 """
 
-from .model import ModelOptions, ServedModel, load_model
+from .model import ModelOptions, ServedModel, load_served_model
 from .serve_config import ServeConfig
 
-__all__ = ["ServeConfig", "ModelOptions", "ServedModel", "load_model"]
+__all__ = ["ServeConfig", "ModelOptions", "ServedModel", "load_served_model"]

@@ -66,7 +66,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
     """The ASGI app serving ``model`` with ``config``.
 
     Args:
-        model: a loaded :class:`ServedModel` (:func:`transfer.serve.model.load_model`).
+        model: a loaded :class:`ServedModel` (:func:`transfer.serve.model.load_served_model`).
         config: a validated :class:`ServeConfig`.
         key: the API key (``/v1`` routes then need ``Authorization: Bearer KEY``), or ``None``.
         wait_for_warm_up: finish the warm-up before the app starts (Ray Serve: a replica gets
@@ -78,7 +78,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
 
     Example::
 
-        app = create_app(load_model("runs/digits/bundle", ModelOptions()), ServeConfig())
+        app = create_app(load_served_model("runs/digits/bundle", ModelOptions()), ServeConfig())
         uvicorn.run(app, host="127.0.0.1", port=8000)
     """
 

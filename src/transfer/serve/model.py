@@ -1,6 +1,6 @@
 """The served model: one function loads a bundle for serving, one method builds an answer row.
 
-:func:`load_model` is the only place the server opens a bundle (hash-checked once by
+:func:`load_served_model` is the only place the server opens a bundle (hash-checked once by
 :func:`transfer.bundle.load_bundle`, so a bundle ``transfer verify`` refuses never starts)
 and makes its :class:`~transfer.runtime.predictor.Predictor` (the runner, head and
 unknown-input rule ``transfer infer`` uses too); :meth:`ServedModel.row` is the only place a
@@ -163,7 +163,7 @@ def open_model(bundle: Bundle, options: ModelOptions | None = None, *, trust_pic
     return ServedModel(bundle, predictor, options)
 
 
-def load_model(bundle_path, model: ModelOptions | None = None, security: TrustOptions | None = None) -> ServedModel:
+def load_served_model(bundle_path, model: ModelOptions | None = None, security: TrustOptions | None = None) -> ServedModel:
     """Open a bundle for serving: hashes checked (once), options checked, sessions created.
 
     Raises:
@@ -173,7 +173,7 @@ def load_model(bundle_path, model: ModelOptions | None = None, security: TrustOp
 
     Example::
 
-        model = load_model("runs/digits/bundle", ModelOptions(head="rf"))
+        model = load_served_model("runs/digits/bundle", ModelOptions(head="rf"))
         probs, seconds = model.predict(pixels)
     """
     security = security or TrustOptions()
@@ -181,5 +181,5 @@ def load_model(bundle_path, model: ModelOptions | None = None, security: TrustOp
     return open_model(bundle, model, trust_pickle=security.trust_pickle)
 
 
-__all__ = ["ModelOptions", "TrustOptions", "ImagePrediction", "BatchPrediction", "ServedModel", "load_model",
+__all__ = ["ModelOptions", "TrustOptions", "ImagePrediction", "BatchPrediction", "ServedModel", "load_served_model",
            "open_model", "bundle_id"]

@@ -2,7 +2,7 @@
 
 The driver verifies the bundle and the options, reads the bundle's files once and puts them
 in Ray's object store; each replica writes them to a local temporary folder and loads them
-with :func:`transfer.serve.model.load_model` (hashes checked again on that node), so a
+with :func:`transfer.serve.model.load_served_model` (hashes checked again on that node), so a
 cluster needs no shared filesystem. Every replica serves the FastAPI app of
 :func:`transfer.serve.app.create_app` (same routes, same batching), warmed up before Ray
 sends it traffic; Ray's HTTP proxy spreads requests over the replicas.
@@ -26,7 +26,7 @@ from ..options import replace
 from ..progress import ProgressLike, as_progress
 from ..runtime.predictor import check_options
 from ._deps import check_installed
-from .model import bundle_id, load_model
+from .model import bundle_id, load_served_model
 from .serve_config import ServeConfig, read_api_key
 
 APP_NAME = "transfer"
@@ -50,7 +50,7 @@ class Replica:
             p = self._dir / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
-        self.model = load_model(self._dir, config.model, config.security)
+        self.model = load_served_model(self._dir, config.model, config.security)
         if self.model.id != expected_id:
             raise ConfigError(f"the bundle arrived changed on this node ({self.model.id} != {expected_id})")
         self.config = config

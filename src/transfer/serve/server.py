@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..progress import ProgressLike, as_progress
 from ._deps import check_installed, need
-from .model import ServedModel, load_model
+from .model import ServedModel, load_served_model
 from .serve_config import ServeConfig, read_api_key
 
 
@@ -109,7 +109,7 @@ def serve(bundle_path, config: ServeConfig, *, progress: ProgressLike = None,
     check_installed()
     key = read_api_key(config.api_key_file) if config.api_key_file else None
     if model is None:
-        model = load_model(bundle_path, config.model, config.security)
+        model = load_served_model(bundle_path, config.model, config.security)
     app = create_app(model, config, key=key)
     state = app.state.transfer
     sock = listen_socket(config.host, config.port)
