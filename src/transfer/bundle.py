@@ -29,8 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .calibration import SCORE_ARRAYS, SCORE_PARAMS, SCORES, array_problems
+from .data.image import PREPROCESSING, recipe_version
 from .errors import BundleError, TamperedBundleError
 from .fsutil import JSONLimitError, loads_json, read_json, sha256_file, write_json_atomic, write_text_atomic
+from .onnx_facts import PRECISION_KEY, ROLE_KEY, external_data, facts_of_session, graph_precision
+from .signing import SignatureError, check_signature, load_signing_key, sign, trust_store
 
 BUNDLE_FORMAT = "transfer-bundle"
 FORMAT_VERSION = 1
@@ -363,8 +367,6 @@ def _check_calibration_entries(s: _Schema, m: dict) -> None:
     agrees with the fp32 model's ``calibrated``) and ``unknown`` (``method: none`` with the
     reason, or scores this runtime computes, each with a finite threshold, its parameter file
     and scalars, and a default among them)."""
-    from .calibration import SCORE_ARRAYS, SCORE_PARAMS, SCORES
-
     cal = m.get("calibration")
     if cal is not None:
         if not isinstance(cal, dict) or not isinstance(cal.get("method"), str):
@@ -463,8 +465,6 @@ def _check_labels(bundle: Path, m: dict) -> None:
 def _check_recipe(bundle: Path, m: dict) -> None:
     """The bundle's pixel recipe must be one this runtime implements (train/serve parity): the
     runtime decodes the bundle's images with the recipe it records, old versions included."""
-    from .data.image import recipe_version
-
     try:
         recipe_version(m["preprocessing"])
     except ValueError as exc:
@@ -564,8 +564,6 @@ def _check_unknown_arrays(bundle: Path, m: dict) -> None:
     scores need, floating point (an object array would be a pickle), shaped for the bundle's
     feature width and classes, and a kNN bank with at least ``k`` rows -- read from the array
     headers, before any score is computed."""
-    from .calibration import SCORE_ARRAYS, array_problems
-
     unk = m.get("unknown")
     if not isinstance(unk, dict) or not unk.get("scores"):
         return
@@ -592,8 +590,6 @@ def _check_unknown_arrays(bundle: Path, m: dict) -> None:
 def _check_external_data(bundle: Path, m: dict) -> None:
     """Weights in external files: each must be declared by its model's entry (and so listed and
     hashed) and lie inside the bundle; heads have none."""
-    from .onnx_facts import external_data
-
     onnx_files = [(f"models.{k}", e["file"], e.get("external_data", [])) for k, e in m["models"].items()
                   if e.get("runtime", "onnxruntime") == "onnxruntime"]
     onnx_files += [(f"heads.{k}", e["onnx"], []) for k, e in m["heads"].items() if e.get("onnx")]
@@ -617,8 +613,6 @@ def _check_external_data(bundle: Path, m: dict) -> None:
 def _check_signature(bundle: Path, raw: bytes, trust) -> tuple[str | None, bool]:
     """``(signer key id or None, trusted)``; refuses a signature that does not verify, and with
     trust configured an unsigned bundle or a signer that is not trusted."""
-    from .signing import SignatureError, check_signature, trust_store
-
     store = trust_store(trust)
     sig = bundle / SIGNATURE
     signer, raw_key = None, None
@@ -737,8 +731,6 @@ def check_model_graph(bundle: Bundle, key: str, session) -> None:
     Raises:
         TamperedBundleError: naming what differs.
     """
-    from .onnx_facts import PRECISION_KEY, ROLE_KEY, facts_of_session, graph_precision
-
     e = bundle.model_entry(key)
     if e.get("runtime", "onnxruntime") != "onnxruntime":
         return
@@ -765,8 +757,6 @@ def check_head_graph(bundle: Bundle, name: str, session) -> None:
     Raises:
         TamperedBundleError: naming what differs.
     """
-    from .onnx_facts import ROLE_KEY, facts_of_session
-
     e = bundle.head_entry(name)
     if not e.get("onnx"):
         return
@@ -816,8 +806,6 @@ def new_manifest(*, class_names, input_size: tuple[int, int], feature_dim: int, 
                          tools=tool_versions(), source={"run": "/runs/cd", "trial": "xception-t030"})
         write_bundle("bundle/", m, {"onnx-fp32": check})
     """
-    from .data.image import PREPROCESSING
-
     h, w = (int(v) for v in input_size)
     names = [str(c) for c in class_names]
     return {
@@ -904,8 +892,6 @@ def sign_bundle(path: str | os.PathLike, key) -> str:
     """Write ``signature.json``: ``key`` (a path or :class:`transfer.signing.SigningKey`) signs the
     exact bytes of ``manifest.json``. Returns the key id. Sign only a bundle you checked
     (``transfer sign`` loads it first)."""
-    from .signing import load_signing_key, sign
-
     bundle = Path(path)
     if not hasattr(key, "private"):
         key = load_signing_key(key)

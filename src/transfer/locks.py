@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from ._lazy import require
 from .errors import OutputError, TransferError
 
 try:  # POSIX
@@ -211,7 +212,6 @@ def locked(target: str | os.PathLike, *, purpose: str | None = None) -> Iterator
 
 
 def _filelock(t: Path) -> Iterator[Lock]:  # pragma: no cover - Windows
-    from ._lazy import require
 
     filelock = require("filelock", purpose="locks on Windows")
     lk = filelock.FileLock(str(lock_path(t)), timeout=0)

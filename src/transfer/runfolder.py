@@ -22,6 +22,8 @@ from typing import Any, Iterable, Sequence
 
 from .errors import RunFolderError
 from .fsutil import read_json, write_json_atomic, write_text_atomic
+from .models.build import load_model
+from .tables import dict_rows, markdown, write_csv
 
 RUN_FORMAT = "transfer-run"
 RUN_VERSION = 1
@@ -245,7 +247,6 @@ class TrialInfo:
     def load_model(self):
         """Load the trial's best model (Keras; imports TensorFlow)."""
         self.require_finished()
-        from .models.build import load_model
 
         return load_model(self.model_path)
 
@@ -435,14 +436,10 @@ class RunWriter(RunLayout):
     # -- bad files ------------------------------------------------------------
     def write_bad_files(self, bad: Iterable) -> None:
         """``bad_files.csv`` from items with ``path`` and ``reason`` (the indexer's list)."""
-        from .tables import write_csv
-
         write_csv(self.bad_files_csv, BAD_FILES_FIELDS, [[b.path, b.reason] for b in bad])
 
     def merge_bad_files(self, found: dict[str, str]) -> int:
         """Add ``{path: reason}`` rows that ``bad_files.csv`` does not list yet; returns how many were new."""
-        from .tables import write_csv
-
         rows: dict[str, str] = {}
         if self.bad_files_csv.is_file():
             with open(self.bad_files_csv, newline="", encoding="utf-8") as f:
@@ -460,8 +457,6 @@ class RunWriter(RunLayout):
         write_json_atomic(self.trial_paths(name).status_json, {"state": state, "epoch": int(epoch), "error": error})
 
     def write_history(self, name: str, rows: Sequence[dict]) -> None:
-        from .tables import dict_rows, write_csv
-
         write_csv(self.trial_paths(name).history_csv, HISTORY_FIELDS, dict_rows(rows, HISTORY_FIELDS))
 
     def write_metrics(self, name: str, metrics: dict) -> None:
@@ -485,8 +480,6 @@ class RunWriter(RunLayout):
     # -- the sweep ----------------------------------------------------------------
     def write_sweep_table(self, header: Sequence[str], rows: Sequence[Sequence]) -> str:
         """``sweep.csv`` and ``sweep.md``; returns the Markdown."""
-        from .tables import markdown, write_csv
-
         md = markdown(header, rows)
         write_csv(self.sweep_csv, header, rows)
         write_text_atomic(self.sweep_md, md)
@@ -503,8 +496,6 @@ class RunWriter(RunLayout):
     def write_rank(self, backbones: list[dict], header: Sequence[str], rows: Sequence[Sequence], *,
                    seconds: float) -> str:
         """``rank.json`` (``{"backbones": [best first], "seconds"}``) and ``rank.md``; returns the Markdown."""
-        from .tables import markdown
-
         write_json_atomic(self.rank_json, {"backbones": backbones, "seconds": seconds, "score": "LogME"})
         md = markdown(header, rows)
         write_text_atomic(self.rank_md, md)

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from ._lazy import require
 from .errors import ConfigError, OutputError
+from .fsutil import write_text_atomic
 
 SIGNATURE_FILE = "signature.json"
 SIGNATURE_FORMAT = "transfer-signature"
@@ -120,8 +121,6 @@ def generate_key(path: str | os.PathLike, *, force: bool = False) -> tuple[Path,
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
         os.replace(tmp, priv_path)
-        from .fsutil import write_text_atomic
-
         write_text_atomic(pub_path, pub.decode("ascii"))
     except OSError as exc:
         raise OutputError(f"cannot write the key {priv_path}: {exc.strerror or exc}") from None

@@ -51,12 +51,23 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from ..fsutil import read_json, sha256_file, write_json_atomic
-from ..progress import ProgressLike, as_progress
-from ..tables import markdown, write_csv
-from .audit_page import KINDS, write_page
+from ..data import dedupe
+from ..data.dedupe import THUMB, VERIFY, fingerprint_array, nearest
+from ..data.folder import index_folder
+from ..data.image import DRAFT_MARGIN, load_image, recipe_version, resize_image
+from ..data.stream import decode_item
+from ..errors import ConfigError, DataError, ImageDecodeError, RunFolderError
+from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic
+from ..models.onnx_convert import two_output_model
+from ..models.registry import get_backbone
 from ..options import check_int
+from ..progress import ProgressLike, as_progress
+from ..runtime.sessions import make_session
+from ..tables import markdown, write_csv
+from .audit_labels import Group, find_label_issues, pixel_features
+from .audit_model import initial_weights_path, load_source_model
+from .audit_page import KINDS, write_page
+from .features import open_run, resolve_trial
 
 AUDIT_VERSION = 3
 CSV_COLUMNS = ("path", "kind", "score", "group", "label", "suggested_label", "split", "detail")
@@ -146,8 +157,6 @@ def model_input(path: Path, pixels: np.ndarray, size, *, recipe: dict | None) ->
     file is decoded again through the recipe. (Should these pixels ever differ from the loader's,
     :func:`check_pixels` notices it on the first images and the pass decodes every model input
     through ``load_image``.)"""
-    from ..data.image import DRAFT_MARGIN, load_image, recipe_version, resize_image
-
     h, w = int(size[0]), int(size[1])
     big = pixels.shape[0] >= 2 * DRAFT_MARGIN * h and pixels.shape[1] >= 2 * DRAFT_MARGIN * w
     if big and recipe_version(recipe) >= 2 and _is_jpeg(path):
@@ -159,10 +168,6 @@ def _read_one(path: Path, size, recipe: dict | None, exact: bool = False):
     """Decode one file and derive everything the audit keeps from the same pixels (runs in a
     thread): (error, fingerprint, model input, small image or quality numbers). The model input
     is :func:`model_input`'s, or with ``exact`` the loader's own (a second decode)."""
-    from ..data.dedupe import fingerprint_array
-    from ..data.image import load_image
-    from ..data.stream import decode_item
-    from ..errors import ImageDecodeError
 
     item = decode_item(str(path), None, recipe=recipe)  # at its own size: every recipe decodes the same pixels
     if item.pixels is None:
@@ -212,8 +217,6 @@ class _FeatureSink:
         out = {}
         for name, arr in self.features.items():
             if self.written < self.n:
-                from ..fsutil import atomic_path
-
                 kept = np.array(arr[:self.written])
                 del arr
                 self.features[name] = None
@@ -255,8 +258,6 @@ def check_pixels(paths: Sequence[Path], size, *, recipe: dict | None, limit: int
     at ``size`` with the run's ``recipe`` -- the pixels the model was trained and evaluated on.
     Any difference switches the pass to decoding every model input through ``load_image``
     (``exact``), and the record says so."""
-    from ..data.image import load_image, recipe_version
-
     read = read or _read_one
     xs, used, diff = [], [], 0
     for path in paths:
@@ -351,8 +352,6 @@ class _Engine:
             res = json.loads(result[0])
             self.dims[name] = int(res["classes"] if m.get("output") == "probs" else res["dim"])
             try:
-                from ..runtime.sessions import make_session
-
                 self.sessions[name], _ = make_session(self.spec["models"][self.names.index(name)]["onnx"], "cpu",
                                                       threads=self.threads)
             except Exception as exc:  # noqa: BLE001 -- ONNX Runtime raises its own kinds; Keras still runs the model
@@ -383,8 +382,6 @@ class _Engine:
                                    f"audited images")
 
     def _keras_because(self, m: dict, why: str) -> None:
-        from ..models.onnx_convert import two_output_model
-        from .audit_model import load_source_model
 
         name = m["name"]
         self.sessions.pop(name, None)
@@ -421,8 +418,6 @@ def _stream(paths: list[Path], sink, size, *, recipe: dict | None, exact: bool, 
     quality numbers and model input (:func:`model_input` with ``recipe``; ``exact``: through
     ``load_image``) all come from those pixels; features go to ``sink`` in batches of ``batch``."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from ..data.dedupe import THUMB, VERIFY
 
     n = len(paths)
     res = _Pass(np.zeros(n, bool), np.zeros((n, THUMB, THUMB), np.uint8), np.zeros((n, VERIFY, VERIFY), np.uint8),
@@ -503,10 +498,6 @@ class _Source:
 def _source(run, trial: str, backbone: str | None, weights: str | None, image_size: int | None) -> _Source:
     """The feature sources, checked without loading a model (that happens in the child process)."""
     if run is not None:
-        from ..data.image import recipe_version
-        from ..errors import RunFolderError
-        from .audit_model import initial_weights_path
-        from .features import open_run, resolve_trial
 
         run = open_run(run)
         t = resolve_trial(run, trial).require_finished()
@@ -538,7 +529,6 @@ def _source(run, trial: str, backbone: str | None, weights: str | None, image_si
     if backbone is None:
         raise ConfigError("the audit needs features: give a run (and trial) or a backbone and its weights",
                           option="run")
-    from ..models.registry import get_backbone
 
     spec = get_backbone(backbone)
     side = int(image_size or spec.default_size)
@@ -581,8 +571,6 @@ def _robust_z(v: np.ndarray) -> np.ndarray:
 def _knn(features: np.ndarray, k: int):
     """(cosine distances, indices) of each row's ``k`` nearest other rows
     (:func:`transfer.data.dedupe.nearest`: exact for small sets, an inverted-file search beyond)."""
-    from ..data.dedupe import nearest
-
     from threadpoolctl import threadpool_limits
 
     f = np.asarray(features, dtype=np.float32)
@@ -641,8 +629,6 @@ class _Data:
 
 
 def _data(data, run, p) -> _Data:
-    from ..data.folder import index_folder
-
     p.say(f"audit: indexing {data}")
     idx = index_folder(data, strict=False, decode=False)  # the pass decodes every file and lists the bad ones
     if not idx.samples:
@@ -651,8 +637,6 @@ def _data(data, run, p) -> _Data:
     if idx.given_splits is not None:
         where = {s.path: name for name, part in idx.given_splits.items() for s in part}
     if run is not None:
-        from .features import open_run
-
         run = open_run(run)
         for name in ("train", "val", "test"):
             where.update({rel: name for rel, _ in run.split(name)})
@@ -740,8 +724,6 @@ def audit_folder(
         ConfigError: no feature source, bad numbers. DataError: no readable image.
         RunFolderError / ModelError: as opening the run or building the backbone.
     """
-    from ..data import dedupe
-
     p = as_progress(progress)
     folds = check_int(folds, "folds", minimum=2, option="folds")
     neighbours = check_int(neighbours, "neighbours", option="neighbours")
@@ -851,8 +833,6 @@ def _labels_and_outliers(d: _Data, src: _Source, feats: dict[str, np.ndarray], g
     """Label issues (:func:`transfer.analysis.audit_labels.find_label_issues`, on views out of
     sample for the rows they judge) and outlier scores (mean cosine distance to the nearest
     neighbours in the source's features, robust z), with the seconds of each."""
-    from .audit_labels import Group, find_label_issues, pixel_features
-
     t = time.perf_counter()
     views = {"pixels": pixel_features(greys)}
     probabilities: dict[str, np.ndarray] = {}
@@ -942,8 +922,6 @@ def _row(d: _Data, i: int, kind: str, score, *, group=None, suggested=None, deta
 def _duplicates(d: _Data, got: _Pass, ok: list[int], feats: np.ndarray, threshold: float, p):
     """Groups of exact / near duplicates, their rows (one per member, per kind that applies) and
     what the near-duplicate search did."""
-    from ..data import dedupe
-
     p.say(f"audit: duplicates (exact pixels; near: verification score >= {threshold:g})")
     digests = [got.digests[i] for i in ok]
     first: dict[str, int] = {}

@@ -50,6 +50,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .._lazy import require
+
 #: inverse regularization strengths of the cross-fitted logistic regressions; each view keeps
 #: the one with the smallest out-of-fold log loss on the judged group's labels
 C_GRID = (0.01, 0.1, 1.0)
@@ -205,8 +207,6 @@ def find_label_issues(views: dict[str, np.ndarray], labels: np.ndarray, groups: 
     Returns:
         :class:`LabelIssues`.
     """
-    from .._lazy import require
-
     require("cleanlab", purpose="label issues (confident learning)")
     from cleanlab.count import num_label_issues
     from cleanlab.rank import get_label_quality_scores

@@ -40,6 +40,12 @@ import sys
 
 import numpy as np
 
+from ..data.image import load_image
+from ..errors import ImageDecodeError, RunFolderError, TransferError
+from ..models.build import build_classifier
+from ..models.onnx_convert import export_onnx, two_output_model
+from .features import open_run, resolve_trial
+
 
 def initial_weights_path(run, trial):
     """The initial weights ``trial`` of ``run`` started from (``RUN/init/<backbone>-<init>.weights.h5``).
@@ -47,8 +53,6 @@ def initial_weights_path(run, trial):
     Raises:
         RunFolderError: the trial does not say its backbone and init, or the file is missing.
     """
-    from ..errors import RunFolderError
-
     backbone, init = trial.meta.get("backbone"), trial.meta.get("init")
     if not backbone or not init:
         raise RunFolderError(f"trial '{trial.name}' does not record its backbone and init in trial.json")
@@ -63,15 +67,12 @@ def load_source_model(spec: dict):
     """The contract classifier ``spec`` names: a run's trial (at its initial weights with
     ``"initial": true``), or ``backbone`` with ``weights`` at ``image_size``."""
     if spec.get("run") is not None:
-        from .features import open_run, resolve_trial
-
         run = open_run(spec["run"])
         trial = resolve_trial(run, spec.get("trial", "best"))
         model = trial.load_model()
         if spec.get("initial"):
             model.load_weights(initial_weights_path(run, trial))
         return model
-    from ..models.build import build_classifier
 
     side = int(spec["image_size"])
     model, _ = build_classifier(spec["backbone"], input_shape=(side, side, 3),
@@ -83,8 +84,6 @@ def reference_pixels(paths, size, limit: int, *, recipe: dict | None) -> tuple[n
     """Up to ``limit`` of ``paths`` as the model's own loader makes them
     (:func:`transfer.data.image.load_image` at ``size`` with ``recipe``), and the paths that
     decoded (files that do not decode are skipped)."""
-    from ..data.image import load_image
-    from ..errors import ImageDecodeError
 
     out, used = [], []
     for p in paths:
@@ -101,8 +100,6 @@ def reference_pixels(paths, size, limit: int, *, recipe: dict | None) -> tuple[n
 
 def convert(model_spec: dict, x: np.ndarray, used: list[str]) -> dict:
     """Convert one model (see the module docstring) and return ``{"dim", "classes"}``."""
-    from ..models.onnx_convert import export_onnx, two_output_model
-
     model = load_source_model(model_spec)
     export_onnx(model, model_spec["onnx"])
     two = two_output_model(model)
@@ -116,8 +113,6 @@ def convert(model_spec: dict, x: np.ndarray, used: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from ..errors import TransferError
-
     spec = json.loads(argv[0])
     try:
         x, used = reference_pixels(spec.get("parity", []), spec["size"], int(spec.get("limit", 32)),

@@ -28,13 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.stream import decode_batches
 from ..errors import ConfigError
 from ..fsutil import write_json_atomic, write_text_atomic
+from ..options import check_int
+from ..plots import figure, save_figure
 from ..progress import ProgressLike, as_progress
 from ..tables import markdown, write_csv
 from .features import check_splits, load_split, open_run, resolve_trials
 from .metrics import classification_metrics
-from ..options import check_int
 
 #: the files an evaluation writes into ``RUN/evaluate/<trial>/``
 OUTPUTS = ("metrics.json", "per_class.csv", "per_class.md", "confusion.csv", "confusion.png", "samples.png",
@@ -66,8 +68,6 @@ def _write_tables(m: dict, out_dir: Path, title: str) -> str:
 
 def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, *, title: str = "") -> Path:
     """Write a confusion-matrix PNG with the count in every cell."""
-    from ..plots import figure, save_figure
-
     cm = np.asarray(cm)
     C = len(class_names)
     size = max(4.0, 0.6 * C + 2.5)
@@ -93,8 +93,6 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, *, title:
 def grid_pixels(paths: list[Path], image_size, *, recipe: dict | None) -> list[np.ndarray]:
     """Pixels of ``paths`` at ``image_size`` (the run's pixel ``recipe``: what the model saw) for a
     picture grid; an unreadable file is a black cell."""
-    from ..data.stream import decode_batches
-
     blank = np.zeros(tuple(image_size) + (3,), np.uint8)
     out = [blank] * len(paths)
     start = 0
@@ -109,8 +107,6 @@ def plot_image_grid(paths: list[Path], captions: list[str], ok: list[bool], path
                     recipe: dict | None, title: str = "", empty_text: str = "no images") -> Path:
     """Write a grid of images (decoded at ``image_size`` with the pixel ``recipe``) with green
     (right) or red (wrong) captions."""
-    from ..plots import figure, save_figure
-
     n = len(paths)
     cols = min(8, max(1, int(np.ceil(np.sqrt(n))))) if n else 1
     rows = max(1, int(np.ceil(n / cols))) if n else 1

@@ -41,11 +41,15 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..data.stream import decode_batches
 from ..errors import ConfigError, DataError, RunFolderError
 from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic
+from ..models.build import feature_model
+from ..models.split import inference_function
+from ..options import check_choices, check_int
+from ..plots import figure, pyplot, save_figure
 from ..progress import ProgressLike, as_progress
 from ..runfolder import RunFolder, TrialInfo
-from ..options import check_choices, check_int
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
@@ -227,8 +231,6 @@ class _TimedForward:
     """
 
     def __init__(self, fm):
-        from ..models.split import inference_function
-
         self.fm = inference_function(fm)
         self.seconds = 0.0
         self._warm = False
@@ -269,8 +271,6 @@ def _labelled_batches(csv_path: Path, root: Path, n: int, size: tuple[int, int],
     The CSV is read lazily twice (paths for the decoding threads, labels here): not even the
     list of paths is held in memory.
     """
-    from ..data.stream import decode_batches
-
     paths = (root / rel for rel, _ in itertools.islice(_iter_split(csv_path), n))
     rows = enumerate(itertools.islice(_iter_split(csv_path), n))
     for pb in decode_batches(paths, size, batch=batch, workers=workers, recipe=recipe):
@@ -373,8 +373,6 @@ def _drop_invalid(folder: Path, meta: dict, done: Sequence[str], model_sha: str)
 
 def _load_feature_model(t: TrialInfo):
     """``(feature model, shapes)`` of a trial's model (imports TensorFlow)."""
-    from ..models.build import feature_model
-
     model = t.load_model()
     shapes = _Shapes(t.image_size, int(model.get_layer("features").output.shape[-1]), int(model.output.shape[-1]))
     return feature_model(model), shapes
@@ -542,8 +540,6 @@ def _project(X: np.ndarray, method: str) -> tuple[np.ndarray, str]:
 
 
 def _scatter(Z: np.ndarray, y: np.ndarray, names: list[str], title: str, out: Path) -> None:
-    from ..plots import figure, pyplot, save_figure
-
     cmap = pyplot("feature plots").get_cmap("tab10" if len(names) <= 10 else "tab20")
     with figure(figsize=(7, 6), purpose="feature plots") as (fig, ax):
         for c, name in enumerate(names):

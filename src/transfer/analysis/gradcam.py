@@ -43,12 +43,16 @@ from typing import Sequence
 import numpy as np
 
 from .. import maps as cammaps
+from .. import tables
 from .._lazy import import_keras, import_tensorflow
+from ..data.stream import decode_batches, decode_item, iter_inputs
 from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 from ..maps import overlay  # noqa: F401  (the one overlay; re-exported for callers of this module)
-from ..progress import ProgressLike, as_progress
 from ..options import check_choices, check_int, one_of
+from ..plots import figure, save_figure
+from ..progress import ProgressLike, as_progress
+from ..runfolder import RunFolder
 
 #: CAM methods.
 METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -483,8 +487,6 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 
 def _save_grid(cells: list[np.ndarray], captions: list[str], path: Path, title: str,
                flags: Sequence[str] = ()) -> None:
-    from ..plots import figure, save_figure
-
     total = len(cells)
     flags = list(flags) or [""] * total
     if total > MAX_GRID:
@@ -596,8 +598,6 @@ def faithfulness_table(faith: dict, *, markdown: bool = False) -> str:
 
         print(faithfulness_table(read_json("RUN/gradcam/arc2-t000/faithfulness.json")))
     """
-    from .. import tables
-
     header, rows = faithfulness_rows(faith)
     if not header:
         return "(no faithfulness results of this version; run transfer gradcam again)"
@@ -648,8 +648,6 @@ def verdict_lines(faith: dict) -> list[str]:
 
 def _image_files(item: str | os.PathLike) -> list[Path]:
     """An image file, or the image files of a folder (recursively, sorted)."""
-    from ..data.stream import iter_inputs
-
     p = Path(item)
     if p.is_dir():
         files = [Path(q) for q, err in iter_inputs([p], recursive=True) if err is None]
@@ -683,8 +681,6 @@ def _collect_images(run, images: Sequence[str | os.PathLike] | None, samples: in
 def _decode(items: list, size: tuple[int, int], p, *, recipe: dict | None) -> tuple[np.ndarray, list]:
     """Pixels of the items at the model's size with the run's pixel ``recipe``; a bad file is skipped
     with a note, as training and infer do."""
-    from ..data.stream import decode_batches
-
     pixels, kept = [], []
     start = 0
     for pb in decode_batches([q for q, _ in items], size, batch=64, recipe=recipe):
@@ -745,8 +741,6 @@ class _Target:
 
 def _native_pixels(path, fallback: np.ndarray) -> np.ndarray:
     """The image at its own size (for a legible overlay); the model-size pixels if it cannot be read now."""
-    from ..data.stream import decode_item
-
     item = decode_item(str(path), None, recipe=None)  # at its own size: every recipe decodes the same pixels
     return item.pixels if item.pixels is not None else fallback.astype(np.uint8)
 
@@ -760,8 +754,6 @@ def _grid_title(meth: str, tg: _Target, faith: dict) -> str:
 
 def _write_maps_csv(path: Path, tg: _Target, res: "cammaps.Faithfulness", probs, cls) -> None:
     """One row per image: the file, its classes, the map's flag and every number for the map and its control."""
-    from .. import tables
-
     names = tg.run.class_names
     header, rows = cammaps.per_image_rows(res)
     lead = ["image", "true", "predicted", "explained"]
@@ -879,8 +871,6 @@ def explain_run(
 
         explain_run("runs/digits", methods=["gradcam", "scorecam"], samples=16).verdict[0]
     """
-    from ..runfolder import RunFolder
-
     p = as_progress(progress)
     meths = parse_methods(methods)
     faith_opts = FaithOptions(steps=steps, baseline=baseline, control=control, controls=controls, road=road,

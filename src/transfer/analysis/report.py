@@ -43,9 +43,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..bundle import read_manifest
+from ..errors import BundleError
 from ..fsutil import read_json, write_text_atomic
+from ..maps import BASELINE_TEXT
+from ..plots import figure, save_figure
 from ..runfolder import RunFolder, RunLayout
 from ..tables import markdown
+from .audit import audit_dir
+from .audit_page import KINDS, findings_html, summary_markdown
+from .gradcam import faithfulness_rows, faithfulness_table, rank_methods, verdict_lines
+from .unknown_study import unknown_table
 
 #: Rows shown of a long table before the rest is folded away.
 MAX_ROWS = 60
@@ -393,8 +401,6 @@ _FAITH_NOTE = (
 
 def _faithfulness(sec: Section, faith: dict) -> list[str]:
     """The verdict sentences and the table of one trial; returns the methods best first."""
-    from .gradcam import faithfulness_rows, faithfulness_table, rank_methods, verdict_lines
-
     ranked = rank_methods(faith)
     if not ranked:
         _note(sec, "faithfulness.json was written by an older version of transfer (a single confidence-drop "
@@ -406,7 +412,6 @@ def _faithfulness(sec: Section, faith: dict) -> list[str]:
     if first.get("layer_note"):
         _note(sec, first["layer_note"])
     header, rows = faithfulness_rows(faith)
-    from ..maps import BASELINE_TEXT
 
     steps = int(first.get("steps") or 10)
     note = _FAITH_NOTE.format(baseline=BASELINE_TEXT.get(first.get("baseline"), first.get("baseline", "?")),
@@ -501,8 +506,6 @@ def _resolution(run: RunLayout) -> Section:
 
 def _audit(run: RunLayout) -> Section | None:
     """The data audit (``transfer data audit DATA --run RUN``), only when the run has one."""
-    from .audit import audit_dir
-    from .audit_page import KINDS, findings_html, summary_markdown
 
     d = audit_dir(run)
     s = _safe_json(d / "audit.json")
@@ -526,8 +529,6 @@ def _calibration(run: RunLayout) -> Section | None:
     """The bundle's calibration (temperature, ECE / NLL / Brier before and after, a reliability
     diagram) and unknown-input scores, with ``transfer evaluate --unknown`` results if any; only
     when the run has a bundle (``RUN/bundle``)."""
-    from ..bundle import read_manifest
-    from ..errors import BundleError
 
     sec = Section("calibration", "Calibration and unknown inputs")
     try:
@@ -583,8 +584,6 @@ def _calibration(run: RunLayout) -> Section | None:
                 for k, v in unk["scores"].items()], title="unknown-input scores (transfer infer/serve --reject)")
     res = _safe_json(run.evaluate_dir(trial) / "unknown.json")
     if isinstance(res, dict) and res.get("scores"):
-        from .unknown_study import unknown_table
-
         _table(sec, *unknown_table(res), title=f"known test images ({res['known']}) vs unknown images "
                                                 f"({res['unknown']}: {', '.join(res.get('unknown_inputs', []))})")
     else:
@@ -594,8 +593,6 @@ def _calibration(run: RunLayout) -> Section | None:
 
 
 def _reliability_diagram(before: dict, after: dict, path: Path, split: str) -> None:
-    from ..plots import figure, save_figure
-
     with figure(figsize=(4.6, 4.2), purpose="the reliability diagram") as (fig, ax):
         edges = before["edges"]
         centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]

@@ -32,13 +32,19 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data.image import resize_image
+from ..data.stream import decode_batches
 from ..errors import ConfigError, DataError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic, write_text_atomic
+from ..models.registry import get_backbone
+from ..options import check_choices, check_list, positive_int
+from ..plots import figure, save_figure
 from ..progress import ProgressLike, as_progress
 from ..runfolder import SPLITS, RunFolder, RunLayout
 from ..tables import markdown, write_csv
+from ..trainer.config import make_config
+from ..trainer.sweep import run_sweep
 from .metrics import classification_metrics
-from ..options import check_choices, check_list, positive_int
 
 MODES = ("totv", "tvtv")
 _SUMMARY_COLUMNS = ("size", "images", "accuracy", "macro_precision", "macro_recall", "macro_f1")
@@ -78,8 +84,6 @@ def degrade(img: np.ndarray, size: int, target: tuple[int, int], *, recipe: dict
 
         degrade(np.zeros((32, 32, 3), np.uint8), 8, (32, 32), recipe=None).shape     # (32, 32, 3)
     """
-    from ..data.image import resize_image
-
     return resize_image(resize_image(img, (size, size), recipe=recipe), target, recipe=recipe)
 
 
@@ -106,8 +110,6 @@ def _predict(model, paths: Sequence[Path], size: tuple[int, int], bar, *, recipe
              target: tuple[int, int] | None = None, batch: int = 64) -> tuple[np.ndarray, list[int]]:
     """Predicted classes of the images decoded at ``size`` (then resized to ``target``) with the
     run's pixel ``recipe``; the indices of files that could not be decoded are returned (skipped)."""
-    from ..data.image import resize_image
-    from ..data.stream import decode_batches
 
     preds: list[int] = []
     bad: list[int] = []
@@ -160,8 +162,6 @@ def _totv(run: RunFolder, t, sizes, p):
 
 def _tvtv_config(run: RunFolder, t, sizes) -> dict:
     """The run's configuration for one trial's backbone, trainable fraction and init (sizes checked)."""
-    from ..models.registry import get_backbone
-
     meta = t.meta
     spec = get_backbone(meta["backbone"])
     small = [k for k in sizes if k < spec.min_size]
@@ -196,8 +196,6 @@ def _copy_splits(run: RunFolder, sub: Path) -> None:
 
 def _train_at(cfg: dict, k: int, sub: Path, p):
     """Train (or resume) the run's configuration at ``k x k`` into ``sub``; the trained trial."""
-    from ..trainer.config import make_config
-    from ..trainer.sweep import run_sweep
 
     p.say(f"tvtv: training {cfg['backbones'][0]} at {k}x{k} into {sub}")
     res = run_sweep(make_config({**cfg, "image_size": k, "out": str(sub)}), progress=lambda s: p.say(f"  [{k}px] {s}"))
@@ -251,8 +249,6 @@ def _md(mode, trial, summary, per_class, sizes, names) -> str:
 
 
 def _chart(mode, trial, summary, per_class, names, path: Path) -> None:
-    from ..plots import figure, save_figure
-
     sizes = [r["size"] for r in summary]
     xs = np.arange(len(sizes))
     with figure(1, 2, figsize=(10, 3.8), purpose="resolution charts") as (fig, axes):
@@ -345,8 +341,6 @@ def resolution_study(
 
 
 def _compare_chart(by: dict, sizes: list[int], path: Path) -> None:
-    from ..plots import figure, save_figure
-
     xs = np.arange(len(sizes))
     with figure(figsize=(6, 3.8), purpose="resolution charts") as (fig, ax):
         for m, style in (("totv", "o-"), ("tvtv", "s--")):

@@ -23,10 +23,13 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..bundle import load_bundle
+from ..data.stream import iter_inputs
 from ..errors import ConfigError
 from ..fsutil import write_json_atomic
 from ..progress import ProgressLike
 from ..runfolder import RunFolder
+from ..runtime.unknown import evaluate_unknown
 
 
 def evaluate_unknown_run(run: RunFolder, unknown: Sequence[str | os.PathLike], *, bundle=None,
@@ -38,9 +41,6 @@ def evaluate_unknown_run(run: RunFolder, unknown: Sequence[str | os.PathLike], *
         BundleError: no bundle at ``bundle`` (default ``RUN/bundle``) or one refused on load.
         ConfigError: the bundle has no unknown-input score, or no unknown image was found.
     """
-    from ..bundle import load_bundle
-    from ..data.stream import iter_inputs
-    from ..runtime.unknown import evaluate_unknown
 
     b = load_bundle(Path(bundle) if bundle is not None else run.bundle_dir)
     trial = run.trial(str((b.manifest.get("source") or {}).get("trial") or "best"))

@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 from .folder import GIVEN_SPLITS
+from .image import is_image_path
 
 FASHION_MNIST_CLASSES = (
     "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
@@ -40,8 +41,6 @@ def _foreign_entries(folder: Path) -> list[str]:
 
     Allowed: class sub-folders holding only image files, and hidden files at either level.
     """
-    from .image import is_image_path
-
     foreign: list[str] = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         hidden = entry.name.startswith(".")

@@ -56,6 +56,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .._lazy import require
+from .stream import decode_item
+
 #: side of the thumbnail kept per image
 THUMB = 24
 #: side of the band-passed descriptor whose cosine scores a pair
@@ -107,8 +110,6 @@ class Fingerprint:
 
 
 def _imagehash():
-    from .._lazy import require
-
     return require("imagehash", purpose="perceptual hashes for duplicate detection")
 
 
@@ -831,8 +832,6 @@ def map_decoded(paths: Sequence, fn: Callable, *, workers: int = 2, chunk: int =
     ``workers`` threads, ``chunk`` at a time (bounded memory); a bad file gets ``pixels=None``
     and the reason in ``error``. Yields the results of ``fn``."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from .stream import decode_item
 
     def one(p):
         item = decode_item(str(p), None, recipe=None)  # at its own size: every recipe decodes the same pixels

@@ -20,9 +20,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .image import DEFAULT_MAX_PIXELS, is_image_path, load_image, load_image_bytes
 from ..errors import ConfigError, ImageDecodeError, TransferError
-from .remote import is_uri
+from .image import DEFAULT_MAX_PIXELS, is_image_path, load_image, load_image_bytes, recipe_version
+from .remote import is_uri, iter_uri_inputs, read_uri
 
 
 @dataclass
@@ -88,7 +88,6 @@ def iter_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     for raw in inputs:
         raw = os.fspath(raw)  # paths are reported as the user spelled them
         if is_uri(raw):  # s3://, gs://, file:// ...: listed through pyarrow.fs
-            from .remote import iter_uri_inputs
 
             yield from iter_uri_inputs(raw, recursive=recursive)
             continue
@@ -111,8 +110,6 @@ def decode_item(path: str, size: tuple[int, int] | None, *, recipe: dict | None,
     current one, for images of no run); any failure becomes ``Item.error`` (never raises)."""
     try:
         if is_uri(path):
-            from .remote import read_uri
-
             return Item(path, load_image_bytes(read_uri(path), path, size, max_pixels=max_pixels, recipe=recipe))
         return Item(path, load_image(path, size, max_pixels=max_pixels, recipe=recipe))
     except ImageDecodeError as exc:
@@ -138,8 +135,6 @@ def batches(entries: Iterable[tuple[str, str | None]], size: tuple[int, int], *,
         ValueError: a recipe this runtime does not implement.
     """
     import time
-
-    from .image import recipe_version
 
     if batch < 1 or workers < 1 or prefetch < 1:
         raise ConfigError(f"batch, workers and prefetch must be positive (got {batch}, {workers}, {prefetch})")

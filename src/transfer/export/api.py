@@ -41,11 +41,39 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import calibration as cal
+from ..analysis.head_study import ensure_head
+from ..bundle import Bundle, new_manifest, read_checks, read_manifest, write_bundle
+from ..calibration import SCORES
+from ..classical_heads import check_kinds, head_to_onnx, load_head
+from ..data.stream import decode_batches
 from ..errors import ConfigError, ExportError, TensorRTUnavailableError, VerificationError
+from ..fsutil import atomic_path
+from ..locks import locked
+from ..models.onnx_convert import export_onnx, stamp_onnx
 from ..progress import ProgressLike, as_progress
+from ..runfolder import RunFolder
+from ..runtime.heads import OnnxHead
 from ..runtime.runner_base import Outputs, Runner
 from ..runtime.runners import OrtRunner
-from .verify import run_all
+from ..runtime.trt_runner import TrtRunner
+from ..runtime.unknown import UnknownDetector, make_detector
+from ..signing import load_signing_key
+from .bundle_writer import check_out, remove_stale_staging, staged_bundle, tool_versions
+from .calibrate import OUTLIERS_PER_KIND, fit_unknown, synthetic_outliers, temperature_onnx, temperature_record
+from .fp16 import convert_fp16
+from .keras_runner import KerasRunner
+from .quantize import calibration_batches, quantize_int8
+from .tensorrt import (
+    build_engine,
+    check_precision,
+    device_info,
+    engine_entry,
+    parse_batch_profile,
+    prepare_int8_onnx,
+    require_tensorrt,
+)
+from .verify import accuracy_check, parity_check, run_all, summary_line, verification_images
 
 
 @dataclass
@@ -121,8 +149,6 @@ def judge(ctx: ExportContext, step: Step, ref: np.ndarray, ref_name: str) -> dic
     """The check of a step whose outputs are in ``ctx.outputs[step.key]``: parity or accuracy
     against its reference's probabilities ``ref``, plus, for a reduced-precision model of a
     calibrated bundle, the same calibration and unknown decisions as fp32."""
-    from .verify import accuracy_check, parity_check
-
     got = ctx.outputs[step.key].probs
     if step.check == "parity":
         v = parity_check(ref, got, ctx.y, atol=ctx.limits.atol if step.atol is None else step.atol,
@@ -138,8 +164,6 @@ def judge(ctx: ExportContext, step: Step, ref: np.ndarray, ref_name: str) -> dic
 
 def run_step(ctx: ExportContext, step: Step) -> dict:
     """Convert, run, compare and record one step; returns its check."""
-    from .verify import summary_line
-
     entry = step.convert(ctx)
     source, ref_name = step.reference(ctx)
     ctx.outputs[step.key], ref = run_all([step.candidate(ctx, entry), source], ctx.x)  # run everything,
@@ -162,8 +186,6 @@ def _calibration_agreement(ctx: ExportContext, key: str, v: dict) -> None:
     """A reduced-precision model must keep fp32's calibration and unknown decisions: its ECE
     within ``MAX_ECE_DIFF`` of fp32's and its accept/reject decisions the same on at least
     ``MIN_UNKNOWN_AGREEMENT`` of the verification images."""
-    from .. import calibration as cal
-
     f32, p32 = ctx.outputs["onnx-fp32"].features, ctx.outputs["onnx-fp32"].probs
     f, p = ctx.outputs[key].features, ctx.outputs[key].probs
     det = ctx.extra["detector"]
@@ -189,8 +211,6 @@ def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_dr
                    head, unknown_accept=0.95, unknown_default="auto"):
     """Every option, before any work: returns ``(limits, TensorRT precision, batch profile, head kind,
     reduced-precision ONNX models)``."""
-    from .tensorrt import check_precision, parse_batch_profile
-
     kinds = [q.strip() for q in str(quantize).split(",") if q.strip()] if quantize else []
     bad = [q for q in kinds if q not in ("int8", "fp16")]
     if bad or len(set(kinds)) != len(kinds):
@@ -208,13 +228,10 @@ def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_dr
                               + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""),
                               option=name)
     if head is not None:
-        from ..classical_heads import check_kinds
-
         head = check_kinds([head])[0]
     if isinstance(unknown_accept, bool) or not isinstance(unknown_accept, (int, float)) or not 0 < unknown_accept < 1:
         raise ConfigError(f"invalid target acceptance {unknown_accept!r}; accepted: a fraction in (0, 1)",
                           option="unknown_accept")
-    from ..calibration import SCORES
 
     if unknown_default != "auto" and unknown_default not in SCORES:
         raise ConfigError(f"invalid unknown-input score {unknown_default!r}; accepted: auto, {', '.join(SCORES)}",
@@ -279,8 +296,6 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
     """
     import contextlib
 
-    from ..locks import locked
-    from ..runfolder import RunFolder
 
     p = as_progress(progress)
     t0 = time.time()
@@ -292,8 +307,6 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
         unknown_accept=unknown_accept, unknown_default=unknown_default)
     key = None
     if sign is not None:
-        from ..signing import load_signing_key
-
         key = load_signing_key(sign)
     out = Path(out) if out is not None else run.bundle_dir
     with locked(out, purpose="export"), \
@@ -308,8 +321,6 @@ def _export(run, t, out: Path, *, force, head, reduced, trt_prec, profile, calib
             opset, workspace_mb, key, progress, t0, calibrate=True, unknown_accept=0.95,
             unknown_default="auto") -> ExportResult:
     """The export, holding the locks: check ``out``, assemble and swap in the ONNX bundle, add an engine."""
-    from ..bundle import read_manifest
-    from .bundle_writer import check_out, remove_stale_staging, staged_bundle
 
     p = progress
     remove_stale_staging(out, p)
@@ -338,9 +349,6 @@ def _assemble(run, t, tmp: Path, *, head, reduced, calib_images, verify_images, 
               calibrate: bool = True, unknown_accept: float = 0.95, unknown_default: str = "auto", key=None):
     """The ONNX bundle in ``tmp``: fp32 model, its calibration, then int8 / fp16 and a head when
     asked, then the manifest (signed with ``key``)."""
-    from ..bundle import new_manifest, write_bundle
-    from .bundle_writer import tool_versions
-    from .verify import verification_images
 
     progress.say(f"export {t.name}: loading the Keras model")
     model = t.load_model()
@@ -382,15 +390,11 @@ def _fp32_outputs(ctx: ExportContext) -> tuple[Outputs, str]:
 def _fp32_step() -> Step:
     """Keras -> ONNX fp32 (tf2onnx), compared with Keras itself."""
     def convert(ctx):
-        from ..models.onnx_convert import export_onnx
-
         ctx.progress.say(f"export {ctx.t.name}: converting to ONNX (opset {ctx.opset})")
         io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset)
         return {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime", **io}
 
     def keras(ctx):
-        from .keras_runner import KerasRunner
-
         return KerasRunner(ctx.extra["model"], batch_size=32), "Keras"
 
     return Step("onnx-fp32", convert, _ort_runner, keras)
@@ -409,10 +413,7 @@ def _int8_step() -> Step:
     kept in float, one more step of :data:`FLOAT_LAYER_LADDER` at a time; the manifest records
     which layers stayed in float and why."""
     def convert(ctx):
-        from .quantize import calibration_batches, quantize_int8
-
         train_paths, _ = ctx.run.split_paths("train", fold=ctx.t.fold)
-        from ..models.onnx_convert import stamp_onnx
 
         calib = [b.astype(np.uint8) for b in calibration_batches(train_paths, ctx.t.image_size,
                                                                  count=ctx.calib_images, progress=ctx.progress,
@@ -457,10 +458,7 @@ def _fp16_step() -> Step:
     """ONNX fp32 -> fp16 (onnxconverter-common, float32 input/outputs kept), compared with fp32 by
     accuracy; TensorRT fp16 engines are built from it."""
     def convert(ctx):
-        from .fp16 import convert_fp16
-
         ctx.progress.say("fp16: converting the ONNX model (float32 input and outputs kept)")
-        from ..models.onnx_convert import stamp_onnx
 
         info = convert_fp16(ctx.folder / "model.onnx", ctx.folder / "model.fp16.onnx")
         stamp_onnx(ctx.folder / "model.fp16.onnx", role="model", precision="fp16")
@@ -514,8 +512,6 @@ def _subset(paths: list, labels: list, limit: int, seed: int = 0) -> tuple[list,
 
 def _split_outputs(ctx: ExportContext, split: str, limit: int = CALIBRATION_IMAGES) -> SplitOutputs:
     """:class:`SplitOutputs` of a split (unreadable files counted and skipped, never an error)."""
-    from ..data.stream import decode_batches
-
     all_paths, all_labels = ctx.run.split_paths(split, fold=ctx.t.fold)
     paths, labels = _subset(all_paths, all_labels, limit)
     c, d = ctx.extra["num_classes"], ctx.extra["feature_dim"]
@@ -562,8 +558,6 @@ def _head_logits(ctx: ExportContext):
     layer when that reproduces ``model.onnx``'s probabilities on the verification images (then
     ``head = (kernel, bias)``), else ``log p`` (the logits up to a per-row constant; energy and
     ViM are not offered). Returns ``(logits function, head or None, how)``."""
-    from .. import calibration as cal
-
     kernel, bias = (np.asarray(a, np.float64) for a in ctx.extra["model"].get_layer("probs").get_weights())
     f, p = ctx.outputs["onnx-fp32"].features, ctx.outputs["onnx-fp32"].probs
     diff = float(np.max(np.abs(cal.softmax(cal.network_logits(f, kernel, bias)) - p)))
@@ -584,8 +578,6 @@ def _calibrate(ctx: ExportContext, accept: float, default: str = "auto") -> None
     probabilities); so do a single-class val split (unknown scores) and training images
     that cannot be read.
     """
-    from .calibrate import temperature_record
-
     logits, head, how = _head_logits(ctx)
     val, test = _split_outputs(ctx, "val"), _split_outputs(ctx, "test")
     why = _why_not(val)
@@ -627,8 +619,6 @@ def _say_calibration(progress, record: dict) -> None:
 
 def _train_pixels(ctx: ExportContext, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels and labels of up to ``n`` readable training images (a seeded random pick)."""
-    from ..data.stream import decode_batches
-
     paths, labels = _subset(*ctx.run.split_paths("train", fold=ctx.t.fold), n, seed=1)
     xs, ys, start = [], [], 0
     for pb in decode_batches(paths, ctx.t.image_size, batch=64, recipe=ctx.run.recipe):
@@ -645,11 +635,6 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
                  default: str) -> str | None:
     """Fit the unknown-input scores into ``ctx.extra`` and ``unknown.npz``; returns why they
     cannot be fitted (unreadable training images, a class without any), or None."""
-    from .. import calibration as cal
-    from ..errors import ExportError
-    from ..fsutil import atomic_path
-    from ..runtime.unknown import UnknownDetector
-    from .calibrate import OUTLIERS_PER_KIND, fit_unknown, synthetic_outliers
 
     train = _split_outputs(ctx, "train")
     if train.n == 0:
@@ -698,8 +683,6 @@ def _temperature_step() -> Step:
     """The temperature written into ``model.onnx`` (before its softmax), compared with the same
     formula in numpy on the uncalibrated model's outputs."""
     def convert(ctx):
-        from .calibrate import temperature_onnx
-
         temp = ctx.extra["calibration"]["temperature"]
         info = temperature_onnx(ctx.folder / "model.onnx", ctx.folder / ".model.calibrated.onnx", temp)
         os.replace(ctx.folder / ".model.calibrated.onnx", ctx.folder / "model.onnx")
@@ -707,8 +690,6 @@ def _temperature_step() -> Step:
         return ctx.models["onnx-fp32"]
 
     def numpy_formula(ctx):
-        from .. import calibration as cal
-
         raw = ctx.extra["raw_outputs"]
         probs = cal.temperature_probs(ctx.extra["logits"](raw.features, raw.probs),
                                       ctx.extra["calibration"]["temperature"])
@@ -720,8 +701,6 @@ def _temperature_step() -> Step:
 def _head_step(kind: str) -> Step:
     """A fitted classical head: its pickle shipped, its ONNX graph (skl2onnx) compared with the pickle."""
     def convert(ctx):
-        from ..analysis.head_study import ensure_head
-        from ..classical_heads import head_to_onnx, load_head
 
         run, t, d = ctx.run, ctx.t, ctx.extra["feature_dim"]
         pkl, meta = ensure_head(run, t.name, kind, progress=ctx.progress)
@@ -750,8 +729,6 @@ def _head_step(kind: str) -> Step:
                 "sha256": meta.get("sha256")}
 
     def onnx_head(ctx, entry):
-        from ..runtime.heads import OnnxHead
-
         feats = ctx.outputs["onnx-fp32"].features.astype(np.float32)
         head = OnnxHead(ctx.folder / entry["onnx"], kind, input=entry["input"], output=entry["output"])
         return Outputs(feats, head(feats, None))
@@ -771,8 +748,6 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
     name = f"model.{precision}.engine"
 
     def convert(ctx):
-        from .tensorrt import build_engine, device_info, engine_entry, prepare_int8_onnx
-        from .quantize import calibration_batches
 
         dev = device_info()
         # strongly typed networks take their precision from the graph: fp16 from the fp16 ONNX model
@@ -797,8 +772,6 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
         return entry
 
     def engine(ctx, entry):
-        from ..bundle import Bundle
-        from ..runtime.trt_runner import TrtRunner
 
         # the engine runs before the manifest lists it: a kill here leaves the verified ONNX bundle as it was
         manifest = dict(ctx.extra["manifest"], models={**ctx.extra["manifest"]["models"], f"trt-{precision}": entry},
@@ -816,9 +789,6 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
 
 def _add_engine(out: Path, precision: str, profile, run, t, calib_images: int, workspace_mb: int, progress,
                 limits: Limits, verify_images: int = 256, key=None) -> None:
-    from ..bundle import read_checks, read_manifest, write_bundle
-    from .tensorrt import require_tensorrt
-    from .verify import verification_images
 
     try:
         require_tensorrt()  # exit 3; the ONNX bundle stays valid
@@ -835,8 +805,6 @@ def _add_engine(out: Path, precision: str, profile, run, t, calib_images: int, w
                         progress, calib_images=calib_images, models=dict(manifest["models"]), checks=checks,
                         extra={"manifest": manifest})
     if (manifest.get("unknown") or {}).get("scores"):  # the engine must keep fp32's unknown decisions too
-        from ..bundle import Bundle
-        from ..runtime.unknown import make_detector
 
         ctx.extra["detector"] = make_detector(Bundle(out, manifest))
         ctx.outputs["onnx-fp32"] = run_all([_ort_runner(ctx, {"file": "model.onnx"})], ctx.x)[0]

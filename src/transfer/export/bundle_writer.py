@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import __version__
-from ..bundle import MANIFEST
+from ..bundle import BUNDLE_FORMAT, MANIFEST, MAX_JSON_BYTES, MAX_JSON_DEPTH, hidden_entries, unlisted_files
 from ..errors import BundleError
 from ..fsutil import read_json
+from ..locks import pid_alive
+from ..progress import as_progress
+from ..runfolder import RunLayout
 
 TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "scikit-learn", "skl2onnx")
 
@@ -74,8 +77,6 @@ def _check_not_in_run(out: Path, run: Path) -> None:
     """The run folder, a folder holding it, or a place inside it the run uses itself (its
     trials, splits, analysis folders ...) is never an export's output; ``RUN/bundle`` or any
     other new name directly in the run is."""
-    from ..runfolder import RunLayout
-
     o, r = out.resolve(), run.resolve()
     if o == r or o in r.parents:
         raise BundleError(f"output {out} is the run folder or holds it; the export would replace the run",
@@ -104,8 +105,6 @@ def _not_bundle_files(folder: Path) -> str | None:
     list (hidden files aside: they are moved into the new bundle) keeps it from being
     replaced: a web app's ``manifest.json``, a user's notes.
     """
-    from ..bundle import BUNDLE_FORMAT, MAX_JSON_BYTES, MAX_JSON_DEPTH, unlisted_files
-
     try:  # not read_manifest: a bundle of an older format or a damaged one may still be replaced
         m = read_json(folder / MANIFEST, max_depth=MAX_JSON_DEPTH, max_bytes=MAX_JSON_BYTES)
     except (OSError, ValueError):
@@ -128,8 +127,6 @@ def _staging_names(out: Path) -> dict[str, str]:
 def _move_hidden(src: Path, dst: Path) -> None:
     """Move the hidden top-level entries of ``src`` (``.git``, ``.DS_Store``) into ``dst``, unless
     ``dst`` has one of that name already."""
-    from ..bundle import hidden_entries
-
     for name in hidden_entries(src):
         if not (dst / name).exists():
             os.replace(src / name, dst / name)
@@ -140,8 +137,6 @@ def remove_stale_staging(out: Path, progress=None) -> list[str]:
     moved aside is put back when ``out`` is gone, hidden files a staging folder carried are
     returned to ``out``, the rest is deleted. Call it holding ``out``'s lock. Returns the
     names removed."""
-    from ..locks import pid_alive
-    from ..progress import as_progress
 
     out = Path(out)
     if not out.parent.is_dir():

@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import calibration as cal
 from .._lazy import require
+from ..data.image import resize_image
 from ..errors import ExportError
 
 #: the unknown-input scores a bundle can carry (every one the runtime computes)
@@ -168,8 +169,6 @@ def synthetic_outliers(pixels: np.ndarray, labels: Sequence[int], *, per_kind: i
         images; no ``mix`` with one class).
     """
     from scipy.ndimage import gaussian_filter
-
-    from ..data.image import resize_image
 
     x = np.asarray(pixels, dtype=np.float32)
     y = np.asarray(labels, dtype=np.int64)

@@ -33,7 +33,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ExportError
+from .._lazy import require
+from ..errors import DependencyMissingError, ExportError
+from ..fsutil import atomic_path
+from ..runtime.runners import OrtRunner
+from .verify import accuracy_check, run_all
 
 #: model contract names (docs/design.md)
 INPUT, OUTPUTS = "image", ("features", "probs")
@@ -41,8 +45,6 @@ _FLOAT, _FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
 
 
 def _onnx():
-    from .._lazy import require
-
     return require("onnx", purpose="the fp16 ONNX model")
 
 
@@ -50,8 +52,6 @@ def _converter():
     try:
         from onnxconverter_common import float16
     except ImportError as exc:
-        from ..errors import DependencyMissingError
-
         raise DependencyMissingError(f"onnxconverter-common is not installed (needed for the fp16 ONNX model): {exc}",
                                      hint='pip install "transfer[train]"') from exc
     return float16
@@ -135,7 +135,6 @@ def convert_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *,
         onnx.checker.check_model(m16)
     except Exception as exc:  # noqa: BLE001 - onnx raises its own ValidationError types
         raise ExportError(f"the fp16 conversion of {fp32_path} is not a valid ONNX model: {exc}") from exc
-    from ..fsutil import atomic_path
 
     with atomic_path(out_path) as tmp:
         onnx.save(m16, str(tmp))
@@ -173,8 +172,6 @@ def verify_fp16(fp32_path: str | os.PathLike, fp16_path: str | os.PathLike, x: n
         v = verify_fp16(b / "model.onnx", b / "model.fp16.onnx", x, y)
         v["passed"], v["accuracy_drop"]
     """
-    from ..runtime.runners import OrtRunner
-    from .verify import accuracy_check, run_all
 
     fp32, fp16 = run_all([OrtRunner(fp32_path, "cpu"), OrtRunner(fp16_path, "cpu", name="onnxruntime-fp16")], x, batch)
     f32, p32, f16, p16 = fp32.features, fp32.probs, fp16.features, fp16.probs

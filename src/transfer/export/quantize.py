@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .._lazy import require
+from ..data.stream import decode_batches
 from ..errors import ExportError
 from ..progress import ProgressLike, as_progress
 
@@ -30,8 +31,6 @@ def calibration_batches(paths: Sequence[str | os.PathLike], size: tuple[int, int
 
         next(calibration_batches(paths, (32, 32), count=8, batch=4)).shape    # (4, 32, 32, 3)
     """
-    from ..data.stream import decode_batches
-
     if count <= 0 or batch <= 0:
         raise ExportError(f"calibration needs a positive image count and batch (got {count}, {batch})")
     paths = list(paths)

@@ -27,8 +27,11 @@ from typing import Iterable
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
+from ..fsutil import atomic_path
 from ..runtime.devices import device_info, gpu_status, require_tensorrt  # noqa: F401  (re-exported)
+from .fp16 import float16_summary
+from .quantize import quantize_int8
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -131,8 +134,6 @@ def prepare_int8_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
     Raises:
         ExportError: quantization failed or produced an asymmetric / unquantized graph.
     """
-    from ..errors import ExportError
-    from .quantize import quantize_int8
 
     info = quantize_int8(fp32_path, out_path, calib_batches, symmetric=True)
     summary = qdq_summary(out_path)
@@ -204,8 +205,6 @@ def check_source_model(onnx_path: str | os.PathLike, precision: str) -> dict:
     Raises:
         ExportError: naming what the model holds and how to make the right one.
     """
-    from ..errors import ExportError
-    from .fp16 import float16_summary
 
     qdq = qdq_summary(onnx_path)
     f16 = float16_summary(onnx_path)
@@ -260,8 +259,6 @@ def build_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, p
         TensorRTUnavailableError: no GPU / TensorRT.
         ExportError: wrong source model, or the parser / builder failed (their messages included).
     """
-    from ..errors import ExportError
-    from ..fsutil import atomic_path
 
     precision = check_precision(precision)
     check_source_model(onnx_path, precision)

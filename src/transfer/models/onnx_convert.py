@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .._lazy import import_keras, import_tensorflow, require
 from ..errors import ExportError, ModelError
+from ..onnx_facts import PRECISION_KEY, ROLE_KEY
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("features", "probs")
@@ -85,8 +86,6 @@ def set_metadata(proto, *, role: str, precision: str | None = None) -> None:
     """Stamp what the file is into its ``metadata_props`` (``transfer.role``: model / head,
     ``transfer.precision``): the runtime checks the manifest's claims against them
     (:func:`transfer.bundle.check_model_graph`), without needing the ``onnx`` package."""
-    from ..onnx_facts import PRECISION_KEY, ROLE_KEY
-
     values = {ROLE_KEY: role, **({PRECISION_KEY: precision} if precision else {})}
     keep = [p for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]

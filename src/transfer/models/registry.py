@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable
 
+from .._lazy import import_keras
 from ..errors import ConfigError
 from . import small
 
@@ -187,8 +188,6 @@ def _keras_app(attr: str) -> Callable:
     """A builder calling ``keras.applications.<attr>(include_top=False, input_tensor=...)``."""
 
     def builder(input_tensor, weights):
-        from .._lazy import import_keras
-
         keras = import_keras()
         return getattr(keras.applications, attr)(include_top=False, weights=weights, input_tensor=input_tensor)
 

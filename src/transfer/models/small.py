@@ -19,10 +19,10 @@ Layer names: ``conv1``, ``conv1_pool``, ``conv1_drop``, ``conv2``, ``conv2_drop`
 
 from __future__ import annotations
 
+from .._lazy import import_keras
+
 
 def _small_cnn(input_tensor, weights, *, convs: int, name: str):
-    from .._lazy import import_keras
-
     keras = import_keras()
     layers = keras.layers
     x = input_tensor

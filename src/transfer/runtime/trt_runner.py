@@ -7,6 +7,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BundleError
+from . import devices
+from .devices import CudaError, cuda_call, device_info, error_string, require_tensorrt
 from .runner_base import Runner
 
 
@@ -57,8 +59,6 @@ class TrtRunner(Runner):
     IO = ("image", "features", "probs")
 
     def __init__(self, bundle: Bundle, model_key: str, *, device: int | None = None):
-        from .devices import device_info
-
         entry = bundle.models[model_key]
         check_engine_matches(entry, device_info(device))
         self._file = bundle.paths[entry["file"]]
@@ -129,10 +129,8 @@ class _TrtResources:
 
     @classmethod
     def create(cls, engine_file, hw: tuple[int, int], device: int | None) -> "_TrtResources":
-        from .devices import CudaError, import_cudart, require_tensorrt
-
         trt = require_tensorrt()
-        cudart = import_cudart()
+        cudart = devices.import_cudart()  # looked up on the module: tests stand a fake CUDA in
         if device is not None:
             _cuda(cudart, "cudaSetDevice", cudart.cudaSetDevice(int(device)))
         logger = trt.Logger(trt.Logger.WARNING)
@@ -154,8 +152,6 @@ class _TrtResources:
         return res
 
     def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        from .devices import CudaError
-
         cudart, n = self.cudart, self.batch_max
         self.stream = _cuda(cudart, "cudaStreamCreate", cudart.cudaStreamCreate())
         for name in TrtRunner.IO:
@@ -172,8 +168,6 @@ class _TrtResources:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One engine call on ``len(x) <= batch_max`` images (contiguous float32)."""
-        from .devices import CudaError
-
         cudart, ctx = self.cudart, self.context
         k = len(x)
         b = max(k, self.batch_min)
@@ -208,8 +202,6 @@ class _TrtResources:
 
     def release(self, quiet: bool = False) -> None:
         """Free every buffer and the stream, even when one of the calls fails; then raise the first failure."""
-        from .devices import CudaError, error_string
-
         cudart, failures = self.cudart, []
         for name, ptr in list(self.device.items()):
             err = cudart.cudaFree(ptr)[0]
@@ -228,8 +220,6 @@ class _TrtResources:
 
 
 def _cuda(cudart, call: str, result):
-    from .devices import cuda_call
-
     return cuda_call(cudart, call, result)
 
 
