@@ -442,7 +442,9 @@ def click_options(config_type: type, *, only: Iterable[str] | None = None, exclu
         text = spec.help + (f" [default: {shown}]" if shown else "")
         flags = flag_of(f, spec)
         if isinstance(spec.constraint, Flag):
-            if spec.negative:
+            if spec.negative and spec.flag:  # both spellings: --calibrate/--no-calibrate
+                decorators.append(click.option(f"{flags[0]}/{spec.negative}", f.name, default=None, help=text))
+            elif spec.negative:
                 decorators.append(click.option(spec.negative, f.name, flag_value=False, default=None, help=text))
             else:
                 decorators.append(click.option(*flags, f.name, flag_value=True, default=None, help=text))
@@ -495,10 +497,8 @@ def replace(config: Any, **changes: Any) -> Any:
     return dataclasses.replace(config, **changes)
 
 
-# -- lists of names a library function takes ---------------------------------------------------
-# (commands split comma lists with ``transfer.commands._options.parse_csv``; a library function
-# takes a list, or one comma-separated string from Python, and checks it here so every
-# "unknown X; accepted: ..." message reads the same; ``option=`` names the parameter)
+# -- lists of names a library function takes (a list, or one comma-separated string from Python),
+# checked here so every "unknown X; accepted: ..." message reads the same -----------------------
 
 
 def items(values: str | Iterable[Any] | None) -> list[str]:

@@ -240,10 +240,10 @@ def test_tampered_head_pickle_is_refused_before_unpickling(full_bundle, tmp_path
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"atol": "x"}, "probability tolerance"), ({"min_agreement": 1.5}, "minimum top-1 agreement"),
-    ({"max_accuracy_drop": -0.1}, "maximum accuracy drop"), ({"verify_images": 0}, "verification image count"),
-    ({"verify_images": 16}, "verification image count 16.*>= 64"),
-    ({"calib_images": 2.5}, "calibration image count"), ({"quantize": "int4"}, "int8"), ({"trt": "int4"}, "fp16"),
+    ({"atol": "x"}, "invalid atol"), ({"min_agreement": 1.5}, "invalid min_agreement"),
+    ({"max_accuracy_drop": -0.1}, "invalid max_accuracy_drop"), ({"verify_images": 0}, "invalid verify_images"),
+    ({"verify_images": 16}, "invalid verify_images: 16.*>= 64"),
+    ({"calib_images": 2.5}, "invalid calib_images"), ({"quantize": "int4"}, "int8"), ({"trt": "int4"}, "fp16"),
     ({"batch": "1:0:4"}, "MIN:OPT:MAX"), ({"head": "xgb"}, "rf"),
 ])
 def test_bad_options_fail_before_any_work(run_copy, kw, match):

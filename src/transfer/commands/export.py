@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..export.export_config import ExportConfig
 from ..options import click_options, from_cli
 from ..runtime.predict_config import TrustOptions
 from ._options import quiet_option
@@ -11,44 +12,9 @@ from ._options import quiet_option
 
 @click.command("export")
 @click.argument("run", type=click.Path())
-@click.option("--trial", default="best", show_default=True, help="best or a trial name.")
-@click.option("--out", type=click.Path(), help="Bundle folder. [default: RUN/bundle]")
-@click.option("--head", type=click.Choice(["rf", "svm", "logreg", "knn"]),
-              help="Also ship this classical head (pickle + ONNX); fitted from cached features if absent.")
-@click.option("--quantize", metavar="int8|fp16|int8,fp16",
-              help="Add a static int8 ONNX model (CPUs) and/or an fp16 ONNX model (GPUs); --trt fp16 adds fp16.")
-@click.option("--trt", type=click.Choice(["fp32", "fp16", "int8"]), help="Add a TensorRT engine (NVIDIA GPU only).")
-@click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
-              help="TensorRT optimization profile of the batch dimension.")
-@click.option("--calib-images", default=512, show_default=True, help="Training images that calibrate int8.")
-@click.option("--verify-images", default=256, show_default=True,
-              help="Validation images Keras and ONNX are compared on (>= 64; all of them when the run has fewer).")
-@click.option("--atol", default=1e-4, show_default=True, help="fp32: max |probability difference| allowed.")
-@click.option("--min-agreement", default=0.999, show_default=True, help="fp32: minimum top-1 agreement.")
-@click.option("--max-accuracy-drop", default=0.01, show_default=True,
-              help="int8 / fp16: maximum validation accuracy drop (0.01 = 1 point).")
-@click.option("--opset", default=17, show_default=True, help="ONNX opset.")
-@click.option("--workspace-mb", default=2048, show_default=True, help="TensorRT builder workspace limit.")
-@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
-              help="Temperature-scale the probabilities (fitted on the val split and written into the graph only "
-                   "when it holds on val folds it was not fitted on; never fitted on test) and fit the "
-                   "unknown-input scores that infer/serve --reject use.")
-@click.option("--unknown-accept", default=0.95, show_default=True,
-              help="Share of known (val) images the unknown-input thresholds accept.")
-@click.option("--unknown-default", default="auto", show_default=True, metavar="auto|NAME",
-              help="The bundle's default unknown-input score: auto (the one that best separates val images from "
-                   "synthetic outliers made of training images; no test image is read) or msp, energy, "
-                   "mahalanobis, knn, vim.")
-@click.option("--force", is_flag=True,
-              help="Replace an existing bundle at --out (only a folder holding nothing but a bundle; its hidden "
-                   "files are kept).")
-@click.option("--sign", type=click.Path(dir_okay=False),
-              help="Sign the bundle with this private key (`transfer keygen KEY`); machines that trust KEY.pub "
-                   "load it.")
+@click_options(ExportConfig)
 @quiet_option
-def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_images, atol, min_agreement,
-           max_accuracy_drop, opset, workspace_mb, calibrate, unknown_accept, unknown_default, force, sign,
-           quiet) -> None:
+def export(run, quiet, **options) -> None:
     """Export a trained trial of RUN as a deployment bundle: ONNX (image -> features, probs;
     preprocessing inside the graph), optional classical head, int8 model and TensorRT engine,
     each verified against its reference on real validation images.
@@ -65,11 +31,7 @@ def export(run, trial, out, head, quantize, trt, batch, calib_images, verify_ima
     from ..export.api import export_bundle
     from ..progress import Progress
 
-    res = export_bundle(run, trial=trial, out=out, head=head, quantize=quantize, trt=trt, batch=batch,
-                        calib_images=calib_images, verify_images=verify_images, atol=atol,
-                        min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, force=force,
-                        opset=opset, workspace_mb=workspace_mb, calibrate=calibrate, unknown_accept=unknown_accept,
-                        unknown_default=unknown_default, progress=Progress(quiet=quiet), sign=sign)
+    res = export_bundle(run, from_cli(ExportConfig, options), progress=Progress(quiet=quiet))
     click.echo(f"{res.bundle_dir}: verified ({', '.join(sorted(res.manifest['models']))}"
                f"{', heads ' + ', '.join(sorted(res.manifest['heads'])) if res.manifest['heads'] else ''}) "
                f"in {res.seconds:.1f}s")

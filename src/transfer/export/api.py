@@ -1,9 +1,7 @@
 """`transfer export`: a run's trial -> a verified deployment bundle (docs/design.md).
 
-    export_bundle(run, *, trial="best", out=None, head=None, quantize=None, trt=None,
-                  batch="1:8:32", calib_images=512, verify_images=256, atol=1e-4,
-                  min_agreement=0.999, max_accuracy_drop=0.01, force=False, opset=17,
-                  progress=None) -> ExportResult(bundle_dir, manifest, verification, ok)
+    export_bundle(run, config=ExportConfig(...), *, progress=None, **options)
+        -> ExportResult(bundle_dir, manifest, verification, ok)
 
 Every model of a bundle goes through the same four moves, one :class:`Step` each: convert
 (write the file and its manifest entry), run it and its reference on the verification images
@@ -23,7 +21,8 @@ are built after the ONNX bundle is in place: without a GPU the call raises
 :class:`~transfer.errors.TensorRTUnavailableError` (exit code 3) and the verified ONNX
 bundle stays.
 
-Stable API (used by the runtime tests): ``export_bundle`` keyword names above; the
+Stable API (used by the runtime tests): ``export_bundle``'s options are the fields of
+:class:`~transfer.export.export_config.ExportConfig`, given as a config or by name; the
 result's ``bundle_dir`` loads with :func:`transfer.bundle.load_bundle`. ``verify_images``
 defaults to 256 (at least 64; the val split, then test, is used, all of it when smaller).
 ``transfer verify BUNDLE`` is :func:`transfer.bundle.verify_bundle`. ``trt="int8"`` builds
@@ -32,6 +31,7 @@ from a symmetric QDQ model (explicit quantization, see :mod:`transfer.export.ten
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -44,13 +44,13 @@ import numpy as np
 from .. import calibration as cal
 from ..analysis.head_study import ensure_head
 from ..bundle import Bundle, new_manifest, read_checks, read_manifest, write_bundle
-from ..calibration import SCORES
-from ..classical_heads import check_kinds, head_to_onnx, load_head
+from ..classical_heads import head_to_onnx, load_head
 from ..data.stream import decode_batches
-from ..errors import ConfigError, ExportError, TensorRTUnavailableError, VerificationError
+from ..errors import ExportError, TensorRTUnavailableError, VerificationError
 from ..fsutil import atomic_path
 from ..locks import locked
 from ..models.onnx_convert import export_onnx, stamp_onnx
+from ..options import replace
 from ..progress import ProgressLike, as_progress
 from ..runfolder import RunFolder
 from ..runtime.heads import OnnxHead
@@ -61,15 +61,14 @@ from ..runtime.unknown import UnknownDetector, make_detector
 from ..signing import load_signing_key
 from .bundle_writer import check_out, remove_stale_staging, staged_bundle, tool_versions
 from .calibrate import OUTLIERS_PER_KIND, fit_unknown, synthetic_outliers, temperature_onnx, temperature_record
+from .export_config import ExportConfig
 from .fp16 import convert_fp16
 from .keras_runner import KerasRunner
 from .quantize import calibration_batches, quantize_int8
 from .tensorrt import (
     build_engine,
-    check_precision,
     device_info,
     engine_entry,
-    parse_batch_profile,
     prepare_int8_onnx,
     require_tensorrt,
 )
@@ -197,84 +196,20 @@ def _calibration_agreement(ctx: ExportContext, key: str, v: dict) -> None:
     v["passed"] = bool(v["passed"] and abs(ece - ece32) <= MAX_ECE_DIFF and same >= MIN_UNKNOWN_AGREEMENT)
 
 
-def _number(name: str, what: str, v, lo: float, hi: float) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        f = float("nan")
-    if not lo <= f <= hi:
-        raise ConfigError(f"invalid {what} {v!r}; accepted: a number in [{lo:g}, {hi:g}]", option=name)
-    return f
-
-
-def _check_options(*, quantize, trt, batch, atol, min_agreement, max_accuracy_drop, verify_images, calib_images,
-                   head, unknown_accept=0.95, unknown_default="auto"):
-    """Every option, before any work: returns ``(limits, TensorRT precision, batch profile, head kind,
-    reduced-precision ONNX models)``."""
-    kinds = [q.strip() for q in str(quantize).split(",") if q.strip()] if quantize else []
-    bad = [q for q in kinds if q not in ("int8", "fp16")]
-    if bad or len(set(kinds)) != len(kinds):
-        raise ConfigError(f"invalid quantization {quantize!r}; accepted: int8, fp16 or both (int8,fp16)",
-                          option="quantize")
-    trt_prec = check_precision(trt) if trt else None
-    profile = parse_batch_profile(batch)
-    limits = Limits(atol=_number("atol", "probability tolerance", atol, 0, 1),
-                    min_agreement=_number("min_agreement", "minimum top-1 agreement", min_agreement, 0, 1),
-                    max_accuracy_drop=_number("max_accuracy_drop", "maximum accuracy drop", max_accuracy_drop, 0, 1))
-    for name, what, v, least in (("verify_images", "verification image count", verify_images, 64),
-                                 ("calib_images", "calibration image count", calib_images, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise ConfigError(f"invalid {what} {v!r}; accepted: an integer >= {least}"
-                              + (" (a run with fewer val/test images is verified on all of them)" if least > 1 else ""),
-                              option=name)
-    if head is not None:
-        head = check_kinds([head])[0]
-    if isinstance(unknown_accept, bool) or not isinstance(unknown_accept, (int, float)) or not 0 < unknown_accept < 1:
-        raise ConfigError(f"invalid target acceptance {unknown_accept!r}; accepted: a fraction in (0, 1)",
-                          option="unknown_accept")
-
-    if unknown_default != "auto" and unknown_default not in SCORES:
-        raise ConfigError(f"invalid unknown-input score {unknown_default!r}; accepted: auto, {', '.join(SCORES)}",
-                          option="unknown_default")
-    # TensorRT fp16 engines are built from the fp16 ONNX model (strong typing: the graph decides)
-    kinds = kinds + ["fp16"] if trt_prec == "fp16" and "fp16" not in kinds else kinds
-    return limits, trt_prec, profile, head, tuple(kinds)
-
-
-def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None, quantize: str | None = None,
-                  trt: str | None = None, batch: str = "1:8:32", calib_images: int = 512, verify_images: int = 256,
-                  atol: float = 1e-4, min_agreement: float = 0.999, max_accuracy_drop: float = 0.01,
-                  force: bool = False, opset: int = 17, workspace_mb: int = 2048, calibrate: bool = True,
-                  unknown_accept: float = 0.95, unknown_default: str = "auto", progress: ProgressLike = None,
-                  sign: str | os.PathLike | None = None) -> ExportResult:
+def export_bundle(run, config: ExportConfig | None = None, *, progress: ProgressLike = None,
+                  **options) -> ExportResult:
     """Export one trial of a run folder as a verified bundle.
 
     Args:
         run: run folder (path or RunFolder).
-        trial: ``best`` or a trial name.
-        out: bundle folder (default ``RUN/bundle``).
-        head: also ship a classical head (``rf``, ``svm``, ``logreg``, ``knn``): the saved
-            one of ``transfer heads`` or one fitted now from cached features.
-        quantize: ``int8`` adds ``model.int8.onnx`` (static, calibrated on training images),
-            ``fp16`` adds ``model.fp16.onnx``; ``"int8,fp16"`` both.
-        trt: ``fp32|fp16|int8`` TensorRT engine (needs an NVIDIA GPU).
-        batch: TensorRT optimization profile ``MIN:OPT:MAX``.
-        calib_images: training images used to calibrate int8.
-        verify_images: validation images Keras and ONNX Runtime are compared on.
-        atol / min_agreement: fp32 limits (max |dp|, top-1 agreement).
-        max_accuracy_drop: int8/fp16 accuracy drop limit (fraction, 0.01 = 1 point).
-        force: replace an existing bundle at ``out`` (its hidden files are kept).
-        calibrate: decide a temperature on the val split (applied, into the graph, only when it
-            holds on val folds it was not fitted on, so every model of the bundle gives the
-            calibrated probabilities) and fit the unknown-input scores
-            (:mod:`transfer.export.calibrate`); test images are only reported on. ``False``
-            keeps raw probabilities and writes neither record.
-        unknown_accept: share of known (val) images the unknown-input thresholds accept.
-        unknown_default: the bundle's default unknown-input score: ``auto`` (the rule of
-            :data:`transfer.export.calibrate.DEFAULT_RULE`, no test image read) or a score name.
+        config: the options (:class:`~transfer.export.export_config.ExportConfig`: the trial,
+            ``out`` (default ``RUN/bundle``), a classical ``head`` to ship, ``quantize``
+            (``int8`` / ``fp16``), a ``trt`` engine and its ``batch`` profile, the verification
+            limits, ``calibrate`` (decide a temperature on the val split, applied into the graph
+            only when it holds on val folds it was not fitted on, and fit the unknown-input
+            scores; test images are only reported on), ``sign`` (a private key: the bundle is
+            signed), ``force``); ``options`` are laid over it (``export_bundle(run, head="rf")``).
         progress: status lines of every step (a :class:`transfer.progress.Progress`).
-        sign: a private key (``transfer keygen``): the bundle is signed with it
-            (``signature.json``), so machines that trust its public key load it.
 
     ``out`` is locked while the export runs (a second export to it exits with
     :class:`transfer.locks.LockedError`), and so is the run folder when a head may be fitted
@@ -294,42 +229,30 @@ def export_bundle(run, *, trial: str = "best", out=None, head: str | None = None
 
         export_bundle("runs/digits", head="rf", quantize="int8").bundle_dir   # runs/digits/bundle
     """
-    import contextlib
-
-
+    cfg = replace(config or ExportConfig(), **options)
     p = as_progress(progress)
     t0 = time.time()
     run = run if isinstance(run, RunFolder) else RunFolder(run)
-    t = run.trial(trial).require_finished()
-    limits, trt_prec, profile, head, reduced = _check_options(
-        quantize=quantize, trt=trt, batch=batch, atol=atol, min_agreement=min_agreement,
-        max_accuracy_drop=max_accuracy_drop, verify_images=verify_images, calib_images=calib_images, head=head,
-        unknown_accept=unknown_accept, unknown_default=unknown_default)
-    key = None
-    if sign is not None:
-        key = load_signing_key(sign)
-    out = Path(out) if out is not None else run.bundle_dir
+    t = run.trial(cfg.trial).require_finished()
+    key = load_signing_key(cfg.sign) if cfg.sign is not None else None
+    out = Path(cfg.out) if cfg.out is not None else run.bundle_dir
     with locked(out, purpose="export"), \
-            (locked(run.path, purpose="export") if head is not None else contextlib.nullcontext()):
-        return _export(run, t, out, force=force, head=head, reduced=reduced, trt_prec=trt_prec, profile=profile,
-                       calib_images=calib_images, verify_images=verify_images, limits=limits, opset=opset,
-                       workspace_mb=workspace_mb, key=key, progress=p, t0=t0, calibrate=calibrate,
-                       unknown_accept=unknown_accept, unknown_default=unknown_default)
+            (locked(run.path, purpose="export") if cfg.head is not None else contextlib.nullcontext()):
+        return _export(run, t, out, cfg, key=key, progress=p, t0=t0)
 
 
-def _export(run, t, out: Path, *, force, head, reduced, trt_prec, profile, calib_images, verify_images, limits,
-            opset, workspace_mb, key, progress, t0, calibrate=True, unknown_accept=0.95,
-            unknown_default="auto") -> ExportResult:
+def _limits(cfg: ExportConfig) -> Limits:
+    return Limits(atol=cfg.atol, min_agreement=cfg.min_agreement, max_accuracy_drop=cfg.max_accuracy_drop)
+
+
+def _export(run, t, out: Path, cfg: ExportConfig, *, key, progress, t0) -> ExportResult:
     """The export, holding the locks: check ``out``, assemble and swap in the ONNX bundle, add an engine."""
 
     p = progress
     remove_stale_staging(out, p)
-    check_out(out, force, run.path)
+    check_out(out, cfg.force, run.path)
     with staged_bundle(out) as tmp:
-        manifest, checks = _assemble(run, t, tmp, head=head, reduced=reduced, calib_images=calib_images,
-                                     verify_images=verify_images, limits=limits, opset=opset, progress=p,
-                                     calibrate=calibrate, unknown_accept=unknown_accept,
-                                     unknown_default=unknown_default, key=key)
+        manifest, checks = _assemble(run, t, tmp, cfg, progress=p, key=key)
     p.say(f"bundle written to {out} ({'valid' if manifest['valid'] else 'INVALID'})"
           + (f", signed by {key.key_id}" if key is not None else ""))
     res = ExportResult(out, manifest, checks, bool(manifest["valid"]), time.time() - t0)
@@ -339,14 +262,13 @@ def _export(run, t, out: Path, *, force, head, reduced, trt_prec, profile, calib
             f"export verification failed for {', '.join(failed)}; the bundle at {out} is marked invalid",
             hint=f"see {out / 'verification.json'}; the limits are the probability tolerance, the minimum "
                  "top-1 agreement and the maximum accuracy drop of `transfer export`")
-    if trt_prec:
-        _add_engine(out, trt_prec, profile, run, t, calib_images, workspace_mb, p, limits, verify_images, key)
+    if cfg.trt:
+        _add_engine(out, cfg, run, t, progress=p, key=key)
         res.manifest = read_manifest(out)
     return res
 
 
-def _assemble(run, t, tmp: Path, *, head, reduced, calib_images, verify_images, limits: Limits, opset, progress,
-              calibrate: bool = True, unknown_accept: float = 0.95, unknown_default: str = "auto", key=None):
+def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
     """The ONNX bundle in ``tmp``: fp32 model, its calibration, then int8 / fp16 and a head when
     asked, then the manifest (signed with ``key``)."""
 
@@ -356,22 +278,22 @@ def _assemble(run, t, tmp: Path, *, head, reduced, calib_images, verify_images, 
     num_classes = int(model.output.shape[-1])
     if num_classes != len(run.class_names):
         raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(run.class_names)} classes")
-    x, y, used = verification_images(run, t.image_size, verify_images, progress, fold=t.fold)
-    ctx = ExportContext(run, t, tmp, x, y, limits, progress, opset=opset, calib_images=calib_images,
+    x, y, used = verification_images(run, t.image_size, cfg.verify_images, progress, fold=t.fold)
+    ctx = ExportContext(run, t, tmp, x, y, _limits(cfg), progress, opset=cfg.opset, calib_images=cfg.calib_images,
                         extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes})
     run_step(ctx, _fp32_step())
-    if calibrate:
-        _calibrate(ctx, unknown_accept, unknown_default)
-    steps = ([_int8_step()] if "int8" in reduced else []) + ([_fp16_step()] if "fp16" in reduced else [])
-    if head is not None:
-        steps.append(_head_step(head))
+    if cfg.calibrate:
+        _calibrate(ctx, cfg.unknown_accept, cfg.unknown_default)
+    steps = ([_int8_step()] if "int8" in cfg.reduced else []) + ([_fp16_step()] if "fp16" in cfg.reduced else [])
+    if cfg.head is not None:
+        steps.append(_head_step(cfg.head))
     for step in steps:
         run_step(ctx, step)
     calibration = {k: ctx.extra[k] for k in ("calibration", "unknown") if k in ctx.extra}
     manifest = new_manifest(
         class_names=run.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
         heads=ctx.heads, preprocessing=run.dataset.get("preprocessing"), tools=tool_versions(),
-        source={"run": str(run.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=opset,
+        source={"run": str(run.path.resolve()), "trial": t.name}, backbone=t.meta.get("backbone"), opset=cfg.opset,
         **calibration)
     return write_bundle(tmp, manifest, ctx.checks, images=used, sign_key=key), ctx.checks
 
@@ -589,7 +511,7 @@ def _calibrate(ctx: ExportContext, accept: float, default: str = "auto") -> None
     _say_calibration(ctx.progress, record)
     ctx.extra["calibration"] = record
     ctx.models["onnx-fp32"]["calibrated"] = bool(record["applied"])
-    unknown_why = why or (f"the val split holds one class only: thresholds would be set on that class's images"
+    unknown_why = why or ("the val split holds one class only: thresholds would be set on that class's images"
                           if len(np.unique(val.labels)) < 2 else None)
     if unknown_why is None:
         unknown_why = _fit_unknown(ctx, val, logits, head, record["temperature"], accept, default)
@@ -787,9 +709,9 @@ def _engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step
                 atol=1e-3, name=f"trt-{precision}")
 
 
-def _add_engine(out: Path, precision: str, profile, run, t, calib_images: int, workspace_mb: int, progress,
-                limits: Limits, verify_images: int = 256, key=None) -> None:
-
+def _add_engine(out: Path, cfg: ExportConfig, run, t, *, progress, key=None) -> None:
+    """A TensorRT engine added to the verified ONNX bundle at ``out`` (verified against ONNX fp32)."""
+    precision, profile, workspace_mb = cfg.trt, cfg.profile, cfg.workspace_mb
     try:
         require_tensorrt()  # exit 3; the ONNX bundle stays valid
     except TensorRTUnavailableError as exc:
@@ -799,10 +721,10 @@ def _add_engine(out: Path, precision: str, profile, run, t, calib_images: int, w
         ) from None
     manifest = read_manifest(out)
     checks, images = read_checks(out)
-    x, y, _ = verification_images(run, t.image_size, verify_images, progress, fold=t.fold)
+    x, y, _ = verification_images(run, t.image_size, cfg.verify_images, progress, fold=t.fold)
     ctx = ExportContext(run, t, out, x, y, Limits(atol=1e-3, min_agreement=0.999,
-                                                 max_accuracy_drop=limits.max_accuracy_drop),
-                        progress, calib_images=calib_images, models=dict(manifest["models"]), checks=checks,
+                                                 max_accuracy_drop=cfg.max_accuracy_drop),
+                        progress, calib_images=cfg.calib_images, models=dict(manifest["models"]), checks=checks,
                         extra={"manifest": manifest})
     if (manifest.get("unknown") or {}).get("scores"):  # the engine must keep fp32's unknown decisions too
 

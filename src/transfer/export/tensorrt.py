@@ -21,7 +21,6 @@ needs an NVIDIA GPU with CUDA, ``tensorrt`` and ``cuda-python`` (``pip install
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -30,49 +29,9 @@ import numpy as np
 from ..errors import ConfigError, ExportError
 from ..fsutil import atomic_path
 from ..runtime.devices import device_info, gpu_status, require_tensorrt  # noqa: F401  (re-exported)
+from .export_config import PRECISIONS, BatchProfile, parse_batch_profile  # noqa: F401  (re-exported)
 from .fp16 import float16_summary
 from .quantize import quantize_int8
-
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """The optimization profile's batch sizes: min <= opt <= max."""
-
-    min: int
-    opt: int
-    max: int
-
-    def shapes(self, h: int, w: int, c: int = 3) -> tuple[tuple, tuple, tuple]:
-        return (self.min, h, w, c), (self.opt, h, w, c), (self.max, h, w, c)
-
-    def as_dict(self) -> dict:
-        return {"min": self.min, "opt": self.opt, "max": self.max}
-
-
-def parse_batch_profile(text: str) -> BatchProfile:
-    """``"1:8:32"`` -> BatchProfile(1, 8, 32); ``"8"`` -> (8, 8, 8).
-
-    Raises:
-        ConfigError: not 1 or 3 positive integers with min <= opt <= max.
-
-    Example::
-
-        parse_batch_profile("1:8:32")
-        # BatchProfile(min=1, opt=8, max=32)
-    """
-    parts = [p.strip() for p in str(text).split(":")]
-    try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        nums = []
-    if len(nums) == 1:
-        nums = nums * 3
-    if len(nums) != 3 or min(nums) < 1 or not nums[0] <= nums[1] <= nums[2]:
-        raise ConfigError(f"invalid batch profile {text!r}; accepted: MIN:OPT:MAX positive integers with "
-                          "MIN <= OPT <= MAX (e.g. 1:8:32), or one batch size", option="batch")
-    return BatchProfile(*nums)
 
 
 def check_precision(precision: str) -> str:
