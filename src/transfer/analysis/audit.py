@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -60,10 +61,11 @@ from ..errors import ConfigError, DataError, ImageDecodeError, RunFolderError
 from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic
 from ..models.onnx_convert import two_output_model
 from ..models.registry import get_backbone
-from ..options import check_int
+from ..options import replace
 from ..progress import ProgressLike, as_progress
 from ..runtime.sessions import make_session
 from ..tables import markdown, write_csv
+from .audit_config import AuditConfig
 from .audit_labels import Group, find_label_issues, pixel_features
 from .audit_model import initial_weights_path, load_source_model
 from .audit_page import KINDS, write_page
@@ -682,39 +684,21 @@ def _previous(out: Path, hashes: dict[str, str], source: dict, settings: dict) -
     return old, ""
 
 
-def audit_folder(
-    data: str | os.PathLike,
-    *,
-    run=None,
-    trial: str = "best",
-    backbone: str | None = None,
-    weights: str | None = None,
-    image_size: int | None = None,
-    out: str | os.PathLike | None = None,
-    near_threshold: float | None = None,
-    folds: int = 5,
-    neighbours: int = 10,
-    batch_size: int = 256,
-    workers: int = 2,
-    force: bool = False,
-    progress: ProgressLike = None,
-) -> AuditResult:
+def audit_folder(data: str | os.PathLike, config: AuditConfig | None = None, *, progress: ProgressLike = None,
+                 **options) -> AuditResult:
     """Audit the image folder ``data`` and write ``audit.csv``, ``audit.json`` and ``audit.html``.
 
     Args:
         data: ``DATA/<class>/*`` or ``DATA/{train,val,test}/<class>/*``.
-        run: a run folder whose trial gives the features and whose splits give the leakage
-            check (paths relative to ``data``).
-        trial: the run's trial (``best`` or a name).
-        backbone, weights, image_size: without a run, the backbone whose pooled features are
-            used (``weights``: ``imagenet`` or a weights file; ``image_size``: its side).
-        out: output folder (default ``RUN/audit`` with a run, else ``<data>-audit`` beside it).
-        near_threshold: verification score (:func:`transfer.data.dedupe.verify_pairs`) of a near-duplicate pair (default
-            :data:`transfer.data.dedupe.NEAR_THRESHOLD`).
-        folds: folds of the out-of-fold probabilities for label issues.
-        neighbours: neighbours of the outlier score.
-        batch_size, workers: images per forward pass; decoding threads.
-        force: audit again even when nothing changed.
+        config: the options (:class:`~transfer.analysis.audit_config.AuditConfig`): ``run``, a run
+            folder whose trial (``trial``) gives the features and whose splits give the leakage
+            check (paths relative to ``data``); without a run, ``backbone``, ``weights``
+            (``imagenet`` or a weights file) and ``image_size`` give them; ``out`` (default
+            ``RUN/audit`` with a run, else ``<data>-audit`` beside it); ``near_threshold`` (the
+            verification score of a near-duplicate pair, :func:`transfer.data.dedupe.verify_pairs`);
+            ``folds`` of the out-of-fold probabilities for label issues; ``neighbours`` of the
+            outlier score; ``batch_size`` and ``workers`` (decoding threads); ``force`` (audit
+            again even when nothing changed). ``options`` are laid over it by name.
         progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``.
 
     Returns:
@@ -724,22 +708,18 @@ def audit_folder(
         ConfigError: no feature source, bad numbers. DataError: no readable image.
         RunFolderError / ModelError: as opening the run or building the backbone.
     """
+    cfg = replace(config or AuditConfig(), **options)
     p = as_progress(progress)
-    folds = check_int(folds, "folds", minimum=2, option="folds")
-    neighbours = check_int(neighbours, "neighbours", option="neighbours")
-    batch_size = check_int(batch_size, "batch size", option="batch_size")
-    workers = check_int(workers, "workers", option="workers")
-    threshold = float(dedupe.NEAR_THRESHOLD if near_threshold is None else near_threshold)
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"the near-duplicate threshold must be in (0, 1] (got {threshold})", option="near_threshold")
+    run, workers = cfg.run, cfg.workers
     d = _data(data, run, p)
-    out = Path(out) if out is not None else (audit_dir(run) if run is not None else d.root.parent / f"{d.root.name}-audit")
-    settings = {"near_threshold": threshold, "folds": folds, "neighbours": neighbours}
-    src = _source(run, trial, backbone, weights, image_size)
+    out = Path(cfg.out) if cfg.out is not None else (audit_dir(run) if run is not None
+                                                     else d.root.parent / f"{d.root.name}-audit")
+    settings = {"near_threshold": cfg.threshold, "folds": cfg.folds, "neighbours": cfg.neighbours}
+    src = _source(run, cfg.trial, cfg.backbone, cfg.weights, cfg.image_size)
     for note in src.notes:
         p.say(f"note: {note}")
     hashes = _file_hashes(d.root, d.rel, workers)
-    if not force:
+    if not cfg.force:
         old, why = _previous(out, hashes, src.describe, settings)
         if old is not None:
             p.say(f"audit: nothing changed since {old.get('created')}; reusing {out}")
@@ -747,8 +727,6 @@ def audit_folder(
         if why:
             p.say(f"audit: {why}; auditing again")
     out.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
     parity = check_pixels([d.root / r for r in d.rel[:2 * PARITY_IMAGES]], src.size, recipe=src.recipe)
     if parity.exact:
         p.say(f"audit: the pass's model input differs from load_image's (recipe {parity.record['recipe']}) by up to "
@@ -757,7 +735,7 @@ def audit_folder(
     with tempfile.TemporaryDirectory(prefix="transfer-audit-") as tmp:
         engine = _Engine(src, Path(tmp), parity, threads=ORT_THREADS, p=p)
         try:
-            return _run(d, src, engine, out, hashes, settings, batch_size=batch_size, workers=workers, p=p)
+            return _run(d, src, engine, out, hashes, settings, batch_size=cfg.batch_size, workers=workers, p=p)
         finally:
             engine.close()
 

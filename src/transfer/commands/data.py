@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import click
 
+from ..analysis.audit_config import AuditConfig
 from ..errors import ConfigError, DataError
+from ..options import click_options, from_cli
 from ._options import quiet_option
 
 
@@ -151,26 +153,9 @@ def check_cmd(folder: str, workers: int | None, bad_csv: str | None, allow_neste
 
 @data.command("audit")
 @click.argument("folder", type=click.Path(file_okay=False))
-@click.option("--run", type=click.Path(file_okay=False), default=None,
-              help="A run of this folder: its trial gives the features, its splits the leakage check.")
-@click.option("--trial", default="best", show_default=True, help="The run's trial (best or a name).")
-@click.option("--backbone", default=None, help="Without --run: the backbone whose pooled features are used.")
-@click.option("--weights", default=None, help="With --backbone: imagenet or a weights file. [default: imagenet]")
-@click.option("--image-size", type=int, default=None, help="With --backbone: input side. [default: the backbone's]")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder. [default: RUN/audit, or FOLDER-audit beside FOLDER]")
-@click.option("--near-threshold", type=float, default=None,
-              help="Verification score (band-passed detail correlation, 0-1) from which two images are near "
-                   "duplicates. [default: 0.96]")
-@click.option("--folds", type=int, default=5, show_default=True,
-              help="Folds of the heads cross-fitted for label issues; a class with fewer readable images is "
-                   "not searched (a note says so).")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Decoding threads.")
-@click.option("--force", is_flag=True, help="Audit again even when no file changed.")
+@click_options(AuditConfig)
 @quiet_option
-def audit_cmd(folder, run, trial, backbone, weights, image_size, out, near_threshold, folds, batch_size, workers,
-              force, quiet) -> None:
+def audit_cmd(folder, quiet, **options) -> None:
     """Audit FOLDER: exact and near duplicates (within a class, across classes, across the
     splits of --run or of FOLDER/train,val,test), likely label errors (confident learning on
     probabilities of models that never fit the judged label: for the images the run's trial
@@ -186,9 +171,7 @@ def audit_cmd(folder, run, trial, backbone, weights, image_size, out, near_thres
     from ..analysis.audit import audit_folder
     from ..progress import Progress
 
-    res = audit_folder(folder, run=run, trial=trial, backbone=backbone, weights=weights, image_size=image_size,
-                       out=out, near_threshold=near_threshold, folds=folds, batch_size=batch_size, workers=workers,
-                       force=force, progress=Progress(quiet=quiet))
+    res = audit_folder(folder, from_cli(AuditConfig, options), progress=Progress(quiet=quiet))
     s = res.summary
     click.echo(f"{s['images']} images ({s['readable']} readable); {len(s['groups'])} duplicate group(s), "
                f"{s['leaking_groups']} across splits" + (" (unchanged since the last audit)" if res.reused else ""))
