@@ -75,6 +75,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .maps_config import BASELINES, CONTROLS, FaithOptions
+from .options import replace
 
 #: a CAM whose positive peak is at most this share of its largest magnitude is empty
 EMPTY_EPS = 1e-6
@@ -87,13 +89,9 @@ BORDER_SHARE = 0.5
 FLAGS = ("empty", "border")
 #: standard deviation (grey levels on 0..255) of the noise ROAD adds to imputed pixels (1 % of the range)
 ROAD_NOISE = 2.55
-#: fill values of removed pixels in the deletion / insertion curves
-BASELINES = ("median", "mean", "zero", "blur")
 #: the baselines in words
 BASELINE_TEXT = {"median": "the image's median colour", "mean": "the image's mean colour", "zero": "black",
                  "blur": "the image blurred"}
-#: controls: another image's map, or the map rolled by half the image
-CONTROLS = ("other", "shifted")
 #: a method beats its control when the one-sided sign tests of deletion and ROAD-MoRF are below this
 SIGN_TEST_ALPHA = 0.05
 #: the metrics, and whether lower is better
@@ -531,16 +529,10 @@ def faithfulness(
     images: np.ndarray,
     maps: np.ndarray,
     classes: Sequence[int],
+    options: FaithOptions | None = None,
     *,
-    steps: int = 10,
-    baseline: str = "median",
-    control: str = "other",
-    controls: int = 1,
-    control_other_class: bool = False,
-    road: bool = True,
-    road_noise: float | str = "auto",
-    seed: int = 0,
     chunk: int = 256,
+    **overlay,
 ) -> Faithfulness:
     """Deletion, insertion and ROAD curves of each map and of its control (see the module docstring).
 
@@ -550,18 +542,19 @@ def faithfulness(
         images: ``(N, H, W, C)`` pixels at the model's input size.
         maps: ``(N, H, W)`` maps (:func:`to_input_maps`).
         classes: the explained class of each image.
-        steps: points of the deletion / insertion curves minus one (fractions 0, 1/steps, .., 1);
-            ROAD removes 1/steps .. (steps-1)/steps. At least 2.
-        baseline: what removed pixels become in deletion / insertion (:func:`substrate`;
-            ROAD imputes them instead).
-        control: ``other`` or ``shifted`` (:func:`control_maps`).
-        controls: control maps per image; the control's number is their median (an uninformative
-            map still beats it on half of the images, and an informative one more often than
-            one noisy control lets it).
-        road_noise: grey levels of the ROAD noise, or ``auto``: each image's own noise level
-            (:func:`noise_level`), at least :data:`ROAD_NOISE`.
-        road: compute ROAD (one sparse solve per step and map); else its curves are NaN.
-        seed: tie breaking, controls, ROAD noise (the map and its control share the noise).
+        options: how it is measured (:class:`~transfer.maps_config.FaithOptions`; ``overlay``
+            sets fields by name): ``steps``, the points of the deletion / insertion curves minus
+            one (fractions 0, 1/steps, .., 1; ROAD removes 1/steps .. (steps-1)/steps); the
+            ``baseline`` removed pixels become (:func:`substrate`; ROAD imputes them instead);
+            the ``control`` (``other`` or ``shifted``, :func:`control_maps`) and ``controls`` per
+            image, whose median is the control's number (an uninformative map still beats it on
+            half of the images, and an informative one more often than one noisy control lets
+            it), from another class with ``control_other_class``; ``road_noise``, grey levels
+            of the ROAD noise, or ``auto``: each image's own noise level (:func:`noise_level`),
+            at least :data:`ROAD_NOISE`; ``road``: compute ROAD (one sparse solve per step and
+            map; ``auto``: inputs of at most :data:`~transfer.maps_config.ROAD_AUTO_PIXELS`
+            pixels), else its curves are NaN; ``seed`` for tie breaking, controls and ROAD noise
+            (the map and its control share the noise).
         chunk: perturbed images per ``predict`` call, about.
 
     Returns:
@@ -570,27 +563,22 @@ def faithfulness(
     Raises:
         ConfigError: bad steps, baseline or control; shapes that do not match.
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
-        raise ConfigError(f"curve steps must be an integer of at least 2, got {steps!r}", option="steps")
-    if baseline not in BASELINES:
-        raise ConfigError(f"unknown removal baseline {baseline!r}; accepted: {', '.join(BASELINES)}",
-                          option="baseline")
+    o = replace(options or FaithOptions(), **overlay)
+    steps, baseline, control, controls, seed = o.steps, o.baseline, o.control, o.controls, o.seed
     x, m, cls = _check_inputs(images, maps, classes)
     n, H, W, C = x.shape
     hw = H * W
-    steps = int(steps)
+    road = o.road_runs(hw)
     fr = np.linspace(0.0, 1.0, steps + 1)
     counts = np.rint(fr * hw).astype(np.int64)
     inner = counts[1:-1]
-    if isinstance(controls, bool) or not isinstance(controls, (int, np.integer)) or controls < 1:
-        raise ConfigError(f"controls must be an integer of at least 1, got {controls!r}", option="controls")
     ctrl, source = control_maps(m, control=control, count=int(controls), seed=seed,
-                                groups=cls if control_other_class else None)
+                                groups=cls if o.control_other_class else None)
     c1 = 1 + int(controls)
     flags = map_flags(m)
     subs_img = substrate(x, baseline)
     subs = subs_img.reshape(n, hw, C)
-    sigma = np.maximum(noise_level(x), ROAD_NOISE) if road_noise == "auto" else np.full(n, float(road_noise))
+    sigma = np.maximum(noise_level(x), ROAD_NOISE) if o.road_noise == "auto" else np.full(n, float(o.road_noise))
     base = _predict_class(predict, x, cls) if n else np.zeros(0)
     blank = _predict_class(predict, subs_img, cls) if n else np.zeros(0)
     k = len(inner)

@@ -292,11 +292,11 @@ def test_cli_errors(run_copy, tmp_path):
     r = runner.invoke(cli, ["gradcam", str(run_copy), "--trial", "arc2-t050"])
     assert r.exit_code == 1 and "no trial named 'arc2-t050'" in r.output
     r = runner.invoke(cli, ["gradcam", str(run_copy), "--method", "lime"])
-    assert r.exit_code == 2 and "unknown CAM method" in r.output
+    assert r.exit_code == 2 and "--method: invalid value 'lime'" in r.output
     r = runner.invoke(cli, ["gradcam", str(run_copy), "--images", str(tmp_path / "missing.png")])
     assert r.exit_code == 2 and "image not found" in r.output
     r = runner.invoke(cli, ["gradcam", str(run_copy), "--steps", "1"])
-    assert r.exit_code == 2 and "curve steps must be an integer >= 2" in r.output and "--steps" in r.output
+    assert r.exit_code == 2 and "invalid value 1; accepted: an integer >= 2" in r.output and "--steps" in r.output
     r = runner.invoke(cli, ["gradcam", str(run_copy), "--baseline", "grey"])
     assert r.exit_code == 2 and "grey" in r.output
     # an unfinished trial is named

@@ -49,24 +49,13 @@ from ..data.stream import decode_batches, decode_item, iter_inputs
 from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 from ..maps import overlay  # noqa: F401  (the one overlay; re-exported for callers of this module)
-from ..options import check_choices, check_int, one_of
+from ..maps_config import DEFAULT_CONTROLS, DEFAULT_STEPS, ROAD_AUTO_PIXELS, ROAD_CHOICES, FaithOptions  # noqa: F401
+from ..options import check_choices, check_int
 from ..plots import figure, save_figure
 from ..progress import ProgressLike, as_progress
 from ..runfolder import RunFolder
+from .gradcam_config import ALIASES, METHODS, GradcamConfig, with_options
 
-#: CAM methods.
-METHODS = ("gradcam", "gradcam++", "scorecam")
-#: other spellings of the methods
-_ALIASES = {"gradcampp": "gradcam++", "grad-cam": "gradcam", "grad-cam++": "gradcam++", "score-cam": "scorecam"}
-
-#: points of the deletion / insertion curves minus one (ROAD removes 1/steps .. (steps-1)/steps)
-DEFAULT_STEPS = 10
-#: control maps per image (the control's number is their median)
-DEFAULT_CONTROLS = 1
-#: ROAD: ``auto`` runs it on inputs of at most ROAD_AUTO_PIXELS pixels (one sparse solve per step,
-#: ~2 s per solve at 224 x 224), ``on`` always, ``off`` never
-ROAD_CHOICES = ("auto", "on", "off")
-ROAD_AUTO_PIXELS = 128 * 128
 #: a default target layer whose map has fewer cells than this on its shorter side is replaced
 MIN_MAP_SIDE = 6
 
@@ -426,26 +415,6 @@ def compute_maps(
 # --------------------------------------------------------------------------- faithfulness
 
 
-@dataclass(frozen=True)
-class FaithOptions:
-    """How faithfulness is measured (:func:`transfer.maps.faithfulness`)."""
-
-    steps: int = DEFAULT_STEPS
-    baseline: str = "median"
-    control: str = "other"
-    controls: int = DEFAULT_CONTROLS
-    road: str = "auto"
-    seed: int = 0
-
-    def checked(self) -> "FaithOptions":
-        """The same options, validated (errors name the option)."""
-        return FaithOptions(steps=check_int(self.steps, "curve steps", minimum=2, option="steps"),
-                            baseline=one_of(self.baseline, cammaps.BASELINES, "removal baseline", option="baseline"),
-                            control=one_of(self.control, cammaps.CONTROLS, "control", option="control"),
-                            controls=check_int(self.controls, "controls", option="controls"),
-                            road=one_of(self.road, ROAD_CHOICES, "ROAD setting", option="road"), seed=int(self.seed))
-
-
 def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Sequence[int],
                      options: FaithOptions = FaithOptions()) -> tuple[dict, "cammaps.Faithfulness"]:
     """:func:`transfer.maps.faithfulness` of ``maps`` on a Keras model, summarized.
@@ -463,12 +432,11 @@ def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Seque
         summary, _ = map_faithfulness(model, x, maps, cls, FaithOptions(steps=8))
         summary["metrics"]["deletion_auc"]["map_beats_control"]     # share of images
     """
-    o = options.checked()
+    o = options
     x = np.asarray(images, dtype=np.float32)
     pixels = int(x.shape[1] * x.shape[2]) if x.ndim == 4 else 0
-    do_road = o.road == "on" or (o.road == "auto" and pixels <= ROAD_AUTO_PIXELS)
-    res = cammaps.faithfulness(keras_predict(model), x, maps, classes, steps=o.steps, baseline=o.baseline,
-                               control=o.control, controls=o.controls, road=do_road, seed=o.seed)
+    do_road = o.road_runs(pixels)
+    res = cammaps.faithfulness(keras_predict(model), x, maps, classes, o)
     summary = cammaps.summarize_faithfulness(res)
     summary["road"] = "on" if do_road else ("off" if o.road == "off" else
                                             f"off (auto: inputs over {ROAD_AUTO_PIXELS} pixels; --road on forces it)")
@@ -667,7 +635,6 @@ def _collect_images(run, images: Sequence[str | os.PathLike] | None, samples: in
         names = run.class_names
         return [(q, names.index(q.parent.name) if q.parent.name in names else None)
                 for item in images for q in _image_files(item)]
-    samples = check_int(samples, "samples", option="samples")
     paths, labels = run.split_paths("test")
     if not paths:
         paths, labels = run.split_paths("val", fold=fold)  # a k-fold trial's own held-out images
@@ -721,7 +688,7 @@ def parse_methods(value: str | Sequence[str] | None) -> list[str]:
     """
     if value is None:
         return ["gradcam"]
-    return check_choices(value, METHODS, "CAM method", option="method", aliases=_ALIASES, every="all")
+    return check_choices(value, METHODS, "CAM method", option="method", aliases=ALIASES, every="all")
 
 
 @dataclass
@@ -812,22 +779,10 @@ def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: 
 
 def explain_run(
     run_dir: str | os.PathLike,
+    config: GradcamConfig | None = None,
     *,
-    trial: str = "best",
-    images: Sequence[str | os.PathLike] | None = None,
-    samples: int = 16,
-    methods: Sequence[str] | str = ("gradcam",),
-    layer: str | None = None,
-    class_: str | int | None = None,
-    save_maps: bool = False,
-    steps: int = DEFAULT_STEPS,
-    baseline: str = "median",
-    control: str = "other",
-    controls: int = DEFAULT_CONTROLS,
-    road: str = "auto",
-    seed: int = 0,
-    scorecam_channels: int | None = None,
     progress: ProgressLike = None,
+    **options,
 ) -> GradcamResult:
     """Explain images of a run's trial; write overlays, grids, flags and faithfulness numbers.
 
@@ -840,22 +795,17 @@ def explain_run(
 
     Args:
         run_dir: the run folder.
-        trial: ``best`` or a trial name.
-        images: image files or folders; default: ``samples`` random test images.
-        samples: how many test images when ``images`` is not given (the sign tests need
-            about 10 or more to tell a method from its control).
-        methods: names from :data:`METHODS` (or ``["all"]``).
-        layer: target layer; default the trial's ``gradcam_layer``, or a finer layer when that
-            one's map is coarser than :data:`MIN_MAP_SIDE` cells (``layer_note`` says so).
-        class_: class explained (name or index); default the predicted class.
-        save_maps: also write the raw maps as ``.npy``.
-        steps: points of the deletion / insertion curves minus one.
-        baseline: what removed pixels become in deletion / insertion (:data:`transfer.maps.BASELINES`).
-        control: ``other`` (another image's map) or ``shifted`` (the map rolled by half the image).
-        controls: control maps per image; the control's number is their median.
-        road: ``auto``, ``on`` or ``off`` (:data:`ROAD_AUTO_PIXELS`).
-        seed: sample choice, controls, tie breaking and ROAD noise.
-        scorecam_channels: Score-CAM: score only this many channels (default all).
+        config: the options (:class:`~transfer.analysis.gradcam_config.GradcamConfig`;
+            ``options`` are laid over it by name, the faithfulness ones flat): ``trial``
+            (``best`` or a name); ``images``, files or folders (default: ``samples`` random
+            test images; the sign tests need about 10 or more to tell a method from its
+            control); ``methods`` (:data:`METHODS` or ``all``); ``layer`` (default the trial's
+            ``gradcam_layer``, or a finer layer when that one's map is coarser than
+            :data:`MIN_MAP_SIDE` cells; ``layer_note`` says so); ``class_`` explained (name or
+            index; default the predicted class); ``save_maps`` (also the raw maps as ``.npy``);
+            ``faith`` (:class:`~transfer.maps_config.FaithOptions`: curve steps, removal
+            baseline, control(s), ROAD, seed); ``scorecam_channels`` (Score-CAM: score only
+            this many channels; default all).
         progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``; a bar
             per method over the images.
 
@@ -871,16 +821,16 @@ def explain_run(
 
         explain_run("runs/digits", methods=["gradcam", "scorecam"], samples=16).verdict[0]
     """
+    cfg = with_options(config, options)
     p = as_progress(progress)
-    meths = parse_methods(methods)
-    faith_opts = FaithOptions(steps=steps, baseline=baseline, control=control, controls=controls, road=road,
-                              seed=seed).checked()
+    meths, faith_opts, seed = list(cfg.methods), cfg.faith, cfg.faith.seed
     run = RunFolder(run_dir)
-    t = run.trial(trial)
-    explained = _parse_class(class_, run.class_names)
-    items = _collect_images(run, images, samples, seed, fold=t.fold)
+    t = run.trial(cfg.trial)
+    explained = _parse_class(cfg.class_, run.class_names)
+    items = _collect_images(run, cfg.images or None, cfg.samples, seed, fold=t.fold)
     model = t.load_model()
     default = t.meta.get("gradcam_layer")
+    layer = cfg.layer
     tgt = resolve_layer(model, layer, default=default, fine=True)
     note = None
     if layer is None and default and tgt.name != default and default in {lay.name for lay in model.layers}:
@@ -896,8 +846,8 @@ def explain_run(
     res = GradcamResult(out_dir=tg.out_dir, trial=t.name, layer=tgt.name, methods=meths,
                         images=[str(q) for q, _ in items], layer_note=note)
     for meth in meths:
-        faith = _explain_method(tg, meth, res, save_maps=save_maps, faith_opts=faith_opts,
-                                scorecam_channels=scorecam_channels, p=p)
+        faith = _explain_method(tg, meth, res, save_maps=cfg.save_maps, faith_opts=faith_opts,
+                                scorecam_channels=cfg.scorecam_channels, p=p)
         merged[meth] = res.faithfulness[meth] = faith
     write_json_atomic(merged_path, merged)
     res.files.append(merged_path)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..maps import BASELINES
+from ..analysis.gradcam_config import GradcamConfig
+from ..options import click_options, from_cli, replace
 from ._options import parse_csv, quiet_option, run_lock
 
 
@@ -17,42 +18,9 @@ def _progress(quiet: bool):
 @click.command("gradcam")
 @click.argument("run", type=click.Path(file_okay=False))
 @click.argument("image_args", metavar="[IMAGES]...", nargs=-1, type=click.Path())
-@click.option("--trial", default="best", show_default=True, help="Trial name(s), 'best' or 'all'.")
-@click.option("--images", "images", multiple=True, type=click.Path(), metavar="PATH",
-              help="Image file or folder to explain (repeatable; extra paths after RUN work too).")
-@click.option("--samples", type=int, default=16, show_default=True,
-              help="Without --images: how many random test images to explain (the faithfulness verdict "
-                   "needs about 10 or more).")
-@click.option("--method", default="gradcam", show_default=True, metavar="M[,M]",
-              help="gradcam, gradcam++, scorecam (comma-separated) or all; with several, the report leads "
-                   "with the one whose maps beat their control.")
-@click.option("--layer", default=None,
-              help="Target layer (any layer with a spatial output). [default: the trial's gradcam_layer, or the "
-                   "last layer with a map of at least 6x6 cells when that one is coarser]")
-@click.option("--class", "class_", default=None, metavar="C", help="Class to explain (name or index). [default: the predicted class]")
-@click.option("--save-maps", is_flag=True, help="Also write each raw heatmap (input resolution) as <stem>.npy next to its overlay.")
-@click.option("--steps", type=int, default=10, show_default=True, metavar="N",
-              help="Points of the deletion / insertion curves minus one (0, 1/N, .., 100 % of the pixels); "
-                   "ROAD removes 1/N .. (N-1)/N.")
-@click.option("--baseline", type=click.Choice(BASELINES), default="median", show_default=True,
-              help="What removed pixels become in the deletion / insertion curves: the image's median colour "
-                   "(its background where one colour dominates), its mean colour, black, or the image blurred "
-                   "(ROAD imputes them from their neighbours instead).")
-@click.option("--control", type=click.Choice(["other", "shifted"]), default="other", show_default=True,
-              help="Each map is tested against another image's map (other) or itself rolled by half the image "
-                   "(shifted: rewards any map that lights the centre of centred images).")
-@click.option("--controls", type=int, default=1, show_default=True, metavar="K",
-              help="Control maps per image (other images' maps); the control's number is their median.")
-@click.option("--road", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="ROAD (removal by imputation): auto = on for inputs up to 128x128 pixels (one sparse solve "
-                   "per step and map, ~2 s at 224x224).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the sample choice, the controls and the ROAD noise.")
-@click.option("--scorecam-channels", type=int, default=None, metavar="N",
-              help="Score-CAM: score only the N most active channels (one forward pass each). [default: all]")
+@click_options(GradcamConfig)
 @quiet_option
-def gradcam(run, image_args, trial, images, samples, method, layer, class_, save_maps, steps, baseline, control,
-            controls, road, seed, scorecam_channels, quiet) -> None:
+def gradcam(run, image_args, quiet, **options) -> None:
     """Grad-CAM heatmaps of a trained trial, flagged and tested for faithfulness.
 
     Writes overlays, a captioned grid.png, maps.csv and faithfulness.json into
@@ -68,18 +36,17 @@ def gradcam(run, image_args, trial, images, samples, method, layer, class_, save
     transfer gradcam runs/digits --samples 16 --method all
     transfer gradcam runs/digits img1.png img2.png --class 3 --save-maps
     """
+    from ..analysis.gradcam import TABLE_LEGEND, explain_run
     from ..runfolder import RunFolder
-    from ..analysis.gradcam import TABLE_LEGEND, explain_run, parse_methods
 
-    methods = parse_methods(parse_csv(method, str, name="--method"))
+    cfg = from_cli(GradcamConfig, options)
+    if image_args:
+        cfg = replace(cfg, images=cfg.images + tuple(image_args))
     progress = _progress(quiet)
-    names = [t.name for t in RunFolder(run).select(trial)] if trial != "best" else ["best"]
+    names = [t.name for t in RunFolder(run).select(cfg.trial)] if cfg.trial != "best" else ["best"]
     for name in names:
         with run_lock(run, "gradcam"):
-            res = explain_run(run, trial=name, images=list(images) + list(image_args) or None, samples=samples,
-                              methods=methods, layer=layer, class_=class_, save_maps=save_maps, steps=steps,
-                              baseline=baseline, control=control, controls=controls, road=road, seed=seed,
-                              scorecam_channels=scorecam_channels, progress=progress)
+            res = explain_run(run, replace(cfg, trial=name), progress=progress)
         click.echo(f"\n{res.trial}: faithfulness of the maps ({len(res.images)} images, layer {res.layer}); "
                    f"{TABLE_LEGEND}")
         if res.layer_note:
