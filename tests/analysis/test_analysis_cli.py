@@ -60,11 +60,11 @@ def test_unknown_and_unfinished_trial(cmd, tiny_run, tmp_path):
 
 def test_bad_options(tiny_run):
     r = _invoke("heads", tiny_run, "--head", "rf,boost")
-    assert r.exit_code == 2 and "unknown head 'boost'; accepted: rf, svm, logreg, knn" in r.output
+    assert r.exit_code == 2 and "--head: invalid value 'boost'; accepted:" in r.output and "rf, svm, logreg, knn" in r.output
     r = _invoke("heads", tiny_run, "--svm-c", "0")
-    assert r.exit_code == 2 and "--svm-c: svm head: C must be a number > 0" in r.output
+    assert r.exit_code == 2 and "--svm-c: invalid value 0.0; accepted: a number > 0" in r.output
     r = _invoke("features", tiny_run, "--plot", "umap")
-    assert r.exit_code == 2 and "unknown method 'umap'; accepted: pca, tsne" in r.output
+    assert r.exit_code == 2 and "--plot: invalid value 'umap'; accepted:" in r.output and "pca, tsne" in r.output
     r = _invoke("evaluate", tiny_run, "--split", "dev")
     assert r.exit_code == 2 and "dev" in r.output
 
