@@ -1,2 +1,3 @@
-"""Looking inside trained runs: classical heads on the learned features, per-class metrics,
-feature plots, Grad-CAM, the resolution study and the HTML report (TensorFlow)."""
+"""Looking inside trained runs: classical heads fitted on the learned features (the heads
+themselves are :mod:`transfer.classical_heads`), per-class metrics, feature plots, Grad-CAM,
+the resolution study, the data audit and the HTML report (TensorFlow)."""
