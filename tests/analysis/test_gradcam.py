@@ -212,7 +212,7 @@ def test_layer_resolution_and_errors():
     x = np.zeros((1, 16, 16, 3), np.float32)
     with pytest.raises(ConfigError, match="out of range"):
         compute_maps(model, x, classes=7)
-    with pytest.raises(ConfigError, match="unknown CAM method"):
+    with pytest.raises(ConfigError, match="invalid method: 'lime'"):
         compute_maps(model, x, method="lime")
     with pytest.raises(ConfigError, match=r"shape \(N, 16, 16, 3\) with N >= 1"):
         compute_maps(model, np.zeros((1, 8, 8, 3), np.float32))

@@ -16,8 +16,6 @@ NOT_YET = {
     "data/batches.py:BatchSource.__init__": 11,
     "data/dedupe.py:near_pairs_arrays": 10,
     "data/folder.py:index_folder": 9,
-    "export/calibrate.py:fit_unknown": 11,
-    "analysis/gradcam.py:compute_maps": 9,
     "trainer/distributed.py:run_trials_ray": 9,
     "trainer/keras_data.py:cached_dataset": 10,
 }

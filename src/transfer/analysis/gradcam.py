@@ -50,11 +50,11 @@ from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 from ..maps import overlay  # noqa: F401  (the one overlay; re-exported for callers of this module)
 from ..maps_config import DEFAULT_CONTROLS, DEFAULT_STEPS, ROAD_AUTO_PIXELS, ROAD_CHOICES, FaithOptions  # noqa: F401
-from ..options import check_choices, check_int
+from ..options import check_choices, replace
 from ..plots import figure, save_figure
 from ..progress import ProgressLike, as_progress
 from ..runfolder import RunFolder
-from .gradcam_config import ALIASES, METHODS, GradcamConfig, with_options
+from .gradcam_config import ALIASES, METHODS, CamOptions, GradcamConfig, with_options
 
 #: a default target layer whose map has fewer cells than this on its shorter side is replaced
 MIN_MAP_SIDE = 6
@@ -347,27 +347,24 @@ def _explained_classes(classes, probs: np.ndarray) -> np.ndarray:
 def compute_maps(
     model,
     images: np.ndarray,
+    options: CamOptions | None = None,
     *,
-    method: str = "gradcam",
-    layer: str | None = None,
     classes: int | Sequence[int] | None = None,
-    default_layer: str | None = None,
-    batch_size: int = 16,
-    scorecam_channels: int | None = None,
     progress: ProgressLike = None,
+    **overlay,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Heatmaps of ``images`` for the explained classes.
 
     Args:
         model: a flat Keras classifier (model contract), frozen or not.
         images: float32/uint8 ``(N, H, W, 3)`` RGB pixels in 0..255 at the model's input size.
-        method: one of :data:`METHODS`.
-        layer: target layer name (any layer with a 4-D spatial output).
+        options: how (:class:`~transfer.analysis.gradcam_config.CamOptions`; ``overlay`` sets
+            fields by name): the ``method`` (one of :data:`METHODS`), the target ``layer`` (any
+            layer with a 4-D spatial output; ``default_layer``, the registry's / trial.json's,
+            when it is None), ``batch_size`` images per gradient batch, and for Score-CAM
+            ``scorecam_channels``: score at most this many channels (those with the highest
+            mean activation; ``None`` = all, one forward pass each).
         classes: class explained, one int for all or one per image; ``None`` = predicted.
-        default_layer: used when ``layer`` is None (the registry's / trial.json's layer).
-        batch_size: images per gradient batch.
-        scorecam_channels: Score-CAM only: score at most this many channels (those with
-            the highest mean activation); ``None`` = all (one forward pass each).
         progress: a :class:`~transfer.progress.Progress`, a line callable or ``None``; a bar
             over the images.
 
@@ -385,11 +382,9 @@ def compute_maps(
         maps, probs, cls = compute_maps(model, x, method="gradcam++")
         maps.shape == x.shape[:3]     # True
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown CAM method {method!r}; accepted: {', '.join(METHODS)}", option="method")
-    if scorecam_channels is not None:
-        scorecam_channels = check_int(scorecam_channels, "scorecam channels", option="scorecam_channels")
-    tgt = resolve_layer(model, layer, default=default_layer)
+    o = replace(options or CamOptions(), **overlay)
+    method, batch_size, scorecam_channels = o.method, o.batch_size, o.scorecam_channels
+    tgt = resolve_layer(model, o.layer, default=o.default_layer)
     ex = _Explainer(model, tgt)
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[1:] != (ex.h, ex.w, 3) or len(x) == 0:
@@ -738,8 +733,9 @@ def _explain_method(tg: _Target, meth: str, res: "GradcamResult", *, save_maps: 
     """Maps, flags, faithfulness, overlays, grid and maps.csv of one method, in ``<out>/<method>/``."""
     names = tg.run.class_names
     p.say(f"{meth}: {len(tg.items)} image(s), trial {tg.trial.name}, layer {tg.layer}")
-    maps, probs, cls = compute_maps(tg.model, tg.x, method=meth, layer=tg.layer, classes=tg.explained,
-                                    scorecam_channels=scorecam_channels, progress=p)
+    maps, probs, cls = compute_maps(tg.model, tg.x, CamOptions(method=meth, layer=tg.layer,
+                                                               scorecam_channels=scorecam_channels),
+                                    classes=tg.explained, progress=p)
     p.say(f"{meth}: faithfulness (deletion, insertion, ROAD; each against another image's map)")
     faith, curves = map_faithfulness(tg.model, tg.x, maps, cls, faith_opts)
     flags = faith["flags"]["per_image"]
@@ -830,7 +826,7 @@ def explain_run(
     items = _collect_images(run, cfg.images or None, cfg.samples, seed, fold=t.fold)
     model = t.load_model()
     default = t.meta.get("gradcam_layer")
-    layer = cfg.layer
+    layer = cfg.cam.layer
     tgt = resolve_layer(model, layer, default=default, fine=True)
     note = None
     if layer is None and default and tgt.name != default and default in {lay.name for lay in model.layers}:
@@ -847,7 +843,7 @@ def explain_run(
                         images=[str(q) for q, _ in items], layer_note=note)
     for meth in meths:
         faith = _explain_method(tg, meth, res, save_maps=cfg.save_maps, faith_opts=faith_opts,
-                                scorecam_channels=cfg.scorecam_channels, p=p)
+                                scorecam_channels=cfg.cam.scorecam_channels, p=p)
         merged[meth] = res.faithfulness[meth] = faith
     write_json_atomic(merged_path, merged)
     res.files.append(merged_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..maps_config import FaithOptions
-from ..options import Check, Flag, Interval, ListOf, Text, group, items, make, option, to_dict, validate
+from ..options import Check, Flag, Interval, ListOf, OneOf, Text, group, items, make, option, to_dict, validate
 
 #: CAM methods.
 METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -32,6 +32,25 @@ def _class_ok(value) -> bool:
 
 
 @dataclass(frozen=True)
+class CamOptions:
+    """How one set of maps is computed (:func:`transfer.analysis.gradcam.compute_maps`)."""
+
+    method: str = option("gradcam", OneOf(*METHODS), "The CAM method.", cli=False)
+    layer: str | None = option(None, Text("a layer name"), "Target layer (any layer with a spatial output). "
+                               "[default: the trial's gradcam_layer, or the last layer with a map of at least 6x6 "
+                               "cells when that one is coarser]", none=True)
+    default_layer: str | None = option(None, Text("a layer name"), "The layer used when no layer is given (the "
+                                       "registry's / trial.json's).", none=True, cli=False)
+    batch_size: int = option(16, Interval(int, 1), "Images per gradient batch.", cli=False)
+    scorecam_channels: int | None = option(None, Interval(int, 1), "Score-CAM: score only the N most active "
+                                           "channels (one forward pass each). [default: all]", none=True,
+                                           metavar="N")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
 class GradcamConfig:
     """Every option of ``transfer gradcam`` (the faithfulness options in ``faith``).
 
@@ -51,19 +70,13 @@ class GradcamConfig:
                                       "list) or all", read=read_methods), "gradcam, gradcam++, scorecam "
                                       "(comma-separated) or all; with several, the report leads with the one whose "
                                       "maps beat their control.", flag="--method", metavar="M[,M]")
-    layer: str | None = option(None, Text("a layer name"), "Target layer (any layer with a spatial output). "
-                               "[default: the trial's gradcam_layer, or the last layer with a map of at least 6x6 "
-                               "cells when that one is coarser]", none=True)
     class_: str | int | None = option(None, Check(_class_ok, "a class name or index"), "Class to explain (name or "
                                       "index). [default: the predicted class]", none=True, flag="--class",
                                       metavar="C")
     save_maps: bool = option(False, Flag(), "Also write each raw heatmap (input resolution) as <stem>.npy next to "
                              "its overlay.")
+    cam: CamOptions = group(CamOptions, "how the maps are computed")
     faith: FaithOptions = group(FaithOptions, "how faithfulness is measured")
-    scorecam_channels: int | None = option(None, Interval(int, 1), "Score-CAM: score only the N most active "
-                                           "channels (one forward pass each). [default: all]", none=True,
-                                           metavar="N")
-
     def __post_init__(self) -> None:
         validate(self)
 
@@ -73,4 +86,4 @@ def with_options(config: GradcamConfig | None, options: dict) -> GradcamConfig:
     return make(GradcamConfig, {**to_dict(config or GradcamConfig()), **options})
 
 
-__all__ = ["GradcamConfig", "METHODS", "ALIASES", "read_methods", "with_options"]
+__all__ = ["GradcamConfig", "CamOptions", "METHODS", "ALIASES", "read_methods", "with_options"]

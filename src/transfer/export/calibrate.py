@@ -32,13 +32,13 @@ from .. import calibration as cal
 from .._lazy import require
 from ..data.image import resize_image
 from ..errors import ExportError
+from ..options import replace
+from .export_config import BANK_ROWS, UnknownFitOptions  # noqa: F401  (BANK_ROWS re-exported)
 
 #: the unknown-input scores a bundle can carry (every one the runtime computes)
 SCORES = cal.SCORES
 #: k of the kNN score is chosen among these by the same rule as the default score
 KNN_KS = (1, 5, 10, 20, 50)
-#: at most this many training features form the kNN bank (a seeded random subset; stored float16)
-BANK_ROWS = 5000
 #: synthetic outlier images per kind
 OUTLIERS_PER_KIND = 100
 OUTLIER_KINDS = {
@@ -226,10 +226,9 @@ def _by_rule(candidates: dict) -> str:
 
 
 def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_features: np.ndarray,
-                val_probs: np.ndarray, num_classes: int, *, accept: float = 0.95,
+                val_probs: np.ndarray, num_classes: int, options: UnknownFitOptions | None = None, *,
                 head: tuple[np.ndarray, np.ndarray] | None = None,
-                outliers: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, default: str = "auto",
-                bank_rows: int = BANK_ROWS, seed: int = 0) -> tuple[dict, dict]:
+                outliers: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, **overlay) -> tuple[dict, dict]:
     """Fit the unknown-input scores of a bundle and choose its default.
 
     Parameters come from the training features (class means and shrunk covariance, the kNN
@@ -239,7 +238,10 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
     :func:`synthetic_outliers`), every score's AUROC of val against each kind and its false
     accepts at its threshold are measured; ``default="auto"`` then takes the score of
     :data:`DEFAULT_RULE` (and kNN's k among :data:`KNN_KS` by the same rule): the bundle
-    answers "unknown" at one threshold, so the rule judges each score there.
+    answers "unknown" at one threshold, so the rule judges each score there. ``accept``,
+    ``default``, ``bank_rows`` (the kNN bank's most rows) and ``seed`` are the fields of
+    ``options`` (:class:`~transfer.export.export_config.UnknownFitOptions`), ``overlay`` sets
+    them by name.
 
     Returns:
         ``(record, arrays)``: the manifest's ``unknown`` record and the arrays of
@@ -249,6 +251,8 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
         ExportError: no val images, a class without training images, ``default="auto"``
             without outliers, or a default that is not offered.
     """
+    o = replace(options or UnknownFitOptions(), **overlay)
+    accept, default, bank_rows, seed = o.accept, o.default, o.bank_rows, o.seed
     vf, vp = np.asarray(val_features), np.asarray(val_probs)
     if len(vf) == 0:
         raise ExportError("fitting unknown-input thresholds needs validation images")

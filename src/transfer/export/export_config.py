@@ -61,6 +61,25 @@ def _is_profile(text) -> bool:
         return False
 
 
+#: at most this many training features form the kNN bank (a seeded random subset; stored float16)
+BANK_ROWS = 5000
+
+
+@dataclass(frozen=True)
+class UnknownFitOptions:
+    """How a bundle's unknown-input scores are fitted (:func:`transfer.export.calibrate.fit_unknown`)."""
+
+    accept: float = option(0.95, Interval(float, 0, 1, closed="neither"),
+                           "Share of known (val) images each score's threshold accepts.")
+    default: str = option("auto", OneOf("auto", *SCORES), "The bundle's default score, or auto (chosen by the "
+                          "rule on synthetic outliers).")
+    bank_rows: int = option(BANK_ROWS, Interval(int, 1), "Most training images in the kNN bank.")
+    seed: int = option(0, Interval(int), "Seed of the bank's sample.")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Every option of ``transfer export``: the trial, what the bundle holds and its limits.
@@ -120,4 +139,4 @@ class ExportConfig:
         return kinds + ("fp16",) if self.trt == "fp16" and "fp16" not in kinds else kinds
 
 
-__all__ = ["ExportConfig", "BatchProfile", "parse_batch_profile", "PRECISIONS"]
+__all__ = ["ExportConfig", "UnknownFitOptions", "BANK_ROWS", "BatchProfile", "parse_batch_profile", "PRECISIONS"]
