@@ -1,4 +1,5 @@
-"""models: the backbone registry, the small CNNs, the contract classifier and freeze policies.
+"""models: the backbone registry, the small CNNs, the contract classifier, freeze policies, the
+split into a frozen prefix and the part that trains, and Keras -> ONNX (``onnx_convert``).
 
 Importing ``transfer.models`` does not import TensorFlow; the build / freeze functions
 import Keras when called.
