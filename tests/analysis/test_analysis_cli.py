@@ -60,7 +60,7 @@ def test_unknown_and_unfinished_trial(cmd, tiny_run, tmp_path):
 
 def test_bad_options(tiny_run):
     r = _invoke("heads", tiny_run, "--head", "rf,boost")
-    assert r.exit_code == 2 and "--head: invalid value 'boost'; accepted:" in r.output and "rf, svm, logreg, knn" in r.output
+    assert r.exit_code == 2 and "--head: invalid value 'rf,boost'; accepted:" in r.output and "rf, svm, logreg, knn" in r.output
     r = _invoke("heads", tiny_run, "--svm-c", "0")
     assert r.exit_code == 2 and "--svm-c: invalid value 0.0; accepted: a number > 0" in r.output
     r = _invoke("features", tiny_run, "--plot", "umap")
