@@ -20,9 +20,10 @@ then the last layer that has them (padding layers excluded), with a note.
 Faithfulness (:func:`transfer.maps.faithfulness`, numbers explained there): deletion and
 insertion areas (Petsiuk et al. 2018) and ROAD with imputed removal (Rong et al. 2022),
 each for the map and for a control with a map's smoothness but none of this image's
-information (another image's map from the same method). Per method: the mean of each
-number for the map and the control, the share of images where the map beats its control,
-a sign test, and the verdict; :func:`rank_methods` orders the methods by it, and the report
+information (the median over maps of images of another class, same method). Per method, over
+the measurable images (where the removal baseline alone at least halves the class
+probability): the mean of each number for the map and the control, the share of images where
+the map beats its control, a sign test, and the verdict; :func:`rank_methods` orders the methods by it, and the report
 leads with the one that beats its control.
 
 Example::
@@ -58,7 +59,9 @@ _ALIASES = {"gradcampp": "gradcam++", "grad-cam": "gradcam", "grad-cam++": "grad
 #: points of the deletion / insertion curves minus one (ROAD removes 1/steps .. (steps-1)/steps)
 DEFAULT_STEPS = 10
 #: control maps per image (the control's number is their median)
-DEFAULT_CONTROLS = 1
+DEFAULT_CONTROLS = cammaps.DEFAULT_CONTROLS
+#: where ``other`` controls come from: images of another explained class (default) or any other image
+CONTROL_CLASSES = ("other", "any")
 #: ROAD: ``auto`` runs it on inputs of at most ROAD_AUTO_PIXELS pixels (one sparse solve per step,
 #: ~2 s per solve at 224 x 224), ``on`` always, ``off`` never
 ROAD_CHOICES = ("auto", "on", "off")
@@ -432,6 +435,7 @@ class FaithOptions:
     controls: int = DEFAULT_CONTROLS
     road: str = "auto"
     seed: int = 0
+    control_class: str = "other"
 
     def checked(self) -> "FaithOptions":
         """The same options, validated (errors name the option)."""
@@ -439,7 +443,9 @@ class FaithOptions:
                             baseline=one_of(self.baseline, cammaps.BASELINES, "removal baseline", option="baseline"),
                             control=one_of(self.control, cammaps.CONTROLS, "control", option="control"),
                             controls=check_int(self.controls, "controls", option="controls"),
-                            road=one_of(self.road, ROAD_CHOICES, "ROAD setting", option="road"), seed=int(self.seed))
+                            road=one_of(self.road, ROAD_CHOICES, "ROAD setting", option="road"), seed=int(self.seed),
+                            control_class=one_of(self.control_class, CONTROL_CLASSES, "control class",
+                                                 option="control_class"))
 
 
 def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Sequence[int],
@@ -464,7 +470,8 @@ def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Seque
     pixels = int(x.shape[1] * x.shape[2]) if x.ndim == 4 else 0
     do_road = o.road == "on" or (o.road == "auto" and pixels <= ROAD_AUTO_PIXELS)
     res = cammaps.faithfulness(keras_predict(model), x, maps, classes, steps=o.steps, baseline=o.baseline,
-                               control=o.control, controls=o.controls, road=do_road, seed=o.seed)
+                               control=o.control, controls=o.controls, road=do_road, seed=o.seed,
+                               control_other_class=o.control_class == "other")
     summary = cammaps.summarize_faithfulness(res)
     summary["road"] = "on" if do_road else ("off" if o.road == "off" else
                                             f"off (auto: inputs over {ROAD_AUTO_PIXELS} pixels; --road on forces it)")
@@ -564,8 +571,9 @@ def _pct(v) -> str:
 
 
 #: what a cell of the faithfulness table says (printed with it)
-TABLE_LEGEND = ("each cell: the map's number / its control's, another image's map (share of images where the map "
-                "beats it); deletion AUC and ROAD MoRF: lower is better, insertion AUC and ROAD LeRF: higher")
+TABLE_LEGEND = ("each cell: the map's number / its control's, the median over maps of images of another class "
+                "(share of measurable images where the map beats it); deletion AUC and ROAD MoRF: lower is better, "
+                "insertion AUC and ROAD LeRF: higher")
 
 
 def faithfulness_rows(faith: dict) -> tuple[list[str], list[list[str]]]:
@@ -580,7 +588,8 @@ def faithfulness_rows(faith: dict) -> tuple[list[str], list[list[str]]]:
     for m in methods:
         r = cur[m]
         fl = r.get("flags", {})
-        row = [m, str(r.get("images", "-")), f"{fl.get('empty', 0)} / {fl.get('border', 0)}"]
+        n, k = r.get("images", "-"), r.get("measurable", r.get("images", "-"))
+        row = [m, str(n) if k == n else f"{k} of {n} measurable", f"{fl.get('empty', 0)} / {fl.get('border', 0)}"]
         for k, _ in _SHOWN:
             v = r["metrics"].get(k)
             row.append("-" if not v else f"{v['map']:.3f} / {v['control']:.3f} ({_pct(v['map_beats_control'])})")
@@ -609,7 +618,9 @@ def _shares(r: dict) -> str:
     m = r["metrics"]
     parts = [f"{name} in {_pct(m[k]['map_beats_control'])}" for k, name in (("deletion_auc", "deletion"),
                                                                              ("road_morf", "ROAD")) if k in m]
-    return " and on ".join(parts) + f" of the {r.get('images')} images"
+    n, k = r.get("images"), r.get("measurable", r.get("images"))
+    tail = f" of the {k} measurable images" if k != n else f" of the {n} images"
+    return " and on ".join(parts) + tail
 
 
 def verdict_lines(faith: dict) -> list[str]:
@@ -634,6 +645,12 @@ def verdict_lines(faith: dict) -> list[str]:
     else:
         out.append("No method's maps beat another image's map on this model: none of these maps shows what the "
                    "model uses (try another --layer, or more --samples if there are few images).")
+    r0 = cur[ranked[0]]
+    skipped = r0.get("images", 0) - r0.get("measurable", r0.get("images", 0))
+    if skipped:
+        out.append(f"{skipped} of {r0.get('images')} images are not measurable: the removal baseline alone keeps at "
+                   f"least half of their class probability, so no removal can show what the model needs there "
+                   "(listed in faithfulness.json, 'measurable' in maps.csv); the shares count the others.")
     for m in ranked:
         r = cur[m]
         if m not in good:
@@ -832,6 +849,7 @@ def explain_run(
     baseline: str = "median",
     control: str = "other",
     controls: int = DEFAULT_CONTROLS,
+    control_class: str = "other",
     road: str = "auto",
     seed: int = 0,
     scorecam_channels: int | None = None,
@@ -861,6 +879,8 @@ def explain_run(
         baseline: what removed pixels become in deletion / insertion (:data:`transfer.maps.BASELINES`).
         control: ``other`` (another image's map) or ``shifted`` (the map rolled by half the image).
         controls: control maps per image; the control's number is their median.
+        control_class: ``other``: controls are maps of images explained as another class (default);
+            ``any``: of any other image.
         road: ``auto``, ``on`` or ``off`` (:data:`ROAD_AUTO_PIXELS`).
         seed: sample choice, controls, tie breaking and ROAD noise.
         scorecam_channels: Score-CAM: score only this many channels (default all).
@@ -884,7 +904,7 @@ def explain_run(
     p = as_progress(progress)
     meths = parse_methods(methods)
     faith_opts = FaithOptions(steps=steps, baseline=baseline, control=control, controls=controls, road=road,
-                              seed=seed).checked()
+                              seed=seed, control_class=control_class).checked()
     run = RunFolder(run_dir)
     t = run.trial(trial)
     explained = _parse_class(class_, run.class_names)

@@ -41,8 +41,11 @@ def _progress(quiet: bool):
 @click.option("--control", type=click.Choice(["other", "shifted"]), default="other", show_default=True,
               help="Each map is tested against another image's map (other) or itself rolled by half the image "
                    "(shifted: rewards any map that lights the centre of centred images).")
-@click.option("--controls", type=int, default=1, show_default=True, metavar="K",
+@click.option("--controls", type=int, default=3, show_default=True, metavar="K",
               help="Control maps per image (other images' maps); the control's number is their median.")
+@click.option("--control-class", type=click.Choice(["other", "any"]), default="other", show_default=True,
+              help="Controls are maps of images explained as another class (other: on centred data a same-class "
+                   "image's map is nearly this one's) or of any other image.")
 @click.option("--road", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="ROAD (removal by imputation): auto = on for inputs up to 128x128 pixels (one sparse solve "
                    "per step and map, ~2 s at 224x224).")
@@ -52,7 +55,7 @@ def _progress(quiet: bool):
               help="Score-CAM: score only the N most active channels (one forward pass each). [default: all]")
 @quiet_option
 def gradcam(run, image_args, trial, images, samples, method, layer, class_, save_maps, steps, baseline, control,
-            controls, road, seed, scorecam_channels, quiet) -> None:
+            controls, control_class, road, seed, scorecam_channels, quiet) -> None:
     """Grad-CAM heatmaps of a trained trial, flagged and tested for faithfulness.
 
     Writes overlays, a captioned grid.png, maps.csv and faithfulness.json into
@@ -78,7 +81,8 @@ def gradcam(run, image_args, trial, images, samples, method, layer, class_, save
         with run_lock(run, "gradcam"):
             res = explain_run(run, trial=name, images=list(images) + list(image_args) or None, samples=samples,
                               methods=methods, layer=layer, class_=class_, save_maps=save_maps, steps=steps,
-                              baseline=baseline, control=control, controls=controls, road=road, seed=seed,
+                              baseline=baseline, control=control, controls=controls, control_class=control_class,
+                              road=road, seed=seed,
                               scorecam_channels=scorecam_channels, progress=progress)
         click.echo(f"\n{res.trial}: faithfulness of the maps ({len(res.images)} images, layer {res.layer}); "
                    f"{TABLE_LEGEND}")
