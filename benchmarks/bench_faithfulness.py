@@ -215,8 +215,8 @@ def main() -> None:
     def pct(v):
         return "-" if v is None else f"{100 * v:.0f} %"
 
-    print(f"\nshare of the measurable {a.split} images (the removal baseline alone at least halves the class "
-          f"probability) where the map beats its control (median of {a.controls} maps of images of "
+    print(f"\nshare of the measurable {a.split} images (the removal baseline alone takes away at least half "
+          f"of the class probability above chance) where the map beats its control (median of {a.controls} maps of images of "
           f"{'another' if a.control_class == 'other' else 'any other'} class); steps {a.steps}, baseline {a.baseline}, ROAD noise: the image's own noise level, >= 2.55")
     print(table(["model", "layer", "maps", "measurable", "deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF",
                  "beats its control", "pointing game", "empty / border", "faithfulness s/img"],

@@ -55,7 +55,8 @@ explained class's probability):
 
 "Beats its control" per image means a strictly better number than the control's; an empty
 map never beats it. Only *measurable* images count (:meth:`Faithfulness.measurable`): those where
-removing every pixel (the baseline image) at least halves the explained class's probability.
+removing every pixel (the baseline image) takes away at least half of the explained class's
+probability above chance (1 / classes).
 Where the baseline alone keeps the class -- a uniform image is a "square" to a shapes model,
 a black one a "7" to a digits model -- no order of removal can show a drop, and map and
 control win by chance; those images are counted and named, not scored. Per metric the summary
@@ -106,7 +107,7 @@ BASELINE_TEXT = {"median": "the image's median colour", "mean": "the image's mea
 CONTROLS = ("other", "shifted")
 #: control maps per image; the control's number is their median
 DEFAULT_CONTROLS = 3
-#: an image is measurable when the baseline image keeps less than this share of the class probability
+#: an image is measurable when the baseline image keeps less than this share of the class probability above chance
 MEASURABLE_DROP = 0.5
 #: a method beats its control when the one-sided sign tests of deletion and ROAD-MoRF are below this
 SIGN_TEST_ALPHA = 0.05
@@ -487,6 +488,7 @@ class Faithfulness:
         road_morf, road_lerf: ``(N, 1 + controls, steps - 1)`` (NaN without ROAD).
         base: ``(N,)`` probability on the unchanged image.
         blank: ``(N,)`` probability on the baseline image (every pixel removed).
+        chance: 1 / the model's number of classes.
         flags: one flag per map (:func:`map_flags`).
         control_source: ``(N, controls)`` the images whose maps are the controls (-1: shifted map).
         baseline, control: what removed pixels became and what the controls are.
@@ -505,11 +507,12 @@ class Faithfulness:
     baseline: str
     control: str
     other_class: bool = True
+    chance: float = 0.0
 
     def measurable(self) -> np.ndarray:
-        """``(N,) bool``: removing every pixel (the baseline image) leaves less than
-        :data:`MEASURABLE_DROP` of the class probability, so removal can show what the model needs."""
-        return self.blank < MEASURABLE_DROP * self.base
+        """``(N,) bool``: the baseline image (every pixel removed) keeps less than :data:`MEASURABLE_DROP`
+        of the class probability above chance, so removal can show what the model needs."""
+        return (self.blank - self.chance) < MEASURABLE_DROP * (self.base - self.chance)
 
     def scores(self) -> dict[str, np.ndarray]:
         """``{metric: (N, 2)}``: the map's number and its control's (the median over the controls):
@@ -542,11 +545,13 @@ def _check_inputs(images, maps, classes) -> tuple[np.ndarray, np.ndarray, np.nda
     return x, m, cls
 
 
-def _predict_class(predict: Predict, x: np.ndarray, cls: np.ndarray) -> np.ndarray:
+def _predict_class(predict: Predict, x: np.ndarray, cls: np.ndarray, *, classes: bool = False):
+    """The probability of each image's class (and, with ``classes``, the model's number of classes)."""
     p = np.asarray(predict(x), dtype=np.float64)
     if p.ndim != 2 or len(p) != len(x):
         raise ValueError(f"predict returned shape {p.shape} for {len(x)} images; expected (N, classes)")
-    return p[np.arange(len(x)), cls]
+    out = p[np.arange(len(x)), cls]
+    return (out, p.shape[1]) if classes else out
 
 
 def faithfulness(
@@ -616,7 +621,7 @@ def faithfulness(
     subs_img = substrate(x, baseline)
     subs = subs_img.reshape(n, hw, C)
     sigma = np.maximum(noise_level(x), ROAD_NOISE) if road_noise == "auto" else np.full(n, float(road_noise))
-    base = _predict_class(predict, x, cls) if n else np.zeros(0)
+    base, n_classes = _predict_class(predict, x, cls, classes=True) if n else (np.zeros(0), 0)
     blank = _predict_class(predict, subs_img, cls) if n else np.zeros(0)
     k = len(inner)
     deletion = np.empty((n, c1, steps + 1))
@@ -658,7 +663,8 @@ def faithfulness(
                 arr[i, j, 1:-1] = row
     return Faithfulness(fractions=fr, road_fractions=fr[1:-1], deletion=deletion, insertion=insertion,
                         road_morf=morf, road_lerf=lerf, base=base, blank=blank, flags=flags, control_source=source,
-                        baseline=baseline, control=control, other_class=bool(control_other_class))
+                        baseline=baseline, control=control, other_class=bool(control_other_class),
+                        chance=1.0 / n_classes if n_classes else 0.0)
 
 
 def sign_test(wins: int, n: int) -> float:

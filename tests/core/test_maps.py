@@ -3,6 +3,7 @@ faithfulness (deletion, insertion, ROAD against another image's map), with a num
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -260,7 +261,10 @@ def test_images_the_baseline_keeps_are_not_measured():
     cls[[3, 7, 11]] = 1  # "no bright square": the flat baseline image is exactly that class
     res = faithfulness(predict, x, _blobs(pos + 3.5), cls, steps=4, baseline="mean", road=False)
     ok = res.measurable()
-    assert ok.sum() == n - 3 and not ok[[3, 7, 11]].any()
+    assert ok.sum() == n - 3 and not ok[[3, 7, 11]].any() and res.chance == 0.5
+    # probability above chance is the evidence: a baseline at 50 / 50 on two classes has removed all of it
+    assert dataclasses.replace(res, base=np.full(n, 0.99), blank=np.full(n, 0.5)).measurable().all()
+    assert not dataclasses.replace(res, base=np.full(n, 0.99), blank=np.full(n, 0.75)).measurable().any()
     s = summarize_faithfulness(res)
     assert s["images"] == n and s["measurable"] == n - 3 and s["not_measurable"] == [3, 7, 11]
     assert s["metrics"]["deletion_auc"]["map_beats_control"] == 1.0

@@ -21,8 +21,8 @@ Faithfulness (:func:`transfer.maps.faithfulness`, numbers explained there): dele
 insertion areas (Petsiuk et al. 2018) and ROAD with imputed removal (Rong et al. 2022),
 each for the map and for a control with a map's smoothness but none of this image's
 information (the median over maps of images of another class, same method). Per method, over
-the measurable images (where the removal baseline alone at least halves the class
-probability): the mean of each number for the map and the control, the share of images where
+the measurable images (where the removal baseline alone takes away at least half of the
+class probability above chance): the mean of each number for the map and the control, the share of images where
 the map beats its control, a sign test, and the verdict; :func:`rank_methods` orders the methods by it, and the report
 leads with the one that beats its control.
 
@@ -649,7 +649,8 @@ def verdict_lines(faith: dict) -> list[str]:
     skipped = r0.get("images", 0) - r0.get("measurable", r0.get("images", 0))
     if skipped:
         out.append(f"{skipped} of {r0.get('images')} images are not measurable: the removal baseline alone keeps at "
-                   f"least half of their class probability, so no removal can show what the model needs there "
+                   f"least half of their class probability above chance, so no removal can show what the model "
+                   "needs there "
                    "(listed in faithfulness.json, 'measurable' in maps.csv); the shares count the others.")
     for m in ranked:
         r = cur[m]
