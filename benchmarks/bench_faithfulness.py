@@ -141,7 +141,9 @@ def measure(name: str, run_dir: Path, trial_name: str, a) -> list[dict]:
     acc = trial.metrics["test"]["accuracy"]
     print(f"\n{name}: {trial_name} (test accuracy {acc:.3f}), layer {layer}, {len(x)} {a.split} images", flush=True)
     rows, summaries = [], {}
-    cls = None
+    from transfer.analysis.gradcam import keras_predict
+
+    cls = keras_predict(model)(x).argmax(axis=1)  # the explained (predicted) class, also without a CAM method
     for meth in [m for m in REAL + FAKE + (ORACLE,) if m in a.maps]:
         t0 = time.perf_counter()
         if meth in REAL:
