@@ -141,8 +141,10 @@ def measure(name: str, run_dir: Path, trial_name: str, a) -> list[dict]:
     acc = trial.metrics["test"]["accuracy"]
     print(f"\n{name}: {trial_name} (test accuracy {acc:.3f}), layer {layer}, {len(x)} {a.split} images", flush=True)
     rows, summaries = [], {}
-    cls = None
-    for meth in REAL + FAKE + (ORACLE,):
+    from transfer.analysis.gradcam import keras_predict
+
+    cls = keras_predict(model)(x).argmax(axis=1)  # the explained (predicted) class, also without a CAM method
+    for meth in [m for m in REAL + FAKE + (ORACLE,) if m in a.maps]:
         t0 = time.perf_counter()
         if meth in REAL:
             maps, probs, cls = compute_maps(model, x, method=meth, layer=layer,
@@ -153,21 +155,24 @@ def measure(name: str, run_dir: Path, trial_name: str, a) -> list[dict]:
             maps = blobs(len(x), x.shape[1], seed=a.seed, centre=meth == "centre blob")
         t1 = time.perf_counter()
         s, _ = map_faithfulness(model, x, maps, cls, FaithOptions(steps=a.steps, baseline=a.baseline,
-                                                                  controls=a.controls, road="on", seed=a.seed))
+                                                                  controls=a.controls, road="on", seed=a.seed,
+                                                                  control_class=a.control_class))
         t2 = time.perf_counter()
         flags = map_flags(maps)
         summaries[meth] = s
         m = s["metrics"]
         rows.append({"model": name, "trial": trial_name, "layer": layer, "maps": meth, "images": len(x),
+                     "measurable": s["measurable"],
                      **{k: m[k]["map_beats_control"] for k in m},
                      **{f"{k}_map": m[k]["map"] for k in m}, **{f"{k}_control": m[k]["control"] for k in m},
                      "beats_control": s["beats_control"],
                      "pointing": float(pointing_hits(maps, boxes).mean()) if boxes is not None else None,
                      "empty": flags.count("empty"), "border": flags.count("border"),
                      "map_s_per_img": (t1 - t0) / len(x), "faith_s_per_img": (t2 - t1) / len(x)})
-        print(f"  {meth:12s} deletion {m['deletion_auc']['map_beats_control']:.2f}  ROAD {m['road_morf']['map_beats_control']:.2f}"
-              f"  ({t2 - t0:.0f} s)", flush=True)
-    lead = rank_methods({k: v for k, v in summaries.items() if k in REAL})[0]
+        print(f"  {meth:12s} " + "  ".join(f"{k} {v['map_beats_control']:.2f}" for k, v in m.items())
+              + f"  measurable {s['measurable']} of {len(x)}, empty {flags.count('empty')}  ({t2 - t0:.0f} s)", flush=True)
+    ranked = rank_methods({k: v for k, v in summaries.items() if k in REAL})
+    lead = ranked[0] if ranked else None
     for r in rows:
         r["lead"] = r["maps"] == lead
     return rows
@@ -178,7 +183,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--baseline", default="median")
-    ap.add_argument("--controls", type=int, default=1)
+    ap.add_argument("--controls", type=int, default=None, help="default: transfer gradcam's")
+    ap.add_argument("--control-class", default="other", choices=("other", "any"))
     ap.add_argument("--split", default="test")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scorecam-channels", type=int, default=64)
@@ -187,43 +193,65 @@ def main() -> None:
     ap.add_argument("--digits-run", type=Path, default=None, help="reuse a digits run with arc2-t100, mobilenet_v2-t100")
     ap.add_argument("--only", default="shapes,digits-arc2,digits-mobilenet_v2")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument("--maps", default=",".join(REAL + FAKE + ("reference",)),
+                    help="comma list of the maps to measure (the lead is chosen among the CAM methods measured)")
     a = ap.parse_args()
+    if a.controls is None:
+        from transfer.analysis.gradcam import DEFAULT_CONTROLS
+
+        a.controls = DEFAULT_CONTROLS
     a.work.mkdir(parents=True, exist_ok=True)
     only = a.only.split(",")
+    a.maps = [ORACLE if m == "reference" else m for m in a.maps.split(",")]
     rows = []
+
+    def add(new):  # rows so far are written after each model (a long run keeps what it measured)
+        rows.extend(new)
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1))
+
     if "shapes" in only:
-        rows += measure("shapes", a.shapes_run or shapes_run(a.work), "mobilenet_v2-t100", a)
+        add(measure("shapes", a.shapes_run or shapes_run(a.work), "mobilenet_v2-t100", a))
     if any(o.startswith("digits") for o in only):
         run = a.digits_run or digits_run(a.work)
         for bb in ("arc2", "mobilenet_v2"):
             if f"digits-{bb}" in only:
-                rows += measure(f"digits {bb}", run, f"{bb}-t100", a)
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+                add(measure(f"digits {bb}", run, f"{bb}-t100", a))
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.0f} %"
 
-    print(f"\nshare of {a.split} images where the map beats its control (another image's map, median of "
-          f"{a.controls}); steps {a.steps}, baseline {a.baseline}, ROAD noise: the image's own noise level, >= 2.55")
-    print(table(["model", "layer", "maps", "deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF",
+    print(f"\nshare of the measurable {a.split} images (the removal baseline alone takes away at least half "
+          f"of the class probability above chance) where the map beats its control (median of {a.controls} maps of images of "
+          f"{'another' if a.control_class == 'other' else 'any other'} class); steps {a.steps}, baseline {a.baseline}, ROAD noise: the image's own noise level, >= 2.55")
+    print(table(["model", "layer", "maps", "measurable", "deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF",
                  "beats its control", "pointing game", "empty / border", "faithfulness s/img"],
-                [[r["model"], r["layer"], r["maps"] + (" (leads)" if r["lead"] else ""), pct(r["deletion_auc"]),
+                [[r["model"], r["layer"], r["maps"] + (" (leads)" if r["lead"] else ""),
+                  f"{r['measurable']} of {r['images']}", pct(r["deletion_auc"]),
                   pct(r["insertion_auc"]), pct(r["road_morf"]), pct(r["road_lerf"]),
                   "yes" if r["beats_control"] else "no", pct(r["pointing"]), f"{r['empty']} / {r['border']}",
                   f"{r['faith_s_per_img']:.2f}"] for r in rows]))
     print()
     bars = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        lead = next(r for r in rows if r["model"] == model and r["lead"])
-        ok = lead["deletion_auc"] >= 0.8 and lead["road_morf"] >= 0.8
-        bars.append([model, f"{lead['maps']} maps beat their control >= 80 % (deletion, ROAD)",
-                     f"{pct(lead['deletion_auc'])}, {pct(lead['road_morf'])}", "met" if ok else "NOT MET"])
+        lead = next((r for r in rows if r["model"] == model and r["lead"]), None)
+        if lead is not None:
+            ok = lead["deletion_auc"] >= 0.8 and lead["road_morf"] >= 0.8
+            bars.append([model, f"{lead['maps']} maps beat their control >= 80 % (deletion, ROAD)",
+                         f"{pct(lead['deletion_auc'])}, {pct(lead['road_morf'])}", "met" if ok else "NOT MET"])
         for fake in FAKE:
-            r = next(r for r in rows if r["model"] == model and r["maps"] == fake)
+            r = next((r for r in rows if r["model"] == model and r["maps"] == fake), None)
+            if r is None:
+                continue
             ok = r["deletion_auc"] <= 0.6 and r["road_morf"] <= 0.6
             bars.append([model, f"{fake} does not (<= 60 %)", f"{pct(r['deletion_auc'])}, {pct(r['road_morf'])}",
                          "met" if ok else "NOT MET"])
+        r = next((r for r in rows if r["model"] == model and r["maps"] == ORACLE), None)
+        if r is None:
+            continue
+        bars.append([model, "(sanity) the reference map reaches >= 80 %",
+                     f"{pct(r['deletion_auc'])}, {pct(r['road_morf'])}",
+                     "yes" if r["deletion_auc"] >= 0.8 and r["road_morf"] >= 0.8 else "no: the measurement cannot tell"])
     print(table(["model", "bar", "measured (deletion, ROAD)", ""], bars))
 
 

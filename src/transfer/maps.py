@@ -24,9 +24,14 @@ overlays mark it (:func:`mark_flag`) and reports say so.
 Faithfulness
 ------------
 :func:`faithfulness` asks whether the model's output depends on the pixels a map ranks
-first, against a *control*: for each image, another image's map from the same method
-(:func:`control_maps`: a derangement of the non-empty maps), which has a real map's
-smoothness, size and overall position but none of this image's evidence. With ``shifted``
+first, against a *control*: for each image, other images' maps from the same method
+(:func:`control_maps`), which have a real map's smoothness, size and overall position but
+none of this image's evidence. By default the controls are maps of images the model puts in
+*another class*: on centred data (digits) an image of the same class has nearly the same map,
+so a same-class control carries the very evidence being tested and the comparison is a coin
+flip even for a map that knows where the object is. The control's number is the median over
+:data:`DEFAULT_CONTROLS` controls: the test asks "better than a typical uninformative map",
+not "better than one random draw" (an uninformative map still wins on half the images). With ``shifted``
 controls the map rolled by half the image is used instead; it rewards any map that simply
 lights the centre (a fixed centre blob beats its rolled copy on centred data), so it is not
 the default. The numbers, per image, for the map and for its control (``p`` is the
@@ -49,9 +54,15 @@ explained class's probability):
 * ``road_lerf``: the same, least relevant first. **Higher is better.**
 
 "Beats its control" per image means a strictly better number than the control's; an empty
-map never beats it. Per metric the summary gives the mean over images for the map and the
-control, the share of images where the map beats its control, and a one-sided sign test
-(the chance of that many wins or more if map and control were exchangeable). A method's
+map never beats it. Only *measurable* images count (:meth:`Faithfulness.measurable`): those where
+removing every pixel (the baseline image) takes away at least half of the explained class's
+probability above chance (1 / classes).
+Where the baseline alone keeps the class -- a uniform image is a "square" to a shapes model,
+a black one a "7" to a digits model -- no order of removal can show a drop, and map and
+control win by chance; those images are counted and named, not scored. Per metric the summary
+gives the mean over measurable images for the map and the control, the share of them where
+the map beats its control, and a one-sided sign test (the chance of that many wins or more if
+map and control were exchangeable). A method's
 ``min_share_deletion_road`` is the smaller of its deletion and ROAD-MoRF shares; it *beats its
 control* when both sign tests give p < :data:`SIGN_TEST_ALPHA`.
 
@@ -75,7 +86,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .maps_config import BASELINES, CONTROLS, FaithOptions
+from .maps_config import BASELINES, CONTROLS, DEFAULT_CONTROLS, FaithOptions
 from .options import replace
 
 #: a CAM whose positive peak is at most this share of its largest magnitude is empty
@@ -92,6 +103,8 @@ ROAD_NOISE = 2.55
 #: the baselines in words
 BASELINE_TEXT = {"median": "the image's median colour", "mean": "the image's mean colour", "zero": "black",
                  "blur": "the image blurred"}
+#: an image is measurable when the baseline image keeps less than this share of the class probability above chance
+MEASURABLE_DROP = 0.5
 #: a method beats its control when the one-sided sign tests of deletion and ROAD-MoRF are below this
 SIGN_TEST_ALPHA = 0.05
 #: the metrics, and whether lower is better
@@ -470,6 +483,8 @@ class Faithfulness:
         deletion, insertion: ``(N, 1 + controls, steps + 1)`` probability of the explained class.
         road_morf, road_lerf: ``(N, 1 + controls, steps - 1)`` (NaN without ROAD).
         base: ``(N,)`` probability on the unchanged image.
+        blank: ``(N,)`` probability on the baseline image (every pixel removed).
+        chance: 1 / the model's number of classes.
         flags: one flag per map (:func:`map_flags`).
         control_source: ``(N, controls)`` the images whose maps are the controls (-1: shifted map).
         baseline, control: what removed pixels became and what the controls are.
@@ -482,10 +497,18 @@ class Faithfulness:
     road_morf: np.ndarray
     road_lerf: np.ndarray
     base: np.ndarray
+    blank: np.ndarray
     flags: list
     control_source: np.ndarray
     baseline: str
     control: str
+    other_class: bool = True
+    chance: float = 0.0
+
+    def measurable(self) -> np.ndarray:
+        """``(N,) bool``: the baseline image (every pixel removed) keeps less than :data:`MEASURABLE_DROP`
+        of the class probability above chance, so removal can show what the model needs."""
+        return (self.blank - self.chance) < MEASURABLE_DROP * (self.base - self.chance)
 
     def scores(self) -> dict[str, np.ndarray]:
         """``{metric: (N, 2)}``: the map's number and its control's (the median over the controls):
@@ -498,7 +521,8 @@ class Faithfulness:
         return {k: np.stack([v[:, 0], np.median(v[:, 1:], axis=1)], axis=1) for k, v in raw.items()}
 
     def beats(self) -> dict[str, np.ndarray]:
-        """``{metric: (N,) bool}``: the map strictly better than its control (never for an empty map)."""
+        """``{metric: (N,) bool}``: the map strictly better than its control (never for an empty map;
+        every image, measurable or not -- :meth:`measurable` says which count)."""
         empty = np.array([f == "empty" for f in self.flags], bool)
         out = {}
         for k, s in self.scores().items():
@@ -517,11 +541,13 @@ def _check_inputs(images, maps, classes) -> tuple[np.ndarray, np.ndarray, np.nda
     return x, m, cls
 
 
-def _predict_class(predict: Predict, x: np.ndarray, cls: np.ndarray) -> np.ndarray:
+def _predict_class(predict: Predict, x: np.ndarray, cls: np.ndarray, *, classes: bool = False):
+    """The probability of each image's class (and, with ``classes``, the model's number of classes)."""
     p = np.asarray(predict(x), dtype=np.float64)
     if p.ndim != 2 or len(p) != len(x):
         raise ValueError(f"predict returned shape {p.shape} for {len(x)} images; expected (N, classes)")
-    return p[np.arange(len(x)), cls]
+    out = p[np.arange(len(x)), cls]
+    return (out, p.shape[1]) if classes else out
 
 
 def faithfulness(
@@ -579,7 +605,7 @@ def faithfulness(
     subs_img = substrate(x, baseline)
     subs = subs_img.reshape(n, hw, C)
     sigma = np.maximum(noise_level(x), ROAD_NOISE) if o.road_noise == "auto" else np.full(n, float(o.road_noise))
-    base = _predict_class(predict, x, cls) if n else np.zeros(0)
+    base, n_classes = _predict_class(predict, x, cls, classes=True) if n else (np.zeros(0), 0)
     blank = _predict_class(predict, subs_img, cls) if n else np.zeros(0)
     k = len(inner)
     deletion = np.empty((n, c1, steps + 1))
@@ -620,8 +646,9 @@ def faithfulness(
             else:
                 arr[i, j, 1:-1] = row
     return Faithfulness(fractions=fr, road_fractions=fr[1:-1], deletion=deletion, insertion=insertion,
-                        road_morf=morf, road_lerf=lerf, base=base, flags=flags, control_source=source,
-                        baseline=baseline, control=control)
+                        road_morf=morf, road_lerf=lerf, base=base, blank=blank, flags=flags, control_source=source,
+                        baseline=baseline, control=control, other_class=bool(o.control_other_class),
+                        chance=1.0 / n_classes if n_classes else 0.0)
 
 
 def sign_test(wins: int, n: int) -> float:
@@ -632,25 +659,28 @@ def sign_test(wins: int, n: int) -> float:
 
 
 def summarize_faithfulness(res: Faithfulness) -> dict:
-    """The JSON summary of :func:`faithfulness`: per metric the mean for the map and the control,
-    the share of images where the map beats its control and the sign test; the flags; the
-    mean curves; the verdict.
+    """The JSON summary of :func:`faithfulness`: per metric the mean over the measurable images for
+    the map and the control, the share of them where the map beats its control and the sign test;
+    the flags; the mean curves (all images); the verdict.
 
     Returns:
-        ``{"images", "steps", "baseline", "control", "base_probability", "flags": {"empty": k,
-        "border": k, "per_image": [...]}, "metrics": {name: {"better", "map", "control",
-        "map_beats_control", "sign_test_p"}}, "min_share_deletion_road", "beats_control", "curves": {...}}``.
+        ``{"images", "measurable", "not_measurable": [indices], "steps", "baseline", "control",
+        "controls", "control_class", "base_probability", "flags": {"empty": k, "border": k,
+        "per_image": [...]}, "metrics": {name: {"better", "map", "control", "map_beats_control",
+        "sign_test_p"}}, "min_share_deletion_road", "beats_control", "curves": {...}}``.
     """
     n = len(res.base)
     scores, beats = res.scores(), res.beats()
+    ok = res.measurable() if n else np.zeros(0, bool)
+    k = int(ok.sum())
     metrics = {}
     for name, better in METRICS.items():
-        s = scores[name]
-        if np.isnan(s).all() or n == 0:
+        s = scores[name][ok]
+        if k == 0 or np.isnan(s).all():
             continue
-        wins = int(beats[name].sum())
+        wins = int(beats[name][ok].sum())
         metrics[name] = {"better": better, "map": float(s[:, 0].mean()), "control": float(s[:, 1].mean()),
-                         "map_beats_control": wins / n, "sign_test_p": sign_test(wins, n)}
+                         "map_beats_control": wins / k, "sign_test_p": sign_test(wins, k)}
     keys = [k for k in ("deletion_auc", "road_morf") if k in metrics]
     share = min(metrics[k]["map_beats_control"] for k in keys) if keys else None
     verdict = bool(keys) and all(metrics[k]["sign_test_p"] < SIGN_TEST_ALPHA for k in keys)
@@ -665,8 +695,9 @@ def summarize_faithfulness(res: Faithfulness) -> dict:
         curves.update({"road_fractions": [float(f) for f in res.road_fractions],
                        "road_morf": mean_curve(res.road_morf), "road_lerf": mean_curve(res.road_lerf)})
     return {
-        "images": int(n), "steps": len(res.fractions) - 1, "baseline": res.baseline, "control": res.control,
-        "controls": int(res.deletion.shape[1] - 1),
+        "images": int(n), "measurable": k, "not_measurable": [int(i) for i in np.flatnonzero(~ok)],
+        "steps": len(res.fractions) - 1, "baseline": res.baseline, "control": res.control,
+        "controls": int(res.deletion.shape[1] - 1), "control_class": "other" if res.other_class else "any",
         "base_probability": float(res.base.mean()) if n else None,
         "flags": {"empty": sum(f == "empty" for f in res.flags), "border": sum(f == "border" for f in res.flags),
                   "per_image": list(res.flags)},
@@ -679,18 +710,20 @@ def per_image_rows(res: Faithfulness) -> tuple[list[str], list[list]]:
     scores, beats = res.scores(), res.beats()
     names = [k for k in METRICS if not np.isnan(scores[k]).all()]
     header = ["index", "flag", "probability", "controls_of_images"] + [
-        f"{k}_{w}" for k in names for w in ("map", "control", "map_beats_control")]
+        f"{k}_{w}" for k in names for w in ("map", "control", "map_beats_control")] + ["baseline_probability",
+                                                                                          "measurable"]
+    ok = res.measurable()
     rows = []
     for i in range(len(res.base)):
         row = [i, res.flags[i], round(float(res.base[i]), 6), ";".join(str(int(v)) for v in res.control_source[i])]
         for k in names:
             row += [round(float(scores[k][i, 0]), 6), round(float(scores[k][i, 1]), 6), int(beats[k][i])]
-        rows.append(row)
+        rows.append(row + [round(float(res.blank[i]), 6), int(ok[i])])
     return header, rows
 
 
 __all__ = [
-    "Geometry", "even_geometry", "BASELINES", "CONTROLS", "EMPTY_EPS", "FLAGS", "FLAG_TEXT", "METRICS", "Faithfulness", "border_ring",
+    "Geometry", "even_geometry", "BASELINES", "CONTROLS", "DEFAULT_CONTROLS", "MEASURABLE_DROP", "EMPTY_EPS", "FLAGS", "FLAG_TEXT", "METRICS", "Faithfulness", "border_ring",
     "border_share", "control_maps", "faithfulness", "impute_linear", "jet", "map_flags", "mark_flag", "overlay",
     "per_image_rows", "pointing_hits", "sign_test", "summarize_faithfulness", "to_input_maps", "upsample",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .options import Check, Flag, Interval, OneOf, option, validate
+from .options import Check, Interval, OneOf, option, validate
 
 #: fill values of removed pixels in the deletion / insertion curves
 BASELINES = ("median", "mean", "zero", "blur")
@@ -15,7 +15,9 @@ CONTROLS = ("other", "shifted")
 #: points of the deletion / insertion curves minus one (ROAD removes 1/steps .. (steps-1)/steps)
 DEFAULT_STEPS = 10
 #: control maps per image (the control's number is their median)
-DEFAULT_CONTROLS = 1
+DEFAULT_CONTROLS = 3
+#: where ``other`` controls come from: images explained as another class (default) or any other image
+CONTROL_CLASSES = ("other", "any")
 #: ROAD: ``auto`` runs it on inputs of at most ROAD_AUTO_PIXELS pixels (one sparse solve per step,
 #: ~2 s per solve at 224 x 224), ``on`` always, ``off`` never
 ROAD_CHOICES = ("auto", "on", "off")
@@ -51,7 +53,9 @@ class FaithOptions:
                           "centred images).")
     controls: int = option(DEFAULT_CONTROLS, Interval(int, 1), "Control maps per image (other images' maps); the "
                            "control's number is their median.", metavar="K")
-    control_other_class: bool = option(False, Flag(), "Controls come from images of another class.", cli=False)
+    control_class: str = option("other", OneOf(*CONTROL_CLASSES), "Controls are maps of images explained as another "
+                                "class (other: on centred data a same-class image's map is nearly this one's) or of "
+                                "any other image.")
     road: str = option("auto", Check(lambda v: v in ROAD_CHOICES, "auto, on or off", read=_road), "ROAD (removal by imputation): auto = on for inputs up to "
                        "128x128 pixels (one sparse solve per step and map, ~2 s at 224x224).",
                        metavar="auto|on|off")
@@ -66,10 +70,15 @@ class FaithOptions:
         """The options (validated when made)."""
         return self
 
+    @property
+    def control_other_class(self) -> bool:
+        """Whether ``other`` controls are drawn from images of another class."""
+        return self.control_class == "other"
+
     def road_runs(self, pixels: int) -> bool:
         """Whether ROAD is computed for inputs of ``pixels`` pixels."""
         return self.road == "on" or (self.road == "auto" and pixels <= ROAD_AUTO_PIXELS)
 
 
-__all__ = ["FaithOptions", "BASELINES", "CONTROLS", "DEFAULT_STEPS", "DEFAULT_CONTROLS", "ROAD_CHOICES",
+__all__ = ["FaithOptions", "BASELINES", "CONTROLS", "CONTROL_CLASSES", "DEFAULT_STEPS", "DEFAULT_CONTROLS", "ROAD_CHOICES",
            "ROAD_AUTO_PIXELS"]

@@ -307,6 +307,15 @@ def test_cli_errors(run_copy, tmp_path):
         explain_run(tmp_path / "nope")
 
 
+def test_faith_options_default_to_three_other_class_controls():
+    o = FaithOptions().checked()
+    assert o.controls == 3 and o.control_class == "other"
+    with pytest.raises(ConfigError, match="control_class"):
+        FaithOptions(control_class="same").checked()
+    r = CliRunner().invoke(cli, ["gradcam", "nowhere", "--control-class", "same"])
+    assert r.exit_code == 2 and "same" in r.output
+
+
 @pytest.mark.slow
 def test_faithfulness_on_a_digits_model(tmp_path):
     """The demo's data (scikit-learn's real digits), arc2 at 32 px: the method the verdict leads with

@@ -3,6 +3,7 @@ faithfulness (deletion, insertion, ROAD against another image's map), with a num
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from transfer.errors import ConfigError
 from transfer.maps import (
-    Faithfulness, border_ring, control_maps, even_geometry, faithfulness, impute_linear, jet, map_flags, mark_flag, noise_level,
+    DEFAULT_CONTROLS, Faithfulness, border_ring, control_maps, even_geometry, faithfulness, impute_linear, jet, map_flags, mark_flag, noise_level,
     overlay, per_image_rows, pointing_hits, sign_test, substrate, summarize_faithfulness, to_input_maps, upsample,
 )
 
@@ -200,7 +201,8 @@ def test_faithful_maps_beat_their_control_and_blobs_do_not():
     out = {}
     for name, maps in cases.items():
         res = faithfulness(predict, x, maps, cls, steps=8, baseline="mean", seed=0)
-        assert isinstance(res, Faithfulness) and res.deletion.shape == (n, 2, 9) and res.road_morf.shape == (n, 2, 7)
+        assert isinstance(res, Faithfulness) and res.deletion.shape == (n, 1 + DEFAULT_CONTROLS, 9)
+        assert res.road_morf.shape == (n, 1 + DEFAULT_CONTROLS, 7)
         out[name] = summarize_faithfulness(res)
         print(name, {k: round(v["map_beats_control"], 2) for k, v in out[name]["metrics"].items()})
     true = out["true"]
@@ -236,6 +238,42 @@ def test_several_controls_take_their_median():
     assert 0.2 <= s_blob["metrics"]["deletion_auc"]["map_beats_control"] <= 0.8
     with pytest.raises(ConfigError, match="invalid controls: 0"):
         faithfulness(predict, x, _blobs(pos), np.zeros(n, int), controls=0)
+
+
+def test_controls_come_from_images_of_another_class():
+    """On centred data a same-class image's map is nearly this one's: controls are drawn from other classes."""
+    n = 20
+    x, pos, predict = _square_world(n, seed=4)
+    cls = np.arange(n) % 2
+    res = faithfulness(predict, x, _blobs(pos + 3.5), cls, steps=4, road=False)
+    assert res.control_source.shape == (n, DEFAULT_CONTROLS) and res.other_class
+    assert (cls[res.control_source] != cls[:, None]).all()
+    anyc = faithfulness(predict, x, _blobs(pos + 3.5), cls, steps=4, road=False, control_class="any")
+    assert (cls[anyc.control_source] == cls[:, None]).any() and summarize_faithfulness(anyc)["control_class"] == "any"
+
+
+def test_images_the_baseline_keeps_are_not_measured():
+    """Where the removal baseline alone keeps the class, no removal order can show a drop: such images are
+    listed and left out of the shares (a true map that wins everywhere else keeps its 100 %)."""
+    n = 24
+    x, pos, predict = _square_world(n, seed=6)
+    cls = np.zeros(n, int)
+    cls[[3, 7, 11]] = 1  # "no bright square": the flat baseline image is exactly that class
+    res = faithfulness(predict, x, _blobs(pos + 3.5), cls, steps=4, baseline="mean", road=False)
+    ok = res.measurable()
+    assert ok.sum() == n - 3 and not ok[[3, 7, 11]].any() and res.chance == 0.5
+    # probability above chance is the evidence: a baseline at 50 / 50 on two classes has removed all of it
+    assert dataclasses.replace(res, base=np.full(n, 0.99), blank=np.full(n, 0.5)).measurable().all()
+    assert not dataclasses.replace(res, base=np.full(n, 0.99), blank=np.full(n, 0.75)).measurable().any()
+    s = summarize_faithfulness(res)
+    assert s["images"] == n and s["measurable"] == n - 3 and s["not_measurable"] == [3, 7, 11]
+    assert s["metrics"]["deletion_auc"]["map_beats_control"] == 1.0
+    assert s["metrics"]["deletion_auc"]["sign_test_p"] == pytest.approx(2.0 ** -(n - 3))
+    header, rows = per_image_rows(res)
+    assert header[-2:] == ["baseline_probability", "measurable"] and [r[-1] for r in rows] == ok.astype(int).tolist()
+    # nothing measurable: no shares, no verdict
+    none = summarize_faithfulness(faithfulness(predict, x, _blobs(pos + 3.5), np.ones(n, int), steps=4, road=False))
+    assert none["measurable"] == 0 and none["metrics"] == {} and not none["beats_control"]
 
 
 def test_empty_maps_never_beat_and_rows_per_image():

@@ -20,9 +20,10 @@ then the last layer that has them (padding layers excluded), with a note.
 Faithfulness (:func:`transfer.maps.faithfulness`, numbers explained there): deletion and
 insertion areas (Petsiuk et al. 2018) and ROAD with imputed removal (Rong et al. 2022),
 each for the map and for a control with a map's smoothness but none of this image's
-information (another image's map from the same method). Per method: the mean of each
-number for the map and the control, the share of images where the map beats its control,
-a sign test, and the verdict; :func:`rank_methods` orders the methods by it, and the report
+information (the median over maps of images of another class, same method). Per method, over
+the measurable images (where the removal baseline alone takes away at least half of the
+class probability above chance): the mean of each number for the map and the control, the share of images where
+the map beats its control, a sign test, and the verdict; :func:`rank_methods` orders the methods by it, and the report
 leads with the one that beats its control.
 
 Example::
@@ -529,8 +530,9 @@ def _pct(v) -> str:
 
 
 #: what a cell of the faithfulness table says (printed with it)
-TABLE_LEGEND = ("each cell: the map's number / its control's, another image's map (share of images where the map "
-                "beats it); deletion AUC and ROAD MoRF: lower is better, insertion AUC and ROAD LeRF: higher")
+TABLE_LEGEND = ("each cell: the map's number / its control's, the median over maps of images of another class "
+                "(share of measurable images where the map beats it); deletion AUC and ROAD MoRF: lower is better, "
+                "insertion AUC and ROAD LeRF: higher")
 
 
 def faithfulness_rows(faith: dict) -> tuple[list[str], list[list[str]]]:
@@ -545,7 +547,8 @@ def faithfulness_rows(faith: dict) -> tuple[list[str], list[list[str]]]:
     for m in methods:
         r = cur[m]
         fl = r.get("flags", {})
-        row = [m, str(r.get("images", "-")), f"{fl.get('empty', 0)} / {fl.get('border', 0)}"]
+        n, k = r.get("images", "-"), r.get("measurable", r.get("images", "-"))
+        row = [m, str(n) if k == n else f"{k} of {n} measurable", f"{fl.get('empty', 0)} / {fl.get('border', 0)}"]
         for k, _ in _SHOWN:
             v = r["metrics"].get(k)
             row.append("-" if not v else f"{v['map']:.3f} / {v['control']:.3f} ({_pct(v['map_beats_control'])})")
@@ -572,7 +575,9 @@ def _shares(r: dict) -> str:
     m = r["metrics"]
     parts = [f"{name} in {_pct(m[k]['map_beats_control'])}" for k, name in (("deletion_auc", "deletion"),
                                                                              ("road_morf", "ROAD")) if k in m]
-    return " and on ".join(parts) + f" of the {r.get('images')} images"
+    n, k = r.get("images"), r.get("measurable", r.get("images"))
+    tail = f" of the {k} measurable images" if k != n else f" of the {n} images"
+    return " and on ".join(parts) + tail
 
 
 def verdict_lines(faith: dict) -> list[str]:
@@ -597,6 +602,13 @@ def verdict_lines(faith: dict) -> list[str]:
     else:
         out.append("No method's maps beat another image's map on this model: none of these maps shows what the "
                    "model uses (try another --layer, or more --samples if there are few images).")
+    r0 = cur[ranked[0]]
+    skipped = r0.get("images", 0) - r0.get("measurable", r0.get("images", 0))
+    if skipped:
+        out.append(f"{skipped} of {r0.get('images')} images are not measurable: the removal baseline alone keeps at "
+                   f"least half of their class probability above chance, so no removal can show what the model "
+                   "needs there "
+                   "(listed in faithfulness.json, 'measurable' in maps.csv); the shares count the others.")
     for m in ranked:
         r = cur[m]
         if m not in good:

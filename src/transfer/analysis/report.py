@@ -394,9 +394,11 @@ _FAITH_NOTE = (
     "class's probability as 0..100 % of them become {baseline}, area under the curve, lower is better; "
     "insertion: put back onto it, higher is better; ROAD MoRF / LeRF: the most / least relevant {lo:g}..{hi:g} % "
     "filled in from their neighbours, mean probability, lower / higher is better). Each number is also measured "
-    "for a control, another image's map from the same method (as smooth, but about another image), and the "
-    "table gives map / control (share of images where the map beats it). A method beats its control when a "
-    "sign test on the deletion and on the ROAD MoRF wins gives p < 0.05. Layer {layer}.")
+    "for a control: the median over maps of images of another class from the same method (as smooth, but about "
+    "other images), and the table gives map / control (share of images where the map beats it). Only images where "
+    "the baseline alone removes at least half of the class probability above chance are scored (the others "
+    "cannot show a drop). A method beats its control when a sign test on the deletion and on the ROAD MoRF wins "
+    "gives p < 0.05. Layer {layer}.")
 
 
 def _faithfulness(sec: Section, faith: dict) -> list[str]:
