@@ -133,7 +133,24 @@ def judge(ctx: ExportContext, step: Step, ref: np.ndarray, ref_name: str) -> dic
         v.update(zip(step.accuracy_names, (v["reference_accuracy"], v["candidate_accuracy"])))
     if step.group == "models" and step.key not in ("onnx-fp32", "calibration") and "detector" in ctx.extra:
         _calibration_agreement(ctx, step.key, v)
+    if step.group == "models" and step.key not in ("onnx-fp32", "calibration"):
+        _map_agreement(ctx, step.key, v)
     return v
+
+
+def _map_agreement(ctx: ExportContext, key: str, v: dict) -> None:
+    """Does reduced precision move the maps? fp32's and this model's CAMs of fp32's predicted class,
+    compared cell by cell (:func:`transfer.export.cam_export.map_agreement`); a finding recorded in
+    the check (``cam``), not a reason to fail it."""
+    from ..runtime.cam import BundleCam
+    from .cam_export import map_agreement
+
+    plan, ref, got = ctx.extra.get("cam_plan"), ctx.outputs["onnx-fp32"], ctx.outputs[key]
+    if plan is None or not plan.available or ref.feature_map is None or got.feature_map is None:
+        return
+    cam = BundleCam(plan.kernel, plan.shape, tuple(ctx.t.image_size), plan.geometry, plan.layer)
+    cls = ref.probs.argmax(axis=1)
+    v["cam"] = map_agreement(cam.raw(ref.feature_map, cls), cam.raw(got.feature_map, cls))
 
 
 def run_step(ctx: ExportContext, step: Step) -> dict:
@@ -350,7 +367,8 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
         raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(rf.class_names)} classes")
     x, y, used = verification_images(rf, t.image_size, verify_images, progress, fold=t.fold)
     ctx = ExportContext(rf, t, tmp, x, y, limits, progress, opset=opset, calib_images=calib_images,
-                        extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes})
+                        extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes,
+                               "cam_plan": _plan_cam(model, progress)})
     run_step(ctx, _fp32_step())
     if calibrate:
         _calibrate(ctx, unknown_accept, unknown_default)
@@ -360,6 +378,7 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
     for step in steps:
         run_step(ctx, step)
     calibration = {k: ctx.extra[k] for k in ("calibration", "unknown") if k in ctx.extra}
+    calibration["cam"] = _cam_record(ctx)
     manifest = new_manifest(
         class_names=rf.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
         heads=ctx.heads, preprocessing=rf.dataset.get("preprocessing"), tools=tool_versions(),
@@ -371,8 +390,27 @@ def _assemble(rf, t, tmp: Path, *, head, reduced, calib_images, verify_images, l
 # ---- the steps -------------------------------------------------------------------------
 
 def _ort_runner(ctx: ExportContext, entry: dict) -> OrtRunner:
-    """ONNX Runtime on the CPU on a model file of the bundle being made (sessions as the runtime makes them)."""
-    return OrtRunner(ctx.folder / entry["file"], "cpu", name=f"onnxruntime-{entry.get('precision', 'fp32')}")
+    """ONNX Runtime on the CPU on a model file of the bundle being made (sessions as the runtime makes them;
+    the feature map too when the bundle has maps, for :func:`_map_agreement`)."""
+    runner = OrtRunner(ctx.folder / entry["file"], "cpu", name=f"onnxruntime-{entry.get('precision', 'fp32')}")
+    return runner.request("feature_map") if getattr(ctx.extra.get("cam_plan"), "available", False) else runner
+
+
+def _plan_cam(model, progress):
+    from .cam_export import plan_cam
+
+    plan = plan_cam(model)
+    progress.say(f"maps: class activation maps at layer {plan.layer} ({'x'.join(map(str, plan.shape))})"
+                 if plan.available else f"maps: none in this bundle: {plan.reason}")
+    return plan
+
+
+def _cam_record(ctx: ExportContext) -> dict:
+    """The manifest's ``cam`` record: the models whose graph has the feature map."""
+    from .cam_export import FEATURE_MAP, cam_record
+
+    models = [k for k, e in ctx.models.items() if FEATURE_MAP in (e.get("outputs") or {})]
+    return cam_record(ctx.extra["cam_plan"], models)
 
 
 def _fp32_outputs(ctx: ExportContext) -> tuple[Outputs, str]:
@@ -385,7 +423,12 @@ def _fp32_step() -> Step:
         from .onnx import export_onnx
 
         ctx.progress.say(f"export {ctx.t.name}: converting to ONNX (opset {ctx.opset})")
-        io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset)
+        plan = ctx.extra["cam_plan"]
+        io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset, extra=plan.extra_outputs)
+        if plan.available:
+            from .cam_export import write_cam_weights
+
+            write_cam_weights(ctx.folder, plan)
         return {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime", **io}
 
     def keras(ctx):
