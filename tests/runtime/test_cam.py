@@ -14,10 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-from analysis_helpers import build_run  # noqa: E402
 from bundle_factory import edit_manifest, make_bundle, rehash  # noqa: E402
-from explain_helpers import tinycam_registered, write_object_folder  # noqa: E402
+from helpers.cam_bundle import build_cam_bundle  # noqa: E402
 
 from transfer.bundle import load_bundle  # noqa: E402
 from transfer.cli import cli  # noqa: E402
@@ -28,14 +26,7 @@ from transfer.errors import BundleError, TamperedBundleError  # noqa: E402
 def cam_bundle(tmp_path_factory):
     """(run, bundle) of the test-only GAP CNN (tinycam_test, 24 px: a 24 x 24 feature map), with
     int8 and fp16 models and an rf head. Do not modify: copy."""
-    from transfer.export.api import export_bundle
-
-    root = tmp_path_factory.mktemp("cam")
-    data = write_object_folder(root / "objects", n=80, size=24)
-    with tinycam_registered():
-        run = build_run(data, root / "run", backbones="tinycam_test", trainable="1", image_size=24, epochs=3)
-        res = export_bundle(run, head="rf", quantize="int8,fp16", verify_images=64, progress=None)
-    return run, res.bundle_dir
+    return build_cam_bundle(tmp_path_factory.mktemp("cam"))
 
 
 def _images(run: Path) -> list[Path]:
