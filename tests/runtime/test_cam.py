@@ -208,3 +208,21 @@ def test_mobilenet_v2_onnx_map_equals_gradcam(tmp_path):
     want, _, _ = compute_maps(model, x, method="gradcam", layer="out_relu")
     r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(want, got)]
     assert min(r) >= 0.999, r
+
+
+def test_verify_states_the_maps_and_a_disagreement(cam_bundle, tmp_path):
+    _, bundle = cam_bundle
+    res = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert res.exit_code == 0, res.output
+    assert "maps: CAM at layer cam_conv (24x24 cells)" in res.output
+    assert "maps of onnx-int8 vs fp32 on" in res.output and "maps of onnx-fp16 vs fp32 on" in res.output
+    moved = shutil.copytree(bundle, tmp_path / "moved")
+    checks = json.loads((moved / "verification.json").read_text())
+    checks["onnx-int8"]["cam"].update(spearman_median=0.41, same_peak=0.3, agrees=False)
+    (moved / "verification.json").write_text(json.dumps(checks))
+    rehash(moved)
+    res = CliRunner().invoke(cli, ["verify", str(moved)])
+    assert res.exit_code == 0, res.output
+    assert "Spearman median 0.410, same peak cell 30.0 %: DISAGREE with fp32" in res.output
+    old = make_bundle(tmp_path / "old")
+    assert "exported before class activation maps" in CliRunner().invoke(cli, ["verify", str(old)]).output

@@ -209,6 +209,35 @@ class CamWriter:
                          self.rows)
 
 
+def map_findings(bundle: Bundle) -> list[str]:
+    """Lines for ``transfer verify`` and reports: whether the bundle has maps (or why not) and, per
+    reduced-precision model, how far its maps agree with fp32's on the verification images (a
+    disagreement is stated, not hidden)."""
+    import json
+
+    rec = bundle.manifest.get("cam")
+    if not isinstance(rec, dict):
+        return ["maps: none (exported before class activation maps were added; re-export to add them)"]
+    if not rec.get("available"):
+        return [f"maps: none: {rec.get('reason')}"]
+    h, w, _ = rec["shape"]
+    out = [f"maps: CAM at layer {rec['layer']} ({h}x{w} cells) from {', '.join(rec.get('models') or [])}"]
+    try:
+        checks = json.loads(bundle.file("verification.json").read_text())
+    except (OSError, ValueError, BundleError):
+        return out
+    for key, v in sorted(checks.items()):
+        c = v.get("cam") if isinstance(v, dict) else None
+        if not c:
+            continue
+        verdict = "agree with fp32" if c["agrees"] else (
+            f"DISAGREE with fp32 (limits: Spearman >= {c['min_spearman']}, same peak >= "
+            f"{100 * c['min_same_peak']:.0f} %): reduced precision moved where the model looks")
+        out.append(f"maps of {key} vs fp32 on {c['images']} verification images: Spearman median "
+                   f"{c['spearman_median']:.3f}, same peak cell {100 * c['same_peak']:.1f} %: {verdict}")
+    return out
+
+
 def check_cam_out(out: str | os.PathLike, bundle_path) -> Path:
     """``--cam OUT/``: a folder (existing or new), not inside the bundle being read.
 
@@ -226,5 +255,5 @@ def check_cam_out(out: str | os.PathLike, bundle_path) -> Path:
     return p
 
 
-__all__ = ["FEATURE_MAP", "BundleCam", "CamWriter", "cam_problem", "check_cam_out", "overlay_png", "parse_class",
-           "png_bytes"]
+__all__ = ["FEATURE_MAP", "BundleCam", "CamWriter", "cam_problem", "check_cam_out", "map_findings", "overlay_png",
+           "parse_class", "png_bytes"]
