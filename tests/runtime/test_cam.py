@@ -226,3 +226,24 @@ def test_verify_states_the_maps_and_a_disagreement(cam_bundle, tmp_path):
     assert "Spearman median 0.410, same peak cell 30.0 %: DISAGREE with fp32" in res.output
     old = make_bundle(tmp_path / "old")
     assert "exported before class activation maps" in CliRunner().invoke(cli, ["verify", str(old)]).output
+
+
+def test_report_shows_the_bundle_maps_beside_gradcam(cam_bundle, tmp_path):
+    from transfer.analysis.gradcam import explain_run
+    from transfer.analysis.report import write_report
+
+    run, _ = cam_bundle
+    run = shutil.copytree(run, tmp_path / "run")
+    files = _images(cam_bundle[0])[:4]
+    t = json.loads((run / "bundle" / "manifest.json").read_text())["source"]["trial"]
+    explain_run(run, trial=t, images=files, methods=["gradcam"], layer="cam_conv", save_maps=True, steps=2,
+                road="off")
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert "Maps from the bundle" in md and "r fp32 vs Keras Grad-CAM" in md
+    assert (run / "gradcam" / t / "bundle_maps.png").is_file()
+    section = md.split("Maps from the bundle", 1)[1]
+    rs = [float(c) for line in section.splitlines() if line.startswith("| ") and ".png" in line
+          for c in [line.split("|")[3].strip()] if c != "-"]
+    assert len(rs) >= 3 and min(rs) >= 0.999, rs
+    assert "maps of onnx-int8 vs fp32" in section

@@ -459,6 +459,47 @@ def _gradcam(rf: RunLayout) -> Section:
     return sec
 
 
+def _bundle_maps(rf: RunLayout) -> Section | None:
+    """The bundle's maps (fp32, int8, fp16) beside Keras Grad-CAM for the images ``transfer gradcam``
+    explained for the bundle's trial (:mod:`transfer.analysis.bundle_maps`); only with a bundle."""
+    from ..bundle import read_manifest
+    from ..errors import BundleError
+    from .bundle_maps import compare
+
+    try:
+        m = read_manifest(rf.bundle_dir) if rf.bundle_dir.is_dir() else None
+    except BundleError:
+        m = None
+    if m is None:
+        return None
+    sec = Section("bundle_maps", "Maps from the bundle")
+    trial = str((m.get("source") or {}).get("trial", ""))
+    res = compare(rf.bundle_dir, rf.gradcam_dir(trial) / "gradcam", rf.gradcam_dir(trial) / "bundle_maps.png")
+    if res is None:
+        sec.missing(f"no Grad-CAM maps of the bundle's trial {trial} to compare with",
+                    f"transfer gradcam {rf.path} --trial {trial} --method gradcam --save-maps")
+        return sec
+    sec.present = True
+    _note(sec, res.note)
+    if res.picture is not None:
+        _images(sec, [(res.picture, f"{trial}: Keras Grad-CAM | bundle maps")], rf.path, grid=False)
+        _table(sec, res.header, res.rows)
+    for line in _map_findings(rf):
+        _note(sec, line)
+    return sec
+
+
+def _map_findings(rf: RunLayout) -> list[str]:
+    from ..bundle import load_bundle
+    from ..errors import TransferError
+    from ..runtime.cam import map_findings
+
+    try:
+        return map_findings(load_bundle(rf.bundle_dir, trust=False))
+    except TransferError:
+        return []
+
+
 def _features(rf: RunLayout) -> Section:
     items = [(rf.plots_dir(t) / f"features_{kind}.png", f"{t}: {name} of the features")
              for t in rf.analysis_trials("plots") for kind, name in (("pca", "PCA"), ("tsne", "t-SNE"))
@@ -627,7 +668,8 @@ def _md_rows(md: str) -> tuple[list[str], list[list[str]]]:
 def build_sections(run_dir: "str | os.PathLike | RunLayout") -> list[Section]:
     """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
     rf = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
-    secs = [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _features(rf),
+    secs = [_dataset(rf), _sweep(rf), _curves(rf), _heads(rf), _evaluate(rf), _gradcam(rf), _bundle_maps(rf),
+            _features(rf),
             _resolution(rf), _calibration(rf), _audit(rf)]
     return [s for s in secs if s is not None]
 
