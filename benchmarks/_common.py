@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_classes: int = 10) -> Path:
+def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_classes: int = 10,
+                 cam: bool = False) -> Path:
     """A bundle of a random-weights classifier (speed only; no run folder). Its fp32 check
-    compares ONNX Runtime with Keras on 8 random images, so the bundle loads like an exported one."""
+    compares ONNX Runtime with Keras on 8 random images, so the bundle loads like an exported one.
+    With ``cam`` it has class activation maps as an export writes them (``feature_map`` output,
+    ``cam.npz``, the manifest's ``cam`` record)."""
+    from transfer.export.cam_export import cam_record, plan_cam, write_cam_weights
     from transfer.bundle import new_manifest, write_bundle
     from transfer.models.onnx_convert import export_onnx
     from transfer.export.keras_runner import KerasRunner
@@ -30,7 +34,12 @@ def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_class
     out.mkdir(parents=True, exist_ok=True)
     model, _ = build_classifier(backbone, input_shape=(size, size, 3), weights="none", num_classes=num_classes, seed=0)
     model.save(out / "model.keras")  # not listed in the manifest: the keras baseline of the benchmark
-    io = export_onnx(model, out / "model.onnx")
+    plan = plan_cam(model) if cam else None
+    io = export_onnx(model, out / "model.onnx", extra=plan.extra_outputs if cam else None)
+    extra = {}
+    if cam:
+        write_cam_weights(out, plan)
+        extra["cam"] = cam_record(plan, ["onnx-fp32"])
     x = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
     onnx, keras = run_all([OrtRunner(out / "model.onnx", "cpu"), KerasRunner(model, batch_size=32)], x)
     check = parity_check(keras.probs, onnx.probs, None, atol=1e-4, min_agreement=0.999,
@@ -39,7 +48,7 @@ def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_class
     manifest = new_manifest(class_names=[str(i) for i in range(num_classes)], input_size=(size, size),
                             feature_dim=feature_dim, backbone=backbone, opset=17, source={"run": None, "trial": None},
                             models={"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime",
-                                                  **io}})
+                                                  **io}}, **extra)
     write_bundle(out, manifest, {"onnx-fp32": check}, exclude=("model.keras",))
     return out
 

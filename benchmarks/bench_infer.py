@@ -3,12 +3,14 @@ camera photos with the old and the new pixel recipe, and peak memory of infer ov
 vs 1,000 images.
 
     python benchmarks/bench_infer.py [--backbone mobilenet_v2] [--images 512] [--photos 24] [--memory 1000,20000]
+                                     [--cam-images 500] [--only cam]
 
 Targets: end-to-end >= 80 % of backbone-only throughput (decoding hidden behind
 inference); 12-megapixel JPEGs -> MobileNetV2 at 224: recipe 2 (DCT-scaled decoding) >= 3x
 the img/s of recipe 1 (full decode, then resize) in the same run, with the bundle's
 probabilities equal to Keras on recipe-2 pixels within 1e-4; peak RSS over 20,000 images
-<= 1.2x the peak over 1,000.
+<= 1.2x the peak over 1,000; `transfer infer --cam` (a map .npy + overlay PNG per image) <= 1.15x
+the wall time of `transfer infer` (MobileNetV2 224, batch 32, 500 images, alternated in one run).
 """
 
 from __future__ import annotations
@@ -129,13 +131,39 @@ def peak_rss_mb(bundle: Path, folder: Path) -> tuple[float, float]:
     return float(mb), float(ips)
 
 
+def cam_rows(folder: Path, tmp: Path, n: int, rounds: int = 3) -> list[list]:
+    """`transfer infer` without and with `--cam` on the same JPEGs (MobileNetV2 224 with maps, batch 32),
+    alternated ``rounds`` times; the best wall time of each."""
+    from transfer.runtime.infer import infer
+
+    b = keras_bundle("mobilenet_v2", tmp / "bundle-cam", cam=True)
+    make_jpegs(folder, n, side=258, seed=2)
+    infer(b, [folder], out=tmp / "cam-warm.csv", batch=32)  # warm caches
+    best = {"plain": [], "cam": []}
+    for r in range(rounds):
+        best["plain"].append(_time(lambda: infer(b, [folder], out=tmp / "plain.csv", batch=32, workers=2)))
+        best["cam"].append(_time(lambda: infer(b, [folder], out=tmp / "cam.csv", batch=32, workers=2,
+                                               cam=str(tmp / f"maps{r}"))))
+    maps = len(list((tmp / "maps0").glob("*.png")))
+    p, c = min(best["plain"]), min(best["cam"])
+    return [["transfer infer", n, round(p, 2), round(n / p, 1), "1.00x", "-"],
+            ["transfer infer --cam", n, round(c, 2), round(n / c, 1), f"{c / p:.3f}x", maps]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--photos", type=int, default=24)
     ap.add_argument("--memory", default="1000,20000")
+    ap.add_argument("--cam-images", type=int, default=500)
+    ap.add_argument("--only", choices=("cam",), default=None, help="run only this section")
     a = ap.parse_args()
+    if a.only == "cam":
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = cam_rows(Path(tmp) / "cam-jpegs", Path(tmp), a.cam_images)
+        print(table(["run", "JPEGs", "best wall s", "img/s", "vs transfer infer", "overlays written"], rows))
+        return
     from transfer.bundle import load_bundle
     from transfer.runtime.infer import infer
     from transfer.runtime.runners import make_runner
@@ -177,6 +205,10 @@ def main() -> None:
         print(table(["images", "peak RSS MB (transfer infer, arc2 32x32)", "img/s"], mem_rows))
         print(f"\npeak RSS ratio {mem_rows[-1][0]} vs {mem_rows[0][0]} images: "
               f"{mem_rows[-1][1] / mem_rows[0][1]:.3f}x")
+        if a.cam_images:
+            print()
+            print(table(["run", "JPEGs", "best wall s", "img/s", "vs transfer infer", "overlays written"],
+                        cam_rows(tmp / "cam-jpegs", tmp, a.cam_images)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`transfer serve` on loopback, measured with a native load generator on its own core.
 
     python benchmarks/bench_serve.py [--work /tmp/transfer-bench-serve] [--quick] [--json out.json] [--only STEPS]
+                                     [--cam-bundle BUNDLE]
 
 Every server is the real command (`python -m transfer.cli serve BUNDLE --port 0 ...`) in its own
 process pinned to core 0 (`taskset -c 0`); the load comes from `wrk` (Debian's wrk 4.1, C, one
@@ -28,7 +29,9 @@ than 2 s (wrk --timeout 2s: 0 timeouts), only 200 and 503 statuses, /readyz 200 
 16 connections with the rf head: dynamic batching >= 1.3x `--max-batch 1` (arc2; MobileNetV2
 reported); soak of 50,000 requests: RSS growth <= 10 %, no error (a 503 for a request that
 waited longer than --max-queue-ms is shedding, counted apart); each bad input gets its
-documented status and the next good request succeeds.
+documented status and the next good request succeeds; class activation maps (step ``cam``: a
+MobileNetV2 224 bundle with maps, `--cam-bundle`, default the mnv2 bundle when exported with maps),
+1 connection, `?cam=1` vs without, alternated: p50 with maps <= 1.3x p50 without.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -533,12 +537,35 @@ def bad_inputs(b: dict, res: dict) -> None:
     print(table(["input", "documented", "got", "{error, hint}", "next good request"], rows), flush=True)
 
 
+def cam_cost(b: dict, res: dict, seconds: float, bundle: Path) -> None:
+    """`?cam=1` vs plain on the same server (network head), 1 connection, alternated twice; the
+    median of each side's p50."""
+    files = image_files(b)
+    if not json.loads((bundle / "manifest.json").read_text()).get("cam", {}).get("available"):
+        print(f"cam: {bundle} has no maps (export it with this version, or give --cam-bundle)", flush=True)
+        return
+    p50 = {"plain": [], "cam": []}
+    with server(bundle, "--head", "network") as s:
+        load(s, "/v1/predict?cam=1", files, conns=1, seconds=1)  # warm both paths
+        load(s, "/v1/predict", files, conns=1, seconds=1)
+        for _ in range(2):
+            for mode, path in (("plain", "/v1/predict"), ("cam", "/v1/predict?cam=1")):
+                r = load(s, path, files, conns=1, seconds=seconds)
+                p50[mode].append(r["p50_ms"])
+                print(f"mobilenet_v2 224 network head, 1 connection, {path}: " + describe(r), flush=True)
+    plain, cam = statistics.median(p50["plain"]), statistics.median(p50["cam"])
+    res["cam_bar"] = {"plain_p50_ms": plain, "cam_p50_ms": cam, "ratio": cam / plain, "runs": p50,
+                      "pass": cam <= 1.3 * plain}
+    print(f"?cam=1 p50 {cam:.2f} ms vs {plain:.2f} ms without: {cam / plain:.3f}x (bar <= 1.3x)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/transfer-bench-serve")
     ap.add_argument("--quick", action="store_true", help="shorter runs (soak of 5,000) to check the script")
     ap.add_argument("--json", help="write every number here")
-    ap.add_argument("--only", help="comma list of steps: parity,bench,latency,throughput,overload,soak,bad")
+    ap.add_argument("--only", help="comma list of steps: parity,bench,latency,throughput,overload,soak,bad,cam")
+    ap.add_argument("--cam-bundle", help="a MobileNetV2 bundle with maps for the cam step [default: the mnv2 bundle]")
     a = ap.parse_args()
     if not os.access(WRK, os.X_OK):
         sys.exit(f"{WRK} not found: apt-get install wrk")
@@ -549,7 +576,8 @@ def main() -> None:
     res = {"machine": {"cpus": os.cpu_count(), "load_at_start": machine_load(), "server_core": SERVER_CORE,
                        "client_core": CLIENT_CORE, "wrk": subprocess.run([WRK, "-v"], capture_output=True,
                                                                           text=True).stdout.split("\n")[0].strip()}}
-    steps = a.only.split(",") if a.only else ["parity", "bench", "latency", "throughput", "overload", "soak", "bad"]
+    steps = a.only.split(",") if a.only else ["parity", "bench", "latency", "throughput", "overload", "soak", "bad",
+                                              "cam"]
     t0 = time.time()
     if "parity" in steps:
         parity(b, res)
@@ -565,6 +593,8 @@ def main() -> None:
         soak(b, res, 5000 if a.quick else 50_000)
     if "bad" in steps:
         bad_inputs(b, res)
+    if "cam" in steps:
+        cam_cost(b, res, sec, Path(a.cam_bundle) if a.cam_bundle else b["mnv2"])
     res["machine"]["load_at_end"] = machine_load()
     res["seconds"] = time.time() - t0
     if a.json:

@@ -163,6 +163,9 @@ def referenced_files(manifest: dict) -> list[str]:
     unknown = manifest.get("unknown")
     if isinstance(unknown, dict) and isinstance(unknown.get("scores"), dict):
         refs.update(str(e["file"]) for e in unknown["scores"].values() if isinstance(e, dict) and e.get("file"))
+    cam = manifest.get("cam")
+    if isinstance(cam, dict) and cam.get("weights"):
+        refs.add(str(cam["weights"]))
     return sorted(refs)
 
 
@@ -587,6 +590,41 @@ def _check_unknown_arrays(bundle: Path, m: dict) -> None:
             raise TamperedBundleError(f"{path} does not fit its manifest: {'; '.join(problems)}", hint=REEXPORT)
 
 
+def _check_cam(bundle: Path, m: dict) -> None:
+    """The class-activation-map record (``cam``, :mod:`transfer.export.cam_export`): either
+    ``available: false`` with a reason, or a layer, a feature-map shape (h, w, K), models that
+    exist, and a hashed weights file holding only ``kernel`` float (K, classes) -- read from its
+    array header, nothing unpickled."""
+    cam = m.get("cam")
+    if cam is None:
+        return
+    where = f"{bundle / MANIFEST}: 'cam'"
+    if not isinstance(cam, dict) or not isinstance(cam.get("available"), bool):
+        raise TamperedBundleError(f"{where} must be an object with available: true|false", hint=REEXPORT)
+    if not cam["available"]:
+        if not isinstance(cam.get("reason"), str) or not cam["reason"]:
+            raise TamperedBundleError(f"{where} says no maps but gives no reason", hint=REEXPORT)
+        return
+    shape, models = cam.get("shape"), cam.get("models")
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise TamperedBundleError(f"{where}.shape must be [h, w, channels], got {shape!r:.80}", hint=REEXPORT)
+    if not isinstance(models, list) or not models or any(k not in m["models"] for k in models):
+        raise TamperedBundleError(f"{where}.models must name models of the bundle, got {models!r:.80}", hint=REEXPORT)
+    if not isinstance(cam.get("layer"), str) or cam.get("output") != "feature_map":
+        raise TamperedBundleError(f"{where} needs its layer and output 'feature_map'", hint=REEXPORT)
+    path = _safe_rel(bundle, str(cam.get("weights")))
+    try:
+        headers = _npz_headers(path)
+    except (OSError, ValueError, EOFError) as exc:
+        raise TamperedBundleError(f"{path}: not the class weights of a bundle's maps ({exc})", hint=REEXPORT) from None
+    want = (shape[2], len(m["class_names"]))
+    if set(headers) != {"kernel"} or headers["kernel"][1] != "f" or headers["kernel"][0] != want:
+        got = ", ".join(f"{k} {v[0]} kind {v[1]!r}" for k, v in headers.items()) or "nothing"
+        raise TamperedBundleError(f"{path} does not fit its manifest: it holds {got}, the maps need kernel {want} "
+                                  "float", hint=REEXPORT)
+
+
 def _check_external_data(bundle: Path, m: dict) -> None:
     """Weights in external files: each must be declared by its model's entry (and so listed and
     hashed) and lie inside the bundle; heads have none."""
@@ -680,6 +718,7 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True, allow_in
     _check_verdict(bundle, manifest)
     _check_calibration(bundle, manifest)
     _check_unknown_arrays(bundle, manifest)
+    _check_cam(bundle, manifest)
     _check_external_data(bundle, manifest)
     if not manifest["valid"] and not allow_invalid:
         raise BundleError(
@@ -736,9 +775,12 @@ def check_model_graph(bundle: Bundle, key: str, session) -> None:
         return
     facts = facts_of_session(session)
     h, w = bundle.input_size
-    problems = _graph_problems(facts, [("input", "image", (None, h, w, 3)),
-                                       ("output", "features", (None, bundle.feature_dim)),
-                                       ("output", "probs", (None, len(bundle.class_names)))])
+    wants = [("input", "image", (None, h, w, 3)), ("output", "features", (None, bundle.feature_dim)),
+             ("output", "probs", (None, len(bundle.class_names)))]
+    cam = bundle.manifest.get("cam") or {}
+    if cam.get("available") and key in cam.get("models", []):  # the maps' feature map, as recorded
+        wants.append(("output", "feature_map", (None, *cam["shape"])))
+    problems = _graph_problems(facts, wants)
     if facts.metadata.get(ROLE_KEY, "model") != "model":
         problems.append(f"it is a {facts.metadata[ROLE_KEY]}, not a model")
     precision = facts.metadata.get(PRECISION_KEY) or graph_precision(bundle.file(e["file"]))

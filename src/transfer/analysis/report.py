@@ -43,15 +43,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..bundle import read_manifest
-from ..errors import BundleError
+from ..bundle import load_bundle, read_manifest
+from ..errors import BundleError, TransferError
 from ..fsutil import read_json, write_text_atomic
 from ..maps import BASELINE_TEXT
 from ..plots import figure, save_figure
 from ..runfolder import RunFolder, RunLayout
+from ..runtime.cam import map_findings
 from ..tables import markdown
 from .audit import audit_dir
 from .audit_page import KINDS, findings_html, summary_markdown
+from .bundle_maps import compare as compare_bundle_maps
 from .gradcam import faithfulness_rows, faithfulness_table, rank_methods, verdict_lines
 from .unknown_study import unknown_table
 
@@ -466,6 +468,39 @@ def _gradcam(run: RunLayout) -> Section:
     return sec
 
 
+def _bundle_maps(run: RunLayout) -> Section | None:
+    """The bundle's maps (fp32, int8, fp16) beside Keras Grad-CAM for the images ``transfer gradcam``
+    explained for the bundle's trial (:mod:`transfer.analysis.bundle_maps`); only with a bundle."""
+    try:
+        m = read_manifest(run.bundle_dir) if run.bundle_dir.is_dir() else None
+    except BundleError:
+        m = None
+    if m is None:
+        return None
+    sec = Section("bundle_maps", "Maps from the bundle")
+    trial = str((m.get("source") or {}).get("trial", ""))
+    res = compare_bundle_maps(run.bundle_dir, run.gradcam_dir(trial) / "gradcam", run.gradcam_dir(trial) / "bundle_maps.png")
+    if res is None:
+        sec.missing(f"no Grad-CAM maps of the bundle's trial {trial} to compare with",
+                    f"transfer gradcam {run.path} --trial {trial} --method gradcam --save-maps")
+        return sec
+    sec.present = True
+    _note(sec, res.note)
+    if res.picture is not None:
+        _images(sec, [(res.picture, f"{trial}: Keras Grad-CAM | bundle maps")], run.path, grid=False)
+        _table(sec, res.header, res.rows)
+    for line in _map_findings(run):
+        _note(sec, line)
+    return sec
+
+
+def _map_findings(run: RunLayout) -> list[str]:
+    try:
+        return map_findings(load_bundle(run.bundle_dir, trust=False))
+    except TransferError:
+        return []
+
+
 def _features(run: RunLayout) -> Section:
     items = [(run.plots_dir(t) / f"features_{kind}.png", f"{t}: {name} of the features")
              for t in run.analysis_trials("plots") for kind, name in (("pca", "PCA"), ("tsne", "t-SNE"))
@@ -626,7 +661,7 @@ def _md_rows(md: str) -> tuple[list[str], list[list[str]]]:
 def build_sections(run_dir: "str | os.PathLike | RunLayout") -> list[Section]:
     """Every section of the report of ``run_dir`` (present or saying which command makes it)."""
     run = run_dir if isinstance(run_dir, RunLayout) else RunLayout(run_dir)
-    secs = [_dataset(run), _sweep(run), _curves(run), _heads(run), _evaluate(run), _gradcam(run), _features(run),
+    secs = [_dataset(run), _sweep(run), _curves(run), _heads(run), _evaluate(run), _gradcam(run), _bundle_maps(run), _features(run),
             _resolution(run), _calibration(run), _audit(run)]
     return [s for s in secs if s is not None]
 

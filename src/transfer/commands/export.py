@@ -95,6 +95,10 @@ def verify(bundle, deep, **options) -> None:
     signed = ("unsigned" if b.signer is None else
               f"signed by {b.signer}" + (" (trusted)" if b.trusted else " (not checked against trusted keys)"))
     click.echo(f"{bundle}: OK ({rep['files_checked']} files match their SHA-256; verified at export; {signed}{ran})")
+    from ..runtime.cam import map_findings
+
+    for line in map_findings(b):
+        click.echo(f"  {line}")
 
 
 COMMANDS = [export, verify]

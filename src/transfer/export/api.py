@@ -53,6 +53,7 @@ from ..models.onnx_convert import export_onnx, stamp_onnx
 from ..options import replace
 from ..progress import ProgressLike, as_progress
 from ..runfolder import RunFolder
+from ..runtime.cam import BundleCam
 from ..runtime.heads import OnnxHead
 from ..runtime.runner_base import Outputs, Runner
 from ..runtime.runners import OrtRunner
@@ -60,6 +61,7 @@ from ..runtime.trt_runner import TrtRunner
 from ..runtime.unknown import UnknownDetector, make_detector
 from ..signing import load_signing_key
 from .bundle_writer import check_out, remove_stale_staging, staged_bundle, tool_versions
+from .cam_export import FEATURE_MAP, cam_record, map_agreement, plan_cam, write_cam_weights
 from .calibrate import OUTLIERS_PER_KIND, fit_unknown, synthetic_outliers, temperature_onnx, temperature_record
 from .export_config import ExportConfig
 from .fp16 import convert_fp16
@@ -158,7 +160,21 @@ def judge(ctx: ExportContext, step: Step, ref: np.ndarray, ref_name: str) -> dic
         v.update(zip(step.accuracy_names, (v["reference_accuracy"], v["candidate_accuracy"])))
     if step.group == "models" and step.key not in ("onnx-fp32", "calibration") and "detector" in ctx.extra:
         _calibration_agreement(ctx, step.key, v)
+    if step.group == "models" and step.key not in ("onnx-fp32", "calibration"):
+        _map_agreement(ctx, step.key, v)
     return v
+
+
+def _map_agreement(ctx: ExportContext, key: str, v: dict) -> None:
+    """Does reduced precision move the maps? fp32's and this model's CAMs of fp32's predicted class,
+    compared cell by cell (:func:`transfer.export.cam_export.map_agreement`); a finding recorded in
+    the check (``cam``), not a reason to fail it."""
+    plan, ref, got = ctx.extra.get("cam_plan"), ctx.outputs["onnx-fp32"], ctx.outputs[key]
+    if plan is None or not plan.available or ref.feature_map is None or got.feature_map is None:
+        return
+    cam = BundleCam(plan.kernel, plan.shape, tuple(ctx.t.image_size), plan.geometry, plan.layer)
+    cls = ref.probs.argmax(axis=1)
+    v["cam"] = map_agreement(cam.raw(ref.feature_map, cls), cam.raw(got.feature_map, cls))
 
 
 def run_step(ctx: ExportContext, step: Step) -> dict:
@@ -280,7 +296,8 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
         raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(run.class_names)} classes")
     x, y, used = verification_images(run, t.image_size, cfg.verify_images, progress, fold=t.fold)
     ctx = ExportContext(run, t, tmp, x, y, _limits(cfg), progress, opset=cfg.opset, calib_images=cfg.calib_images,
-                        extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes})
+                        extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes,
+                               "cam_plan": _plan_cam(model, progress)})
     run_step(ctx, _fp32_step())
     if cfg.calibrate:
         _calibrate(ctx, cfg.unknown_accept, cfg.unknown_default)
@@ -290,6 +307,7 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
     for step in steps:
         run_step(ctx, step)
     calibration = {k: ctx.extra[k] for k in ("calibration", "unknown") if k in ctx.extra}
+    calibration["cam"] = _cam_record(ctx)
     manifest = new_manifest(
         class_names=run.class_names, input_size=t.image_size, feature_dim=feature_dim, models=ctx.models,
         heads=ctx.heads, preprocessing=run.dataset.get("preprocessing"), tools=tool_versions(),
@@ -301,8 +319,23 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
 # ---- the steps -------------------------------------------------------------------------
 
 def _ort_runner(ctx: ExportContext, entry: dict) -> OrtRunner:
-    """ONNX Runtime on the CPU on a model file of the bundle being made (sessions as the runtime makes them)."""
-    return OrtRunner(ctx.folder / entry["file"], "cpu", name=f"onnxruntime-{entry.get('precision', 'fp32')}")
+    """ONNX Runtime on the CPU on a model file of the bundle being made (sessions as the runtime makes them;
+    the feature map too when the bundle has maps, for :func:`_map_agreement`)."""
+    runner = OrtRunner(ctx.folder / entry["file"], "cpu", name=f"onnxruntime-{entry.get('precision', 'fp32')}")
+    return runner.request("feature_map") if getattr(ctx.extra.get("cam_plan"), "available", False) else runner
+
+
+def _plan_cam(model, progress):
+    plan = plan_cam(model)
+    progress.say(f"maps: class activation maps at layer {plan.layer} ({'x'.join(map(str, plan.shape))})"
+                 if plan.available else f"maps: none in this bundle: {plan.reason}")
+    return plan
+
+
+def _cam_record(ctx: ExportContext) -> dict:
+    """The manifest's ``cam`` record: the models whose graph has the feature map."""
+    models = [k for k, e in ctx.models.items() if FEATURE_MAP in (e.get("outputs") or {})]
+    return cam_record(ctx.extra["cam_plan"], models)
 
 
 def _fp32_outputs(ctx: ExportContext) -> tuple[Outputs, str]:
@@ -313,7 +346,10 @@ def _fp32_step() -> Step:
     """Keras -> ONNX fp32 (tf2onnx), compared with Keras itself."""
     def convert(ctx):
         ctx.progress.say(f"export {ctx.t.name}: converting to ONNX (opset {ctx.opset})")
-        io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset)
+        plan = ctx.extra["cam_plan"]
+        io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset, extra=plan.extra_outputs)
+        if plan.available:
+            write_cam_weights(ctx.folder, plan)
         return {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime", **io}
 
     def keras(ctx):

@@ -13,8 +13,10 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("features", "probs")
 
 
-def two_output_model(model):
-    """``image -> [features, probs]`` sharing the layers of a contract model (no copy).
+def two_output_model(model, extra: dict[str, str] | None = None):
+    """``image -> [features, probs]`` sharing the layers of a contract model (no copy); ``extra``
+    = ``{output name: layer name}`` adds those layers' outputs after them (the ``feature_map``
+    of class activation maps, :mod:`transfer.export.cam_export`).
 
     Raises:
         ModelError: the model lacks the ``features`` layer or the ``probs`` output.
@@ -28,15 +30,16 @@ def two_output_model(model):
             "contract (input 'image' -> ... -> 'features' -> ... -> 'probs')",
             hint="export models trained by `transfer train`",
         )
-    return keras.Model(model.inputs, [model.get_layer("features").output, model.get_layer("probs").output],
-                       name="transfer_export")
+    outs = [model.get_layer(n).output for n in ("features", "probs", *(extra or {}).values())]
+    return keras.Model(model.inputs, outs, name="transfer_export")
 
 
-def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
+def export_onnx(model, path: str | os.PathLike, *, opset: int = 17, extra: dict[str, str] | None = None) -> dict:
     """Convert a contract model to ONNX with tf2onnx (``from_keras`` with an explicit signature).
 
     The graph takes ``image`` float32 (N, H, W, 3) RGB 0..255 with a dynamic N, and returns
-    ``features`` (N, D) and ``probs`` (N, C). Augmentation never reaches here (it lives in
+    ``features`` (N, D) and ``probs`` (N, C), then one output per ``extra`` entry (``{output name:
+    layer name}``, e.g. ``{"feature_map": "out_relu"}``). Augmentation never reaches here (it lives in
     the input pipeline), so no random op ends up in the graph.
 
     Returns:
@@ -52,7 +55,8 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
     tf = import_tensorflow()
     tf2onnx = require("tf2onnx", purpose="ONNX export")
     onnx = require("onnx", purpose="ONNX export")
-    two = two_output_model(model)
+    two = two_output_model(model, extra)
+    names = OUTPUT_NAMES + tuple(extra or {})
     h, w, c = (int(d) for d in model.input_shape[1:4])
     spec = [tf.TensorSpec((None, h, w, c), tf.float32, name=INPUT_NAME)]
     path = Path(path)
@@ -64,8 +68,8 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
                           option="opset") from exc
     # tf2onnx names outputs after the Keras layers ("features", "probs"); make sure of it
     outs = [o.name for o in proto.graph.output]
-    if outs != list(OUTPUT_NAMES):
-        mapping = dict(zip(outs, OUTPUT_NAMES))
+    if outs != list(names):
+        mapping = dict(zip(outs, names))
         for node in proto.graph.node:
             node.output[:] = [mapping.get(o, o) for o in node.output]
             node.input[:] = [mapping.get(i, i) for i in node.input]
@@ -79,7 +83,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17) -> dict:
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
-    return {"inputs": {INPUT_NAME: INPUT_NAME}, "outputs": {n: n for n in OUTPUT_NAMES}, "opset": opset}
+    return {"inputs": {INPUT_NAME: INPUT_NAME}, "outputs": {n: n for n in names}, "opset": opset}
 
 
 def set_metadata(proto, *, role: str, precision: str | None = None) -> None:

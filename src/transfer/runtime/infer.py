@@ -9,6 +9,7 @@ predict with a :class:`~transfer.runtime.predictor.Predictor`, build rows with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from ..errors import ConfigError, TransferError
 from ..locks import locked
 from ..progress import ProgressLike, as_progress
 from .predict_config import ROW_SUFFIXES, InferConfig, configure, is_folder
+from .cam import BundleCam, CamWriter, check_cam_out, parse_class
 from .predictor import Predictor
 from .rows import Row, Sink, open_sinks, prediction_rows
+from .runners import model_key_for
 from .sessions import available_providers
 
 
@@ -168,9 +171,15 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], c
     fmt = resolve_format(cfg.fmt, cfg.out)
     out = output_path(cfg.out, fmt)
     check_output(out, bundle_path, inputs)
+    cam_out = check_cam_out(cfg.cam, bundle_path) if cfg.cam is not None else None
     with output_lock(out):
         b = load_bundle(bundle_path, trust=cfg.security.store)
+        # a bundle without maps is refused before any session is made
+        cam = BundleCam.open(b, model_key_for(b, cfg.model.backend)) if cam_out is not None else None
         predictor = Predictor.open(b, cfg.model, trust_pickle=cfg.security.trust_pickle)
+        maps = _cam_writer(cam, predictor, cam_out, cfg) if cam is not None else None
+        if maps is not None:
+            as_progress(progress).say(maps.note())
         topk = min(cfg.topk, len(predictor.names))
         serving = predictor.describe()
         s = InferSummary(backend=serving["backend"], provider=serving["provider"], head=serving["head"],
@@ -179,19 +188,26 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], c
         def predicted():
             for pb in batches(iter_inputs(inputs, recursive=cfg.recursive), predictor.input_size, batch=cfg.batch,
                               workers=cfg.workers, recipe=predictor.recipe):
-                yield prediction_rows([(it.path, it.error) for it in pb.items], predictor.predict(pb.x),
-                                      predictor.names, topk)
+                pred = predictor.predict(pb.x)
+                if maps is not None:
+                    maps.write([pb.items[i].path for i in pb.ok_index], pb.x, pred.outputs.feature_map,
+                               pred.outputs.probs)
+                yield prediction_rows([(it.path, it.error) for it in pb.items], pred, predictor.names, topk)
 
-        with predictor:
+        with predictor, (maps if maps is not None else contextlib.nullcontext()):
             return write_rows(predicted(), open_sinks(out, fmt, topk, reject=predictor.rule), s, progress)
+
+
+def _cam_writer(cam: BundleCam, predictor: Predictor, out: Path, cfg: InferConfig) -> CamWriter:
+    """The writer of ``--cam`` (the runner asked for the feature map from now on)."""
+    predictor.runner.request("feature_map")
+    return CamWriter(out, cam, predictor.names, parse_class(cfg.cam_class, predictor.names),
+                     head=predictor.head.name, workers=cfg.workers)
 
 
 def output_lock(out: Path | None):
     """The lock of an output file (nothing for standard output): a second process writing the
     same file gets :class:`transfer.locks.LockedError` instead of interleaving rows."""
-    import contextlib
-
-
     return locked(out, purpose="infer") if out is not None else contextlib.nullcontext()
 
 

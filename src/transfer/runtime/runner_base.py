@@ -37,6 +37,12 @@ class Outputs:
 
     features: np.ndarray
     probs: np.ndarray
+    #: the last spatial feature map (N, h, w, K) of a bundle with class activation maps; fetched only
+    #: when asked (:meth:`Runner.request`), so a run without maps pays nothing for it
+    feature_map: np.ndarray | None = None
+
+    #: outputs a runner fetches only when asked
+    ON_REQUEST = ("feature_map",)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -82,6 +88,7 @@ class Runner:
         self.last_seconds = 0.0
         self.total_seconds = 0.0
         self.calls = 0
+        self.requested: frozenset[str] = frozenset()
         self._active = False
         self._lifecycle = threading.RLock()
 
@@ -123,6 +130,12 @@ class Runner:
             self.deactivate()
         except Exception:  # noqa: BLE001
             pass
+
+    def request(self, *names: str) -> "Runner":
+        """Also fetch these on-request outputs (:attr:`Outputs.ON_REQUEST`, e.g. ``feature_map``)
+        from now on, when the model has them; returns the runner."""
+        self.requested = self.requested | frozenset(n for n in names if n in Outputs.ON_REQUEST)
+        return self
 
     # -- one batch ----------------------------------------------------------------------------
 

@@ -68,12 +68,13 @@ class OrtRunner(Runner):
         self.session = None
 
     def _infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self._outputs, self.session.run(self._outputs, {"image": x})))
+        names = [n for n in self._outputs if n not in Outputs.ON_REQUEST or n in self.requested]
+        return dict(zip(names, self.session.run(names, {"image": x})))
 
     def _empty(self) -> dict[str, np.ndarray]:
         dims = {o.name: o.shape[1:] for o in self.session.get_outputs()}
         return {n: np.zeros((0, *[d if isinstance(d, int) else 0 for d in dims[n]]), np.float32)
-                for n in self._outputs}
+                for n in self._outputs if n not in Outputs.ON_REQUEST or n in self.requested}
 
 
 def bundle_runner(bundle: Bundle, model_key: str, providers=None, threads: int | None = None, *,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..errors import ImageDecodeError
+from ..errors import ConfigError, ImageDecodeError
 from ._deps import check_installed
 
 check_installed()  # the serve extra: a clear install hint instead of an ImportError below
@@ -171,7 +171,7 @@ def create_app(model: ServedModel, config: ServeConfig, *, key: bytes | None = N
              responses={200: {"description": "per image: top-k classes with probabilities, or its error"},
                         **{s: {"description": d} for s, d in _PREDICT_ERRORS.items()}})
     async def predict(request: Request):  # no declared parameters: no dependency resolution per request
-        return await _predict(state, request, _topk(request))
+        return await _predict(state, request, _topk(request), _cam(request, model))
 
     app.include_router(v1)
     return _guarded(app, state, config)
@@ -215,6 +215,43 @@ def _topk(request: Request) -> int | None:
         raise ApiError(422, f"invalid request: query.topk must be a whole number >= 1 (got {raw[:20]!r})",
                        "see GET /openapi.json")
     return k
+
+
+#: what ``?cam=`` accepts
+_CAM_ON, _CAM_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _cam(request: Request, model: ServedModel) -> tuple[int | None] | None:
+    """``?cam=1`` (and ``?cam_class=NAME``): ``(class index or None,)`` when maps are asked, else None.
+
+    Raises:
+        ApiError: 422 for another value, a class the bundle does not have, or a bundle without maps
+            (the hint says why it has none and what to do).
+    """
+    raw = request.query_params.get("cam")
+    cls = request.query_params.get("cam_class")
+    if raw is None or raw.lower() in _CAM_OFF:
+        if cls is not None:
+            raise ApiError(422, "invalid request: query.cam_class needs cam=1", "add cam=1 to the query")
+        return None
+    if raw.lower() not in _CAM_ON:
+        raise ApiError(422, f"invalid request: query.cam must be 1 or 0 (got {raw[:20]!r})", "see GET /openapi.json")
+    if model.cam is None:
+        message, hint = model.cam_problem
+        raise ApiError(422, f"no class activation maps: {message}", hint)
+    try:
+        return (model.cam_class(cls),)
+    except ConfigError as exc:
+        raise ApiError(422, f"invalid request: query.cam_class: {exc.message}", "see GET /v1/model for the classes"
+                       ) from None
+
+
+def _map_entry(model: ServedModel, pred, pixels, cls, metrics) -> dict:
+    """One image's map (in a decode thread: numpy and PNG encoding), its cost in the metrics."""
+    t = time.perf_counter()
+    entry = model.map_entry(pred, pixels, cls)
+    metrics.cam_seconds.observe(time.perf_counter() - t)
+    return entry
 
 
 def _warmed(state: State, fut) -> None:
@@ -277,7 +314,7 @@ async def _read_body(request: Request, config: ServeConfig) -> list[Upload]:
     return [Upload("body", name[:200], data)]
 
 
-async def _predict(state: State, request: Request, topk: int | None) -> Any:
+async def _predict(state: State, request: Request, topk: int | None, cam: tuple | None = None) -> Any:
     config, model, batcher = state.config, state.model, state.batcher
     t0 = time.perf_counter()
     if state.draining:
@@ -330,7 +367,7 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
         state.metrics.dropped.labels("queued").inc()
     by_index = dict(zip(ok, results))
     k = min(topk or config.topk, len(model.names))
-    entries = []
+    entries, maps = [], []
     for i, (u, (x, dt, err)) in enumerate(zip(ups, decoded)):
         e = {"index": i, "field": u.field, "name": u.name}
         if err is not None:
@@ -362,7 +399,17 @@ async def _predict(state: State, request: Request, topk: int | None) -> Any:
                          timings_ms={"decode": round(dt * 1000, 3), "queue": round(r.queue_s * 1000, 3),
                                      "model": round(r.model_s * 1000, 3)}, batch_size=r.batch_size)
                 state.metrics.images.labels("ok").inc()
+                if cam is not None:
+                    maps.append((e, r.probs, x))
         entries.append(e)
+    if maps:  # ?cam=1: each answered image's map, computed and encoded off the event loop
+        loop = asyncio.get_running_loop()
+        t_map = time.perf_counter()
+        done = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, _map_entry, model, p, x, cam[0],
+                                                           state.metrics) for _, p, x in maps))
+        for (e, _, _), m in zip(maps, done):
+            e["cam"] = m
+            e["timings_ms"]["cam"] = round((time.perf_counter() - t_map) * 1000, 3)
     timings = {"read": round((t_read - t0) * 1000, 3), "total": round((time.perf_counter() - t0) * 1000, 3)}
     if ticket.gone:  # nobody reads this answer; the status is for the access log and the metrics
         return JSONResponse({"error": "the client disconnected before the answer was ready",
@@ -410,7 +457,16 @@ with that image's status.
 
 _PREDICT_BODY = {"parameters": [{"name": "topk", "in": "query", "required": False,
                                   "schema": {"type": "integer", "minimum": 1},
-                                  "description": "classes per image [default: --topk]"}],
+                                  "description": "classes per image [default: --topk]"},
+                                 {"name": "cam", "in": "query", "required": False,
+                                  "schema": {"type": "string", "enum": ["0", "1"], "default": "0"},
+                                  "description": "1: add each image's class activation map (`cam`: `class`, `layer`, "
+                                                 "`cells` = the map at the feature map's h x w cells in [0, 1], "
+                                                 "`png` = base64 PNG jet overlay on the model-size image, `flag`); "
+                                                 "422 when the bundle has no maps (the hint says why)"},
+                                 {"name": "cam_class", "in": "query", "required": False, "schema": {"type": "string"},
+                                  "description": "with cam=1: the class the maps explain (name or index) "
+                                                 "[default: the network head's predicted class]"}],
                  "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -422,7 +478,8 @@ _PREDICT_ERRORS = {
     401: "missing or wrong API key (with --api-key-file)",
     413: "the body is over the size limit, or the (single) image has too many pixels",
     415: "the (single) image is not an image format the decoder knows, or a JSON body",
-    422: "a malformed multipart form, a form without file fields, or too many images",
+    422: "a malformed multipart form, a form without file fields, too many images, or cam=1 for a bundle "
+         "without class activation maps",
     503: "queue full, request waited too long, warming up or draining (see Retry-After)",
     500: "the (single) image's batch failed (stacking, the model call, its answers); the server goes on serving",
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import MANIFEST, Bundle, load_bundle
+from ..runtime.cam import BundleCam, cam_problem, overlay_png, parse_class
 from ..runtime.predict_config import ModelOptions, TrustOptions
 from ..runtime.predictor import Predictor
 
@@ -30,21 +31,25 @@ class ImagePrediction:
     probs: np.ndarray
     score: float | None = None
     known: bool | None = None
+    feature_map: np.ndarray | None = None  # (h, w, K) when the bundle has maps (``?cam=1``)
+    net_probs: np.ndarray | None = None    # the network head's probabilities (the maps are its)
 
 
 class BatchPrediction:
     """The predictions of one batch, indexable per image (the batcher hands ``[i]`` to each request)."""
 
-    def __init__(self, probs: np.ndarray, unknown: tuple[np.ndarray, np.ndarray] | None = None):
-        self.probs, self.unknown = probs, unknown
+    def __init__(self, probs: np.ndarray, unknown: tuple[np.ndarray, np.ndarray] | None = None,
+                 feature_map: np.ndarray | None = None, net_probs: np.ndarray | None = None):
+        self.probs, self.unknown, self.feature_map, self.net_probs = probs, unknown, feature_map, net_probs
 
     def __len__(self) -> int:
         return len(self.probs)
 
     def __getitem__(self, i: int) -> ImagePrediction:
+        maps = {} if self.feature_map is None else {"feature_map": self.feature_map[i], "net_probs": self.net_probs[i]}
         if self.unknown is None:
-            return ImagePrediction(self.probs[i])
-        return ImagePrediction(self.probs[i], float(self.unknown[0][i]), bool(self.unknown[1][i]))
+            return ImagePrediction(self.probs[i], **maps)
+        return ImagePrediction(self.probs[i], float(self.unknown[0][i]), bool(self.unknown[1][i]), **maps)
 
 
 def bundle_id(bundle: Bundle) -> str:
@@ -63,6 +68,11 @@ class ServedModel:
         self.bundle = bundle
         self.predictor = predictor
         self.options = options
+        # class activation maps (``?cam=1``): the bundle's, for the model that runs, or why there are none
+        self.cam_problem = cam_problem(bundle, predictor.runner.model_key)
+        self.cam = BundleCam.open(bundle, predictor.runner.model_key) if self.cam_problem is None else None
+        if self.cam is not None:
+            predictor.runner.request("feature_map")
         self.id = bundle_id(bundle)
         self.names = predictor.names
         self.size = predictor.input_size
@@ -98,7 +108,28 @@ class ServedModel:
         t = time.perf_counter()
         pred = self.predictor.predict(x)
         unknown = None if pred.known is None else (pred.scores, pred.known)
-        return BatchPrediction(pred.probs, unknown), time.perf_counter() - t
+        fm = pred.outputs.feature_map
+        return (BatchPrediction(pred.probs, unknown, fm, pred.outputs.probs if fm is not None else None),
+                time.perf_counter() - t)
+
+    def cam_class(self, value) -> int | None:
+        """``?cam_class=``: a class name or index (ConfigError naming the classes), or None."""
+        return parse_class(value, self.names)
+
+    def map_entry(self, pred: ImagePrediction, pixels: np.ndarray, cls: int | None = None) -> dict:
+        """The class activation map of one answered image (``?cam=1``): the network head's map of its
+        predicted class (or ``cls``) at the feature map's cells (``cells``: rows of values in [0, 1])
+        and as a jet overlay on the model-size pixels (``png``: base64 PNG), with the map's flag."""
+        import base64
+
+        c = int(np.argmax(pred.net_probs)) if cls is None else int(cls)
+        fm, k = pred.feature_map[None], np.array([c])
+        full = self.cam.maps(fm, k)[0]
+        png, flag = overlay_png(np.asarray(pixels, np.uint8), full)
+        cells = self.cam.small(fm, k)[0]
+        return {"class": self.names[c], "head": "network", "layer": self.cam.layer,
+                "cells": np.round(cells, 4).tolist(), "flag": flag,
+                "png": base64.b64encode(png).decode("ascii")}
 
     def warm_up(self, max_batch: int) -> float:
         """Run the smallest and the largest batch once (sessions allocate on first use); seconds taken."""
@@ -146,6 +177,8 @@ class ServedModel:
             "unknown": (dict(self.detector.describe(), rejecting=True) if self.detector is not None
                         else {"rejecting": False, "available": sorted((m.get("unknown") or {}).get("scores", {}))}),
             "tools": m.get("tools", {}),
+            "cam": ({"available": True, "layer": self.cam.layer, "cells": list(self.cam.shape[:2])}
+                    if self.cam is not None else {"available": False, "reason": self.cam_problem[0]}),
         }
 
 

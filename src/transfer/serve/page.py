@@ -37,6 +37,9 @@ _PAGE = """<!doctype html>
   .bar { height: 10px; background: var(--accent); border-radius: 5px; min-width: 2px; }
   .err { color: var(--bad); }
   #timing { margin-top: 10px; }
+  .camrow { margin-top: 10px; display: none; }
+  #camfig { display: none; margin: 12px 0 0 0; }
+  #camimg { max-width: 100%; image-rendering: pixelated; border-radius: 6px; }
 </style>
 </head>
 <body>
@@ -51,10 +54,14 @@ _PAGE = """<!doctype html>
     <input id="file" type="file" accept="image/*">
     <img id="preview" alt="">
   </label>
+  <div class="camrow" id="camrow"><label><input id="cam" type="checkbox"> show where the model looks
+    (class activation map of the predicted class)</label></div>
   <div id="result">
     <div id="name" class="muted"></div>
     <table id="top"><tbody></tbody></table>
     <div id="timing" class="muted"></div>
+    <figure id="camfig"><img id="camimg" alt="class activation map"><figcaption id="camcap" class="muted">
+      </figcaption></figure>
   </div>
 </main>
 <script>
@@ -73,6 +80,7 @@ async function loadModel() {
     const j = await r.json();
     if (!r.ok) { text($("model"), j.error + (AUTH ? " (enter the API key, then drop an image)" : "")); return; }
     const s = j.serving || {};
+    if (j.cam && j.cam.available) { $("camrow").style.display = "block"; }
     text($("model"), `${j.num_classes} classes, input ${j.input.height}x${j.input.width}; ` +
          `${s.backend} on ${s.provider}, head ${s.head}; bundle ${j.bundle_id.slice(0, 19)}...`);
   } catch (e) { text($("model"), "cannot reach the server: " + e); }
@@ -88,11 +96,13 @@ async function predict(file) {
   body.append("image", file, file.name);
   const box = $("result"), tb = document.querySelector("#top tbody");
   box.style.display = "block"; tb.innerHTML = ""; text($("timing"), "");
+  $("camfig").style.display = "none"; $("camimg").removeAttribute("src");
+  const cam = $("cam").checked;
   text($("name"), file.name + ": predicting...");
   const t0 = performance.now();
   let r, j;
   try {
-    r = await fetch("/v1/predict", {method: "POST", body, headers: headers()});
+    r = await fetch("/v1/predict" + (cam ? "?cam=1" : ""), {method: "POST", body, headers: headers()});
     j = await r.json();
   } catch (e) { text($("name"), "request failed: " + e); $("name").className = "err"; return; }
   const ms = performance.now() - t0;
@@ -118,6 +128,13 @@ async function predict(file) {
        `(decode ${tm.decode.toFixed(2)}, queue ${tm.queue.toFixed(2)}, model ${tm.model.toFixed(2)} ms, ` +
        `batch of ${p.batch_size})`);
   $("timing").dataset.ms = ms.toFixed(3);
+  if (p.cam) {
+    $("camimg").src = "data:image/png;base64," + p.cam.png;
+    text($("camcap"), `map of ${p.cam.class} (${p.cam.head} head, layer ${p.cam.layer}, ` +
+         `${p.cam.cells.length}x${p.cam.cells[0].length} cells)` + (p.cam.flag ? `: ${p.cam.flag} map` : "") +
+         ` in ${tm.cam.toFixed(1)} ms`);
+    $("camfig").style.display = "block";
+  }
 }
 const drop = $("drop");
 ["dragenter", "dragover"].forEach(ev => drop.addEventListener(ev, e => { e.preventDefault(); drop.classList.add("over"); }));
@@ -125,6 +142,7 @@ const drop = $("drop");
 drop.addEventListener("drop", e => show(e.dataTransfer.files[0]));
 $("file").addEventListener("change", e => show(e.target.files[0]));
 $("key").addEventListener("change", loadModel);
+$("cam").addEventListener("change", () => { const f = $("file").files[0]; if (f) predict(f); });
 loadModel();
 </script>
 </body>

@@ -14,6 +14,8 @@ Names (all prefixed ``transfer_serve_``):
   model, so none of the dropped images cost a model call: ``reading`` (while sending the body),
   ``queued`` (read; decoding or waiting for a batch). Such requests are logged with status 499.
 - ``ready``: 1 when warmed up and not draining.
+- ``cam_seconds``: seconds to compute and encode one class activation map (``?cam=1``; its count
+  is the maps answered).
 - the process's CPU seconds, memory and open files (``process_*``) and Python's GC counters.
 """
 
@@ -53,6 +55,9 @@ class Metrics:
                                   "the model (those images were not run), by stage", ("stage",), registry=r)
         for stage in ("reading", "queued"):  # exported as 0 from the start
             self.dropped.labels(stage)
+        self.cam_seconds = pc.Histogram(p + "cam_seconds", "seconds per class activation map (?cam=1): the map "
+                                        "from the feature map, its overlay and PNG", buckets=_LATENCY_BUCKETS,
+                                        registry=r)
         self.ready = pc.Gauge(p + "ready", "1 when the model is warmed up and the server is not draining",
                               registry=r)
         self.queue_depth = pc.Gauge(p + "queue_depth", "images waiting for the model", registry=r)
