@@ -29,7 +29,10 @@ The sweep that decides (``--decide``), each step one ``transfer`` process:
    weights) on the target, into a fresh run folder;
 3. the 3-backbone x 6-fraction sweep (trainable 0, 0.1, 0.3, 0.5, 0.7, 1.0) with the full
    schedule, then with ``--schedule halving`` (rungs at epochs 1, 3, 8; the best third goes on);
-4. the trial halving chose, trained alone (a sweep of that one trial into a fresh folder).
+4. the trial halving chose, trained alone (a sweep of that one trial into a fresh folder);
+5. the unchanged guard: ``transfer heads RUN --trial ... --head logreg`` on every trial of the full
+   sweep and every trial halving trained to the full budget (network test accuracy >= a logistic
+   regression on the trial's own features - 3 points).
 
 Bars: halving's best trial within 0.5 points test accuracy of the full sweep's best, at <= 0.6x
 the full sweep's wall time (its cost as a multiple of the chosen trial alone is printed too);
@@ -302,6 +305,30 @@ def decide(a) -> None:
           f"; the full sweep: {' > '.join(by_sweep)}; Kendall tau {tau:+.2f}; rank {walls['rank']:.0f} s "
           f"({loads['rank']}) = {walls['rank'] / walls['full']:.3f} of the full sweep")
     print(f"chosen trial: {best_h['trial']} ({chosen.get('epochs_trained')} epochs)")
+    # the unchanged guard: each completed trial's network vs a logistic regression on its own features
+    done_h = [n for n, m in halving.items() if not m.get("stopped")]
+    walls["heads"], _ = transfer(work / "heads-full.log", "heads", runs["full"], "--trial", "all", "--head", "logreg")
+    transfer(work / "heads-halving.log", "heads", runs["halving"], "--trial", ",".join(done_h), "--head", "logreg")
+    rows = [[k, *r] for k in ("full", "halving") for r in _guard_rows(runs[k])]
+    print(table(["sweep", "trial", "network test acc %", "logreg test acc %", "difference (points)",
+                 "bar (>= -3)"], rows))
+    short = sum(r[-1] != "met" for r in rows)
+    print(f"guard: network >= logreg on its own features - 3 points in {len(rows) - short} of {len(rows)} "
+          f"completed trials")
+
+
+def _guard_rows(run: Path) -> list[list]:
+    """Per trial ``transfer heads`` fitted: network and logreg test accuracy, their gap, the bar."""
+    import csv
+
+    rows = []
+    for d in sorted((run / "heads").iterdir()):
+        with open(d / "heads.csv", newline="") as fh:
+            acc = {r["head"]: float(r["test_accuracy"]) for r in csv.DictReader(fh)}
+        gap = 100 * (acc["network"] - acc["logreg"])
+        rows.append([d.name, f"{100 * acc['network']:.1f}", f"{100 * acc['logreg']:.1f}", f"{gap:+.1f}",
+                     "met" if gap >= -3.0 else "NOT met"])
+    return rows
 
 
 def adam(a) -> None:
