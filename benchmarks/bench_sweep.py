@@ -29,13 +29,18 @@ The sweep that decides (``--decide``), each step one ``transfer`` process:
    weights) on the target, into a fresh run folder;
 3. the 3-backbone x 6-fraction sweep (trainable 0, 0.1, 0.3, 0.5, 0.7, 1.0) with the full
    schedule, then with ``--schedule halving`` (rungs at epochs 1, 3, 8; the best third goes on);
-4. the trial halving chose, trained alone (a sweep of that one trial into a fresh folder).
+4. the trial halving chose, trained alone (a sweep of that one trial into a fresh folder);
+5. the unchanged guard: ``transfer heads RUN --trial ... --head logreg`` on every trial of the full
+   sweep and every trial halving trained to the full budget (network test accuracy >= a logistic
+   regression on the trial's own features - 3 points).
 
 Bars: halving's best trial within 0.5 points test accuracy of the full sweep's best, at <= 0.6x
 the full sweep's wall time (its cost as a multiple of the chosen trial alone is printed too);
 ``transfer rank``'s backbone order against the full sweep's (each backbone's best trial by val
 accuracy) as Kendall's tau, and its cost as a fraction of the full sweep. The machine's load
-average is sampled every 5 s during each step and printed with it.
+average is sampled every 5 s during each step and printed with it, and each step's CPU seconds
+(user + system, ``wait4``) with its wall time: on a shared machine the ratios of CPU seconds hold
+better than those of wall times taken minutes apart.
 """
 
 from __future__ import annotations
@@ -181,8 +186,14 @@ class LoadSampler:
         return f"load {min(v):.1f}-{max(v):.1f} (mean {sum(v) / len(v):.1f})"
 
 
+#: CPU seconds (user + system) of each ``transfer`` step, by its log's stem: on a shared machine the
+#: wall time of a step depends on what else runs; its CPU time much less
+CPU: dict[str, float] = {}
+
+
 def transfer(log: Path, *args) -> tuple[float, str]:
-    """Run ``transfer ARGS`` in a fresh process; (wall seconds, load text). The log keeps its output."""
+    """Run ``transfer ARGS`` in a fresh process; (wall seconds, load text). The log keeps its output;
+    its CPU seconds go to ``CPU[log.stem]``."""
     cmd = [sys.executable, "-m", "transfer.cli", *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TF_CPP_MIN_LOG_LEVEL="3")
     print("$ transfer " + " ".join(map(str, args)), flush=True)
@@ -191,11 +202,12 @@ def transfer(log: Path, *args) -> tuple[float, str]:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:  # each line with the seconds since the start
             fh.write(f"{time.perf_counter() - t0:8.1f}  {line}")
-        r = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-    if r != 0:
-        raise SystemExit(f"failed ({r}); see {log}")
-    print(f"  {wall:.0f} s, {load.text()}", flush=True)
+    if status != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}); see {log}")
+    CPU[log.stem] = usage.ru_utime + usage.ru_stime
+    print(f"  {wall:.0f} s, {CPU[log.stem]:.0f} CPU s, {load.text()}", flush=True)
     return wall, load.text()
 
 
@@ -293,6 +305,10 @@ def decide(a) -> None:
           f"({loads['halving']}): {walls['halving'] / walls['full']:.2f}x (bar <= 0.6); the chosen trial alone "
           f"{walls['alone']:.0f} s ({loads['alone']}): halving = {walls['halving'] / walls['alone']:.2f}x it, "
           f"the full sweep {walls['full'] / walls['alone']:.2f}x")
+    cpu = {k: CPU[k] for k in ("full", "halving", "alone", "rank")}
+    print(f"CPU seconds: full {cpu['full']:.0f}, halving {cpu['halving']:.0f} ({cpu['halving'] / cpu['full']:.2f}x), "
+          f"the chosen trial alone {cpu['alone']:.0f} (halving {cpu['halving'] / cpu['alone']:.2f}x it), "
+          f"rank {cpu['rank']:.0f} ({cpu['rank'] / cpu['full']:.3f} of the full sweep)")
     rank = json.loads((runs["rank"] / "rank.json").read_text())
     by_rank = [b["backbone"] for b in rank["backbones"]]
     by_sweep = _backbone_order(full)
@@ -302,6 +318,30 @@ def decide(a) -> None:
           f"; the full sweep: {' > '.join(by_sweep)}; Kendall tau {tau:+.2f}; rank {walls['rank']:.0f} s "
           f"({loads['rank']}) = {walls['rank'] / walls['full']:.3f} of the full sweep")
     print(f"chosen trial: {best_h['trial']} ({chosen.get('epochs_trained')} epochs)")
+    # the unchanged guard: each completed trial's network vs a logistic regression on its own features
+    done_h = [n for n, m in halving.items() if not m.get("stopped")]
+    walls["heads"], _ = transfer(work / "heads-full.log", "heads", runs["full"], "--trial", "all", "--head", "logreg")
+    transfer(work / "heads-halving.log", "heads", runs["halving"], "--trial", ",".join(done_h), "--head", "logreg")
+    rows = [[k, *r] for k in ("full", "halving") for r in _guard_rows(runs[k])]
+    print(table(["sweep", "trial", "network test acc %", "logreg test acc %", "difference (points)",
+                 "bar (>= -3)"], rows))
+    short = sum(r[-1] != "met" for r in rows)
+    print(f"guard: network >= logreg on its own features - 3 points in {len(rows) - short} of {len(rows)} "
+          f"completed trials")
+
+
+def _guard_rows(run: Path) -> list[list]:
+    """Per trial ``transfer heads`` fitted: network and logreg test accuracy, their gap, the bar."""
+    import csv
+
+    rows = []
+    for d in sorted((run / "heads").iterdir()):
+        with open(d / "heads.csv", newline="") as fh:
+            acc = {r["head"]: float(r["test_accuracy"]) for r in csv.DictReader(fh)}
+        gap = 100 * (acc["network"] - acc["logreg"])
+        rows.append([d.name, f"{100 * acc['network']:.1f}", f"{100 * acc['logreg']:.1f}", f"{gap:+.1f}",
+                     "met" if gap >= -3.0 else "NOT met"])
+    return rows
 
 
 def adam(a) -> None:

@@ -202,3 +202,85 @@ def test_killed_mid_rung_the_sweep_resumes_to_the_same_decisions_and_trains_no_e
     assert run.rungs()["decisions"] == RunLayout(ref.run_dir).rungs()["decisions"]
     for d in (run, RunLayout(ref.run_dir)):
         assert json.loads(d.best_json.read_text())["trial"] == json.loads(run.best_json.read_text())["trial"]
+
+
+def _train_args(data, out, *more):
+    return ["train", str(data), "--backbone", "arc2", "--weights", "none", "--image-size", "16", "--batch-size", "16",
+            "--patience", "0", "--lr", "3e-3", "--workers", "1", "--out", str(out), *more]
+
+
+def test_from_the_cli_fewer_epochs_than_rungs_runs_a_plain_sweep_says_so_and_best_json_records_it(pattern_folder,
+                                                                                                   tmp_path):
+    from click.testing import CliRunner
+
+    from transfer.cli import cli
+
+    res = CliRunner().invoke(cli, _train_args(pattern_folder, tmp_path / "run", "--trainable", "0,1", "--epochs", "2",
+                                              "--schedule", "halving", "--first-rung", "2"))
+    assert res.exit_code == 0, res.output
+    assert "successive halving needs at least two rungs, and --epochs 2 with a first rung of 2" in res.output
+    run = RunLayout(tmp_path / "run")
+    assert not run.rungs_json.exists()
+    for name in ("arc2-t000", "arc2-t100"):
+        m = run.trial_paths(name).metrics()
+        assert m["stopped"] is None and m["epochs_trained"] == 2
+    best = json.loads(run.best_json.read_text())
+    assert best["schedule"] == "full" and "at least two rungs" in best["schedule_note"]
+
+
+def _history_rows(run: RunLayout, name: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in run.trial_paths(name).history()]
+
+
+@pytest.mark.slow
+def test_from_the_cli_a_sweep_killed_mid_rung_resumes_to_the_recorded_decisions_and_trains_nothing_twice(
+        noisy_folder, tmp_path):
+    """``transfer train --schedule halving`` SIGKILLed between the two trials of rung 2 (rungs at epochs 1, 2,
+    3; rate 2), then run again: rung 1's recorded decision is read back, the trials it stopped are not
+    opened again, and every trial's history is that of an uninterrupted sweep (each epoch once)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(repo / "src"))
+    more = ("--trainable", "0,0.3,0.6,1", "--epochs", "3", "--schedule", "halving", "--halving-rate", "2")
+
+    def cmd(out):
+        return [sys.executable, "-m", "transfer.cli", *_train_args(noisy_folder, out, *more)]
+
+    proc = subprocess.Popen(cmd(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("rung 2/3 (epoch 2), trial 2/2"):  # the first trial of rung 2 has trained it
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    run = RunLayout(tmp_path / "run")
+    record = run.rungs()
+    assert [d["rung"] for d in record["decisions"]] == [1]
+    stopped = record["decisions"][0]["stopped"]
+    stamps = {n: run.trial_paths(n).metrics_json.stat().st_mtime_ns for n in stopped}
+
+    again = subprocess.run(cmd(tmp_path / "run"), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "rung 1 (epoch 1) (recorded)" in again.stderr
+    assert not any(f"[{n}]" in again.stderr for n in stopped)  # stopped trials are not opened again
+    assert {n: run.trial_paths(n).metrics_json.stat().st_mtime_ns for n in stopped} == stamps
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    ref_run = RunLayout(tmp_path / "ref")
+    assert run.rungs()["decisions"] == ref_run.rungs()["decisions"]
+    assert json.loads(run.best_json.read_text())["trial"] == json.loads(ref_run.best_json.read_text())["trial"]
+    for name in ("arc2-t000", "arc2-t030", "arc2-t060", "arc2-t100"):
+        rows = _history_rows(run, name)
+        assert rows == _history_rows(ref_run, name), name  # each epoch once, the numbers of an uninterrupted sweep
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))

@@ -30,7 +30,7 @@ from .fit import failure_text, run_trial
 from .halving import run_halving
 from .plan import TrialData, TrialSpec, duplicate_random_trials, plan_trials, resolve_image_size
 from .prepare import PreparedRun, check_options, prepare_run
-from .schedule import plan_schedule
+from .schedule import Schedule, plan_schedule
 
 
 @dataclass
@@ -263,8 +263,10 @@ def pick_best(trials: list[dict]) -> dict | None:
             "test_without_duplicates": best["metrics"].get("test_without_duplicates")}
 
 
-def _finish(run: PreparedRun, trials: list[dict]) -> SweepResult:
-    """The sweep table, best trial and failures of a finished sweep (local or Ray)."""
+def _finish(run: PreparedRun, trials: list[dict], schedule: Schedule) -> SweepResult:
+    """The sweep table, best trial and failures of a finished sweep (local or Ray). ``best.json``
+    names the schedule the sweep ran (and, when halving was asked for and it ran as a full sweep,
+    why: the note it printed)."""
     result = SweepResult(run_dir=run.writer.path, trials=trials)
     for t in trials:
         if t["state"] == "failed":
@@ -273,6 +275,9 @@ def _finish(run: PreparedRun, trials: list[dict]) -> SweepResult:
     result.table_md = run.writer.write_sweep_table(header, rows)
     result.best = pick_best(trials)
     if result.best:
+        result.best["schedule"] = schedule.kind
+        if schedule.note:
+            result.best["schedule_note"] = schedule.note
         run.writer.write_best(result.best)
     return result
 
@@ -315,7 +320,7 @@ def run_sweep(config: TrainConfig, *, progress: ProgressLike = None, ray=None) -
             trials = _run_halving(run, config, specs, schedule, ray, p)
         else:
             trials = _run_local(run, config, specs, p) if ray is None else _run_on_ray(run, config, specs, ray, p)
-        return _finish(run, trials)
+        return _finish(run, trials, schedule)
 
 
 def _f(v) -> str:
