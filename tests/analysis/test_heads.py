@@ -10,13 +10,18 @@ import numpy as np
 import pytest
 import sklearn
 
+from helpers.runs import copy_run
+from transfer.analysis.features import load_split
+from transfer.analysis.heads import (
+    HeadIntegrityError,
+    ensure_head,
+    fit_heads,
+    load_head,
+    make_estimator,
+)
 from transfer.errors import ConfigError
 from transfer.fsutil import sha256_file
 from transfer.runfolder import RunFolder
-from transfer.analysis.features import load_split
-from transfer.analysis.heads import HeadIntegrityError, ensure_head, fit_heads, load_head, make_estimator
-
-from analysis_helpers import copy_run
 
 
 @pytest.fixture(scope="module")
