@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-train-dev
 export PYTHONHASHSEED ?= 0
+# pytest-xdist workers of the test targets: one per core
+TEST_WORKERS ?= auto
 
 .PHONY: demo test test-all test-slow bench clean setup browser
 
@@ -23,9 +25,10 @@ $(STAMP_ALL): $(STAMP) setup.cfg
 	$(PY) -m pip install --quiet -e ".[train,dev,distributed,serve-ray]"
 	touch $(STAMP_ALL)
 
-## make test: the fast suite (tiny models and images built in code)
+## make test: the fast suite (tiny models and images built in code), on every core (pytest-xdist);
+## the 40 slowest tests are listed at the end (their record: docs/test_durations.md)
 test: $(STAMP_ALL)
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	$(PY) -m pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --durations=40
 
 # headless Debian chromium (+ its driver for Selenium) renders the HTML report and drives the
 # serve page in slow tests (skipped without them)

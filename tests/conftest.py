@@ -1,4 +1,5 @@
-"""Shared test setup: quiet TensorFlow, the `gpu` marker skips without a CUDA device."""
+"""Shared test setup: quiet TensorFlow, the `gpu` marker skips without a CUDA device, and the
+fixtures every folder shares (:mod:`helpers.fixtures`: one session-wide run and bundle)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+pytest_plugins = ["helpers.fixtures"]
+
 
 def _cuda_device_present() -> bool:
     smi = shutil.which("nvidia-smi")
@@ -24,7 +27,20 @@ def _cuda_device_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+#: fixtures that train a model (once per session or per test): a test asking for one is marked `trains`
+TRAINING_FIXTURES = {"shared_run", "shared_bundle", "aug_run", "full_bundle", "rt_bundle", "serve_bundle",
+                     "tiny_run", "explain_run", "run_copy", "object_model"}
+#: fixtures that start a real HTTP server: a test asking for one is marked `server`
+SERVER_FIXTURES = {"server", "start_server"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & TRAINING_FIXTURES:
+            item.add_marker(pytest.mark.trains)
+        if used & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
     if _cuda_device_present():
         return
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (none found)")

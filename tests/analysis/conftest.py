@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis_helpers import build_run, copy_run, make_pattern_folder
-from explain_helpers import train_object_model
+from helpers.explain import train_object_model
+from helpers.runs import build_run, copy_run, make_pattern_folder
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from helpers.runs import copy_run
 from transfer.cli import cli
-
-from analysis_helpers import copy_run
 
 COMMANDS = (["heads"], ["evaluate"], ["features", "--plot", "pca"])
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers.corrupt import score_audit, write_corrupted
 from transfer.analysis.audit import audit_folder
 from transfer.data import dedupe
 from transfer.data.splits import Sample, split_samples
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.corrupt import score_audit, write_corrupted  # noqa: E402
 
 
 def _small_folder(pattern_data: Path, root: Path) -> Path:

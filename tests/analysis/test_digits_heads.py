@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from transfer.data.datasets import write_digits
+from helpers.runs import build_run
 from transfer.analysis.head_study import fit_heads
-
-from analysis_helpers import build_run
+from transfer.data.datasets import write_digits
 
 
 @pytest.mark.slow

@@ -8,15 +8,19 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
+from helpers.runs import copy_run
+from transfer.analysis.evaluate import classification_metrics, evaluate
 from transfer.data.image import load_image
 from transfer.errors import ConfigError
 from transfer.models.build import load_model
 from transfer.runfolder import RunFolder
-from transfer.analysis.evaluate import classification_metrics, evaluate
-
-from analysis_helpers import copy_run
 
 OUTPUTS = ("metrics.json", "per_class.csv", "per_class.md", "confusion.csv", "confusion.png", "samples.png",
            "wrong.png")

@@ -14,12 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.runs import copy_run
+from transfer.analysis.features import (
+    extract_features,
+    load_features,
+    load_split,
+    plot_features,
+)
 from transfer.data.image import load_image
 from transfer.errors import ConfigError, RunFolderError
 from transfer.runfolder import RunFolder
-from transfer.analysis.features import extract_features, load_features, load_split, plot_features
-
-from analysis_helpers import copy_run
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

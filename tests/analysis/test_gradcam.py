@@ -9,17 +9,25 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from transfer.cli import cli
-from transfer.errors import ConfigError, ModelError, RunFolderError
-from transfer.models.build import build_classifier
-from transfer.models.registry import get_backbone, list_backbones
+from helpers.explain import OBJ, blob_maps, build_tinycam, object_images
 from transfer.analysis.gradcam import (
-    METHODS, MIN_MAP_SIDE, FaithOptions, compute_maps, explain_run, map_faithfulness, parse_methods, rank_methods, resolve_layer, spatial_layers,
+    METHODS,
+    MIN_MAP_SIDE,
+    FaithOptions,
+    compute_maps,
+    explain_run,
+    map_faithfulness,
+    parse_methods,
+    rank_methods,
+    resolve_layer,
+    spatial_layers,
     verdict_lines,
 )
+from transfer.cli import cli
+from transfer.errors import ConfigError, ModelError, RunFolderError
 from transfer.maps import map_flags, upsample
-
-from explain_helpers import OBJ, blob_maps, build_tinycam, object_images
+from transfer.models.build import build_classifier
+from transfer.models.registry import get_backbone, list_backbones
 
 
 def _hit_rate(maps, boxes, margin=1):
@@ -87,6 +95,7 @@ def _support_centre(model, layer: str, r: int, c: int) -> tuple[float, float, bo
     """Centre of the input pixels that reach cell (r, c) of ``layer`` (the support of the gradient
     over a few random images), and whether that support stays inside the image."""
     import tensorflow as tf
+
     from transfer._lazy import import_keras
 
     keras = import_keras()

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import sklearn
 
-from transfer.errors import ConfigError
-from transfer.fsutil import sha256_file
-from transfer.runfolder import RunFolder
+from helpers.runs import copy_run
 from transfer.analysis.features import load_split
 from transfer.analysis.head_study import ensure_head, fit_heads
 from transfer.classical_heads import HeadIntegrityError, load_head, make_estimator
-
-from analysis_helpers import copy_run
+from transfer.errors import ConfigError
+from transfer.fsutil import sha256_file
+from transfer.runfolder import RunFolder
 
 
 @pytest.fixture(scope="module")

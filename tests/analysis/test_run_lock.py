@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from processes import ENV, TRANSFER, hold_lock  # noqa: E402
+from helpers.processes import ENV, TRANSFER, hold_lock
 
 
 @pytest.fixture()

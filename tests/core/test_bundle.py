@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import check, edit_manifest as _edit, make_bundle  # noqa: E402
-
-from transfer.bundle import load_bundle, new_manifest, read_manifest, verify_bundle, write_bundle  # noqa: E402
-from transfer.errors import BundleError, TamperedBundleError  # noqa: E402
+from helpers.bundle_factory import check, make_bundle
+from helpers.bundle_factory import edit_manifest as _edit
+from transfer.bundle import (
+    load_bundle,
+    new_manifest,
+    read_manifest,
+    verify_bundle,
+    write_bundle,
+)
+from transfer.errors import BundleError, TamperedBundleError
 
 
 def _make(tmp_path, valid=True):

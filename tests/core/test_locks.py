@@ -9,17 +9,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import make_bundle  # noqa: E402
-from image_files import solid_pngs  # noqa: E402
-from processes import ENV, TRANSFER, hold_lock, wait_until_locked_by  # noqa: E402
+from helpers.bundle_factory import make_bundle
+from helpers.image_files import solid_pngs
+from helpers.processes import ENV, TRANSFER, hold_lock, wait_until_locked_by
+from transfer.locks import LockedError, holder, lock_path, locked
 
-from transfer.locks import LockedError, holder, lock_path, locked  # noqa: E402
 
 def test_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path):
     target = tmp_path / "run"

@@ -6,22 +6,17 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import edit_manifest, make_bundle, rehash  # noqa: E402
-from image_files import solid_pngs  # noqa: E402
-from processes import run_without  # noqa: E402
-
-from transfer.bundle import UntrustedBundleError, load_bundle, sign_bundle  # noqa: E402
-from transfer.cli import cli  # noqa: E402
-from transfer.errors import ConfigError, TamperedBundleError  # noqa: E402
-from transfer.signing import TRUST_ENV, generate_key, load_signing_key, trust_store  # noqa: E402
-
+from helpers.bundle_factory import edit_manifest, make_bundle, rehash
+from helpers.image_files import solid_pngs
+from helpers.processes import run_without
+from transfer.bundle import UntrustedBundleError, load_bundle, sign_bundle
+from transfer.cli import cli
+from transfer.errors import ConfigError, TamperedBundleError
+from transfer.signing import TRUST_ENV, generate_key, load_signing_key, trust_store
 
 
 def test_key_commands_are_registered():
@@ -129,7 +124,7 @@ def test_sign_command_signs_only_a_bundle_that_checks_out(tmp_path, keys):
 def test_checks_hold_without_the_onnx_package(tmp_path, keys):
     """The runtime's base install has no onnx: precision stamps are read through ONNX Runtime,
     external data is found in the file's bytes, and signatures need only cryptography."""
-    from bundle_factory import point_external_data
+    from helpers.bundle_factory import point_external_data
 
     (priv, pub, _), _ = keys
     good = make_bundle(tmp_path / "good", head="rf", int8=True, sign_key=load_signing_key(priv))

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import edit_manifest, make_bundle, malicious_pickle, point_external_data, rehash  # noqa: E402
-from image_files import solid_pngs  # noqa: E402
-
-from transfer.bundle import load_bundle  # noqa: E402
-from transfer.cli import cli  # noqa: E402
-from transfer.errors import BundleError  # noqa: E402
+from helpers.bundle_factory import (
+    edit_manifest,
+    make_bundle,
+    malicious_pickle,
+    point_external_data,
+    rehash,
+)
+from helpers.image_files import solid_pngs
+from transfer.bundle import load_bundle
+from transfer.cli import cli
+from transfer.errors import BundleError
 
 
 @pytest.fixture

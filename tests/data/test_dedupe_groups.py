@@ -4,18 +4,15 @@ is one group, so it never straddles the split, though its ends do not verify aga
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers.chains import chain, photo_patches, star_groups
 from transfer.data import dedupe
 from transfer.data.folder import Sample
 from transfer.data.splits import split_samples
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.chains import chain, photo_patches, star_groups  # noqa: E402
 
 #: patches of the sample photos whose chain a star grouping breaks (A~B scores above B~C);
 #: checked in test_a_chain_is_one_component_where_a_star_leaves_its_end_out

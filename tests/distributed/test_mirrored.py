@@ -25,7 +25,7 @@ _SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, sys.argv[3])
-    from trainer_helpers import base_overrides, make_pattern_folder
+    from helpers.trainer import base_overrides, make_pattern_folder
     from transfer.trainer.config import load_config
     from transfer.trainer.sweep import run_sweep
 

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray", reason='Ray is optional: pip install "transfer[distributed]"')
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-from trainer_helpers import make_pattern_folder  # noqa: E402
+from helpers.trainer import make_pattern_folder
 
 EPOCHS = 40  # long enough that the orphaned workers die before they finish (see docs/distributed.md)
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray", reason='Ray is optional: pip install "transfer[distributed]"')
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-from analysis_helpers import make_pattern_folder  # noqa: E402
-
+from helpers.runs import make_pattern_folder  # noqa: E402
 from transfer.trainer.config import load_config  # noqa: E402
 from transfer.trainer.distributed import RayOptions  # noqa: E402
 from transfer.trainer.sweep import run_sweep  # noqa: E402
@@ -91,8 +86,7 @@ def test_address_without_ray_is_refused(tmp_path):
 
 
 def test_ray_inference_equals_local_row_for_row(ray_local, tmp_path):
-    from analysis_helpers import build_run
-
+    from helpers.runs import build_run
     from transfer.export.api import export_bundle
     from transfer.runtime.infer import infer
     from transfer.runtime.ray_infer import infer_ray

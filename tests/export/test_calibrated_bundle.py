@@ -7,8 +7,6 @@ perfect, so the temperature is identifiable), exported with int8.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,11 +235,9 @@ def test_evaluate_unknown_and_the_report_section(digits_bundle, tmp_path):
 
 def _tiny_run(base, **kw):
     """arc2 at 16 px on a pattern folder, one epoch (the export's behaviour is what is tested)."""
+    from helpers.images import make_pattern_folder
     from transfer.trainer.config import load_config
     from transfer.trainer.sweep import run_sweep
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from helpers.images import make_pattern_folder
 
     data = make_pattern_folder(base / "data", per_class=kw.pop("per_class", 20))
     cfg = load_config(None, {"data": str(data), "out": str(base / "run"), "backbones": "arc2", "trainable": "1",
@@ -355,9 +351,8 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
         np.testing.assert_allclose(got, C.apply_temperature(raw, 1.5), atol=atol, err_msg=name)
     # the unknown thresholds were set on the calibrated probabilities the bundle gives
     from transfer.bundle import load_bundle
-    from transfer.runtime.unknown import make_detector
-
     from transfer.runtime.runners import make_runner
+    from transfer.runtime.unknown import make_detector
 
     b = load_bundle(res.bundle_dir)
     xv = np.stack([load_image(p, t.image_size, recipe=run.recipe) for p in run.split_paths("val")[0]]).astype(np.float32)

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers.processes import ENV, TRANSFER, hold_lock, wait_until_locked_by
 from transfer.bundle import load_bundle
 from transfer.cli import cli
-from transfer.errors import BundleError, RunFolderError, TamperedBundleError, VerificationError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from processes import ENV, TRANSFER, hold_lock, wait_until_locked_by  # noqa: E402
+from transfer.errors import (
+    BundleError,
+    RunFolderError,
+    TamperedBundleError,
+    VerificationError,
+)
 
 
 def test_bundle_layout_manifest_and_verification(full_bundle):

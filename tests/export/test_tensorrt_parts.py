@@ -12,22 +12,23 @@ the QDQ model are real and run in ONNX Runtime; real engines are built by the `g
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from image_files import solid_pngs  # noqa: E402
-
+from helpers.image_files import solid_pngs
+from helpers.nvidia_fakes import FakeCudart, fake_tensorrt, install
+from helpers.tiny_models import tiny_onnx
 from transfer.errors import ConfigError, ExportError, TensorRTUnavailableError
 from transfer.export.quantize import calibration_batches
-from transfer.export.tensorrt import BatchProfile, engine_entry, gpu_status, parse_batch_profile, require_tensorrt
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from nvidia_fakes import FakeCudart, fake_tensorrt, install  # noqa: E402
-from tiny_models import tiny_onnx  # noqa: E402
+from transfer.export.tensorrt import (
+    BatchProfile,
+    engine_entry,
+    gpu_status,
+    parse_batch_profile,
+    require_tensorrt,
+)
 
 
 def test_batch_profile_parsing():
@@ -72,9 +73,9 @@ def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle
     import onnxruntime as ort
 
     from transfer.data.image import load_image
+    from transfer.export.compare import compare_outputs
     from transfer.export.tensorrt import prepare_int8_onnx, qdq_summary
     from transfer.runfolder import RunFolder
-    from transfer.export.compare import compare_outputs
 
     run, res = full_bundle
     run = RunFolder(run)

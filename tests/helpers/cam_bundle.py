@@ -4,15 +4,10 @@ fp16 and an rf head."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_ANALYSIS = str(Path(__file__).resolve().parents[1] / "analysis")
-if _ANALYSIS not in sys.path:
-    sys.path.insert(0, _ANALYSIS)
-
-from analysis_helpers import build_run  # noqa: E402
-from explain_helpers import tinycam_registered, write_object_folder  # noqa: E402
+from helpers.explain import tinycam_registered, write_object_folder
+from helpers.runs import build_run
 
 
 def build_cam_bundle(root: Path, *, quantize: str = "int8,fp16", head: str | None = "rf") -> tuple[Path, Path]:

@@ -1,26 +1,19 @@
-"""Fixtures of the runtime tests: one tiny real run and its exported bundle per session."""
+"""Fixtures of the runtime tests: the session's shared run and bundle (:mod:`helpers.fixtures`)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-from analysis_helpers import build_run, make_pattern_folder  # noqa: E402
+
+@pytest.fixture(scope="session")
+def rt_data(shared_data) -> Path:
+    return shared_data
 
 
 @pytest.fixture(scope="session")
-def rt_data(tmp_path_factory) -> Path:
-    return make_pattern_folder(tmp_path_factory.mktemp("rdata") / "patterns")
-
-
-@pytest.fixture(scope="session")
-def rt_bundle(rt_data, tmp_path_factory):
+def rt_bundle(shared_bundle):
     """(run folder, bundle folder) with fp32 + int8 models and an rf head. Do not modify: copy."""
-    from transfer.export.api import export_bundle
-
-    run = build_run(rt_data, tmp_path_factory.mktemp("rruns") / "run", trainable="1")
-    res = export_bundle(run, head="rf", quantize="int8", progress=None)
+    run, res = shared_bundle
     return run, res.bundle_dir

@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import edit_manifest, make_bundle, rehash  # noqa: E402
-from helpers.cam_bundle import build_cam_bundle  # noqa: E402
-
-from transfer.bundle import load_bundle  # noqa: E402
-from transfer.cli import cli  # noqa: E402
-from transfer.errors import BundleError, TamperedBundleError  # noqa: E402
+from helpers.bundle_factory import edit_manifest, make_bundle, rehash
+from helpers.cam_bundle import build_cam_bundle
+from transfer.bundle import load_bundle
+from transfer.cli import cli
+from transfer.errors import BundleError, TamperedBundleError
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +190,8 @@ def test_mobilenet_v2_onnx_map_equals_gradcam(tmp_path):
     """MobileNetV2 (random weights, 96 px: a 3 x 3 out_relu map) exported with its feature map."""
     from transfer.analysis.gradcam import compute_maps
     from transfer.export.cam_export import plan_cam
-    from transfer.models.onnx_convert import export_onnx
     from transfer.models.build import build_classifier
+    from transfer.models.onnx_convert import export_onnx
     from transfer.runtime.cam import BundleCam
     from transfer.runtime.runners import OrtRunner
 

@@ -117,12 +117,7 @@ def test_recipe_2_shrinks_large_jpegs_in_the_dct_and_keeps_the_picture(tmp_path)
 
 def test_an_old_bundle_decodes_with_its_own_recipe(tmp_path):
     """A bundle exported with recipe 1 keeps its pixels: infer decodes with the recorded recipe."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bundle_factory import edit_manifest, make_bundle
-
+    from helpers.bundle_factory import edit_manifest, make_bundle
     from transfer.bundle import load_bundle
     from transfer.data.image import RECIPES, load_image
     from transfer.runtime.infer import infer

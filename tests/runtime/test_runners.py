@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import tiny_onnx  # noqa: E402
-
-from transfer.errors import ConfigError  # noqa: E402
-from transfer.runtime.runner_base import Outputs, Runner, infer_batches  # noqa: E402
-from transfer.runtime.runners import OrtRunner  # noqa: E402
+from helpers.tiny_models import tiny_onnx
+from transfer.errors import ConfigError
+from transfer.runtime.runner_base import Outputs, Runner, infer_batches
+from transfer.runtime.runners import OrtRunner
 
 
 @pytest.fixture

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from image_files import solid_pngs  # noqa: E402
-from processes import run_without  # noqa: E402
-
-from transfer.errors import BundleError, ConfigError
+from helpers.image_files import solid_pngs
+from helpers.processes import run_without
 from transfer.data.stream import batches, iter_inputs
-from transfer.runtime.trt_runner import check_engine_matches
+from transfer.errors import BundleError, ConfigError
 from transfer.runtime.sessions import available_providers, choose_providers
+from transfer.runtime.trt_runner import check_engine_matches
 
 
 def test_provider_choice():

@@ -8,18 +8,21 @@ the ``gpu`` test at the end creates real CUDA / TensorRT provider sessions with 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers.tiny_models import tiny_onnx
 from transfer.errors import ConfigError
-from transfer.runtime.sessions import (_options_for, default_threads, make_session, ort_trt_cache_dir,
-                                       physical_cores, provider_options)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import tiny_onnx  # noqa: E402
+from transfer.runtime.sessions import (
+    _options_for,
+    default_threads,
+    make_session,
+    ort_trt_cache_dir,
+    physical_cores,
+    provider_options,
+)
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 

@@ -12,21 +12,28 @@ error naming the call. The tests that need no stand-in use the real cuda-python 
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nvidia_fakes import CudaErr, FakeCudart, fake_tensorrt, install, reference_outputs  # noqa: E402
-
-from transfer.bundle import Bundle  # noqa: E402
-from transfer.errors import BundleError, ConfigError, TensorRTUnavailableError, TransferError  # noqa: E402
-from transfer.runtime import devices  # noqa: E402
-from transfer.runtime.devices import CudaError  # noqa: E402
-from transfer.runtime.trt_runner import TrtRunner  # noqa: E402
+from helpers.nvidia_fakes import (
+    CudaErr,
+    FakeCudart,
+    fake_tensorrt,
+    install,
+    reference_outputs,
+)
+from transfer.bundle import Bundle
+from transfer.errors import (
+    BundleError,
+    ConfigError,
+    TensorRTUnavailableError,
+    TransferError,
+)
+from transfer.runtime import devices
+from transfer.runtime.devices import CudaError
+from transfer.runtime.trt_runner import TrtRunner
 
 H = W = 8
 
@@ -277,7 +284,12 @@ def test_real_engine_pads_splits_and_releases(rt_bundle, tmp_path):
     import shutil
 
     from transfer.bundle import Bundle, finalize_manifest, read_manifest
-    from transfer.export.tensorrt import BatchProfile, build_engine, device_info, engine_entry
+    from transfer.export.tensorrt import (
+        BatchProfile,
+        build_engine,
+        device_info,
+        engine_entry,
+    )
     from transfer.export.verify import verification_images
     from transfer.runfolder import RunFolder
     from transfer.runtime.runners import make_runner

@@ -4,20 +4,17 @@ bundle.py checks of the unknown-input records and arrays before any score runs."
 from __future__ import annotations
 
 import json
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers.bundle_factory import known_images, make_bundle, rehash, unknown_image
 from transfer import calibration as C
 from transfer.bundle import Bundle
 from transfer.errors import ConfigError, TamperedBundleError
 from transfer.runtime.unknown import make_detector
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import known_images, make_bundle, rehash, unknown_image  # noqa: E402
 
 
 def _bundle(tmp_path, record, arrays=None, classes=3, dim=4):

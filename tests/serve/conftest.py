@@ -3,33 +3,24 @@ ephemeral loopback ports that each test starts and stops."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "transfer[serve]")')
 pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-from analysis_helpers import build_run, make_pattern_folder  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_helpers import RunningServer  # noqa: E402,F401  (tests import it from serve_helpers)
+from helpers.serving import RunningServer
 
 
 @pytest.fixture(scope="session")
-def serve_data(tmp_path_factory) -> Path:
-    return make_pattern_folder(tmp_path_factory.mktemp("sdata") / "patterns")
+def serve_data(shared_data) -> Path:
+    return shared_data
 
 
 @pytest.fixture(scope="session")
-def serve_bundle(serve_data, tmp_path_factory) -> Path:
-    """arc2 at 16x16 exported with fp32 + int8 models and an rf head. Do not modify: copy."""
-    from transfer.export.api import export_bundle
-
-    run = build_run(serve_data, tmp_path_factory.mktemp("sruns") / "run", trainable="1")
-    return export_bundle(run, head="rf", quantize="int8", progress=None).bundle_dir
+def serve_bundle(shared_bundle) -> Path:
+    """arc2 at 16x16 exported with fp32 + int8 models and an rf head (:mod:`helpers.fixtures`). Do not modify: copy."""
+    return shared_bundle[1].bundle_dir
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,10 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import make_bundle  # noqa: E402
-from helpers.cam_bundle import build_cam_bundle  # noqa: E402
-from serve_helpers import RunningServer  # noqa: E402
+from helpers.bundle_factory import make_bundle
+from helpers.cam_bundle import build_cam_bundle
+from helpers.serving import RunningServer
 
 
 @pytest.fixture(scope="module")

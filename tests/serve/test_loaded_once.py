@@ -13,11 +13,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle_factory import make_bundle  # noqa: E402
-
-import transfer.bundle as bundle_module  # noqa: E402
-from transfer.cli import cli  # noqa: E402
+import transfer.bundle as bundle_module
+from helpers.bundle_factory import make_bundle
+from transfer.cli import cli
 
 
 class BundleEntries:

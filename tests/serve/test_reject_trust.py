@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_factory import known_images, make_bundle, unknown_image  # noqa: E402
-from serve_helpers import RunningServer  # noqa: E402
+from helpers.bundle_factory import known_images, make_bundle, unknown_image
+from helpers.serving import RunningServer
 
 
 def _png(x: np.ndarray) -> bytes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_helpers import make_pattern_folder, register_tiny_bn
+from helpers.trainer import make_pattern_folder, register_tiny_bn
 
 
 @pytest.fixture(scope="session")

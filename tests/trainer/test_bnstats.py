@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from helpers.trainer import base_overrides
 from transfer.trainer.config import load_config
 from transfer.trainer.keras_data import batch_count, merged_tail
 from transfer.trainer.sweep import run_sweep
-
-from trainer_helpers import base_overrides
 
 
 def test_trained_batchnorm_gets_the_population_statistics_of_the_training_images(tiny_bn, pattern_folder, tmp_path):
@@ -131,15 +130,13 @@ def test_deeper_statistics_on_a_class_sorted_folder_are_those_of_shuffled_batche
     must be those of the training images in shuffled batches (what the network saw while
     training), not those of one-class batches: the per-epoch validation, the early stop and
     the saved epoch all read them."""
-    import keras
 
+    from helpers.images import make_pattern_folder
     from transfer.data.batches import BatchSource
     from transfer.data.folder import Sample
     from transfer.models.build import load_model
     from transfer.runfolder import RunFolder
     from transfer.trainer.bnstats import PopulationStatistics
-
-    from helpers.images import make_pattern_folder
 
     data = make_pattern_folder(tmp_path / "sorted", classes=3, per_class=48, seed=4)
     cfg = load_config(None, base_overrides(data, tmp_path / "run", backbones=tiny_bn, trainable="1",

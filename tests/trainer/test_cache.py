@@ -12,16 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.trainer import base_overrides
 from transfer.data.folder import index_folder
 from transfer.models.build import build_classifier
 from transfer.models.freeze import apply_freeze
 from transfer.models.split import find_cut, prefix_model
-from transfer.trainer.cache import (CacheBuilder, CacheContext, CacheRequest, CacheSpaceError, FeatureCache,
-                                    weights_sha256)
+from transfer.trainer.cache import (
+    CacheBuilder,
+    CacheContext,
+    CacheRequest,
+    CacheSpaceError,
+    FeatureCache,
+    weights_sha256,
+)
 from transfer.trainer.config import load_config
 from transfer.trainer.sweep import run_sweep
-
-from trainer_helpers import base_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 

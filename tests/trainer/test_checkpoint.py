@@ -90,10 +90,9 @@ def test_a_damaged_or_foreign_weights_file_is_not_loaded(tmp_path):
 def test_every_trial_starts_from_the_initial_weights_file_even_when_it_changes(pattern_folder, tmp_path):
     """The initial weights are read once per process (not once per trial), but a changed
     file is read again."""
+    from helpers.trainer import base_overrides
     from transfer.trainer.config import load_config
     from transfer.trainer.fit import TrialSpec, build_trial_model
-
-    from trainer_helpers import base_overrides
 
     cfg = load_config(None, base_overrides(pattern_folder, tmp_path / "run"))
     spec = TrialSpec(name="arc2-t100", group="arc2-t100", fold=None, backbone="arc2", init="scratch",
@@ -115,11 +114,10 @@ def test_a_damaged_checkpoint_restarts_the_trial_with_a_note(pattern_folder, tmp
     resumed from it: it says so and trains again from its first epoch."""
     import json
 
+    from helpers.trainer import base_overrides
     from transfer.trainer.config import load_config
     from transfer.trainer.fit import read_history
     from transfer.trainer.sweep import run_sweep
-
-    from trainer_helpers import base_overrides
 
     cfg = load_config(None, base_overrides(pattern_folder, tmp_path / "run", trainable="1"))
     assert run_sweep(cfg, progress=lambda s: None).ok

@@ -8,18 +8,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from trainer_helpers import base_overrides
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.chains import chain, photo_patches, star_groups  # noqa: E402
-
+from helpers.chains import chain, photo_patches, star_groups
+from helpers.trainer import base_overrides
 from transfer.trainer.config import load_config
 from transfer.trainer.sweep import run_sweep
 
@@ -198,9 +194,8 @@ def test_dedupe_on_a_given_split_leaves_the_copies_out_of_test(tmp_path):
 def test_a_resumed_run_keeps_the_pixel_recipe_it_was_made_with(tmp_path):
     """A run made before the current decoding recipe resumes with its own (dataset.json and
     every trial's metrics say which), so its trials stay comparable."""
+    from helpers.trainer import make_pattern_folder
     from transfer.data.image import RECIPES
-
-    from trainer_helpers import make_pattern_folder
 
     data = make_pattern_folder(tmp_path / "p")
     out = tmp_path / "run"
@@ -220,8 +215,7 @@ def test_a_resumed_run_keeps_the_pixel_recipe_it_was_made_with(tmp_path):
 
 
 def test_nested_class_folders_are_refused_unless_allowed(tmp_path):
-    from trainer_helpers import make_pattern_folder
-
+    from helpers.trainer import make_pattern_folder
     from transfer.errors import DataError
 
     data = make_pattern_folder(tmp_path / "p")

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.trainer import base_overrides, make_pattern_folder
 from transfer.trainer.config import load_config
 from transfer.trainer.fit import TrialData, TrialSpec, read_history, run_trial
 from transfer.trainer.sweep import run_sweep
-
-from trainer_helpers import base_overrides, make_pattern_folder
 
 REPO = Path(__file__).resolve().parents[2]
 

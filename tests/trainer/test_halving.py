@@ -9,11 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from helpers.trainer import base_overrides
 from transfer.runfolder import RunFolder, RunLayout
 from transfer.trainer.config import load_config
 from transfer.trainer.sweep import run_sweep
-
-from trainer_helpers import base_overrides
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_a_trial_that_goes_on_has_the_numbers_it_has_in_a_full_sweep(both):
     (winner,) = RunLayout(halving.run_dir).rungs()["decisions"][0]["promoted"]
     h = RunLayout(halving.run_dir).trial_paths(winner)
     f = RunLayout(full.run_dir).trial_paths(winner)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(h.history()) == strip(f.history())
     mh, mf = h.metrics(), f.metrics()
     for split in ("train", "val", "test"):
@@ -147,9 +146,9 @@ def test_a_schedule_with_one_trial_runs_as_a_plain_sweep_and_says_so(pattern_fol
 
 
 def test_a_trial_trained_rung_by_rung_in_one_process_is_traced_once(pattern_folder, tmp_path):
-    from transfer.trainer.fit import TrialRun
-    from transfer.trainer.plan import TrialData, TrialSpec
     from transfer.runfolder import RunWriter
+    from transfer.trainer.fit import TrialRun
+    from transfer.trainer.plan import TrialData
     from transfer.trainer.prepare import prepare_run
 
     cfg = _cfg(pattern_folder, tmp_path / "run", trainable="0.5", epochs=3)

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.trainer import base_overrides
 from transfer.trainer.config import load_config
 from transfer.trainer.probe import Probe, fit_probe
 from transfer.trainer.sweep import run_sweep
-
-from trainer_helpers import base_overrides
 
 
 def _logreg(xt, yt):

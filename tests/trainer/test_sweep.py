@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers.trainer import base_overrides
 from transfer.errors import ConfigError
 from transfer.runfolder import RunFolder
 from transfer.trainer.config import load_config
 from transfer.trainer.sweep import run_sweep
-
-from trainer_helpers import base_overrides
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +183,7 @@ def test_kfold_two_stage_l1_and_tensorboard_end_to_end(tmp_path):
     """The options only a full sweep exercises: --kfold 2 (one trial per fold, mean ± std
     in the table), --two-stage (head epochs, then fine-tuning at a lower lr), --loss l1,
     --tensorboard (event files)."""
-    from trainer_helpers import make_pattern_folder
+    from helpers.trainer import make_pattern_folder
 
     data = make_pattern_folder(tmp_path / "data", per_class=12)
     cfg = load_config(None, base_overrides(data, tmp_path / "run", trainable="0.5", kfold=2, two_stage=True,
@@ -218,8 +217,7 @@ def test_options_that_would_lose_or_hide_work_are_refused_before_training(tmp_pa
     """Found by a hostile review: --out inside the data folder (its folders became
     classes next time), a missing --weights file (the run folder was created and the
     hint could not be followed), fractions whose trial names collide (silently dropped)."""
-    from trainer_helpers import make_pattern_folder
-
+    from helpers.trainer import make_pattern_folder
     from transfer.trainer.sweep import plan_trials
 
     data = make_pattern_folder(tmp_path / "data", per_class=4)
@@ -235,8 +233,7 @@ def test_options_that_would_lose_or_hide_work_are_refused_before_training(tmp_pa
 
 
 def test_no_val_split_is_labelled_and_a_changed_dataset_is_refused_on_resume(tmp_path):
-    from trainer_helpers import make_pattern_folder
-
+    from helpers.trainer import make_pattern_folder
     from transfer.errors import DataError
 
     data = make_pattern_folder(tmp_path / "data", per_class=8)
@@ -253,8 +250,7 @@ def test_no_val_split_is_labelled_and_a_changed_dataset_is_refused_on_resume(tmp
 
 
 def test_a_refused_dataset_still_leaves_its_bad_file_list(tmp_path):
-    from trainer_helpers import make_pattern_folder
-
+    from helpers.trainer import make_pattern_folder
     from transfer.errors import DataError
 
     data = make_pattern_folder(tmp_path / "data", per_class=4)

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
-from helpers.images import make_pattern_folder  # noqa: E402,F401  (20 images per class)
+from helpers.images import make_pattern_folder  # noqa: F401  (20 images per class)
 
 
 def build_run(data: Path, out: Path, **kw) -> Path:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-import contextlib
 
 from transfer.models import registry
 from transfer.models.registry import BackboneSpec, register_backbone

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:  # a subprocess that put only this folder on sys.path
-    sys.path.insert(0, _TESTS)
-
-from helpers import images  # noqa: E402
+from helpers import images
 
 #: 16 images per class unless told otherwise
 make_pattern_folder = functools.partial(images.make_pattern_folder, per_class=16)
