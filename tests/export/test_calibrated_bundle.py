@@ -104,6 +104,7 @@ def test_int8_keeps_calibration_and_unknown_decisions(digits_bundle):
     assert isinstance(q["float_nodes"], list) and isinstance(q["attempts"], list)
     for a in q["attempts"]:  # every fallback says why the previous attempt failed
         assert a["why"]
+    assert "val images of the verification set" in q["chosen_on"]  # test images only report
 
 
 def test_no_calibrate_keeps_the_networks_probabilities(digits_bundle, tmp_path):
@@ -285,6 +286,11 @@ def test_export_of_a_run_without_val_split_skips_calibration_with_the_reason(tmp
     img = sorted((tmp_path / "data" / "c0").glob("*.png"))[0]
     r = CliRunner().invoke(cli, ["infer", str(b.path), str(img), "--reject"])
     assert r.exit_code == 2 and "no val split" in r.output  # --reject says why there is no score
+    # int8's float-layer ladder is a choice: with only test images to read, it is not climbed
+    r = CliRunner().invoke(cli, ["export", str(run), "--quantize", "int8", "--out", str(run / "bundle8")])
+    assert r.exit_code == 0, r.output
+    q = json.loads((run / "bundle8" / "manifest.json").read_text())["models"]["onnx-int8"]["quantization"]
+    assert "no val image" in q["chosen_on"] and q["attempts"] == []
 
 
 def test_export_when_val_images_became_unreadable_never_falls_back_to_test(tmp_path):

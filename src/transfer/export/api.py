@@ -35,7 +35,7 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as with_fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -114,6 +114,12 @@ class ExportContext:
     heads: dict[str, dict] = field(default_factory=dict)
     checks: dict[str, dict] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)     # what a step hands to its reference (a head's estimator)
+    choosing: np.ndarray | None = None  # which of x may make a choice (the val images; test chooses nothing)
+
+    def rows(self, mask: np.ndarray) -> "ExportContext":
+        """The same context on the verification images ``mask`` selects (their outputs too)."""
+        outs = {k: Outputs(**{n: a[mask] for n, a in o.arrays().items()}) for k, o in self.outputs.items()}
+        return with_fields(self, x=self.x[mask], y=self.y[mask], outputs=outs, choosing=None)
 
 
 @dataclass(frozen=True)
@@ -295,9 +301,11 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
     if num_classes != len(run.class_names):
         raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(run.class_names)} classes")
     x, y, used = verification_images(run, t.image_size, cfg.verify_images, progress, fold=t.fold)
+    val = {str(p) for p in run.split_paths("val", fold=t.fold)[0]}
     ctx = ExportContext(run, t, tmp, x, y, _limits(cfg), progress, opset=cfg.opset, calib_images=cfg.calib_images,
                         extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes,
-                               "cam_plan": _plan_cam(model, progress)})
+                               "cam_plan": _plan_cam(model, progress)},
+                        choosing=np.array([str(u) in val for u in used], dtype=bool))
     run_step(ctx, _fp32_step())
     if cfg.calibrate:
         _calibrate(ctx, cfg.unknown_accept, cfg.unknown_default)
@@ -385,18 +393,31 @@ def _int8_step() -> Step:
                      **{kk: ctx.models["onnx-fp32"][kk] for kk in ("inputs", "outputs", "opset")}}
             ctx.outputs[step.key] = run_all([_ort_runner(ctx, entry)], ctx.x)[0]
             ref, ref_name = _fp32_outputs(ctx)
-            v = judge(ctx, step, ref.probs, ref_name)
-            if v["passed"] or k == FLOAT_LAYER_LADDER[-1] or len(info.get("float_nodes", [])) < k:
+            d, chosen_on = _ladder_judgement(ctx, step, ref.probs, ref_name)
+            if d is None or d["passed"] or k == FLOAT_LAYER_LADDER[-1] or len(info.get("float_nodes", [])) < k:
                 break
-            tried.append({"float_layers": k, "why": _failure(v)})
-            ctx.progress.say(f"int8 with {k} first layer(s) in float fails ({tried[-1]['why']}); "
+            tried.append({"float_layers": k, "why": _failure(d)})
+            ctx.progress.say(f"int8 with {k} first layer(s) in float fails on {chosen_on} ({tried[-1]['why']}); "
                              "keeping one more in float")
         entry["quantization"]["attempts"] = tried
+        entry["quantization"]["chosen_on"] = chosen_on
         return entry
 
     step = Step("onnx-int8", convert, _ort_runner, _fp32_outputs, check="accuracy",
                 accuracy_names=("fp32_accuracy", "int8_accuracy"))
     return step
+
+
+def _ladder_judgement(ctx: ExportContext, step: Step, ref: np.ndarray, ref_name: str) -> tuple[dict | None, str]:
+    """The check that decides whether int8 keeps one more layer in float, and the images it read:
+    the val images among the verification images (the test images only report: test chooses
+    nothing). ``None`` when there is no val image: the ladder is not climbed, and says so."""
+    m = ctx.choosing
+    if m is None:
+        return judge(ctx, step, ref, ref_name), f"the {len(ctx.y)} verification images"
+    if not m.any():
+        return None, "no val image (the run has no readable val split): the float-layer ladder is not climbed"
+    return judge(ctx.rows(m), step, ref[m], ref_name), f"the {int(m.sum())} val images of the verification set"
 
 
 def _failure(v: dict) -> str:
