@@ -69,3 +69,19 @@ def table(header: list[str], rows: list[list]) -> str:
     from transfer.tables import markdown
 
     return markdown(header, rows, digits=2).rstrip("\n")
+
+
+def logreg_guard_rows(run: Path) -> list[list]:
+    """The "network >= logistic regression on its own features - 3 points" guard, per trial that
+    ``transfer heads RUN --trial all --head logreg`` fitted: trial, network and logreg test accuracy
+    (%), their gap (points), ``met`` / ``NOT met``."""
+    import csv
+
+    rows = []
+    for d in sorted((run / "heads").iterdir()):
+        with open(d / "heads.csv", newline="") as fh:
+            acc = {r["head"]: float(r["test_accuracy"]) for r in csv.DictReader(fh)}
+        gap = 100 * (acc["network"] - acc["logreg"])
+        rows.append([d.name, f"{100 * acc['network']:.1f}", f"{100 * acc['logreg']:.1f}", f"{gap:+.1f}",
+                     "met" if gap >= -3.0 else "NOT met"])
+    return rows

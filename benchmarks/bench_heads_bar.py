@@ -18,7 +18,6 @@ Bar: in every trial, network test accuracy >= logistic regression test accuracy 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, table
+from _common import ROOT, logreg_guard_rows, table
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -40,16 +39,6 @@ def transfer(*args: str) -> None:
         raise SystemExit(f"failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
-def bar_rows(run: Path) -> list[list]:
-    rows = []
-    for d in sorted((run / "heads").iterdir()):
-        with open(d / "heads.csv", newline="") as fh:
-            acc = {r["head"]: float(r["test_accuracy"]) for r in csv.DictReader(fh)}
-        gap = 100 * (acc["network"] - acc["logreg"])
-        rows.append([d.name, f"{100 * acc['network']:.1f}", f"{100 * acc['logreg']:.1f}", f"{gap:+.1f}",
-                     "yes" if gap >= -3.0 else "NO"])
-    return rows
-
 
 def digits(work: Path) -> list[list]:
     data, run = work / "digits", work / "digits-run"
@@ -59,7 +48,7 @@ def digits(work: Path) -> list[list]:
     transfer("train", data, "--backbone", "mobilenet_v2", "--weights", "none", "--trainable", "0.3,1.0",
              "--image-size", 32, "--epochs", 5, "--out", run)
     transfer("heads", run, "--trial", "all", "--head", "logreg")
-    return [["digits", *r] for r in bar_rows(run)]
+    return [["digits", *r] for r in logreg_guard_rows(run)]
 
 
 def _fashion(work: Path) -> Path:
@@ -99,7 +88,7 @@ def fashion_transfer(work: Path) -> list[list]:
     transfer("train", tgt_data, "--backbone", "mobilenet_v2", "--weights", weights, "--trainable", "0,0.3,1.0",
              "--image-size", 32, "--epochs", 10, "--val", 0.2, "--out", tgt_run)
     transfer("heads", tgt_run, "--trial", "all", "--head", "logreg")
-    return [["fashion transfer", *r] for r in bar_rows(tgt_run)]
+    return [["fashion transfer", *r] for r in logreg_guard_rows(tgt_run)]
 
 
 def main() -> None:

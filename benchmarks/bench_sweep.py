@@ -55,7 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, table
+from _common import ROOT, logreg_guard_rows, table
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FRACTIONS = "0,0.1,0.3,0.5,0.7,1.0"
@@ -322,26 +322,13 @@ def decide(a) -> None:
     done_h = [n for n, m in halving.items() if not m.get("stopped")]
     walls["heads"], _ = transfer(work / "heads-full.log", "heads", runs["full"], "--trial", "all", "--head", "logreg")
     transfer(work / "heads-halving.log", "heads", runs["halving"], "--trial", ",".join(done_h), "--head", "logreg")
-    rows = [[k, *r] for k in ("full", "halving") for r in _guard_rows(runs[k])]
+    rows = [[k, *r] for k in ("full", "halving") for r in logreg_guard_rows(runs[k])]
     print(table(["sweep", "trial", "network test acc %", "logreg test acc %", "difference (points)",
                  "bar (>= -3)"], rows))
     short = sum(r[-1] != "met" for r in rows)
     print(f"guard: network >= logreg on its own features - 3 points in {len(rows) - short} of {len(rows)} "
           f"completed trials")
 
-
-def _guard_rows(run: Path) -> list[list]:
-    """Per trial ``transfer heads`` fitted: network and logreg test accuracy, their gap, the bar."""
-    import csv
-
-    rows = []
-    for d in sorted((run / "heads").iterdir()):
-        with open(d / "heads.csv", newline="") as fh:
-            acc = {r["head"]: float(r["test_accuracy"]) for r in csv.DictReader(fh)}
-        gap = 100 * (acc["network"] - acc["logreg"])
-        rows.append([d.name, f"{100 * acc['network']:.1f}", f"{100 * acc['logreg']:.1f}", f"{gap:+.1f}",
-                     "met" if gap >= -3.0 else "NOT met"])
-    return rows
 
 
 def adam(a) -> None:

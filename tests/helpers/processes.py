@@ -18,8 +18,10 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 TRANSFER = [sys.executable, "-c", "import sys; from transfer.cli import main; main(sys.argv[1:])"]
 
 
-def run_without(packages: tuple[str, ...], code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter where ``packages`` (top-level names) cannot be imported."""
+def run_without(packages: tuple[str, ...], code: str, timeout: float = 120, args: tuple[str, ...] = ()
+                ) -> subprocess.CompletedProcess:
+    """Run ``code`` (its ``sys.argv[1:]``: ``args``) in a fresh interpreter where ``packages``
+    (top-level names) cannot be imported."""
     prelude = textwrap.dedent(f"""
         import sys
         class _Block:
@@ -28,8 +30,8 @@ def run_without(packages: tuple[str, ...], code: str, timeout: float = 120) -> s
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, _Block())
     """)
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def hold_lock(target: Path) -> subprocess.Popen:

@@ -468,13 +468,18 @@ def _gradcam(run: RunLayout) -> Section:
     return sec
 
 
+def _bundle_manifest(run: RunLayout) -> dict | None:
+    """The run's bundle manifest, or ``None`` without a readable bundle (its sections are left out)."""
+    try:
+        return read_manifest(run.bundle_dir) if run.bundle_dir.is_dir() else None
+    except BundleError:
+        return None
+
+
 def _bundle_maps(run: RunLayout) -> Section | None:
     """The bundle's maps (fp32, int8, fp16) beside Keras Grad-CAM for the images ``transfer gradcam``
     explained for the bundle's trial (:mod:`transfer.analysis.bundle_maps`); only with a bundle."""
-    try:
-        m = read_manifest(run.bundle_dir) if run.bundle_dir.is_dir() else None
-    except BundleError:
-        m = None
+    m = _bundle_manifest(run)
     if m is None:
         return None
     sec = Section("bundle_maps", "Maps from the bundle")
@@ -568,10 +573,7 @@ def _calibration(run: RunLayout) -> Section | None:
     when the run has a bundle (``RUN/bundle``)."""
 
     sec = Section("calibration", "Calibration and unknown inputs")
-    try:
-        m = read_manifest(run.bundle_dir) if run.bundle_dir.is_dir() else None
-    except BundleError:
-        m = None
+    m = _bundle_manifest(run)
     if m is None:
         return None
     sec.present = True

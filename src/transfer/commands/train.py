@@ -33,18 +33,11 @@ def train(data, config_file, use_ray, quiet, **kwargs) -> None:
     """
     from ..errors import ConfigError
     from ..progress import Progress
-    from ..trainer.config import load_config
     from ..trainer.sweep import run_sweep
 
     ray_given = {k: kwargs.pop(k) for k in ("address", "cpus_per_trial", "gpus_per_trial")}
-    overrides = given(kwargs)
-    if data is not None:
-        overrides["data"] = data
-    cfg = load_config(config_file, overrides)
-    if not cfg.data:
-        raise ConfigError("no dataset folder given", hint="transfer train DATA --out RUN (or `data:` in --config)")
-    if not cfg.out:
-        raise ConfigError("no run folder given", hint="add --out RUN (or `out:` in --config)")
+    cfg = _config(data, config_file, given(kwargs), data_hint="transfer train DATA --out RUN (or `data:` in --config)",
+                  out_hint="add --out RUN (or `out:` in --config)")
     ray_opts = from_cli(RayOptions, ray_given) if use_ray else None
     if not use_ray and given(ray_given):
         flag = "--" + next(iter(given(ray_given))).replace("_", "-")
@@ -97,19 +90,11 @@ def rank(data, config_file, quiet, **kwargs) -> None:
         --weights mobilenet_v2=runs/pre/trials/mobilenet_v2-t100/model.keras --image-size 64 --out runs/target
     transfer train data/target --backbone mobilenet_v2 ... --schedule halving --out runs/target
     """
-    from ..errors import ConfigError
     from ..progress import Progress
-    from ..trainer.config import load_config
     from ..trainer.rank import rank_backbones
 
-    overrides = given(kwargs)
-    if data is not None:
-        overrides["data"] = data
-    cfg = load_config(config_file, overrides)
-    if not cfg.data:
-        raise ConfigError("no dataset folder given", hint="transfer rank DATA --backbone A,B --out RUN")
-    if not cfg.out:
-        raise ConfigError("no run folder given", hint="add --out RUN (the folder a later `transfer train` uses)")
+    cfg = _config(data, config_file, given(kwargs), data_hint="transfer rank DATA --backbone A,B --out RUN",
+                  out_hint="add --out RUN (the folder a later `transfer train` uses)")
     res = rank_backbones(cfg, progress=Progress(quiet=quiet))
     click.echo("")
     click.echo(res.table_md.rstrip())
@@ -122,3 +107,19 @@ def rank(data, config_file, quiet, **kwargs) -> None:
 
 
 COMMANDS = [train, rank]
+
+
+def _config(data, config_file, overrides: dict, *, data_hint: str, out_hint: str):
+    """The training config of ``--config`` with the flags the user typed (and DATA) laid over it;
+    a dataset and a run folder are required."""
+    from ..errors import ConfigError
+    from ..trainer.config import load_config
+
+    if data is not None:
+        overrides["data"] = data
+    cfg = load_config(config_file, overrides)
+    if not cfg.data:
+        raise ConfigError("no dataset folder given", hint=data_hint)
+    if not cfg.out:
+        raise ConfigError("no run folder given", hint=out_hint)
+    return cfg
