@@ -183,8 +183,8 @@ class InferConfig:
         if not self.ray:
             for name, unset in (("address", None), ("gpus_per_worker", 0.0)):
                 if getattr(self, name) != unset:
-                    raise refuse(name, getattr(self, name), f"{unset} without ray",
-                                 hint="add --ray to run on Ray Data")
+                    raise refuse(name, getattr(self, name), f"--{name.replace('_', '-')} needs --ray (without it: "
+                                 f"{'none' if unset is None else unset})", hint="add --ray to run on Ray Data")
         elif self.out is None or self.out == "-":
             raise refuse("out", self.out, "a file or FOLDER/ with ray (rows are streamed back and written there)")
 
