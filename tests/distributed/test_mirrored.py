@@ -55,7 +55,7 @@ _SCRIPT = textwrap.dedent("""
 def test_mirrored_trial_on_two_logical_cpus(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONHASHSEED="0")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "data"), str(run), str(HERE.parent / "trainer")],
+    p = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "data"), str(run), str(HERE.parent)],
                        capture_output=True, text=True, timeout=240, env=env)
     out = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and out, p.stderr[-3000:]

@@ -85,15 +85,15 @@ def test_address_without_ray_is_refused(tmp_path):
         assert r.exit_code == 2 and f"{opt[0]} needs --ray" in r.output, r.output
 
 
-def test_ray_inference_equals_local_row_for_row(ray_local, tmp_path):
-    from helpers.runs import build_run
-    from transfer.export.api import export_bundle
+def test_ray_inference_equals_local_row_for_row(ray_local, shared_data, shared_bundle, tmp_path):
+    import shutil
+
     from transfer.runtime.infer import infer
     from transfer.runtime.ray_infer import infer_ray
 
-    data = make_pattern_folder(tmp_path / "data")
-    run = build_run(data, tmp_path / "run", trainable="1")
-    bundle = export_bundle(run, head="rf", progress=None).bundle_dir
+    data = tmp_path / "data"
+    shutil.copytree(shared_data, data)  # the session's images, with a broken file added below
+    bundle = shared_bundle[1].bundle_dir
     (data / "c1" / "broken.png").write_bytes(b"\x89PNG not really")
     local = infer(bundle, [data, tmp_path / "missing.png"], out=tmp_path / "local.csv", recursive=True,
                   head="rf", topk=2)
