@@ -25,8 +25,8 @@ def test_infer_and_serve_share_the_model_and_trust_groups():
 
 @pytest.mark.parametrize("values, option, words", [
     ({"unknown_score": "knn"}, "unknown_score", "accepted: a score only together with reject"),
-    ({"address": "h:1"}, "address", "accepted: None without ray"),
-    ({"gpus_per_worker": 1}, "gpus_per_worker", "accepted: 0.0 without ray"),
+    ({"address": "h:1"}, "address", "accepted: --address needs --ray (without it: none)"),
+    ({"gpus_per_worker": 1}, "gpus_per_worker", "accepted: --gpus-per-worker needs --ray (without it: 0.0)"),
     ({"ray": True}, "out", "accepted: a file or FOLDER/ with ray"),
     ({"out": "p.jsonl", "fmt": "csv"}, "fmt", "accepted: jsonl, the format the output p.jsonl names"),
     ({"out": "shot.JPG"}, "out", "not an image or a Parquet file"),
