@@ -45,6 +45,7 @@ does steps 5 and 6 at whatever epoch the trial stands, recording why it stopped 
 from __future__ import annotations
 
 import os
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -369,6 +370,18 @@ def run_trial(run_dir: str | os.PathLike, cfg: TrainConfig, spec: TrialSpec, dat
 def failure_text(exc: BaseException) -> str:
     """The one-line record of a trial that raised (``status.json``'s ``error``)."""
     return exc.message if isinstance(exc, TransferError) else f"{type(exc).__name__}: {exc}"
+
+
+def record_failure(writer: RunWriter, name: str, entry: dict, exc: BaseException, say, label: str) -> None:
+    """A trial that raised, recorded so the sweep can go on: its ``status.json`` (failed, with
+    :func:`failure_text`), the sweep's ``entry`` state and one progress line (the traceback too
+    with ``TRANSFER_DEBUG=1``). Callers re-raise Ctrl-C and a full cache disk before this."""
+    msg = failure_text(exc)
+    if os.environ.get("TRANSFER_DEBUG") == "1":
+        traceback.print_exception(exc)
+    writer.mark_failed(name, msg)
+    entry["state"] = "failed"
+    say(f"{label} {name}: FAILED: {msg}")
 
 
 def mark_failed(run_dir: str | os.PathLike, name: str, error: str) -> None:

@@ -23,9 +23,7 @@ Order of work (:func:`run_halving`):
 
 from __future__ import annotations
 
-import os
 import time
-import traceback
 from dataclasses import replace
 from typing import Callable
 
@@ -36,7 +34,7 @@ from .cache import CacheSpaceError
 from .config import TrainConfig
 from .distributed import run_trials_ray
 from .epochs import TrialState
-from .fit import TrialRun, failure_text
+from .fit import TrialRun, record_failure
 from .plan import TrialData, TrialSpec, plan_stages, resume_point, stage_bounds
 from .prepare import PreparedRun
 from .rank import backbone_signals, ranked
@@ -99,13 +97,8 @@ class _Trials:
         except (KeyboardInterrupt, CacheSpaceError):
             raise
         except Exception as exc:  # a failed trial is recorded; the sweep goes on
-            msg = failure_text(exc)
-            if os.environ.get("TRANSFER_DEBUG") == "1":
-                traceback.print_exc()
             self.open.pop(spec.name, None)
-            self.run.writer.mark_failed(spec.name, msg)
-            self.entries[spec.name]["state"] = "failed"
-            self.p.say(f"{label} {spec.name}: FAILED: {msg}")
+            record_failure(self.run.writer, spec.name, self.entries[spec.name], exc, self.p.say, label)
             return
         entry = self.entries[spec.name]
         if entry["state"] == "done":

@@ -14,9 +14,7 @@ budget.
 from __future__ import annotations
 
 import math
-import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from ..runfolder import RunWriter
 from .cache import CacheSpaceError
 from .config import TrainConfig
 from .distributed import run_trials_ray
-from .fit import failure_text, run_trial
+from .fit import record_failure, run_trial
 from .halving import run_halving
 from .plan import TrialData, TrialSpec, duplicate_random_trials, plan_trials, resolve_image_size
 from .prepare import PreparedRun, check_options, prepare_run
@@ -75,12 +73,7 @@ def _run_one(run: PreparedRun, config: TrainConfig, spec: TrialSpec, entry: dict
     except (KeyboardInterrupt, CacheSpaceError):  # no disk for the cache: stop before any other trial
         raise
     except Exception as exc:  # a failed trial is recorded; the sweep goes on
-        msg = failure_text(exc)
-        if os.environ.get("TRANSFER_DEBUG") == "1":
-            traceback.print_exc()
-        run.writer.mark_failed(spec.name, msg)
-        entry["state"] = "failed"
-        p.say(f"{label} {spec.name}: FAILED: {msg}")
+        record_failure(run.writer, spec.name, entry, exc, p.say, label)
 
 
 def _run_local(run: PreparedRun, config: TrainConfig, specs: list[TrialSpec], p: Progress) -> list[dict]:
