@@ -3,6 +3,7 @@ TensorFlow, they equal Keras Grad-CAM at the same layer, bad bundles are refused
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from helpers.bundle_factory import edit_manifest, make_bundle, rehash
 from helpers.cam_bundle import build_cam_bundle
@@ -17,6 +19,7 @@ from helpers.processes import run_without
 from transfer.bundle import load_bundle
 from transfer.cli import cli
 from transfer.errors import BundleError, TamperedBundleError
+from transfer.runtime.cam import overlay_png
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +65,16 @@ def test_infer_cam_equals_keras_gradcam(cam_bundle, tmp_path):
     rows = (out / "maps.csv").read_text().splitlines()
     assert len(rows) == len(files) + 1
     got = np.stack([np.load(out / f"{k:05d}_{f.stem}.npy") for k, f in enumerate(files)])
-    assert all((out / f"{k:05d}_{f.stem}.png").stat().st_size > 0 for k, f in enumerate(files))
     rf = RunFolder(run)
     t = rf.trial("best")
     x = np.stack([load_image(f, t.image_size, recipe=rf.recipe) for f in files]).astype(np.float32)
+    for k, f in enumerate(files):  # the overlay: a JPEG of the same picture as the lossless PNG the server sends
+        with Image.open(out / f"{k:05d}_{f.stem}.jpg") as im:
+            assert im.format == "JPEG"
+            jpg = np.asarray(im.convert("RGB"), np.float32)
+        with Image.open(io.BytesIO(overlay_png(x[k].astype(np.uint8), got[k])[0])) as im:
+            png = np.asarray(im, np.float32)
+        assert jpg.shape == png.shape and np.abs(jpg - png).mean() < 6.0
     want, _, _ = compute_maps(t.load_model(), x, method="gradcam", layer="cam_conv")
     r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(want, got) if a.max() > 0]
     assert r and min(r) >= 0.999, r
@@ -88,11 +97,29 @@ def test_infer_cam_class_int8_and_rf_head(cam_bundle, tmp_path):
     assert alone.exit_code == 2 and "--cam" in alone.output
 
 
+def test_overlay_choices_png_and_maps_only(cam_bundle, tmp_path):
+    """--cam-overlay png writes a lossless PNG, none the maps alone (the csv's overlay column empty)."""
+    run, bundle = cam_bundle
+    files = _images(run)[:3]
+    for choice in ("png", "none"):
+        out = tmp_path / choice
+        res = CliRunner().invoke(cli, ["infer", str(bundle), *map(str, files), "--cam", str(out), "--cam-overlay",
+                                        choice, "--out", str(tmp_path / f"{choice}.csv")])
+        assert res.exit_code == 0, res.output
+        rows = [r.split(",") for r in (out / "maps.csv").read_text().splitlines()[1:]]
+        assert len(rows) == 3 and all((out / r[3]).is_file() for r in rows)
+        pictures = sorted(p.suffix for p in out.iterdir() if p.suffix in (".png", ".jpg"))
+        if choice == "png":
+            assert pictures == [".png"] * 3 and all(Image.open(out / r[4]).format == "PNG" for r in rows)
+        else:
+            assert pictures == [] and all(r[4] == "" for r in rows)
+    alone = CliRunner().invoke(cli, ["infer", str(bundle), str(files[0]), "--cam-overlay", "png"])
+    assert alone.exit_code == 2 and "--cam-overlay" in alone.output and "--cam FOLDER" in alone.output
+
+
 def test_unexplainable_and_old_bundles_exit_clearly(tmp_path):
     old = make_bundle(tmp_path / "old")  # written as before maps existed: no 'cam' record
     img = tmp_path / "a.png"
-    from PIL import Image
-
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
     res = CliRunner().invoke(cli, ["infer", str(old), str(img), "--cam", str(tmp_path / "m")])
     assert res.exit_code == 1 and "exported before maps were added" in res.output

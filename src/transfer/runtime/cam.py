@@ -9,8 +9,11 @@ centre, divided by the maximum) ``transfer gradcam`` uses, so the two are compar
 construction (for this head, Grad-CAM at that layer is the same map).
 
 :class:`CamWriter` is what ``transfer infer --cam OUT/`` writes: per image ``<k>_<stem>.npy``
-(the map, float32 (H, W) in [0, 1]) and ``<k>_<stem>.png`` (the jet overlay on the model-size
-pixels, a flagged map framed), and ``maps.csv`` (file, explained class, its probability, flag).
+(the map, float32 (H, W) in [0, 1]), ``<k>_<stem>.jpg`` (the jet overlay on the model-size
+pixels, a flagged map framed) and ``maps.csv`` (file, explained class, its probability, flag).
+The overlay is a picture for eyes, so by default it is a JPEG (quality 90, 4:4:4); ``png``
+(lossless) costs more than the 15 % of inference time maps may add (docs/benchmarks.md,
+section 12), ``none`` writes the maps only; the exact map is always the ``.npy``.
 
 Maps belong to the network head: a classical head (``--head rf``) has no map, so the maps
 explain the network's predicted class (or ``--cam-class``) and the writer says so once.
@@ -136,11 +139,12 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 
 
 def png_bytes(picture: np.ndarray) -> bytes:
-    """A uint8 RGB picture as PNG bytes: 8-bit RGB, no row filter, zlib level 1.
+    """A uint8 RGB picture as PNG bytes: 8-bit RGB, no row filter, zlib level 1 (the server's
+    ``?cam=1`` answer, inside the request's time).
 
-    Written here rather than by Pillow because maps are written per image beside inference:
-    Pillow's PNG encoder (adaptive row filters) took 2.6x the time of this on a 224 x 224 overlay
-    (docs/benchmarks.md, section 12); every PNG reader reads it (the tests open it with Pillow).
+    Written here rather than by Pillow: Pillow's PNG encoder (adaptive row filters) took 2.6x
+    the time of this on a 224 x 224 overlay (docs/benchmarks.md, section 12); every PNG reader
+    reads it (the tests open it with Pillow).
     """
     import struct
     import zlib
@@ -152,15 +156,33 @@ def png_bytes(picture: np.ndarray) -> bytes:
             + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + _chunk(b"IEND", b""))
 
 
+def _overlay(pixels: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, str]:
+    flag = cammaps.map_flags(m[None])[0]
+    return cammaps.mark_flag(cammaps.overlay(np.asarray(pixels), m), flag), flag
+
+
 def overlay_png(pixels: np.ndarray, m: np.ndarray) -> tuple[bytes, str]:
     """The jet overlay of one map on its model-size pixels as PNG bytes (flagged maps framed) and its flag."""
-    flag = cammaps.map_flags(m[None])[0]
-    return png_bytes(cammaps.mark_flag(cammaps.overlay(np.asarray(pixels), m), flag)), flag
+    picture, flag = _overlay(pixels, m)
+    return png_bytes(picture), flag
+
+
+def overlay_jpeg(pixels: np.ndarray, m: np.ndarray, quality: int = 90) -> tuple[bytes, str]:
+    """The same overlay as :func:`overlay_png`, as JPEG bytes (Pillow / libjpeg) and its flag; colour
+    at full resolution (4:4:4), since the jet colours carry the map."""
+    import io
+
+    from PIL import Image
+
+    picture, flag = _overlay(pixels, m)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue(), flag
 
 
 @dataclass
 class CamWriter:
-    """Writes the maps of ``transfer infer --cam OUT/``: ``.npy`` + overlay ``.png`` per image,
+    """Writes the maps of ``transfer infer --cam OUT/``: ``.npy`` + overlay (``overlay``: jpg, png, none) per image,
     ``maps.csv`` at the end; file writing runs on ``workers`` threads beside inference."""
 
     out: Path
@@ -169,6 +191,7 @@ class CamWriter:
     cls: int | None = None
     head: str = "network"
     workers: int = 2
+    overlay: str = "jpg"
     count: int = 0
     rows: list = field(default_factory=list)
     _pool: ThreadPoolExecutor | None = None
@@ -199,14 +222,18 @@ class CamWriter:
             self.count += 1
             c = int(classes[i])
             self._pending.append(self._pool.submit(self._write_one, stem, pixels[i], m[i]))
-            self.rows.append([path, self.names[c], f"{float(net_probs[i, c]):.6g}", stem + ".npy", stem + ".png"])
+            picture = stem + "." + self.overlay if self.overlay != "none" else ""
+            self.rows.append([path, self.names[c], f"{float(net_probs[i, c]):.6g}", stem + ".npy", picture])
         self._drain(keep=4 * max(1, self.workers))
 
     def _write_one(self, stem: str, pixels: np.ndarray, m: np.ndarray) -> str:
         with atomic_path(self.out / f"{stem}.npy", suffix=".npy") as tmp:
             np.save(tmp, m.astype(np.float32))
-        data, flag = overlay_png(pixels.astype(np.uint8), m)
-        with atomic_path(self.out / f"{stem}.png", suffix=".png") as tmp:
+        if self.overlay == "none":
+            return cammaps.map_flags(m[None])[0]
+        encode = overlay_jpeg if self.overlay == "jpg" else overlay_png
+        data, flag = encode(pixels.astype(np.uint8), m)
+        with atomic_path(self.out / f"{stem}.{self.overlay}", suffix=f".{self.overlay}") as tmp:
             Path(tmp).write_bytes(data)
         return flag
 
@@ -270,5 +297,5 @@ def check_cam_out(out: str | os.PathLike, bundle_path) -> Path:
     return p
 
 
-__all__ = ["FEATURE_MAP", "BundleCam", "CamWriter", "cam_problem", "check_cam_out", "map_findings", "overlay_png",
-           "parse_class", "png_bytes"]
+__all__ = ["FEATURE_MAP", "BundleCam", "CamWriter", "cam_problem", "check_cam_out", "map_findings", "overlay_jpeg",
+           "overlay_png", "parse_class", "png_bytes"]

@@ -202,7 +202,7 @@ def _cam_writer(cam: BundleCam, predictor: Predictor, out: Path, cfg: InferConfi
     """The writer of ``--cam`` (the runner asked for the feature map from now on)."""
     predictor.runner.request("feature_map")
     return CamWriter(out, cam, predictor.names, parse_class(cfg.cam_class, predictor.names),
-                     head=predictor.head.name, workers=cfg.workers)
+                     head=predictor.head.name, workers=cfg.workers, overlay=cfg.cam_overlay)
 
 
 def output_lock(out: Path | None):

@@ -161,19 +161,22 @@ class InferConfig:
     gpus_per_worker: float = option(0.0, Interval(float, 0), "GPUs each Ray inference worker reserves (with --ray; "
                                     "e.g. 1, or 0.5 to share one).")
     cam: str | None = option(None, Text("a folder for the maps"), "Also write a class activation map per image "
-                             "into this folder: <k>_<stem>.npy (the map, H x W in [0, 1]), <k>_<stem>.png (overlay) "
-                             "and maps.csv; the network head's map of the predicted class (or --cam-class). Needs a "
+                             "into this folder: <k>_<stem>.npy (the map, H x W in [0, 1]), an overlay (see "
+                             "--cam-overlay) and maps.csv; the network head's map of the predicted class (or --cam-class). Needs a "
                              "bundle exported with maps.", none=True, metavar="FOLDER")
     cam_class: str | None = option(None, Text("a class name or index"), "Class the maps explain (name or index). "
                                    "[default: each image's predicted class]", none=True, metavar="CLASS")
+    cam_overlay: str = option("jpg", OneOf("jpg", "png", "none"), "The overlay written beside each map: jpg "
+                              "(quality 90, 4:4:4), png (lossless, about 3x the time) or none (maps only).")
     model: ModelOptions = group(ModelOptions)
     security: TrustOptions = group(TrustOptions)
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.cam_class is not None and self.cam is None:
-            raise refuse("cam_class", self.cam_class, "a class only together with cam",
-                         hint="add --cam FOLDER (the maps are written there)")
+        for name, unset in (("cam_class", None), ("cam_overlay", "jpg")):
+            if getattr(self, name) != unset and self.cam is None:
+                raise refuse(name, getattr(self, name), "a value only together with cam",
+                             hint="add --cam FOLDER (the maps are written there)")
         if self.cam is not None and self.ray:
             raise refuse("cam", self.cam, "no maps with ray", hint="run without --ray to write maps")
         implied = None if self.out is None or is_folder(self.out) else ROW_SUFFIXES.get(Path(self.out).suffix.lower())
