@@ -35,7 +35,7 @@ step "6/15 learned features in 2-D"
 $T features "$RUN" --plot pca,tsne
 
 step "7/15 Grad-CAM (three methods) with the faithfulness numbers"
-$T gradcam "$RUN" --samples 16 --method all
+$T gradcam "$RUN" --samples 32 --method all
 
 step "8/15 resolution study (train once at 32 px, test at 16 / 8 / 4 px)"
 $T resolution "$RUN" --sizes 16,8,4 --mode totv
