@@ -146,13 +146,17 @@ class _Flags:
 
 def fake_tensorrt(version: str = "11.1.0", *, features: int = 4, classes: int = 3, hw=(8, 8),
                   profile=(1, 4, 8), parse_ok: bool = True, build_ok: bool = True, profile_index: int = 0,
-                  context_fail: str | None = None, engine_ok: bool = True, timing_cache_ok: bool = True):
-    """A ``tensorrt`` module for one engine: ``image`` (N, H, W, 3) -> ``features`` (N, D), ``probs`` (N, C).
+                  context_fail: str | None = None, engine_ok: bool = True, timing_cache_ok: bool = True,
+                  feature_map: tuple[int, int, int] | None = None, extra_output: str | None = None):
+    """A ``tensorrt`` module for one engine: ``image`` (N, H, W, 3) -> ``features`` (N, D), ``probs`` (N, C)
+    and, with ``feature_map=(h, w, K)``, ``feature_map`` (N, h, w, K) (a bundle exported with maps).
 
-    The "engine" computes ``features[i] = mean of image i per channel, tiled to D`` and
-    ``probs[i] = softmax(features[i][:C])``: each row depends on its own image only, like a
-    real network, so padding and splitting can be checked against a per-image reference.
-    ``record`` lists the builder calls.
+    The "engine" computes ``features[i] = mean of image i per channel, tiled to D``,
+    ``probs[i] = softmax(features[i][:C])`` and the feature map's cells as block means of the
+    image (:func:`reference_map`): each row depends on its own image only, like a real
+    network, so padding and splitting can be checked against a per-image reference. As
+    TensorRT does, ``execute_async_v3`` fails when an output has no address. ``record`` lists
+    the builder calls.
     """
     major = int(version.split(".")[0])
     record: list[tuple] = []
@@ -255,6 +259,11 @@ def fake_tensorrt(version: str = "11.1.0", *, features: int = 4, classes: int = 
 
     h, w = hw
     shapes = {"image": (-1, h, w, 3), "features": (-1, features), "probs": (-1, classes)}
+    if feature_map is not None:
+        shapes["feature_map"] = (-1, *feature_map)
+    if extra_output is not None:
+        shapes[extra_output] = (-1, 2)
+    io_names = tuple(shapes)
 
     class Context:
         def __init__(self):
@@ -278,19 +287,24 @@ def fake_tensorrt(version: str = "11.1.0", *, features: int = 4, classes: int = 
             if context_fail == "execute_async_v3":
                 return False
             assert isinstance(stream_handle, int)
+            if set(self.addr) != set(io_names):  # TensorRT: "Neither address or allocator is set for output tensor"
+                return False
             b = self.batch
             img = np.frombuffer((ctypes.c_char * (b * h * w * 3 * 4)).from_address(self.addr["image"]),
                                 np.float32).reshape(b, h, w, 3)
             f, p = reference_outputs(img, features, classes)
             ctypes.memmove(self.addr["features"], f.ctypes.data, f.nbytes)
             ctypes.memmove(self.addr["probs"], p.ctypes.data, p.nbytes)
+            if feature_map is not None:
+                fm = reference_map(img, feature_map)
+                ctypes.memmove(self.addr["feature_map"], fm.ctypes.data, fm.nbytes)
             return True
 
     class Engine:
-        num_io_tensors = 3
+        num_io_tensors = len(io_names)
 
         def get_tensor_name(self, i):
-            return ("image", "features", "probs")[i]
+            return io_names[i]
 
         def get_tensor_shape(self, name):
             return shapes[name]
@@ -327,6 +341,15 @@ def reference_outputs(img: np.ndarray, features: int, classes: int) -> tuple[np.
     z = f[:, :classes].astype(np.float64) / 255.0
     e = np.exp(z - z.max(1, keepdims=True))
     return f, np.ascontiguousarray(e / e.sum(1, keepdims=True), dtype=np.float32)
+
+
+def reference_map(img: np.ndarray, cells: tuple[int, int, int]) -> np.ndarray:
+    """The fake engine's feature map: the mean of each of ``h x w`` blocks of each image's first
+    channel, repeated over ``K`` channels (scaled by the channel index + 1)."""
+    fh, fw, k = cells
+    n, h, w, _ = img.shape
+    blocks = img[..., 0].astype(np.float64).reshape(n, fh, h // fh, fw, w // fw).mean(axis=(2, 4))
+    return np.ascontiguousarray(blocks[..., None] * np.arange(1, k + 1), dtype=np.float32)
 
 
 def install(monkeypatch, trt=None, cudart=None):

@@ -22,6 +22,7 @@ from helpers.nvidia_fakes import (
     FakeCudart,
     fake_tensorrt,
     install,
+    reference_map,
     reference_outputs,
 )
 from transfer.bundle import Bundle
@@ -124,6 +125,33 @@ def test_large_batch_is_split_at_the_profile_maximum(monkeypatch, tmp_path, cuda
     f2, _ = _fp(r.infer(x[:2]))  # re-activates
     np.testing.assert_allclose(f2, ref_f[:2], rtol=1e-6)
     r.close()
+
+
+def test_an_engine_with_maps_runs_and_returns_the_feature_map_only_when_asked(monkeypatch, tmp_path, cudart):
+    """An engine built from a bundle exported with maps has a fourth output, feature_map: TensorRT
+    runs it only with an address for every output, so its buffer is always allocated; it is
+    copied back only after request("feature_map") (infer --cam on the TensorRT backend)."""
+    r, _ = runner(monkeypatch, tmp_path, cudart, profile=(2, 4, 4), features=5, classes=3, feature_map=(2, 2, 3))
+    x = images(5)  # 4 + 1 (the 1 padded to 2)
+    with r:
+        assert cudart.count("cudaMalloc") == 4
+        out = r.infer(x)
+        assert out.feature_map is None
+        d2h = sum(1 for name, args in cudart.calls if name == "cudaMemcpyAsync"
+                  and args[3] == cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        assert d2h == 2 * 2  # features and probs of two engine calls
+        r.request("feature_map")
+        out = r.infer(x)
+        assert r.infer(x[:0]).feature_map.shape == (0, 2, 2, 3)
+    np.testing.assert_allclose(out.feature_map, reference_map(x, (2, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(out.probs, reference_outputs(x, 5, 3)[1], rtol=1e-6)
+
+
+def test_an_engine_with_an_unknown_output_is_refused(monkeypatch, tmp_path, cudart):
+    r, _ = runner(monkeypatch, tmp_path, cudart, extra_output="logits")
+    with pytest.raises(BundleError, match=r"\['logits'\] are not part of a bundle model"):
+        r.activate()
+    assert cudart.count("cudaMalloc") == 0
 
 
 def test_empty_and_wrong_shaped_input(monkeypatch, tmp_path, cudart):

@@ -9,7 +9,7 @@ from ..bundle import Bundle
 from ..errors import BundleError
 from . import devices
 from .devices import CudaError, cuda_call, device_info, error_string, require_tensorrt
-from .runner_base import Runner
+from .runner_base import Outputs, Runner
 
 
 def check_engine_matches(entry: dict, device: dict) -> None:
@@ -57,6 +57,10 @@ class TrtRunner(Runner):
 
     #: I/O tensors of the model contract (docs/design.md), all float32
     IO = ("image", "features", "probs")
+    #: outputs an engine may also have (a bundle exported with maps: ``feature_map``), fetched
+    #: only when asked for (:meth:`~transfer.runtime.runner_base.Runner.request`); TensorRT runs
+    #: an engine only with an address for every output, so their buffers are always there
+    OPTIONAL = Outputs.ON_REQUEST
 
     def __init__(self, bundle: Bundle, model_key: str, *, device: int | None = None):
         entry = bundle.models[model_key]
@@ -94,17 +98,19 @@ class TrtRunner(Runner):
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
 
+    def _fetched(self) -> tuple[str, ...]:
+        return ("features", "probs", *sorted(n for n in self.requested if n in self._gpu.host))
+
     def _infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         with self._lifecycle:  # one engine context: one call at a time
-            gpu = self._gpu
-            parts = [gpu.run(x[i:i + gpu.batch_max]) for i in range(0, len(x), gpu.batch_max)]
+            gpu, names = self._gpu, self._fetched()
+            parts = [gpu.run(x[i:i + gpu.batch_max], names) for i in range(0, len(x), gpu.batch_max)]
         if len(parts) == 1:
-            return dict(zip(("features", "probs"), parts[0]))
-        return {"features": np.concatenate([f for f, _ in parts]), "probs": np.concatenate([p for _, p in parts])}
+            return parts[0]
+        return {n: np.concatenate([part[n] for part in parts]) for n in names}
 
     def _empty(self) -> dict[str, np.ndarray]:
-        f, p = self._gpu.empty()
-        return {"features": f, "probs": p}
+        return self._gpu.empty(self._fetched())
 
 
 class _TrtResources:
@@ -154,7 +160,7 @@ class _TrtResources:
     def _allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
         cudart, n = self.cudart, self.batch_max
         self.stream = _cuda(cudart, "cudaStreamCreate", cudart.cudaStreamCreate())
-        for name in TrtRunner.IO:
+        for name in shapes:  # every I/O tensor the engine has: TensorRT needs an address for each
             nbytes = int(n * np.prod(shapes[name][1:], dtype=np.int64) * 4)
             self.device[name] = _cuda(cudart, "cudaMalloc", cudart.cudaMalloc(nbytes))
             if not self.context.set_tensor_address(name, int(self.device[name])):
@@ -162,12 +168,12 @@ class _TrtResources:
             if name != "image" or self.batch_min > 1:  # the input buffer pads batches below the minimum
                 self.host[name] = np.zeros((n, *shapes[name][1:]), np.float32)
 
-    def empty(self) -> tuple[np.ndarray, np.ndarray]:
-        return (np.zeros((0, *self.host["features"].shape[1:]), np.float32),
-                np.zeros((0, *self.host["probs"].shape[1:]), np.float32))
+    def empty(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        return {n: np.zeros((0, *self.host[n].shape[1:]), np.float32) for n in names}
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One engine call on ``len(x) <= batch_max`` images (contiguous float32)."""
+    def run(self, x: np.ndarray, names: tuple[str, ...] = ("features", "probs")) -> dict[str, np.ndarray]:
+        """One engine call on ``len(x) <= batch_max`` images (contiguous float32); the outputs
+        ``names`` copied back (the others stay on the device)."""
         cudart, ctx = self.cudart, self.context
         k = len(x)
         b = max(k, self.batch_min)
@@ -181,7 +187,7 @@ class _TrtResources:
         if not ctx.set_input_shape("image", shape):
             raise CudaError(f"TensorRT set_input_shape('image', {shape}) failed (profile batch "
                             f"{self.batch_min}..{self.batch_max})")
-        for name in ("features", "probs"):
+        for name in names:
             got = tuple(ctx.get_tensor_shape(name))
             if got != (b, *self.host[name].shape[1:]):
                 raise CudaError(f"TensorRT reports output {name!r} of shape {got} for a batch of {b}; expected "
@@ -191,14 +197,14 @@ class _TrtResources:
                                                                 h2d, self.stream))
         if not ctx.execute_async_v3(int(self.stream)):
             raise CudaError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-        outs = []
-        for name in ("features", "probs"):
+        outs = {}
+        for name in names:
             out = self.host[name][:b]
             _cuda(cudart, "cudaMemcpyAsync", cudart.cudaMemcpyAsync(out.ctypes.data, self.device[name], out.nbytes,
                                                                     d2h, self.stream))
-            outs.append(out)
+            outs[name] = out
         _cuda(cudart, "cudaStreamSynchronize", cudart.cudaStreamSynchronize(self.stream))
-        return outs[0][:k].copy(), outs[1][:k].copy()
+        return {name: out[:k].copy() for name, out in outs.items()}
 
     def release(self, quiet: bool = False) -> None:
         """Free every buffer and the stream, even when one of the calls fails; then raise the first failure."""
@@ -225,8 +231,9 @@ def _cuda(cudart, call: str, result):
 
 def _engine_io(trt, engine, engine_file, hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     """Shapes of the engine's I/O tensors (batch dimension first, -1 when dynamic), checked
-    against the model contract: tensors ``image`` / ``features`` / ``probs``, float32, and
-    the bundle's input size.
+    against the model contract: tensors ``image`` / ``features`` / ``probs`` and optionally
+    those of :attr:`TrtRunner.OPTIONAL` (``feature_map``), nothing else, all float32, and the
+    bundle's input size.
 
     Raises:
         BundleError: naming what differs.
@@ -236,8 +243,12 @@ def _engine_io(trt, engine, engine_file, hw: tuple[int, int]) -> dict[str, tuple
     if missing:
         raise BundleError(f"engine {engine_file} has tensors {names}; missing {missing}",
                           hint="rebuild it from the bundle's model: transfer export RUN --trt PRECISION --force")
+    extra = [n for n in names if n not in TrtRunner.IO + TrtRunner.OPTIONAL]
+    if extra:
+        raise BundleError(f"engine {engine_file} has tensors {names}; {extra} are not part of a bundle model",
+                          hint="rebuild it from the bundle's model: transfer export RUN --trt PRECISION --force")
     shapes = {}
-    for name in TrtRunner.IO:
+    for name in names:
         dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
         shape = tuple(int(d) for d in engine.get_tensor_shape(name))
         if dtype != np.float32:
