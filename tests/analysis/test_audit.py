@@ -16,6 +16,7 @@ from PIL import Image
 from helpers.corrupt import score_audit, write_corrupted
 from transfer.analysis.audit import audit_folder
 from transfer.data import dedupe
+from transfer.data.fingerprint import fingerprint_array
 from transfer.data.splits import Sample, split_samples
 
 
@@ -182,7 +183,7 @@ def test_near_pairs_on_photo_patches():
         i = 5 + 11 * k
         planted[(i, len(patches))] = kind
         patches.append(np.asarray(_copy(Image.fromarray(patches[i]), kind, rng).convert("RGB")))
-    fps = [dedupe.fingerprint_array(p) for p in patches]
+    fps = [fingerprint_array(p) for p in patches]
     found = {(i, j) for i, j, _ in dedupe.near_pairs(fps)}
     assert n > 80 and found <= set(planted), (found, planted)
     assert {planted[p] for p in found} >= {"resized", "recompressed"}

@@ -3,7 +3,7 @@ outliers and image quality, tied to the split a run uses.
 
 One streamed pass reads every image once (bounded memory: a chunk of images at a time, in
 threads one chunk ahead of the model): each file is decoded once and everything kept comes from
-those pixels -- a :class:`~transfer.data.dedupe.Fingerprint` (exact-pixel hash, perceptual hash,
+those pixels -- a :class:`~transfer.data.fingerprint.Fingerprint` (exact-pixel hash, perceptual hash,
 thumbnails), a few quality numbers (batched per image size) and the model input, made exactly as
 the model's own loader makes it (:func:`transfer.data.image.load_image` with the run's recorded
 pixel recipe; checked on the first images). The model input goes through the pooled features of
@@ -13,7 +13,7 @@ ONNX Runtime, converted by a child process that alone imports TensorFlow and che
 Keras on the first images (:class:`_Engine`, :mod:`transfer.analysis.audit_model`). The SHA-256
 of every file is taken before, to tell whether an earlier audit still holds. Then:
 
-* **duplicates** -- exact (same decoded pixels) and near (:func:`transfer.data.dedupe.near_pairs`),
+* **duplicates** -- exact (same decoded pixels) and near (:func:`transfer.data.near_search.near_pairs_arrays`),
   verified pair by pair and grouped into chains (:func:`transfer.data.dedupe.components`); a
   group is *within a class*, *across classes* (conflicting labels) and, when the images belong
   to a run's splits (or the folder's own ``train/val/test``), *across splits* (leakage). Each
@@ -23,7 +23,7 @@ of every file is taken before, to tell whether an earlier audit still holds. The
   images the trial trained on, and on the trained features too for the others
   (:mod:`transfer.analysis.audit_labels`), ranked by self-confidence, with the suggested label.
 * **outliers** -- mean cosine distance to the nearest neighbours in feature space
-  (:func:`transfer.data.dedupe.nearest`), flagged far above the folder's own spread.
+  (:func:`transfer.data.nearest.nearest`), flagged far above the folder's own spread.
 * **quality** -- near-constant (blank), very dark or bright, noise, blurry, tiny or extreme
   aspect ratio, grayscale in a colour set.
 
@@ -52,10 +52,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data import dedupe
-from ..data.dedupe import THUMB, VERIFY, fingerprint_array, nearest
+from ..data.dedupe import components
+from ..data.fingerprint import THUMB, VERIFY, Fingerprints, fingerprint_array
 from ..data.folder import index_folder
 from ..data.image import DRAFT_MARGIN, load_image, recipe_version, resize_image
+from ..data.near_search import NearStats, near_pairs_arrays
+from ..data.nearest import nearest
 from ..data.stream import decode_item
 from ..errors import ConfigError, DataError, ImageDecodeError, RunFolderError
 from ..fsutil import atomic_path, read_json, sha256_file, write_json_atomic
@@ -572,12 +574,12 @@ def _robust_z(v: np.ndarray) -> np.ndarray:
 
 def _knn(features: np.ndarray, k: int):
     """(cosine distances, indices) of each row's ``k`` nearest other rows
-    (:func:`transfer.data.dedupe.nearest`: exact for small sets, an inverted-file search beyond)."""
+    (:func:`transfer.data.nearest.nearest`: exact for small sets, an inverted-file search beyond)."""
     from threadpoolctl import threadpool_limits
 
     f = np.asarray(features, dtype=np.float32)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    with threadpool_limits(1):  # small products: BLAS's threads only fight (see dedupe.near_pairs_arrays)
+    with threadpool_limits(1):  # small products: BLAS's threads only fight (see near_search.near_pairs_arrays)
         idx, sim = nearest(f, f, min(k, len(f) - 1), same=True)
     sim = np.where(np.isfinite(sim), sim, -1.0)
     return 1.0 - sim, idx
@@ -695,7 +697,7 @@ def audit_folder(data: str | os.PathLike, config: AuditConfig | None = None, *, 
             check (paths relative to ``data``); without a run, ``backbone``, ``weights``
             (``imagenet`` or a weights file) and ``image_size`` give them; ``out`` (default
             ``RUN/audit`` with a run, else ``<data>-audit`` beside it); ``near_threshold`` (the
-            verification score of a near-duplicate pair, :func:`transfer.data.dedupe.verify_pairs`);
+            verification score of a near-duplicate pair, :func:`transfer.data.near_verify.verify_pairs`);
             ``folds`` of the out-of-fold probabilities for label issues; ``neighbours`` of the
             outlier score; ``batch_size`` and ``workers`` (decoding threads); ``force`` (audit
             again even when nothing changed). ``options`` are laid over it by name.
@@ -908,11 +910,11 @@ def _duplicates(d: _Data, got: _Pass, ok: list[int], feats: np.ndarray, threshol
         j = first.setdefault(dg, k)
         if j != k:
             exact.append((j, k))
-    st = dedupe.NearStats()
+    st = NearStats()
     sides = np.minimum(got.quality[ok, QUALITY.index("height")], got.quality[ok, QUALITY.index("width")])
-    near = dedupe.near_pairs_arrays(got.thumbs[ok], got.greys[ok], got.hashes[ok], digests, sides,
-                                    threshold=threshold, stats=st)
-    groups = dedupe.components(len(ok), list(exact) + near)  # chains: a crop of a copy joins its original
+    fps = Fingerprints(got.thumbs[ok], got.greys[ok], got.hashes[ok], digests, sides)
+    near = near_pairs_arrays(fps, threshold=threshold, stats=st)
+    groups = components(len(ok), list(exact) + near)  # chains: a crop of a copy joins its original
     best: dict[int, float] = {}
     for i, j, s in near:
         best[i] = max(best.get(i, 0.0), s)
