@@ -153,9 +153,9 @@ def _before(data: Path, features: Path, folds: int = 5) -> list[dict]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from transfer.data.folder import index_folder
+    from transfer.data.folder import FileCheck, index_folder
 
-    samples = index_folder(data, strict=False, decode=False).samples
+    samples = index_folder(data, strict=False, check=FileCheck(decode=False)).samples
     labels = np.array([s.label for s in samples])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -16,6 +16,7 @@ from PIL import Image
 from helpers.corrupt import score_audit, write_corrupted
 from transfer.analysis.audit import audit_folder
 from transfer.data import dedupe
+from transfer.data.fingerprint import fingerprint_array
 from transfer.data.splits import Sample, split_samples
 
 
@@ -78,12 +79,12 @@ def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path
 def test_audit_features_fall_back_to_keras(pattern_data, tmp_path, monkeypatch):
     """When ONNX Runtime's features differ from Keras's (forced here by a negative tolerance), the
     audit says so and computes every feature with Keras: the same features as ONNX Runtime's run."""
-    from transfer.analysis import audit
+    from transfer.analysis import audit_engine
 
     data = _small_folder(pattern_data, tmp_path / "data")
     kw = dict(backbone="arc2", weights="none", image_size=16)
     audit_folder(data, out=tmp_path / "ort", **kw)
-    monkeypatch.setattr(audit, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(audit_engine, "PARITY_TOLERANCE", -1.0)
     lines: list[str] = []
     res = audit_folder(data, out=tmp_path / "keras", progress=lines.append, **kw)
     eng = res.summary["feature_engine"]["source"]
@@ -182,7 +183,7 @@ def test_near_pairs_on_photo_patches():
         i = 5 + 11 * k
         planted[(i, len(patches))] = kind
         patches.append(np.asarray(_copy(Image.fromarray(patches[i]), kind, rng).convert("RGB")))
-    fps = [dedupe.fingerprint_array(p) for p in patches]
+    fps = [fingerprint_array(p) for p in patches]
     found = {(i, j) for i, j, _ in dedupe.near_pairs(fps)}
     assert n > 80 and found <= set(planted), (found, planted)
     assert {planted[p] for p in found} >= {"resized", "recompressed"}

@@ -106,13 +106,13 @@ def photo_files(tmp_path_factory):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_the_audits_model_input_is_the_loaders_under_each_recipe(photo_files, version):
-    from transfer.analysis.audit import _read_one
+    from transfer.analysis.audit_pass import read_one
     from transfer.data.image import RECIPES, load_image
 
     recipe = RECIPES[version]
     for name in ("big.jpg", "small.jpg", "big.png", "rotated.jpg"):
         path = photo_files / name
-        err, fp, x, _ = _read_one(path, (32, 32), recipe)
+        err, fp, x, _ = read_one(path, (32, 32), recipe)
         assert err is None
         np.testing.assert_array_equal(x, load_image(path, (32, 32), recipe=recipe), err_msg=name)
     # recipe 2 decodes the big JPEG in the DCT: its pixels are not recipe 1's -- the test can fail
@@ -124,20 +124,20 @@ def test_the_audits_model_input_is_the_loaders_under_each_recipe(photo_files, ve
 def test_a_pixel_mismatch_is_noticed_and_the_loader_used(photo_files):
     """The pass's pixels are compared with load_image's before the pass: a reader that ignores the
     run's recipe (decode at full size, resize with today's recipe) is caught and replaced."""
-    from transfer.analysis import audit
+    from transfer.analysis import audit_pass
     from transfer.data.image import RECIPES, load_image
 
     recipe = RECIPES[1]
     paths = [photo_files / n for n in ("big.jpg", "small.jpg", "big.png")]
 
     def todays_reader(path, size, recipe, exact=False):
-        return audit._read_one(path, size, None, exact)
+        return audit_pass.read_one(path, size, None, exact)
 
-    parity = audit.check_pixels(paths, (32, 32), recipe=recipe, read=todays_reader)
+    parity = audit_pass.check_pixels(paths, (32, 32), recipe=recipe, read=todays_reader)
     assert parity.exact and parity.record["max_abs_diff"] > 0 and parity.record["recipe"] == 1
     for x, p in zip(parity.x, paths):
         np.testing.assert_array_equal(x, load_image(p, (32, 32), recipe=recipe))
-    same = audit.check_pixels(paths, (32, 32), recipe=recipe)
+    same = audit_pass.check_pixels(paths, (32, 32), recipe=recipe)
     assert not same.exact and same.record["max_abs_diff"] == 0 and same.record["images"] == 3
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer.analysis import audit
+from transfer.analysis import audit, audit_engine, audit_pass
 from transfer.analysis.audit import audit_folder
 
 FLIPS = 8
@@ -85,9 +85,9 @@ def test_training_images_are_judged_out_of_sample(flipped_run, tmp_path):
 
 
 def _rels(data: Path) -> list[str]:
-    from transfer.data.folder import index_folder
+    from transfer.data.folder import FileCheck, index_folder
 
-    return [s.path for s in index_folder(data, strict=False, decode=False).samples]
+    return [s.path for s in index_folder(data, strict=False, check=FileCheck(decode=False)).samples]
 
 
 def test_a_model_that_cannot_be_converted_falls_back_to_keras(flipped_run, tmp_path, monkeypatch):
@@ -131,28 +131,28 @@ def test_the_parity_check_notices_pixels_the_model_never_saw(photo_folder, tmp_p
     kw = dict(backbone="arc2", weights="none", image_size=32)
     ok = audit_folder(photo_folder, out=tmp_path / "ok", **kw)
     assert ok.summary["feature_engine"]["source"]["engine"] == "onnxruntime"
-    real = audit.model_input
+    real = audit_pass.model_input
 
     def other_recipe(path, pixels, size, *, recipe):
         return real(path, pixels, size, recipe=RECIPES[1])
 
-    def no_comparison(paths, size, *, recipe, limit=audit.PARITY_IMAGES, read=None):
+    def no_comparison(paths, size, *, recipe, limit=audit_pass.PARITY_IMAGES, read=None):
         xs, used = [], []
         for p in paths[:limit]:
-            err, _, x, _ = audit._read_one(p, size, recipe)
+            err, _, x, _ = audit_pass.read_one(p, size, recipe)
             xs.append(x)
             used.append(p)
-        return audit._Parity(np.stack(xs).astype(np.float32), used, {"images": len(used)}, False)
+        return audit_pass.Parity(np.stack(xs).astype(np.float32), used, {"images": len(used)}, False)
 
-    monkeypatch.setattr(audit, "model_input", other_recipe)
-    monkeypatch.setattr(audit, "check_pixels", no_comparison)
+    monkeypatch.setattr(audit_pass, "model_input", other_recipe)
+    monkeypatch.setattr(audit, "check_pixels", no_comparison)  # where audit_folder looks it up
     res = audit_folder(photo_folder, out=tmp_path / "wrong", **kw)
     eng = res.summary["feature_engine"]["source"]
     assert eng["engine"] == "keras" and "loader's pixels" in eng["why"], eng
-    assert eng["parity_relative"] > audit.PARITY_TOLERANCE
+    assert eng["parity_relative"] > audit_engine.PARITY_TOLERANCE
     monkeypatch.undo()
     # with the pixel comparison in place, the same wrong reader is caught before the pass
-    monkeypatch.setattr(audit, "model_input", other_recipe)
+    monkeypatch.setattr(audit_pass, "model_input", other_recipe)
     lines: list[str] = []
     res = audit_folder(photo_folder, out=tmp_path / "caught", progress=lines.append, **kw)
     px = res.summary["feature_engine"]["pixels"]

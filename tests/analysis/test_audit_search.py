@@ -1,4 +1,5 @@
-"""The building blocks of the audit's near-duplicate search (`transfer.data.dedupe`): the
+"""The building blocks of the audit's near-duplicate search (`transfer.data.nearest`,
+`transfer.data.near_search`, `transfer.data.near_verify`): the
 inverted-file neighbour search, the perceptual-hash multi-index and the verification of
 candidate pairs, each against a brute-force or a planted answer."""
 
@@ -9,7 +10,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from transfer.data import dedupe
+from transfer.data import near_search, near_verify, nearest
+from transfer.data.fingerprint import fingerprint_array
 
 
 def _unit(x):
@@ -26,11 +28,11 @@ def test_nearest_inverted_file_finds_planted_neighbours(monkeypatch):
     brute = x @ x.T
     np.fill_diagonal(brute, -np.inf)
     want = np.argsort(-brute, axis=1)[:, :3]
-    idx, sim = dedupe.nearest(x, x, 3, same=True)  # 42M pairs: exact
+    idx, sim = nearest.nearest(x, x, 3, same=True)  # 42M pairs: exact
     assert (idx == want).all()
     assert np.allclose(sim, np.take_along_axis(brute, want, axis=1), atol=1e-5)
-    monkeypatch.setattr(dedupe, "EXACT_PAIRS", 1000)
-    idx, sim = dedupe.nearest(x, x, 3, same=True)
+    monkeypatch.setattr(nearest, "EXACT_PAIRS", 1000)
+    idx, sim = nearest.nearest(x, x, 3, same=True)
     found = np.mean(np.concatenate([idx[:500, 0] == np.arange(6000, 6500), idx[6000:, 0] == np.arange(500)]))
     assert found >= 0.99, found
     assert (idx != np.arange(len(x))[:, None]).all()
@@ -44,7 +46,7 @@ def test_phash_multi_index_equals_brute_force():
     close = h[:300] ^ np.array([sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 8), replace=False))
                                 for _ in range(300)], dtype=np.uint64)
     h = np.concatenate([h, close])
-    got = {tuple(p) for p in dedupe._phash_candidates(h, 6, k=50)}
+    got = {tuple(p) for p in near_search._phash_candidates(h, 6, k=50)}
     d = np.bitwise_count(h[:, None] ^ h[None, :])
     want = {(i, j) for i, j in zip(*np.nonzero(d <= 6)) if i < j}
     assert got == want and len(want) >= 200
@@ -71,13 +73,13 @@ def test_verification_tells_copies_from_look_alikes():
               np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L")),
               a[1:39, 0:39]]
     imgs = [a, *copies, other]
-    fps = [dedupe.fingerprint_array(np.stack([x] * 3, axis=-1)) for x in imgs]
+    fps = [fingerprint_array(np.stack([x] * 3, axis=-1)) for x in imgs]
     greys = np.stack([f.grey for f in fps])
-    scores = dedupe.verify_pairs(greys, np.array([[0, 1], [0, 2], [0, 3], [0, 4]]), crops=dedupe.REFINE_CROPS)
-    assert (scores[:3] >= dedupe.NEAR_THRESHOLD).all(), scores
-    assert scores[3] < dedupe.NEAR_THRESHOLD - 0.1, scores
+    scores = near_verify.verify_pairs(greys, np.array([[0, 1], [0, 2], [0, 3], [0, 4]]), crops=near_verify.REFINE_CROPS)
+    assert (scores[:3] >= near_verify.NEAR_THRESHOLD).all(), scores
+    assert scores[3] < near_verify.NEAR_THRESHOLD - 0.1, scores
     # without trying crops, the cropped copy is not verified
-    plain = dedupe.verify_pairs(greys, np.array([[0, 3]]), crops=(0.0,))
+    plain = near_verify.verify_pairs(greys, np.array([[0, 3]]), crops=(0.0,))
     assert plain[0] < scores[2]
 
 
@@ -89,16 +91,16 @@ def test_verification_pair_by_pair_equals_image_by_image():
     rng = np.random.default_rng(3)
     pairs = np.unique(np.sort(rng.integers(0, 30, (120, 2)), axis=1), axis=0)
     pairs = np.concatenate([pairs[pairs[:, 0] != pairs[:, 1]], [[0, 30], [5, 30]]])
-    crops = dedupe.VERIFY_CROPS
-    pw = dedupe._verify_pairwise(greys, pairs, crops, 1.0, chunk=16)
-    by = dedupe._verify_by_image(greys, pairs, crops, 1.0, block=8)
+    crops = near_verify.VERIFY_CROPS
+    pw = near_verify._verify_pairwise(greys, pairs, crops, 1.0, chunk=16)
+    by = near_verify._verify_by_image(greys, pairs, crops, 1.0, block=8)
     np.testing.assert_allclose(pw, by, atol=1e-5)
-    np.testing.assert_allclose(dedupe._verify_by_image(greys, pairs, crops, 1.0, block=8, workers=2), by, atol=1e-6)
-    np.testing.assert_allclose(dedupe._verify_pairwise(greys, pairs, crops, 1.0, chunk=16, workers=2), pw, atol=1e-6)
+    np.testing.assert_allclose(near_verify._verify_by_image(greys, pairs, crops, 1.0, block=8, workers=2), by, atol=1e-6)
+    np.testing.assert_allclose(near_verify._verify_pairwise(greys, pairs, crops, 1.0, chunk=16, workers=2), pw, atol=1e-6)
     assert (pw[-2:] == 0).all() and (pw[:-2] != 0).all()
     # brute force: band-pass each crop of one image, correlate with the other band-passed, best of all
-    band = dedupe._band_filter(32, 1.0)
-    mats = [dedupe._crop_matrix(a, b, 32) for a in crops for b in crops]
+    band = near_verify._band_filter(32, 1.0)
+    mats = [near_verify._crop_matrix(a, b, 32) for a in crops for b in crops]
 
     def ncc(x, y):
         x, y = x - x.mean(), y - y.mean()

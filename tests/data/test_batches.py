@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer.data.batches import AUGMENTATIONS, BatchSource
+from transfer.data.batches import AUGMENTATIONS, BatchSource, Sampling
 from transfer.data.folder import index_folder
 from transfer.data.image import load_image
 from transfer.errors import ConfigError, DataError
@@ -23,7 +23,7 @@ def indexed(tmp_path, make_folder):
 def test_shapes_values_and_len(indexed):
     src = BatchSource(indexed.root, indexed.samples, 5, (4, 6))
     assert len(src) == 4
-    assert len(BatchSource(indexed.root, indexed.samples, 5, (4, 6), drop_remainder=True)) == 3
+    assert len(BatchSource(indexed.root, indexed.samples, 5, (4, 6), sampling=Sampling(drop_remainder=True))) == 3
     b = src.get(0)
     assert b.x.shape == (5, 4, 6, 3) and b.x.dtype == np.float32 and b.y.dtype == np.int64
     assert b.paths == [s.path for s in indexed.samples[:5]] and b.failed == []
@@ -40,7 +40,7 @@ def _epoch(src, threads):
 
 
 def test_shuffle_and_augment_deterministic_across_threads(indexed):
-    kw = dict(shuffle=True, seed=3, augment=list(AUGMENTATIONS))
+    kw = dict(sampling=Sampling(shuffle=True, seed=3, augment=list(AUGMENTATIONS)))
     one = BatchSource(indexed.root, indexed.samples, 4, (8, 8), **kw)
     many = BatchSource(indexed.root, indexed.samples, 4, (8, 8), **kw)
     for epoch in (0, 1):
@@ -66,13 +66,13 @@ def test_augmentation_changes_pixels_only_when_asked(indexed):
     Image.fromarray(arr).save(indexed.root / "a" / "grad.png")
     idx = index_folder(indexed.root)
     plain = BatchSource(idx.root, idx.samples, 32, (16, 16)).get(0)
-    aug = BatchSource(idx.root, idx.samples, 32, (16, 16), augment=("rotate", "brightness")).get(0)
+    aug = BatchSource(idx.root, idx.samples, 32, (16, 16), sampling=Sampling(augment=("rotate", "brightness"))).get(0)
     assert plain.paths == aug.paths and not np.array_equal(plain.x, aug.x)
     assert aug.x.min() >= 0 and aug.x.max() <= 255
-    again = BatchSource(idx.root, idx.samples, 32, (16, 16), augment=("brightness", "rotate")).get(0)
+    again = BatchSource(idx.root, idx.samples, 32, (16, 16), sampling=Sampling(augment=("brightness", "rotate"))).get(0)
     np.testing.assert_array_equal(aug.x, again.x)
     with pytest.raises(ConfigError, match="accepted: flip, translate, rotate, zoom, brightness, contrast"):
-        BatchSource(idx.root, idx.samples, 4, (8, 8), augment=("mixup",))
+        BatchSource(idx.root, idx.samples, 4, (8, 8), sampling=Sampling(augment=("mixup",)))
 
 
 def test_failed_file_replaced_by_next(indexed):
@@ -113,7 +113,7 @@ def test_pad_to_multiple_repeats_the_batch_own_images(tmp_path):
     for i in range(7):
         Image.fromarray(np.full((8, 8, 3), i * 30, np.uint8)).save(root / "a" / f"{i}.png")
         samples.append(Sample(f"a/{i}.png", i % 2))
-    src = BatchSource(root, samples, 3, (8, 8), pad_to_multiple=2)
+    src = BatchSource(root, samples, 3, (8, 8), sampling=Sampling(pad_to_multiple=2))
     sizes = [len(src.get(i).x) for i in range(len(src))]
     assert sizes == [4, 4, 2]  # 3 -> 4, 3 -> 4, 1 -> 2
     b = src.get(0)
@@ -122,4 +122,4 @@ def test_pad_to_multiple_repeats_the_batch_own_images(tmp_path):
     assert b.y.tolist() == [0, 1, 0, 0]
     assert [len(BatchSource(root, samples, 3, (8, 8)).get(i).x) for i in range(3)] == [3, 3, 1]
     with pytest.raises(ConfigError, match="pad_to_multiple"):
-        BatchSource(root, samples, 3, (8, 8), pad_to_multiple=0)
+        BatchSource(root, samples, 3, (8, 8), sampling=Sampling(pad_to_multiple=0))

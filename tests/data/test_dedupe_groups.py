@@ -11,6 +11,7 @@ import pytest
 
 from helpers.chains import chain, photo_patches, star_groups
 from transfer.data import dedupe
+from transfer.data.fingerprint import fingerprint_array
 from transfer.data.folder import Sample
 from transfer.data.splits import split_samples
 
@@ -36,7 +37,7 @@ def test_components_of_pairs():
 
 def test_a_chain_is_one_component_where_a_star_leaves_its_end_out(chains):
     for a, b, c in chains:
-        fps = [dedupe.fingerprint_array(x) for x in (a, b, c)]
+        fps = [fingerprint_array(x) for x in (a, b, c)]
         pairs = {(i, j): s for i, j, s in dedupe.near_pairs(fps)}
         assert set(pairs) == {(0, 1), (1, 2)}, pairs  # A~B and B~C verified, A~C not
         assert star_groups(3, [(i, j, s) for (i, j), s in pairs.items()]) == [[0, 1]]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from transfer.cli import cli
-from transfer.data.folder import Sample, index_folder, write_bad_files_csv
+from transfer.data.folder import FileCheck, Sample, index_folder, write_bad_files_csv
 from transfer.errors import DataError
 
 
@@ -158,19 +158,19 @@ def test_cache_skips_unchanged_files(tmp_path, monkeypatch, make_folder, write_p
     root = make_folder(tmp_path / "d", {"a": 3, "b": 3})
     (root / "a" / "bad.png").write_text("nope")
     cache = tmp_path / "cache.json"
-    first = index_folder(root, cache=cache)
+    first = index_folder(root, check=FileCheck(cache=cache))
     assert cache.is_file()
     import transfer.data.folder as folder
 
     calls = []
     real = folder._check_file
     monkeypatch.setattr(folder, "_check_file", lambda p, m: calls.append(p) or real(p, m))
-    second = index_folder(root, cache=cache)
+    second = index_folder(root, check=FileCheck(cache=cache))
     assert calls == [] and second.samples == first.samples and second.bad == first.bad
     # a changed file is decoded again
     (root / "a" / "bad.png").unlink()
     write_png(root / "a" / "bad.png", size=(3, 3))
-    third = index_folder(root, cache=cache)
+    third = index_folder(root, check=FileCheck(cache=cache))
     assert [p.name for p in calls] == ["bad.png"] and third.bad == []
 
 
@@ -186,7 +186,7 @@ def test_dimensions_over_max_pixels_named(tmp_path, make_folder):
     idx = index_folder(root)
     assert len(idx.bad) == 1 and "12000x9000" in idx.bad[0].reason
     with pytest.raises(DataError, match="no usable image"):
-        index_folder(root, max_pixels=20)  # 6x5 = 30 pixels > 20: every file refused
+        index_folder(root, check=FileCheck(max_pixels=20))  # 6x5 = 30 pixels > 20: every file refused
 
 
 def test_split_like_class_folders_warned(tmp_path, make_folder):

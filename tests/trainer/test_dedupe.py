@@ -64,6 +64,7 @@ def _plant_chains(root: Path, which=(1, 4, 5, 6, 8, 10)) -> list[list[str]]:
 def leaky(tmp_path_factory) -> tuple[Path, list, list]:
     """Digits with resized copies of some, and chains of photo copies whose star grouping breaks."""
     from transfer.data import dedupe
+    from transfer.data.fingerprint import fingerprint_paths
 
     root = tmp_path_factory.mktemp("leaky") / "d"
     _digits(root, 40)
@@ -71,7 +72,7 @@ def leaky(tmp_path_factory) -> tuple[Path, list, list]:
     chains = _plant_chains(root)
     broken = 0
     for rels in chains:  # the fixture does exercise chains: a star around A leaves C out
-        fps = dedupe.fingerprint_paths([root / r for r in rels])
+        fps = fingerprint_paths([root / r for r in rels])
         broken += star_groups(3, dedupe.near_pairs(fps)) == [[0, 1]]
     assert broken == len(chains)
     return root, pairs, chains

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data.dedupe import NEAR_THRESHOLD
+from ..data.near_verify import NEAR_THRESHOLD
 from ..options import Flag, Interval, Text, option, validate
 
 

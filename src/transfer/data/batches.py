@@ -142,6 +142,41 @@ def read_ahead(get: Callable[[int], object], n: int, *, workers: int, ahead: int
             yield item
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a :class:`BatchSource` draws each epoch's batches from its samples.
+
+    Attributes:
+        shuffle: reorder each epoch, deterministically from ``(seed, epoch)``.
+        seed: base seed for order and augmentation.
+        augment: names from :data:`AUGMENTATIONS` (the trainer passes them for train only);
+            kept in canonical order without duplicates.
+        drop_remainder: drop the last incomplete batch.
+        pad_to_multiple: pad every batch to a multiple of this many images by repeating
+            its own first images (``--strategy mirrored``: each of N replicas must get
+            the same number of images; TensorFlow fails on an empty or uneven share).
+
+    Raises:
+        ConfigError: an unknown augmentation name, or ``pad_to_multiple`` below 1.
+
+    Example::
+
+        Sampling(shuffle=True, seed=3, augment=("flip", "rotate"))
+    """
+
+    shuffle: bool = False
+    seed: int = 0
+    augment: Sequence[str] = ()
+    drop_remainder: bool = False
+    pad_to_multiple: int = 1
+
+    def __post_init__(self):
+        pad = self.pad_to_multiple
+        if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 1:
+            raise ConfigError(f"pad_to_multiple must be an integer >= 1 (got {pad!r})")
+        object.__setattr__(self, "augment", check_augmentations(self.augment))
+
+
 class BatchSource:
     """Indexable batches over a list of samples, decoded on demand.
 
@@ -150,14 +185,9 @@ class BatchSource:
         samples: the split's samples.
         batch_size: images per batch (the last batch may be smaller unless ``drop_remainder``).
         image_size: (H, W) of the model input.
-        shuffle: reorder each epoch, deterministically from ``(seed, epoch)``.
-        seed: base seed for order and augmentation.
-        augment: names from :data:`AUGMENTATIONS` (the trainer passes them for train only).
-        drop_remainder: drop the last incomplete batch.
+        sampling: order, augmentation and batch shape of each epoch (:class:`Sampling`).
         max_pixels: decode limit, as for indexing.
-        pad_to_multiple: pad every batch to a multiple of this many images by repeating
-            its own first images (``--strategy mirrored``: each of N replicas must get
-            the same number of images; TensorFlow fails on an empty or uneven share).
+        recipe: the run's recorded pixel recipe (None: the current one).
 
     A file that fails to decode is recorded in :attr:`failed` and replaced by the next
     decodable sample of the split (in sample order), so batches keep their size.
@@ -167,7 +197,7 @@ class BatchSource:
 
     Example::
 
-        src = BatchSource("data/digits", parts["train"], 32, (32, 32), shuffle=True)
+        src = BatchSource("data/digits", parts["train"], 32, (32, 32), sampling=Sampling(shuffle=True))
         b = src.get(0); b.x.shape
         # (32, 32, 32, 3)
     """
@@ -179,17 +209,10 @@ class BatchSource:
         batch_size: int,
         image_size: tuple[int, int],
         *,
-        shuffle: bool = False,
-        seed: int = 0,
-        augment: Sequence[str] = (),
-        drop_remainder: bool = False,
+        sampling: Sampling = Sampling(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        pad_to_multiple: int = 1,
         recipe: dict | None = None,
     ):
-        if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, (int, np.integer)) \
-                or pad_to_multiple < 1:
-            raise ConfigError(f"pad_to_multiple must be an integer >= 1 (got {pad_to_multiple!r})")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ConfigError(f"batch size must be an integer >= 1 (got {batch_size!r})")
         try:
@@ -202,13 +225,14 @@ class BatchSource:
         self.samples = list(samples)
         self.batch_size = int(batch_size)
         self.image_size = (h, w)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.augment = check_augmentations(augment)
-        self.drop_remainder = bool(drop_remainder)
+        self.sampling = sampling
+        self.shuffle = bool(sampling.shuffle)
+        self.seed = int(sampling.seed)
+        self.augment = sampling.augment
+        self.drop_remainder = bool(sampling.drop_remainder)
         self.max_pixels = max_pixels
         self.recipe = recipe  # the run's recorded pixel recipe (None: the current one)
-        self.pad_to_multiple = int(pad_to_multiple)
+        self.pad_to_multiple = int(sampling.pad_to_multiple)
         self.failed: list[BadFile] = []
         self._lock = threading.Lock()
         self._bad_index: dict[int, str] = {}

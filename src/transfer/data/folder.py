@@ -42,6 +42,29 @@ class BadFile:
     reason: str
 
 
+@dataclass(frozen=True)
+class FileCheck:
+    """How :func:`index_folder` checks each image file.
+
+    Attributes:
+        decode: decode every file once to find the bad ones; when False, list the files without
+            decoding them: every image file is a sample and ``bad`` holds only what the layout
+            refuses (broken links). For a caller that decodes every file anyway and lists those
+            that fail itself (``transfer data audit``), so no file is decoded twice.
+        max_pixels: images with more pixels are refused as absurd.
+        cache: optional JSON file remembering (path, size, mtime_ns) -> verdict, so a re-index
+            skips decoding unchanged files.
+
+    Example::
+
+        index_folder("data/digits", check=FileCheck(cache="runs/digits/index-cache.json"))
+    """
+
+    decode: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    cache: str | os.PathLike | None = None
+
+
 @dataclass
 class DatasetIndex:
     """The result of :func:`index_folder`.
@@ -488,13 +511,11 @@ def index_folder(
     root: str | os.PathLike,
     *,
     workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressLike = None,
-    cache: str | os.PathLike | None = None,
     strict: bool = True,
     allow_nested: bool = False,
     allow_case_clash: bool = False,
-    decode: bool = True,
+    check: FileCheck = FileCheck(),
 ) -> DatasetIndex:
     """Index an image-classification folder and decode every file once to find bad ones.
 
@@ -505,10 +526,7 @@ def index_folder(
     Args:
         root: ``ROOT/<class>/**/*.jpg`` or ``ROOT/{train,val,test}/<class>/**``.
         workers: decoding threads (default: ``min(8, cpu_count + 2)``).
-        max_pixels: images with more pixels are refused as absurd.
         progress: a bar while decoding (:class:`transfer.progress.Progress`, a line callable or None).
-        cache: optional JSON file remembering (path, size, mtime_ns) -> verdict, so a
-            re-index skips decoding unchanged files.
         strict: when False (``transfer data check``), no image at all, fewer than two
             classes, a class without a usable image or a refused layout are listed in
             ``problems`` instead of raised, so the bad files can still be shown.
@@ -517,10 +535,8 @@ def index_folder(
             sub-classes under another name).
         allow_case_clash: accept class folders whose names differ only in case (``Cat/`` and
             ``cat/``) as different classes (else refused: one folder on a case-insensitive disk).
-        decode: when False, list the files without decoding them: every image file is a sample
-            and ``bad`` holds only what the layout refuses (broken links). For a caller that
-            decodes every file anyway and lists those that fail itself (``transfer data audit``),
-            so no file is decoded twice.
+        check: how each file is checked (:class:`FileCheck`: decoded or only listed, the pixel
+            limit, a verdict cache).
 
     Returns:
         A :class:`DatasetIndex`; bad files are in ``bad`` and excluded from ``samples``,
@@ -553,9 +569,10 @@ def index_folder(
         errors.append(_no_images_error(layout))
         if strict:
             raise errors[-1]
-    if decode:
-        verdicts = _decode_all(layout.root, [c.rel for c in candidates], cache=Path(cache) if cache else None,
-                               max_pixels=max_pixels, workers=workers, progress=progress)
+    if check.decode:
+        verdicts = _decode_all(layout.root, [c.rel for c in candidates],
+                               cache=Path(check.cache) if check.cache else None, max_pixels=check.max_pixels,
+                               workers=workers, progress=progress)
     else:
         verdicts = {c.rel: None for c in candidates}
     idx, bad_per_class = _assemble(layout, candidates, link_bad, verdicts)

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data.batches import BatchSource, read_ahead
+from ..data.batches import BatchSource, Sampling, read_ahead
 from ..data.image import recipe_version
 from ..errors import TransferError
 from ..fsutil import file_stamp, write_json_atomic
@@ -375,9 +375,10 @@ class CacheBuilder:
         return None
 
     def _source(self, req: CacheRequest):
+        sampling = Sampling(shuffle=False, seed=self.ctx.seed,
+                            augment=self.ctx.augment if req.view is not None else ())
         src = BatchSource(self.ctx.data_root, list(req.samples), self.ctx.batch_size, self.ctx.image_size,
-                          shuffle=False, seed=self.ctx.seed,
-                          augment=self.ctx.augment if req.view is not None else (), recipe=self.ctx.recipe)
+                          sampling=sampling, recipe=self.ctx.recipe)
         if req.view is not None:
             src.set_epoch(req.view)
         return src

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..data.batches import BatchSource
+from ..data.batches import BatchSource, Sampling
 from ..models.freeze import apply_freeze
 from ..models.split import Cut, find_cut, pixel_cut, suffix_model, training_model
 from . import loop
@@ -115,9 +115,10 @@ def image_source(trial: Trial, samples: Sequence, *, train: bool, replicas: int 
     metrics are computed on one device without it.
     """
     cfg = trial.cfg
-    return BatchSource(trial.data.root, list(samples), cfg.batch_size, tuple(trial.spec.image_size), shuffle=train,
-                       seed=cfg.seed, augment=tuple(cfg.augment) if train else (), drop_remainder=False,
-                       pad_to_multiple=replicas, recipe=trial.recipe)
+    sampling = Sampling(shuffle=train, seed=cfg.seed, augment=tuple(cfg.augment) if train else (),
+                        drop_remainder=False, pad_to_multiple=replicas)
+    return BatchSource(trial.data.root, list(samples), cfg.batch_size, tuple(trial.spec.image_size),
+                       sampling=sampling, recipe=trial.recipe)
 
 
 def keras_dataset(source: BatchSource, cfg: TrainConfig, num_classes: int):
