@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,7 +31,7 @@ from ._lazy import require
 from .errors import ConfigError, ExportError, TransferError
 from .fsutil import atomic_path, read_json, sha256_file, write_json_atomic
 from .models.onnx_convert import set_metadata
-from .options import check_choices
+from .options import Check, Interval, OneOf, OptionSpec, check_choices, option, specs, to_dict, validate
 
 HEAD_INPUT = "features"
 HEAD_OUTPUT = "probabilities"
@@ -90,17 +91,88 @@ def head_to_onnx(estimator, feature_dim: int, path: str | os.PathLike, *, opset:
     return {"input": HEAD_INPUT, "output": HEAD_OUTPUT}
 
 
+_SVM_KERNELS = ("rbf", "linear", "poly", "sigmoid")
+
+
 class HeadIntegrityError(TransferError):
     """A saved head does not match its JSON record (SHA-256), or its record is unreadable."""
 
 
-#: Head kinds, their defaults (make_estimator keyword arguments) and a short description.
-HEAD_KINDS: dict[str, dict[str, Any]] = {
-    "rf": {"n_estimators": 200, "max_depth": None, "min_samples_leaf": 1, "n_jobs": -1, "random_state": 0},
-    "svm": {"C": 1.0, "kernel": "rbf", "gamma": "scale", "random_state": 0},
-    "logreg": {"C": 1.0, "max_iter": 1000, "random_state": 0},
-    "knn": {"n_neighbors": 5, "weights": "uniform"},
-}
+def _non_zero_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v != 0
+
+
+def _gamma(v) -> bool:
+    if isinstance(v, str):
+        return v in ("scale", "auto")
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and bool(np.isfinite(v)) and v > 0
+
+
+def _read_int(v):
+    return int(v) if isinstance(v, str) else v
+
+
+#: the seed every head takes (``random_state``): an integer, or unset for none
+_SEED = Interval(int)
+
+
+@dataclass(frozen=True)
+class RfParams:
+    """The parameters of an ``rf`` head (scikit-learn's ``RandomForestClassifier``)."""
+
+    n_estimators: int = option(200, Interval(int, 1), "RandomForest: number of trees.")
+    max_depth: int | None = option(None, Interval(int, 1), "RandomForest: maximum depth (unset: unlimited).",
+                                   none=True)
+    min_samples_leaf: int = option(1, Interval(int, 1), "RandomForest: fewest images in a leaf.")
+    n_jobs: int | None = option(-1, Check(_non_zero_int, "a non-zero integer (-1 = all cores)", read=_read_int),
+                                "RandomForest: parallel jobs (-1 = all cores).", none=True)
+    random_state: int | None = option(0, _SEED, "Seed.", none=True)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class SvmParams:
+    """The parameters of an ``svm`` head (``StandardScaler`` + ``SVC``)."""
+
+    C: float = option(1.0, Interval(float, 0, closed="neither"), "SVM: regularization C.")
+    kernel: str = option("rbf", OneOf(*_SVM_KERNELS), "SVM kernel.")
+    gamma: Any = option("scale", Check(_gamma, "'scale', 'auto' or a number > 0"), "SVM: kernel coefficient.")
+    random_state: int | None = option(0, _SEED, "Seed.", none=True)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class LogregParams:
+    """The parameters of a ``logreg`` head (``StandardScaler`` + ``LogisticRegression``)."""
+
+    C: float = option(1.0, Interval(float, 0, closed="neither"), "Logistic regression: inverse regularization C.")
+    max_iter: int = option(1000, Interval(int, 1), "Logistic regression: iterations.")
+    random_state: int | None = option(0, _SEED, "Seed.", none=True)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class KnnParams:
+    """The parameters of a ``knn`` head (``StandardScaler`` + ``KNeighborsClassifier``)."""
+
+    n_neighbors: int = option(5, Interval(int, 1), "k-NN: neighbours.")
+    weights: str = option("uniform", OneOf("uniform", "distance"), "k-NN: neighbour weights.")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+#: each head kind's parameters, declared once (:mod:`transfer.options`): their checks, and the
+#: constraints ``transfer heads``' flags reuse (:func:`param_spec`)
+HEAD_PARAMS: dict[str, type] = {"rf": RfParams, "svm": SvmParams, "logreg": LogregParams, "knn": KnnParams}
+#: Head kinds and their defaults (make_estimator keyword arguments).
+HEAD_KINDS: dict[str, dict[str, Any]] = {k: to_dict(cls()) for k, cls in HEAD_PARAMS.items()}
 DEFAULT_HEADS = ("rf", "svm", "logreg")
 HEAD_DESCRIPTIONS = {
     "rf": "RandomForestClassifier",
@@ -108,7 +180,6 @@ HEAD_DESCRIPTIONS = {
     "logreg": "StandardScaler + LogisticRegression",
     "knn": "StandardScaler + KNeighborsClassifier",
 }
-_SVM_KERNELS = ("rbf", "linear", "poly", "sigmoid")
 
 
 def _now() -> str:
@@ -129,58 +200,31 @@ def param_option(kind: str, name: str) -> str:
     return f"{kind}_{name}".lower()
 
 
-def _positive(kind: str, name: str, v, *, integer: bool, allow_none: bool = False, minimum: float = 0.0):
-    if v is None and allow_none:
-        return None
-    ok = not isinstance(v, bool) and isinstance(v, (int, np.integer) if integer else (int, float, np.number))
-    if not ok or not np.isfinite(float(v)) or float(v) <= minimum:
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"{kind} head: {name} must be {what} > {minimum:g} (got {v!r})",
-                          option=param_option(kind, name))
-    return int(v) if integer else float(v)
+def param_spec(kind: str, name: str) -> OptionSpec:
+    """The declared spec of one head parameter (``rf``, ``n_estimators``): what ``transfer heads``'
+    flag for it checks."""
+    return next(spec for f, spec in specs(HEAD_PARAMS[kind]) if f.name == name)
 
 
 def head_params(kind: str, params: dict | None = None) -> dict:
-    """Defaults of ``kind`` updated with ``params``, validated.
+    """Defaults of ``kind`` updated with ``params``, checked by the kind's declared parameters
+    (:data:`HEAD_PARAMS`).
 
     Raises:
-        ConfigError: unknown kind, unknown parameter (lists the accepted ones), bad value.
+        ConfigError: unknown kind, unknown parameter (lists the accepted ones), bad value
+            (``option``: the parameter's name outside its kind, :func:`param_option`).
     """
     kind = check_kinds([kind])[0]
-    out = dict(HEAD_KINDS[kind])
     params = dict(params or {})
-    unknown = [k for k in params if k not in out]
+    unknown = [k for k in params if k not in HEAD_KINDS[kind]]
     if unknown:
         raise ConfigError(f"{kind} head: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                          f"accepted: {', '.join(out)}", option="params")
-    out.update(params)
-    if kind == "rf":
-        out["n_estimators"] = _positive(kind, "n_estimators", out["n_estimators"], integer=True)
-        out["max_depth"] = _positive(kind, "max_depth", out["max_depth"], integer=True, allow_none=True)
-        out["min_samples_leaf"] = _positive(kind, "min_samples_leaf", out["min_samples_leaf"], integer=True)
-        if out["n_jobs"] is not None and (isinstance(out["n_jobs"], bool) or not isinstance(out["n_jobs"], int)
-                                          or out["n_jobs"] == 0):
-            raise ConfigError(f"rf head: n_jobs must be a non-zero integer (-1 = all cores), got {out['n_jobs']!r}",
-                              option=param_option(kind, "n_jobs"))
-    elif kind == "svm":
-        out["C"] = _positive(kind, "C", out["C"], integer=False)
-        if out["kernel"] not in _SVM_KERNELS:
-            raise ConfigError(f"svm head: unknown kernel {out['kernel']!r}; accepted: {', '.join(_SVM_KERNELS)}",
-                              option=param_option(kind, "kernel"))
-        g = out["gamma"]
-        if not (g in ("scale", "auto") or (isinstance(g, (int, float, np.number)) and not isinstance(g, bool)
-                                           and np.isfinite(float(g)) and float(g) > 0)):
-            raise ConfigError(f"svm head: gamma must be 'scale', 'auto' or a number > 0 (got {out['gamma']!r})",
-                              option=param_option(kind, "gamma"))
-    elif kind == "logreg":
-        out["C"] = _positive(kind, "C", out["C"], integer=False)
-        out["max_iter"] = _positive(kind, "max_iter", out["max_iter"], integer=True)
-    elif kind == "knn":
-        out["n_neighbors"] = _positive(kind, "n_neighbors", out["n_neighbors"], integer=True)
-        if out["weights"] not in ("uniform", "distance"):
-            raise ConfigError(f"knn head: weights must be 'uniform' or 'distance' (got {out['weights']!r})",
-                              option=param_option(kind, "weights"))
-    return out
+                          f"accepted: {', '.join(HEAD_KINDS[kind])}", option="params")
+    try:
+        return to_dict(HEAD_PARAMS[kind](**params))
+    except ConfigError as exc:
+        raise ConfigError(f"{kind} head: {exc.message}", hint=exc.hint,
+                          option=param_option(kind, exc.option) if exc.option else "params") from None
 
 
 def make_estimator(kind: str, **params):
@@ -314,6 +358,6 @@ def save_head(est, folder: Path, record: dict) -> dict:
     return record
 
 
-__all__ = ["HEAD_KINDS", "DEFAULT_HEADS", "HEAD_DESCRIPTIONS", "HeadIntegrityError", "check_kinds", "param_option",
+__all__ = ["HEAD_KINDS", "HEAD_PARAMS", "RfParams", "SvmParams", "LogregParams", "KnnParams", "param_spec", "DEFAULT_HEADS", "HEAD_DESCRIPTIONS", "HeadIntegrityError", "check_kinds", "param_option",
            "head_params", "make_estimator", "sklearn_version", "verify_head", "load_head", "save_head",
            "head_to_onnx", "HEAD_INPUT", "HEAD_OUTPUT"]

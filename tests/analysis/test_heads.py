@@ -126,7 +126,7 @@ def test_make_estimator_defaults_and_errors():
         make_estimator("xgb")
     with pytest.raises(ConfigError, match="unknown parameter.*'trees'.*accepted: n_estimators"):
         make_estimator("rf", trees=3)
-    with pytest.raises(ConfigError, match="C must be a number > 0"):
+    with pytest.raises(ConfigError, match="svm head: invalid C: -1; accepted: a number > 0"):
         make_estimator("svm", C=-1)
     with pytest.raises(ConfigError, match="kernel"):
         make_estimator("svm", kernel="cubic")

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..classical_heads import DEFAULT_HEADS, HEAD_KINDS
-from ..options import Check, Flag, Interval, ListOf, OneOf, Text, option, validate
+from ..classical_heads import DEFAULT_HEADS, HEAD_KINDS, param_spec
+from ..options import Constraint, Flag, Interval, ListOf, OneOf, Text, option, validate
 
 SPLITS = ("train", "val", "test")
 _TRIALS = "best | all | a trial name (comma-separated names)."
+
+
+def _rule(kind: str, name: str) -> Constraint:
+    """The constraint a head parameter is declared with (:data:`transfer.classical_heads.HEAD_PARAMS`)."""
+    return param_spec(kind, name).constraint
 
 
 def _trial() -> str:
@@ -29,26 +34,23 @@ class HeadsConfig:
     trial: str = _trial()
     heads: tuple[str, ...] = option(DEFAULT_HEADS, ListOf(OneOf(*HEAD_KINDS)), "Classical heads to fit: rf, svm, "
                                     "logreg, knn.", flag="--head", metavar="H,..")
-    rf_n_estimators: int | None = option(None, Interval(int, 1), "RandomForest: number of trees. [default: 200]",
+    rf_n_estimators: int | None = option(None, _rule("rf", "n_estimators"), "RandomForest: number of trees. [default: 200]",
                                          none=True, flag="--rf-trees")
-    rf_max_depth: int | None = option(None, Interval(int, 1), "RandomForest: maximum depth. [default: unlimited]",
+    rf_max_depth: int | None = option(None, _rule("rf", "max_depth"), "RandomForest: maximum depth. [default: unlimited]",
                                       none=True, flag="--rf-depth")
-    rf_n_jobs: int | None = option(None, Check(lambda v: isinstance(v, int) and not isinstance(v, bool) and v != 0,
-                                               "a non-zero integer (-1 = all cores)",
-                                               read=lambda v: int(v) if isinstance(v, str) else v),
-                                   "RandomForest: parallel jobs (-1 = all cores). [default: -1]", none=True,
+    rf_n_jobs: int | None = option(None, _rule("rf", "n_jobs"), "RandomForest: parallel jobs (-1 = all cores). [default: -1]", none=True,
                                    flag="--rf-jobs")
-    svm_c: float | None = option(None, Interval(float, 0, closed="neither"), "SVM: regularization C. "
+    svm_c: float | None = option(None, _rule("svm", "C"), "SVM: regularization C. "
                                  "[default: 1.0]", none=True)
-    svm_kernel: str | None = option(None, OneOf("rbf", "linear", "poly", "sigmoid"), "SVM kernel. [default: rbf]",
+    svm_kernel: str | None = option(None, _rule("svm", "kernel"), "SVM kernel. [default: rbf]",
                                     none=True)
-    logreg_c: float | None = option(None, Interval(float, 0, closed="neither"), "Logistic regression: inverse "
+    logreg_c: float | None = option(None, _rule("logreg", "C"), "Logistic regression: inverse "
                                     "regularization C. [default: 1.0]", none=True)
-    logreg_max_iter: int | None = option(None, Interval(int, 1), "Logistic regression: iterations. "
+    logreg_max_iter: int | None = option(None, _rule("logreg", "max_iter"), "Logistic regression: iterations. "
                                          "[default: 1000]", none=True)
-    knn_n_neighbors: int | None = option(None, Interval(int, 1), "k-NN: neighbours. [default: 5]", none=True,
+    knn_n_neighbors: int | None = option(None, _rule("knn", "n_neighbors"), "k-NN: neighbours. [default: 5]", none=True,
                                          flag="--knn-k")
-    seed: int | None = option(None, Interval(int), "random_state of rf / svm / logreg. [default: 0]", none=True)
+    seed: int | None = option(None, _rule("rf", "random_state"), "random_state of rf / svm / logreg. [default: 0]", none=True)
 
     def __post_init__(self) -> None:
         validate(self)

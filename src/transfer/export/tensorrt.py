@@ -26,8 +26,9 @@ from typing import Iterable
 
 import numpy as np
 
-from ..errors import ConfigError, ExportError
+from ..errors import ExportError
 from ..fsutil import atomic_path
+from ..options import one_of
 from ..runtime.devices import device_info, gpu_status, require_tensorrt  # noqa: F401  (re-exported)
 from .export_config import PRECISIONS, BatchProfile, parse_batch_profile  # noqa: F401  (re-exported)
 from .fp16 import float16_summary
@@ -35,11 +36,12 @@ from .quantize import quantize_int8
 
 
 def check_precision(precision: str) -> str:
-    p = str(precision).lower()
-    if p not in PRECISIONS:
-        raise ConfigError(f"invalid TensorRT precision {precision!r}; accepted: {', '.join(PRECISIONS)}",
-                          option="trt")
-    return p
+    """One of :data:`PRECISIONS` (case-insensitive).
+
+    Raises:
+        ConfigError: ``unknown TensorRT precision 'x'; accepted: fp32, fp16, int8`` (option ``trt``).
+    """
+    return one_of(str(precision), PRECISIONS, "TensorRT precision", option="trt")
 
 
 def engine_entry(file: str, precision: str, profile: BatchProfile, device: dict) -> dict:
