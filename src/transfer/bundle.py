@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .calibration import SCORE_ARRAYS, SCORE_PARAMS, SCORES, array_problems
+from .unknown_scores import SCORE_ARRAYS, SCORE_PARAMS, SCORES, array_problems
 from .data.image import PREPROCESSING, recipe_version
 from .errors import BundleError, TamperedBundleError
 from .fsutil import JSONLimitError, loads_json, read_json, sha256_file, write_json_atomic, write_text_atomic

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import calibration as cal
+from .. import unknown_scores as unk
 from ..analysis.head_study import ensure_head
 from ..bundle import Bundle, new_manifest, read_checks, read_manifest, write_bundle
 from ..classical_heads import head_to_onnx, load_head
@@ -643,7 +644,7 @@ def _fit_unknown(ctx: ExportContext, val: SplitOutputs, logits, head, temperatur
     ctx.extra["unknown"] = unknown
     name = unknown["default"]
     e = unknown["scores"][name]
-    ctx.extra["detector"] = UnknownDetector(name, e["threshold"], cal.UnknownScorer.from_arrays(
+    ctx.extra["detector"] = UnknownDetector(name, e["threshold"], unk.UnknownScorer.from_arrays(
         name, arrays, e, feature_dim=ctx.extra["feature_dim"], num_classes=ctx.extra["num_classes"]))
     syn = e.get("synthetic") or {}
     why = "rule: fewest synthetic outliers accepted" if default == "auto" else "your choice"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..bundle import PRECISIONS
-from ..calibration import SCORES
+from ..unknown_scores import SCORES
 from ..classical_heads import HEAD_KINDS
 from ..errors import ConfigError
 from ..options import Check, Flag, Interval, ListOf, OneOf, Text, option, validate

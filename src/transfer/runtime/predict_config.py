@@ -19,7 +19,7 @@ from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..calibration import SCORES
+from ..unknown_scores import SCORES
 from ..data.image import is_image_path
 from ..errors import ConfigError
 from ..options import Check, Flag, Interval, ListOf, OneOf, Text, check, group, make, option, specs, to_dict, validate
