@@ -257,7 +257,7 @@ def test_bad_options_fail_before_any_work(run_copy, kw, match):
 
 
 def test_verify_deep_runs_every_onnx_model_and_names_a_broken_one(full_bundle, tmp_path):
-    from transfer.bundle import finalize_manifest
+    from transfer.bundle_write import finalize_manifest
 
     _, res = full_bundle
     r = CliRunner().invoke(cli, ["verify", str(res.bundle_dir), "--deep"])

@@ -44,7 +44,8 @@ import numpy as np
 from .. import calibration as cal
 from .. import unknown_scores as unk
 from ..analysis.head_study import ensure_head
-from ..bundle import Bundle, new_manifest, read_checks, read_manifest, write_bundle
+from ..bundle import Bundle, read_manifest
+from ..bundle_write import new_manifest, read_checks, write_bundle
 from ..classical_heads import head_to_onnx, load_head
 from ..data.stream import decode_batches
 from ..errors import ExportError, TensorRTUnavailableError, VerificationError
