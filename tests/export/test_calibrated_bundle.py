@@ -309,7 +309,7 @@ def test_export_when_val_images_became_unreadable_never_falls_back_to_test(tmp_p
 
 
 def test_why_calibration_is_skipped():
-    from transfer.export.api import MIN_CALIBRATION_IMAGES, SplitOutputs, _why_not
+    from transfer.export.calibration_stage import MIN_CALIBRATION_IMAGES, SplitOutputs, _why_not
 
     def split(n, listed, first=None):
         return SplitOutputs("val", np.zeros((n, 2)), np.zeros((n, 2)), np.zeros(n, int), listed=listed,
@@ -370,7 +370,7 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
 
 
 def test_a_large_split_is_subsampled_with_every_class():
-    from transfer.export.api import _subset
+    from transfer.export.calibration_stage import _subset
 
     paths = [f"p{i}" for i in range(900)]
     labels = [0] * 880 + [1] * 19 + [2]  # a rare class and a single image
