@@ -21,7 +21,7 @@ def keras_bundle(backbone: str, out: Path, *, size: int | None = None, num_class
     With ``cam`` it has class activation maps as an export writes them (``feature_map`` output,
     ``cam.npz``, the manifest's ``cam`` record)."""
     from transfer.export.cam_export import cam_record, plan_cam, write_cam_weights
-    from transfer.bundle import new_manifest, write_bundle
+    from transfer.bundle_write import new_manifest, write_bundle
     from transfer.models.onnx_convert import export_onnx
     from transfer.export.keras_runner import KerasRunner
     from transfer.export.verify import parity_check, run_all

@@ -206,6 +206,7 @@ def scoring_cost(work: Path, d: int = 1280, c: int = 10, n_bank: int = 5000, bat
     from _common import keras_bundle, timeit
 
     from transfer import calibration as C
+    from transfer import unknown_scores as U
     from transfer.bundle import load_bundle
     from transfer.runtime.runners import make_runner
 
@@ -221,15 +222,15 @@ def scoring_cost(work: Path, d: int = 1280, c: int = 10, n_bank: int = 5000, bat
     f = rng.normal(size=(n_bank, d))
     y = np.arange(n_bank) % c
     kernel, bias = rng.normal(size=(d, c)) / 30, rng.normal(size=c)
-    g, vim = C.fit_class_gaussian(f, y, c), C.fit_vim(f, kernel, bias)
-    arrays = {**g.to_arrays(), "kernel": kernel, "bias": bias, "bank": C.normalize_rows(f).astype(np.float16),
+    g, vim = U.fit_class_gaussian(f, y, c), U.fit_vim(f, kernel, bias)
+    arrays = {**g.to_arrays(), "kernel": kernel, "bias": bias, "bank": U.normalize_rows(f).astype(np.float16),
               "vim_origin": vim.origin, "vim_basis": vim.basis}
     params = {"knn": {"k": 1}, "vim": {"alpha": vim.alpha}}
     x = rng.normal(size=(batch, d)).astype(np.float32)
     p = C.softmax(x @ kernel + bias)
     rows = [["MobileNetV2 forward pass (ONNX Runtime, 224 px)", f"{model_ms:.1f}", "1"]]
-    for name in C.SCORES:
-        scorer = C.UnknownScorer.from_arrays(name, arrays, params.get(name), feature_dim=d, num_classes=c)
+    for name in U.SCORES:
+        scorer = U.UnknownScorer.from_arrays(name, arrays, params.get(name), feature_dim=d, num_classes=c)
         ms = 1000 * timeit(lambda: scorer(x, p), seconds=1.0)
         rows.append([name, f"{ms:.2f}", f"{ms / model_ms:.3f}"])
     return rows

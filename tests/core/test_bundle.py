@@ -6,13 +6,8 @@ import pytest
 
 from helpers.bundle_factory import check, make_bundle
 from helpers.bundle_factory import edit_manifest as _edit
-from transfer.bundle import (
-    load_bundle,
-    new_manifest,
-    read_manifest,
-    verify_bundle,
-    write_bundle,
-)
+from transfer.bundle import load_bundle, read_manifest, verify_bundle
+from transfer.bundle_write import new_manifest, write_bundle
 from transfer.errors import BundleError, TamperedBundleError
 
 

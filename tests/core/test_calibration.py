@@ -1,4 +1,4 @@
-"""calibration.py: the calibration metrics, temperature scaling and unknown-input scores."""
+"""calibration.py and unknown_scores.py: the calibration metrics, temperature scaling and unknown-input scores."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from transfer import calibration as C
+from transfer import unknown_scores as U
 
 
 def _softmax(z):
@@ -61,7 +62,7 @@ def test_shrunk_covariance_matches_ledoit_wolf():
 
     x = np.random.default_rng(1).normal(size=(40, 12)) @ np.random.default_rng(2).normal(size=(12, 12))
     xc = x - x.mean(0)
-    cov, alpha = C._shrunk_covariance(xc, None)
+    cov, alpha = U._shrunk_covariance(xc, None)
     ref, ref_alpha = ledoit_wolf(xc, assume_centered=True)
     assert alpha == pytest.approx(ref_alpha, rel=1e-6)
     np.testing.assert_allclose(cov, ref, rtol=1e-6, atol=1e-9)
@@ -72,27 +73,27 @@ def test_mahalanobis_score_equals_the_direct_formula_and_ranks_outliers_low():
     means = np.array([[0.0, 0, 0], [5, 5, 0], [0, 5, 5]])
     y = np.repeat(np.arange(3), 100)
     x = means[y] + rng.normal(0, 1, (300, 3)) * [1, 2, 0.5]
-    g = C.fit_class_gaussian(x, y, 3, shrinkage=0.0)
+    g = U.fit_class_gaussian(x, y, 3, shrinkage=0.0)
     cov = np.cov((x - g.means[y]).T, bias=True)
     inv = np.linalg.inv(cov)
     q = rng.normal(0, 3, (20, 3))
     direct = -np.min([[(v - m) @ inv @ (v - m) for m in g.means] for v in q], axis=1)
-    np.testing.assert_allclose(C.mahalanobis_score(q, g), direct, rtol=1e-6)
+    np.testing.assert_allclose(U.mahalanobis_score(q, g), direct, rtol=1e-6)
     far = np.array([[30.0, -30, 30]])
-    assert C.mahalanobis_score(far, g)[0] < np.percentile(C.mahalanobis_score(x, g), 1)
-    g2 = C.ClassGaussian.from_arrays(g.to_arrays())
-    np.testing.assert_allclose(C.mahalanobis_score(q, g2), C.mahalanobis_score(q, g), rtol=1e-4)
+    assert U.mahalanobis_score(far, g)[0] < np.percentile(U.mahalanobis_score(x, g), 1)
+    g2 = U.ClassGaussian.from_arrays(g.to_arrays())
+    np.testing.assert_allclose(U.mahalanobis_score(q, g2), U.mahalanobis_score(q, g), rtol=1e-4)
 
 
 def test_threshold_accepts_the_target_share():
     s = np.random.default_rng(0).normal(size=1000)
-    thr = C.threshold_for_acceptance(s, 0.95)
+    thr = U.threshold_for_acceptance(s, 0.95)
     assert np.mean(s >= thr) == pytest.approx(0.95, abs=0.002)
-    assert np.mean(s >= C.threshold_for_acceptance(s, 1.0)) == 1.0
+    assert np.mean(s >= U.threshold_for_acceptance(s, 1.0)) == 1.0
     with pytest.raises(ValueError):
-        C.threshold_for_acceptance(s, 0.0)
+        U.threshold_for_acceptance(s, 0.0)
     with pytest.raises(ValueError):
-        C.fit_class_gaussian(np.zeros((4, 2)), [0, 0, 0, 0], 2)
+        U.fit_class_gaussian(np.zeros((4, 2)), [0, 0, 0, 0], 2)
 
 
 def test_auroc_matches_sklearn_with_ties():
@@ -101,10 +102,10 @@ def test_auroc_matches_sklearn_with_ties():
     rng = np.random.default_rng(3)
     k, u = np.round(rng.normal(1, 1, 300), 1), np.round(rng.normal(0, 1, 200), 1)  # rounded: many ties
     ref = roc_auc_score(np.r_[np.ones(300), np.zeros(200)], np.r_[k, u])
-    assert C.auroc(k, u) == pytest.approx(ref, abs=1e-12)
-    assert C.auroc([2, 3], [0, 1]) == 1.0 and C.auroc([0], [0]) == 0.5
+    assert U.auroc(k, u) == pytest.approx(ref, abs=1e-12)
+    assert U.auroc([2, 3], [0, 1]) == 1.0 and U.auroc([0], [0]) == 0.5
     with pytest.raises(ValueError):
-        C.auroc([], [1])
+        U.auroc([], [1])
 
 
 def test_ece_floor_is_what_a_calibrated_model_shows_on_a_small_set():
@@ -191,23 +192,23 @@ def test_energy_knn_and_vim_by_hand():
     w, b = rng.normal(size=(5, 3)), rng.normal(size=3)
     logits = f @ w + b
     np.testing.assert_allclose(C.network_logits(f, w, b), logits)
-    np.testing.assert_allclose(C.energy_score(logits), np.log(np.exp(logits).sum(1)))
-    bank = C.normalize_rows(rng.normal(size=(20, 5)))
+    np.testing.assert_allclose(U.energy_score(logits), np.log(np.exp(logits).sum(1)))
+    bank = U.normalize_rows(rng.normal(size=(20, 5)))
     for k in (1, 3, 20):
-        d = np.linalg.norm(C.normalize_rows(f)[:, None, :] - bank[None], axis=2)
-        np.testing.assert_allclose(C.knn_score(f, bank, k), -np.sort(d, axis=1)[:, k - 1], atol=1e-5)
+        d = np.linalg.norm(U.normalize_rows(f)[:, None, :] - bank[None], axis=2)
+        np.testing.assert_allclose(U.knn_score(f, bank, k), -np.sort(d, axis=1)[:, k - 1], atol=1e-5)
     with pytest.raises(ValueError):
-        C.knn_score(f, bank, 21)
+        U.knn_score(f, bank, 21)
     train = rng.normal(size=(200, 5)) * [3, 2, 1, 0.1, 0.1]
-    vim = C.fit_vim(train, w, b)
+    vim = U.fit_vim(train, w, b)
     assert vim.basis.shape == (5, 2)  # D / 2 = 2 < C = 3: three principal axes kept, two residual
     np.testing.assert_allclose(vim.origin @ w + b, 0, atol=1e-9)  # the head maps the origin to zero logits
     x = f - vim.origin
     expect = np.log(np.exp(logits).sum(1)) - vim.alpha * np.linalg.norm(x @ vim.basis, axis=1)
-    np.testing.assert_allclose(C.vim_score(f, w, b, vim), expect)
-    assert C.vim_dim(3, 3) is None and C.vim_dim(2048, 10) == 1000 and C.vim_dim(1280, 10) == 512
+    np.testing.assert_allclose(U.vim_score(f, w, b, vim), expect)
+    assert U.vim_dim(3, 3) is None and U.vim_dim(2048, 10) == 1000 and U.vim_dim(1280, 10) == 512
     with pytest.raises(ValueError, match="no residual"):
-        C.fit_vim(train[:, :3], w[:3], b)
+        U.fit_vim(train[:, :3], w[:3], b)
 
 
 def test_mahalanobis_with_fewer_images_than_features_is_shrunk_not_singular():
@@ -216,23 +217,23 @@ def test_mahalanobis_with_fewer_images_than_features_is_shrunk_not_singular():
     means = rng.normal(0, 3, (3, d))
     y = np.array([0, 0, 1, 1, 2, 2])  # 6 images, 64 features
     x = means[y] + rng.normal(size=(6, d))
-    g = C.fit_class_gaussian(x, y, 3)
-    s = C.mahalanobis_score(np.vstack([x, means[0] + 40]), g)
+    g = U.fit_class_gaussian(x, y, 3)
+    s = U.mahalanobis_score(np.vstack([x, means[0] + 40]), g)
     assert np.isfinite(s).all() and s[-1] < s[:-1].min()
-    g1 = C.fit_class_gaussian(means, [0, 1, 2], 3)  # one image per class: no spread at all
-    assert np.isfinite(C.mahalanobis_score(x, g1)).all()
+    g1 = U.fit_class_gaussian(means, [0, 1, 2], 3)  # one image per class: no spread at all
+    assert np.isfinite(U.mahalanobis_score(x, g1)).all()
     np.testing.assert_allclose(g1.whiten, np.eye(d))
 
 
 def test_scorers_check_their_arrays():
     rng = np.random.default_rng(0)
-    arrays = {"kernel": rng.normal(size=(4, 3)), "bias": np.zeros(3), "bank": C.normalize_rows(rng.normal(size=(9, 4)))}
+    arrays = {"kernel": rng.normal(size=(4, 3)), "bias": np.zeros(3), "bank": U.normalize_rows(rng.normal(size=(9, 4)))}
     f, p = rng.normal(size=(5, 4)), C.softmax(rng.normal(size=(5, 3)))
-    e = C.UnknownScorer.from_arrays("energy", arrays, feature_dim=4, num_classes=3)
-    np.testing.assert_allclose(e(f, p), C.energy_score(f @ arrays["kernel"]))
-    k = C.UnknownScorer.from_arrays("knn", arrays, {"k": 2}, feature_dim=4, num_classes=3)
-    np.testing.assert_allclose(k(f, p), C.knn_score(f, arrays["bank"], 2), atol=1e-6)
-    np.testing.assert_allclose(C.UnknownScorer.from_arrays("msp", {}, feature_dim=4, num_classes=3)(f, p), p.max(1))
+    e = U.UnknownScorer.from_arrays("energy", arrays, feature_dim=4, num_classes=3)
+    np.testing.assert_allclose(e(f, p), U.energy_score(f @ arrays["kernel"]))
+    k = U.UnknownScorer.from_arrays("knn", arrays, {"k": 2}, feature_dim=4, num_classes=3)
+    np.testing.assert_allclose(k(f, p), U.knn_score(f, arrays["bank"], 2), atol=1e-6)
+    np.testing.assert_allclose(U.UnknownScorer.from_arrays("msp", {}, feature_dim=4, num_classes=3)(f, p), p.max(1))
     bad = [("energy", {"kernel": arrays["kernel"]}, {}, "'bias' is missing"),
            ("energy", {**arrays, "bias": np.zeros(2)}, {}, "expected (3,)"),
            ("knn", arrays, {"k": 10}, "1..9"),
@@ -241,16 +242,16 @@ def test_scorers_check_their_arrays():
            ("entropy", arrays, {}, "unknown score")]
     for name, arr, params, msg in bad:
         with pytest.raises(ValueError) as info:
-            C.UnknownScorer.from_arrays(name, arr, params, feature_dim=4, num_classes=3)
+            U.UnknownScorer.from_arrays(name, arr, params, feature_dim=4, num_classes=3)
         assert msg in str(info.value), (name, str(info.value))
-    assert C.array_problems({"means": ((3, 4), "f"), "extra": ((1,), "f")}, feature_dim=4, num_classes=3,
+    assert U.array_problems({"means": ((3, 4), "f"), "extra": ((1,), "f")}, feature_dim=4, num_classes=3,
                             needed=("means", "whiten")) == ["array 'whiten' is missing",
-                                                            "array 'extra' is not one of " + ", ".join(C.ARRAY_SHAPES)]
+                                                            "array 'extra' is not one of " + ", ".join(U.ARRAY_SHAPES)]
 
 
 def test_fpr_at_tpr():
     known, unknown = np.arange(100.0), np.array([-1.0, 4.0, 50.0, 99.0])
     # the threshold keeping 95 of 100 known scores is 5: unknown 50 and 99 pass
-    assert C.fpr_at_tpr(known, unknown, 0.95) == 0.5
+    assert U.fpr_at_tpr(known, unknown, 0.95) == 0.5
     with pytest.raises(ValueError):
-        C.fpr_at_tpr(known, [])
+        U.fpr_at_tpr(known, [])

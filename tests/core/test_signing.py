@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from helpers.bundle_factory import edit_manifest, make_bundle, rehash
 from helpers.image_files import solid_pngs
 from helpers.processes import run_without
-from transfer.bundle import UntrustedBundleError, load_bundle, sign_bundle
+from transfer.bundle import UntrustedBundleError, load_bundle
+from transfer.bundle_write import sign_bundle
 from transfer.cli import cli
 from transfer.errors import ConfigError, TamperedBundleError
 from transfer.signing import TRUST_ENV, generate_key, load_signing_key, trust_store

@@ -95,7 +95,7 @@ def test_rehashed_pickle_in_a_signed_bundle_breaks_the_signature(tmp_path, image
     (b / "heads" / "rf.pkl").write_bytes(malicious_pickle(marker))
     json.loads((b / "signature.json").read_text())
     m = json.loads((b / "manifest.json").read_text())
-    from transfer.bundle import file_entry
+    from transfer.bundle_format import file_entry
 
     m["files"]["heads/rf.pkl"] = file_entry(b / "heads" / "rf.pkl")  # rehash, keep the old signature
     (b / "manifest.json").write_text(json.dumps(m))

@@ -38,7 +38,8 @@ def test_roundtrip(name, tmp_path):
     assert np.array_equal(probs.argmax(1), ref.argmax(1))
 
     # reload: the model in a bundle (hashes, manifest) loaded and run by the TensorFlow-free runtime
-    from transfer.bundle import load_bundle, new_manifest, write_bundle
+    from transfer.bundle import load_bundle
+    from transfer.bundle_write import new_manifest, write_bundle
     from transfer.errors import TamperedBundleError
     from transfer.export.verify import parity_check
     from transfer.runtime.runners import make_runner

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from transfer import calibration as C
+from transfer import unknown_scores as U
 from transfer.errors import ExportError
 
 
@@ -71,18 +72,18 @@ def test_fit_unknown_fits_every_score_and_chooses_by_the_rule():
 
     ftr, ytr, fva, pva, head, outliers = _clusters()
     rec, arrays = fit_unknown(ftr, ytr, fva, pva, 3, accept=0.9, head=head, outliers=outliers)
-    assert set(rec["scores"]) == set(C.SCORES) and rec["rule"] == DEFAULT_RULE
+    assert set(rec["scores"]) == set(U.SCORES) and rec["rule"] == DEFAULT_RULE
     fa = {k: v["synthetic"]["expected_false_accept"] for k, v in rec["scores"].items()}
     assert fa[rec["default"]] <= min(fa.values()) + 0.005  # the fewest outliers accepted
     for name, e in rec["scores"].items():
         assert e["val_acceptance"] == pytest.approx(0.9, abs=0.01)
         assert set(e["synthetic"]["auroc"]) == {"far", "between"}
-        assert ("file" in e) == bool(C.SCORE_ARRAYS[name])
+        assert ("file" in e) == bool(U.SCORE_ARRAYS[name])
         # the recorded numbers are what a scorer built from the stored arrays computes
-        scorer = C.UnknownScorer.from_arrays(name, arrays, e, feature_dim=6, num_classes=3)
+        scorer = U.UnknownScorer.from_arrays(name, arrays, e, feature_dim=6, num_classes=3)
         sv = scorer(fva, pva)
-        assert C.threshold_for_acceptance(sv, 0.9) == pytest.approx(e["threshold"])
-        assert C.auroc(sv, scorer(*outliers["far"])) == pytest.approx(e["synthetic"]["auroc"]["far"])
+        assert U.threshold_for_acceptance(sv, 0.9) == pytest.approx(e["threshold"])
+        assert U.auroc(sv, scorer(*outliers["far"])) == pytest.approx(e["synthetic"]["auroc"]["far"])
     assert rec["scores"]["knn"]["k"] in KNN_KS and set(rec["scores"]["knn"]["k_candidates"]) == {str(k) for k in KNN_KS}
     assert arrays["bank"].dtype == np.float16 and arrays["bank"].shape == (180, 6)
     assert arrays["means"].shape == (3, 6) and arrays["vim_basis"].shape[0] == 6 and rec["scores"]["vim"]["alpha"] > 0

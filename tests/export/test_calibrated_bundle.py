@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from transfer import calibration as C
+from transfer import unknown_scores as U
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +75,12 @@ def test_unknown_scores_are_chosen_by_the_rule_hashed_and_loadable(digits_bundle
     _, res = digits_bundle
     m = json.loads((res.bundle_dir / "manifest.json").read_text())
     unk = m["unknown"]
-    assert set(unk["scores"]) == set(C.SCORES) and unk["accept"] == 0.95 and "unknown.npz" in m["files"]
+    assert set(unk["scores"]) == set(U.SCORES) and unk["accept"] == 0.95 and "unknown.npz" in m["files"]
     assert unk["rule"] == DEFAULT_RULE and unk["fitted_on"]["thresholds"] == "val"
     assert set(unk["images"]["outliers"]) == set(OUTLIER_KINDS)
     fa = {k: v["synthetic"]["expected_false_accept"] for k, v in unk["scores"].items()}
     assert fa[unk["default"]] <= min(fa.values()) + 0.005
-    for name in C.SCORES:
+    for name in U.SCORES:
         assert unk["scores"][name]["val_acceptance"] == pytest.approx(0.95, abs=0.02)
     b = load_bundle(res.bundle_dir)
     noise = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
@@ -87,7 +88,7 @@ def test_unknown_scores_are_chosen_by_the_rule_hashed_and_loadable(digits_bundle
 
     out = make_runner(b, "onnxruntime", "cpu").infer(noise)
     f, p = out.features, out.probs
-    for name in C.SCORES:
+    for name in U.SCORES:
         det = make_detector(b, name)
         scores, known = det(f, p)
         assert scores.shape == (8,) and np.isfinite(scores).all()
@@ -220,7 +221,7 @@ def test_evaluate_unknown_and_the_report_section(digits_bundle, tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--unknown", str(noise)])
     assert r.exit_code == 0, r.output
     out = json.loads((run / "evaluate" / res.manifest["source"]["trial"] / "unknown.json").read_text())
-    assert out["known"] >= 150 and out["unknown"] == 20 and set(out["scores"]) == set(C.SCORES)
+    assert out["known"] >= 150 and out["unknown"] == 20 and set(out["scores"]) == set(U.SCORES)
     assert out["scores"][out["default"]]["auroc"] >= 0.9  # uniform noise is far from every digit
     assert "FPR at 95 % TPR" in r.output and "chosen at export without test images" in r.output
     r = CliRunner().invoke(cli, ["report", str(run)])
@@ -308,7 +309,7 @@ def test_export_when_val_images_became_unreadable_never_falls_back_to_test(tmp_p
 
 
 def test_why_calibration_is_skipped():
-    from transfer.export.api import MIN_CALIBRATION_IMAGES, SplitOutputs, _why_not
+    from transfer.export.calibration_stage import MIN_CALIBRATION_IMAGES, SplitOutputs, _why_not
 
     def split(n, listed, first=None):
         return SplitOutputs("val", np.zeros((n, 2)), np.zeros((n, 2)), np.zeros(n, int), listed=listed,
@@ -369,7 +370,7 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
 
 
 def test_a_large_split_is_subsampled_with_every_class():
-    from transfer.export.api import _subset
+    from transfer.export.calibration_stage import _subset
 
     paths = [f"p{i}" for i in range(900)]
     labels = [0] * 880 + [1] * 19 + [2]  # a rare class and a single image

@@ -128,16 +128,16 @@ def test_failed_verification_marks_the_bundle_invalid(run_copy, tmp_path):
 
 
 def test_interrupted_export_leaves_no_bundle(run_copy, monkeypatch):
-    import transfer.export.api as export_api
+    from transfer.export import model_steps
     from transfer.export.api import export_bundle
 
-    real = export_api.export_onnx
+    real = model_steps.export_onnx
 
     def killed(model, path, **kw):
         real(model, path, **kw)  # the model file is written, then the export is "killed"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_api, "export_onnx", killed)
+    monkeypatch.setattr(model_steps, "export_onnx", killed)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(run_copy, progress=None)
     assert not (run_copy / "bundle").exists()
@@ -257,7 +257,7 @@ def test_bad_options_fail_before_any_work(run_copy, kw, match):
 
 
 def test_verify_deep_runs_every_onnx_model_and_names_a_broken_one(full_bundle, tmp_path):
-    from transfer.bundle import finalize_manifest
+    from transfer.bundle_write import finalize_manifest
 
     _, res = full_bundle
     r = CliRunner().invoke(cli, ["verify", str(res.bundle_dir), "--deep"])

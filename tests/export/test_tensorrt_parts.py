@@ -253,7 +253,8 @@ def test_engine_matches_onnx_fp32_on_real_images(full_bundle, tmp_path, precisio
     fp16 / int8 within max |dp|, top-1 agreement and accuracy-drop limits."""
     import shutil
 
-    from transfer.bundle import Bundle, finalize_manifest, read_manifest
+    from transfer.bundle import Bundle, read_manifest
+    from transfer.bundle_write import finalize_manifest
     from transfer.export.compare import compare_outputs
     from transfer.export.fp16 import convert_fp16
     from transfer.export.tensorrt import build_engine, device_info, prepare_int8_onnx

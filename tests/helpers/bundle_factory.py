@@ -1,5 +1,5 @@
 """Small real bundles built in code (no TensorFlow): ONNX graphs made with ``onnx.helper``,
-written through :func:`transfer.bundle.new_manifest` / :func:`transfer.bundle.write_bundle`
+written through :func:`transfer.bundle_write.new_manifest` / :func:`transfer.bundle_write.write_bundle`
 exactly as the exporter writes them, and helpers to tamper with them as an adversary would
 (edit the manifest, rehash a replaced file)."""
 
@@ -77,7 +77,7 @@ def make_bundle(folder: Path, *, classes=("a", "b"), size: int = SIZE, d: int = 
     """A complete bundle: fp32 model (and an int8-stamped one), optionally a head ``head`` with
     its ONNX graph and a pickle (``pickle_bytes``, default a fitted classifier), and with
     ``unknown`` the unknown-input scores the exporter fits (on :func:`known_images`)."""
-    from transfer.bundle import new_manifest, write_bundle
+    from transfer.bundle_write import new_manifest, write_bundle
 
     folder.mkdir(parents=True, exist_ok=True)
     c = len(classes)
@@ -146,7 +146,7 @@ def edit_manifest(bundle: Path, fn) -> None:
 def rehash(bundle: Path, fn=None) -> None:
     """An adversary who also updates the hashes: change the manifest with ``fn`` and rewrite
     every file's SHA-256 (the signature, if any, no longer matches)."""
-    from transfer.bundle import file_entry
+    from transfer.bundle_format import file_entry
 
     m = json.loads((bundle / "manifest.json").read_text())
     if fn is not None:

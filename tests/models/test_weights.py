@@ -15,9 +15,8 @@ import pytest
 from model_helpers import pixels
 from transfer.errors import ModelError, RunFolderError, WeightsUnavailableError
 from transfer.fsutil import atomic_path
-from transfer.models.build import (
-    backbone_weights, build_classifier, feature_model, imagenet_file_for, keras_cache_dir, load_model,
-)
+from transfer.models.build import backbone_weights, build_classifier, feature_model, load_model
+from transfer.models.weights import imagenet_file_for, keras_cache_dir
 from transfer.models.registry import get_backbone
 
 
@@ -194,7 +193,8 @@ _OFFLINE_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from transfer.errors import WeightsUnavailableError
-    from transfer.models.build import build_classifier, feature_model, keras_cache_dir
+    from transfer.models.build import build_classifier, feature_model
+    from transfer.models.weights import keras_cache_dir
     out = {"cache": str(keras_cache_dir())}
     try:
         build_classifier("mobilenet_v2", input_shape=(32, 32, 3), weights="imagenet", num_classes=2)
@@ -241,7 +241,7 @@ def test_imagenet_without_cache_and_network_names_the_file_then_works_once_place
 
 def test_value_check_finds_layers_a_file_did_not_fill(tmp_path, arc2):
     """Keras 3 only warns for some mismatching .weights.h5 files; our check compares values."""
-    from transfer.models.build import _layers_not_in_file
+    from transfer.models.weights import _layers_not_in_file
 
     model, _ = arc2
     path = tmp_path / "a.weights.h5"

@@ -311,7 +311,8 @@ def test_real_engine_pads_splits_and_releases(rt_bundle, tmp_path):
     agrees with ONNX fp32 on the run's real validation images; close() releases, run() re-activates."""
     import shutil
 
-    from transfer.bundle import Bundle, finalize_manifest, read_manifest
+    from transfer.bundle import Bundle, read_manifest
+    from transfer.bundle_write import finalize_manifest
     from transfer.export.tensorrt import (
         BatchProfile,
         build_engine,

@@ -12,6 +12,7 @@ import pytest
 
 from helpers.bundle_factory import known_images, make_bundle, rehash, unknown_image
 from transfer import calibration as C
+from transfer import unknown_scores as U
 from transfer.bundle import Bundle
 from transfer.errors import ConfigError, TamperedBundleError
 from transfer.runtime.unknown import make_detector
@@ -33,9 +34,9 @@ def _fitted(rng, n=150, d=4, c=3):
     y = np.repeat(np.arange(c), n // c)
     f = means[y] + rng.normal(size=(n, d))
     kernel, bias = means.T / 5, -np.sum(means ** 2, axis=1) / 10
-    g = C.fit_class_gaussian(f, y, c)
-    vim = C.fit_vim(f, kernel, bias)
-    arrays = {**g.to_arrays(), "kernel": kernel, "bias": bias, "bank": C.normalize_rows(f).astype(np.float16),
+    g = U.fit_class_gaussian(f, y, c)
+    vim = U.fit_vim(f, kernel, bias)
+    arrays = {**g.to_arrays(), "kernel": kernel, "bias": bias, "bank": U.normalize_rows(f).astype(np.float16),
               "vim_origin": vim.origin, "vim_basis": vim.basis}
     return f, y, kernel, bias, arrays, vim.alpha
 
@@ -45,7 +46,7 @@ def test_every_score_detects_with_the_bundles_arrays(tmp_path):
     f, y, kernel, bias, arrays, alpha = _fitted(rng)
     probs = C.softmax(f @ kernel + bias)
     far = np.full((1, 4), 100.0)
-    thr = C.threshold_for_acceptance(C.knn_score(f, arrays["bank"], 3), 0.9)
+    thr = U.threshold_for_acceptance(U.knn_score(f, arrays["bank"], 3), 0.9)
     rec = {"default": "knn", "scores": {
         "msp": {"threshold": 0.5}, "energy": {"threshold": 1.0, "file": "unknown.npz"},
         "mahalanobis": {"threshold": -20.0, "file": "unknown.npz"},
@@ -55,13 +56,13 @@ def test_every_score_detects_with_the_bundles_arrays(tmp_path):
     det = make_detector(b)
     assert det.score == "knn" and det.describe() == {"score": "knn", "threshold": thr}
     s, known = det(f, probs)
-    np.testing.assert_allclose(s, C.knn_score(f, arrays["bank"], 3), atol=1e-6)
+    np.testing.assert_allclose(s, U.knn_score(f, arrays["bank"], 3), atol=1e-6)
     assert known.tolist() == (s >= thr).tolist() and known.mean() == pytest.approx(0.9, abs=0.01)
     _, known = make_detector(b, "mahalanobis")(np.vstack([f[:2], far]), np.vstack([probs[:2], [[1 / 3] * 3]]))
     assert known.tolist() == [True, True, False]
-    expect = {"energy": C.energy_score(f[:5] @ kernel + bias),
-              "mahalanobis": C.mahalanobis_score(f[:5], C.fit_class_gaussian(f, y, 3)),
-              "vim": C.vim_score(f[:5], kernel, bias, C.fit_vim(f, kernel, bias)),
+    expect = {"energy": U.energy_score(f[:5] @ kernel + bias),
+              "mahalanobis": U.mahalanobis_score(f[:5], U.fit_class_gaussian(f, y, 3)),
+              "vim": U.vim_score(f[:5], kernel, bias, U.fit_vim(f, kernel, bias)),
               "msp": probs[:5].max(1)}
     for name, want in expect.items():
         got = make_detector(b, name).scores(f[:5], probs[:5])

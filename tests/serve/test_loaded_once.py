@@ -1,6 +1,8 @@
 """A bundle is loaded and checked once: from the command line to the first model call, `transfer
-serve` and `transfer infer` call into transfer/bundle.py at most three times (the load, then one
-graph check per session: the model's and the head's), counted with a profiler on every thread."""
+serve` and `transfer infer` call into the bundle modules (transfer/bundle.py and its parts
+bundle_format.py, bundle_schema.py, bundle_claims.py, bundle_write.py) at most three times (the
+load, then one graph check per session: the model's and the head's), counted with a profiler on
+every thread."""
 
 from __future__ import annotations
 
@@ -13,13 +15,21 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import transfer.bundle as bundle_module
+import transfer.bundle
+import transfer.bundle_claims
+import transfer.bundle_format
+import transfer.bundle_schema
+import transfer.bundle_write
 from helpers.bundle_factory import make_bundle
 from transfer.cli import cli
 
+#: the files of the bundle format: a call from one into another is part of the same entry
+BUNDLE_FILES = frozenset(m.__file__ for m in (transfer.bundle, transfer.bundle_claims, transfer.bundle_format,
+                                              transfer.bundle_schema, transfer.bundle_write))
+
 
 class BundleEntries:
-    """A profile function recording each call from outside bundle.py into it (calls inside it, and
+    """A profile function recording each call from outside the bundle modules into them (calls among them, and
     through generated code such as a dataclass ``__init__``, are part of the same entry), up to the
     first call of a runner's ``infer``."""
 
@@ -34,12 +44,12 @@ class BundleEntries:
         if self.at_first_model_call is None and code.co_name == "infer" and "self" in frame.f_locals:
             if any(k.__name__ == "Runner" for k in type(frame.f_locals["self"]).__mro__):
                 self.at_first_model_call = list(self.names)
-        if code.co_filename != bundle_module.__file__:
+        if code.co_filename not in BUNDLE_FILES:
             return
         caller = frame.f_back
         while caller is not None and caller.f_code.co_filename.startswith("<"):
             caller = caller.f_back
-        if caller is None or caller.f_code.co_filename != bundle_module.__file__:
+        if caller is None or caller.f_code.co_filename not in BUNDLE_FILES:
             self.names.append(code.co_name)
 
     def run(self, args: list[str]):

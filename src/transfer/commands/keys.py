@@ -35,7 +35,8 @@ def sign_cmd(bundle, key) -> None:
     \b
     transfer sign runs/digits/bundle --key release.key
     """
-    from ..bundle import check_graphs, load_bundle, sign_bundle
+    from ..bundle import check_graphs, load_bundle
+    from ..bundle_write import sign_bundle
     from ..errors import TamperedBundleError
     from ..runtime.sessions import light_session
     from ..signing import load_signing_key

@@ -2,7 +2,7 @@
 
 A bundle is assembled in a hidden sibling folder (``.NAME.partial-PID``) and renamed into
 place only when complete, so a kill never leaves a half bundle that looks valid;
-:func:`transfer.bundle.write_bundle` hashes every file into ``manifest.json``. An export
+:func:`transfer.bundle_write.write_bundle` hashes every file into ``manifest.json``. An export
 holds the lock of its output (:mod:`transfer.locks`) and clears what killed exports left
 (:func:`remove_stale_staging`); replacing a bundle keeps its hidden files.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import __version__
-from ..bundle import BUNDLE_FORMAT, MANIFEST, MAX_JSON_BYTES, MAX_JSON_DEPTH, hidden_entries, unlisted_files
+from ..bundle_format import BUNDLE_FORMAT, MANIFEST, MAX_JSON_BYTES, MAX_JSON_DEPTH, hidden_entries, unlisted_files
 from ..errors import BundleError
 from ..fsutil import read_json
 from ..locks import pid_alive

@@ -10,7 +10,7 @@
   consumer of the bundle gets calibrated probabilities, not only ``transfer infer``.
 * :func:`synthetic_outliers` makes images of no class from training images (noise, heavy
   blur, shuffled patches, mixes of two classes); :func:`fit_unknown` fits every
-  unknown-input score of :mod:`transfer.calibration` (parameters on train, thresholds on
+  unknown-input score of :mod:`transfer.unknown_scores` (parameters on train, thresholds on
   val) and chooses the bundle's default score by :data:`DEFAULT_RULE`, which reads no
   test image.
 
@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import calibration as cal
+from .. import unknown_scores as unk
 from .._lazy import require
 from ..data.image import resize_image
 from ..errors import ExportError
@@ -36,7 +37,7 @@ from ..options import replace
 from .export_config import BANK_ROWS, UnknownFitOptions  # noqa: F401  (BANK_ROWS re-exported)
 
 #: the unknown-input scores a bundle can carry (every one the runtime computes)
-SCORES = cal.SCORES
+SCORES = unk.SCORES
 #: k of the kNN score is chosen among these by the same rule as the default score
 KNN_KS = (1, 5, 10, 20, 50)
 #: synthetic outlier images per kind
@@ -260,12 +261,12 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
         raise ExportError("choosing the default unknown-input score needs outlier images to choose by")
     tf, ty = np.asarray(train_features, dtype=np.float64), np.asarray(train_labels, dtype=np.int64)
     try:
-        gauss = cal.fit_class_gaussian(tf, ty, num_classes)
+        gauss = unk.fit_class_gaussian(tf, ty, num_classes)
     except ValueError as exc:
         raise ExportError(f"cannot fit the feature-space scores: {exc}") from None
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(tf), bank_rows, replace=False)) if len(tf) > bank_rows else np.arange(len(tf))
-    arrays = {**gauss.to_arrays(), "bank": cal.normalize_rows(tf[rows])}
+    arrays = {**gauss.to_arrays(), "bank": unk.normalize_rows(tf[rows])}
     params: dict[str, dict] = {"msp": {}, "mahalanobis": {}, "knn": {}}
     notes = {}
     if head is not None:
@@ -273,7 +274,7 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
         arrays.update(kernel=kernel, bias=bias)
         params["energy"] = {}
         try:
-            vim = cal.fit_vim(tf, kernel, bias)
+            vim = unk.fit_vim(tf, kernel, bias)
             arrays.update(vim_origin=vim.origin, vim_basis=vim.basis)
             params["vim"] = {"alpha": vim.alpha}
         except ValueError as exc:
@@ -285,12 +286,12 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
     ks = [k for k in KNN_KS if k <= len(rows)] or [1]
 
     def judge(name, extra=None):
-        scorer = cal.UnknownScorer.from_arrays(name, arrays, {**params[name], **(extra or {})}, **dims)
+        scorer = unk.UnknownScorer.from_arrays(name, arrays, {**params[name], **(extra or {})}, **dims)
         sv = scorer(vf, vp)
-        thr = cal.threshold_for_acceptance(sv, accept)
+        thr = unk.threshold_for_acceptance(sv, accept)
         entry = {"threshold": thr, "val_acceptance": float(np.mean(sv >= thr)), **params[name], **(extra or {})}
         if outliers:
-            au = {k: cal.auroc(sv, scorer(*o)) for k, o in outliers.items()}
+            au = {k: unk.auroc(sv, scorer(*o)) for k, o in outliers.items()}
             fa = {k: float(np.mean(scorer(*o) >= thr)) for k, o in outliers.items()}
             entry["synthetic"] = {"auroc": au, "mean_auroc": float(np.mean(list(au.values()))), "false_accept": fa,
                                   "expected_false_accept": float(np.mean(list(fa.values())))}
@@ -309,7 +310,7 @@ def fit_unknown(train_features: np.ndarray, train_labels: Sequence[int], val_fea
                 scores["knn"]["k_candidates"] = {str(k): tried[k]["synthetic"]["mean_auroc"] for k in ks}
         else:
             scores[name] = judge(name)
-        if cal.SCORE_ARRAYS[name]:
+        if unk.SCORE_ARRAYS[name]:
             scores[name]["file"] = "unknown.npz"
     if default == "auto":
         chosen = _by_rule(scores)

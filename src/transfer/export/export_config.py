@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..bundle import PRECISIONS
-from ..calibration import SCORES
+from ..bundle_format import PRECISIONS
 from ..classical_heads import HEAD_KINDS
 from ..errors import ConfigError
 from ..options import Check, Flag, Interval, ListOf, OneOf, Text, option, validate
+from ..unknown_scores import SCORES
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ __all__ = [
 
 _LAZY = {
     "BuildInfo": "build", "build_classifier": "build", "load_model": "build", "model_info": "build",
-    "backbone_weights": "build", "feature_model": "build", "copy_weights_by_name": "build",
+    "backbone_weights": "build", "feature_model": "build", "copy_weights_by_name": "weights",
     "FreezeSummary": "freeze", "apply_freeze": "freeze", "count_params": "freeze", "block_boundaries": "freeze",
 }
 

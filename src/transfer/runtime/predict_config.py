@@ -19,10 +19,10 @@ from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..calibration import SCORES
 from ..data.image import is_image_path
 from ..errors import ConfigError
 from ..options import Check, Flag, Interval, ListOf, OneOf, Text, check, group, make, option, specs, to_dict, validate
+from ..unknown_scores import SCORES
 
 #: what ``--backend`` accepts: ONNX Runtime on the bundle's fp32 / int8 / fp16 model, or a TensorRT engine
 #: (``tensorrt``: the bundle's first engine)

@@ -1,7 +1,7 @@
 """Answering "unknown": a bundle's unknown-input scores and thresholds, applied at serving time.
 
 A bundle exported with calibration carries an ``unknown`` record in its manifest: every
-score of :data:`transfer.calibration.SCORES` it offers (maximum softmax probability, energy,
+score of :data:`transfer.unknown_scores.SCORES` it offers (maximum softmax probability, energy,
 Mahalanobis, kNN on normalized features, ViM), each with a threshold chosen on validation
 images for a target share of known images, the default score and the rule that chose it;
 the parameters of the feature-space scores (class means and whitening map, the network
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import calibration as cal
+from .. import unknown_scores as unk
 from ..bundle import Bundle
 from ..data.stream import decode_batches
 from ..errors import ConfigError, TamperedBundleError
@@ -31,7 +31,7 @@ from ..progress import as_progress
 from .predict_config import InferConfig, ModelOptions, check_value
 from .runners import make_runner
 
-SCORES = cal.SCORES
+SCORES = unk.SCORES
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class UnknownDetector:
 
     score: str
     threshold: float
-    scorer: cal.UnknownScorer
+    scorer: unk.UnknownScorer
 
     def scores(self, features: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return self.scorer(features, probs)
@@ -93,19 +93,19 @@ def make_detector(bundle: Bundle, score: str | None = None) -> UnknownDetector:
     n_classes, dim = len(bundle.class_names), bundle.feature_dim
     arrays: dict = {}
     rel = entry.get("file")
-    if cal.SCORE_ARRAYS[name]:
+    if unk.SCORE_ARRAYS[name]:
         if not isinstance(rel, str):
             raise TamperedBundleError(f"{bundle.path}: the {name} score names no parameter file",
                                       hint="re-export the bundle")
         path = bundle.paths[rel] if rel in bundle.paths else bundle.file(rel)  # file(): the error naming it
         try:
             with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in cal.SCORE_ARRAYS[name] if k in z.files}
+                arrays = {k: z[k] for k in unk.SCORE_ARRAYS[name] if k in z.files}
         except (OSError, ValueError) as exc:
             raise TamperedBundleError(f"{bundle.path / rel}: cannot read the {name} parameters: {exc}",
                                       hint="re-export the bundle") from None
     try:
-        scorer = cal.UnknownScorer.from_arrays(name, arrays, entry, feature_dim=bundle.feature_dim,
+        scorer = unk.UnknownScorer.from_arrays(name, arrays, entry, feature_dim=bundle.feature_dim,
                                                num_classes=n_classes)
     except ValueError as exc:
         where = bundle.path / rel if isinstance(rel, str) else bundle.path
@@ -131,7 +131,7 @@ def _outputs(runner, paths, size, *, batch: int, workers: int, bar, recipe=None)
 
 
 def _rates(sk: np.ndarray, su: np.ndarray, threshold: float, tpr: float) -> dict:
-    return {"auroc": cal.auroc(sk, su), "fpr_at_tpr": cal.fpr_at_tpr(sk, su, tpr), "threshold": threshold,
+    return {"auroc": unk.auroc(sk, su), "fpr_at_tpr": unk.fpr_at_tpr(sk, su, tpr), "threshold": threshold,
             "known_accept_rate": float(np.mean(sk >= threshold)), "false_accept_rate": float(np.mean(su >= threshold))}
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import MANIFEST, Bundle, load_bundle
+from ..bundle import Bundle, load_bundle
+from ..bundle_format import MANIFEST
 from ..runtime.cam import BundleCam, cam_problem, overlay_png, parse_class
 from ..runtime.predict_config import ModelOptions, TrustOptions
 from ..runtime.predictor import Predictor

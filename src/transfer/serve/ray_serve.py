@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from .._ray import init_ray
-from ..bundle import MANIFEST, Bundle, load_bundle
+from ..bundle import Bundle, load_bundle
+from ..bundle_format import MANIFEST
 from ..errors import ConfigError, DependencyMissingError
 from ..options import replace
 from ..progress import ProgressLike, as_progress
