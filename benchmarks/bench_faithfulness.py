@@ -16,7 +16,7 @@ For each model, ``--images`` random ``--split`` images are explained at the laye
 gradcam`` picks by default, by Grad-CAM, Grad-CAM++ and Score-CAM (``--scorecam-channels``), and
 by two "maps" without information: a Gaussian blob at a random place and a fixed centre blob
 (sigma = 1/6 of the side), and, as a reference, a map that knows where the object is (shapes: a
-Gaussian on the shape's box; digits: the image's own ink). Each map is measured with :func:`transfer.maps.faithfulness` against
+Gaussian on the shape's box; digits: the image's own ink). Each map is measured with :func:`transfer.faithfulness.faithfulness` against
 its control (another image's map of the same kind) and the table gives, per number, the share
 of images where the map beats its control, the sign-test verdict, the pointing game (shapes:
 the map's peak inside the shape's box; the centre blob's hit rate is the centre prior), the

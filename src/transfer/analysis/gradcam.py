@@ -17,7 +17,7 @@ has fewer than :data:`MIN_MAP_SIDE` cells on its shorter side at this input size
 (MobileNetV2's ``out_relu`` is 2 x 2 at 64 px: four quadrants cannot say where a shape is);
 then the last layer that has them (padding layers excluded), with a note.
 
-Faithfulness (:func:`transfer.maps.faithfulness`, numbers explained there): deletion and
+Faithfulness (:func:`transfer.faithfulness.faithfulness`, numbers explained there): deletion and
 insertion areas (Petsiuk et al. 2018) and ROAD with imputed removal (Rong et al. 2022),
 each for the map and for a control with a map's smoothness but none of this image's
 information (the median over maps of images of another class, same method). Per method, over
@@ -47,6 +47,7 @@ from .. import maps as cammaps
 from .. import tables
 from .._lazy import import_keras, import_tensorflow
 from ..data.stream import decode_batches, decode_item, iter_inputs
+from ..faithfulness import Faithfulness, faithfulness, per_image_rows, summarize_faithfulness
 from ..errors import ConfigError, DataError, ModelError, RunFolderError
 from ..fsutil import atomic_path, read_json, write_json_atomic
 from ..maps import overlay  # noqa: F401  (the one overlay; re-exported for callers of this module)
@@ -412,16 +413,16 @@ def compute_maps(
 
 
 def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Sequence[int],
-                     options: FaithOptions = FaithOptions()) -> tuple[dict, "cammaps.Faithfulness"]:
-    """:func:`transfer.maps.faithfulness` of ``maps`` on a Keras model, summarized.
+                     options: FaithOptions = FaithOptions()) -> tuple[dict, Faithfulness]:
+    """:func:`transfer.faithfulness.faithfulness` of ``maps`` on a Keras model, summarized.
 
     Args:
         options: steps, baseline, control(s), ROAD (``auto``: on for inputs of at most
             :data:`ROAD_AUTO_PIXELS` pixels) and seed.
 
     Returns:
-        ``(summary, curves)``: :func:`transfer.maps.summarize_faithfulness` (plus ``"road"``:
-        ``"on"`` / ``"off (...)"``) and the per-image :class:`transfer.maps.Faithfulness`.
+        ``(summary, curves)``: :func:`transfer.faithfulness.summarize_faithfulness` (plus ``"road"``:
+        ``"on"`` / ``"off (...)"``) and the per-image :class:`transfer.faithfulness.Faithfulness`.
 
     Example::
 
@@ -432,8 +433,8 @@ def map_faithfulness(model, images: np.ndarray, maps: np.ndarray, classes: Seque
     x = np.asarray(images, dtype=np.float32)
     pixels = int(x.shape[1] * x.shape[2]) if x.ndim == 4 else 0
     do_road = o.road_runs(pixels)
-    res = cammaps.faithfulness(keras_predict(model), x, maps, classes, o)
-    summary = cammaps.summarize_faithfulness(res)
+    res = faithfulness(keras_predict(model), x, maps, classes, o)
+    summary = summarize_faithfulness(res)
     summary["road"] = "on" if do_road else ("off" if o.road == "off" else
                                             f"off (auto: inputs over {ROAD_AUTO_PIXELS} pixels; --road on forces it)")
     return summary, res
@@ -726,10 +727,10 @@ def _grid_title(meth: str, tg: _Target, faith: dict) -> str:
     return title + "\nNO BETTER THAN ANOTHER IMAGE'S MAP: not an explanation of this model"
 
 
-def _write_maps_csv(path: Path, tg: _Target, res: "cammaps.Faithfulness", probs, cls) -> None:
+def _write_maps_csv(path: Path, tg: _Target, res: Faithfulness, probs, cls) -> None:
     """One row per image: the file, its classes, the map's flag and every number for the map and its control."""
     names = tg.run.class_names
-    header, rows = cammaps.per_image_rows(res)
+    header, rows = per_image_rows(res)
     lead = ["image", "true", "predicted", "explained"]
     out = []
     for (path_, lab), row in zip(tg.items, rows):

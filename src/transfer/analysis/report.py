@@ -46,7 +46,7 @@ from pathlib import Path
 from ..bundle import load_bundle, read_manifest
 from ..errors import BundleError, TransferError
 from ..fsutil import read_json, write_text_atomic
-from ..maps import BASELINE_TEXT
+from ..map_removal import BASELINE_TEXT
 from ..plots import figure, save_figure
 from ..runfolder import RunFolder, RunLayout
 from ..runtime.cam import map_findings
