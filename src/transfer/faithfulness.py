@@ -128,8 +128,6 @@ def control_maps(maps: np.ndarray, *, control: str = "other", count: int = 1, gr
     return m[src], src
 
 
-
-
 # --------------------------------------------------------------------------- curves
 
 
@@ -380,7 +378,6 @@ def per_image_rows(res: Faithfulness) -> tuple[list[str], list[list]]:
             row += [round(float(scores[k][i, 0]), 6), round(float(scores[k][i, 1]), 6), int(beats[k][i])]
         rows.append(row + [round(float(res.blank[i]), 6), int(ok[i])])
     return header, rows
-
 
 
 __all__ = [

@@ -106,7 +106,6 @@ def impute_linear(image: np.ndarray, removed: np.ndarray, *, noise: float = ROAD
     return np.clip(out, 0.0, 255.0).astype(np.float32)
 
 
-
 def noise_level(images: np.ndarray) -> np.ndarray:
     """Each image's pixel noise (grey levels): a robust estimate from differences of horizontal neighbours.
 
