@@ -130,7 +130,10 @@ def images_of(run_dir: Path, trial, split: str, n: int, seed: int):
 
 
 def measure(name: str, run_dir: Path, trial_name: str, a) -> list[dict]:
-    from transfer.analysis.gradcam import FaithOptions, compute_maps, map_faithfulness, rank_methods, resolve_layer
+    from transfer.analysis.cam_layers import resolve_layer
+    from transfer.analysis.cam_verdict import rank_methods
+    from transfer.analysis.gradcam import compute_maps, map_faithfulness
+    from transfer.maps_config import FaithOptions
     from transfer.maps import map_flags, pointing_hits
     from transfer.runfolder import RunFolder
 
@@ -197,7 +200,7 @@ def main() -> None:
                     help="comma list of the maps to measure (the lead is chosen among the CAM methods measured)")
     a = ap.parse_args()
     if a.controls is None:
-        from transfer.analysis.gradcam import DEFAULT_CONTROLS
+        from transfer.maps_config import DEFAULT_CONTROLS
 
         a.controls = DEFAULT_CONTROLS
     a.work.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def upsample(a: np.ndarray, size: tuple[int, int], *, geometry: Geometry = None)
     Without a geometry the cells tile the input evenly: the same numbers as
     ``tf.image.resize(a, size, "bilinear")`` (no antialiasing). A network with ``valid``
     convolutions or TensorFlow's asymmetric ``same`` padding shifts its cells
-    (``transfer.analysis.gradcam.layer_geometry`` computes where they are).
+    (``transfer.analysis.cam_layers.layer_geometry`` computes where they are).
 
     Example::
 

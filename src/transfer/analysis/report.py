@@ -54,7 +54,7 @@ from ..tables import markdown
 from .audit import audit_dir
 from .audit_page import KINDS, findings_html, summary_markdown
 from .bundle_maps import compare as compare_bundle_maps
-from .gradcam import faithfulness_rows, faithfulness_table, rank_methods, verdict_lines
+from .cam_verdict import faithfulness_rows, faithfulness_table, rank_methods, verdict_lines
 from .unknown_study import unknown_table
 
 #: Rows shown of a long table before the rest is folded away.
