@@ -17,7 +17,6 @@ NOT_YET = {
     "data/dedupe.py:near_pairs_arrays": 10,
     "data/folder.py:index_folder": 9,
     "trainer/distributed.py:run_trials_ray": 9,
-    "trainer/keras_data.py:cached_dataset": 10,
 }
 
 
