@@ -16,7 +16,6 @@ NOT_YET = {
     "data/batches.py:BatchSource.__init__": 11,
     "data/dedupe.py:near_pairs_arrays": 10,
     "data/folder.py:index_folder": 9,
-    "trainer/distributed.py:run_trials_ray": 9,
 }
 
 
