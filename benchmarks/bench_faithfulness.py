@@ -16,7 +16,7 @@ For each model, ``--images`` random ``--split`` images are explained at the laye
 gradcam`` picks by default, by Grad-CAM, Grad-CAM++ and Score-CAM (``--scorecam-channels``), and
 by two "maps" without information: a Gaussian blob at a random place and a fixed centre blob
 (sigma = 1/6 of the side), and, as a reference, a map that knows where the object is (shapes: a
-Gaussian on the shape's box; digits: the image's own ink). Each map is measured with :func:`transfer.maps.faithfulness` against
+Gaussian on the shape's box; digits: the image's own ink). Each map is measured with :func:`transfer.faithfulness.faithfulness` against
 its control (another image's map of the same kind) and the table gives, per number, the share
 of images where the map beats its control, the sign-test verdict, the pointing game (shapes:
 the map's peak inside the shape's box; the centre blob's hit rate is the centre prior), the
@@ -130,7 +130,10 @@ def images_of(run_dir: Path, trial, split: str, n: int, seed: int):
 
 
 def measure(name: str, run_dir: Path, trial_name: str, a) -> list[dict]:
-    from transfer.analysis.gradcam import FaithOptions, compute_maps, map_faithfulness, rank_methods, resolve_layer
+    from transfer.analysis.cam_layers import resolve_layer
+    from transfer.analysis.cam_verdict import rank_methods
+    from transfer.analysis.gradcam import compute_maps, map_faithfulness
+    from transfer.maps_config import FaithOptions
     from transfer.maps import map_flags, pointing_hits
     from transfer.runfolder import RunFolder
 
@@ -197,7 +200,7 @@ def main() -> None:
                     help="comma list of the maps to measure (the lead is chosen among the CAM methods measured)")
     a = ap.parse_args()
     if a.controls is None:
-        from transfer.analysis.gradcam import DEFAULT_CONTROLS
+        from transfer.maps_config import DEFAULT_CONTROLS
 
         a.controls = DEFAULT_CONTROLS
     a.work.mkdir(parents=True, exist_ok=True)

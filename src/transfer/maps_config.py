@@ -1,6 +1,6 @@
 """How the faithfulness of class-activation maps is measured, declared once
 (:mod:`transfer.options`): the deletion / insertion curves, the controls, ROAD. Used by
-:func:`transfer.maps.faithfulness`, ``transfer gradcam`` and the benchmarks. Light imports."""
+:func:`transfer.faithfulness.faithfulness`, ``transfer gradcam`` and the benchmarks. Light imports."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _noise(v) -> bool:
 
 @dataclass(frozen=True)
 class FaithOptions:
-    """How faithfulness is measured (:func:`transfer.maps.faithfulness`).
+    """How faithfulness is measured (:func:`transfer.faithfulness.faithfulness`).
 
     Example::
 

@@ -10,22 +10,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers.explain import OBJ, blob_maps, build_tinycam, object_images
-from transfer.analysis.gradcam import (
-    METHODS,
-    MIN_MAP_SIDE,
-    FaithOptions,
-    compute_maps,
-    explain_run,
-    map_faithfulness,
-    parse_methods,
-    rank_methods,
-    resolve_layer,
-    spatial_layers,
-    verdict_lines,
-)
+from transfer.analysis.cam_layers import MIN_MAP_SIDE, resolve_layer, spatial_layers
+from transfer.analysis.cam_verdict import rank_methods, verdict_lines
+from transfer.analysis.gradcam import compute_maps, map_faithfulness, parse_methods
+from transfer.analysis.gradcam_config import METHODS
+from transfer.analysis.gradcam_run import explain_run
 from transfer.cli import cli
 from transfer.errors import ConfigError, ModelError, RunFolderError
 from transfer.maps import map_flags, upsample
+from transfer.maps_config import FaithOptions
 from transfer.models.build import build_classifier
 from transfer.models.registry import get_backbone, list_backbones
 
@@ -120,7 +113,7 @@ def _support_centre(model, layer: str, r: int, c: int) -> tuple[float, float, bo
 def test_layer_geometry_is_where_the_receptive_field_is(backbone, size, layer, cell):
     """The geometry read from the graph puts each cell at the centre of the pixels that reach it
     (valid convolutions shrink arc2's maps; TensorFlow's same padding shifts MobileNetV2's)."""
-    from transfer.analysis.gradcam import layer_geometry
+    from transfer.analysis.cam_layers import layer_geometry
 
     model, _ = build_classifier(backbone, input_shape=(size, size, 3), weights="none", num_classes=3, seed=0)
     (ay, by), (ax, bx) = layer_geometry(model, layer)

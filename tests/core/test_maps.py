@@ -1,5 +1,6 @@
-"""transfer.maps: one definition of a map (upsampling, normalization, flags, overlay) and its
-faithfulness (deletion, insertion, ROAD against another image's map), with a numpy model."""
+"""transfer.maps: one definition of a map (upsampling, normalization, flags, overlay); its
+faithfulness (transfer.faithfulness: deletion, insertion, ROAD against another image's map, with
+pixels removed by transfer.map_removal), with a numpy model."""
 
 from __future__ import annotations
 
@@ -7,30 +8,30 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from helpers.processes import run_without
+
 from transfer.errors import ConfigError
-from transfer.maps import (
-    DEFAULT_CONTROLS,
+from transfer.faithfulness import (
     Faithfulness,
-    border_ring,
     control_maps,
-    even_geometry,
     faithfulness,
-    impute_linear,
+    per_image_rows,
+    sign_test,
+    summarize_faithfulness,
+)
+from transfer.map_removal import impute_linear, noise_level, substrate
+from transfer.maps import (
+    border_ring,
+    even_geometry,
     jet,
     map_flags,
     mark_flag,
-    noise_level,
     overlay,
-    per_image_rows,
     pointing_hits,
-    sign_test,
-    substrate,
-    summarize_faithfulness,
     to_input_maps,
     upsample,
 )
+from transfer.maps_config import DEFAULT_CONTROLS
 
 # --------------------------------------------------------------------------- making maps
 
@@ -328,11 +329,11 @@ def test_maps_work_without_tensorflow():
     code = r"""
 import sys
 import numpy as np
-from transfer import maps
+from transfer import faithfulness, maps
 m = maps.to_input_maps(np.random.default_rng(0).normal(size=(2, 4, 4)), (16, 16))
 x = np.random.default_rng(1).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
-res = maps.faithfulness(lambda z: np.tile([[0.3, 0.7]], (len(z), 1)), x, m, [1, 1], steps=3)
-maps.summarize_faithfulness(res)
+res = faithfulness.faithfulness(lambda z: np.tile([[0.3, 0.7]], (len(z), 1)), x, m, [1, 1], steps=3)
+faithfulness.summarize_faithfulness(res)
 maps.overlay(x[0].astype(np.uint8), m[0])
 assert not any(k.split('.')[0] in ('tensorflow', 'keras', 'matplotlib') for k in sys.modules)
 print('ok')

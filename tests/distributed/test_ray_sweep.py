@@ -26,15 +26,16 @@ def _table(run):
 
 def test_failing_trial_is_retried_then_reported(ray_local, tmp_path):
     """A trial that raises in its Ray task is retried once, then comes back as failed."""
-    from transfer.trainer.distributed import run_trials_ray
+    from transfer.trainer.distributed import RayJob, run_trials_ray
     from transfer.trainer.fit import TrialSpec
+    from transfer.trainer.plan import TrialData
 
     cfg = _cfg(tmp_path / "data", tmp_path / "run")
     spec = TrialSpec(name="nope-t000", group="nope-t000", fold=None, backbone="no_such_net", init="scratch",
                      weights="none", trainable=0.0, freeze_by="layers", image_size=(16, 16))
     lines: list[str] = []
-    out = run_trials_ray(tmp_path / "run", cfg, [(spec, [], [], [])], data_root=tmp_path / "data",
-                         class_names=["a", "b"], opts=RayOptions(retries=1), progress=lines.append)
+    job = RayJob(spec, TrialData.of(tmp_path / "data", ["a", "b"]))
+    out = run_trials_ray(tmp_path / "run", cfg, [job], opts=RayOptions(retries=1), progress=lines.append)
     state, msg = out["nope-t000"]
     assert state == "failed" and "no_such_net" in msg and "after 1 retry on Ray" in msg, msg
     assert any("1/1 trial(s) finished (nope-t000: failed)" in l for l in lines)

@@ -246,7 +246,7 @@ def test_verify_states_the_maps_and_a_disagreement(cam_bundle, tmp_path):
 
 
 def test_report_shows_the_bundle_maps_beside_gradcam(cam_bundle, tmp_path):
-    from transfer.analysis.gradcam import explain_run
+    from transfer.analysis.gradcam_run import explain_run
     from transfer.analysis.report import write_report
 
     run, _ = cam_bundle

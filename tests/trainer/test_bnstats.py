@@ -60,11 +60,11 @@ def test_a_tiny_last_batch_joins_the_one_before():
 def test_image_and_cached_batches_have_the_same_sizes_and_labels(pattern_folder, tmp_path):
     from transfer.data.batches import BatchSource, Sampling
     from transfer.data.folder import index_folder
-    from transfer.trainer.keras_data import cached_dataset, make_dataset
+    from transfer.trainer.keras_data import Feed, cached_dataset, make_dataset
 
     samples = index_folder(pattern_folder).samples[:33]
     src = BatchSource(pattern_folder, samples, 16, (16, 16), sampling=Sampling(shuffle=True, seed=3))
-    images = make_dataset(src, num_classes=3, one_hot=False, workers=1)
+    images = make_dataset(src, Feed(num_classes=3, workers=1))
     labels = np.array([s.label for s in samples])
 
     class Rows:  # a cache whose row i holds i
@@ -74,7 +74,7 @@ def test_image_and_cached_batches_have_the_same_sizes_and_labels(pattern_folder,
         def read(self, idx, dtype=np.float32):
             return [np.asarray(idx, dtype)[:, None]]
 
-    cached = cached_dataset([Rows()], src, batch_size=16, num_classes=3, one_hot=False, shuffle=True)
+    cached = cached_dataset([Rows()], src, Feed(num_classes=3), shuffle=True)
     for epoch in (0, 1):
         images.set_epoch(epoch)
         cached.set_epoch(epoch)

@@ -148,12 +148,11 @@ def test_a_schedule_with_one_trial_runs_as_a_plain_sweep_and_says_so(pattern_fol
 def test_a_trial_trained_rung_by_rung_in_one_process_is_traced_once(pattern_folder, tmp_path):
     from transfer.runfolder import RunWriter
     from transfer.trainer.fit import TrialRun
-    from transfer.trainer.plan import TrialData
     from transfer.trainer.prepare import prepare_run
 
     cfg = _cfg(pattern_folder, tmp_path / "run", trainable="0.5", epochs=3)
     run, (spec,) = prepare_run(cfg)
-    data = TrialData.of(run.data_root, run.class_names, *run.samples_of(spec))
+    data = run.trial_data(spec)
     trial = TrialRun.open(RunWriter(tmp_path / "run").path, cfg, spec, data)
     trial.train(until=1)
     stage = trial.open_stage

@@ -36,7 +36,8 @@ def gradcam(run, image_args, quiet, **options) -> None:
     transfer gradcam runs/digits --samples 16 --method all
     transfer gradcam runs/digits img1.png img2.png --class 3 --save-maps
     """
-    from ..analysis.gradcam import TABLE_LEGEND, explain_run
+    from ..analysis.cam_verdict import TABLE_LEGEND
+    from ..analysis.gradcam_run import explain_run
     from ..runfolder import RunFolder
 
     cfg = from_cli(GradcamConfig, options)

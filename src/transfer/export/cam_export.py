@@ -16,7 +16,7 @@ Export therefore adds (:func:`plan_cam`, :func:`write_cam_weights`, :func:`cam_r
 * ``cam.npz`` with ``kernel`` (K, C), the ``probs`` layer's kernel (the bias is the same at
   every cell and is left out, as in CAM and Grad-CAM);
 * the manifest's ``cam`` record: layer, output, shape, weights file, where the cells sit on
-  the input (:func:`transfer.analysis.gradcam.layer_geometry`, so maps upsample exactly as
+  the input (:func:`transfer.analysis.cam_layers.layer_geometry`, so maps upsample exactly as
   ``transfer gradcam``'s) -- or ``{"available": false, "reason": ...}`` for a head the identity
   does not hold for (the small CNNs' ``Flatten -> Dense(64, relu)``: the class score is not
   linear in the feature map, so no exact map exists in the graph).
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .._lazy import import_keras
-from ..analysis.gradcam import layer_geometry
+from ..analysis.cam_layers import layer_geometry
 from ..fsutil import atomic_path
 
 #: the ONNX output holding the last spatial feature map

@@ -17,7 +17,6 @@ from typing import Callable
 
 from .._lazy import import_tensorflow
 from .. import _ray
-from ..errors import ConfigError
 from ..options import Interval, Text, option, validate
 from .fit import TrialRun, run_trial
 from .plan import TrialData, TrialSpec
@@ -71,11 +70,19 @@ def _trial_task(run_dir: str, cfg, spec_dict: dict, data: TrialData, siblings: t
     return "paused", run.epoch
 
 
-def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path, class_names, opts: RayOptions,
-                   progress: Callable[[str], None], until: int | None = None,
-                   stops: dict[str, dict] | None = None) -> dict[str, tuple[str, object]]:
-    """Run ``jobs`` = [(spec, train, val, test, siblings)] as Ray tasks; returns {name: ("done", metrics) |
-    ("paused", epoch) | ("failed", msg)}.
+@dataclass(frozen=True)
+class RayJob:
+    """One trial for a Ray task: its spec, its images, and the trainable fractions of the trials
+    sharing its frozen-prefix caches (built in one pass; ``PreparedRun.siblings``)."""
+
+    spec: TrialSpec
+    data: TrialData
+    siblings: tuple = ()
+
+
+def run_trials_ray(run_dir: Path, config, jobs: list[RayJob], *, opts: RayOptions, progress: Callable[[str], None],
+                   until: int | None = None, stops: dict[str, dict] | None = None) -> dict[str, tuple[str, object]]:
+    """Run ``jobs`` as Ray tasks; returns {name: ("done", metrics) | ("paused", epoch) | ("failed", msg)}.
 
     ``until``: train each trial up to that epoch (a rung of ``--schedule halving``; a trial whose
     plan ends before it is evaluated and done); ``stops``: {name: why} evaluate those trials as they
@@ -87,11 +94,10 @@ def run_trials_ray(run_dir: Path, config, jobs: list[tuple], *, data_root: Path,
                                            max_retries=opts.retries, retry_exceptions=True)
     threads = max(1, int(opts.cpus_per_trial))
     refs = {}
-    for spec, tr, va, te, *rest in jobs:
-        data = TrialData.of(data_root, class_names, tr, va, te)
-        ref = task.remote(str(run_dir), config, asdict(spec), data, tuple(rest[0]) if rest else (), threads, until,
-                          (stops or {}).get(spec.name))
-        refs[ref] = spec.name
+    for job in jobs:
+        ref = task.remote(str(run_dir), config, asdict(job.spec), job.data, tuple(job.siblings), threads, until,
+                          (stops or {}).get(job.spec.name))
+        refs[ref] = job.spec.name
     total = ray.cluster_resources().get("CPU", 0)
     progress(f"ray: {len(refs)} trial task(s) submitted ({opts.cpus_per_trial:g} CPU"
              f"{f', {opts.gpus_per_trial:g} GPU' if opts.gpus_per_trial else ''} each; cluster has {total:g} CPU)")

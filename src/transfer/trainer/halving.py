@@ -32,10 +32,10 @@ from ..progress import Progress, clock
 from ..runfolder import RunWriter
 from .cache import CacheSpaceError
 from .config import TrainConfig
-from .distributed import run_trials_ray
+from .distributed import RayJob, run_trials_ray
 from .epochs import TrialState
 from .fit import TrialRun, record_failure
-from .plan import TrialData, TrialSpec, plan_stages, resume_point, stage_bounds
+from .plan import TrialSpec, plan_stages, resume_point, stage_bounds
 from .prepare import PreparedRun
 from .rank import backbone_signals, ranked
 from .schedule import (COMPLETE, FAILED, TRAINING, RungRecord, Schedule, Standing, decide, group_standing)
@@ -83,8 +83,7 @@ class _Trials:
             return self.open[spec.name]
         while len(self.open) >= OPEN_TRIALS:
             self.open.pop(next(iter(self.open)))
-        tr, va, te = self.run.samples_of(spec)
-        data = TrialData.of(self.run.data_root, self.run.class_names, tr, va, te)
+        data = self.run.trial_data(spec)
         trial = TrialRun.open(self.run.writer.path, self.config, spec, data, progress=self.p,
                               siblings=self.run.siblings(spec, self.specs))
         self.open[spec.name] = trial
@@ -143,9 +142,8 @@ class _RayTrials:
     def _submit(self, specs: list[TrialSpec], **kw) -> None:
         if not specs:
             return
-        jobs = [(s, *self.run.samples_of(s), self.run.siblings(s, self.specs)) for s in specs]
-        out = run_trials_ray(self.run.writer.path, self.config, jobs, data_root=self.run.data_root,
-                             class_names=self.run.class_names, opts=self.opts, progress=self.p.say, **kw)
+        jobs = [RayJob(s, self.run.trial_data(s), self.run.siblings(s, self.specs)) for s in specs]
+        out = run_trials_ray(self.run.writer.path, self.config, jobs, opts=self.opts, progress=self.p.say, **kw)
         for name, (state, value) in out.items():
             if state == "done":
                 self.entries[name].update(state="done", metrics=value)

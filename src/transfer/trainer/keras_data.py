@@ -14,6 +14,8 @@ of images).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .._lazy import import_keras
@@ -35,20 +37,34 @@ def epoch_order(source, epoch: int) -> np.ndarray:
     return source._order(int(epoch))  # the one definition of the order lives in BatchSource
 
 
-def _labels(y, num_classes: int, one_hot: bool):
-    y = np.asarray(y, dtype=np.int64)
-    return np.eye(num_classes, dtype=np.float32)[y] if one_hot else y
+@dataclass(frozen=True)
+class Feed:
+    """How a dataset hands its batches to Keras (the same for decoded images and caches).
+
+    Attributes:
+        num_classes: number of classes (for one-hot labels).
+        one_hot: yield one-hot float32 labels (L1 loss) instead of int64 labels.
+        workers: threads that prepare batches (decode images, read cache rows).
+        max_queue_size: batches prepared ahead.
+    """
+
+    num_classes: int
+    one_hot: bool = False
+    workers: int = 2
+    max_queue_size: int = 8
+
+    def labels(self, y):
+        """Class indices as the model's loss takes them: int64, or one-hot float32."""
+        y = np.asarray(y, dtype=np.int64)
+        return np.eye(self.num_classes, dtype=np.float32)[y] if self.one_hot else y
 
 
-def make_dataset(source, *, num_classes: int, one_hot: bool, workers: int = 2, max_queue_size: int = 8):
+def make_dataset(source, feed: Feed):
     """Wrap a BatchSource as a Keras PyDataset yielding ``(x, y)``.
 
     Args:
         source: a ``transfer.data.batches.BatchSource``.
-        num_classes: number of classes (for one-hot labels).
-        one_hot: yield one-hot float32 labels (L1 loss) instead of int64 labels.
-        workers: decode threads.
-        max_queue_size: batches prepared ahead.
+        feed: labels and loader threads (:class:`Feed`).
 
     Returns:
         A ``keras.utils.PyDataset``; ``set_epoch(e)`` selects the source's epoch
@@ -57,14 +73,15 @@ def make_dataset(source, *, num_classes: int, one_hot: bool, workers: int = 2, m
 
     Example::
 
-        ds = make_dataset(src, num_classes=10, one_hot=False)
+        ds = make_dataset(src, Feed(num_classes=10))
         model.fit(ds, epochs=2)
     """
     keras = import_keras()
 
     class BatchDataset(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=max(1, int(workers)), use_multiprocessing=False, max_queue_size=max_queue_size)
+            super().__init__(workers=max(1, int(feed.workers)), use_multiprocessing=False,
+                             max_queue_size=feed.max_queue_size)
             self.source = source
             self.merge = merged_tail(len(source.samples), source.batch_size)
 
@@ -77,7 +94,7 @@ def make_dataset(source, *, num_classes: int, one_hot: bool, workers: int = 2, m
             if self.merge and i == len(self) - 1:
                 tail = self.source.get(int(i) + 1)
                 x, y = np.concatenate([x, tail.x]), np.concatenate([y, tail.y])
-            return np.asarray(x, dtype=np.float32), _labels(y, num_classes, one_hot)
+            return np.asarray(x, dtype=np.float32), feed.labels(y)
 
         def set_epoch(self, epoch: int) -> None:
             self.source.set_epoch(int(epoch))
@@ -94,15 +111,15 @@ def make_dataset(source, *, num_classes: int, one_hot: bool, workers: int = 2, m
     return BatchDataset()
 
 
-def cached_dataset(views, order_source, *, batch_size: int, num_classes: int, one_hot: bool, shuffle: bool,
-                   workers: int = 2, pad_to_multiple: int = 1, max_queue_size: int = 8, rows=None):
+def cached_dataset(views, order_source, feed: Feed, *, shuffle: bool, pad_to_multiple: int = 1, rows=None):
     """A Keras PyDataset over frozen-prefix caches: ``(frontier arrays, y)`` batches.
 
     Args:
         views: :class:`~transfer.trainer.cache.FeatureCache` objects of one image list;
             epoch ``e`` reads ``views[e % len(views)]`` (augmented views; one for none).
-        order_source: the BatchSource of the same images whose epoch order is used.
-        batch_size, shuffle: as for the images.
+        order_source: the BatchSource of the same images whose epoch order and batch size are used.
+        feed: labels and loader threads (:class:`Feed`), as for the images.
+        shuffle: as for the images.
         pad_to_multiple: repeat a batch's own rows up to a multiple of this (mirrored strategy).
         rows: read only these rows, in this order (the BatchNormalization statistics pass).
 
@@ -111,12 +128,14 @@ def cached_dataset(views, order_source, *, batch_size: int, num_classes: int, on
     """
     keras = import_keras()
     n = views[0].rows if rows is None else len(rows)
+    batch_size = int(order_source.batch_size)
 
     class CachedDataset(keras.utils.PyDataset):
         failed: list = []
 
         def __init__(self):
-            super().__init__(workers=max(1, int(workers)), use_multiprocessing=False, max_queue_size=max_queue_size)
+            super().__init__(workers=max(1, int(feed.workers)), use_multiprocessing=False,
+                             max_queue_size=feed.max_queue_size)
             self.epoch = 0
             self.order = self._order(0)
 
@@ -137,7 +156,7 @@ def cached_dataset(views, order_source, *, batch_size: int, num_classes: int, on
                 idx = np.resize(idx, -(-len(idx) // k) * k)
             cache = views[self.epoch % len(views)]
             xs = cache.read(idx)
-            return (tuple(xs) if len(xs) > 1 else xs[0]), _labels(cache.labels[idx], num_classes, one_hot)
+            return (tuple(xs) if len(xs) > 1 else xs[0]), feed.labels(cache.labels[idx])
 
         def set_epoch(self, epoch: int) -> None:
             self.epoch = int(epoch)

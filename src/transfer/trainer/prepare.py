@@ -22,7 +22,7 @@ from ..progress import Progress, ProgressLike, as_progress, clock
 from ..runfolder import RunWriter
 from ..tables import write_csv
 from .config import PREPARED_KEYS, RESULT_KEYS, TrainConfig, config_from_yaml_text
-from .plan import TrialSpec, duplicate_random_trials, plan_trials
+from .plan import TrialData, TrialSpec, duplicate_random_trials, plan_trials
 
 
 @dataclass
@@ -42,12 +42,13 @@ class PreparedRun:
         return tuple(s.trainable for s in specs
                      if (s.backbone, s.init, s.weights, s.fold) == (spec.backbone, spec.init, spec.weights, spec.fold))
 
-    def samples_of(self, spec: TrialSpec) -> tuple[list, list, list]:
-        """(train, val, test) of a trial: its fold's train / val with ``--kfold``."""
+    def trial_data(self, spec: TrialSpec) -> TrialData:
+        """The images of a trial: train, val and test (its fold's train / val with ``--kfold``)."""
         if spec.fold:
             tr, va = self.folds[spec.fold - 1]
-            return tr, va, self.parts["test"]
-        return self.parts["train"], self.parts["val"], self.parts["test"]
+        else:
+            tr, va = self.parts["train"], self.parts["val"]
+        return TrialData.of(self.data_root, self.class_names, tr, va, self.parts["test"])
 
 
 def check_options(config: TrainConfig) -> tuple[Path, Path]:

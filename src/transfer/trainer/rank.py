@@ -21,7 +21,7 @@ from ..progress import Progress, ProgressLike, as_progress, clock
 from ..runfolder import RunWriter
 from .config import TrainConfig
 from .head_init import initial_features, linear_probe
-from .plan import TrialData, TrialSpec, plan_stages, plan_trials
+from .plan import TrialSpec, plan_stages, plan_trials
 from .prepare import PreparedRun, check_options, prepare_run
 from .transferability import logme
 from .trial import open_trial
@@ -58,8 +58,7 @@ class BackboneSignal:
 
 def _signal(run: PreparedRun, cfg: TrainConfig, spec: TrialSpec, siblings, p: Progress) -> BackboneSignal:
     t0 = time.perf_counter()
-    tr, va, te = run.samples_of(spec)
-    data = TrialData.of(run.data_root, run.class_names, tr, va, te)
+    data = run.trial_data(spec)
     probe_spec = replace(spec, trainable=0.0)
     trial = open_trial(run.writer, cfg, probe_spec, data, siblings=siblings, progress=p, folder=False)
     stage = plan_stages(cfg, probe_spec)[0]

@@ -27,7 +27,7 @@ from . import loop
 from .bnstats import BNStats, PopulationStatistics, stats_rows
 from .cache import CacheRequest, CacheSpaceError, FeatureCache
 from .config import TrainConfig
-from .keras_data import cached_dataset, make_dataset
+from .keras_data import Feed, cached_dataset, make_dataset
 from .plan import (DataSource, Stage, cache_fractions, cache_views, data_source, probe_features_needed,
                    train_cache_dtype)
 from .trial import Trial
@@ -123,13 +123,12 @@ def image_source(trial: Trial, samples: Sequence, *, train: bool, replicas: int 
 
 def keras_dataset(source: BatchSource, cfg: TrainConfig, num_classes: int):
     """The trainer's dataset of a batch source (labels one-hot for the L1 loss)."""
-    return make_dataset(source, num_classes=num_classes, one_hot=cfg.loss == "l1", workers=cfg.workers)
+    return make_dataset(source, feed_of(cfg, num_classes))
 
 
-def _cached_kw(trial: Trial) -> dict:
-    cfg = trial.cfg
-    return dict(batch_size=cfg.batch_size, num_classes=trial.num_classes, one_hot=cfg.loss == "l1",
-                workers=cfg.workers)
+def feed_of(cfg: TrainConfig, num_classes: int) -> Feed:
+    """How the trainer's datasets feed Keras: one-hot labels for the L1 loss, ``--workers`` threads."""
+    return Feed(num_classes=num_classes, one_hot=cfg.loss == "l1", workers=cfg.workers)
 
 
 # -- caches ---------------------------------------------------------------------------------
@@ -220,16 +219,16 @@ def _cached_data(trial: Trial, cut: Cut, caches: dict) -> StageData:
     train_views = [find_cache(caches, "train", cut, k) for k in range(views)] or [find_cache(caches, "train", cut)]
     plain = find_cache(caches, "train", cut)
     order = image_source(trial, trial.data.train, train=True)
-    kw = _cached_kw(trial)
-    train_ds = cached_dataset(train_views, order, shuffle=True, pad_to_multiple=trial.replicas, **kw)
+    feed = feed_of(cfg, trial.num_classes)
+    train_ds = cached_dataset(train_views, order, feed, shuffle=True, pad_to_multiple=trial.replicas)
     model = suffix_model(trial.model, cut)
-    stats_ds = cached_dataset([plain], order, shuffle=False, rows=stats_rows(plain.rows, cfg.seed), **kw)
+    stats_ds = cached_dataset([plain], order, feed, shuffle=False, rows=stats_rows(plain.rows, cfg.seed))
     refresh = batchnorm_refresher(model, stats_ds)
     rows = split_rows(trial, cut, caches)
     validate = None
     if trial.data.val:
         val = find_cache(caches, "val", cut)
-        validate = Validator(model, cached_dataset([val], order, shuffle=False, pad_to_multiple=trial.replicas, **kw))
+        validate = Validator(model, cached_dataset([val], order, feed, shuffle=False, pad_to_multiple=trial.replicas))
     used = [c for r, c in caches.items() if r.cut.frontier == cut.frontier and r.cut.prefix == cut.prefix]
     record = {"mode": "cached", "cut": cut.label, "frozen_layers": cut.depth,
               "frontier": list(cut.frontier), "views": views,
@@ -267,14 +266,14 @@ def _pixel_data(trial: Trial, model) -> StageData | None:
     train = caches[reqs["train"]]
     rows = split_rows(trial, pc, caches)
     order = image_source(trial, trial.data.train, train=True)
-    kw = _cached_kw(trial)
-    train_ds = cached_dataset([train], order, shuffle=True, pad_to_multiple=trial.replicas, **kw)
-    stats_ds = cached_dataset([train], order, shuffle=False, rows=stats_rows(train.rows, trial.cfg.seed), **kw)
+    feed = feed_of(trial.cfg, trial.num_classes)
+    train_ds = cached_dataset([train], order, feed, shuffle=True, pad_to_multiple=trial.replicas)
+    stats_ds = cached_dataset([train], order, feed, shuffle=False, rows=stats_rows(train.rows, trial.cfg.seed))
     refresh = batchnorm_refresher(model, stats_ds)
     validate = None
     if "val" in reqs:
-        validate = Validator(model, cached_dataset([caches[reqs["val"]]], order, shuffle=False,
-                                                   pad_to_multiple=trial.replicas, **kw))
+        validate = Validator(model, cached_dataset([caches[reqs["val"]]], order, feed, shuffle=False,
+                                                   pad_to_multiple=trial.replicas))
     record = {"pixels": {"decoded": "once", "folders": sorted(c.folder.name for c in caches.values()),
                          "bytes": sum(c.nbytes for c in caches.values()),
                          "seconds": round(sum(float(c.meta.get("seconds", 0.0)) for c in caches.values()), 3)}}

@@ -23,10 +23,10 @@ from ..progress import Progress, ProgressLike, as_progress, clock
 from ..runfolder import RunWriter
 from .cache import CacheSpaceError
 from .config import TrainConfig
-from .distributed import run_trials_ray
+from .distributed import RayJob, run_trials_ray
 from .fit import record_failure, run_trial
 from .halving import run_halving
-from .plan import TrialData, TrialSpec, duplicate_random_trials, plan_trials, resolve_image_size
+from .plan import TrialSpec, duplicate_random_trials, plan_trials, resolve_image_size
 from .prepare import PreparedRun, check_options, prepare_run
 from .schedule import Schedule, plan_schedule
 
@@ -62,9 +62,8 @@ def _run_one(run: PreparedRun, config: TrainConfig, spec: TrialSpec, entry: dict
              siblings: tuple[float, ...]) -> None:
     """Train one trial into ``entry``; a failure is recorded and the sweep goes on."""
     t0 = time.perf_counter()
-    tr, va, te = run.samples_of(spec)
+    data = run.trial_data(spec)
     try:
-        data = TrialData.of(run.data_root, run.class_names, tr, va, te)
         entry["metrics"] = run_trial(run.writer.path, config, spec, data, progress=p, siblings=siblings)
         entry["state"] = "done"
         m = entry["metrics"]
@@ -116,11 +115,10 @@ def _run_on_ray(run: PreparedRun, config: TrainConfig, specs: list[TrialSpec], o
             entries[spec.name].update(metrics=done, state="done")
             p.say(f"trial {spec.name}: already done, skipped")
         else:
-            jobs.append((spec, *run.samples_of(spec), run.siblings(spec, specs)))
+            jobs.append(RayJob(spec, run.trial_data(spec), run.siblings(spec, specs)))
     p.say(f"sweep on Ray: {len(specs)} trial(s) into {run.writer.path}, {len(jobs)} to run")
     if jobs:
-        outcome = run_trials_ray(run.writer.path, config, jobs, data_root=run.data_root,
-                                 class_names=run.class_names, opts=opts, progress=p)
+        outcome = run_trials_ray(run.writer.path, config, jobs, opts=opts, progress=p)
         for name, (state, value) in outcome.items():
             if state == "done":
                 entries[name].update(state="done", metrics=value)
