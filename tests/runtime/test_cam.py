@@ -264,3 +264,18 @@ def test_report_shows_the_bundle_maps_beside_gradcam(cam_bundle, tmp_path):
           for c in [line.split("|")[3].strip()] if c != "-"]
     assert len(rs) >= 3 and min(rs) >= 0.999, rs
     assert "maps of onnx-int8 vs fp32" in section
+
+
+def test_an_engine_built_from_a_model_with_maps_joins_the_maps_record():
+    """A TensorRT engine added to a bundle with maps (export --trt) has the feature_map output; the
+    record then lists it, so `infer --cam --backend tensorrt-*` is allowed, and only then."""
+    from transfer.export.cam_export import cam_with_model
+    from transfer.export.tensorrt import engine_entry, parse_batch_profile
+
+    cam = {"available": True, "models": ["onnx-fp32", "onnx-int8"], "shape": [7, 7, 8]}
+    plain = engine_entry("model.fp16.engine", "fp16", parse_batch_profile("1:4:8"), {"gpu": "A10"})
+    assert cam_with_model(cam, "trt-fp16", plain) == cam
+    with_maps = dict(plain, outputs={**plain["outputs"], "feature_map": "feature_map"})
+    assert cam_with_model(cam, "trt-fp16", with_maps)["models"] == ["onnx-fp32", "onnx-int8", "trt-fp16"]
+    unexplainable = {"available": False, "reason": "flatten head"}
+    assert cam_with_model(unexplainable, "trt-fp16", with_maps) == unexplainable

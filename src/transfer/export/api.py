@@ -51,7 +51,7 @@ from ..runtime.unknown import make_detector
 from ..signing import load_signing_key
 from .bundle_writer import check_out, remove_stale_staging, staged_bundle, tool_versions
 from .calibration_stage import run_calibration
-from .cam_export import FEATURE_MAP, cam_record, plan_cam
+from .cam_export import FEATURE_MAP, cam_record, cam_with_model, plan_cam
 from .export_config import ExportConfig
 from .model_steps import engine_step, fp16_step, fp32_step, head_step, int8_step
 from .step import ExportContext, Limits, ort_runner, run_step
@@ -218,6 +218,9 @@ def _add_engine(out: Path, cfg: ExportConfig, run, t, *, progress, key=None) -> 
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    engine_key = f"trt-{precision}"
+    if engine_key in ctx.models and "cam" in manifest:  # an engine built from a model with maps explains too
+        manifest = dict(manifest, cam=cam_with_model(manifest["cam"], engine_key, ctx.models[engine_key]))
     write_bundle(out, dict(manifest, models=ctx.models), ctx.checks, images=images, sign_key=key)
     if not v["passed"]:
         raise VerificationError(f"TensorRT {precision} engine failed verification; bundle {out} is marked invalid",

@@ -139,6 +139,14 @@ def cam_record(plan: CamPlan, models: list[str]) -> dict:
             "geometry": None if geo is None else {"y": [float(v) for v in geo[0]], "x": [float(v) for v in geo[1]]}}
 
 
+def cam_with_model(cam: dict | None, key: str, entry: dict) -> dict | None:
+    """The manifest's ``cam`` record with model ``key`` among its ``models`` when its entry has
+    the ``feature_map`` output (a TensorRT engine added to a bundle with maps); else unchanged."""
+    if not isinstance(cam, dict) or not cam.get("available") or FEATURE_MAP not in (entry.get("outputs") or {}):
+        return cam
+    return {**cam, "models": sorted(set(cam.get("models") or []) | {key})}
+
+
 def _ranks(a: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
@@ -173,4 +181,4 @@ def map_agreement(reference: np.ndarray, maps: np.ndarray) -> dict:
             "explained": "the fp32 model's predicted class"}
 
 
-__all__ = ["CAM_WEIGHTS", "FEATURE_MAP", "CamPlan", "cam_record", "map_agreement", "plan_cam", "write_cam_weights"]
+__all__ = ["CAM_WEIGHTS", "FEATURE_MAP", "CamPlan", "cam_record", "cam_with_model", "map_agreement", "plan_cam", "write_cam_weights"]

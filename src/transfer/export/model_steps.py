@@ -19,7 +19,7 @@ from ..models.onnx_convert import export_onnx, stamp_onnx
 from ..runtime.heads import OnnxHead
 from ..runtime.runner_base import Outputs
 from ..runtime.trt_runner import TrtRunner
-from .cam_export import write_cam_weights
+from .cam_export import FEATURE_MAP, write_cam_weights
 from .fp16 import convert_fp16
 from .keras_runner import KerasRunner
 from .quantize import calibration_batches, quantize_int8
@@ -192,6 +192,8 @@ def engine_step(precision: str, profile, workspace_mb: int, work: Path) -> Step:
         info = build_engine(src, ctx.folder / name, precision=precision, profile=profile, input_hw=ctx.t.image_size,
                             workspace_mb=workspace_mb, timing_cache=ctx.folder.parent / ".transfer-trt-timing.cache")
         entry = engine_entry(name, precision, profile, dev)
+        if FEATURE_MAP in (ctx.models.get("onnx-fp32", {}).get("outputs") or {}):
+            entry["outputs"][FEATURE_MAP] = FEATURE_MAP  # built from a model with maps: the engine has them too
         entry.update({k: info[k] for k in ("strongly_typed", "tf32") if k in info})
         if qinfo is not None:
             entry["quantization"] = {**qinfo, "mode": "explicit (QDQ)"}
