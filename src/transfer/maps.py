@@ -195,24 +195,14 @@ _JET = (((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
         ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)))
 
 
-_JET_STEPS = 1024
-
-
-def _jet_table() -> np.ndarray:
-    v = np.linspace(0.0, 1.0, _JET_STEPS)
-    return np.stack([np.interp(v, [p for p, _ in seg], [c for _, c in seg]) for seg in _JET], axis=-1).astype(
-        np.float32)
-
-
-#: :func:`jet` sampled at 1024 levels: the overlay looks colours up (|difference| < 1/1000 of a channel)
-_JET_TABLE = _jet_table()
-_JET_BYTES = np.rint(_JET_TABLE * 255.0).astype(np.uint8)
-
-
 def jet(values: np.ndarray) -> np.ndarray:
     """The ``jet`` colours (RGB float in [0, 1], shape ``values.shape + (3,)``) of values in [0, 1]."""
     v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
     return np.stack([np.interp(v, [p for p, _ in seg], [c for _, c in seg]) for seg in _JET], axis=-1)
+
+
+#: the jet colours of the 256 levels of an 8-bit map, as a Pillow palette (R, G, B, R, ...)
+_JET_PALETTE = np.rint(jet(np.linspace(0.0, 1.0, 256)) * 255.0).astype(np.uint8).ravel().tolist()
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, min_side: int = 128,
@@ -242,10 +232,12 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, min_
     hm = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
     if hm.shape != (hh, ww):
         hm = np.asarray(Image.fromarray(hm, mode="F").resize((ww, hh), Image.Resampling.BILINEAR))
-    colours = _JET_BYTES[(np.clip(hm, 0.0, 1.0) * (_JET_STEPS - 1) + 0.5).astype(np.intp)]
-    # Pillow's blend (one C pass, rounded) rather than float arithmetic here: a third of the time
-    # of each `transfer infer --cam` overlay (docs/benchmarks.md, section 12)
-    return np.array(Image.blend(Image.fromarray(img), Image.fromarray(colours), alpha))
+    # 256 jet colours as a palette image that Pillow expands, and Pillow's blend (each one C pass,
+    # rounded) rather than float arithmetic here: a fifth of the time of each `transfer infer
+    # --cam` overlay (docs/benchmarks.md, section 12)
+    colours = Image.fromarray((np.clip(hm, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))  # mode L: 256 levels
+    colours.putpalette(_JET_PALETTE)  # L + a palette = P: each level's jet colour
+    return np.array(Image.blend(Image.fromarray(img), colours.convert("RGB"), alpha))
 
 
 def mark_flag(picture: np.ndarray, flag: str) -> np.ndarray:

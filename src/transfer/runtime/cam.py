@@ -156,8 +156,8 @@ def png_bytes(picture: np.ndarray) -> bytes:
             + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + _chunk(b"IEND", b""))
 
 
-def _overlay(pixels: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, str]:
-    flag = cammaps.map_flags(m[None])[0]
+def _overlay(pixels: np.ndarray, m: np.ndarray, flag: str | None = None) -> tuple[np.ndarray, str]:
+    flag = cammaps.map_flags(m[None])[0] if flag is None else flag
     return cammaps.mark_flag(cammaps.overlay(np.asarray(pixels), m), flag), flag
 
 
@@ -167,17 +167,15 @@ def overlay_png(pixels: np.ndarray, m: np.ndarray) -> tuple[bytes, str]:
     return png_bytes(picture), flag
 
 
-def overlay_jpeg(pixels: np.ndarray, m: np.ndarray, quality: int = 90) -> tuple[bytes, str]:
-    """The same overlay as :func:`overlay_png`, as JPEG bytes (Pillow / libjpeg) and its flag; colour
-    at full resolution (4:4:4), since the jet colours carry the map."""
+def jpeg_bytes(picture: np.ndarray, quality: int = 90) -> bytes:
+    """A uint8 RGB picture as JPEG bytes (Pillow / libjpeg), colour at full resolution (4:4:4)."""
     import io
 
     from PIL import Image
 
-    picture, flag = _overlay(pixels, m)
     buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, format="JPEG", quality=quality, subsampling=0)
-    return buf.getvalue(), flag
+    Image.fromarray(np.ascontiguousarray(picture, np.uint8)).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
 
 
 @dataclass
@@ -217,22 +215,23 @@ class CamWriter:
             return
         classes = net_probs.argmax(axis=1) if self.cls is None else np.full(len(paths), self.cls)
         m = self.cam.maps(feature_map, classes)
+        flags = cammaps.map_flags(m)  # one pass for the batch
         for i, path in enumerate(paths):
             stem = f"{self.count:05d}_{Path(path).stem}"
             self.count += 1
             c = int(classes[i])
-            self._pending.append(self._pool.submit(self._write_one, stem, pixels[i], m[i]))
+            self._pending.append(self._pool.submit(self._write_one, stem, pixels[i], m[i], flags[i]))
             picture = stem + "." + self.overlay if self.overlay != "none" else ""
             self.rows.append([path, self.names[c], f"{float(net_probs[i, c]):.6g}", stem + ".npy", picture])
         self._drain(keep=4 * max(1, self.workers))
 
-    def _write_one(self, stem: str, pixels: np.ndarray, m: np.ndarray) -> str:
+    def _write_one(self, stem: str, pixels: np.ndarray, m: np.ndarray, flag: str) -> str:
         with atomic_path(self.out / f"{stem}.npy", suffix=".npy") as tmp:
             np.save(tmp, m.astype(np.float32))
         if self.overlay == "none":
-            return cammaps.map_flags(m[None])[0]
-        encode = overlay_jpeg if self.overlay == "jpg" else overlay_png
-        data, flag = encode(pixels.astype(np.uint8), m)
+            return flag
+        picture, _ = _overlay(pixels.astype(np.uint8), m, flag)
+        data = jpeg_bytes(picture) if self.overlay == "jpg" else png_bytes(picture)
         with atomic_path(self.out / f"{stem}.{self.overlay}", suffix=f".{self.overlay}") as tmp:
             Path(tmp).write_bytes(data)
         return flag
@@ -297,5 +296,5 @@ def check_cam_out(out: str | os.PathLike, bundle_path) -> Path:
     return p
 
 
-__all__ = ["FEATURE_MAP", "BundleCam", "CamWriter", "cam_problem", "check_cam_out", "map_findings", "overlay_jpeg",
+__all__ = ["FEATURE_MAP", "BundleCam", "CamWriter", "cam_problem", "check_cam_out", "jpeg_bytes", "map_findings",
            "overlay_png", "parse_class", "png_bytes"]
