@@ -131,23 +131,38 @@ def peak_rss_mb(bundle: Path, folder: Path) -> tuple[float, float]:
     return float(mb), float(ips)
 
 
+CAM_HEADER = ["run", "JPEGs", "best wall s", "img/s", "wall vs transfer infer", "CPU s", "CPU vs transfer infer",
+              "overlays written"]
+
+
 def cam_rows(folder: Path, tmp: Path, n: int, rounds: int = 3) -> list[list]:
-    """`transfer infer` without and with `--cam` on the same JPEGs (MobileNetV2 224 with maps, batch 32),
-    alternated ``rounds`` times; the best wall time of each."""
+    """`transfer infer` without and with `--cam` (each `--cam-overlay`: jpg, the default; png; none)
+    on the same JPEGs (MobileNetV2 224 with maps, batch 32), alternated ``rounds`` times; the best
+    wall time and the CPU time (every thread of this process) of that run."""
     from transfer.runtime.infer import infer
 
     b = keras_bundle("mobilenet_v2", tmp / "bundle-cam", cam=True)
     make_jpegs(folder, n, side=258, seed=2)
     infer(b, [folder], out=tmp / "cam-warm.csv", batch=32)  # warm caches
-    best = {"plain": [], "cam": []}
+    kinds = {"transfer infer": None, "transfer infer --cam": "jpg", "transfer infer --cam --cam-overlay png": "png",
+             "transfer infer --cam --cam-overlay none": "none"}
+    runs: dict[str, list] = {k: [] for k in kinds}
     for r in range(rounds):
-        best["plain"].append(_time(lambda: infer(b, [folder], out=tmp / "plain.csv", batch=32, workers=2)))
-        best["cam"].append(_time(lambda: infer(b, [folder], out=tmp / "cam.csv", batch=32, workers=2,
-                                               cam=str(tmp / f"maps{r}"))))
-    maps = len(list((tmp / "maps0").glob("*.png")))
-    p, c = min(best["plain"]), min(best["cam"])
-    return [["transfer infer", n, round(p, 2), round(n / p, 1), "1.00x", "-"],
-            ["transfer infer --cam", n, round(c, 2), round(n / c, 1), f"{c / p:.3f}x", maps]]
+        for name, overlay in kinds.items():
+            extra = {} if overlay is None else {"cam": str(tmp / f"maps-{overlay}-{r}"), "cam_overlay": overlay}
+            cpu, t = time.process_time(), time.perf_counter()
+            infer(b, [folder], out=tmp / "rows.csv", batch=32, workers=2, **extra)
+            runs[name].append((time.perf_counter() - t, time.process_time() - cpu))
+    best = {k: min(v) for k, v in runs.items()}
+    p, pc = best["transfer infer"]
+    rows = []
+    for name, overlay in kinds.items():
+        w, c = best[name]
+        written = "-" if overlay is None else sum(1 for f in (tmp / f"maps-{overlay}-0").iterdir()
+                                                  if f.suffix in (".jpg", ".png"))
+        rows.append([name, n, round(w, 2), round(n / w, 1), f"{w / p:.3f}x", round(c, 1), f"{c / pc:.3f}x",
+                     written])
+    return rows
 
 
 def main() -> None:
@@ -162,7 +177,7 @@ def main() -> None:
     if a.only == "cam":
         with tempfile.TemporaryDirectory() as tmp:
             rows = cam_rows(Path(tmp) / "cam-jpegs", Path(tmp), a.cam_images)
-        print(table(["run", "JPEGs", "best wall s", "img/s", "vs transfer infer", "overlays written"], rows))
+        print(table(CAM_HEADER, rows))
         return
     from transfer.bundle import load_bundle
     from transfer.runtime.infer import infer
@@ -207,7 +222,7 @@ def main() -> None:
               f"{mem_rows[-1][1] / mem_rows[0][1]:.3f}x")
         if a.cam_images:
             print()
-            print(table(["run", "JPEGs", "best wall s", "img/s", "vs transfer infer", "overlays written"],
+            print(table(CAM_HEADER,
                         cam_rows(tmp / "cam-jpegs", tmp, a.cam_images)))
 
 
