@@ -34,39 +34,13 @@ TRAINING_FIXTURES = {"shared_run", "shared_bundle", "aug_run", "full_bundle", "r
 SERVER_FIXTURES = {"server", "start_server"}
 
 
-#: session fixtures that each xdist worker builds for itself (the trained ones are built once for
-#: all workers, :func:`helpers.fixtures.built_once`)
-PER_WORKER_SESSION_FIXTURES = {"object_model"}
-
-
-def _builds_per_module(item) -> bool:
-    """Whether ``item`` uses a fixture that is built once per module (or per worker, like
-    :data:`PER_WORKER_SESSION_FIXTURES`): its module's tests are best run by one worker."""
-    info = getattr(item, "_fixtureinfo", None)
-    defs = getattr(info, "name2fixturedefs", {}) if info is not None else {}
-    return any(d.scope == "module" or (d.scope == "session" and name in PER_WORKER_SESSION_FIXTURES)
-               for name, ds in defs.items() for d in ds)
-
-
-def _file_of(item) -> str:
-    return item.nodeid.split("::", 1)[0]
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    # `make test` runs `--dist loadgroup`: a module whose tests share a module-scoped fixture (a
-    # trained run, a Ray instance) is one group that one worker runs from start to end, so the
-    # fixture is built once (split over two workers, or interrupted by other modules, it was built
-    # again each time); every other test is balanced on its own
-    grouped = {_file_of(item) for item in items if _builds_per_module(item)}
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & TRAINING_FIXTURES:
             item.add_marker(pytest.mark.trains)
         if used & SERVER_FIXTURES:
             item.add_marker(pytest.mark.server)
-        if _file_of(item) in grouped:
-            item.add_marker(pytest.mark.xdist_group(_file_of(item)))
     if _cuda_device_present():
         return
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (none found)")
