@@ -26,9 +26,12 @@ $(STAMP_ALL): $(STAMP) setup.cfg
 	touch $(STAMP_ALL)
 
 ## make test: the fast suite (tiny models and images built in code), on every core (pytest-xdist);
-## the 40 slowest tests are listed at the end (their record: docs/test_durations.md)
+## the 40 slowest tests are listed at the end (their record: docs/test_durations.md).
+## --dist loadscope: a module's tests run on one worker from start to end, so a module-scoped
+## fixture (a trained run, a Ray instance) is built once, not on both workers or again after
+## another module's test came between (with `load` it was: test_halving's runs were built twice)
 test: $(STAMP_ALL)
-	$(PY) -m pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --durations=40
+	$(PY) -m pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --dist loadscope --durations=40
 
 # headless Debian chromium (+ its driver for Selenium) renders the HTML report and drives the
 # serve page in slow tests (skipped without them)

@@ -7,25 +7,29 @@ from pathlib import Path
 import pytest
 
 from helpers.explain import train_object_model
+from helpers.fixtures import built_once
 from helpers.runs import build_run, copy_run, make_pattern_folder
 
 
 @pytest.fixture(scope="session")
 def pattern_data(tmp_path_factory) -> Path:
-    return make_pattern_folder(tmp_path_factory.mktemp("adata") / "patterns")
+    for folder, _ in built_once(tmp_path_factory, "adata", lambda d: make_pattern_folder(d / "patterns")):
+        yield folder / "patterns"
 
 
 @pytest.fixture(scope="session")
 def tiny_run(pattern_data, tmp_path_factory) -> Path:
     """A finished sweep (trials arc2-t000, arc2-t100). Tests must not modify it: copy it first."""
-    return build_run(pattern_data, tmp_path_factory.mktemp("aruns") / "run")
+    for folder, _ in built_once(tmp_path_factory, "aruns", lambda d: build_run(pattern_data, d / "run")):
+        yield folder / "run"
 
 
 @pytest.fixture(scope="session")
 def explain_run(pattern_data, tmp_path_factory) -> Path:
     """A finished run for Grad-CAM, resolution and report: arc2 at 16x16, frozen (t000) and fully
     trainable (t100), 3 classes, 3 epochs. Tests must not modify it: use ``run_copy``."""
-    return build_run(pattern_data, tmp_path_factory.mktemp("explain") / "run", epochs=3)
+    for folder, _ in built_once(tmp_path_factory, "explain", lambda d: build_run(pattern_data, d / "run", epochs=3)):
+        yield folder / "run"
 
 
 @pytest.fixture()

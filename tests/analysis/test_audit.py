@@ -35,13 +35,23 @@ def _kinds(rows, path):
     return {r["kind"] for r in rows if r["path"] == path}
 
 
-def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path):
-    data = _small_folder(pattern_data, tmp_path / "data")
-    lines: list[str] = []
-    res = audit_folder(data, backbone="arc2", weights="none", image_size=16, out=tmp_path / "audit",
-                       progress=lines.append)
+@pytest.fixture(scope="module")
+def small_audit(pattern_data, tmp_path_factory):
+    """``(data, result)``: one ONNX Runtime audit of :func:`_small_folder` (arc2, random weights,
+    16 px) for the tests of this module to read; a test that changes the folder or the audit
+    works on copies of both."""
+    root = tmp_path_factory.mktemp("small-audit")
+    data = _small_folder(pattern_data, root / "data")
+    return data, audit_folder(data, backbone="arc2", weights="none", image_size=16, out=root / "audit")
+
+
+def test_audit_finds_planted_problems_and_detects_changes(small_audit, tmp_path):
+    res = small_audit[1]
     for f in ("audit.csv", "audit.json", "audit.html", "files.csv", "features.npy"):
-        assert (tmp_path / "audit" / f).is_file(), f
+        assert (res.out / f).is_file(), f
+    # copies: the second half of this test changes a file and audits again
+    data = shutil.copytree(small_audit[0], tmp_path / "data")
+    shutil.copytree(res.out, tmp_path / "audit")
     rows = res.rows
     assert "unreadable" in _kinds(rows, "c1/broken.png")
     assert {"exact_duplicate", "conflicting_labels"} <= _kinds(rows, "c1/dup_of_c0_000.png")
@@ -64,7 +74,7 @@ def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path
     page = (tmp_path / "audit" / "audit.html").read_text()
     assert "data:image/png;base64," in page and "Exact duplicates" in page
     # nothing changed: reused; a changed file: detected by its hash and audited again
-    lines.clear()
+    lines: list[str] = []
     again = audit_folder(data, backbone="arc2", weights="none", image_size=16, out=tmp_path / "audit",
                          progress=lines.append)
     assert again.reused and any("nothing changed" in ln for ln in lines)
@@ -76,24 +86,24 @@ def test_audit_finds_planted_problems_and_detects_changes(pattern_data, tmp_path
     assert "dark" in _kinds(third.rows, "c2/005.png") or "blank" in _kinds(third.rows, "c2/005.png")
 
 
-def test_audit_features_fall_back_to_keras(pattern_data, tmp_path, monkeypatch):
+def test_audit_features_fall_back_to_keras(small_audit, tmp_path, monkeypatch):
     """When ONNX Runtime's features differ from Keras's (forced here by a negative tolerance), the
     audit says so and computes every feature with Keras: the same features as ONNX Runtime's run."""
     from transfer.analysis import audit_engine
 
-    data = _small_folder(pattern_data, tmp_path / "data")
-    kw = dict(backbone="arc2", weights="none", image_size=16)
-    audit_folder(data, out=tmp_path / "ort", **kw)
+    data, ort = small_audit
+    assert ort.summary["feature_engine"]["source"]["engine"] == "onnxruntime"
     monkeypatch.setattr(audit_engine, "PARITY_TOLERANCE", -1.0)
     lines: list[str] = []
-    res = audit_folder(data, out=tmp_path / "keras", progress=lines.append, **kw)
+    res = audit_folder(data, out=tmp_path / "keras", progress=lines.append, backbone="arc2", weights="none",
+                       image_size=16)
     eng = res.summary["feature_engine"]["source"]
     assert eng["engine"] == "keras" and "differ from Keras's" in eng["why"] and eng["parity_images"] == 32
     assert any("features by Keras" in ln for ln in lines)
-    a, b = np.load(tmp_path / "ort" / "features.npy"), np.load(tmp_path / "keras" / "features.npy")
+    a, b = np.load(ort.out / "features.npy"), np.load(tmp_path / "keras" / "features.npy")
     assert a.shape == b.shape == (63, 64) and np.abs(a).max() > 0
     np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
-    assert res.summary["counts"] == json.loads((tmp_path / "ort" / "audit.json").read_text())["counts"]
+    assert res.summary["counts"] == json.loads((ort.out / "audit.json").read_text())["counts"]
 
 
 def test_audit_cli(pattern_data, tmp_path):

@@ -32,10 +32,21 @@ def _is_package(path: Path) -> bool:
     return path.name == "__init__.py"
 
 
+#: parsed files: the checks below follow the same modules from many starting points (a file's
+#: text does not change while the tests run)
+_TREES: dict[Path, ast.AST] = {}
+
+
+def _tree(path: Path) -> ast.AST:
+    if path not in _TREES:
+        _TREES[path] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return _TREES[path]
+
+
 def imports_of(path: Path) -> list[tuple[int, str]]:
     """(line, absolute module) of every import in a file; ``from X import y`` gives X.y when
     X.y is a module of the package, else X."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _tree(path)
     me = _module_name(path)
     base_parts = me.split(".") if _is_package(path) else me.split(".")[:-1]
     out = []
@@ -212,13 +223,13 @@ def _outside_functions(tree: ast.AST):
 
 def module_level_imports(path: Path) -> set[str]:
     """The modules a file imports when it is imported (as :func:`imports_of` names them)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _tree(path)
     lines = {n.lineno for n in _outside_functions(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
     return {mod for line, mod in imports_of(path) if line in lines}
 
 
 def _calls_at_import(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _tree(path)
     return [n.func.id if isinstance(n.func, ast.Name) else n.func.attr for n in _outside_functions(tree)
             if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))
             and (n.func.id if isinstance(n.func, ast.Name) else n.func.attr) in _HEAVY_CALLS]

@@ -1,11 +1,12 @@
-"""One local Ray instance (2 CPUs) for the whole tests/distributed session."""
+"""One local Ray instance (2 CPUs) per test module that asks for it, shut down after the module
+(its daemons would otherwise keep polling beside the rest of the session)."""
 
 from __future__ import annotations
 
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray", reason='Ray is optional: pip install "transfer[distributed]"')
     if not ray.is_initialized():

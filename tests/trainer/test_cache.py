@@ -28,8 +28,6 @@ from transfer.trainer.cache import (
 from transfer.trainer.config import load_config
 from transfer.trainer.sweep import run_sweep
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def samples(pattern_folder):
@@ -162,24 +160,29 @@ def test_a_cache_of_other_weights_is_rebuilt_never_read(tmp_path, pattern_folder
     assert builder_b.open(req_b) is None and any("other initial weights" in s for s in lines)
 
 
-def test_not_enough_disk_is_a_clear_error_before_the_trial_and_no_cache_trains(tmp_path, pattern_folder):
+def test_not_enough_disk_is_a_clear_error_before_the_trial_and_no_cache_trains(tmp_path, pattern_folder,
+                                                                                monkeypatch):
     """The real free space of the disk is compared with what the cache needs plus the reserve
-    (TRANSFER_CACHE_MIN_FREE); a reserve larger than any disk makes the check fail here."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO / "src"),
-               TRANSFER_CACHE_MIN_FREE=str(2**60))
-    cmd = [sys.executable, "-m", "transfer.cli", "train", str(pattern_folder), "--backbone", "arc2",
-           "--trainable", "0.5", "--weights", "none", "--epochs", "1", "--image-size", "16", "--batch-size", "16",
-           "--out", str(tmp_path / "run")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 1, r.stdout + r.stderr
+    (TRANSFER_CACHE_MIN_FREE); a reserve larger than any disk makes the check fail here. The
+    command runs in this process (click's runner: the same command, exit code and standard error
+    as the console script, without a second TensorFlow start-up)."""
+    from click.testing import CliRunner
+
+    from transfer.cli import cli
+
+    monkeypatch.setenv("TRANSFER_CACHE_MIN_FREE", str(2**60))
+    cmd = ["train", str(pattern_folder), "--backbone", "arc2", "--trainable", "0.5", "--weights", "none",
+           "--epochs", "1", "--image-size", "16", "--batch-size", "16", "--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(cli, cmd)
+    assert r.exit_code == 1, r.output
     err = r.stderr
     assert "error: --no-cache: not enough disk space for the frozen-prefix cache in" in err
     assert str(tmp_path / "run" / "cache" / "arc2-scratch") in err and "it needs" in err
     assert "train without the cache" in err
     assert not (tmp_path / "run" / "trials" / "arc2-t050" / "metrics.json").exists()
     assert not list((tmp_path / "run").rglob("x0.npy"))  # nothing was written before the check
-    r = subprocess.run(cmd + ["--no-cache"], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = CliRunner().invoke(cli, cmd + ["--no-cache"])
+    assert r.exit_code == 0, r.output
     assert "training uncached: the cache is off" in r.stderr
     m = json.loads((tmp_path / "run" / "trials" / "arc2-t050" / "metrics.json").read_text())
     assert m["cache"]["mode"] == "uncached" and not list((tmp_path / "run").rglob("x0.npy"))
