@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT
 from bench_sweep import fashion_folder
 
 

@@ -331,7 +331,6 @@ def bench_batch1(b: dict, res: dict) -> None:
     """`transfer bench` at batch 1 on the server's core (one ONNX Runtime thread, as the server has
     there); and, to show what the 1 ms allowance covers, the server's own stages on one image:
     decoding the uploaded bytes and the model + rf head call (ServedModel.predict), p50 over the files."""
-    import numpy as np
 
     from transfer.runtime.bench import bench
     from transfer.runtime.sessions import default_threads

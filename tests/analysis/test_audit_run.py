@@ -5,7 +5,6 @@ Real digits (scikit-learn) and photographs, a real trained run."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

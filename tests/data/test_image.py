@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from transfer.data.image import decode_image, is_image_path, load_image

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 
-import pytest
 from click.testing import CliRunner
 
 from transfer.cli import cli
