@@ -37,6 +37,7 @@ from .near_verify import (
     REFINE_CROPS,
     REFINE_FROM,
     in_threads,
+    interp_rows,
     verify_pairs,
 )
 from .nearest import nearest
@@ -67,14 +68,7 @@ def _resample_matrix(zoom: float = 1.0, shift: float = 0.0) -> np.ndarray:
     of a row around its centre moved by ``shift`` pixels (a crop enlarged back), as a matrix."""
     c = (THUMB - 1) / 2.0
     u = (np.arange(DESCRIPTOR) + 0.5) * THUMB / DESCRIPTOR - 0.5
-    src = np.clip((u - c) / zoom + c + shift, 0, THUMB - 1)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, THUMB - 1)
-    w = (src - lo).astype(np.float32)
-    m = np.zeros((DESCRIPTOR, THUMB), np.float32)
-    np.add.at(m, (np.arange(DESCRIPTOR), lo), 1 - w)
-    np.add.at(m, (np.arange(DESCRIPTOR), hi), w)
-    return m
+    return interp_rows((u - c) / zoom + c + shift, THUMB)
 
 
 def _blur_matrix(sigma: float) -> np.ndarray:

@@ -44,17 +44,23 @@ def _band_filter(side: int, scale: float = 1.0) -> np.ndarray:
             - ndimage.gaussian_filter1d(eye, hi, axis=0, mode="nearest"))
 
 
+def interp_rows(src: np.ndarray, size: int) -> np.ndarray:
+    """``(len(src), size)`` float32 matrix whose row i interpolates a row of ``size`` pixels
+    linearly at position ``src[i]`` (clipped to ``[0, size - 1]``)."""
+    src = np.clip(np.asarray(src, np.float64), 0, size - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, size - 1)
+    w = (src - lo).astype(np.float32)
+    m = np.zeros((len(src), size), np.float32)
+    np.add.at(m, (np.arange(len(src)), lo), 1 - w)
+    np.add.at(m, (np.arange(len(src)), hi), w)
+    return m
+
+
 def _crop_matrix(c0: float, c1: float, side: int) -> np.ndarray:
     """(side, side) linear interpolation of the part ``[c0, 1 - c1]`` of a row onto the whole row."""
     u = (np.arange(side) + 0.5) / side
-    src = np.clip((c0 + u * (1.0 - c0 - c1)) * side - 0.5, 0, side - 1)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, side - 1)
-    w = (src - lo).astype(np.float32)
-    m = np.zeros((side, side), np.float32)
-    np.add.at(m, (np.arange(side), lo), 1 - w)
-    np.add.at(m, (np.arange(side), hi), w)
-    return m
+    return interp_rows((c0 + u * (1.0 - c0 - c1)) * side - 0.5, side)
 
 
 def verify_pairs(greys: np.ndarray, pairs: np.ndarray, *, crops: Sequence[float] = VERIFY_CROPS,
@@ -232,4 +238,4 @@ def _verify_by_image(greys: np.ndarray, pairs: np.ndarray, crops, scale: float, 
     return np.maximum.reduce(outs)
 
 
-__all__ = ["NEAR_THRESHOLD", "REFINE_CROPS", "REFINE_FROM", "VERIFY_CROPS", "in_threads", "verify_pairs"]
+__all__ = ["NEAR_THRESHOLD", "REFINE_CROPS", "REFINE_FROM", "VERIFY_CROPS", "in_threads", "interp_rows", "verify_pairs"]
