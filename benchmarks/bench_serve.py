@@ -204,7 +204,7 @@ def wrk(url: str, files: list[Path], *, conns: int, seconds: float, requests: in
         out, marker = Path(tmp) / "wrk.json", Path(tmp) / "done"
         env = dict(os.environ, WRK_JSON=str(out), WRK_STOP_AFTER=str(requests), WRK_DONE_FILE=str(marker))
         args = pinned(CLIENT_CORE, [WRK, "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s",
-                                    f"--timeout", f"{timeout_s:g}s", "-s", str(LUA), url, "--", *map(str, files)])
+                                    "--timeout", f"{timeout_s:g}s", "-s", str(LUA), url, "--", *map(str, files)])
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         signalled = False
         while True:
