@@ -222,24 +222,23 @@ class CamWriter:
             c = int(classes[i])
             self._pending.append(self._pool.submit(self._write_one, stem, pixels[i], m[i], flags[i]))
             picture = stem + "." + self.overlay if self.overlay != "none" else ""
-            self.rows.append([path, self.names[c], f"{float(net_probs[i, c]):.6g}", stem + ".npy", picture])
+            self.rows.append([path, self.names[c], f"{float(net_probs[i, c]):.6g}", stem + ".npy", picture, flags[i]])
         self._drain(keep=4 * max(1, self.workers))
 
-    def _write_one(self, stem: str, pixels: np.ndarray, m: np.ndarray, flag: str) -> str:
+    def _write_one(self, stem: str, pixels: np.ndarray, m: np.ndarray, flag: str) -> None:
         with atomic_path(self.out / f"{stem}.npy", suffix=".npy") as tmp:
             np.save(tmp, m.astype(np.float32))
         if self.overlay == "none":
-            return flag
+            return
         picture, _ = _overlay(pixels.astype(np.uint8), m, flag)
         data = jpeg_bytes(picture) if self.overlay == "jpg" else png_bytes(picture)
         with atomic_path(self.out / f"{stem}.{self.overlay}", suffix=f".{self.overlay}") as tmp:
             Path(tmp).write_bytes(data)
-        return flag
 
     def _drain(self, keep: int = 0) -> None:
+        """Wait for the oldest writes until at most ``keep`` are pending (a failed write raises here)."""
         while len(self._pending) > keep:
-            flag = self._pending.pop(0).result()
-            self.rows[len(self.rows) - len(self._pending) - 1].append(flag)
+            self._pending.pop(0).result()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
