@@ -8,13 +8,14 @@ import pytest
 
 from helpers.explain import train_object_model
 from helpers.fixtures import built_once
-from helpers.runs import build_run, copy_run, make_pattern_folder
+from helpers.runs import build_run, copy_run
 
 
 @pytest.fixture(scope="session")
-def pattern_data(tmp_path_factory) -> Path:
-    for folder, _ in built_once(tmp_path_factory, "adata", lambda d: make_pattern_folder(d / "patterns")):
-        yield folder / "patterns"
+def pattern_data(shared_data) -> Path:
+    """The session's shared pattern folder (:func:`helpers.fixtures.shared_data`), under the name
+    the analysis tests use. Tests must not modify it: copy it first."""
+    return shared_data
 
 
 @pytest.fixture(scope="session")
