@@ -3,11 +3,13 @@ leakage across splits, label errors, outliers and image quality, before training
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import click
 
 from ..analysis.audit_config import AuditConfig
-from ..errors import ConfigError, DataError
-from ..options import click_options, from_cli
+from ..errors import DataError
+from ..options import Check, Flag, Interval, click_options, from_cli, items, option, validate
 from ._options import quiet_option
 
 
@@ -53,36 +55,45 @@ def shapes_cmd(out: str, images: int, size: int, seed: int, force: bool) -> None
                f"(shape boxes: {info['boxes']})")
 
 
-def _parse_classes(value: str | None):
+def _class_names(value) -> tuple:
+    """``--classes``: a preset's names, or the comma-separated names as given."""
     from ..data.datasets import FASHION_MNIST_CLASSES, MNIST_CLASSES
 
-    if value is None:
-        return None
     presets = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
-    if value.lower() in presets:
-        return list(presets[value.lower()])
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if len(names) < 2:
-        raise ConfigError(
-            f"--classes {value!r}: give a preset ({', '.join(presets)}) or at least two "
-            "comma-separated names, one per label value"
-        )
-    return names
+    if isinstance(value, str) and value.strip().lower() in presets:
+        return tuple(presets[value.strip().lower()])
+    return tuple(items(value))
+
+
+@dataclass(frozen=True)
+class IdxOptions:
+    """``transfer data idx``'s options (the folder names are checked further by
+    :func:`transfer.data.datasets.write_idx`: no hidden or split names)."""
+
+    classes: tuple | None = option(
+        None, Check(lambda v: isinstance(v, tuple) and len(v) >= 2 and len(set(v)) == len(v),
+                    "a preset (fashion-mnist, mnist) or two or more different comma-separated names, one per "
+                    "label value", read=_class_names),
+        "Folder name per label: 'fashion-mnist', 'mnist' or 'a,b,c,...' [default: the label number].", none=True)
+    limit: int | None = option(None, Interval(int, 1), "Convert only the first N images.", none=True)
+    force: bool = option(False, Flag(), "Replace OUT if it exists and is not empty.")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @data.command("idx")
 @click.argument("images", type=click.Path(dir_okay=False))
 @click.argument("labels", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--classes", default=None,
-              help="Folder name per label: 'fashion-mnist', 'mnist' or 'a,b,c,...' (default: the label number).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Convert only the first N images.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def idx_cmd(images: str, labels: str, out: str, classes: str | None, limit: int | None, force: bool) -> None:
+@click_options(IdxOptions)
+def idx_cmd(images: str, labels: str, out: str, **options) -> None:
     """Convert an MNIST-format idx pair (plain or .gz) into OUT/<class>/*.png."""
     from ..data.datasets import write_idx
 
-    info = write_idx(images, labels, out, class_names=_parse_classes(classes), limit=limit, overwrite=force)
+    o = from_cli(IdxOptions, options)
+    info = write_idx(images, labels, out, class_names=None if o.classes is None else list(o.classes), limit=o.limit,
+                     overwrite=o.force)
     click.echo(f"wrote {info['images']} images in {info['classes']} classes to {info['out']}")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from ..options import check_int
 from .folder import BadFile, Sample
 from .image import DEFAULT_MAX_PIXELS
 from .stream import decode_item
@@ -171,9 +172,7 @@ class Sampling:
     pad_to_multiple: int = 1
 
     def __post_init__(self):
-        pad = self.pad_to_multiple
-        if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 1:
-            raise ConfigError(f"pad_to_multiple must be an integer >= 1 (got {pad!r})")
+        check_int(self.pad_to_multiple, "pad_to_multiple", option="pad_to_multiple")
         object.__setattr__(self, "augment", check_augmentations(self.augment))
 
 
@@ -213,8 +212,7 @@ class BatchSource:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         recipe: dict | None = None,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ConfigError(f"batch size must be an integer >= 1 (got {batch_size!r})")
+        check_int(batch_size, "batch size", option="batch_size")
         try:
             h, w = (int(v) for v in image_size)
         except (TypeError, ValueError):

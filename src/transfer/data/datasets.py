@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from ..options import check_int
 from .folder import GIVEN_SPLITS
 from .image import is_image_path
 
@@ -237,8 +238,8 @@ def write_idx(
         write_idx("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "data/fmnist",
                   class_names=FASHION_MNIST_CLASSES)
     """
-    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
-        raise ConfigError(f"limit must be >= 1 (got {limit!r})")
+    if limit is not None:
+        limit = check_int(limit, "limit", option="limit")
     _prepare_out(Path(out), overwrite)
     x = read_idx(images, kind="images")
     y = read_idx(labels, kind="labels")

@@ -20,7 +20,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, ImageDecodeError, TransferError
+from ..errors import ImageDecodeError, TransferError
+from ..options import check_int
 from .image import DEFAULT_MAX_PIXELS, is_image_path, load_image, load_image_bytes, recipe_version
 from .remote import is_uri, iter_uri_inputs, read_uri
 
@@ -136,8 +137,8 @@ def batches(entries: Iterable[tuple[str, str | None]], size: tuple[int, int], *,
     """
     import time
 
-    if batch < 1 or workers < 1 or prefetch < 1:
-        raise ConfigError(f"batch, workers and prefetch must be positive (got {batch}, {workers}, {prefetch})")
+    for what, value in (("batch", batch), ("workers", workers), ("prefetch", prefetch)):
+        check_int(value, what, option=what)
     recipe_version(recipe)  # an unknown recipe fails here, not as one error row per file
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()

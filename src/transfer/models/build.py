@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 from .._lazy import import_keras
 from ..errors import ConfigError, ModelError, RunFolderError
+from ..options import check_int
 from .registry import BackboneSpec, get_backbone
 from .weights import (
     CAFFE_MEAN_BGR,
@@ -277,8 +278,7 @@ def build_classifier(
     """
     spec = get_backbone(backbone)
     shape = _check_input_shape(spec, input_shape)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    num_classes = check_int(num_classes, "num_classes", minimum=2)
     try:
         dropout = float(dropout)
     except (TypeError, ValueError):
