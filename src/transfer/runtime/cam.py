@@ -12,8 +12,8 @@ construction (for this head, Grad-CAM at that layer is the same map).
 (the map, float32 (H, W) in [0, 1]), ``<k>_<stem>.jpg`` (the jet overlay on the model-size
 pixels, a flagged map framed) and ``maps.csv`` (file, explained class, its probability, flag).
 The overlay is a picture for eyes, so by default it is a JPEG (quality 90, 4:4:4); ``png``
-(lossless) costs more than the 15 % of inference time maps may add (docs/benchmarks.md,
-section 12), ``none`` writes the maps only; the exact map is always the ``.npy``.
+(lossless) costs more CPU (1.41x that of ``transfer infer`` against 1.19x with JPEG,
+docs/benchmarks.md section 12), ``none`` writes the maps only; the exact map is always the ``.npy``.
 
 Maps belong to the network head: a classical head (``--head rf``) has no map, so the maps
 explain the network's predicted class (or ``--cam-class``) and the writer says so once.
@@ -39,7 +39,6 @@ from .. import maps as cammaps
 from .. import tables
 from ..bundle import Bundle
 from ..errors import BundleError, ConfigError
-from ..fsutil import atomic_path
 
 #: the ONNX output of the last spatial feature map (the exporter's name)
 FEATURE_MAP = "feature_map"
@@ -178,10 +177,28 @@ def jpeg_bytes(picture: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def _write_file(path: Path, fill) -> None:
+    """``fill(file)`` into a hidden temporary next to ``path``, renamed over it when complete: a
+    reader never sees half a map. One ``open`` per file (:func:`transfer.fsutil.atomic_path`
+    opens, closes and reopens one and sets its mode: 0.57 against 0.41 ms per image's two files
+    here, docs/benchmarks.md section 12)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @dataclass
 class CamWriter:
     """Writes the maps of ``transfer infer --cam OUT/``: ``.npy`` + overlay (``overlay``: jpg, png, none) per image,
-    ``maps.csv`` at the end; file writing runs on ``workers`` threads beside inference."""
+    ``maps.csv`` at the end. A batch's maps, flags, overlays and files are one task on ``workers``
+    threads beside inference: computed in the inference loop, the maps alone made ``--cam`` 1.28x
+    the time of ``transfer infer`` (the model waited for them); as a task, 1.00x (docs/benchmarks.md,
+    section 12)."""
 
     out: Path
     cam: BundleCam
@@ -210,30 +227,39 @@ class CamWriter:
         return self
 
     def write(self, paths: list[str], pixels: np.ndarray, feature_map: np.ndarray, net_probs: np.ndarray) -> None:
-        """The maps of one batch's decoded images (``paths`` in the order of ``pixels``' rows)."""
+        """The maps of one batch's decoded images (``paths`` in the order of ``pixels``' rows).
+
+        Only the rows are made here; the maps, their flags and the files are one task per batch
+        on the writer threads, so none of it waits in the inference loop (the arrays are the
+        batch's own, not reused by the reader)."""
         if not len(paths):
             return
         classes = net_probs.argmax(axis=1) if self.cls is None else np.full(len(paths), self.cls)
-        m = self.cam.maps(feature_map, classes)
-        flags = cammaps.map_flags(m)  # one pass for the batch
+        first = len(self.rows)
+        stems = []
         for i, path in enumerate(paths):
             stem = f"{self.count:05d}_{Path(path).stem}"
             self.count += 1
+            stems.append(stem)
             c = int(classes[i])
-            self._pending.append(self._pool.submit(self._write_one, stem, pixels[i], m[i], flags[i]))
             picture = stem + "." + self.overlay if self.overlay != "none" else ""
-            self.rows.append([path, self.names[c], f"{float(net_probs[i, c]):.6g}", stem + ".npy", picture, flags[i]])
-        self._drain(keep=4 * max(1, self.workers))
+            self.rows.append([path, self.names[c], f"{float(net_probs[i, c]):.6g}", stem + ".npy", picture, ""])
+        self._pending.append(self._pool.submit(self._write_batch, first, stems, pixels, feature_map, classes))
+        self._drain(keep=2 * max(1, self.workers))
 
-    def _write_one(self, stem: str, pixels: np.ndarray, m: np.ndarray, flag: str) -> None:
-        with atomic_path(self.out / f"{stem}.npy", suffix=".npy") as tmp:
-            np.save(tmp, m.astype(np.float32))
-        if self.overlay == "none":
-            return
-        picture, _ = _overlay(pixels.astype(np.uint8), m, flag)
-        data = jpeg_bytes(picture) if self.overlay == "jpg" else png_bytes(picture)
-        with atomic_path(self.out / f"{stem}.{self.overlay}", suffix=f".{self.overlay}") as tmp:
-            Path(tmp).write_bytes(data)
+    def _write_batch(self, first: int, stems: list[str], pixels: np.ndarray, feature_map: np.ndarray,
+                     classes: np.ndarray) -> None:
+        m = self.cam.maps(feature_map, classes)
+        flags = cammaps.map_flags(m)  # one pass for the batch
+        picture = pixels.astype(np.uint8) if self.overlay != "none" else None
+        for i, stem in enumerate(stems):
+            self.rows[first + i][5] = flags[i]
+            _write_file(self.out / f"{stem}.npy", lambda f, i=i: np.save(f, m[i]))
+            if picture is None:
+                continue
+            shown, _ = _overlay(picture[i], m[i], flags[i])
+            data = jpeg_bytes(shown) if self.overlay == "jpg" else png_bytes(shown)
+            _write_file(self.out / f"{stem}.{self.overlay}", lambda f, data=data: f.write(data))
 
     def _drain(self, keep: int = 0) -> None:
         """Wait for the oldest writes until at most ``keep`` are pending (a failed write raises here)."""
