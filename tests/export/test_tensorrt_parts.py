@@ -99,9 +99,11 @@ def test_int8_model_for_tensorrt_is_symmetric_qdq_and_keeps_accuracy(full_bundle
 # ---------------------------------------------------------------- tiny real ONNX models
 
 
-@pytest.fixture
-def models(tmp_path):
-    """fp32, fp16 and symmetric-QDQ versions of the tiny model (all real, all run in ONNX Runtime)."""
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """fp32, fp16 and symmetric-QDQ versions of the tiny model (all real, all run in ONNX Runtime);
+    made once for the module (the tests read them and write their engines in their own folders)."""
+    tmp_path = tmp_path_factory.mktemp("trt-models")
     from transfer.export.fp16 import convert_fp16
     from transfer.export.tensorrt import prepare_int8_onnx
 

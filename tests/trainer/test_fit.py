@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import traceback
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,27 @@ def _cmd(data, out, epochs, trainable="0,1"):
             "--batch-size", "16", "--patience", "0", "--lr", "0.003", "--out", str(out)]
 
 
+def _train_here(cmd, cwd: Path) -> tuple[int, str]:
+    """``cmd`` (a :func:`_cmd` command line) run in this process by click's runner: the same
+    command, exit code and standard error as the console script, without starting TensorFlow in
+    a new process (only the run that is killed needs a process of its own). Returns the exit code
+    and everything the command printed (a crash's traceback included)."""
+    from click.testing import CliRunner
+
+    from transfer.cli import cli
+
+    args = cmd[cmd.index("transfer.cli") + 1:]
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(cli, args)
+    finally:
+        os.chdir(old)
+    crash = "" if r.exception is None or isinstance(r.exception, SystemExit) else "".join(
+        traceback.format_exception(r.exception))
+    return r.exit_code, r.output + crash  # click >= 8.2: output is standard output and error as a terminal shows them
+
+
 def _state(path):
     try:
         return json.loads(path.read_text())
@@ -139,9 +161,8 @@ def test_resume_after_kill(pattern_folder, tmp_path):
     mtime1 = (t1 / "model.keras").stat().st_mtime_ns
     assert _state(t2 / "status.json").get("state") == "running"
 
-    r = subprocess.run(_cmd(pattern_folder, out, epochs), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    said = r.stdout + r.stderr  # progress lines go to standard error
+    code, said = _train_here(_cmd(pattern_folder, out, epochs), tmp_path)  # progress lines go to standard error
+    assert code == 0, said
     assert "arc2-t000: already done" in said
     assert f"[arc2-t100] resuming after epoch {killed_at}" in said
     assert f"[arc2-t100] epoch {killed_at + 1}/{epochs}" in said
@@ -155,9 +176,8 @@ def test_resume_after_kill(pattern_folder, tmp_path):
     # generators and optimizer state are part of the checkpoint); the uninterrupted run trains
     # only arc2-t100 (every trial starts from the run's seed, so arc2-t000 before it changes nothing)
     ref = tmp_path / "uninterrupted"
-    r = subprocess.run(_cmd(pattern_folder, ref, epochs, trainable="1"), cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    code, said = _train_here(_cmd(pattern_folder, ref, epochs, trainable="1"), tmp_path)
+    assert code == 0, said
     _same_history(hist, read_history(ref / "trials" / "arc2-t100" / "history.csv"))
 
 
@@ -207,10 +227,10 @@ def test_a_cached_trial_killed_and_resumed_has_the_history_of_an_uninterrupted_o
     tdir = tmp_path / "run" / "trials" / "arc2-t050"
     killed_at = _kill_after(cmd(tmp_path / "run"), tdir, 3, tmp_path, env)
     assert killed_at < epochs
-    r = subprocess.run(cmd(tmp_path / "run"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and f"resuming after epoch {killed_at}" in r.stderr, r.stderr
-    r = subprocess.run(cmd(tmp_path / "ref"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    code, said = _train_here(cmd(tmp_path / "run"), tmp_path)
+    assert code == 0 and f"resuming after epoch {killed_at}" in said, said
+    code, said = _train_here(cmd(tmp_path / "ref"), tmp_path)
+    assert code == 0, said
     got = read_history(tdir / "history.csv")
     _same_history(got, read_history(tmp_path / "ref" / "trials" / "arc2-t050" / "history.csv"))
     m = json.loads((tdir / "metrics.json").read_text())
