@@ -252,7 +252,7 @@ def check_model_graph(bundle: Bundle, key: str, session) -> None:
     wants = [("input", "image", (None, h, w, 3)), ("output", "features", (None, bundle.feature_dim)),
              ("output", "probs", (None, len(bundle.class_names)))]
     cam = bundle.manifest.get("cam") or {}
-    if cam.get("available") and key in cam.get("models", []):  # the maps' feature map, as recorded
+    if cam.get("available") and "graph" not in cam and key in cam.get("models", []):  # the maps' feature map
         wants.append(("output", "feature_map", (None, *cam["shape"])))
     problems = _graph_problems(facts, wants)
     if facts.metadata.get(ROLE_KEY, "model") != "model":

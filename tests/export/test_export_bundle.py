@@ -20,6 +20,10 @@ from transfer.errors import (
 )
 
 
+def v_images(bundle) -> int:
+    return len(json.loads((bundle / "verification.json").read_text())["images"])
+
+
 def test_bundle_layout_manifest_and_verification(full_bundle):
     run, res = full_bundle
     b = res.bundle_dir
@@ -32,7 +36,11 @@ def test_bundle_layout_manifest_and_verification(full_bundle):
     assert m["preprocessing"]["resize"] == "pillow-bilinear" and m["backbone"] == "arc2"
     assert set(m["models"]) == {"onnx-fp32", "onnx-int8"} and m["heads"]["rf"]["feature_dim"] == m["feature_dim"]
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "heads/rf.pkl", "heads/rf.onnx", "verification.json",
-                               "labels.json", "calibration.json"}
+                               "labels.json", "calibration.json", "cam.onnx"}
+    # arc2's Dense(64, relu) head has no exact CAM: the maps are a Grad-CAM graph, checked against Keras's
+    cam = m["cam"]
+    assert cam["available"] and cam["graph"] == "cam.onnx" and cam["output"] == "cam" and "Dense(64, relu)" in cam["why"]
+    assert cam["identity"]["pearson_median"] >= 0.999 and cam["identity"]["images"] == v_images(b)
     # 12 validation images: too few to calibrate, and the manifest says so
     assert m["calibration"]["method"] == "none" and "validation image" in m["calibration"]["reason"]
     assert json.loads((b / "labels.json").read_text()) == m["class_names"] and m["labels"] == "labels.json"

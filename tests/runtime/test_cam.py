@@ -132,13 +132,17 @@ def test_unexplainable_and_old_bundles_exit_clearly(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_arc2_bundle_records_why_it_has_no_maps(tmp_path):
+def test_arc2_bundle_plans_a_gradcam_graph_and_says_why(tmp_path):
+    """No exact CAM for a Dense(64, relu) head: the plan is a Grad-CAM graph at the layer `transfer
+    gradcam` picks by default, with the reason the identity does not hold."""
     from transfer.export.cam_export import plan_cam
     from transfer.models.build import build_classifier
 
     model, _ = build_classifier("arc2", input_shape=(16, 16, 3), weights="none", num_classes=2, seed=0)
-    plan = plan_cam(model)
-    assert not plan.available and "Dense(64, relu)" in plan.reason and "not a weighted sum" in plan.reason
+    plan = plan_cam(model, "conv2")
+    assert plan.available and plan.graph and plan.layer == "conv2" and plan.shape == (8, 8, 64)
+    assert plan.kernel is None and plan.extra_outputs == {}  # no feature_map output: the graph makes the maps
+    assert "Dense(64, relu)" in plan.why_graph and "not a weighted sum" in plan.why_graph
 
 
 def test_tampered_maps_are_refused(cam_bundle, tmp_path):

@@ -67,7 +67,8 @@ def compare(bundle_dir: Path, gradcam_dir: Path, out_png: Path) -> BundleMaps | 
         return BundleMaps(None, [], [], problem[0])
     with open(gradcam_dir / "maps.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))[:MAX_IMAGES]
-    keys = sorted(bundle.manifest["cam"]["models"], key=lambda k: (k != "onnx-fp32", k))
+    graph = "graph" in bundle.manifest["cam"]  # a Grad-CAM graph explains every model's class alike
+    keys = ["onnx-fp32"] if graph else sorted(bundle.manifest["cam"]["models"], key=lambda k: (k != "onnx-fp32", k))
     names = bundle.class_names
     items, pixels = [], []
     for k, r in enumerate(rows):
@@ -82,6 +83,9 @@ def compare(bundle_dir: Path, gradcam_dir: Path, out_png: Path) -> BundleMaps | 
     maps = {}
     for key in keys:
         cam = BundleCam.open(bundle, key)
+        if graph:
+            maps[key] = cam.maps(None, cls, x)
+            continue
         with make_runner(bundle, "onnxruntime" if key == "onnx-fp32" else "onnxruntime-" + key.split("-")[1],
                          "cpu") as runner:
             out = runner.request("feature_map").infer(x)

@@ -40,9 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analysis.cam_layers import resolve_layer
 from ..bundle import Bundle, read_manifest
 from ..bundle_write import new_manifest, read_checks, write_bundle
-from ..errors import ExportError, TensorRTUnavailableError, VerificationError
+from ..errors import (
+    ConfigError,
+    ExportError,
+    ModelError,
+    TensorRTUnavailableError,
+    VerificationError,
+)
 from ..locks import locked
 from ..options import replace
 from ..progress import ProgressLike, as_progress
@@ -51,7 +58,7 @@ from ..runtime.unknown import make_detector
 from ..signing import load_signing_key
 from .bundle_writer import check_out, remove_stale_staging, staged_bundle, tool_versions
 from .calibration_stage import run_calibration
-from .cam_export import FEATURE_MAP, cam_record, cam_with_model, plan_cam
+from .cam_export import FEATURE_MAP, cam_record, cam_with_model, graph_plan, plan_cam
 from .export_config import ExportConfig
 from .model_steps import engine_step, fp16_step, fp32_step, head_step, int8_step
 from .step import ExportContext, Limits, ort_runner, run_step
@@ -155,7 +162,7 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
     val = {str(p) for p in run.split_paths("val", fold=t.fold)[0]}
     ctx = ExportContext(run, t, tmp, x, y, _limits(cfg), progress, opset=cfg.opset, calib_images=cfg.calib_images,
                         extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes,
-                               "cam_plan": _plan_cam(model, progress)},
+                               "cam_plan": _plan_cam(model, t.meta.get("gradcam_layer"), cfg.cam_layer, progress)},
                         choosing=np.array([str(u) in val for u in used], dtype=bool))
     run_step(ctx, fp32_step())
     if cfg.calibrate:
@@ -175,16 +182,31 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
     return write_bundle(tmp, manifest, ctx.checks, images=used, sign_key=key), ctx.checks
 
 
-def _plan_cam(model, progress):
-    plan = plan_cam(model)
-    progress.say(f"maps: class activation maps at layer {plan.layer} ({'x'.join(map(str, plan.shape))})"
-                 if plan.available else f"maps: none in this bundle: {plan.reason}")
+def _plan_cam(model, default_layer, cam_layer, progress):
+    if cam_layer is not None:
+        try:  # a layer the model does not have, or not a spatial one: the user's mistake, said before any work
+            resolve_layer(model, cam_layer)
+        except ModelError as exc:
+            raise ConfigError(f"invalid cam_layer: {cam_layer!r}: {exc.message}", hint=exc.hint,
+                              option="cam_layer") from None
+    plan = (plan_cam(model, default_layer) if cam_layer is None else
+            graph_plan(model, f"--cam-layer {cam_layer} asked for Grad-CAM at that layer", layer=cam_layer))
+    if plan.available and plan.graph:
+        progress.say(f"maps: Grad-CAM graph at layer {plan.layer} ({'x'.join(map(str, plan.shape))}): "
+                     f"{plan.why_graph.split(', so')[0]}")
+    elif plan.available:
+        progress.say(f"maps: class activation maps at layer {plan.layer} ({'x'.join(map(str, plan.shape))})")
+    else:
+        progress.say(f"maps: none in this bundle: {plan.reason}")
     return plan
 
 
 def _cam_record(ctx: ExportContext) -> dict:
-    """The manifest's ``cam`` record: the models whose graph has the feature map."""
-    models = [k for k, e in ctx.models.items() if FEATURE_MAP in (e.get("outputs") or {})]
+    """The manifest's ``cam`` record: the models whose graph has the feature map (with a Grad-CAM
+    graph, every ONNX model: the graph explains the class each predicts)."""
+    plan = ctx.extra["cam_plan"]
+    models = [k for k, e in ctx.models.items() if (FEATURE_MAP in (e.get("outputs") or {}) if not plan.graph
+                                                   else e.get("runtime", "onnxruntime") == "onnxruntime")]
     return cam_record(ctx.extra["cam_plan"], models)
 
 

@@ -37,8 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from .._lazy import import_keras
-from ..analysis.cam_layers import layer_geometry
+from ..analysis.cam_layers import layer_geometry, resolve_layer
+from ..errors import ModelError
 from ..fsutil import atomic_path
+from .cam_graph import CAM, CAM_GRAPH
+from .cam_graph import METHOD as GRAPH_METHOD
 
 #: the ONNX output holding the last spatial feature map
 FEATURE_MAP = "feature_map"
@@ -62,6 +65,12 @@ class CamPlan:
     shape: tuple[int, int, int] | None = None
     geometry: tuple | None = None
     reason: str | None = None
+    #: the maps come from a Grad-CAM graph (:mod:`transfer.export.cam_graph`), not the identity;
+    #: ``why_graph`` says why the identity does not hold, ``identity`` how the written graph
+    #: compared with Keras's Grad-CAM
+    graph: bool = False
+    why_graph: str | None = None
+    identity: dict | None = None
 
     @property
     def available(self) -> bool:
@@ -70,7 +79,7 @@ class CamPlan:
     @property
     def extra_outputs(self) -> dict[str, str]:
         """``{output name: layer}`` for :func:`transfer.export.onnx.export_onnx`."""
-        return {FEATURE_MAP: self.layer} if self.available else {}
+        return {FEATURE_MAP: self.layer} if self.available and not self.graph else {}
 
 
 def _inbound(layer):
@@ -80,14 +89,15 @@ def _inbound(layer):
     return hist.operation if hist is not None else None
 
 
-def plan_cam(model) -> CamPlan:
+def plan_cam(model, default_layer: str | None = None) -> CamPlan:
     """Whether the model's class scores are exactly a map of its last spatial feature map, and the
-    layer and weights if so.
+    layer and weights if so; else a Grad-CAM graph's plan (:func:`graph_plan`, at the trial's
+    ``default_layer`` as ``transfer gradcam`` picks it) or why there is no map.
 
     Example::
 
         plan_cam(mobilenet_v2_model).layer     # 'out_relu'
-        plan_cam(arc2_model).reason            # 'the features layer is Dense(64, relu) on ...'
+        plan_cam(arc2_model, "conv2").graph    # True: a Grad-CAM graph (Dense(64, relu) on the flattened map)
     """
     keras = import_keras()
     L = keras.layers
@@ -102,9 +112,9 @@ def plan_cam(model) -> CamPlan:
         if isinstance(feats, L.Dense):
             act = getattr(feats.activation, "__name__", str(feats.activation))
             what = f"Dense({feats.units}, {act}) on the flattened feature map"
-        return CamPlan(reason=f"the features layer is {what}: the class score is not a weighted sum of the last "
-                              "feature map's cells (the head is not global average pooling -> Dense), so the bundle "
-                              "has no exact class activation map; `transfer gradcam RUN` explains the Keras model")
+        return graph_plan(model, f"the features layer is {what}: the class score is not a weighted sum of the "
+                                 "last feature map's cells (the head is not global average pooling -> Dense), so the "
+                                 "bundle has no exact class activation map", default=default_layer)
     op = _inbound(probs)
     while op is not None and op is not feats:
         if not isinstance(op, L.Dropout):
@@ -122,6 +132,19 @@ def plan_cam(model) -> CamPlan:
     return CamPlan(layer=source.name, kernel=kernel, shape=shape, geometry=layer_geometry(model, source.name))
 
 
+def graph_plan(model, why: str, *, default: str | None = None, layer: str | None = None) -> CamPlan:
+    """A plan for a Grad-CAM graph at ``layer``, else the layer ``transfer gradcam`` explains by
+    default (the trial's ``default``, or a finer one when its map is too coarse), so the two are
+    comparable; ``why``: why the exact identity is not used."""
+    try:
+        target = resolve_layer(model, layer, default=default, fine=layer is None)
+    except ModelError as exc:
+        return CamPlan(reason=f"{why}; no layer for a Grad-CAM graph: {exc.message}")
+    shape = tuple(int(d) for d in target.output.shape[1:])
+    return CamPlan(layer=target.name, shape=shape, geometry=layer_geometry(model, target.name), graph=True,
+                   why_graph=why)
+
+
 def write_cam_weights(folder: Path, plan: CamPlan) -> str:
     """``cam.npz`` (``kernel`` float32 (K, C)) in ``folder``; returns its name."""
     with atomic_path(Path(folder) / CAM_WEIGHTS, suffix=".npz") as tmp:
@@ -130,10 +153,16 @@ def write_cam_weights(folder: Path, plan: CamPlan) -> str:
 
 
 def cam_record(plan: CamPlan, models: list[str]) -> dict:
-    """The manifest's ``cam`` record (``models``: the model entries that have the ``feature_map`` output)."""
+    """The manifest's ``cam`` record (``models``: the model entries that have the ``feature_map``
+    output; with a Grad-CAM graph, every model: the graph explains the class any of them predicts)."""
     if not plan.available:
         return {"available": False, "reason": plan.reason}
     geo = plan.geometry
+    if plan.graph:
+        return {"available": True, "method": GRAPH_METHOD, "layer": plan.layer, "output": CAM, "graph": CAM_GRAPH,
+                "shape": list(plan.shape), "models": sorted(models), "why": plan.why_graph,
+                "identity": plan.identity,
+                "geometry": None if geo is None else {"y": [float(v) for v in geo[0]], "x": [float(v) for v in geo[1]]}}
     return {"available": True, "method": METHOD, "layer": plan.layer, "output": FEATURE_MAP,
             "shape": list(plan.shape), "weights": CAM_WEIGHTS, "models": sorted(models),
             "geometry": None if geo is None else {"y": [float(v) for v in geo[0]], "x": [float(v) for v in geo[1]]}}
@@ -181,4 +210,5 @@ def map_agreement(reference: np.ndarray, maps: np.ndarray) -> dict:
             "explained": "the fp32 model's predicted class"}
 
 
-__all__ = ["CAM_WEIGHTS", "FEATURE_MAP", "CamPlan", "cam_record", "cam_with_model", "map_agreement", "plan_cam", "write_cam_weights"]
+__all__ = ["CAM_WEIGHTS", "FEATURE_MAP", "CamPlan", "cam_record", "cam_with_model", "graph_plan", "map_agreement", "plan_cam",
+           "write_cam_weights"]

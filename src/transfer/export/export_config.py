@@ -119,6 +119,12 @@ class ExportConfig:
                                   "(the one that best separates val images from synthetic outliers made of training "
                                   "images; no test image is read) or msp, energy, mahalanobis, knn, vim.",
                                   metavar="auto|NAME")
+    cam_layer: str | None = option(None, Text("a layer name"), "Explain this (spatial) layer in the bundle's maps "
+                                   "with a Grad-CAM graph (cam.onnx) instead of the default: the exact CAM of the "
+                                   "last feature map for global-pooling heads, a Grad-CAM graph at the layer "
+                                   "`transfer gradcam` picks otherwise. Refused, with the reason in the manifest, "
+                                   "where the layer's gradient does not convert to ONNX.", none=True,
+                                   metavar="LAYER")
     force: bool = option(False, Flag(), "Replace an existing bundle at --out (only a folder holding nothing but a "
                          "bundle; its hidden files are kept).")
     sign: str | None = option(None, Text("a private key file"), "Sign the bundle with this private key (`transfer "

@@ -7,6 +7,7 @@ fp32, by accuracy), a classical head's ONNX graph (reference: its pickle) and a 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ..runtime.heads import OnnxHead
 from ..runtime.runner_base import Outputs
 from ..runtime.trt_runner import TrtRunner
 from .cam_export import FEATURE_MAP, write_cam_weights
+from .cam_graph import CAM_GRAPH, CamGraphError, check_graph, write_gradcam_graph
 from .fp16 import convert_fp16
 from .keras_runner import KerasRunner
 from .quantize import calibration_batches, quantize_int8
@@ -34,7 +36,9 @@ def fp32_step() -> Step:
         ctx.progress.say(f"export {ctx.t.name}: converting to ONNX (opset {ctx.opset})")
         plan = ctx.extra["cam_plan"]
         io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset, extra=plan.extra_outputs)
-        if plan.available:
+        if plan.available and plan.graph:
+            ctx.extra["cam_plan"] = _cam_graph(ctx, plan)
+        elif plan.available:
             write_cam_weights(ctx.folder, plan)
         return {"file": "model.onnx", "precision": "fp32", "runtime": "onnxruntime", **io}
 
@@ -42,6 +46,22 @@ def fp32_step() -> Step:
         return KerasRunner(ctx.extra["model"], batch_size=32), "Keras"
 
     return Step("onnx-fp32", convert, ort_runner, keras)
+
+
+def _cam_graph(ctx: ExportContext, plan):
+    """Write ``cam.onnx`` and check it against Keras's Grad-CAM on the verification images; the
+    plan with the check's figures, or one that says why the bundle has no maps."""
+    ctx.progress.say(f"export {ctx.t.name}: Grad-CAM graph at layer {plan.layer}")
+    try:
+        write_gradcam_graph(ctx.extra["model"], plan.layer, ctx.folder / CAM_GRAPH, opset=ctx.opset)
+        identity = check_graph(ctx.extra["model"], plan, ctx.folder / CAM_GRAPH, ctx.x)
+    except CamGraphError as exc:
+        (ctx.folder / CAM_GRAPH).unlink(missing_ok=True)
+        ctx.progress.say(f"maps: none in this bundle: {exc.message}")
+        return replace(plan, layer=None, reason=f"{plan.why_graph}; {exc.message}")
+    ctx.progress.say(f"maps: the Grad-CAM graph equals Keras's Grad-CAM on {identity['images']} verification images "
+                     f"(median Pearson {identity['pearson_median']:.6f})")
+    return replace(plan, identity=identity)
 
 
 #: accuracy-aware int8: how many of the first compute layers (Conv / MatMul / Gemm) stay in float

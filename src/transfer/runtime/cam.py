@@ -39,6 +39,7 @@ from .. import maps as cammaps
 from .. import tables
 from ..bundle import Bundle
 from ..errors import BundleError, ConfigError
+from .sessions import make_session
 
 #: the ONNX output of the last spatial feature map (the exporter's name)
 FEATURE_MAP = "feature_map"
@@ -54,7 +55,7 @@ def cam_problem(bundle: Bundle, model_key: str | None = None) -> tuple[str, str]
     if not rec.get("available"):
         return (f"bundle {bundle.path} cannot explain its predictions: {rec.get('reason', 'no reason recorded')}",
                 "`transfer gradcam RUN --trial NAME` explains the run's Keras model")
-    if model_key is not None and model_key not in (rec.get("models") or []):
+    if model_key is not None and "graph" not in rec and model_key not in (rec.get("models") or []):
         return (f"model {model_key} of bundle {bundle.path} has no {FEATURE_MAP} output (models with maps: "
                 f"{', '.join(rec.get('models') or []) or 'none'})",
                 "run one of those (--backend onnxruntime, onnxruntime-int8, onnxruntime-fp16)")
@@ -81,50 +82,73 @@ def parse_class(value, names: list[str]) -> int | None:
 
 @dataclass(frozen=True)
 class BundleCam:
-    """A bundle's maps: the class weights (K, C), the feature map's shape and where its cells sit."""
+    """A bundle's maps: the class weights (K, C), the feature map's shape and where its cells sit;
+    or, for a bundle with a Grad-CAM graph (``cam.onnx``, :mod:`transfer.export.cam_graph`), an
+    ONNX Runtime session of it (``graph``) that makes the raw maps from the pixels."""
 
     kernel: np.ndarray
     shape: tuple[int, int, int]
     input_size: tuple[int, int]
     geometry: tuple | None
     layer: str
+    graph: object = None
 
     @classmethod
     def open(cls, bundle: Bundle, model_key: str | None = None) -> "BundleCam":
-        """The maps of a loaded bundle (``cam.npz`` was hash-checked by :func:`transfer.bundle.load_bundle`).
+        """The maps of a loaded bundle (``cam.npz`` / ``cam.onnx`` were hash-checked by
+        :func:`transfer.bundle.load_bundle`).
 
         Raises:
-            BundleError: a bundle exported before maps, a head with no exact map (the reason
-                recorded at export), or a model without the ``feature_map`` output.
+            BundleError: a bundle exported before maps, a head with no map (the reason recorded
+                at export), or a model without the ``feature_map`` output.
         """
         problem = cam_problem(bundle, model_key)
         if problem is not None:
             raise BundleError(problem[0], hint=problem[1], option="cam")
         rec = bundle.manifest["cam"]
+        geo = rec.get("geometry")
+        geometry = None if geo is None else (tuple(geo["y"]), tuple(geo["x"]))
+        shape = tuple(int(v) for v in rec["shape"])
+        if "graph" in rec:
+            if rec["graph"] not in bundle.paths:  # load_bundle refuses this; a Bundle made in code may not
+                raise BundleError(f"bundle {bundle.path}: the maps' graph {rec['graph']!r} is not listed",
+                                  hint=REEXPORT_HINT, option="cam")
+            session, _ = make_session(bundle.paths[rec["graph"]], "cpu", spinning=False)
+            return cls(np.zeros((shape[2], 0), np.float32), shape, tuple(bundle.input_size), geometry, rec["layer"],
+                       session)
         if rec.get("weights") not in bundle.paths:  # load_bundle refuses this; a Bundle made in code may not
             raise BundleError(f"bundle {bundle.path}: the maps' weights file {rec.get('weights')!r} is not listed",
                               hint=REEXPORT_HINT, option="cam")
         with np.load(bundle.paths[rec["weights"]], allow_pickle=False) as z:
             kernel = np.asarray(z["kernel"], np.float32)
-        geo = rec.get("geometry")
-        geometry = None if geo is None else (tuple(geo["y"]), tuple(geo["x"]))
-        return cls(kernel, tuple(int(v) for v in rec["shape"]), tuple(bundle.input_size), geometry, rec["layer"])
+        return cls(kernel, shape, tuple(bundle.input_size), geometry, rec["layer"])
 
-    def raw(self, feature_map: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        """Raw CAMs (N, h, w) float32: each image's feature map times its class's weights."""
+    @property
+    def needs_feature_map(self) -> bool:
+        """Whether the maps are made from the model's ``feature_map`` output (else from the pixels)."""
+        return self.graph is None
+
+    def raw(self, feature_map: np.ndarray | None, classes: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
+        """Raw CAMs (N, h, w) float32: each image's feature map times its class's weights, or the
+        Grad-CAM graph run on ``pixels`` (the model-size pixels the model ran on)."""
+        if self.graph is not None:
+            if pixels is None:
+                raise ValueError("a Grad-CAM graph's maps need the images' pixels")
+            return np.asarray(self.graph.run(["cam"], {"image": np.asarray(pixels, np.float32),
+                                                       "class": np.asarray(classes, np.int64)})[0], np.float32)
         fm = np.asarray(feature_map, np.float32)
         n, h, w, k = fm.shape
         weights = self.kernel.T[np.asarray(classes, np.int64)]  # (N, K)
         return np.einsum("npk,nk->np", fm.reshape(n, h * w, k), weights).reshape(n, h, w)
 
-    def maps(self, feature_map: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    def maps(self, feature_map: np.ndarray | None, classes: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
         """Maps (N, H, W) float32 in [0, 1] at the input size (:func:`transfer.maps.to_input_maps`)."""
-        return cammaps.to_input_maps(self.raw(feature_map, classes), self.input_size, geometry=self.geometry)
+        return cammaps.to_input_maps(self.raw(feature_map, classes, pixels), self.input_size, geometry=self.geometry)
 
-    def small(self, feature_map: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    def small(self, feature_map: np.ndarray | None, classes: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
         """Maps at the feature map's own resolution (N, h, w) in [0, 1]: ReLU, divided by the maximum
         (what the server returns as an array; :meth:`maps` upsamples the same cells)."""
-        raw = np.maximum(np.nan_to_num(self.raw(feature_map, classes)), 0.0)
+        raw = np.maximum(np.nan_to_num(self.raw(feature_map, classes, pixels)), 0.0)
         top = raw.reshape(len(raw), -1).max(axis=1) if raw.size else np.zeros(len(raw))
         return np.where(top[:, None, None] > 0, raw / np.where(top > 0, top, 1.0)[:, None, None], 0.0).astype(
             np.float32)
@@ -215,7 +239,8 @@ class CamWriter:
     def note(self) -> str:
         """One line on what the maps explain."""
         what = f"class {self.names[self.cls]}" if self.cls is not None else "each image's predicted class"
-        line = f"maps ({self.cam.layer}, {self.cam.shape[0]}x{self.cam.shape[1]} cells) of {what} -> {self.out}"
+        how = "" if self.cam.needs_feature_map else "Grad-CAM graph, "
+        line = f"maps ({how}{self.cam.layer}, {self.cam.shape[0]}x{self.cam.shape[1]} cells) of {what} -> {self.out}"
         if self.head != "network":
             line += (f"; head {self.head} has no map: the maps are the network head's"
                      + (" (its predicted class)" if self.cls is None else ""))
@@ -249,7 +274,7 @@ class CamWriter:
 
     def _write_batch(self, first: int, stems: list[str], pixels: np.ndarray, feature_map: np.ndarray,
                      classes: np.ndarray) -> None:
-        m = self.cam.maps(feature_map, classes)
+        m = self.cam.maps(feature_map, classes, pixels)
         flags = cammaps.map_flags(m)  # one pass for the batch
         picture = pixels.astype(np.uint8) if self.overlay != "none" else None
         for i, stem in enumerate(stems):

@@ -199,8 +199,10 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], c
 
 
 def _cam_writer(cam: BundleCam, predictor: Predictor, out: Path, cfg: InferConfig) -> CamWriter:
-    """The writer of ``--cam`` (the runner asked for the feature map from now on)."""
-    predictor.runner.request("feature_map")
+    """The writer of ``--cam`` (the runner asked for the feature map from now on, unless the maps
+    come from the bundle's Grad-CAM graph)."""
+    if cam.needs_feature_map:
+        predictor.runner.request("feature_map")
     return CamWriter(out, cam, predictor.names, parse_class(cfg.cam_class, predictor.names),
                      head=predictor.head.name, workers=cfg.workers, overlay=cfg.cam_overlay)
 

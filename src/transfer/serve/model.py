@@ -72,7 +72,7 @@ class ServedModel:
         # class activation maps (``?cam=1``): the bundle's, for the model that runs, or why there are none
         self.cam_problem = cam_problem(bundle, predictor.runner.model_key)
         self.cam = BundleCam.open(bundle, predictor.runner.model_key) if self.cam_problem is None else None
-        if self.cam is not None:
+        if self.cam is not None and self.cam.needs_feature_map:
             predictor.runner.request("feature_map")
         self.id = bundle_id(bundle)
         self.names = predictor.names
@@ -110,7 +110,7 @@ class ServedModel:
         pred = self.predictor.predict(x)
         unknown = None if pred.known is None else (pred.scores, pred.known)
         fm = pred.outputs.feature_map
-        return (BatchPrediction(pred.probs, unknown, fm, pred.outputs.probs if fm is not None else None),
+        return (BatchPrediction(pred.probs, unknown, fm, pred.outputs.probs if self.cam is not None else None),
                 time.perf_counter() - t)
 
     def cam_class(self, value) -> int | None:
@@ -124,10 +124,11 @@ class ServedModel:
         import base64
 
         c = int(np.argmax(pred.net_probs)) if cls is None else int(cls)
-        fm, k = pred.feature_map[None], np.array([c])
-        full = self.cam.maps(fm, k)[0]
+        fm, k = None if pred.feature_map is None else pred.feature_map[None], np.array([c])
+        px = None if self.cam.needs_feature_map else np.asarray(pixels, np.float32)[None]
+        full = self.cam.maps(fm, k, px)[0]
         png, flag = overlay_png(np.asarray(pixels, np.uint8), full)
-        cells = self.cam.small(fm, k)[0]
+        cells = self.cam.small(fm, k, px)[0]
         return {"class": self.names[c], "head": "network", "layer": self.cam.layer,
                 "cells": np.round(cells, 4).tolist(), "flag": flag,
                 "png": base64.b64encode(png).decode("ascii")}
