@@ -3,6 +3,7 @@ Grad-CAM, int8 / fp16 vs fp32 maps, and the pointing game through `transfer infe
 
     python benchmarks/bench_cam.py identity [--backbones mobilenet_v2,efficientnet_b0] [--images 120] [--work DIR]
     python benchmarks/bench_cam.py pointing --data SHAPES --run RUN [--images 200] [--work DIR]
+    python benchmarks/bench_cam.py graph [--cases arc2:conv1:32,...] [--images 16]
 
 ``identity``: Fashion-MNIST test images (``/usr/share/datasets/fashion-mnist``) become a folder;
 `transfer train` fits each backbone's head on its random-weight features at 224 px (7 x 7 last
@@ -18,6 +19,11 @@ run's test images in a process without TensorFlow; a hit when the map's peak lie
 box (`.boxes.csv`) grown by the game's 15-pixel tolerance (Zhang et al. 2016; also printed
 without it). Bar: >= 80 % hits; chance = the (grown) boxes' mean share of the image.
 Also prints the int8 / fp16 vs fp32 agreement export recorded (Spearman of cells, same peak).
+
+``graph``: the Grad-CAM graph of `transfer export --cam-layer` (:mod:`transfer.export.cam_graph`)
+for a layer of each registry backbone (random weights: the backward ops, not the weights, decide
+whether it converts): written, then compared with Keras's Grad-CAM at that layer on random pixels
+(Pearson r per image, through the same map definition), or the reason it is refused.
 """
 
 from __future__ import annotations
@@ -212,6 +218,40 @@ def pointing(a) -> None:
     print(table(AGREE_HEADER, agreement_rows(bundle, "mobilenet_v2 (shapes)")))
 
 
+GRAPH_CASES = ("arc2:conv1:32,arc3:conv2:32,mobilenet_v2:block_3_expand_relu:64,"
+               "mobilenet_v2:block_13_expand_relu:96,vgg16:block4_conv3:64,resnet50:conv4_block6_out:64,"
+               "efficientnet_b0:block6a_expand_activation:64,densenet121:conv4_block24_concat:64,"
+               "xception:block13_sepconv2_act:72")
+
+
+def graph(a) -> None:
+    import time
+
+    from transfer.export.cam_export import graph_plan
+    from transfer.export.cam_graph import CamGraphError, check_graph, write_gradcam_graph
+    from transfer.models.build import build_classifier
+
+    rows = []
+    for case in a.cases.split(","):
+        name, layer, size = case.split(":")
+        model, _ = build_classifier(name, input_shape=(int(size), int(size), 3), weights="none", num_classes=5,
+                                    seed=1)
+        plan = graph_plan(model, "bench", layer=layer)
+        x = np.random.default_rng(0).uniform(0, 255, (a.images, int(size), int(size), 3)).astype(np.float32)
+        t = time.perf_counter()
+        try:
+            write_gradcam_graph(model, layer, Path(a.work) / f"{name}-{layer}.onnx")
+            found = check_graph(model, plan, Path(a.work) / f"{name}-{layer}.onnx", x)
+            rows.append([name, layer, size, "x".join(map(str, plan.shape[:2])), f"{found['pearson_median']:.6f}",
+                         f"{found['pearson_min']:.6f}", f"{found['max_abs_diff']:.1e}", f"{time.perf_counter() - t:.1f}",
+                         "written"])
+        except CamGraphError as exc:
+            rows.append([name, layer, size, "x".join(map(str, plan.shape[:2])), "-", "-", "-",
+                         f"{time.perf_counter() - t:.1f}", "refused: " + exc.message.split(": ", 1)[-1][:160]])
+    print(table(["backbone", "layer", "input", "cells", "Pearson median", "Pearson min", "max |diff|",
+                 "convert + check s", "graph"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -226,11 +266,15 @@ def main() -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--images", type=int, default=225)
     p.add_argument("--work", default=None)
+    g = sub.add_parser("graph")
+    g.add_argument("--cases", default=GRAPH_CASES, help="backbone:layer:input side, comma-separated")
+    g.add_argument("--images", type=int, default=16)
+    g.add_argument("--work", default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         a.work = a.work or tmp
         Path(a.work).mkdir(parents=True, exist_ok=True)
-        {"identity": identity, "pointing": pointing}[a.what](a)
+        {"identity": identity, "pointing": pointing, "graph": graph}[a.what](a)
 
 
 if __name__ == "__main__":

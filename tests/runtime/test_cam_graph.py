@@ -222,3 +222,14 @@ def test_export_cam_layer_puts_an_intermediate_layer_in_the_bundle(shared_run, s
                                    "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 0 and "conv1, 16x16 cells" in res.output, res.output
     assert np.load(sorted(out.glob("*.npy"))[0]).shape == (16, 16)
+
+
+def test_verify_states_the_graph_and_its_check(shared_bundle):
+    _, res = shared_bundle
+    r = CliRunner().invoke(cli, ["verify", str(res.bundle_dir)])
+    assert r.exit_code == 0, r.output
+    assert "maps: Grad-CAM graph (cam.onnx) at layer conv2 (8x8 cells), for every model" in r.output
+    import re
+
+    r_med = re.search(r"equal to Keras's Grad-CAM on \d+ verification images \(median Pearson ([0-9.]+)\)", r.output)
+    assert r_med and float(r_med.group(1)) >= 0.999, r.output

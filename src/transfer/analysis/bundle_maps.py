@@ -115,8 +115,11 @@ def compare(bundle_dir: Path, gradcam_dir: Path, out_png: Path) -> BundleMaps | 
     with atomic_path(out_png, suffix=".png") as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")
     header = ["image", "explained", "r fp32 vs Keras Grad-CAM", *[f"r {k} vs fp32" for k in keys[1:]]]
+    how = "its Grad-CAM graph" if graph else "CAM"
     note = (f"columns: Keras Grad-CAM (transfer gradcam), then the bundle's {', '.join(keys)} maps "
-            f"(CAM at {bundle.manifest['cam']['layer']}, computed by the runtime without TensorFlow)")
+            f"({how} at {bundle.manifest['cam']['layer']}, computed by the runtime without TensorFlow)")
+    if all(r[2] == "-" for r in table_rows):
+        note += "; r needs the Keras maps' values: `transfer gradcam RUN --method gradcam --save-maps`"
     return BundleMaps(out_png, header, table_rows, note)
 
 

@@ -20,7 +20,8 @@ tf2onnx converts: the same numbers (``Conv2DBackpropInput`` with ``tf.shape`` in
 window, as TensorFlow's CPU kernel gives it; inference batch norm's scale; a depthwise
 convolution's as a depthwise convolution of the zero-interleaved, padded gradient with the kernel
 turned by 180 degrees; ``Mean``'s as a broadcast, since its own ``Reshape`` fails in ONNX
-Runtime). A model with any other op whose gradient does not convert (e.g. average pooling's
+Runtime; ``AddV2``'s and ``Mul``'s summed down to each input's static shape, without
+``BroadcastGradientArgs``; the sigmoid's ``y (1 - y)``). A model with any other op whose gradient does not convert (e.g. average pooling's
 ``AvgPoolGrad``) gets no graph, and export records why (:class:`CamGraphError`); every graph is
 checked against Keras's own Grad-CAM on the verification images before it goes in the bundle.
 
@@ -52,7 +53,8 @@ MIN_PEARSON = 0.999
 #: TensorFlow op -> the gradient registered for it here (:func:`_register`)
 OVERRIDES = {"Relu": "TransferOnnxRelu", "Relu6": "TransferOnnxRelu6", "Conv2D": "TransferOnnxConv2D",
              "MaxPool": "TransferOnnxMaxPool", "FusedBatchNormV3": "TransferOnnxFusedBatchNorm",
-             "DepthwiseConv2dNative": "TransferOnnxDepthwise", "Mean": "TransferOnnxMean"}
+             "DepthwiseConv2dNative": "TransferOnnxDepthwise", "Mean": "TransferOnnxMean", "AddV2": "TransferOnnxAdd",
+             "Mul": "TransferOnnxMul", "Sigmoid": "TransferOnnxSigmoid"}
 METHOD = ("Grad-CAM (Selvaraju et al. 2017) computed by the bundle's cam.onnx graph: the class logit's gradient "
           "with respect to the layer's activations, averaged over the cells, weights its channels")
 
@@ -174,6 +176,30 @@ def _register(tf) -> None:
         count = tf.cast(tf.reduce_prod(shape) // tf.reduce_prod(kept), grad.dtype)
         return tf.broadcast_to(tf.reshape(grad, kept), shape) / count, None
 
+    def _unbroadcast(grad, x):
+        """``grad`` (the output's shape) summed down to ``x``'s static shape (a broadcast input)."""
+        if x.shape.rank is None or grad.shape.rank is None:
+            return _refuse(tf, "an elementwise op on tensors of unknown rank", x)
+        g = grad
+        if x.shape.rank < g.shape.rank:
+            g = tf.reduce_sum(g, axis=list(range(g.shape.rank - x.shape.rank)))
+        axes = [i for i, d in enumerate(x.shape) if d == 1 and g.shape[i] != 1]
+        return tf.reduce_sum(g, axis=axes, keepdims=True) if axes else g
+
+    @tf.RegisterGradient(OVERRIDES["AddV2"])
+    def _add(op, grad):  # a residual connection: the gradient goes to both sides (summed where broadcast)
+        return _unbroadcast(grad, op.inputs[0]), _unbroadcast(grad, op.inputs[1])
+
+    @tf.RegisterGradient(OVERRIDES["Mul"])
+    def _mul(op, grad):  # swish's and squeeze-excitation's products
+        a, b = op.inputs
+        return _unbroadcast(grad * b, a), _unbroadcast(grad * a, b)
+
+    @tf.RegisterGradient(OVERRIDES["Sigmoid"])
+    def _sigmoid(op, grad):
+        y = op.outputs[0]
+        return grad * y * (1 - y)
+
     _registered = True
 
 
@@ -204,6 +230,25 @@ def gradcam_function(model, layer: str):
     return cam
 
 
+def _captures_as_constants(proto, fn) -> None:
+    """Constant tensors the function captured (e.g. a Normalization layer's mean and variance, kept
+    as tensors, not variables) become graph inputs in tf2onnx's output; make them initializers
+    holding the captured values, so the graph takes ``image`` and ``class`` only."""
+    from onnx import numpy_helper
+
+    inputs = {i.name: i for i in proto.graph.input}
+    values = {}
+    for outer, inner in fn.get_concrete_function().graph.captures:
+        if inner.name in inputs and inner.name not in (IMAGE, CLASS) and hasattr(outer, "numpy"):
+            try:
+                values[inner.name] = np.asarray(outer.numpy())
+            except Exception:  # noqa: BLE001 -- a resource handle (a variable tf2onnx froze) has no value here
+                continue
+    for name, value in values.items():
+        proto.graph.initializer.append(numpy_helper.from_array(value, name))
+        proto.graph.input.remove(inputs[name])
+
+
 def write_gradcam_graph(model, layer: str, path: str | os.PathLike, *, opset: int = 17) -> dict:
     """``cam.onnx`` for ``layer`` of a contract model; returns ``{"inputs", "outputs", "opset"}``.
 
@@ -226,6 +271,7 @@ def write_gradcam_graph(model, layer: str, path: str | os.PathLike, *, opset: in
     if _problems:
         raise CamGraphError(f"the Grad-CAM graph at layer {layer!r} cannot be written: "
                             f"{'; '.join(dict.fromkeys(_problems))}")
+    _captures_as_constants(proto, fn)
     known = {s.domain: s.version for s in proto.opset_import}
     unknown = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")
                       and not onnx.defs.has(n.op_type, known.get("", opset))})

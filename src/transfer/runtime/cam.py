@@ -312,6 +312,12 @@ def map_findings(bundle: Bundle) -> list[str]:
     if not rec.get("available"):
         return [f"maps: none: {rec.get('reason')}"]
     h, w, _ = rec["shape"]
+    if "graph" in rec:
+        ident = rec.get("identity") or {}
+        same = (f"; equal to Keras's Grad-CAM on {ident['images']} verification images (median Pearson "
+                f"{ident['pearson_median']:.6f})" if ident.get("images") else "")
+        return [f"maps: Grad-CAM graph ({rec['graph']}) at layer {rec['layer']} ({h}x{w} cells), for every model"
+                f"{same}"]
     out = [f"maps: CAM at layer {rec['layer']} ({h}x{w} cells) from {', '.join(rec.get('models') or [])}"]
     try:
         checks = json.loads(bundle.file("verification.json").read_text())
