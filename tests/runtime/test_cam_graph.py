@@ -86,6 +86,7 @@ def test_infer_cam_with_the_graph_for_any_backend_and_head(shared_bundle, shared
                                  "--backend", "onnxruntime-int8", "--out", str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output
     assert "maps (Grad-CAM graph, conv2, 8x8 cells)" in r.output and "head rf has no map" in r.output
+    assert f"maps: {len(files)} written to {out}" in r.output  # and how many are empty, if any
     rows = (out / "maps.csv").read_text().splitlines()
     assert len(rows) == len(files) + 1
     maps = sorted(out.glob("*.npy"))

@@ -246,6 +246,19 @@ class CamWriter:
                      + (" (its predicted class)" if self.cls is None else ""))
         return line
 
+    def summary(self) -> str:
+        """One line on the maps written, counting the flagged ones (after the writer closed)."""
+        n = len(self.rows)
+        empty = sum(1 for r in self.rows if r[5] == "empty")
+        border = sum(1 for r in self.rows if r[5] == "border")
+        line = f"maps: {n} written to {self.out}"
+        if empty:
+            line += (f"; {empty} empty ({100 * empty / max(n, 1):.0f} %: no positive evidence for the explained class "
+                     f"at {self.cam.layer}; `transfer gradcam RUN --method all` compares methods that may show it)")
+        if border:
+            line += f"; {border} with most of their mass on the image border"
+        return line
+
     def __enter__(self) -> "CamWriter":
         self.out.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="cam-writer")

@@ -195,7 +195,10 @@ def infer(bundle_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], c
                 yield prediction_rows([(it.path, it.error) for it in pb.items], pred, predictor.names, topk)
 
         with predictor, (maps if maps is not None else contextlib.nullcontext()):
-            return write_rows(predicted(), open_sinks(out, fmt, topk, reject=predictor.rule), s, progress)
+            s = write_rows(predicted(), open_sinks(out, fmt, topk, reject=predictor.rule), s, progress)
+        if maps is not None:
+            as_progress(progress).say(maps.summary())
+        return s
 
 
 def _cam_writer(cam: BundleCam, predictor: Predictor, out: Path, cfg: InferConfig) -> CamWriter:
