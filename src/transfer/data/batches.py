@@ -217,8 +217,8 @@ class BatchSource:
             h, w = (int(v) for v in image_size)
         except (TypeError, ValueError):
             raise ConfigError(f"image size must be (height, width) (got {image_size!r})") from None
-        if h < 1 or w < 1:
-            raise ConfigError(f"image size must be positive (got {image_size!r})")
+        check_int(h, "image size's height", option="image_size")
+        check_int(w, "image size's width", option="image_size")
         self.root = Path(root)
         self.samples = list(samples)
         self.batch_size = int(batch_size)
