@@ -202,14 +202,9 @@ def _check_cam(bundle: Path, m: dict) -> None:
         raise TamperedBundleError(f"{where}.shape must be [h, w, channels], got {shape!r:.80}", hint=REEXPORT)
     if not isinstance(models, list) or not models or any(k not in m["models"] for k in models):
         raise TamperedBundleError(f"{where}.models must name models of the bundle, got {models!r:.80}", hint=REEXPORT)
-    if "graph" in cam:  # a Grad-CAM graph (transfer.export.cam_graph): a listed, hashed ONNX file
+    if "graph" in cam:  # a Grad-CAM graph (transfer.export.cam_graph); listed and hashed by check_files
         if not isinstance(cam.get("layer"), str) or cam.get("output") != "cam" or cam.get("graph") != "cam.onnx":
             raise TamperedBundleError(f"{where} needs its layer, output 'cam' and graph 'cam.onnx'", hint=REEXPORT)
-        if str(cam["graph"]) not in (m.get("files") or {}):
-            raise TamperedBundleError(f"{where}.graph {cam['graph']!r} is not a listed file of the bundle",
-                                      hint=REEXPORT)
-        if not safe_rel(bundle, str(cam["graph"])).is_file():
-            raise TamperedBundleError(f"{where}.graph: {bundle / str(cam['graph'])} is missing", hint=REEXPORT)
         return
     if not isinstance(cam.get("layer"), str) or cam.get("output") != "feature_map":
         raise TamperedBundleError(f"{where} needs its layer and output 'feature_map'", hint=REEXPORT)

@@ -55,7 +55,7 @@ def safe_rel(bundle: Path, rel: str) -> Path:
 
 def referenced_files(manifest: dict) -> list[str]:
     """Every file the manifest relies on: labels, verification record, model files and their
-    external data, head files (sorted, unique)."""
+    external data, head files, calibration, unknown scores, the maps' weights or graph (sorted, unique)."""
     refs = {str(manifest[k]) for k in ("labels",) if manifest.get(k)} | {VERIFICATION}
     for e in (manifest.get("models") or {}).values():
         if isinstance(e, dict):
@@ -69,8 +69,8 @@ def referenced_files(manifest: dict) -> list[str]:
     if isinstance(unknown, dict) and isinstance(unknown.get("scores"), dict):
         refs.update(str(e["file"]) for e in unknown["scores"].values() if isinstance(e, dict) and e.get("file"))
     cam = manifest.get("cam")
-    if isinstance(cam, dict) and cam.get("weights"):
-        refs.add(str(cam["weights"]))
+    if isinstance(cam, dict):
+        refs.update(str(cam[k]) for k in ("weights", "graph") if cam.get(k))
     return sorted(refs)
 
 

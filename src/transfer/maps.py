@@ -166,6 +166,20 @@ def map_flags(maps: np.ndarray) -> list[str]:
     return ["empty" if e else "border" if b else "" for e, b in zip(empty, border)]
 
 
+def map_pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two maps' values (how alike the Keras and the bundle's maps are);
+    ``None`` when either is flat (an empty map has no pattern to correlate).
+
+    Example::
+
+        map_pearson(np.eye(4), 2 * np.eye(4))     # 1.0
+    """
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 FLAG_TEXT = {"empty": "EMPTY MAP: no positive evidence", "border": "BORDER MAP: its mass is on the image edge"}
 
 
@@ -258,5 +272,5 @@ def mark_flag(picture: np.ndarray, flag: str) -> np.ndarray:
 
 __all__ = [
     "BORDER_RING", "BORDER_SHARE", "EMPTY_EPS", "FLAGS", "FLAG_TEXT", "Geometry", "border_ring", "border_share",
-    "even_geometry", "jet", "map_flags", "mark_flag", "overlay", "pointing_hits", "to_input_maps", "upsample",
+    "even_geometry", "jet", "map_flags", "map_pearson", "mark_flag", "overlay", "pointing_hits", "to_input_maps", "upsample",
 ]

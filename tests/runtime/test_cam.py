@@ -140,7 +140,7 @@ def test_arc2_bundle_plans_a_gradcam_graph_and_says_why(tmp_path):
 
     model, _ = build_classifier("arc2", input_shape=(16, 16, 3), weights="none", num_classes=2, seed=0)
     plan = plan_cam(model, "conv2")
-    assert plan.available and plan.graph and plan.layer == "conv2" and plan.shape == (8, 8, 64)
+    assert plan.available and plan.via_graph and plan.layer == "conv2" and plan.shape == (8, 8, 64)
     assert plan.kernel is None and plan.extra_outputs == {}  # no feature_map output: the graph makes the maps
     assert "Dense(64, relu)" in plan.why_graph and "not a weighted sum" in plan.why_graph
 

@@ -37,13 +37,6 @@ class BundleMaps:
     note: str
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
-    if a.std() == 0 or b.std() == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _fit(img: np.ndarray, side: int = 160) -> np.ndarray:
     from PIL import Image
 
@@ -99,10 +92,10 @@ def compare(bundle_dir: Path, gradcam_dir: Path, out_png: Path) -> BundleMaps | 
         row_pics = [_fit(np.asarray(_read_png(keras_png)))] if keras_png.is_file() else []
         row_pics += [_fit(cammaps.overlay(native, maps[key][j])) for key in keys]
         picture.append(np.concatenate(row_pics, axis=1))
-        keras_r = _pearson(np.load(keras_npy), maps["onnx-fp32"][j]) if keras_npy.is_file() else None
+        keras_r = cammaps.map_pearson(np.load(keras_npy), maps["onnx-fp32"][j]) if keras_npy.is_file() else None
         table_rows.append([Path(r["image"]).name, r["explained"],
                            "-" if keras_r is None else f"{keras_r:.4f}",
-                           *[("-" if (v := _pearson(maps["onnx-fp32"][j], maps[key][j])) is None else f"{v:.4f}")
+                           *[("-" if (v := cammaps.map_pearson(maps["onnx-fp32"][j], maps[key][j])) is None else f"{v:.4f}")
                              for key in keys[1:]]])
     width = max(p.shape[1] for p in picture)
     canvas = np.full((sum(p.shape[0] + 6 for p in picture), width, 3), 255, np.uint8)

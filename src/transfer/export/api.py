@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.cam_layers import resolve_layer
 from ..bundle import Bundle, read_manifest
 from ..bundle_write import new_manifest, read_checks, write_bundle
 from ..errors import (
@@ -183,17 +182,14 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
 
 
 def _plan_cam(model, default_layer, cam_layer, progress):
-    if cam_layer is not None:
-        try:  # a layer the model does not have, or not a spatial one: the user's mistake, said before any work
-            resolve_layer(model, cam_layer)
-        except ModelError as exc:
-            raise ConfigError(f"invalid cam_layer: {cam_layer!r}: {exc.message}", hint=exc.hint,
-                              option="cam_layer") from None
-    plan = (plan_cam(model, default_layer) if cam_layer is None else
-            graph_plan(model, f"--cam-layer {cam_layer} asked for Grad-CAM at that layer", layer=cam_layer))
-    if plan.available and plan.graph:
-        progress.say(f"maps: Grad-CAM graph at layer {plan.layer} ({'x'.join(map(str, plan.shape))}): "
-                     f"{plan.why_graph.split(', so')[0]}")
+    try:  # a --cam-layer the model does not have, or not a spatial one: said before any work
+        plan = (plan_cam(model, default_layer) if cam_layer is None else
+                graph_plan(model, f"--cam-layer {cam_layer} asked for Grad-CAM at that layer", layer=cam_layer))
+    except ModelError as exc:
+        raise ConfigError(f"invalid cam_layer: {cam_layer!r}: {exc.message}", hint=exc.hint,
+                          option="cam_layer") from None
+    if plan.available and plan.via_graph:
+        progress.say(f"maps: Grad-CAM graph at layer {plan.layer} ({'x'.join(map(str, plan.shape))}): {plan.why_graph}")
     elif plan.available:
         progress.say(f"maps: class activation maps at layer {plan.layer} ({'x'.join(map(str, plan.shape))})")
     else:
@@ -205,7 +201,7 @@ def _cam_record(ctx: ExportContext) -> dict:
     """The manifest's ``cam`` record: the models whose graph has the feature map (with a Grad-CAM
     graph, every ONNX model: the graph explains the class each predicts)."""
     plan = ctx.extra["cam_plan"]
-    models = [k for k, e in ctx.models.items() if (FEATURE_MAP in (e.get("outputs") or {}) if not plan.graph
+    models = [k for k, e in ctx.models.items() if (FEATURE_MAP in (e.get("outputs") or {}) if not plan.via_graph
                                                    else e.get("runtime", "onnxruntime") == "onnxruntime")]
     return cam_record(ctx.extra["cam_plan"], models)
 

@@ -66,9 +66,9 @@ class CamPlan:
     geometry: tuple | None = None
     reason: str | None = None
     #: the maps come from a Grad-CAM graph (:mod:`transfer.export.cam_graph`), not the identity;
-    #: ``why_graph`` says why the identity does not hold, ``identity`` how the written graph
+    #: ``why_graph`` says why the identity is not used, ``identity`` how the written graph
     #: compared with Keras's Grad-CAM
-    graph: bool = False
+    via_graph: bool = False
     why_graph: str | None = None
     identity: dict | None = None
 
@@ -79,7 +79,7 @@ class CamPlan:
     @property
     def extra_outputs(self) -> dict[str, str]:
         """``{output name: layer}`` for :func:`transfer.export.onnx.export_onnx`."""
-        return {FEATURE_MAP: self.layer} if self.available and not self.graph else {}
+        return {FEATURE_MAP: self.layer} if self.available and not self.via_graph else {}
 
 
 def _inbound(layer):
@@ -97,7 +97,7 @@ def plan_cam(model, default_layer: str | None = None) -> CamPlan:
     Example::
 
         plan_cam(mobilenet_v2_model).layer     # 'out_relu'
-        plan_cam(arc2_model, "conv2").graph    # True: a Grad-CAM graph (Dense(64, relu) on the flattened map)
+        plan_cam(arc2_model, "conv2").via_graph    # True: a Grad-CAM graph (Dense(64, relu) on the flattened map)
     """
     keras = import_keras()
     L = keras.layers
@@ -135,13 +135,20 @@ def plan_cam(model, default_layer: str | None = None) -> CamPlan:
 def graph_plan(model, why: str, *, default: str | None = None, layer: str | None = None) -> CamPlan:
     """A plan for a Grad-CAM graph at ``layer``, else the layer ``transfer gradcam`` explains by
     default (the trial's ``default``, or a finer one when its map is too coarse), so the two are
-    comparable; ``why``: why the exact identity is not used."""
-    try:
-        target = resolve_layer(model, layer, default=default, fine=layer is None)
-    except ModelError as exc:
-        return CamPlan(reason=f"{why}; no layer for a Grad-CAM graph: {exc.message}")
+    comparable; ``why``: why the exact identity is not used.
+
+    Raises:
+        ModelError: ``layer`` is not a spatial layer of the model (the candidates named).
+    """
+    if layer is not None:
+        target = resolve_layer(model, layer)
+    else:
+        try:
+            target = resolve_layer(model, None, default=default, fine=True)
+        except ModelError as exc:
+            return CamPlan(reason=f"{why}; no layer for a Grad-CAM graph: {exc.message}")
     shape = tuple(int(d) for d in target.output.shape[1:])
-    return CamPlan(layer=target.name, shape=shape, geometry=layer_geometry(model, target.name), graph=True,
+    return CamPlan(layer=target.name, shape=shape, geometry=layer_geometry(model, target.name), via_graph=True,
                    why_graph=why)
 
 
@@ -158,7 +165,7 @@ def cam_record(plan: CamPlan, models: list[str]) -> dict:
     if not plan.available:
         return {"available": False, "reason": plan.reason}
     geo = plan.geometry
-    if plan.graph:
+    if plan.via_graph:
         return {"available": True, "method": GRAPH_METHOD, "layer": plan.layer, "output": CAM, "graph": CAM_GRAPH,
                 "shape": list(plan.shape), "models": sorted(models), "why": plan.why_graph,
                 "identity": plan.identity,

@@ -42,6 +42,7 @@ from .._lazy import import_keras, import_tensorflow, require
 from ..analysis.gradcam import compute_maps
 from ..errors import TransferError
 from ..fsutil import atomic_path
+from ..models.onnx_convert import rename_outputs
 from ..runtime.sessions import make_session
 
 #: the graph's inputs and output, and its file in a bundle
@@ -279,11 +280,7 @@ def write_gradcam_graph(model, layer: str, path: str | os.PathLike, *, opset: in
         raise CamGraphError(f"the Grad-CAM graph at layer {layer!r} has TensorFlow ops ONNX does not define: "
                             f"{', '.join(unknown)} (their gradients are not in this exporter's overrides)")
     ins, outs = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
-    mapping = dict(zip(outs, [CAM]))
-    for node in proto.graph.node:
-        node.output[:] = [mapping.get(o, o) for o in node.output]
-    for o in proto.graph.output:
-        o.name = mapping.get(o.name, o.name)
+    rename_outputs(proto, [CAM])
     if ins != [IMAGE, CLASS] or len(outs) != 1:
         raise CamGraphError(f"the Grad-CAM graph has inputs {ins} and outputs {outs}; expected "
                             f"[{IMAGE}, {CLASS}] -> [{CAM}]")
@@ -312,12 +309,9 @@ def check_graph(model, plan, path: str | os.PathLike, x, *, batch: int = 32) -> 
         raise CamGraphError(f"ONNX Runtime cannot run the Grad-CAM graph at layer {plan.layer!r} "
                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
     got = cammaps.to_input_maps(raw, x.shape[1:3], geometry=plan.geometry)
-    r = []
-    for a, b in zip(ref, got):
-        if a.std() > 0 and b.std() > 0:
-            r.append(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]))
-        else:  # an empty map agrees only with another empty one
-            r.append(1.0 if np.allclose(a, b, atol=1e-6) else 0.0)
+    # an empty map agrees only with another empty one
+    r = [v if (v := cammaps.map_pearson(a, b)) is not None else float(np.allclose(a, b, atol=1e-6))
+         for a, b in zip(ref, got)]
     out = {"images": int(len(x)), "pearson_median": float(np.median(r)) if r else float("nan"),
            "pearson_min": float(min(r)) if r else float("nan"),
            "max_abs_diff": float(np.abs(ref - got).max()) if len(x) else 0.0, "min_pearson": MIN_PEARSON,

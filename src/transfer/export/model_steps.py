@@ -36,7 +36,7 @@ def fp32_step() -> Step:
         ctx.progress.say(f"export {ctx.t.name}: converting to ONNX (opset {ctx.opset})")
         plan = ctx.extra["cam_plan"]
         io = export_onnx(ctx.extra["model"], ctx.folder / "model.onnx", opset=ctx.opset, extra=plan.extra_outputs)
-        if plan.available and plan.graph:
+        if plan.available and plan.via_graph:
             ctx.extra["cam_plan"] = _cam_graph(ctx, plan)
         elif plan.available:
             write_cam_weights(ctx.folder, plan)

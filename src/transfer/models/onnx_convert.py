@@ -34,6 +34,18 @@ def two_output_model(model, extra: dict[str, str] | None = None):
     return keras.Model(model.inputs, outs, name="transfer_export")
 
 
+def rename_outputs(proto, names) -> None:
+    """Give a converted graph's outputs ``names``, in order (and every node that reads or writes them)."""
+    mapping = {o.name: n for o, n in zip(proto.graph.output, names) if o.name != n}
+    if not mapping:
+        return
+    for node in proto.graph.node:
+        node.output[:] = [mapping.get(o, o) for o in node.output]
+        node.input[:] = [mapping.get(i, i) for i in node.input]
+    for o in proto.graph.output:
+        o.name = mapping.get(o.name, o.name)
+
+
 def export_onnx(model, path: str | os.PathLike, *, opset: int = 17, extra: dict[str, str] | None = None) -> dict:
     """Convert a contract model to ONNX with tf2onnx (``from_keras`` with an explicit signature).
 
@@ -66,15 +78,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = 17, extra: dict[
         raise ExportError(f"tf2onnx could not convert model {model.name!r}: {type(exc).__name__}: {exc}",
                           hint=f"try another opset (now {opset}); `transfer --debug export ...` shows the traceback",
                           option="opset") from exc
-    # tf2onnx names outputs after the Keras layers ("features", "probs"); make sure of it
-    outs = [o.name for o in proto.graph.output]
-    if outs != list(names):
-        mapping = dict(zip(outs, names))
-        for node in proto.graph.node:
-            node.output[:] = [mapping.get(o, o) for o in node.output]
-            node.input[:] = [mapping.get(i, i) for i in node.input]
-        for o in proto.graph.output:
-            o.name = mapping.get(o.name, o.name)
+    rename_outputs(proto, names)  # tf2onnx names outputs after the Keras layers ("features", "probs"); make sure
     ins = [i.name for i in proto.graph.input]
     if ins != [INPUT_NAME]:
         raise ExportError(f"exported graph has inputs {ins}, expected ['{INPUT_NAME}']")

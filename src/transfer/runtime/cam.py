@@ -83,15 +83,16 @@ def parse_class(value, names: list[str]) -> int | None:
 @dataclass(frozen=True)
 class BundleCam:
     """A bundle's maps: the class weights (K, C), the feature map's shape and where its cells sit;
-    or, for a bundle with a Grad-CAM graph (``cam.onnx``, :mod:`transfer.export.cam_graph`), an
-    ONNX Runtime session of it (``graph``) that makes the raw maps from the pixels."""
+    or, for a bundle with a Grad-CAM graph (``cam.onnx``, :mod:`transfer.export.cam_graph`), no
+    weights but an ONNX Runtime session of the graph (``graph_session``) that makes the raw maps
+    from the pixels."""
 
-    kernel: np.ndarray
+    kernel: np.ndarray | None
     shape: tuple[int, int, int]
     input_size: tuple[int, int]
     geometry: tuple | None
     layer: str
-    graph: object = None
+    graph_session: object = None
 
     @classmethod
     def open(cls, bundle: Bundle, model_key: str | None = None) -> "BundleCam":
@@ -114,8 +115,7 @@ class BundleCam:
                 raise BundleError(f"bundle {bundle.path}: the maps' graph {rec['graph']!r} is not listed",
                                   hint=REEXPORT_HINT, option="cam")
             session, _ = make_session(bundle.paths[rec["graph"]], "cpu", spinning=False)
-            return cls(np.zeros((shape[2], 0), np.float32), shape, tuple(bundle.input_size), geometry, rec["layer"],
-                       session)
+            return cls(None, shape, tuple(bundle.input_size), geometry, rec["layer"], session)
         if rec.get("weights") not in bundle.paths:  # load_bundle refuses this; a Bundle made in code may not
             raise BundleError(f"bundle {bundle.path}: the maps' weights file {rec.get('weights')!r} is not listed",
                               hint=REEXPORT_HINT, option="cam")
@@ -126,15 +126,15 @@ class BundleCam:
     @property
     def needs_feature_map(self) -> bool:
         """Whether the maps are made from the model's ``feature_map`` output (else from the pixels)."""
-        return self.graph is None
+        return self.graph_session is None
 
     def raw(self, feature_map: np.ndarray | None, classes: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
         """Raw CAMs (N, h, w) float32: each image's feature map times its class's weights, or the
         Grad-CAM graph run on ``pixels`` (the model-size pixels the model ran on)."""
-        if self.graph is not None:
+        if self.graph_session is not None:
             if pixels is None:
                 raise ValueError("a Grad-CAM graph's maps need the images' pixels")
-            return np.asarray(self.graph.run(["cam"], {"image": np.asarray(pixels, np.float32),
+            return np.asarray(self.graph_session.run(["cam"], {"image": np.asarray(pixels, np.float32),
                                                        "class": np.asarray(classes, np.int64)})[0], np.float32)
         fm = np.asarray(feature_map, np.float32)
         n, h, w, k = fm.shape
