@@ -46,6 +46,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[Any]:
+    """An open binary file at a hidden temporary name next to ``path``, renamed over it when the
+    block ends without error (removed otherwise): like :func:`atomic_path` for a writer that takes
+    a file object, with one ``open`` instead of three (``mkstemp``, then the writer's, plus a
+    ``chmod``): 0.41 against 0.57 ms for the two files of each ``infer --cam`` image
+    (docs/benchmarks.md, section 12). The file gets the mode a plain ``open`` would.
+
+    Example::
+
+        with atomic_open("maps/00001_cat.npy") as f:
+            np.save(f, m)
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -49,3 +49,28 @@ def test_json_depth_is_bounded_before_parsing(tmp_path):
     with pytest.raises(JSONLimitError, match="larger than"):
         read_json(p, max_bytes=50)
     assert read_json(p, max_depth=1, max_bytes=1000) == {"a": 1}
+
+
+def test_atomic_open_renames_when_complete_and_leaves_nothing_when_not(tmp_path):
+    from transfer.fsutil import atomic_open
+
+    target = tmp_path / "m.bin"
+    target.write_bytes(b"old")
+    with atomic_open(target) as f:
+        f.write(b"new")
+        assert target.read_bytes() == b"old"  # a reader sees the old file until the block ends
+    assert target.read_bytes() == b"new"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    with pytest.raises(RuntimeError):
+        with atomic_open(target) as f:
+            f.write(b"half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

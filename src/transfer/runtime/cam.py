@@ -39,6 +39,7 @@ from .. import maps as cammaps
 from .. import tables
 from ..bundle import Bundle
 from ..errors import BundleError, ConfigError
+from ..fsutil import atomic_open
 from .sessions import make_session
 
 #: the ONNX output of the last spatial feature map (the exporter's name)
@@ -201,21 +202,6 @@ def jpeg_bytes(picture: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def _write_file(path: Path, fill) -> None:
-    """``fill(file)`` into a hidden temporary next to ``path``, renamed over it when complete: a
-    reader never sees half a map. One ``open`` per file (:func:`transfer.fsutil.atomic_path`
-    opens, closes and reopens one and sets its mode: 0.57 against 0.41 ms per image's two files
-    here, docs/benchmarks.md section 12)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            fill(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class CamWriter:
     """Writes the maps of ``transfer infer --cam OUT/``: ``.npy`` + overlay (``overlay``: jpg, png, none) per image,
@@ -292,12 +278,13 @@ class CamWriter:
         picture = pixels.astype(np.uint8) if self.overlay != "none" else None
         for i, stem in enumerate(stems):
             self.rows[first + i][5] = flags[i]
-            _write_file(self.out / f"{stem}.npy", lambda f, i=i: np.save(f, m[i]))
+            with atomic_open(self.out / f"{stem}.npy") as f:
+                np.save(f, m[i])
             if picture is None:
                 continue
             shown, _ = _overlay(picture[i], m[i], flags[i])
-            data = jpeg_bytes(shown) if self.overlay == "jpg" else png_bytes(shown)
-            _write_file(self.out / f"{stem}.{self.overlay}", lambda f, data=data: f.write(data))
+            with atomic_open(self.out / f"{stem}.{self.overlay}") as f:
+                f.write(jpeg_bytes(shown) if self.overlay == "jpg" else png_bytes(shown))
 
     def _drain(self, keep: int = 0) -> None:
         """Wait for the oldest writes until at most ``keep`` are pending (a failed write raises here)."""
