@@ -157,11 +157,12 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
     num_classes = int(model.output.shape[-1])
     if num_classes != len(run.class_names):
         raise ExportError(f"model of {t.name} has {num_classes} outputs but the run has {len(run.class_names)} classes")
+    cam_plan = _plan_cam(model, t.meta.get("gradcam_layer"), cfg.cam_layer, progress)  # a bad --cam-layer fails here
     x, y, used = verification_images(run, t.image_size, cfg.verify_images, progress, fold=t.fold)
     val = {str(p) for p in run.split_paths("val", fold=t.fold)[0]}
     ctx = ExportContext(run, t, tmp, x, y, _limits(cfg), progress, opset=cfg.opset, calib_images=cfg.calib_images,
                         extra={"model": model, "feature_dim": feature_dim, "num_classes": num_classes,
-                               "cam_plan": _plan_cam(model, t.meta.get("gradcam_layer"), cfg.cam_layer, progress)},
+                               "cam_plan": cam_plan},
                         choosing=np.array([str(u) in val for u in used], dtype=bool))
     run_step(ctx, fp32_step())
     if cfg.calibrate:
@@ -182,7 +183,7 @@ def _assemble(run, t, tmp: Path, cfg: ExportConfig, *, progress, key=None):
 
 
 def _plan_cam(model, default_layer, cam_layer, progress):
-    try:  # a --cam-layer the model does not have, or not a spatial one: said before any work
+    try:  # a --cam-layer the model does not have, or not a spatial one: said before the images are read
         plan = (plan_cam(model, default_layer) if cam_layer is None else
                 graph_plan(model, f"--cam-layer {cam_layer} asked for Grad-CAM at that layer", layer=cam_layer))
     except ModelError as exc:
