@@ -168,6 +168,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def user_cache_dir() -> Path:
+    """The user's cache of ``transfer`` (converted models, TensorRT engines): ``$TRANSFER_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/transfer``, else ``~/.cache/transfer``. Not created here."""
+    root = os.environ.get("TRANSFER_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfer"
+
+
 def file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
     """``(mtime_ns, size)`` of a file (None when it cannot be stat'ed): a cheap "has it changed" key."""
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError, DependencyMissingError
-from ..fsutil import sha256_file
+from ..fsutil import sha256_file, user_cache_dir
 from .predict_config import ModelOptions, check_value
 
 #: preference order when nothing is asked for
@@ -155,10 +155,7 @@ def ort_trt_cache_dir(model_path: str | os.PathLike, root: str | os.PathLike | N
     version itself.
     """
 
-    if root is None:
-        root = os.environ.get("TRANSFER_CACHE_DIR") or Path(
-            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfer"
-    return Path(root) / "ort-trt" / sha256_file(model_path)[:16]
+    return Path(user_cache_dir() if root is None else root) / "ort-trt" / sha256_file(model_path)[:16]
 
 
 def provider_options(provider: str, model_path: str | os.PathLike | None = None, *, device_id: int = 0,
