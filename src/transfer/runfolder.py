@@ -115,6 +115,8 @@ class RunLayout:
     init_dir = property(lambda self: self.path / "init")
     #: the frozen-prefix caches of the trainer (internal; safe to delete when no train runs)
     cache_dir = property(lambda self: self.path / "cache")
+    #: the audit's converted models and Keras references, by content (analysis/audit_cache.py; safe to delete)
+    audit_cache_dir = property(lambda self: self.cache_dir / "audit-onnx")
     sweep_csv = property(lambda self: self.path / "sweep.csv")
     sweep_md = property(lambda self: self.path / "sweep.md")
     best_json = property(lambda self: self.path / "best.json")

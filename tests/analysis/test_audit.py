@@ -106,6 +106,41 @@ def test_audit_features_fall_back_to_keras(small_audit, tmp_path, monkeypatch):
     assert res.summary["counts"] == json.loads((ort.out / "audit.json").read_text())["counts"]
 
 
+def test_an_audit_of_the_same_model_takes_it_from_the_cache_and_a_damaged_entry_is_replaced(small_audit, tmp_path,
+                                                                                             monkeypatch):
+    """The small audit's conversion and Keras reference were kept (the session's user cache): the
+    same folder audited into another folder takes both from there -- no child process -- and
+    gets the same features, checked as ever on its own pixels. A kept reference that was cut short
+    is noticed and computed again (the child converts nothing: the conversion is kept), then
+    replaced: the next audit takes both from the cache again."""
+    data, first = small_audit
+    kw = {"backbone": "arc2", "weights": "none", "image_size": 16}
+    lines: list[str] = []
+    again = audit_folder(data, out=tmp_path / "again", progress=lines.append, **kw)
+    eng = again.summary["feature_engine"]["source"]
+    assert eng["conversion"] == eng["keras_reference"] == "cache" and eng["engine"] == "onnxruntime"
+    assert eng["parity_images"] == 32 and eng["parity_relative"] <= 1e-4
+    assert any("from the cache" in ln for ln in lines) and not any("child process" in ln for ln in lines)
+    np.testing.assert_array_equal(np.load(again.out / "features.npy"), np.load(first.out / "features.npy"))
+    # damage a private copy of the entry (other tests read the session's)
+    entry = Path(eng["cache"])
+    private = tmp_path / "cache" / "audit-onnx" / entry.name
+    shutil.copytree(entry, private)
+    monkeypatch.setenv("TRANSFER_CACHE_DIR", str(tmp_path / "cache"))
+    for npz in private.glob("parity-*.npz"):
+        npz.write_bytes(npz.read_bytes()[:-100])
+    lines.clear()
+    fixed = audit_folder(data, out=tmp_path / "fixed", progress=lines.append, **kw)
+    eng = fixed.summary["feature_engine"]["source"]
+    assert eng["conversion"] == "cache" and eng["keras_reference"] == "child process", eng
+    assert eng["engine"] == "onnxruntime" and eng["parity_relative"] <= 1e-4 and eng["cache"] == str(private)
+    assert any("cached Keras features of source are not used" in ln for ln in lines), lines
+    assert any("the ONNX conversion is cached" in ln for ln in lines), lines
+    np.testing.assert_array_equal(np.load(fixed.out / "features.npy"), np.load(first.out / "features.npy"))
+    third = audit_folder(data, out=tmp_path / "third", **kw)
+    assert third.summary["feature_engine"]["source"]["keras_reference"] == "cache"
+
+
 def test_audit_cli(pattern_data, tmp_path):
     import transfer.commands.data  # noqa: F401  (attaches `data audit`)
     from transfer.cli import cli

@@ -59,6 +59,11 @@ def test_training_images_are_judged_out_of_sample(flipped_run, tmp_path):
     for name in ("source", "initial"):
         eng = s["feature_engine"][name]
         assert eng["engine"] == "onnxruntime" and eng["parity_images"] == 32 and eng["parity_relative"] <= 1e-4
+        assert eng["conversion"] == eng["keras_reference"] == "child process"
+    # both conversions are kept in the run folder for the next audit of the same trial
+    from transfer.runfolder import RunLayout
+
+    assert len(list(RunLayout(run).audit_cache_dir.glob("*/model.json"))) == 2
     assert s["feature_engine"]["pixels"]["max_abs_diff"] == 0
     init = np.load(tmp_path / "a" / "initial_features.npy")
     trained = np.load(tmp_path / "a" / "features.npy")
@@ -91,8 +96,12 @@ def _rels(data: Path) -> list[str]:
 
 def test_a_model_that_cannot_be_converted_falls_back_to_keras(flipped_run, tmp_path, monkeypatch):
     """tf2onnx broken in the conversion's process: both models run in Keras, the audit says why,
-    and its findings are those of the ONNX audit."""
+    and its findings are those of the ONNX audit; a failed conversion is not kept."""
+    from transfer.runfolder import RunLayout
+
     data, run, _ = flipped_run
+    kept = RunLayout(run).audit_cache_dir
+    shutil.rmtree(kept, ignore_errors=True)  # the conversions of the first test: these models were not converted
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "tf2onnx.py").write_text("raise ImportError('tf2onnx is broken here')\n")
@@ -104,6 +113,7 @@ def test_a_model_that_cannot_be_converted_falls_back_to_keras(flipped_run, tmp_p
         assert eng["engine"] == "keras" and "not converted to ONNX" in eng["why"] and "broken" in eng["why"]
     assert any("features by Keras" in ln for ln in lines)
     assert res.summary["counts"].get("label_issue", 0) > 0
+    assert not list(kept.glob("*/model.json")) and not list(kept.glob("*/parity-*.json"))
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +159,7 @@ def test_the_parity_check_notices_pixels_the_model_never_saw(photo_folder, tmp_p
     eng = res.summary["feature_engine"]["source"]
     assert eng["engine"] == "keras" and "loader's pixels" in eng["why"], eng
     assert eng["parity_relative"] > audit_engine.PARITY_TOLERANCE
+    assert eng["keras_reference"] == "cache"  # the first audit's, kept: it still shows the difference
     monkeypatch.undo()
     # with the pixel comparison in place, the same wrong reader is caught before the pass
     monkeypatch.setattr(audit_pass, "model_input", other_recipe)

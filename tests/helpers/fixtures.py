@@ -97,3 +97,17 @@ def shared_bundle(shared_run, tmp_path_factory):
 
     for folder, res in built_once(tmp_path_factory, "shared-bundle", build):
         yield folder / "run", res
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_user_cache(tmp_path_factory):
+    """The user cache of ``transfer`` (``TRANSFER_CACHE_DIR``: the audit's converted models, TensorRT
+    engines) is a folder of this test session, shared by its xdist workers like :func:`built_once`'s
+    folders: tests neither read nor fill the cache of the person running them, and a session
+    starts empty. A test that needs a cache of its own sets the variable itself."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if os.environ.get("PYTEST_XDIST_WORKER") is None else base.parent) / "user-cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRANSFER_CACHE_DIR", str(root))
+    yield root
+    mp.undo()

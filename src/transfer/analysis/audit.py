@@ -10,7 +10,8 @@ pixel recipe; checked on the first images). The model input goes through the poo
 a trained trial's model or of a chosen backbone (memory-mapped ``features.npy``) and, with a run,
 of the same trial's network at its initial weights (``initial_features.npy``). The models run in
 ONNX Runtime, converted by a child process that alone imports TensorFlow and checked against
-Keras on the first images (:mod:`transfer.analysis.audit_engine`, :mod:`transfer.analysis.audit_model`). The SHA-256
+Keras on the first images (:mod:`transfer.analysis.audit_engine`, :mod:`transfer.analysis.audit_model`;
+an earlier audit's conversion of the same model is taken from :mod:`transfer.analysis.audit_cache`). The SHA-256
 of every file is taken before, to tell whether an earlier audit still holds. Then:
 
 * **duplicates** -- exact (same decoded pixels) and near (:func:`transfer.data.near_search.near_pairs_arrays`),
@@ -175,13 +176,15 @@ def audit_folder(data: str | os.PathLike, config: AuditConfig | None = None, *, 
         if why:
             p.say(f"audit: {why}; auditing again")
     out.mkdir(parents=True, exist_ok=True)
-    parity = check_pixels([d.root / r for r in d.rel[:2 * PARITY_IMAGES]], src.size, recipe=src.recipe)
+    first = {d.root / r: hashes[r] for r in d.rel[:2 * PARITY_IMAGES]}
+    parity = check_pixels(list(first), src.size, recipe=src.recipe)
     if parity.exact:
         p.say(f"audit: the pass's model input differs from load_image's (recipe {parity.record['recipe']}) by up to "
               f"{parity.record['max_abs_diff']} grey levels on the first images; decoding every model input "
               "through load_image")
     with tempfile.TemporaryDirectory(prefix="transfer-audit-") as tmp:
-        engine = FeatureEngine(src, Path(tmp), parity, threads=ORT_THREADS, p=p)
+        engine = FeatureEngine(src, Path(tmp), parity, threads=ORT_THREADS, p=p,
+                               digests=[first[q] for q in parity.paths])
         try:
             return _run(d, src, engine, out, hashes, settings, batch_size=cfg.batch_size, workers=workers, p=p)
         finally:

@@ -17,7 +17,9 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +27,18 @@ from pathlib import Path
 import numpy as np
 
 from ..data.image import recipe_version
-from ..errors import ConfigError, RunFolderError
+from ..errors import ConfigError, RunFolderError, TransferError
 from ..fsutil import sha256_file
 from ..models.onnx_convert import two_output_model
 from ..models.registry import get_backbone
 from ..runtime.sessions import make_session
+from .audit_cache import CacheEntry
 from .audit_model import initial_weights_path, load_source_model
 from .audit_pass import Parity
 from .features import open_run, resolve_trial
+
+_log = logging.getLogger(__name__)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 #: largest difference between ONNX Runtime's and Keras's features allowed, relative to their largest magnitude
 PARITY_TOLERANCE = 1e-4
@@ -131,7 +137,7 @@ class FeatureEngine:
     """Runs the audit's models on batches: ``run(x) -> {name: features}``.
 
     A child process converts the models to ONNX (:mod:`transfer.analysis.audit_model`; only it
-    imports TensorFlow) while the audit hashes the files; :meth:`ready` waits for it, opens an
+    imports TensorFlow) while the audit reads the files; :meth:`ready` waits for it, opens an
     ONNX Runtime session per model on ``threads`` threads (it releases the GIL: the decoding
     threads keep working beside it) and compares each session's features of the pass's own
     pixels of the first audited images (``parity.x``) with Keras's features of the same images as
@@ -141,9 +147,16 @@ class FeatureEngine:
     this process for that model,
     saying why (a model that cannot be loaded at all then raises its error here). ``describe``
     records, per model, which ran and the measured difference (``audit.json``: ``feature_engine``).
+
+    A model converted by an earlier audit, with Keras's reference of the same parity images
+    (``digests``: their SHA-256, in order; hashed here when not given), comes from the cache
+    (:mod:`transfer.analysis.audit_cache`, checked before use) and needs no child; what the child
+    makes is kept there. ``describe`` says where each came from (``conversion``,
+    ``keras_reference``: ``cache`` or ``child process``) and the model's ``cache`` folder.
     """
 
-    def __init__(self, src: FeatureSource, folder: Path, parity: Parity, *, threads: int, p):
+    def __init__(self, src: FeatureSource, folder: Path, parity: Parity, *, threads: int, p,
+                 digests: list[str] | None = None):
         import json
         import subprocess
         import sys
@@ -161,20 +174,72 @@ class FeatureEngine:
                                  "reference": str(folder / f"{m['name']}.npz")} for m in src.models],
                      "parity": [str(x) for x in parity.paths], "size": list(src.size), "limit": len(parity.paths),
                      "recipe": src.recipe}
+        #: per model: {"dim", "classes"} and Keras's reference of the parity images, and where each came from
+        self.results: dict[str, dict] = {}
+        self.refs: dict[str, dict] = {}
+        self.entries = self._cache_entries(digests)
+        self.origin = {name: {"cache": str(entry.folder)} for name, entry in self.entries.items()}
+        todo = [spec for spec in self.spec["models"] if not self._from_cache(spec)]
+        self.child = None
+        if not todo:
+            p.say(f"audit: the model{'s' if len(self.names) > 1 else ''} as ONNX and Keras's features of the first "
+                  f"images from the cache ({self.entries[self.names[0]].folder.parent})")
+            return
         env = dict(os.environ)
         here = str(Path(__file__).resolve().parents[2])  # the folder holding this ``transfer`` package
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        p.say(f"audit: converting the model{'s' if len(self.names) > 1 else ''} to ONNX (child process)")
-        self.child = subprocess.Popen([sys.executable, "-m", "transfer.analysis.audit_model", json.dumps(self.spec)],
+        converting = [m["name"] for m in todo if m.get("convert", True)]
+        p.say(f"audit: converting the model{'s' if len(converting) > 1 else ''} to ONNX (child process)" if converting
+              else "audit: Keras's features of the first images (child process; the ONNX conversion is cached)")
+        self.child = subprocess.Popen([sys.executable, "-m", "transfer.analysis.audit_model",
+                                       json.dumps({**self.spec, "models": todo})],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def _cache_entries(self, digests: list[str] | None) -> dict[str, CacheEntry]:
+        """Each model's cache entry (none when a model's files cannot be read: the child says why)."""
+        if digests is None:
+            try:
+                digests = [sha256_file(q) for q in self.parity.paths]
+            except OSError:
+                return {}
+        if len(digests) != len(self.parity.paths) or not all(_SHA256.fullmatch(str(d)) for d in digests):
+            return {}  # a parity image that could not be hashed: nothing to key its reference by
+        try:
+            return {m["name"]: CacheEntry.of(m, digests, self.src.size, self.src.recipe) for m in self.src.models}
+        except (TransferError, OSError) as exc:
+            _log.info("audit cache not used: %s", exc)
+            return {}
+
+    def _from_cache(self, spec: dict) -> bool:
+        """Take ``spec``'s model from the cache: True when both its conversion and Keras's reference
+        are there; with only the conversion, the child is told not to convert (``"convert": false``)."""
+        name, entry = spec["name"], self.entries.get(spec["name"])
+        if entry is None:
+            return False
+        info, why = entry.conversion(Path(spec["onnx"]))
+        if why:
+            self.p.say(f"audit: the cached ONNX conversion of {name} is not used ({why}); converting again")
+        if info is None:
+            return False
+        spec["convert"] = False
+        self.origin[name]["conversion"] = "cache"
+        ref, why = entry.reference()
+        if why:
+            self.p.say(f"audit: the cached Keras features of {name} are not used ({why}); computing them again")
+        if ref is None:
+            return False
+        self.results[name] = info
+        self.refs[name] = {**ref, "paths": [str(q) for q in self.parity.paths]}
+        self.origin[name]["keras_reference"] = "cache"
+        return True
 
     def ready(self, wait: bool = True) -> bool:
         """Whether the models can run: with ``wait``, waits for the conversion (the seconds waited
         add to ``waited``); then opens the ONNX Runtime sessions (parity-checked) or Keras."""
         if self.done:
             return True
-        if not wait and self.child.poll() is None:
+        if not wait and self.child is not None and self.child.poll() is None:
             return False
         t = time.perf_counter()
         self._open()
@@ -183,38 +248,61 @@ class FeatureEngine:
         return True
 
     def _open(self) -> None:
-        import json
-
-        out, err = self.child.communicate()
-        lines = out.splitlines()
-        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:]
+        lines, tail = [], []
+        if self.child is not None:
+            out, err = self.child.communicate()
+            lines = out.splitlines()
+            tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:]
         for m in self.src.models:
             name = m["name"]
-            result = [ln.split(" ", 2)[2] for ln in lines if ln.startswith(f"RESULT {name} ")]
-            if not result:
-                said = [ln.split(" ", 2)[2] for ln in lines if ln.startswith(f"ERROR {name} ")]
-                self._keras_because(m, "the model was not converted to ONNX ("
-                                    + ((said or tail or [f"exit status {self.child.returncode}"])[0]) + ")")
-                continue
-            res = json.loads(result[0])
+            if name not in self.results:
+                result = [ln.split(" ", 2)[2] for ln in lines if ln.startswith(f"RESULT {name} ")]
+                if not result:
+                    said = [ln.split(" ", 2)[2] for ln in lines if ln.startswith(f"ERROR {name} ")]
+                    self._keras_because(m, "the model was not converted to ONNX ("
+                                        + ((said or tail or [f"exit status {self.child.returncode}"])[0]) + ")")
+                    continue
+                self._child_result(name, result[0])
+            res = self.results[name]
             self.dims[name] = int(res["classes"] if m.get("output") == "probs" else res["dim"])
+            spec = self.spec["models"][self.names.index(name)]
             try:
-                self.sessions[name], _ = make_session(self.spec["models"][self.names.index(name)]["onnx"], "cpu",
-                                                      threads=self.threads)
+                self.sessions[name], _ = make_session(spec["onnx"], "cpu", threads=self.threads)
             except Exception as exc:  # noqa: BLE001 -- ONNX Runtime raises its own kinds; Keras still runs the model
                 self._keras_because(m, f"ONNX Runtime cannot open the converted model ({type(exc).__name__}: {exc})")
                 continue
+            entry = self.entries.get(name)
+            if entry is not None and self.origin[name].get("conversion") != "cache":
+                entry.store_conversion(Path(spec["onnx"]), res)
             self._check(m)
+
+    def _child_result(self, name: str, line: str) -> None:
+        """The child's ``RESULT`` of model ``name`` and its Keras reference (kept in the cache when
+        it is of the very files the reference is keyed by)."""
+        import json
+
+        spec = self.spec["models"][self.names.index(name)]
+        self.results[name] = json.loads(line)
+        with np.load(spec["reference"]) as z:
+            ref = {k: np.asarray(z[k], np.float32) for k in OUTPUTS}
+            ref["paths"], digests = [str(q) for q in z["paths"]], [str(q) for q in z["sha256"]]
+        self.refs[name] = ref
+        origin = self.origin.setdefault(name, {})
+        origin.setdefault("conversion", "child process")
+        origin["keras_reference"] = "child process"
+        entry = self.entries.get(name)
+        if entry is not None and digests == entry.images:
+            entry.store_reference(ref["features"], ref["probs"])
 
     def _check(self, m: dict) -> None:
         """ONNX Runtime's features of the pass's pixels against Keras's of the loader's pixels."""
         name = m["name"]
-        ref = np.load(self.spec["models"][self.names.index(name)]["reference"])
-        k = len(ref["x"])
-        same_images = [str(q) for q in ref["paths"]] == [str(q) for q in self.parity.paths]
+        ref = self.refs[name]
+        k = len(ref["features"])
+        same_images = ref["paths"] == [str(q) for q in self.parity.paths]
         out = OUTPUTS[self.outputs[name]]
         if not same_images:
-            self.describe[name] = {"parity_images": 0}
+            self.describe[name] = {"parity_images": 0, **self.origin.get(name, {})}
             return self._keras_because(m, "the conversion checked other images than the pass's first ones")
         diff, scale = 0.0, 1.0
         if k:
@@ -222,7 +310,7 @@ class FeatureEngine:
             diff = float(np.abs(f - ref[out]).max())
             scale = float(max(np.abs(ref[out]).max(), 1e-6))
         self.describe[name] = {"engine": "onnxruntime", "threads": self.threads, "parity_images": k,
-                               "parity_max_abs_diff": diff, "parity_relative": diff / scale}
+                               "parity_max_abs_diff": diff, "parity_relative": diff / scale, **self.origin.get(name, {})}
         if diff > PARITY_TOLERANCE * scale:
             self._keras_because(m, f"ONNX Runtime's {out} of the audit's pixels differ from Keras's of the model "
                                    f"loader's pixels by {diff:.3g} (largest magnitude {scale:.3g}) on {k} of the "
@@ -232,7 +320,8 @@ class FeatureEngine:
 
         name = m["name"]
         self.sessions.pop(name, None)
-        parity = {k: v for k, v in self.describe.get(name, {}).items() if k.startswith("parity")}
+        parity = {k: v for k, v in self.describe.get(name, {}).items()
+                  if k.startswith("parity") or k in ("conversion", "keras_reference", "cache")}
         self.describe[name] = {"engine": "keras", "why": why, **parity}
         self.p.say(f"audit: {name} features by Keras: {why}")
         self.keras[name] = two_output_model(load_source_model(m))
@@ -253,7 +342,7 @@ class FeatureEngine:
         self.sessions, self.keras = {}, {}
 
     def close(self) -> None:
-        if self.child.poll() is None:
+        if self.child is not None and self.child.poll() is None:
             self.child.kill()
             self.child.communicate()
 

@@ -20,11 +20,13 @@ pixels shows.
 
 The spec (JSON, one argument): ``"models"``: a list of ``{"name", "onnx", "reference"}`` plus
 ``{"run", "trial"}`` (``"initial": true`` for the trial's initial weights) or ``{"backbone",
-"weights", "image_size"}``; ``"parity"``: image paths; ``"size"``: (H, W) of the model input;
-``"recipe"``: the pixel recipe (``null``: the current one); ``"limit"``: parity images.
-``reference`` is where a model's ``x`` (the pixels), ``features`` and ``probs`` go (``.npz``).
-For each model the child prints one line, ``RESULT name {"dim": D, "classes": C}`` or, when it
-cannot be loaded or converted, ``ERROR name message``.
+"weights", "image_size"}``, and ``"convert": false`` for a model whose ONNX file the audit already
+has (:mod:`transfer.analysis.audit_cache`: only Keras's reference is computed); ``"parity"``: image
+paths; ``"size"``: (H, W) of the model input; ``"recipe"``: the pixel recipe (``null``: the current
+one); ``"limit"``: parity images. ``reference`` is where a model's ``features``, ``probs``, the
+``paths`` of the images they are of and those files' ``sha256`` go (``.npz``). For each model the
+child prints one line, ``RESULT name {"dim": D, "classes": C}`` or, when it cannot be loaded or
+converted, ``ERROR name message``.
 
 Example::
 
@@ -42,6 +44,7 @@ import numpy as np
 
 from ..data.image import load_image
 from ..errors import ImageDecodeError, RunFolderError, TransferError
+from ..fsutil import sha256_file
 from ..models.build import build_classifier
 from ..models.onnx_convert import export_onnx, two_output_model
 from .features import open_run, resolve_trial
@@ -80,43 +83,50 @@ def load_source_model(spec: dict):
     return model
 
 
-def reference_pixels(paths, size, limit: int, *, recipe: dict | None) -> tuple[np.ndarray, list[str]]:
+def reference_pixels(paths, size, limit: int, *, recipe: dict | None) -> tuple[np.ndarray, list[str], list[str]]:
     """Up to ``limit`` of ``paths`` as the model's own loader makes them
-    (:func:`transfer.data.image.load_image` at ``size`` with ``recipe``), and the paths that
-    decoded (files that do not decode are skipped)."""
+    (:func:`transfer.data.image.load_image` at ``size`` with ``recipe``), the paths that
+    decoded (files that do not decode are skipped) and their SHA-256 (what a kept reference is
+    keyed by: taken here, beside the decode, so a file changed during the audit is not kept
+    under its old content)."""
 
-    out, used = [], []
+    out, used, digests = [], [], []
     for p in paths:
         try:
+            digest = sha256_file(p)
             out.append(load_image(p, tuple(size), recipe=recipe))
-        except ImageDecodeError:
+        except (ImageDecodeError, OSError):
             continue
         used.append(str(p))
+        digests.append(digest)
         if len(out) >= limit:
             break
     h, w = (int(v) for v in size)
-    return (np.stack(out).astype(np.float32) if out else np.zeros((0, h, w, 3), np.float32)), used
+    return (np.stack(out).astype(np.float32) if out else np.zeros((0, h, w, 3), np.float32)), used, digests
 
 
-def convert(model_spec: dict, x: np.ndarray, used: list[str]) -> dict:
-    """Convert one model (see the module docstring) and return ``{"dim", "classes"}``."""
+def convert(model_spec: dict, x: np.ndarray, used: list[str], digests: list[str]) -> dict:
+    """Convert one model (unless its spec says ``"convert": false``) and write Keras's reference
+    of ``x`` (see the module docstring); returns ``{"dim", "classes"}``."""
     model = load_source_model(model_spec)
-    export_onnx(model, model_spec["onnx"])
+    if model_spec.get("convert", True):
+        export_onnx(model, model_spec["onnx"])
     two = two_output_model(model)
     if len(x):
         f, p = (np.asarray(a, np.float32) for a in two.predict_on_batch(x))
     else:
         f = np.zeros((0, int(two.outputs[0].shape[-1])), np.float32)
         p = np.zeros((0, int(two.outputs[1].shape[-1])), np.float32)
-    np.savez(model_spec["reference"], x=x, features=f, probs=p, paths=np.array(used, dtype=str))
+    np.savez(model_spec["reference"], features=f, probs=p, paths=np.array(used, dtype=str),
+             sha256=np.array(digests, dtype=str))
     return {"dim": int(two.outputs[0].shape[-1]), "classes": int(two.outputs[1].shape[-1])}
 
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     try:
-        x, used = reference_pixels(spec.get("parity", []), spec["size"], int(spec.get("limit", 32)),
-                                   recipe=spec.get("recipe"))
+        x, used, digests = reference_pixels(spec.get("parity", []), spec["size"], int(spec.get("limit", 32)),
+                                            recipe=spec.get("recipe"))
     except (TransferError, ValueError) as exc:  # ValueError: a recipe this runtime does not implement
         for m in spec["models"]:
             print(f"ERROR {m['name']} " + str(getattr(exc, "message", exc)), flush=True)
@@ -124,7 +134,7 @@ def main(argv: list[str]) -> int:
     status = 0
     for m in spec["models"]:
         try:
-            res = convert(m, x, used)
+            res = convert(m, x, used, digests)
         except TransferError as exc:
             print(f"ERROR {m['name']} " + exc.message, flush=True)
             status = 1
