@@ -62,24 +62,34 @@ def import_tensorflow() -> ModuleType:
     3 -- what this function sets, and what child processes such as Ray workers inherit --
     keeps them quiet.)
     """
+    return import_quietly("tensorflow", purpose="training and export")
+
+
+def import_quietly(module: str, *, purpose: str) -> ModuleType:
+    """Import ``module`` -- TensorFlow, or a package that imports it first (tf2onnx) -- the way
+    :func:`import_tensorflow` does: fd 2 silenced while TensorFlow is first imported.
+
+    Raises:
+        DependencyMissingError: as :func:`require`.
+    """
     import sys
 
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
+    if module in sys.modules:
+        return sys.modules[module]
     loud = os.environ.get("TRANSFER_DEBUG") == "1" or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3").strip() != "3"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if loud:
-        return require("tensorflow", purpose="training and export")
+    if loud or "tensorflow" in sys.modules:
+        return require(module, purpose=purpose)
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):
-        return require("tensorflow", purpose="training and export")
+        return require(module, purpose=purpose)
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-        return require("tensorflow", purpose="training and export")
+        return require(module, purpose=purpose)
     finally:
         os.dup2(saved, 2)
         os.close(saved)

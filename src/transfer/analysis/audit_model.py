@@ -42,6 +42,7 @@ import sys
 
 import numpy as np
 
+from .._lazy import import_quietly
 from ..data.image import load_image
 from ..errors import ImageDecodeError, RunFolderError, TransferError
 from ..fsutil import sha256_file
@@ -132,7 +133,17 @@ def main(argv: list[str]) -> int:
             print(f"ERROR {m['name']} " + str(getattr(exc, "message", exc)), flush=True)
         return 1
     status = 0
-    for m in spec["models"]:
+    models = list(spec["models"])
+    converting = [m for m in models if m.get("convert", True)]
+    if converting:
+        try:  # before TensorFlow loads a model: a missing or broken converter fails in a moment, not in 5 s
+            import_quietly("tf2onnx", purpose="ONNX export")
+        except Exception as exc:  # noqa: BLE001 -- a broken package may raise anything on import
+            why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            for m in converting:
+                print(f"ERROR {m['name']} {why}", flush=True)
+            models, status = [m for m in models if not m.get("convert", True)], 1
+    for m in models:
         try:
             res = convert(m, x, used, digests)
         except TransferError as exc:
