@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.inference import forward
 from transfer.models.registry import get_backbone, list_backbones
 
 SMALL = {"arc2", "arc3", "mobilenet_v2"}
@@ -31,7 +32,7 @@ def test_roundtrip(name, tmp_path):
     model = load_model(tmp_path / "m.keras")  # what export really sees: a reloaded model
     export_onnx(model, tmp_path / "m.onnx")
     x = np.random.default_rng(0).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
-    ref = model.predict(x, verbose=0)
+    ref = forward(model, x)
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     feats, probs = sess.run(["features", "probs"], {"image": x})
     np.testing.assert_allclose(probs, ref, atol=1e-4)

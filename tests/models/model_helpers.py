@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from helpers.inference import forward
+
 
 def pixels(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     """Random RGB pixels in 0..255, float32 (N, H, W, 3)."""
@@ -38,6 +40,6 @@ def check_contract(model, info, *, size, num_classes):
     assert len(model.get_layer(info.gradcam_layer).output.shape) == 4
     after = body[body.index(info.gradcam_layer) + 1:]
     assert all(type(model.get_layer(n)).__name__ in ("MaxPooling2D", "Dropout", "Flatten") for n in after), after
-    probs = model.predict(pixels(2, h, w), verbose=0)
+    probs = forward(model, pixels(2, h, w))
     assert probs.shape == (2, num_classes)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)

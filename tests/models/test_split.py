@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.inference import forward
 from transfer.models.build import build_classifier
 from transfer.models.freeze import apply_freeze
 from transfer.models.split import bridge_model, find_cut, prefix_model, suffix_model, training_model
@@ -27,8 +28,8 @@ def test_a_cut_inside_a_residual_block_has_two_frontier_tensors(mobilenet):
     assert cut.label == "block_12_expand_BN" and cut.frontier == ("block_11_add", "block_12_expand")
     assert [s[-1] for s in cut.shapes] == [96, 576] and cut.has_backbone
     x = _x()
-    whole = model.predict(x, verbose=0)
-    split = suffix_model(model, cut).predict(prefix_model(model, cut).predict(x, verbose=0), verbose=0)
+    whole = forward(model, x)
+    split = forward(suffix_model(model, cut), forward(prefix_model(model, cut), x))
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
 
 
@@ -42,8 +43,8 @@ def test_the_frozen_prefix_runs_through_weightless_pooling_and_a_deeper_cut_is_b
     bridge, names = bridge_model(model, shallow, pooled)
     assert names == ["features"]
     x = _x()
-    via = bridge.predict(prefix_model(model, shallow).predict(x, verbose=0), verbose=0)
-    direct = prefix_model(model, pooled).predict(x, verbose=0)
+    via = forward(bridge, forward(prefix_model(model, shallow), x))
+    direct = forward(prefix_model(model, pooled), x)
     np.testing.assert_allclose(via, direct, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not deeper"):
         bridge_model(model, pooled, shallow)
