@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# numpy's OpenBLAS on one thread in every test process (and the processes the tests start): its
+# idle threads spin after each call, and beside cores + 1 xdist workers and TensorFlow's own pools
+# that spinning is CPU the suite loses (3 full runs: 4:28 with it set, 4:44 and 4:41 without;
+# docs/test_durations.md). Set here, before anything imports numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 pytest_plugins = ["helpers.fixtures"]
 
