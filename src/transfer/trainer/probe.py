@@ -202,7 +202,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None
     x32 = np.asarray(x_train, np.float32)
     xv32 = np.asarray(x_val, np.float32) if has_val else None
     yv = np.asarray(y_val, np.int64) if has_val else None
-    n, d = xs.shape
+    n = xs.shape[0]
     # An exact change of variables that L-BFGS converges in far fewer steps on: the weights
     # along the principal axes of the standardized features (eigenvectors V of X'X; axes of
     # zero variance are dropped: an optimal w has no part there), each scaled by
