@@ -168,6 +168,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def json_sha256(obj) -> str:
+    """SHA-256 of ``obj`` as JSON with sorted keys: the content key of a cache entry."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def user_cache_dir() -> Path:
     """The user's cache of ``transfer`` (converted models, TensorRT engines): ``$TRANSFER_CACHE_DIR``,
     else ``$XDG_CACHE_HOME/transfer``, else ``~/.cache/transfer``. Not created here."""

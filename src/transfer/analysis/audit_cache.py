@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import atomic_path, read_json, sha256_file, user_cache_dir, write_json_atomic
+from ..fsutil import atomic_path, json_sha256, read_json, sha256_file, user_cache_dir, write_json_atomic
 from ..runfolder import RunLayout
 from .audit_model import initial_weights_path
 from .features import open_run, resolve_trial
@@ -63,10 +62,6 @@ KEEP_MODELS = 16
 KEEP_REFERENCES = 8
 #: the distributions whose versions are part of the model key
 VERSIONED = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx")
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -127,8 +122,8 @@ class CacheEntry:
         """The entry of the model ``spec`` names, for parity images with SHA-256 ``digests``
         decoded at ``size`` with ``recipe``."""
         model = model_identity(spec)
-        key = _digest({"format": FORMAT, "model": model, "code": code_identity()})
-        ref = _digest({"format": FORMAT, "model": key, "images": list(digests), "size": [int(v) for v in size],
+        key = json_sha256({"format": FORMAT, "model": model, "code": code_identity()})
+        ref = json_sha256({"format": FORMAT, "model": key, "images": list(digests), "size": [int(v) for v in size],
                        "recipe": recipe})
         return cls(cache_root(spec) / key, key, model, list(digests), ref)
 

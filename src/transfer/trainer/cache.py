@@ -47,7 +47,7 @@ import numpy as np
 from ..data.batches import BatchSource, Sampling, read_ahead
 from ..data.image import recipe_version
 from ..errors import TransferError
-from ..fsutil import file_stamp, write_json_atomic
+from ..fsutil import file_stamp, json_sha256, write_json_atomic
 from ..models.split import Cut, bridge_model, inference_function, prefix_model
 
 CACHE_FORMAT = 1
@@ -112,7 +112,7 @@ class CacheContext:
             "samples": samples_sha256(req.samples),
             "recipe": recipe_version(self.recipe),
         }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return json_sha256(ident)
 
     def folder(self, req: CacheRequest) -> Path:
         view = "" if req.view is None else f"-v{req.view}"
