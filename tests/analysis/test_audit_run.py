@@ -59,7 +59,7 @@ def test_training_images_are_judged_out_of_sample(flipped_run, tmp_path):
     for name in ("source", "initial"):
         eng = s["feature_engine"][name]
         assert eng["engine"] == "onnxruntime" and eng["parity_images"] == 32 and eng["parity_relative"] <= 1e-4
-        assert eng["conversion"] == eng["keras_reference"] == "child process"
+        assert eng["conversion"] == eng["keras_reference"] == "in process"
     # both conversions are kept in the run folder for the next audit of the same trial
     from transfer.runfolder import RunLayout
 
@@ -106,6 +106,7 @@ def test_a_model_that_cannot_be_converted_falls_back_to_keras(flipped_run, tmp_p
     broken.mkdir()
     (broken / "tf2onnx.py").write_text("raise ImportError('tf2onnx is broken here')\n")
     monkeypatch.setenv("PYTHONPATH", str(broken))
+    monkeypatch.setattr(audit_engine, "CONVERT_IN", "child")  # what `transfer data audit` uses
     lines: list[str] = []
     res = audit_folder(data, run=run, out=tmp_path / "k", progress=lines.append)
     for name in ("source", "initial"):
@@ -138,8 +139,11 @@ def test_the_parity_check_notices_pixels_the_model_never_saw(photo_folder, tmp_p
     from transfer.data.image import RECIPES
 
     kw = dict(backbone="arc2", weights="none", image_size=32)
+    monkeypatch.setattr(audit_engine, "CONVERT_IN", "child")  # what `transfer data audit` uses
     ok = audit_folder(photo_folder, out=tmp_path / "ok", **kw)
     assert ok.summary["feature_engine"]["source"]["engine"] == "onnxruntime"
+    assert ok.summary["feature_engine"]["source"]["conversion"] == "child process"
+    monkeypatch.setattr(audit_engine, "CONVERT_IN", "process")
     real = audit_pass.model_input
 
     def other_recipe(path, pixels, size, *, recipe):

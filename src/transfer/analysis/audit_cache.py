@@ -1,6 +1,7 @@
 """The audit's model conversions and Keras references, kept by content.
 
-Every audit has a child process (:mod:`transfer.analysis.audit_model`) import TensorFlow, convert
+Every audit has a child process (:mod:`transfer.analysis.audit_model`; a thread of a process that has
+it loaded already) import TensorFlow, convert
 its models with tf2onnx and compute Keras's features of the first audited images: about 5 s of
 CPU for a small arc2 (4.5 s of it importing TensorFlow), more for a large backbone. Auditing the
 same model again -- after fixing the data, into another ``--out``, with ``--force`` -- repeats
@@ -21,7 +22,7 @@ the SHA-256 of each parity image, in order, the input size and the pixel recipe:
 features are those of the pixels the model's loader makes of exactly those files, so the parity
 check (ONNX Runtime's features of the pass's pixels against them) keeps its meaning. A model whose
 conversion is kept but not the reference of these images still needs the child (it imports
-TensorFlow for Keras), which then only computes the reference.
+TensorFlow for Keras) or the thread, which then only computes the reference.
 
 Each file is written under a temporary name and renamed into place; the JSON, written last,
 records the SHA-256 of the file it describes, and a reader checks it on a copy before using it:

@@ -4,7 +4,7 @@
 same trial's network at its initial weights, and with a k-fold run the fold models' softmax), or
 a chosen backbone -- as a :class:`FeatureSource`. :class:`FeatureEngine` has a child process
 convert them to ONNX (:mod:`transfer.analysis.audit_model`; only that process imports
-TensorFlow), runs them in ONNX Runtime, and checks them against Keras on the pass's first images
+TensorFlow; a thread of this process when TensorFlow is loaded here already), runs them in ONNX Runtime, and checks them against Keras on the pass's first images
 (:class:`~transfer.analysis.audit_pass.Parity`); a model that fails the check runs in Keras,
 and the audit says why.
 
@@ -33,7 +33,12 @@ from ..models.onnx_convert import two_output_model
 from ..models.registry import get_backbone
 from ..runtime.sessions import make_session
 from .audit_cache import CacheEntry
-from .audit_model import initial_weights_path, load_source_model
+from .audit_model import (
+    InProcess,
+    in_process_possible,
+    initial_weights_path,
+    load_source_model,
+)
 from .audit_pass import Parity
 from .features import open_run, resolve_trial
 
@@ -46,6 +51,12 @@ PARITY_TOLERANCE = 1e-4
 ORT_THREADS = 1
 #: the outputs of a contract model an audit model gives (by index)
 OUTPUTS = ("features", "probs")
+#: where the models are converted: ``"auto"`` -- in a thread of this process when TensorFlow is
+#: loaded here already (:func:`~transfer.analysis.audit_model.in_process_possible`), else in a
+#: child process; ``"child"``; ``"process"`` (a thread of this process, importing TensorFlow if needed)
+CONVERT_IN = "auto"
+#: how ``audit.json`` (``feature_engine``) names where a conversion or reference was made
+ORIGIN = {"child": "child process", "process": "in process"}
 
 
 @dataclass
@@ -137,7 +148,8 @@ class FeatureEngine:
     """Runs the audit's models on batches: ``run(x) -> {name: features}``.
 
     A child process converts the models to ONNX (:mod:`transfer.analysis.audit_model`; only it
-    imports TensorFlow) while the audit reads the files; :meth:`ready` waits for it, opens an
+    imports TensorFlow; where TensorFlow is loaded already, a thread of this process:
+    :data:`CONVERT_IN`) while the audit reads the files; :meth:`ready` waits for it, opens an
     ONNX Runtime session per model on ``threads`` threads (it releases the GIL: the decoding
     threads keep working beside it) and compares each session's features of the pass's own
     pixels of the first audited images (``parity.x``) with Keras's features of the same images as
@@ -152,7 +164,7 @@ class FeatureEngine:
     (``digests``: their SHA-256, in order; hashed here when not given), comes from the cache
     (:mod:`transfer.analysis.audit_cache`, checked before use) and needs no child; what the child
     makes is kept there. ``describe`` says where each came from (``conversion``,
-    ``keras_reference``: ``cache`` or ``child process``) and the model's ``cache`` folder.
+    ``keras_reference``: ``cache``, ``child process`` or ``in process``) and the model's ``cache`` folder.
     """
 
     def __init__(self, src: FeatureSource, folder: Path, parity: Parity, *, threads: int, p,
@@ -181,19 +193,26 @@ class FeatureEngine:
         self.origin = {name: {"cache": str(entry.folder)} for name, entry in self.entries.items()}
         todo = [spec for spec in self.spec["models"] if not self._from_cache(spec)]
         self.child = None
+        self.where = "cache"
         if not todo:
             p.say(f"audit: the model{'s' if len(self.names) > 1 else ''} as ONNX and Keras's features of the first "
                   f"images from the cache ({self.entries[self.names[0]].folder.parent})")
+            return
+        self.where = CONVERT_IN if CONVERT_IN != "auto" else "process" if in_process_possible() else "child"
+        how = ("child process" if self.where == "child" else
+               "in this process: TensorFlow is loaded here" if "tensorflow" in sys.modules else "in this process")
+        converting = [m["name"] for m in todo if m.get("convert", True)]
+        p.say(f"audit: converting the model{'s' if len(converting) > 1 else ''} to ONNX ({how})" if converting
+              else f"audit: Keras's features of the first images ({how}; the ONNX conversion is cached)")
+        spec = {**self.spec, "models": todo}
+        if self.where == "process":
+            self.child = InProcess(spec)
             return
         env = dict(os.environ)
         here = str(Path(__file__).resolve().parents[2])  # the folder holding this ``transfer`` package
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        converting = [m["name"] for m in todo if m.get("convert", True)]
-        p.say(f"audit: converting the model{'s' if len(converting) > 1 else ''} to ONNX (child process)" if converting
-              else "audit: Keras's features of the first images (child process; the ONNX conversion is cached)")
-        self.child = subprocess.Popen([sys.executable, "-m", "transfer.analysis.audit_model",
-                                       json.dumps({**self.spec, "models": todo})],
+        self.child = subprocess.Popen([sys.executable, "-m", "transfer.analysis.audit_model", json.dumps(spec)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def _cache_entries(self, digests: list[str] | None) -> dict[str, CacheEntry]:
@@ -288,8 +307,8 @@ class FeatureEngine:
             ref["paths"], digests = [str(q) for q in z["paths"]], [str(q) for q in z["sha256"]]
         self.refs[name] = ref
         origin = self.origin.setdefault(name, {})
-        origin.setdefault("conversion", "child process")
-        origin["keras_reference"] = "child process"
+        origin.setdefault("conversion", ORIGIN[self.where])
+        origin["keras_reference"] = ORIGIN[self.where]
         entry = self.entries.get(name)
         if entry is not None and digests == entry.images:
             entry.store_reference(ref["features"], ref["probs"])
@@ -347,4 +366,5 @@ class FeatureEngine:
             self.child.communicate()
 
 
-__all__ = ["ORT_THREADS", "OUTPUTS", "PARITY_TOLERANCE", "FeatureEngine", "FeatureSource", "feature_source"]
+__all__ = ["CONVERT_IN", "ORIGIN", "ORT_THREADS", "OUTPUTS", "PARITY_TOLERANCE", "FeatureEngine", "FeatureSource",
+           "feature_source"]

@@ -1,4 +1,5 @@
-"""The audit's models as ONNX, converted in a child process that alone imports TensorFlow.
+"""The audit's models as ONNX, converted in a child process that alone imports TensorFlow (or,
+when this process has TensorFlow loaded already, in a thread of it: :class:`InProcess`).
 
 ``transfer data audit`` needs the pooled features of up to two models for every image: the
 feature source (a trained trial's model, or a chosen backbone) and, with a run, the same trial's
@@ -33,12 +34,22 @@ Example::
     python -m transfer.analysis.audit_model '{"models": [{"name": "trained", "run": "runs/f",
         "trial": "best", "onnx": "/tmp/a/m.onnx", "reference": "/tmp/a/ref.npz"}],
         "parity": ["data/a/1.png"], "size": [28, 28], "recipe": null}'
+
+A process that has imported TensorFlow already (a notebook, a test session) would only pay a second
+import in the child (about 5-8 s of CPU and 700 MB). There :class:`InProcess` runs the same
+:func:`run_spec` in a thread: the same lines, files and fallbacks, still beside the audit's reading
+of the files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import sys
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -49,6 +60,8 @@ from ..fsutil import sha256_file
 from ..models.build import build_classifier
 from ..models.onnx_convert import export_onnx, two_output_model
 from .features import open_run, resolve_trial
+
+_log = logging.getLogger(__name__)
 
 
 def initial_weights_path(run, trial):
@@ -123,14 +136,15 @@ def convert(model_spec: dict, x: np.ndarray, used: list[str], digests: list[str]
     return {"dim": int(two.outputs[0].shape[-1]), "classes": int(two.outputs[1].shape[-1])}
 
 
-def main(argv: list[str]) -> int:
-    spec = json.loads(argv[0])
+def run_spec(spec: dict, emit: Callable[[str], None]) -> int:
+    """Convert the models of ``spec`` (see the module docstring) and write their references; ``emit``
+    gets each model's ``RESULT`` or ``ERROR`` line. Returns 0, or 1 when any model failed."""
     try:
         x, used, digests = reference_pixels(spec.get("parity", []), spec["size"], int(spec.get("limit", 32)),
                                             recipe=spec.get("recipe"))
     except (TransferError, ValueError) as exc:  # ValueError: a recipe this runtime does not implement
         for m in spec["models"]:
-            print(f"ERROR {m['name']} " + str(getattr(exc, "message", exc)), flush=True)
+            emit(f"ERROR {m['name']} " + str(getattr(exc, "message", exc)))
         return 1
     status = 0
     models = list(spec["models"])
@@ -141,21 +155,104 @@ def main(argv: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 -- a broken package may raise anything on import
             why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             for m in converting:
-                print(f"ERROR {m['name']} {why}", flush=True)
+                emit(f"ERROR {m['name']} {why}")
             models, status = [m for m in models if not m.get("convert", True)], 1
     for m in models:
         try:
             res = convert(m, x, used, digests)
         except TransferError as exc:
-            print(f"ERROR {m['name']} " + exc.message, flush=True)
+            emit(f"ERROR {m['name']} " + exc.message)
             status = 1
             continue
         except Exception as exc:  # noqa: BLE001 -- tf2onnx raises its own kinds; the audit falls back to Keras
-            print(f"ERROR {m['name']} {type(exc).__name__}: " + " ".join(str(exc).split())[:300], flush=True)
+            emit(f"ERROR {m['name']} {type(exc).__name__}: " + " ".join(str(exc).split())[:300])
             status = 1
             continue
-        print(f"RESULT {m['name']} " + json.dumps(res), flush=True)
+        emit(f"RESULT {m['name']} " + json.dumps(res))
     return status
+
+
+def main(argv: list[str]) -> int:
+    return run_spec(json.loads(argv[0]), lambda line: print(line, flush=True))
+
+
+def _eager_context():
+    """TensorFlow's eager context, when it keeps its global seed where :class:`InProcess` can put it
+    back (the attributes ``_seed`` and, once a seed is set, ``_rng``: what ``tf.random.set_seed``
+    sets); else None."""
+    tf_context = sys.modules.get("tensorflow.python.eager.context")
+    ctx = tf_context.context() if tf_context is not None else None
+    return ctx if ctx is not None and hasattr(ctx, "_seed") and hasattr(ctx, "__dict__") else None
+
+
+def in_process_possible() -> bool:
+    """Whether this process can convert in a thread: TensorFlow is imported here already and its
+    global seed can be put back (building a seeded backbone sets it)."""
+    return "tensorflow" in sys.modules and _eager_context() is not None
+
+
+@contextmanager
+def _global_random_state_kept():
+    """Put back Python's, NumPy's and TensorFlow's global random state after the block: building a
+    backbone with a seed (``keras.utils.set_random_seed``) sets all three, and this process's
+    owner did not ask for that. Keras's own global state is per thread already."""
+    ctx = _eager_context()
+    saved_py, saved_np = random.getstate(), np.random.get_state()
+    saved_tf = {k: v for k, v in vars(ctx).items() if k in ("_seed", "_rng")} if ctx is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(saved_py)
+        np.random.set_state(saved_np)
+        if saved_tf is not None:
+            for k in ("_seed", "_rng"):
+                if k in saved_tf:
+                    setattr(ctx, k, saved_tf[k])
+                else:
+                    vars(ctx).pop(k, None)
+
+
+class InProcess:
+    """:func:`run_spec` in a thread of this process, answering as the child's ``Popen`` does
+    (``poll``, ``communicate``, ``kill``, ``returncode``), so the audit treats both alike.
+
+    For a process that has TensorFlow loaded (:func:`in_process_possible`). A thread cannot be
+    stopped: ``kill`` does nothing and ``communicate`` waits for the conversion to end.
+    """
+
+    def __init__(self, spec: dict):
+        if "tensorflow" not in sys.modules:  # asked for without it (``CONVERT_IN``): import it here, not
+            try:                              # in the thread, whose quiet import would silence fd 2 for all
+                import_quietly("tensorflow", purpose="ONNX export")
+            except Exception as exc:  # noqa: BLE001 -- the thread meets the same error and says it per model
+                _log.debug("TensorFlow import before the conversion thread failed: %s", exc)
+        self.returncode: int | None = None
+        self._lines: list[str] = []
+        self._error = ""
+        self._thread = threading.Thread(target=self._run, args=(spec,), name="transfer-audit-convert", daemon=True)
+        self._thread.start()
+
+    def _run(self, spec: dict) -> None:
+        try:
+            with _global_random_state_kept():
+                self.returncode = run_spec(spec, self._lines.append)
+        except BaseException as exc:  # noqa: BLE001 -- said as a child's last stderr line would be
+            self._error = f"{type(exc).__name__}: {exc}"
+            self.returncode = 1
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else self.returncode
+
+    def communicate(self) -> tuple[str, str]:
+        self._thread.join()
+        return "\n".join(self._lines), self._error
+
+    def kill(self) -> None:
+        """Nothing: a thread cannot be stopped (``communicate`` waits for it)."""
+
+
+__all__ = ["InProcess", "convert", "in_process_possible", "initial_weights_path", "load_source_model", "main",
+           "reference_pixels", "run_spec"]
 
 
 if __name__ == "__main__":
