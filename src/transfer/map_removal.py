@@ -7,7 +7,7 @@ the order a map ranks them (:func:`ranks`, ties broken at random) and ask the mo
   image's median or mean colour, black, or the image blurred);
 * ROAD (Rong et al. 2022) fills the removed pixels by noisy linear imputation
   (:func:`impute_linear`: each the weighted mean of its 8 neighbours, the whole hole one
-  sparse linear system, plus Gaussian noise of :data:`ROAD_NOISE` grey levels or the
+  linear system, plus Gaussian noise of :data:`ROAD_NOISE` grey levels or the
   image's own noise level, :func:`noise_level`), so the fill's shape does not tell the
   model where pixels were removed.
 
@@ -45,6 +45,12 @@ _NEIGHBOURS = ((-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6)
                (0, 1, 1 / 6), (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12))
 
 
+#: above this (bandwidth + 1)^2 x unknowns a hole is solved by sparse LU, below it by banded Cholesky:
+#: banded was 2-4x faster up to 128 x 128 and still faster at 448 x 448; at 640 x 640 LU was 2.1x
+#: faster for 30 % removed (1.9e10) (``benchmarks/bench_road.py``, docs/benchmarks.md)
+BANDED_WORK = 2e10
+
+
 def impute_linear(image: np.ndarray, removed: np.ndarray, *, noise: float = ROAD_NOISE,
                   rng: np.random.Generator | None = None, noise_field: np.ndarray | None = None) -> np.ndarray:
     """Noisy linear imputation (ROAD): removed pixels become the weighted mean of their 8 neighbours.
@@ -55,6 +61,11 @@ def impute_linear(image: np.ndarray, removed: np.ndarray, *, noise: float = ROAD
     the filled pixels (``noise_field``, ``(H, W, C)`` standard normals, gives the draws so
     two removals can share them). Values are clipped to 0..255.
 
+    The system is symmetric positive definite (every hole touches a known pixel). In the
+    removed pixels' row-major order its bandwidth is at most the image width plus one, so
+    it is solved as a banded Cholesky (:func:`scipy.linalg.solveh_banded`) unless that costs
+    more than :data:`BANDED_WORK`, then by sparse LU with a symmetric fill-reducing order.
+
     Args:
         image: ``(H, W, C)`` pixels.
         removed: ``(H, W)`` bool, True = impute; not every pixel.
@@ -63,9 +74,6 @@ def impute_linear(image: np.ndarray, removed: np.ndarray, *, noise: float = ROAD
 
         impute_linear(x, map_ >= np.quantile(map_, 0.8))    # the top 20 % filled in
     """
-    from scipy.sparse import csc_matrix
-    from scipy.sparse.linalg import splu
-
     x = np.asarray(image, dtype=np.float64)
     H, W, C = x.shape
     flat = np.asarray(removed, bool).reshape(-1)
@@ -82,7 +90,7 @@ def impute_linear(image: np.ndarray, removed: np.ndarray, *, noise: float = ROAD
     xf = x.reshape(-1, C)
     diag = np.zeros(n)
     b = np.zeros((n, C))
-    rows, cols, vals = [np.arange(n)], [np.arange(n)], []
+    lower_rows, lower_cols, lower_vals = [], [], []  # each pair of removed neighbours once: (later, earlier)
     for dy, dx, wt in _NEIGHBOURS:
         ny, nx = yy + dy, xx + dx
         ok = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
@@ -90,14 +98,30 @@ def impute_linear(image: np.ndarray, removed: np.ndarray, *, noise: float = ROAD
         nb = ny[ok] * W + nx[ok]
         diag[eq] += wt
         unknown = flat[nb]
-        rows.append(eq[unknown])
-        cols.append(vid[nb[unknown]])
-        vals.append(np.full(int(unknown.sum()), -wt))
+        if dy > 0 or (dy == 0 and dx > 0):
+            lower_rows.append(vid[nb[unknown]])
+            lower_cols.append(eq[unknown])
+            lower_vals.append(np.full(int(unknown.sum()), -wt))
         np.add.at(b, eq[~unknown], wt * xf[nb[~unknown]])
-    a = csc_matrix((np.concatenate([diag] + vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-    # symmetric positive definite: no pivoting, a symmetric fill-reducing order (~2x faster than spsolve)
-    lu = splu(a, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-    v = np.asarray(lu.solve(b)).reshape(n, C)
+    rows, cols, vals = (np.concatenate(a) for a in (lower_rows, lower_cols, lower_vals))
+    band = int((rows - cols).max()) if rows.size else 0
+    if (band + 1) ** 2 * n <= BANDED_WORK:
+        from scipy.linalg import solveh_banded
+
+        ab = np.zeros((band + 1, n))  # lower form: ab[d, j] = A[j + d, j]
+        ab[0] = diag
+        ab[rows - cols, cols] = vals
+        v = solveh_banded(ab, b, lower=True, check_finite=False)
+    else:
+        from scipy.sparse import csc_matrix
+        from scipy.sparse.linalg import splu
+
+        everything = np.arange(n)
+        a = csc_matrix((np.concatenate([diag, vals, vals]), (np.concatenate([everything, rows, cols]),
+                                                              np.concatenate([everything, cols, rows]))), shape=(n, n))
+        # no pivoting, a symmetric fill-reducing order (~2x faster than spsolve)
+        lu = splu(a, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        v = np.asarray(lu.solve(b)).reshape(n, C)
     if noise:
         z = (noise_field.reshape(-1, C)[idx] if noise_field is not None
              else (rng or np.random.default_rng()).standard_normal((n, C)))
@@ -139,4 +163,4 @@ def substrate(images: np.ndarray, baseline: str) -> np.ndarray:
     return np.broadcast_to(colour[:, None, None, :], x.shape).astype(np.float32)
 
 
-__all__ = ["BASELINE_TEXT", "ROAD_NOISE", "impute_linear", "noise_level", "ranks", "substrate"]
+__all__ = ["BANDED_WORK", "BASELINE_TEXT", "ROAD_NOISE", "impute_linear", "noise_level", "ranks", "substrate"]

@@ -19,7 +19,7 @@ DEFAULT_CONTROLS = 3
 #: where ``other`` controls come from: images explained as another class (default) or any other image
 CONTROL_CLASSES = ("other", "any")
 #: ROAD: ``auto`` runs it on inputs of at most ROAD_AUTO_PIXELS pixels (one sparse solve per step,
-#: ~2 s per solve at 224 x 224), ``on`` always, ``off`` never
+#: ~0.07 s per solve at 224 x 224: docs/benchmarks.md), ``on`` always, ``off`` never
 ROAD_CHOICES = ("auto", "on", "off")
 ROAD_AUTO_PIXELS = 128 * 128
 

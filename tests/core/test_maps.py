@@ -120,7 +120,12 @@ def test_overlay_sizes_and_flag_frames():
 # --------------------------------------------------------------------------- removal
 
 
-def test_imputation_is_the_neighbour_mean_and_keeps_known_pixels():
+@pytest.mark.parametrize("solver", ["banded", "lu"])
+def test_imputation_is_the_neighbour_mean_and_keeps_known_pixels(solver, monkeypatch):
+    """Both solvers of the hole's system (banded Cholesky below ``BANDED_WORK``, sparse LU above)."""
+    from transfer import map_removal
+
+    monkeypatch.setattr(map_removal, "BANDED_WORK", float("inf") if solver == "banded" else -1.0)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:20, :20].astype(float)
     ramp = np.stack([3 * yy + 2 * xx, 100 - xx, 50 + yy], axis=-1)  # linear: its own neighbour mean inside
