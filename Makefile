@@ -33,8 +33,11 @@ $(STAMP_ALL): $(STAMP) setup.cfg
 ## --dist loadscope: a module's tests run on one worker from start to end, so a module-scoped
 ## fixture (a trained run, a Ray instance) is built once, not on both workers or again after
 ## another module's test came between (with `load` it was: test_halving's runs were built twice)
+## PYTHONDONTWRITEBYTECODE is cleared for the tests: with it set (some containers do), every worker
+## and every process a test starts compiled the package and pytest rewrote every test module again
+## (collection alone: 6.8 s of CPU per worker against 4.5 s with the cache; docs/test_durations.md)
 test: $(STAMP_ALL)
-	$(PY) -m pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --dist loadscope --durations=40
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --dist loadscope --durations=40
 
 # headless Debian chromium (+ its driver for Selenium) renders the HTML report and drives the
 # serve page in slow tests (skipped without them)
@@ -46,11 +49,11 @@ browser:
 
 ## make test-slow: the heavy tests (every backbone round trip, report rendering, ...)
 test-slow: $(STAMP_ALL) browser
-	$(PY) -m pytest -m "slow and not gpu" -q
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m "slow and not gpu" -q
 
 ## make test-all: everything that can run here (gpu tests skip themselves without a GPU)
 test-all: $(STAMP_ALL) browser
-	$(PY) -m pytest -q
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q
 
 ## make demo: the main job end to end on the embedded digits data, offline
 demo: $(STAMP)
