@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers.inference import forward
 from transfer import calibration as C
 from transfer import unknown_scores as U
 
@@ -62,7 +63,7 @@ def test_temperature_is_decided_on_val_and_only_reported_on_test(digits_bundle):
     sess = ort.InferenceSession(str(res.bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     feats, onnx_probs = sess.run(["features", "probs"], {"image": x})
     np.testing.assert_allclose(onnx_probs, C.temperature_probs(feats @ kernel + bias, cal["temperature"]), atol=2e-5)
-    np.testing.assert_allclose(onnx_probs, C.apply_temperature(model.predict(x, verbose=0), cal["temperature"]),
+    np.testing.assert_allclose(onnx_probs, C.apply_temperature(forward(model, x), cal["temperature"]),
                                atol=2e-5)
     assert res.verification["onnx-fp32"]["passed"]
 
@@ -124,7 +125,7 @@ def test_no_calibrate_keeps_the_networks_probabilities(digits_bundle, tmp_path):
     t = run.trial("best")
     x = np.stack([load_image(p, t.image_size) for p in run.split_paths("val")[0][:16]]).astype(np.float32)
     sess = ort.InferenceSession(str(tmp_path / "raw" / "model.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run(["probs"], {"image": x})[0], t.load_model().predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(sess.run(["probs"], {"image": x})[0], forward(t.load_model(), x), atol=1e-5)
 
 
 def test_edited_calibration_records_are_refused(digits_bundle, tmp_path):
@@ -350,7 +351,7 @@ def test_an_applied_temperature_is_in_every_model_and_verified(digits_bundle, tm
     t = run.trial("best")
     x = np.stack([load_image(p, t.image_size, recipe=run.recipe) for p in run.split_paths("test")[0][:32]])
     x = x.astype(np.float32)
-    raw = t.load_model().predict(x, verbose=0)
+    raw = forward(t.load_model(), x)
     for name in ("model.onnx", "model.int8.onnx"):
         sess = ort.InferenceSession(str(res.bundle_dir / name), providers=["CPUExecutionProvider"])
         got = sess.run(["probs"], {"image": x})[0]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers.inference import forward
 from helpers.processes import ENV, TRANSFER, hold_lock, wait_until_locked_by
 from transfer.bundle import load_bundle
 from transfer.cli import cli
@@ -65,7 +66,7 @@ def test_onnx_graph_matches_keras_on_image_files_with_dynamic_batch(full_bundle)
     paths, _ = run.split_paths("test")
     x = np.stack([load_image(p, t.image_size) for p in paths]).astype(np.float32)
     model = t.load_model()
-    ref = model.predict(x, verbose=0)
+    ref = forward(model, x)
     sess = ort.InferenceSession(str(res.bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["image"] and [o.name for o in sess.get_outputs()] == ["features", "probs"]
     for n in (1, 3, len(x)):  # dynamic batch

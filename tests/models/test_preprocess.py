@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.inference import forward
 from model_helpers import pixels
 from transfer.fsutil import atomic_path
 from transfer.models.build import build_classifier, load_model, preprocessing_layer
@@ -27,7 +28,7 @@ def test_layer_equals_keras_preprocess_input(mode):
     import keras
 
     img = pixels(3, 9, 7, seed=1)
-    ours = _pre_model(mode).predict(img, verbose=0)
+    ours = forward(_pre_model(mode), img)
     for module in MODULES[mode]:
         ref = getattr(keras.applications, module).preprocess_input(img.copy())
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4, err_msg=f"{mode} vs {module}")
@@ -37,7 +38,7 @@ def test_layer_equals_keras_preprocess_input(mode):
 
 def test_unit_mode_is_x_over_255():
     img = pixels(2, 9, 7, seed=2)
-    np.testing.assert_allclose(_pre_model("unit").predict(img, verbose=0), img / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(forward(_pre_model("unit"), img), img / 255.0, rtol=1e-6)
 
 
 def test_none_mode_has_no_layer():
@@ -50,7 +51,7 @@ def test_mobilenet_v2_classifier_preprocesses_like_keras(mnv2):
     model, info = mnv2
     img = pixels(2, 32, 32, seed=3)
     sub = keras.Model(model.inputs, model.get_layer("preprocess").output)
-    np.testing.assert_allclose(sub.predict(img, verbose=0),
+    np.testing.assert_allclose(forward(sub, img),
                                keras.applications.mobilenet_v2.preprocess_input(img.copy()), atol=1e-6)
     assert info.preprocess == get_backbone("mobilenet_v2").preprocess == "tf"
 
@@ -73,7 +74,7 @@ def test_heavy_classifier_preprocesses_like_keras(name, size):
         assert type(first).__name__ == "Rescaling" and first.input.name == model.inputs[0].name
         return
     sub = keras.Model(model.inputs, model.get_layer("preprocess").output)
-    np.testing.assert_allclose(sub.predict(img, verbose=0), ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(forward(sub, img), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["tf", "torch", "caffe", "unit"])
@@ -89,7 +90,7 @@ def test_preprocessing_survives_keras_save_and_load(mode, tmp_path):
         model.save(tmp)
     again = load_model(path)
     img = pixels(2, 8, 8, seed=5)
-    np.testing.assert_allclose(again.predict(img, verbose=0), model.predict(img, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(forward(again, img), forward(model, img), atol=1e-6)
     pre = again.get_layer("preprocess")
     assert type(pre).__name__ == ("ChannelAffine" if mode == "caffe" else "Rescaling")
     assert pre.weights == [], "preprocessing must be weightless so backbone weight files load unchanged"
@@ -107,7 +108,7 @@ def test_preprocessing_converts_to_onnx(mode, tmp_path):
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     img = pixels(4, 6, 6, seed=6)
     got = sess.run(None, {sess.get_inputs()[0].name: img})[0]
-    np.testing.assert_allclose(got, model.predict(img, verbose=0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, forward(model, img), rtol=1e-5, atol=1e-4)
 
 
 def _to_onnx_and_compare(model, size, tmp_path):
@@ -120,7 +121,7 @@ def _to_onnx_and_compare(model, size, tmp_path):
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["image"]
     img = pixels(3, size, size, seed=11)
-    np.testing.assert_allclose(sess.run(None, {"image": img})[0], model.predict(img, verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sess.run(None, {"image": img})[0], forward(model, img), rtol=1e-4, atol=1e-5)
 
 
 def test_small_cnn_classifier_converts_to_onnx(arc2, tmp_path):
@@ -151,7 +152,7 @@ def test_efficientnet_from_an_imagenet_style_file_normalizes_like_imagenet(tmp_p
     model, info = build_classifier("efficientnet_b0", input_shape=(32, 32, 3), weights=str(path), num_classes=2)
     assert "folded" in info.weights_note
     img = pixels(2, 32, 32, seed=12)
-    got = keras.Model(model.inputs, model.get_layer("normalization").output).predict(img, verbose=0)
+    got = forward(keras.Model(model.inputs, model.get_layer("normalization").output), img)
     want = ((img / 255.0 - mean) / std) / np.sqrt(std)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # a random-start file (identity normalization) is left alone

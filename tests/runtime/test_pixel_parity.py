@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.inference import forward
+
 
 def _photo(h, w, seed=0) -> np.ndarray:
     """A smooth picture with texture (JPEG-like content, not noise)."""
@@ -71,7 +73,7 @@ def test_infer_equals_keras_on_training_pixels_for_every_kind_of_file(rt_bundle,
                       recipe=run.recipe)
     x_train = src.get(0).x.astype(np.float32)
     assert not src.failed and x_train.shape == (len(files), *t.image_size, 3)
-    feats_ref, probs_ref = feature_model(t.load_model()).predict(x_train, verbose=0)
+    feats_ref, probs_ref = forward(feature_model(t.load_model()), x_train)
 
     # transfer infer: all classes per row (JSON lines, 6 decimals)
     out = tmp_path / "p.jsonl"

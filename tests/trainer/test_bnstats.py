@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers.inference import forward
 from helpers.trainer import base_overrides
 from transfer.trainer.config import load_config
 from transfer.trainer.keras_data import batch_count, merged_tail
@@ -39,7 +40,7 @@ def test_trained_batchnorm_gets_the_population_statistics_of_the_training_images
 
     src = BatchSource(run.data_root, [Sample(p, lab) for p, lab in train], 64, (16, 16))
     conv = keras.Model(model.inputs, model.get_layer("b1_conv").output)
-    out = np.concatenate([conv.predict(src.get(i).x, verbose=0) for i in range(len(src))]).astype(np.float64)
+    out = np.concatenate([forward(conv, src.get(i).x) for i in range(len(src))]).astype(np.float64)
     mean, var = out.mean(axis=(0, 1, 2)), out.var(axis=(0, 1, 2))
     bn = model.get_layer("b1_bn")
     np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.inference import forward
 from helpers.trainer import base_overrides
 from transfer.trainer.config import load_config
 from transfer.trainer.probe import Probe, fit_probe
@@ -122,7 +123,7 @@ def _pooled(model_path: Path, run_dir: Path, split: str):
 
     paths, labels = RunFolder(run_dir).split_paths(split)
     x = np.stack([load_image(p, (16, 16)) for p in paths]).astype("float32")
-    feats, probs = feature_model(load_model(model_path)).predict(x, verbose=0)
+    feats, probs = forward(feature_model(load_model(model_path)), x)
     return feats, np.asarray(labels), probs
 
 
