@@ -56,12 +56,15 @@ def every_progress_line(monkeypatch):
     monkeypatch.setattr(transfer.progress, "LINE_INTERVAL", 0.0)
 
 
-@pytest.fixture(autouse=True)
-def audits_convert_in_this_process(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def audits_convert_in_this_process():
     """The audits of these tests convert their models in a thread of the test's process
     (``audit_engine.CONVERT_IN = "process"``), as any process with TensorFlow loaded does: one
     TensorFlow import per worker instead of one per audit, and the same choice whatever ran
-    before. The tests of the child process (what ``transfer data audit`` uses) ask for it."""
+    before. Module-scoped and autouse, so it is in place before the modules' own audits (module
+    fixtures). The tests of the child process (what ``transfer data audit`` uses) ask for it."""
     from transfer.analysis import audit_engine
 
-    monkeypatch.setattr(audit_engine, "CONVERT_IN", "process")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit_engine, "CONVERT_IN", "process")
+        yield

@@ -65,6 +65,7 @@ def test_audit_finds_planted_problems_and_detects_changes(small_audit, tmp_path)
     # pixels are load_image's (a plain backbone: today's recipe)
     eng = s["feature_engine"]["source"]
     assert eng["engine"] == "onnxruntime" and eng["parity_images"] == 32 and eng["parity_relative"] <= 1e-4
+    assert eng["conversion"] in ("in process", "cache")  # converted beside the reading, in this process
     assert s["feature_engine"]["pixels"]["max_abs_diff"] == 0 and s["feature_engine"]["pixels"]["images"] == 32
     # a backbone never saw the labels: one group, judged by its features and the pixels
     (judged,) = s["label_issues"]["groups"]
