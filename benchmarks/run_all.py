@@ -24,7 +24,7 @@ elif shutil.which("wrk") is None or len(os.sched_getaffinity(0)) < 2:  # its loa
     print("bench_serve.py skipped: it needs wrk (apt-get install wrk) and 2 cores")
 else:
     scripts.append("bench_serve.py")
-scripts += ["bench_fit.py", "bench_sweep.py", "bench_heads_bar.py", "bench_audit.py", "bench_faithfulness.py"]
+scripts += ["bench_fit.py", "bench_sweep.py", "bench_heads_bar.py", "bench_audit.py", "bench_faithfulness.py", "bench_road.py"]
 for script in scripts:
     print(f"\n## {script}\n", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True, cwd=HERE.parent)
