@@ -59,7 +59,7 @@ def every_progress_line(monkeypatch):
 @pytest.fixture(scope="module", autouse=True)
 def audits_convert_in_this_process():
     """The audits of these tests convert their models in a thread of the test's process
-    (``audit_engine.CONVERT_IN = "process"``), as any process with TensorFlow loaded does: one
+    (``audit_engine.CONVERT_IN = "process"``), as a process with TensorFlow loaded may ask for: one
     TensorFlow import per worker instead of one per audit, and the same choice whatever ran
     before. Module-scoped and autouse, so it is in place before the modules' own audits (module
     fixtures). The tests of the child process (what ``transfer data audit`` uses) ask for it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -239,16 +240,16 @@ def test_near_pairs_on_photo_patches():
 
 
 def test_a_conversion_in_this_process_leaves_the_callers_random_streams_alone(tmp_path):
-    """A process with TensorFlow loaded converts in a thread of its own (no second TensorFlow); the
-    backbone is built with its seed there (``keras.utils.set_random_seed(0)``), yet the caller's
-    Python, NumPy and TensorFlow random numbers go on as if nothing had run."""
+    """Asked to (``CONVERT_IN``), a process with TensorFlow loaded converts in a thread of its own (no
+    second TensorFlow); the backbone is built with its seed there (``keras.utils.set_random_seed(0)``),
+    yet the caller's Python, NumPy and TensorFlow random numbers go on as if nothing had run."""
     import random
 
     import tensorflow as tf
 
-    from transfer.analysis.audit_model import InProcess, in_process_possible
+    from transfer.analysis.audit_model import InProcess, in_process_blocker
 
-    assert in_process_possible()
+    assert in_process_blocker(loaded=True) is None
 
     def draws():
         return random.random(), float(np.random.rand()), float(tf.random.uniform(()))
@@ -269,3 +270,34 @@ def test_a_conversion_in_this_process_leaves_the_callers_random_streams_alone(tm
     assert conversion.returncode == 0 and out.startswith("RESULT source ") and not err, (out, err)
     assert (tmp_path / "m.onnx").stat().st_size > 0
     assert draws() == expected
+
+
+def test_what_a_conversion_in_process_shares_is_put_back_and_bad_settings_are_refused(small_audit, tmp_path,
+                                                                                       monkeypatch):
+    """The environment a conversion may set (tf2onnx sets TF_CPP_MIN_LOG_LEVEL when imported) is put
+    back with the random state; a Keras floatx other than the default sends the conversion to the
+    child (the cache's key assumes the default); a misspelt CONVERT_IN is a clear error."""
+    import keras
+
+    from transfer.analysis import audit_engine
+    from transfer.analysis.audit_model import _SharedState, in_process_blocker
+    from transfer.errors import ConfigError
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    kept = _SharedState()
+    np.random.seed(3)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    kept.restore()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1" and "KERAS_BACKEND" not in os.environ
+    assert np.random.get_state()[1][0] == kept.np[1][0]
+    keras.config.set_floatx("float64")
+    try:
+        assert "floatx float64" in in_process_blocker(loaded=True)
+    finally:
+        keras.config.set_floatx("float32")
+    assert in_process_blocker(loaded=True) is None
+    monkeypatch.setattr(audit_engine, "CONVERT_IN", "thread")
+    with pytest.raises(ConfigError, match="invalid audit_engine.CONVERT_IN: 'thread'; accepted: one of child"):
+        audit_folder(small_audit[0], backbone="arc2", weights="none", image_size=16, out=tmp_path / "a")

@@ -31,11 +31,12 @@ from ..errors import ConfigError, RunFolderError, TransferError
 from ..fsutil import sha256_file
 from ..models.onnx_convert import two_output_model
 from ..models.registry import get_backbone
+from ..options import OneOf, OptionSpec, check
 from ..runtime.sessions import make_session
 from .audit_cache import CacheEntry
 from .audit_model import (
     InProcess,
-    in_process_possible,
+    in_process_blocker,
     initial_weights_path,
     load_source_model,
 )
@@ -51,10 +52,16 @@ PARITY_TOLERANCE = 1e-4
 ORT_THREADS = 1
 #: the outputs of a contract model an audit model gives (by index)
 OUTPUTS = ("features", "probs")
-#: where the models are converted: ``"auto"`` -- in a thread of this process when TensorFlow is
-#: loaded here already (:func:`~transfer.analysis.audit_model.in_process_possible`), else in a
-#: child process; ``"child"``; ``"process"`` (a thread of this process, importing TensorFlow if needed)
-CONVERT_IN = "auto"
+#: where the models are converted: ``"child"`` (the default: the audit's process never imports
+#: TensorFlow, nothing it does reaches the caller); ``"process"`` -- a thread of this process
+#: (:class:`~transfer.analysis.audit_model.InProcess`: no second TensorFlow import, about 5-9 s of
+#: CPU less, but it shares the process: see its limits), importing TensorFlow if needed; ``"auto"`` --
+#: that thread only when TensorFlow is loaded here already. Either falls back to the child when
+#: :func:`~transfer.analysis.audit_model.in_process_blocker` says why not.
+CONVERT_IN = "child"
+#: the values of :data:`CONVERT_IN`
+CONVERT_CHOICES = ("child", "process", "auto")
+_CONVERT_SPEC = OptionSpec(OneOf(*CONVERT_CHOICES), "where the audit converts its models to ONNX")
 #: how ``audit.json`` (``feature_engine``) names where a conversion or reference was made
 ORIGIN = {"child": "child process", "process": "in process"}
 
@@ -148,8 +155,8 @@ class FeatureEngine:
     """Runs the audit's models on batches: ``run(x) -> {name: features}``.
 
     A child process converts the models to ONNX (:mod:`transfer.analysis.audit_model`; only it
-    imports TensorFlow; where TensorFlow is loaded already, a thread of this process:
-    :data:`CONVERT_IN`) while the audit reads the files; :meth:`ready` waits for it, opens an
+    imports TensorFlow; or, asked to, a thread of this process: :data:`CONVERT_IN`) while the audit
+    reads the files; :meth:`ready` waits for it, opens an
     ONNX Runtime session per model on ``threads`` threads (it releases the GIL: the decoding
     threads keep working beside it) and compares each session's features of the pass's own
     pixels of the first audited images (``parity.x``) with Keras's features of the same images as
@@ -173,6 +180,7 @@ class FeatureEngine:
         import subprocess
         import sys
 
+        convert_in = check("audit_engine.CONVERT_IN", CONVERT_IN, _CONVERT_SPEC)
         self.src, self.p, self.threads, self.parity = src, p, threads, parity
         self.names = [m["name"] for m in src.models]
         self.outputs = {m["name"]: OUTPUTS.index(m.get("output", "features")) for m in src.models}
@@ -198,9 +206,13 @@ class FeatureEngine:
             p.say(f"audit: the model{'s' if len(self.names) > 1 else ''} as ONNX and Keras's features of the first "
                   f"images from the cache ({self.entries[self.names[0]].folder.parent})")
             return
-        self.where = CONVERT_IN if CONVERT_IN != "auto" else "process" if in_process_possible() else "child"
-        how = ("child process" if self.where == "child" else
-               "in this process: TensorFlow is loaded here" if "tensorflow" in sys.modules else "in this process")
+        self.where, how = "child", "child process"
+        if convert_in != "child":
+            why_not = in_process_blocker(loaded=convert_in == "auto")
+            if why_not is None:
+                self.where, how = "process", "in this process"
+            else:
+                how = f"child process: {why_not}"
         converting = [m["name"] for m in todo if m.get("convert", True)]
         p.say(f"audit: converting the model{'s' if len(converting) > 1 else ''} to ONNX ({how})" if converting
               else f"audit: Keras's features of the first images ({how}; the ONNX conversion is cached)")
@@ -366,5 +378,5 @@ class FeatureEngine:
             self.child.communicate()
 
 
-__all__ = ["CONVERT_IN", "ORIGIN", "ORT_THREADS", "OUTPUTS", "PARITY_TOLERANCE", "FeatureEngine", "FeatureSource",
-           "feature_source"]
+__all__ = ["CONVERT_CHOICES", "CONVERT_IN", "ORIGIN", "ORT_THREADS", "OUTPUTS", "PARITY_TOLERANCE", "FeatureEngine",
+           "FeatureSource", "feature_source"]

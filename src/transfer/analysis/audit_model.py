@@ -1,5 +1,5 @@
-"""The audit's models as ONNX, converted in a child process that alone imports TensorFlow (or,
-when this process has TensorFlow loaded already, in a thread of it: :class:`InProcess`).
+"""The audit's models as ONNX, converted in a child process that alone imports TensorFlow (or, when
+asked to, in a thread of this process: :class:`InProcess`).
 
 ``transfer data audit`` needs the pooled features of up to two models for every image: the
 feature source (a trained trial's model, or a chosen backbone) and, with a run, the same trial's
@@ -35,21 +35,21 @@ Example::
         "trial": "best", "onnx": "/tmp/a/m.onnx", "reference": "/tmp/a/ref.npz"}],
         "parity": ["data/a/1.png"], "size": [28, 28], "recipe": null}'
 
-A process that has imported TensorFlow already (a notebook, a test session) would only pay a second
-import in the child (about 5-8 s of CPU and 700 MB). There :class:`InProcess` runs the same
-:func:`run_spec` in a thread: the same lines, files and fallbacks, still beside the audit's reading
-of the files.
+A process that has imported TensorFlow already (a notebook, a test session) pays a second import
+in the child (about 5-9 s of CPU and 700 MB). Asked to (``audit_engine.CONVERT_IN``), :class:`InProcess`
+runs the same :func:`run_spec` in a thread of it instead: the same lines, files and fallbacks, with
+the process-wide state the conversion changes put back after it (:class:`_SharedState`, and its limits).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -136,9 +136,10 @@ def convert(model_spec: dict, x: np.ndarray, used: list[str], digests: list[str]
     return {"dim": int(two.outputs[0].shape[-1]), "classes": int(two.outputs[1].shape[-1])}
 
 
-def run_spec(spec: dict, emit: Callable[[str], None]) -> int:
+def run_spec(spec: dict, emit: Callable[[str], None], cancelled: Callable[[], bool] = lambda: False) -> int:
     """Convert the models of ``spec`` (see the module docstring) and write their references; ``emit``
-    gets each model's ``RESULT`` or ``ERROR`` line. Returns 0, or 1 when any model failed."""
+    gets each model's ``RESULT`` or ``ERROR`` line; ``cancelled`` is asked before each model (the
+    audit stopped: the rest are skipped). Returns 0, or 1 when any model failed or was skipped."""
     try:
         x, used, digests = reference_pixels(spec.get("parity", []), spec["size"], int(spec.get("limit", 32)),
                                             recipe=spec.get("recipe"))
@@ -158,6 +159,10 @@ def run_spec(spec: dict, emit: Callable[[str], None]) -> int:
                 emit(f"ERROR {m['name']} {why}")
             models, status = [m for m in models if not m.get("convert", True)], 1
     for m in models:
+        if cancelled():
+            emit(f"ERROR {m['name']} the audit stopped before this model was converted")
+            status = 1
+            continue
         try:
             res = convert(m, x, used, digests)
         except TransferError as exc:
@@ -185,39 +190,65 @@ def _eager_context():
     return ctx if ctx is not None and hasattr(ctx, "_seed") and hasattr(ctx, "__dict__") else None
 
 
-def in_process_possible() -> bool:
-    """Whether this process can convert in a thread: TensorFlow is imported here already and its
-    global seed can be put back (building a seeded backbone sets it)."""
-    return "tensorflow" in sys.modules and _eager_context() is not None
+def in_process_blocker(*, loaded: bool) -> str | None:
+    """Why this process should not convert in a thread (None: it may). ``loaded``: only if TensorFlow
+    is imported here already. A Keras ``floatx`` or image data format other than the defaults would
+    build another model than the child (and the conversion cache's key does not hold them)."""
+    if "tensorflow" not in sys.modules:
+        return "TensorFlow is not loaded in this process" if loaded else None
+    if _eager_context() is None:
+        return "this TensorFlow keeps its global seed elsewhere"
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        config = keras.config
+        if config.floatx() != "float32" or config.image_data_format() != "channels_last":
+            return (f"Keras is set to floatx {config.floatx()} / {config.image_data_format()} here; the audit's "
+                    "models are built with the defaults")
+    return None
 
 
-@contextmanager
-def _global_random_state_kept():
-    """Put back Python's, NumPy's and TensorFlow's global random state after the block: building a
-    backbone with a seed (``keras.utils.set_random_seed``) sets all three, and this process's
-    owner did not ask for that. Keras's own global state is per thread already."""
-    ctx = _eager_context()
-    saved_py, saved_np = random.getstate(), np.random.get_state()
-    saved_tf = {k: v for k, v in vars(ctx).items() if k in ("_seed", "_rng")} if ctx is not None else None
-    try:
-        yield
-    finally:
-        random.setstate(saved_py)
-        np.random.set_state(saved_np)
-        if saved_tf is not None:
+#: environment variables the conversion may set in the process (tf2onnx sets TF_CPP_MIN_LOG_LEVEL on import)
+_ENV_KEPT = ("TF_CPP_MIN_LOG_LEVEL", "KERAS_BACKEND")
+
+
+class _SharedState:
+    """What a conversion in this process changes for the whole process and :class:`InProcess` puts
+    back: Python's, NumPy's and TensorFlow's global random state (building a backbone with a seed calls
+    ``keras.utils.set_random_seed``; Keras's own global state is per thread already) and
+    :data:`_ENV_KEPT`. Taken and put back by the caller's thread, around the conversion. It cannot
+    undo what ``tf.random.set_seed`` also does -- reset the counters of op-seeded random kernels -- nor
+    isolate other threads of the process that draw random numbers meanwhile."""
+
+    def __init__(self):
+        self.ctx = _eager_context()
+        self.py, self.np = random.getstate(), np.random.get_state()
+        self.tf = {k: v for k, v in vars(self.ctx).items() if k in ("_seed", "_rng")} if self.ctx is not None else None
+        self.env = {k: os.environ.get(k) for k in _ENV_KEPT}
+
+    def restore(self) -> None:
+        random.setstate(self.py)
+        np.random.set_state(self.np)
+        if self.tf is not None:
             for k in ("_seed", "_rng"):
-                if k in saved_tf:
-                    setattr(ctx, k, saved_tf[k])
+                if k in self.tf:
+                    setattr(self.ctx, k, self.tf[k])
                 else:
-                    vars(ctx).pop(k, None)
+                    vars(self.ctx).pop(k, None)
+        for k, v in self.env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class InProcess:
     """:func:`run_spec` in a thread of this process, answering as the child's ``Popen`` does
     (``poll``, ``communicate``, ``kill``, ``returncode``), so the audit treats both alike.
 
-    For a process that has TensorFlow loaded (:func:`in_process_possible`). A thread cannot be
-    stopped: ``kill`` does nothing and ``communicate`` waits for the conversion to end.
+    For a process that may convert in a thread (:func:`in_process_blocker`). The shared state it
+    changes (:class:`_SharedState`) is put back by ``communicate``, in the caller's thread. A thread
+    cannot be stopped: ``kill`` asks it to skip the models it has not started, and ``communicate``
+    waits for the one it is converting.
     """
 
     def __init__(self, spec: dict):
@@ -229,13 +260,14 @@ class InProcess:
         self.returncode: int | None = None
         self._lines: list[str] = []
         self._error = ""
+        self._stop = threading.Event()
+        self._shared: _SharedState | None = _SharedState()
         self._thread = threading.Thread(target=self._run, args=(spec,), name="transfer-audit-convert", daemon=True)
         self._thread.start()
 
     def _run(self, spec: dict) -> None:
         try:
-            with _global_random_state_kept():
-                self.returncode = run_spec(spec, self._lines.append)
+            self.returncode = run_spec(spec, self._lines.append, self._stop.is_set)
         except BaseException as exc:  # noqa: BLE001 -- said as a child's last stderr line would be
             self._error = f"{type(exc).__name__}: {exc}"
             self.returncode = 1
@@ -245,13 +277,17 @@ class InProcess:
 
     def communicate(self) -> tuple[str, str]:
         self._thread.join()
+        if self._shared is not None:
+            self._shared.restore()
+            self._shared = None
         return "\n".join(self._lines), self._error
 
     def kill(self) -> None:
-        """Nothing: a thread cannot be stopped (``communicate`` waits for it)."""
+        """Skip the models not started yet (the one being converted finishes: see ``communicate``)."""
+        self._stop.set()
 
 
-__all__ = ["InProcess", "convert", "in_process_possible", "initial_weights_path", "load_source_model", "main",
+__all__ = ["InProcess", "convert", "in_process_blocker", "initial_weights_path", "load_source_model", "main",
            "reference_pixels", "run_spec"]
 
 
