@@ -4,6 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-train-dev
 export PYTHONHASHSEED ?= 0
+# Python writes its bytecode caches even where the environment says not to (some containers export
+# PYTHONDONTWRITEBYTECODE): without them every test worker and every process a test starts compiled
+# the package and pytest rewrote every test module again (collection alone: 6.8 s of CPU per worker
+# against 4.5 s with the cache; docs/test_durations.md)
+unexport PYTHONDONTWRITEBYTECODE
 # pytest-xdist workers of the test targets: one more than the cores this process may use. Many
 # tests wait on processes they start (the kill / resume runs, the audit's model conversion, Ray,
 # the mirrored trial), so a worker per core leaves cores idle: on 2 cores, 3 workers ran the suite
@@ -33,11 +38,8 @@ $(STAMP_ALL): $(STAMP) setup.cfg
 ## --dist loadscope: a module's tests run on one worker from start to end, so a module-scoped
 ## fixture (a trained run, a Ray instance) is built once, not on both workers or again after
 ## another module's test came between (with `load` it was: test_halving's runs were built twice)
-## PYTHONDONTWRITEBYTECODE is cleared for the tests: with it set (some containers do), every worker
-## and every process a test starts compiled the package and pytest rewrote every test module again
-## (collection alone: 6.8 s of CPU per worker against 4.5 s with the cache; docs/test_durations.md)
 test: $(STAMP_ALL)
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --dist loadscope --durations=40
+	$(PY) -m pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --dist loadscope --durations=40
 
 # headless Debian chromium (+ its driver for Selenium) renders the HTML report and drives the
 # serve page in slow tests (skipped without them)
@@ -49,11 +51,11 @@ browser:
 
 ## make test-slow: the heavy tests (every backbone round trip, report rendering, ...)
 test-slow: $(STAMP_ALL) browser
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m "slow and not gpu" -q
+	$(PY) -m pytest -m "slow and not gpu" -q
 
 ## make test-all: everything that can run here (gpu tests skip themselves without a GPU)
 test-all: $(STAMP_ALL) browser
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 ## make demo: the main job end to end on the embedded digits data, offline
 demo: $(STAMP)
