@@ -10,8 +10,7 @@ pixel recipe; checked on the first images). The model input goes through the poo
 a trained trial's model or of a chosen backbone (memory-mapped ``features.npy``) and, with a run,
 of the same trial's network at its initial weights (``initial_features.npy``). The models run in
 ONNX Runtime, converted by a child process that alone imports TensorFlow (or, asked to, a thread)
-and checked against
-Keras on the first images (:mod:`transfer.analysis.audit_engine`, :mod:`transfer.analysis.audit_model`;
+and checked against Keras on the first images (:mod:`transfer.analysis.audit_engine`, :mod:`transfer.analysis.audit_model`;
 an earlier audit's conversion of the same model is taken from :mod:`transfer.analysis.audit_cache`). The SHA-256
 of every file is taken before, to tell whether an earlier audit still holds. Then:
 

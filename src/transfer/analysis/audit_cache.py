@@ -1,9 +1,9 @@
 """The audit's model conversions and Keras references, kept by content.
 
 Every audit has a child process (:mod:`transfer.analysis.audit_model`; or, asked to, a thread of its
-own process) import TensorFlow, convert
-its models with tf2onnx and compute Keras's features of the first audited images: about 5 s of
-CPU for a small arc2 (4.5 s of it importing TensorFlow), more for a large backbone. Auditing the
+own process) import TensorFlow, convert its models with tf2onnx and compute Keras's features of
+the first audited images: about 5 s of CPU for a small arc2 (4.5 s of it importing TensorFlow),
+more for a large backbone. Auditing the
 same model again -- after fixing the data, into another ``--out``, with ``--force`` -- repeats
 exactly that work, so its results are kept, one folder per model:
 

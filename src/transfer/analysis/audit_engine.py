@@ -4,7 +4,8 @@
 same trial's network at its initial weights, and with a k-fold run the fold models' softmax), or
 a chosen backbone -- as a :class:`FeatureSource`. :class:`FeatureEngine` has a child process
 convert them to ONNX (:mod:`transfer.analysis.audit_model`; only that process imports
-TensorFlow; a thread of this process when TensorFlow is loaded here already), runs them in ONNX Runtime, and checks them against Keras on the pass's first images
+TensorFlow; or, asked to, a thread of this process: :data:`CONVERT_IN`), runs them in ONNX
+Runtime, and checks them against Keras on the pass's first images
 (:class:`~transfer.analysis.audit_pass.Parity`); a model that fails the check runs in Keras,
 and the audit says why.
 
@@ -156,8 +157,7 @@ class FeatureEngine:
 
     A child process converts the models to ONNX (:mod:`transfer.analysis.audit_model`; only it
     imports TensorFlow; or, asked to, a thread of this process: :data:`CONVERT_IN`) while the audit
-    reads the files; :meth:`ready` waits for it, opens an
-    ONNX Runtime session per model on ``threads`` threads (it releases the GIL: the decoding
+    reads the files; :meth:`ready` waits for it, opens an ONNX Runtime session per model on ``threads`` threads (it releases the GIL: the decoding
     threads keep working beside it) and compares each session's features of the pass's own
     pixels of the first audited images (``parity.x``) with Keras's features of the same images as
     the model's loader decodes them (:data:`~transfer.analysis.audit_pass.PARITY_IMAGES`): a

@@ -222,18 +222,21 @@ class _SharedState:
     def __init__(self):
         self.ctx = _eager_context()
         self.py, self.np = random.getstate(), np.random.get_state()
-        self.tf = {k: v for k, v in vars(self.ctx).items() if k in ("_seed", "_rng")} if self.ctx is not None else None
+        # TensorFlow not imported yet: it is put back as it starts, with no seed set
+        self.tf = ({k: v for k, v in vars(self.ctx).items() if k in ("_seed", "_rng")} if self.ctx is not None
+                   else {"_seed": None})
         self.env = {k: os.environ.get(k) for k in _ENV_KEPT}
 
     def restore(self) -> None:
         random.setstate(self.py)
         np.random.set_state(self.np)
-        if self.tf is not None:
+        ctx = self.ctx if self.ctx is not None else _eager_context()
+        if ctx is not None:
             for k in ("_seed", "_rng"):
                 if k in self.tf:
-                    setattr(self.ctx, k, self.tf[k])
+                    setattr(ctx, k, self.tf[k])
                 else:
-                    vars(self.ctx).pop(k, None)
+                    vars(ctx).pop(k, None)
         for k, v in self.env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -252,6 +255,7 @@ class InProcess:
     """
 
     def __init__(self, spec: dict):
+        self._shared: _SharedState | None = _SharedState()  # before the import below, which sets the log level
         if "tensorflow" not in sys.modules:  # asked for without it (``CONVERT_IN``): import it here, not
             try:                              # in the thread, whose quiet import would silence fd 2 for all
                 import_quietly("tensorflow", purpose="ONNX export")
@@ -261,7 +265,6 @@ class InProcess:
         self._lines: list[str] = []
         self._error = ""
         self._stop = threading.Event()
-        self._shared: _SharedState | None = _SharedState()
         self._thread = threading.Thread(target=self._run, args=(spec,), name="transfer-audit-convert", daemon=True)
         self._thread.start()
 
